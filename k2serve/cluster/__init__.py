@@ -1,0 +1,1 @@
+"""Launchers: the local multi-process cluster, the embedded Redis, and the Ray runtime."""

@@ -1,0 +1,1 @@
+"""The decode worker: receives latent KV into its paged pool and decodes in continuous batches."""

@@ -1,0 +1,1 @@
+"""Expert parallelism: expert ownership, all-to-all dispatch and combine, EPLB placement."""

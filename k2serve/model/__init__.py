@@ -1,0 +1,1 @@
+"""The K2 model: config-driven layers (RMSNorm, YaRN RoPE, MLA, MoE), checkpoint loading and writing."""

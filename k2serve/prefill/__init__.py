@@ -1,0 +1,1 @@
+"""The prefill worker: computes prompts and ships their latent KV to a decode worker."""

@@ -1,0 +1,1 @@
+"""Protobuf and gRPC definitions for everything that crosses a process boundary."""

@@ -1,0 +1,1 @@
+"""Agent sessions: the Redis session store and session-aware routing state."""
