@@ -1,0 +1,123 @@
+"""The paged MLA latent cache: one tensor holding every layer's blocks.
+
+Per token and layer the cache holds only the MLA latent, `kv_dim = kv_lora_rank + qk_rope_head_dim`
+values (512 normalised c_kv + 64 rotated k_pe = 576 for K2), never expanded per-head K/V.
+A *block* is `block_size` consecutive token positions of one sequence, across all layers;
+a *slot* is one token position inside the pool, `slot = block_id * block_size + offset`.
+
+This module only moves data; which block belongs to which sequence is `BlockManager`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["KVCachePool", "KVCachePoolError"]
+
+
+class KVCachePoolError(ValueError):
+    """A pool was sized or addressed wrongly (budget too small, shapes or positions out of range)."""
+
+
+class KVCachePool:
+    """Holds `kv`: [num_layers, num_blocks, block_size, kv_dim] in `dtype` on `device` (zero-filled)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("kv_dim", kv_dim),
+        ):
+            if value < 1:
+                raise KVCachePoolError(f"{name} must be >= 1, got {value}")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_dim = kv_dim
+        self.kv = torch.zeros(num_layers, num_blocks, block_size, kv_dim, dtype=dtype, device=device)
+
+    @staticmethod
+    def block_bytes(num_layers: int, block_size: int, kv_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes over all layers: num_layers * block_size * kv_dim * itemsize."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return num_layers * block_size * kv_dim * itemsize
+
+    @classmethod
+    def from_budget(
+        cls,
+        memory_bytes: int,
+        num_layers: int,
+        block_size: int,
+        kv_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> KVCachePool:
+        """The largest pool whose `kv` tensor fits in `memory_bytes` (bytes, not GiB)."""
+        per_block = cls.block_bytes(num_layers, block_size, kv_dim, dtype)
+        num_blocks = memory_bytes // per_block
+        if num_blocks < 1:
+            raise KVCachePoolError(
+                f"KV cache budget of {memory_bytes} bytes holds no block: one block of {block_size} tokens "
+                f"x {num_layers} layers x {kv_dim} values in {dtype} needs {per_block} bytes"
+            )
+        return cls(num_layers, num_blocks, block_size, kv_dim, dtype, device)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes over all layers."""
+        return self.block_bytes(self.num_layers, self.block_size, self.kv_dim, self.kv.dtype)
+
+    @property
+    def num_slots(self) -> int:
+        """Token positions the pool can hold (num_blocks * block_size)."""
+        return self.num_blocks * self.block_size
+
+    def slot_mapping(self, block_table: Sequence[int] | torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Flat slot indices (LongTensor [end - start] on the pool's device) of positions [start, end).
+
+        Position p of the sequence lives in block `block_table[p // block_size]` at offset
+        `p % block_size`; the table must cover position end - 1.
+        """
+        table = torch.as_tensor(block_table, dtype=torch.long, device=self.kv.device)
+        if not 0 <= start <= end <= table.numel() * self.block_size:
+            raise KVCachePoolError(
+                f"positions [{start}, {end}) are outside a block table of {table.numel()} blocks "
+                f"x {self.block_size} tokens"
+            )
+        positions = torch.arange(start, end, device=self.kv.device)  # [T]
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Store `values` [T, kv_dim] of `layer` at `slots` [T] (cast to the pool dtype)."""
+        if values.dim() != 2 or values.shape[1] != self.kv_dim or values.shape[0] != slots.numel():
+            raise KVCachePoolError(
+                f"values of shape {tuple(values.shape)} do not match {slots.numel()} slots x kv_dim {self.kv_dim}"
+            )
+        flat = self.kv[layer].view(self.num_slots, self.kv_dim)  # [S, D]
+        flat.index_copy_(0, slots.to(self.kv.device), values.to(self.kv.dtype))
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> torch.Tensor:
+        """The cache of `layer` for a batch of sequences, as [B, max_blocks * block_size, kv_dim].
+
+        `block_tables` is a LongTensor [B, max_blocks]; rows shorter than max_blocks are padded
+        with -1. Row b's position p is gathered from block `block_tables[b, p // block_size]`;
+        positions in padding blocks (and past each sequence's length) hold arbitrary data that the
+        caller masks by sequence length.
+        """
+        if block_tables.dim() != 2:
+            raise KVCachePoolError(f"block_tables must be [B, max_blocks], got shape {tuple(block_tables.shape)}")
+        batch, max_blocks = block_tables.shape
+        ids = block_tables.to(self.kv.device, torch.long).clamp_min(0).reshape(-1)  # [B * M]
+        blocks = self.kv[layer].index_select(0, ids)  # [B * M, block_size, D]
+        return blocks.view(batch, max_blocks * self.block_size, self.kv_dim)

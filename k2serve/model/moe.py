@@ -1,0 +1,151 @@
+"""Mixture of experts: `noaux_tc` routing, grouped routed experts (bf16/fp32 or packed INT4), shared experts.
+
+The routed experts of a layer can be a subset (what an expert-parallel rank owns): `expert_ids` lists
+the global ids held, in local order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2serve.config import ModelConfig
+from k2serve.model.layers import DenseMLP
+from k2serve.model.quant import dequantize_int4
+
+
+class Router(nn.Module):
+    """noaux_tc: sigmoid scores; top-k chosen on scores + e_score_correction_bias (within the best
+    `topk_group` of `n_group` groups, each scored by the sum of its top-2); weights are the unbiased
+    scores of the chosen experts, optionally normalised, times routed_scaling_factor. Runs in fp32."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.n_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights fp32 [T, k], expert ids int64 [T, k])."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        biased = scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)  # [T, G, E/G]
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            biased = biased.masked_fill(~group_mask.repeat_interleave(self.n_experts // self.n_group, 1), float("-inf"))
+        ids = biased.topk(self.top_k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts of one layer held by this process, stacked for grouped execution.
+
+    Dense:  w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I].
+    INT4:   w13_packed int32 [E, 2I, D/8], w13_scale [E, 2I, D/g], w2_packed [E, D, I/8], w2_scale [E, D, I/g];
+            kept packed, each active expert is dequantised inside `run_sorted` just before its matmul.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        expert_ids: Sequence[int] | None = None,
+        int4_group_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.n_global = config.n_routed_experts
+        ids = list(range(self.n_global)) if expert_ids is None else list(expert_ids)
+        self.expert_ids = ids
+        e, d, i = len(ids), config.hidden_size, config.moe_intermediate_size
+        self.hidden, self.inter = d, i
+        self.int4_group_size = int4_group_size
+        local = torch.full((self.n_global,), -1, dtype=torch.long)
+        local[torch.tensor(ids, dtype=torch.long)] = torch.arange(e)
+        self.register_buffer("global_to_local", local, persistent=False)
+        if int4_group_size is None:
+            self.w13 = nn.Parameter(torch.empty(e, 2 * i, d, dtype=dtype), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(e, d, i, dtype=dtype), requires_grad=False)
+        else:
+            g = int4_group_size
+            self.register_buffer("w13_packed", torch.empty(e, 2 * i, d // 8, dtype=torch.int32))
+            self.register_buffer("w13_scale", torch.empty(e, 2 * i, d // g, dtype=dtype))
+            self.register_buffer("w2_packed", torch.empty(e, d, i // 8, dtype=torch.int32))
+            self.register_buffer("w2_scale", torch.empty(e, d, i // g, dtype=dtype))
+        self.compute_dtype = dtype
+
+    @property
+    def num_local(self) -> int:
+        return len(self.expert_ids)
+
+    def _weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.int4_group_size is None:
+            return self.w13[e], self.w2[e]
+        dt = self.compute_dtype
+        return (dequantize_int4(self.w13_packed[e], self.w13_scale[e], dt),
+                dequantize_int4(self.w2_packed[e], self.w2_scale[e], dt))
+
+    def run_sorted(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """x [N, D] sorted by local expert with `counts[e]` rows for expert e -> SwiGLU outputs [N, D]."""
+        out = torch.empty_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            w13, w2 = self._weights(e)
+            h = F.linear(x[start : start + n], w13)  # [n, 2I]
+            gate, up = h.split(self.inter, dim=-1)
+            out[start : start + n] = F.linear(F.silu(gate) * up, w2)
+            start += n
+        return out
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D], routing weights/ids [T, k] (global ids; ids this process does not hold are skipped)."""
+        k = ids.shape[1]
+        local = self.global_to_local[ids.flatten()]  # [T*k]
+        held = (local >= 0).nonzero().squeeze(1)
+        order = held[torch.argsort(local[held], stable=True)]  # flat (token, slot) positions grouped by expert
+        counts = torch.bincount(local[order], minlength=self.num_local).tolist()
+        tokens = order // k
+        y = self.run_sorted(x[tokens], counts)  # [N, D]
+        y = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, tokens, y)
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        expert_ids: Sequence[int] | None = None,
+        int4_group_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config, expert_ids, int4_group_size, dtype)
+        self.shared_experts = (
+            DenseMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, D]
+        weights, ids = self.gate(x)
+        y = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
