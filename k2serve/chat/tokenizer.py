@@ -37,7 +37,7 @@ CONFIG_FILE = "tokenizer_config.json"
 # tiktoken is slow (quadratic) on very long runs of whitespace or of non-whitespace, so long
 # inputs are cut into such runs of at most this many characters before encoding (as Kimi does).
 _MAX_RUN_CHARS = 25_000
-_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_MAX_RUN_CHARS + 1, _MAX_RUN_CHARS + 1))
+_LONG_RUN = re.compile(rf"\s{{{_MAX_RUN_CHARS + 1},}}|\S{{{_MAX_RUN_CHARS + 1},}}")
 
 
 class TokenizerError(ValueError):
