@@ -96,6 +96,21 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru() -> None:
     bm.check_invariants()
 
 
+def test_duplicate_computation_keeps_the_first_registration() -> None:
+    bm = BlockManager(num_blocks=8, block_size=2)
+    prompt = [4, 4, 4]
+    a = bm.allocate(prompt).block_table
+    b = bm.allocate(prompt).block_table  # before `a` registered anything: no hit
+    bm.mark_computed(a, prompt, 3)
+    bm.free(a)  # a's block 0 is now evictable under the prefix hash
+    bm.mark_computed(b, prompt, 3)  # same hash, computed again: a's entry stays
+    bm.check_invariants([b])
+    assert bm.allocate(prompt).block_table[0] == a[0]
+    bm.free(b)
+    assert bm.cached_hash(b[0]) is None  # the duplicate was never shareable
+    bm.check_invariants()
+
+
 def test_full_pool_raises_and_leaks_nothing() -> None:
     bm = BlockManager(num_blocks=4, block_size=4)
     held = bm.allocate(list(range(10))).block_table  # 3 blocks
@@ -152,9 +167,9 @@ def test_prefix_caching_disabled_never_hits() -> None:
 class BlockManagerMachine(RuleBasedStateMachine):
     """Drives the manager like a scheduler and simulates the pool's contents.
 
-    The fake pool records which token was written at each slot; a prefix-cache hit must hand
-    back blocks whose recorded tokens equal the new prompt's, and no write may touch a shared
-    or registered block.
+    The fake pool records, for each slot, the prefix it was computed from (a real latent at
+    position p depends on tokens 0..p); a prefix-cache hit must hand back blocks computed from
+    exactly the new prompt's prefix, and no write may touch a shared or registered block.
     """
 
     NUM_BLOCKS, BLOCK_SIZE = 12, 3
@@ -164,7 +179,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.bm = BlockManager(self.NUM_BLOCKS, self.BLOCK_SIZE)
-        self.content: list[list[int | None]] = [[None] * self.BLOCK_SIZE for _ in range(self.NUM_BLOCKS)]
+        self.content: list[list[tuple[int, ...] | None]] = [
+            [None] * self.BLOCK_SIZE for _ in range(self.NUM_BLOCKS)
+        ]
         self.live: dict[int, dict] = {}
         self.next_id = 0
 
@@ -173,7 +190,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             block = seq["table"][p // self.BLOCK_SIZE]
             assert self.bm.ref_count(block) == 1, "write into a shared block"
             assert self.bm.cached_hash(block) is None, "write into a registered block"
-            self.content[block][p % self.BLOCK_SIZE] = seq["tokens"][p]
+            self.content[block][p % self.BLOCK_SIZE] = tuple(seq["tokens"][: p + 1])
 
     @rule(target=seqs, tokens=st.lists(st.integers(0, 1), min_size=1, max_size=10))
     def allocate(self, tokens: list[int]) -> int:
@@ -188,7 +205,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert cached % self.BLOCK_SIZE == 0 and cached < len(tokens)
         assert len(alloc.block_table) == -(-len(tokens) // self.BLOCK_SIZE)
         for p in range(cached):
-            assert self.content[alloc.block_table[p // self.BLOCK_SIZE]][p % self.BLOCK_SIZE] == tokens[p]
+            assert self.content[alloc.block_table[p // self.BLOCK_SIZE]][p % self.BLOCK_SIZE] == tuple(
+                tokens[: p + 1]
+            )
         self.next_id += 1
         self.live[self.next_id] = {"tokens": list(tokens), "table": alloc.block_table, "computed": cached}
         return self.next_id

@@ -151,7 +151,9 @@ class BlockManager:
         block_table.extend(self._take_fresh_block() for _ in range(num_new))
         return True
 
-    def mark_computed(self, block_table: Sequence[int], token_ids: Sequence[int], num_computed_tokens: int) -> None:
+    def mark_computed(
+        self, block_table: Sequence[int], token_ids: Sequence[int], num_computed_tokens: int
+    ) -> None:
         """Register every full block whose positions [0, num_computed_tokens) are all computed.
 
         Idempotent and cheap to call every step: blocks are registered in prefix order, so hashing
@@ -247,19 +249,27 @@ class BlockManager:
         """
         free, evictable = set(self._free), set(self._evictable)
         if len(free) != len(self._free) or free & evictable:
-            raise InvariantViolation(f"a block is listed twice among free {self._free} / evictable {evictable}")
+            raise InvariantViolation(
+                f"a block is listed twice among free {self._free} / evictable {evictable}"
+            )
         for block in range(self.num_blocks):
             ref, h = self._ref_count[block], self._hash[block]
             states = (ref > 0) + (block in free) + (block in evictable)
             if ref < 0 or states != 1:
-                raise InvariantViolation(f"block {block}: ref {ref}, free {block in free}, evictable {block in evictable}")
+                raise InvariantViolation(
+                    f"block {block}: ref {ref}, free {block in free}, evictable {block in evictable}"
+                )
             if block in free and h is not None:
                 raise InvariantViolation(f"free block {block} still carries hash {h}")
             if block in evictable and (h is None or self._hash_to_block.get(h) != block):
-                raise InvariantViolation(f"evictable block {block} (hash {h}) is not reachable through the hash map")
+                raise InvariantViolation(
+                    f"evictable block {block} (hash {h}) is not reachable through the hash map"
+                )
         for h, block in self._hash_to_block.items():
             if self._hash[block] != h:
-                raise InvariantViolation(f"hash map sends {h} to block {block}, which carries {self._hash[block]}")
+                raise InvariantViolation(
+                    f"hash map sends {h} to block {block}, which carries {self._hash[block]}"
+                )
         if live_tables is not None:
             counts = [0] * self.num_blocks
             for table in live_tables:

@@ -116,7 +116,9 @@ class KVCachePool:
         caller masks by sequence length.
         """
         if block_tables.dim() != 2:
-            raise KVCachePoolError(f"block_tables must be [B, max_blocks], got shape {tuple(block_tables.shape)}")
+            raise KVCachePoolError(
+                f"block_tables must be [B, max_blocks], got shape {tuple(block_tables.shape)}"
+            )
         batch, max_blocks = block_tables.shape
         ids = block_tables.to(self.kv.device, torch.long).clamp_min(0).reshape(-1)  # [B * M]
         blocks = self.kv[layer].index_select(0, ids)  # [B * M, block_size, D]
