@@ -1,0 +1,220 @@
+"""KV transfer over gRPC: one client-streaming KVTransfer.Push call per transfer.
+
+Endpoint: "host:port" of a gRPC server hosting the KVTransfer service (the decode worker's own
+server, or one the receiver starts). Layers larger than KV_CHUNK_MAX_BYTES are split along tokens.
+The sender uses a dedicated channel with the KV message limits; the receiver's server must be
+created with the same limits (`grpc_options(KV_MAX_MESSAGE_BYTES)`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import Future
+
+import grpc
+import torch
+
+from k2serve.proto import kv_transfer_pb2, kv_transfer_pb2_grpc
+from k2serve.proto.limits import KV_CHUNK_MAX_BYTES, KV_MAX_MESSAGE_BYTES, grpc_options
+from k2serve.transfer.base import (
+    ChunkError,
+    KVReceiver,
+    OnLayer,
+    TransferError,
+    TransferSpec,
+    TransferStats,
+    TransferTimeout,
+)
+from k2serve.transfer.inbox import Inbox
+from k2serve.transfer.outbox import SenderBase, split_layer
+
+_LayerItem = tuple[int, torch.Tensor, "Future[None]"]
+
+
+class _Stream:
+    """One Push call: layers queued by send_layer, turned into chunks on gRPC's request thread."""
+
+    def __init__(
+        self, stub: kv_transfer_pb2_grpc.KVTransferStub, spec: TransferSpec, max_chunk_bytes: int
+    ) -> None:
+        self.spec = spec
+        self.max_chunk_bytes = max_chunk_bytes
+        self.queue: queue.SimpleQueue[_LayerItem | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.pending: list[Future[None]] = []
+        self.call: grpc.Future = stub.Push.future(self._chunks())
+        self.call.add_done_callback(self._on_call_done)
+
+    def _chunks(self) -> Iterator[kv_transfer_pb2.KVChunk]:
+        while (item := self.queue.get()) is not None:
+            layer, kv, fut = item
+            for header, payload in split_layer(self.spec, layer, kv, self.max_chunk_bytes):
+                yield kv_transfer_pb2.KVChunk(header=header, payload=payload.numpy().tobytes())
+            fut.set_result(None)  # handed to gRPC; delivery is confirmed by the call's result
+
+    def _on_call_done(self, call: grpc.Future) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(TransferError(self.spec.transfer_id, f"stream ended: {_describe(call)}"))
+
+    def put(self, layer: int, kv: torch.Tensor) -> Future[None]:
+        fut: Future[None] = Future()
+        with self.lock:
+            if self.call.done():
+                fut.set_exception(
+                    TransferError(self.spec.transfer_id, f"stream ended: {_describe(self.call)}")
+                )
+                return fut
+            self.pending.append(fut)
+        self.queue.put((layer, kv, fut))
+        return fut
+
+
+def _describe(call: grpc.Future) -> str:
+    if call.cancelled():
+        return "cancelled by the sender"
+    err = call.exception()
+    if err is None:
+        return "completed"
+    if isinstance(err, grpc.RpcError):
+        return f"{err.code().name}: {err.details()}"
+    return f"{type(err).__name__}: {err}"
+
+
+class GrpcKVSender(SenderBase):
+    """Sends transfers to one KVTransfer server over a dedicated channel."""
+
+    def __init__(self, endpoint: str, max_chunk_bytes: int = KV_CHUNK_MAX_BYTES) -> None:
+        super().__init__()
+        if not 0 < max_chunk_bytes <= KV_CHUNK_MAX_BYTES:
+            raise ValueError(f"max_chunk_bytes {max_chunk_bytes} not in (0, {KV_CHUNK_MAX_BYTES}]")
+        self.endpoint = endpoint
+        self._max_chunk_bytes = max_chunk_bytes
+        self._channel = grpc.insecure_channel(endpoint, options=grpc_options(KV_MAX_MESSAGE_BYTES))
+        self._stub = kv_transfer_pb2_grpc.KVTransferStub(self._channel)
+        self._streams: dict[str, _Stream] = {}
+
+    def _start(self, spec: TransferSpec) -> None:
+        self._streams[spec.transfer_id] = _Stream(self._stub, spec, self._max_chunk_bytes)
+
+    def _send(self, spec: TransferSpec, layer: int, kv: torch.Tensor) -> Future[None]:
+        return self._streams[spec.transfer_id].put(layer, kv)
+
+    def _finish(self, spec: TransferSpec, timeout: float, complete: bool) -> None:
+        stream = self._streams.pop(spec.transfer_id)
+        if not complete:
+            stream.call.cancel()
+            return
+        stream.queue.put(None)
+        try:
+            ack = stream.call.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            stream.call.cancel()
+            raise TransferTimeout(spec.transfer_id, timeout, "no acknowledgement from the receiver") from None
+        except grpc.RpcError as e:
+            raise TransferError(spec.transfer_id, f"receiver rejected it: {_describe(stream.call)}") from e
+        if not ack.ok:
+            raise TransferError(spec.transfer_id, f"receiver rejected it: {ack.error}")
+
+    def shutdown(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.call.cancel()
+        self._streams.clear()
+        self._channel.close()
+
+
+_STATUS_FOR_FIELD = {"transfer_id": grpc.StatusCode.NOT_FOUND, "checksum": grpc.StatusCode.DATA_LOSS}
+
+
+class _Servicer(kv_transfer_pb2_grpc.KVTransferServicer):
+    def __init__(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+
+    def Push(self, request_iterator: Iterator[kv_transfer_pb2.KVChunk], context: grpc.ServicerContext):
+        transfer_id = ""
+        source = f"grpc:{context.peer()}:{id(context)}"
+        try:
+            for chunk in request_iterator:
+                transfer_id = chunk.header.transfer_id
+                self.inbox.accept(chunk.header, chunk.payload, source)
+        except ChunkError as e:
+            context.abort(_STATUS_FOR_FIELD.get(e.field, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+        except TransferError as e:  # failed earlier (timeout, cancel, on_layer)
+            context.abort(grpc.StatusCode.CANCELLED, str(e))
+        except grpc.RpcError:  # the sender went away mid-stream
+            self.inbox.fail(transfer_id, TransferError(transfer_id, "sender disconnected mid-stream"))
+            raise
+        progress = self.inbox.progress(transfer_id)
+        if progress is None or progress[0] < progress[1]:
+            got = (
+                "no chunks"
+                if not transfer_id
+                else f"{progress and progress[0]} of {progress and progress[1]} layers"
+            )
+            self.inbox.fail(transfer_id, TransferError(transfer_id, f"stream ended after {got}"))
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"transfer {transfer_id!r}: stream ended after {got}"
+            )
+        return kv_transfer_pb2.KVPushAck(transfer_id=transfer_id, ok=True, layers_received=progress[1])
+
+
+class GrpcKVReceiver(KVReceiver):
+    """KVTransfer servicer on a gRPC server.
+
+    With `server`, the servicer is added to it (call before server.start(); the server must have
+    the KV message limits) and `endpoint` must be the address it listens on. Without, the
+    receiver starts its own server bound to `endpoint` ("host:0" picks a free port).
+    """
+
+    def __init__(
+        self, endpoint: str = "127.0.0.1:0", server: grpc.Server | None = None, max_workers: int = 16
+    ) -> None:
+        self._inbox = Inbox()
+        self._own_server = server is None
+        if server is None:
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc"),
+                options=grpc_options(KV_MAX_MESSAGE_BYTES),
+            )
+            host = endpoint.rsplit(":", 1)[0]
+            port = server.add_insecure_port(endpoint)
+            if port == 0:
+                raise OSError(f"cannot bind KV gRPC server to {endpoint!r}")
+            endpoint = f"{host}:{port}"
+            kv_transfer_pb2_grpc.add_KVTransferServicer_to_server(_Servicer(self._inbox), server)
+            server.start()
+        else:
+            kv_transfer_pb2_grpc.add_KVTransferServicer_to_server(_Servicer(self._inbox), server)
+        self._server = server
+        self._endpoint = endpoint
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def expect(
+        self,
+        transfer_id: str,
+        num_layers: int,
+        num_tokens: int,
+        kv_dim: int,
+        dtype: torch.dtype,
+        on_layer: OnLayer,
+    ) -> None:
+        self._inbox.expect(TransferSpec(transfer_id, num_layers, num_tokens, kv_dim, dtype), on_layer)
+
+    def wait(self, transfer_id: str, timeout: float) -> TransferStats:
+        return self._inbox.wait(transfer_id, timeout)
+
+    def cancel(self, transfer_id: str) -> bool:
+        return self._inbox.cancel(transfer_id)
+
+    def shutdown(self) -> None:
+        self._inbox.close("receiver shut down")
+        if self._own_server:
+            self._server.stop(grace=None).wait(5)

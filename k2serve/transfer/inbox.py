@@ -1,0 +1,199 @@
+"""Receiver-side bookkeeping shared by every backend: expected transfers, chunk validation, delivery.
+
+A backend hands each arriving (KVChunkHeader, payload) to `Inbox.accept`; the inbox checks it
+against the expected transfer, assembles layers that come in several chunks, calls on_layer for
+each complete layer and wakes `wait` when the last layer is in.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from k2serve.proto.kv_transfer_pb2 import KVChunkHeader
+from k2serve.transfer.base import (
+    ChunkError,
+    OnLayer,
+    TransferError,
+    TransferSpec,
+    TransferStats,
+    TransferTimeout,
+    checksum,
+)
+
+Payload = bytes | memoryview | torch.Tensor
+"""Chunk bytes: bytes-like, or a flat uint8 tensor (delivered without a copy when it is a whole layer)."""
+
+
+@dataclass
+class _Transfer:
+    spec: TransferSpec
+    on_layer: OnLayer
+    rows_in: list[int]  # per layer: tokens received so far (chunks arrive in token order)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: TransferError | None = None
+    layers_done: int = 0
+    bytes: int = 0
+    first_chunk_at: float | None = None
+    finished_at: float | None = None
+    source: str | None = None
+    assembly: torch.Tensor | None = None  # one layer's bytes when layers arrive in several chunks
+    busy: threading.Lock = field(default_factory=threading.Lock)  # one chunk of this transfer at a time
+
+    @property
+    def complete(self) -> bool:
+        return self.layers_done == self.spec.num_layers
+
+
+class Inbox:
+    """Expected transfers of one receiver; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._transfers: dict[str, _Transfer] = {}
+        self._closed_reason: str | None = None
+
+    def expect(self, spec: TransferSpec, on_layer: OnLayer) -> None:
+        with self._lock:
+            if self._closed_reason is not None:
+                raise TransferError(spec.transfer_id, self._closed_reason)
+            if spec.transfer_id in self._transfers:
+                raise ValueError(f"transfer_id {spec.transfer_id!r} is already expected")
+            self._transfers[spec.transfer_id] = _Transfer(spec, on_layer, [0] * spec.num_layers)
+
+    def accept(self, header: KVChunkHeader, payload: Payload, source: str) -> bool:
+        """Validate one chunk and deliver the layer it completes; True when the transfer is complete.
+
+        Raises ChunkError for a bad chunk (the transfer, if known, fails with it) and TransferError
+        when the transfer already failed or on_layer raised.
+        """
+        tid = header.transfer_id
+        with self._lock:
+            t = self._transfers.get(tid)
+        if t is None:
+            raise ChunkError(tid, "transfer_id", tid, "a transfer expected by this receiver")
+        with t.busy:
+            if t.error is not None:
+                raise t.error
+            try:
+                layer_view = self._check(t, header, payload, source)
+                if t.first_chunk_at is None:
+                    t.first_chunk_at = time.perf_counter()
+                    t.source = source
+                if layer_view is not None:
+                    t.on_layer(header.layer, layer_view)
+            except ChunkError as e:
+                self.fail(tid, e)
+                raise
+            except Exception as e:  # on_layer is the decode worker's code: its failure fails the transfer
+                err = TransferError(tid, f"on_layer({header.layer}) raised {type(e).__name__}: {e}")
+                self.fail(tid, err)
+                raise err from e
+            with self._lock:
+                t.bytes += header.byte_length
+                if layer_view is not None:
+                    t.layers_done += 1
+                if t.complete and t.error is None:
+                    t.finished_at = time.perf_counter()
+                    t.done.set()
+                return t.complete
+
+    def _check(self, t: _Transfer, h: KVChunkHeader, payload: Payload, source: str) -> torch.Tensor | None:
+        """Checks one chunk; returns the layer [num_tokens, kv_dim] when this chunk completes it."""
+        spec, tid = t.spec, h.transfer_id
+        if t.source is not None and source != t.source:
+            raise ChunkError(tid, "source", source, f"{t.source!r}, the sender of its first chunk")
+        if h.dtype != spec.dtype_name:
+            raise ChunkError(tid, "dtype", h.dtype, repr(spec.dtype_name))
+        if h.kv_dim != spec.kv_dim:
+            raise ChunkError(tid, "kv_dim", h.kv_dim, spec.kv_dim)
+        if h.layer >= spec.num_layers:
+            raise ChunkError(tid, "layer", h.layer, f"< {spec.num_layers}")
+        rows_in = t.rows_in[h.layer]
+        if h.token_offset != rows_in:
+            raise ChunkError(tid, "token_offset", h.token_offset, f"{rows_in} (chunks in token order, once)")
+        if not 0 < h.num_tokens <= spec.num_tokens - rows_in:
+            raise ChunkError(tid, "num_tokens", h.num_tokens, f"1..{spec.num_tokens - rows_in}")
+        if h.byte_length != h.num_tokens * spec.row_bytes:
+            raise ChunkError(tid, "byte_length", h.byte_length, f"num_tokens * {spec.row_bytes}")
+        size = payload.numel() if isinstance(payload, torch.Tensor) else memoryview(payload).nbytes
+        if size != h.byte_length:
+            raise ChunkError(tid, "payload size", size, f"byte_length {h.byte_length}")
+        got = checksum(payload)
+        if got != h.checksum:
+            raise ChunkError(tid, "checksum", got, f"{h.checksum} from the header (crc32 of the payload)")
+        t.rows_in[h.layer] = rows_in + h.num_tokens
+        whole = h.num_tokens == spec.num_tokens
+        if whole and isinstance(payload, torch.Tensor):
+            return payload.view(spec.dtype).view(spec.num_tokens, spec.kv_dim)
+        if t.assembly is None:
+            t.assembly = torch.empty(spec.layer_bytes, dtype=torch.uint8)
+        start = rows_in * spec.row_bytes
+        dst = t.assembly[start : start + h.byte_length]
+        if isinstance(payload, torch.Tensor):
+            dst.copy_(payload)
+        else:
+            dst.numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+        if t.rows_in[h.layer] < spec.num_tokens:
+            return None
+        return t.assembly.view(spec.dtype).view(spec.num_tokens, spec.kv_dim)
+
+    def fail(self, transfer_id: str, error: TransferError) -> None:
+        """Fail a transfer that is not complete yet (first error wins); unknown ids are ignored."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            if t is None or t.error is not None or t.done.is_set():
+                return
+            t.error = error
+            t.done.set()
+
+    def fail_source(self, source: str, reason: str) -> None:
+        """Fail every incomplete transfer whose chunks came from source (a lost connection)."""
+        with self._lock:
+            tids = [tid for tid, t in self._transfers.items() if t.source == source]
+        for tid in tids:
+            self.fail(tid, TransferError(tid, reason))
+
+    def progress(self, transfer_id: str) -> tuple[int, int] | None:
+        """(layers delivered, num_layers), or None for an unknown transfer."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            return None if t is None else (t.layers_done, t.spec.num_layers)
+
+    def wait(self, transfer_id: str, timeout: float) -> TransferStats:
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+        if t is None:
+            raise TransferError(transfer_id, "wait on a transfer that is not expected (or already waited on)")
+        if not t.done.wait(timeout):
+            layers = t.layers_done
+            self.fail(
+                transfer_id, TransferTimeout(transfer_id, timeout, f"{layers}/{t.spec.num_layers} layers")
+            )
+        with t.busy, self._lock:  # no on_layer of this transfer runs after wait returns
+            self._transfers.pop(transfer_id, None)
+        if t.error is not None:
+            raise t.error
+        assert t.first_chunk_at is not None and t.finished_at is not None
+        return TransferStats(bytes=t.bytes, seconds=t.finished_at - t.first_chunk_at)
+
+    def cancel(self, transfer_id: str) -> bool:
+        self.fail(transfer_id, TransferError(transfer_id, "cancelled by the receiver"))
+        with self._lock:
+            t = self._transfers.pop(transfer_id, None)
+        if t is not None:
+            with t.busy:  # let an in-flight on_layer finish
+                pass
+        return t is not None
+
+    def close(self, reason: str) -> None:
+        """Fail every pending transfer and refuse new ones."""
+        with self._lock:
+            self._closed_reason = reason
+            tids = list(self._transfers)
+        for tid in tids:
+            self.fail(tid, TransferError(tid, reason))

@@ -1,0 +1,110 @@
+"""Wire pieces of the torch.distributed backend: control frames, pair process groups, rendezvous keys.
+
+Rendezvous (one TCPStore per receiver, shared by all its senders):
+- The receiver hosts a TCPStore master at its endpoint "host:port" and sets key "device" to its
+  payload device type ("cpu" | "cuda").
+- A sender connects as a store client, takes a peer number n = add("joins", 1) - 1 and sets
+  "join/<n>". The receiver's accept thread waits for "join/0", "join/1", ... in order (the
+  value STOP_VALUE ends it at shutdown).
+- Both sides then build a 2-rank group over PrefixStore("peer/<n>/", store), receiver rank 0,
+  sender rank 1; gloo exchanges their addresses through the store. CUDA payloads use a second,
+  NCCL group over PrefixStore("peer/<n>/nccl/", store).
+
+Frames: a fixed FRAME_BYTES uint8 tensor = u32 little-endian body length + a KVControlFrame
+protobuf + zero padding, so the receiver can always post a receive of known size.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from k2serve.proto.kv_transfer_pb2 import KVControlFrame
+
+DATA_TAG = 1  # sender -> receiver: frame, then payload
+ACK_TAG = 2  # receiver -> sender: verdict or goodbye frames
+FRAME_BYTES = 512
+MAX_PAYLOAD_BYTES = 1 << 30  # one layer's bytes; a 262,144-token K2 layer is 302 MB
+STOP_VALUE = b"__stop__"
+IDLE_TIMEOUT = timedelta(days=365)
+"""Timeout of the pair groups' operations: a gloo timeout closes the pair, and a receiver may wait
+for its next header for a long time, so waits end by a goodbye frame or a closed socket instead."""
+
+_LEN = struct.Struct("<I")
+
+
+class FrameError(ValueError):
+    """A control frame could not be decoded; carries the declared body length."""
+
+    def __init__(self, reason: str, length: int) -> None:
+        super().__init__(f"bad control frame ({reason}, body length {length})")
+        self.length = length
+
+
+def encode_frame(frame: KVControlFrame) -> torch.Tensor:
+    """frame as a FRAME_BYTES uint8 tensor; raises FrameError when it does not fit."""
+    body = frame.SerializeToString()
+    if len(body) > FRAME_BYTES - _LEN.size:
+        raise FrameError("too long", len(body))
+    buf = bytearray(FRAME_BYTES)
+    _LEN.pack_into(buf, 0, len(body))
+    buf[_LEN.size : _LEN.size + len(body)] = body
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def decode_frame(buf: torch.Tensor) -> KVControlFrame:
+    """Parse a received FRAME_BYTES uint8 tensor; raises FrameError on a bad length or body."""
+    raw = buf.numpy().tobytes()
+    (length,) = _LEN.unpack_from(raw, 0)
+    if length > FRAME_BYTES - _LEN.size:
+        raise FrameError("length out of range", length)
+    frame = KVControlFrame()
+    try:
+        frame.ParseFromString(raw[_LEN.size : _LEN.size + length])
+    except Exception as e:  # protobuf's DecodeError; parsing never executes code
+        raise FrameError(f"undecodable: {e}", length) from e
+    if frame.WhichOneof("kind") is None:
+        raise FrameError("empty", length)
+    return frame
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """ "host:port" -> (host, port); raises ValueError when malformed."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"endpoint {endpoint!r} is not 'host:port'")
+    return host.strip("[]"), int(port)
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local IP address the OS would use to reach host:port (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        return s.getsockname()[0]
+
+
+def store_client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(host, port, None, False, timedelta(seconds=timeout_s))
+
+
+def pair_groups(
+    store: dist.Store, peer: int, rank: int, local_host: str, device: torch.device
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(control group, payload group) of peer connection `peer`; blocks until the other rank joins.
+
+    The control group is gloo on local_host's interface; the payload group is the same group on
+    CPU and an NCCL group when device is CUDA (one device per rank, as NCCL requires).
+    """
+    opts = dist.ProcessGroupGloo._Options()
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
+    opts._timeout = IDLE_TIMEOUT
+    control = dist.ProcessGroupGloo(dist.PrefixStore(f"peer/{peer}/", store), rank, 2, opts)
+    if device.type != "cuda":
+        return control, control
+    torch.cuda.set_device(device)
+    payload = dist.ProcessGroupNCCL(dist.PrefixStore(f"peer/{peer}/nccl/", store), rank, 2)
+    return control, payload
