@@ -1,0 +1,256 @@
+"""The engine loop: `step()` = schedule() -> run() -> postprocess().
+
+Requests are validated in `add_request` before any work is done; a bad request raises
+`RequestError` and never enters the batch. Every finished or aborted request returns its blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.model_runner import ModelRunner, RowSpec
+from k2serve.engine.sampler import Sampler, make_generator, suppress_tokens
+from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
+from k2serve.engine.scheduler import Scheduler
+from k2serve.engine.sequence import RequestError, Sequence, SequenceStatus
+from k2serve.kvcache.block_manager import BlockManager
+from k2serve.kvcache.pool import KVCachePool
+from k2serve.model.model import K2Model
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_output_tokens: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return (self.first_token_time or self.arrival_time) - self.arrival_time
+
+    @property
+    def tpot(self) -> float:
+        """Mean time per output token after the first (seconds)."""
+        if self.finish_time is None or self.first_token_time is None or self.num_output_tokens < 2:
+            return 0.0
+        return (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and, once finished, why it stopped."""
+
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+    text: str = ""
+    new_text: str = ""
+    logprobs: list[Any] = field(default_factory=list)
+    metrics: RequestMetrics | None = None
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: K2Model,
+        config: EngineConfig | None = None,
+        tokenizer: Any = None,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        mc = model.config
+        self.max_model_len = self.config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise RequestError(
+                f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                f"{mc.max_position_embeddings}"
+            )
+        self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
+        if self.config.num_kv_blocks is not None:
+            self.pool = KVCachePool(mc.num_hidden_layers, self.config.num_kv_blocks, self.config.block_size,
+                                    mc.kv_cache_dim, model.dtype)
+        else:
+            self.pool = KVCachePool.from_budget(self.config.kv_cache_bytes, mc.num_hidden_layers,
+                                                self.config.block_size, mc.kv_cache_dim, model.dtype)
+        self.blocks = BlockManager(self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.blocks)
+        self.runner = ModelRunner(model, self.pool)
+        self.sampler = Sampler()
+        self.seqs: dict[str, Sequence] = {}
+        self._decoders: dict[str, Any] = {}
+        self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, config: EngineConfig | None = None
+    ) -> LLMEngine:
+        from k2serve.chat.tokenizer import load_tokenizer
+        from k2serve.model.loader import load_model
+
+        model_dir = Path(model_dir)
+        model = load_model(model_dir, dtype)
+        tokenizer = load_tokenizer(model_dir) if (model_dir / "tiktoken.model").exists() else None
+        eos = model.config.eos_token_ids
+        gen_cfg = model_dir / "generation_config.json"
+        if gen_cfg.exists():
+            g = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            if g is not None:
+                eos = sorted(set(eos) | set(g if isinstance(g, list) else [g]))
+        return cls(model, config, tokenizer, eos)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError naming the offending value and the limit; does no work."""
+        vocab = self.model.config.vocab_size
+        if not prompt_token_ids:
+            raise RequestError("prompt is empty: at least one token is required")
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        try:
+            params.validate_for_model(vocab, self.max_model_len, len(prompt_token_ids))
+        except SamplingParamsError as e:
+            raise RequestError(str(e)) from e
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this model directory has none")
+        if params.n != 1:
+            raise RequestError(f"n={params.n} is not supported by the engine (send n requests)")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise RequestError(f"queue is full ({self.config.max_waiting} waiting requests)")
+        seq = Sequence(request_id, list(prompt_token_ids), params, generator=make_generator(params))
+        self.seqs[request_id] = seq
+        if self.tokenizer is not None:
+            from k2serve.chat.tokenizer import IncrementalDecoder
+
+            self._decoders[request_id] = IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        self._decoders.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            if self.scheduler.waiting and not self.scheduler.running:
+                seq = self.scheduler.waiting[0]
+                raise RequestError(
+                    f"request {seq.request_id!r} needs {self.blocks.blocks_needed(seq.num_tokens)} KV blocks; "
+                    f"the pool has {self.blocks.num_blocks}"
+                )
+            return []
+        rows = [
+            RowSpec(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.samples)
+            for c in sched.chunks
+        ]
+        logits = self.runner.run(rows)  # [S, V]
+        self.num_computed_tokens_total += sched.num_tokens
+        for c in sched.chunks:
+            c.seq.num_computed_tokens += c.num_tokens
+            self.blocks.mark_computed(c.seq.block_table, c.seq.token_ids, c.seq.num_computed_tokens)
+        sampling = [c.seq for c in sched.chunks if c.samples]
+        return self._postprocess(sampling, logits)
+
+    def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        if not seqs:
+            return []
+        early = [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
+        if early:
+            for i in early:
+                banned = ([] if seqs[i].params.ignore_eos else self.eos_token_ids) + seqs[i].params.stop_token_ids
+                logits = suppress_tokens(logits, [i], banned)
+        out = self.sampler.sample(
+            logits, [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.generator for s in seqs]
+        )
+        now = time.monotonic()
+        results = []
+        for i, seq in enumerate(seqs):
+            tok = int(out.token_ids[i])
+            seq.output_token_ids.append(tok)
+            if out.logprobs is not None:
+                seq.logprobs.append(out.logprobs[i])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            new_text = ""
+            dec = self._decoders.get(seq.request_id)
+            if dec is not None:
+                new_text = dec.add(tok)
+                seq.output_text += new_text
+            reason = self._stop_reason(seq, tok)
+            if reason is not None:
+                seq.finish_time = now
+                self.scheduler.finish(seq, reason)
+                if dec is not None and reason != "stop":
+                    tail = dec.finish()
+                    seq.output_text += tail
+                    new_text += tail
+                self.seqs.pop(seq.request_id, None)
+                self._decoders.pop(seq.request_id, None)
+            results.append(self._output(seq, [tok], new_text))
+        return results
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        if n_out >= p.min_tokens:
+            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                return "stop"
+            if p.stop and self._hit_stop_string(seq):
+                return "stop"
+        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        """Search the new text for a stop string; on a hit, cut the text before it (vLLM's default)."""
+        longest = max(len(s) for s in seq.params.stop)
+        begin = max(0, seq._stop_checked_chars - longest + 1)
+        hits = [i for i in (seq.output_text.find(s, begin) for s in seq.params.stop) if i >= 0]
+        seq._stop_checked_chars = len(seq.output_text)
+        if not hits:
+            return False
+        seq.output_text = seq.output_text[: min(hits)]
+        return True
+
+    def _output(self, seq: Sequence, new: list[int], new_text: str) -> RequestOutput:
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids))
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new,
+            token_ids=list(seq.output_token_ids),
+            prompt_token_ids=seq.prompt_token_ids,
+            finished=seq.status is SequenceStatus.FINISHED,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_tokens,
+            text=seq.output_text,
+            new_text=new_text,
+            logprobs=list(seq.logprobs),
+            metrics=metrics,
+        )

@@ -1,0 +1,117 @@
+"""Continuous batching: which sequences compute how many tokens this step.
+
+Each step: running sequences first (decodes and unfinished prefill chunks, oldest first), then
+waiting ones are admitted while the token budget, the sequence limit and the block pool allow.
+Prompts longer than the remaining budget are prefilled in chunks over several steps, mixed with
+decodes. When the pool runs dry the most recently admitted running sequence is preempted by
+recompute: its blocks are freed and it waits again, keeping the tokens it generated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.sequence import Sequence, SequenceStatus
+from k2serve.kvcache.block_manager import BlockManager
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`seq` computes positions [start, start + num_tokens) this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether the chunk reaches the sequence's last token, so a new token is sampled after it."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark `seq` finished and return its blocks to the pool (cached prefixes stay reusable)."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running sequences, oldest first; preempt from the newest end when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_append(seq.block_table, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # seq itself was the newest and got preempted; nothing newer remains
+            self.blocks.append_slot(seq.block_table, seq.num_computed_tokens + n)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+            i += 1
+
+        # 2. Admit waiting sequences (not in a step that had to preempt: the pool is full).
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            tokens = seq.token_ids
+            if not self.blocks.can_allocate(tokens):
+                break
+            alloc = self.blocks.allocate(tokens)
+            self.waiting.popleft()
+            seq.block_table = alloc.block_table
+            seq.num_computed_tokens = alloc.num_cached_tokens
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = alloc.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return out
