@@ -1,7 +1,8 @@
 """The chat layer: Kimi tokenizer, chat template, reasoning and tool-call parsers, structured output.
 
 Text in, token ids out and back: `load_tokenizer` / `apply_chat_template` build prompts, the
-parsers turn generated text into reasoning, content and tool calls.
+parsers turn generated text into reasoning, content and tool calls. Grammar-constrained decoding
+lives in `k2serve.chat.structured` (imported on its own: it needs the `llguidance` package).
 """
 
 from k2serve.chat.bpe_train import train_bpe_ranks, write_tokenizer

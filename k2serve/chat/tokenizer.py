@@ -14,8 +14,9 @@ import binascii
 import codecs
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import tiktoken
@@ -79,6 +80,7 @@ class KimiTokenizer:
             raise TokenizerError("duplicate special token names", sorted(names.values()))
         self._special_names = names
         self._num_ranks = num_ranks
+        self._ranks = MappingProxyType(mergeable_ranks)
         self._enc = tiktoken.Encoding(
             name,
             pat_str=PAT_STR,
@@ -102,6 +104,11 @@ class KimiTokenizer:
     def num_ranks(self) -> int:
         """Number of BPE ranks, which is also the first special id."""
         return self._num_ranks
+
+    @property
+    def mergeable_ranks(self) -> Mapping[bytes, int]:
+        """Read-only view of the BPE ranks (token bytes -> id), e.g. for grammar engines."""
+        return self._ranks
 
     @property
     def bos_id(self) -> int:
