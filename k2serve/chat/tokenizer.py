@@ -159,7 +159,11 @@ class KimiTokenizer:
     # ----- text <-> ids -----
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of `text`. With `allow_special`, special-token names in `text` become their
-        ids; without it they are encoded as ordinary text. Never raises on any `str`."""
+        ids; without it they are encoded as ordinary text. Never raises on any `str`.
+
+        Runs of more than 25,000 whitespace or non-whitespace characters are encoded in pieces
+        (as Kimi's own tokenizer does), so BPE merges and special names do not span those cuts.
+        """
         kwargs: dict[str, Any] = {"allowed_special": "all"} if allow_special else {"disallowed_special": ()}
         if not _LONG_RUN.search(text):
             return self._enc.encode(text, **kwargs)
