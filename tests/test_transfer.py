@@ -1,0 +1,289 @@
+"""KV transfer: the shared validation in-process, then both backends between two real processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from k2serve.proto.kv_transfer_pb2 import KVChunkHeader, KVControlFrame
+from k2serve.transfer import (
+    ChunkError,
+    TransferError,
+    TransferTimeout,
+    UnknownBackendError,
+    make_receiver,
+    make_sender,
+    outbox,
+    torch_wire,
+)
+from k2serve.transfer.base import DTYPES, TransferSpec, checksum
+from k2serve.transfer.inbox import Inbox
+
+BITS = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float16: torch.int16}
+
+
+def make_kv(seed: int, num_layers: int, num_tokens: int, kv_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random bit patterns (NaNs and infinities included) of dtype, [num_layers, num_tokens, kv_dim]."""
+    g = torch.Generator().manual_seed(seed)
+    bits = BITS[dtype]
+    info = torch.iinfo(bits)
+    raw = torch.randint(info.min, info.max, (num_layers, num_tokens, kv_dim), dtype=bits, generator=g)
+    return raw.view(dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: validation rules, frames, registry, sender argument checks.
+
+
+def _header(spec: TransferSpec, payload: bytes, **overrides: Any) -> KVChunkHeader:
+    fields = dict(
+        transfer_id=spec.transfer_id,
+        layer=0,
+        token_offset=0,
+        num_tokens=spec.num_tokens,
+        kv_dim=spec.kv_dim,
+        dtype=spec.dtype_name,
+        byte_length=len(payload),
+        checksum=checksum(payload),
+    )
+    fields.update(overrides)
+    return KVChunkHeader(**fields)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(transfer_id="other"), "transfer_id"),
+        (dict(layer=2), "layer"),
+        (dict(dtype="float32"), "dtype"),
+        (dict(kv_dim=9), "kv_dim"),
+        (dict(token_offset=1), "token_offset"),
+        (dict(num_tokens=5), "num_tokens"),
+        (dict(byte_length=10), "byte_length"),
+        (dict(checksum=1), "checksum"),
+    ],
+)
+def test_inbox_rejects_bad_chunk_and_keeps_serving(overrides: dict[str, Any], field: str) -> None:
+    inbox = Inbox()
+    spec = TransferSpec("t", 2, 4, 8, torch.bfloat16)
+    inbox.expect(spec, lambda layer, kv: None)
+    payload = bytes(spec.layer_bytes)
+    with pytest.raises(ChunkError) as err:
+        inbox.accept(_header(spec, payload, **overrides), payload, "src")
+    assert err.value.field == field and str(overrides[next(iter(overrides))]) in str(err.value.got)
+    if field != "transfer_id":
+        with pytest.raises(ChunkError):
+            inbox.wait("t", 1)
+    good = TransferSpec("t2", 1, 4, 8, torch.bfloat16)
+    got: list[torch.Tensor] = []
+    inbox.expect(good, lambda layer, kv: got.append(kv.clone()))
+    assert inbox.accept(_header(good, payload), payload, "src")
+    assert inbox.wait("t2", 1).bytes == good.layer_bytes and got[0].shape == (4, 8)
+
+
+def test_inbox_assembles_chunks_and_times_out() -> None:
+    inbox = Inbox()
+    spec = TransferSpec("t", 1, 5, 3, torch.float32)
+    kv = make_kv(1, 1, 5, 3, torch.float32)[0]
+    got: list[torch.Tensor] = []
+    inbox.expect(spec, lambda layer, t: got.append(t.clone()))
+    chunks = list(outbox.split_layer(spec, 0, kv, max_chunk_bytes=2 * spec.row_bytes))
+    assert [h.num_tokens for h, _ in chunks] == [2, 2, 1]
+    for h, p in chunks:
+        inbox.accept(h, p.numpy().tobytes(), "src")
+    inbox.wait("t", 1)
+    assert same_bits(got[0], kv)
+    inbox.expect(TransferSpec("slow", 1, 5, 3, torch.float32), lambda layer, t: None)
+    start = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        inbox.wait("slow", 0.2)
+    assert time.monotonic() - start < 2
+    with pytest.raises(ChunkError, match="transfer_id"):  # dropped after the timeout
+        inbox.accept(chunks[0][0], chunks[0][1], "src")
+
+
+def test_on_layer_error_fails_only_that_transfer() -> None:
+    inbox = Inbox()
+    spec = TransferSpec("t", 1, 2, 4, torch.float32)
+    inbox.expect(spec, lambda layer, kv: 1 / 0)
+    payload = bytes(spec.layer_bytes)
+    with pytest.raises(TransferError, match="ZeroDivisionError"):
+        inbox.accept(_header(spec, payload), payload, "src")
+    with pytest.raises(TransferError, match="on_layer"):
+        inbox.wait("t", 1)
+
+
+def test_frames_roundtrip_and_reject_garbage() -> None:
+    frame = KVControlFrame(chunk=KVChunkHeader(transfer_id="x" * 64, layer=60, byte_length=1 << 40))
+    buf = torch_wire.encode_frame(frame)
+    assert buf.numel() == torch_wire.FRAME_BYTES and torch_wire.decode_frame(buf) == frame
+    with pytest.raises(torch_wire.FrameError):
+        torch_wire.decode_frame(torch.full((torch_wire.FRAME_BYTES,), 255, dtype=torch.uint8))
+    with pytest.raises(torch_wire.FrameError):
+        torch_wire.decode_frame(torch.zeros(torch_wire.FRAME_BYTES, dtype=torch.uint8))
+
+
+def test_spec_registry_and_sender_argument_checks() -> None:
+    with pytest.raises(ValueError):
+        TransferSpec("", 1, 1, 1, torch.bfloat16)
+    with pytest.raises(ValueError):
+        TransferSpec("t", 1, 1, 1, torch.int64)
+    with pytest.raises(UnknownBackendError):
+        make_sender("rdma", "127.0.0.1:1")
+    receiver = make_receiver("grpc")
+    sender = make_sender("grpc", receiver.endpoint)
+    try:
+        sender.open("t", 2, 4, 8, torch.bfloat16)
+        with pytest.raises(ValueError, match="expected"):
+            sender.send_layer("t", 0, torch.zeros(4, 8))
+        with pytest.raises(ValueError, match="range"):
+            sender.send_layer("t", 2, torch.zeros(4, 8, dtype=torch.bfloat16))
+        sender.send_layer("t", 0, torch.zeros(4, 8, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="already sent"):
+            sender.send_layer("t", 0, torch.zeros(4, 8, dtype=torch.bfloat16))
+        with pytest.raises(TransferError, match="never sent"):
+            sender.close("t", 5)
+    finally:
+        sender.shutdown()
+        receiver.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes: the receiver here, the sender in a spawned child.
+
+
+@dataclass(frozen=True)
+class Case:
+    transfer_id: str
+    num_layers: int
+    num_tokens: int
+    kv_dim: int
+    dtype: str
+    fault: str = ""  # "", "checksum", "size", "dtype", "unknown", "die"
+    expect_field: str = ""  # the ChunkError field the receiver reports
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+CASES = [
+    Case("ok-bf16", 4, 257, 48, "bfloat16"),
+    Case("ok-fp32", 3, 100, 96, "float32"),
+    Case("bad-crc", 3, 64, 48, "bfloat16", fault="checksum", expect_field="checksum"),
+    Case("bad-size", 3, 64, 48, "bfloat16", fault="size", expect_field="num_tokens"),
+    Case("bad-dtype", 3, 64, 48, "bfloat16", fault="dtype", expect_field="dtype"),
+    Case("not-expected", 2, 64, 48, "bfloat16", fault="unknown"),
+    Case("ok-after", 3, 300, 48, "bfloat16"),
+    Case("dies", 4, 64, 48, "bfloat16", fault="die"),
+]
+
+
+def _sender_main(backend: str, endpoint: str, cases: list[Case], results: Any) -> None:
+    """Child process: send every case in order, report (transfer_id, error text or "") per case."""
+    options = {"max_chunk_bytes": 8192} if backend == "grpc" else {}
+    sender = make_sender(backend, endpoint, **options)
+    real_checksum = outbox.checksum
+    for case in cases:
+        kv = make_kv(
+            zlib.crc32(case.transfer_id.encode()),
+            case.num_layers,
+            case.num_tokens,
+            case.kv_dim,
+            case.torch_dtype,
+        )
+        tokens, dtype = case.num_tokens, case.torch_dtype
+        if case.fault == "size":
+            tokens, kv = tokens + 5, make_kv(0, case.num_layers, tokens + 5, case.kv_dim, dtype)
+        if case.fault == "dtype":
+            dtype, kv = torch.float16, kv.view(torch.float16)
+        outbox.checksum = (lambda p: real_checksum(p) ^ 1) if case.fault == "checksum" else real_checksum
+        sender.open(case.transfer_id, case.num_layers, tokens, case.kv_dim, dtype)
+        if case.fault == "die":
+            sender.send_layer(case.transfer_id, 0, kv[0]).result(10)
+            results.put((case.transfer_id, "dying"))
+            time.sleep(0.3)
+            os._exit(3)
+        for layer in range(case.num_layers):
+            sender.send_layer(case.transfer_id, layer, kv[layer])
+        try:
+            sender.close(case.transfer_id, timeout=10)
+            results.put((case.transfer_id, ""))
+        except TransferError as e:
+            results.put((case.transfer_id, str(e)))
+    sender.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["grpc", "torch"])
+def test_two_process_transfers(backend: str) -> None:
+    receiver = make_receiver(backend)
+    received: dict[str, dict[int, torch.Tensor]] = {}
+    for case in CASES:
+        if case.fault != "unknown":
+            received[case.transfer_id] = {}
+            store = received[case.transfer_id]
+            receiver.expect(
+                case.transfer_id,
+                case.num_layers,
+                case.num_tokens,
+                case.kv_dim,
+                case.torch_dtype,
+                lambda layer, kv, store=store: store.__setitem__(layer, kv.clone()),
+            )
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_sender_main, args=(backend, receiver.endpoint, CASES, results), daemon=True)
+    child.start()
+    try:
+        sender_says = {}
+        for _ in CASES:
+            tid, error = results.get(timeout=30)
+            sender_says[tid] = error
+        for case in CASES:
+            if case.fault == "unknown":
+                assert "transfer_id" in sender_says[case.transfer_id], sender_says
+                continue
+            if case.fault == "die":
+                start = time.monotonic()
+                with pytest.raises(TransferError):
+                    receiver.wait(case.transfer_id, timeout=3)
+                assert time.monotonic() - start < 5
+                continue
+            if case.fault:
+                with pytest.raises(ChunkError) as err:
+                    receiver.wait(case.transfer_id, timeout=10)
+                assert err.value.field == case.expect_field
+                assert case.expect_field in sender_says[case.transfer_id], sender_says
+                continue
+            stats = receiver.wait(case.transfer_id, timeout=10)
+            assert sender_says[case.transfer_id] == ""
+            kv = make_kv(
+                zlib.crc32(case.transfer_id.encode()),
+                case.num_layers,
+                case.num_tokens,
+                case.kv_dim,
+                case.torch_dtype,
+            )
+            got = received[case.transfer_id]
+            assert sorted(got) == list(range(case.num_layers))
+            assert all(same_bits(got[i], kv[i]) for i in range(case.num_layers))
+            assert stats.bytes == kv.numel() * kv.element_size()
+        child.join(10)
+        assert child.exitcode == 3
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+        receiver.shutdown()
+        results.close()
