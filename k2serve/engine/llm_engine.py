@@ -156,6 +156,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.chunks:

@@ -1,0 +1,237 @@
+"""The single-node engine: continuous batching, prefix caching, preemption, stops, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm import LLM
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.sampling_params import SamplingParams
+from k2serve.engine.sequence import RequestError
+from k2serve.model.loader import load_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def make_engine(ckpt: Path, **kw) -> LLMEngine:
+    cfg = EngineConfig(**({"num_kv_blocks": 512, "block_size": 8, "max_num_batched_tokens": 96} | kw))
+    return LLMEngine.from_pretrained(ckpt, torch.float32, cfg)
+
+
+def run_all(engine: LLMEngine) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+    return out
+
+
+def assert_no_leak(engine: LLMEngine) -> None:
+    assert not engine.has_unfinished_requests()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    engine.blocks.check_invariants([])
+
+
+def prompts(n: int, seed: int, lo: int = 2, hi: int = 70, vocab: int = 1024) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+def test_continuous_batching_equals_one_at_a_time(tiny_ckpt: Path) -> None:
+    ps = prompts(32, seed=1)
+    params = [SamplingParams(temperature=0.0, max_tokens=8 + i % 17, ignore_eos=True) for i in range(32)]
+    solo = make_engine(tiny_ckpt)
+    expected = {}
+    for i, (p, sp) in enumerate(zip(ps, params, strict=True)):
+        solo.add_request(f"r{i}", p, sp)
+        expected.update(run_all(solo))
+    assert_no_leak(solo)
+
+    batched = make_engine(tiny_ckpt, max_num_batched_tokens=64)  # forces chunked prefill mixed with decodes
+    got: dict[str, list[int]] = {}
+    pending = list(range(32))
+    step = 0
+    while pending or batched.has_unfinished_requests():
+        for _ in range(3 if step % 2 else 1):  # requests arrive at different steps
+            if pending:
+                i = pending.pop(0)
+                batched.add_request(f"r{i}", ps[i], params[i])
+        for o in batched.step():
+            if o.finished:
+                got[o.request_id] = o.token_ids
+        step += 1
+    assert got == expected
+    assert_no_leak(batched)
+
+
+def test_engine_matches_reference_model_greedy(tiny_ckpt: Path) -> None:
+    model = load_model(tiny_ckpt, torch.float32)
+    engine = make_engine(tiny_ckpt)
+    ps = prompts(4, seed=2)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, GREEDY)
+    got = run_all(engine)
+    for i, p in enumerate(ps):
+        ids = torch.tensor([p])
+        for _ in range(GREEDY.max_tokens):
+            ids = torch.cat((ids, model(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
+        assert got[str(i)] == ids[0, len(p) :].tolist()
+    assert_no_leak(engine)
+
+
+def test_engine_matches_transformers_generate(tiny_ckpt: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from k2serve.config import ModelConfig
+
+    cfg = ModelConfig.from_file(tiny_ckpt)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        tiny_ckpt, config=transformers.DeepseekV3Config(**cfg.to_hf_dict()), dtype=torch.float32
+    ).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.max_length = None
+    engine = make_engine(tiny_ckpt)
+    ps = prompts(3, seed=3, lo=5, hi=30)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, params)
+    got = run_all(engine)
+    for i, p in enumerate(ps):
+        with torch.inference_mode():
+            ids = torch.tensor([p])
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                              pad_token_id=cfg.pad_token_id)
+        assert got[str(i)] == ref[0, len(p) :].tolist()
+
+
+def test_prefix_cache_hit_is_identical_and_skips_compute(tiny_ckpt: Path) -> None:
+    engine = make_engine(tiny_ckpt)
+    shared = prompts(1, seed=4, lo=40, hi=41)[0]  # 40 tokens = 5 full blocks of 8
+    a, b = shared + [1, 2, 3], shared + [4, 5]
+    cold = make_engine(tiny_ckpt, enable_prefix_caching=False)
+    cold.add_request("b", b, GREEDY)
+    expected_b = run_all(cold)["b"]
+
+    engine.add_request("a", a, GREEDY)
+    run_all(engine)
+    before = engine.num_computed_tokens_total
+    engine.add_request("b", b, GREEDY)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert outs[0].token_ids == expected_b
+    assert outs[0].num_cached_tokens == 40
+    # Only the uncached prompt tokens and the decode steps were computed.
+    assert engine.num_computed_tokens_total - before == (len(b) - 40) + (GREEDY.max_tokens - 1)
+    assert_no_leak(engine)
+
+
+def test_preemption_and_resume_give_identical_tokens(tiny_ckpt: Path) -> None:
+    ps = prompts(6, seed=5, lo=20, hi=40)
+    params = SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=40, ignore_eos=True)
+    roomy = make_engine(tiny_ckpt)
+    for i, p in enumerate(ps):
+        roomy.add_request(str(i), p, params)
+    expected = run_all(roomy)
+    assert roomy.scheduler.num_preemptions == 0
+    tight = make_engine(tiny_ckpt, num_kv_blocks=24)  # 192 slots for ~6 x 70 tokens: must preempt
+    for i, p in enumerate(ps):
+        tight.add_request(str(i), p, params)
+    got = run_all(tight)
+    assert tight.scheduler.num_preemptions > 0
+    assert got == expected
+    assert_no_leak(tight)
+
+
+def test_stops_and_abort(tiny_ckpt: Path) -> None:
+    engine = make_engine(tiny_ckpt)
+    p = prompts(1, seed=6)[0]
+    engine.add_request("free", p, GREEDY)
+    free_run = run_all(engine)["free"]
+    stop_tok = free_run[5]
+    engine.add_request("stop-id", p, SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop_tok],
+                                                       ignore_eos=True))
+    engine.add_request("eos", p, SamplingParams(temperature=0.0, max_tokens=24))
+    engine.eos_token_ids = [free_run[3]]
+    engine.add_request("min", p, SamplingParams(temperature=0.0, max_tokens=24, min_tokens=10))
+    engine.add_request("abort", p, GREEDY)
+    engine.step()
+    assert engine.abort_request("abort")
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["stop-id"].token_ids[-1] == stop_tok and outs["stop-id"].finish_reason == "stop"
+    assert outs["stop-id"].token_ids == free_run[: free_run.index(stop_tok) + 1]
+    assert outs["eos"].token_ids == free_run[: free_run.index(free_run[3]) + 1]
+    assert len(outs["min"].token_ids) >= 10
+    assert free_run[3] not in outs["min"].token_ids[:9]
+    assert "abort" not in outs
+    assert_no_leak(engine)
+
+
+def test_stop_strings_cut_the_text(tiny_ckpt: Path) -> None:
+    llm = LLM(tiny_ckpt, engine_config=EngineConfig(num_kv_blocks=256, block_size=8))
+    p = prompts(1, seed=8)[0]
+    full = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
+    assert len(full.text) > 10
+    stop = full.text[6:9]
+    first = full.text.find(stop)
+    cut = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:first]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([5, 99999], GREEDY, "99999 is outside the vocabulary"),
+        ([], GREEDY, "empty"),
+        ([1, 2, 3], SamplingParams(max_tokens=9000), "8192"),
+        ([1, 2, 3], SamplingParams(stop_token_ids=[5000]), "stop_token_ids"),
+    ],
+)
+def test_bad_requests_are_refused_before_work(tiny_ckpt: Path, prompt, params, message: str) -> None:
+    engine = make_engine(tiny_ckpt)
+    engine.add_request("good", [1, 2, 3, 4], GREEDY)
+    with pytest.raises(RequestError, match=message):
+        engine.add_request("bad", prompt, params)
+    assert run_all(engine)["good"]  # the good request is undisturbed
+    assert engine.num_computed_tokens_total == 4 + GREEDY.max_tokens - 1
+    assert_no_leak(engine)
+
+
+def test_invalid_sampling_params_name_the_field() -> None:
+    from k2serve.engine.sampling_params import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(SamplingParamsError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_seeded_sampling_is_reproducible(tiny_ckpt: Path) -> None:
+    llm = LLM(tiny_ckpt, engine_config=EngineConfig(num_kv_blocks=256, block_size=8))
+    ps = prompts(3, seed=9)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=16, ignore_eos=True)
+    a = llm.generate(ps, sp)
+    b = llm.generate(ps[:1], sp)
+    assert a[0].token_ids == b[0].token_ids
+    assert a[0].token_ids != llm.generate(ps[:1], SamplingParams(temperature=1.0, seed=124, max_tokens=16,
+                                                                ignore_eos=True))[0].token_ids
+
+
+def test_offline_api_text_prompt_and_timing(tiny_ckpt: Path) -> None:
+    from k2serve import LLM as TopLLM
+    from k2serve import SamplingParams as TopParams
+
+    llm = TopLLM(tiny_ckpt, dtype="float32", engine_config=EngineConfig(num_kv_blocks=256, block_size=8))
+    out = llm.generate("Hello, K2!", TopParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert out.prompt_token_ids == llm.tokenizer.encode("Hello, K2!")
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert out.metrics.ttft > 0 and out.metrics.tpot > 0
