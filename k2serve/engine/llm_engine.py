@@ -130,13 +130,18 @@ class LLMEngine:
         if params.n != 1:
             raise RequestError(f"n={params.n} is not supported by the engine (send n requests)")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, constraint: Any = None
+    ) -> None:
+        """Queue a request. `constraint` (a GrammarConstraint) restricts every sampled token; the
+        request then also finishes ("stop") when the grammar terminates."""
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise RequestError(f"queue is full ({self.config.max_waiting} waiting requests)")
-        seq = Sequence(request_id, list(prompt_token_ids), params, generator=make_generator(params))
+        seq = Sequence(request_id, list(prompt_token_ids), params, generator=make_generator(params),
+                       constraint=constraint)
         self.seqs[request_id] = seq
         if self.tokenizer is not None:
             from k2serve.chat.tokenizer import IncrementalDecoder
@@ -187,14 +192,23 @@ class LLMEngine:
             for i in early:
                 banned = ([] if seqs[i].params.ignore_eos else self.eos_token_ids) + seqs[i].params.stop_token_ids
                 logits = suppress_tokens(logits, [i], banned)
+        allowed = None
+        if any(s.constraint is not None for s in seqs):
+            allowed = torch.ones_like(logits, dtype=torch.bool)
+            for i, s in enumerate(seqs):
+                if s.constraint is not None:
+                    allowed[i] = s.constraint.allowed_mask(logits.shape[1])
         out = self.sampler.sample(
-            logits, [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.generator for s in seqs]
+            logits, [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.generator for s in seqs],
+            allowed,
         )
         now = time.monotonic()
         results = []
         for i, seq in enumerate(seqs):
             tok = int(out.token_ids[i])
             seq.output_token_ids.append(tok)
+            if seq.constraint is not None:
+                seq.constraint.accept(tok)
             if out.logprobs is not None:
                 seq.logprobs.append(out.logprobs[i])
             if seq.first_token_time is None:
@@ -220,6 +234,8 @@ class LLMEngine:
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params
         n_out = len(seq.output_token_ids)
+        if seq.constraint is not None and seq.constraint.is_terminated():
+            return "stop"
         if n_out >= p.min_tokens:
             if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
                 return "stop"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     output_text: str = ""
+    constraint: Any = None  # a chat.structured.GrammarConstraint: allowed_mask / accept / is_terminated
     _stop_checked_chars: int = 0
 
     @property
