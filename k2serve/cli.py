@@ -58,6 +58,90 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(bench_main(args.rest) or 0)
 
 
+def add_model_args(s: argparse.ArgumentParser) -> None:
+    """Where the model comes from: a checkpoint directory, or a preset initialised on the fly."""
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
+    g.add_argument("--preset", choices=("tiny", "small"), help="write a random checkpoint of this preset and use it")
+    s.add_argument("--seed", type=int, default=0, help="seed of the --preset weights")
+    s.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
+    s.add_argument("--dtype", choices=DTYPES, default="float32")
+
+
+def add_engine_args(s: argparse.ArgumentParser) -> None:
+    """Sizes of the engine a serving process runs (see k2serve.engine.config.EngineConfig)."""
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--kv-cache-mb", type=int, default=1024, help="memory for the latent KV pool, MiB")
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 429")
+    s.add_argument("--no-prefix-caching", action="store_true")
+
+
+def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
+    """A prefill or decode worker: its own gRPC endpoint and where the router is."""
+    s.add_argument("--host", default="127.0.0.1", help="address to bind")
+    s.add_argument("--port", type=int, default=default_port, help="gRPC port (0 = pick a free one)")
+    s.add_argument("--advertise-host", default=None, help="address others use to reach this worker")
+    s.add_argument("--router", default=None, help="router's gRPC address host:port to register with")
+    s.add_argument("--worker-id", default=None)
+    s.add_argument("--transfer-backend", choices=("grpc", "torch"), default="grpc")
+    s.add_argument("--transfer-port", type=int, default=0, help="torch.distributed transfer port (0 = free)")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel group size")
+    s.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds")
+
+
+def add_api_args(s: argparse.ArgumentParser, port: int = 8000) -> None:
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=port, help="HTTP port of the OpenAI-compatible API")
+    s.add_argument("--api-key", default=None, help="required bearer key (default: $K2SERVE_API_KEY, else none)")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS and gRPC over TLS")
+    s.add_argument("--tls-key", default=None)
+
+
+def engine_config_from_args(args: argparse.Namespace):  # noqa: ANN201
+    """The EngineConfig that `add_engine_args` flags describe."""
+    from k2serve.engine.config import EngineConfig
+
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_mb << 20,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_waiting=args.max_waiting,
+    )
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """The checkpoint directory: --model, or the --preset checkpoint (written once, then reused)."""
+    if getattr(args, "model", None):
+        return str(args.model)
+    import os
+    from pathlib import Path
+
+    from k2serve.model.checkpoint import write_checkpoint
+
+    root = Path(getattr(args, "workdir", None) or os.environ.get("K2SERVE_HOME", Path.home() / ".cache" / "k2serve"))
+    out = root / "models" / f"{args.preset}-seed{args.seed}"
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_checkpoint(tmp, args.preset, seed=args.seed)
+        tmp.rename(out)  # atomic: concurrent starters either see the whole checkpoint or none
+    return str(out)
+
+
+def _lazy(module: str, func: str):  # noqa: ANN202
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="k2serve", description="Serve Kimi-K2 / DeepSeek-V3-architecture models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,6 +165,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--json", action="store_true", help="one JSON object per prompt")
     s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")
+    add_model_args(s)
+    add_engine_args(s)
+    add_api_args(s)
+    s.set_defaults(func=_lazy("k2serve.api.serve", "serve_from_args"))
+
+    s = sub.add_parser("router", help="public gRPC + OpenAI HTTP API; dispatches to prefill and decode workers")
+    add_api_args(s)
+    s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--model", required=True, help="checkpoint directory (tokenizer, chat template, config)")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--worker", action="append", default=[], metavar="ROLE=HOST:PORT",
+                   help="static worker (prefill=..., decode=...); repeatable; workers may also register")
+    s.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds without heartbeat before removal")
+    s.add_argument("--redis-url", default=None, help="session store (default: $REDIS_URL)")
+    s.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429")
+    s.set_defaults(func=_lazy("k2serve.router.main", "run_from_args"))
+
+    for role, port in (("prefill", 50060), ("decode", 50070)):
+        s = sub.add_parser(role, help=f"a {role} worker")
+        add_model_args(s)
+        add_engine_args(s)
+        add_worker_args(s, port)
+        s.set_defaults(func=_lazy(f"k2serve.{role}.main", "run_from_args"))
+
+    s = sub.add_parser("up", help="start a whole local cluster: Redis, router, prefill and decode workers")
+    add_model_args(s)
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port of the router")
+    s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    s.add_argument("--decode", type=int, default=1, help="decode workers")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per worker")
+    s.add_argument("--transfer-backend", choices=("grpc", "torch"), default="grpc")
+    s.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)")
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster ('auto' or host:port)")
+    s.add_argument("--workdir", default=None, help="where logs and the --preset checkpoint go")
+    s.set_defaults(func=_lazy("k2serve.cluster.local", "up_from_args"))
 
     s = sub.add_parser("bench", help="benchmarks (each prints its figures beside a baseline from the same run)")
     s.add_argument("what", choices=("engine", "transfer"))
