@@ -129,7 +129,14 @@ def resolve_model(args: argparse.Namespace) -> str:
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         write_checkpoint(tmp, args.preset, seed=args.seed)
-        tmp.rename(out)  # atomic: concurrent starters either see the whole checkpoint or none
+        try:
+            tmp.rename(out)  # atomic: concurrent starters either see the whole checkpoint or none
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp)  # another process got there first
+            if not (out / "config.json").exists():
+                raise
     return str(out)
 
 
