@@ -28,7 +28,9 @@ def _parse_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from e
+        raise argparse.ArgumentTypeError(
+            f"--prompt-ids must be comma-separated integers, got {text!r}"
+        ) from e
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -40,11 +42,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompts: list[str | list[int]] = [args.prompt] if args.prompt is not None else [args.prompt_ids]
     for out in llm.generate(prompts, params):
         if args.json:
-            print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}))
+            print(
+                json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason})
+            )
         else:
             print(out.text)
-            print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, "
-                  f"ttft={out.metrics.ttft * 1e3:.1f} ms, tpot={out.metrics.tpot * 1e3:.1f} ms]", file=sys.stderr)
+            print(
+                f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, "
+                f"ttft={out.metrics.ttft * 1e3:.1f} ms, tpot={out.metrics.tpot * 1e3:.1f} ms]",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -62,9 +69,13 @@ def add_model_args(s: argparse.ArgumentParser) -> None:
     """Where the model comes from: a checkpoint directory, or a preset initialised on the fly."""
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
-    g.add_argument("--preset", choices=("tiny", "small"), help="write a random checkpoint of this preset and use it")
+    g.add_argument(
+        "--preset", choices=("tiny", "small"), help="write a random checkpoint of this preset and use it"
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of the --preset weights")
-    s.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
+    s.add_argument(
+        "--served-model-name", default=None, help="model name in the API (default: the directory name)"
+    )
     s.add_argument("--dtype", choices=DTYPES, default="float32")
 
 
@@ -95,7 +106,9 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
 def add_api_args(s: argparse.ArgumentParser, port: int = 8000) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=port, help="HTTP port of the OpenAI-compatible API")
-    s.add_argument("--api-key", default=None, help="required bearer key (default: $K2SERVE_API_KEY, else none)")
+    s.add_argument(
+        "--api-key", default=None, help="required bearer key (default: $K2SERVE_API_KEY, else none)"
+    )
     s.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS and gRPC over TLS")
     s.add_argument("--tls-key", default=None)
 
@@ -124,7 +137,9 @@ def resolve_model(args: argparse.Namespace) -> str:
 
     from k2serve.model.checkpoint import write_checkpoint
 
-    root = Path(getattr(args, "workdir", None) or os.environ.get("K2SERVE_HOME", Path.home() / ".cache" / "k2serve"))
+    root = Path(
+        getattr(args, "workdir", None) or os.environ.get("K2SERVE_HOME", Path.home() / ".cache" / "k2serve")
+    )
     out = root / "models" / f"{args.preset}-seed{args.seed}"
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -150,7 +165,9 @@ def _lazy(module: str, func: str):  # noqa: ANN202
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="k2serve", description="Serve Kimi-K2 / DeepSeek-V3-architecture models.")
+    p = argparse.ArgumentParser(
+        prog="k2serve", description="Serve Kimi-K2 / DeepSeek-V3-architecture models."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init-model", help="write a random-weight checkpoint of a preset architecture")
@@ -179,14 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_args(s)
     s.set_defaults(func=_lazy("k2serve.api.serve", "serve_from_args"))
 
-    s = sub.add_parser("router", help="public gRPC + OpenAI HTTP API; dispatches to prefill and decode workers")
+    s = sub.add_parser(
+        "router", help="public gRPC + OpenAI HTTP API; dispatches to prefill and decode workers"
+    )
     add_api_args(s)
     s.add_argument("--grpc-port", type=int, default=50051)
     s.add_argument("--model", required=True, help="checkpoint directory (tokenizer, chat template, config)")
     s.add_argument("--served-model-name", default=None)
-    s.add_argument("--worker", action="append", default=[], metavar="ROLE=HOST:PORT",
-                   help="static worker (prefill=..., decode=...); repeatable; workers may also register")
-    s.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds without heartbeat before removal")
+    s.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="ROLE=HOST:PORT",
+        help="static worker (prefill=..., decode=...); repeatable; workers may also register",
+    )
+    s.add_argument(
+        "--heartbeat-timeout", type=float, default=5.0, help="seconds without heartbeat before removal"
+    )
     s.add_argument("--redis-url", default=None, help="session store (default: $REDIS_URL)")
     s.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429")
     s.set_defaults(func=_lazy("k2serve.router.main", "run_from_args"))
@@ -208,13 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", type=int, default=1, help="decode workers")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per worker")
     s.add_argument("--transfer-backend", choices=("grpc", "torch"), default="grpc")
-    s.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)")
+    s.add_argument(
+        "--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)"
+    )
     s.add_argument("--api-key", default=None)
-    s.add_argument("--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster ('auto' or host:port)")
+    s.add_argument(
+        "--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster ('auto' or host:port)"
+    )
     s.add_argument("--workdir", default=None, help="where logs and the --preset checkpoint go")
     s.set_defaults(func=_lazy("k2serve.cluster.local", "up_from_args"))
 
-    s = sub.add_parser("bench", help="benchmarks (each prints its figures beside a baseline from the same run)")
+    s = sub.add_parser(
+        "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"
+    )
     s.add_argument("what", choices=("engine", "transfer"))
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)

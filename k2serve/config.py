@@ -20,7 +20,9 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, problem: str, value: Any = None) -> None:
         self.field_name = field_name
         self.value = value
-        super().__init__(f"config field {field_name!r}: {problem}" + ("" if value is None else f" (got {value!r})"))
+        super().__init__(
+            f"config field {field_name!r}: {problem}" + ("" if value is None else f" (got {value!r})")
+        )
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ class QuantConfig:
         if self.method not in ("int4", "fp8"):
             raise ConfigError("quantization_config.quant_method", "unsupported", self.method)
         if self.method == "int4" and self.num_bits != 4:
-            raise ConfigError("quantization_config.weights.num_bits", "only 4-bit is supported", self.num_bits)
+            raise ConfigError(
+                "quantization_config.weights.num_bits", "only 4-bit is supported", self.num_bits
+            )
         if self.group_size <= 0:
             raise ConfigError("quantization_config.weights.group_size", "must be > 0", self.group_size)
 
@@ -139,12 +143,18 @@ def _parse_quant(d: dict[str, Any]) -> QuantConfig | None:
             raise ConfigError("quantization_config.format", "only 'pack-quantized' is supported", fmt)
         groups = q.get("config_groups") or {}
         if len(groups) != 1:
-            raise ConfigError("quantization_config.config_groups", "exactly one group is supported", len(groups))
+            raise ConfigError(
+                "quantization_config.config_groups", "exactly one group is supported", len(groups)
+            )
         weights = next(iter(groups.values())).get("weights") or {}
         if weights.get("type", "int") != "int" or not weights.get("symmetric", True):
-            raise ConfigError("quantization_config.weights", "only symmetric int weights are supported", weights)
+            raise ConfigError(
+                "quantization_config.weights", "only symmetric int weights are supported", weights
+            )
         if weights.get("strategy", "group") != "group":
-            raise ConfigError("quantization_config.weights.strategy", "only 'group' is supported", weights.get("strategy"))
+            raise ConfigError(
+                "quantization_config.weights.strategy", "only 'group' is supported", weights.get("strategy")
+            )
         return QuantConfig(
             method="int4",
             num_bits=int(weights.get("num_bits", 4)),
@@ -200,18 +210,27 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError("model_type", f"must be one of {SUPPORTED_MODEL_TYPES}", self.model_type)
         if self.num_experts_per_tok > self.n_routed_experts:
-            raise ConfigError("num_experts_per_tok", f"exceeds n_routed_experts={self.n_routed_experts}",
-                              self.num_experts_per_tok)
+            raise ConfigError(
+                "num_experts_per_tok",
+                f"exceeds n_routed_experts={self.n_routed_experts}",
+                self.num_experts_per_tok,
+            )
         if self.n_group < 1 or self.n_routed_experts % self.n_group:
-            raise ConfigError("n_group", f"must divide n_routed_experts={self.n_routed_experts}", self.n_group)
+            raise ConfigError(
+                "n_group", f"must divide n_routed_experts={self.n_routed_experts}", self.n_group
+            )
         if not 1 <= self.topk_group <= self.n_group:
             raise ConfigError("topk_group", f"must be in [1, n_group={self.n_group}]", self.topk_group)
         if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
-            raise ConfigError("n_group", "each group needs >= 2 experts (groups are scored by their top-2)",
-                              self.n_group)
+            raise ConfigError(
+                "n_group", "each group needs >= 2 experts (groups are scored by their top-2)", self.n_group
+            )
         if self.first_k_dense_replace > self.num_hidden_layers:
-            raise ConfigError("first_k_dense_replace", f"exceeds num_hidden_layers={self.num_hidden_layers}",
-                              self.first_k_dense_replace)
+            raise ConfigError(
+                "first_k_dense_replace",
+                f"exceeds num_hidden_layers={self.num_hidden_layers}",
+                self.first_k_dense_replace,
+            )
         if self.qk_rope_head_dim % 2:
             raise ConfigError("qk_rope_head_dim", "must be even", self.qk_rope_head_dim)
         if self.rms_norm_eps <= 0:
@@ -272,7 +291,14 @@ class ModelConfig:
         n_dense, n_moe = self.first_k_dense_replace, self.num_moe_layers
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        common = (n_dense + n_moe) * (attn + norms) + n_dense * dense_mlp + n_moe * (router + shared) + embed + head + h
+        common = (
+            (n_dense + n_moe) * (attn + norms)
+            + n_dense * dense_mlp
+            + n_moe * (router + shared)
+            + embed
+            + head
+            + h
+        )
         routed_total = n_moe * self.n_routed_experts * expert
         routed_active = n_moe * self.num_experts_per_tok * expert
         return {

@@ -31,4 +31,6 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_int4_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from k2serve.model.checkpoint import write_checkpoint
 
-    return write_checkpoint(tmp_path_factory.mktemp("tiny_int4"), "tiny", seed=0, quant="int4", dtype=torch.float32)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("tiny_int4"), "tiny", seed=0, quant="int4", dtype=torch.float32
+    )

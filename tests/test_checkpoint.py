@@ -87,7 +87,9 @@ def test_int4_model_equals_dequantized_model(tiny_int4_ckpt: Path, tmp_path: Pat
 
 
 def test_fp8_checkpoint_equals_its_dequantized_weights(tmp_path: Path) -> None:
-    fp8_dir = write_checkpoint(tmp_path / "f", "tiny", seed=3, quant="fp8", dtype=torch.float32, tokenizer=False)
+    fp8_dir = write_checkpoint(
+        tmp_path / "f", "tiny", seed=3, quant="fp8", dtype=torch.float32, tokenizer=False
+    )
     shard = load_file(str(next(fp8_dir.glob("model-*.safetensors"))))
     assert any(t.dtype == torch.float8_e4m3fn for t in shard.values())
     fp8 = load_model(fp8_dir)
@@ -124,8 +126,12 @@ def _rewrite(ckpt: Path, dst: Path, edit) -> Path:
     [
         (lambda t: t.pop("model.layers.1.self_attn.o_proj.weight", None), "model.layers.1.self_attn.o_proj"),
         (lambda t: t.update({k: v[:-1] for k, v in t.items() if k == "model.norm.weight"}), "norm.weight"),
-        (lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if k == "model.embed_tokens.weight"}),
-         "embed_tokens.weight"),
+        (
+            lambda t: t.update(
+                {k: v.to(torch.int32) for k, v in t.items() if k == "model.embed_tokens.weight"}
+            ),
+            "embed_tokens.weight",
+        ),
         (lambda t: t.pop("model.layers.2.mlp.experts.5.down_proj.weight", None), "experts.5.down_proj"),
     ],
 )

@@ -27,11 +27,23 @@ def test_kimi_k2_thinking_parameter_counts() -> None:
 def test_deepseek_v3_count_matches_published_671b() -> None:
     # Cross-check of the arithmetic on DeepSeek-V3's public architecture (671B without the MTP layer).
     d = dict(PRESETS["tiny"]) | {
-        "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "first_k_dense_replace": 3,
-        "num_attention_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256, "num_experts_per_tok": 8,
-        "n_group": 8, "topk_group": 4,
+        "model_type": "deepseek_v3",
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "first_k_dense_replace": 3,
+        "num_attention_heads": 128,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "n_routed_experts": 256,
+        "num_experts_per_tok": 8,
+        "n_group": 8,
+        "topk_group": 4,
     }
     counts = ModelConfig.from_dict(d).parameter_counts()
     assert round(counts["total"] / 1e9) == 671
@@ -50,8 +62,9 @@ def test_rope_parameters_new_form_equals_legacy() -> None:
 
 
 def test_fp8_quant_config() -> None:
-    d = dict(PRESETS["tiny"]) | {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
-                                                          "weight_block_size": [128, 128]}}
+    d = dict(PRESETS["tiny"]) | {
+        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    }
     q = ModelConfig.from_dict(d).quant
     assert q is not None and q.method == "fp8" and q.block_size == (128, 128)
 

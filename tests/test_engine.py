@@ -104,8 +104,13 @@ def test_engine_matches_transformers_generate(tiny_ckpt: Path) -> None:
     for i, p in enumerate(ps):
         with torch.inference_mode():
             ids = torch.tensor([p])
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                              pad_token_id=cfg.pad_token_id)
+            ref = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=32,
+                do_sample=False,
+                pad_token_id=cfg.pad_token_id,
+            )
         assert got[str(i)] == ref[0, len(p) :].tolist()
 
 
@@ -154,8 +159,11 @@ def test_stops_and_abort(tiny_ckpt: Path) -> None:
     engine.add_request("free", p, GREEDY)
     free_run = run_all(engine)["free"]
     stop_tok = free_run[5]
-    engine.add_request("stop-id", p, SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop_tok],
-                                                       ignore_eos=True))
+    engine.add_request(
+        "stop-id",
+        p,
+        SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop_tok], ignore_eos=True),
+    )
     engine.add_request("eos", p, SamplingParams(temperature=0.0, max_tokens=24))
     engine.eos_token_ids = [free_run[3]]
     engine.add_request("min", p, SamplingParams(temperature=0.0, max_tokens=24, min_tokens=10))
@@ -221,8 +229,12 @@ def test_seeded_sampling_is_reproducible(tiny_ckpt: Path) -> None:
     a = llm.generate(ps, sp)
     b = llm.generate(ps[:1], sp)
     assert a[0].token_ids == b[0].token_ids
-    assert a[0].token_ids != llm.generate(ps[:1], SamplingParams(temperature=1.0, seed=124, max_tokens=16,
-                                                                ignore_eos=True))[0].token_ids
+    assert (
+        a[0].token_ids
+        != llm.generate(ps[:1], SamplingParams(temperature=1.0, seed=124, max_tokens=16, ignore_eos=True))[
+            0
+        ].token_ids
+    )
 
 
 def test_offline_api_text_prompt_and_timing(tiny_ckpt: Path) -> None:

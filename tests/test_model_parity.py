@@ -77,7 +77,9 @@ def greedy(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize(("seed", "n_group", "yarn", "dense"), CASES)
-def test_logits_and_greedy_match_transformers(tmp_path: Path, seed: int, n_group: int, yarn: bool, dense: int) -> None:
+def test_logits_and_greedy_match_transformers(
+    tmp_path: Path, seed: int, n_group: int, yarn: bool, dense: int
+) -> None:
     d = random_config(seed, n_group, yarn, dense)
     ckpt = write_checkpoint(tmp_path, d, seed=seed, dtype=torch.float32, tokenizer=False)
     ours = load_model(ckpt, torch.float32)
@@ -95,10 +97,17 @@ def test_logits_and_greedy_match_transformers(tmp_path: Path, seed: int, n_group
 
     prompt = ids[:1, :12]
     with torch.inference_mode():
-        hf.generation_config.eos_token_id = None  # compare 64 raw greedy steps, no stopping or EOS suppression
+        hf.generation_config.eos_token_id = (
+            None  # compare 64 raw greedy steps, no stopping or EOS suppression
+        )
         hf.generation_config.max_length = None
-        hf_out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64, do_sample=False,
-                             pad_token_id=d["pad_token_id"])[0, 12:]
+        hf_out = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=64,
+            do_sample=False,
+            pad_token_id=d["pad_token_id"],
+        )[0, 12:]
         hf_out = hf_out.tolist()
         our_out = greedy(ours, prompt, 64)
     assert our_out == hf_out

@@ -40,7 +40,10 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 class LLM:
     def __init__(
-        self, model: str | Path, dtype: str | torch.dtype = "float32", engine_config: EngineConfig | None = None
+        self,
+        model: str | Path,
+        dtype: str | torch.dtype = "float32",
+        engine_config: EngineConfig | None = None,
     ) -> None:
         self.engine = LLMEngine.from_pretrained(model, _dtype(dtype), engine_config)
         self.tokenizer = self.engine.tokenizer
@@ -49,7 +52,9 @@ class LLM:
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise RequestError("text prompts need a tokenizer; this model directory has none (pass token ids)")
+                raise RequestError(
+                    "text prompts need a tokenizer; this model directory has none (pass token ids)"
+                )
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
@@ -82,7 +87,13 @@ class LLM:
                 if out.finished:
                     assert out.metrics is not None
                     done[out.request_id] = CompletionOutput(
-                        out.request_id, out.prompt_token_ids, out.token_ids, out.text, out.finish_reason,
-                        out.num_cached_tokens, out.logprobs, out.metrics,
+                        out.request_id,
+                        out.prompt_token_ids,
+                        out.token_ids,
+                        out.text,
+                        out.finish_reason,
+                        out.num_cached_tokens,
+                        out.logprobs,
+                        out.metrics,
                     )
         return [done[r] for r in order]

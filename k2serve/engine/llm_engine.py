@@ -81,12 +81,24 @@ class LLMEngine:
             )
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
         if self.config.num_kv_blocks is not None:
-            self.pool = KVCachePool(mc.num_hidden_layers, self.config.num_kv_blocks, self.config.block_size,
-                                    mc.kv_cache_dim, model.dtype)
+            self.pool = KVCachePool(
+                mc.num_hidden_layers,
+                self.config.num_kv_blocks,
+                self.config.block_size,
+                mc.kv_cache_dim,
+                model.dtype,
+            )
         else:
-            self.pool = KVCachePool.from_budget(self.config.kv_cache_bytes, mc.num_hidden_layers,
-                                                self.config.block_size, mc.kv_cache_dim, model.dtype)
-        self.blocks = BlockManager(self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+            self.pool = KVCachePool.from_budget(
+                self.config.kv_cache_bytes,
+                mc.num_hidden_layers,
+                self.config.block_size,
+                mc.kv_cache_dim,
+                model.dtype,
+            )
+        self.blocks = BlockManager(
+            self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.config, self.blocks)
         self.runner = ModelRunner(model, self.pool)
         self.sampler = Sampler()
@@ -140,8 +152,13 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise RequestError(f"queue is full ({self.config.max_waiting} waiting requests)")
-        seq = Sequence(request_id, list(prompt_token_ids), params, generator=make_generator(params),
-                       constraint=constraint)
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            generator=make_generator(params),
+            constraint=constraint,
+        )
         self.seqs[request_id] = seq
         if self.tokenizer is not None:
             from k2serve.chat.tokenizer import IncrementalDecoder
@@ -190,7 +207,9 @@ class LLMEngine:
         early = [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
         if early:
             for i in early:
-                banned = ([] if seqs[i].params.ignore_eos else self.eos_token_ids) + seqs[i].params.stop_token_ids
+                banned = ([] if seqs[i].params.ignore_eos else self.eos_token_ids) + seqs[
+                    i
+                ].params.stop_token_ids
                 logits = suppress_tokens(logits, [i], banned)
         allowed = None
         if any(s.constraint is not None for s in seqs):
@@ -199,7 +218,10 @@ class LLMEngine:
                 if s.constraint is not None:
                     allowed[i] = s.constraint.allowed_mask(logits.shape[1])
         out = self.sampler.sample(
-            logits, [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.generator for s in seqs],
+            logits,
+            [s.params for s in seqs],
+            [s.output_token_ids for s in seqs],
+            [s.generator for s in seqs],
             allowed,
         )
         now = time.monotonic()
@@ -257,7 +279,9 @@ class LLMEngine:
         return True
 
     def _output(self, seq: Sequence, new: list[int], new_text: str) -> RequestOutput:
-        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids))
+        metrics = RequestMetrics(
+            seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids)
+        )
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new,

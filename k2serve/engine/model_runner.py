@@ -57,7 +57,9 @@ class PagedBackend:
         self.pool = pool
         self.inputs = inputs
 
-    def __call__(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
+    ) -> torch.Tensor:
         layer = mla.layer_idx
         self.pool.write(layer, self.inputs.slots, latent)
         out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv]
@@ -126,5 +128,7 @@ class ModelRunner:
     def run(self, rows: Seq[RowSpec]) -> torch.Tensor:
         """Compute the rows' tokens into the cache; return fp32 logits [S, V] for the sampling rows."""
         inputs = build_step_inputs(rows, self.pool)
-        hidden = self.model.forward_hidden(inputs.input_ids, inputs.positions, PagedBackend(self.pool, inputs))
+        hidden = self.model.forward_hidden(
+            inputs.input_ids, inputs.positions, PagedBackend(self.pool, inputs)
+        )
         return self.model.logits(hidden[inputs.sample_index])

@@ -100,7 +100,9 @@ class Scheduler:
             i += 1
 
         # 2. Admit waiting sequences (not in a step that had to preempt: the pool is full).
-        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (
+            self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
+        ):
             seq = self.waiting[0]
             tokens = seq.token_ids
             if not self.blocks.can_allocate(tokens):

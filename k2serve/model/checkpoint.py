@@ -44,7 +44,12 @@ INT4_QUANT_CONFIG: dict[str, Any] = {
             },
         }
     },
-    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "ignore": [
+        "lm_head",
+        "re:.*self_attn.*",
+        "re:.*shared_experts.*",
+        "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+    ],
 }
 FP8_QUANT_CONFIG: dict[str, Any] = {
     "quant_method": "fp8",
@@ -65,20 +70,34 @@ def _linears(config: ModelConfig) -> Iterator[tuple[str, int, int, str]]:
         else:
             yield f"{p}.self_attn.q_proj", heads * config.qk_head_dim, h, "attn"
         yield f"{p}.self_attn.kv_a_proj_with_mqa", config.kv_cache_dim, h, "attn"
-        yield f"{p}.self_attn.kv_b_proj", heads * (config.qk_nope_head_dim + config.v_head_dim), config.kv_lora_rank, "attn"
+        yield (
+            f"{p}.self_attn.kv_b_proj",
+            heads * (config.qk_nope_head_dim + config.v_head_dim),
+            config.kv_lora_rank,
+            "attn",
+        )
         yield f"{p}.self_attn.o_proj", h, heads * config.v_head_dim, "attn"
         if not config.is_moe_layer(i):
             m = config.intermediate_size
-            yield from ((f"{p}.mlp.{n}_proj", *s, "dense") for n, s in (("gate", (m, h)), ("up", (m, h)), ("down", (h, m))))
+            yield from (
+                (f"{p}.mlp.{n}_proj", *s, "dense")
+                for n, s in (("gate", (m, h)), ("up", (m, h)), ("down", (h, m)))
+            )
             continue
         m = config.moe_intermediate_size
         for e in range(config.n_routed_experts):
             q = f"{p}.mlp.experts.{e}"
-            yield from ((f"{q}.{n}_proj", *s, "expert") for n, s in (("gate", (m, h)), ("up", (m, h)), ("down", (h, m))))
+            yield from (
+                (f"{q}.{n}_proj", *s, "expert")
+                for n, s in (("gate", (m, h)), ("up", (m, h)), ("down", (h, m)))
+            )
         if config.n_shared_experts:
             ms = m * config.n_shared_experts
             q = f"{p}.mlp.shared_experts"
-            yield from ((f"{q}.{n}_proj", *s, "shared") for n, s in (("gate", (ms, h)), ("up", (ms, h)), ("down", (h, ms))))
+            yield from (
+                (f"{q}.{n}_proj", *s, "shared")
+                for n, s in (("gate", (ms, h)), ("up", (ms, h)), ("down", (h, ms)))
+            )
     yield "lm_head", config.vocab_size, h, "head"
 
 
@@ -99,7 +118,10 @@ def _others(config: ModelConfig, g: torch.Generator) -> Iterator[tuple[str, torc
         yield f"{p}.self_attn.kv_a_layernorm.weight", norm(config.kv_lora_rank)
         if config.is_moe_layer(i):
             yield f"{p}.mlp.gate.weight", torch.randn(config.n_routed_experts, h, generator=g) * h**-0.5
-            yield f"{p}.mlp.gate.e_score_correction_bias", 0.1 * torch.randn(config.n_routed_experts, generator=g)
+            yield (
+                f"{p}.mlp.gate.e_score_correction_bias",
+                0.1 * torch.randn(config.n_routed_experts, generator=g),
+            )
     yield "model.norm.weight", norm(h)
 
 
@@ -176,8 +198,13 @@ def write_checkpoint(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
-           "do_sample": False, "max_length": config.max_position_embeddings}
+    gen = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "do_sample": False,
+        "max_length": config.max_position_embeddings,
+    }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer:
         from k2serve.chat.bpe_train import write_tokenizer

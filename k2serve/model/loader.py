@@ -84,7 +84,9 @@ def _check(name: str, t: torch.Tensor, shape: Sequence[int], dtypes: tuple[torch
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _read_linear(r: _Reader, prefix: str, shape: Sequence[int], config: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+def _read_linear(
+    r: _Reader, prefix: str, shape: Sequence[int], config: ModelConfig, dtype: torch.dtype
+) -> torch.Tensor:
     """A dense weight [out, in] from `prefix.weight`, or dequantised from FP8 / INT4 forms."""
     if r.has(prefix + ".weight_packed"):
         packed, scale = r.get(prefix + ".weight_packed"), r.get(prefix + ".weight_scale")
@@ -158,7 +160,9 @@ def load_model(
     def put(name: str, value: torch.Tensor) -> None:
         target = params[name]
         if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+            )
         with torch.no_grad():
             target.copy_(value)
         filled.add(name)
@@ -168,7 +172,12 @@ def load_model(
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if name.endswith(".weight") and target.dim() == 2 and name not in ("embed_tokens.weight",) and ".gate.weight" not in name:
+        if (
+            name.endswith(".weight")
+            and target.dim() == 2
+            and name not in ("embed_tokens.weight",)
+            and ".gate.weight" not in name
+        ):
             put(name, _read_linear(reader, name[: -len(".weight")], target.shape, config, dtype))
         else:
             t = reader.get(name)
@@ -202,7 +211,9 @@ def load_model(
     return model
 
 
-def _read_packed(r: _Reader, prefix: str, shape: tuple[int, int], group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_packed(
+    r: _Reader, prefix: str, shape: tuple[int, int], group: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     assert group is not None
     packed, scale = r.get(prefix + ".weight_packed"), r.get(prefix + ".weight_scale")
     _check(prefix + ".weight_packed", packed, (shape[0], shape[1] // 8), (torch.int32,))
@@ -216,8 +227,14 @@ def _read_packed(r: _Reader, prefix: str, shape: tuple[int, int], group: int | N
 
 def _check_unexpected(r: _Reader, config: ModelConfig) -> None:
     """Reject names that belong to no known tensor (multi-token-prediction layers past the last are allowed)."""
-    suffixes = (".weight", ".weight_packed", ".weight_scale", ".weight_shape", ".weight_scale_inv",
-                ".e_score_correction_bias")
+    suffixes = (
+        ".weight",
+        ".weight_packed",
+        ".weight_scale",
+        ".weight_shape",
+        ".weight_scale_inv",
+        ".e_score_correction_bias",
+    )
     for name in r.where:
         m = _LAYER_RE.match(name)
         if m and int(m.group(1)) >= config.num_hidden_layers:

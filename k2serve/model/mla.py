@@ -68,14 +68,18 @@ class MLA(nn.Module):
         latent = torch.cat((self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)), dim=-1)  # [*, C + dr]
         return q_nope, q_pe, latent
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend
+    ) -> torch.Tensor:
         q_nope, q_pe, latent = self.project(x, cos, sin)
         out = backend(self, q_nope, q_pe, latent)  # [*, H, dv]
         return self.o_proj(out.flatten(-2))
 
     # ---- attention over a latent context ---------------------------------------------------------
     def _uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)  # [H, dn+dv, C]
+        w = self.kv_b_proj.weight.view(
+            self.n_heads, self.nope_dim + self.v_dim, self.kv_rank
+        )  # [H, dn+dv, C]
         return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, dn, C], W_UV [H, dv, C]
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -88,7 +92,9 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """q_* [B, Q, H, *], kv [B, K, C + dr], mask [B, Q, K] (True = may attend) -> [B, Q, H, dv]."""
         c_kv, k_pe = kv.split([self.kv_rank, self.rope_dim], dim=-1)
-        kvb = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))  # [B, K, H, dn+dv]
+        kvb = self.kv_b_proj(c_kv).unflatten(
+            -1, (self.n_heads, self.nope_dim + self.v_dim)
+        )  # [B, K, H, dn+dv]
         k_nope, v = kvb.split([self.nope_dim, self.v_dim], dim=-1)
         scores = torch.einsum("bqhd,bkhd->bhqk", q_nope, k_nope) + torch.einsum("bqhr,bkr->bhqk", q_pe, k_pe)
         p = self._softmax(scores * self.softmax_scale, mask, q_nope.dtype)  # [B, H, Q, K]
@@ -113,7 +119,9 @@ class CausalBackend:
     def __init__(self, absorbed: bool = False) -> None:
         self.absorbed = absorbed
 
-    def __call__(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
+    ) -> torch.Tensor:
         s = q_nope.shape[1]
         mask = torch.ones(s, s, dtype=torch.bool, device=q_nope.device).tril().expand(q_nope.shape[0], s, s)
         attend = mla.attend_absorbed if self.absorbed else mla.attend_expanded

@@ -58,7 +58,8 @@ class K2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, expert_ids, int4_group_size, dtype) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, expert_ids, int4_group_size, dtype)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

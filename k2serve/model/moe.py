@@ -42,7 +42,9 @@ class Router(nn.Module):
             group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            biased = biased.masked_fill(~group_mask.repeat_interleave(self.n_experts // self.n_group, 1), float("-inf"))
+            biased = biased.masked_fill(
+                ~group_mask.repeat_interleave(self.n_experts // self.n_group, 1), float("-inf")
+            )
         ids = biased.topk(self.top_k, dim=-1).indices  # [T, k]
         weights = scores.gather(1, ids)
         if self.norm_topk_prob:
@@ -94,8 +96,10 @@ class RoutedExperts(nn.Module):
         if self.int4_group_size is None:
             return self.w13[e], self.w2[e]
         dt = self.compute_dtype
-        return (dequantize_int4(self.w13_packed[e], self.w13_scale[e], dt),
-                dequantize_int4(self.w2_packed[e], self.w2_scale[e], dt))
+        return (
+            dequantize_int4(self.w13_packed[e], self.w13_scale[e], dt),
+            dequantize_int4(self.w2_packed[e], self.w2_scale[e], dt),
+        )
 
     def run_sorted(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """x [N, D] sorted by local expert with `counts[e]` rows for expert e -> SwiGLU outputs [N, D]."""
@@ -116,7 +120,9 @@ class RoutedExperts(nn.Module):
         k = ids.shape[1]
         local = self.global_to_local[ids.flatten()]  # [T*k]
         held = (local >= 0).nonzero().squeeze(1)
-        order = held[torch.argsort(local[held], stable=True)]  # flat (token, slot) positions grouped by expert
+        order = held[
+            torch.argsort(local[held], stable=True)
+        ]  # flat (token, slot) positions grouped by expert
         counts = torch.bincount(local[order], minlength=self.num_local).tolist()
         tokens = order // k
         y = self.run_sorted(x[tokens], counts)  # [N, D]

@@ -15,7 +15,9 @@ import torch
 _NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # [8]
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = 32, qmax: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = 32, qmax: int = 7
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-group quantisation: returns (q int8 in [-qmax, qmax] [out, in], scale fp32 [out, in/group])."""
     out_f, in_f = weight.shape
     if in_f % group_size:
@@ -46,7 +48,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return (u.to(torch.int8) - 8).flatten(-2)
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """[..., out, in/8] int32 and [..., out, in/group] scales -> dense weight [..., out, in] in `dtype`."""
     q = unpack_int4(packed)
     group = q.shape[-1] // scale.shape[-1]
@@ -54,7 +58,9 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return w.flatten(-2)
 
 
-def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_block(
+    weight: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight [out, in] -> (e4m3 weight [out, in], float32 scale_inv [ceil(out/b0), ceil(in/b1)])."""
     out_f, in_f = weight.shape
     b0, b1 = block
