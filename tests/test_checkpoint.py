@@ -139,3 +139,20 @@ def test_bad_checkpoint_names_the_tensor(tiny_ckpt: Path, tmp_path: Path, edit, 
     bad = _rewrite(tiny_ckpt, tmp_path / "bad", edit)
     with pytest.raises(CheckpointError, match=message.replace(".", r"\.")):
         load_model(bad)
+
+
+def test_truncated_shard_is_a_clear_error(tiny_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from k2serve.model.safetensors_io import SafetensorsError
+
+    bad = tmp_path / "trunc"
+    shutil.copytree(tiny_ckpt, bad)
+    shard = next(bad.glob("model-*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SafetensorsError, match="inconsistent offsets|truncated"):
+        load_model(bad)
+    shard.write_bytes(b"\xff" * 8 + data[8:])
+    with pytest.raises(SafetensorsError, match="header"):
+        load_model(bad)

@@ -13,15 +13,14 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from k2serve.config import ModelConfig
 from k2serve.model.layers import rope_inv_freq
 from k2serve.model.model import K2Model
 from k2serve.model.quant import dequantize_fp8_block, dequantize_int4
+from k2serve.model.safetensors_io import SafetensorsReader
 
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.(\w+)$")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
@@ -39,8 +38,9 @@ def _shard_index(model_dir: Path) -> dict[str, str]:
     single = model_dir / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"no model.safetensors.index.json or model.safetensors in {model_dir}")
-    with safe_open(str(single), framework="pt") as f:
-        return dict.fromkeys(f.keys(), "model.safetensors")
+    reader = SafetensorsReader(single)
+    reader.close()
+    return dict.fromkeys(reader.entries, "model.safetensors")
 
 
 def _strip(name: str) -> str:
@@ -48,37 +48,72 @@ def _strip(name: str) -> str:
 
 
 class _Reader:
-    """Reads tensors by (stripped) name, keeping one shard open at a time (bounded resident memory)."""
+    """Reads tensors by (stripped) name, one shard open at a time, straight into their destination."""
 
     def __init__(self, model_dir: Path, index: dict[str, str]) -> None:
         self.dir = model_dir
         self.where = {_strip(k): (v, k) for k, v in index.items()}
         self._open_name: str | None = None
-        self._open: Any = None
+        self._open: SafetensorsReader | None = None
 
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple[SafetensorsReader, str]:
         if name not in self.where:
             raise CheckpointError(f"missing tensor {name!r} (looked for 'model.{name}' or '{name}')")
         shard, full = self.where[name]
         if shard != self._open_name:
             self.close()
-            self._open = safe_open(str(self.dir / shard), framework="pt")
+            self._open = SafetensorsReader(self.dir / shard)
             self._open_name = shard
-        return self._open.get_tensor(full)
+        assert self._open is not None
+        if full not in self._open.entries:
+            raise CheckpointError(f"tensor {full!r} is listed in the index but missing from {shard}")
+        return self._open, full
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        f, full = self._entry(name)
+        e = f.entries[full]
+        return e.dtype, e.shape
+
+    def get(self, name: str) -> torch.Tensor:
+        f, full = self._entry(name)
+        return f.read(full)
+
+    def load(self, name: str, out: torch.Tensor, dtypes: tuple[torch.dtype, ...] = ()) -> None:
+        """Check `name`'s shape (== out's) and dtype (in `dtypes`, default out's), then fill `out`."""
+        dtype, shape = self.meta(name)
+        _check_meta(name, dtype, shape, out.shape, dtypes or (out.dtype,))
+        f, full = self._entry(name)
+        if dtype == out.dtype and out.is_contiguous():
+            f.read_into(full, out)
+        else:
+            with torch.no_grad():
+                out.copy_(f.read(full))
 
     def close(self) -> None:
-        self._open = None  # dropping the handle unmaps the shard
+        if self._open is not None:
+            self._open.close()
+        self._open = None
         self._open_name = None
 
 
+def _check_meta(
+    name: str,
+    dtype: torch.dtype,
+    shape: Sequence[int],
+    want_shape: Sequence[int],
+    dtypes: tuple[torch.dtype, ...],
+) -> None:
+    if tuple(shape) != tuple(want_shape):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(want_shape)}")
+    if dtype not in dtypes:
+        raise CheckpointError(f"tensor {name!r} has dtype {dtype}, expected one of {dtypes}")
+
+
 def _check(name: str, t: torch.Tensor, shape: Sequence[int], dtypes: tuple[torch.dtype, ...]) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    if t.dtype not in dtypes:
-        raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, expected one of {dtypes}")
+    _check_meta(name, t.dtype, t.shape, shape, dtypes)
 
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -155,74 +190,59 @@ def load_model(
     group = config.quant.group_size if (int4 and config.quant) else None
     model = build_empty_model(config, dtype, expert_ids, group, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
-    filled: set[str] = set()
-
-    def put(name: str, value: torch.Tensor) -> None:
-        target = params[name]
-        if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
-            )
-        with torch.no_grad():
-            target.copy_(value)
-        filled.add(name)
-
     for name, target in params.items():
         if name.startswith("rotary.") or ".experts." in name or name.endswith("global_to_local"):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if (
-            name.endswith(".weight")
-            and target.dim() == 2
-            and name not in ("embed_tokens.weight",)
-            and ".gate.weight" not in name
-        ):
-            put(name, _read_linear(reader, name[: -len(".weight")], target.shape, config, dtype))
+        is_linear = target.dim() == 2 and name.endswith(".weight") and name != "embed_tokens.weight"
+        plain = reader.has(name) and reader.meta(name)[0] in _FLOAT
+        if is_linear and ".gate.weight" not in name and not plain:
+            with torch.no_grad():  # FP8 or INT4 on disk: dequantise into the dense parameter
+                target.copy_(_read_linear(reader, name[: -len(".weight")], target.shape, config, dtype))
         else:
-            t = reader.get(name)
-            _check(name, t, target.shape, _FLOAT)
-            put(name, t)
+            reader.load(name, target, _FLOAT)
 
     i, d = config.moe_intermediate_size, config.hidden_size
     for layer_idx in range(config.first_k_dense_replace, config.num_hidden_layers):
         experts = model.layers[layer_idx].mlp.experts
         for local, e in enumerate(experts.expert_ids):
             p = f"layers.{layer_idx}.mlp.experts.{e}"
-            if int4:
-                gate = _read_packed(reader, p + ".gate_proj", (i, d), group)
-                up = _read_packed(reader, p + ".up_proj", (i, d), group)
-                down = _read_packed(reader, p + ".down_proj", (d, i), group)
-                with torch.no_grad():
-                    experts.w13_packed[local] = torch.cat((gate[0], up[0]))
-                    experts.w13_scale[local] = torch.cat((gate[1], up[1]))
-                    experts.w2_packed[local] = down[0]
-                    experts.w2_scale[local] = down[1]
+            if int4:  # stays packed: w13 rows are gate then up
+                assert group is not None
+                for proj, rows, (o, n) in (("gate", slice(0, i), (i, d)), ("up", slice(i, 2 * i), (i, d))):
+                    _check_shape_tensor(reader, f"{p}.{proj}_proj", (o, n))
+                    reader.load(
+                        f"{p}.{proj}_proj.weight_packed", experts.w13_packed[local, rows], (torch.int32,)
+                    )
+                    reader.load(f"{p}.{proj}_proj.weight_scale", experts.w13_scale[local, rows], _FLOAT)
+                _check_shape_tensor(reader, f"{p}.down_proj", (d, i))
+                reader.load(f"{p}.down_proj.weight_packed", experts.w2_packed[local], (torch.int32,))
+                reader.load(f"{p}.down_proj.weight_scale", experts.w2_scale[local], _FLOAT)
             else:
-                gate = _read_linear(reader, p + ".gate_proj", (i, d), config, dtype)
-                up = _read_linear(reader, p + ".up_proj", (i, d), config, dtype)
-                down = _read_linear(reader, p + ".down_proj", (d, i), config, dtype)
-                with torch.no_grad():
-                    experts.w13[local] = torch.cat((gate, up))
-                    experts.w2[local] = down
+                for proj, out in (
+                    ("gate", experts.w13[local, :i]),
+                    ("up", experts.w13[local, i:]),
+                    ("down", experts.w2[local]),
+                ):
+                    name = f"{p}.{proj}_proj"
+                    if reader.has(name + ".weight") and reader.meta(name + ".weight")[0] in _FLOAT:
+                        reader.load(name + ".weight", out, _FLOAT)
+                    else:
+                        with torch.no_grad():
+                            out.copy_(_read_linear(reader, name, out.shape, config, dtype))
     reader.close()
     _check_unexpected(reader, config)
     model.eval()
     return model
 
 
-def _read_packed(
-    r: _Reader, prefix: str, shape: tuple[int, int], group: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    assert group is not None
-    packed, scale = r.get(prefix + ".weight_packed"), r.get(prefix + ".weight_scale")
-    _check(prefix + ".weight_packed", packed, (shape[0], shape[1] // 8), (torch.int32,))
-    _check(prefix + ".weight_scale", scale, (shape[0], shape[1] // group), _FLOAT)
+def _check_shape_tensor(r: _Reader, prefix: str, shape: tuple[int, int]) -> None:
+    """compressed-tensors stores the unpacked shape as `weight_shape`; when present it must agree."""
     if r.has(prefix + ".weight_shape"):
         ws = r.get(prefix + ".weight_shape").tolist()
         if list(ws) != list(shape):
             raise CheckpointError(f"tensor {prefix + '.weight_shape'!r} says {ws}, expected {list(shape)}")
-    return packed, scale
 
 
 def _check_unexpected(r: _Reader, config: ModelConfig) -> None:
