@@ -1,1 +1,27 @@
-"""Expert parallelism: expert ownership, all-to-all dispatch and combine, EPLB placement."""
+"""Expert parallelism: expert placement per rank, the all-to-all dispatch/combine of MoE layers, the
+lockstep data-parallel engine worker (`EPWorker`), EPLB load counting, planning and live re-placement,
+and the fused INT4 grouped-GEMM kernel (Triton)."""
+
+from k2serve.experts.comm import EPComm, EPConfigError, EPError
+from k2serve.experts.dispatch import EPDispatcher
+from k2serve.experts.eplb import ExpertLoad, plan_model_placement, plan_placement, rank_loads
+from k2serve.experts.placement import ExpertPlacement, PlacementError
+from k2serve.experts.triton_moe import grouped_gemm_int4
+from k2serve.experts.worker import EPConfig, EPWorker, load_ep_model
+
+__all__ = [
+    "EPComm",
+    "EPConfig",
+    "EPConfigError",
+    "EPDispatcher",
+    "EPError",
+    "EPWorker",
+    "ExpertLoad",
+    "ExpertPlacement",
+    "PlacementError",
+    "grouped_gemm_int4",
+    "load_ep_model",
+    "plan_model_placement",
+    "plan_placement",
+    "rank_loads",
+]

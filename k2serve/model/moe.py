@@ -7,6 +7,7 @@ the global ids held, in local order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,22 @@ class RoutedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
 
+class RoutedDispatch(Protocol):
+    """Runs a layer's routed experts elsewhere (e.g. across an expert-parallel group, `k2serve.experts`).
+
+    Same contract as `RoutedExperts.forward`: x [T, D] (T may be 0), routing weights fp32 / global ids
+    [T, k] -> the weighted sum of the routed experts' outputs [T, D]; `experts` are this process's own.
+    """
+
+    def __call__(
+        self, experts: RoutedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
 class MoE(nn.Module):
+    """gate + routed experts + shared experts. `dispatch`, when set, computes the routed part instead of
+    `experts` alone (expert parallelism); None (the default) is the single-process path."""
+
     def __init__(
         self,
         config: ModelConfig,
@@ -146,12 +162,13 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
+        self.dispatch: RoutedDispatch | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         weights, ids = self.gate(x)
-        y = self.experts(x, weights, ids)
+        y = self.experts(x, weights, ids) if self.dispatch is None else self.dispatch(self.experts, x, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

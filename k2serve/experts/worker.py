@@ -1,0 +1,250 @@
+"""One rank of an expert-parallel group: its own engine (data-parallel attention), shared experts.
+
+Each rank runs an `LLMEngine` with its own requests and its own KV cache; only the routed experts
+are split. The MoE layers exchange tokens with all_to_all, so every rank must run every forward:
+`step()` starts with an all_reduce of flags (has work, rebalance wanted) and a rank with nothing
+scheduled runs a zero-token forward so the collectives line up. Steps therefore must be called
+the same number of times on every rank: a serving loop calls `step()` continuously while
+`any_work` (and polls its inbox between steps when the group is idle).
+
+Endpoint model (for the prefill/decode workers of the cluster): every rank is its own
+data-parallel endpoint. It registers with the router under its own address, receives requests
+(and, in disaggregated serving, KV transfers) for its own engine and KV cache, and streams its own
+outputs; there is no leader relaying requests. The router balances (and prefix-routes) across the
+ranks as across any workers; the group only shares the lockstep. Rebalancing (EPLB) may be asked
+for by any rank (`request_rebalance`); it takes effect for all ranks at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine, RequestOutput
+from k2serve.engine.sampling_params import SamplingParams
+from k2serve.experts.comm import EPComm, EPConfigError, EPError
+from k2serve.experts.dispatch import EPDispatcher
+from k2serve.experts.eplb import ExpertLoad, plan_model_placement
+from k2serve.experts.placement import ExpertPlacement
+from k2serve.experts.reshard import expert_tensors, install, reshard_layer
+from k2serve.model.loader import load_model
+from k2serve.model.mla import MLA
+from k2serve.model.model import K2Model
+from k2serve.model.moe import MoE
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    """redundant_per_rank: replica slots per rank in the initial (contiguous) placement.
+    timeout_s: bound on any collective, so also on the longest step of any rank (seconds).
+    roll_call_s: how long a failing rank waits for the others to report before naming suspects."""
+
+    redundant_per_rank: int = 0
+    timeout_s: float = 60.0
+    roll_call_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.redundant_per_rank < 0:
+            raise EPConfigError("redundant_per_rank must be >= 0", self.redundant_per_rank)
+        for name in ("timeout_s", "roll_call_s"):
+            if getattr(self, name) <= 0:
+                raise EPConfigError(f"{name} must be > 0", getattr(self, name))
+
+
+def moe_layers(model: K2Model) -> list[tuple[int, MoE]]:
+    return [(i, layer.mlp) for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoE)]
+
+
+def load_ep_model(
+    model_dir: str | Path, dtype: torch.dtype, placement: Sequence[ExpertPlacement], rank: int
+) -> K2Model:
+    """The model with only rank's routed experts (per-layer placement); everything else in full."""
+    owned = {p.owned(rank) for p in placement}
+    if len(owned) == 1:
+        return load_model(model_dir, dtype, expert_ids=next(iter(owned)))
+    union = sorted({e for ids in owned for e in ids})  # layers differ: load the union, keep each layer's
+    model = load_model(model_dir, dtype, expert_ids=union)
+    for (_, moe), p in zip(moe_layers(model), placement, strict=True):
+        rows = torch.tensor([union.index(e) for e in p.owned(rank)])
+        kept = {n: getattr(moe.experts, n)[rows].clone() for n in expert_tensors(moe.experts)}
+        install(moe.experts, p.owned(rank), kept)
+    return model
+
+
+class _NoAttention:
+    """Attention backend of a zero-token forward: there is nothing to attend."""
+
+    def __call__(
+        self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
+    ) -> torch.Tensor:
+        return q_nope.new_zeros(*q_nope.shape[:-2], mla.n_heads, mla.v_dim)
+
+
+class EPWorker:
+    """Rank `comm.rank` of the group. The request API is the engine's, for this rank's own requests;
+    `step`, `run_until_idle`, `causal_logits`, `global_expert_load` are collectives."""
+
+    def __init__(
+        self,
+        comm: EPComm,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        engine_config: EngineConfig | None = None,
+        ep_config: EPConfig | None = None,
+        placement: Sequence[ExpertPlacement] | None = None,
+    ) -> None:
+        from k2serve.config import ModelConfig
+
+        self.comm = comm
+        self.ep_config = ep_config or EPConfig()
+        model_dir = Path(model_dir)
+        mc = ModelConfig.from_file(model_dir)
+        if placement is None:
+            one = ExpertPlacement.contiguous(
+                mc.n_routed_experts, comm.world_size, self.ep_config.redundant_per_rank
+            )
+            placement = [one] * mc.num_moe_layers
+        self.placement: tuple[ExpertPlacement, ...] = tuple(placement)
+        self.model = load_ep_model(model_dir, dtype, self.placement, comm.rank)
+        self.load = ExpertLoad(mc.num_moe_layers, mc.n_routed_experts)
+        self.dispatchers: list[EPDispatcher] = []
+        for j, ((i, moe), p) in enumerate(zip(moe_layers(self.model), self.placement, strict=True)):
+            moe.dispatch = EPDispatcher(comm, i, j, p, self.load)
+            self.dispatchers.append(moe.dispatch)
+        tokenizer, eos = _tokenizer_and_eos(model_dir, self.model)
+        self.engine = LLMEngine(self.model, engine_config, tokenizer, eos)
+        self.any_work = False  # whether any rank had work in the last step
+        self._rebalance_wanted = False
+        self._owns_comm = False
+
+    @classmethod
+    def connect(
+        cls,
+        rank: int,
+        world_size: int,
+        model_dir: str | Path,
+        dtype: torch.dtype,
+        engine_config: EngineConfig | None,
+        init_method: str,
+        ep_config: EPConfig | None = None,
+    ) -> EPWorker:
+        """Join the group at init_method ('tcp://host:port', hosted by rank 0) and load this rank's share."""
+        cfg = ep_config or EPConfig()
+        comm = EPComm.connect(
+            init_method,
+            rank,
+            world_size,
+            timedelta(seconds=cfg.timeout_s),
+            timedelta(seconds=cfg.roll_call_s),
+        )
+        worker = cls(comm, model_dir, dtype, engine_config, cfg)
+        worker._owns_comm = True
+        return worker
+
+    # ---- this rank's requests (local, no collective) -------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.add_request(request_id, prompt_token_ids, params)
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.engine.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def request_rebalance(self) -> None:
+        """Ask for an EPLB re-placement from the load counted so far; all ranks apply it next step."""
+        self._rebalance_wanted = True
+
+    def expert_load(self) -> torch.Tensor:
+        """This rank's routed (token, slot) counts [num_moe_layers, n_experts] since the last re-placement."""
+        return self.load.counts.clone()
+
+    def global_expert_load(self) -> torch.Tensor:
+        """The group's counts [L, E]; a collective (call on every rank between the same steps)."""
+        return self.load.global_counts(self.comm)
+
+    # ---- lockstep ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One step of the group. Returns this rank's outputs; sets `any_work`."""
+        flags = torch.tensor([int(self.engine.has_unfinished_requests()), int(self._rebalance_wanted)])
+        self.comm.all_reduce(flags, "max", "step agreement")
+        self.any_work = bool(flags[0])
+        if flags[1]:
+            self._rebalance()
+        if not self.any_work:
+            return []
+        before = self._forwards()
+        try:
+            outputs = self.engine.step()
+        except EPError:
+            raise
+        except Exception:
+            if self._forwards() == before:  # failed before the forward: keep the others' collectives whole
+                self._empty_forward()
+            raise
+        if self._forwards() == before:
+            self._empty_forward()
+        return outputs
+
+    def run_until_idle(self) -> dict[str, RequestOutput]:
+        """Step until no rank has work; returns this rank's finished requests by id."""
+        done: dict[str, RequestOutput] = {}
+        while True:
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+            if not self.any_work:
+                return done
+
+    @torch.inference_mode()
+    def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """A cache-free forward of this rank's batch [B, S] (B may be 0) -> fp32 logits [B, S, V]."""
+        return self.model(input_ids)
+
+    def _forwards(self) -> int:
+        return self.dispatchers[0].calls if self.dispatchers else 0
+
+    @torch.inference_mode()
+    def _empty_forward(self) -> None:
+        empty = torch.zeros(0, dtype=torch.long)
+        self.model.forward_hidden(empty, empty, _NoAttention())
+
+    def _rebalance(self) -> None:
+        counts = self.load.global_counts(self.comm)  # [L, E], identical on every rank
+        capacities = [len(s) for s in self.placement[0].slots]
+        new = plan_model_placement(counts, capacities)
+        for (i, moe), d, old, p in zip(
+            moe_layers(self.model), self.dispatchers, self.placement, new, strict=True
+        ):
+            reshard_layer(self.comm, moe.experts, old, p, i)
+            d.set_placement(p)
+        self.placement = new
+        self.load.reset()
+        self._rebalance_wanted = False
+
+    def close(self) -> None:
+        if self._owns_comm:
+            self.comm.close()
+
+
+def _tokenizer_and_eos(model_dir: Path, model: K2Model) -> tuple[Any, list[int]]:
+    """As `LLMEngine.from_pretrained`: the tokenizer if present, EOS ids merged from generation_config."""
+    tokenizer = None
+    if (model_dir / "tiktoken.model").exists():
+        from k2serve.chat.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+    eos = list(model.config.eos_token_ids)
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.exists():
+        g = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        if g is not None:
+            eos = sorted(set(eos) | set(g if isinstance(g, list) else [g]))
+    return tokenizer, eos
