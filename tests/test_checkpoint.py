@@ -74,11 +74,16 @@ def _dequantized_copy(src: Path, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(cfg))
 
 
-def test_int4_model_equals_dequantized_model(tiny_int4_ckpt: Path, tmp_path: Path) -> None:
-    packed = load_model(tiny_int4_ckpt, torch.float32)
+@pytest.mark.parametrize("layout", ["ct", "cpu"])
+def test_int4_model_equals_dequantized_model(tiny_int4_ckpt: Path, tmp_path: Path, layout: str) -> None:
+    packed = load_model(tiny_int4_ckpt, torch.float32, int4_layout=layout)
     experts = packed.layers[1].mlp.experts
-    assert experts.int4_group_size == 32 and experts.w13_packed.dtype == torch.int32  # kept packed in memory
-    assert not hasattr(experts, "w13")
+    assert experts.int4_group_size == 32 and experts.int4_layout == layout
+    held = {n: b for n, b in experts.named_buffers() if n != "global_to_local"}
+    assert not hasattr(experts, "w13")  # never expanded: 4 bits per weight plus one scale per 32
+    n_weights = experts.num_local * 3 * experts.hidden * experts.inter
+    packed_bytes = sum(b.numel() * b.element_size() for n, b in held.items() if not n.endswith(("_scale", "_sz")))
+    assert packed_bytes == n_weights // 2
     _dequantized_copy(tiny_int4_ckpt, tmp_path / "dense")
     dense = load_model(tmp_path / "dense", torch.float32)
     ids = torch.randint(0, packed.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -147,13 +147,14 @@ def build_empty_model(
     expert_ids: Sequence[int] | None = None,
     int4_group_size: int | None = None,
     device: str | torch.device = "cpu",
+    int4_layout: str = "ct",
 ) -> K2Model:
     """An uninitialised model with parameters in `dtype` (router weights and biases stay fp32)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = K2Model(config, expert_ids, int4_group_size, dtype)
+            model = K2Model(config, expert_ids, int4_group_size, dtype, int4_layout)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)
@@ -176,19 +177,31 @@ def _int4_experts(config: ModelConfig, reader: _Reader) -> bool:
     return reader.has(probe)
 
 
+def default_int4_layout(device: str | torch.device) -> str:
+    """"cpu" (torch's fused int4 GEMM tiles) on CPU when this torch has the kernel, else "ct"."""
+    has_kernel = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    return "cpu" if torch.device(device).type == "cpu" and has_kernel else "ct"
+
+
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     expert_ids: Sequence[int] | None = None,
     device: str | torch.device = "cpu",
+    int4_layout: str | None = None,
 ) -> K2Model:
-    """Build `K2Model` from a checkpoint directory. `expert_ids`: the routed experts to hold (default all)."""
+    """Build `K2Model` from a checkpoint directory. `expert_ids`: the routed experts to hold (default all).
+
+    `int4_layout` (INT4 checkpoints): how packed experts are held, "ct" (as on disk) or "cpu" (torch's
+    CPU int4 tiles for the fused kernel); default `default_int4_layout(device)`.
+    """
     model_dir = Path(model_dir)
     config = ModelConfig.from_file(model_dir)
     reader = _Reader(model_dir, _shard_index(model_dir))
     int4 = _int4_experts(config, reader)
     group = config.quant.group_size if (int4 and config.quant) else None
-    model = build_empty_model(config, dtype, expert_ids, group, device)
+    layout = int4_layout or default_int4_layout(device)
+    model = build_empty_model(config, dtype, expert_ids, group, device, layout)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, target in params.items():
         if name.startswith("rotary.") or ".experts." in name or name.endswith("global_to_local"):
@@ -210,15 +223,17 @@ def load_model(
             p = f"layers.{layer_idx}.mlp.experts.{e}"
             if int4:  # stays packed: w13 rows are gate then up
                 assert group is not None
-                for proj, rows, (o, n) in (("gate", slice(0, i), (i, d)), ("up", slice(i, 2 * i), (i, d))):
-                    _check_shape_tensor(reader, f"{p}.{proj}_proj", (o, n))
-                    reader.load(
-                        f"{p}.{proj}_proj.weight_packed", experts.w13_packed[local, rows], (torch.int32,)
-                    )
-                    reader.load(f"{p}.{proj}_proj.weight_scale", experts.w13_scale[local, rows], _FLOAT)
-                _check_shape_tensor(reader, f"{p}.down_proj", (d, i))
-                reader.load(f"{p}.down_proj.weight_packed", experts.w2_packed[local], (torch.int32,))
-                reader.load(f"{p}.down_proj.weight_scale", experts.w2_scale[local], _FLOAT)
+                parts = []
+                for proj, (o, n) in (("gate", (i, d)), ("up", (i, d)), ("down", (d, i))):
+                    name = f"{p}.{proj}_proj"
+                    _check_shape_tensor(reader, name, (o, n))
+                    packed = torch.empty(o, n // 8, dtype=torch.int32)
+                    reader.load(name + ".weight_packed", packed)
+                    scale = torch.empty(o, n // group, dtype=dtype)
+                    reader.load(name + ".weight_scale", scale, _FLOAT)
+                    parts.append((packed, scale))
+                (gp, gs), (up_, us), (dp, ds) = parts
+                experts.set_int4_expert(local, torch.cat((gp, up_)), torch.cat((gs, us)), dp, ds)
             else:
                 for proj, out in (
                     ("gate", experts.w13[local, :i]),

@@ -21,6 +21,7 @@ class DecoderLayer(nn.Module):
         expert_ids: Sequence[int] | None,
         int4_group_size: int | None,
         dtype: torch.dtype,
+        int4_layout: str = "ct",
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -28,7 +29,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module
         if config.is_moe_layer(layer_idx):
-            self.mlp = MoE(config, expert_ids, int4_group_size, dtype)
+            self.mlp = MoE(config, expert_ids, int4_group_size, dtype, int4_layout)
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
 
@@ -52,13 +53,14 @@ class K2Model(nn.Module):
         expert_ids: Sequence[int] | None = None,
         int4_group_size: int | None = None,
         dtype: torch.dtype = torch.float32,
+        int4_layout: str = "ct",
     ) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, expert_ids, int4_group_size, dtype)
+            DecoderLayer(config, i, expert_ids, int4_group_size, dtype, int4_layout)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
