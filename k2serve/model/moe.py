@@ -15,7 +15,7 @@ from torch import nn
 
 from k2serve.config import ModelConfig
 from k2serve.model.layers import DenseMLP
-from k2serve.model.quant import dequantize_int4
+from k2serve.model.quant import dequantize_int4, unpack_int4
 
 
 class Router(nn.Module):
@@ -57,8 +57,13 @@ class RoutedExperts(nn.Module):
     """The routed experts of one layer held by this process, stacked for grouped execution.
 
     Dense:  w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I].
-    INT4:   w13_packed int32 [E, 2I, D/8], w13_scale [E, 2I, D/g], w2_packed [E, D, I/8], w2_scale [E, D, I/g];
-            kept packed, each active expert is dequantised inside `run_sorted` just before its matmul.
+    INT4, layout "ct" (compressed-tensors, as on disk): w13_packed int32 [E, 2I, D/8], w13_scale [E, 2I, D/g],
+            w2_packed [E, D, I/8], w2_scale [E, D, I/g]; each active expert is dequantised inside
+            `run_sorted` just before its matmul (the portable path; GPU kernels read this layout).
+    INT4, layout "cpu" (torch's CPU int4 tiles, same 4 bits per weight): w13_i4 uint8 [E, 2I, D/2],
+            w13_sz [E, D/g, 2I, 2] (scale, zero=0), w2_i4 [E, D, I/2], w2_sz [E, I/g, D, 2]; the fused
+            dequantising GEMM `aten._weight_int4pack_mm_for_cpu` runs each expert without expanding it.
+    Either way the experts stay packed in memory; `set_int4_expert` fills one expert from the disk form.
     """
 
     def __init__(
@@ -67,8 +72,12 @@ class RoutedExperts(nn.Module):
         expert_ids: Sequence[int] | None = None,
         int4_group_size: int | None = None,
         dtype: torch.dtype = torch.float32,
+        int4_layout: str = "ct",
     ) -> None:
         super().__init__()
+        if int4_layout not in ("ct", "cpu"):
+            raise ValueError(f"int4_layout must be 'ct' or 'cpu', got {int4_layout!r}")
+        self.int4_layout = int4_layout
         self.n_global = config.n_routed_experts
         ids = list(range(self.n_global)) if expert_ids is None else list(expert_ids)
         self.expert_ids = ids
@@ -81,13 +90,37 @@ class RoutedExperts(nn.Module):
         if int4_group_size is None:
             self.w13 = nn.Parameter(torch.empty(e, 2 * i, d, dtype=dtype), requires_grad=False)
             self.w2 = nn.Parameter(torch.empty(e, d, i, dtype=dtype), requires_grad=False)
-        else:
+        elif int4_layout == "ct":
             g = int4_group_size
             self.register_buffer("w13_packed", torch.empty(e, 2 * i, d // 8, dtype=torch.int32))
             self.register_buffer("w13_scale", torch.empty(e, 2 * i, d // g, dtype=dtype))
             self.register_buffer("w2_packed", torch.empty(e, d, i // 8, dtype=torch.int32))
             self.register_buffer("w2_scale", torch.empty(e, d, i // g, dtype=dtype))
+        else:
+            g = int4_group_size
+            self.register_buffer("w13_i4", torch.empty(e, 2 * i, d // 2, dtype=torch.uint8))
+            self.register_buffer("w13_sz", torch.empty(e, d // g, 2 * i, 2, dtype=dtype))
+            self.register_buffer("w2_i4", torch.empty(e, d, i // 2, dtype=torch.uint8))
+            self.register_buffer("w2_sz", torch.empty(e, i // g, d, 2, dtype=dtype))
         self.compute_dtype = dtype
+
+    @torch.no_grad()
+    def set_int4_expert(
+        self, local: int, w13_packed: torch.Tensor, w13_scale: torch.Tensor, w2_packed: torch.Tensor, w2_scale: torch.Tensor
+    ) -> None:
+        """Fill local expert `local` from the compressed-tensors form (packed int32 + scales)."""
+        if self.int4_layout == "ct":
+            self.w13_packed[local] = w13_packed
+            self.w13_scale[local] = w13_scale
+            self.w2_packed[local] = w2_packed
+            self.w2_scale[local] = w2_scale
+            return
+        for name, packed, scale in (("w13", w13_packed, w13_scale), ("w2", w2_packed, w2_scale)):
+            u = (unpack_int4(packed).to(torch.int32) + 8).contiguous()  # [N, K] in [0, 16)
+            getattr(self, name + "_i4")[local] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 2)
+            sz = getattr(self, name + "_sz")[local]  # [K/g, N, 2]
+            sz[..., 0] = scale.t()
+            sz[..., 1] = 0
 
     @property
     def num_local(self) -> int:
@@ -102,6 +135,17 @@ class RoutedExperts(nn.Module):
             dequantize_int4(self.w2_packed[e], self.w2_scale[e], dt),
         )
 
+    def _swiglu(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x [n, D] -> [n, D]."""
+        if self.int4_layout == "cpu" and self.int4_group_size is not None:
+            g = self.int4_group_size
+            h = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w13_i4[e], g, self.w13_sz[e])  # [n, 2I]
+            gate, up = h.split(self.inter, dim=-1)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(F.silu(gate) * up, self.w2_i4[e], g, self.w2_sz[e])
+        w13, w2 = self._weights(e)
+        gate, up = F.linear(x, w13).split(self.inter, dim=-1)  # [n, I] each
+        return F.linear(F.silu(gate) * up, w2)
+
     def run_sorted(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """x [N, D] sorted by local expert with `counts[e]` rows for expert e -> SwiGLU outputs [N, D]."""
         out = torch.empty_like(x)
@@ -109,10 +153,7 @@ class RoutedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            w13, w2 = self._weights(e)
-            h = F.linear(x[start : start + n], w13)  # [n, 2I]
-            gate, up = h.split(self.inter, dim=-1)
-            out[start : start + n] = F.linear(F.silu(gate) * up, w2)
+            out[start : start + n] = self._swiglu(e, x[start : start + n])
             start += n
         return out
 
@@ -153,10 +194,11 @@ class MoE(nn.Module):
         expert_ids: Sequence[int] | None = None,
         int4_group_size: int | None = None,
         dtype: torch.dtype = torch.float32,
+        int4_layout: str = "ct",
     ) -> None:
         super().__init__()
         self.gate = Router(config)
-        self.experts = RoutedExperts(config, expert_ids, int4_group_size, dtype)
+        self.experts = RoutedExperts(config, expert_ids, int4_group_size, dtype, int4_layout)
         self.shared_experts = (
             DenseMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts
