@@ -1,0 +1,175 @@
+"""`k2serve bench engine`: the engine against transformers' `generate` and the decode roofline.
+
+For each checkpoint (the `small` preset with bf16 experts, and with INT4 experts) and each batch size,
+the same prompts (random token ids, `--input-len` each) go through k2serve's engine and through
+`transformers.DeepseekV3ForCausalLM.generate` on the same weights, in the same process and run. The
+roofline is the bytes of weights one batch-1 decode step must read, divided by the memory bandwidth
+measured in this run (a streaming fp32 read), i.e. the fastest a step could possibly be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2serve.config import ModelConfig
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Streaming read bandwidth in bytes/s: the best of `repeats` fp32 sums over `gib` GiB."""
+    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def decode_step_bytes(cfg: ModelConfig, dtype_bytes: int, int4_experts: bool, context: int) -> dict[str, int]:
+    """Bytes a batch-1 decode step reads: every dense weight, the shared and top-k routed experts of each
+    MoE layer, lm_head, one embedding row, and the latent KV of `context` positions."""
+    counts = cfg.parameter_counts()
+    h, e = cfg.hidden_size, 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    expert_bytes = e // 2 + (e // 32) * dtype_bytes if int4_experts else e * dtype_bytes
+    routed = cfg.num_moe_layers * cfg.num_experts_per_tok * expert_bytes
+    dense = counts["total"] - counts["routed_experts"] - cfg.vocab_size * h  # all but routed and embeddings
+    router = cfg.num_moe_layers * cfg.n_routed_experts * h * 4  # fp32 gate weights
+    kv = context * cfg.num_hidden_layers * cfg.kv_cache_dim * dtype_bytes
+    total = dense * dtype_bytes + router + routed + h * dtype_bytes + kv
+    return {"total": total, "routed_experts": routed, "dense": dense * dtype_bytes, "kv": kv}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def run_engine(model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> dict[str, Any]:
+    from k2serve.engine.config import EngineConfig
+    from k2serve.engine.llm import LLM
+    from k2serve.engine.sampling_params import SamplingParams
+
+    n = len(prompts)
+    cfg = EngineConfig(
+        block_size=16,
+        kv_cache_bytes=2 << 30,
+        max_num_seqs=max(n, 1),
+        max_num_batched_tokens=max(2048, len(prompts[0]) + 1),
+        enable_prefix_caching=False,
+    )
+    llm = LLM(model_dir, dtype=dtype, engine_config=cfg)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t
+    total = sum(len(o.token_ids) for o in outs)
+    return {
+        "output_tok_s": total / wall,
+        "wall_s": wall,
+        "ttft_p50_ms": pct([o.metrics.ttft * 1e3 for o in outs], 50),
+        "ttft_p99_ms": pct([o.metrics.ttft * 1e3 for o in outs], 99),
+        "tpot_p50_ms": pct([o.metrics.tpot * 1e3 for o in outs], 50),
+        "tpot_p99_ms": pct([o.metrics.tpot * 1e3 for o in outs], 99),
+        "tokens": [o.token_ids for o in outs],
+    }
+
+
+def run_transformers(model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    cfg = ModelConfig.from_file(model_dir)
+    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "quantization_config"})
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(model_dir, config=hf_cfg, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.max_length = None
+    ids = torch.tensor(prompts)
+    kw = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": cfg.pad_token_id}
+    with torch.inference_mode():
+        model.generate(ids[:1, :16], max_new_tokens=4, **kw | {"attention_mask": torch.ones_like(ids[:1, :16])})
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=output_len, **kw)
+        wall = time.perf_counter() - t
+    return {
+        "output_tok_s": out[:, ids.shape[1] :].numel() / wall,
+        "wall_s": wall,
+        "ttft_ms": ttft * 1e3,
+        "tpot_ms": (wall - ttft) / max(1, output_len - 1) * 1e3,
+        "tokens": out[:, ids.shape[1] :].tolist(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="k2serve bench engine", description=__doc__)
+    ap.add_argument("--model", action="append", help="checkpoint dir (repeatable); default: small bf16 + small int4")
+    ap.add_argument("--workdir", default="/tmp/k2serve-bench")
+    ap.add_argument("--batch-sizes", default="1,64")
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    models = [Path(m) for m in args.model or []]
+    if not models:
+        from k2serve.model.checkpoint import write_checkpoint
+
+        for quant in ("none", "int4"):
+            d = Path(args.workdir) / f"small-{quant}"
+            if not (d / "config.json").exists():
+                print(f"writing the small preset ({quant}) to {d} ...", flush=True)
+                write_checkpoint(d, "small", seed=0, quant=quant)
+            models.append(d)
+    torch.manual_seed(0)
+    bw = measure_bandwidth()
+    print(f"threads={torch.get_num_threads()}  streaming read bandwidth (fp32 sum, best of 5): {bw / 1e9:.1f} GB/s")
+    results = []
+    for model_dir in models:
+        cfg = ModelConfig.from_file(model_dir)
+        int4 = cfg.quant is not None and cfg.quant.method == "int4"
+        step = decode_step_bytes(cfg, torch.empty((), dtype=dtype).element_size(), int4, args.input_len)
+        roof_ms = step["total"] / bw * 1e3
+        print(f"\n== {model_dir.name}: {cfg.parameter_counts()['total'] / 1e6:.0f}M params, "
+              f"{'INT4' if int4 else args.dtype} experts; batch-1 decode reads {step['total'] / 1e6:.1f} MB/step "
+              f"-> roofline {roof_ms:.2f} ms/token ({1e3 / roof_ms:.0f} tok/s)")
+        for bs in (int(x) for x in args.batch_sizes.split(",")):
+            prompts = torch.randint(0, cfg.vocab_size - 256, (bs, args.input_len)).tolist()
+            ours = run_engine(model_dir, prompts, args.output_len, dtype)
+            row: dict[str, Any] = {"model": model_dir.name, "int4": int4, "batch": bs, "roofline_ms": roof_ms,
+                                   "k2serve": {k: v for k, v in ours.items() if k != "tokens"}}
+            line = (f"batch {bs:3d}  k2serve: {ours['output_tok_s']:8.1f} tok/s  TTFT p50/p99 "
+                    f"{ours['ttft_p50_ms']:.0f}/{ours['ttft_p99_ms']:.0f} ms  TPOT p50/p99 "
+                    f"{ours['tpot_p50_ms']:.1f}/{ours['tpot_p99_ms']:.1f} ms")
+            if bs == 1:
+                row["roofline_fraction"] = roof_ms / ours["tpot_p50_ms"]
+                line += f"  = {row['roofline_fraction']:.0%} of roofline"
+            print(line, flush=True)
+            if not args.skip_transformers and not int4:
+                hf = run_transformers(model_dir, prompts, args.output_len, dtype)
+                same = sum(a == b for a, b in zip(ours["tokens"], hf["tokens"], strict=True))
+                row["transformers"] = {k: v for k, v in hf.items() if k != "tokens"}
+                row["speedup"] = ours["output_tok_s"] / hf["output_tok_s"]
+                print(f"           transformers: {hf['output_tok_s']:8.1f} tok/s  TTFT {hf['ttft_ms']:.0f} ms  "
+                      f"TPOT {hf['tpot_ms']:.1f} ms  -> k2serve/transformers = {row['speedup']:.2f}x  "
+                      f"(identical greedy outputs: {same}/{bs})", flush=True)
+            results.append(row)
+    print("\nreproduce: k2serve bench engine " + " ".join(argv if argv is not None else sys.argv[3:]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bandwidth_bytes_s": bw, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
