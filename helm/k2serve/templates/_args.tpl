@@ -1,0 +1,88 @@
+{{/*
+The k2serve command lines, as JSON arrays of strings. Each follows `k2serve <subcommand> --help`
+of k2serve/cli.py; tests/test_helm_cli_args.py parses every rendered one with build_parser().
+Integers go through `int` (Helm reads numbers as floats, and 1000000 would print as 1e+06).
+*/}}
+
+{{/* `k2serve init-model`: writes the preset checkpoint into the model emptyDir. */}}
+{{- define "k2serve.args.initModel" -}}
+{{- $m := .Values.model -}}
+{{- list "init-model" (include "k2serve.modelDir" .) "--preset" $m.preset "--seed" (printf "%d" (int $m.seed)) "--dtype" $m.dtype | toJson -}}
+{{- end -}}
+
+{{/* --model and --served-model-name, shared by the router and the workers. */}}
+{{- define "k2serve.args.model" -}}
+{{- $args := list "--model" (include "k2serve.modelDir" .) -}}
+{{- with .Values.model.servedModelName -}}
+{{- $args = concat $args (list "--served-model-name" .) -}}
+{{- end -}}
+{{- $args | toJson -}}
+{{- end -}}
+
+{{/* Engine sizes of a worker (add_engine_args). */}}
+{{- define "k2serve.args.engine" -}}
+{{- $e := .Values.engine -}}
+{{- $args := list
+  "--block-size" (printf "%d" (int $e.blockSize))
+  "--kv-cache-mb" (printf "%d" (int $e.kvCacheMb))
+  "--max-num-seqs" (printf "%d" (int $e.maxNumSeqs))
+  "--max-num-batched-tokens" (printf "%d" (int $e.maxNumBatchedTokens))
+  "--max-waiting" (printf "%d" (int $e.maxWaiting)) -}}
+{{- if gt (int $e.maxModelLen) 0 -}}
+{{- $args = concat $args (list "--max-model-len" (printf "%d" (int $e.maxModelLen))) -}}
+{{- end -}}
+{{- if not $e.prefixCaching -}}
+{{- $args = append $args "--no-prefix-caching" -}}
+{{- end -}}
+{{- $args | toJson -}}
+{{- end -}}
+
+{{/* `k2serve router`. The API key comes from $K2SERVE_API_KEY and Redis from $REDIS_URL (both Secret refs). */}}
+{{- define "k2serve.args.router" -}}
+{{- $r := .Values.router -}}
+{{- $args := list "router" "--host" "0.0.0.0"
+  "--port" (printf "%d" (int $r.httpPort))
+  "--grpc-port" (printf "%d" (int $r.grpcPort)) -}}
+{{- $args = concat $args (include "k2serve.args.model" . | fromJsonArray) -}}
+{{- $args = concat $args (list
+  "--heartbeat-timeout" (toString $r.heartbeatTimeout)
+  "--max-queue" (printf "%d" (int $r.maxQueue))) -}}
+{{- if .Values.tls.enabled -}}
+{{- $args = concat $args (list "--tls-cert" "/etc/k2serve/tls/tls.crt" "--tls-key" "/etc/k2serve/tls/tls.key") -}}
+{{- end -}}
+{{- $args | toJson -}}
+{{- end -}}
+
+{{/*
+`k2serve prefill|decode`; args: dict "root" $ "role" "prefill" "member" "single|leader|worker".
+A StatefulSet pod (single) advertises its stable DNS name under the headless Service; in a
+LeaderWorkerSet group the leader advertises the group address and registers with the router,
+the other members do not register (the router talks to the leader only).
+*/}}
+{{- define "k2serve.args.worker" -}}
+{{- $root := .root -}}
+{{- $w := index $root.Values .role -}}
+{{- $name := include "k2serve.componentName" (dict "root" $root "component" .role) -}}
+{{- $args := list .role -}}
+{{- $args = concat $args (include "k2serve.args.model" $root | fromJsonArray) (list "--dtype" $root.Values.model.dtype) -}}
+{{- $args = concat $args (include "k2serve.args.engine" $root | fromJsonArray) -}}
+{{- $args = concat $args (list "--host" "0.0.0.0" "--port" (printf "%d" (int $w.port))) -}}
+{{- if eq .member "single" -}}
+{{- $args = concat $args (list "--advertise-host" (printf "$(POD_NAME).%s-headless.%s.svc" $name $root.Release.Namespace)) -}}
+{{- else if eq .member "leader" -}}
+{{- $args = concat $args (list "--advertise-host" "$(LWS_LEADER_ADDRESS)") -}}
+{{- else -}}
+{{- $args = concat $args (list "--advertise-host" (printf "$(POD_NAME).%s.%s" $name $root.Release.Namespace)) -}}
+{{- end -}}
+{{- if ne .member "worker" -}}
+{{- $args = concat $args (list "--router" (include "k2serve.routerAddress" $root)) -}}
+{{- end -}}
+{{- $args = concat $args (list "--worker-id" "$(POD_NAME)" "--transfer-backend" $w.transfer.backend) -}}
+{{- if eq $w.transfer.backend "torch" -}}
+{{- $args = concat $args (list "--transfer-port" (printf "%d" (int $w.transfer.port))) -}}
+{{- end -}}
+{{- $args = concat $args (list
+  "--ep" (printf "%d" (int $w.ep.size))
+  "--heartbeat-interval" (toString $w.heartbeatInterval)) -}}
+{{- $args | toJson -}}
+{{- end -}}

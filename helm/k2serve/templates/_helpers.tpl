@@ -1,0 +1,118 @@
+{{/* Names, labels and the shared lookups of the chart. */}}
+
+{{- define "k2serve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "k2serve.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name of one component's objects: "<fullname>-<component>" (component: router, prefill, decode, redis). */}}
+{{- define "k2serve.componentName" -}}
+{{- printf "%s-%s" (include "k2serve.fullname" .root) .component -}}
+{{- end -}}
+
+{{- define "k2serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "k2serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "k2serve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "k2serve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: k2serve
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of one component; args: dict "root" $ "component" "router". */}}
+{{- define "k2serve.componentSelectorLabels" -}}
+{{ include "k2serve.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "k2serve.componentLabels" -}}
+{{ include "k2serve.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "k2serve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "k2serve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The k2serve image; args: dict "root" $ "gpu" bool (a GPU worker takes the cuda variant under variant=auto). */}}
+{{- define "k2serve.image" -}}
+{{- $img := .root.Values.image -}}
+{{- $variant := $img.variant -}}
+{{- if eq $variant "auto" -}}
+{{- $variant = ternary "cuda" "cpu" (and .gpu .root.Values.gpu.enabled) -}}
+{{- end -}}
+{{- $tag := default (printf "%s-%s" .root.Chart.AppVersion $variant) $img.tag -}}
+{{- printf "%s:%s" $img.repository $tag -}}
+{{- end -}}
+
+{{/* The checkpoint directory every k2serve process is given with --model. */}}
+{{- define "k2serve.modelDir" -}}
+{{- if .Values.model.preset -}}
+{{- printf "%s/%s-seed%d" (trimSuffix "/" .Values.model.mountPath) .Values.model.preset (int .Values.model.seed) -}}
+{{- else -}}
+{{- .Values.model.path -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The router's gRPC address workers register with. */}}
+{{- define "k2serve.routerAddress" -}}
+{{- printf "%s.%s.svc:%d" (include "k2serve.componentName" (dict "root" . "component" "router")) .Release.Namespace (int .Values.router.grpcPort) -}}
+{{- end -}}
+
+{{- define "k2serve.redis.secretName" -}}
+{{- default (printf "%s-auth" (include "k2serve.componentName" (dict "root" . "component" "redis"))) .Values.redis.auth.existingSecret -}}
+{{- end -}}
+
+{{/* A worker role's workload as JSON {apiVersion, kind, name}; args: dict "root" $ "role" "prefill". */}}
+{{- define "k2serve.workload" -}}
+{{- $name := include "k2serve.componentName" (dict "root" .root "component" .role) -}}
+{{- if eq .role "router" -}}
+{{- dict "apiVersion" "apps/v1" "kind" "Deployment" "name" $name | toJson -}}
+{{- else if gt (int (index .root.Values .role).ep.podsPerGroup) 1 -}}
+{{- dict "apiVersion" "leaderworkerset.x-k8s.io/v1" "kind" "LeaderWorkerSet" "name" $name | toJson -}}
+{{- else -}}
+{{- dict "apiVersion" "apps/v1" "kind" "StatefulSet" "name" $name | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Checks that the schema cannot express; rendered from the ConfigMap, which is always present. */}}
+{{- define "k2serve.validate" -}}
+{{- if and .Values.redis.enabled .Values.redis.external.urlSecretRef.name -}}
+{{- fail "redis: set either redis.enabled or redis.external.urlSecretRef.name, not both" -}}
+{{- end -}}
+{{- range $role := list "prefill" "decode" -}}
+{{- $ep := (index $.Values $role).ep -}}
+{{- if ne 0 (mod (int $ep.size) (int $ep.podsPerGroup)) -}}
+{{- fail (printf "%s.ep: podsPerGroup (%d) must divide size (%d)" $role (int $ep.podsPerGroup) (int $ep.size)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $role := list "router" "prefill" "decode" -}}
+{{- $as := (index $.Values $role).autoscaling -}}
+{{- if and $as.enabled (gt (int $as.minReplicas) (int $as.maxReplicas)) -}}
+{{- fail (printf "%s.autoscaling: minReplicas (%d) exceeds maxReplicas (%d)" $role (int $as.minReplicas) (int $as.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,220 @@
+{{/*
+Prefill and decode workers share one shape; the per-role files under templates/prefill and
+templates/decode each render one object from these definitions.
+Args of every define here: dict "root" $ "role" "prefill|decode" (+ "member" for the pod spec).
+*/}}
+
+{{/* Expert-parallel ranks one pod runs (one GPU each). */}}
+{{- define "k2serve.worker.ranksPerPod" -}}
+{{- $ep := (index .root.Values .role).ep -}}
+{{- div (int $ep.size) (int $ep.podsPerGroup) -}}
+{{- end -}}
+
+{{- define "k2serve.worker.resources" -}}
+{{- $res := deepCopy ((index .root.Values .role).resources | default dict) -}}
+{{- if .root.Values.gpu.enabled -}}
+{{- $n := include "k2serve.worker.ranksPerPod" . | int -}}
+{{- $gpu := .root.Values.gpu.resourceName -}}
+{{- $_ := set $res "limits" (merge (dict $gpu $n) ($res.limits | default dict)) -}}
+{{- $_ = set $res "requests" (merge (dict $gpu $n) ($res.requests | default dict)) -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}
+
+{{/* The pod spec of a worker; member: single (StatefulSet pod), leader or worker (LeaderWorkerSet). */}}
+{{- define "k2serve.worker.podSpec" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $w := index $v .role -}}
+{{- $perPod := include "k2serve.worker.ranksPerPod" . | int -}}
+{{- $startupFailures := max 1 (div (int $w.startupTimeoutSeconds) 10) -}}
+{{ include "k2serve.podCommon" $root }}
+terminationGracePeriodSeconds: {{ int $w.terminationGracePeriodSeconds }}
+{{- with (include "k2serve.initContainers" (dict "root" $root "component" .role)) }}
+initContainers:
+  {{- . | nindent 2 }}
+{{- end }}
+containers:
+  - name: {{ .role }}
+    image: {{ include "k2serve.image" (dict "root" $root "gpu" true) }}
+    imagePullPolicy: {{ $v.image.pullPolicy }}
+    command: ["k2serve"]
+    args: {{ include "k2serve.args.worker" . }}
+    ports:
+      - name: grpc
+        containerPort: {{ int $w.port }}
+        protocol: TCP
+      {{- if eq $w.transfer.backend "torch" }}
+      - name: transfer
+        containerPort: {{ int $w.transfer.port }}
+        protocol: TCP
+      {{- end }}
+    env:
+      {{- include "k2serve.podEnv" $root | nindent 6 }}
+    envFrom:
+      - configMapRef:
+          name: {{ include "k2serve.fullname" $root }}
+    startupProbe:
+      grpc:
+        port: {{ int $w.port }}
+      periodSeconds: 10
+      failureThreshold: {{ $startupFailures }}
+    livenessProbe:
+      grpc:
+        port: {{ int $w.port }}
+      periodSeconds: 10
+      timeoutSeconds: 5
+      failureThreshold: 3
+    readinessProbe:
+      grpc:
+        port: {{ int $w.port }}
+      periodSeconds: 5
+      timeoutSeconds: 3
+      failureThreshold: 2
+    resources:
+      {{- include "k2serve.worker.resources" . | nindent 6 }}
+    securityContext:
+      {{- include "k2serve.containerSecurityContext" $root | nindent 6 }}
+    volumeMounts:
+      {{- include "k2serve.volumeMounts" (dict "root" $root "component" .role) | nindent 6 }}
+volumes:
+  {{- include "k2serve.volumes" (dict "root" $root "component" .role) | nindent 2 }}
+{{- $nodeSelector := merge (dict) ($w.nodeSelector | default dict) (ternary $v.gpu.nodeSelector dict $v.gpu.enabled) }}
+{{- with $nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $tolerations := concat ($w.tolerations | default list) (ternary $v.gpu.tolerations list $v.gpu.enabled) }}
+{{- with $tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $w.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Template metadata of a worker pod. */}}
+{{- define "k2serve.worker.podMetadata" -}}
+labels:
+  {{- include "k2serve.componentLabels" (dict "root" .root "component" .role) | nindent 2 }}
+annotations:
+  {{- include "k2serve.podAnnotations" (dict "root" .root "extra" (index .root.Values .role).podAnnotations) | nindent 2 }}
+{{- end -}}
+
+{{- define "k2serve.worker.statefulset" -}}
+{{- $w := index .root.Values .role -}}
+{{- if le (int $w.ep.podsPerGroup) 1 -}}
+{{- $name := include "k2serve.componentName" (dict "root" .root "component" .role) -}}
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- include "k2serve.componentLabels" (dict "root" .root "component" .role) | nindent 4 }}
+spec:
+  serviceName: {{ $name }}-headless
+  {{- if not $w.autoscaling.enabled }}
+  replicas: {{ int $w.replicas }}
+  {{- end }}
+  podManagementPolicy: Parallel
+  selector:
+    matchLabels:
+      {{- include "k2serve.componentSelectorLabels" (dict "root" .root "component" .role) | nindent 6 }}
+  template:
+    metadata:
+      {{- include "k2serve.worker.podMetadata" . | nindent 6 }}
+    spec:
+      {{- include "k2serve.worker.podSpec" (merge (dict "member" "single") .) | nindent 6 }}
+{{- end -}}
+{{- end -}}
+
+{{- define "k2serve.worker.leaderworkerset" -}}
+{{- $w := index .root.Values .role -}}
+{{- if gt (int $w.ep.podsPerGroup) 1 -}}
+apiVersion: leaderworkerset.x-k8s.io/v1
+kind: LeaderWorkerSet
+metadata:
+  name: {{ include "k2serve.componentName" (dict "root" .root "component" .role) }}
+  labels:
+    {{- include "k2serve.componentLabels" (dict "root" .root "component" .role) | nindent 4 }}
+spec:
+  {{- if not $w.autoscaling.enabled }}
+  replicas: {{ int $w.replicas }}
+  {{- end }}
+  startupPolicy: LeaderCreated
+  rolloutStrategy:
+    type: RollingUpdate
+    rollingUpdateConfiguration:
+      maxUnavailable: 1
+      maxSurge: 0
+  networkConfig:
+    subdomainPolicy: Shared
+  leaderWorkerTemplate:
+    size: {{ int $w.ep.podsPerGroup }}
+    restartPolicy: RecreateGroupOnPodRestart
+    leaderTemplate:
+      metadata:
+        {{- include "k2serve.worker.podMetadata" . | nindent 8 }}
+      spec:
+        {{- include "k2serve.worker.podSpec" (merge (dict "member" "leader") .) | nindent 8 }}
+    workerTemplate:
+      metadata:
+        {{- include "k2serve.worker.podMetadata" . | nindent 8 }}
+      spec:
+        {{- include "k2serve.worker.podSpec" (merge (dict "member" "worker") .) | nindent 8 }}
+{{- end -}}
+{{- end -}}
+
+{{/* Headless Service: stable per-pod DNS names (StatefulSet) and peer discovery of a role's pods. */}}
+{{- define "k2serve.worker.headlessService" -}}
+{{- $w := index .root.Values .role -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "k2serve.componentName" (dict "root" .root "component" .role) }}-headless
+  labels:
+    {{- include "k2serve.componentLabels" (dict "root" .root "component" .role) | nindent 4 }}
+spec:
+  clusterIP: None
+  publishNotReadyAddresses: true
+  selector:
+    {{- include "k2serve.componentSelectorLabels" (dict "root" .root "component" .role) | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ int $w.port }}
+      targetPort: grpc
+      appProtocol: grpc
+    {{- if eq $w.transfer.backend "torch" }}
+    - name: transfer
+      port: {{ int $w.transfer.port }}
+      targetPort: transfer
+    {{- end }}
+{{- end -}}
+
+{{/* Workers accept traffic only from the router and from the release's other workers (any port: KV transfer, EP collectives). */}}
+{{- define "k2serve.worker.networkPolicy" -}}
+{{- if .root.Values.networkPolicy.enabled -}}
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ include "k2serve.componentName" (dict "root" .root "component" .role) }}
+  labels:
+    {{- include "k2serve.componentLabels" (dict "root" .root "component" .role) | nindent 4 }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "k2serve.componentSelectorLabels" (dict "root" .root "component" .role) | nindent 6 }}
+  policyTypes: ["Ingress"]
+  ingress:
+    - from:
+        - podSelector:
+            matchLabels:
+              {{- include "k2serve.selectorLabels" .root | nindent 14 }}
+            matchExpressions:
+              - key: app.kubernetes.io/component
+                operator: In
+                values: ["router", "prefill", "decode"]
+{{- end -}}
+{{- end -}}

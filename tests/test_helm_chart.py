@@ -1,0 +1,234 @@
+"""The Helm chart through the embedded Helm library (helm-python-sdk, Helm v4 as a shared library):
+render and lint over several value sets, the values schema, and the chart's layout.
+
+The other tests/test_helm_*.py import `render`, `VALUE_SETS` and `CHART_DIR` from here. No
+Kubernetes API server is involved: rendering is offline (`lookup` returns nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (embedded Helm) is not installed")
+jsonschema = pytest.importorskip("jsonschema")
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART_DIR = ROOT / "helm" / "k2serve"
+RELEASE, NAMESPACE = "k2", "llm"
+
+# Secret names the value sets refer to; the chart must only ever name them, never read them.
+TLS_SECRET, API_KEY_SECRET, REDIS_SECRET, REDIS_URL_SECRET = (
+    "k2-tls",
+    "k2-api-keys",
+    "k2-redis-auth",
+    "k2-redis-url",
+)
+
+_PVC = {"persistentVolumeClaim": {"claimName": "k2-weights", "readOnly": True}}
+_GPU_MODEL = {"preset": "", "path": "/models/Kimi-K2-Instruct", "volume": _PVC, "dtype": "bfloat16"}
+_HPA = {"autoscaling": {"enabled": True, "engine": "hpa", "minReplicas": 2, "maxReplicas": 6}}
+_KEDA = {"autoscaling": {"enabled": True, "engine": "keda"}}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "gpu-hpa": {
+        "gpu": {"enabled": True},
+        "model": _GPU_MODEL,
+        "engine": {"maxModelLen": 131072, "kvCacheMb": 1000000, "prefixCaching": False},
+        "router": {**_HPA, "replicas": 1},
+        "prefill": {**_HPA, "transfer": {"backend": "torch"}, "ep": {"size": 8, "podsPerGroup": 1}},
+        "decode": {**_HPA, "transfer": {"backend": "torch"}},
+    },
+    "keda-external-redis": {
+        "redis": {"enabled": False, "external": {"urlSecretRef": {"name": REDIS_URL_SECRET, "key": "url"}}},
+        "router": _KEDA,
+        "prefill": {
+            "autoscaling": {"enabled": True, "engine": "keda", "keda": {"authenticationRef": "prom-auth"}}
+        },
+        "decode": _KEDA,
+    },
+    "ep-leaderworkerset": {
+        "gpu": {"enabled": True},
+        "model": _GPU_MODEL,
+        "prefill": {"replicas": 2, "ep": {"size": 16, "podsPerGroup": 2}, **_HPA},
+        "decode": {"replicas": 3, "ep": {"size": 32, "podsPerGroup": 4}, **_KEDA},
+    },
+    "tls-apikey-secrets": {
+        "tls": {"enabled": True, "existingSecret": TLS_SECRET},
+        "apiKey": {"existingSecret": API_KEY_SECRET, "key": "key"},
+        "redis": {"auth": {"existingSecret": REDIS_SECRET, "key": "password"}},
+        "model": {"servedModelName": "kimi-k2"},
+    },
+    "monitoring": {
+        "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "router": {"allowFrom": [{"namespaceSelector": {"matchLabels": {"name": "gateway"}}}]},
+        "tls": {"enabled": True, "existingSecret": TLS_SECRET},
+    },
+    "minimal": {
+        "redis": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+        "router": {"pdb": {"enabled": False}},
+        "prefill": {"pdb": {"enabled": False}},
+        "decode": {"pdb": {"enabled": False}},
+        "serviceAccount": {"create": False},
+    },
+}
+
+
+@functools.cache
+def _chart() -> Any:
+    return helm.Chart.load(str(CHART_DIR))
+
+
+def render_manifests(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template path -> rendered text, as `helm template` gives them (NOTES.txt included)."""
+    return _chart().render(copy.deepcopy(values or {}), name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+@functools.cache
+def _render_cached(key: str) -> tuple[tuple[str, str], ...]:
+    return tuple(render_manifests(json.loads(key)).items())
+
+
+def render(values: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(template path, object) of every rendered Kubernetes object; cached per value set."""
+    objs: list[tuple[str, dict[str, Any]]] = []
+    for path, text in _render_cached(json.dumps(values or {}, sort_keys=True)):
+        if path.endswith("NOTES.txt"):
+            continue
+        objs += [(path, copy.deepcopy(doc)) for doc in yaml.safe_load_all(text) if doc]
+    return objs
+
+
+def objects(values: dict[str, Any] | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+    return [o for _, o in render(values) if kind is None or o["kind"] == kind]
+
+
+def by_name(values: dict[str, Any] | None, kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects(values, kind) if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, got {len(found)}"
+    return found[0]
+
+
+def lint_errors(values: dict[str, Any] | None = None) -> list[str]:
+    report = helm.lint(
+        str(CHART_DIR), copy.deepcopy(values or {}), namespace=NAMESPACE, kube_version="v1.31.0"
+    )
+    return [m["error"] for m in report["messages"] if m["severity"] >= 3] + list(report["errors"])
+
+
+# --- render and lint ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_renders_and_lints_clean(name: str) -> None:
+    assert render(VALUE_SETS[name]), "nothing rendered"
+    assert lint_errors(VALUE_SETS[name]) == []
+
+
+def test_lint_has_no_warnings_on_defaults() -> None:
+    report = helm.lint(str(CHART_DIR), {}, strict=True, namespace=NAMESPACE)
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_one_object_per_template(name: str) -> None:
+    per_file: dict[str, int] = {}
+    for path, _ in render(VALUE_SETS[name]):
+        per_file[path] = per_file.get(path, 0) + 1
+    assert {p: n for p, n in per_file.items() if n > 1} == {}
+
+
+def test_templates_are_small() -> None:
+    for f in (CHART_DIR / "templates").rglob("*"):
+        if f.is_file():
+            assert len(f.read_text().splitlines()) <= 300, f
+
+
+def test_object_names_are_unique_per_kind() -> None:
+    for name, values in VALUE_SETS.items():
+        keys = [(o["kind"], o["metadata"]["name"]) for o in objects(values)]
+        assert len(keys) == len(set(keys)), name
+
+
+# --- the values schema ----------------------------------------------------------------------
+
+
+def _schema() -> dict[str, Any]:
+    return json.loads((CHART_DIR / "values.schema.json").read_text())
+
+
+def test_schema_is_generated_from_values_yaml() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_values_schema.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_values_yaml_validates_against_schema() -> None:
+    schema = _schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(yaml.safe_load((CHART_DIR / "values.yaml").read_text()))
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_value_sets_validate_against_schema(name: str) -> None:
+    merged = _chart().merge_values(copy.deepcopy(VALUE_SETS[name]))
+    jsonschema.Draft202012Validator(_schema()).validate(merged)
+
+
+BAD_VALUES: dict[str, dict[str, Any]] = {
+    "negative router replicas": {"router": {"replicas": -1}},
+    "negative decode replicas": {"decode": {"replicas": -3}},
+    "plain-text apiKey string": {"apiKey": "sk-live-123"},
+    "plain-text apiKey value": {"apiKey": {"existingSecret": "k", "value": "sk-live-123"}},
+    "plain-text redis password": {"redis": {"auth": {"password": "hunter2"}}},
+    "plain-text tls key": {
+        "tls": {"enabled": True, "existingSecret": "t", "key": "-----BEGIN PRIVATE KEY-----"}
+    },
+    "credential in env": {"env": {"K2SERVE_API_KEY": "sk-live-123"}},
+    "tls without secret": {"tls": {"enabled": True}},
+    "unknown transfer backend": {"prefill": {"transfer": {"backend": "rdma"}}},
+    "port out of range": {"router": {"grpcPort": 70000}},
+    "zero ep size": {"decode": {"ep": {"size": 0}}},
+    "unknown autoscaling engine": {"prefill": {"autoscaling": {"engine": "vpa"}}},
+    "neither preset nor path": {"model": {"preset": ""}},
+    "both preset and path": {"model": {"preset": "tiny", "path": "/models/x"}},
+    "unknown top-level key": {"replicaCount": 3},
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_bad_values_are_rejected_by_template_and_lint(case: str) -> None:
+    values = BAD_VALUES[case]
+    with pytest.raises(helm.HelmValuesError):
+        render_manifests(values)
+    assert lint_errors(values), f"helm lint accepted {case}"
+
+
+TEMPLATE_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
+    "redis twice": ({"redis": {"external": {"urlSecretRef": {"name": "u"}}}}, "not both"),
+    "ep not divisible": ({"prefill": {"ep": {"size": 6, "podsPerGroup": 4}}}, "must divide"),
+    "min above max": (
+        {"decode": {"autoscaling": {"enabled": True, "minReplicas": 9, "maxReplicas": 2}}},
+        "exceeds",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TEMPLATE_FAILURES)
+def test_inconsistent_values_fail_the_render(case: str) -> None:
+    values, message = TEMPLATE_FAILURES[case]
+    with pytest.raises(helm.HelmError, match=message):
+        render_manifests(values)
