@@ -36,6 +36,8 @@ from types import TracebackType
 from urllib.parse import quote
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = [
     "EmbeddedRedis",
@@ -249,8 +251,12 @@ class EmbeddedRedis:
             start_new_session=True,
             preexec_fn=_die_with_parent(),
         )
-        client = redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.config.password, socket_timeout=1.0
+        client = redis.Redis(  # no redis-py retries (they back off for seconds): we poll ourselves
+            host="127.0.0.1",
+            port=self.port,
+            password=self.config.password,
+            socket_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),
         )
         deadline = time.monotonic() + self.config.startup_timeout_s
         try:
@@ -259,7 +265,8 @@ class EmbeddedRedis:
                     self._proc = None
                     raise RedisServerError(f"redis-server exited at startup; log:\n{self._log_tail()}")
                 with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
-                    if client.ping():
+                    # Another server on this port would answer PING too: check it is ours.
+                    if int(client.info("server")["process_id"]) == self._proc.pid:
                         return
                 if time.monotonic() > deadline:
                     self._stop_process()
