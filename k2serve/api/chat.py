@@ -1,0 +1,294 @@
+"""POST /v1/chat/completions: messages -> prompt ids -> backend -> reasoning, content and tool calls.
+
+The prompt is rendered with the tokenizer's own chat template when it has one, else the native K2
+renderer, through `PromptEncoder` (message text cannot become special tokens). Tools enter the prompt
+unless tool_choice is "none"; "required" or a named function, and response_format json_object /
+json_schema, become a grammar the backend compiles (`GenerateRequest.structured`). Output text is
+parsed with OutputParser (or ReasoningParser alone when no tools are in play).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from k2serve.api.detok import REASONING_MARKERS, TOOL_MARKERS, OutputText
+from k2serve.api.errors import APIError, bad_request, from_backend_error
+from k2serve.api.metrics import RequestTracker
+from k2serve.api.outputs import chat_logprobs, usage
+from k2serve.api.params import sampling_params
+from k2serve.api.protocol import BackendError, GenerateRequest, TokenEvent
+from k2serve.api.runner import (
+    CLIENT_CLOSED,
+    DONE,
+    AppState,
+    SSEResponse,
+    events,
+    sse,
+    start,
+    unless_disconnected,
+)
+from k2serve.api.schemas import ChatCompletionRequest
+from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ReasoningParser, collect
+from k2serve.chat.template import ChatTemplateError
+
+ENDPOINT = "chat"
+
+
+async def chat_completion(state: AppState, body: ChatCompletionRequest, http: Request) -> Response:
+    tracker = state.metrics.tracker(ENDPOINT)
+    try:
+        return await _chat_completion(state, body, http, tracker)
+    except APIError as e:
+        tracker.finish(e.status, None)
+        raise
+
+
+def _tool_choice(body: ChatCompletionRequest) -> str | dict[str, Any]:
+    """The effective tool_choice, checked against the declared tools."""
+    names = [t.function.name for t in body.tools or []]
+    choice: str | dict[str, Any]
+    if body.tool_choice is None:
+        choice = "auto" if names else "none"
+    elif isinstance(body.tool_choice, str):
+        choice = body.tool_choice
+    else:
+        choice = body.tool_choice.model_dump()
+    if choice == "required" and not names:
+        raise bad_request('tool_choice "required" needs at least one tool in tools', "tool_choice")
+    if isinstance(choice, dict) and choice["function"]["name"] not in names:
+        raise bad_request(
+            f"tool_choice names {choice['function']['name']!r}, which is not in tools", "tool_choice"
+        )
+    return choice
+
+
+def _structured(body: ChatCompletionRequest, choice: str | dict[str, Any]) -> dict[str, Any] | None:
+    forced = choice == "required" or isinstance(choice, dict)
+    fmt = body.response_format
+    json_format = fmt is not None and fmt.type != "text"
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise bad_request(
+            'response_format of type "json_schema" needs a json_schema object', "response_format"
+        )
+    if forced and json_format:
+        raise bad_request("response_format cannot be combined with a forced tool_choice", "response_format")
+    if forced:
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        return {"tools": tools, "tool_choice": choice}
+    if json_format and fmt is not None:
+        return {"response_format": fmt.model_dump(by_alias=True, exclude_none=True)}
+    return None
+
+
+async def _chat_completion(
+    state: AppState, body: ChatCompletionRequest, http: Request, tracker: RequestTracker
+) -> Response:
+    model = state.check_model(body.model)
+    state.admit()
+    backend, tok = state.backend, state.backend.tokenizer
+    if body.n not in (None, 1):
+        raise bad_request(f"n={body.n} is not supported: only n=1", "n")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    choice = _tool_choice(body)
+    structured = _structured(body, choice)
+    use_tools = bool(body.tools) and choice != "none"
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    for m in messages:
+        if m["role"] == "developer":
+            m["role"] = "system"
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if use_tools else None
+    try:
+        prompt = await asyncio.to_thread(state.encoder.encode_chat, messages, tools, tok.chat_template)
+    except (ChatTemplateError, jinja2.TemplateError) as e:
+        raise bad_request(f"the messages cannot be rendered: {e}", "messages") from e
+
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params = sampling_params(
+        body,
+        prompt_len=len(prompt),
+        prompt_param="messages",
+        max_model_len=backend.max_model_len,
+        max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        max_tokens_param=max_param,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        logprobs_param="top_logprobs",
+        skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
+    )
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    names = {"prompt_token_ids": "messages", "logprobs": "top_logprobs", "max_tokens": max_param}
+    stream = await start(state, GenerateRequest(rid, prompt, params, structured), names)
+    text = OutputText(
+        tok,
+        skip_special_tokens=params.skip_special_tokens,
+        keep=REASONING_MARKERS + (TOOL_MARKERS if use_tools else ()),
+        final_stop_ids=tok.stop_ids | set(params.stop_token_ids),
+        stop=params.stop,
+    )
+    parser: OutputParser | ReasoningParser = (
+        OutputParser(tool_names=[t.function.name for t in body.tools or []])
+        if use_tools
+        else ReasoningParser()
+    )
+    evs = events(state, rid, stream, tracker)
+    head = {"id": rid, "created": int(time.time()), "model": model}
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return SSEResponse(_stream(state, head, evs, text, parser, tracker, include_usage))
+    ok, result = await unless_disconnected(
+        http, _collect(state, head, evs, text, parser, tracker, body.return_token_ids)
+    )
+    if not ok:
+        tracker.finish(CLIENT_CLOSED, None)
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(result)
+
+
+def _deltas(parsed: list[DeltaEvent]) -> list[dict[str, Any]]:
+    """Parser events as OpenAI message deltas, adjacent pieces of the same kind merged."""
+    out: list[dict[str, Any]] = []
+    for ev in parsed:
+        if ev.kind in (EventKind.REASONING, EventKind.CONTENT):
+            key = "reasoning_content" if ev.kind is EventKind.REASONING else "content"
+            if out and list(out[-1]) == [key]:
+                out[-1][key] += ev.text
+            else:
+                out.append({key: ev.text})
+        elif ev.kind is EventKind.TOOL_CALL_BEGIN and ev.tool_call is not None:
+            fn = {"name": ev.tool_call.name, "arguments": ""}
+            out.append(
+                {
+                    "tool_calls": [
+                        {"index": ev.tool_index, "id": ev.tool_call.id, "type": "function", "function": fn}
+                    ]
+                }
+            )
+        elif ev.kind is EventKind.TOOL_CALL_ARGUMENTS:
+            last = out[-1]["tool_calls"][0] if out and "tool_calls" in out[-1] else None
+            if last is not None and last["index"] == ev.tool_index:
+                last["function"]["arguments"] += ev.text
+            else:
+                out.append({"tool_calls": [{"index": ev.tool_index, "function": {"arguments": ev.text}}]})
+    return out
+
+
+def _finish_reason(reason: str | None, made_calls: bool) -> str | None:
+    return "tool_calls" if made_calls and reason == "stop" else reason
+
+
+async def _stream(
+    state: AppState,
+    head: dict[str, Any],
+    evs: AsyncIterator[TokenEvent],
+    text: OutputText,
+    parser: OutputParser | ReasoningParser,
+    tracker: RequestTracker,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    tok = state.backend.tokenizer
+    base = {**head, "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        obj: dict[str, Any] = {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    status, reason, made_calls = CLIENT_CLOSED, None, False
+    n_out = n_prompt = n_cached = 0
+    try:
+        async with aclosing(evs):
+            yield chunk({"role": "assistant", "content": ""})
+            async for ev in evs:
+                done = ev.finish_reason is not None
+                n_out, n_prompt, n_cached = (
+                    n_out + len(ev.token_ids),
+                    ev.num_prompt_tokens,
+                    ev.num_cached_tokens,
+                )
+                deltas = _deltas(
+                    parser.feed(text.add(ev.token_ids, done)) + (parser.finish() if done else [])
+                )
+                made_calls = made_calls or any("tool_calls" in d for d in deltas)
+                lp = chat_logprobs(tok, ev.logprobs) if ev.logprobs else None
+                for i, delta in enumerate(deltas or ([{}] if lp else [])):
+                    yield chunk(delta, logprobs=lp if i == 0 else None)
+                reason = ev.finish_reason if done else reason
+            yield chunk({}, _finish_reason(reason, made_calls))
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": usage(n_prompt, n_out, n_cached)})
+            status = 200
+    except BackendError as e:
+        err = from_backend_error(e)
+        status = err.status
+        yield sse(err.body())
+    finally:
+        tracker.finish(status, reason)
+    yield DONE
+
+
+async def _collect(
+    state: AppState,
+    head: dict[str, Any],
+    evs: AsyncIterator[TokenEvent],
+    text: OutputText,
+    parser: OutputParser | ReasoningParser,
+    tracker: RequestTracker,
+    return_token_ids: bool,
+) -> dict[str, Any]:
+    tok = state.backend.tokenizer
+    parsed: list[DeltaEvent] = []
+    ids: list[int] = []
+    lps: list[Any] = []
+    reason, n_prompt, n_cached = None, 0, 0
+    try:
+        async with aclosing(evs):
+            async for ev in evs:
+                done = ev.finish_reason is not None
+                ids += ev.token_ids
+                lps += ev.logprobs or []
+                n_prompt, n_cached, reason = ev.num_prompt_tokens, ev.num_cached_tokens, ev.finish_reason
+                parsed += parser.feed(text.add(ev.token_ids, done)) + (parser.finish() if done else [])
+    except BackendError as e:
+        err = from_backend_error(e)
+        tracker.finish(err.status, None)
+        raise err from e
+    out = collect(parsed)
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in out.tool_calls
+    ]
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": out.content if out.content or not calls else None,
+        "reasoning_content": out.reasoning or None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": message,
+        "logprobs": chat_logprobs(tok, lps) if lps else None,
+        "finish_reason": _finish_reason(reason, bool(calls)),
+    }
+    if return_token_ids:
+        choice["token_ids"] = ids
+    tracker.finish(200, reason)
+    return {
+        **head,
+        "object": "chat.completion",
+        "choices": [choice],
+        "usage": usage(n_prompt, len(ids), n_cached),
+    }

@@ -1,0 +1,86 @@
+"""`build_app(backend, api_key)`: the OpenAI-compatible FastAPI application over any GenerationBackend.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (these need the API key
+when one is set: `Authorization: Bearer <key>`), GET /health (503 while draining) and GET /metrics
+(Prometheus text), which are open. Errors use OpenAI's JSON error shape (see k2serve.api.errors).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from k2serve.api.chat import chat_completion
+from k2serve.api.completions import completion
+from k2serve.api.errors import APIError, install_error_handlers
+from k2serve.api.metrics import CONTENT_TYPE, APIMetrics
+from k2serve.api.prompt import PromptEncoder
+from k2serve.api.protocol import DrainingError, GenerationBackend, QueueFullError
+from k2serve.api.runner import AppState
+from k2serve.api.schemas import ChatCompletionRequest, CompletionRequest
+
+
+def build_app(backend: GenerationBackend, api_key: str | None = None) -> FastAPI:
+    """The app; `api_key` None or "" leaves the /v1 routes open. `app.state.k2` is the AppState."""
+    state = AppState(backend, PromptEncoder(backend.tokenizer), APIMetrics(backend), api_key or None)
+    app = FastAPI(title="k2serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.k2 = state
+    install_error_handlers(app)
+    created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), state.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                "invalid_request_error",
+                None,
+                "invalid_api_key",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    auth = [Depends(authorize)]
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat_completion(state, body, request)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def _completions(body: CompletionRequest, request: Request) -> Response:
+        return await completion(state, body, request)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def _models() -> JSONResponse:
+        card = {
+            "id": backend.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "k2serve",
+            "max_model_len": backend.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/health")
+    async def _health() -> JSONResponse:
+        try:
+            backend.check_admission()
+        except DrainingError as e:
+            return APIError(503, str(e), "service_unavailable", None, "draining").response()
+        except QueueFullError:
+            pass  # a full queue is still a healthy server
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def _metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

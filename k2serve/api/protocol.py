@@ -1,0 +1,162 @@
+"""What the HTTP layer asks of whatever generates tokens: request/event types, errors, the backend contract.
+
+Everything here is transport-neutral: a `GenerateRequest` holds token ids, `SamplingParams` and a
+JSON-serialisable structured-output spec (never a compiled grammar), so a remote worker can rebuild
+it; a `TokenEvent` holds token ids (text is made by the HTTP layer from the tokenizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from k2serve.chat.tokenizer import KimiTokenizer
+from k2serve.engine.sampler import TokenLogprobs
+from k2serve.engine.sampling_params import SamplingParams
+
+__all__ = [
+    "BackendError",
+    "BackendFailure",
+    "BackendStats",
+    "DrainingError",
+    "FINISH_REASONS",
+    "GenerateRequest",
+    "GenerationBackend",
+    "InvalidRequestError",
+    "QueueFullError",
+    "TokenEvent",
+    "TokenLogprobs",
+]
+
+FINISH_REASONS = ("stop", "length", "abort")  # the values of TokenEvent.finish_reason
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation. `request_id` is unique among the backend's in-flight requests.
+
+    `structured` is None or exactly one of `{"response_format": <OpenAI response_format>}` or
+    `{"tools": [<OpenAI tool>...], "tool_choice": "required" | {"type": "function", "function":
+    {"name": N}}}`, optionally with `"allow_reasoning": bool` (an optional `<think>` block may precede
+    the constrained output; default False). The backend compiles it with
+    `k2serve.chat.structured.GrammarCompiler` against its own tokenizer.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    structured: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens of one request, in order. The last event of a stream has `finish_reason` set
+    ("stop", "length" or "abort") and may carry no tokens. `num_prompt_tokens` and
+    `num_cached_tokens` (prompt tokens served by the prefix cache) are the same in every event.
+    `logprobs` is None unless the request asked for them; then it has one entry per token id."""
+
+    token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    """A snapshot for metrics and load balancing. kv blocks are counts of blocks, summed over the
+    backend's pools; prefix_hit_rate is cached prompt tokens / prompt tokens looked up, in [0, 1]."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_hit_rate: float
+    num_preemptions: int
+
+
+class BackendError(Exception):
+    """Base of the errors a backend raises to one caller (never for other requests)."""
+
+
+class InvalidRequestError(BackendError, ValueError):
+    """The request can never run as given. `param` names the offending request field (the name in
+    SamplingParams or GenerateRequest: "max_tokens", "prompt_token_ids", "response_format", ...)
+    and `value` is its value. `limit` is set when a size limit was exceeded (e.g. max_model_len)."""
+
+    def __init__(
+        self, message: str, param: str | None = None, value: object = None, limit: int | None = None
+    ):
+        super().__init__(message)
+        self.param = param
+        self.value = value
+        self.limit = limit
+
+
+class QueueFullError(BackendError):
+    """Admission refused: `num_waiting` requests already wait and the limit is `limit`.
+    Retrying after `retry_after_s` seconds is reasonable."""
+
+    def __init__(self, num_waiting: int, limit: int, retry_after_s: float = 1.0) -> None:
+        super().__init__(f"the queue is full: {num_waiting} requests waiting, limit {limit}")
+        self.num_waiting = num_waiting
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class DrainingError(BackendError):
+    """Admission refused: the backend is draining (finishing in-flight requests before stopping)."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down and accepts no new requests")
+
+
+class BackendFailure(BackendError):
+    """An in-flight request was ended by a failure that is not the request's fault (the HTTP
+    layer answers 500); `request_id` names it."""
+
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(f"request {request_id!r}: {message}")
+        self.request_id = request_id
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """The contract between the HTTP API and token generation.
+
+    Implementations: `k2serve.engine.async_engine.AsyncEngine` (one local engine) and the
+    cluster router (prefill/decode workers). The HTTP app uses nothing else.
+
+    - `check_admission()` raises DrainingError or QueueFullError when a new request would be
+      refused now; it is cheap and does no work (the app calls it before tokenizing).
+    - `await generate(request)` validates and admits the request, raising InvalidRequestError,
+      QueueFullError or DrainingError before any work is done; it returns the request's event
+      stream. Iterating it yields TokenEvents until one with `finish_reason`; it may raise
+      BackendFailure instead. Requests that fail never affect other requests.
+    - A caller that stops iterating before the final event must call `abort(request_id)`;
+      `abort` is idempotent, a no-op for finished or unknown ids, and frees the request's KV blocks.
+    - `stats()` never blocks on generation.
+    - `tokenizer` is the one prompts were encoded with; `vocab_size` bounds token ids;
+      `max_model_len` bounds prompt + generated tokens.
+    """
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> KimiTokenizer: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def check_admission(self) -> None: ...
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> BackendStats: ...

@@ -1,0 +1,429 @@
+"""AsyncEngine: one LLMEngine stepped by a background thread, served to asyncio as a GenerationBackend.
+
+Only the engine thread touches the LLMEngine. Callers (on any asyncio loop) hand it commands (add,
+abort) through a locked inbox and receive TokenEvents on a per-request asyncio.Queue fed with
+`loop.call_soon_threadsafe`. Validation, admission and grammar compilation run in the caller, so a
+bad request fails in its own caller. A failure inside a step ends only the requests it can be pinned
+on (all in-flight ones when it cannot be pinned), is logged, and the thread carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2serve.api.protocol import (
+    BackendError,
+    BackendFailure,
+    BackendStats,
+    DrainingError,
+    GenerateRequest,
+    InvalidRequestError,
+    QueueFullError,
+    TokenEvent,
+)
+from k2serve.chat.tokenizer import KimiTokenizer
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine, RequestOutput
+from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
+from k2serve.engine.sequence import RequestError
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20  # top log-probabilities per token at most (OpenAI's and vLLM's default limit)
+
+
+@dataclass
+class _Client:
+    """The caller side of one request: where its events go."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenEvent | BackendError]
+    num_prompt_tokens: int
+
+
+class AsyncEngine:
+    """The local GenerationBackend (see k2serve.api.protocol for the contract).
+
+    Lifecycle: `start()` launches the engine thread; `begin_drain()` refuses new requests
+    (DrainingError) while in-flight ones go on; `await drain(timeout)` waits for them (aborting what
+    is left after `timeout` seconds) and then stops the thread; `shutdown()` aborts everything in
+    flight and stops the thread at once. Both always leave the thread stopped.
+    """
+
+    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("AsyncEngine needs a model directory with a tokenizer (tiktoken.model)")
+        self._engine = engine
+        self._tokenizer: KimiTokenizer = engine.tokenizer
+        self._model_name = model_name
+        self._compiler: Any = None  # k2serve.chat.structured.GrammarCompiler, built on first use
+        self._compiler_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._commands: list[tuple[str, Any, Any]] = []
+        self._clients: dict[str, _Client] = {}
+        self._num_pending_adds = 0
+        self._stats = BackendStats(0, 0, 0, engine.blocks.num_blocks, 0.0, 0)
+        self._draining = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        config: EngineConfig | None = None,
+        model_name: str | None = None,
+    ) -> AsyncEngine:
+        """Load a checkpoint directory; the model name defaults to the directory's name."""
+        engine = LLMEngine.from_pretrained(model_dir, dtype, config)
+        return cls(engine, model_name or Path(model_dir).resolve().name)
+
+    # ---- GenerationBackend ---------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def tokenizer(self) -> KimiTokenizer:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._engine.model.config.vocab_size
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The wrapped engine. Only the engine thread may touch it while the thread runs."""
+        return self._engine
+
+    def check_admission(self) -> None:
+        with self._cond:
+            self._check_admission_locked()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        self.check_admission()
+        self._validate(request)
+        constraint = None
+        if request.structured is not None:
+            constraint = await asyncio.to_thread(self._compile, request.structured)
+        client = _Client(asyncio.get_running_loop(), asyncio.Queue(), len(request.prompt_token_ids))
+        with self._cond:
+            self._check_admission_locked()
+            if self._thread is None or not self._thread.is_alive():
+                raise BackendFailure("the engine thread is not running (call start())", request.request_id)
+            if request.request_id in self._clients:
+                raise InvalidRequestError(
+                    f"request id {request.request_id!r} is already in flight",
+                    "request_id",
+                    request.request_id,
+                )
+            self._clients[request.request_id] = client
+            self._commands.append(("add", request, constraint))
+            self._num_pending_adds += 1
+            self._cond.notify()
+        return self._events(client)
+
+    async def abort(self, request_id: str) -> None:
+        with self._cond:
+            if request_id in self._clients:
+                self._commands.append(("abort", request_id, None))
+                self._cond.notify()
+
+    def stats(self) -> BackendStats:
+        with self._cond:
+            return replace(self._stats, num_waiting=self._stats.num_waiting + self._num_pending_adds)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="k2serve-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining or self._stopping
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests admitted whose final event has not been handed to their caller yet."""
+        with self._cond:
+            return len(self._clients)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; in-flight ones continue."""
+        with self._cond:
+            self._draining = True
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (at most `timeout` s), then stop the thread."""
+        self.begin_drain()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while self.num_in_flight and (deadline is None or time.monotonic() < deadline):
+                await asyncio.sleep(0.02)
+        finally:
+            await asyncio.to_thread(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Abort whatever is in flight (callers get a final "abort" event) and join the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # ---- caller side ---------------------------------------------------------------------------
+    def _check_admission_locked(self) -> None:
+        if self._draining or self._stopping:
+            raise DrainingError()
+        waiting = self._stats.num_waiting + self._num_pending_adds
+        limit = self._engine.config.max_waiting
+        if waiting >= limit:
+            raise QueueFullError(waiting, limit)
+
+    def _validate(self, request: GenerateRequest) -> None:
+        """Everything that makes a request impossible, named; raises InvalidRequestError."""
+        ids, p = request.prompt_token_ids, request.params
+        vocab, limit = self.vocab_size, self.max_model_len
+        if not isinstance(p, SamplingParams):
+            raise InvalidRequestError("params must be SamplingParams", "params", type(p).__name__)
+        if not isinstance(ids, list) or not ids:
+            raise InvalidRequestError(
+                "the prompt is empty: at least one token is required", "prompt_token_ids", ids
+            )
+        bad = next(
+            (t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None
+        )
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})", "prompt_token_ids", bad
+            )
+        if len(ids) >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the model's context length is {limit} tokens "
+                "(prompt + at least one generated token)",
+                "prompt_token_ids",
+                len(ids),
+                limit,
+            )
+        if len(ids) + p.max_tokens > limit:
+            raise InvalidRequestError(
+                f"max_tokens={p.max_tokens} is too large: the prompt has {len(ids)} tokens and the model's "
+                f"context length is {limit} tokens, so at most {limit - len(ids)} can be generated",
+                "max_tokens",
+                p.max_tokens,
+                limit,
+            )
+        blocks = self._engine.blocks
+        if blocks.blocks_needed(len(ids) + p.max_tokens) > blocks.num_blocks:
+            raise InvalidRequestError(
+                f"prompt + max_tokens = {len(ids) + p.max_tokens} tokens need "
+                f"{blocks.blocks_needed(len(ids) + p.max_tokens)} KV blocks; the pool has {blocks.num_blocks}",
+                "max_tokens",
+                p.max_tokens,
+                blocks.num_blocks * blocks.block_size,
+            )
+        if p.n != 1:
+            raise InvalidRequestError(f"n={p.n} is not supported: only n=1", "n", p.n)
+        if p.logprobs is not None and p.logprobs > MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs={p.logprobs} is too large: at most {MAX_LOGPROBS}",
+                "logprobs",
+                p.logprobs,
+                MAX_LOGPROBS,
+            )
+        if p.top_k > vocab:
+            raise InvalidRequestError(
+                f"top_k={p.top_k} exceeds the vocabulary size {vocab}", "top_k", p.top_k, vocab
+            )
+        try:
+            self._engine.validate(ids, p)
+        except RequestError as e:
+            cause = e.__cause__
+            if isinstance(cause, SamplingParamsError):
+                raise InvalidRequestError(str(cause), cause.field_name, cause.value) from e
+            raise InvalidRequestError(str(e)) from e
+
+    def _compile(self, structured: dict[str, Any]) -> Any:
+        """A GrammarConstraint for a GenerateRequest.structured spec; raises InvalidRequestError."""
+        from k2serve.chat.structured import GrammarCompiler, StructuredOutputError
+
+        if not isinstance(structured, dict) or not ({"response_format", "tool_choice"} & structured.keys()):
+            raise InvalidRequestError(
+                "structured must name response_format or tool_choice", "structured", structured
+            )
+        param = "response_format" if "response_format" in structured else "tool_choice"
+        allow_reasoning = bool(structured.get("allow_reasoning", False))
+        with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = GrammarCompiler(self._tokenizer)
+        try:
+            if param == "response_format":
+                return self._compiler.for_response_format(structured["response_format"], allow_reasoning)
+            return self._compiler.for_tool_choice(
+                structured.get("tools"), structured["tool_choice"], allow_reasoning
+            )
+        except (StructuredOutputError, ValueError, TypeError, AttributeError, KeyError) as e:
+            raise InvalidRequestError(
+                f"cannot build a grammar for {param}: {e}", param, structured[param]
+            ) from e
+
+    async def _events(self, client: _Client) -> AsyncIterator[TokenEvent]:
+        """The caller's view: events in order, consecutive queued ones merged, ending at the final one."""
+        while True:
+            item = await client.queue.get()
+            if isinstance(item, BackendError):
+                raise item
+            while item.finish_reason is None and not client.queue.empty():
+                nxt = client.queue.get_nowait()
+                if isinstance(nxt, BackendError):
+                    yield item
+                    raise nxt
+                item = _merge(item, nxt)
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._commands or self._stopping or self._engine.has_unfinished_requests()):
+                        self._cond.wait()
+                    commands, self._commands = self._commands, []
+                    self._apply(commands)
+                    if self._stopping:
+                        for rid in list(self._clients):
+                            self._abort_locked(rid)
+                        return
+                    self._publish_stats()
+                if self._engine.has_unfinished_requests():
+                    self._step()
+        finally:
+            with self._cond:
+                self._stopping = True
+                for rid, client in list(self._clients.items()):
+                    self._send(client, BackendFailure("the engine thread stopped", rid))
+                self._clients.clear()
+
+    def _apply(self, commands: list[tuple[str, Any, Any]]) -> None:
+        """Add and abort requests in arrival order (lock held)."""
+        for kind, arg, constraint in commands:
+            if kind == "abort":
+                self._abort_locked(arg)
+                continue
+            request: GenerateRequest = arg
+            rid = request.request_id
+            self._num_pending_adds -= 1
+            client = self._clients.get(rid)
+            if client is None:
+                continue
+            try:
+                self._engine.add_request(rid, request.prompt_token_ids, request.params, constraint)
+            except (RequestError, ValueError, TypeError) as e:
+                del self._clients[rid]
+                self._send(client, InvalidRequestError(str(e), None, rid))
+
+    def _abort_locked(self, request_id: str) -> None:
+        self._engine.abort_request(request_id)
+        client = self._clients.pop(request_id, None)
+        if client is not None:
+            self._send(client, TokenEvent([], "abort", client.num_prompt_tokens, 0))
+
+    def _step(self) -> None:
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:  # contained: the requests it hit get the error, the thread goes on
+            logger.exception("engine step failed")
+            self._recover(exc)
+            return
+        with self._cond:
+            for out in outputs:
+                self._deliver(out)
+            self._publish_stats()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        client = self._clients.get(out.request_id)
+        if client is None:
+            return
+        new = list(out.new_token_ids)
+        tail = out.logprobs[len(out.logprobs) - len(new) :] if out.logprobs else []
+        logprobs = tail if tail and all(lp is not None for lp in tail) else None
+        event = TokenEvent(
+            new,
+            out.finish_reason if out.finished else None,
+            len(out.prompt_token_ids),
+            out.num_cached_tokens,
+            logprobs,
+        )
+        if out.finished:
+            del self._clients[out.request_id]
+        if not self._send(client, event) and not out.finished:
+            self._engine.abort_request(out.request_id)  # nobody is listening any more
+            del self._clients[out.request_id]
+
+    def _recover(self, exc: Exception) -> None:
+        """End the requests a failed step can be blamed on: the unschedulable head of the queue for
+        a RequestError with nothing running, otherwise every in-flight request."""
+        with self._cond:
+            sched = self._engine.scheduler
+            if isinstance(exc, RequestError) and sched.waiting and not sched.running:
+                victims = [sched.waiting[0].request_id]
+            else:
+                victims = list(self._engine.seqs)
+            for rid in victims:
+                self._engine.abort_request(rid)
+                client = self._clients.pop(rid, None)
+                if client is None:
+                    continue
+                if isinstance(exc, RequestError):
+                    self._send(client, InvalidRequestError(str(exc), "prompt_token_ids", rid))
+                else:
+                    self._send(client, BackendFailure(f"engine step failed: {exc!r}", rid))
+            self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        sched, blocks = self._engine.scheduler, self._engine.blocks
+        self._stats = BackendStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_blocks_used=blocks.num_used_blocks,
+            kv_blocks_total=blocks.num_blocks,
+            prefix_hit_rate=blocks.prefix_hit_rate,
+            num_preemptions=sched.num_preemptions,
+        )
+
+    @staticmethod
+    def _send(client: _Client, item: TokenEvent | BackendError) -> bool:
+        """Hand `item` to the caller's loop; False when that loop is closed (the caller is gone)."""
+        try:
+            client.loop.call_soon_threadsafe(client.queue.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
+
+
+def _merge(a: TokenEvent, b: TokenEvent) -> TokenEvent:
+    logprobs = a.logprobs + b.logprobs if a.logprobs is not None and b.logprobs is not None else None
+    return TokenEvent(
+        a.token_ids + b.token_ids, b.finish_reason, b.num_prompt_tokens, b.num_cached_tokens, logprobs
+    )
