@@ -13,7 +13,7 @@ Args of every define here: dict "root" $ "role" "prefill|decode" (+ "member" for
 {{- define "k2serve.worker.resources" -}}
 {{- $res := deepCopy ((index .root.Values .role).resources | default dict) -}}
 {{- if .root.Values.gpu.enabled -}}
-{{- $n := include "k2serve.worker.ranksPerPod" . | int -}}
+{{- $n := include "k2serve.worker.ranksPerPod" . -}}
 {{- $gpu := .root.Values.gpu.resourceName -}}
 {{- $_ := set $res "limits" (merge (dict $gpu $n) ($res.limits | default dict)) -}}
 {{- $_ = set $res "requests" (merge (dict $gpu $n) ($res.requests | default dict)) -}}
@@ -26,7 +26,6 @@ Args of every define here: dict "root" $ "role" "prefill|decode" (+ "member" for
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $w := index $v .role -}}
-{{- $perPod := include "k2serve.worker.ranksPerPod" . | int -}}
 {{- $startupFailures := max 1 (div (int $w.startupTimeoutSeconds) 10) -}}
 {{ include "k2serve.podCommon" $root }}
 terminationGracePeriodSeconds: {{ int $w.terminationGracePeriodSeconds }}

@@ -1,0 +1,200 @@
+"""How the rendered workloads fit together: disruption budgets and autoscalers point at real
+workloads, GPUs follow expert parallelism, Services reach named ports, Redis persists with AOF."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_helm_chart import REDIS_SECRET, REDIS_URL_SECRET, VALUE_SETS, by_name, objects
+from test_helm_objects import FULL, pod_specs
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
+
+
+def workloads(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objects(values) if o["kind"] in WORKLOAD_KINDS}
+
+
+def pod_labels(workload: dict[str, Any]) -> list[dict[str, str]]:
+    if workload["kind"] == "LeaderWorkerSet":
+        t = workload["spec"]["leaderWorkerTemplate"]
+        return [t["leaderTemplate"]["metadata"]["labels"], t["workerTemplate"]["metadata"]["labels"]]
+    return [workload["spec"]["template"]["metadata"]["labels"]]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_pdbs_cover_router_and_workers(name: str) -> None:
+    values = VALUE_SETS[name]
+    pdbs = {o["metadata"]["name"]: o["spec"] for o in objects(values, "PodDisruptionBudget")}
+    wl = workloads(values)
+    for role in ("router", "prefill", "decode"):
+        enabled = values.get(role, {}).get("pdb", {}).get("enabled", True)
+        assert (f"{FULL}-{role}" in pdbs) == enabled
+        if enabled:
+            pdb = pdbs[f"{FULL}-{role}"]
+            assert pdb["maxUnavailable"] >= 1
+            sel = pdb["selector"]["matchLabels"]
+            assert all(selects(sel, labels) for labels in pod_labels(wl[f"{FULL}-{role}"]))
+            others = [w for n, w in wl.items() if n != f"{FULL}-{role}"]
+            assert not any(selects(sel, labels) for w in others for labels in pod_labels(w))
+
+
+@pytest.mark.parametrize("name", ["gpu-hpa", "keda-external-redis", "ep-leaderworkerset"])
+def test_autoscalers_target_the_role_workload(name: str) -> None:
+    values = VALUE_SETS[name]
+    wl = workloads(values)
+    scalers = objects(values, "HorizontalPodAutoscaler") + objects(values, "ScaledObject")
+    assert scalers
+    for s in scalers:
+        ref = s["spec"]["scaleTargetRef"]
+        target = wl[ref["name"]]
+        assert (ref["apiVersion"], ref["kind"]) == (target["apiVersion"], target["kind"])
+        assert ref["name"] == s["metadata"]["name"]  # the autoscaler of a role scales that role
+        assert "replicas" not in target["spec"], (
+            "an autoscaled workload must leave replicas to the autoscaler"
+        )
+    lws = by_name(VALUE_SETS["ep-leaderworkerset"], "HorizontalPodAutoscaler", f"{FULL}-prefill")
+    assert lws["spec"]["scaleTargetRef"]["kind"] == "LeaderWorkerSet"
+
+
+def test_hpa_reads_router_metrics() -> None:
+    values = VALUE_SETS["gpu-hpa"]
+    hpa = by_name(values, "HorizontalPodAutoscaler", f"{FULL}-prefill")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+    (metric,) = hpa["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["name"].startswith("k2serve_router_")
+    assert metric["external"]["metric"]["selector"]["matchLabels"] == {"role": "prefill"}
+
+
+def _gpu(spec: dict[str, Any]) -> tuple[str | None, str | None]:
+    res = spec["containers"][0]["resources"]
+    return res.get("requests", {}).get("nvidia.com/gpu"), res.get("limits", {}).get("nvidia.com/gpu")
+
+
+def test_gpus_follow_expert_parallel_ranks_per_pod() -> None:
+    specs = dict(pod_specs(VALUE_SETS["gpu-hpa"]))
+    assert _gpu(specs[f"StatefulSet/{FULL}-prefill"]) == ("8", "8")  # ep 8 in one pod
+    assert _gpu(specs[f"StatefulSet/{FULL}-decode"]) == ("1", "1")
+    assert _gpu(specs[f"Deployment/{FULL}-router"]) == (None, None)
+    lws = dict(pod_specs(VALUE_SETS["ep-leaderworkerset"]))
+    for member in ("leader", "worker"):
+        assert _gpu(lws[f"LeaderWorkerSet/{FULL}-prefill/{member}"]) == ("8", "8")  # 16 ranks / 2 pods
+        assert _gpu(lws[f"LeaderWorkerSet/{FULL}-decode/{member}"]) == ("8", "8")  # 32 ranks / 4 pods
+    tolerations = specs[f"StatefulSet/{FULL}-prefill"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    for owner, spec in pod_specs(VALUE_SETS["defaults"]):
+        assert _gpu(spec) == (None, None), owner
+        assert "tolerations" not in spec, owner
+
+
+def test_image_variant_follows_gpu() -> None:
+    gpu = dict(pod_specs(VALUE_SETS["gpu-hpa"]))
+    assert gpu[f"StatefulSet/{FULL}-decode"]["containers"][0]["image"].endswith(":0.1.0-cuda")
+    assert gpu[f"Deployment/{FULL}-router"]["containers"][0]["image"].endswith(":0.1.0-cpu")
+    for owner, spec in pod_specs(VALUE_SETS["defaults"]):
+        if "redis" not in owner:
+            assert all(c["image"].endswith(":0.1.0-cpu") for c in spec["containers"]), owner
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_services_reach_named_container_ports(name: str) -> None:
+    values = VALUE_SETS[name]
+    wl = workloads(values)
+    for svc in objects(values, "Service"):
+        matched = [
+            w for w in wl.values() if all(selects(svc["spec"]["selector"], lab) for lab in pod_labels(w))
+        ]
+        assert matched, svc["metadata"]["name"]
+        for w in matched:
+            specs = [s for o, s in pod_specs(values) if o.split("/")[1] == w["metadata"]["name"]]
+            names = {p["name"] for s in specs for c in s["containers"] for p in c.get("ports", [])}
+            for port in svc["spec"]["ports"]:
+                assert port["targetPort"] in names, (svc["metadata"]["name"], port)
+
+
+def test_router_service_exposes_http_and_grpc() -> None:
+    svc = by_name(VALUE_SETS["defaults"], "Service", f"{FULL}-router")["spec"]
+    assert {(p["name"], p["port"]) for p in svc["ports"]} == {("http", 8000), ("grpc", 50051)}
+    assert svc["type"] == "ClusterIP"
+
+
+def test_worker_statefulsets_use_their_headless_service() -> None:
+    values = VALUE_SETS["gpu-hpa"]
+    for role in ("prefill", "decode"):
+        sts = by_name(values, "StatefulSet", f"{FULL}-{role}")
+        svc = by_name(values, "Service", f"{FULL}-{role}-headless")["spec"]
+        assert sts["spec"]["serviceName"] == f"{FULL}-{role}-headless"
+        assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
+        assert {p["name"] for p in svc["ports"]} == {"grpc", "transfer"}  # torch transfer backend
+
+
+def _redis_container(values: dict[str, Any]) -> dict[str, Any]:
+    return by_name(values, "StatefulSet", f"{FULL}-redis")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_redis_persists_with_aof_and_secret_password() -> None:
+    values = VALUE_SETS["defaults"]
+    sts = by_name(values, "StatefulSet", f"{FULL}-redis")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    c = _redis_container(values)
+    script = " ".join(c["command"] + c["args"])
+    assert "--appendonly yes" in script and "--appendfsync everysec" in script and "--dir /data" in script
+    assert '--requirepass "$REDIS_PASSWORD"' in script
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": f"{FULL}-redis-auth", "key": "redis-password"}
+    secret = by_name(values, "Secret", f"{FULL}-redis-auth")
+    assert set(secret["data"]) == {"redis-password"}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/data", "/tmp"}
+
+
+def test_redis_with_existing_secret_creates_none() -> None:
+    values = VALUE_SETS["tls-apikey-secrets"]
+    assert objects(values, "Secret") == []
+    c = _redis_container(values)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": REDIS_SECRET, "key": "password"}
+
+
+def _router_env(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    spec = by_name(values, "Deployment", f"{FULL}-router")["spec"]["template"]["spec"]
+    return {e["name"]: e for e in spec["containers"][0]["env"]}
+
+
+def test_router_redis_url() -> None:
+    env = _router_env(VALUE_SETS["defaults"])
+    names = list(env)
+    assert names.index("REDIS_PASSWORD") < names.index(
+        "REDIS_URL"
+    )  # $(REDIS_PASSWORD) expands only if defined first
+    assert env["REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@k2-k2serve-redis.llm.svc:6379/0"
+    external = _router_env(VALUE_SETS["keda-external-redis"])
+    assert external["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": REDIS_URL_SECRET, "key": "url"}
+    assert "REDIS_PASSWORD" not in external
+    assert f"{FULL}-redis" not in workloads(VALUE_SETS["keda-external-redis"])
+    assert "REDIS_URL" not in _router_env(VALUE_SETS["minimal"])
+
+
+def test_only_router_talks_to_redis() -> None:
+    for owner, spec in pod_specs(VALUE_SETS["defaults"]):
+        uses = any(e["name"].startswith("REDIS") for c in spec["containers"] for e in c.get("env", []))
+        assert uses == (owner.endswith("-router") or owner.endswith("-redis")), owner
+
+
+def test_pods_roll_on_config_change() -> None:
+    for name, w in workloads(VALUE_SETS["defaults"]).items():
+        if not name.endswith("-redis"):
+            assert "checksum/config" in w["spec"]["template"]["metadata"]["annotations"], name
+    a = by_name({}, "Deployment", f"{FULL}-router")["spec"]["template"]["metadata"]["annotations"]
+    b = by_name({"env": {"LOG_LEVEL": "debug"}}, "Deployment", f"{FULL}-router")["spec"]["template"][
+        "metadata"
+    ]
+    assert a["checksum/config"] != b["annotations"]["checksum/config"]
