@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.retry import Retry
 
 from k2serve.sessions.codec import (
     decode_json,
@@ -65,12 +66,16 @@ class RedisSessionStore(SessionStore):
         *,
         key_prefix: str = "k2s:",
         clock: Callable[[], int] | None = None,
+        retry: Retry | None = None,
     ) -> None:
+        """retry: redis-py's policy for lost connections; None keeps redis-py's default (a few
+        retries with backoff, several seconds in all), Retry(NoBackoff(), 0) fails at once."""
         super().__init__(config, clock)
         self.key_prefix = key_prefix
         self._where = _redacted(url)
+        options: dict[str, Any] = {"retry": retry} if retry is not None else {}
         self._redis = redis.Redis.from_url(
-            url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_CONNECT_TIMEOUT_S
+            url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_CONNECT_TIMEOUT_S, **options
         )
         self._scripts = {name: self._redis.register_script(src) for name, src in SCRIPTS.items()}
 

@@ -39,8 +39,6 @@ class SessionStoreConfig:
         for name, value in vars(self).items():
             if type(value) is not int or value < 1:
                 raise InvalidSessionArgument(name, value, "must be an int >= 1")
-        if self.max_append_tokens > self.max_tokens:
-            raise InvalidSessionArgument("max_append_tokens", self.max_append_tokens, "must be <= max_tokens")
         if self.default_ttl_s > self.max_ttl_s:
             raise InvalidSessionArgument("default_ttl_s", self.default_ttl_s, "must be <= max_ttl_s")
 
