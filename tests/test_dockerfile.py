@@ -230,3 +230,31 @@ def test_copied_sources_exist_and_pass_dockerignore(dockerfile: tuple[dict[str, 
                 assert not _dockerignored(src, patterns), f"{src} is excluded by .dockerignore"
     for private in (".git/config", "tests/conftest.py", ".env", "helm/k2serve/values.yaml"):
         assert _dockerignored(private, patterns), private
+
+
+# --- deploy/ray/cluster.yaml runs this image ------------------------------------------------
+
+RAY_CONFIG = ROOT / "deploy" / "ray" / "cluster.yaml"
+
+
+def test_ray_cluster_config_runs_the_image() -> None:
+    config = yaml.safe_load(RAY_CONFIG.read_text())
+    assert config["provider"]["type"] == "local"
+    docker = config["docker"]
+    assert re.fullmatch(r"\S+/k2serve:\d+\.\d+\.\d+-cuda-ray", docker["image"])
+    assert '--entrypoint=""' in docker["run_options"]  # Ray starts containers with a shell, not `k2serve`
+    for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert cmd.startswith("ray "), cmd
+    text = json.dumps(config).lower()
+    assert not re.search(r"(password|api_key|apikey|token|secret)\s*[:=]", text)
+
+
+def test_ray_cluster_k2serve_command_parses() -> None:
+    lines = [
+        ln.strip("# ").strip() for ln in RAY_CONFIG.read_text().splitlines() if ln.startswith("#   k2serve ")
+    ]
+    assert lines, "the config documents the `k2serve up` command it is for"
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        ns = build_parser().parse_args(argv)
+        assert ns.command == "up" and ns.ray == "auto" and ns.host == "0.0.0.0"

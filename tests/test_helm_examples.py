@@ -1,0 +1,45 @@
+"""The example values under deploy/values/ stay valid: they pass the schema, render, lint clean,
+and every k2serve command line they produce parses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_helm_chart import ROOT, lint_errors, objects
+from test_helm_cli_args import invocations, parse
+from test_helm_objects import FULL
+
+EXAMPLES = sorted((ROOT / "deploy" / "values").glob("*.yaml"))
+
+
+def load(path: Path) -> dict[str, Any]:
+    values = yaml.safe_load(path.read_text())
+    assert isinstance(values, dict), path
+    return values
+
+
+def test_examples_exist() -> None:
+    assert {p.name for p in EXAMPLES} >= {"cpu-smoke.yaml", "gpu-kimi-k2.yaml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_renders_lints_and_parses(path: Path) -> None:
+    values = load(path)
+    assert objects(values), path
+    assert lint_errors(values) == []
+    commands = {argv[0] for _, _, argv in invocations(values)}
+    assert commands >= {"router", "prefill", "decode"}
+    for owner, _, argv in invocations(values):
+        assert parse(argv).command == argv[0], owner
+
+
+def test_gpu_example_shape() -> None:
+    values = load(ROOT / "deploy" / "values" / "gpu-kimi-k2.yaml")
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects(values)}
+    assert ("StatefulSet", f"{FULL}-prefill") in kinds
+    assert ("LeaderWorkerSet", f"{FULL}-decode") in kinds
+    assert {k for k, _ in kinds} >= {"ScaledObject", "ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"}
+    assert ("Secret", f"{FULL}-redis-auth") not in kinds  # the password comes from k2-redis
