@@ -3,7 +3,8 @@
 Endpoint: "host:port" of a gRPC server hosting the KVTransfer service (the decode worker's own
 server, or one the receiver starts). Layers larger than KV_CHUNK_MAX_BYTES are split along tokens.
 The sender uses a dedicated channel with the KV message limits; the receiver's server must be
-created with the same limits (`grpc_options(KV_MAX_MESSAGE_BYTES)`).
+created with the same limits (`grpc_options(KV_MAX_MESSAGE_BYTES)`). Both sides (de)serialize
+chunks with grpc_codec, which is wire-identical to the generated KVChunk but copies less.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from concurrent.futures import Future
 import grpc
 import torch
 
-from k2serve.proto import kv_transfer_pb2, kv_transfer_pb2_grpc
+from k2serve.proto import kv_transfer_pb2
 from k2serve.proto.limits import KV_CHUNK_MAX_BYTES, KV_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.transfer.base import (
     ChunkError,
@@ -28,32 +29,32 @@ from k2serve.transfer.base import (
     TransferStats,
     TransferTimeout,
 )
+from k2serve.transfer.grpc_codec import decode_chunk, encode_chunk
 from k2serve.transfer.inbox import Inbox
 from k2serve.transfer.outbox import SenderBase, split_layer
 
 _LayerItem = tuple[int, torch.Tensor, "Future[None]"]
+_SERVICE = kv_transfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name
+_PUSH = f"/{_SERVICE}/Push"
 
 
 class _Stream:
     """One Push call: layers queued by send_layer, turned into chunks on gRPC's request thread."""
 
-    def __init__(
-        self, stub: kv_transfer_pb2_grpc.KVTransferStub, spec: TransferSpec, max_chunk_bytes: int
-    ) -> None:
+    def __init__(self, push: grpc.StreamUnaryMultiCallable, spec: TransferSpec, max_chunk_bytes: int) -> None:
         self.spec = spec
         self.max_chunk_bytes = max_chunk_bytes
         self.queue: queue.SimpleQueue[_LayerItem | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.pending: list[Future[None]] = []
-        self.call: grpc.Future = stub.Push.future(self._chunks())
+        self.call: grpc.Future = push.future(self._chunks())
         self.call.add_done_callback(self._on_call_done)
 
-    def _chunks(self) -> Iterator[kv_transfer_pb2.KVChunk]:
+    def _chunks(self) -> Iterator[tuple[kv_transfer_pb2.KVChunkHeader, torch.Tensor]]:
         while (item := self.queue.get()) is not None:
             layer, kv, fut = item
-            for header, payload in split_layer(self.spec, layer, kv, self.max_chunk_bytes):
-                yield kv_transfer_pb2.KVChunk(header=header, payload=payload.numpy().tobytes())
-            fut.set_result(None)  # handed to gRPC; delivery is confirmed by the call's result
+            yield from split_layer(self.spec, layer, kv, self.max_chunk_bytes)
+            fut.set_result(None)  # gRPC serialized the last chunk; delivery is confirmed by the call's result
 
     def _on_call_done(self, call: grpc.Future) -> None:
         with self.lock:
@@ -96,11 +97,13 @@ class GrpcKVSender(SenderBase):
         self.endpoint = endpoint
         self._max_chunk_bytes = max_chunk_bytes
         self._channel = grpc.insecure_channel(endpoint, options=grpc_options(KV_MAX_MESSAGE_BYTES))
-        self._stub = kv_transfer_pb2_grpc.KVTransferStub(self._channel)
+        self._push = self._channel.stream_unary(
+            _PUSH, request_serializer=encode_chunk, response_deserializer=kv_transfer_pb2.KVPushAck.FromString
+        )
         self._streams: dict[str, _Stream] = {}
 
     def _start(self, spec: TransferSpec) -> None:
-        self._streams[spec.transfer_id] = _Stream(self._stub, spec, self._max_chunk_bytes)
+        self._streams[spec.transfer_id] = _Stream(self._push, spec, self._max_chunk_bytes)
 
     def _send(self, spec: TransferSpec, layer: int, kv: torch.Tensor) -> Future[None]:
         return self._streams[spec.transfer_id].put(layer, kv)
@@ -131,17 +134,22 @@ class GrpcKVSender(SenderBase):
 _STATUS_FOR_FIELD = {"transfer_id": grpc.StatusCode.NOT_FOUND, "checksum": grpc.StatusCode.DATA_LOSS}
 
 
-class _Servicer(kv_transfer_pb2_grpc.KVTransferServicer):
+class _Servicer:
     def __init__(self, inbox: Inbox) -> None:
         self.inbox = inbox
 
-    def Push(self, request_iterator: Iterator[kv_transfer_pb2.KVChunk], context: grpc.ServicerContext):
-        transfer_id = ""
+    def push(
+        self,
+        request_iterator: Iterator[tuple[kv_transfer_pb2.KVChunkHeader, memoryview]],
+        context: grpc.ServicerContext,
+    ) -> kv_transfer_pb2.KVPushAck:
+        transfer_id, complete, received = "", False, 0
         source = f"grpc:{context.peer()}:{id(context)}"
         try:
-            for chunk in request_iterator:
-                transfer_id = chunk.header.transfer_id
-                self.inbox.accept(chunk.header, chunk.payload, source)
+            for header, payload in request_iterator:
+                transfer_id = header.transfer_id
+                complete = self.inbox.accept(header, payload, source)
+                received += payload.nbytes
         except ChunkError as e:
             context.abort(_STATUS_FOR_FIELD.get(e.field, grpc.StatusCode.INVALID_ARGUMENT), str(e))
         except TransferError as e:  # failed earlier (timeout, cancel, on_layer)
@@ -149,18 +157,20 @@ class _Servicer(kv_transfer_pb2_grpc.KVTransferServicer):
         except grpc.RpcError:  # the sender went away mid-stream
             self.inbox.fail(transfer_id, TransferError(transfer_id, "sender disconnected mid-stream"))
             raise
-        progress = self.inbox.progress(transfer_id)
-        if progress is None or progress[0] < progress[1]:
-            got = (
-                "no chunks"
-                if not transfer_id
-                else f"{progress and progress[0]} of {progress and progress[1]} layers"
-            )
-            self.inbox.fail(transfer_id, TransferError(transfer_id, f"stream ended after {got}"))
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"transfer {transfer_id!r}: stream ended after {got}"
-            )
-        return kv_transfer_pb2.KVPushAck(transfer_id=transfer_id, ok=True, layers_received=progress[1])
+        if not complete:
+            reason = f"stream ended before the last layer ({received} bytes received)"
+            self.inbox.fail(transfer_id, TransferError(transfer_id, reason))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {transfer_id!r}: {reason}")
+        return kv_transfer_pb2.KVPushAck(transfer_id=transfer_id, ok=True, bytes_received=received)
+
+
+def _handler(inbox: Inbox) -> grpc.GenericRpcHandler:
+    push = grpc.stream_unary_rpc_method_handler(
+        _Servicer(inbox).push,
+        request_deserializer=decode_chunk,
+        response_serializer=kv_transfer_pb2.KVPushAck.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(_SERVICE, {"Push": push})
 
 
 class GrpcKVReceiver(KVReceiver):
@@ -186,10 +196,10 @@ class GrpcKVReceiver(KVReceiver):
             if port == 0:
                 raise OSError(f"cannot bind KV gRPC server to {endpoint!r}")
             endpoint = f"{host}:{port}"
-            kv_transfer_pb2_grpc.add_KVTransferServicer_to_server(_Servicer(self._inbox), server)
+            server.add_generic_rpc_handlers((_handler(self._inbox),))
             server.start()
         else:
-            kv_transfer_pb2_grpc.add_KVTransferServicer_to_server(_Servicer(self._inbox), server)
+            server.add_generic_rpc_handlers((_handler(self._inbox),))
         self._server = server
         self._endpoint = endpoint
 

@@ -158,12 +158,6 @@ class Inbox:
         for tid in tids:
             self.fail(tid, TransferError(tid, reason))
 
-    def progress(self, transfer_id: str) -> tuple[int, int] | None:
-        """(layers delivered, num_layers), or None for an unknown transfer."""
-        with self._lock:
-            t = self._transfers.get(transfer_id)
-            return None if t is None else (t.layers_done, t.spec.num_layers)
-
     def wait(self, transfer_id: str, timeout: float) -> TransferStats:
         with self._lock:
             t = self._transfers.get(transfer_id)

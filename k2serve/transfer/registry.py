@@ -32,7 +32,7 @@ def make_sender(backend: str, endpoint: str, **options: Any) -> KVSender:
 
         return GrpcKVSender(endpoint, **options)
     if backend == "torch":
-        from k2serve.transfer.torch_backend import TorchKVSender
+        from k2serve.transfer.torch_sender import TorchKVSender
 
         return TorchKVSender(endpoint, **options)
     raise UnknownBackendError(backend)
@@ -49,7 +49,7 @@ def make_receiver(backend: str, endpoint: str = "127.0.0.1:0", **options: Any) -
 
         return GrpcKVReceiver(endpoint, **options)
     if backend == "torch":
-        from k2serve.transfer.torch_backend import TorchKVReceiver
+        from k2serve.transfer.torch_receiver import TorchKVReceiver
         from k2serve.transfer.torch_wire import split_endpoint
 
         host, port = split_endpoint(endpoint)

@@ -10,8 +10,14 @@ Rendezvous (one TCPStore per receiver, shared by all its senders):
   sender rank 1; gloo exchanges their addresses through the store. CUDA payloads use a second,
   NCCL group over PrefixStore("peer/<n>/nccl/", store).
 
-Frames: a fixed FRAME_BYTES uint8 tensor = u32 little-endian body length + a KVControlFrame
-protobuf + zero padding, so the receiver can always post a receive of known size.
+Messages: per chunk, a control frame on FRAME_TAG then its payload on PAYLOAD_TAG. A frame is a
+fixed FRAME_BYTES uint8 tensor = u32 little-endian body length + a KVControlFrame protobuf + zero
+padding. A payload is 1..max_chunk_bytes raw bytes, where max_chunk_bytes is what the receiver
+published under store key "max_chunk_bytes". Because gloo lets a message land in a larger posted
+buffer, the receiver keeps frame and payload receives posted ahead into a ring of full-size slots
+(gloo matches receives of one tag from one peer in posting order), so a sender never waits for the
+receiver to parse a header; the checksum over byte_length bytes catches a short payload.
+Verdicts travel back on ACK_TAG as frames.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ import torch.distributed as dist
 
 from k2serve.proto.kv_transfer_pb2 import KVControlFrame
 
-DATA_TAG = 1  # sender -> receiver: frame, then payload
+FRAME_TAG = 1  # sender -> receiver: chunk or goodbye frames
+PAYLOAD_TAG = 3  # sender -> receiver: the payload of the preceding chunk frame
 ACK_TAG = 2  # receiver -> sender: verdict or goodbye frames
 FRAME_BYTES = 512
-MAX_PAYLOAD_BYTES = 1 << 30  # one layer's bytes; a 262,144-token K2 layer is 302 MB
+MAX_CHUNK_BYTES = 16 << 20  # default payload slot size; a 4,096-token K2 layer (4.7 MB) fits in one
 STOP_VALUE = b"__stop__"
 IDLE_TIMEOUT = timedelta(days=365)
 """Timeout of the pair groups' operations: a gloo timeout closes the pair, and a receiver may wait
