@@ -94,19 +94,21 @@ def render_manifests(values: dict[str, Any] | None = None) -> dict[str, str]:
     return _chart().render(copy.deepcopy(values or {}), name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 @functools.cache
-def _render_cached(key: str) -> tuple[tuple[str, str], ...]:
-    return tuple(render_manifests(json.loads(key)).items())
+def _render_cached(key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    for path, text in render_manifests(json.loads(key)).items():
+        if not path.endswith("NOTES.txt"):
+            out += [(path, doc) for doc in yaml.load_all(text, Loader=_Loader) if doc]
+    return tuple(out)
 
 
 def render(values: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(template path, object) of every rendered Kubernetes object; cached per value set."""
-    objs: list[tuple[str, dict[str, Any]]] = []
-    for path, text in _render_cached(json.dumps(values or {}, sort_keys=True)):
-        if path.endswith("NOTES.txt"):
-            continue
-        objs += [(path, copy.deepcopy(doc)) for doc in yaml.safe_load_all(text) if doc]
-    return objs
+    """(template path, object) of every rendered Kubernetes object; cached per value set (copies)."""
+    return copy.deepcopy(list(_render_cached(json.dumps(values or {}, sort_keys=True))))
 
 
 def objects(values: dict[str, Any] | None = None, kind: str | None = None) -> list[dict[str, Any]]:
