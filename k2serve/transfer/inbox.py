@@ -71,6 +71,7 @@ class Inbox:
         Raises ChunkError for a bad chunk (the transfer, if known, fails with it) and TransferError
         when the transfer already failed or on_layer raised.
         """
+        arrived = time.perf_counter()
         tid = header.transfer_id
         with self._lock:
             t = self._transfers.get(tid)
@@ -82,7 +83,7 @@ class Inbox:
             try:
                 layer_view = self._check(t, header, payload, source)
                 if t.first_chunk_at is None:
-                    t.first_chunk_at = time.perf_counter()
+                    t.first_chunk_at = arrived
                     t.source = source
                 if layer_view is not None:
                     t.on_layer(header.layer, layer_view)
@@ -100,7 +101,7 @@ class Inbox:
                 if t.complete and t.error is None:
                     t.finished_at = time.perf_counter()
                     t.done.set()
-                return t.complete
+                return t.complete and t.error is None
 
     def _check(self, t: _Transfer, h: KVChunkHeader, payload: Payload, source: str) -> torch.Tensor | None:
         """Checks one chunk; returns the layer [num_tokens, kv_dim] when this chunk completes it."""

@@ -51,7 +51,7 @@ class _Peer:
         self.payload_pg: dist.ProcessGroup | None = None
         self.send_lock = threading.Lock()  # verdicts and goodbye share the ACK tag
         self.goodbye_sent = False
-        self.free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()  # posted slots, in posting order
+        self.free: queue.SimpleQueue[_Slot | None] = queue.SimpleQueue()  # posted slots in posting order
         self.ready: queue.SimpleQueue[tuple[KVChunkHeader, _Slot] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, name=f"kv-recv-{number}", daemon=True)
         self.deliver_thread = threading.Thread(target=self.deliver, name=f"kv-deliver-{number}", daemon=True)
@@ -93,6 +93,8 @@ class _Peer:
         """Network loop; returns at the sender's goodbye, raises when the connection breaks."""
         while True:
             slot = self.free.get()
+            if slot is None:
+                raise RuntimeError("the delivery thread could not re-post a receive")
             assert slot.frame_work is not None and slot.payload_work is not None
             slot.frame_work.wait()
             frame = wire.decode_frame(slot.frame)
@@ -123,6 +125,7 @@ class _Peer:
                 slot.post(self.pg, self.payload_pg)
             except RuntimeError as e:
                 log.info("sender %d: re-posting a receive failed: %s", self.number, e)
+                self.free.put(None)
                 return
             self.free.put(slot)
 

@@ -61,6 +61,7 @@ class TorchKVSender(SenderBase):
         self._verdicts: dict[str, Future[KVPushAck]] = {}
         self._broken: str | None = None  # why the connection is unusable
         self._goodbye_queued = False
+        self._send_thread_done = False  # set with _lock held, so _send never queues behind it
         self._queue: queue.SimpleQueue[tuple[TransferSpec, int, torch.Tensor, Future[None]] | None]
         self._queue = queue.SimpleQueue()
         self._send_thread = threading.Thread(target=self._send_loop, name=f"kv-send-{peer}", daemon=True)
@@ -76,7 +77,12 @@ class TorchKVSender(SenderBase):
 
     def _send(self, spec: TransferSpec, layer: int, kv: torch.Tensor) -> Future[None]:
         fut: Future[None] = Future()
-        self._queue.put((spec, layer, kv, fut))
+        with self._lock:
+            if not self._send_thread_done:
+                self._queue.put((spec, layer, kv, fut))
+                return fut
+            why = self._broken or "sender shut down"
+        fut.set_exception(TransferError(spec.transfer_id, f"layer {layer} not sent: {why}"))
         return fut
 
     def _finish(self, spec: TransferSpec, timeout: float, complete: bool) -> None:
@@ -95,6 +101,23 @@ class TorchKVSender(SenderBase):
             raise TransferError(spec.transfer_id, f"receiver rejected it: {ack.error}")
 
     def _send_loop(self) -> None:
+        try:
+            self._send_layers()
+        finally:
+            with self._lock:
+                self._send_thread_done = True
+                why = self._broken or "sender shut down"
+            while True:  # layers queued behind the goodbye or a broken connection
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[3].set_exception(
+                        TransferError(item[0].transfer_id, f"layer {item[1]} not sent: {why}")
+                    )
+
+    def _send_layers(self) -> None:
         """Posts each layer's frame and payload without waiting, keeping up to _IN_FLIGHT layers
         on the wire, so the next layer's checksum overlaps the current layer's transfer."""
         in_flight: deque[tuple[list[dist.Work], Future[None], str]] = deque()
