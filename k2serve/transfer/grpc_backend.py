@@ -57,6 +57,7 @@ class _Stream:
             fut.set_result(None)  # gRPC serialized the last chunk; delivery is confirmed by the call's result
 
     def _on_call_done(self, call: grpc.Future) -> None:
+        self.queue.put(None)  # let gRPC's request thread leave _chunks if it waits there
         with self.lock:
             pending, self.pending = self.pending, []
         for fut in pending:
@@ -119,6 +120,8 @@ class GrpcKVSender(SenderBase):
         except grpc.FutureTimeoutError:
             stream.call.cancel()
             raise TransferTimeout(spec.transfer_id, timeout, "no acknowledgement from the receiver") from None
+        except grpc.FutureCancelledError:
+            raise TransferError(spec.transfer_id, "cancelled by the sender (shutdown)") from None
         except grpc.RpcError as e:
             raise TransferError(spec.transfer_id, f"receiver rejected it: {_describe(stream.call)}") from e
         if not ack.ok:

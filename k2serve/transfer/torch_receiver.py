@@ -28,7 +28,11 @@ _RING = 2  # receive slots per sender: one being validated while the next one fi
 
 @dataclass
 class _Slot:
-    """A frame buffer and a full-size payload buffer with their posted receives."""
+    """A frame buffer and a full-size payload buffer with their posted receives.
+
+    gloo lets a payload land in the larger posted buffer, so both receives are posted ahead. NCCL
+    (CUDA payloads; untested here) needs the exact size: its receive is posted once the frame is read.
+    """
 
     frame: torch.Tensor
     payload: torch.Tensor
@@ -37,7 +41,14 @@ class _Slot:
 
     def post(self, pg: dist.ProcessGroup, payload_pg: dist.ProcessGroup) -> None:
         self.frame_work = pg.recv([self.frame], 1, wire.FRAME_TAG)
-        self.payload_work = payload_pg.recv([self.payload], 1, wire.PAYLOAD_TAG)
+        if self.payload.device.type == "cpu":
+            self.payload_work = payload_pg.recv([self.payload], 1, wire.PAYLOAD_TAG)
+
+    def wait_payload(self, payload_pg: dist.ProcessGroup, n: int) -> None:
+        if self.payload.device.type != "cpu":
+            self.payload_work = payload_pg.recv([self.payload[:n]], 1, wire.PAYLOAD_TAG)
+        assert self.payload_work is not None
+        self.payload_work.wait()
 
 
 class _Peer:
@@ -95,7 +106,7 @@ class _Peer:
             slot = self.free.get()
             if slot is None:
                 raise RuntimeError("the delivery thread could not re-post a receive")
-            assert slot.frame_work is not None and slot.payload_work is not None
+            assert slot.frame_work is not None and self.payload_pg is not None
             slot.frame_work.wait()
             frame = wire.decode_frame(slot.frame)
             kind = frame.WhichOneof("kind")
@@ -106,7 +117,7 @@ class _Peer:
             n = frame.chunk.byte_length
             if not 0 < n <= self.owner.max_chunk_bytes:  # its payload would not match its slot
                 raise wire.FrameError(f"payload of {n} bytes, not in 1..{self.owner.max_chunk_bytes}", n)
-            slot.payload_work.wait()
+            slot.wait_payload(self.payload_pg, n)
             self.ready.put((frame.chunk, slot))
 
     def deliver(self) -> None:
