@@ -323,3 +323,28 @@ def test_two_process_transfers(backend: str) -> None:
             child.join(5)
         receiver.shutdown()
         results.close()
+
+
+def test_torch_receiver_serves_several_senders_at_once() -> None:
+    receiver = make_receiver("torch")
+    senders = [make_sender("torch", receiver.endpoint) for _ in range(2)]
+    got: dict[str, dict[int, torch.Tensor]] = {"a": {}, "b": {}}
+    kvs = {tid: make_kv(i, 3, 50, 16, torch.bfloat16) for i, tid in enumerate(got)}
+    try:
+        for tid, store in got.items():
+            receiver.expect(
+                tid, 3, 50, 16, torch.bfloat16, lambda layer, kv, s=store: s.__setitem__(layer, kv.clone())
+            )
+        for sender, tid in zip(senders, got, strict=True):
+            sender.open(tid, 3, 50, 16, torch.bfloat16)
+        for layer in range(3):  # interleaved: both connections busy at once
+            for sender, tid in zip(senders, got, strict=True):
+                sender.send_layer(tid, layer, kvs[tid][layer])
+        for sender, tid in zip(senders, got, strict=True):
+            sender.close(tid, timeout=10)
+            receiver.wait(tid, timeout=10)
+            assert all(same_bits(got[tid][i], kvs[tid][i]) for i in range(3))
+    finally:
+        for sender in senders:
+            sender.shutdown()
+        receiver.shutdown()
