@@ -6,7 +6,6 @@ import os
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -148,23 +147,34 @@ def test_url_from_env_or_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not pid_alive(pid)
 
 
+# The supervisor makes itself a child subreaper, so the orphaned redis-server is reparented to it
+# (not to a PID 1 that may never reap) and it can wait for the server's exit.
+_PARENT = """
+import time
+from k2serve.cluster.redis_server import EmbeddedRedis
+print(EmbeddedRedis().start().pid, flush=True)
+time.sleep(60)
+"""
+_SUPERVISOR = f"""
+import ctypes, os, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+parent = subprocess.Popen([sys.executable, "-c", {_PARENT!r}], stdout=subprocess.PIPE, text=True)
+pid = int(parent.stdout.readline())
+parent.kill()  # SIGKILL: neither atexit nor stop() runs
+parent.wait()
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        print("reaped")
+        sys.exit(0)
+    time.sleep(0.02)
+os.kill(pid, 9)
+os.waitpid(pid, 0)
+print("outlived its parent")
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_server_dies_with_a_killed_parent() -> None:
-    script = textwrap.dedent(
-        """
-        import sys, time
-        from k2serve.cluster.redis_server import EmbeddedRedis
-        server = EmbeddedRedis().start()
-        print(server.pid, flush=True)
-        time.sleep(60)
-        """
-    )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert parent.stdout is not None
-        pid = int(parent.stdout.readline())
-        assert pid_alive(pid)
-    finally:
-        parent.kill()  # SIGKILL: neither atexit nor stop() runs
-        parent.wait()
-    assert wait_gone(pid), f"redis-server {pid} outlived its killed parent"
+    out = subprocess.run([sys.executable, "-c", _SUPERVISOR], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "reaped", out.stdout + out.stderr
