@@ -1,18 +1,19 @@
 """The Lua scripts of `RedisSessionStore`; each runs atomically inside Redis.
 
-Key layout (P is the store's key prefix, default "k2s:"; SID a session id):
+Key layout (<P> is the store's key prefix, default "k2s:"; <SID> a session id; the braces
+around <SID> are a Redis hash tag):
 
-    P{SID}:meta          HASH   owner, model, metadata, ttl_s, created_ms, last_used_ms, turns,
-                                tool_steps, msg_bytes, holder ("" = none), cached, append_id
-    P{SID}:tok           STRING token ids, little-endian uint32, grown with APPEND
-    P{SID}:bh            STRING block-hash chain, little-endian uint64, grown with APPEND
-    P{SID}:msg           LIST   one compact JSON text per message
-    P owner:<sha256>     ZSET   the owner's session ids, score = expiry time (unix ms)
-    P worker:<worker id> SET    ids of sessions whose holder is that worker (may hold stale ids)
+    <P>{<SID>}:meta        HASH   owner, model, metadata, ttl_s, created_ms, last_used_ms, turns,
+                                  tool_steps, msg_bytes, holder ("" = none), cached, append_id
+    <P>{<SID>}:tok         STRING token ids, little-endian uint32, grown with APPEND
+    <P>{<SID>}:bh          STRING block-hash chain, little-endian uint64, grown with APPEND
+    <P>{<SID>}:msg         LIST   one compact JSON text per message (absent while empty)
+    <P>owner:<sha256>      ZSET   the owner's session ids, score = expiry time (unix ms)
+    <P>worker:<worker id>  SET    ids of sessions whose holder is that worker (may hold stale ids)
 
-Every key of a session carries the session's TTL, restarted on each use; the index keys are
-kept alive at least as long as their longest-lived member. Scripts derive index and
-other-session keys from P inside Lua, so this layout needs a standalone (or Sentinel) Redis,
+The keys of a session share one expiry time (PEXPIREAT), pushed back to now + ttl_s on each
+use; an index key lives at least as long as its longest-lived member. Scripts derive index and
+other-session keys from <P> inside Lua, so this layout needs a standalone (or Sentinel) Redis,
 not Redis Cluster. Replies start with a status: OK, NOTFOUND, LIMIT name value maximum,
 CONFLICT num_tokens, or EXISTS.
 """
@@ -37,7 +38,9 @@ end
 local function use(prefix, sid, meta, tok, bh, msg, owner_idx, now)
   local ttl = tonumber(redis.call('HGET', meta, 'ttl_s'))
   redis.call('HSET', meta, 'last_used_ms', now)
-  for _, key in ipairs({meta, tok, bh, msg}) do redis.call('EXPIRE', key, ttl) end
+  local t = redis.call('TIME')  -- one absolute deadline: the session's keys expire together
+  local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 1000 * ttl
+  for _, key in ipairs({meta, tok, bh, msg}) do redis.call('PEXPIREAT', key, at) end
   redis.call('ZADD', owner_idx, tonumber(now) + 1000 * ttl, sid)
   extend_ttl(owner_idx, ttl)
   local holder = redis.call('HGET', meta, 'holder')

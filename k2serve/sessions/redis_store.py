@@ -4,9 +4,10 @@ Each operation is one Lua script (see `redis_lua` for the key layout), except `a
 needs the block hashes of the new tokens and Lua cannot compute them: it reads the history's
 tail and last block hash, hashes in Python, and writes with a compare-and-set on the history
 length, retrying when a concurrent append got in first. Each append carries a random id that
-the script records, so redis-py's automatic retry of a call whose reply was lost does not
-apply it twice (unless another append lands in between; then the call fails or duplicates,
-as at-least-once: callers that must not duplicate pass `expected_num_tokens`).
+the script records, so when redis-py retries a call whose reply was lost, the retry sees the
+append already applied and does not repeat it. (If another append to the session lands between
+the lost reply and the retry, the retry cannot tell and appends again; callers that must never
+duplicate pass `expected_num_tokens`.)
 """
 
 from __future__ import annotations
