@@ -136,7 +136,7 @@ def test_scaledobject_structure() -> None:
             meta = trig["metadata"]
             assert set(meta) == {"serverAddress", "query", "threshold"}
             assert all(isinstance(v, str) for v in meta.values())  # KEDA metadata is a string map
-            assert "k2serve_router_" in meta["query"]
+            assert "k2serve_" in meta["query"]
     prefill = by_name(values, "ScaledObject", f"{FULL}-prefill")
     assert prefill["spec"]["triggers"][0]["authenticationRef"] == {"name": "prom-auth"}
 

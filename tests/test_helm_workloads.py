@@ -3,10 +3,12 @@ workloads, GPUs follow expert parallelism, Services reach named ports, Redis per
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
-from test_helm_chart import REDIS_SECRET, REDIS_URL_SECRET, VALUE_SETS, by_name, objects
+import yaml
+from test_helm_chart import REDIS_SECRET, REDIS_URL_SECRET, ROOT, VALUE_SETS, by_name, objects
 from test_helm_objects import FULL, pod_specs
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
@@ -67,9 +69,25 @@ def test_hpa_reads_router_metrics() -> None:
     hpa = by_name(values, "HorizontalPodAutoscaler", f"{FULL}-prefill")["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
     (metric,) = hpa["metrics"]
-    assert metric["type"] == "External"
-    assert metric["external"]["metric"]["name"].startswith("k2serve_router_")
-    assert metric["external"]["metric"]["selector"]["matchLabels"] == {"role": "prefill"}
+    assert metric["type"] == "External" and metric["external"]["target"]["type"] == "AverageValue"
+    assert metric["external"]["metric"]["name"] == "k2serve_requests_waiting"
+
+
+def _package_source() -> str:
+    return "\n".join(p.read_text() for p in (ROOT / "k2serve").rglob("*.py"))
+
+
+def test_autoscaling_metrics_are_ones_k2serve_exports() -> None:
+    """The metric names the default HPA metrics and KEDA queries read are defined in k2serve."""
+    values = yaml.safe_load((ROOT / "helm" / "k2serve" / "values.yaml").read_text())
+    names = set()
+    for role in ("router", "prefill", "decode"):
+        auto = values[role]["autoscaling"]
+        names |= {m["external"]["metric"]["name"] for m in auto["metrics"] if m["type"] == "External"}
+        names |= {n.removesuffix("_bucket") for n in re.findall(r"k2serve_\w+", auto["keda"]["query"])}
+    assert names
+    source = _package_source()
+    assert {n for n in names if f'"{n}"' not in source} == set()
 
 
 def _gpu(spec: dict[str, Any]) -> tuple[str | None, str | None]:
