@@ -247,3 +247,42 @@ def test_offline_api_text_prompt_and_timing(tiny_ckpt: Path) -> None:
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
     assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     assert out.metrics.ttft > 0 and out.metrics.tpot > 0
+
+
+def test_disaggregated_handoff_in_process(tiny_ckpt: Path) -> None:
+    """Prefill engine streams each layer's latent via kv_sink; a second engine continues from it."""
+    ps = prompts(5, seed=11, lo=10, hi=60)
+    colocated = make_engine(tiny_ckpt)
+    for i, p in enumerate(ps):
+        colocated.add_request(str(i), p, GREEDY)
+    expected = run_all(colocated)
+
+    prefill = make_engine(tiny_ckpt, max_num_batched_tokens=32)  # chunked: the sink fires on the last chunk
+    decode = make_engine(tiny_ckpt)
+    received: dict[str, dict[int, torch.Tensor]] = {}
+    for i, p in enumerate(ps):
+        received[str(i)] = {}
+        prefill.add_request(
+            str(i),
+            p,
+            SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+            kv_sink=lambda layer, kv, rid=str(i): received[rid].__setitem__(layer, kv),
+        )
+    first: dict[str, int] = {}
+    while prefill.has_unfinished_requests():
+        for o in prefill.step():
+            if o.finished:
+                first[o.request_id] = o.token_ids[0]
+    assert_no_leak(prefill)  # the prefill side keeps nothing referenced (cached prefixes stay evictable)
+    layers = decode.model.config.num_hidden_layers
+    for i, p in enumerate(ps):
+        rid = str(i)
+        assert sorted(received[rid]) == list(range(layers))
+        assert received[rid][0].shape == (len(p), decode.model.config.kv_cache_dim)
+        table = decode.blocks.allocate(p).block_table
+        slots = decode.pool.slot_mapping(table, 0, len(p))
+        for layer, kv in received[rid].items():
+            decode.pool.write(layer, slots, kv)
+        assert decode.add_prefilled_request(rid, p, first[rid], GREEDY, table) is None
+    assert run_all(decode) == expected
+    assert_no_leak(decode)

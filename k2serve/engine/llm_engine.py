@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,10 +144,16 @@ class LLMEngine:
             raise RequestError(f"n={params.n} is not supported by the engine (send n requests)")
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, constraint: Any = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        constraint: Any = None,
+        kv_sink: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
         """Queue a request. `constraint` (a GrammarConstraint) restricts every sampled token; the
-        request then also finishes ("stop") when the grammar terminates."""
+        request then also finishes ("stop") when the grammar terminates. `kv_sink(layer, kv)` receives
+        every layer's latent of the whole prompt as soon as it is computed (disaggregated prefill)."""
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -158,6 +165,7 @@ class LLMEngine:
             params,
             generator=make_generator(params),
             constraint=constraint,
+            kv_sink=kv_sink,
         )
         self.seqs[request_id] = seq
         if self.tokenizer is not None:
@@ -165,6 +173,57 @@ class LLMEngine:
 
             self._decoders[request_id] = IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
         self.scheduler.add(seq)
+
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        block_table: list[int],
+        constraint: Any = None,
+    ) -> RequestOutput | None:
+        """Continue a request whose prompt KV was computed elsewhere and written into `block_table`
+        (blocks this engine's block manager allocated for it; the engine now owns them) and whose
+        first token was sampled there. Returns the finished output when the first token already ends
+        the request (the blocks are then freed), else None and the request joins the batch."""
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            generator=make_generator(params),
+            constraint=constraint,
+        )
+        if seq.generator is not None:  # the prefill side drew the first token's random numbers
+            torch.rand(self.model.config.vocab_size, generator=seq.generator)
+        seq.block_table = list(block_table)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        seq.output_token_ids.append(first_token_id)
+        seq.first_token_time = time.monotonic()
+        self.seqs[request_id] = seq
+        if constraint is not None:
+            constraint.accept(first_token_id)
+        if self.tokenizer is not None:
+            from k2serve.chat.tokenizer import IncrementalDecoder
+
+            dec = IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
+            self._decoders[request_id] = dec
+            seq.output_text = dec.add(first_token_id)
+        reason = self._stop_reason(seq, first_token_id)
+        if reason is None:
+            self.scheduler.add(seq)
+            return None
+        seq.finish_time = seq.first_token_time
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.seqs.pop(request_id, None)
+        self._decoders.pop(request_id, None)
+        return self._output(seq, [first_token_id], seq.output_text)
 
     def abort_request(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
@@ -193,13 +252,30 @@ class LLMEngine:
             RowSpec(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.samples)
             for c in sched.chunks
         ]
-        logits = self.runner.run(rows)  # [S, V]
+        logits = self.runner.run(
+            rows, self._kv_sink_hook([c.seq for c in sched.chunks if c.samples])
+        )  # [S, V]
         self.num_computed_tokens_total += sched.num_tokens
         for c in sched.chunks:
             c.seq.num_computed_tokens += c.num_tokens
             self.blocks.mark_computed(c.seq.block_table, c.seq.token_ids, c.seq.num_computed_tokens)
         sampling = [c.seq for c in sched.chunks if c.samples]
         return self._postprocess(sampling, logits)
+
+    def _kv_sink_hook(self, finishing: list[Sequence]) -> Callable[[int], None] | None:
+        """A layer hook that hands each prompt-completing sequence with a kv_sink its whole latent."""
+        sinks = [s for s in finishing if s.kv_sink is not None and not s.output_token_ids]
+        if not sinks:
+            return None
+        slots = [self.pool.slot_mapping(s.block_table, 0, s.num_tokens) for s in sinks]
+
+        def on_layer(layer: int) -> None:
+            flat = self.pool.kv[layer].view(-1, self.pool.kv_dim)  # [slots, D]
+            for seq, sl in zip(sinks, slots, strict=True):
+                assert seq.kv_sink is not None
+                seq.kv_sink(layer, flat.index_select(0, sl))  # a copy: [num_tokens, D]
+
+        return on_layer
 
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         if not seqs:

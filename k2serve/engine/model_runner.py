@@ -9,6 +9,7 @@ over the latent; rows computing several (prefill chunks) use the expanded path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -50,18 +51,25 @@ class RowSpec:
     sample: bool
 
 
+LayerHook = Callable[[int], None]
+"""Called with a layer index right after that layer's new latent is in the pool (before its attention)."""
+
+
 class PagedBackend:
     """The attention backend the model calls in each layer during an engine step."""
 
-    def __init__(self, pool: KVCachePool, inputs: StepInputs) -> None:
+    def __init__(self, pool: KVCachePool, inputs: StepInputs, on_layer: LayerHook | None = None) -> None:
         self.pool = pool
         self.inputs = inputs
+        self.on_layer = on_layer
 
     def __call__(
         self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
     ) -> torch.Tensor:
         layer = mla.layer_idx
         self.pool.write(layer, self.inputs.slots, latent)
+        if self.on_layer is not None:
+            self.on_layer(layer)
         out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv]
         for g in self.inputs.groups:
             kv = self.pool.gather(layer, g.block_tables).to(q_nope.dtype)  # [B, K, C + dr]
@@ -125,10 +133,9 @@ class ModelRunner:
         self.pool = pool
 
     @torch.inference_mode()
-    def run(self, rows: Seq[RowSpec]) -> torch.Tensor:
+    def run(self, rows: Seq[RowSpec], on_layer: LayerHook | None = None) -> torch.Tensor:
         """Compute the rows' tokens into the cache; return fp32 logits [S, V] for the sampling rows."""
         inputs = build_step_inputs(rows, self.pool)
-        hidden = self.model.forward_hidden(
-            inputs.input_ids, inputs.positions, PagedBackend(self.pool, inputs)
-        )
+        backend = PagedBackend(self.pool, inputs, on_layer)
+        hidden = self.model.forward_hidden(inputs.input_ids, inputs.positions, backend)
         return self.model.logits(hidden[inputs.sample_index])

@@ -50,6 +50,8 @@ class Scheduler:
         self.num_preemptions = 0  # total since start (a metric)
 
     def add(self, seq: Sequence) -> None:
+        """Queue `seq`. It may come with `block_table` and `num_computed_tokens` already set (its KV
+        was computed elsewhere and written into those blocks): it is then admitted without allocation."""
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -104,15 +106,20 @@ class Scheduler:
             self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            tokens = seq.token_ids
-            if not self.blocks.can_allocate(tokens):
+            if not seq.block_table:  # a sequence prefilled elsewhere arrives with its blocks filled
+                tokens = seq.token_ids
+                if not self.blocks.can_allocate(tokens):
+                    break
+                alloc = self.blocks.allocate(tokens)
+                seq.block_table = alloc.block_table
+                seq.num_computed_tokens = alloc.num_cached_tokens
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = alloc.num_cached_tokens
+            elif not self.blocks.can_append(seq.block_table, seq.num_tokens):
                 break
-            alloc = self.blocks.allocate(tokens)
+            else:
+                self.blocks.append_slot(seq.block_table, seq.num_tokens)
             self.waiting.popleft()
-            seq.block_table = alloc.block_table
-            seq.num_computed_tokens = alloc.num_cached_tokens
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = alloc.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)

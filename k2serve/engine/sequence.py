@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,9 @@ class Sequence:
     num_preemptions: int = 0
     output_text: str = ""
     constraint: Any = None  # a chat.structured.GrammarConstraint: allowed_mask / accept / is_terminated
+    # Disaggregated prefill: called as kv_sink(layer, kv [num_tokens, kv_dim]) with the whole prompt's latent
+    # of each layer during the step that completes the prompt (the prefill worker sends it on).
+    kv_sink: Callable[[int, torch.Tensor], None] | None = None
     _stop_checked_chars: int = 0
 
     @property
