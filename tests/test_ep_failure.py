@@ -1,0 +1,113 @@
+"""A dead or hung rank makes the others fail fast with an EPError naming the layer and the peer.
+
+kill: rank 1 of 3 is SIGKILLed inside MoE layer 2 of its 4th step; ranks 0 and 2, waiting for it in
+that layer's first all_to_all, see the closed connection at once. hang: rank 1 of 2 is SIGSTOPped by
+the test at an arbitrary point; rank 0 times out. In both the roll call names rank 1.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.sampling_params import SamplingParams
+
+TIMEOUT_S, ROLL_CALL_S = 1.5, 2.0
+ENGINE = EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_rank(rank: int, world: int, port: int, ckpt: str, mode: str, out: Any) -> None:
+    torch.set_num_threads(1)
+    from k2serve.experts import EPComm, EPError, EPWorker
+
+    comm = EPComm.connect(
+        f"tcp://127.0.0.1:{port}", rank, world, timedelta(seconds=TIMEOUT_S), timedelta(seconds=ROLL_CALL_S)
+    )
+    w = EPWorker(comm, ckpt, torch.float32, ENGINE)
+    step = 0
+    if mode == "kill" and rank == 1:
+        moe = w.model.layers[2].mlp
+        inner = moe.dispatch
+
+        def dying(*args: Any) -> torch.Tensor:
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return inner(*args)
+
+        moe.dispatch = dying
+    w.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+    try:
+        while True:
+            w.step()
+            step += 1
+            if step == 3 and rank == 1 and mode == "hang":
+                out.put(("ready", rank, os.getpid()))
+    except EPError as e:
+        out.put(("error", rank, (e.where, e.layer, e.peers, str(e), time.monotonic())))
+    finally:
+        comm.close()
+
+
+def launch(world: int, ckpt: Path, mode: str) -> list[tuple[Any, ...]]:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "k2serve.experts"])
+    q = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=run_rank, args=(r, world, port, str(ckpt), mode, q), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    errors: list[tuple[Any, ...]] = []
+    try:
+        if mode == "hang":
+            kind, rank, pid = q.get(timeout=60)
+            assert (kind, rank) == ("ready", 1)
+            os.kill(pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+        else:
+            procs[1].join(timeout=60)
+            assert procs[1].exitcode == -signal.SIGKILL
+            stopped_at = time.monotonic()
+        for _ in range(world - 1):
+            kind, rank, info = q.get(timeout=TIMEOUT_S + ROLL_CALL_S + 20)
+            assert kind == "error"
+            errors.append((rank, *info[:4], info[4] - stopped_at))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+    return errors
+
+
+@pytest.mark.parametrize(("world", "mode"), [(3, "kill"), (2, "hang")])
+def test_lost_rank_fails_the_others_fast(tiny_ckpt: Path, world: int, mode: str) -> None:
+    errors = launch(world, tiny_ckpt, mode)
+    assert sorted(e[0] for e in errors) == [r for r in range(world) if r != 1]
+    for rank, where, layer, peers, message, elapsed in errors:
+        assert peers == (1,), message
+        assert f"expert-parallel rank {rank}" in message and "suspected peer rank(s) [1]" in message
+        if mode == "kill":  # died inside layer 2: the others fail in its first all_to_all, at once
+            assert (where, layer) == ("dispatch sizes", 2), message
+            assert "MoE layer 2" in message
+            assert elapsed < ROLL_CALL_S + 5
+        else:  # hung: the collective times out
+            assert elapsed < TIMEOUT_S + ROLL_CALL_S + 5
