@@ -1,5 +1,5 @@
-"""The EP MoE layer and live reshard against the single-process MoE, with the ranks as threads of
-this process (gloo groups are per object, so threads make a real group; fast, no spawn)."""
+"""The EP MoE layer, live reshard and EPWorker's lockstep against the single-process model, with the
+ranks as threads of this process (gloo groups are per object, so threads make a real group; no spawn)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,18 @@ from typing import Any
 import pytest
 import torch
 
-from k2serve.experts import EPComm, EPDispatcher, EPError, ExpertLoad, ExpertPlacement, plan_placement
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.sampling_params import SamplingParams
+from k2serve.engine.sequence import RequestError
+from k2serve.experts import (
+    EPComm,
+    EPDispatcher,
+    EPError,
+    EPWorker,
+    ExpertLoad,
+    ExpertPlacement,
+    plan_placement,
+)
 from k2serve.experts.reshard import reshard_layer
 from k2serve.model.loader import load_model
 
@@ -127,3 +138,47 @@ def test_out_of_step_placement_is_a_typed_error(tiny_ckpt: Path) -> None:
     with pytest.raises(EPError, match="MoE layer 1") as info:
         run_group(1, fn)
     assert info.value.layer == LAYER and info.value.where == "dispatch"
+
+
+# ---- EPWorker, ranks as threads ------------------------------------------------------------------
+
+
+def test_failed_step_keeps_the_group_in_lockstep(tiny_ckpt: Path) -> None:
+    """A rank whose engine raises before its forward still runs an empty one, so the others' step
+    completes; after it drops the request both ranks go on to finish."""
+    engine = EngineConfig(num_kv_blocks=4, block_size=4)  # 16 token slots
+
+    def fn(comm: EPComm) -> tuple[str, list[int]]:
+        w = EPWorker(comm, tiny_ckpt, torch.float32, engine)
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        if comm.rank == 0:
+            w.add_request("big", list(range(1, 31)), params)  # needs 8 blocks: the pool has 4
+            with pytest.raises(RequestError, match="KV blocks"):
+                w.step()
+            assert w.abort_request("big")
+        else:
+            w.add_request("small", [5, 6, 7], params)
+        done = w.run_until_idle()
+        return ("small" if comm.rank else "none"), [t for o in done.values() for t in o.token_ids]
+
+    outs = run_group(2, fn)
+    assert outs[0] == ("none", []) and outs[1][0] == "small" and len(outs[1][1]) == 4
+
+
+def test_per_layer_placement_and_global_load(tiny_ckpt: Path) -> None:
+    layers = (plan_placement(torch.arange(16) ** 2, [9, 9]), ExpertPlacement.contiguous(16, 2, 1))
+    model = load_model(tiny_ckpt, torch.float32)
+    batches = [torch.randint(0, 1024, (n, 5), generator=torch.Generator().manual_seed(n)) for n in (3, 1)]
+
+    def fn(comm: EPComm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+        w = EPWorker(comm, tiny_ckpt, torch.float32, placement=layers)
+        logits = w.causal_logits(batches[comm.rank])
+        held = [list(layer.mlp.experts.expert_ids) for layer in w.model.layers[1:]]
+        return logits, w.expert_load(), w.global_expert_load(), held
+
+    outs = run_group(2, fn)
+    for r, (logits, _, total, held) in enumerate(outs):
+        assert held == [list(p.owned(r)) for p in layers]
+        assert (logits - model(batches[r])).abs().max() < 1e-4
+        assert torch.equal(total, outs[0][1] + outs[1][1])
+        assert total.sum(1).tolist() == [(3 + 1) * 5 * 6] * 2  # tokens * top-k, per MoE layer
