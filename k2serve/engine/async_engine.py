@@ -30,15 +30,14 @@ from k2serve.api.protocol import (
     QueueFullError,
     TokenEvent,
 )
+from k2serve.api.validation import compile_structured, validate_request
 from k2serve.chat.tokenizer import KimiTokenizer
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
-from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
+from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.engine.sequence import RequestError
 
 logger = logging.getLogger(__name__)
-
-MAX_LOGPROBS = 20  # top log-probabilities per token at most (OpenAI's and vLLM's default limit)
 
 
 @dataclass
@@ -99,7 +98,10 @@ class AsyncEngine:
 
     @property
     def max_model_len(self) -> int:
-        return self._engine.max_model_len
+        """The engine's max_model_len, or less when the KV pool holds fewer tokens: a longer
+        sequence could never run, even alone."""
+        blocks = self._engine.blocks
+        return min(self._engine.max_model_len, blocks.num_blocks * blocks.block_size)
 
     @property
     def vocab_size(self) -> int:
@@ -200,62 +202,10 @@ class AsyncEngine:
             raise QueueFullError(waiting, limit)
 
     def _validate(self, request: GenerateRequest) -> None:
-        """Everything that makes a request impossible, named; raises InvalidRequestError."""
-        ids, p = request.prompt_token_ids, request.params
-        vocab, limit = self.vocab_size, self.max_model_len
-        if not isinstance(p, SamplingParams):
-            raise InvalidRequestError("params must be SamplingParams", "params", type(p).__name__)
-        if not isinstance(ids, list) or not ids:
-            raise InvalidRequestError(
-                "the prompt is empty: at least one token is required", "prompt_token_ids", ids
-            )
-        bad = next(
-            (t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None
-        )
-        if bad is not None:
-            raise InvalidRequestError(
-                f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})", "prompt_token_ids", bad
-            )
-        if len(ids) >= limit:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens but the model's context length is {limit} tokens "
-                "(prompt + at least one generated token)",
-                "prompt_token_ids",
-                len(ids),
-                limit,
-            )
-        if len(ids) + p.max_tokens > limit:
-            raise InvalidRequestError(
-                f"max_tokens={p.max_tokens} is too large: the prompt has {len(ids)} tokens and the model's "
-                f"context length is {limit} tokens, so at most {limit - len(ids)} can be generated",
-                "max_tokens",
-                p.max_tokens,
-                limit,
-            )
-        blocks = self._engine.blocks
-        if blocks.blocks_needed(len(ids) + p.max_tokens) > blocks.num_blocks:
-            raise InvalidRequestError(
-                f"prompt + max_tokens = {len(ids) + p.max_tokens} tokens need "
-                f"{blocks.blocks_needed(len(ids) + p.max_tokens)} KV blocks; the pool has {blocks.num_blocks}",
-                "max_tokens",
-                p.max_tokens,
-                blocks.num_blocks * blocks.block_size,
-            )
-        if p.n != 1:
-            raise InvalidRequestError(f"n={p.n} is not supported: only n=1", "n", p.n)
-        if p.logprobs is not None and p.logprobs > MAX_LOGPROBS:
-            raise InvalidRequestError(
-                f"logprobs={p.logprobs} is too large: at most {MAX_LOGPROBS}",
-                "logprobs",
-                p.logprobs,
-                MAX_LOGPROBS,
-            )
-        if p.top_k > vocab:
-            raise InvalidRequestError(
-                f"top_k={p.top_k} exceeds the vocabulary size {vocab}", "top_k", p.top_k, vocab
-            )
+        """Everything that makes a request impossible here, named; raises InvalidRequestError."""
+        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
         try:
-            self._engine.validate(ids, p)
+            self._engine.validate(request.prompt_token_ids, request.params)
         except RequestError as e:
             cause = e.__cause__
             if isinstance(cause, SamplingParamsError):
@@ -264,27 +214,12 @@ class AsyncEngine:
 
     def _compile(self, structured: dict[str, Any]) -> Any:
         """A GrammarConstraint for a GenerateRequest.structured spec; raises InvalidRequestError."""
-        from k2serve.chat.structured import GrammarCompiler, StructuredOutputError
+        from k2serve.chat.structured import GrammarCompiler
 
-        if not isinstance(structured, dict) or not ({"response_format", "tool_choice"} & structured.keys()):
-            raise InvalidRequestError(
-                "structured must name response_format or tool_choice", "structured", structured
-            )
-        param = "response_format" if "response_format" in structured else "tool_choice"
-        allow_reasoning = bool(structured.get("allow_reasoning", False))
         with self._compiler_lock:
             if self._compiler is None:
                 self._compiler = GrammarCompiler(self._tokenizer)
-        try:
-            if param == "response_format":
-                return self._compiler.for_response_format(structured["response_format"], allow_reasoning)
-            return self._compiler.for_tool_choice(
-                structured.get("tools"), structured["tool_choice"], allow_reasoning
-            )
-        except (StructuredOutputError, ValueError, TypeError, AttributeError, KeyError) as e:
-            raise InvalidRequestError(
-                f"cannot build a grammar for {param}: {e}", param, structured[param]
-            ) from e
+        return compile_structured(self._compiler, structured)
 
     async def _events(self, client: _Client) -> AsyncIterator[TokenEvent]:
         """The caller's view: events in order, consecutive queued ones merged, ending at the final one."""
@@ -336,6 +271,11 @@ class AsyncEngine:
             self._num_pending_adds -= 1
             client = self._clients.get(rid)
             if client is None:
+                continue
+            waiting, limit = len(self._engine.scheduler.waiting), self._engine.config.max_waiting
+            if waiting >= limit:  # preemptions refilled the queue since admission
+                del self._clients[rid]
+                self._send(client, QueueFullError(waiting, limit))
                 continue
             try:
                 self._engine.add_request(rid, request.prompt_token_ids, request.params, constraint)
