@@ -31,7 +31,7 @@ def build_app(backend: GenerationBackend, api_key: str | None = None) -> FastAPI
     install_error_handlers(app)
     created = int(time.time())
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         if state.api_key is None:
             return
         header = request.headers.get("authorization", "")
