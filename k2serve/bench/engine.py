@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def run_engine(model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> dict[str, Any]:
+def run_engine(
+    model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
+) -> dict[str, Any]:
     from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm import LLM
     from k2serve.engine.sampling_params import SamplingParams
@@ -83,18 +84,24 @@ def run_engine(model_dir: Path, prompts: list[list[int]], output_len: int, dtype
     }
 
 
-def run_transformers(model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> dict[str, Any]:
+def run_transformers(
+    model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
+) -> dict[str, Any]:
     import transformers
 
     cfg = ModelConfig.from_file(model_dir)
-    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "quantization_config"})
+    hf_cfg = transformers.DeepseekV3Config(
+        **{k: v for k, v in cfg.to_hf_dict().items() if k != "quantization_config"}
+    )
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(model_dir, config=hf_cfg, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.max_length = None
     ids = torch.tensor(prompts)
     kw = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": cfg.pad_token_id}
     with torch.inference_mode():
-        model.generate(ids[:1, :16], max_new_tokens=4, **kw | {"attention_mask": torch.ones_like(ids[:1, :16])})
+        model.generate(
+            ids[:1, :16], max_new_tokens=4, **kw | {"attention_mask": torch.ones_like(ids[:1, :16])}
+        )
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **kw)
         ttft = time.perf_counter() - t
@@ -112,7 +119,9 @@ def run_transformers(model_dir: Path, prompts: list[list[int]], output_len: int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve bench engine", description=__doc__)
-    ap.add_argument("--model", action="append", help="checkpoint dir (repeatable); default: small bf16 + small int4")
+    ap.add_argument(
+        "--model", action="append", help="checkpoint dir (repeatable); default: small bf16 + small int4"
+    )
     ap.add_argument("--workdir", default="/tmp/k2serve-bench")
     ap.add_argument("--batch-sizes", default="1,64")
     ap.add_argument("--input-len", type=int, default=256)
@@ -134,24 +143,35 @@ def main(argv: list[str] | None = None) -> int:
             models.append(d)
     torch.manual_seed(0)
     bw = measure_bandwidth()
-    print(f"threads={torch.get_num_threads()}  streaming read bandwidth (fp32 sum, best of 5): {bw / 1e9:.1f} GB/s")
+    print(
+        f"threads={torch.get_num_threads()}  streaming read bandwidth (fp32 sum, best of 5): {bw / 1e9:.1f} GB/s"
+    )
     results = []
     for model_dir in models:
         cfg = ModelConfig.from_file(model_dir)
         int4 = cfg.quant is not None and cfg.quant.method == "int4"
         step = decode_step_bytes(cfg, torch.empty((), dtype=dtype).element_size(), int4, args.input_len)
         roof_ms = step["total"] / bw * 1e3
-        print(f"\n== {model_dir.name}: {cfg.parameter_counts()['total'] / 1e6:.0f}M params, "
-              f"{'INT4' if int4 else args.dtype} experts; batch-1 decode reads {step['total'] / 1e6:.1f} MB/step "
-              f"-> roofline {roof_ms:.2f} ms/token ({1e3 / roof_ms:.0f} tok/s)")
+        print(
+            f"\n== {model_dir.name}: {cfg.parameter_counts()['total'] / 1e6:.0f}M params, "
+            f"{'INT4' if int4 else args.dtype} experts; batch-1 decode reads {step['total'] / 1e6:.1f} MB/step "
+            f"-> roofline {roof_ms:.2f} ms/token ({1e3 / roof_ms:.0f} tok/s)"
+        )
         for bs in (int(x) for x in args.batch_sizes.split(",")):
             prompts = torch.randint(0, cfg.vocab_size - 256, (bs, args.input_len)).tolist()
             ours = run_engine(model_dir, prompts, args.output_len, dtype)
-            row: dict[str, Any] = {"model": model_dir.name, "int4": int4, "batch": bs, "roofline_ms": roof_ms,
-                                   "k2serve": {k: v for k, v in ours.items() if k != "tokens"}}
-            line = (f"batch {bs:3d}  k2serve: {ours['output_tok_s']:8.1f} tok/s  TTFT p50/p99 "
-                    f"{ours['ttft_p50_ms']:.0f}/{ours['ttft_p99_ms']:.0f} ms  TPOT p50/p99 "
-                    f"{ours['tpot_p50_ms']:.1f}/{ours['tpot_p99_ms']:.1f} ms")
+            row: dict[str, Any] = {
+                "model": model_dir.name,
+                "int4": int4,
+                "batch": bs,
+                "roofline_ms": roof_ms,
+                "k2serve": {k: v for k, v in ours.items() if k != "tokens"},
+            }
+            line = (
+                f"batch {bs:3d}  k2serve: {ours['output_tok_s']:8.1f} tok/s  TTFT p50/p99 "
+                f"{ours['ttft_p50_ms']:.0f}/{ours['ttft_p99_ms']:.0f} ms  TPOT p50/p99 "
+                f"{ours['tpot_p50_ms']:.1f}/{ours['tpot_p99_ms']:.1f} ms"
+            )
             if bs == 1:
                 row["roofline_fraction"] = roof_ms / ours["tpot_p50_ms"]
                 line += f"  = {row['roofline_fraction']:.0%} of roofline"
@@ -161,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                 same = sum(a == b for a, b in zip(ours["tokens"], hf["tokens"], strict=True))
                 row["transformers"] = {k: v for k, v in hf.items() if k != "tokens"}
                 row["speedup"] = ours["output_tok_s"] / hf["output_tok_s"]
-                print(f"           transformers: {hf['output_tok_s']:8.1f} tok/s  TTFT {hf['ttft_ms']:.0f} ms  "
-                      f"TPOT {hf['tpot_ms']:.1f} ms  -> k2serve/transformers = {row['speedup']:.2f}x  "
-                      f"(identical greedy outputs: {same}/{bs})", flush=True)
+                print(
+                    f"           transformers: {hf['output_tok_s']:8.1f} tok/s  TTFT {hf['ttft_ms']:.0f} ms  "
+                    f"TPOT {hf['tpot_ms']:.1f} ms  -> k2serve/transformers = {row['speedup']:.2f}x  "
+                    f"(identical greedy outputs: {same}/{bs})",
+                    flush=True,
+                )
             results.append(row)
     print("\nreproduce: k2serve bench engine " + " ".join(argv if argv is not None else sys.argv[3:]))
     if args.json:

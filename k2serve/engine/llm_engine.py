@@ -81,27 +81,26 @@ class LLMEngine:
                 f"{mc.max_position_embeddings}"
             )
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
+        # The pool gets one block more than the block manager hands out: the scratch block where padding
+        # rows of a step write their (unused) latent.
+        dt = model.dtype
         if self.config.num_kv_blocks is not None:
-            self.pool = KVCachePool(
-                mc.num_hidden_layers,
-                self.config.num_kv_blocks,
-                self.config.block_size,
-                mc.kv_cache_dim,
-                model.dtype,
-            )
+            num_blocks = self.config.num_kv_blocks
         else:
-            self.pool = KVCachePool.from_budget(
-                self.config.kv_cache_bytes,
-                mc.num_hidden_layers,
-                self.config.block_size,
-                mc.kv_cache_dim,
-                model.dtype,
+            per_block = KVCachePool.block_bytes(
+                mc.num_hidden_layers, self.config.block_size, mc.kv_cache_dim, dt
             )
-        self.blocks = BlockManager(
-            self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+            num_blocks = self.config.kv_cache_bytes // per_block - 1
+            if num_blocks < 1:
+                raise RequestError(
+                    f"kv_cache_bytes={self.config.kv_cache_bytes} holds no KV block: one block takes {per_block} bytes"
+                )
+        self.pool = KVCachePool(
+            mc.num_hidden_layers, num_blocks + 1, self.config.block_size, mc.kv_cache_dim, dt
         )
+        self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, pad_slot=num_blocks * self.config.block_size)
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, Any] = {}

@@ -18,6 +18,7 @@ import torch
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
+from k2serve.model.shapes import bucket
 
 
 @dataclass
@@ -70,7 +71,7 @@ class PagedBackend:
         self.pool.write(layer, self.inputs.slots, latent)
         if self.on_layer is not None:
             self.on_layer(layer)
-        out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv]
+        out = q_nope.new_zeros(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv] (padding rows stay 0)
         for g in self.inputs.groups:
             kv = self.pool.gather(layer, g.block_tables).to(q_nope.dtype)  # [B, K, C + dr]
             attend = mla.attend_absorbed if g.absorbed else mla.attend_expanded
@@ -101,7 +102,9 @@ def _group(rows: list[tuple[RowSpec, int]], block_size: int, absorbed: bool) -> 
     return RowGroup(absorbed, tables, q_index, q_valid, mask, q_index[q_valid])
 
 
-def build_step_inputs(rows: Seq[RowSpec], pool: KVCachePool) -> StepInputs:
+def build_step_inputs(rows: Seq[RowSpec], pool: KVCachePool, pad_slot: int | None = None) -> StepInputs:
+    """Flatten the rows into one ragged batch. With `pad_slot`, the batch is padded to a row bucket with
+    dummy tokens whose latent goes to that scratch slot and which no row attends to."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[torch.Tensor] = []
@@ -118,6 +121,11 @@ def build_step_inputs(rows: Seq[RowSpec], pool: KVCachePool) -> StepInputs:
         if r.sample:
             sample_index.append(offset + n - 1)
     groups = [_group(g, pool.block_size, absorbed=g is decode_rows) for g in (decode_rows, prefill_rows) if g]
+    if pad_slot is not None and bucket(len(ids)) > len(ids):
+        pad = bucket(len(ids)) - len(ids)
+        ids.extend([0] * pad)
+        positions.extend([0] * pad)
+        slots.append(torch.full((pad,), pad_slot, dtype=torch.long))
     return StepInputs(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.tensor(positions, dtype=torch.long),
@@ -128,14 +136,16 @@ def build_step_inputs(rows: Seq[RowSpec], pool: KVCachePool) -> StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: K2Model, pool: KVCachePool) -> None:
+    def __init__(self, model: K2Model, pool: KVCachePool, pad_slot: int | None = None) -> None:
+        """`pad_slot`: a pool slot no sequence owns; when given, steps are padded to row buckets."""
         self.model = model
         self.pool = pool
+        self.pad_slot = pad_slot
 
     @torch.inference_mode()
     def run(self, rows: Seq[RowSpec], on_layer: LayerHook | None = None) -> torch.Tensor:
         """Compute the rows' tokens into the cache; return fp32 logits [S, V] for the sampling rows."""
-        inputs = build_step_inputs(rows, self.pool)
+        inputs = build_step_inputs(rows, self.pool, self.pad_slot)
         backend = PagedBackend(self.pool, inputs, on_layer)
         hidden = self.model.forward_hidden(inputs.input_ids, inputs.positions, backend)
         return self.model.logits(hidden[inputs.sample_index])

@@ -16,6 +16,7 @@ from torch import nn
 from k2serve.config import ModelConfig
 from k2serve.model.layers import DenseMLP
 from k2serve.model.quant import dequantize_int4, unpack_int4
+from k2serve.model.shapes import bucket
 
 
 class Router(nn.Module):
@@ -106,7 +107,12 @@ class RoutedExperts(nn.Module):
 
     @torch.no_grad()
     def set_int4_expert(
-        self, local: int, w13_packed: torch.Tensor, w13_scale: torch.Tensor, w2_packed: torch.Tensor, w2_scale: torch.Tensor
+        self,
+        local: int,
+        w13_packed: torch.Tensor,
+        w13_scale: torch.Tensor,
+        w2_packed: torch.Tensor,
+        w2_scale: torch.Tensor,
     ) -> None:
         """Fill local expert `local` from the compressed-tensors form (packed int32 + scales)."""
         if self.int4_layout == "ct":
@@ -141,10 +147,15 @@ class RoutedExperts(nn.Module):
             g = self.int4_group_size
             h = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w13_i4[e], g, self.w13_sz[e])  # [n, 2I]
             gate, up = h.split(self.inter, dim=-1)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(F.silu(gate) * up, self.w2_i4[e], g, self.w2_sz[e])
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                F.silu(gate) * up, self.w2_i4[e], g, self.w2_sz[e]
+            )
         w13, w2 = self._weights(e)
+        n = x.shape[0]
+        if n > 0 and bucket(n) != n:  # pad rows to a bucket so the CPU GEMM reuses its kernels
+            x = torch.cat((x, x.new_zeros(bucket(n) - n, x.shape[1])))
         gate, up = F.linear(x, w13).split(self.inter, dim=-1)  # [n, I] each
-        return F.linear(F.silu(gate) * up, w2)
+        return F.linear(F.silu(gate) * up, w2)[:n]
 
     def run_sorted(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """x [N, D] sorted by local expert with `counts[e]` rows for expert e -> SwiGLU outputs [N, D]."""
@@ -210,7 +221,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         weights, ids = self.gate(x)
-        y = self.experts(x, weights, ids) if self.dispatch is None else self.dispatch(self.experts, x, weights, ids)
+        y = (
+            self.experts(x, weights, ids)
+            if self.dispatch is None
+            else self.dispatch(self.experts, x, weights, ids)
+        )
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
