@@ -137,6 +137,10 @@ class LLMEngine:
             params.validate_for_model(vocab, self.max_model_len, len(prompt_token_ids))
         except SamplingParamsError as e:
             raise RequestError(str(e)) from e
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise RequestError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
+        if params.top_k > vocab:
+            raise RequestError(f"top_k={params.top_k} exceeds the vocabulary size {vocab}")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this model directory has none")
         if params.n != 1:

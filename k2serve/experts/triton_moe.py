@@ -77,7 +77,8 @@ def _kernel(interpret: bool) -> Callable[..., Any]:
         cols = tl.program_id(1) * bn + tl.arange(0, bn)  # [bn]
         row_ok = rows < tl.load(expert_end_ptr + e)
         col_ok = cols < n_out
-        acc = tl.zeros((bm, bn), dtype=tl.float32)
+        acc = tl.full((bm, bn), 0.0, dtype=tl.float32)  # not tl.zeros: a jit helper, which breaks the
+        # interpreter when triton.language was imported before TRITON_INTERPRET was set
         for k0 in range(0, k_dim, bk):
             ks = k0 + tl.arange(0, bk)  # [bk]
             k_ok = ks < k_dim

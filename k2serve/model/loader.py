@@ -178,7 +178,7 @@ def _int4_experts(config: ModelConfig, reader: _Reader) -> bool:
 
 
 def default_int4_layout(device: str | torch.device) -> str:
-    """"cpu" (torch's fused int4 GEMM tiles) on CPU when this torch has the kernel, else "ct"."""
+    """ "cpu" (torch's fused int4 GEMM tiles) on CPU when this torch has the kernel, else "ct"."""
     has_kernel = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     return "cpu" if torch.device(device).type == "cpu" and has_kernel else "ct"
 
