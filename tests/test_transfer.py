@@ -26,7 +26,8 @@ from k2serve.transfer import (
     outbox,
     torch_wire,
 )
-from k2serve.transfer.base import DTYPES, TransferSpec, checksum
+from k2serve.transfer.base import DTYPES, TransferSpec
+from k2serve.transfer.checksum import checksum, checksum_reference
 from k2serve.transfer.inbox import Inbox
 
 BITS = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float16: torch.int16}
@@ -58,10 +59,23 @@ def _header(spec: TransferSpec, payload: bytes, **overrides: Any) -> KVChunkHead
         kv_dim=spec.kv_dim,
         dtype=spec.dtype_name,
         byte_length=len(payload),
-        checksum=checksum(payload),
+        checksum_sum=checksum(payload)[0],
+        checksum_weighted=checksum(payload)[1],
     )
     fields.update(overrides)
     return KVChunkHeader(**fields)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 4095, 4096, 4097, 12_345])
+def test_checksum_matches_its_definition(size: int) -> None:
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    raw = data.numpy().tobytes()
+    expected = checksum_reference(raw)
+    assert checksum(raw) == checksum(memoryview(b"pad" + raw)[3:]) == checksum(data) == expected
+    if size >= 16:  # a swap of two different words changes the weighted sum only
+        swapped = raw[8:16] + raw[:8] + raw[16:]
+        if swapped != raw:
+            assert checksum(swapped)[0] == expected[0] and checksum(swapped) != expected
 
 
 @pytest.mark.parametrize(
@@ -74,7 +88,8 @@ def _header(spec: TransferSpec, payload: bytes, **overrides: Any) -> KVChunkHead
         (dict(token_offset=1), "token_offset"),
         (dict(num_tokens=5), "num_tokens"),
         (dict(byte_length=10), "byte_length"),
-        (dict(checksum=1), "checksum"),
+        (dict(checksum_sum=1), "checksum"),
+        (dict(checksum_weighted=1), "checksum"),
     ],
 )
 def test_inbox_rejects_bad_chunk_and_keeps_serving(overrides: dict[str, Any], field: str) -> None:
@@ -84,7 +99,7 @@ def test_inbox_rejects_bad_chunk_and_keeps_serving(overrides: dict[str, Any], fi
     payload = bytes(spec.layer_bytes)
     with pytest.raises(ChunkError) as err:
         inbox.accept(_header(spec, payload, **overrides), payload, "src")
-    assert err.value.field == field and str(overrides[next(iter(overrides))]) in str(err.value.got)
+    assert err.value.field == field and str(next(iter(overrides.values()))) in str(err.value)
     if field != "transfer_id":
         with pytest.raises(ChunkError):
             inbox.wait("t", 1)
@@ -244,7 +259,8 @@ def _sender_main(backend: str, endpoint: str, cases: list[Case], results: Any) -
             tokens, kv = tokens + 5, make_kv(0, case.num_layers, tokens + 5, case.kv_dim, dtype)
         if case.fault == "dtype":
             dtype, kv = torch.float16, kv.view(torch.float16)
-        outbox.checksum = (lambda p: real_checksum(p) ^ 1) if case.fault == "checksum" else real_checksum
+        corrupt = lambda p: (real_checksum(p)[0] ^ 1, real_checksum(p)[1])  # noqa: E731
+        outbox.checksum = corrupt if case.fault == "checksum" else real_checksum
         sender.open(case.transfer_id, case.num_layers, tokens, case.kv_dim, dtype)
         if case.fault == "die":
             sender.send_layer(case.transfer_id, 0, kv[0]).result(10)

@@ -14,7 +14,7 @@ class KVEndpoint(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class KVChunkHeader(_message.Message):
-    __slots__ = ("transfer_id", "layer", "token_offset", "num_tokens", "kv_dim", "dtype", "byte_length", "checksum")
+    __slots__ = ("transfer_id", "layer", "token_offset", "num_tokens", "kv_dim", "dtype", "byte_length", "checksum_sum", "checksum_weighted")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -22,7 +22,8 @@ class KVChunkHeader(_message.Message):
     KV_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_SUM_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_WEIGHTED_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     layer: int
     token_offset: int
@@ -30,8 +31,9 @@ class KVChunkHeader(_message.Message):
     kv_dim: int
     dtype: str
     byte_length: int
-    checksum: int
-    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ..., token_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., byte_length: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    checksum_sum: int
+    checksum_weighted: int
+    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ..., token_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., byte_length: _Optional[int] = ..., checksum_sum: _Optional[int] = ..., checksum_weighted: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload")

@@ -22,8 +22,8 @@ from k2serve.transfer.base import (
     TransferSpec,
     TransferStats,
     TransferTimeout,
-    checksum,
 )
+from k2serve.transfer.checksum import checksum
 
 Payload = bytes | memoryview | torch.Tensor
 """Chunk bytes: bytes-like, or a flat uint8 tensor (delivered without a copy when it is a whole layer)."""
@@ -125,8 +125,9 @@ class Inbox:
         if size != h.byte_length:
             raise ChunkError(tid, "payload size", size, f"byte_length {h.byte_length}")
         got = checksum(payload)
-        if got != h.checksum:
-            raise ChunkError(tid, "checksum", got, f"{h.checksum} from the header (crc32 of the payload)")
+        if got != (h.checksum_sum, h.checksum_weighted):
+            expected = (h.checksum_sum, h.checksum_weighted)
+            raise ChunkError(tid, "checksum", got, f"{expected} (sum, weighted) from the header")
         t.rows_in[h.layer] = rows_in + h.num_tokens
         whole = h.num_tokens == spec.num_tokens
         if whole and isinstance(payload, torch.Tensor):

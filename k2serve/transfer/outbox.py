@@ -22,8 +22,8 @@ from k2serve.transfer.base import (
     TransferSpec,
     TransferStats,
     as_bytes_view,
-    checksum,
 )
+from k2serve.transfer.checksum import checksum
 
 
 @dataclass
@@ -56,8 +56,8 @@ def split_layer(
             kv_dim=spec.kv_dim,
             dtype=spec.dtype_name,
             byte_length=payload.numel(),
-            checksum=checksum(payload),
         )
+        header.checksum_sum, header.checksum_weighted = checksum(payload)
         yield header, payload
 
 
