@@ -10,13 +10,14 @@ on (all in-flight ones when it cannot be pinned), is logged, and the thread carr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,6 +39,7 @@ from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.engine.sequence import RequestError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +49,21 @@ class _Client:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent | BackendError]
     num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """A prompt computed elsewhere: its KV is in `block_table` (reserved here), `first_token_id` sampled."""
+
+    first_token_id: int
+    block_table: list[int]
+
+
+@dataclass(frozen=True)
+class _Extras:
+    constraint: Any
+    kv_sink: Callable[[int, torch.Tensor], None] | None
+    prefilled: Prefilled | None
 
 
 class AsyncEngine:
@@ -116,7 +133,16 @@ class AsyncEngine:
         with self._cond:
             self._check_admission_locked()
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(
+        self,
+        request: GenerateRequest,
+        kv_sink: Callable[[int, torch.Tensor], None] | None = None,
+        prefilled: Prefilled | None = None,
+    ) -> AsyncIterator[TokenEvent]:
+        """The GenerationBackend call, plus two hooks for disaggregated serving (k2serve.prefill/decode):
+        `kv_sink(layer, kv)` receives each layer's whole-prompt latent as it is computed; `prefilled`
+        continues a request whose prompt KV is already in blocks this engine reserved (`call`) and
+        whose first token was sampled elsewhere (that token is the first event)."""
         self.check_admission()
         self._validate(request)
         constraint = None
@@ -134,10 +160,21 @@ class AsyncEngine:
                     request.request_id,
                 )
             self._clients[request.request_id] = client
-            self._commands.append(("add", request, constraint))
+            self._commands.append(("add", request, _Extras(constraint, kv_sink, prefilled)))
             self._num_pending_adds += 1
             self._cond.notify()
         return self._events(client)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between steps and return its result (or raise its error).
+        The only way for other threads to touch the engine (e.g. to reserve KV blocks)."""
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping or self._thread is None or not self._thread.is_alive():
+                raise BackendFailure("the engine thread is not running", "")
+            self._commands.append(("call", fn, fut))
+            self._cond.notify()
+        return await asyncio.wrap_future(fut)
 
     async def abort(self, request_id: str) -> None:
         with self._cond:
@@ -262,9 +299,16 @@ class AsyncEngine:
 
     def _apply(self, commands: list[tuple[str, Any, Any]]) -> None:
         """Add and abort requests in arrival order (lock held)."""
-        for kind, arg, constraint in commands:
+        for kind, arg, extra in commands:
             if kind == "abort":
                 self._abort_locked(arg)
+                continue
+            if kind == "call":
+                fut: concurrent.futures.Future[Any] = extra
+                try:
+                    fut.set_result(arg(self._engine))
+                except Exception as e:  # handed to the caller
+                    fut.set_exception(e)
                 continue
             request: GenerateRequest = arg
             rid = request.request_id
@@ -278,7 +322,18 @@ class AsyncEngine:
                 self._send(client, QueueFullError(waiting, limit))
                 continue
             try:
-                self._engine.add_request(rid, request.prompt_token_ids, request.params, constraint)
+                if extra.prefilled is not None:
+                    p = extra.prefilled
+                    done = self._engine.add_prefilled_request(
+                        rid, request.prompt_token_ids, p.first_token_id, request.params, p.block_table,
+                        extra.constraint,
+                    )
+                    if done is not None:
+                        self._deliver(done)
+                else:
+                    self._engine.add_request(
+                        rid, request.prompt_token_ids, request.params, extra.constraint, extra.kv_sink
+                    )
             except (RequestError, ValueError, TypeError) as e:
                 del self._clients[rid]
                 self._send(client, InvalidRequestError(str(e), None, rid))

@@ -190,9 +190,13 @@ class LLMEngine:
         (blocks this engine's block manager allocated for it; the engine now owns them) and whose
         first token was sampled there. Returns the finished output when the first token already ends
         the request (the blocks are then freed), else None and the request joins the batch."""
-        if request_id in self.seqs:
-            raise RequestError(f"request id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
+        try:  # the engine owns `block_table` from here on, also when the request is refused
+            if request_id in self.seqs:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            self.validate(prompt_token_ids, params)
+        except RequestError:
+            self.blocks.free(block_table)
+            raise
         seq = Sequence(
             request_id,
             list(prompt_token_ids),

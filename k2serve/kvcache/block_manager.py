@@ -133,6 +133,15 @@ class BlockManager:
         self.prefix_query_tokens += len(token_ids)
         return Allocation(block_table=table, num_cached_tokens=len(hits) * self.block_size)
 
+    def allocate_fresh(self, num_tokens: int) -> list[int]:
+        """Unshared blocks covering `num_tokens` positions, for KV that will be written from elsewhere
+        (a decode worker receiving a prompt's latent). No prefix matching: a received block is never
+        aliased with a cached one. Raises NoFreeBlocksError, with nothing allocated, when short."""
+        needed = self.blocks_needed(num_tokens)
+        if needed > self.num_free_blocks:
+            raise NoFreeBlocksError(needed, self.num_free_blocks)
+        return [self._take_fresh_block() for _ in range(needed)]
+
     def can_append(self, block_table: Sequence[int], num_tokens_after: int) -> bool:
         """Whether `append_slot(block_table, num_tokens_after)` would succeed now."""
         return self.blocks_needed(num_tokens_after) - len(block_table) <= self.num_free_blocks
