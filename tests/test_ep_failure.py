@@ -67,10 +67,11 @@ def run_rank(rank: int, world: int, port: int, ckpt: str, mode: str, out: Any) -
 def launch(world: int, ckpt: Path, mode: str) -> list[tuple[Any, ...]]:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "k2serve.experts"])
-    q = ctx.Queue()
+    # One queue per rank: a rank stopped while holding a shared queue's write lock would block the others.
+    queues = [ctx.Queue() for _ in range(world)]
     port = free_port()
     procs = [
-        ctx.Process(target=run_rank, args=(r, world, port, str(ckpt), mode, q), daemon=True)
+        ctx.Process(target=run_rank, args=(r, world, port, str(ckpt), mode, queues[r]), daemon=True)
         for r in range(world)
     ]
     for p in procs:
@@ -78,7 +79,7 @@ def launch(world: int, ckpt: Path, mode: str) -> list[tuple[Any, ...]]:
     errors: list[tuple[Any, ...]] = []
     try:
         if mode == "hang":
-            kind, rank, pid = q.get(timeout=60)
+            kind, rank, pid = queues[1].get(timeout=60)
             assert (kind, rank) == ("ready", 1)
             os.kill(pid, signal.SIGSTOP)
             stopped_at = time.monotonic()
@@ -86,8 +87,10 @@ def launch(world: int, ckpt: Path, mode: str) -> list[tuple[Any, ...]]:
             procs[1].join(timeout=60)
             assert procs[1].exitcode == -signal.SIGKILL
             stopped_at = time.monotonic()
-        for _ in range(world - 1):
-            kind, rank, info = q.get(timeout=TIMEOUT_S + ROLL_CALL_S + 20)
+        for r in range(world):
+            if r == 1:
+                continue
+            kind, rank, info = queues[r].get(timeout=TIMEOUT_S + ROLL_CALL_S + 20)
             assert kind == "error"
             errors.append((rank, *info[:4], info[4] - stopped_at))
     finally:
