@@ -364,3 +364,24 @@ def test_torch_receiver_serves_several_senders_at_once() -> None:
         for sender in senders:
             sender.shutdown()
         receiver.shutdown()
+
+
+def test_grpc_receiver_survives_a_malformed_stream() -> None:
+    receiver = make_receiver("grpc")
+    try:
+        with grpc.insecure_channel(receiver.endpoint) as channel:
+            raw = channel.stream_unary(
+                "/k2serve.internal.v1.KVTransfer/Push", request_serializer=bytes, response_deserializer=bytes
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                raw(iter([b"\x0b"]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+        sender = make_sender("grpc", receiver.endpoint)
+        receiver.expect("next", 1, 4, 8, torch.float32, lambda layer, kv: None)
+        sender.open("next", 1, 4, 8, torch.float32)
+        sender.send_layer("next", 0, torch.zeros(4, 8))
+        sender.close("next", timeout=10)
+        assert receiver.wait("next", timeout=10).bytes == 128
+        sender.shutdown()
+    finally:
+        receiver.shutdown()
