@@ -42,7 +42,7 @@ def make_receiver(backend: str, endpoint: str = "127.0.0.1:0", **options: Any) -
     """A receiver listening at endpoint ("host:0" picks a free port).
 
     options: "grpc": server (an existing grpc.Server to join; endpoint is then its address),
-    max_workers; "torch": device, connect_timeout (seconds).
+    max_workers; "torch": device, connect_timeout (seconds), max_chunk_bytes.
     """
     if backend == "grpc":
         from k2serve.transfer.grpc_backend import GrpcKVReceiver
