@@ -26,6 +26,7 @@ from k2serve.experts import (
     plan_placement,
 )
 from k2serve.experts.reshard import reshard_layer
+from k2serve.experts.state import EPState
 from k2serve.model.loader import load_model
 
 LAYER = 1  # the tiny preset's first MoE layer
@@ -68,27 +69,35 @@ def tokens(rank: int, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("world", "redundant", "counts"), [(1, 0, [5]), (2, 2, [7, 0]), (4, 1, [3, 9, 0, 1])]
+    ("world", "redundant", "counts", "dtype"),
+    [
+        (1, 0, [5], torch.float32),
+        (2, 2, [7, 0], torch.float32),
+        (4, 1, [3, 9, 0, 1], torch.float32),
+        (2, 1, [6, 4], torch.bfloat16),  # activations cross the wire in bf16
+    ],
 )
 def test_ep_moe_matches_single_process(
-    tiny_ckpt: Path, world: int, redundant: int, counts: list[int]
+    tiny_ckpt: Path, world: int, redundant: int, counts: list[int], dtype: torch.dtype
 ) -> None:
-    full = load_model(tiny_ckpt, torch.float32).layers[LAYER].mlp
+    full = load_model(tiny_ckpt, dtype).layers[LAYER].mlp
     placement = ExpertPlacement.contiguous(16, world, redundant)
     load = [ExpertLoad(1, 16) for _ in range(world)]
 
     def fn(comm: EPComm) -> torch.Tensor:
-        moe = load_model(tiny_ckpt, torch.float32, expert_ids=placement.owned(comm.rank)).layers[LAYER].mlp
-        moe.dispatch = EPDispatcher(comm, LAYER, 0, placement, load[comm.rank])
+        moe = load_model(tiny_ckpt, dtype, expert_ids=placement.owned(comm.rank)).layers[LAYER].mlp
+        moe.dispatch = EPDispatcher(EPState(comm, (placement,), load[comm.rank]), LAYER, 0)
         with torch.inference_mode():
-            return moe(tokens(comm.rank, counts[comm.rank]))
+            return moe(tokens(comm.rank, counts[comm.rank]).to(dtype))
 
     outs = run_group(world, fn)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounding after a different summation order
     with torch.inference_mode():
         for r, y in enumerate(outs):
-            assert y.shape == (counts[r], 128)
+            assert y.shape == (counts[r], 128) and y.dtype == dtype
             if counts[r]:
-                assert (y - full(tokens(r, counts[r]))).abs().max() < 1e-5
+                want = full(tokens(r, counts[r]).to(dtype)).float()
+                assert (y.float() - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
     assert int(sum(x.counts.sum() for x in load)) == sum(counts) * 6  # top-6 slots per token
 
 
@@ -97,7 +106,7 @@ def test_all_ranks_empty(tiny_ckpt: Path) -> None:
 
     def fn(comm: EPComm) -> tuple[int, ...]:
         moe = load_model(tiny_ckpt, torch.float32, expert_ids=placement.owned(comm.rank)).layers[LAYER].mlp
-        moe.dispatch = EPDispatcher(comm, LAYER, 0, placement, None)
+        moe.dispatch = EPDispatcher(EPState(comm, (placement,)), LAYER, 0)
         with torch.inference_mode():
             return tuple(moe(torch.zeros(0, 128)).shape)
 
@@ -112,19 +121,23 @@ def test_reshard_then_forward_is_unchanged(tiny_ckpt: Path, tiny_int4_ckpt: Path
     new = plan_placement(torch.arange(16) ** 2, [9, 9])  # hot high ids: replicated and moved
     assert new != old
 
-    def fn(comm: EPComm) -> tuple[list[int], torch.Tensor]:
+    def fn(comm: EPComm) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         moe = load_model(ckpt, torch.float32, expert_ids=old.owned(comm.rank)).layers[LAYER].mlp
-        moe.dispatch = d = EPDispatcher(comm, LAYER, 0, old, None)
-        reshard_layer(comm, moe.experts, old, new, LAYER)
-        d.set_placement(new)
+        state = EPState(comm, (old,))
+        moe.dispatch = EPDispatcher(state, LAYER, 0)
         with torch.inference_mode():
-            return list(moe.experts.expert_ids), moe(tokens(comm.rank, 6))
+            before = moe(tokens(comm.rank, 6))
+        reshard_layer(comm, moe.experts, old, new, LAYER)
+        state.set_placement((new,))
+        with torch.inference_mode():
+            return list(moe.experts.expert_ids), before, moe(tokens(comm.rank, 6))
 
     outs = run_group(2, fn)
     with torch.inference_mode():
-        for r, (ids, y) in enumerate(outs):
+        for r, (ids, before, after) in enumerate(outs):
             assert tuple(ids) == new.owned(r)
-            assert (y - full(tokens(r, 6))).abs().max() < 1e-5
+            assert (after - full(tokens(r, 6))).abs().max() < 1e-5
+            assert (after - before).abs().max() < 1e-5
 
 
 def test_out_of_step_placement_is_a_typed_error(tiny_ckpt: Path) -> None:
@@ -132,7 +145,7 @@ def test_out_of_step_placement_is_a_typed_error(tiny_ckpt: Path) -> None:
 
     def fn(comm: EPComm) -> None:
         moe = load_model(tiny_ckpt, torch.float32, expert_ids=list(range(15, -1, -1))).layers[LAYER].mlp
-        moe.dispatch = EPDispatcher(comm, LAYER, 0, placement, None)
+        moe.dispatch = EPDispatcher(EPState(comm, (placement,)), LAYER, 0)
         moe(tokens(0, 2))
 
     with pytest.raises(EPError, match="MoE layer 1") as info:

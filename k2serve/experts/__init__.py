@@ -6,6 +6,7 @@ from k2serve.experts.comm import EPComm, EPConfigError, EPError
 from k2serve.experts.dispatch import EPDispatcher
 from k2serve.experts.eplb import ExpertLoad, plan_model_placement, plan_placement, rank_loads
 from k2serve.experts.placement import ExpertPlacement, PlacementError
+from k2serve.experts.state import EPState
 from k2serve.experts.triton_moe import grouped_gemm_int4
 from k2serve.experts.worker import EPConfig, EPWorker, load_ep_model
 
@@ -15,6 +16,7 @@ __all__ = [
     "EPConfigError",
     "EPDispatcher",
     "EPError",
+    "EPState",
     "EPWorker",
     "ExpertLoad",
     "ExpertPlacement",

@@ -17,63 +17,56 @@ from __future__ import annotations
 
 import torch
 
-from k2serve.experts.comm import EPComm, EPError
-from k2serve.experts.eplb import ExpertLoad
-from k2serve.experts.placement import ExpertPlacement
+from k2serve.experts.comm import EPError
+from k2serve.experts.placement import DispatchTables, ExpertPlacement
+from k2serve.experts.state import EPState
 from k2serve.experts.triton_moe import run_sorted
 from k2serve.model.moe import RoutedExperts
 
 
 class EPDispatcher:
-    """`MoE.dispatch` for one layer (a `RoutedDispatch`). `layer` is the model's layer index (for
-    errors); `moe_index` its row in `load`. `calls` counts forwards (the worker uses it to keep ranks
-    in lockstep). The placement is swapped between steps with `set_placement`."""
+    """`MoE.dispatch` for one layer (a `RoutedDispatch`): `layer` is the model's layer index (named in
+    errors), `moe_index` its index in `state.placement` and `state.load`. `calls` counts forwards (the
+    worker compares it to keep ranks in lockstep)."""
 
-    def __init__(
-        self, comm: EPComm, layer: int, moe_index: int, placement: ExpertPlacement, load: ExpertLoad | None
-    ) -> None:
-        self.comm = comm
+    def __init__(self, state: EPState, layer: int, moe_index: int) -> None:
+        self.state = state
         self.layer = layer
         self.moe_index = moe_index
-        self.load = load
         self.calls = 0
-        self.set_placement(placement)
+        self._cache: tuple[ExpertPlacement, torch.device, DispatchTables] | None = None
 
-    def set_placement(self, placement: ExpertPlacement) -> None:
-        if placement.world_size != self.comm.world_size:
-            raise EPError(
-                self.comm.rank,
-                "placement",
-                self.layer,
-                (),
-                f"placement has {placement.world_size} ranks, the group {self.comm.world_size}",
-            )
-        self.placement = placement
-        self.tables = placement.dispatch_tables()
-        self.width = max(len(s) for s in placement.slots)  # S: slot columns of the counts matrix
+    def _tables(self, placement: ExpertPlacement, device: torch.device) -> DispatchTables:
+        """The placement's replica tables on `device`, rebuilt only when the placement was replaced."""
+        if self._cache is None or self._cache[0] is not placement or self._cache[1] != device:
+            t = placement.dispatch_tables()
+            tables = DispatchTables(t.rank.to(device), t.local.to(device), t.count.to(device))
+            self._cache = (placement, device, tables)
+        return self._cache[2]
 
     def __call__(
         self, experts: RoutedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
         """x [T, D], weights fp32 / ids [T, k] -> weighted routed outputs [T, D]. A collective."""
         self.calls += 1
-        comm, w, s = self.comm, self.comm.world_size, self.width
-        if tuple(experts.expert_ids) != self.placement.owned(comm.rank):
+        comm, placement = self.state.comm, self.state.placement[self.moe_index]
+        w, s = comm.world_size, max(len(ids_) for ids_ in placement.slots)  # S: slot columns of the counts
+        tables = self._tables(placement, x.device)
+        if tuple(experts.expert_ids) != placement.owned(comm.rank):
             raise EPError(
                 comm.rank,
                 "dispatch",
                 self.layer,
                 (),
-                f"experts held {experts.expert_ids} differ "
-                f"from the placement's {list(self.placement.owned(comm.rank))}",
+                f"experts held {experts.expert_ids} differ from the placement's {list(placement.owned(comm.rank))}",
             )
         t, k = ids.shape
         flat = ids.flatten()  # [T*k]
-        if self.load is not None:
-            self.load.record(self.moe_index, flat)
+        if self.state.load is not None:
+            self.state.load.record(self.moe_index, flat)
         token = torch.arange(t * k, device=x.device) // k  # [T*k]
-        replica = token % self.tables.count[flat]
-        key = self.tables.rank[flat, replica] * s + self.tables.local[flat, replica]  # [T*k] rank * S + slot
+        replica = token % tables.count[flat]
+        key = tables.rank[flat, replica] * s + tables.local[flat, replica]  # [T*k] rank * S + slot
         order = torch.argsort(key, stable=True)  # (token, slot) positions grouped by (rank, slot)
         send_counts = torch.bincount(key, minlength=w * s)  # [W*S]
         recv_counts = torch.empty_like(send_counts)
@@ -93,9 +86,8 @@ class EPDispatcher:
         rows = token[order]  # [N_send]
         recv_x = x.new_empty(sum(recv_split), x.shape[1])  # [N_recv, D]
         comm.all_to_all(recv_x, x[rows].contiguous(), recv_split, send_split, "dispatch", self.layer)
-        local = torch.repeat_interleave(
-            torch.arange(s).repeat(w), recv_mat.flatten()
-        )  # [N_recv] slot per row
+        slot_ids = torch.arange(s, device=x.device).repeat(w)  # [W*S]
+        local = torch.repeat_interleave(slot_ids, recv_mat.flatten())  # [N_recv] local slot of each row
         perm = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=s)[: experts.num_local].tolist()
         y = torch.empty_like(recv_x)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.sampling_params import SamplingParams
@@ -34,6 +35,7 @@ from k2serve.experts.dispatch import EPDispatcher
 from k2serve.experts.eplb import ExpertLoad, plan_model_placement
 from k2serve.experts.placement import ExpertPlacement
 from k2serve.experts.reshard import expert_tensors, install, reshard_layer
+from k2serve.experts.state import EPState
 from k2serve.model.loader import load_model
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
@@ -100,8 +102,6 @@ class EPWorker:
         ep_config: EPConfig | None = None,
         placement: Sequence[ExpertPlacement] | None = None,
     ) -> None:
-        from k2serve.config import ModelConfig
-
         self.comm = comm
         self.ep_config = ep_config or EPConfig()
         model_dir = Path(model_dir)
@@ -111,12 +111,11 @@ class EPWorker:
                 mc.n_routed_experts, comm.world_size, self.ep_config.redundant_per_rank
             )
             placement = [one] * mc.num_moe_layers
-        self.placement: tuple[ExpertPlacement, ...] = tuple(placement)
-        self.model = load_ep_model(model_dir, dtype, self.placement, comm.rank)
-        self.load = ExpertLoad(mc.num_moe_layers, mc.n_routed_experts)
+        self.state = EPState(comm, tuple(placement), ExpertLoad(mc.num_moe_layers, mc.n_routed_experts))
+        self.model = load_ep_model(model_dir, dtype, placement, comm.rank)
         self.dispatchers: list[EPDispatcher] = []
-        for j, ((i, moe), p) in enumerate(zip(moe_layers(self.model), self.placement, strict=True)):
-            moe.dispatch = EPDispatcher(comm, i, j, p, self.load)
+        for j, (i, moe) in enumerate(moe_layers(self.model)):
+            moe.dispatch = EPDispatcher(self.state, i, j)
             self.dispatchers.append(moe.dispatch)
         tokenizer, eos = _tokenizer_and_eos(model_dir, self.model)
         self.engine = LLMEngine(self.model, engine_config, tokenizer, eos)
@@ -217,17 +216,26 @@ class EPWorker:
         self.model.forward_hidden(empty, empty, _NoAttention())
 
     def _rebalance(self) -> None:
-        counts = self.load.global_counts(self.comm)  # [L, E], identical on every rank
+        """Plan from the group's counts (same on every rank), move the weights layer by layer, swap."""
+        load = self.load
+        counts = load.global_counts(self.comm)  # [L, E]
         capacities = [len(s) for s in self.placement[0].slots]
         new = plan_model_placement(counts, capacities)
-        for (i, moe), d, old, p in zip(
-            moe_layers(self.model), self.dispatchers, self.placement, new, strict=True
-        ):
+        for (i, moe), old, p in zip(moe_layers(self.model), self.placement, new, strict=True):
             reshard_layer(self.comm, moe.experts, old, p, i)
-            d.set_placement(p)
-        self.placement = new
-        self.load.reset()
+        self.state.set_placement(new)
+        load.reset()
         self._rebalance_wanted = False
+
+    @property
+    def placement(self) -> tuple[ExpertPlacement, ...]:
+        """The current placement, one per MoE layer."""
+        return self.state.placement
+
+    @property
+    def load(self) -> ExpertLoad:
+        assert self.state.load is not None  # the worker always counts
+        return self.state.load
 
     def close(self) -> None:
         if self._owns_comm:
