@@ -101,6 +101,7 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     s.add_argument("--transfer-port", type=int, default=0, help="torch.distributed transfer port (0 = free)")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel group size")
     s.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds")
+    s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: the bound address
 
 
 def add_api_args(s: argparse.ArgumentParser, port: int = 8000) -> None:
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--redis-url", default=None, help="session store (default: $REDIS_URL)")
     s.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429")
+    s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: "HTTP_PORT GRPC_PORT"
     s.set_defaults(func=_lazy("k2serve.router.main", "run_from_args"))
 
     for role, port in (("prefill", 50060), ("decode", 50070)):

@@ -328,7 +328,8 @@ class AsyncEngine:
                         rid, request.prompt_token_ids, p.first_token_id, request.params, p.block_table,
                         extra.constraint,
                     )
-                    if done is not None:
+                    if done is not None:  # the first token ended it; that token was emitted elsewhere
+                        done.new_token_ids = []
                         self._deliver(done)
                 else:
                     self._engine.add_request(

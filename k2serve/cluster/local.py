@@ -1,0 +1,242 @@
+"""`k2serve up`: a whole cluster on this machine as separate processes, started in order and always stopped.
+
+Order: Redis (embedded unless a URL is given), the router, then the prefill and decode workers, which
+register with the router. `LocalCluster` waits until every worker is registered, prints where to send
+requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start: names the process and shows the end of its log."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8000  # router HTTP (0 = any free port)
+    grpc_port: int = 50051  # router gRPC (0 = any free port)
+    num_prefill: int = 1
+    num_decode: int = 1
+    transfer_backend: str = "grpc"
+    dtype: str = "float32"
+    engine_args: tuple[str, ...] = ()  # engine flags passed to every worker
+    redis_url: str | None = None
+    use_redis: bool = True
+    api_key: str | None = None
+    served_model_name: str | None = None
+    workdir: str | None = None
+    heartbeat_timeout_s: float = 5.0
+    startup_timeout_s: float = 180.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError(f"need >= 1 prefill and >= 1 decode worker, got {self.num_prefill}, {self.num_decode}")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, n: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.dir = Path(spec.workdir or tempfile.mkdtemp(prefix="k2serve-up-"))
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.procs: list[Proc] = []
+        self.redis = None
+        self.redis_url: str | None = spec.redis_url
+        self.http_port = spec.port
+        self.grpc_port = spec.grpc_port
+
+    # ---- processes -------------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        log = self.dir / "logs" / f"{name}.log"
+        env = dict(os.environ) | self.spec.env | {"PYTHONUNBUFFERED": "1"}
+        with open(log, "wb") as f:
+            popen = subprocess.Popen(  # noqa: S603 - our own CLI
+                [sys.executable, "-m", "k2serve", *args], stdout=f, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
+        p = Proc(name, popen, log)
+        self.procs.append(p)
+        return p
+
+    def _wait_file(self, proc: Proc, path: Path, deadline: float) -> str:
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_text().strip():
+                return path.read_text().strip()
+            if proc.popen.poll() is not None:
+                raise ClusterError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+            time.sleep(0.05)
+        raise ClusterError(f"{proc.name} did not become ready in {self.spec.startup_timeout_s:.0f} s:\n{proc.tail()}")
+
+    def start(self) -> LocalCluster:
+        s = self.spec
+        deadline = time.monotonic() + s.startup_timeout_s
+        try:
+            if s.use_redis and not self.redis_url:
+                from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
+
+                self.redis = EmbeddedRedis(RedisServerConfig(data_dir=self.dir / "redis")).start()
+                self.redis_url = self.redis.url
+            ready = self.dir / "router.ready"
+            args = ["router", "--model", s.model_dir, "--host", s.host, "--port", str(s.port),
+                    "--grpc-port", str(s.grpc_port), "--heartbeat-timeout", str(s.heartbeat_timeout_s),
+                    "--ready-file", str(ready)]
+            if self.redis_url:
+                args += ["--redis-url", self.redis_url]
+            if s.api_key:
+                args += ["--api-key", s.api_key]
+            if s.served_model_name:
+                args += ["--served-model-name", s.served_model_name]
+            router = self._spawn("router", args)
+            self.http_port, self.grpc_port = (int(x) for x in self._wait_file(router, ready, deadline).split())
+            for role, n in (("prefill", s.num_prefill), ("decode", s.num_decode)):
+                for i in range(n):
+                    wready = self.dir / f"{role}-{i}.ready"
+                    wargs = [role, "--model", s.model_dir, "--dtype", s.dtype, "--host", s.host, "--port", "0",
+                             "--router", f"{s.host}:{self.grpc_port}", "--worker-id", f"{role}-{i}",
+                             "--transfer-backend", s.transfer_backend, "--ready-file", str(wready),
+                             *s.engine_args]
+                    if s.served_model_name:
+                        wargs += ["--served-model-name", s.served_model_name]
+                    self._spawn(f"{role}-{i}", wargs)
+            for p in self.procs[1:]:
+                self._wait_file(p, self.dir / f"{p.name}.ready", deadline)
+            self._wait_registered(s.num_prefill + s.num_decode, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_registered(self, n: int, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if len(self.workers()) >= n:
+                    return
+            for p in self.procs:
+                if p.popen.poll() is not None:
+                    raise ClusterError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
+            time.sleep(0.1)
+        raise ClusterError(f"workers did not all register in time; router log:\n{self.procs[0].tail()}")
+
+    def workers(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.http_url}/cluster/workers", timeout=5) as r:  # noqa: S310 - loopback
+            return json.loads(r.read())["workers"]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        for p in self.procs:
+            if p.name == name:
+                p.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the router first (it drains), then the workers; SIGKILL what is left after `timeout`."""
+        for group in (self.procs[:1], self.procs[1:]):
+            for p in group:
+                if p.popen.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.popen.send_signal(signal.SIGTERM)
+            end = time.monotonic() + timeout
+            for p in group:
+                try:
+                    p.popen.wait(timeout=max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.popen.pid, signal.SIGKILL)
+                    p.popen.wait()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.spec.host}:{self.http_port}"
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def status_table(self) -> str:
+        rows = [("process", "pid", "address / role", "log")]
+        for p in self.procs:
+            rows.append((p.name, str(p.popen.pid), "running" if p.popen.poll() is None else f"exit {p.popen.returncode}",
+                         str(p.log)))
+        if self.redis_url:
+            rows.append(("redis", str(self.redis.pid) if self.redis else "-", self.redis_url.split("@")[-1], "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def up_from_args(args: argparse.Namespace) -> int:
+    from k2serve.cli import resolve_model
+
+    if args.ep != 1:
+        raise ValueError(f"--ep {args.ep}: expert-parallel worker groups are not wired into `up` yet (use --ep 1)")
+    if args.ray:
+        raise ValueError("--ray: the Ray runtime is not available in this build; run without --ray")
+    engine_args = ["--block-size", str(args.block_size), "--kv-cache-mb", str(args.kv_cache_mb),
+                   "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                   "--max-waiting", str(args.max_waiting)]
+    if args.max_model_len:
+        engine_args += ["--max-model-len", str(args.max_model_len)]
+    if args.no_prefix_caching:
+        engine_args.append("--no-prefix-caching")
+    spec = ClusterSpec(
+        model_dir=resolve_model(args), host=args.host, port=args.port, grpc_port=args.grpc_port,
+        num_prefill=args.prefill, num_decode=args.decode, transfer_backend=args.transfer_backend, dtype=args.dtype,
+        engine_args=tuple(engine_args), redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+        api_key=args.api_key, served_model_name=args.served_model_name, workdir=args.workdir,
+    )
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster = LocalCluster(spec)
+    print(f"starting k2serve: {spec.num_prefill} prefill + {spec.num_decode} decode workers on {spec.model_dir} ...",
+          flush=True)
+    cluster.start()
+    try:
+        print(cluster.status_table())
+        print(f"\nready: OpenAI API {cluster.http_url}/v1  (e.g. curl {cluster.http_url}/v1/models)")
+        print(f"       gRPC k2serve.v1.K2Serve at {spec.host}:{cluster.grpc_port}; Ctrl-C stops everything", flush=True)
+        while not stop["now"]:
+            for p in cluster.procs:
+                if p.popen.poll() is not None:
+                    print(f"{p.name} exited with {p.popen.returncode}; stopping the cluster\n{p.tail()}", flush=True)
+                    stop["now"] = True
+            time.sleep(0.5)
+    finally:
+        print("stopping ...", flush=True)
+        cluster.stop()
+        print("stopped.", flush=True)
+    return 0

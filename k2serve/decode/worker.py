@@ -1,0 +1,163 @@
+"""The decode worker: reserves KV blocks for an incoming request, receives its latent straight into the
+paged pool, continues it in the continuous batch and streams tokens back. Every reservation ends in
+exactly one of: a Decode that adopts the blocks, a Release, a failed transfer, or expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from k2serve.api.protocol import BackendError, GenerateRequest
+from k2serve.cluster.grpc_errors import status_of
+from k2serve.engine.async_engine import AsyncEngine, Prefilled
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.sampling_params import SamplingParamsError
+from k2serve.kvcache.block_manager import NoFreeBlocksError
+from k2serve.proto import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from k2serve.proto.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
+from k2serve.transfer.base import KVReceiver, TransferError
+
+logger = logging.getLogger(__name__)
+TRANSFER_TIMEOUT_S = 60.0
+RESERVATION_TTL_S = 120.0
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    block_table: list[int]
+    num_tokens: int
+    created: float
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, engine: AsyncEngine, receiver: KVReceiver, backend: str) -> None:
+        self.engine = engine
+        self.receiver = receiver
+        self.backend = backend
+        self.reservations: dict[str, Reservation] = {}
+        self.bytes_received = 0
+
+    def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
+        return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.receiver.endpoint)
+
+    async def _free(self, table: list[int]) -> None:
+        await self.engine.call(lambda e: e.blocks.free(table))
+
+    async def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        n = request.num_prompt_tokens
+        e = self.engine.engine
+        if n < 1 or n + request.max_tokens > self.engine.max_model_len:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"num_prompt_tokens {n} + max_tokens {request.max_tokens} must be in [1, {self.engine.max_model_len}]",
+            )
+
+        def reserve(eng: LLMEngine) -> list[int]:
+            return eng.blocks.allocate_fresh(n)
+
+        try:
+            table = await self.engine.call(reserve)
+        except NoFreeBlocksError as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for {n} tokens: {err}")
+        tid = f"kv-{uuid.uuid4().hex[:16]}"
+        slots = e.pool.slot_mapping(table, 0, n)
+        pool = e.pool
+        mc = e.model.config
+
+        def on_layer(layer: int, kv: torch.Tensor) -> None:  # a receiver thread: blocks nobody else uses
+            pool.write(layer, slots, kv)
+
+        try:
+            self.receiver.expect(tid, mc.num_hidden_layers, n, mc.kv_cache_dim, pool.kv.dtype, on_layer)
+        except ValueError as err:
+            await self._free(table)
+            await context.abort(grpc.StatusCode.INTERNAL, f"cannot expect transfer: {err}")
+        self.reservations[tid] = Reservation(request.request_id, table, n, time.monotonic())
+        return worker_pb2.ReserveResponse(
+            transfer_id=tid, block_ids=table, block_size=e.blocks.block_size, endpoint=self.endpoint()
+        )
+
+    async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        res = self.reservations.pop(request.transfer_id, None)
+        if res is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation {request.transfer_id!r}")
+        try:
+            stats = await asyncio.to_thread(self.receiver.wait, request.transfer_id, TRANSFER_TIMEOUT_S)
+            self.bytes_received += stats.bytes
+        except TransferError as err:
+            await self._free(res.block_table)
+            await context.abort(grpc.StatusCode.DATA_LOSS, f"KV transfer failed: {err}")
+        if len(request.prompt_token_ids) != res.num_tokens:
+            await self._free(res.block_table)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt has {len(request.prompt_token_ids)} tokens, the reservation {res.num_tokens}",
+            )
+        try:
+            params = sampling_from_proto(request.sampling)
+        except SamplingParamsError as err:
+            await self._free(res.block_table)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        structured = json.loads(request.structured_json) if request.structured_json else None
+        gen = GenerateRequest(request.request_id, list(request.prompt_token_ids), params, structured)
+        try:
+            # From here the engine owns the blocks (also when it refuses the request).
+            events = await self.engine.generate(gen, prefilled=Prefilled(request.first_token_id, res.block_table))
+        except BackendError as err:
+            await context.abort(status_of(err), str(err))
+        done = 1
+        finished = False
+        try:
+            async for ev in events:
+                done += len(ev.token_ids)
+                finished = ev.finish_reason is not None
+                yield worker_pb2.DecodeChunk(
+                    request_id=request.request_id,
+                    token_ids=ev.token_ids,
+                    logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []],
+                    finish_reason=finish_to_proto(ev.finish_reason),
+                    completion_tokens=done,
+                )
+        except BackendError as err:
+            await context.abort(status_of(err), str(err))
+        finally:
+            if not finished:  # the router went away (cancelled stream): free the request's blocks
+                await asyncio.shield(self.engine.abort(request.request_id))
+
+    async def Release(self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        res = self.reservations.pop(request.transfer_id, None)
+        if res is None:
+            return worker_pb2.ReleaseResponse(released=False)
+        self.receiver.cancel(request.transfer_id)
+        await self._free(res.block_table)
+        return worker_pb2.ReleaseResponse(released=True)
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        for tid, res in list(self.reservations.items()):
+            if res.request_id == request.request_id:
+                await self.Release(worker_pb2.ReleaseRequest(transfer_id=tid), context)
+        await self.engine.abort(request.request_id)
+        return worker_pb2.AbortResponse(found=True)
+
+    async def expire_reservations(self, stop: asyncio.Event) -> None:
+        """Release reservations nobody claimed (the router died between Reserve and Decode)."""
+        while not stop.is_set():
+            now = time.monotonic()
+            for tid, res in list(self.reservations.items()):
+                if now - res.created > RESERVATION_TTL_S:
+                    logger.warning("reservation %s of %s expired; releasing", tid, res.request_id)
+                    with contextlib.suppress(Exception):
+                        self.receiver.cancel(tid)
+                    self.reservations.pop(tid, None)
+                    await self._free(res.block_table)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=5)

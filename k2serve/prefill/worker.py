@@ -1,0 +1,136 @@
+"""The prefill worker: computes prompts (chunked, with its own prefix cache), samples the first token and
+sends each layer's latent KV to the decode worker the router chose while the next layer computes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future
+
+import grpc
+
+from k2serve.api.protocol import BackendError, GenerateRequest
+from k2serve.cluster.grpc_errors import status_of
+from k2serve.engine.async_engine import AsyncEngine
+from k2serve.engine.sampling_params import SamplingParamsError
+from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.proto.convert import logprob_to_proto, sampling_from_proto
+from k2serve.transfer.base import KVSender, TransferError
+from k2serve.transfer.registry import make_sender
+
+logger = logging.getLogger(__name__)
+TRANSFER_TIMEOUT_S = 60.0
+
+
+class _Senders:
+    """One KVSender per decode endpoint, created on first use and shared by all requests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._senders: dict[tuple[str, str], KVSender] = {}
+
+    def get(self, backend: str, address: str) -> KVSender:
+        with self._lock:
+            key = (backend, address)
+            if key not in self._senders:
+                self._senders[key] = make_sender(backend, address)
+            return self._senders[key]
+
+    def drop(self, backend: str, address: str) -> None:
+        with self._lock:
+            s = self._senders.pop((backend, address), None)
+        if s is not None:
+            s.shutdown()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            senders, self._senders = list(self._senders.values()), {}
+        for s in senders:
+            s.shutdown()
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.senders = _Senders()
+        self.bytes_sent = 0
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        t0 = time.perf_counter()
+        target = request.decode_target
+        if not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        if not target.transfer_id or not target.endpoint.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decode_target needs a transfer_id and an endpoint")
+        try:
+            params = sampling_from_proto(request.sampling)
+        except SamplingParamsError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # Only the first token is sampled here; stop strings are the decode side's business.
+        first_params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=[])
+        structured = json.loads(request.structured_json) if request.structured_json else None
+        prompt = list(request.prompt_token_ids)
+        e = self.engine.engine
+        mc = e.model.config
+        tid = target.transfer_id
+        try:
+            sender = self.senders.get(target.endpoint.backend or "grpc", target.endpoint.address)
+            sender.open(tid, mc.num_hidden_layers, len(prompt), mc.kv_cache_dim, e.pool.kv.dtype)
+        except (TransferError, ValueError, OSError) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode endpoint: {err}")
+        sends: list[Future[None]] = []
+        t_first: list[float] = []
+        t_compute_end = 0.0
+
+        def sink(layer: int, kv) -> None:  # noqa: ANN001 - runs on the engine thread, inside the step
+            if not t_first:
+                t_first.append(time.perf_counter())
+            sends.append(sender.send_layer(tid, layer, kv))
+
+        last = None
+        try:
+            events = await self.engine.generate(
+                GenerateRequest(request.request_id, prompt, first_params, structured), kv_sink=sink
+            )
+            async for ev in events:
+                last = ev
+            t_compute_end = time.perf_counter()
+        except BackendError as err:
+            with contextlib.suppress(TransferError):  # drop the half-open transfer (it raises: layers missing)
+                await asyncio.to_thread(sender.close, tid, 0.1)
+            await context.abort(status_of(err), str(err))
+        if last is None or not last.token_ids or last.finish_reason == "abort":
+            await context.abort(grpc.StatusCode.CANCELLED, f"prefill of {request.request_id!r} was aborted")
+        try:
+            await asyncio.to_thread(sender.close, tid, TRANSFER_TIMEOUT_S)
+        except TransferError as err:
+            self.senders.drop(target.endpoint.backend or "grpc", target.endpoint.address)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {err}")
+        t_end = time.perf_counter()
+        nbytes = len(prompt) * mc.num_hidden_layers * mc.kv_cache_dim * e.pool.kv.element_size()
+        self.bytes_sent += nbytes
+        resp = worker_pb2.PrefillResponse(
+            first_token_id=last.token_ids[0],
+            num_prompt_tokens=len(prompt),
+            num_cached_tokens=last.num_cached_tokens,
+            bytes_sent=nbytes,
+            timings=worker_pb2.PrefillTimings(
+                compute_ms=(t_compute_end - t0) * 1e3,
+                # exposed transfer time: what was still on the wire once compute had finished
+                transfer_ms=(t_end - t_compute_end) * 1e3,
+                total_ms=(t_end - t0) * 1e3,
+            ),
+        )
+        if last.logprobs:
+            resp.first_token_logprobs.CopyFrom(logprob_to_proto(last.logprobs[0]))
+        return resp
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        await self.engine.abort(request.request_id)
+        return worker_pb2.AbortResponse(found=True)
+

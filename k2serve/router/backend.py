@@ -1,0 +1,237 @@
+"""ClusterBackend: the GenerationBackend the router's HTTP and gRPC APIs run on.
+
+A request goes Reserve (decode) -> Prefill (prefill, which ships the KV to the reservation) ->
+Decode (stream). The first token is the prefill's; the rest stream from the decode worker. A request
+that fails before its first token reaches the client is retried once on other workers; afterwards a
+worker failure ends the stream with BackendFailure. Every path that reserved blocks releases them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from k2serve.api.protocol import (
+    BackendFailure,
+    BackendStats,
+    DrainingError,
+    GenerateRequest,
+    InvalidRequestError,
+    QueueFullError,
+    TokenEvent,
+)
+from k2serve.api.validation import validate_request
+from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
+from k2serve.cluster.grpc_errors import error_of
+from k2serve.config import ModelConfig
+from k2serve.proto import worker_pb2
+from k2serve.proto.convert import finish_from_proto, logprob_from_proto, sampling_to_proto
+from k2serve.router.policy import LeastLoaded, NoWorkerError, RoutingPolicy
+from k2serve.router.registry import Worker, WorkerTable
+
+logger = logging.getLogger(__name__)
+_TRANSPORT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS}
+
+
+class ClusterBackend:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        table: WorkerTable,
+        model_name: str | None = None,
+        policy: RoutingPolicy | None = None,
+        max_in_flight: int = 1024,
+    ) -> None:
+        self.table = table
+        self.policy = policy or LeastLoaded()
+        self._tokenizer = load_tokenizer(model_dir)
+        self._config = ModelConfig.from_file(model_dir)
+        self._model_name = model_name or Path(model_dir).resolve().name
+        self.max_in_flight = max_in_flight
+        self.in_flight: dict[str, tuple[Worker | None, Worker | None]] = {}
+        self.draining = False
+        self.bytes_transferred = 0
+
+    # ---- GenerationBackend ---------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def tokenizer(self) -> KimiTokenizer:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """The model's context, or less when every decode worker's pool holds fewer tokens."""
+        pools = [w.info.capacity.total_blocks * w.info.block_size for w in self.table.of_role("decode")]
+        pools = [p for p in pools if p > 0]  # static workers report no capacity
+        limit = self._config.max_position_embeddings
+        return min(limit, max(pools)) if pools else limit
+
+    @property
+    def vocab_size(self) -> int:
+        return self._config.vocab_size
+
+    def check_admission(self) -> None:
+        if self.draining:
+            raise DrainingError()
+        if len(self.in_flight) >= self.max_in_flight:
+            raise QueueFullError(len(self.in_flight), self.max_in_flight)
+
+    def stats(self) -> BackendStats:
+        ws = list(self.table.workers.values())
+        total = sum(w.load.total_blocks for w in ws if w.role == "decode")
+        free = sum(w.load.free_blocks for w in ws if w.role == "decode")
+        q = sum(w.load.prefix_query_tokens for w in ws)
+        h = sum(w.load.prefix_hit_tokens for w in ws)
+        return BackendStats(
+            num_running=len(self.in_flight),
+            num_waiting=sum(w.load.waiting for w in ws),
+            kv_blocks_used=total - free,
+            kv_blocks_total=total,
+            prefix_hit_rate=h / q if q else 0.0,
+            num_preemptions=0,
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        self.check_admission()
+        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        if request.request_id in self.in_flight:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in flight", "request_id")
+        if not self.table.of_role("prefill") or not self.table.of_role("decode"):
+            raise BackendFailure("no prefill or no decode worker is registered", request.request_id)
+        self.in_flight[request.request_id] = (None, None)
+        return self._run(request)
+
+    async def abort(self, request_id: str) -> None:
+        pair = self.in_flight.get(request_id)
+        if pair is None:
+            return
+        for w, stub_of in ((pair[0], "prefill_stub"), (pair[1], "decode_stub")):
+            if w is not None and w.worker_id in self.table.workers:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await getattr(w, stub_of).Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5)
+
+    # ---- one request ---------------------------------------------------------------------------
+    async def _run(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        rid = req.request_id
+        n = len(req.prompt_token_ids)
+        structured = json.dumps(req.structured) if req.structured is not None else ""
+        sampling = sampling_to_proto(req.params)
+        tried: set[str] = set()
+        try:
+            for attempt in range(2):
+                try:
+                    pre, dec, reservation, first = await self._prefill(req, sampling, structured, frozenset(tried))
+                    break
+                except _Retryable as r:
+                    tried.update(r.worker_ids)
+                    if attempt == 1:
+                        raise BackendFailure(str(r), rid) from r
+            cached = first.num_cached_tokens
+            lps = [logprob_from_proto(first.first_token_logprobs)] if first.HasField("first_token_logprobs") else None
+            yield TokenEvent([first.first_token_id], None, n, cached, lps)
+            stream = dec.decode_stub.Decode(
+                worker_pb2.DecodeRequest(
+                    request_id=rid,
+                    transfer_id=reservation.transfer_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    first_token_id=first.first_token_id,
+                    sampling=sampling,
+                    structured_json=structured,
+                )
+            )
+            try:
+                async for chunk in stream:
+                    reason = finish_from_proto(chunk.finish_reason) if chunk.finish_reason else None
+                    lps = [logprob_from_proto(m) for m in chunk.logprobs] or None
+                    yield TokenEvent(list(chunk.token_ids), reason, n, cached, lps)
+                    if reason is not None:
+                        self.table.call_succeeded(dec)
+                        return
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _TRANSPORT:
+                    self.table.call_failed(dec)
+                raise error_of(e, rid, f"decode on {dec.worker_id}") from e
+            finally:
+                stream.cancel()
+            raise BackendFailure(f"decode stream from {dec.worker_id} ended without a finish", rid)
+        finally:
+            pre_w, dec_w = self.in_flight.pop(rid, (None, None))
+            for w in (pre_w, dec_w):
+                if w is not None:
+                    w.in_flight -= 1
+
+    async def _prefill(
+        self, req: GenerateRequest, sampling, structured: str, exclude: frozenset[str]  # noqa: ANN001
+    ) -> tuple[Worker, Worker, worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
+        rid = req.request_id
+        try:
+            dec = self.policy.pick(self.table.of_role("decode"), "decode", exclude)
+            pre = self.policy.pick(self.table.of_role("prefill"), "prefill", exclude)
+        except NoWorkerError as e:
+            raise _Retryable(str(e), []) from e
+        pre.in_flight += 1
+        dec.in_flight += 1
+        old = self.in_flight.get(rid, (None, None))
+        for w in old:
+            if w is not None:
+                w.in_flight -= 1
+        self.in_flight[rid] = (pre, dec)
+        try:
+            res = await dec.decode_stub.Reserve(
+                worker_pb2.ReserveRequest(
+                    request_id=rid, num_prompt_tokens=len(req.prompt_token_ids), max_tokens=req.params.max_tokens
+                ),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _TRANSPORT:
+                self.table.call_failed(dec)
+                raise _Retryable(f"reserve on {dec.worker_id}: {e.code().name}", [dec.worker_id]) from e
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise QueueFullError(len(self.in_flight), self.max_in_flight) from e
+            raise error_of(e, rid, f"reserve on {dec.worker_id}") from e
+        target = worker_pb2.DecodeTarget(
+            worker_id=dec.worker_id,
+            endpoint=res.endpoint,
+            transfer_id=res.transfer_id,
+            block_ids=res.block_ids,
+            block_size=res.block_size,
+        )
+        try:
+            first = await pre.prefill_stub.Prefill(
+                worker_pb2.PrefillRequest(
+                    request_id=rid,
+                    prompt_token_ids=req.prompt_token_ids,
+                    sampling=sampling,
+                    decode_target=target,
+                    structured_json=structured,
+                )
+            )
+            self.table.call_succeeded(pre)
+            self.bytes_transferred += first.bytes_sent
+            return pre, dec, res, first
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await dec.decode_stub.Release(worker_pb2.ReleaseRequest(transfer_id=res.transfer_id), timeout=5)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            if e.code() in _TRANSPORT:
+                self.table.call_failed(pre)
+                raise _Retryable(f"prefill on {pre.worker_id}: {e.code().name}: {e.details()}", [pre.worker_id]) from e
+            raise error_of(e, rid, f"prefill on {pre.worker_id}") from e
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, worker_ids: list[str]) -> None:
+        super().__init__(message)
+        self.worker_ids = worker_ids
+

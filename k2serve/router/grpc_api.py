@@ -1,0 +1,180 @@
+"""The public gRPC API (`k2serve.v1.K2Serve`) over any GenerationBackend: Generate, Chat, ListModels.
+
+Same semantics as the OpenAI-compatible HTTP API: bad input is INVALID_ARGUMENT naming the field,
+a full queue RESOURCE_EXHAUSTED, draining UNAVAILABLE; a cancelled call aborts its request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from k2serve.api.detok import REASONING_MARKERS, TOOL_MARKERS, OutputText
+from k2serve.api.prompt import PromptEncoder
+from k2serve.api.protocol import BackendError, GenerateRequest, GenerationBackend, TokenEvent
+from k2serve.chat.parsers import EventKind, OutputParser, ReasoningParser
+from k2serve.cluster.grpc_errors import status_of
+from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
+from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
+from k2serve.proto.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
+
+
+class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
+    def __init__(self, backend: GenerationBackend, sessions: Any = None) -> None:
+        self.backend = backend
+        self.encoder = PromptEncoder(backend.tokenizer)
+        self.sessions = sessions  # k2serve.router.sessions_api.SessionsAPI or None
+        self.created = int(time.time())
+
+    async def _params(self, m: common_pb2.SamplingParams, prompt_len: int, context) -> SamplingParams:  # noqa: ANN001
+        default = max(1, self.backend.max_model_len - prompt_len)
+        try:
+            return sampling_from_proto(m, default_max_tokens=default)
+        except SamplingParamsError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
+
+    async def _events(self, req: GenerateRequest, context) -> AsyncIterator[TokenEvent]:  # noqa: ANN001
+        try:
+            self.backend.check_admission()
+            stream = await self.backend.generate(req)
+        except BackendError as e:
+            await context.abort(status_of(e), str(e))
+        finished = False
+        try:
+            async for ev in stream:
+                finished = ev.finish_reason is not None
+                yield ev
+        except BackendError as e:
+            finished = True
+            await context.abort(status_of(e), str(e))
+        finally:
+            if not finished:
+                await self.backend.abort(req.request_id)
+
+    async def Generate(self, request: api_pb2.GenerateRequest, context):  # noqa: ANN001, N802
+        tok = self.backend.tokenizer
+        if request.model and request.model != self.backend.model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            prompt = tok.encode(request.text)
+        elif which == "token_ids":
+            prompt = list(request.token_ids.ids)
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: give text or token_ids")
+        if not prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+        params = await self._params(request.sampling, len(prompt), context)
+        rid = request.request_id or f"gen-{uuid.uuid4().hex}"
+        text = OutputText(tok, skip_special_tokens=True, final_stop_ids=tok.stop_ids, stop=params.stop)
+        produced = 0
+        async with contextlib.aclosing(self._events(GenerateRequest(rid, prompt, params), context)) as evs:
+            async for ev in evs:
+                produced += len(ev.token_ids)
+                done = ev.finish_reason is not None
+                out = api_pb2.GenerateResponse(
+                    request_id=rid,
+                    token_ids=ev.token_ids,
+                    text=text.add(ev.token_ids, done),
+                    finish_reason=finish_to_proto(ev.finish_reason),
+                    logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []],
+                )
+                if done:
+                    out.usage.CopyFrom(common_pb2.Usage(
+                        prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=ev.num_cached_tokens
+                    ))
+                yield out
+
+    async def Chat(self, request: api_pb2.ChatRequest, context):  # noqa: ANN001, N802
+        tok = self.backend.tokenizer
+        if request.model and request.model != self.backend.model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
+        messages = [_message(m) for m in request.messages]
+        if not messages:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages is empty")
+        try:
+            tools = [_tool(t) for t in request.tools] or None
+        except json.JSONDecodeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tools[].parameters is not JSON: {e}")
+        choice = request.tool_choice.WhichOneof("choice")
+        structured: dict[str, Any] | None = None
+        if choice == "function_name":
+            structured = {"tools": tools or [], "tool_choice": {"type": "function",
+                                                               "function": {"name": request.tool_choice.function_name}}}
+        elif choice == "mode" and request.tool_choice.mode == "required":
+            structured = {"tools": tools or [], "tool_choice": "required"}
+        elif request.response_format.type in ("json_object", "json_schema"):
+            fmt: dict[str, Any] = {"type": request.response_format.type}
+            if request.response_format.type == "json_schema":
+                fmt["json_schema"] = {"name": request.response_format.name or "response",
+                                      "schema": json.loads(request.response_format.json_schema or "{}")}
+            structured = {"response_format": fmt}
+        use_tools = bool(tools) and not (choice == "mode" and request.tool_choice.mode == "none")
+        try:
+            prompt = self.encoder.encode_chat(messages, tools if use_tools else None, tok.chat_template)
+        except Exception as e:  # template errors name the problem
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"messages cannot be rendered: {e}")
+        params = await self._params(request.sampling, len(prompt), context)
+        rid = request.request_id or f"chat-{uuid.uuid4().hex}"
+        text = OutputText(tok, skip_special_tokens=True, keep=REASONING_MARKERS + (TOOL_MARKERS if use_tools else ()),
+                          final_stop_ids=tok.stop_ids, stop=params.stop)
+        parser = OutputParser(tool_names=[t["function"]["name"] for t in tools or []]) if use_tools else ReasoningParser()
+        produced, made_calls, first = 0, False, True
+        async with contextlib.aclosing(self._events(GenerateRequest(rid, prompt, params, structured), context)) as evs:
+            async for ev in evs:
+                produced += len(ev.token_ids)
+                done = ev.finish_reason is not None
+                delta = api_pb2.ChatDelta(role="assistant" if first else "")
+                first = False
+                pieces = parser.feed(text.add(ev.token_ids, done)) + (parser.finish() if done else [])
+                for p in pieces:
+                    if p.kind == EventKind.REASONING:
+                        delta.reasoning_content += p.text
+                    elif p.kind == EventKind.CONTENT:
+                        delta.content += p.text
+                    elif p.tool_call is not None and p.kind == EventKind.TOOL_CALL_END:
+                        made_calls = True
+                        c = p.tool_call
+                        delta.tool_calls.append(api_pb2.ToolCall(
+                            id=c.id, type="function", index=c.index,
+                            function=api_pb2.FunctionCall(name=c.name, arguments=c.arguments),
+                        ))
+                reason = "tool_calls" if (done and made_calls and ev.finish_reason == "stop") else ev.finish_reason
+                out = api_pb2.ChatResponse(request_id=rid, delta=delta, finish_reason=finish_to_proto(reason),
+                                           logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []])
+                if done:
+                    out.usage.CopyFrom(common_pb2.Usage(
+                        prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=ev.num_cached_tokens
+                    ))
+                yield out
+
+    async def ListModels(self, request: api_pb2.ListModelsRequest, context):  # noqa: ANN001, N802
+        card = api_pb2.ModelCard(id=self.backend.model_name, owned_by="k2serve", created_unix_s=self.created,
+                                 max_model_len=self.backend.max_model_len)
+        return api_pb2.ListModelsResponse(models=[card])
+
+
+def _message(m: api_pb2.ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role}
+    for name in ("content", "reasoning_content", "name", "tool_call_id"):
+        if m.HasField(name):
+            out[name] = getattr(m, name)
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": c.type or "function", "function": {"name": c.function.name,
+                                                                    "arguments": c.function.arguments}}
+            for c in m.tool_calls
+        ]
+    return out
+
+
+def _tool(t: api_pb2.Tool) -> dict[str, Any]:
+    fn: dict[str, Any] = {"name": t.name, "description": t.description,
+                          "parameters": json.loads(t.parameters) if t.parameters else {}}
+    return {"type": t.type or "function", "function": fn}

@@ -1,0 +1,180 @@
+"""`k2serve router ...`: the public gRPC API, the OpenAI-compatible HTTP API and the worker registry,
+in one asyncio process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from k2serve.api.openai_app import build_app
+from k2serve.cluster.worker_base import grpc_options
+from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
+from k2serve.router.backend import ClusterBackend
+from k2serve.router.grpc_api import K2ServeServicer
+from k2serve.router.registry import RegistryServicer, WorkerTable
+
+logger = logging.getLogger(__name__)
+ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    model_dir: str
+    model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    api_key: str | None = None
+    static_workers: tuple[tuple[str, str], ...] = ()
+    heartbeat_timeout_s: float = 5.0
+    max_queue: int = 1024
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    redis_url: str | None = None
+    ready_file: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_timeout_s <= 0:
+            raise ValueError(f"--heartbeat-timeout must be > 0, got {self.heartbeat_timeout_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        for role, addr in self.static_workers:
+            if role not in ROLE_OF or ":" not in addr:
+                raise ValueError(f"--worker {role}={addr}: expected prefill=HOST:PORT or decode=HOST:PORT")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RouterSettings:
+        workers = tuple(tuple(w.split("=", 1)) for w in args.worker if "=" in w)
+        if len(workers) != len(args.worker):
+            raise ValueError(f"--worker values must be ROLE=HOST:PORT, got {args.worker}")
+        return cls(
+            model_dir=args.model,
+            model_name=args.served_model_name,
+            host=args.host,
+            port=args.port,
+            grpc_port=args.grpc_port,
+            api_key=args.api_key or os.environ.get("K2SERVE_API_KEY") or None,
+            static_workers=workers,  # type: ignore[arg-type]
+            heartbeat_timeout_s=args.heartbeat_timeout,
+            max_queue=args.max_queue,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+            ready_file=getattr(args, "ready_file", None),
+        )
+
+
+class Router:
+    """Owns the worker table, the backend and both servers; `run()` serves until `stop` is set."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.table = WorkerTable(settings.heartbeat_timeout_s, lambda addr: grpc.aio.insecure_channel(addr, options=grpc_options()))
+        self.backend = ClusterBackend(settings.model_dir, self.table, settings.model_name, max_in_flight=settings.max_queue)
+        self.stop = asyncio.Event()
+        self.grpc_port = settings.grpc_port
+        self.http_port = settings.port
+        self.sessions = None
+
+    def _add_static(self) -> None:
+        for i, (role, addr) in enumerate(self.settings.static_workers):
+            info = registry_pb2.WorkerInfo(worker_id=f"static-{role}-{i}", role=ROLE_OF[role], grpc_address=addr)
+            self.table.add(info, static=True)
+
+    async def _workers_view(self) -> dict:
+        """Operators' view of the registry (no secrets): id, role, address, load, in-flight requests."""
+        return {
+            "workers": [
+                {"worker_id": w.worker_id, "role": w.role, "address": w.address, "static": w.static,
+                 "in_flight": w.in_flight, "running": w.load.running, "waiting": w.load.waiting,
+                 "free_blocks": w.load.free_blocks, "total_blocks": w.load.total_blocks}
+                for w in self.table.workers.values()
+            ],
+            "kv_bytes_transferred": self.backend.bytes_transferred,
+        }
+
+    async def run(self) -> None:
+        s = self.settings
+        self._add_static()
+        if s.redis_url:
+            from k2serve.router.sessions_api import SessionsAPI
+
+            self.sessions = SessionsAPI.connect(s.redis_url, self.backend)
+        server = grpc.aio.server(options=grpc_options())
+        api_pb2_grpc.add_K2ServeServicer_to_server(K2ServeServicer(self.backend, self.sessions), server)
+        registry_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(self.table), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = [
+            api_pb2.DESCRIPTOR.services_by_name["K2Serve"].full_name,
+            registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
+        ]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        bind = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])  # type: ignore[arg-type]
+            self.grpc_port = server.add_secure_port(bind, creds)
+        else:
+            self.grpc_port = server.add_insecure_port(bind)
+        await server.start()
+        for name in ["", *names]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        app = build_app(self.backend, s.api_key)
+        app.add_api_route("/cluster/workers", self._workers_view, methods=["GET"])
+        config = uvicorn.Config(app, host=s.host, port=s.port, log_level="warning", lifespan="off",
+                                ssl_certfile=s.tls_cert, ssl_keyfile=s.tls_key)
+        http = uvicorn.Server(config)
+        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        http_task = asyncio.create_task(http.serve())
+        while not http.started and not http_task.done():
+            await asyncio.sleep(0.02)
+        if http_task.done():
+            await http_task
+        self.http_port = http.servers[0].sockets[0].getsockname()[1] if http.servers else s.port
+        monitor = asyncio.create_task(self.table.monitor(self.stop))
+        scheme = "https" if s.tls_cert else "http"
+        print(f"k2serve router: HTTP {scheme}://{s.host}:{self.http_port}/v1  gRPC {s.host}:{self.grpc_port}", flush=True)
+        if s.ready_file:
+            Path(s.ready_file).write_text(f"{self.http_port} {self.grpc_port}")
+        await self.stop.wait()
+        # Drain: refuse new requests, give in-flight ones time to finish, then stop everything.
+        self.backend.draining = True
+        for name in ["", *names]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for _ in range(200):
+            if not self.backend.in_flight:
+                break
+            await asyncio.sleep(0.05)
+        http.should_exit = True
+        with contextlib.suppress(Exception):
+            await http_task
+        await server.stop(grace=2)
+        await monitor
+        if self.sessions is not None:
+            self.sessions.close()
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        router = Router(RouterSettings.from_args(args))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, router.stop.set)
+        await router.run()
+
+    asyncio.run(main())
+    return 0

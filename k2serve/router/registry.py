@@ -1,0 +1,138 @@
+"""The router's view of its workers: who is there, how loaded, and whether they are still alive.
+
+Workers register (WorkerRegistry.Register) and heartbeat; one that misses heartbeats for longer than
+the timeout is removed and gets no new requests. Static workers (`--worker role=host:port`) never
+expire by heartbeat but are dropped after repeated call failures, like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from k2serve.proto import registry_pb2, registry_pb2_grpc, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+ROLE_NAMES = {registry_pb2.WORKER_ROLE_PREFILL: "prefill", registry_pb2.WORKER_ROLE_DECODE: "decode"}
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    role: str
+    address: str
+    info: registry_pb2.WorkerInfo
+    channel: grpc.aio.Channel
+    static: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+    load: registry_pb2.WorkerLoad = field(default_factory=registry_pb2.WorkerLoad)
+    in_flight: int = 0  # requests the router has sent and not seen finish
+    failures: int = 0
+
+    @property
+    def prefill_stub(self) -> worker_pb2_grpc.PrefillWorkerStub:
+        return worker_pb2_grpc.PrefillWorkerStub(self.channel)
+
+    @property
+    def decode_stub(self) -> worker_pb2_grpc.DecodeWorkerStub:
+        return worker_pb2_grpc.DecodeWorkerStub(self.channel)
+
+
+class WorkerTable:
+    """All known workers. Touched only from the router's event loop (no locks needed)."""
+
+    def __init__(self, heartbeat_timeout_s: float, channel_factory: Callable[[str], grpc.aio.Channel]) -> None:
+        self.timeout = heartbeat_timeout_s
+        self._channel = channel_factory
+        self.workers: dict[str, Worker] = {}
+        self.on_remove: list[Callable[[Worker], None]] = []
+
+    def add(self, info: registry_pb2.WorkerInfo, static: bool = False) -> Worker:
+        old = self.workers.get(info.worker_id)
+        if old is not None and old.address == info.grpc_address:
+            old.info, old.last_seen, old.failures = info, time.monotonic(), 0
+            return old
+        if old is not None:
+            self.remove(info.worker_id, "re-registered at a new address")
+        role = ROLE_NAMES.get(info.role)
+        if role is None:
+            raise ValueError(f"worker {info.worker_id!r} has unsupported role {info.role}")
+        w = Worker(info.worker_id, role, info.grpc_address, info, self._channel(info.grpc_address), static)
+        self.workers[info.worker_id] = w
+        logger.info("worker %s (%s) joined at %s", w.worker_id, role, w.address)
+        return w
+
+    def remove(self, worker_id: str, why: str) -> None:
+        w = self.workers.pop(worker_id, None)
+        if w is None:
+            return
+        logger.warning("worker %s removed: %s", worker_id, why)
+        for cb in self.on_remove:
+            cb(w)
+        task = asyncio.get_event_loop().create_task(w.channel.close())
+        task.add_done_callback(lambda _: None)
+
+    def heartbeat(self, worker_id: str, load: registry_pb2.WorkerLoad) -> bool:
+        w = self.workers.get(worker_id)
+        if w is None:
+            return False
+        w.last_seen = time.monotonic()
+        w.load = load
+        return True
+
+    def of_role(self, role: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.role == role]
+
+    def expire(self) -> list[str]:
+        """Drop workers silent for longer than the timeout; returns their ids."""
+        now = time.monotonic()
+        gone = [w.worker_id for w in self.workers.values() if not w.static and now - w.last_seen > self.timeout]
+        for wid in gone:
+            self.remove(wid, f"no heartbeat for {self.timeout:.1f} s")
+        return gone
+
+    def call_failed(self, w: Worker, max_failures: int = 3) -> None:
+        """A call to `w` failed at the transport level; after `max_failures` in a row it is removed."""
+        w.failures += 1
+        if w.failures >= max_failures:
+            self.remove(w.worker_id, f"{w.failures} failed calls in a row")
+
+    def call_succeeded(self, w: Worker) -> None:
+        w.failures = 0
+
+    async def monitor(self, stop: asyncio.Event, period_s: float = 0.5) -> None:
+        while not stop.is_set():
+            self.expire()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=period_s)
+
+
+class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
+    def __init__(self, table: WorkerTable, heartbeat_interval_ms: int = 1000) -> None:
+        self.table = table
+        self.interval_ms = heartbeat_interval_ms
+
+    async def Register(self, request: registry_pb2.WorkerInfo, context: grpc.aio.ServicerContext):  # noqa: N802
+        if not request.worker_id or not request.grpc_address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id and grpc_address are required")
+        try:
+            self.table.add(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return registry_pb2.RegisterResponse(
+            heartbeat_interval_ms=self.interval_ms, lease_ms=int(self.table.timeout * 1000)
+        )
+
+    async def Heartbeat(self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        return registry_pb2.HeartbeatResponse(known=self.table.heartbeat(request.worker_id, request.load))
+
+    async def Deregister(self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        self.table.remove(request.worker_id, "deregistered")
+        return registry_pb2.DeregisterResponse()
