@@ -1,0 +1,173 @@
+"""`k2serve bench serve` arguments -> BenchConfig -> run -> printed report. Parsing stops here."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+from k2serve.loadgen.config import BACKENDS, DATASETS, DEFAULT_URLS, BenchConfig, BenchConfigError
+
+PROG = "k2serve bench serve"
+
+
+def _range(text: str) -> tuple[int, int]:
+    """ "N" or "LO:HI" (inclusive) -> (LO, HI)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        return (int(lo), int(hi)) if sep else (int(lo), int(lo))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected N or LO:HI (integers), got {text!r}") from e
+
+
+def _rate(text: str) -> float:
+    try:
+        return float(text)  # accepts "inf"
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number of requests/s or inf, got {text!r}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Load generator for the OpenAI-compatible HTTP API (/v1/completions, streamed) or the "
+        "gRPC K2Serve.Generate API: Poisson / fixed-concurrency load, random or Mooncake-trace prompts.",
+    )
+    a = p.add_argument
+    a("--backend", choices=BACKENDS, default="http")
+    a("--url", default=None, help=f"the only address contacted (default {DEFAULT_URLS['http']}; "
+      f"grpc: {DEFAULT_URLS['grpc']})")  # fmt: skip
+    a("--model", default=None, help="model name to send (default: none, the server's model)")
+    a("--api-key", default=None, help="bearer key (default: $K2SERVE_API_KEY, else none)")
+    a("--dataset", choices=DATASETS, default=None, help="default: trace when --trace is given, else random")
+    a("--num-prompts", type=int, default=None, help="requests to send at most (trace: default all lines)")
+    a("--duration", type=float, default=None, help="seconds after which no request is sent")
+    a("--request-rate", type=_rate, default=None,
+      help="Poisson arrivals, requests/s, or inf (default: inf; trace: its timestamps)")  # fmt: skip
+    a("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    a("--warmup", type=float, default=0.0, help="seconds; requests ending before are not counted")
+    a("--seed", type=int, default=0, help="seed of prompts and arrivals")
+    a("--input-len", type=_range, default=(128, 128), help="random: prompt tokens, N or LO:HI")
+    a("--output-len", type=_range, default=(32, 32), help="random: output tokens, N or LO:HI")
+    a("--vocab-size", type=int, default=1024,
+      help="prompt token ids are drawn from [0, N): keep N within the ordinary (non-special) tokens")  # fmt: skip
+    a(
+        "--trace",
+        default=None,
+        help="Mooncake trace (JSONL: timestamp ms, input_length, output_length, hash_ids)",
+    )
+    a("--time-scale", type=float, default=1.0, help="trace arrivals at timestamp * X (0.1 = 10x faster)")
+    a("--length-scale", type=float, default=1.0, help="trace input/output lengths and block size times X")
+    a("--block-size", type=int, default=512, help="tokens per trace hash block (Mooncake: 512)")
+    a("--temperature", type=float, default=0.0)
+    a("--request-timeout", type=float, default=600.0, help="seconds one request may take")
+    a("--slo-ttft", type=float, default=None, help="goodput SLO on time to first token, ms")
+    a("--slo-tpot", type=float, default=None, help="goodput SLO on time per output token, ms")
+    a("--result-json", default=None, help="write the result here")
+    a("--plot-dir", default=None, help="write latency_cdf.png and timeline.png here")
+    a("--progress-interval", type=float, default=None,
+      help="seconds between progress updates on stderr (default 0.5 on a terminal, else 10)")  # fmt: skip
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    dataset = args.dataset or ("trace" if args.trace is not None else "random")
+    return BenchConfig(
+        backend=args.backend,
+        url=args.url or DEFAULT_URLS[args.backend],
+        model=args.model,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("K2SERVE_API_KEY") or None,
+        dataset=dataset,
+        num_prompts=args.num_prompts,
+        duration_s=args.duration,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        warmup_s=args.warmup,
+        seed=args.seed,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        vocab_size=args.vocab_size,
+        trace=args.trace,
+        time_scale=args.time_scale,
+        length_scale=args.length_scale,
+        block_size=args.block_size,
+        temperature=args.temperature,
+        request_timeout_s=args.request_timeout,
+        slo_ttft_ms=args.slo_ttft,
+        slo_tpot_ms=args.slo_tpot,
+        result_json=args.result_json,
+        plot_dir=args.plot_dir,
+        progress_interval_s=args.progress_interval,
+    )
+
+
+def reproduce_command(config: BenchConfig) -> str:
+    """A command line that runs `config` again; the API key appears as "$K2SERVE_API_KEY", never itself."""
+
+    def num(x: float) -> str:
+        return "inf" if math.isinf(x) else repr(x)
+
+    parts = [
+        "--backend", config.backend, "--url", config.url, "--dataset", config.dataset,
+        "--seed", str(config.seed),
+    ]  # fmt: skip
+    optional = {
+        "--model": config.model,
+        "--trace": config.trace,
+        "--num-prompts": config.num_prompts,
+        "--duration": config.duration_s,
+        "--request-rate": None if config.request_rate is None else num(config.request_rate),
+        "--max-concurrency": config.max_concurrency,
+        "--slo-ttft": config.slo_ttft_ms,
+        "--slo-tpot": config.slo_tpot_ms,
+        "--result-json": config.result_json,
+        "--plot-dir": config.plot_dir,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            parts += [flag, str(value)]
+    if config.warmup_s:
+        parts += ["--warmup", repr(config.warmup_s)]
+    if config.dataset == "random":
+        parts += [
+            "--input-len",
+            f"{config.input_len[0]}:{config.input_len[1]}",
+            "--output-len",
+            f"{config.output_len[0]}:{config.output_len[1]}",
+        ]
+    else:
+        parts += ["--time-scale", repr(config.time_scale), "--length-scale", repr(config.length_scale),
+                  "--block-size", str(config.block_size)]  # fmt: skip
+    parts += ["--vocab-size", str(config.vocab_size), "--temperature", repr(config.temperature),
+              "--request-timeout", repr(config.request_timeout_s)]  # fmt: skip
+    line = PROG + " " + shlex.join(parts)
+    if config.api_key is not None:
+        line += ' --api-key "$K2SERVE_API_KEY"'
+    return line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print progress on stderr and the report on stdout. Exit status: 0 when at least
+    one request completed, 1 when none did, 2 for bad arguments or an invalid trace."""
+    from k2serve.loadgen.benchmark import run_benchmark
+    from k2serve.loadgen.report import format_report
+    from k2serve.loadgen.trace import TraceFormatError
+
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        config = config_from_args(args)
+    except BenchConfigError as e:
+        parser.error(str(e))  # exits with status 2
+    command = reproduce_command(config)
+    print(f"{PROG}: {command}", file=sys.stderr)
+    try:
+        result = run_benchmark(config, command)
+    except (TraceFormatError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    return 0 if result["counts"]["completed"] else 1

@@ -1,0 +1,130 @@
+"""BenchConfig: everything one `k2serve bench serve` run needs, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+BACKENDS = ("http", "grpc")
+DATASETS = ("random", "trace")
+DEFAULT_URLS = {"http": "http://127.0.0.1:8000", "grpc": "grpc://127.0.0.1:50051"}
+
+
+class BenchConfigError(ValueError):
+    """An invalid setting; `name` is the field and `value` the offending value."""
+
+    def __init__(self, name: str, value: Any, reason: str) -> None:
+        super().__init__(f"{name}={value!r}: {reason}")
+        self.name = name
+        self.value = value
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run.
+
+    Load: arrivals are Poisson at `request_rate` requests/s (inf: all at once), or the trace's
+    timestamps when `request_rate` is None on a trace; `max_concurrency` caps requests in flight
+    (with rate inf it is a closed loop of that many clients). Requests stop being sent after
+    `num_prompts` or `duration_s` seconds, whichever comes first; those in flight then finish (each
+    within `request_timeout_s`). Requests that end before `warmup_s` are left out of the statistics.
+    Random dataset: lengths (tokens) uniform in the inclusive ranges `input_len`, `output_len`.
+    Trace dataset: see k2serve.loadgen.trace.TraceScaling for the scales and `block_size`.
+    Token ids are drawn from [0, vocab_size). SLOs in ms. `api_key` is never written out.
+    """
+
+    backend: str = "http"
+    url: str = DEFAULT_URLS["http"]
+    model: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    dataset: str = "random"
+    num_prompts: int | None = None
+    duration_s: float | None = None
+    request_rate: float | None = None
+    max_concurrency: int | None = None
+    warmup_s: float = 0.0
+    seed: int = 0
+    input_len: tuple[int, int] = (128, 128)
+    output_len: tuple[int, int] = (32, 32)
+    vocab_size: int = 1024
+    trace: str | None = None
+    time_scale: float = 1.0
+    length_scale: float = 1.0
+    block_size: int = 512
+    temperature: float = 0.0
+    request_timeout_s: float = 600.0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    result_json: str | None = None
+    plot_dir: str | None = None
+    progress_interval_s: float | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, reason: str) -> BenchConfigError:
+            return BenchConfigError(name, getattr(self, name), reason)
+
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"must be one of {', '.join(BACKENDS)}")
+        if self.dataset not in DATASETS:
+            raise bad("dataset", f"must be one of {', '.join(DATASETS)}")
+        if self.backend == "http" and (
+            urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname
+        ):
+            raise bad("url", "must be an http:// or https:// URL for the http backend")
+        if (self.dataset == "trace") != (self.trace is not None):
+            raise bad("trace", "a trace file is needed for, and only for, the trace dataset")
+        for name in ("num_prompts", "max_concurrency"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        for name in ("duration_s", "request_rate", "request_timeout_s", "slo_ttft_ms", "slo_tpot_ms",
+                     "progress_interval_s", "time_scale", "length_scale"):  # fmt: skip
+            v = getattr(self, name)
+            if v is not None and not v > 0:  # also refuses NaN
+                raise bad(name, "must be > 0")
+        for name in ("duration_s", "request_timeout_s", "time_scale", "length_scale", "warmup_s"):
+            if getattr(self, name) is not None and math.isinf(getattr(self, name)):
+                raise bad(name, "must be finite")
+        if not self.warmup_s >= 0:
+            raise bad("warmup_s", "must be >= 0")
+        if self.duration_s is not None and self.warmup_s >= self.duration_s:
+            raise bad("warmup_s", f"must be shorter than the duration ({self.duration_s} s)")
+        for name in ("input_len", "output_len"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise bad(name, "must be a range 1 <= low <= high")
+        for name in ("vocab_size", "block_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if not self.temperature >= 0:
+            raise bad("temperature", "must be >= 0")
+        if self.dataset == "random" and self.num_prompts is None and self.duration_s is None:
+            raise bad("num_prompts", "the random dataset is endless: give num_prompts and/or duration_s")
+        if (
+            self.dataset == "random"
+            and self.arrival_rate == math.inf
+            and self.max_concurrency is None
+            and self.num_prompts is None
+        ):
+            raise bad("num_prompts", "an infinite rate without max_concurrency needs num_prompts")
+
+    @property
+    def arrival_rate(self) -> float | None:
+        """Poisson rate (requests/s, may be inf), or None when arrivals follow the trace's timestamps."""
+        if self.request_rate is not None:
+            return self.request_rate
+        return None if self.dataset == "trace" else math.inf
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings for a result file: no API key (only whether one was set); inf as "inf"."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "api_key":
+                out["api_key_set"] = self.api_key is not None
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = (
+                "inf" if isinstance(v, float) and math.isinf(v) else list(v) if isinstance(v, tuple) else v
+            )
+        return out

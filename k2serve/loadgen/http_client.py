@@ -1,0 +1,110 @@
+"""HTTPClient: streamed token-id /v1/completions over httpx, timed chunk by chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from k2serve.loadgen.client import SSE_DONE, Client, SSEFormatError, parse_sse_line
+from k2serve.loadgen.dataset import BenchRequest
+from k2serve.loadgen.record import RequestRecord
+
+
+class HTTPClient(Client):
+    """Posts each request to `{url}/v1/completions` (token-id prompt, `max_tokens` = output_len,
+    `ignore_eos`, `stream` with usage) and to no other address. A chunk with choices marks output
+    tokens; the final usage chunk gives output, prompt and cached tokens."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None,
+        api_key: str | None,
+        timeout_s: float,
+        temperature: float = 0.0,
+        max_connections: int | None = None,
+    ) -> None:
+        super().__init__(timeout_s)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            trust_env=False,  # no proxy: the URL given is the only address contacted
+        )
+        self._model = model
+        self._temperature = temperature
+
+    def body(self, req: BenchRequest) -> dict:
+        body: dict = {
+            "prompt": list(req.prompt),
+            "max_tokens": req.output_len,
+            "ignore_eos": True,
+            "temperature": self._temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self._model is not None:
+            body["model"] = self._model
+        return body
+
+    async def send(self, req: BenchRequest, t0: float) -> RequestRecord:
+        rec = self.new_record(req, t0)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._stream(req, rec, t0)
+        except TimeoutError:
+            rec.error, rec.error_detail = "timeout", f"no end within {self.timeout_s} s"
+        except httpx.TimeoutException as e:
+            rec.error, rec.error_detail = "timeout", f"{type(e).__name__}: {e}"
+        except httpx.ConnectError as e:
+            rec.error, rec.error_detail = "connect_error", str(e)
+        except httpx.HTTPError as e:
+            rec.error, rec.error_detail = type(e).__name__, str(e)
+        except SSEFormatError as e:
+            rec.error, rec.error_detail = "bad_stream", str(e)
+        rec.finish_s = time.perf_counter() - t0
+        return rec
+
+    async def _stream(self, req: BenchRequest, rec: RequestRecord, t0: float) -> None:
+        async with self._http.stream("POST", "/v1/completions", json=self.body(req)) as resp:
+            if resp.status_code != 200:
+                rec.error = str(resp.status_code)
+                rec.rejected = resp.status_code == 429
+                rec.error_detail = (await resp.aread()).decode("utf-8", errors="replace")[:500]
+                return
+            done = False
+            async for line in resp.aiter_lines():
+                event = parse_sse_line(line)
+                now = time.perf_counter() - t0
+                if event is None:
+                    continue
+                if event == SSE_DONE:
+                    done = True
+                    break
+                assert isinstance(event, dict)
+                if "error" in event:
+                    err = event["error"] if isinstance(event["error"], dict) else {}
+                    rec.error = f"stream_error:{err.get('code') or err.get('type') or 'unknown'}"
+                    rec.rejected = err.get("code") == "queue_full"
+                    rec.error_detail = str(err.get("message", event))[:500]
+                    return
+                if event.get("choices"):
+                    if rec.first_token_s is None:
+                        rec.first_token_s = now
+                    rec.chunk_s.append(now)
+                usage = event.get("usage")
+                if usage:
+                    rec.output_tokens = usage.get("completion_tokens")
+                    rec.prompt_tokens = usage.get("prompt_tokens")
+                    rec.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            if not done:
+                rec.error, rec.error_detail = "incomplete_stream", "the body ended without data: [DONE]"
+            elif rec.output_tokens is None:
+                rec.output_tokens = len(rec.chunk_s)  # no usage sent: chunks are the best count there is
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

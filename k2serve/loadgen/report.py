@@ -1,0 +1,66 @@
+"""The printed report of a run's result (the dict `run_benchmark` returns)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A fixed-width text report: counts, throughput, latency percentiles, goodput, prefix cache, errors."""
+    c, t, lat, pc = result["counts"], result["throughput"], result["latency_ms"], result["prefix_cache"]
+    cfg = result["config"]
+    lines = [
+        "=" * 21 + " k2serve bench serve " + "=" * 21,
+        f"target             {cfg['backend']} {cfg['url']}   dataset {cfg['dataset']}",
+        f"requests           sent {c['sent']}  completed {c['completed']}  failed {c['failed']}  "
+        f"rejected {c['rejected']}  excluded (warm-up) {c['excluded_warmup']}",
+        f"stopped by         {result['stopped_by']}   wall {result['wall_s']:.2f} s   "
+        f"measured window {result['window_s']:.2f} s",
+        f"throughput         {_f(t['requests_per_s'], '.3f')} req/s   input {_f(t['input_tokens_per_s'], '.1f')} "
+        f"tok/s   output {_f(t['output_tokens_per_s'], '.1f')} tok/s",
+        f"{'latency (ms)':<18} {'n':>7} {'mean':>10} {'p50':>10} {'p90':>10} {'p99':>10} {'max':>10}",
+    ]
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        s = lat[name]
+        lines.append(
+            f"  {name.upper():<16} {s['n']:>7} "
+            + " ".join(f"{_f(s[k]):>10}" for k in ("mean", "p50", "p90", "p99", "max"))
+        )
+    g = result["goodput"]
+    if g is not None:
+        lines.append(
+            f"goodput            {_f(g['requests_per_s'], '.3f')} req/s  ({_pct(g['fraction'])} of requests meet "
+            f"TTFT <= {_f(g['slo_ttft_ms'], 'g')} ms and TPOT <= {_f(g['slo_tpot_ms'], 'g')} ms)"
+        )
+    lines.append(
+        f"prefix cache       measured hit {_pct(pc['measured_hit_ratio'])} "
+        f"({pc['cached_tokens']}/{pc['prompt_tokens']} prompt tokens)   best possible "
+        f"{_pct(pc['best_hit_ratio'])}"
+    )
+    if result.get("trace"):
+        tr = result["trace"]
+        lines.append(
+            f"trace              {tr['entries']} entries over {tr['span_s']:.1f} s, replayed over "
+            f"{tr['replayed_span_s']:.1f} s; blocks of {tr['scaled_block_size']} tokens; best hit "
+            f"(unscaled) {_pct(tr['best_hit_ratio_unscaled'])}"
+        )
+    if c["output_len_mismatch"]:
+        lines.append(
+            f"output length      {c['output_len_mismatch']} completed requests differ from the requested length"
+        )
+    if result["errors"] or result["rejections"]:
+        lines.append(
+            f"errors             {result['errors'] or '-'}   rejections {result['rejections'] or '-'}"
+        )
+    for p in result["plots"]:
+        lines.append(f"plot               {p}")
+    lines.append(f"reproduce          {result['command']}")
+    return "\n".join(lines)
