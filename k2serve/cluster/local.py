@@ -47,7 +47,9 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
-            raise ValueError(f"need >= 1 prefill and >= 1 decode worker, got {self.num_prefill}, {self.num_decode}")
+            raise ValueError(
+                f"need >= 1 prefill and >= 1 decode worker, got {self.num_prefill}, {self.num_decode}"
+            )
 
 
 @dataclass
@@ -79,7 +81,10 @@ class LocalCluster:
         env = dict(os.environ) | self.spec.env | {"PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as f:
             popen = subprocess.Popen(  # noqa: S603 - our own CLI
-                [sys.executable, "-m", "k2serve", *args], stdout=f, stderr=subprocess.STDOUT, env=env,
+                [sys.executable, "-m", "k2serve", *args],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
                 start_new_session=True,
             )
         p = Proc(name, popen, log)
@@ -93,7 +98,9 @@ class LocalCluster:
             if proc.popen.poll() is not None:
                 raise ClusterError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
             time.sleep(0.05)
-        raise ClusterError(f"{proc.name} did not become ready in {self.spec.startup_timeout_s:.0f} s:\n{proc.tail()}")
+        raise ClusterError(
+            f"{proc.name} did not become ready in {self.spec.startup_timeout_s:.0f} s:\n{proc.tail()}"
+        )
 
     def start(self) -> LocalCluster:
         s = self.spec
@@ -105,9 +112,21 @@ class LocalCluster:
                 self.redis = EmbeddedRedis(RedisServerConfig(data_dir=self.dir / "redis")).start()
                 self.redis_url = self.redis.url
             ready = self.dir / "router.ready"
-            args = ["router", "--model", s.model_dir, "--host", s.host, "--port", str(s.port),
-                    "--grpc-port", str(s.grpc_port), "--heartbeat-timeout", str(s.heartbeat_timeout_s),
-                    "--ready-file", str(ready)]
+            args = [
+                "router",
+                "--model",
+                s.model_dir,
+                "--host",
+                s.host,
+                "--port",
+                str(s.port),
+                "--grpc-port",
+                str(s.grpc_port),
+                "--heartbeat-timeout",
+                str(s.heartbeat_timeout_s),
+                "--ready-file",
+                str(ready),
+            ]
             if self.redis_url:
                 args += ["--redis-url", self.redis_url]
             if s.api_key:
@@ -115,14 +134,32 @@ class LocalCluster:
             if s.served_model_name:
                 args += ["--served-model-name", s.served_model_name]
             router = self._spawn("router", args)
-            self.http_port, self.grpc_port = (int(x) for x in self._wait_file(router, ready, deadline).split())
+            self.http_port, self.grpc_port = (
+                int(x) for x in self._wait_file(router, ready, deadline).split()
+            )
             for role, n in (("prefill", s.num_prefill), ("decode", s.num_decode)):
                 for i in range(n):
                     wready = self.dir / f"{role}-{i}.ready"
-                    wargs = [role, "--model", s.model_dir, "--dtype", s.dtype, "--host", s.host, "--port", "0",
-                             "--router", f"{s.host}:{self.grpc_port}", "--worker-id", f"{role}-{i}",
-                             "--transfer-backend", s.transfer_backend, "--ready-file", str(wready),
-                             *s.engine_args]
+                    wargs = [
+                        role,
+                        "--model",
+                        s.model_dir,
+                        "--dtype",
+                        s.dtype,
+                        "--host",
+                        s.host,
+                        "--port",
+                        "0",
+                        "--router",
+                        f"{s.host}:{self.grpc_port}",
+                        "--worker-id",
+                        f"{role}-{i}",
+                        "--transfer-backend",
+                        s.transfer_backend,
+                        "--ready-file",
+                        str(wready),
+                        *s.engine_args,
+                    ]
                     if s.served_model_name:
                         wargs += ["--served-model-name", s.served_model_name]
                     self._spawn(f"{role}-{i}", wargs)
@@ -186,10 +223,18 @@ class LocalCluster:
     def status_table(self) -> str:
         rows = [("process", "pid", "address / role", "log")]
         for p in self.procs:
-            rows.append((p.name, str(p.popen.pid), "running" if p.popen.poll() is None else f"exit {p.popen.returncode}",
-                         str(p.log)))
+            rows.append(
+                (
+                    p.name,
+                    str(p.popen.pid),
+                    "running" if p.popen.poll() is None else f"exit {p.popen.returncode}",
+                    str(p.log),
+                )
+            )
         if self.redis_url:
-            rows.append(("redis", str(self.redis.pid) if self.redis else "-", self.redis_url.split("@")[-1], "-"))
+            rows.append(
+                ("redis", str(self.redis.pid) if self.redis else "-", self.redis_url.split("@")[-1], "-")
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
@@ -198,21 +243,41 @@ def up_from_args(args: argparse.Namespace) -> int:
     from k2serve.cli import resolve_model
 
     if args.ep != 1:
-        raise ValueError(f"--ep {args.ep}: expert-parallel worker groups are not wired into `up` yet (use --ep 1)")
+        raise ValueError(
+            f"--ep {args.ep}: expert-parallel worker groups are not wired into `up` yet (use --ep 1)"
+        )
     if args.ray:
         raise ValueError("--ray: the Ray runtime is not available in this build; run without --ray")
-    engine_args = ["--block-size", str(args.block_size), "--kv-cache-mb", str(args.kv_cache_mb),
-                   "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                   "--max-waiting", str(args.max_waiting)]
+    engine_args = [
+        "--block-size",
+        str(args.block_size),
+        "--kv-cache-mb",
+        str(args.kv_cache_mb),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--max-waiting",
+        str(args.max_waiting),
+    ]
     if args.max_model_len:
         engine_args += ["--max-model-len", str(args.max_model_len)]
     if args.no_prefix_caching:
         engine_args.append("--no-prefix-caching")
     spec = ClusterSpec(
-        model_dir=resolve_model(args), host=args.host, port=args.port, grpc_port=args.grpc_port,
-        num_prefill=args.prefill, num_decode=args.decode, transfer_backend=args.transfer_backend, dtype=args.dtype,
-        engine_args=tuple(engine_args), redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
-        api_key=args.api_key, served_model_name=args.served_model_name, workdir=args.workdir,
+        model_dir=resolve_model(args),
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        transfer_backend=args.transfer_backend,
+        dtype=args.dtype,
+        engine_args=tuple(engine_args),
+        redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        workdir=args.workdir,
     )
     stop = {"now": False}
 
@@ -222,17 +287,25 @@ def up_from_args(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     cluster = LocalCluster(spec)
-    print(f"starting k2serve: {spec.num_prefill} prefill + {spec.num_decode} decode workers on {spec.model_dir} ...",
-          flush=True)
+    print(
+        f"starting k2serve: {spec.num_prefill} prefill + {spec.num_decode} decode workers on {spec.model_dir} ...",
+        flush=True,
+    )
     cluster.start()
     try:
         print(cluster.status_table())
         print(f"\nready: OpenAI API {cluster.http_url}/v1  (e.g. curl {cluster.http_url}/v1/models)")
-        print(f"       gRPC k2serve.v1.K2Serve at {spec.host}:{cluster.grpc_port}; Ctrl-C stops everything", flush=True)
+        print(
+            f"       gRPC k2serve.v1.K2Serve at {spec.host}:{cluster.grpc_port}; Ctrl-C stops everything",
+            flush=True,
+        )
         while not stop["now"]:
             for p in cluster.procs:
                 if p.popen.poll() is not None:
-                    print(f"{p.name} exited with {p.popen.returncode}; stopping the cluster\n{p.tail()}", flush=True)
+                    print(
+                        f"{p.name} exited with {p.popen.returncode}; stopping the cluster\n{p.tail()}",
+                        flush=True,
+                    )
                     stop["now"] = True
             time.sleep(0.5)
     finally:

@@ -91,7 +91,10 @@ def grpc_options() -> list[tuple[str, int]]:
 
 
 def worker_info(
-    settings: WorkerSettings, engine: AsyncEngine, address: str, kv_endpoints: list[kv_transfer_pb2.KVEndpoint]
+    settings: WorkerSettings,
+    engine: AsyncEngine,
+    address: str,
+    kv_endpoints: list[kv_transfer_pb2.KVEndpoint],
 ) -> registry_pb2.WorkerInfo:
     e = engine.engine
     mc = e.model.config
@@ -106,7 +109,9 @@ def worker_info(
         block_size=e.blocks.block_size,
         kv_dtype=str(e.pool.kv.dtype).removeprefix("torch."),
         capacity=registry_pb2.WorkerCapacity(
-            free_blocks=e.blocks.num_free_blocks, total_blocks=e.blocks.num_blocks, max_batch=e.config.max_num_seqs
+            free_blocks=e.blocks.num_free_blocks,
+            total_blocks=e.blocks.num_blocks,
+            max_batch=e.config.max_num_seqs,
         ),
         ep_size=1,
     )
@@ -125,8 +130,12 @@ def worker_load(engine: AsyncEngine) -> registry_pb2.WorkerLoad:
     )
 
 
-async def heartbeat_loop(settings: WorkerSettings, info: Callable[[], registry_pb2.WorkerInfo],
-                         engine: AsyncEngine, stop: asyncio.Event) -> None:
+async def heartbeat_loop(
+    settings: WorkerSettings,
+    info: Callable[[], registry_pb2.WorkerInfo],
+    engine: AsyncEngine,
+    stop: asyncio.Event,
+) -> None:
     """Register with the router, then heartbeat; re-register whenever the router does not know us
     (it restarted or dropped us). Never gives up while the worker runs; deregisters on the way out."""
     assert settings.router is not None
@@ -138,7 +147,9 @@ async def heartbeat_loop(settings: WorkerSettings, info: Callable[[], registry_p
             try:
                 if not registered:
                     resp = await stub.Register(info(), timeout=5)
-                    interval = min(settings.heartbeat_interval_s, resp.heartbeat_interval_ms / 1000 or interval)
+                    interval = min(
+                        settings.heartbeat_interval_s, resp.heartbeat_interval_ms / 1000 or interval
+                    )
                     registered = True
                     logger.info("registered %s with router %s", settings.worker_id, settings.router)
                 else:
@@ -185,7 +196,9 @@ async def serve_worker(
     beat = None
     if settings.router:
         beat = asyncio.create_task(
-            heartbeat_loop(settings, lambda: worker_info(settings, engine, address, kv_endpoints()), engine, stop)
+            heartbeat_loop(
+                settings, lambda: worker_info(settings, engine, address, kv_endpoints()), engine, stop
+            )
         )
     await stop.wait()
     logger.info("stopping %s", settings.worker_id)

@@ -111,7 +111,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         gen = GenerateRequest(request.request_id, list(request.prompt_token_ids), params, structured)
         try:
             # From here the engine owns the blocks (also when it refuses the request).
-            events = await self.engine.generate(gen, prefilled=Prefilled(request.first_token_id, res.block_table))
+            events = await self.engine.generate(
+                gen, prefilled=Prefilled(request.first_token_id, res.block_table)
+            )
         except BackendError as err:
             await context.abort(status_of(err), str(err))
         done = 1

@@ -4,7 +4,7 @@ and the fused INT4 grouped-GEMM kernel (Triton)."""
 
 from k2serve.experts.comm import EPComm, EPConfigError, EPError
 from k2serve.experts.dispatch import EPDispatcher
-from k2serve.experts.eplb import ExpertLoad, plan_model_placement, plan_placement, rank_loads
+from k2serve.experts.eplb import ExpertLoad, plan_placement, rank_loads
 from k2serve.experts.placement import ExpertPlacement, PlacementError
 from k2serve.experts.state import EPState
 from k2serve.experts.triton_moe import grouped_gemm_int4
@@ -23,7 +23,6 @@ __all__ = [
     "PlacementError",
     "grouped_gemm_int4",
     "load_ep_model",
-    "plan_model_placement",
     "plan_placement",
     "rank_loads",
 ]

@@ -109,8 +109,3 @@ def _make_room(
             loads[p] += w
             return q
     raise PlacementError(f"no rank can take a copy of expert {e}", [list(s) for s in slots])
-
-
-def plan_model_placement(counts: torch.Tensor, capacities: Sequence[int]) -> tuple[ExpertPlacement, ...]:
-    """One placement per MoE layer from counts [L, E]."""
-    return tuple(plan_placement(counts[i], capacities) for i in range(counts.shape[0]))

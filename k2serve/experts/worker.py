@@ -13,6 +13,20 @@ data-parallel endpoint. It registers with the router under its own address, rece
 outputs; there is no leader relaying requests. The router balances (and prefix-routes) across the
 ranks as across any workers; the group only shares the lockstep. Rebalancing (EPLB) may be asked
 for by any rank (`request_rebalance`); it takes effect for all ranks at the start of the next step.
+
+A rank's serving loop (one process per rank, e.g. a decode worker):
+
+    w = EPWorker.connect(rank, world, model_dir, dtype, engine_config, "tcp://head:port")
+    while True:
+        for req in inbox.drain():                  # filled by this rank's gRPC handlers (thread-safe)
+            w.add_request(req.id, req.prompt_token_ids, req.params)
+        publish(w.step())                          # every rank calls step() every iteration
+        if not w.any_work:
+            time.sleep(0.001)                      # the group is idle: avoid spinning on all_reduce
+
+An `EPError` (a peer died or hung) is fatal for the whole group: a gloo group cannot be repaired,
+so every rank exits and the launcher restarts all of them; in-flight requests fail back to the
+router, which retries them elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts.comm import EPComm, EPConfigError, EPError
 from k2serve.experts.dispatch import EPDispatcher
-from k2serve.experts.eplb import ExpertLoad, plan_model_placement
+from k2serve.experts.eplb import ExpertLoad, plan_placement
 from k2serve.experts.placement import ExpertPlacement
 from k2serve.experts.reshard import expert_tensors, install, reshard_layer
 from k2serve.experts.state import EPState
@@ -185,11 +199,11 @@ class EPWorker:
         except EPError:
             raise
         except Exception:
-            if self._forwards() == before:  # failed before the forward: keep the others' collectives whole
-                self._empty_forward()
+            if self.dispatchers and self._forwards() == before:  # failed before the forward:
+                self._empty_forward()  # keep the others' collectives whole, then report
             raise
-        if self._forwards() == before:
-            self._empty_forward()
+        if self.dispatchers and self._forwards() == before:
+            self._empty_forward()  # nothing scheduled here: still take part in every MoE collective
         return outputs
 
     def run_until_idle(self) -> dict[str, RequestOutput]:
@@ -219,8 +233,9 @@ class EPWorker:
         """Plan from the group's counts (same on every rank), move the weights layer by layer, swap."""
         load = self.load
         counts = load.global_counts(self.comm)  # [L, E]
-        capacities = [len(s) for s in self.placement[0].slots]
-        new = plan_model_placement(counts, capacities)
+        new = tuple(  # each rank keeps its slot count per layer
+            plan_placement(counts[j], [len(s) for s in old.slots]) for j, old in enumerate(self.placement)
+        )
         for (i, moe), old, p in zip(moe_layers(self.model), self.placement, new, strict=True):
             reshard_layer(self.comm, moe.experts, old, p, i)
         self.state.set_placement(new)

@@ -38,22 +38,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--backend", choices=BACKENDS, default="http")
-    a("--url", default=None, help=f"the only address contacted (default {DEFAULT_URLS['http']}; "
-      f"grpc: {DEFAULT_URLS['grpc']})")  # fmt: skip
+    a(
+        "--url",
+        default=None,
+        help=f"the only address contacted (default {DEFAULT_URLS['http']}; grpc: {DEFAULT_URLS['grpc']})",
+    )
     a("--model", default=None, help="model name to send (default: none, the server's model)")
     a("--api-key", default=None, help="bearer key (default: $K2SERVE_API_KEY, else none)")
     a("--dataset", choices=DATASETS, default=None, help="default: trace when --trace is given, else random")
     a("--num-prompts", type=int, default=None, help="requests to send at most (trace: default all lines)")
     a("--duration", type=float, default=None, help="seconds after which no request is sent")
-    a("--request-rate", type=_rate, default=None,
-      help="Poisson arrivals, requests/s, or inf (default: inf; trace: its timestamps)")  # fmt: skip
+    a(
+        "--request-rate",
+        type=_rate,
+        default=None,
+        help="Poisson arrivals, requests/s, or inf (default: inf; trace: its timestamps)",
+    )
     a("--max-concurrency", type=int, default=None, help="requests in flight at most")
     a("--warmup", type=float, default=0.0, help="seconds; requests ending before are not counted")
     a("--seed", type=int, default=0, help="seed of prompts and arrivals")
     a("--input-len", type=_range, default=(128, 128), help="random: prompt tokens, N or LO:HI")
     a("--output-len", type=_range, default=(32, 32), help="random: output tokens, N or LO:HI")
-    a("--vocab-size", type=int, default=1024,
-      help="prompt token ids are drawn from [0, N): keep N within the ordinary (non-special) tokens")  # fmt: skip
+    a(
+        "--vocab-size",
+        type=int,
+        default=1024,
+        help="prompt token ids are drawn from [0, N): keep N within the ordinary (non-special) tokens",
+    )
     a(
         "--trace",
         default=None,
@@ -68,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--slo-tpot", type=float, default=None, help="goodput SLO on time per output token, ms")
     a("--result-json", default=None, help="write the result here")
     a("--plot-dir", default=None, help="write latency_cdf.png and timeline.png here")
-    a("--progress-interval", type=float, default=None,
-      help="seconds between progress updates on stderr (default 0.5 on a terminal, else 10)")  # fmt: skip
+    a(
+        "--progress-interval",
+        type=float,
+        default=None,
+        help="seconds between progress updates on stderr (default 0.5 on a terminal, else 10)",
+    )
     return p
 
 
@@ -111,9 +126,15 @@ def reproduce_command(config: BenchConfig) -> str:
         return "inf" if math.isinf(x) else repr(x)
 
     parts = [
-        "--backend", config.backend, "--url", config.url, "--dataset", config.dataset,
-        "--seed", str(config.seed),
-    ]  # fmt: skip
+        "--backend",
+        config.backend,
+        "--url",
+        config.url,
+        "--dataset",
+        config.dataset,
+        "--seed",
+        str(config.seed),
+    ]
     optional = {
         "--model": config.model,
         "--trace": config.trace,
@@ -139,10 +160,22 @@ def reproduce_command(config: BenchConfig) -> str:
             f"{config.output_len[0]}:{config.output_len[1]}",
         ]
     else:
-        parts += ["--time-scale", repr(config.time_scale), "--length-scale", repr(config.length_scale),
-                  "--block-size", str(config.block_size)]  # fmt: skip
-    parts += ["--vocab-size", str(config.vocab_size), "--temperature", repr(config.temperature),
-              "--request-timeout", repr(config.request_timeout_s)]  # fmt: skip
+        parts += [
+            "--time-scale",
+            repr(config.time_scale),
+            "--length-scale",
+            repr(config.length_scale),
+            "--block-size",
+            str(config.block_size),
+        ]
+    parts += [
+        "--vocab-size",
+        str(config.vocab_size),
+        "--temperature",
+        repr(config.temperature),
+        "--request-timeout",
+        repr(config.request_timeout_s),
+    ]
     line = PROG + " " + shlex.join(parts)
     if config.api_key is not None:
         line += ' --api-key "$K2SERVE_API_KEY"'

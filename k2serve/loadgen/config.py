@@ -78,8 +78,16 @@ class BenchConfig:
         for name in ("num_prompts", "max_concurrency"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        for name in ("duration_s", "request_rate", "request_timeout_s", "slo_ttft_ms", "slo_tpot_ms",
-                     "progress_interval_s", "time_scale", "length_scale"):  # fmt: skip
+        for name in (
+            "duration_s",
+            "request_rate",
+            "request_timeout_s",
+            "slo_ttft_ms",
+            "slo_tpot_ms",
+            "progress_interval_s",
+            "time_scale",
+            "length_scale",
+        ):
             v = getattr(self, name)
             if v is not None and not v > 0:  # also refuses NaN
                 raise bad(name, "must be > 0")

@@ -54,10 +54,17 @@ def plot_timeline(records: Sequence[RequestRecord], warmup_s: float, path: Path)
     top.step(times, counts, where="post", label="in flight")
     if records:
         end = max(r.finish_s or r.start_s for r in records)
-        edges = np.arange(0.0, end + 1.0, 1.0)
+        width = max(end / 40, 1e-3)  # about 40 bins over the run, s
+        edges = np.arange(0.0, end + width, width)
         hist, _ = np.histogram([r.start_s for r in records], bins=edges)
         top.bar(
-            edges[:-1], hist, width=1.0, align="edge", alpha=0.35, color="tab:orange", label="arrivals / s"
+            edges[:-1],
+            hist / width,
+            width=width,
+            align="edge",
+            alpha=0.35,
+            color="tab:orange",
+            label=f"arrivals / s ({width:.3g} s bins)",
         )
     top.set_ylabel("requests")
     top.legend(loc="upper right")
@@ -73,9 +80,13 @@ def plot_timeline(records: Sequence[RequestRecord], warmup_s: float, path: Path)
     bad = [r for r in records if not r.ok]
     if bad:
         bottom.scatter(
-            [r.start_s for r in bad], [(r.e2e_s or 0) * 1e3 for r in bad], s=14, marker="x", color="red",
+            [r.start_s for r in bad],
+            [(r.e2e_s or 0) * 1e3 for r in bad],
+            s=14,
+            marker="x",
+            color="red",
             label="failed / rejected",
-        )  # fmt: skip
+        )
     bottom.set_xlabel("time since start (s)")
     bottom.set_ylabel("latency (ms)")
     bottom.legend(loc="upper right")

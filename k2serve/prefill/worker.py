@@ -66,13 +66,17 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         if not target.transfer_id or not target.endpoint.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decode_target needs a transfer_id and an endpoint")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "decode_target needs a transfer_id and an endpoint"
+            )
         try:
             params = sampling_from_proto(request.sampling)
         except SamplingParamsError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         # Only the first token is sampled here; stop strings are the decode side's business.
-        first_params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=[])
+        first_params = dataclasses.replace(
+            params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=[]
+        )
         structured = json.loads(request.structured_json) if request.structured_json else None
         prompt = list(request.prompt_token_ids)
         e = self.engine.engine
@@ -101,7 +105,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 last = ev
             t_compute_end = time.perf_counter()
         except BackendError as err:
-            with contextlib.suppress(TransferError):  # drop the half-open transfer (it raises: layers missing)
+            with contextlib.suppress(
+                TransferError
+            ):  # drop the half-open transfer (it raises: layers missing)
                 await asyncio.to_thread(sender.close, tid, 0.1)
             await context.abort(status_of(err), str(err))
         if last is None or not last.token_ids or last.finish_reason == "abort":
@@ -133,4 +139,3 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         await self.engine.abort(request.request_id)
         return worker_pb2.AbortResponse(found=True)
-

@@ -129,14 +129,20 @@ class ClusterBackend:
         try:
             for attempt in range(2):
                 try:
-                    pre, dec, reservation, first = await self._prefill(req, sampling, structured, frozenset(tried))
+                    pre, dec, reservation, first = await self._prefill(
+                        req, sampling, structured, frozenset(tried)
+                    )
                     break
                 except _Retryable as r:
                     tried.update(r.worker_ids)
                     if attempt == 1:
                         raise BackendFailure(str(r), rid) from r
             cached = first.num_cached_tokens
-            lps = [logprob_from_proto(first.first_token_logprobs)] if first.HasField("first_token_logprobs") else None
+            lps = (
+                [logprob_from_proto(first.first_token_logprobs)]
+                if first.HasField("first_token_logprobs")
+                else None
+            )
             yield TokenEvent([first.first_token_id], None, n, cached, lps)
             stream = dec.decode_stub.Decode(
                 worker_pb2.DecodeRequest(
@@ -170,7 +176,11 @@ class ClusterBackend:
                     w.in_flight -= 1
 
     async def _prefill(
-        self, req: GenerateRequest, sampling, structured: str, exclude: frozenset[str]  # noqa: ANN001
+        self,
+        req: GenerateRequest,
+        sampling,
+        structured: str,
+        exclude: frozenset[str],  # noqa: ANN001
     ) -> tuple[Worker, Worker, worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
         rid = req.request_id
         try:
@@ -188,7 +198,9 @@ class ClusterBackend:
         try:
             res = await dec.decode_stub.Reserve(
                 worker_pb2.ReserveRequest(
-                    request_id=rid, num_prompt_tokens=len(req.prompt_token_ids), max_tokens=req.params.max_tokens
+                    request_id=rid,
+                    num_prompt_tokens=len(req.prompt_token_ids),
+                    max_tokens=req.params.max_tokens,
                 ),
                 timeout=30,
             )
@@ -221,12 +233,16 @@ class ClusterBackend:
             return pre, dec, res, first
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await dec.decode_stub.Release(worker_pb2.ReleaseRequest(transfer_id=res.transfer_id), timeout=5)
+                await dec.decode_stub.Release(
+                    worker_pb2.ReleaseRequest(transfer_id=res.transfer_id), timeout=5
+                )
             if isinstance(e, asyncio.CancelledError):
                 raise
             if e.code() in _TRANSPORT:
                 self.table.call_failed(pre)
-                raise _Retryable(f"prefill on {pre.worker_id}: {e.code().name}: {e.details()}", [pre.worker_id]) from e
+                raise _Retryable(
+                    f"prefill on {pre.worker_id}: {e.code().name}: {e.details()}", [pre.worker_id]
+                ) from e
             raise error_of(e, rid, f"prefill on {pre.worker_id}") from e
 
 
@@ -234,4 +250,3 @@ class _Retryable(Exception):
     def __init__(self, message: str, worker_ids: list[str]) -> None:
         super().__init__(message)
         self.worker_ids = worker_ids
-

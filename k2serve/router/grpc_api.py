@@ -86,9 +86,13 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                     logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []],
                 )
                 if done:
-                    out.usage.CopyFrom(common_pb2.Usage(
-                        prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=ev.num_cached_tokens
-                    ))
+                    out.usage.CopyFrom(
+                        common_pb2.Usage(
+                            prompt_tokens=len(prompt),
+                            completion_tokens=produced,
+                            cached_tokens=ev.num_cached_tokens,
+                        )
+                    )
                 yield out
 
     async def Chat(self, request: api_pb2.ChatRequest, context):  # noqa: ANN001, N802
@@ -105,15 +109,19 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
         choice = request.tool_choice.WhichOneof("choice")
         structured: dict[str, Any] | None = None
         if choice == "function_name":
-            structured = {"tools": tools or [], "tool_choice": {"type": "function",
-                                                               "function": {"name": request.tool_choice.function_name}}}
+            structured = {
+                "tools": tools or [],
+                "tool_choice": {"type": "function", "function": {"name": request.tool_choice.function_name}},
+            }
         elif choice == "mode" and request.tool_choice.mode == "required":
             structured = {"tools": tools or [], "tool_choice": "required"}
         elif request.response_format.type in ("json_object", "json_schema"):
             fmt: dict[str, Any] = {"type": request.response_format.type}
             if request.response_format.type == "json_schema":
-                fmt["json_schema"] = {"name": request.response_format.name or "response",
-                                      "schema": json.loads(request.response_format.json_schema or "{}")}
+                fmt["json_schema"] = {
+                    "name": request.response_format.name or "response",
+                    "schema": json.loads(request.response_format.json_schema or "{}"),
+                }
             structured = {"response_format": fmt}
         use_tools = bool(tools) and not (choice == "mode" and request.tool_choice.mode == "none")
         try:
@@ -122,11 +130,22 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"messages cannot be rendered: {e}")
         params = await self._params(request.sampling, len(prompt), context)
         rid = request.request_id or f"chat-{uuid.uuid4().hex}"
-        text = OutputText(tok, skip_special_tokens=True, keep=REASONING_MARKERS + (TOOL_MARKERS if use_tools else ()),
-                          final_stop_ids=tok.stop_ids, stop=params.stop)
-        parser = OutputParser(tool_names=[t["function"]["name"] for t in tools or []]) if use_tools else ReasoningParser()
+        text = OutputText(
+            tok,
+            skip_special_tokens=True,
+            keep=REASONING_MARKERS + (TOOL_MARKERS if use_tools else ()),
+            final_stop_ids=tok.stop_ids,
+            stop=params.stop,
+        )
+        parser = (
+            OutputParser(tool_names=[t["function"]["name"] for t in tools or []])
+            if use_tools
+            else ReasoningParser()
+        )
         produced, made_calls, first = 0, False, True
-        async with contextlib.aclosing(self._events(GenerateRequest(rid, prompt, params, structured), context)) as evs:
+        async with contextlib.aclosing(
+            self._events(GenerateRequest(rid, prompt, params, structured), context)
+        ) as evs:
             async for ev in evs:
                 produced += len(ev.token_ids)
                 done = ev.finish_reason is not None
@@ -141,22 +160,40 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                     elif p.tool_call is not None and p.kind == EventKind.TOOL_CALL_END:
                         made_calls = True
                         c = p.tool_call
-                        delta.tool_calls.append(api_pb2.ToolCall(
-                            id=c.id, type="function", index=c.index,
-                            function=api_pb2.FunctionCall(name=c.name, arguments=c.arguments),
-                        ))
-                reason = "tool_calls" if (done and made_calls and ev.finish_reason == "stop") else ev.finish_reason
-                out = api_pb2.ChatResponse(request_id=rid, delta=delta, finish_reason=finish_to_proto(reason),
-                                           logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []])
+                        delta.tool_calls.append(
+                            api_pb2.ToolCall(
+                                id=c.id,
+                                type="function",
+                                index=c.index,
+                                function=api_pb2.FunctionCall(name=c.name, arguments=c.arguments),
+                            )
+                        )
+                reason = (
+                    "tool_calls" if (done and made_calls and ev.finish_reason == "stop") else ev.finish_reason
+                )
+                out = api_pb2.ChatResponse(
+                    request_id=rid,
+                    delta=delta,
+                    finish_reason=finish_to_proto(reason),
+                    logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []],
+                )
                 if done:
-                    out.usage.CopyFrom(common_pb2.Usage(
-                        prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=ev.num_cached_tokens
-                    ))
+                    out.usage.CopyFrom(
+                        common_pb2.Usage(
+                            prompt_tokens=len(prompt),
+                            completion_tokens=produced,
+                            cached_tokens=ev.num_cached_tokens,
+                        )
+                    )
                 yield out
 
     async def ListModels(self, request: api_pb2.ListModelsRequest, context):  # noqa: ANN001, N802
-        card = api_pb2.ModelCard(id=self.backend.model_name, owned_by="k2serve", created_unix_s=self.created,
-                                 max_model_len=self.backend.max_model_len)
+        card = api_pb2.ModelCard(
+            id=self.backend.model_name,
+            owned_by="k2serve",
+            created_unix_s=self.created,
+            max_model_len=self.backend.max_model_len,
+        )
         return api_pb2.ListModelsResponse(models=[card])
 
 
@@ -167,14 +204,20 @@ def _message(m: api_pb2.ChatMessage) -> dict[str, Any]:
             out[name] = getattr(m, name)
     if m.tool_calls:
         out["tool_calls"] = [
-            {"id": c.id, "type": c.type or "function", "function": {"name": c.function.name,
-                                                                    "arguments": c.function.arguments}}
+            {
+                "id": c.id,
+                "type": c.type or "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
             for c in m.tool_calls
         ]
     return out
 
 
 def _tool(t: api_pb2.Tool) -> dict[str, Any]:
-    fn: dict[str, Any] = {"name": t.name, "description": t.description,
-                          "parameters": json.loads(t.parameters) if t.parameters else {}}
+    fn: dict[str, Any] = {
+        "name": t.name,
+        "description": t.description,
+        "parameters": json.loads(t.parameters) if t.parameters else {},
+    }
     return {"type": t.type or "function", "function": fn}

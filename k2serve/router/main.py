@@ -81,8 +81,12 @@ class Router:
 
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        self.table = WorkerTable(settings.heartbeat_timeout_s, lambda addr: grpc.aio.insecure_channel(addr, options=grpc_options()))
-        self.backend = ClusterBackend(settings.model_dir, self.table, settings.model_name, max_in_flight=settings.max_queue)
+        self.table = WorkerTable(
+            settings.heartbeat_timeout_s, lambda addr: grpc.aio.insecure_channel(addr, options=grpc_options())
+        )
+        self.backend = ClusterBackend(
+            settings.model_dir, self.table, settings.model_name, max_in_flight=settings.max_queue
+        )
         self.stop = asyncio.Event()
         self.grpc_port = settings.grpc_port
         self.http_port = settings.port
@@ -90,16 +94,26 @@ class Router:
 
     def _add_static(self) -> None:
         for i, (role, addr) in enumerate(self.settings.static_workers):
-            info = registry_pb2.WorkerInfo(worker_id=f"static-{role}-{i}", role=ROLE_OF[role], grpc_address=addr)
+            info = registry_pb2.WorkerInfo(
+                worker_id=f"static-{role}-{i}", role=ROLE_OF[role], grpc_address=addr
+            )
             self.table.add(info, static=True)
 
     async def _workers_view(self) -> dict:
         """Operators' view of the registry (no secrets): id, role, address, load, in-flight requests."""
         return {
             "workers": [
-                {"worker_id": w.worker_id, "role": w.role, "address": w.address, "static": w.static,
-                 "in_flight": w.in_flight, "running": w.load.running, "waiting": w.load.waiting,
-                 "free_blocks": w.load.free_blocks, "total_blocks": w.load.total_blocks}
+                {
+                    "worker_id": w.worker_id,
+                    "role": w.role,
+                    "address": w.address,
+                    "static": w.static,
+                    "in_flight": w.in_flight,
+                    "running": w.load.running,
+                    "waiting": w.load.waiting,
+                    "free_blocks": w.load.free_blocks,
+                    "total_blocks": w.load.total_blocks,
+                }
                 for w in self.table.workers.values()
             ],
             "kv_bytes_transferred": self.backend.bytes_transferred,
@@ -124,7 +138,9 @@ class Router:
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         bind = f"{s.host}:{s.grpc_port}"
         if s.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])  # type: ignore[arg-type]
+            creds = grpc.ssl_server_credentials(
+                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())]
+            )  # type: ignore[arg-type]
             self.grpc_port = server.add_secure_port(bind, creds)
         else:
             self.grpc_port = server.add_insecure_port(bind)
@@ -133,8 +149,15 @@ class Router:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         app = build_app(self.backend, s.api_key)
         app.add_api_route("/cluster/workers", self._workers_view, methods=["GET"])
-        config = uvicorn.Config(app, host=s.host, port=s.port, log_level="warning", lifespan="off",
-                                ssl_certfile=s.tls_cert, ssl_keyfile=s.tls_key)
+        config = uvicorn.Config(
+            app,
+            host=s.host,
+            port=s.port,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=s.tls_cert,
+            ssl_keyfile=s.tls_key,
+        )
         http = uvicorn.Server(config)
         http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         http_task = asyncio.create_task(http.serve())
@@ -145,7 +168,10 @@ class Router:
         self.http_port = http.servers[0].sockets[0].getsockname()[1] if http.servers else s.port
         monitor = asyncio.create_task(self.table.monitor(self.stop))
         scheme = "https" if s.tls_cert else "http"
-        print(f"k2serve router: HTTP {scheme}://{s.host}:{self.http_port}/v1  gRPC {s.host}:{self.grpc_port}", flush=True)
+        print(
+            f"k2serve router: HTTP {scheme}://{s.host}:{self.http_port}/v1  gRPC {s.host}:{self.grpc_port}",
+            flush=True,
+        )
         if s.ready_file:
             Path(s.ready_file).write_text(f"{self.http_port} {self.grpc_port}")
         await self.stop.wait()

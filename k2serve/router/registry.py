@@ -48,7 +48,9 @@ class Worker:
 class WorkerTable:
     """All known workers. Touched only from the router's event loop (no locks needed)."""
 
-    def __init__(self, heartbeat_timeout_s: float, channel_factory: Callable[[str], grpc.aio.Channel]) -> None:
+    def __init__(
+        self, heartbeat_timeout_s: float, channel_factory: Callable[[str], grpc.aio.Channel]
+    ) -> None:
         self.timeout = heartbeat_timeout_s
         self._channel = channel_factory
         self.workers: dict[str, Worker] = {}
@@ -93,7 +95,9 @@ class WorkerTable:
     def expire(self) -> list[str]:
         """Drop workers silent for longer than the timeout; returns their ids."""
         now = time.monotonic()
-        gone = [w.worker_id for w in self.workers.values() if not w.static and now - w.last_seen > self.timeout]
+        gone = [
+            w.worker_id for w in self.workers.values() if not w.static and now - w.last_seen > self.timeout
+        ]
         for wid in gone:
             self.remove(wid, f"no heartbeat for {self.timeout:.1f} s")
         return gone
