@@ -83,9 +83,13 @@ def test_ep_moe_matches_single_process(
     full = load_model(tiny_ckpt, dtype).layers[LAYER].mlp
     placement = ExpertPlacement.contiguous(16, world, redundant)
     load = [ExpertLoad(1, 16) for _ in range(world)]
+    # Loaded here, not in the rank threads: load_model sets torch's (process-wide) default dtype.
+    moes = [
+        load_model(tiny_ckpt, dtype, expert_ids=placement.owned(r)).layers[LAYER].mlp for r in range(world)
+    ]
 
     def fn(comm: EPComm) -> torch.Tensor:
-        moe = load_model(tiny_ckpt, dtype, expert_ids=placement.owned(comm.rank)).layers[LAYER].mlp
+        moe = moes[comm.rank]
         moe.dispatch = EPDispatcher(EPState(comm, (placement,), load[comm.rank]), LAYER, 0)
         with torch.inference_mode():
             return moe(tokens(comm.rank, counts[comm.rank]).to(dtype))
