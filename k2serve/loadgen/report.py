@@ -34,11 +34,18 @@ def format_report(result: dict[str, Any]) -> str:
             f"  {name.upper():<16} {s['n']:>7} "
             + " ".join(f"{_f(s[k]):>10}" for k in ("mean", "p50", "p90", "p99", "max"))
         )
+    if c["output_chunks"] and c["output_chunks"] < c["output_tokens"]:
+        lines.append(
+            f"  (ITL is per streamed chunk: {c['output_tokens']} tokens came in {c['output_chunks']} chunks)"
+        )
     g = result["goodput"]
     if g is not None:
+        limits = [
+            f"{n} <= {g[k]:g} ms" for n, k in (("TTFT", "slo_ttft_ms"), ("TPOT", "slo_tpot_ms")) if g[k]
+        ]
         lines.append(
-            f"goodput            {_f(g['requests_per_s'], '.3f')} req/s  ({_pct(g['fraction'])} of requests meet "
-            f"TTFT <= {_f(g['slo_ttft_ms'], 'g')} ms and TPOT <= {_f(g['slo_tpot_ms'], 'g')} ms)"
+            f"goodput            {_f(g['requests_per_s'], '.3f')} req/s  ({_pct(g['fraction'])} of requests "
+            f"meet {' and '.join(limits)})"
         )
     lines.append(
         f"prefix cache       measured hit {_pct(pc['measured_hit_ratio'])} "

@@ -44,11 +44,12 @@ async def run_load(
     max_concurrency: int | None,
     seed: int,
     progress: Progress | None = None,
+    drain_grace_s: float = DRAIN_GRACE_S,
 ) -> RunResult:
     """Send `requests` through `client`: at Poisson arrivals of `rate` requests/s (inf: at once), or at
     each request's `arrival_s` when `rate` is None; at most `max_concurrency` in flight. Sending stops
     after `num_prompts` requests, at `duration_s` s, or when `requests` ends; requests in flight then
-    get the client's timeout (plus a grace) to end and are cancelled after it, so the run is bounded."""
+    get the client's timeout plus `drain_grace_s` (s) to end and are cancelled after it, so the run is bounded."""
     if duration_s is None and num_prompts is None:
         raise ValueError("a run needs num_prompts or duration_s to be bounded")
     if rate is not None and math.isinf(rate) and max_concurrency is None and num_prompts is None:
@@ -110,7 +111,7 @@ async def run_load(
         if progress is not None:
             progress.on_sent()
     if tasks:
-        _, pending = await asyncio.wait(set(tasks), timeout=client.timeout_s + DRAIN_GRACE_S)
+        _, pending = await asyncio.wait(set(tasks), timeout=client.timeout_s + drain_grace_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

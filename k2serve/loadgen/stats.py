@@ -114,6 +114,8 @@ def summarize(records: Sequence[RequestRecord], warmup_s: float, slo: SLO, trace
             "rejected": sum(r.rejected for r in failed),
             "output_len_mismatch": sum(r.output_tokens != r.requested_output_len for r in ok),
             "without_usage": len(ok) - len(with_usage),
+            "output_tokens": output_tokens,
+            "output_chunks": sum(len(r.chunk_s) for r in ok),
         },
         "errors": dict(sorted(Counter(r.error for r in failed if not r.rejected and r.error).items())),
         "rejections": dict(sorted(Counter(r.error for r in failed if r.rejected and r.error).items())),
