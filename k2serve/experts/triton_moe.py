@@ -8,10 +8,12 @@ unpacks in registers, so no dense copy of the weight is ever written.
 
 Backends: "torch" (dequantise one expert at a time, then F.linear: the reference, and the CPU
 default), "triton" (the kernel: on GPU, or on CPU tensors under TRITON_INTERPRET=1 for testing),
-"auto" (triton for CUDA tensors when triton imports, else torch). The GEMM accumulates in fp32 with
-IEEE fp32 products (no TF32). Under the interpreter bf16 operands are multiplied as fp32 (its dot
-mishandles bf16); the values are the same bf16 numbers, so results match to accumulation order. Triton is imported lazily, and the
-kernel is built on first use, so TRITON_INTERPRET set before that first use takes effect.
+"auto" (triton for CUDA tensors when triton imports, else torch). The weight is dequantised to the
+activations' dtype (as the torch path does) and the GEMM accumulates in fp32: fp32 operands without
+TF32; bf16 operands natively on GPU, and as fp32 under the interpreter (whose dot mishandles bf16:
+same bf16 values, so results still match up to summation order). Triton is imported lazily and the
+kernel built on first use, so TRITON_INTERPRET set before that first use takes effect. Blocks are
+16 x 32 x 32 everywhere (the configuration the interpreter tests); tuning for GPUs is open.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _kernel(interpret: bool) -> Callable[..., Any]:
     @triton.jit
     def grouped_int4(
         x_ptr, packed_ptr, scale_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, expert_end_ptr,
-        n_out, k_dim, stride_pe, stride_se, group: tl.constexpr, upcast: tl.constexpr,
+        n_out, k_dim, stride_pe, stride_se, group: tl.constexpr, ieee: tl.constexpr,
         bm: tl.constexpr, bn: tl.constexpr, bk: tl.constexpr,
     ):  # fmt: skip
         tile = tl.program_id(0)
@@ -98,10 +100,10 @@ def _kernel(interpret: bool) -> Callable[..., Any]:
                 other=0.0,
             )
             w = (q.to(tl.float32) * s.to(tl.float32)).to(a.dtype)  # [bn, bk] dequantised in registers
-            if upcast:  # the interpreter's dot mishandles bf16: multiply the same values in fp32
+            if ieee:  # fp32 operands without TF32 (and bf16 under the interpreter, whose dot mishandles it)
                 acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            else:  # bf16 / fp16 operands, fp32 accumulation
+                acc += tl.dot(a, tl.trans(w))
         out = out_ptr + rows[:, None] * n_out + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -129,7 +131,7 @@ def _triton_grouped(
     grid = (len(tiles), -(-o // BLOCK_N))
     kernel[grid](
         x.contiguous(), packed, scale, out, tile_expert, tile_row, expert_end, o, k,
-        packed.stride(0), scale.stride(0), group=k // scale.shape[2], upcast=interpret and x.dtype != torch.float32,
+        packed.stride(0), scale.stride(0), group=k // scale.shape[2], ieee=interpret or x.dtype == torch.float32,
         bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K,
     )  # fmt: skip
     return out
