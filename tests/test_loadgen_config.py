@@ -9,9 +9,8 @@ import pytest
 
 from k2serve.loadgen.cli import build_parser, config_from_args, reproduce_command
 from k2serve.loadgen.client import SSE_DONE, SSEFormatError, parse_sse_line
-from k2serve.loadgen.config import BenchConfig, BenchConfigError
+from k2serve.loadgen.config import BenchConfig, BenchConfigError, GRPCTargetError, grpc_target
 from k2serve.loadgen.dataset import LengthRangeError, poisson_arrivals, random_requests
-from k2serve.loadgen.grpc_client import GRPCTargetError, grpc_target
 
 
 def parse(*argv: str) -> BenchConfig:
@@ -23,6 +22,7 @@ def parse(*argv: str) -> BenchConfig:
     [
         ({"backend": "ws", "num_prompts": 1}, "backend", "ws"),
         ({"url": "ftp://x:1", "num_prompts": 1}, "url", "ftp://x:1"),
+        ({"backend": "grpc", "url": "http://x:1", "num_prompts": 1}, "url", "http://x:1"),
         ({"num_prompts": 0}, "num_prompts", 0),
         ({"num_prompts": 1, "request_rate": 0.0}, "request_rate", 0.0),
         ({"num_prompts": 1, "max_concurrency": 0}, "max_concurrency", 0),
@@ -140,7 +140,7 @@ def test_grpc_targets() -> None:
     assert grpc_target("localhost:9") == ("localhost:9", False)
     assert grpc_target("grpcs://example.org:443") == ("example.org:443", True)
     assert grpc_target("grpc://[::1]:5") == ("[::1]:5", False)
-    for bad in ("http://h:1", "grpc://h", "grpc://h:1/path"):
+    for bad in ("http://h:1", "grpc://h", "grpc://h:1/path", "h:abc", "h:99999"):
         with pytest.raises(GRPCTargetError) as info:
             grpc_target(bad)
         assert info.value.url == bad

@@ -185,7 +185,7 @@ def reproduce_command(config: BenchConfig) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print progress on stderr and the report on stdout. Exit status: 0 when at least
     one request completed, 1 when none did, 2 for bad arguments or an invalid trace."""
-    from k2serve.loadgen.benchmark import run_benchmark
+    from k2serve.loadgen.benchmark import EmptyTraceError, run_benchmark
     from k2serve.loadgen.report import format_report
     from k2serve.loadgen.trace import TraceFormatError
 
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PROG}: {command}", file=sys.stderr)
     try:
         result = run_benchmark(config, command)
-    except (TraceFormatError, OSError) as e:
+    except (TraceFormatError, EmptyTraceError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(format_report(result))

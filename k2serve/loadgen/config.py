@@ -21,6 +21,29 @@ class BenchConfigError(ValueError):
         self.value = value
 
 
+class GRPCTargetError(ValueError):
+    """A --url that is not `grpc://host:port`, `grpcs://host:port` or `host:port`; `url` is it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"gRPC target must be grpc://host:port, grpcs://host:port or host:port, got {url!r}")
+        self.url = url
+
+
+def grpc_target(url: str) -> tuple[str, bool]:
+    """(host:port, TLS) of a gRPC URL."""
+    parts = urlsplit(url if "://" in url else f"grpc://{url}")
+    try:
+        port = parts.port
+    except ValueError as e:  # not a number, or out of range
+        raise GRPCTargetError(url) from e
+    if parts.scheme not in ("grpc", "grpcs") or not parts.hostname or port is None:
+        raise GRPCTargetError(url)
+    if parts.path not in ("", "/") or parts.query:
+        raise GRPCTargetError(url)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}", parts.scheme == "grpcs"
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark run.
@@ -73,6 +96,11 @@ class BenchConfig:
             urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname
         ):
             raise bad("url", "must be an http:// or https:// URL for the http backend")
+        if self.backend == "grpc":
+            try:
+                grpc_target(self.url)
+            except GRPCTargetError as e:
+                raise bad("url", str(e)) from e
         if (self.dataset == "trace") != (self.trace is not None):
             raise bad("trace", "a trace file is needed for, and only for, the trace dataset")
         for name in ("num_prompts", "max_concurrency"):

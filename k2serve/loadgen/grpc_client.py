@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import urlsplit
 
 import grpc
 
 from k2serve.loadgen.client import Client
+from k2serve.loadgen.config import grpc_target
 from k2serve.loadgen.dataset import BenchRequest
 from k2serve.loadgen.record import RequestRecord
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
 
 REJECTED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
-
-
-class GRPCTargetError(ValueError):
-    """A --url that is not `grpc://host:port`, `grpcs://host:port` or `host:port`; `url` is it."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(f"gRPC target must be grpc://host:port, grpcs://host:port or host:port, got {url!r}")
-        self.url = url
-
-
-def grpc_target(url: str) -> tuple[str, bool]:
-    """(host:port, TLS) of a gRPC URL."""
-    parts = urlsplit(url if "://" in url else f"grpc://{url}")
-    if parts.scheme not in ("grpc", "grpcs") or not parts.hostname or parts.port is None:
-        raise GRPCTargetError(url)
-    if parts.path not in ("", "/") or parts.query:
-        raise GRPCTargetError(url)
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{host}:{parts.port}", parts.scheme == "grpcs"
 
 
 class GRPCClient(Client):
