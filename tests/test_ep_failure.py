@@ -1,8 +1,9 @@
 """A dead or hung rank makes the others fail fast with an EPError naming the layer and the peer.
 
-kill: rank 1 of 3 is SIGKILLed inside MoE layer 2 of its 4th step; ranks 0 and 2, waiting for it in
-that layer's first all_to_all, see the closed connection at once. hang: rank 1 of 2 is SIGSTOPped by
-the test at an arbitrary point; rank 0 times out. In both the roll call names rank 1.
+kill: rank 1 of 3 (or rank 0 of 2, the store's host) is SIGKILLed inside MoE layer 2 of its 4th
+step; the others, waiting for it in that layer's first all_to_all, see the closed connection at once.
+hang: rank 1 of 2 is SIGSTOPped by the test at an arbitrary point; rank 0 times out. The roll call
+through the store names the lost rank (rank 0 when the store itself is gone).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_rank(rank: int, world: int, port: int, ckpt: str, mode: str, out: Any) -> None:
+def run_rank(rank: int, world: int, port: int, ckpt: str, mode: str, victim: int, out: Any) -> None:
     torch.set_num_threads(1)
     from k2serve.experts import EPComm, EPError, EPWorker
 
@@ -41,7 +42,7 @@ def run_rank(rank: int, world: int, port: int, ckpt: str, mode: str, out: Any) -
     )
     w = EPWorker(comm, ckpt, torch.float32, ENGINE)
     step = 0
-    if mode == "kill" and rank == 1:
+    if mode == "kill" and rank == victim:
         moe = w.model.layers[2].mlp
         inner = moe.dispatch
 
@@ -56,7 +57,7 @@ def run_rank(rank: int, world: int, port: int, ckpt: str, mode: str, out: Any) -
         while True:
             w.step()
             step += 1
-            if step == 3 and rank == 1 and mode == "hang":
+            if step == 3 and rank == victim and mode == "hang":
                 out.put(("ready", rank, os.getpid()))
     except EPError as e:
         out.put(("error", rank, (e.where, e.layer, e.peers, str(e), time.monotonic())))
@@ -64,14 +65,14 @@ def run_rank(rank: int, world: int, port: int, ckpt: str, mode: str, out: Any) -
         comm.close()
 
 
-def launch(world: int, ckpt: Path, mode: str) -> list[tuple[Any, ...]]:
+def launch(world: int, ckpt: Path, mode: str, victim: int) -> list[tuple[Any, ...]]:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "k2serve.experts"])
     # One queue per rank: a rank stopped while holding a shared queue's write lock would block the others.
     queues = [ctx.Queue() for _ in range(world)]
     port = free_port()
     procs = [
-        ctx.Process(target=run_rank, args=(r, world, port, str(ckpt), mode, queues[r]), daemon=True)
+        ctx.Process(target=run_rank, args=(r, world, port, str(ckpt), mode, victim, queues[r]), daemon=True)
         for r in range(world)
     ]
     for p in procs:
@@ -79,16 +80,16 @@ def launch(world: int, ckpt: Path, mode: str) -> list[tuple[Any, ...]]:
     errors: list[tuple[Any, ...]] = []
     try:
         if mode == "hang":
-            kind, rank, pid = queues[1].get(timeout=60)
-            assert (kind, rank) == ("ready", 1)
+            kind, rank, pid = queues[victim].get(timeout=60)
+            assert (kind, rank) == ("ready", victim)
             os.kill(pid, signal.SIGSTOP)
             stopped_at = time.monotonic()
         else:
-            procs[1].join(timeout=60)
-            assert procs[1].exitcode == -signal.SIGKILL
+            procs[victim].join(timeout=60)
+            assert procs[victim].exitcode == -signal.SIGKILL
             stopped_at = time.monotonic()
         for r in range(world):
-            if r == 1:
+            if r == victim:
                 continue
             kind, rank, info = queues[r].get(timeout=TIMEOUT_S + ROLL_CALL_S + 20)
             assert kind == "error"
@@ -101,13 +102,14 @@ def launch(world: int, ckpt: Path, mode: str) -> list[tuple[Any, ...]]:
     return errors
 
 
-@pytest.mark.parametrize(("world", "mode"), [(3, "kill"), (2, "hang")])
-def test_lost_rank_fails_the_others_fast(tiny_ckpt: Path, world: int, mode: str) -> None:
-    errors = launch(world, tiny_ckpt, mode)
-    assert sorted(e[0] for e in errors) == [r for r in range(world) if r != 1]
+@pytest.mark.parametrize(("world", "mode", "victim"), [(3, "kill", 1), (2, "kill", 0), (2, "hang", 1)])
+def test_lost_rank_fails_the_others_fast(tiny_ckpt: Path, world: int, mode: str, victim: int) -> None:
+    """victim 0 also hosts the store: the survivors cannot hold a roll call and name it for that."""
+    errors = launch(world, tiny_ckpt, mode, victim)
+    assert sorted(e[0] for e in errors) == [r for r in range(world) if r != victim]
     for rank, where, layer, peers, message, elapsed in errors:
-        assert peers == (1,), message
-        assert f"expert-parallel rank {rank}" in message and "suspected peer rank(s) [1]" in message
+        assert peers == (victim,), message
+        assert f"expert-parallel rank {rank}" in message and f"suspected peer rank(s) [{victim}]" in message
         if mode == "kill":  # died inside layer 2: the others fail in its first all_to_all, at once
             assert (where, layer) == ("dispatch sizes", 2), message
             assert "MoE layer 2" in message
