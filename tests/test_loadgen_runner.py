@@ -113,13 +113,14 @@ def test_unbounded_runs_are_refused() -> None:
 
 def test_progress_lines_when_not_a_terminal() -> None:
     out = io.StringIO()
-    progress = Progress(total=5, duration_s=None, stream=out, interval_s=0.0)
+    progress = Progress(total=5, duration_s=None, stream=out, interval_s=0.02)
     asyncio.run(
         run_load(
-            random_requests(0, (2, 2), (1, 1), 10), ScriptedClient(0.0), rate=float("inf"), num_prompts=5,
+            random_requests(0, (2, 2), (1, 1), 10), ScriptedClient(0.1), rate=float("inf"), num_prompts=5,
             duration_s=None, max_concurrency=None, seed=0, progress=progress,
         )
     )  # fmt: skip
     lines = out.getvalue().splitlines()
-    assert len(lines) >= 2 and "\r" not in out.getvalue()
+    assert len(lines) >= 3 and "\r" not in out.getvalue()  # ticks while the requests run, then the end
+    assert "in flight 5" in lines[0]
     assert "sent 5/5  done 5  in flight 0  failed 0  rejected 0" in lines[-1]

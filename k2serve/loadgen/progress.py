@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from typing import TextIO
 
 
 class Progress:
-    """Counts what the run loop reports and shows it. `interval_s`: time between updates (default 0.5 s
-    on a terminal, 10 s otherwise). `total`: requests to send at most (None: bounded by time only)."""
+    """Counts what the run loop reports; `show()` writes the state, which `ticker()` does every
+    `interval_s` (default 0.5 s on a terminal, 10 s otherwise) until cancelled, so a stalled run still
+    reports. `total`: requests to send at most (None: bounded by time only)."""
 
     def __init__(
         self,
@@ -25,18 +27,20 @@ class Progress:
         self.duration_s = duration_s
         self.sent = self.done = self.failed = self.rejected = self.output_tokens = 0
         self._t0 = time.perf_counter()
-        self._last = self._t0
 
     def on_sent(self) -> None:
         self.sent += 1
-        self._maybe_show()
 
     def on_done(self, ok: bool, rejected: bool, output_tokens: int) -> None:
         self.done += 1
         self.failed += not ok and not rejected
         self.rejected += rejected
         self.output_tokens += output_tokens
-        self._maybe_show()
+
+    async def ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.show()
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self._t0
@@ -48,12 +52,6 @@ class Progress:
             f"in flight {self.sent - self.done}  failed {self.failed}  rejected {self.rejected}  "
             f"output {rate:.1f} tok/s"
         )
-
-    def _maybe_show(self) -> None:
-        now = time.perf_counter()
-        if now - self._last >= self.interval_s:
-            self._last = now
-            self.show()
 
     def show(self) -> None:
         if self.tty:

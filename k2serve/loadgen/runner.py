@@ -76,45 +76,52 @@ async def run_load(
         if progress is not None:
             progress.on_done(rec.ok, rec.rejected, rec.output_tokens or 0)
 
-    stopped_by = "dataset_end"
-    for sent, req in enumerate(requests):
-        if num_prompts is not None and sent >= num_prompts:
-            stopped_by = "num_prompts"
-            break
-        if arrivals is not None:
-            at = next(arrivals)
-        elif req.arrival_s is None:
-            raise MissingArrivalError(req.index)
-        else:
-            at = req.arrival_s
-        if duration_s is not None and at >= duration_s:
-            stopped_by = "duration"
-            break
-        delay = at - (time.perf_counter() - t0)
-        await asyncio.sleep(max(0.0, delay))  # yields to the requests in flight even when behind
-        if sem is not None:
-            left = None if duration_s is None else duration_s - (time.perf_counter() - t0)
-            try:
-                async with asyncio.timeout(left):
-                    await sem.acquire()
-            except TimeoutError:
-                stopped_by = "duration"
-                break
-        if duration_s is not None and time.perf_counter() - t0 >= duration_s:
+    async def send_all() -> str:
+        """Send until a bound; returns what stopped it."""
+        for sent, req in enumerate(requests):
+            if num_prompts is not None and sent >= num_prompts:
+                return "num_prompts"
+            if arrivals is not None:
+                at = next(arrivals)
+            elif req.arrival_s is None:
+                raise MissingArrivalError(req.index)
+            else:
+                at = req.arrival_s
+            if duration_s is not None and at >= duration_s:
+                return "duration"
+            delay = at - (time.perf_counter() - t0)
+            await asyncio.sleep(max(0.0, delay))  # yields to the requests in flight even when behind
             if sem is not None:
-                sem.release()
-            stopped_by = "duration"
-            break
-        task = asyncio.create_task(one(req))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        if progress is not None:
-            progress.on_sent()
-    if tasks:
-        _, pending = await asyncio.wait(set(tasks), timeout=client.timeout_s + drain_grace_s)
-        for task in pending:
+                left = None if duration_s is None else duration_s - (time.perf_counter() - t0)
+                try:
+                    async with asyncio.timeout(left):
+                        await sem.acquire()
+                except TimeoutError:
+                    return "duration"
+            if duration_s is not None and time.perf_counter() - t0 >= duration_s:
+                if sem is not None:
+                    sem.release()
+                return "duration"
+            task = asyncio.create_task(one(req))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if progress is not None:
+                progress.on_sent()
+        return "dataset_end"
+
+    ticker = asyncio.create_task(progress.ticker()) if progress is not None else None
+    try:
+        stopped_by = await send_all()
+        if tasks:
+            await asyncio.wait(set(tasks), timeout=client.timeout_s + drain_grace_s)
+    finally:  # past the drain, or on an error or cancellation: cancel what is left (recorded as cancelled)
+        left = [t for t in tasks if not t.done()]
+        for task in left:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*left, return_exceptions=True)
+        if ticker is not None:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
     if progress is not None:
         progress.close()
     return RunResult(records, time.perf_counter() - t0, stopped_by)
