@@ -37,7 +37,8 @@ from k2serve.api.runner import (
     unless_disconnected,
 )
 from k2serve.api.schemas import ChatCompletionRequest
-from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ReasoningParser, collect
+from k2serve.api.session_routes import TurnRecorder, session_context, turn_recorder
+from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ParsedOutput, ReasoningParser, collect
 from k2serve.chat.template import ChatTemplateError
 
 ENDPOINT = "chat"
@@ -106,6 +107,15 @@ async def _chat_completion(
     for m in messages:
         if m["role"] == "developer":
             m["role"] = "system"
+    new_messages, hint, owner = messages, None, None
+    if body.session_id is not None:
+        if state.sessions is None:
+            raise bad_request(
+                "sessions are not enabled on this server (start it with a Redis URL)", "session_id"
+            )
+        owner = state.owner(http)
+        history, hint = await session_context(state.sessions, body.session_id, owner)
+        messages = history + messages
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if use_tools else None
     try:
         prompt = await asyncio.to_thread(state.encoder.encode_chat, messages, tools, tok.chat_template)
@@ -126,7 +136,10 @@ async def _chat_completion(
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     names = {"prompt_token_ids": "messages", "logprobs": "top_logprobs", "max_tokens": max_param}
-    stream = await start(state, GenerateRequest(rid, prompt, params, structured), names)
+    stream = await start(state, GenerateRequest(rid, prompt, params, structured, hint), names)
+    on_finish = None
+    if hint is not None and owner is not None:
+        on_finish = turn_recorder(state.sessions, hint.session_id, owner, new_messages, prompt)
     text = OutputText(
         tok,
         skip_special_tokens=params.skip_special_tokens,
@@ -143,9 +156,9 @@ async def _chat_completion(
     head = {"id": rid, "created": int(time.time()), "model": model}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, head, evs, text, parser, tracker, include_usage))
+        return SSEResponse(_stream(state, head, evs, text, parser, tracker, include_usage, on_finish))
     ok, result = await unless_disconnected(
-        http, _collect(state, head, evs, text, parser, tracker, body.return_token_ids)
+        http, _collect(state, head, evs, text, parser, tracker, body.return_token_ids, on_finish)
     )
     if not ok:
         tracker.finish(CLIENT_CLOSED, None)
@@ -181,6 +194,22 @@ def _deltas(parsed: list[DeltaEvent]) -> list[dict[str, Any]]:
     return out
 
 
+def reply_message(out: ParsedOutput) -> dict[str, Any]:
+    """The assistant message (OpenAI shape) for a parsed output."""
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in out.tool_calls
+    ]
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": out.content if out.content or not calls else None,
+        "reasoning_content": out.reasoning or None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
 def _finish_reason(reason: str | None, made_calls: bool) -> str | None:
     return "tool_calls" if made_calls and reason == "stop" else reason
 
@@ -193,6 +222,7 @@ async def _stream(
     parser: OutputParser | ReasoningParser,
     tracker: RequestTracker,
     include_usage: bool,
+    on_finish: TurnRecorder | None = None,
 ) -> AsyncIterator[str]:
     tok = state.backend.tokenizer
     base = {**head, "object": "chat.completion.chunk"}
@@ -208,6 +238,8 @@ async def _stream(
 
     status, reason, made_calls = CLIENT_CLOSED, None, False
     n_out = n_prompt = n_cached = 0
+    parsed_all: list[DeltaEvent] = []
+    served_by = None
     try:
         async with aclosing(evs):
             yield chunk({"role": "assistant", "content": ""})
@@ -218,15 +250,18 @@ async def _stream(
                     ev.num_prompt_tokens,
                     ev.num_cached_tokens,
                 )
-                deltas = _deltas(
-                    parser.feed(text.add(ev.token_ids, done)) + (parser.finish() if done else [])
-                )
+                pieces = parser.feed(text.add(ev.token_ids, done)) + (parser.finish() if done else [])
+                parsed_all += pieces
+                served_by = ev.served_by or served_by
+                deltas = _deltas(pieces)
                 made_calls = made_calls or any("tool_calls" in d for d in deltas)
                 lp = chat_logprobs(tok, ev.logprobs) if ev.logprobs else None
                 for i, delta in enumerate(deltas or ([{}] if lp else [])):
                     yield chunk(delta, logprobs=lp if i == 0 else None)
                 reason = ev.finish_reason if done else reason
             yield chunk({}, _finish_reason(reason, made_calls))
+            if on_finish is not None and reason in ("stop", "length"):
+                await on_finish(reply_message(collect(parsed_all)), served_by)
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage(n_prompt, n_out, n_cached)})
             status = 200
@@ -247,15 +282,18 @@ async def _collect(
     parser: OutputParser | ReasoningParser,
     tracker: RequestTracker,
     return_token_ids: bool,
+    on_finish: TurnRecorder | None = None,
 ) -> dict[str, Any]:
     tok = state.backend.tokenizer
     parsed: list[DeltaEvent] = []
     ids: list[int] = []
     lps: list[Any] = []
     reason, n_prompt, n_cached = None, 0, 0
+    served_by = None
     try:
         async with aclosing(evs):
             async for ev in evs:
+                served_by = ev.served_by or served_by
                 done = ev.finish_reason is not None
                 ids += ev.token_ids
                 lps += ev.logprobs or []
@@ -266,17 +304,10 @@ async def _collect(
         tracker.finish(err.status, None)
         raise err from e
     out = collect(parsed)
-    calls = [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in out.tool_calls
-    ]
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": out.content if out.content or not calls else None,
-        "reasoning_content": out.reasoning or None,
-    }
-    if calls:
-        message["tool_calls"] = calls
+    message = reply_message(out)
+    calls = message.get("tool_calls", [])
+    if on_finish is not None and reason in ("stop", "length"):
+        await on_finish({k: v for k, v in message.items() if v is not None}, served_by)
     choice: dict[str, Any] = {
         "index": 0,
         "message": message,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,11 +22,17 @@ from k2serve.api.prompt import PromptEncoder
 from k2serve.api.protocol import DrainingError, GenerationBackend, QueueFullError
 from k2serve.api.runner import AppState
 from k2serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from k2serve.api.session_routes import install_session_routes
 
 
-def build_app(backend: GenerationBackend, api_key: str | None = None) -> FastAPI:
-    """The app; `api_key` None or "" leaves the /v1 routes open. `app.state.k2` is the AppState."""
-    state = AppState(backend, PromptEncoder(backend.tokenizer), APIMetrics(backend), api_key or None)
+def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: Any = None) -> FastAPI:
+    """The app; `api_key` None or "" leaves the /v1 routes open; several keys may be given comma-separated
+    (each client's key owns its sessions). `sessions` (a SessionService) enables /v1/sessions and chat
+    `session_id`. `app.state.k2` is the AppState."""
+    state = AppState(
+        backend, PromptEncoder(backend.tokenizer), APIMetrics(backend), api_key or None, sessions
+    )
+    keys = [k.strip().encode() for k in (api_key or "").split(",") if k.strip()]
     app = FastAPI(title="k2serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.k2 = state
     install_error_handlers(app)
@@ -36,9 +43,9 @@ def build_app(backend: GenerationBackend, api_key: str | None = None) -> FastAPI
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), state.api_key.encode()
-        ):
+        presented = token.strip().encode()
+        matches = [hmac.compare_digest(presented, k) for k in keys]  # every key compared: constant time
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(
                 401,
                 "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
@@ -68,6 +75,9 @@ def build_app(backend: GenerationBackend, api_key: str | None = None) -> FastAPI
             "max_model_len": backend.max_model_len,
         }
         return JSONResponse({"object": "list", "data": [card]})
+
+    if sessions is not None:
+        install_session_routes(app, state, auth)
 
     @app.get("/health")
     async def _health() -> JSONResponse:

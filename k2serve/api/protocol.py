@@ -41,12 +41,26 @@ class GenerateRequest:
     {"name": N}}}`, optionally with `"allow_reasoning": bool` (an optional `<think>` block may precede
     the constrained output; default False). The backend compiles it with
     `k2serve.chat.structured.GrammarCompiler` against its own tokenizer.
+
+    `session` (agent sessions): the session this turn belongs to and where its prefix is cached; a
+    backend may route by it (the cluster sends the turn to the holder) and reports the new holder.
     """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     structured: dict[str, Any] | None = None
+    session: SessionHint | None = None
+
+
+@dataclass(frozen=True)
+class SessionHint:
+    """session_id; holder: the worker that last served the session (None: unknown); cached_tokens: how
+    many leading tokens of the session's context that worker cached."""
+
+    session_id: str
+    holder: str | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,13 +68,15 @@ class TokenEvent:
     """New tokens of one request, in order. The last event of a stream has `finish_reason` set
     ("stop", "length" or "abort") and may carry no tokens. `num_prompt_tokens` and
     `num_cached_tokens` (prompt tokens served by the prefix cache) are the same in every event.
-    `logprobs` is None unless the request asked for them; then it has one entry per token id."""
+    `logprobs` is None unless the request asked for them; then it has one entry per token id.
+    `served_by`: on the last event, the worker that now caches the request's context (cluster only)."""
 
     token_ids: list[int]
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[TokenLogprobs] | None = None
+    served_by: str | None = None
 
 
 @dataclass(frozen=True)

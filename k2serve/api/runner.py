@@ -30,6 +30,12 @@ class AppState:
     encoder: PromptEncoder
     metrics: APIMetrics
     api_key: str | None
+    sessions: Any = None  # k2serve.sessions.service.SessionService when sessions are enabled
+
+    def owner(self, request: Request) -> str:
+        """The session owner: the API key the client presented (checked by the auth dependency)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else "anonymous"
 
     def check_model(self, model: str | None) -> str:
         """The served model name; 404 for any other name (None means the served model)."""

@@ -111,6 +111,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    session_id: str | None = None  # k2serve: continue this agent session (messages are the new ones)
 
 
 class CompletionRequest(SamplingFields):

@@ -109,6 +109,7 @@ class LocalCluster:
             if s.use_redis and not self.redis_url:
                 from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
 
+                (self.dir / "redis").mkdir(exist_ok=True)
                 self.redis = EmbeddedRedis(RedisServerConfig(data_dir=self.dir / "redis")).start()
                 self.redis_url = self.redis.url
             ready = self.dir / "router.ready"

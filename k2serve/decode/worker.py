@@ -45,6 +45,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.backend = backend
         self.reservations: dict[str, Reservation] = {}
         self.bytes_received = 0
+        self.local_prefills = 0  # requests whose prompt this worker computed itself
 
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
         return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.receiver.endpoint)
@@ -87,6 +88,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         )
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        if not request.transfer_id:  # conditional disaggregation: compute the prompt here (prefix cache)
+            async for chunk in self._local(request, context):
+                yield chunk
+            return
         res = self.reservations.pop(request.transfer_id, None)
         if res is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation {request.transfer_id!r}")
@@ -116,14 +121,35 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             )
         except BackendError as err:
             await context.abort(status_of(err), str(err))
-        done = 1
+        async for chunk in self._stream(request.request_id, events, 1, context):
+            yield chunk
+
+    async def _local(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        """The whole request here: prompt (reusing this worker's cached prefix) and decode; the first
+        token is the first streamed one."""
+        try:
+            params = sampling_from_proto(request.sampling)
+        except SamplingParamsError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        structured = json.loads(request.structured_json) if request.structured_json else None
+        gen = GenerateRequest(request.request_id, list(request.prompt_token_ids), params, structured)
+        try:
+            events = await self.engine.generate(gen)
+        except BackendError as err:
+            await context.abort(status_of(err), str(err))
+        self.local_prefills += 1
+        async for chunk in self._stream(request.request_id, events, 0, context):
+            yield chunk
+
+    async def _stream(self, request_id: str, events, done: int, context: grpc.aio.ServicerContext):  # noqa: ANN001
         finished = False
         try:
             async for ev in events:
                 done += len(ev.token_ids)
                 finished = ev.finish_reason is not None
                 yield worker_pb2.DecodeChunk(
-                    request_id=request.request_id,
+                    request_id=request_id,
+                    num_cached_tokens=ev.num_cached_tokens,
                     token_ids=ev.token_ids,
                     logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []],
                     finish_reason=finish_to_proto(ev.finish_reason),
@@ -133,7 +159,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             await context.abort(status_of(err), str(err))
         finally:
             if not finished:  # the router went away (cancelled stream): free the request's blocks
-                await asyncio.shield(self.engine.abort(request.request_id))
+                await asyncio.shield(self.engine.abort(request_id))
 
     async def Release(self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         res = self.reservations.pop(request.transfer_id, None)

@@ -325,7 +325,11 @@ class AsyncEngine:
                 if extra.prefilled is not None:
                     p = extra.prefilled
                     done = self._engine.add_prefilled_request(
-                        rid, request.prompt_token_ids, p.first_token_id, request.params, p.block_table,
+                        rid,
+                        request.prompt_token_ids,
+                        p.first_token_id,
+                        request.params,
+                        p.block_table,
                         extra.constraint,
                     )
                     if done is not None:  # the first token ended it; that token was emitted elsewhere

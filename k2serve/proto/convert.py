@@ -48,13 +48,25 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
 def sampling_from_proto(m: common_pb2.SamplingParams, default_max_tokens: int = 16) -> SamplingParams:
     """Unset optional fields take SamplingParams' defaults; raises SamplingParamsError naming a bad field."""
     kw: dict[str, object] = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "presence_penalty",
-                 "frequency_penalty", "logprobs"):
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "min_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+    ):
         if m.HasField(name):
             kw[name] = getattr(m, name)
     kw["max_tokens"] = m.max_tokens if m.HasField("max_tokens") else default_max_tokens
     return SamplingParams(
-        stop=list(m.stop), stop_token_ids=list(m.stop_token_ids), ignore_eos=m.ignore_eos, **kw  # type: ignore[arg-type]
+        stop=list(m.stop),
+        stop_token_ids=list(m.stop_token_ids),
+        ignore_eos=m.ignore_eos,
+        **kw,  # type: ignore[arg-type]
     )
 
 

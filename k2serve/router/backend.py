@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -47,6 +48,7 @@ class ClusterBackend:
         model_name: str | None = None,
         policy: RoutingPolicy | None = None,
         max_in_flight: int = 1024,
+        local_prefill_threshold: float = 0.5,
     ) -> None:
         self.table = table
         self.policy = policy or LeastLoaded()
@@ -57,6 +59,8 @@ class ClusterBackend:
         self.in_flight: dict[str, tuple[Worker | None, Worker | None]] = {}
         self.draining = False
         self.bytes_transferred = 0
+        self.local_prefill_threshold = local_prefill_threshold
+        self.local_prefills = 0  # session turns served by their holder without a prefill worker
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -127,6 +131,15 @@ class ClusterBackend:
         sampling = sampling_to_proto(req.params)
         tried: set[str] = set()
         try:
+            direct = self._direct_worker(req)
+            if direct is not None:
+                try:
+                    async for ev in self._run_direct(req, direct, sampling, structured):
+                        yield ev
+                    return
+                except _Retryable as r:  # the holder is gone before any token: re-prefill elsewhere
+                    logger.warning("session turn %s: %s; re-prefilling", rid, r)
+                    tried.update(r.worker_ids)
             for attempt in range(2):
                 try:
                     pre, dec, reservation, first = await self._prefill(
@@ -158,7 +171,8 @@ class ClusterBackend:
                 async for chunk in stream:
                     reason = finish_from_proto(chunk.finish_reason) if chunk.finish_reason else None
                     lps = [logprob_from_proto(m) for m in chunk.logprobs] or None
-                    yield TokenEvent(list(chunk.token_ids), reason, n, cached, lps)
+                    by = dec.worker_id if reason is not None else None
+                    yield TokenEvent(list(chunk.token_ids), reason, n, cached, lps, by)
                     if reason is not None:
                         self.table.call_succeeded(dec)
                         return
@@ -175,6 +189,59 @@ class ClusterBackend:
                 if w is not None:
                     w.in_flight -= 1
 
+    def _direct_worker(self, req: GenerateRequest) -> Worker | None:
+        """Conditional disaggregation: a session turn goes straight to the decode worker holding its prefix
+        (which computes the new tokens itself) when that prefix covers enough of the prompt."""
+        hint = req.session
+        if hint is None or hint.holder is None:
+            return None
+        w = self.table.workers.get(hint.holder)
+        if w is None or w.role != "decode":
+            return None
+        covered = min(hint.cached_tokens, len(req.prompt_token_ids)) / len(req.prompt_token_ids)
+        if covered < self.local_prefill_threshold:
+            return None
+        self.local_prefills += 1
+        return w
+
+    async def _run_direct(
+        self, req: GenerateRequest, dec: Worker, sampling: Any, structured: str
+    ) -> AsyncIterator[TokenEvent]:
+        rid = req.request_id
+        dec.in_flight += 1
+        self.in_flight[rid] = (None, dec)
+        stream = dec.decode_stub.Decode(
+            worker_pb2.DecodeRequest(
+                request_id=rid,
+                prompt_token_ids=req.prompt_token_ids,
+                sampling=sampling,
+                structured_json=structured,
+            )
+        )
+        produced = 0
+        try:
+            async for chunk in stream:
+                produced += len(chunk.token_ids)
+                reason = finish_from_proto(chunk.finish_reason) if chunk.finish_reason else None
+                lps = [logprob_from_proto(m) for m in chunk.logprobs] or None
+                by = dec.worker_id if reason is not None else None
+                n = len(req.prompt_token_ids)
+                yield TokenEvent(list(chunk.token_ids), reason, n, chunk.num_cached_tokens, lps, by)
+                if reason is not None:
+                    self.table.call_succeeded(dec)
+                    return
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _TRANSPORT:
+                self.table.call_failed(dec)
+                if produced == 0:
+                    raise _Retryable(f"holder {dec.worker_id}: {e.code().name}", [dec.worker_id]) from e
+            raise error_of(e, rid, f"decode on {dec.worker_id}") from e
+        finally:
+            stream.cancel()
+            dec.in_flight -= 1
+            self.in_flight[rid] = (None, None)
+        raise BackendFailure(f"decode stream from {dec.worker_id} ended without a finish", rid)
+
     async def _prefill(
         self,
         req: GenerateRequest,
@@ -184,7 +251,13 @@ class ClusterBackend:
     ) -> tuple[Worker, Worker, worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
         rid = req.request_id
         try:
-            dec = self.policy.pick(self.table.of_role("decode"), "decode", exclude)
+            holder = (
+                self.table.workers.get(req.session.holder) if req.session and req.session.holder else None
+            )
+            if holder is not None and holder.role == "decode" and holder.worker_id not in exclude:
+                dec = holder  # keep a session's context on one decode worker
+            else:
+                dec = self.policy.pick(self.table.of_role("decode"), "decode", exclude)
             pre = self.policy.pick(self.table.of_role("prefill"), "prefill", exclude)
         except NoWorkerError as e:
             raise _Retryable(str(e), []) from e

@@ -187,6 +187,62 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                     )
                 yield out
 
+    # ---- sessions --------------------------------------------------------------------------------
+    def _owner(self, context) -> str:  # noqa: ANN001
+        md = dict(context.invocation_metadata() or ())
+        scheme, _, token = str(md.get("authorization", "")).partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else "anonymous"
+
+    async def _sessions_call(self, context, coro):  # noqa: ANN001, ANN202
+        from k2serve.sessions.errors import SessionError
+
+        if self.sessions is None:
+            coro.close()
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "sessions are not enabled (no Redis URL)"
+            )
+        try:
+            return await coro
+        except SessionError as e:
+            await context.abort(_session_status(e), str(e))
+
+    async def CreateSession(self, request: api_pb2.CreateSessionRequest, context):  # noqa: ANN001, N802
+        if request.model and request.model != self.backend.model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        msgs = [_message(m) for m in request.messages]
+        s = await self._sessions_call(
+            context,
+            self.sessions.create(self._owner(context), self.backend.model_name, ttl, msgs)
+            if self.sessions
+            else _none(),
+        )
+        return _session_pb(s)
+
+    async def GetSession(self, request: api_pb2.GetSessionRequest, context):  # noqa: ANN001, N802
+        s = await self._sessions_call(
+            context, self.sessions.get(request.session_id, self._owner(context)) if self.sessions else _none()
+        )
+        return _session_pb(s)
+
+    async def AppendSession(self, request: api_pb2.AppendSessionRequest, context):  # noqa: ANN001, N802
+        msgs = [_message(m) for m in request.messages]
+        tool_steps = sum(1 for m in msgs if m["role"] == "tool")
+        s = await self._sessions_call(
+            context,
+            self.sessions.append_messages(request.session_id, self._owner(context), msgs, tool_steps)
+            if self.sessions
+            else _none(),
+        )
+        return _session_pb(s)
+
+    async def DeleteSession(self, request: api_pb2.DeleteSessionRequest, context):  # noqa: ANN001, N802
+        ok = await self._sessions_call(
+            context,
+            self.sessions.delete(request.session_id, self._owner(context)) if self.sessions else _none(),
+        )
+        return api_pb2.DeleteSessionResponse(deleted=bool(ok))
+
     async def ListModels(self, request: api_pb2.ListModelsRequest, context):  # noqa: ANN001, N802
         card = api_pb2.ModelCard(
             id=self.backend.model_name,
@@ -221,3 +277,37 @@ def _tool(t: api_pb2.Tool) -> dict[str, Any]:
         "parameters": json.loads(t.parameters) if t.parameters else {},
     }
     return {"type": t.type or "function", "function": fn}
+
+
+async def _none() -> None:
+    return None
+
+
+def _session_status(e: Exception) -> grpc.StatusCode:
+    from k2serve.sessions.errors import (
+        InvalidSessionArgument,
+        InvalidSessionId,
+        SessionLimitError,
+        SessionNotFound,
+    )
+
+    if isinstance(e, SessionNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(e, InvalidSessionId | InvalidSessionArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(e, SessionLimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.UNAVAILABLE
+
+
+def _session_pb(s: Any) -> api_pb2.Session:
+    return api_pb2.Session(
+        id=s.id,
+        model=s.model,
+        turn_count=s.turn_count,
+        tool_step_count=s.tool_step_count,
+        created_unix_ms=s.created_ms,
+        last_used_unix_ms=s.last_used_ms,
+        ttl_seconds=s.ttl_s,
+        num_tokens=s.num_tokens,
+    )

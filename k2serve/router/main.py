@@ -117,15 +117,18 @@ class Router:
                 for w in self.table.workers.values()
             ],
             "kv_bytes_transferred": self.backend.bytes_transferred,
+            "local_prefills": self.backend.local_prefills,
         }
 
     async def run(self) -> None:
         s = self.settings
         self._add_static()
         if s.redis_url:
-            from k2serve.router.sessions_api import SessionsAPI
+            from k2serve.sessions.service import SessionService
 
-            self.sessions = SessionsAPI.connect(s.redis_url, self.backend)
+            self.sessions = SessionService.connect(s.redis_url)
+            sessions = self.sessions
+            self.table.on_remove.append(lambda w: asyncio.ensure_future(sessions.forget_worker(w.worker_id)))
         server = grpc.aio.server(options=grpc_options())
         api_pb2_grpc.add_K2ServeServicer_to_server(K2ServeServicer(self.backend, self.sessions), server)
         registry_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(self.table), server)
@@ -147,7 +150,7 @@ class Router:
         await server.start()
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        app = build_app(self.backend, s.api_key)
+        app = build_app(self.backend, s.api_key, self.sessions)
         app.add_api_route("/cluster/workers", self._workers_view, methods=["GET"])
         config = uvicorn.Config(
             app,
