@@ -159,3 +159,6 @@ def test_report_shows_the_figures() -> None:
         "TTFT" in text and "goodput" in text and "measured hit 8.0%" in text and "best possible 18.0%" in text
     )
     assert "reproduce          k2serve bench serve --trace t.jsonl" in text
+    assert "measured above best" not in text
+    result["prefix_cache"] = {**result["prefix_cache"], "measured_hit_ratio": 0.9}
+    assert "measured above best" in format_report(result)

@@ -13,7 +13,7 @@ from k2serve.loadgen.client import Client
 from k2serve.loadgen.config import BenchConfig
 from k2serve.loadgen.dataset import BenchRequest, random_requests
 from k2serve.loadgen.progress import Progress
-from k2serve.loadgen.runner import run_load
+from k2serve.loadgen.runner import RunResult, run_load
 from k2serve.loadgen.stats import SLO, summarize
 from k2serve.loadgen.trace import TraceScaling, best_hit_ratio, read_trace, trace_requests
 
@@ -68,7 +68,9 @@ def make_client(config: BenchConfig) -> Client:
     )
 
 
-async def _run(config: BenchConfig, progress_stream: TextIO | None) -> tuple[Any, dict[str, Any] | None]:
+async def _run(
+    config: BenchConfig, progress_stream: TextIO | None
+) -> tuple[RunResult, dict[str, Any] | None]:
     requests, bound, trace_info = build_requests(config)
     client = make_client(config)
     progress = Progress(bound, config.duration_s, progress_stream, config.progress_interval_s)

@@ -78,8 +78,8 @@ class HTTPClient(Client):
                 return
             done = False
             async for line in resp.aiter_lines():
-                event = parse_sse_line(line)
                 now = time.perf_counter() - t0
+                event = parse_sse_line(line)
                 if event is None:
                     continue
                 if event == SSE_DONE:

@@ -52,6 +52,11 @@ def format_report(result: dict[str, Any]) -> str:
         f"({pc['cached_tokens']}/{pc['prompt_tokens']} prompt tokens)   best possible "
         f"{_pct(pc['best_hit_ratio'])}"
     )
+    if (pc["best_hit_ratio"] or 0) < (pc["measured_hit_ratio"] or 0):
+        lines.append(
+            "  (measured above best: the server's cache held these prompts before the run, e.g. an "
+            "earlier run with the same --seed)"
+        )
     if result.get("trace"):
         tr = result["trace"]
         lines.append(
