@@ -56,13 +56,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "engine":
-        from k2serve.bench.engine import main as bench_main
-    elif args.what == "transfer":
-        from k2serve.bench.transfer import main as bench_main
-    else:  # pragma: no cover - argparse restricts choices
-        raise SystemExit(f"unknown benchmark {args.what!r}")
-    return int(bench_main(args.rest) or 0)
+    import importlib
+
+    module = {
+        "engine": "k2serve.bench.engine",
+        "transfer": "k2serve.bench.transfer",
+        "ttft": "k2serve.bench.ttft",
+        "load-memory": "k2serve.bench.load_memory",
+        "serve": "k2serve.loadgen.cli",
+    }[args.what]
+    return int(importlib.import_module(module).main(args.rest) or 0)
 
 
 def add_model_args(s: argparse.ArgumentParser) -> None:
@@ -249,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"
     )
-    s.add_argument("what", choices=("engine", "transfer"))
+    s.add_argument("what", choices=("engine", "transfer", "ttft", "load-memory", "serve"))
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)
     return p

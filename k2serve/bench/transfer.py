@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for backend, gbps in results.items():
         print(f"{backend:>16}: {gbps:6.2f} GB/s  ratio to socket {gbps / base:.2f} (target >= 0.70)")
-    print("reproduce: python benchmarks/bench_transfer.py " + shlex.join(argv_used))
+    print("reproduce: k2serve bench transfer " + shlex.join(argv_used))
     return 0
 
 
