@@ -220,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--redis-url", default=None, help="session store (default: $REDIS_URL)")
     s.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429")
+    s.add_argument(
+        "--max-ttft-ms",
+        type=float,
+        default=None,
+        help="answer 429 (Retry-After) at once when the predicted time to first token exceeds this",
+    )
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: "HTTP_PORT GRPC_PORT"
     s.set_defaults(func=_lazy("k2serve.router.main", "run_from_args"))
 

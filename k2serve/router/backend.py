@@ -49,6 +49,7 @@ class ClusterBackend:
         policy: RoutingPolicy | None = None,
         max_in_flight: int = 1024,
         local_prefill_threshold: float = 0.5,
+        max_predicted_ttft_s: float | None = None,
     ) -> None:
         self.table = table
         self.policy = policy or LeastLoaded()
@@ -61,6 +62,12 @@ class ClusterBackend:
         self.bytes_transferred = 0
         self.local_prefill_threshold = local_prefill_threshold
         self.local_prefills = 0  # session turns served by their holder without a prefill worker
+        # Early rejection: predicted TTFT = prompt tokens waiting for prefill (this one included) / the
+        # prefill throughput the cluster showed (EWMA of tokens per second of compute, per worker).
+        self.max_predicted_ttft_s = max_predicted_ttft_s
+        self.prefill_tok_s: float | None = None
+        self.pending_prefill_tokens = 0
+        self.rejected = 0
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -104,9 +111,30 @@ class ClusterBackend:
             num_preemptions=0,
         )
 
+    def predicted_ttft_s(self, prompt_len: int) -> float | None:
+        """Seconds until a new prompt of `prompt_len` tokens would get its first token, or None before
+        any prefill was measured."""
+        n = len(self.table.of_role("prefill"))
+        if self.prefill_tok_s is None or n == 0:
+            return None
+        return (self.pending_prefill_tokens + prompt_len) / (self.prefill_tok_s * n)
+
+    def _observe_prefill(self, tokens: int, compute_ms: float) -> None:
+        if tokens <= 0 or compute_ms <= 0:
+            return
+        rate = tokens / (compute_ms / 1e3)
+        self.prefill_tok_s = rate if self.prefill_tok_s is None else 0.8 * self.prefill_tok_s + 0.2 * rate
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         self.check_admission()
         validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        limit = self.max_predicted_ttft_s
+        predicted = self.predicted_ttft_s(len(request.prompt_token_ids)) if limit is not None else None
+        if limit is not None and predicted is not None and predicted > limit:
+            self.rejected += 1
+            raise QueueFullError(
+                len(self.in_flight), self.max_in_flight, retry_after_s=max(1.0, predicted - limit)
+            )
         if request.request_id in self.in_flight:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in flight", "request_id")
         if not self.table.of_role("prefill") or not self.table.of_role("decode"):
@@ -140,16 +168,22 @@ class ClusterBackend:
                 except _Retryable as r:  # the holder is gone before any token: re-prefill elsewhere
                     logger.warning("session turn %s: %s; re-prefilling", rid, r)
                     tried.update(r.worker_ids)
-            for attempt in range(2):
-                try:
-                    pre, dec, reservation, first = await self._prefill(
-                        req, sampling, structured, frozenset(tried)
-                    )
-                    break
-                except _Retryable as r:
-                    tried.update(r.worker_ids)
-                    if attempt == 1:
-                        raise BackendFailure(str(r), rid) from r
+            self.pending_prefill_tokens += n
+            try:
+                for attempt in range(2):
+                    try:
+                        pre, dec, reservation, first = await self._prefill(
+                            req, sampling, structured, frozenset(tried)
+                        )
+                        compute_ms = first.timings.compute_ms
+                        self._observe_prefill(first.num_prompt_tokens - first.num_cached_tokens, compute_ms)
+                        break
+                    except _Retryable as r:
+                        tried.update(r.worker_ids)
+                        if attempt == 1:
+                            raise BackendFailure(str(r), rid) from r
+            finally:
+                self.pending_prefill_tokens -= n
             cached = first.num_cached_tokens
             lps = (
                 [logprob_from_proto(first.first_token_logprobs)]

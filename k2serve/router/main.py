@@ -39,6 +39,7 @@ class RouterSettings:
     static_workers: tuple[tuple[str, str], ...] = ()
     heartbeat_timeout_s: float = 5.0
     max_queue: int = 1024
+    max_ttft_s: float | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     redis_url: str | None = None
@@ -69,6 +70,7 @@ class RouterSettings:
             static_workers=workers,  # type: ignore[arg-type]
             heartbeat_timeout_s=args.heartbeat_timeout,
             max_queue=args.max_queue,
+            max_ttft_s=args.max_ttft_ms / 1e3 if args.max_ttft_ms else None,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
@@ -85,7 +87,11 @@ class Router:
             settings.heartbeat_timeout_s, lambda addr: grpc.aio.insecure_channel(addr, options=grpc_options())
         )
         self.backend = ClusterBackend(
-            settings.model_dir, self.table, settings.model_name, max_in_flight=settings.max_queue
+            settings.model_dir,
+            self.table,
+            settings.model_name,
+            max_in_flight=settings.max_queue,
+            max_predicted_ttft_s=settings.max_ttft_s,
         )
         self.stop = asyncio.Event()
         self.grpc_port = settings.grpc_port
@@ -118,6 +124,8 @@ class Router:
             ],
             "kv_bytes_transferred": self.backend.bytes_transferred,
             "local_prefills": self.backend.local_prefills,
+            "rejected_early": self.backend.rejected,
+            "prefill_tokens_per_s": self.backend.prefill_tok_s,
         }
 
     async def run(self) -> None:
