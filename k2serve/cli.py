@@ -103,7 +103,27 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     s.add_argument("--worker-id", default=None)
     s.add_argument("--transfer-backend", choices=("grpc", "torch"), default="grpc")
     s.add_argument("--transfer-port", type=int, default=0, help="torch.distributed transfer port (0 = free)")
-    s.add_argument("--ep", type=int, default=1, help="expert-parallel group size")
+    s.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel group size: this process is one of --ep ranks that split the routed "
+        "experts and step in lockstep; each rank serves and registers as its own worker",
+    )
+    s.add_argument("--ep-rank", type=int, default=0, help="this process's rank in the --ep group")
+    s.add_argument(
+        "--ep-init",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="rendezvous of the --ep group, hosted by rank 0 (required when --ep > 1)",
+    )
+    s.add_argument(
+        "--ep-timeout",
+        type=float,
+        default=60.0,
+        help="seconds: bound on joining the --ep group and on every collective step; a rank that "
+        "loses its group exits non-zero",
+    )
     s.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds")
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: the bound address
 
@@ -244,7 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=50051)
     s.add_argument("--prefill", type=int, default=1, help="prefill workers")
     s.add_argument("--decode", type=int, default=1, help="decode workers")
-    s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per worker")
+    s.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel ranks per worker: each prefill and decode worker is a group of --ep "
+        "processes (each its own endpoint)",
+    )
     s.add_argument("--transfer-backend", choices=("grpc", "torch"), default="grpc")
     s.add_argument(
         "--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)"

@@ -3,6 +3,8 @@
 Order: Redis (embedded unless a URL is given), the router, then the prefill and decode workers, which
 register with the router. `LocalCluster` waits until every worker is registered, prints where to send
 requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
+With `ep_size` R > 1 each worker is a group of R rank processes (`<role>-<i>-ep<r>`) meeting at a free
+port of their own; each rank registers as its own worker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,7 @@ class ClusterSpec:
     grpc_port: int = 50051  # router gRPC (0 = any free port)
     num_prefill: int = 1
     num_decode: int = 1
+    ep_size: int = 1  # expert-parallel ranks (processes) per worker
     transfer_backend: str = "grpc"
     dtype: str = "float32"
     engine_args: tuple[str, ...] = ()  # engine flags passed to every worker
@@ -50,6 +54,12 @@ class ClusterSpec:
             raise ValueError(
                 f"need >= 1 prefill and >= 1 decode worker, got {self.num_prefill}, {self.num_decode}"
             )
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+
+    @property
+    def num_worker_processes(self) -> int:
+        return (self.num_prefill + self.num_decode) * self.ep_size
 
 
 @dataclass
@@ -140,37 +150,46 @@ class LocalCluster:
             )
             for role, n in (("prefill", s.num_prefill), ("decode", s.num_decode)):
                 for i in range(n):
-                    wready = self.dir / f"{role}-{i}.ready"
-                    wargs = [
-                        role,
-                        "--model",
-                        s.model_dir,
-                        "--dtype",
-                        s.dtype,
-                        "--host",
-                        s.host,
-                        "--port",
-                        "0",
-                        "--router",
-                        f"{s.host}:{self.grpc_port}",
-                        "--worker-id",
-                        f"{role}-{i}",
-                        "--transfer-backend",
-                        s.transfer_backend,
-                        "--ready-file",
-                        str(wready),
-                        *s.engine_args,
-                    ]
-                    if s.served_model_name:
-                        wargs += ["--served-model-name", s.served_model_name]
-                    self._spawn(f"{role}-{i}", wargs)
+                    self._spawn_worker(role, i)
             for p in self.procs[1:]:
                 self._wait_file(p, self.dir / f"{p.name}.ready", deadline)
-            self._wait_registered(s.num_prefill + s.num_decode, deadline)
+            self._wait_registered(s.num_worker_processes, deadline)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _spawn_worker(self, role: str, i: int) -> None:
+        """Worker i of `role`: one process, or ep_size rank processes with a rendezvous of their own."""
+        s = self.spec
+        args = [
+            role,
+            "--model",
+            s.model_dir,
+            "--dtype",
+            s.dtype,
+            "--host",
+            s.host,
+            "--port",
+            "0",
+            "--router",
+            f"{s.host}:{self.grpc_port}",
+            "--worker-id",
+            f"{role}-{i}",
+            "--transfer-backend",
+            s.transfer_backend,
+            *s.engine_args,
+        ]
+        if s.served_model_name:
+            args += ["--served-model-name", s.served_model_name]
+        if s.ep_size == 1:
+            self._spawn(f"{role}-{i}", [*args, "--ready-file", str(self.dir / f"{role}-{i}.ready")])
+            return
+        init = f"tcp://{s.host}:{free_port(s.host)}"
+        for r in range(s.ep_size):
+            name = f"{role}-{i}-ep{r}"  # the worker id the rank registers under
+            ep_args = ["--ep", str(s.ep_size), "--ep-rank", str(r), "--ep-init", init]
+            self._spawn(name, [*args, *ep_args, "--ready-file", str(self.dir / f"{name}.ready")])
 
     def _wait_registered(self, n: int, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -240,13 +259,16 @@ class LocalCluster:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
+def free_port(host: str) -> int:
+    """A port free on `host` right now (the group's rank 0 binds it moments later)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def up_from_args(args: argparse.Namespace) -> int:
     from k2serve.cli import resolve_model
 
-    if args.ep != 1:
-        raise ValueError(
-            f"--ep {args.ep}: expert-parallel worker groups are not wired into `up` yet (use --ep 1)"
-        )
     if args.ray:
         raise ValueError("--ray: the Ray runtime is not available in this build; run without --ray")
     engine_args = [
@@ -272,6 +294,7 @@ def up_from_args(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         num_prefill=args.prefill,
         num_decode=args.decode,
+        ep_size=args.ep,
         transfer_backend=args.transfer_backend,
         dtype=args.dtype,
         engine_args=tuple(engine_args),
@@ -289,7 +312,8 @@ def up_from_args(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     cluster = LocalCluster(spec)
     print(
-        f"starting k2serve: {spec.num_prefill} prefill + {spec.num_decode} decode workers on {spec.model_dir} ...",
+        f"starting k2serve: {spec.num_prefill} prefill + {spec.num_decode} decode workers"
+        f"{f' of {spec.ep_size} EP ranks each' if spec.ep_size > 1 else ''} on {spec.model_dir} ...",
         flush=True,
     )
     cluster.start()

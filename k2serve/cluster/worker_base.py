@@ -1,5 +1,6 @@
-"""What prefill and decode workers share: settings, the gRPC server (with health and reflection),
-registration with the router and heartbeats, and graceful shutdown on SIGINT/SIGTERM."""
+"""What prefill and decode workers share: settings, the engine (alone or one rank of an expert-parallel
+group), the gRPC server (with health and reflection), registration with the router and heartbeats,
+and graceful shutdown on SIGINT/SIGTERM (or, exiting non-zero, when the EP group is lost)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
+from k2serve.experts import EPConfig, EPError, EPWorker
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES
 
@@ -30,7 +33,12 @@ ROLES = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WOR
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """One worker process. `router` None: run standalone (listed statically by the router)."""
+    """One worker process. `router` None: run standalone (listed statically by the router).
+
+    ep_size > 1: this process is rank `ep_rank` of an expert-parallel group that meets at `ep_init`
+    ('tcp://host:port', hosted by rank 0); it loads only its own experts, serves and registers as its
+    own worker (`worker_id` ends in `-ep<rank>`). ep_timeout_s bounds every collective of the group.
+    """
 
     role: str
     model_dir: str
@@ -46,12 +54,28 @@ class WorkerSettings:
     transfer_port: int = 0
     heartbeat_interval_s: float = 1.0
     ready_file: str | None = None
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_init: str | None = None
+    ep_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat interval must be > 0 s, got {self.heartbeat_interval_s}")
+        if self.ep_size < 1:
+            raise ValueError(f"--ep must be >= 1, got {self.ep_size}")
+        if not 0 <= self.ep_rank < self.ep_size:
+            raise ValueError(f"--ep-rank must be in [0, {self.ep_size}), got {self.ep_rank}")
+        if self.ep_size > 1:
+            from k2serve.experts.comm import parse_init_method
+
+            if self.ep_init is None:
+                raise ValueError(f"--ep {self.ep_size} needs --ep-init tcp://HOST:PORT (rank 0's address)")
+            parse_init_method(self.ep_init)  # EPConfigError (a ValueError) names a malformed one
+        if self.ep_timeout_s <= 0:
+            raise ValueError(f"--ep-timeout must be > 0 s, got {self.ep_timeout_s}")
 
     @classmethod
     def from_args(cls, role: str, args: argparse.Namespace) -> WorkerSettings:
@@ -59,9 +83,10 @@ class WorkerSettings:
 
         from k2serve.cli import engine_config_from_args, resolve_model
 
-        if args.ep != 1:
-            raise ValueError(f"--ep {args.ep}: expert-parallel workers are started by `k2serve up --ep`")
         model_dir = resolve_model(args)
+        worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
+        if args.ep > 1:
+            worker_id += f"-ep{args.ep_rank}"
         return cls(
             role=role,
             model_dir=model_dir,
@@ -72,15 +97,44 @@ class WorkerSettings:
             port=args.port,
             advertise_host=args.advertise_host,
             router=args.router,
-            worker_id=args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
+            worker_id=worker_id,
             transfer_backend=args.transfer_backend,
             transfer_port=args.transfer_port,
             heartbeat_interval_s=args.heartbeat_interval,
             ready_file=args.ready_file,
+            ep_size=args.ep,
+            ep_rank=args.ep_rank,
+            ep_init=args.ep_init,
+            ep_timeout_s=args.ep_timeout,
         )
 
     def advertised(self, port: int) -> str:
         return f"{self.advertise_host or self.host}:{port}"
+
+
+def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
+    """The worker's engine, not started: the whole model, or (ep_size > 1) this rank's share of the
+    experts after joining the group (blocks until every rank joined, at most ep_timeout_s; EPError
+    otherwise). If the group is lost later, the engine thread sets `stop` (on the running loop)."""
+    loop = asyncio.get_running_loop()
+
+    def on_fatal(exc: EPError) -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    dtype = getattr(torch, settings.dtype)
+    if settings.ep_size == 1:
+        return AsyncEngine.from_pretrained(settings.model_dir, dtype, settings.engine, settings.model_name)
+    assert settings.ep_init is not None  # checked in __post_init__
+    worker = EPWorker.connect(
+        settings.ep_rank,
+        settings.ep_size,
+        settings.model_dir,
+        dtype,
+        settings.engine,
+        settings.ep_init,
+        EPConfig(timeout_s=settings.ep_timeout_s),
+    )
+    return AsyncEngine.for_group(worker, settings.model_name, on_fatal)
 
 
 def grpc_options() -> list[tuple[str, int]]:
@@ -113,7 +167,7 @@ def worker_info(
             total_blocks=e.blocks.num_blocks,
             max_batch=e.config.max_num_seqs,
         ),
-        ep_size=1,
+        ep_size=settings.ep_size,
     )
 
 
@@ -173,8 +227,13 @@ async def serve_worker(
     add_services: Callable[[grpc.aio.Server], list[str]],
     kv_endpoints: Callable[[], list[kv_transfer_pb2.KVEndpoint]],
     on_stop: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Run the worker's gRPC server until SIGINT/SIGTERM: serving, registered, heartbeating."""
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run the worker's gRPC server, registered and heartbeating, until SIGINT/SIGTERM or `stop` is set
+    (e.g. by the engine's on_fatal); then deregister and stop. Returns the process exit status: 1 when
+    the engine stopped by itself (`engine.fatal_error`: the EP group was lost) before a stop was asked
+    for, else 0. A group loses all its ranks once one of them stops, so a rank's in-flight requests
+    fail if a peer finishes stopping first."""
     server = grpc.aio.server(options=grpc_options())
     names = add_services(server)
     health_servicer = health.aio.HealthServicer()
@@ -185,7 +244,7 @@ async def serve_worker(
     address = settings.advertised(port)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -201,6 +260,7 @@ async def serve_worker(
             )
         )
     await stop.wait()
+    requested = engine.fatal_error is None  # a signal, not the loss of the EP group
     logger.info("stopping %s", settings.worker_id)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -210,3 +270,10 @@ async def serve_worker(
     if on_stop is not None:
         await on_stop()
     engine.shutdown()
+    if engine.fatal_error is None:
+        return 0
+    if requested:  # the other ranks were stopped too and left the group first
+        logger.info("%s: its EP group ended while it was stopping", settings.worker_id)
+        return 0
+    logger.error("%s exits: %s", settings.worker_id, engine.fatal_error)
+    return 1

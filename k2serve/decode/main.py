@@ -6,19 +6,16 @@ import argparse
 import asyncio
 import logging
 
-import torch
-
-from k2serve.cluster.worker_base import WorkerSettings, serve_worker
+from k2serve.cluster.worker_base import WorkerSettings, load_engine, serve_worker
 from k2serve.decode.worker import DecodeServicer
-from k2serve.engine.async_engine import AsyncEngine
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.transfer.registry import make_receiver
 
 
-async def run(settings: WorkerSettings) -> None:
-    engine = AsyncEngine.from_pretrained(
-        settings.model_dir, getattr(torch, settings.dtype), settings.engine, settings.model_name
-    )
+async def run(settings: WorkerSettings) -> int:
+    """Serve until stopped; the exit status (non-zero when the expert-parallel group was lost)."""
+    stop = asyncio.Event()
+    engine = load_engine(settings, stop)
     engine.start()
     receiver = make_receiver(settings.transfer_backend, f"{settings.host}:{settings.transfer_port}")
     servicer = DecodeServicer(engine, receiver, settings.transfer_backend)
@@ -29,15 +26,14 @@ async def run(settings: WorkerSettings) -> None:
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
         return [worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name]
 
-    async def stop() -> None:
+    async def on_stop() -> None:
         stop_expiry.set()
         await expiry
         receiver.shutdown()
 
-    await serve_worker(settings, engine, add, lambda: [servicer.endpoint()], stop)
+    return await serve_worker(settings, engine, add, lambda: [servicer.endpoint()], on_stop, stop)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(WorkerSettings.from_args("decode", args)))
-    return 0
+    return asyncio.run(run(WorkerSettings.from_args("decode", args)))

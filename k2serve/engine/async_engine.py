@@ -5,6 +5,12 @@ abort) through a locked inbox and receive TokenEvents on a per-request asyncio.Q
 `loop.call_soon_threadsafe`. Validation, admission and grammar compilation run in the caller, so a
 bad request fails in its own caller. A failure inside a step ends only the requests it can be pinned
 on (all in-flight ones when it cannot be pinned), is logged, and the thread carries on.
+
+With an expert-parallel group (`for_group`, a `k2serve.experts.EPWorker`) the thread calls the
+group's collective `step()` every iteration, with or without local work, waiting ~1 ms between steps
+while no rank has work (commands wake it at once). Losing the group (`EPError`) is fatal: every
+in-flight request fails with BackendFailure, the thread stops and `on_fatal` tells the process,
+which exits non-zero so that the launcher restarts the whole group.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -37,9 +43,14 @@ from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.engine.sequence import RequestError
+from k2serve.experts.comm import EPError
+
+if TYPE_CHECKING:
+    from k2serve.experts.worker import EPWorker
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_WAIT_S = 0.001  # between the steps of an idle expert-parallel group
 
 
 @dataclass
@@ -73,12 +84,28 @@ class AsyncEngine:
     (DrainingError) while in-flight ones go on; `await drain(timeout)` waits for them (aborting what
     is left after `timeout` seconds) and then stops the thread; `shutdown()` aborts everything in
     flight and stops the thread at once. Both always leave the thread stopped.
+
+    `group`: the expert-parallel rank whose `engine` this is (see the module docstring); stepping
+    stops for every rank of the group when one rank's thread stops, so shutting one rank down makes
+    the others lose the group. `on_fatal(error)` is called on the engine thread once the group is lost
+    and every in-flight request has been failed; `fatal_error` keeps the error.
     """
 
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        model_name: str,
+        group: EPWorker | None = None,
+        on_fatal: Callable[[EPError], None] | None = None,
+    ) -> None:
         if engine.tokenizer is None:
             raise ValueError("AsyncEngine needs a model directory with a tokenizer (tiktoken.model)")
+        if group is not None and group.engine is not engine:
+            raise ValueError("AsyncEngine: `engine` must be the engine of `group`")
         self._engine = engine
+        self._group = group
+        self._on_fatal = on_fatal
+        self._fatal: EPError | None = None
         self._tokenizer: KimiTokenizer = engine.tokenizer
         self._model_name = model_name
         self._compiler: Any = None  # k2serve.chat.structured.GrammarCompiler, built on first use
@@ -104,6 +131,13 @@ class AsyncEngine:
         engine = LLMEngine.from_pretrained(model_dir, dtype, config)
         return cls(engine, model_name or Path(model_dir).resolve().name)
 
+    @classmethod
+    def for_group(
+        cls, worker: EPWorker, model_name: str, on_fatal: Callable[[EPError], None] | None = None
+    ) -> AsyncEngine:
+        """Serve one expert-parallel rank: its own requests on `worker.engine`, lockstep with its group."""
+        return cls(worker.engine, model_name, worker, on_fatal)
+
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
     def model_name(self) -> str:
@@ -123,6 +157,11 @@ class AsyncEngine:
     @property
     def vocab_size(self) -> int:
         return self._engine.model.config.vocab_size
+
+    @property
+    def fatal_error(self) -> EPError | None:
+        """Why the engine thread stopped by itself (the expert-parallel group was lost), else None."""
+        return self._fatal
 
     @property
     def engine(self) -> LLMEngine:
@@ -279,8 +318,7 @@ class AsyncEngine:
         try:
             while True:
                 with self._cond:
-                    while not (self._commands or self._stopping or self._engine.has_unfinished_requests()):
-                        self._cond.wait()
+                    self._wait_for_work()
                     commands, self._commands = self._commands, []
                     self._apply(commands)
                     if self._stopping:
@@ -288,14 +326,40 @@ class AsyncEngine:
                             self._abort_locked(rid)
                         return
                     self._publish_stats()
-                if self._engine.has_unfinished_requests():
-                    self._step()
+                if self._group is not None or self._engine.has_unfinished_requests():
+                    try:
+                        self._step()
+                    except EPError as exc:
+                        self._lose_group(exc)
+                        return
         finally:
             with self._cond:
                 self._stopping = True
                 for rid, client in list(self._clients.items()):
                     self._send(client, BackendFailure("the engine thread stopped", rid))
                 self._clients.clear()
+
+    def _wait_for_work(self) -> None:
+        """Alone: sleep until there is something to do. In a group: step again at once while any rank
+        has work, else after IDLE_WAIT_S (or the next command), as every rank must keep stepping."""
+        if self._group is None:
+            while not (self._commands or self._stopping or self._engine.has_unfinished_requests()):
+                self._cond.wait()
+        elif not (self._group.any_work or self._commands or self._stopping):
+            self._cond.wait(IDLE_WAIT_S)
+
+    def _lose_group(self, exc: EPError) -> None:
+        """The group cannot step any more: fail everything in flight, then tell the process."""
+        logger.error("expert-parallel group lost: %s", exc)
+        with self._cond:
+            self._fatal = exc
+            self._stopping = True
+            for rid, client in list(self._clients.items()):
+                self._engine.abort_request(rid)
+                self._send(client, BackendFailure(f"expert-parallel group lost: {exc}", rid))
+            self._clients.clear()
+        if self._on_fatal is not None:
+            self._on_fatal(exc)
 
     def _apply(self, commands: list[tuple[str, Any, Any]]) -> None:
         """Add and abort requests in arrival order (lock held)."""
@@ -350,8 +414,11 @@ class AsyncEngine:
             self._send(client, TokenEvent([], "abort", client.num_prompt_tokens, 0))
 
     def _step(self) -> None:
+        """One step (the group's collective one in a group); an EPError propagates (the group is lost)."""
         try:
-            outputs = self._engine.step()
+            outputs = self._engine.step() if self._group is None else self._group.step()
+        except EPError:
+            raise
         except Exception as exc:  # contained: the requests it hit get the error, the thread goes on
             logger.exception("engine step failed")
             self._recover(exc)

@@ -6,18 +6,15 @@ import argparse
 import asyncio
 import logging
 
-import torch
-
-from k2serve.cluster.worker_base import WorkerSettings, serve_worker
-from k2serve.engine.async_engine import AsyncEngine
+from k2serve.cluster.worker_base import WorkerSettings, load_engine, serve_worker
 from k2serve.prefill.worker import PrefillServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 
 
-async def run(settings: WorkerSettings) -> None:
-    engine = AsyncEngine.from_pretrained(
-        settings.model_dir, getattr(torch, settings.dtype), settings.engine, settings.model_name
-    )
+async def run(settings: WorkerSettings) -> int:
+    """Serve until stopped; the exit status (non-zero when the expert-parallel group was lost)."""
+    stop = asyncio.Event()
+    engine = load_engine(settings, stop)
     engine.start()
     servicer = PrefillServicer(engine)
 
@@ -25,13 +22,12 @@ async def run(settings: WorkerSettings) -> None:
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
         return [worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]
 
-    async def stop() -> None:
+    async def on_stop() -> None:
         servicer.senders.shutdown()
 
-    await serve_worker(settings, engine, add, lambda: [], stop)
+    return await serve_worker(settings, engine, add, lambda: [], on_stop, stop)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(WorkerSettings.from_args("prefill", args)))
-    return 0
+    return asyncio.run(run(WorkerSettings.from_args("prefill", args)))
