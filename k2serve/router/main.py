@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from k2serve.api.openai_app import build_app
+from k2serve.cluster.grpc_safety import add_servicer
 from k2serve.cluster.worker_base import grpc_options
 from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
 from k2serve.router.backend import ClusterBackend
@@ -138,8 +139,12 @@ class Router:
             sessions = self.sessions
             self.table.on_remove.append(lambda w: asyncio.ensure_future(sessions.forget_worker(w.worker_id)))
         server = grpc.aio.server(options=grpc_options())
-        api_pb2_grpc.add_K2ServeServicer_to_server(K2ServeServicer(self.backend, self.sessions), server)
-        registry_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(self.table), server)
+        add_servicer(
+            server, api_pb2_grpc.add_K2ServeServicer_to_server, K2ServeServicer(self.backend, self.sessions)
+        )
+        add_servicer(
+            server, registry_pb2_grpc.add_WorkerRegistryServicer_to_server, RegistryServicer(self.table)
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = [
