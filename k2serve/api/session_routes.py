@@ -1,9 +1,11 @@
 """Agent sessions over HTTP: `/v1/sessions` CRUD, and what a chat turn with `session_id` does.
 
 POST /v1/sessions {model?, ttl_seconds?, messages?, metadata?} creates one; GET /v1/sessions/{id};
-POST /v1/sessions/{id}/messages {messages, tool_steps?} appends; DELETE /v1/sessions/{id}. A session is
-visible only to the API key that created it: any other key gets 404, as for an unknown id. Bad ids are
-400, limits 413, an unreachable store 503, all in OpenAI's error shape.
+POST /v1/sessions/{id}/messages {messages, tool_steps?} appends; GET /v1/sessions/{id}/messages lists the
+history's messages ({"object": "list", "data": [...]}, oldest first: what an agent resumes from);
+DELETE /v1/sessions/{id}. A session is visible only to the API key that created it: any other key gets
+404, as for an unknown id. Bad ids are 400, limits 413, an unreachable store 503, all in OpenAI's error
+shape.
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ def session_error(e: SessionError) -> APIError:
     return APIError(400, str(e), "invalid_request_error", None, None)
 
 
-def session_json(s: Session) -> dict[str, Any]:
+def session_json(s: Session, block_size: int = 16) -> dict[str, Any]:
+    """A session as the API shows it; `kv_blocks` is the KV memory its cached prefix holds on its worker."""
+    cached = s.holder.cached_tokens if s.holder else 0
     return {
+        "kv_blocks": -(-cached // block_size),
         "id": s.id,
         "object": "session",
         "model": s.model,
@@ -110,6 +115,7 @@ class _Append(BaseModel):
 
 def install_session_routes(app: FastAPI, state: Any, auth: list[Any]) -> None:
     sessions = state.sessions
+    bs = sessions.store.config.block_size
 
     async def run(coro: Awaitable[Any]) -> Any:
         try:
@@ -123,18 +129,23 @@ def install_session_routes(app: FastAPI, state: Any, auth: list[Any]) -> None:
         s = await run(
             sessions.create(state.owner(request), model, body.ttl_seconds, body.messages, body.metadata)
         )
-        return JSONResponse(session_json(s))
+        return JSONResponse(session_json(s, bs))
 
     @app.get("/v1/sessions/{session_id}", dependencies=auth)
     async def _get(session_id: str, request: Request) -> JSONResponse:
-        return JSONResponse(session_json(await run(sessions.get(session_id, state.owner(request)))))
+        return JSONResponse(session_json(await run(sessions.get(session_id, state.owner(request))), bs))
 
     @app.post("/v1/sessions/{session_id}/messages", dependencies=auth)
     async def _append(session_id: str, body: _Append, request: Request) -> JSONResponse:
         s = await run(
             sessions.append_messages(session_id, state.owner(request), body.messages, body.tool_steps)
         )
-        return JSONResponse(session_json(s))
+        return JSONResponse(session_json(s, bs))
+
+    @app.get("/v1/sessions/{session_id}/messages", dependencies=auth)
+    async def _messages(session_id: str, request: Request) -> JSONResponse:
+        messages = await run(sessions.messages(session_id, state.owner(request)))
+        return JSONResponse({"object": "list", "session_id": session_id, "data": messages})
 
     @app.delete("/v1/sessions/{session_id}", dependencies=auth)
     async def _delete(session_id: str, request: Request) -> JSONResponse:

@@ -68,6 +68,9 @@ class ClusterBackend:
         self.prefill_tok_s: float | None = None
         self.pending_prefill_tokens = 0
         self.rejected = 0
+        # Overlap of KV sending with compute: the transfer time left after the prefill's compute ended.
+        self.prefill_compute_ms = 0.0
+        self.exposed_transfer_ms = 0.0
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -176,6 +179,8 @@ class ClusterBackend:
                             req, sampling, structured, frozenset(tried)
                         )
                         compute_ms = first.timings.compute_ms
+                        self.prefill_compute_ms += compute_ms
+                        self.exposed_transfer_ms += first.timings.transfer_ms
                         self._observe_prefill(first.num_prompt_tokens - first.num_cached_tokens, compute_ms)
                         break
                     except _Retryable as r:

@@ -126,6 +126,8 @@ class Router:
             "kv_bytes_transferred": self.backend.bytes_transferred,
             "local_prefills": self.backend.local_prefills,
             "rejected_early": self.backend.rejected,
+            "prefill_compute_ms": self.backend.prefill_compute_ms,
+            "exposed_transfer_ms": self.backend.exposed_transfer_ms,
             "prefill_tokens_per_s": self.backend.prefill_tok_s,
         }
 
