@@ -65,6 +65,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "load-memory": "k2serve.bench.load_memory",
         "serve": "k2serve.loadgen.cli",
         "sessions": "k2serve.bench.sessions",
+        "interference": "k2serve.bench.interference",
     }[args.what]
     return int(importlib.import_module(module).main(args.rest) or 0)
 
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"
     )
-    s.add_argument("what", choices=("engine", "transfer", "ttft", "load-memory", "serve", "sessions"))
+    s.add_argument("what", choices=("engine", "transfer", "ttft", "load-memory", "serve", "sessions", "interference"))
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)
     return p

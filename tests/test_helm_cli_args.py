@@ -84,7 +84,7 @@ def test_parse_rejects_what_the_chart_must_not_render() -> None:
     with pytest.raises(AssertionError):
         parse(["router", "--model", "/m", "--grpc-port", "fifty"])
     with pytest.raises(AssertionError):
-        parse(["prefill", "--model", "/m", "--ep-rank", "1"])
+        parse(["prefill", "--model", "/m", "--no-such-flag", "1"])
 
 
 def _by_command(values: dict[str, Any]) -> dict[str, list[tuple[str, dict[str, Any], argparse.Namespace]]]:

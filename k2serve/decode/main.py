@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from k2serve.cluster.grpc_safety import add_servicer
 from k2serve.cluster.worker_base import WorkerSettings, load_engine, serve_worker
 from k2serve.decode.worker import DecodeServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
@@ -23,7 +24,7 @@ async def run(settings: WorkerSettings) -> int:
     expiry = asyncio.create_task(servicer.expire_reservations(stop_expiry))
 
     def add(server) -> list[str]:  # noqa: ANN001
-        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
+        add_servicer(server, worker_pb2_grpc.add_DecodeWorkerServicer_to_server, servicer)
         return [worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name]
 
     async def on_stop() -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from k2serve.cluster.grpc_safety import add_servicer
 from k2serve.cluster.worker_base import WorkerSettings, load_engine, serve_worker
 from k2serve.prefill.worker import PrefillServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
@@ -19,7 +20,7 @@ async def run(settings: WorkerSettings) -> int:
     servicer = PrefillServicer(engine)
 
     def add(server) -> list[str]:  # noqa: ANN001
-        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
+        add_servicer(server, worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer)
         return [worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]
 
     async def on_stop() -> None:
