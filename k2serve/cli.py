@@ -281,12 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster ('auto' or host:port)"
     )
     s.add_argument("--workdir", default=None, help="where logs and the --preset checkpoint go")
+    s.add_argument(
+        "--max-ttft-ms",
+        type=float,
+        default=None,
+        help="router: 429 at once when the predicted TTFT exceeds this",
+    )
     s.set_defaults(func=_lazy("k2serve.cluster.local", "up_from_args"))
 
     s = sub.add_parser(
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"
     )
-    s.add_argument("what", choices=("engine", "transfer", "ttft", "load-memory", "serve", "sessions", "interference"))
+    s.add_argument(
+        "what", choices=("engine", "transfer", "ttft", "load-memory", "serve", "sessions", "interference")
+    )
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)
     return p

@@ -46,6 +46,7 @@ class ClusterSpec:
     served_model_name: str | None = None
     workdir: str | None = None
     heartbeat_timeout_s: float = 5.0
+    router_args: tuple[str, ...] = ()  # extra router flags, e.g. ("--max-ttft-ms", "2000")
     startup_timeout_s: float = 180.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -140,6 +141,7 @@ class LocalCluster:
             ]
             if self.redis_url:
                 args += ["--redis-url", self.redis_url]
+            args += list(s.router_args)
             if s.api_key:
                 args += ["--api-key", s.api_key]
             if s.served_model_name:
@@ -302,6 +304,7 @@ def up_from_args(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         workdir=args.workdir,
+        router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if args.max_ttft_ms else (),
     )
     stop = {"now": False}
 
