@@ -1,0 +1,131 @@
+"""Measure the dry-run's model parameters on this machine with the offline engine:
+`python -m k2serve.planner.measure (--preset tiny | --model DIR) [--dtype float32]`.
+
+- prefill tokens/s: one prompt of `--prompt-len` random tokens, max_tokens=1 (after a warm-up);
+- decode: the mean time per step of a batch of b sequences of `--decode-len` tokens each, for each
+  b in `--batches`, fitted to itl(b) = base + per_seq x b by least squares;
+- KV tokens per decode replica: `--kv-cache-mb` divided by the model's latent KV bytes per token.
+Each figure is the best of `--repeats` runs. Prints the `k2serve planner --dry-run` flags that carry them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Measured:
+    prefill_tokens_per_s: float
+    decode_itl_base_s: float
+    decode_itl_per_seq_s: float
+    decode_kv_tokens: int
+    itl_by_batch: dict[int, float]
+
+    def flags(self) -> str:
+        return (
+            f"--prefill-tokens-per-s {self.prefill_tokens_per_s:.0f} "
+            f"--decode-itl-base {self.decode_itl_base_s:.4f} "
+            f"--decode-itl-per-seq {self.decode_itl_per_seq_s:.5f} --decode-kv-tokens {self.decode_kv_tokens}"
+        )
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys on xs; the slope is clamped at >= 0 and one point gives
+    slope 0."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var) if var else 0.0
+    return my - slope * mx, slope
+
+
+def measure(
+    model_dir: Path,
+    dtype: str = "float32",
+    prompt_len: int = 2048,
+    batches: Sequence[int] = (1, 8, 32),
+    decode_len: int = 32,
+    kv_cache_mb: int = 1024,
+    repeats: int = 3,
+) -> Measured:
+    """Each figure is the best of `repeats` runs (other load on the machine only slows runs down)."""
+    import torch
+
+    from k2serve.engine.config import EngineConfig
+    from k2serve.engine.llm import LLM
+    from k2serve.engine.sampling_params import SamplingParams
+
+    cfg = EngineConfig(
+        kv_cache_bytes=max(kv_cache_mb, 64) << 20,
+        max_num_seqs=max(batches),
+        max_num_batched_tokens=max(2048, prompt_len),
+        enable_prefix_caching=False,
+    )
+    llm = LLM(model_dir, dtype=dtype, engine_config=cfg)
+    gen = torch.Generator().manual_seed(0)
+    vocab = llm.engine.model.config.vocab_size
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    greedy = {"temperature": 0.0, "ignore_eos": True}
+    llm.generate([prompt(16)], SamplingParams(max_tokens=4, **greedy))  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        llm.generate([prompt(prompt_len)], SamplingParams(max_tokens=1, **greedy))
+        best = min(best, time.perf_counter() - t)
+    prefill_tps = prompt_len / best
+    itl = {}
+    for b in batches:
+        for _ in range(repeats):
+            outs = llm.generate(
+                [prompt(16) for _ in range(b)], SamplingParams(max_tokens=decode_len, **greedy)
+            )
+            m = outs[0].metrics  # all b run as one batch: every step serves all of them
+            step = (m.finish_time - m.first_token_time) / max(1, m.num_output_tokens - 1)
+            itl[b] = min(itl.get(b, float("inf")), step)
+    base, per_seq = fit_line(list(itl), list(itl.values()))
+    mc = llm.engine.model.config
+    bytes_per_token = mc.num_hidden_layers * mc.kv_cache_dim * llm.engine.pool.kv.element_size()
+    return Measured(prefill_tps, max(base, 1e-4), per_seq, (kv_cache_mb << 20) // bytes_per_token, itl)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m k2serve.planner.measure", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="write a random-weight checkpoint of this preset (tiny, small)")
+    src.add_argument("--model", type=Path, help="a checkpoint directory")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma-separated")
+    p.add_argument("--decode-len", type=int, default=32)
+    p.add_argument("--kv-cache-mb", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
+    a = p.parse_args(argv)
+    batches = [int(x) for x in a.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = a.model
+        if model_dir is None:
+            import torch
+
+            from k2serve.model.checkpoint import write_checkpoint
+
+            model_dir = write_checkpoint(Path(tmp), a.preset, seed=0, dtype=getattr(torch, a.dtype))
+        m = measure(model_dir, a.dtype, a.prompt_len, batches, a.decode_len, a.kv_cache_mb, a.repeats)
+    print(
+        f"prefill {m.prefill_tokens_per_s:.0f} tokens/s; ITL by batch "
+        + ", ".join(f"{b}: {t * 1e3:.1f} ms" for b, t in m.itl_by_batch.items())
+    )
+    print(m.flags())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
