@@ -15,10 +15,12 @@ from typing import Any
 
 import grpc
 
+from k2serve.api.chat import reply_message
 from k2serve.api.detok import REASONING_MARKERS, TOOL_MARKERS, OutputText
 from k2serve.api.prompt import PromptEncoder
 from k2serve.api.protocol import BackendError, GenerateRequest, GenerationBackend, TokenEvent
-from k2serve.chat.parsers import EventKind, OutputParser, ReasoningParser
+from k2serve.api.session_routes import turn_recorder
+from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ReasoningParser, collect
 from k2serve.cluster.grpc_errors import status_of
 from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
@@ -102,6 +104,13 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
         messages = [_message(m) for m in request.messages]
         if not messages:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages is empty")
+        new_messages, hint, owner = messages, None, None
+        if request.HasField("session_id"):  # as over HTTP: history from the store, then the new messages
+            owner = self._owner(context)
+            history, hint = await self._sessions_call(
+                context, self.sessions.context(request.session_id, owner) if self.sessions else _none()
+            )
+            messages = history + messages
         try:
             tools = [_tool(t) for t in request.tools] or None
         except json.JSONDecodeError as e:
@@ -143,8 +152,9 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
             else ReasoningParser()
         )
         produced, made_calls, first = 0, False, True
+        parsed_all: list[DeltaEvent] = []
         async with contextlib.aclosing(
-            self._events(GenerateRequest(rid, prompt, params, structured), context)
+            self._events(GenerateRequest(rid, prompt, params, structured, hint), context)
         ) as evs:
             async for ev in evs:
                 produced += len(ev.token_ids)
@@ -152,6 +162,7 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                 delta = api_pb2.ChatDelta(role="assistant" if first else "")
                 first = False
                 pieces = parser.feed(text.add(ev.token_ids, done)) + (parser.finish() if done else [])
+                parsed_all += pieces
                 for p in pieces:
                     if p.kind == EventKind.REASONING:
                         delta.reasoning_content += p.text
@@ -185,6 +196,10 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                             cached_tokens=ev.num_cached_tokens,
                         )
                     )
+                    if hint is not None and owner is not None and ev.finish_reason in ("stop", "length"):
+                        # recorded before the last chunk leaves, so the client's next turn sees it
+                        record = turn_recorder(self.sessions, hint.session_id, owner, new_messages, prompt)
+                        await record(reply_message(collect(parsed_all)), ev.served_by)
                 yield out
 
     # ---- sessions --------------------------------------------------------------------------------
