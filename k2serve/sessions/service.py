@@ -64,6 +64,11 @@ class SessionService:
     ) -> Session:
         return await asyncio.to_thread(self.store.append, session_id, owner, [], list(messages), tool_steps)
 
+    async def messages(self, session_id: str, owner: str) -> list[dict[str, Any]]:
+        """The session's messages so far, oldest first (raises SessionNotFound like `get`)."""
+        history = await asyncio.to_thread(self.store.history, session_id, owner)
+        return [dict(m) for m in history.messages]
+
     async def context(self, session_id: str, owner: str) -> tuple[list[dict[str, Any]], SessionHint]:
         """The session's messages so far and the routing hint for its next turn."""
         s = await asyncio.to_thread(self.store.touch, session_id, owner)
