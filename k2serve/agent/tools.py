@@ -145,7 +145,8 @@ def check_json(value: Any, schema: Mapping[str, Any], path: str = "$") -> str | 
 
     Covers the keywords `schema_of_function` emits: type, enum, properties, required,
     additionalProperties, items, anyOf, the bounds (minimum, maximum, min/maxLength, min/maxItems),
-    description (ignored)."""
+    description (ignored). Stricter than JSON Schema on one point: an integer must be written as one
+    (1.0 is refused), so a tool annotated `int` gets an int."""
     if "anyOf" in schema:
         errors = [check_json(value, s, path) for s in schema["anyOf"]]
         return None if any(e is None for e in errors) else next(e for e in errors if e)
