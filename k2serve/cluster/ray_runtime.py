@@ -1,0 +1,381 @@
+"""`k2serve up --ray ADDRESS|auto`: the router and the prefill and decode workers as Ray actors on an
+existing Ray cluster, each actor supervising one `python -m k2serve <role>` process (`ray_actor`).
+
+Start order, as `LocalCluster`: the placement groups (`ray_plan`: one per worker or EP group, ranks
+packed, groups spread), the router (with the embedded Redis beside it unless a Redis URL is given),
+then the workers, which register with the router; `start()` returns when all are registered.
+
+Addresses: every worker binds the IP Ray knows for its node (the address other nodes reach, and the
+one its KV endpoints carry). The router binds a wildcard `spec.host` (0.0.0.0, ::) as given and its
+node's IP otherwise (a loopback router could not be reached from other nodes); its ports, and the
+rendezvous port of each EP group, are picked on their node before the actors exist, so an actor that
+Ray restarts binds the same addresses again. Ray restarts a dead actor (`RayOptions.max_restarts`);
+its new process registers with the router by itself. Ports 0 in `spec` mean "pick free ones".
+
+Every node must have k2serve installed and the checkpoint at `spec.model_dir`; logs go to
+`<workdir>/logs/<process>.log` on the node that ran the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from k2serve.cluster.local import ClusterError, ClusterSpec
+from k2serve.cluster.ray_actor import NODE_IP, REDIS_URL, ChildSpec
+from k2serve.cluster.ray_plan import GroupPlan, NodeInfo, RayOptions, plan_groups
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+class RayUnavailableError(ClusterError):
+    """`ray` is not installed (or not importable); the message says how to install it."""
+
+
+class RayRuntimeError(ClusterError):
+    """The cluster could not start on Ray: names the process or placement group and what went wrong."""
+
+
+def import_ray() -> Any:  # noqa: ANN401 - the ray module
+    try:
+        import ray
+    except ImportError as e:
+        raise RayUnavailableError(
+            f"--ray needs the 'ray' package ({e}); install it with: pip install 'k2serve[ray]'"
+        ) from e
+    return ray
+
+
+@dataclass
+class RayProc:
+    """One process of the cluster: its actor handle and the placement group holding it."""
+
+    name: str
+    group: GroupPlan
+    rank: int
+    actor: Any  # ray.actor.ActorHandle
+
+
+class RayCluster:
+    """A k2serve cluster on the Ray cluster at `address` ("auto", "host:port", "ray://..."); the same
+    surface as LocalCluster: start() / stop() / http_url / workers() / context manager.
+
+    If Ray is not yet initialised in this process, start() connects (namespace `options.namespace`)
+    and stop() disconnects; otherwise the caller's connection is used and left open. The actors are
+    owned by this driver: they end with it."""
+
+    def __init__(self, spec: ClusterSpec, address: str, options: RayOptions | None = None) -> None:
+        self.spec = spec
+        self.address = address
+        self.options = options or RayOptions()
+        self.run_id = uuid.uuid4().hex[:8]
+        self.workdir = spec.workdir or os.path.join("/tmp", f"k2serve-ray-{self.run_id}")  # noqa: S108
+        self.procs: list[RayProc] = []
+        self.pgs: dict[str, Any] = {}
+        self.plan: list[GroupPlan] = []
+        self.router_ip = ""
+        self.http_port = spec.port
+        self.grpc_port = spec.grpc_port
+        self._owns_ray = False
+
+    # ---- start -----------------------------------------------------------------------------------
+    def start(self) -> RayCluster:
+        ray = import_ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address, namespace=self.options.namespace, log_to_driver=True)
+            self._owns_ray = True
+        deadline = time.monotonic() + self.spec.startup_timeout_s
+        try:
+            nodes = [
+                NodeInfo(n["NodeID"], n["Resources"]) for n in ray.nodes() if n.get("Alive", n.get("alive"))
+            ]
+            try:
+                self.plan = plan_groups(self.spec, self.options, nodes)
+            except ValueError as e:
+                raise RayRuntimeError(str(e)) from e
+            self._place_groups(ray)
+            self._start_router(ray, deadline)
+            for g in self.plan[1:]:
+                self._start_worker_group(ray, g)
+            self._wait_ready(ray, self.procs[1:], deadline)
+            self._wait_registered(self.spec.num_worker_processes, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _place_groups(self, ray: Any) -> None:  # noqa: ANN401
+        from ray.util.placement_group import placement_group
+
+        for g in self.plan:
+            kwargs = {"_soft_target_node_id": g.target_node} if g.target_node else {}
+            self.pgs[g.name] = placement_group(
+                [dict(b) for b in g.bundles],
+                strategy=g.strategy,
+                name=f"k2serve-{self.run_id}-{g.name}",
+                **kwargs,
+            )
+        refs = {g.name: self.pgs[g.name].ready() for g in self.plan}
+        ready, _ = ray.wait(
+            list(refs.values()), num_returns=len(refs), timeout=self.options.placement_timeout_s
+        )
+        missing = [g for g in self.plan if refs[g.name] not in ready]
+        if missing:
+            raise RayRuntimeError(
+                f"placement groups not placed within {self.options.placement_timeout_s:.0f} s: "
+                + "; ".join(
+                    f"{g.name} ({g.strategy}, bundles {[dict(b) for b in g.bundles]})" for g in missing
+                )
+                + f"; cluster resources {ray.cluster_resources()}, available {ray.available_resources()}"
+            )
+
+    def _strategy(self, g: GroupPlan, rank: int) -> Any:  # noqa: ANN401
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.pgs[g.name], placement_group_bundle_index=rank)
+
+    def _probe(self, ray: Any, g: GroupPlan, n_ports: int) -> tuple[str, list[int]]:  # noqa: ANN401
+        from k2serve.cluster.ray_actor import probe_ports
+
+        task = ray.remote(probe_ports).options(num_cpus=0, scheduling_strategy=self._strategy(g, 0))
+        return tuple(ray.get(task.remote(n_ports), timeout=self.options.placement_timeout_s))  # type: ignore[return-value]
+
+    def _actor(self, ray: Any, g: GroupPlan, rank: int, name: str, child: ChildSpec) -> RayProc:  # noqa: ANN401
+        from k2serve.cluster.ray_actor import ProcessActor
+
+        res = dict(g.bundles[rank])
+        actor = (
+            ray.remote(ProcessActor)
+            .options(
+                name=f"k2serve-{self.run_id}-{name}",
+                num_cpus=res.pop("CPU", 0),
+                num_gpus=res.pop("GPU", 0),
+                resources=res or None,
+                max_restarts=self.options.max_restarts,
+                max_task_retries=0,
+                max_concurrency=1,
+                scheduling_strategy=self._strategy(g, rank),
+            )
+            .remote(child)
+        )
+        p = RayProc(name, g, rank, actor)
+        self.procs.append(p)
+        return p
+
+    def _child(self, name: str, argv: list[str], embedded_redis: bool = False) -> ChildSpec:
+        return ChildSpec(name, tuple(argv), self.workdir, dict(self.spec.env), embedded_redis)
+
+    def _start_router(self, ray: Any, deadline: float) -> None:  # noqa: ANN401
+        s, g = self.spec, self.plan[0]
+        self.router_ip, free = self._probe(ray, g, 2)
+        self.http_port = s.port or free[0]
+        self.grpc_port = s.grpc_port or free[1]
+        bind = s.host if s.host in WILDCARDS else NODE_IP
+        argv = ["router", "--model", s.model_dir, "--host", bind, "--port", str(self.http_port)]
+        argv += ["--grpc-port", str(self.grpc_port), "--heartbeat-timeout", str(s.heartbeat_timeout_s)]
+        use_embedded = s.use_redis and not s.redis_url
+        if s.redis_url or use_embedded:
+            argv += ["--redis-url", s.redis_url or REDIS_URL]
+        if s.api_key:
+            argv += ["--api-key", s.api_key]
+        if s.served_model_name:
+            argv += ["--served-model-name", s.served_model_name]
+        router = self._actor(ray, g, 0, "router", self._child("router", argv, use_embedded))
+        self._wait_ready(ray, [router], deadline)
+
+    def _start_worker_group(self, ray: Any, g: GroupPlan) -> None:  # noqa: ANN401
+        s = self.spec
+        argv = [g.role, "--model", s.model_dir, "--dtype", s.dtype, "--host", NODE_IP, "--port", "0"]
+        argv += ["--router", f"{self.router_ip}:{self.grpc_port}", "--worker-id", g.name]
+        argv += ["--transfer-backend", s.transfer_backend, *s.engine_args]
+        if s.served_model_name:
+            argv += ["--served-model-name", s.served_model_name]
+        if g.ep_size == 1:
+            self._actor(ray, g, 0, g.name, self._child(g.name, argv))
+            return
+        ip, (port,) = self._probe(ray, g, 1)  # rank 0 hosts the group's rendezvous
+        for r, name in enumerate(g.process_names):
+            ep = ["--ep", str(g.ep_size), "--ep-rank", str(r), "--ep-init", f"tcp://{ip}:{port}"]
+            self._actor(ray, g, r, name, self._child(name, [*argv, *ep]))
+
+    def _wait_ready(self, ray: Any, procs: list[RayProc], deadline: float) -> None:  # noqa: ANN401
+        from k2serve.cluster.ray_actor import ChildError
+
+        left = max(1.0, deadline - time.monotonic())
+        refs = [p.actor.wait_ready.remote(left) for p in procs]
+        for p, ref in zip(procs, refs, strict=True):
+            try:
+                text = ray.get(ref, timeout=left + 30)
+            except ChildError as e:
+                raise RayRuntimeError(str(e)) from e
+            except Exception as e:  # RayActorError, GetTimeoutError, RayTaskError wrapping ChildError
+                cause = getattr(e, "cause", None)
+                msg = str(cause) if isinstance(cause, ChildError) else f"{type(e).__name__}: {e}"
+                raise RayRuntimeError(f"{p.name} did not start: {msg}") from e
+            if p.name == "router":
+                self.http_port, self.grpc_port = (int(x) for x in text.split())
+
+    def _wait_registered(self, n: int, deadline: float) -> None:
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if len(self.workers()) >= n:
+                    return
+            except (OSError, ValueError) as e:
+                last = e
+            time.sleep(0.1)
+        raise RayRuntimeError(f"workers did not all register with the router at {self.http_url} ({last})")
+
+    # ---- running ---------------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.router_ip}:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.router_ip}:{self.grpc_port}"
+
+    def workers(self) -> list[dict]:
+        """The router's registered workers (`GET /cluster/workers`)."""
+        req = urllib.request.Request(f"{self.http_url}/cluster/workers")  # noqa: S310 - our router
+        if self.spec.api_key:
+            req.add_header("Authorization", f"Bearer {self.spec.api_key}")
+        with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310
+            return json.loads(r.read())["workers"]
+
+    def proc(self, name: str) -> RayProc:
+        for p in self.procs:
+            if p.name == name:
+                return p
+        raise KeyError(f"no process {name!r}; have {[p.name for p in self.procs]}")
+
+    def info(self, timeout_s: float = 30.0) -> list[dict[str, object]]:
+        """Each process's `ProcessActor.info()` (waits for actors that are restarting)."""
+        ray = import_ray()
+        return ray.get([p.actor.info.remote() for p in self.procs], timeout=timeout_s)
+
+    def dead(self, timeout_s: float = 2.0) -> list[str]:
+        """Processes whose actors are dead for good (restarts used up); restarting ones are not."""
+        ray = import_ray()
+        refs = {p.name: p.actor.info.remote() for p in self.procs}
+        done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        out = []
+        for name, ref in refs.items():
+            if ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.ActorDiedError:
+                    out.append(name)
+                except ray.exceptions.RayActorError:
+                    pass  # unavailable for now: being restarted
+        return out
+
+    def status_table(self) -> str:
+        rows = [("process", "node", "pid", "log")]
+        for i in self.info():
+            rows.append((str(i["name"]), str(i["node_ip"]), str(i["pid"]), str(i["log"])))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+    # ---- stop ------------------------------------------------------------------------------------
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the router's process first (it drains), then the workers'; then kill every actor
+        (no restart), remove the placement groups, and disconnect from Ray if start() connected."""
+        with contextlib.suppress(RayUnavailableError):
+            ray = import_ray()
+            if ray.is_initialized():
+                for group in (self.procs[:1], self.procs[1:]):
+                    refs = [p.actor.stop.remote(timeout) for p in group]
+                    with contextlib.suppress(Exception):  # dead or restarting actors: killed below
+                        ray.wait(refs, num_returns=len(refs), timeout=timeout + 10)
+                for p in self.procs:
+                    with contextlib.suppress(Exception):
+                        ray.kill(p.actor, no_restart=True)
+                from ray.util.placement_group import remove_placement_group
+
+                for pg in self.pgs.values():
+                    with contextlib.suppress(Exception):
+                        remove_placement_group(pg)
+            if self._owns_ray:
+                ray.shutdown()
+                self._owns_ray = False
+        self.procs.clear()
+        self.pgs.clear()
+
+    def __enter__(self) -> RayCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def options_from_args(args: argparse.Namespace) -> RayOptions:
+    """RayOptions from `k2serve up` flags (each optional: defaults when the CLI lacks it)."""
+    rank: dict[str, float] = {"CPU": float(getattr(args, "ray_cpus_per_rank", None) or 1.0)}
+    gpus = getattr(args, "ray_gpus_per_rank", None)
+    if gpus:
+        rank["GPU"] = float(gpus)
+    return RayOptions(
+        rank_resources=rank,
+        group_strategy=getattr(args, "ray_group_strategy", None) or "STRICT_PACK",
+        max_restarts=int(getattr(args, "ray_max_restarts", None) or RayOptions.max_restarts),
+    )
+
+
+def ray_up_from_args(args: argparse.Namespace) -> int:
+    """`k2serve up --ray ADDRESS|auto ...`: start on Ray, print where to send requests, run until
+    SIGINT/SIGTERM or until an actor is dead for good (restarts used up), then stop everything.
+    Returns 0 on a requested stop, 1 when a process was lost or the start failed, 2 without Ray."""
+    from k2serve.cluster.up_args import spec_from_args
+
+    spec = spec_from_args(args)
+    try:
+        options = options_from_args(args)
+        cluster = RayCluster(spec, args.ray, options)
+        stop = {"now": False}
+
+        def on_signal(signum: int, frame: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        print(
+            f"starting k2serve on Ray ({args.ray}): {spec.num_prefill} prefill + {spec.num_decode} decode "
+            f"workers{f' of {spec.ep_size} EP ranks each' if spec.ep_size > 1 else ''} on {spec.model_dir} ...",
+            flush=True,
+        )
+        cluster.start()
+    except RayUnavailableError as e:
+        print(f"k2serve up: error: {e}", file=sys.stderr)
+        return 2
+    except ClusterError as e:
+        print(f"k2serve up: error: {e}", file=sys.stderr)
+        return 1
+    code = 0
+    try:
+        print(cluster.status_table())
+        print(f"\nready: OpenAI API {cluster.http_url}/v1  (e.g. curl {cluster.http_url}/v1/models)")
+        print(
+            f"       gRPC k2serve.v1.K2Serve at {cluster.grpc_address}; Ctrl-C stops everything", flush=True
+        )
+        while not stop["now"]:
+            lost = cluster.dead()
+            if lost:
+                print(f"{', '.join(lost)}: Ray will not restart it again; stopping the cluster", flush=True)
+                code = 1
+                break
+            time.sleep(2.0)
+    finally:
+        print("stopping ...", flush=True)
+        cluster.stop()
+        print("stopped.", flush=True)
+    return code
