@@ -126,17 +126,48 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
         "loses its group exits non-zero",
     )
     s.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds")
+    add_tls_args(s)
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: the bound address
 
 
-def add_api_args(s: argparse.ArgumentParser, port: int = 8000) -> None:
+def add_tls_args(s: argparse.ArgumentParser, peers: bool = True) -> None:
+    """This process's certificate; with `peers` (processes that dial other k2serve processes), the CA
+    of the peers (mutual TLS) and the server-name override. See k2serve.cluster.tls."""
+    g = s.add_argument_group("TLS (default: plaintext)")
+    g.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="this process's certificate: serve HTTPS and gRPC over TLS only"
+        + (", dial the other processes over TLS and present it to them" if peers else ""),
+    )
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    if not peers:
+        return
+    g.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="PEM",
+        help="CA that signs the peers' certificates: gRPC servers require client certificates it "
+        "signed (mutual TLS) and clients verify servers with it (default: the system roots); "
+        "needs --tls-cert/--tls-key. The torch KV transfer backend is plaintext and refused with TLS",
+    )
+    g.add_argument(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="name to check in every server certificate instead of the host dialled "
+        "(certificates carry DNS and IP SANs, e.g. localhost and 127.0.0.1)",
+    )
+
+
+def add_api_args(s: argparse.ArgumentParser, port: int = 8000, tls_peers: bool = False) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=port, help="HTTP port of the OpenAI-compatible API")
     s.add_argument(
         "--api-key", default=None, help="required bearer key (default: $K2SERVE_API_KEY, else none)"
     )
-    s.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS and gRPC over TLS")
-    s.add_argument("--tls-key", default=None)
+    add_tls_args(s, peers=tls_peers)
 
 
 def engine_config_from_args(args: argparse.Namespace):  # noqa: ANN201
@@ -225,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "router", help="public gRPC + OpenAI HTTP API; dispatches to prefill and decode workers"
     )
-    add_api_args(s)
+    add_api_args(s, tls_peers=True)
     s.add_argument("--grpc-port", type=int, default=50051)
     s.add_argument("--model", required=True, help="checkpoint directory (tokenizer, chat template, config)")
     s.add_argument("--served-model-name", default=None)
@@ -273,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "processes (each its own endpoint)",
     )
     s.add_argument("--transfer-backend", choices=("grpc", "torch"), default="grpc")
+    add_tls_args(s)
     s.add_argument(
         "--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)"
     )

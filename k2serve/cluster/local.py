@@ -4,7 +4,8 @@ Order: Redis (embedded unless a URL is given), the router, then the prefill and 
 register with the router. `LocalCluster` waits until every worker is registered, prints where to send
 requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
 With `ep_size` R > 1 each worker is a group of R rank processes (`<role>-<i>-ep<r>`) meeting at a free
-port of their own; each rank registers as its own worker.
+port of their own; each rank registers as its own worker. With `tls`, every process gets the same
+certificate flags: all gRPC hops use (mutual) TLS and the router serves HTTPS.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from k2serve.cluster.tls import TLSConfigError, TLSFiles
 
 
 class ClusterError(RuntimeError):
@@ -49,6 +53,7 @@ class ClusterSpec:
     router_args: tuple[str, ...] = ()  # extra router flags, e.g. ("--max-ttft-ms", "2000")
     startup_timeout_s: float = 180.0
     env: dict[str, str] = field(default_factory=dict)
+    tls: TLSFiles | None = None  # one certificate for every process (SANs of `host`), CA for mutual TLS
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -57,6 +62,12 @@ class ClusterSpec:
             )
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.tls is not None and self.transfer_backend != "grpc":
+            raise TLSConfigError(
+                f"transfer backend {self.transfer_backend!r} sends KV in plaintext (torch.distributed "
+                "has no TLS); with TLS use the grpc backend",
+                self.transfer_backend,
+            )
 
     @property
     def num_worker_processes(self) -> int:
@@ -141,6 +152,8 @@ class LocalCluster:
             ]
             if self.redis_url:
                 args += ["--redis-url", self.redis_url]
+            if s.tls is not None:
+                args += s.tls.argv()
             args += list(s.router_args)
             if s.api_key:
                 args += ["--api-key", s.api_key]
@@ -184,6 +197,8 @@ class LocalCluster:
         ]
         if s.served_model_name:
             args += ["--served-model-name", s.served_model_name]
+        if s.tls is not None:
+            args += s.tls.argv()
         if s.ep_size == 1:
             self._spawn(f"{role}-{i}", [*args, "--ready-file", str(self.dir / f"{role}-{i}.ready")])
             return
@@ -205,7 +220,11 @@ class LocalCluster:
         raise ClusterError(f"workers did not all register in time; router log:\n{self.procs[0].tail()}")
 
     def workers(self) -> list[dict]:
-        with urllib.request.urlopen(f"{self.http_url}/cluster/workers", timeout=5) as r:  # noqa: S310 - loopback
+        context = None
+        if self.spec.tls is not None:  # the router's certificate, checked against the CA (or system roots)
+            context = ssl.create_default_context(cafile=self.spec.tls.ca)
+        url = f"{self.http_url}/cluster/workers"
+        with urllib.request.urlopen(url, timeout=5, context=context) as r:  # noqa: S310 - loopback
             return json.loads(r.read())["workers"]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -234,7 +253,8 @@ class LocalCluster:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.spec.host}:{self.http_port}"
+        scheme = "https" if self.spec.tls is not None else "http"
+        return f"{scheme}://{self.spec.host}:{self.http_port}"
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -305,6 +325,7 @@ def up_from_args(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         workdir=args.workdir,
         router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if args.max_ttft_ms else (),
+        tls=TLSFiles.from_args(args),
     )
     stop = {"now": False}
 

@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from k2serve.cluster.tls import TLSConfigError, TLSFiles, add_port, aio_channel
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.experts import EPConfig, EPError, EPWorker
@@ -34,6 +35,9 @@ ROLES = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WOR
 @dataclass(frozen=True)
 class WorkerSettings:
     """One worker process. `router` None: run standalone (listed statically by the router).
+
+    tls: serve and dial every gRPC hop (router, peers, KV transfer) over TLS, mutual with `tls.ca`;
+    the torch transfer backend has no TLS and is refused with it.
 
     ep_size > 1: this process is rank `ep_rank` of an expert-parallel group that meets at `ep_init`
     ('tcp://host:port', hosted by rank 0); it loads only its own experts, serves and registers as its
@@ -58,6 +62,7 @@ class WorkerSettings:
     ep_rank: int = 0
     ep_init: str | None = None
     ep_timeout_s: float = 60.0
+    tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -76,6 +81,12 @@ class WorkerSettings:
             parse_init_method(self.ep_init)  # EPConfigError (a ValueError) names a malformed one
         if self.ep_timeout_s <= 0:
             raise ValueError(f"--ep-timeout must be > 0 s, got {self.ep_timeout_s}")
+        if self.tls is not None and self.transfer_backend != "grpc":
+            raise TLSConfigError(
+                f"--transfer-backend {self.transfer_backend} sends KV in plaintext (torch.distributed "
+                "has no TLS); with --tls-* use --transfer-backend grpc",
+                self.transfer_backend,
+            )
 
     @classmethod
     def from_args(cls, role: str, args: argparse.Namespace) -> WorkerSettings:
@@ -106,6 +117,7 @@ class WorkerSettings:
             ep_rank=args.ep_rank,
             ep_init=args.ep_init,
             ep_timeout_s=args.ep_timeout,
+            tls=TLSFiles.from_args(args),
         )
 
     def advertised(self, port: int) -> str:
@@ -193,7 +205,7 @@ async def heartbeat_loop(
     """Register with the router, then heartbeat; re-register whenever the router does not know us
     (it restarted or dropped us). Never gives up while the worker runs; deregisters on the way out."""
     assert settings.router is not None
-    async with grpc.aio.insecure_channel(settings.router, options=grpc_options()) as channel:
+    async with aio_channel(settings.router, grpc_options(), settings.tls) as channel:
         stub = registry_pb2_grpc.WorkerRegistryStub(channel)
         registered = False
         interval = settings.heartbeat_interval_s
@@ -239,7 +251,7 @@ async def serve_worker(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = add_port(server, f"{settings.host}:{settings.port}", settings.tls)
     await server.start()
     address = settings.advertised(port)
     for name in ["", *names]:
@@ -248,7 +260,12 @@ async def serve_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"k2serve {settings.role} worker {settings.worker_id} serving gRPC on {address}", flush=True)
+    tls = "" if settings.tls is None else " (mutual TLS)" if settings.tls.mutual else " (TLS)"
+    print(f"k2serve {settings.role} worker {settings.worker_id} serving gRPC{tls} on {address}", flush=True)
+    if settings.tls is not None and settings.ep_size > 1:
+        logger.warning(
+            "%s: the --ep group's collectives (torch.distributed) are not encrypted", settings.worker_id
+        )
     if settings.ready_file:
         with open(settings.ready_file, "w") as f:
             f.write(address)

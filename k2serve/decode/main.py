@@ -18,7 +18,8 @@ async def run(settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     engine = load_engine(settings, stop)
     engine.start()
-    receiver = make_receiver(settings.transfer_backend, f"{settings.host}:{settings.transfer_port}")
+    tls = {} if settings.tls is None else {"credentials": settings.tls.server_credentials()}
+    receiver = make_receiver(settings.transfer_backend, f"{settings.host}:{settings.transfer_port}", **tls)
     servicer = DecodeServicer(engine, receiver, settings.transfer_backend)
     stop_expiry = asyncio.Event()
     expiry = asyncio.create_task(servicer.expire_reservations(stop_expiry))

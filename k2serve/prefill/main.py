@@ -17,7 +17,7 @@ async def run(settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     engine = load_engine(settings, stop)
     engine.start()
-    servicer = PrefillServicer(engine)
+    servicer = PrefillServicer(engine, settings.tls)
 
     def add(server) -> list[str]:  # noqa: ANN001
         add_servicer(server, worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer)

@@ -16,6 +16,7 @@ import grpc
 
 from k2serve.api.protocol import BackendError, GenerateRequest
 from k2serve.cluster.grpc_errors import status_of
+from k2serve.cluster.tls import TLSFiles
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.proto import worker_pb2, worker_pb2_grpc
@@ -28,17 +29,25 @@ TRANSFER_TIMEOUT_S = 60.0
 
 
 class _Senders:
-    """One KVSender per decode endpoint, created on first use and shared by all requests."""
+    """One KVSender per decode endpoint, created on first use and shared by all requests; over TLS
+    (presenting this worker's certificate) when `tls` is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSFiles | None = None) -> None:
         self._lock = threading.Lock()
         self._senders: dict[tuple[str, str], KVSender] = {}
+        self._options: dict[str, object] = {}
+        if tls is not None:
+            self._options = {"credentials": tls.channel_credentials(), "server_name": tls.server_name}
 
     def get(self, backend: str, address: str) -> KVSender:
         with self._lock:
             key = (backend, address)
             if key not in self._senders:
-                self._senders[key] = make_sender(backend, address)
+                if self._options and backend != "grpc":
+                    raise ValueError(
+                        f"{address} offers the plaintext {backend!r} KV backend; this worker uses TLS"
+                    )
+                self._senders[key] = make_sender(backend, address, **self._options)
             return self._senders[key]
 
     def drop(self, backend: str, address: str) -> None:
@@ -55,9 +64,9 @@ class _Senders:
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, tls: TLSFiles | None = None) -> None:
         self.engine = engine
-        self.senders = _Senders()
+        self.senders = _Senders(tls)
         self.bytes_sent = 0
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):  # noqa: N802

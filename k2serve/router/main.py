@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from k2serve.api.openai_app import build_app
 from k2serve.cluster.grpc_safety import add_servicer
+from k2serve.cluster.tls import TLSFiles, add_port, aio_channel
 from k2serve.cluster.worker_base import grpc_options
 from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
 from k2serve.router.backend import ClusterBackend
@@ -31,6 +32,9 @@ ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.W
 
 @dataclass(frozen=True)
 class RouterSettings:
+    """tls: HTTPS and TLS gRPC (clients and worker registry on one port; with `tls.ca` they must
+    present a certificate it signed), and TLS channels to the workers; None: all plaintext."""
+
     model_dir: str
     model_name: str | None = None
     host: str = "127.0.0.1"
@@ -41,8 +45,7 @@ class RouterSettings:
     heartbeat_timeout_s: float = 5.0
     max_queue: int = 1024
     max_ttft_s: float | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls: TLSFiles | None = None
     redis_url: str | None = None
     ready_file: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -50,8 +53,6 @@ class RouterSettings:
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 0:
             raise ValueError(f"--heartbeat-timeout must be > 0, got {self.heartbeat_timeout_s}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
         for role, addr in self.static_workers:
             if role not in ROLE_OF or ":" not in addr:
                 raise ValueError(f"--worker {role}={addr}: expected prefill=HOST:PORT or decode=HOST:PORT")
@@ -72,8 +73,7 @@ class RouterSettings:
             heartbeat_timeout_s=args.heartbeat_timeout,
             max_queue=args.max_queue,
             max_ttft_s=args.max_ttft_ms / 1e3 if args.max_ttft_ms else None,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
+            tls=TLSFiles.from_args(args),
             redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
             ready_file=getattr(args, "ready_file", None),
         )
@@ -85,7 +85,7 @@ class Router:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
         self.table = WorkerTable(
-            settings.heartbeat_timeout_s, lambda addr: grpc.aio.insecure_channel(addr, options=grpc_options())
+            settings.heartbeat_timeout_s, lambda addr: aio_channel(addr, grpc_options(), settings.tls)
         )
         self.backend = ClusterBackend(
             settings.model_dir,
@@ -154,14 +154,7 @@ class Router:
             registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
         ]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        bind = f"{s.host}:{s.grpc_port}"
-        if s.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())]
-            )  # type: ignore[arg-type]
-            self.grpc_port = server.add_secure_port(bind, creds)
-        else:
-            self.grpc_port = server.add_insecure_port(bind)
+        self.grpc_port = add_port(server, f"{s.host}:{s.grpc_port}", s.tls)
         await server.start()
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -173,8 +166,8 @@ class Router:
             port=s.port,
             log_level="warning",
             lifespan="off",
-            ssl_certfile=s.tls_cert,
-            ssl_keyfile=s.tls_key,
+            ssl_certfile=s.tls.cert if s.tls else None,
+            ssl_keyfile=s.tls.key if s.tls else None,
         )
         http = uvicorn.Server(config)
         http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -185,9 +178,11 @@ class Router:
             await http_task
         self.http_port = http.servers[0].sockets[0].getsockname()[1] if http.servers else s.port
         monitor = asyncio.create_task(self.table.monitor(self.stop))
-        scheme = "https" if s.tls_cert else "http"
+        scheme = "https" if s.tls else "http"
+        grpc_tls = "" if s.tls is None else " (mutual TLS)" if s.tls.mutual else " (TLS)"
         print(
-            f"k2serve router: HTTP {scheme}://{s.host}:{self.http_port}/v1  gRPC {s.host}:{self.grpc_port}",
+            f"k2serve router: HTTP {scheme}://{s.host}:{self.http_port}/v1  "
+            f"gRPC{grpc_tls} {s.host}:{self.grpc_port}",
             flush=True,
         )
         if s.ready_file:

@@ -91,13 +91,29 @@ def _describe(call: grpc.Future) -> str:
 class GrpcKVSender(SenderBase):
     """Sends transfers to one KVTransfer server over a dedicated channel."""
 
-    def __init__(self, endpoint: str, max_chunk_bytes: int = KV_CHUNK_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        max_chunk_bytes: int = KV_CHUNK_MAX_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        """credentials: TLS (None: plaintext); server_name: the name to check in the receiver's
+        certificate instead of the endpoint's host (TLS only)."""
         super().__init__()
         if not 0 < max_chunk_bytes <= KV_CHUNK_MAX_BYTES:
             raise ValueError(f"max_chunk_bytes {max_chunk_bytes} not in (0, {KV_CHUNK_MAX_BYTES}]")
+        if server_name is not None and credentials is None:
+            raise ValueError(f"server_name {server_name!r} needs TLS credentials")
         self.endpoint = endpoint
         self._max_chunk_bytes = max_chunk_bytes
-        self._channel = grpc.insecure_channel(endpoint, options=grpc_options(KV_MAX_MESSAGE_BYTES))
+        options: list[tuple[str, int | str]] = list(grpc_options(KV_MAX_MESSAGE_BYTES))
+        if credentials is None:
+            self._channel = grpc.insecure_channel(endpoint, options=options)
+        else:
+            if server_name is not None:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(endpoint, credentials, options=options)
         self._push = self._channel.stream_unary(
             _PUSH, request_serializer=encode_chunk, response_deserializer=kv_transfer_pb2.KVPushAck.FromString
         )
@@ -181,12 +197,19 @@ class GrpcKVReceiver(KVReceiver):
 
     With `server`, the servicer is added to it (call before server.start(); the server must have
     the KV message limits) and `endpoint` must be the address it listens on. Without, the
-    receiver starts its own server bound to `endpoint` ("host:0" picks a free port).
+    receiver starts its own server bound to `endpoint` ("host:0" picks a free port), with TLS when
+    `credentials` are given (they must be None with `server`, which has its own ports).
     """
 
     def __init__(
-        self, endpoint: str = "127.0.0.1:0", server: grpc.Server | None = None, max_workers: int = 16
+        self,
+        endpoint: str = "127.0.0.1:0",
+        server: grpc.Server | None = None,
+        max_workers: int = 16,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
+        if server is not None and credentials is not None:
+            raise ValueError("credentials apply to the receiver's own server; add ports to `server` instead")
         self._inbox = Inbox()
         self._own_server = server is None
         if server is None:
@@ -195,7 +218,10 @@ class GrpcKVReceiver(KVReceiver):
                 options=grpc_options(KV_MAX_MESSAGE_BYTES),
             )
             host = endpoint.rsplit(":", 1)[0]
-            port = server.add_insecure_port(endpoint)
+            if credentials is None:
+                port = server.add_insecure_port(endpoint)
+            else:
+                port = server.add_secure_port(endpoint, credentials)
             if port == 0:
                 raise OSError(f"cannot bind KV gRPC server to {endpoint!r}")
             endpoint = f"{host}:{port}"

@@ -25,7 +25,8 @@ class UnknownBackendError(ValueError):
 def make_sender(backend: str, endpoint: str, **options: Any) -> KVSender:
     """A sender connected to the receiver at endpoint.
 
-    options: "grpc": max_chunk_bytes; "torch": local_host, device, connect_timeout (seconds).
+    options: "grpc": max_chunk_bytes, credentials (grpc.ChannelCredentials: TLS), server_name;
+    "torch": local_host, device, connect_timeout (seconds). The torch backend is plaintext only.
     """
     if backend == "grpc":
         from k2serve.transfer.grpc_backend import GrpcKVSender
@@ -42,7 +43,8 @@ def make_receiver(backend: str, endpoint: str = "127.0.0.1:0", **options: Any) -
     """A receiver listening at endpoint ("host:0" picks a free port).
 
     options: "grpc": server (an existing grpc.Server to join; endpoint is then its address),
-    max_workers; "torch": device, connect_timeout (seconds), max_chunk_bytes.
+    max_workers, credentials (grpc.ServerCredentials: TLS, possibly requiring client certificates);
+    "torch": device, connect_timeout (seconds), max_chunk_bytes. The torch backend is plaintext only.
     """
     if backend == "grpc":
         from k2serve.transfer.grpc_backend import GrpcKVReceiver
