@@ -43,8 +43,8 @@ class SimParams:
     float32, on the development machine's 2 CPU cores under other load: 897 prompt tokens/s for a
     2,048-token prompt; best-of-3 decode steps of 15.8 / 32.0 / 37.9 ms at batch 1 / 8 / 32, fitted to
     20.5 ms + 0.59 ms x batch), the engine's defaults (`--max-num-seqs 64`; `--kv-cache-mb 1024` holds
-    1,118,481 tokens of tiny's 960-byte fp32 latent KV), and `startup_s` from a tiny worker's spawn to
-    registration there. They describe that test model on a CPU, not a K2 deployment: pass your own.
+    1,118,481 tokens of tiny's 960-byte fp32 latent KV), and `startup_s` from a tiny decode worker's
+    spawn to its registration with the router there (11-17 s, tests/test_planner_local.py). They describe that test model on a CPU, not a K2 deployment: pass your own.
     """
 
     prefill_tokens_per_s: float = 900.0
@@ -52,7 +52,7 @@ class SimParams:
     decode_itl_per_seq_s: float = 0.0006
     decode_max_batch: int = 64
     decode_kv_tokens: int = 1_118_481
-    startup_s: float = 10.0
+    startup_s: float = 15.0
     step_s: float = 0.1
     interval_s: float = 5.0
 
