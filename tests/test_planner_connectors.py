@@ -280,3 +280,44 @@ def test_ray_refusal_is_a_connector_error() -> None:
     with pytest.raises(ConnectorError) as e:
         RayConnector(h).scale("prefill", 1)
     assert e.value.role == "prefill" and e.value.replicas == 1 and "cannot place" in str(e.value)
+
+
+# ---- the live loop -----------------------------------------------------------------------------
+def test_run_planner_observes_decides_applies_and_survives_metrics_and_connector_errors() -> None:
+    import threading
+
+    from k2serve.planner.loop import run_planner
+    from k2serve.planner.observation import MetricsError
+
+    class Flaky(VirtualConnector):
+        """Refuses its first scale action."""
+
+        refused = False
+
+        def scale(self, role: str, n: int) -> None:
+            if not self.refused:
+                self.refused = True
+                raise ConnectorError(role, n, "HTTP 409 Conflict")
+            super().scale(role, n)
+
+    conn = Flaky({"prefill": 1, "decode": 1})
+    stop = threading.Event()
+    rounds = iter(range(100))
+
+    def observe() -> Observation:
+        k = next(rounds)
+        if k == 1:
+            raise MetricsError("http://router/metrics", "unreachable")
+        if k == 4:
+            stop.set()
+        n = conn.replicas("prefill")
+        return Observation(RoleLoad(n, n, waiting=30), RoleLoad(1, 1), ttft_s=None, itl_s=None, window_s=1.0)
+
+    lines: list[str] = []
+    clock = iter(float(t) for t in range(1000))
+    planner = Planner(PlannerConfig(up_after=1, up_cooldown_s=0.0))
+    decisions = run_planner(planner, observe, conn, 0.0, stop, lines.append, clock=lambda: next(clock))
+    assert "round skipped: ConnectorError: scaling prefill to 5: HTTP 409 Conflict" in lines[0]
+    assert "round skipped: MetricsError: http://router/metrics: unreachable" in lines[1]
+    assert "prefill   5  decode   1  prefill: up 1->5: 30 outstanding" in lines[2]  # retried, applied
+    assert len(decisions) == 4 and conn.actions[0] == ScaleAction("prefill", 1, 5)

@@ -103,16 +103,53 @@ def test_cli_dry_run_on_a_slice_of_the_conversation_trace(capsys: pytest.Capture
     assert summary.startswith("# 600 requests") and "0 unfinished" in summary
 
 
-def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as e:
-        cli.main(["--dry-run"])
-    assert e.value.code == 2 and "--trace" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        cli.main(["--dry-run", "--trace", "x", "--kv-low", "0.9"])
-    assert e.value.code == 2 and "kv_low" in capsys.readouterr().err
+def test_cli_errors_exit_2_with_the_reason(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli.main(["--dry-run"]) == 2
+    assert "--dry-run and --trace FILE go together" in capsys.readouterr().err
+    assert cli.main(["--dry-run", "--trace", "x", "--kv-low", "0.9"]) == 2
+    assert "kv_low" in capsys.readouterr().err
+    assert cli.main(["--dry-run", "--trace", "x", "--step", "0"]) == 2
+    assert "step_s" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"timestamp": 0, "input_length": 10}\n')
-    with pytest.raises(SystemExit) as e:
-        cli.main(["--dry-run", "--trace", str(bad)])
-    assert e.value.code == 2 and "bad.jsonl:1" in capsys.readouterr().err
+    assert cli.main(["--dry-run", "--trace", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
     assert cli.main(["--dry-run", "--trace", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own usage errors
+        cli.main(["--dry-run", "--trace", "x", "--limit", "many"])
+    assert e.value.code == 2
+
+
+def test_subcommand_integration_through_add_arguments_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """How `k2serve planner` is wired: a subparser gets `add_arguments`, its namespace goes to `run`."""
+    import argparse
+
+    top = argparse.ArgumentParser(prog="k2serve")
+    sub = top.add_subparsers(dest="command", required=True)
+    cli.add_arguments(sub.add_parser("planner"))
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        "".join(
+            f'{{"timestamp": {i * 100}, "input_length": 600, "output_length": 5, "hash_ids": [{i}, {i + 1000}]}}\n'
+            for i in range(20)
+        )
+    )
+    args = top.parse_args(["planner", "--dry-run", "--trace", str(trace), "--time-scale", "2"])
+    assert cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "20 requests, time scale 2" in out and "# 20 requests over" in out
+
+
+@pytest.mark.slow
+def test_measure_fits_the_model_on_the_tiny_checkpoint(tiny_ckpt: Path) -> None:
+    from k2serve.planner.measure import fit_line, measure
+
+    assert fit_line([1, 2, 3], [3.0, 5.0, 7.0]) == pytest.approx((1.0, 2.0))
+    assert fit_line([1, 2], [5.0, 4.0]) == pytest.approx((4.5, 0.0))  # slope clamped at 0
+    m = measure(tiny_ckpt, prompt_len=64, batches=(1, 4), decode_len=4, kv_cache_mb=64, repeats=1)
+    assert m.prefill_tokens_per_s > 0 and m.decode_itl_base_s > 0 and m.decode_itl_per_seq_s >= 0
+    assert m.decode_kv_tokens == (64 << 20) // (3 * 80 * 4)  # tiny: 3 layers x (64 + 16) fp32 values
+    assert "--prefill-tokens-per-s" in m.flags()

@@ -14,19 +14,26 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from k2serve.planner.config import PlannerConfig, PlannerConfigError, RoleLimits
-from k2serve.planner.simulate import SimParams
+from k2serve.planner.config import PlannerConfig, PlannerConfigError, RoleLimits, SimParams
 
 PROG = "k2serve planner"
 
 
+DESCRIPTION = (
+    "Scale prefill and decode replicas from the router's metrics against SLO targets, or replay a trace "
+    "offline through a queueing model (--dry-run) and print the replica timeline."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The planner's flags, on `p` (the `k2serve planner` subparser, or a parser of its own)."""
     d, s = PlannerConfig(), SimParams()
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Scale prefill and decode replicas from the router's metrics against SLO targets, or "
-        "replay a trace offline through a queueing model (--dry-run) and print the replica timeline.",
-    )
     mode = p.add_argument_group("what to run")
     mode.add_argument("--dry-run", action="store_true", help="simulate --trace offline; touches nothing")
     mode.add_argument("--trace", default=None, help="Mooncake JSONL trace (dry-run)")
@@ -94,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--initial-prefill", type=int, default=1)
     sim.add_argument("--initial-decode", type=int, default=1)
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> PlannerConfig:
@@ -220,30 +226,25 @@ def live(args: argparse.Namespace, config: PlannerConfig) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status 0, or 2 for bad arguments, an unreadable or invalid trace, or an unreachable router
-    at start."""
+def run(args: argparse.Namespace) -> int:
+    """Run what the parsed flags ask for. Exit status 0, or 2 (with the reason on stderr) for bad or
+    inconsistent flags, an unreadable or invalid trace, or a router / API server unreachable at start."""
     import httpx
 
     from k2serve.loadgen.trace import TraceFormatError
 
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         config = config_from_args(args)
-        if args.dry_run:
-            if not args.trace:
-                parser.error("--dry-run needs --trace FILE")
-            return dry_run(args, config)
-        if args.trace:
-            parser.error("--trace is for --dry-run")
-        return live(args, config)
-    except (PlannerConfigError, TraceFormatError) as e:
-        parser.error(str(e))
-    except (ValueError, OSError, httpx.HTTPError) as e:
+        if args.dry_run != bool(args.trace):
+            raise ValueError("--dry-run and --trace FILE go together")
+        return dry_run(args, config) if args.dry_run else live(args, config)
+    except (PlannerConfigError, TraceFormatError, ValueError, OSError, httpx.HTTPError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(list(argv) if argv is not None else None))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The planner's configuration: SLO targets, thresholds, streaks, cooldowns and bounds (frozen, checked)."""
+"""The planner's configuration (SLO targets, thresholds, streaks, cooldowns, bounds) and the dry-run
+model's parameters; frozen and checked on construction."""
 
 from __future__ import annotations
 
@@ -102,3 +103,45 @@ class PlannerConfig:
         if role not in ROLES:
             raise PlannerConfigError(f"role must be one of {ROLES}, got {role!r}")
         return self.prefill if role == "prefill" else self.decode
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """The dry-run's queueing model (see `simulate`), per replica; seconds, tokens.
+
+    Defaults were measured with `python -m k2serve.planner.measure --preset tiny` (the `tiny` preset,
+    float32, on the development machine's 2 CPU cores under other load: 897 prompt tokens/s for a
+    2,048-token prompt; best-of-3 decode steps of 15.8 / 32.0 / 37.9 ms at batch 1 / 8 / 32, fitted to
+    20.5 ms + 0.59 ms x batch), the engine's defaults (`--max-num-seqs 64`; `--kv-cache-mb 1024` holds
+    1,118,481 tokens of tiny's 960-byte fp32 latent KV), and `startup_s` from a tiny decode worker's
+    spawn to its registration with the router there (11-17 s, tests/test_planner_local.py). They describe that test model on a CPU, not a K2 deployment: pass your own.
+    """
+
+    prefill_tokens_per_s: float = 900.0
+    decode_itl_base_s: float = 0.02
+    decode_itl_per_seq_s: float = 0.0006
+    decode_max_batch: int = 64
+    decode_kv_tokens: int = 1_118_481
+    startup_s: float = 15.0
+    step_s: float = 0.1
+    interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_tokens_per_s", "decode_itl_base_s", "step_s", "interval_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise PlannerConfigError(f"{name} must be a finite number > 0, got {v}")
+        for name in ("decode_itl_per_seq_s", "startup_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise PlannerConfigError(f"{name} must be a finite number >= 0, got {v}")
+        if self.decode_max_batch < 1 or self.decode_kv_tokens < 1:
+            raise PlannerConfigError(
+                f"decode_max_batch and decode_kv_tokens must be >= 1, got "
+                f"{self.decode_max_batch}, {self.decode_kv_tokens}"
+            )
+        if self.interval_s < self.step_s:
+            raise PlannerConfigError(f"interval_s ({self.interval_s}) must be >= step_s ({self.step_s})")
+
+    def itl(self, batch: int) -> float:
+        return self.decode_itl_base_s + self.decode_itl_per_seq_s * batch
