@@ -20,7 +20,8 @@ async def run(settings: WorkerSettings) -> int:
     engine.start()
     tls = {} if settings.tls is None else {"credentials": settings.tls.server_credentials()}
     receiver = make_receiver(settings.transfer_backend, f"{settings.host}:{settings.transfer_port}", **tls)
-    servicer = DecodeServicer(engine, receiver, settings.transfer_backend)
+    kv_port = int(receiver.endpoint.rsplit(":", 1)[1])
+    servicer = DecodeServicer(engine, receiver, settings.transfer_backend, settings.advertised(kv_port))
     stop_expiry = asyncio.Event()
     expiry = asyncio.create_task(servicer.expire_reservations(stop_expiry))
 

@@ -39,16 +39,21 @@ class Reservation:
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, engine: AsyncEngine, receiver: KVReceiver, backend: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, receiver: KVReceiver, backend: str, address: str | None = None
+    ) -> None:
+        """address: the KV endpoint ("host:port") prefill workers are told to send to; default the
+        receiver's bound one, which peers on other hosts cannot use when it binds 0.0.0.0."""
         self.engine = engine
         self.receiver = receiver
         self.backend = backend
+        self.address = address or receiver.endpoint
         self.reservations: dict[str, Reservation] = {}
         self.bytes_received = 0
         self.local_prefills = 0  # requests whose prompt this worker computed itself
 
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
-        return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.receiver.endpoint)
+        return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
 
     async def _free(self, table: list[int]) -> None:
         await self.engine.call(lambda e: e.blocks.free(table))
