@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from k2serve.agent import AgentLoop, ResumeError, SamplingOptions, ToolRegistry, Transport, Turn
-from k2serve.agent.transport import Message
+from k2serve.agent.transport import Message, assistant_message
 
 
 def call(name: str, args: Any, i: int = 0) -> dict[str, Any]:
@@ -23,11 +23,8 @@ def call(name: str, args: Any, i: int = 0) -> dict[str, Any]:
     }
 
 
-def reply(*calls: dict[str, Any], content: str | None = None) -> Message:
-    m: Message = {"role": "assistant", "content": content if content is not None or not calls else None}
-    if calls:
-        m["tool_calls"] = list(calls)
-    return m
+def reply(*calls: dict[str, Any], content: str = "") -> Message:
+    return assistant_message(content, "", calls)
 
 
 class ScriptedTransport(Transport):

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from k2serve.agent.errors import TransportError
-from k2serve.agent.transport import Message, SamplingOptions, Transport, Turn
+from k2serve.agent.transport import Message, SamplingOptions, Transport, Turn, assistant_message
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
 from k2serve.proto.convert import finish_from_proto
 
@@ -147,13 +147,8 @@ class GRPCTransport(Transport):
         latency = time.perf_counter() - t0
         if finish not in ("stop", "length", "tool_calls") or usage is None:
             raise TransportError(operation, None, f"the stream ended with finish reason {finish!r}")
-        message: Message = {"role": "assistant", "content": "".join(content) or (None if calls else "")}
-        if "".join(reasoning):
-            message["reasoning_content"] = "".join(reasoning)
-        if calls:
-            message["tool_calls"] = calls
         return Turn(
-            message=message,
+            message=assistant_message("".join(content), "".join(reasoning), calls),
             finish_reason=finish,
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=usage.cached_tokens,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from k2serve.agent.errors import TransportError
-from k2serve.agent.transport import Message, SamplingOptions, Transport, Turn
+from k2serve.agent.transport import Message, SamplingOptions, Transport, Turn, assistant_message
 
 if TYPE_CHECKING:
     import openai
@@ -150,15 +150,9 @@ class HTTPTransport(Transport):
             raise TransportError(
                 f"chat turn of session {session_id}", None, f"the stream ended with finish reason {finish!r}"
             )
-        message: Message = {"role": "assistant", "content": "".join(content) or None}
-        if "".join(reasoning):
-            message["reasoning_content"] = "".join(reasoning)
-        if calls:
-            message["tool_calls"] = [calls[i] for i in sorted(calls)]
-            if finish == "length":  # a call cut by max_tokens streamed its start; the server kept only
-                message = self.session_messages(session_id)[-1]  # complete calls: take its record
-        elif message["content"] is None:
-            message["content"] = ""
+        message = assistant_message("".join(content), "".join(reasoning), [calls[i] for i in sorted(calls)])
+        if calls and finish == "length":  # a call cut by max_tokens: take the server's record of it
+            message = self.session_messages(session_id)[-1]
         details = usage.prompt_tokens_details
         return Turn(
             message=message,

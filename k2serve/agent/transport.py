@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Message", "SamplingOptions", "Transport", "Turn"]
+__all__ = ["Message", "SamplingOptions", "Transport", "Turn", "assistant_message"]
 
 Message = dict[str, Any]  # an OpenAI chat message: role, content, tool_calls, tool_call_id, ...
 
@@ -41,8 +41,7 @@ class SamplingOptions:
 class Turn:
     """One model turn as the client saw it.
 
-    message: the assistant message the server recorded in the session (role "assistant", content,
-    tool_calls with id/type/function{name, arguments}). finish_reason: "stop", "tool_calls" or
+    message: the assistant message as the server recorded it in the session (`assistant_message`). finish_reason: "stop", "tool_calls" or
     "length". prompt_tokens / cached_tokens / completion_tokens: the server's usage (cached: prompt
     tokens served from a KV cache, so prompt - cached were computed for this turn). ttft_s: seconds
     from sending the request to the first streamed output: over gRPC the first response (the server
@@ -62,6 +61,19 @@ class Turn:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tool_calls", tuple(self.message.get("tool_calls") or ()))
+
+
+def assistant_message(content: str, reasoning: str, tool_calls: Sequence[Mapping[str, Any]]) -> Message:
+    """A reply as the server records it in the session: content only when non-empty or when there
+    are no tool calls, reasoning_content only when non-empty, tool_calls only when there are some."""
+    message: Message = {"role": "assistant"}
+    if content or not tool_calls:
+        message["content"] = content
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = [dict(c) for c in tool_calls]
+    return message
 
 
 class Transport(ABC):
