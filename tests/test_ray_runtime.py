@@ -4,8 +4,12 @@ process) restarted by Ray, registered again and serving."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +23,18 @@ from k2serve.cluster.local import ClusterSpec, LocalCluster
 ray = pytest.importorskip("ray")
 
 from k2serve.cluster.ray_plan import RayOptions  # noqa: E402
-from k2serve.cluster.ray_runtime import RayCluster  # noqa: E402
+from k2serve.cluster.ray_runtime import RayCluster, RayRuntimeError  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MB = 1024 * 1024
 ENGINE_ARGS = ("--kv-cache-mb", "16", "--block-size", "8", "--max-num-batched-tokens", "256")
 ENV = {"OMP_NUM_THREADS": "1"}  # same torch threading under both launchers (Ray sets it for actors)
+# `k2serve up --ray` until the CLI dispatches --ray to ray_up_from_args itself
+UP_RAY = (
+    "import sys; from k2serve.cli import build_parser; from k2serve.cluster.ray_runtime import ray_up_from_args; "
+    "sys.exit(ray_up_from_args(build_parser().parse_args(sys.argv[1:])))"
+)
 OPTIONS = RayOptions(rank_resources={"CPU": 0.5}, router_resources={"CPU": 0.25}, max_restarts=2)
 
 
@@ -75,10 +84,11 @@ def expected(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
 
 @pytest.fixture(scope="module")
 def ray_nodes() -> Iterator[str]:
-    """A head and two worker nodes, one CPU and a 100 MB object store each; yields the address."""
+    """A head and two worker nodes, 3 logical CPUs (the machine's 2 cores shared) and a 100 MB object
+    store each; yields the address."""
     from ray.cluster_utils import Cluster
 
-    node = {"num_cpus": 1, "object_store_memory": 100 * MB}
+    node = {"num_cpus": 3, "object_store_memory": 100 * MB}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
         for _ in range(2):
@@ -156,3 +166,53 @@ def test_killed_worker_process_restarts_its_actor(expected: list[list[int]], on_
     os.kill(int(old["pid"]), signal.SIGKILL)  # the process dies; its actor follows, Ray restarts it
     wait_restarted(on_ray, "prefill-0", old["pid"], old_address)
     assert serves(on_ray, expected) == expected
+
+
+def test_up_ray_cli_with_ep_groups_packed_same_tokens(
+    expected: list[list[int]], on_ray: RayCluster, tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """`k2serve up --ray ADDRESS --ep 2` (default options: 1 CPU per rank, embedded Redis): every EP
+    group's two ranks on one node, the local launcher's tokens, and a clean stop on SIGINT."""
+    flags = ["up", "--model", str(tiny_ckpt), "--ray", on_ray.address, "--ep", "2", "--port", "0"]
+    flags += ["--grpc-port", "0", "--kv-cache-mb", "16", "--block-size", "8", "--workdir", str(tmp_path)]
+    flags += ["--max-num-batched-tokens", "256"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UP_RAY, *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 150
+        while not (ready := [x for x in lines if x.startswith("ready: OpenAI API ")]):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        url = ready[0].split()[3].removesuffix("/v1")
+        ids = {w["worker_id"] for w in httpx.get(f"{url}/cluster/workers").json()["workers"]}
+        assert ids == {f"{g}-ep{r}" for g in ("prefill-0", "decode-0") for r in (0, 1)}
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        node = {}
+        for worker_id in ids:
+            (name,) = [n for n in names if n.endswith(f"-{worker_id}") and on_ray.run_id not in n]
+            node[worker_id] = ray.get(ray.get_actor(name, namespace="k2serve").info.remote())["node_id"]
+        assert node["prefill-0-ep0"] == node["prefill-0-ep1"] and node["decode-0-ep0"] == node["decode-0-ep1"]
+        assert [complete(url, p) for p in prompts()] == expected
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=90)
+        reader.join(timeout=5)
+    assert code == 0 and lines[-1].strip() == "stopped.", "".join(lines[-30:])
+
+
+def test_a_process_that_cannot_start_is_named_with_its_log(on_ray: RayCluster, tmp_path: Path) -> None:
+    bad = spec(tmp_path / "no-such-checkpoint", tmp_path)
+    with pytest.raises(RayRuntimeError, match=r"router exited with \d+") as e:
+        RayCluster(bad, on_ray.address, OPTIONS).start()
+    assert "no-such-checkpoint" in str(e.value)  # the end of its log
+
+
+def test_a_group_that_fits_no_node_is_named(on_ray: RayCluster, tiny_ckpt: Path, tmp_path: Path) -> None:
+    two_ranks = dataclasses.replace(spec(tiny_ckpt, tmp_path), ep_size=2)  # 4 CPUs on one 3-CPU node
+    options = dataclasses.replace(OPTIONS, rank_resources={"CPU": 2.0}, placement_timeout_s=3.0)
+    with pytest.raises(RayRuntimeError, match=r"not placed within 3 s: prefill-0 \(STRICT_PACK"):
+        RayCluster(two_ranks, on_ray.address, options).start()

@@ -56,7 +56,7 @@ class RayOptions:
             bad = {k: v for k, v in res.items() if v < 0}
             if bad:
                 raise ValueError(f"{what}: resources must be >= 0, got {bad}")
-            object.__setattr__(self, what, MappingProxyType(dict(res)))
+            object.__setattr__(self, what, MappingProxyType({k: float(v) for k, v in res.items()}))
         if self.group_strategy not in STRATEGIES:
             raise ValueError(f"group_strategy must be one of {STRATEGIES}, got {self.group_strategy!r}")
         if self.max_restarts < -1:
