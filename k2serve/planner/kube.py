@@ -1,11 +1,13 @@
 """`KubernetesConnector`: the prefill and decode StatefulSets of the Helm chart, scaled through their
 `scale` subresource (GET and a JSON merge-patch of `spec.replicas`).
 
-Draining on scale-down is Kubernetes' own: the StatefulSet controller deletes the highest ordinals; each
-pod gets SIGTERM, on which the k2serve worker deregisters from the router (no new requests) and finishes
+Draining on scale-down is Kubernetes' own: the StatefulSet controller deletes the highest ordinals (all
+at once: the chart sets `podManagementPolicy: Parallel`); each pod gets SIGTERM, on which the k2serve worker deregisters from the router (no new requests) and finishes
 its in-flight work, then exits; the kubelet SIGKILLs it after `terminationGracePeriodSeconds` (chart
 values `prefill/decode.terminationGracePeriodSeconds`, 60 s / 120 s by default). No preStop hook is
-needed because the worker handles SIGTERM itself; the grace period is the drain deadline.
+needed because the worker handles SIGTERM itself; the grace period is the drain deadline. (As of this
+writing the worker does not yet honour it: it stops serving 5 s after SIGTERM and the router cancels
+its in-flight streams when it deregisters; see tests/test_planner_local.py.)
 
 Operational notes: turn the chart's `autoscaling` (HPA/KEDA) off for a role the planner scales, or the
 two fight; a `helm upgrade` sets `replicas` back to the values' count. The planner's service account
