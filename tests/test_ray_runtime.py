@@ -4,6 +4,7 @@ process) restarted by Ray, registered again and serving."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -172,7 +173,8 @@ def test_up_ray_cli_with_ep_groups_packed_same_tokens(
     expected: list[list[int]], on_ray: RayCluster, tiny_ckpt: Path, tmp_path: Path
 ) -> None:
     """`k2serve up --ray ADDRESS --ep 2` (default options: 1 CPU per rank, embedded Redis): every EP
-    group's two ranks on one node, the local launcher's tokens, and a clean stop on SIGINT."""
+    group's two ranks on one node, the local launcher's tokens, a killed rank's group restarted whole,
+    and a clean stop on SIGINT."""
     flags = ["up", "--model", str(tiny_ckpt), "--ray", on_ray.address, "--ep", "2", "--port", "0"]
     flags += ["--grpc-port", "0", "--kv-cache-mb", "16", "--block-size", "8", "--workdir", str(tmp_path)]
     flags += ["--max-num-batched-tokens", "256"]
@@ -191,11 +193,27 @@ def test_up_ray_cli_with_ep_groups_packed_same_tokens(
         ids = {w["worker_id"] for w in httpx.get(f"{url}/cluster/workers").json()["workers"]}
         assert ids == {f"{g}-ep{r}" for g in ("prefill-0", "decode-0") for r in (0, 1)}
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-        node = {}
-        for worker_id in ids:
-            (name,) = [n for n in names if n.endswith(f"-{worker_id}") and on_ray.run_id not in n]
-            node[worker_id] = ray.get(ray.get_actor(name, namespace="k2serve").info.remote())["node_id"]
+        actor = {w: next(n for n in names if n.endswith(f"-{w}") and on_ray.run_id not in n) for w in ids}
+        node = {
+            w: ray.get(ray.get_actor(n, namespace="k2serve").info.remote())["node_id"]
+            for w, n in actor.items()
+        }
         assert node["prefill-0-ep0"] == node["prefill-0-ep1"] and node["decode-0-ep0"] == node["decode-0-ep1"]
+        assert [complete(url, p) for p in prompts()] == expected
+        # A rank lost takes its group down (the other rank exits non-zero); Ray restarts both actors,
+        # the group meets again at the same rendezvous and both ranks register again.
+        decode = {r: ray.get_actor(actor[f"decode-0-ep{r}"], namespace="k2serve") for r in (0, 1)}
+        old = {r: ray.get(a.info.remote())["pid"] for r, a in decode.items()}
+        ray.kill(decode[1], no_restart=False)
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pids = {r: ray.get(a.info.remote(), timeout=5)["pid"] for r, a in decode.items()}
+                workers = httpx.get(f"{url}/cluster/workers").json()["workers"]
+                if all(pids[r] != old[r] for r in old) and len(workers) == 4:
+                    break
+            assert time.monotonic() < deadline, "the decode group did not come back"
+            time.sleep(0.5)
         assert [complete(url, p) for p in prompts()] == expected
     finally:
         proc.send_signal(signal.SIGINT)

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,9 @@ class ProcessActor:
         self.log = self.dir / "logs" / f"{spec.name}.log"
         self.ready_file = self.dir / f"{spec.name}.ready"
         self.ready_file.unlink(missing_ok=True)
-        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's property reads its own deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self.node_ip = node_ip()
         self.node_id = ray.get_runtime_context().get_node_id()
         self._stopping = False

@@ -45,7 +45,7 @@ class RayRuntimeError(ClusterError):
     """The cluster could not start on Ray: names the process or placement group and what went wrong."""
 
 
-def import_ray() -> Any:  # noqa: ANN401 - the ray module
+def import_ray() -> Any:
     try:
         import ray
     except ImportError as e:
@@ -91,7 +91,10 @@ class RayCluster:
     def start(self) -> RayCluster:
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address=self.address, namespace=self.options.namespace, log_to_driver=True)
+            try:
+                ray.init(address=self.address, namespace=self.options.namespace, log_to_driver=True)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise RayRuntimeError(f"cannot connect to the Ray cluster at {self.address!r}: {e}") from e
             self._owns_ray = True
         deadline = time.monotonic() + self.spec.startup_timeout_s
         try:
@@ -113,7 +116,7 @@ class RayCluster:
             raise
         return self
 
-    def _place_groups(self, ray: Any) -> None:  # noqa: ANN401
+    def _place_groups(self, ray: Any) -> None:
         from ray.util.placement_group import placement_group
 
         for g in self.plan:
@@ -138,18 +141,18 @@ class RayCluster:
                 + f"; cluster resources {ray.cluster_resources()}, available {ray.available_resources()}"
             )
 
-    def _strategy(self, g: GroupPlan, rank: int) -> Any:  # noqa: ANN401
+    def _strategy(self, g: GroupPlan, rank: int) -> Any:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         return PlacementGroupSchedulingStrategy(self.pgs[g.name], placement_group_bundle_index=rank)
 
-    def _probe(self, ray: Any, g: GroupPlan, n_ports: int) -> tuple[str, list[int]]:  # noqa: ANN401
+    def _probe(self, ray: Any, g: GroupPlan, n_ports: int) -> tuple[str, list[int]]:
         from k2serve.cluster.ray_actor import probe_ports
 
         task = ray.remote(probe_ports).options(num_cpus=0, scheduling_strategy=self._strategy(g, 0))
         return tuple(ray.get(task.remote(n_ports), timeout=self.options.placement_timeout_s))  # type: ignore[return-value]
 
-    def _actor(self, ray: Any, g: GroupPlan, rank: int, name: str, child: ChildSpec) -> RayProc:  # noqa: ANN401
+    def _actor(self, ray: Any, g: GroupPlan, rank: int, name: str, child: ChildSpec) -> RayProc:
         from k2serve.cluster.ray_actor import ProcessActor
 
         res = dict(g.bundles[rank])
@@ -174,7 +177,7 @@ class RayCluster:
     def _child(self, name: str, argv: list[str], embedded_redis: bool = False) -> ChildSpec:
         return ChildSpec(name, tuple(argv), self.workdir, dict(self.spec.env), embedded_redis)
 
-    def _start_router(self, ray: Any, deadline: float) -> None:  # noqa: ANN401
+    def _start_router(self, ray: Any, deadline: float) -> None:
         s, g = self.spec, self.plan[0]
         self.router_ip, free = self._probe(ray, g, 2)
         self.http_port = s.port or free[0]
@@ -192,7 +195,7 @@ class RayCluster:
         router = self._actor(ray, g, 0, "router", self._child("router", argv, use_embedded))
         self._wait_ready(ray, [router], deadline)
 
-    def _start_worker_group(self, ray: Any, g: GroupPlan) -> None:  # noqa: ANN401
+    def _start_worker_group(self, ray: Any, g: GroupPlan) -> None:
         s = self.spec
         argv = [g.role, "--model", s.model_dir, "--dtype", s.dtype, "--host", NODE_IP, "--port", "0"]
         argv += ["--router", f"{self.router_ip}:{self.grpc_port}", "--worker-id", g.name]
@@ -207,7 +210,7 @@ class RayCluster:
             ep = ["--ep", str(g.ep_size), "--ep-rank", str(r), "--ep-init", f"tcp://{ip}:{port}"]
             self._actor(ray, g, r, name, self._child(name, [*argv, *ep]))
 
-    def _wait_ready(self, ray: Any, procs: list[RayProc], deadline: float) -> None:  # noqa: ANN401
+    def _wait_ready(self, ray: Any, procs: list[RayProc], deadline: float) -> None:
         from k2serve.cluster.ray_actor import ChildError
 
         left = max(1.0, deadline - time.monotonic())
@@ -264,20 +267,27 @@ class RayCluster:
         return ray.get([p.actor.info.remote() for p in self.procs], timeout=timeout_s)
 
     def dead(self, timeout_s: float = 2.0) -> list[str]:
-        """Processes whose actors are dead for good (restarts used up); restarting ones are not."""
+        """Processes whose actors are dead for good (restarts used up). A call in flight when an actor
+        dies fails the same way whether Ray restarts it or not, so a death is confirmed by a second
+        call: a restarting actor queues it, a dead one fails it at once."""
         ray = import_ray()
-        refs = {p.name: p.actor.info.remote() for p in self.procs}
-        done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        out = []
-        for name, ref in refs.items():
-            if ref in done:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.ActorDiedError:
-                    out.append(name)
-                except ray.exceptions.RayActorError:
-                    pass  # unavailable for now: being restarted
-        return out
+
+        def died(procs: list[RayProc]) -> list[RayProc]:
+            refs = [p.actor.info.remote() for p in procs]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            out = []
+            for p, ref in zip(procs, refs, strict=True):
+                if ref in done:
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.ActorDiedError:
+                        out.append(p)
+                    except ray.exceptions.RayActorError:
+                        pass  # unavailable for now: being restarted
+            return out
+
+        maybe = died(self.procs)
+        return [p.name for p in died(maybe)] if maybe else []
 
     def status_table(self) -> str:
         rows = [("process", "node", "pid", "log")]
@@ -318,41 +328,21 @@ class RayCluster:
         self.stop()
 
 
-def options_from_args(args: argparse.Namespace) -> RayOptions:
-    """RayOptions from `k2serve up` flags (each optional: defaults when the CLI lacks it)."""
-    rank: dict[str, float] = {"CPU": float(getattr(args, "ray_cpus_per_rank", None) or 1.0)}
-    gpus = getattr(args, "ray_gpus_per_rank", None)
-    if gpus:
-        rank["GPU"] = float(gpus)
-    return RayOptions(
-        rank_resources=rank,
-        group_strategy=getattr(args, "ray_group_strategy", None) or "STRICT_PACK",
-        max_restarts=int(getattr(args, "ray_max_restarts", None) or RayOptions.max_restarts),
-    )
-
-
 def ray_up_from_args(args: argparse.Namespace) -> int:
     """`k2serve up --ray ADDRESS|auto ...`: start on Ray, print where to send requests, run until
     SIGINT/SIGTERM or until an actor is dead for good (restarts used up), then stop everything.
-    Returns 0 on a requested stop, 1 when a process was lost or the start failed, 2 without Ray."""
-    from k2serve.cluster.up_args import spec_from_args
+    Returns 0 on a requested stop, 1 when a process was lost or the start failed, 2 without Ray.
+    A signal during the start interrupts it (KeyboardInterrupt; what started is stopped)."""
+    from k2serve.cluster.up_args import options_from_args, spec_from_args
 
     spec = spec_from_args(args)
+    cluster = RayCluster(spec, args.ray, options_from_args(args))
+    print(
+        f"starting k2serve on Ray ({args.ray}): {spec.num_prefill} prefill + {spec.num_decode} decode "
+        f"workers{f' of {spec.ep_size} EP ranks each' if spec.ep_size > 1 else ''} on {spec.model_dir} ...",
+        flush=True,
+    )
     try:
-        options = options_from_args(args)
-        cluster = RayCluster(spec, args.ray, options)
-        stop = {"now": False}
-
-        def on_signal(signum: int, frame: object) -> None:
-            stop["now"] = True
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        print(
-            f"starting k2serve on Ray ({args.ray}): {spec.num_prefill} prefill + {spec.num_decode} decode "
-            f"workers{f' of {spec.ep_size} EP ranks each' if spec.ep_size > 1 else ''} on {spec.model_dir} ...",
-            flush=True,
-        )
         cluster.start()
     except RayUnavailableError as e:
         print(f"k2serve up: error: {e}", file=sys.stderr)
@@ -360,6 +350,12 @@ def ray_up_from_args(args: argparse.Namespace) -> int:
     except ClusterError as e:
         print(f"k2serve up: error: {e}", file=sys.stderr)
         return 1
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     code = 0
     try:
         print(cluster.status_table())
@@ -377,5 +373,7 @@ def ray_up_from_args(args: argparse.Namespace) -> int:
     finally:
         print("stopping ...", flush=True)
         cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         print("stopped.", flush=True)
     return code

@@ -1,11 +1,13 @@
-"""`k2serve up` flags -> ClusterSpec, shared by the launchers (local processes, Ray actors)."""
+"""`k2serve up` flags -> ClusterSpec (shared by the launchers: local processes, Ray actors) and RayOptions."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from k2serve.cluster.local import ClusterSpec
+from k2serve.cluster.ray_plan import RayOptions
 
 
 def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
@@ -48,4 +50,23 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         workdir=args.workdir,
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> RayOptions:
+    """RayOptions from `k2serve up` flags; each flag is optional (its default when the CLI lacks it):
+    --ray-cpus-per-rank (1), --ray-gpus-per-rank (0: Ray then leaves CUDA_VISIBLE_DEVICES alone),
+    --ray-group-strategy (STRICT_PACK), --ray-max-restarts (3)."""
+
+    def flag(name: str, default: Any) -> Any:
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    rank = {"CPU": float(flag("ray_cpus_per_rank", 1.0))}
+    if gpus := float(flag("ray_gpus_per_rank", 0.0)):
+        rank["GPU"] = gpus
+    return RayOptions(
+        rank_resources=rank,
+        group_strategy=str(flag("ray_group_strategy", RayOptions.group_strategy)),
+        max_restarts=int(flag("ray_max_restarts", RayOptions.max_restarts)),
     )
