@@ -78,7 +78,8 @@ class RayCluster:
         self.address = address
         self.options = options or RayOptions()
         self.run_id = uuid.uuid4().hex[:8]
-        self.workdir = spec.workdir or os.path.join("/tmp", f"k2serve-ray-{self.run_id}")  # noqa: S108
+        # the same absolute path on every node (each creates it for the processes it runs)
+        self.workdir = os.path.abspath(spec.workdir or f"/tmp/k2serve-ray-{self.run_id}")  # noqa: S108
         self.procs: list[RayProc] = []
         self.pgs: dict[str, Any] = {}
         self.plan: list[GroupPlan] = []
