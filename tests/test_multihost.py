@@ -217,13 +217,6 @@ def test_decode_link_cut_detected_then_recovered(fleet: Fleet, expected: list[in
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known bug: removing a worker closes its channel, which cancels the router's in-flight "
-    "call; the CancelledError ends the HTTP stream pump (k2serve/api/completions.py _merged) without "
-    "a result, so the response never comes",
-)
 def test_request_in_flight_at_link_cut_fails_fast(fleet: Fleet, expected: list[int]) -> None:
     """A request sent as the link goes down waits on the unreachable worker; once the router drops
     the worker it must end with a 5xx, not hang."""

@@ -57,13 +57,6 @@ class DrainBroken(AssertionError):
     """A request on a worker that was scaled down did not finish."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DrainBroken,
-    reason="workers do not drain yet: on SIGTERM a worker deregisters first, the router then closes its "
-    "channel to it (cancelling the in-flight Decode stream) and the HTTP request hangs; the worker's "
-    "server.stop(grace=5) would cut longer work anyway (see the planner report)",
-)
 def test_scale_down_drains_the_in_flight_request(cluster: LocalCluster, tiny_ckpt: Path) -> None:
     conn = LocalConnector(cluster, drain_timeout_s=20)
     assert conn.replicas("decode") == 2

@@ -57,6 +57,7 @@ class WorkerSettings:
     transfer_backend: str = "grpc"
     transfer_port: int = 0
     heartbeat_interval_s: float = 1.0
+    drain_timeout_s: float = 60.0  # on SIGTERM: how long running requests may take to finish
     ready_file: str | None = None
     ep_size: int = 1
     ep_rank: int = 0
@@ -282,7 +283,18 @@ async def serve_worker(
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if beat is not None:
-        await beat
+        await beat  # deregistered: the router sends nothing new and keeps the channel for what is in flight
+    if requested:  # drain: let running requests finish (the prefill side's sends, the decode side's streams)
+        deadline = loop.time() + settings.drain_timeout_s
+        while engine.num_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if engine.num_in_flight:
+            logger.warning(
+                "%s: %d requests still running after the %.0f s drain",
+                settings.worker_id,
+                engine.num_in_flight,
+                settings.drain_timeout_s,
+            )
     await server.stop(grace=5)
     if on_stop is not None:
         await on_stop()

@@ -219,6 +219,10 @@ class ClusterBackend:
                 if e.code() in _TRANSPORT:
                     self.table.call_failed(dec)
                 raise error_of(e, rid, f"decode on {dec.worker_id}") from e
+            except asyncio.CancelledError as e:
+                if _cancelled_by_caller():
+                    raise
+                raise BackendFailure(f"decode worker {dec.worker_id} was removed mid-stream", rid) from e
             finally:
                 stream.cancel()
             raise BackendFailure(f"decode stream from {dec.worker_id} ended without a finish", rid)
@@ -235,7 +239,7 @@ class ClusterBackend:
         if hint is None or hint.holder is None:
             return None
         w = self.table.workers.get(hint.holder)
-        if w is None or w.role != "decode":
+        if w is None or w.role != "decode" or w.draining_since is not None:
             return None
         covered = min(hint.cached_tokens, len(req.prompt_token_ids)) / len(req.prompt_token_ids)
         if covered < self.local_prefill_threshold:
@@ -275,6 +279,12 @@ class ClusterBackend:
                 if produced == 0:
                     raise _Retryable(f"holder {dec.worker_id}: {e.code().name}", [dec.worker_id]) from e
             raise error_of(e, rid, f"decode on {dec.worker_id}") from e
+        except asyncio.CancelledError as e:
+            if _cancelled_by_caller():
+                raise
+            if produced == 0:
+                raise _Retryable(f"holder {dec.worker_id} was removed", [dec.worker_id]) from e
+            raise BackendFailure(f"decode worker {dec.worker_id} was removed mid-stream", rid) from e
         finally:
             stream.cancel()
             dec.in_flight -= 1
@@ -293,7 +303,8 @@ class ClusterBackend:
             holder = (
                 self.table.workers.get(req.session.holder) if req.session and req.session.holder else None
             )
-            if holder is not None and holder.role == "decode" and holder.worker_id not in exclude:
+            usable = holder is not None and holder.role == "decode" and holder.draining_since is None
+            if usable and holder.worker_id not in exclude:
                 dec = holder  # keep a session's context on one decode worker
             else:
                 dec = self.policy.pick(self.table.of_role("decode"), "decode", exclude)
@@ -316,6 +327,10 @@ class ClusterBackend:
                 ),
                 timeout=30,
             )
+        except asyncio.CancelledError as e:
+            if _cancelled_by_caller():
+                raise
+            raise _Retryable(f"reserve on {dec.worker_id}: the worker was removed", [dec.worker_id]) from e
         except grpc.aio.AioRpcError as e:
             if e.code() in _TRANSPORT:
                 self.table.call_failed(dec)
@@ -349,13 +364,24 @@ class ClusterBackend:
                     worker_pb2.ReleaseRequest(transfer_id=res.transfer_id), timeout=5
                 )
             if isinstance(e, asyncio.CancelledError):
-                raise
+                if _cancelled_by_caller():
+                    raise
+                raise _Retryable(
+                    f"prefill on {pre.worker_id}: the worker was removed", [pre.worker_id]
+                ) from e
             if e.code() in _TRANSPORT:
                 self.table.call_failed(pre)
                 raise _Retryable(
                     f"prefill on {pre.worker_id}: {e.code().name}: {e.details()}", [pre.worker_id]
                 ) from e
             raise error_of(e, rid, f"prefill on {pre.worker_id}") from e
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether a CancelledError means this task is being cancelled (the client went away), rather than a
+    worker call cancelled because its channel was closed when the worker was removed from the table."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class _Retryable(Exception):

@@ -35,6 +35,7 @@ class Worker:
     load: registry_pb2.WorkerLoad = field(default_factory=registry_pb2.WorkerLoad)
     in_flight: int = 0  # requests the router has sent and not seen finish
     failures: int = 0
+    draining_since: float | None = None  # deregistered: no new requests; removed once idle
 
     @property
     def prefill_stub(self) -> worker_pb2_grpc.PrefillWorkerStub:
@@ -54,6 +55,7 @@ class WorkerTable:
         self.timeout = heartbeat_timeout_s
         self._channel = channel_factory
         self.workers: dict[str, Worker] = {}
+        self.drain_timeout_s = 180.0
         self.on_remove: list[Callable[[Worker], None]] = []
 
     def add(self, info: registry_pb2.WorkerInfo, static: bool = False) -> Worker:
@@ -83,23 +85,39 @@ class WorkerTable:
 
     def heartbeat(self, worker_id: str, load: registry_pb2.WorkerLoad) -> bool:
         w = self.workers.get(worker_id)
-        if w is None:
+        if w is None or w.draining_since is not None:
             return False
         w.last_seen = time.monotonic()
         w.load = load
         return True
 
     def of_role(self, role: str) -> list[Worker]:
-        return [w for w in self.workers.values() if w.role == role]
+        """Workers of `role` that take new requests (draining ones do not)."""
+        return [w for w in self.workers.values() if w.role == role and w.draining_since is None]
+
+    def drain(self, worker_id: str) -> None:
+        """The worker is stopping: route nothing new to it, keep its channel until its requests finish."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return
+        if w.in_flight == 0:
+            self.remove(worker_id, "deregistered")
+        elif w.draining_since is None:
+            w.draining_since = time.monotonic()
+            logger.info("worker %s draining (%d requests in flight)", worker_id, w.in_flight)
 
     def expire(self) -> list[str]:
         """Drop workers silent for longer than the timeout; returns their ids."""
         now = time.monotonic()
-        gone = [
-            w.worker_id for w in self.workers.values() if not w.static and now - w.last_seen > self.timeout
-        ]
-        for wid in gone:
-            self.remove(wid, f"no heartbeat for {self.timeout:.1f} s")
+        gone = []
+        for w in list(self.workers.values()):
+            if w.draining_since is not None:
+                if w.in_flight == 0 or now - w.draining_since > self.drain_timeout_s:
+                    gone.append(w.worker_id)
+                    self.remove(w.worker_id, "drained")
+            elif not w.static and now - w.last_seen > self.timeout:
+                gone.append(w.worker_id)
+                self.remove(w.worker_id, f"no heartbeat for {self.timeout:.1f} s")
         return gone
 
     def call_failed(self, w: Worker, max_failures: int = 3) -> None:
@@ -138,5 +156,5 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         return registry_pb2.HeartbeatResponse(known=self.table.heartbeat(request.worker_id, request.load))
 
     async def Deregister(self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        self.table.remove(request.worker_id, "deregistered")
+        self.table.drain(request.worker_id)
         return registry_pb2.DeregisterResponse()
