@@ -322,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_lazy("k2serve.cluster.local", "up_from_args"))
 
     s = sub.add_parser(
+        "planner", help="scale prefill/decode replicas from the router's metrics; --dry-run replays a trace"
+    )
+    from k2serve.planner.cli import add_arguments as add_planner_arguments  # imports only its config
+
+    add_planner_arguments(s)
+    s.set_defaults(func=_lazy("k2serve.planner.cli", "run"))
+
+    s = sub.add_parser(
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"
     )
     s.add_argument(
