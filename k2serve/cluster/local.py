@@ -289,44 +289,13 @@ def free_port(host: str) -> int:
 
 
 def up_from_args(args: argparse.Namespace) -> int:
-    from k2serve.cli import resolve_model
-
     if args.ray:
-        raise ValueError("--ray: the Ray runtime is not available in this build; run without --ray")
-    engine_args = [
-        "--block-size",
-        str(args.block_size),
-        "--kv-cache-mb",
-        str(args.kv_cache_mb),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
-        "--max-waiting",
-        str(args.max_waiting),
-    ]
-    if args.max_model_len:
-        engine_args += ["--max-model-len", str(args.max_model_len)]
-    if args.no_prefix_caching:
-        engine_args.append("--no-prefix-caching")
-    spec = ClusterSpec(
-        model_dir=resolve_model(args),
-        host=args.host,
-        port=args.port,
-        grpc_port=args.grpc_port,
-        num_prefill=args.prefill,
-        num_decode=args.decode,
-        ep_size=args.ep,
-        transfer_backend=args.transfer_backend,
-        dtype=args.dtype,
-        engine_args=tuple(engine_args),
-        redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
-        api_key=args.api_key,
-        served_model_name=args.served_model_name,
-        workdir=args.workdir,
-        router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if args.max_ttft_ms else (),
-        tls=TLSFiles.from_args(args),
-    )
+        from k2serve.cluster.ray_runtime import ray_up_from_args
+
+        return ray_up_from_args(args)
+    from k2serve.cluster.up_args import spec_from_args
+
+    spec = spec_from_args(args)
     stop = {"now": False}
 
     def on_signal(signum: int, frame: object) -> None:

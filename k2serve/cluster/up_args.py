@@ -8,6 +8,7 @@ from typing import Any
 
 from k2serve.cluster.local import ClusterSpec
 from k2serve.cluster.ray_plan import RayOptions
+from k2serve.cluster.tls import TLSFiles
 
 
 def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
@@ -50,6 +51,8 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         workdir=args.workdir,
+        router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if getattr(args, "max_ttft_ms", None) else (),
+        tls=TLSFiles.from_args(args),
     )
 
 
