@@ -191,9 +191,12 @@ def test_k2serve_probes_use_grpc_health(name: str) -> None:
                 assert (
                     (live["tcpSocket"] == {"port": "grpc"}) if tls else (live["grpc"] == {"port": grpc_port})
                 )
-            else:
+            else:  # workers: the gRPC health service, or with TLS (every hop) a TCP check of that port
                 for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                    assert c[probe]["grpc"] == {"port": grpc_port}, (owner, probe)
+                    want = {"tcpSocket": {"port": grpc_port}} if tls else {"grpc": {"port": grpc_port}}
+                    got = {k: v for k, v in c[probe].items() if k in ("tcpSocket", "grpc")}
+                    assert got == want, (owner, probe)
+                assert ("--tls-cert" in c["args"]) == bool(tls), owner
 
 
 SECRETISH = ("KEY", "SECRET", "PASSWORD", "TOKEN", "REDIS_URL", "AUTH")

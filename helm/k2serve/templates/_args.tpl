@@ -47,8 +47,18 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{- $args = concat $args (list
   "--heartbeat-timeout" (toString $r.heartbeatTimeout)
   "--max-queue" (printf "%d" (int $r.maxQueue))) -}}
+{{- $args = concat $args (include "k2serve.args.tls" . | fromJsonArray) -}}
+{{- $args | toJson -}}
+{{- end -}}
+
+{{/* TLS flags of every process: its certificate, and with tls.caKey the CA for mutual TLS on every hop. */}}
+{{- define "k2serve.args.tls" -}}
+{{- $args := list -}}
 {{- if .Values.tls.enabled -}}
-{{- $args = concat $args (list "--tls-cert" "/etc/k2serve/tls/tls.crt" "--tls-key" "/etc/k2serve/tls/tls.key") -}}
+{{- $args = list "--tls-cert" "/etc/k2serve/tls/tls.crt" "--tls-key" "/etc/k2serve/tls/tls.key" -}}
+{{- if .Values.tls.caKey -}}
+{{- $args = concat $args (list "--tls-ca" "/etc/k2serve/tls/ca.crt") -}}
+{{- end -}}
 {{- end -}}
 {{- $args | toJson -}}
 {{- end -}}
@@ -56,8 +66,9 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{/*
 `k2serve prefill|decode`; args: dict "root" $ "role" "prefill" "member" "single|leader|worker".
 A StatefulSet pod (single) advertises its stable DNS name under the headless Service; in a
-LeaderWorkerSet group the leader advertises the group address and registers with the router,
-the other members do not register (the router talks to the leader only).
+LeaderWorkerSet group the leader advertises the group address and registers with the router.
+Not runnable yet with ep.size > 1: the workers now take one rank per process (--ep-rank, --ep-init),
+which this chart does not pass; a worker started with --ep > 1 and no --ep-init refuses to start.
 */}}
 {{- define "k2serve.args.worker" -}}
 {{- $root := .root -}}
@@ -84,5 +95,6 @@ the other members do not register (the router talks to the leader only).
 {{- $args = concat $args (list
   "--ep" (printf "%d" (int $w.ep.size))
   "--heartbeat-interval" (toString $w.heartbeatInterval)) -}}
+{{- $args = concat $args (include "k2serve.args.tls" $root | fromJsonArray) -}}
 {{- $args | toJson -}}
 {{- end -}}

@@ -38,7 +38,7 @@ seccompProfile:
     medium: Memory
     sizeLimit: {{ (index $v .component).shmSize }}
 {{- end }}
-{{- if and (eq .component "router") $v.tls.enabled }}
+{{- if $v.tls.enabled }}
 - name: tls
   secret:
     secretName: {{ $v.tls.existingSecret }}
@@ -48,6 +48,10 @@ seccompProfile:
         path: tls.crt
       - key: {{ $v.tls.keyKey }}
         path: tls.key
+      {{- if $v.tls.caKey }}
+      - key: {{ $v.tls.caKey }}
+        path: ca.crt
+      {{- end }}
 {{- end }}
 {{- end -}}
 
@@ -64,7 +68,7 @@ seccompProfile:
 - name: dshm
   mountPath: /dev/shm
 {{- end }}
-{{- if and (eq .component "router") $v.tls.enabled }}
+{{- if $v.tls.enabled }}
 - name: tls
   mountPath: /etc/k2serve/tls
   readOnly: true

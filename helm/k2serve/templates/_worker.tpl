@@ -54,19 +54,16 @@ containers:
       - configMapRef:
           name: {{ include "k2serve.fullname" $root }}
     startupProbe:
-      grpc:
-        port: {{ int $w.port }}
+      {{- include "k2serve.workerProbe" (dict "root" $root "port" $w.port) | nindent 6 }}
       periodSeconds: 10
       failureThreshold: {{ $startupFailures }}
     livenessProbe:
-      grpc:
-        port: {{ int $w.port }}
+      {{- include "k2serve.workerProbe" (dict "root" $root "port" $w.port) | nindent 6 }}
       periodSeconds: 10
       timeoutSeconds: 5
       failureThreshold: 3
     readinessProbe:
-      grpc:
-        port: {{ int $w.port }}
+      {{- include "k2serve.workerProbe" (dict "root" $root "port" $w.port) | nindent 6 }}
       periodSeconds: 5
       timeoutSeconds: 3
       failureThreshold: 2
@@ -215,5 +212,17 @@ spec:
               - key: app.kubernetes.io/component
                 operator: In
                 values: ["router", "prefill", "decode"]
+{{- end -}}
+{{- end -}}
+
+{{/* A worker's probe: the gRPC health service, or (kubelet's gRPC probe cannot speak TLS) a TCP check
+of the same port when TLS is on. */}}
+{{- define "k2serve.workerProbe" -}}
+{{- if .root.Values.tls.enabled -}}
+tcpSocket:
+  port: {{ int .port }}
+{{- else -}}
+grpc:
+  port: {{ int .port }}
 {{- end -}}
 {{- end -}}
