@@ -115,8 +115,11 @@ def test_model_mistakes_are_returned_not_raised(tools: ToolRegistry) -> None:
 
 def test_max_steps_leaves_the_last_calls_pending(tools: ToolRegistry) -> None:
     t = ScriptedTransport([reply(call("add", {"a": i, "b": 1})) for i in range(3)])
-    result = AgentLoop(t, tools, max_steps=3, tool_choice="required").run("go")
+    seen: list[int] = []
+    loop = AgentLoop(t, tools, max_steps=3, tool_choice="required", on_step=lambda s: seen.append(s.index))
+    result = loop.run("go")
     assert result.stop_reason == "max_steps" and result.final_answer is None and len(result.steps) == 3
+    assert seen == [0, 1, 2]
     assert [len(s.tool_calls) for s in result.steps] == [1, 1, 0]
     assert result.pending_tool_calls == (call("add", {"a": 2, "b": 1}),)
     assert t.sessions[result.session_id][-1]["tool_calls"] == [call("add", {"a": 2, "b": 1})]

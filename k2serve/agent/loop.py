@@ -16,7 +16,7 @@ picks up from it: pending tool calls are run and the loop goes on.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -108,7 +108,8 @@ class AgentLoop:
     existing session to continue (None: run() creates one, with `system_prompt` as its first message).
     `tool_choice`: "auto", "required" (every turn must call a tool, grammar-enforced, so the loop only
     ends at max_steps) or "none". `sampling`: SamplingOptions fields (temperature, top_p, max_tokens,
-    seed, stop, logprobs). Not thread-safe: one run at a time."""
+    seed, stop, logprobs). `on_step`: called with each step's record once its tools ran (progress,
+    logging; an exception from it ends the run). Not thread-safe: one run at a time."""
 
     def __init__(
         self,
@@ -120,6 +121,7 @@ class AgentLoop:
         tool_choice: ToolChoice = "auto",
         system_prompt: str | None = None,
         ttl_seconds: int | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
         **sampling: Any,
     ) -> None:
         if max_steps < 1:
@@ -136,6 +138,7 @@ class AgentLoop:
         self.tool_choice = tool_choice
         self.system_prompt = system_prompt
         self.ttl_seconds = ttl_seconds
+        self.on_step = on_step
         self.sampling = SamplingOptions(**sampling)
 
     def run(self, user_message: str) -> AgentResult:
@@ -173,14 +176,20 @@ class AgentLoop:
             calls = turn.tool_calls
             if not calls or index == self.max_steps - 1:
                 steps.append(_record(index, turn, ()))
+                self._report(steps[-1])
                 final = None if calls else (turn.message.get("content") or "")
                 return AgentResult(
                     sid, "max_steps" if calls else "final", final, tuple(steps), tuple(added), calls, resumed
                 )
             ran = tuple(self._run_tool(c) for c in calls)
             steps.append(_record(index, turn, ran))
+            self._report(steps[-1])
             new = [_tool_message(r) for r in ran]
         raise AssertionError("unreachable: the last step returns")
+
+    def _report(self, step: StepRecord) -> None:
+        if self.on_step is not None:
+            self.on_step(step)
 
     def _run_tool(self, call: Mapping[str, Any]) -> ToolCallRecord:
         fn = call.get("function") or {}
