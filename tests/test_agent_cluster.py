@@ -17,13 +17,13 @@ import httpx
 import pytest
 import torch
 
-from k2serve.agent import AgentLoop, GRPCTransport, HTTPTransport, ToolRegistry
+from k2serve.agent import AgentLoop, GRPCTransport, HTTPTransport, ToolRegistry, TransportError
 from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.presets import PRESETS
 
 pytestmark = pytest.mark.slow
-KEY = "agent-key"
+KEY, OTHER_KEY = "agent-key", "other-key"
 BLOCK = 8
 Digit = Annotated[int, {"minimum": 0, "maximum": 9}]  # short arguments: a step stays ~50 tokens
 OPTIONS: dict[str, Any] = {"tool_choice": "required", "max_tokens": 64, "temperature": 0}
@@ -74,7 +74,7 @@ def cluster(long_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
         num_decode=1,
         use_redis=True,
         engine_args=("--kv-cache-mb", "32", "--block-size", str(BLOCK)),
-        api_key=KEY,
+        api_key=f"{KEY},{OTHER_KEY}",
         workdir=str(tmp_path_factory.mktemp("agent-cluster")),
     )
     with LocalCluster(spec) as c:
@@ -155,6 +155,9 @@ def test_grpc_transport_keeps_the_session_on_its_holder(cluster: LocalCluster) -
     assert router_counters(cluster)[0] - local_before == 5
     history = HTTPTransport.connect(cluster.http_url, KEY).session_messages(result.session_id)
     assert history == [{"role": "system", "content": "You add digits."}, *result.messages]
+    with pytest.raises(TransportError) as e:  # another key's session does not exist for this one
+        HTTPTransport.connect(cluster.http_url, OTHER_KEY).session_messages(result.session_id)
+    assert e.value.status == 404
     assert transport.delete_session(result.session_id) and not transport.delete_session(result.session_id)
 
 

@@ -100,7 +100,7 @@ class GRPCTransport(Transport):
 
     def chat(
         self,
-        session_id: str,
+        session_id: str | None,
         messages: Sequence[Message],
         tools: Sequence[Mapping[str, Any]],
         tool_choice: str,
@@ -112,8 +112,9 @@ class GRPCTransport(Transport):
             messages=[message_to_proto(m) for m in messages],
             tools=[tool_to_proto(t) for t in tools],
             sampling=sampling_to_proto(sampling),
-            session_id=session_id,
         )
+        if session_id is not None:
+            req.session_id = session_id
         if tools:
             req.tool_choice.mode = tool_choice
         t0 = time.perf_counter()

@@ -36,8 +36,11 @@ class HTTPTransport(Transport):
         """A transport to the router at `base_url` (e.g. "http://127.0.0.1:8000", without /v1)."""
         import openai
 
-        client = openai.OpenAI(
-            base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "none", timeout=timeout_s, max_retries=0
+        client = openai.OpenAI(  # no key: "anonymous", the owner a keyless server gives every session
+            base_url=base_url.rstrip("/") + "/v1",
+            api_key=api_key or "anonymous",
+            timeout=timeout_s,
+            max_retries=0,
         )
         return cls(client)
 
@@ -92,7 +95,7 @@ class HTTPTransport(Transport):
     # ---- one turn ----------------------------------------------------------------------------------
     def chat(
         self,
-        session_id: str,
+        session_id: str | None,
         messages: Sequence[Message],
         tools: Sequence[Mapping[str, Any]],
         tool_choice: str,
@@ -104,8 +107,9 @@ class HTTPTransport(Transport):
             "messages": list(messages),
             "stream": True,
             "stream_options": {"include_usage": True},
-            "extra_body": {"session_id": session_id},
         }
+        if session_id is not None:
+            kwargs["extra_body"] = {"session_id": session_id}
         if tools:
             kwargs |= {"tools": list(tools), "tool_choice": tool_choice}
         for name in ("temperature", "top_p", "max_tokens", "seed"):
@@ -151,8 +155,8 @@ class HTTPTransport(Transport):
                 f"chat turn of session {session_id}", None, f"the stream ended with finish reason {finish!r}"
             )
         message = assistant_message("".join(content), "".join(reasoning), [calls[i] for i in sorted(calls)])
-        if calls and finish == "length":  # a call cut by max_tokens: take the server's record of it
-            message = self.session_messages(session_id)[-1]
+        if calls and finish == "length" and session_id is not None:
+            message = self.session_messages(session_id)[-1]  # a call cut by max_tokens: the server's record
         details = usage.prompt_tokens_details
         return Turn(
             message=message,

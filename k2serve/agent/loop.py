@@ -67,7 +67,7 @@ class StepRecord:
 @dataclass(frozen=True)
 class AgentResult:
     """How a run ended. stop_reason: "final" (a reply without tool calls: `final_answer` is its
-    content) or "max_steps" (the last reply's calls are `pending_tool_calls`, not run; `resume`
+    content, cut short when `steps[-1].finish_reason` is "length") or "max_steps" (the last reply's calls are `pending_tool_calls`, not run; `resume`
     runs them). messages: what this run added to the session, in order (sent messages and replies).
     resumed_tool_calls: the calls from the session's history that `resume` ran before its first step."""
 
@@ -155,8 +155,9 @@ class AgentLoop:
         """Continue session `session_id` where a (dead) client left off, with a new AgentLoop (`options`
         as for the constructor). A session ending in a final answer returns it with no step; pending
         tool calls are run and the loop continues. Resume only once the dead client's last request
-        has ended (the server cancels it when it sees the disconnect): a turn still in flight would
-        be recorded after the one resume sends. Raises ResumeError (see `pending_tool_calls`)."""
+        has ended (the server cancels it when it sees the disconnect): a turn still in flight would be
+        recorded as well, and the session would hold two answers to the same calls. Raises
+        ResumeError (see `pending_tool_calls`)."""
         loop = cls(transport, tools, session_id=session_id, **options)
         calls, reply = pending_tool_calls(session_id, transport.session_messages(session_id))
         if not calls:

@@ -97,14 +97,15 @@ class Transport(ABC):
     @abstractmethod
     def chat(
         self,
-        session_id: str,
+        session_id: str | None,
         messages: Sequence[Message],
         tools: Sequence[Mapping[str, Any]],
         tool_choice: str,
         sampling: SamplingOptions,
         model: str | None,
     ) -> Turn:
-        """Run one turn of the session with these new messages (at least one), streamed."""
+        """Run one turn of the session with these new messages (at least one), streamed; with
+        `session_id` None, a stateless turn whose `messages` are the whole conversation."""
 
     @abstractmethod
     def delete_session(self, session_id: str) -> bool:
