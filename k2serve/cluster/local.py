@@ -134,6 +134,8 @@ class LocalCluster:
                 (self.dir / "redis").mkdir(exist_ok=True)
                 self.redis = EmbeddedRedis(RedisServerConfig(data_dir=self.dir / "redis")).start()
                 self.redis_url = self.redis.url
+            for stale in self.dir.glob("*.ready"):  # a reused workdir must not point at an old process
+                stale.unlink()
             ready = self.dir / "router.ready"
             args = [
                 "router",
