@@ -7,6 +7,7 @@ Requests are validated in `add_request` before any work is done; a bad request r
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from k2serve.engine.sequence import RequestError, Sequence, SequenceStatus
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.model import K2Model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -279,8 +282,15 @@ class LLMEngine:
         def on_layer(layer: int) -> None:
             flat = self.pool.kv[layer].view(-1, self.pool.kv_dim)  # [slots, D]
             for seq, sl in zip(sinks, slots, strict=True):
-                assert seq.kv_sink is not None
-                seq.kv_sink(layer, flat.index_select(0, sl))  # a copy: [num_tokens, D]
+                if seq.kv_sink is None:
+                    continue
+                try:
+                    seq.kv_sink(layer, flat.index_select(0, sl))  # a copy: [num_tokens, D]
+                except Exception:  # the sink's request alone loses its KV; the step and the batch go on
+                    logger.exception(
+                        "kv_sink of %s failed at layer %d; no more layers go to it", seq.request_id, layer
+                    )
+                    seq.kv_sink = None
 
         return on_layer
 

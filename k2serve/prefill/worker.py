@@ -50,12 +50,6 @@ class _Senders:
                 self._senders[key] = make_sender(backend, address, **self._options)
             return self._senders[key]
 
-    def drop(self, backend: str, address: str) -> None:
-        with self._lock:
-            s = self._senders.pop((backend, address), None)
-        if s is not None:
-            s.shutdown()
-
     def shutdown(self) -> None:
         with self._lock:
             senders, self._senders = list(self._senders.values()), {}
@@ -100,10 +94,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         t_first: list[float] = []
         t_compute_end = 0.0
 
+        send_errors: list[Exception] = []
+
         def sink(layer: int, kv) -> None:  # noqa: ANN001 - runs on the engine thread, inside the step
+            # Never raises: an exception here would fail the whole engine step (every request in it).
             if not t_first:
                 t_first.append(time.perf_counter())
-            sends.append(sender.send_layer(tid, layer, kv))
+            if send_errors:
+                return
+            try:
+                sends.append(sender.send_layer(tid, layer, kv))
+            except Exception as err:  # the transfer is gone (closed, timed out): fail this request only
+                send_errors.append(err)
 
         last = None
         try:
@@ -121,10 +123,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(status_of(err), str(err))
         if last is None or not last.token_ids or last.finish_reason == "abort":
             await context.abort(grpc.StatusCode.CANCELLED, f"prefill of {request.request_id!r} was aborted")
+        if send_errors:
+            with contextlib.suppress(TransferError):
+                await asyncio.to_thread(sender.close, tid, 0.1)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {send_errors[0]}")
         try:
+            # The sender is shared by every transfer to that decode endpoint: one failed transfer must not
+            # tear it down for the others (gRPC channels reconnect by themselves).
             await asyncio.to_thread(sender.close, tid, TRANSFER_TIMEOUT_S)
         except TransferError as err:
-            self.senders.drop(target.endpoint.backend or "grpc", target.endpoint.address)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {err}")
         t_end = time.perf_counter()
         nbytes = len(prompt) * mc.num_hidden_layers * mc.kv_cache_dim * e.pool.kv.element_size()
