@@ -288,3 +288,20 @@ def test_disaggregated_handoff_in_process(tiny_ckpt: Path) -> None:
         assert decode.add_prefilled_request(rid, p, first[rid], GREEDY, table) is None
     assert run_all(decode) == expected
     assert_no_leak(decode)
+
+
+def test_a_failing_kv_sink_fails_only_its_request(tiny_ckpt: Path) -> None:
+    engine = make_engine(tiny_ckpt)
+    got: dict[int, torch.Tensor] = {}
+
+    def broken(layer: int, kv: torch.Tensor) -> None:
+        raise RuntimeError("the transfer is gone")
+
+    p1, p2 = prompts(2, seed=12, lo=10, hi=40)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    engine.add_request("broken", p1, one, kv_sink=broken)
+    engine.add_request("fine", p2, one, kv_sink=got.__setitem__)
+    done = run_all(engine)  # the step does not raise
+    assert set(done) == {"broken", "fine"}
+    assert sorted(got) == list(range(engine.model.config.num_hidden_layers))  # the other sink got every layer
+    assert_no_leak(engine)
