@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -43,10 +44,22 @@ class _BackendCollector(Collector):
         )
 
 
+class _SessionCollector(Collector):
+    def __init__(self, sessions: Any) -> None:
+        self._sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        n, blocks = self._sessions.kv_blocks()
+        yield GaugeMetricFamily("k2serve_sessions_holding_kv", "Sessions whose context a worker caches.", value=n)
+        yield GaugeMetricFamily(
+            "k2serve_session_kv_blocks", "KV-cache blocks held by sessions' cached contexts.", value=blocks
+        )
+
+
 class APIMetrics:
     """The app's metrics; `render()` is the /metrics body."""
 
-    def __init__(self, backend: GenerationBackend) -> None:
+    def __init__(self, backend: GenerationBackend, sessions: Any = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.ttft = Histogram(
@@ -84,6 +97,8 @@ class APIMetrics:
         )
         self.generation_tokens = Counter("k2serve_generation_tokens", "Generated tokens.", registry=r)
         r.register(_BackendCollector(backend))
+        if sessions is not None:
+            r.register(_SessionCollector(sessions))
 
     def tracker(self, endpoint: str) -> RequestTracker:
         return RequestTracker(self, endpoint)

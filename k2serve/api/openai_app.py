@@ -30,7 +30,7 @@ def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: 
     (each client's key owns its sessions). `sessions` (a SessionService) enables /v1/sessions and chat
     `session_id`. `app.state.k2` is the AppState."""
     state = AppState(
-        backend, PromptEncoder(backend.tokenizer), APIMetrics(backend), api_key or None, sessions
+        backend, PromptEncoder(backend.tokenizer), APIMetrics(backend, sessions), api_key or None, sessions
     )
     keys = [k.strip().encode() for k in (api_key or "").split(",") if k.strip()]
     app = FastAPI(title="k2serve", docs_url=None, redoc_url=None, openapi_url=None)

@@ -29,6 +29,13 @@ ANONYMOUS = "anonymous"
 class SessionService:
     def __init__(self, store: SessionStore) -> None:
         self.store = store
+        # KV accounting for /metrics: session -> (holder, cached tokens), as recorded by this process.
+        self.held: dict[str, tuple[str, int]] = {}
+
+    def kv_blocks(self) -> tuple[int, int]:
+        """(sessions whose prefix a worker holds, KV blocks those prefixes take), from this process's view."""
+        bs = self.store.config.block_size
+        return len(self.held), sum(-(-tokens // bs) for _, tokens in self.held.values())
 
     @classmethod
     def connect(cls, url: str, config: SessionStoreConfig | None = None) -> SessionService:
@@ -57,7 +64,10 @@ class SessionService:
         return await asyncio.to_thread(self.store.touch, session_id, owner)
 
     async def delete(self, session_id: str, owner: str) -> bool:
-        return await asyncio.to_thread(self.store.delete, session_id, owner)
+        deleted = await asyncio.to_thread(self.store.delete, session_id, owner)
+        if deleted:
+            self.held.pop(session_id, None)
+        return deleted
 
     async def append_messages(
         self, session_id: str, owner: str, messages: Sequence[Mapping[str, Any]], tool_steps: int = 0
@@ -100,12 +110,18 @@ class SessionService:
         return s, len(prompt) if consistent else 0
 
     async def set_holder(self, session_id: str, worker_id: str | None, cached_tokens: int) -> None:
+        if worker_id is None or cached_tokens <= 0:
+            self.held.pop(session_id, None)
+        else:
+            self.held[session_id] = (worker_id, cached_tokens)
         try:
             await asyncio.to_thread(self.store.set_holder, session_id, worker_id, cached_tokens)
         except Exception:  # the holder is a routing hint: losing it costs a re-prefill, never data
             logger.exception("could not record the holder of session %s", session_id)
 
     async def forget_worker(self, worker_id: str) -> None:
+        for sid in [sid for sid, (w, _) in self.held.items() if w == worker_id]:
+            del self.held[sid]
         try:
             await asyncio.to_thread(self.store.clear_holder_for_worker, worker_id)
         except Exception:
