@@ -27,7 +27,7 @@ from k2serve.transfer.base import KVReceiver, TransferError
 
 logger = logging.getLogger(__name__)
 TRANSFER_TIMEOUT_S = 60.0
-RESERVATION_TTL_S = 120.0
+RESERVATION_TTL_S = 900.0  # a request may wait this long in the prefill queue (use --max-ttft-ms to bound it)
 
 
 @dataclass

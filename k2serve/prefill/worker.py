@@ -126,13 +126,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if send_errors:
             with contextlib.suppress(TransferError):
                 await asyncio.to_thread(sender.close, tid, 0.1)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {send_errors[0]}")
+            await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {send_errors[0]}")
         try:
             # The sender is shared by every transfer to that decode endpoint: one failed transfer must not
             # tear it down for the others (gRPC channels reconnect by themselves).
             await asyncio.to_thread(sender.close, tid, TRANSFER_TIMEOUT_S)
         except TransferError as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {err}")
+            await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {err}")
         t_end = time.perf_counter()
         nbytes = len(prompt) * mc.num_hidden_layers * mc.kv_cache_dim * e.pool.kv.element_size()
         self.bytes_sent += nbytes

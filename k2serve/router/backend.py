@@ -369,6 +369,8 @@ class ClusterBackend:
                 raise _Retryable(
                     f"prefill on {pre.worker_id}: the worker was removed", [pre.worker_id]
                 ) from e
+            if e.code() == grpc.StatusCode.ABORTED:  # the KV transfer failed, not the prefill worker
+                raise _Retryable(f"prefill on {pre.worker_id}: {e.details()}", []) from e
             if e.code() in _TRANSPORT:
                 self.table.call_failed(pre)
                 raise _Retryable(
