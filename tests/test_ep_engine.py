@@ -86,7 +86,8 @@ def run_rank(rank: int, world: int, port: int, cases: list[Case], out: Any) -> N
                 if not w.any_work:
                     break
             moved = w.placement != before
-            out.put((rank, case.name, logits, done, moved, None))
+            # numpy, pickled by value: a torch tensor would travel as a file descriptor that dies with this rank
+            out.put((rank, case.name, logits.detach().cpu().numpy().copy(), done, moved, None))
     except Exception as e:  # reported to the test process, which fails with it
         out.put((rank, "error", None, {}, False, repr(e)))
     finally:
@@ -179,6 +180,7 @@ def test_ep_engine_matches_single_process(world: int, ckpts: dict[str, str]) -> 
     worst: dict[str, float] = {}
     for rank, name, logits, done, moved, _ in results:
         case = next(c for c in cases if c.name == name)
+        logits = torch.as_tensor(logits)
         ref_tokens, ref_logits = refs[case.ckpt]
         assert logits.shape == ref_logits[rank].shape
         if logits.numel():
