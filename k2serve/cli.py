@@ -319,10 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="router: 429 at once when the predicted TTFT exceeds this",
     )
-    s.add_argument("--ray-cpus-per-rank", type=float, default=None, help="--ray: CPUs each rank's actor reserves (1)")
-    s.add_argument("--ray-gpus-per-rank", type=float, default=None, help="--ray: GPUs each rank's actor reserves (0)")
-    s.add_argument("--ray-group-strategy", choices=("STRICT_PACK", "PACK"), default=None,
-                   help="--ray: placement of one EP group's ranks (STRICT_PACK)")
+    s.add_argument(
+        "--ray-cpus-per-rank", type=float, default=None, help="--ray: CPUs each rank's actor reserves (1)"
+    )
+    s.add_argument(
+        "--ray-gpus-per-rank", type=float, default=None, help="--ray: GPUs each rank's actor reserves (0)"
+    )
+    s.add_argument(
+        "--ray-group-strategy",
+        choices=("STRICT_PACK", "PACK"),
+        default=None,
+        help="--ray: placement of one EP group's ranks (STRICT_PACK)",
+    )
     s.add_argument("--ray-max-restarts", type=int, default=None, help="--ray: restarts of a failed actor (3)")
     s.set_defaults(func=_lazy("k2serve.cluster.local", "up_from_args"))
 

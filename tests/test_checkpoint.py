@@ -82,7 +82,9 @@ def test_int4_model_equals_dequantized_model(tiny_int4_ckpt: Path, tmp_path: Pat
     held = {n: b for n, b in experts.named_buffers() if n != "global_to_local"}
     assert not hasattr(experts, "w13")  # never expanded: 4 bits per weight plus one scale per 32
     n_weights = experts.num_local * 3 * experts.hidden * experts.inter
-    packed_bytes = sum(b.numel() * b.element_size() for n, b in held.items() if not n.endswith(("_scale", "_sz")))
+    packed_bytes = sum(
+        b.numel() * b.element_size() for n, b in held.items() if not n.endswith(("_scale", "_sz"))
+    )
     assert packed_bytes == n_weights // 2
     _dequantized_copy(tiny_int4_ckpt, tmp_path / "dense")
     dense = load_model(tmp_path / "dense", torch.float32)

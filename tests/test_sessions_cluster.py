@@ -109,7 +109,11 @@ def test_turns_reuse_the_holder_and_survive_its_death(cluster: LocalCluster, tin
     assert r2["choices"][0]["message"]["content"] == expected_reply(tiny_ckpt, history)
     assert a.get(f"/v1/sessions/{sid}").json()["holder"]["worker_id"] == holder
     metrics = httpx.get(f"{cluster.http_url}/metrics").text  # sessions' KV, in blocks
-    held = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("k2serve_session_kv_blocks ")]
+    held = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("k2serve_session_kv_blocks ")
+    ]
     assert held and held[0] >= a.get(f"/v1/sessions/{sid}").json()["kv_blocks"] > 0
 
     cluster.kill(holder)

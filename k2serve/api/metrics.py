@@ -50,7 +50,9 @@ class _SessionCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         n, blocks = self._sessions.kv_blocks()
-        yield GaugeMetricFamily("k2serve_sessions_holding_kv", "Sessions whose context a worker caches.", value=n)
+        yield GaugeMetricFamily(
+            "k2serve_sessions_holding_kv", "Sessions whose context a worker caches.", value=n
+        )
         yield GaugeMetricFamily(
             "k2serve_session_kv_blocks", "KV-cache blocks held by sessions' cached contexts.", value=blocks
         )
