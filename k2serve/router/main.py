@@ -54,14 +54,16 @@ class RouterSettings:
         if self.heartbeat_timeout_s <= 0:
             raise ValueError(f"--heartbeat-timeout must be > 0, got {self.heartbeat_timeout_s}")
         for role, addr in self.static_workers:
-            if role not in ROLE_OF or ":" not in addr:
+            host, _, port = addr.rpartition(":")
+            if role not in ROLE_OF or not host or not port.isdecimal() or not 0 < int(port) < 65536:
                 raise ValueError(f"--worker {role}={addr}: expected prefill=HOST:PORT or decode=HOST:PORT")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RouterSettings:
-        workers = tuple(tuple(w.split("=", 1)) for w in args.worker if "=" in w)
-        if len(workers) != len(args.worker):
-            raise ValueError(f"--worker values must be ROLE=HOST:PORT, got {args.worker}")
+        for w in args.worker:
+            if "=" not in w:
+                raise ValueError(f"--worker {w}: expected prefill=HOST:PORT or decode=HOST:PORT")
+        workers = tuple(tuple(w.split("=", 1)) for w in args.worker)
         return cls(
             model_dir=args.model,
             model_name=args.served_model_name,
