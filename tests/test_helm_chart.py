@@ -45,7 +45,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "model": _GPU_MODEL,
         "engine": {"maxModelLen": 131072, "kvCacheMb": 1000000, "prefixCaching": False},
         "router": {**_HPA, "replicas": 1},
-        "prefill": {**_HPA, "transfer": {"backend": "torch"}, "ep": {"size": 8, "podsPerGroup": 1}},
+        "prefill": {**_HPA, "transfer": {"backend": "torch"}},
         "decode": {**_HPA, "transfer": {"backend": "torch"}},
     },
     "keda-external-redis": {
@@ -56,11 +56,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "decode": _KEDA,
     },
-    "ep-leaderworkerset": {
+    "ep-groups": {
         "gpu": {"enabled": True},
         "model": _GPU_MODEL,
-        "prefill": {"replicas": 2, "ep": {"size": 16, "podsPerGroup": 2}, **_HPA},
-        "decode": {"replicas": 3, "ep": {"size": 32, "podsPerGroup": 4}, **_KEDA},
+        "prefill": {"replicas": 2, "ep": {"size": 4}, "transfer": {"backend": "torch"}},
+        "decode": {"replicas": 3, "ep": {"size": 8, "port": 29500, "timeoutSeconds": 900}},
     },
     "tls-apikey-secrets": {
         "tls": {"enabled": True, "existingSecret": TLS_SECRET},
@@ -204,6 +204,7 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "unknown transfer backend": {"prefill": {"transfer": {"backend": "rdma"}}},
     "port out of range": {"router": {"grpcPort": 70000}},
     "zero ep size": {"decode": {"ep": {"size": 0}}},
+    "ep.podsPerGroup (removed: one pod per rank)": {"decode": {"ep": {"size": 4, "podsPerGroup": 2}}},
     "unknown autoscaling engine": {"prefill": {"autoscaling": {"engine": "vpa"}}},
     "neither preset nor path": {"model": {"preset": ""}},
     "both preset and path": {"model": {"preset": "tiny", "path": "/models/x"}},
@@ -221,7 +222,18 @@ def test_bad_values_are_rejected_by_template_and_lint(case: str) -> None:
 
 TEMPLATE_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
     "redis twice": ({"redis": {"external": {"urlSecretRef": {"name": "u"}}}}, "not both"),
-    "ep not divisible": ({"prefill": {"ep": {"size": 6, "podsPerGroup": 4}}}, "must divide"),
+    "autoscaled ep groups": (
+        {"prefill": {"ep": {"size": 4}, "autoscaling": {"enabled": True}}},
+        "would split expert-parallel groups",
+    ),
+    "ep port is the grpc port": (
+        {"decode": {"ep": {"size": 2, "port": 50070}}},
+        "already the worker's gRPC or transfer port",
+    ),
+    "ep port is the torch transfer port": (
+        {"prefill": {"ep": {"size": 2, "port": 50061}, "transfer": {"backend": "torch"}}},
+        "already the worker's gRPC or transfer port",
+    ),
     "min above max": (
         {"decode": {"autoscaling": {"enabled": True, "minReplicas": 9, "maxReplicas": 2}}},
         "exceeds",

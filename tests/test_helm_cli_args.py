@@ -1,11 +1,19 @@
 """Every `k2serve` invocation the chart renders is accepted by k2serve.cli.build_parser(), with each
 flag value of the declared type, and the flags agree with the rest of the chart (ports, Services,
-the model directory)."""
+the model directory). An expert-parallel worker starts through a `sh -c` launcher that derives its
+rank from the pod's ordinal: that script runs here under a real `sh`, once per pod, with a stand-in
+`k2serve` on PATH that reports the argv it was exec'd with."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from typing import Any
 
 import pytest
@@ -15,34 +23,64 @@ from test_helm_objects import FULL, pod_specs
 from k2serve.cli import build_parser
 
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-# Injected into every container of a LeaderWorkerSet pod by its controller.
-LWS_ENV = {"LWS_LEADER_ADDRESS": "k2-k2serve-prefill-0.k2-k2serve-prefill.llm", "LWS_GROUP_SIZE": "2"}
+# $(POD_NAME) of a pod whose command line is the same on every pod of its workload.
+ANY_POD = "<POD_NAME>"
+
+
+def _expand(arg: str, env: dict[str, str], owner: str) -> str:
+    """$(VAR) expanded as the kubelet does in command and args; an undefined variable fails the test."""
+
+    def sub(m: re.Match[str]) -> str:
+        assert m[1] in env, f"{owner}: $({m[1]}) is not defined in the container env"
+        return env[m[1]]
+
+    return _VAR.sub(sub, arg)
+
+
+@functools.cache
+def _stand_in_path() -> str:
+    """A directory holding a `k2serve` that prints its arguments, NUL-terminated, and exits."""
+    d = tempfile.mkdtemp(prefix="k2serve-stand-in-")
+    atexit.register(shutil.rmtree, d, True)
+    exe = os.path.join(d, "k2serve")
+    with open(exe, "w") as f:
+        f.write("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
+    os.chmod(exe, 0o755)
+    return d
+
+
+def run_launcher(command: list[str], args: list[str], pod_name: str) -> list[str]:
+    """The argv (after `k2serve`) that a `sh -c SCRIPT k2serve ARGS...` launcher execs in pod_name."""
+    assert command[:2] == ["sh", "-c"] and command[3:] == ["k2serve"], command
+    env = {"PATH": f"{_stand_in_path()}:{os.environ['PATH']}", "POD_NAME": pod_name}
+    out = subprocess.run(["sh", *command[1:], *args], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split("\0")[:-1]
 
 
 def invocations(values: dict[str, Any]) -> list[tuple[str, dict[str, Any], list[str]]]:
     """(owner, container, argv after `k2serve`) of every container that runs k2serve, $(VAR)s
-    expanded as the kubelet would (a reference to an undefined variable fails the test)."""
+    expanded as the kubelet would. Owner is "Kind/name", and for an expert-parallel launcher, whose
+    argv depends on the pod, one entry per pod of the StatefulSet: "StatefulSet/name/pod"."""
     out = []
     for owner, spec in pod_specs(values):
         for c in spec.get("initContainers", []) + spec["containers"]:
             command = c.get("command") or []
-            if command[:1] != ["k2serve"]:
+            if "k2serve" not in command:
                 assert "k2serve" not in " ".join(command), (owner, c["name"], command)
                 continue
             env = {e["name"]: e.get("value", f"<{e['name']}>") for e in c.get("env", [])}
-            if owner.startswith("LeaderWorkerSet/"):
-                env |= LWS_ENV
-
-            def expand(arg: str, env: dict[str, str] = env, owner: str = owner) -> str:
-                def sub(m: re.Match[str]) -> str:
-                    assert m[1] in env, f"{owner}: $({m[1]}) is not defined in the container env"
-                    return env[m[1]]
-
-                return _VAR.sub(sub, arg)
-
-            argv = [expand(a) for a in command[1:] + c.get("args", [])]
-            assert all(isinstance(a, str) for a in argv), (owner, argv)
-            out.append((owner, c, argv))
+            if command == ["k2serve"]:
+                argv = [_expand(a, env, owner) for a in c.get("args", [])]
+                assert all(isinstance(a, str) for a in argv), (owner, argv)
+                out.append((owner, c, argv))
+                continue
+            kind, name = owner.split("/")
+            assert kind == "StatefulSet", f"{owner}: a launcher needs a pod ordinal"
+            for ordinal in range(by_name(values, kind, name)["spec"]["replicas"]):
+                pod = f"{name}-{ordinal}"
+                env["POD_NAME"] = pod
+                args = [_expand(a, env, owner) for a in c.get("args", [])]
+                out.append((f"{owner}/{pod}", c, run_launcher(command, args, pod)))
     return out
 
 
@@ -110,19 +148,49 @@ def test_flags_agree_with_ports_services_and_model(name: str) -> None:
     for role in ("prefill", "decode"):
         ep = values.get(role, {}).get("ep", {})
         for owner, c, ns in cmds[role]:
+            pod = owner.split("/")[2] if owner.count("/") == 2 else ANY_POD
             assert ns.port == next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc"), owner
             assert ns.ep == ep.get("size", 1), owner
-            assert ns.worker_id == "<POD_NAME>", owner
+            assert ns.worker_id == pod, owner
             if ns.transfer_backend == "torch":
                 assert ns.transfer_port == next(
                     p["containerPort"] for p in c["ports"] if p["name"] == "transfer"
                 )
-            if owner.endswith("/worker"):  # a non-leader member of an EP group does not register
-                assert ns.router is None, owner
-            else:
-                assert ns.router == f"{FULL}-router.{NAMESPACE}.svc:{router.grpc_port}", owner
-            if owner.startswith("StatefulSet/"):
-                assert ns.advertise_host == f"<POD_NAME>.{FULL}-{role}-headless.{NAMESPACE}.svc", owner
+            assert ns.router == f"{FULL}-router.{NAMESPACE}.svc:{router.grpc_port}", owner
+            assert ns.advertise_host == f"{pod}.{FULL}-{role}-headless.{NAMESPACE}.svc", owner
+            if ns.ep > 1:
+                assert ns.ep_init.endswith(
+                    f":{next(p['containerPort'] for p in c['ports'] if p['name'] == 'ep')}"
+                ), owner
+
+
+def test_ep_ranks_follow_pod_ordinals() -> None:
+    """Pod i of an expert-parallel StatefulSet is rank i % size of group i // size and joins its
+    group at the group's rank-0 pod; the flags pass the worker's own checks (WorkerSettings)."""
+    from k2serve.cluster.worker_base import WorkerSettings
+    from k2serve.experts.comm import parse_init_method
+
+    values = VALUE_SETS["ep-groups"]
+    cmds = _by_command(values)
+    for role, groups, size, port, timeout in (("prefill", 2, 4, 50062, 300), ("decode", 3, 8, 29500, 900)):
+        sts = f"{FULL}-{role}"
+        by_pod = {owner.split("/")[2]: ns for owner, _, ns in cmds[role]}
+        assert set(by_pod) == {f"{sts}-{i}" for i in range(groups * size)}
+        for i in range(groups * size):
+            ns = by_pod[f"{sts}-{i}"]
+            group, rank = divmod(i, size)
+            rank0 = f"{sts}-{group * size}.{sts}-headless.{NAMESPACE}.svc"
+            assert (ns.ep, ns.ep_rank, ns.ep_init, ns.ep_timeout) == (
+                size,
+                rank,
+                f"tcp://{rank0}:{port}",
+                timeout,
+            )
+            settings = WorkerSettings.from_args(role, ns)
+            assert settings.worker_id == f"{sts}-{i}-ep{rank}"  # each rank registers as its own worker
+            assert parse_init_method(settings.ep_init) == (rank0, port)
+    single = _by_command(VALUE_SETS["defaults"])["decode"]
+    assert [(ns.ep, ns.ep_rank, ns.ep_init) for _, _, ns in single] == [(1, 0, None)]
 
 
 def test_engine_flags_carry_values() -> None:

@@ -39,7 +39,9 @@ def test_example_renders_lints_and_parses(path: Path) -> None:
 def test_gpu_example_shape() -> None:
     values = load(ROOT / "deploy" / "values" / "gpu-kimi-k2.yaml")
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects(values)}
-    assert ("StatefulSet", f"{FULL}-prefill") in kinds
-    assert ("LeaderWorkerSet", f"{FULL}-decode") in kinds
-    assert {k for k, _ in kinds} >= {"ScaledObject", "ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"}
+    assert {k for k, _ in kinds} >= {"ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"}
+    pods = {o["metadata"]["name"]: o["spec"]["replicas"] for o in objects(values, "StatefulSet")}
+    assert (pods[f"{FULL}-prefill"], pods[f"{FULL}-decode"]) == (2 * 8, 2 * 16)  # groups x ranks
+    ranks = [parse(argv) for _, _, argv in invocations(values) if argv[0] == "decode"]
+    assert sorted(ns.ep_rank for ns in ranks) == sorted(list(range(16)) * 2)
     assert ("Secret", f"{FULL}-redis-auth") not in kinds  # the password comes from k2-redis

@@ -2,8 +2,7 @@
 deployment relies on: non-root read-only pods, gRPC probes, secrets only by reference, network
 isolation, disruption budgets, autoscaling targets, GPUs, Redis persistence.
 
-CRDs (LeaderWorkerSet, ScaledObject, ServiceMonitor) have no client model: their pod templates are
-loaded as V1PodTemplateSpec and the rest is checked by structure.
+CRDs (ScaledObject, ServiceMonitor) have no client model: they are checked by structure.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client is 
 from kubernetes.client import ApiClient  # noqa: E402
 
 API = ApiClient()
-CRDS = {"LeaderWorkerSet", "ScaledObject", "ServiceMonitor"}
+CRDS = {"ScaledObject", "ServiceMonitor"}
 FULL = "k2-k2serve"
 
 
@@ -59,19 +58,12 @@ def to_model(obj: dict[str, Any], model: str | None = None) -> Any:
 
 
 def pod_specs(values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(owner kind/name, pod spec) of every pod template, LeaderWorkerSet leader and worker included."""
-    out = []
-    for o in objects(values):
-        name = f"{o['kind']}/{o['metadata']['name']}"
-        if o["kind"] in ("Deployment", "StatefulSet"):
-            out.append((name, o["spec"]["template"]["spec"]))
-        elif o["kind"] == "LeaderWorkerSet":
-            t = o["spec"]["leaderWorkerTemplate"]
-            out += [
-                (name + "/leader", t["leaderTemplate"]["spec"]),
-                (name + "/worker", t["workerTemplate"]["spec"]),
-            ]
-    return out
+    """(owner kind/name, pod spec) of every pod template."""
+    return [
+        (f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"])
+        for o in objects(values)
+        if o["kind"] in ("Deployment", "StatefulSet")
+    ]
 
 
 def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -86,32 +78,21 @@ def test_every_object_loads_into_client_models(name: str) -> None:
         assert to_model(obj) is not None, path
 
 
-def _check_pod_template(template: dict[str, Any]) -> None:
-    to_model(template, "V1PodTemplateSpec")
-
-
-def test_leaderworkerset_structure() -> None:
-    values = VALUE_SETS["ep-leaderworkerset"]
-    lws = by_name(values, "LeaderWorkerSet", f"{FULL}-prefill")
-    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
-    spec = lws["spec"]
-    assert set(spec) <= {
-        "replicas",
-        "startupPolicy",
-        "rolloutStrategy",
-        "networkConfig",
-        "leaderWorkerTemplate",
-    }
-    assert "replicas" not in spec  # autoscaled
-    t = spec["leaderWorkerTemplate"]
-    assert t["size"] == 2 and t["restartPolicy"] == "RecreateGroupOnPodRestart"
-    _check_pod_template(t["leaderTemplate"])
-    _check_pod_template(t["workerTemplate"])
-    decode = by_name(values, "LeaderWorkerSet", f"{FULL}-decode")["spec"]
-    assert decode["leaderWorkerTemplate"]["size"] == 4
-    # no StatefulSet for a role that runs as a LeaderWorkerSet
-    assert [o["metadata"]["name"] for o in objects(values, "StatefulSet")] == [f"{FULL}-redis"]
-    assert objects(VALUE_SETS["defaults"], "LeaderWorkerSet") == []  # only when a group spans pods
+def test_ep_groups_are_statefulsets_of_size_times_groups() -> None:
+    values = VALUE_SETS["ep-groups"]
+    for role, groups, size, port in (("prefill", 2, 4, 50062), ("decode", 3, 8, 29500)):
+        sts = by_name(values, "StatefulSet", f"{FULL}-{role}")["spec"]
+        assert sts["replicas"] == groups * size
+        assert sts["podManagementPolicy"] == "Parallel"  # a group's ranks start together
+        (c,) = sts["template"]["spec"]["containers"]
+        assert {"name": "ep", "containerPort": port, "protocol": "TCP"} in c["ports"]
+        svc = by_name(values, "Service", f"{FULL}-{role}-headless")["spec"]
+        assert {"name": "ep", "port": port, "targetPort": "ep"} in svc["ports"]
+        assert svc["publishNotReadyAddresses"] is True  # rank 0 is reachable before it is ready
+    plain = by_name(VALUE_SETS["defaults"], "StatefulSet", f"{FULL}-decode")["spec"]
+    assert plain["replicas"] == 1
+    assert plain["template"]["spec"]["containers"][0]["command"] == ["k2serve"]
+    assert "ep" not in {p["name"] for p in plain["template"]["spec"]["containers"][0]["ports"]}
 
 
 def test_scaledobject_structure() -> None:
@@ -179,7 +160,7 @@ def test_k2serve_probes_use_grpc_health(name: str) -> None:
     tls = bool(values.get("tls", {}).get("enabled"))
     for owner, spec in pod_specs(values):
         for c in spec["containers"]:
-            if c["command"] != ["k2serve"]:
+            if "k2serve" not in c["command"]:  # k2serve itself, or the EP rank launcher that execs it
                 continue
             grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
             if c["name"] == "router":

@@ -11,7 +11,7 @@ import yaml
 from test_helm_chart import REDIS_SECRET, REDIS_URL_SECRET, ROOT, VALUE_SETS, by_name, objects
 from test_helm_objects import FULL, pod_specs
 
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
 
 def workloads(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -19,9 +19,6 @@ def workloads(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def pod_labels(workload: dict[str, Any]) -> list[dict[str, str]]:
-    if workload["kind"] == "LeaderWorkerSet":
-        t = workload["spec"]["leaderWorkerTemplate"]
-        return [t["leaderTemplate"]["metadata"]["labels"], t["workerTemplate"]["metadata"]["labels"]]
     return [workload["spec"]["template"]["metadata"]["labels"]]
 
 
@@ -46,7 +43,7 @@ def test_pdbs_cover_router_and_workers(name: str) -> None:
             assert not any(selects(sel, labels) for w in others for labels in pod_labels(w))
 
 
-@pytest.mark.parametrize("name", ["gpu-hpa", "keda-external-redis", "ep-leaderworkerset"])
+@pytest.mark.parametrize("name", ["gpu-hpa", "keda-external-redis"])
 def test_autoscalers_target_the_role_workload(name: str) -> None:
     values = VALUE_SETS[name]
     wl = workloads(values)
@@ -60,8 +57,6 @@ def test_autoscalers_target_the_role_workload(name: str) -> None:
         assert "replicas" not in target["spec"], (
             "an autoscaled workload must leave replicas to the autoscaler"
         )
-    lws = by_name(VALUE_SETS["ep-leaderworkerset"], "HorizontalPodAutoscaler", f"{FULL}-prefill")
-    assert lws["spec"]["scaleTargetRef"]["kind"] == "LeaderWorkerSet"
 
 
 def test_hpa_reads_router_metrics() -> None:
@@ -95,16 +90,14 @@ def _gpu(spec: dict[str, Any]) -> tuple[str | None, str | None]:
     return res.get("requests", {}).get("nvidia.com/gpu"), res.get("limits", {}).get("nvidia.com/gpu")
 
 
-def test_gpus_follow_expert_parallel_ranks_per_pod() -> None:
-    specs = dict(pod_specs(VALUE_SETS["gpu-hpa"]))
-    assert _gpu(specs[f"StatefulSet/{FULL}-prefill"]) == ("8", "8")  # ep 8 in one pod
-    assert _gpu(specs[f"StatefulSet/{FULL}-decode"]) == ("1", "1")
-    assert _gpu(specs[f"Deployment/{FULL}-router"]) == (None, None)
-    lws = dict(pod_specs(VALUE_SETS["ep-leaderworkerset"]))
-    for member in ("leader", "worker"):
-        assert _gpu(lws[f"LeaderWorkerSet/{FULL}-prefill/{member}"]) == ("8", "8")  # 16 ranks / 2 pods
-        assert _gpu(lws[f"LeaderWorkerSet/{FULL}-decode/{member}"]) == ("8", "8")  # 32 ranks / 4 pods
-    tolerations = specs[f"StatefulSet/{FULL}-prefill"]["tolerations"]
+def test_every_worker_pod_takes_one_gpu() -> None:
+    """One process per worker pod, one EP rank per process: one GPU, whatever ep.size is."""
+    for name in ("gpu-hpa", "ep-groups"):
+        specs = dict(pod_specs(VALUE_SETS[name]))
+        for role in ("prefill", "decode"):
+            assert _gpu(specs[f"StatefulSet/{FULL}-{role}"]) == ("1", "1"), (name, role)
+        assert _gpu(specs[f"Deployment/{FULL}-router"]) == (None, None)
+    tolerations = dict(pod_specs(VALUE_SETS["ep-groups"]))[f"StatefulSet/{FULL}-decode"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
     for owner, spec in pod_specs(VALUE_SETS["defaults"]):
         assert _gpu(spec) == (None, None), owner

@@ -64,11 +64,10 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{- end -}}
 
 {{/*
-`k2serve prefill|decode`; args: dict "root" $ "role" "prefill" "member" "single|leader|worker".
-A StatefulSet pod (single) advertises its stable DNS name under the headless Service; in a
-LeaderWorkerSet group the leader advertises the group address and registers with the router.
-Not runnable yet with ep.size > 1: the workers now take one rank per process (--ep-rank, --ep-init),
-which this chart does not pass; a worker started with --ep > 1 and no --ep-init refuses to start.
+`k2serve prefill|decode`; args: dict "root" $ "role" "prefill". Every pod is one worker process (one
+expert-parallel rank when ep.size > 1) that advertises its stable DNS name under the headless
+Service and registers with the router. An EP rank's --ep-rank and --ep-init depend on its pod's
+ordinal, so k2serve.worker.command appends them at start; the flags here are the same for every pod.
 */}}
 {{- define "k2serve.args.worker" -}}
 {{- $root := .root -}}
@@ -78,23 +77,37 @@ which this chart does not pass; a worker started with --ep > 1 and no --ep-init 
 {{- $args = concat $args (include "k2serve.args.model" $root | fromJsonArray) (list "--dtype" $root.Values.model.dtype) -}}
 {{- $args = concat $args (include "k2serve.args.engine" $root | fromJsonArray) -}}
 {{- $args = concat $args (list "--host" "0.0.0.0" "--port" (printf "%d" (int $w.port))) -}}
-{{- if eq .member "single" -}}
 {{- $args = concat $args (list "--advertise-host" (printf "$(POD_NAME).%s-headless.%s.svc" $name $root.Release.Namespace)) -}}
-{{- else if eq .member "leader" -}}
-{{- $args = concat $args (list "--advertise-host" "$(LWS_LEADER_ADDRESS)") -}}
-{{- else -}}
-{{- $args = concat $args (list "--advertise-host" (printf "$(POD_NAME).%s.%s" $name $root.Release.Namespace)) -}}
-{{- end -}}
-{{- if ne .member "worker" -}}
 {{- $args = concat $args (list "--router" (include "k2serve.routerAddress" $root)) -}}
-{{- end -}}
 {{- $args = concat $args (list "--worker-id" "$(POD_NAME)" "--transfer-backend" $w.transfer.backend) -}}
 {{- if eq $w.transfer.backend "torch" -}}
 {{- $args = concat $args (list "--transfer-port" (printf "%d" (int $w.transfer.port))) -}}
 {{- end -}}
-{{- $args = concat $args (list
-  "--ep" (printf "%d" (int $w.ep.size))
-  "--heartbeat-interval" (toString $w.heartbeatInterval)) -}}
+{{- $args = concat $args (list "--ep" (printf "%d" (int $w.ep.size))) -}}
+{{- if gt (int $w.ep.size) 1 -}}
+{{- $args = concat $args (list "--ep-timeout" (toString $w.ep.timeoutSeconds)) -}}
+{{- end -}}
+{{- $args = concat $args (list "--heartbeat-interval" (toString $w.heartbeatInterval)) -}}
 {{- $args = concat $args (include "k2serve.args.tls" $root | fromJsonArray) -}}
 {{- $args | toJson -}}
+{{- end -}}
+
+{{/*
+The worker container's command (JSON array); its args are k2serve.args.worker. Alone (ep.size 1):
+k2serve itself. In an expert-parallel group: a POSIX shell that reads the pod's StatefulSet ordinal
+from $POD_NAME ("<statefulset>-<ordinal>"), so pod i is rank i % size of group i / size, and execs
+k2serve (which then gets SIGTERM directly) with the args plus --ep-rank and --ep-init: the
+rendezvous that rank 0 of the group, pod (i - rank), hosts on ep.port.
+*/}}
+{{- define "k2serve.worker.command" -}}
+{{- $w := index .root.Values .role -}}
+{{- $size := int $w.ep.size -}}
+{{- if eq $size 1 -}}
+{{- list "k2serve" | toJson -}}
+{{- else -}}
+{{- $name := include "k2serve.componentName" (dict "root" .root "component" .role) -}}
+{{- $rank0 := printf "%s-$((ordinal - rank)).%s-headless.%s.svc" $name $name .root.Release.Namespace -}}
+{{- $script := printf "ordinal=${POD_NAME##*-}; rank=$((ordinal %% %d)); exec k2serve \"$@\" --ep-rank \"$rank\" --ep-init \"tcp://%s:%d\"" $size $rank0 (int $w.ep.port) -}}
+{{- list "sh" "-c" $script "k2serve" | toJson -}}
+{{- end -}}
 {{- end -}}

@@ -91,8 +91,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- $name := include "k2serve.componentName" (dict "root" .root "component" .role) -}}
 {{- if eq .role "router" -}}
 {{- dict "apiVersion" "apps/v1" "kind" "Deployment" "name" $name | toJson -}}
-{{- else if gt (int (index .root.Values .role).ep.podsPerGroup) 1 -}}
-{{- dict "apiVersion" "leaderworkerset.x-k8s.io/v1" "kind" "LeaderWorkerSet" "name" $name | toJson -}}
 {{- else -}}
 {{- dict "apiVersion" "apps/v1" "kind" "StatefulSet" "name" $name | toJson -}}
 {{- end -}}
@@ -104,9 +102,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail "redis: set either redis.enabled or redis.external.urlSecretRef.name, not both" -}}
 {{- end -}}
 {{- range $role := list "prefill" "decode" -}}
-{{- $ep := (index $.Values $role).ep -}}
-{{- if ne 0 (mod (int $ep.size) (int $ep.podsPerGroup)) -}}
-{{- fail (printf "%s.ep: podsPerGroup (%d) must divide size (%d)" $role (int $ep.podsPerGroup) (int $ep.size)) -}}
+{{- $w := index $.Values $role -}}
+{{- if and (gt (int $w.ep.size) 1) $w.autoscaling.enabled -}}
+{{- fail (printf "%s: autoscaling adds and removes single pods, which would split expert-parallel groups of ep.size (%d); set %s.replicas (groups) instead" $role (int $w.ep.size) $role) -}}
+{{- end -}}
+{{- $taken := list (int $w.port) -}}
+{{- if eq $w.transfer.backend "torch" -}}
+{{- $taken = append $taken (int $w.transfer.port) -}}
+{{- end -}}
+{{- if and (gt (int $w.ep.size) 1) (has (int $w.ep.port) $taken) -}}
+{{- fail (printf "%s.ep.port (%d) is already the worker's gRPC or transfer port" $role (int $w.ep.port)) -}}
 {{- end -}}
 {{- end -}}
 {{- range $role := list "router" "prefill" "decode" -}}

@@ -1,27 +1,21 @@
 {{/*
 Prefill and decode workers share one shape; the per-role files under templates/prefill and
 templates/decode each render one object from these definitions.
-Args of every define here: dict "root" $ "role" "prefill|decode" (+ "member" for the pod spec).
+Args of every define here: dict "root" $ "role" "prefill|decode".
 */}}
 
-{{/* Expert-parallel ranks one pod runs (one GPU each). */}}
-{{- define "k2serve.worker.ranksPerPod" -}}
-{{- $ep := (index .root.Values .role).ep -}}
-{{- div (int $ep.size) (int $ep.podsPerGroup) -}}
-{{- end -}}
-
+{{/* Container resources; with gpu.enabled one GPU, for the one process (EP rank) a worker pod runs. */}}
 {{- define "k2serve.worker.resources" -}}
 {{- $res := deepCopy ((index .root.Values .role).resources | default dict) -}}
 {{- if .root.Values.gpu.enabled -}}
-{{- $n := include "k2serve.worker.ranksPerPod" . -}}
 {{- $gpu := .root.Values.gpu.resourceName -}}
-{{- $_ := set $res "limits" (merge (dict $gpu $n) ($res.limits | default dict)) -}}
-{{- $_ = set $res "requests" (merge (dict $gpu $n) ($res.requests | default dict)) -}}
+{{- $_ := set $res "limits" (merge (dict $gpu "1") ($res.limits | default dict)) -}}
+{{- $_ = set $res "requests" (merge (dict $gpu "1") ($res.requests | default dict)) -}}
 {{- end -}}
 {{- toYaml $res -}}
 {{- end -}}
 
-{{/* The pod spec of a worker; member: single (StatefulSet pod), leader or worker (LeaderWorkerSet). */}}
+{{/* The pod spec of a worker. */}}
 {{- define "k2serve.worker.podSpec" -}}
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
@@ -37,7 +31,7 @@ containers:
   - name: {{ .role }}
     image: {{ include "k2serve.image" (dict "root" $root "gpu" true) }}
     imagePullPolicy: {{ $v.image.pullPolicy }}
-    command: ["k2serve"]
+    command: {{ include "k2serve.worker.command" . }}
     args: {{ include "k2serve.args.worker" . }}
     ports:
       - name: grpc
@@ -46,6 +40,11 @@ containers:
       {{- if eq $w.transfer.backend "torch" }}
       - name: transfer
         containerPort: {{ int $w.transfer.port }}
+        protocol: TCP
+      {{- end }}
+      {{- if gt (int $w.ep.size) 1 }}
+      - name: ep
+        containerPort: {{ int $w.ep.port }}
         protocol: TCP
       {{- end }}
     env:
@@ -99,9 +98,13 @@ annotations:
   {{- include "k2serve.podAnnotations" (dict "root" .root "extra" (index .root.Values .role).podAnnotations) | nindent 2 }}
 {{- end -}}
 
+{{/*
+The workers of a role as one StatefulSet: `replicas` pods, or with ep.size > 1 `replicas` groups of
+ep.size pods, ordinals [g * size, (g + 1) * size) forming group g (see k2serve.worker.command).
+Pods start in parallel, so a group's ranks meet without waiting for each other to be ready.
+*/}}
 {{- define "k2serve.worker.statefulset" -}}
 {{- $w := index .root.Values .role -}}
-{{- if le (int $w.ep.podsPerGroup) 1 -}}
 {{- $name := include "k2serve.componentName" (dict "root" .root "component" .role) -}}
 apiVersion: apps/v1
 kind: StatefulSet
@@ -112,7 +115,7 @@ metadata:
 spec:
   serviceName: {{ $name }}-headless
   {{- if not $w.autoscaling.enabled }}
-  replicas: {{ int $w.replicas }}
+  replicas: {{ mul (int $w.replicas) (int $w.ep.size) }}
   {{- end }}
   podManagementPolicy: Parallel
   selector:
@@ -122,48 +125,10 @@ spec:
     metadata:
       {{- include "k2serve.worker.podMetadata" . | nindent 6 }}
     spec:
-      {{- include "k2serve.worker.podSpec" (merge (dict "member" "single") .) | nindent 6 }}
-{{- end -}}
-{{- end -}}
-
-{{- define "k2serve.worker.leaderworkerset" -}}
-{{- $w := index .root.Values .role -}}
-{{- if gt (int $w.ep.podsPerGroup) 1 -}}
-apiVersion: leaderworkerset.x-k8s.io/v1
-kind: LeaderWorkerSet
-metadata:
-  name: {{ include "k2serve.componentName" (dict "root" .root "component" .role) }}
-  labels:
-    {{- include "k2serve.componentLabels" (dict "root" .root "component" .role) | nindent 4 }}
-spec:
-  {{- if not $w.autoscaling.enabled }}
-  replicas: {{ int $w.replicas }}
-  {{- end }}
-  startupPolicy: LeaderCreated
-  rolloutStrategy:
-    type: RollingUpdate
-    rollingUpdateConfiguration:
-      maxUnavailable: 1
-      maxSurge: 0
-  networkConfig:
-    subdomainPolicy: Shared
-  leaderWorkerTemplate:
-    size: {{ int $w.ep.podsPerGroup }}
-    restartPolicy: RecreateGroupOnPodRestart
-    leaderTemplate:
-      metadata:
-        {{- include "k2serve.worker.podMetadata" . | nindent 8 }}
-      spec:
-        {{- include "k2serve.worker.podSpec" (merge (dict "member" "leader") .) | nindent 8 }}
-    workerTemplate:
-      metadata:
-        {{- include "k2serve.worker.podMetadata" . | nindent 8 }}
-      spec:
-        {{- include "k2serve.worker.podSpec" (merge (dict "member" "worker") .) | nindent 8 }}
-{{- end -}}
+      {{- include "k2serve.worker.podSpec" . | nindent 6 }}
 {{- end -}}
 
-{{/* Headless Service: stable per-pod DNS names (StatefulSet) and peer discovery of a role's pods. */}}
+{{/* Headless Service: stable per-pod DNS names (the advertised worker addresses, an EP group's rendezvous). */}}
 {{- define "k2serve.worker.headlessService" -}}
 {{- $w := index .root.Values .role -}}
 apiVersion: v1
@@ -186,6 +151,11 @@ spec:
     - name: transfer
       port: {{ int $w.transfer.port }}
       targetPort: transfer
+    {{- end }}
+    {{- if gt (int $w.ep.size) 1 }}
+    - name: ep
+      port: {{ int $w.ep.port }}
+      targetPort: ep
     {{- end }}
 {{- end -}}
 
