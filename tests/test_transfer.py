@@ -12,9 +12,16 @@ from typing import Any
 import grpc
 import pytest
 import torch
+import xxhash
 
 from k2serve.proto import kv_transfer_pb2_grpc
-from k2serve.proto.kv_transfer_pb2 import KVChunk, KVChunkHeader, KVControlFrame
+from k2serve.proto.kv_transfer_pb2 import (
+    CHECKSUM_FLETCHER64_PAIR,
+    CHECKSUM_XXH3_128,
+    KVChunk,
+    KVChunkHeader,
+    KVControlFrame,
+)
 from k2serve.transfer import (
     ChunkError,
     TransferError,
@@ -27,7 +34,7 @@ from k2serve.transfer import (
     torch_wire,
 )
 from k2serve.transfer.base import DTYPES, TransferSpec
-from k2serve.transfer.checksum import checksum, checksum_reference
+from k2serve.transfer.checksum import Checksum, checksum, fletcher, fletcher_reference
 from k2serve.transfer.inbox import Inbox
 
 BITS = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float16: torch.int16}
@@ -59,23 +66,43 @@ def _header(spec: TransferSpec, payload: bytes, **overrides: Any) -> KVChunkHead
         kv_dim=spec.kv_dim,
         dtype=spec.dtype_name,
         byte_length=len(payload),
-        checksum_sum=checksum(payload)[0],
-        checksum_weighted=checksum(payload)[1],
+        checksum_kind=checksum(payload).kind,
+        checksum_lo=checksum(payload).lo,
+        checksum_hi=checksum(payload).hi,
     )
     fields.update(overrides)
     return KVChunkHeader(**fields)
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 4095, 4096, 4097, 12_345])
-def test_checksum_matches_its_definition(size: int) -> None:
+def test_host_checksum_is_xxh3_128_of_the_bytes(size: int) -> None:
     data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
     raw = data.numpy().tobytes()
-    expected = checksum_reference(raw)
+    digest = xxhash.xxh3_128_intdigest(raw)
+    expected = Checksum(CHECKSUM_XXH3_128, digest & (2**64 - 1), digest >> 64)
     assert checksum(raw) == checksum(memoryview(b"pad" + raw)[3:]) == checksum(data) == expected
+    if size:  # a tensor of another dtype over the same bytes, and a non-contiguous view of it
+        assert checksum(data.view(torch.uint8)) == expected
+        flipped = bytearray(raw)
+        flipped[size // 2] ^= 0x10
+        assert checksum(bytes(flipped)) != expected
+    if size >= 16:
+        pairs = data[: size // 2 * 2].view(-1, 2)
+        assert checksum(pairs.t()) == checksum(pairs.t().contiguous())  # bytes in logical order
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 4095, 4096, 4097, 12_345])
+def test_device_checksum_matches_its_definition(size: int) -> None:
+    """The Fletcher pair that CUDA payloads use, computed by the same torch code on CPU here."""
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    raw = data.numpy().tobytes()
+    expected = fletcher_reference(raw)
+    assert fletcher(data) == expected
     if size >= 16:  # a swap of two different words changes the weighted sum only
         swapped = raw[8:16] + raw[:8] + raw[16:]
         if swapped != raw:
-            assert checksum(swapped)[0] == expected[0] and checksum(swapped) != expected
+            got = fletcher(torch.frombuffer(bytearray(swapped), dtype=torch.uint8))
+            assert got[0] == expected[0] and got != expected
 
 
 @pytest.mark.parametrize(
@@ -88,8 +115,10 @@ def test_checksum_matches_its_definition(size: int) -> None:
         (dict(token_offset=1), "token_offset"),
         (dict(num_tokens=5), "num_tokens"),
         (dict(byte_length=10), "byte_length"),
-        (dict(checksum_sum=1), "checksum"),
-        (dict(checksum_weighted=1), "checksum"),
+        (dict(checksum_lo=1), "checksum"),
+        (dict(checksum_hi=1), "checksum"),
+        (dict(checksum_kind=CHECKSUM_FLETCHER64_PAIR), "checksum_kind"),
+        (dict(checksum_kind=0), "checksum_kind"),
     ],
 )
 def test_inbox_rejects_bad_chunk_and_keeps_serving(overrides: dict[str, Any], field: str) -> None:
@@ -259,7 +288,7 @@ def _sender_main(backend: str, endpoint: str, cases: list[Case], results: Any) -
             tokens, kv = tokens + 5, make_kv(0, case.num_layers, tokens + 5, case.kv_dim, dtype)
         if case.fault == "dtype":
             dtype, kv = torch.float16, kv.view(torch.float16)
-        corrupt = lambda p: (real_checksum(p)[0] ^ 1, real_checksum(p)[1])  # noqa: E731
+        corrupt = lambda p: real_checksum(p)._replace(lo=real_checksum(p).lo ^ 1)  # noqa: E731
         outbox.checksum = corrupt if case.fault == "checksum" else real_checksum
         sender.open(case.transfer_id, case.num_layers, tokens, case.kv_dim, dtype)
         if case.fault == "die":

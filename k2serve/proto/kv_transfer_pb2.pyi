@@ -1,9 +1,19 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ChecksumKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKSUM_KIND_UNSPECIFIED: _ClassVar[ChecksumKind]
+    CHECKSUM_XXH3_128: _ClassVar[ChecksumKind]
+    CHECKSUM_FLETCHER64_PAIR: _ClassVar[ChecksumKind]
+CHECKSUM_KIND_UNSPECIFIED: ChecksumKind
+CHECKSUM_XXH3_128: ChecksumKind
+CHECKSUM_FLETCHER64_PAIR: ChecksumKind
 
 class KVEndpoint(_message.Message):
     __slots__ = ("backend", "address")
@@ -14,7 +24,7 @@ class KVEndpoint(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class KVChunkHeader(_message.Message):
-    __slots__ = ("transfer_id", "layer", "token_offset", "num_tokens", "kv_dim", "dtype", "byte_length", "checksum_sum", "checksum_weighted")
+    __slots__ = ("transfer_id", "layer", "token_offset", "num_tokens", "kv_dim", "dtype", "byte_length", "checksum_kind", "checksum_lo", "checksum_hi")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -22,8 +32,9 @@ class KVChunkHeader(_message.Message):
     KV_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_SUM_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_KIND_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_LO_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_HI_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     layer: int
     token_offset: int
@@ -31,9 +42,10 @@ class KVChunkHeader(_message.Message):
     kv_dim: int
     dtype: str
     byte_length: int
-    checksum_sum: int
-    checksum_weighted: int
-    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ..., token_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., byte_length: _Optional[int] = ..., checksum_sum: _Optional[int] = ..., checksum_weighted: _Optional[int] = ...) -> None: ...
+    checksum_kind: ChecksumKind
+    checksum_lo: int
+    checksum_hi: int
+    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ..., token_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., byte_length: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum_lo: _Optional[int] = ..., checksum_hi: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload")

@@ -24,7 +24,12 @@ from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ReasoningP
 from k2serve.cluster.grpc_errors import status_of
 from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
-from k2serve.proto.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
+from k2serve.proto.convert import (
+    chat_message_to_proto,
+    finish_to_proto,
+    logprob_to_proto,
+    sampling_from_proto,
+)
 
 
 class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
@@ -239,6 +244,16 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
             context, self.sessions.get(request.session_id, self._owner(context)) if self.sessions else _none()
         )
         return _session_pb(s)
+
+    async def GetSessionMessages(self, request: api_pb2.GetSessionMessagesRequest, context):  # noqa: ANN001, N802
+        """The history HTTP's GET /v1/sessions/{id}/messages returns, for the same owner only."""
+        messages = await self._sessions_call(
+            context,
+            self.sessions.messages(request.session_id, self._owner(context)) if self.sessions else _none(),
+        )
+        return api_pb2.GetSessionMessagesResponse(
+            session_id=request.session_id, messages=[chat_message_to_proto(m) for m in messages]
+        )
 
     async def AppendSession(self, request: api_pb2.AppendSessionRequest, context):  # noqa: ANN001, N802
         msgs = [_message(m) for m in request.messages]

@@ -23,7 +23,7 @@ from k2serve.transfer.base import (
     TransferStats,
     TransferTimeout,
 )
-from k2serve.transfer.checksum import checksum
+from k2serve.transfer.checksum import KIND_NAMES, Checksum, checksum
 
 Payload = bytes | memoryview | torch.Tensor
 """Chunk bytes: bytes-like, or a flat uint8 tensor (delivered without a copy when it is a whole layer)."""
@@ -125,9 +125,11 @@ class Inbox:
         if size != h.byte_length:
             raise ChunkError(tid, "payload size", size, f"byte_length {h.byte_length}")
         got = checksum(payload)
-        if got != (h.checksum_sum, h.checksum_weighted):
-            expected = (h.checksum_sum, h.checksum_weighted)
-            raise ChunkError(tid, "checksum", got, f"{expected} (sum, weighted) from the header")
+        if h.checksum_kind != got.kind:
+            raise ChunkError(tid, "checksum_kind", h.checksum_kind, f"{got.kind} ({KIND_NAMES[got.kind]})")
+        if (h.checksum_lo, h.checksum_hi) != (got.lo, got.hi):
+            expected = Checksum(h.checksum_kind, h.checksum_lo, h.checksum_hi)
+            raise ChunkError(tid, "checksum", str(got), f"{expected} from the header")
         t.rows_in[h.layer] = rows_in + h.num_tokens
         whole = h.num_tokens == spec.num_tokens
         if whole and isinstance(payload, torch.Tensor):

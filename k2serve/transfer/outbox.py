@@ -57,7 +57,7 @@ def split_layer(
             dtype=spec.dtype_name,
             byte_length=payload.numel(),
         )
-        header.checksum_sum, header.checksum_weighted = checksum(payload)
+        header.checksum_kind, header.checksum_lo, header.checksum_hi = checksum(payload)
         yield header, payload
 
 
