@@ -127,9 +127,12 @@ def test_kv_chunk_payload_is_raw_bytes() -> None:
 def test_service_shapes() -> None:
     methods = {m.name: m for m in api_pb2.DESCRIPTOR.services_by_name["K2Serve"].methods}
     assert set(methods) == {
-        "Generate", "Chat", "ListModels", "CreateSession", "GetSession", "AppendSession", "DeleteSession",
+        "Generate", "Chat", "ListModels", "CreateSession", "GetSession", "GetSessionMessages",
+        "AppendSession", "DeleteSession",
     }  # fmt: skip
     assert methods["Generate"].server_streaming and methods["Chat"].server_streaming
+    history = methods["GetSessionMessages"].output_type.fields_by_name["messages"]
+    assert history.message_type is api_pb2.ChatMessage.DESCRIPTOR and history.is_repeated
     push = kv_transfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].methods_by_name["Push"]
     assert push.client_streaming and not push.server_streaming
     assert KV_MAX_MESSAGE_BYTES > KV_CHUNK_MAX_BYTES

@@ -1,8 +1,8 @@
 """GRPCTransport: the agent's turns over the public gRPC API (`k2serve.v1.K2Serve`, generated stub).
 
 A turn is the server-streaming `Chat` call with `session_id`; the owner of the session is the API key
-sent as `authorization: Bearer KEY` metadata. The gRPC API has no call that lists a session's
-messages, so `session_messages` (and with it `AgentLoop.resume`) needs the HTTP transport.
+sent as `authorization: Bearer KEY` metadata. `session_messages` (what `AgentLoop.resume` reads) is
+`GetSessionMessages`, the history HTTP's `GET /v1/sessions/{id}/messages` returns.
 """
 
 from __future__ import annotations
@@ -17,27 +17,9 @@ import grpc
 from k2serve.agent.errors import TransportError
 from k2serve.agent.transport import Message, SamplingOptions, Transport, Turn, assistant_message
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
-from k2serve.proto.convert import finish_from_proto
+from k2serve.proto.convert import chat_message_from_proto, chat_message_to_proto, finish_from_proto
 
 __all__ = ["GRPCTransport"]
-
-
-def message_to_proto(m: Mapping[str, Any]) -> api_pb2.ChatMessage:
-    out = api_pb2.ChatMessage(role=m["role"])
-    for name in ("content", "reasoning_content", "name", "tool_call_id"):
-        if m.get(name) is not None:
-            setattr(out, name, m[name])
-    for i, c in enumerate(m.get("tool_calls") or ()):
-        fn = c["function"]
-        out.tool_calls.append(
-            api_pb2.ToolCall(
-                id=c.get("id", ""),
-                type=c.get("type", "function"),
-                index=i,
-                function=api_pb2.FunctionCall(name=fn["name"], arguments=fn.get("arguments", "")),
-            )
-        )
-    return out
 
 
 def tool_to_proto(t: Mapping[str, Any]) -> api_pb2.Tool:
@@ -81,18 +63,16 @@ class GRPCTransport(Transport):
 
     def create_session(self, messages: Sequence[Message], ttl_seconds: int | None, model: str | None) -> str:
         req = api_pb2.CreateSessionRequest(
-            model=model or "", messages=[message_to_proto(m) for m in messages]
+            model=model or "", messages=[chat_message_to_proto(m) for m in messages]
         )
         if ttl_seconds is not None:
             req.ttl_seconds = ttl_seconds
         return str(self._call("create session", self.stub.CreateSession, req).id)
 
     def session_messages(self, session_id: str) -> list[Message]:
-        raise TransportError(
-            f"read session {session_id}",
-            "UNIMPLEMENTED",
-            "the gRPC API has no call that returns a session's messages; read them over HTTP",
-        )
+        req = api_pb2.GetSessionMessagesRequest(session_id=session_id)
+        out = self._call(f"read session {session_id}", self.stub.GetSessionMessages, req)
+        return [chat_message_from_proto(m) for m in out.messages]
 
     def delete_session(self, session_id: str) -> bool:
         req = api_pb2.DeleteSessionRequest(session_id=session_id)
@@ -109,7 +89,7 @@ class GRPCTransport(Transport):
     ) -> Turn:
         req = api_pb2.ChatRequest(
             model=model or "",
-            messages=[message_to_proto(m) for m in messages],
+            messages=[chat_message_to_proto(m) for m in messages],
             tools=[tool_to_proto(t) for t in tools],
             sampling=sampling_to_proto(sampling),
         )

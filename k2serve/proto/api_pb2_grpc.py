@@ -59,6 +59,11 @@ class K2ServeStub:
                 request_serializer=k2serve_dot_proto_dot_api__pb2.GetSessionRequest.SerializeToString,
                 response_deserializer=k2serve_dot_proto_dot_api__pb2.Session.FromString,
                 _registered_method=True)
+        self.GetSessionMessages = channel.unary_unary(
+                '/k2serve.v1.K2Serve/GetSessionMessages',
+                request_serializer=k2serve_dot_proto_dot_api__pb2.GetSessionMessagesRequest.SerializeToString,
+                response_deserializer=k2serve_dot_proto_dot_api__pb2.GetSessionMessagesResponse.FromString,
+                _registered_method=True)
         self.AppendSession = channel.unary_unary(
                 '/k2serve.v1.K2Serve/AppendSession',
                 request_serializer=k2serve_dot_proto_dot_api__pb2.AppendSessionRequest.SerializeToString,
@@ -105,6 +110,13 @@ class K2ServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSessionMessages(self, request, context):
+        """The session's history, what an agent resumes from; NOT_FOUND as for GetSession.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AppendSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -144,6 +156,11 @@ def add_K2ServeServicer_to_server(servicer, server):
                     servicer.GetSession,
                     request_deserializer=k2serve_dot_proto_dot_api__pb2.GetSessionRequest.FromString,
                     response_serializer=k2serve_dot_proto_dot_api__pb2.Session.SerializeToString,
+            ),
+            'GetSessionMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionMessages,
+                    request_deserializer=k2serve_dot_proto_dot_api__pb2.GetSessionMessagesRequest.FromString,
+                    response_serializer=k2serve_dot_proto_dot_api__pb2.GetSessionMessagesResponse.SerializeToString,
             ),
             'AppendSession': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendSession,
@@ -291,6 +308,33 @@ class K2Serve:
             '/k2serve.v1.K2Serve/GetSession',
             k2serve_dot_proto_dot_api__pb2.GetSessionRequest.SerializeToString,
             k2serve_dot_proto_dot_api__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2serve.v1.K2Serve/GetSessionMessages',
+            k2serve_dot_proto_dot_api__pb2.GetSessionMessagesRequest.SerializeToString,
+            k2serve_dot_proto_dot_api__pb2.GetSessionMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

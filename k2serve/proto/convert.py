@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 from k2serve.engine.sampler import TokenLogprobs
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.proto import common_pb2
+from k2serve.proto import api_pb2, common_pb2
 
 _FINISH_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -80,3 +84,52 @@ def logprob_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprob:
 
 def logprob_from_proto(m: common_pb2.TokenLogprob) -> TokenLogprobs:
     return TokenLogprobs(m.token_id, m.logprob, [(t.token_id, t.logprob) for t in m.top])
+
+
+def chat_message_to_proto(m: Mapping[str, Any]) -> api_pb2.ChatMessage:
+    """An OpenAI chat message as a ChatMessage. Content given as parts becomes the concatenation of
+    their texts (what the chat template renders), tool-call arguments given as an object become its
+    JSON text, and None or missing fields stay unset."""
+    out = api_pb2.ChatMessage(role=m["role"])
+    content = m.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content)
+    if content is not None:
+        out.content = content
+    for name in ("reasoning_content", "name", "tool_call_id"):
+        if m.get(name) is not None:
+            setattr(out, name, m[name])
+    for i, c in enumerate(m.get("tool_calls") or ()):
+        fn = c["function"]
+        arguments = fn.get("arguments", "")
+        out.tool_calls.append(
+            api_pb2.ToolCall(
+                id=c.get("id") or "",
+                type=c.get("type") or "function",
+                index=i,
+                function=api_pb2.FunctionCall(
+                    name=fn["name"],
+                    arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+                ),
+            )
+        )
+    return out
+
+
+def chat_message_from_proto(m: api_pb2.ChatMessage) -> dict[str, Any]:
+    """A ChatMessage as an OpenAI chat message: only the fields it has set (tool calls without their
+    stream index)."""
+    out: dict[str, Any] = {"role": m.role}
+    for name in ("content", "reasoning_content", "name", "tool_call_id"):
+        if m.HasField(name):
+            out[name] = getattr(m, name)
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": c.type or "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
+            for c in m.tool_calls
+        ]
+    return out
