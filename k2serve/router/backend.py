@@ -196,36 +196,18 @@ class ClusterBackend:
                 else None
             )
             yield TokenEvent([first.first_token_id], None, n, cached, lps)
-            stream = dec.decode_stub.Decode(
-                worker_pb2.DecodeRequest(
-                    request_id=rid,
-                    transfer_id=reservation.transfer_id,
-                    prompt_token_ids=req.prompt_token_ids,
-                    first_token_id=first.first_token_id,
-                    sampling=sampling,
-                    structured_json=structured,
-                )
+            decode = worker_pb2.DecodeRequest(
+                request_id=rid,
+                transfer_id=reservation.transfer_id,
+                prompt_token_ids=req.prompt_token_ids,
+                first_token_id=first.first_token_id,
+                sampling=sampling,
+                structured_json=structured,
             )
-            try:
-                async for chunk in stream:
-                    reason = finish_from_proto(chunk.finish_reason) if chunk.finish_reason else None
-                    lps = [logprob_from_proto(m) for m in chunk.logprobs] or None
-                    by = dec.worker_id if reason is not None else None
-                    yield TokenEvent(list(chunk.token_ids), reason, n, cached, lps, by)
-                    if reason is not None:
-                        self.table.call_succeeded(dec)
-                        return
-            except grpc.aio.AioRpcError as e:
-                if e.code() in _TRANSPORT:
-                    self.table.call_failed(dec)
-                raise error_of(e, rid, f"decode on {dec.worker_id}") from e
-            except asyncio.CancelledError as e:
-                if _cancelled_by_caller():
-                    raise
-                raise BackendFailure(f"decode worker {dec.worker_id} was removed mid-stream", rid) from e
-            finally:
-                stream.cancel()
-            raise BackendFailure(f"decode stream from {dec.worker_id} ended without a finish", rid)
+            events = self._stream_decode(req, dec, decode, cached_tokens=cached, retry_if_no_tokens=False)
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    yield ev
         finally:
             pre_w, dec_w = self.in_flight.pop(rid, (None, None))
             for w in (pre_w, dec_w):
@@ -253,14 +235,40 @@ class ClusterBackend:
         rid = req.request_id
         dec.in_flight += 1
         self.in_flight[rid] = (None, dec)
-        stream = dec.decode_stub.Decode(
-            worker_pb2.DecodeRequest(
-                request_id=rid,
-                prompt_token_ids=req.prompt_token_ids,
-                sampling=sampling,
-                structured_json=structured,
-            )
+        decode = worker_pb2.DecodeRequest(
+            request_id=rid,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=sampling,
+            structured_json=structured,
         )
+        events = self._stream_decode(req, dec, decode, cached_tokens=None, retry_if_no_tokens=True)
+        try:
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    yield ev
+        finally:
+            dec.in_flight -= 1
+            self.in_flight[rid] = (None, None)
+
+    async def _stream_decode(
+        self,
+        req: GenerateRequest,
+        dec: Worker,
+        decode: worker_pb2.DecodeRequest,
+        *,
+        cached_tokens: int | None,
+        retry_if_no_tokens: bool,
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream `decode` from `dec` as TokenEvents until the finish (then `dec` counts a success).
+
+        cached_tokens: the prompt tokens the prefill found cached, reported on every event; None when
+        `dec` computes the prompt itself (a direct session turn) and each chunk reports its own count.
+        retry_if_no_tokens: a transport failure of `dec`, or its removal, before any token arrived raises
+        _Retryable (nothing reached the client, so another worker may serve the request); otherwise
+        such failures end the stream (BackendFailure or the worker's error)."""
+        rid = req.request_id
+        n = len(req.prompt_token_ids)
+        stream = dec.decode_stub.Decode(decode)
         produced = 0
         try:
             async for chunk in stream:
@@ -268,27 +276,25 @@ class ClusterBackend:
                 reason = finish_from_proto(chunk.finish_reason) if chunk.finish_reason else None
                 lps = [logprob_from_proto(m) for m in chunk.logprobs] or None
                 by = dec.worker_id if reason is not None else None
-                n = len(req.prompt_token_ids)
-                yield TokenEvent(list(chunk.token_ids), reason, n, chunk.num_cached_tokens, lps, by)
+                cached = chunk.num_cached_tokens if cached_tokens is None else cached_tokens
+                yield TokenEvent(list(chunk.token_ids), reason, n, cached, lps, by)
                 if reason is not None:
                     self.table.call_succeeded(dec)
                     return
         except grpc.aio.AioRpcError as e:
             if e.code() in _TRANSPORT:
                 self.table.call_failed(dec)
-                if produced == 0:
+                if retry_if_no_tokens and produced == 0:
                     raise _Retryable(f"holder {dec.worker_id}: {e.code().name}", [dec.worker_id]) from e
             raise error_of(e, rid, f"decode on {dec.worker_id}") from e
         except asyncio.CancelledError as e:
             if _cancelled_by_caller():
                 raise
-            if produced == 0:
+            if retry_if_no_tokens and produced == 0:
                 raise _Retryable(f"holder {dec.worker_id} was removed", [dec.worker_id]) from e
             raise BackendFailure(f"decode worker {dec.worker_id} was removed mid-stream", rid) from e
         finally:
             stream.cancel()
-            dec.in_flight -= 1
-            self.in_flight[rid] = (None, None)
         raise BackendFailure(f"decode stream from {dec.worker_id} ended without a finish", rid)
 
     async def _prefill(
