@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from k2serve.engine.sequence import RequestError, Sequence, SequenceStatus
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.model import K2Model
+
+if TYPE_CHECKING:
+    from k2serve.chat.tokenizer import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +177,7 @@ class LLMEngine:
             kv_sink=kv_sink,
         )
         self.seqs[request_id] = seq
-        if self.tokenizer is not None:
-            from k2serve.chat.tokenizer import IncrementalDecoder
-
-            self._decoders[request_id] = IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
+        self._attach_decoder(seq)
         self.scheduler.add(seq)
 
     def add_prefilled_request(
@@ -216,24 +216,29 @@ class LLMEngine:
         self.seqs[request_id] = seq
         if constraint is not None:
             constraint.accept(first_token_id)
-        if self.tokenizer is not None:
-            from k2serve.chat.tokenizer import IncrementalDecoder
-
-            dec = IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
-            self._decoders[request_id] = dec
+        dec = self._attach_decoder(seq)
+        if dec is not None:
             seq.output_text = dec.add(first_token_id)
         reason = self._stop_reason(seq, first_token_id)
         if reason is None:
             self.scheduler.add(seq)
             return None
         seq.finish_time = seq.first_token_time
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
+        self.scheduler.finish(seq, reason)
         self.seqs.pop(request_id, None)
         self._decoders.pop(request_id, None)
         return self._output(seq, [first_token_id], seq.output_text)
+
+    def _attach_decoder(self, seq: Sequence) -> IncrementalDecoder | None:
+        """Start detokenizing `seq`'s output incrementally (an IncrementalDecoder kept until the request
+        ends, so multi-byte characters split across tokens come out whole); None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        from k2serve.chat.tokenizer import IncrementalDecoder
+
+        dec = IncrementalDecoder(self.tokenizer, seq.params.skip_special_tokens)
+        self._decoders[seq.request_id] = dec
+        return dec
 
     def abort_request(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
