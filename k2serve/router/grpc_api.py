@@ -93,13 +93,7 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                     logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []],
                 )
                 if done:
-                    out.usage.CopyFrom(
-                        common_pb2.Usage(
-                            prompt_tokens=len(prompt),
-                            completion_tokens=produced,
-                            cached_tokens=ev.num_cached_tokens,
-                        )
-                    )
+                    out.usage.CopyFrom(_usage(prompt, produced, ev))
                 yield out
 
     async def Chat(self, request: api_pb2.ChatRequest, context):  # noqa: ANN001, N802
@@ -194,13 +188,7 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                     logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []],
                 )
                 if done:
-                    out.usage.CopyFrom(
-                        common_pb2.Usage(
-                            prompt_tokens=len(prompt),
-                            completion_tokens=produced,
-                            cached_tokens=ev.num_cached_tokens,
-                        )
-                    )
+                    out.usage.CopyFrom(_usage(prompt, produced, ev))
                     if hint is not None and owner is not None and ev.finish_reason in ("stop", "length"):
                         # recorded before the last chunk leaves, so the client's next turn sees it
                         record = turn_recorder(self.sessions, hint.session_id, owner, new_messages, prompt)
@@ -281,6 +269,14 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
             max_model_len=self.backend.max_model_len,
         )
         return api_pb2.ListModelsResponse(models=[card])
+
+
+def _usage(prompt: list[int], produced: int, last: TokenEvent) -> common_pb2.Usage:
+    """The Usage sent with a request's final chunk: its prompt, the `produced` tokens, and the prompt
+    tokens served from cache (as the `last` event reports them)."""
+    return common_pb2.Usage(
+        prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=last.num_cached_tokens
+    )
 
 
 def _message(m: api_pb2.ChatMessage) -> dict[str, Any]:
