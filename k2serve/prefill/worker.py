@@ -91,15 +91,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         except (TransferError, ValueError, OSError) as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode endpoint: {err}")
         sends: list[Future[None]] = []
-        t_first: list[float] = []
         t_compute_end = 0.0
-
         send_errors: list[Exception] = []
 
         def sink(layer: int, kv) -> None:  # noqa: ANN001 - runs on the engine thread, inside the step
             # Never raises: an exception here would fail the whole engine step (every request in it).
-            if not t_first:
-                t_first.append(time.perf_counter())
             if send_errors:
                 return
             try:
