@@ -24,6 +24,24 @@ def test_spec_from_up_flags() -> None:
     assert "--no-prefix-caching" in spec.engine_args
 
 
+def test_worker_args_both_launchers_pass_to_an_ep_rank() -> None:
+    args = build_parser().parse_args(
+        [*UP, "--kv-cache-mb", "64", "--served-model-name", "k2", "--transfer-backend", "torch"]
+    )
+    spec = spec_from_args(args)
+    argv = spec.worker_args("decode", "decode-1", "10.0.0.2", "10.0.0.1:50051", 3, "tcp://10.0.0.2:4000")
+    assert argv == [
+        *("decode", "--model", "/models/k2", "--dtype", "float32", "--host", "10.0.0.2", "--port", "0"),
+        *("--router", "10.0.0.1:50051", "--worker-id", "decode-1", "--transfer-backend", "torch"),
+        *spec.engine_args,
+        *("--served-model-name", "k2", "--ep", "4", "--ep-rank", "3", "--ep-init", "tcp://10.0.0.2:4000"),
+    ]
+    parsed = build_parser().parse_args(argv)  # what the worker process will see
+    assert (parsed.command, parsed.kv_cache_mb, parsed.ep, parsed.ep_rank) == ("decode", 64, 4, 3)
+    with pytest.raises(ValueError, match="decode-1 of an EP group of 4 needs ep_init"):
+        spec.worker_args("decode", "decode-1", "10.0.0.2", "10.0.0.1:50051", 3)
+
+
 def test_options_default_without_ray_flags() -> None:
     opts = options_from_args(build_parser().parse_args(UP))
     assert opts == RayOptions()

@@ -73,6 +73,24 @@ class ClusterSpec:
     def num_worker_processes(self) -> int:
         return (self.num_prefill + self.num_decode) * self.ep_size
 
+    def worker_args(
+        self, role: str, worker_id: str, host: str, router: str, ep_rank: int = 0, ep_init: str | None = None
+    ) -> list[str]:
+        """`k2serve <role> ...` arguments of one worker process, the same under every launcher
+        (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router at
+        `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group meeting at `ep_init`
+        (tcp://HOST:PORT). Launcher-specific flags (TLS files, a ready file) are the caller's."""
+        args = [role, "--model", self.model_dir, "--dtype", self.dtype, "--host", host, "--port", "0"]
+        args += ["--router", router, "--worker-id", worker_id]
+        args += ["--transfer-backend", self.transfer_backend, *self.engine_args]
+        if self.served_model_name:
+            args += ["--served-model-name", self.served_model_name]
+        if self.ep_size > 1:
+            if ep_init is None:
+                raise ValueError(f"worker {worker_id} of an EP group of {self.ep_size} needs ep_init")
+            args += ["--ep", str(self.ep_size), "--ep-rank", str(ep_rank), "--ep-init", ep_init]
+        return args
+
 
 @dataclass
 class Proc:
@@ -179,36 +197,18 @@ class LocalCluster:
     def _spawn_worker(self, role: str, i: int) -> None:
         """Worker i of `role`: one process, or ep_size rank processes with a rendezvous of their own."""
         s = self.spec
-        args = [
-            role,
-            "--model",
-            s.model_dir,
-            "--dtype",
-            s.dtype,
-            "--host",
-            s.host,
-            "--port",
-            "0",
-            "--router",
-            f"{s.host}:{self.grpc_port}",
-            "--worker-id",
-            f"{role}-{i}",
-            "--transfer-backend",
-            s.transfer_backend,
-            *s.engine_args,
-        ]
-        if s.served_model_name:
-            args += ["--served-model-name", s.served_model_name]
-        if s.tls is not None:
-            args += s.tls.argv()
+        router = f"{s.host}:{self.grpc_port}"
+        tls = s.tls.argv() if s.tls is not None else []
         if s.ep_size == 1:
-            self._spawn(f"{role}-{i}", [*args, "--ready-file", str(self.dir / f"{role}-{i}.ready")])
+            name = f"{role}-{i}"
+            args = s.worker_args(role, name, s.host, router)
+            self._spawn(name, [*args, *tls, "--ready-file", str(self.dir / f"{name}.ready")])
             return
         init = f"tcp://{s.host}:{free_port(s.host)}"
         for r in range(s.ep_size):
             name = f"{role}-{i}-ep{r}"  # the worker id the rank registers under
-            ep_args = ["--ep", str(s.ep_size), "--ep-rank", str(r), "--ep-init", init]
-            self._spawn(name, [*args, *ep_args, "--ready-file", str(self.dir / f"{name}.ready")])
+            args = s.worker_args(role, f"{role}-{i}", s.host, router, r, init)
+            self._spawn(name, [*args, *tls, "--ready-file", str(self.dir / f"{name}.ready")])
 
     def _wait_registered(self, n: int, deadline: float) -> None:
         while time.monotonic() < deadline:

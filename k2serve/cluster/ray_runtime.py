@@ -197,19 +197,15 @@ class RayCluster:
         self._wait_ready(ray, [router], deadline)
 
     def _start_worker_group(self, ray: Any, g: GroupPlan) -> None:
-        s = self.spec
-        argv = [g.role, "--model", s.model_dir, "--dtype", s.dtype, "--host", NODE_IP, "--port", "0"]
-        argv += ["--router", f"{self.router_ip}:{self.grpc_port}", "--worker-id", g.name]
-        argv += ["--transfer-backend", s.transfer_backend, *s.engine_args]
-        if s.served_model_name:
-            argv += ["--served-model-name", s.served_model_name]
+        router = f"{self.router_ip}:{self.grpc_port}"
         if g.ep_size == 1:
+            argv = self.spec.worker_args(g.role, g.name, NODE_IP, router)
             self._actor(ray, g, 0, g.name, self._child(g.name, argv))
             return
         ip, (port,) = self._probe(ray, g, 1)  # rank 0 hosts the group's rendezvous
         for r, name in enumerate(g.process_names):
-            ep = ["--ep", str(g.ep_size), "--ep-rank", str(r), "--ep-init", f"tcp://{ip}:{port}"]
-            self._actor(ray, g, r, name, self._child(name, [*argv, *ep]))
+            argv = self.spec.worker_args(g.role, g.name, NODE_IP, router, r, f"tcp://{ip}:{port}")
+            self._actor(ray, g, r, name, self._child(name, argv))
 
     def _wait_ready(self, ray: Any, procs: list[RayProc], deadline: float) -> None:
         from k2serve.cluster.ray_actor import ChildError
