@@ -1,6 +1,7 @@
 """The agent loop through a real cluster (router + 1 prefill + 1 decode, Redis sessions): 300 tool steps
-in one session each prefilling only their new tokens on the holder, the gRPC transport, and resume
-in this process after the agent's own process was SIGKILLed mid-loop."""
+in one session each prefilling only their new tokens on the holder, the gRPC transport, resume over
+gRPC (the history it reads is HTTP's), and resume in this process after the agent's own process was
+SIGKILLed mid-loop."""
 
 from __future__ import annotations
 
@@ -159,6 +160,28 @@ def test_grpc_transport_keeps_the_session_on_its_holder(cluster: LocalCluster) -
         HTTPTransport.connect(cluster.http_url, OTHER_KEY).session_messages(result.session_id)
     assert e.value.status == 404
     assert transport.delete_session(result.session_id) and not transport.delete_session(result.session_id)
+
+
+def test_resume_over_grpc(cluster: LocalCluster) -> None:
+    target = f"127.0.0.1:{cluster.grpc_port}"
+    grpc_t, http_t = GRPCTransport.connect(target, KEY), HTTPTransport.connect(cluster.http_url, KEY)
+    first = AgentLoop(grpc_t, adder(), max_steps=2, system_prompt="You add digits.", **OPTIONS).run("go")
+    assert first.stop_reason == "max_steps" and first.pending_tool_calls
+    sid = first.session_id
+    before = grpc_t.session_messages(sid)
+    assert before == http_t.session_messages(sid)  # GetSessionMessages returns what HTTP returns
+    assert before == [{"role": "system", "content": "You add digits."}, *first.messages]
+    with pytest.raises(TransportError) as e:  # another key's session does not exist for this one
+        GRPCTransport.connect(target, OTHER_KEY).session_messages(sid)
+    assert e.value.status == "NOT_FOUND"
+
+    result = AgentLoop.resume(sid, GRPCTransport.connect(target, KEY), adder(), max_steps=2, **OPTIONS)
+    assert [r.id for r in result.resumed_tool_calls] == [c["id"] for c in first.pending_tool_calls]
+    after = grpc_t.session_messages(sid)
+    assert after == http_t.session_messages(sid) == [*before, *result.messages]  # nothing lost, nothing twice
+    assert after[len(before)]["role"] == "tool" and len(result.steps) == 2
+    check_well_formed(after)
+    assert grpc_t.delete_session(sid)
 
 
 def test_resume_after_the_agent_process_is_killed(cluster: LocalCluster, tmp_path: Path) -> None:
