@@ -25,6 +25,7 @@ from k2serve.cluster.grpc_errors import status_of
 from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
 from k2serve.proto.convert import (
+    chat_message_from_proto,
     chat_message_to_proto,
     finish_to_proto,
     logprob_to_proto,
@@ -100,7 +101,7 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
         tok = self.backend.tokenizer
         if request.model and request.model != self.backend.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
-        messages = [_message(m) for m in request.messages]
+        messages = [chat_message_from_proto(m) for m in request.messages]
         if not messages:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages is empty")
         new_messages, hint, owner = messages, None, None
@@ -218,7 +219,7 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
         if request.model and request.model != self.backend.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        msgs = [_message(m) for m in request.messages]
+        msgs = [chat_message_from_proto(m) for m in request.messages]
         s = await self._sessions_call(
             context,
             self.sessions.create(self._owner(context), self.backend.model_name, ttl, msgs)
@@ -244,7 +245,7 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
         )
 
     async def AppendSession(self, request: api_pb2.AppendSessionRequest, context):  # noqa: ANN001, N802
-        msgs = [_message(m) for m in request.messages]
+        msgs = [chat_message_from_proto(m) for m in request.messages]
         tool_steps = sum(1 for m in msgs if m["role"] == "tool")
         s = await self._sessions_call(
             context,
@@ -277,23 +278,6 @@ def _usage(prompt: list[int], produced: int, last: TokenEvent) -> common_pb2.Usa
     return common_pb2.Usage(
         prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=last.num_cached_tokens
     )
-
-
-def _message(m: api_pb2.ChatMessage) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m.role}
-    for name in ("content", "reasoning_content", "name", "tool_call_id"):
-        if m.HasField(name):
-            out[name] = getattr(m, name)
-    if m.tool_calls:
-        out["tool_calls"] = [
-            {
-                "id": c.id,
-                "type": c.type or "function",
-                "function": {"name": c.function.name, "arguments": c.function.arguments},
-            }
-            for c in m.tool_calls
-        ]
-    return out
 
 
 def _tool(t: api_pb2.Tool) -> dict[str, Any]:
