@@ -165,8 +165,12 @@ class ClusterBackend:
             direct = self._direct_worker(req)
             if direct is not None:
                 try:
-                    async for ev in self._run_direct(req, direct, sampling, structured):
-                        yield ev
+                    # closed here, before the finally below: its own finally settles the holder's books
+                    async with contextlib.aclosing(
+                        self._run_direct(req, direct, sampling, structured)
+                    ) as evs:
+                        async for ev in evs:
+                            yield ev
                     return
                 except _Retryable as r:  # the holder is gone before any token: re-prefill elsewhere
                     logger.warning("session turn %s: %s; re-prefilling", rid, r)
