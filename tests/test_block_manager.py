@@ -292,3 +292,19 @@ def test_pool_write_gather_round_trip() -> None:
         pool.slot_mapping([3], 0, 5)
     with pytest.raises(KVCachePoolError, match="kv_dim"):
         pool.write(0, torch.tensor([0]), torch.zeros(1, 4))
+
+
+def test_pool_rows_of_consecutive_blocks_are_the_cache_itself() -> None:
+    """What a decode worker receives KV into in place: the span of a table of consecutive blocks."""
+    pool = KVCachePool(num_layers=2, num_blocks=6, block_size=4, kv_dim=5, dtype=torch.float32)
+    assert pool.contiguous_start([2, 3, 4], 10) == 8
+    assert pool.contiguous_start([2, 3, 0], 8) == 8  # only the blocks covering the positions count
+    assert pool.contiguous_start([2, 4], 5) is None
+    with pytest.raises(KVCachePoolError, match="need 3 blocks"):
+        pool.contiguous_start([2, 3], 9)
+    values = torch.randn(10, 5, generator=torch.Generator().manual_seed(0))
+    pool.rows(1, 8, 10).copy_(values)  # written through the view
+    torch.testing.assert_close(pool.gather(1, torch.tensor([[2, 3, 4]]))[0, :10], values)
+    assert pool.rows(0, 8, 10).abs().sum() == 0 and pool.rows(1, 8, 10).is_contiguous()
+    with pytest.raises(KVCachePoolError, match="outside"):
+        pool.rows(0, 20, 5)

@@ -176,3 +176,48 @@ def test_killed_decode_worker_is_detected_and_routed_around(cluster: LocalCluste
         timeout=60,
     )
     assert r.status_code == 200
+
+
+def test_torch_transfer_backend_cluster_matches_offline_engine(
+    tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The torch.distributed (gloo) backend end to end: the decode worker receives each prompt's KV
+    straight into its pool (fresh blocks are consecutive), tokens equal the offline engine's, the
+    bytes moved are the latent's, and every block is free afterwards."""
+    spec = ClusterSpec(
+        model_dir=str(tiny_ckpt),
+        port=0,
+        grpc_port=0,
+        num_prefill=1,
+        num_decode=1,
+        use_redis=False,
+        engine_args=ENGINE_ARGS,
+        workdir=str(tmp_path_factory.mktemp("up-torch")),
+        transfer_backend="torch",
+    )
+    ps = prompts(12, seed=5)
+    max_tokens = [3 + i % 7 for i in range(12)]
+    expected = offline(tiny_ckpt, ps, max_tokens)
+    cfg = ModelConfig.from_file(tiny_ckpt)
+    with LocalCluster(spec) as c:
+        client = openai.AsyncOpenAI(base_url=f"{c.http_url}/v1", api_key="unused", max_retries=0)
+
+        async def one(p: list[int], m: int) -> list[int]:
+            r = await client.completions.create(
+                model=tiny_ckpt.name,
+                prompt=p,
+                max_tokens=m,
+                temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True},
+            )
+            return list(r.choices[0].token_ids)  # type: ignore[attr-defined]
+
+        async def run() -> list[list[int]]:
+            return await asyncio.gather(*(one(p, m) for p, m in zip(ps, max_tokens, strict=True)))
+
+        assert asyncio.run(run()) == expected
+        moved = httpx.get(f"{c.http_url}/cluster/workers").json()["kv_bytes_transferred"]
+        latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        assert moved == sum(len(p) for p in ps) * cfg.num_hidden_layers * latent * 4
+        state = _wait_all_free(c)
+        assert all(f == t > 0 for wid, (f, t) in state.items() if wid.startswith("decode")), state

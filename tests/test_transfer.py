@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -171,6 +172,100 @@ def test_on_layer_error_fails_only_that_transfer() -> None:
         inbox.wait("t", 1)
 
 
+def test_inbox_lands_chunks_in_place() -> None:
+    """landing_site hands out views of place(layer); a landed chunk is verified where it lies and
+    completes its layer without on_layer; layers whose place is None go through on_layer."""
+    inbox = Inbox()
+    spec = TransferSpec("t", 3, 5, 4, torch.bfloat16)
+    kv = make_kv(4, 3, 5, 4, torch.bfloat16)
+    dest = torch.zeros(3, 5, 4, dtype=torch.bfloat16)
+    via_on_layer: dict[int, torch.Tensor] = {}
+    inbox.expect(
+        spec,
+        lambda layer, t: via_on_layer.__setitem__(layer, t.clone()),
+        place=lambda layer: None if layer == 1 else dest[layer],
+    )
+    cpu = torch.device("cpu")
+    for layer in range(3):
+        for h, p in outbox.split_layer(spec, layer, kv[layer], max_chunk_bytes=2 * spec.row_bytes):
+            site = inbox.landing_site(h, "src", cpu)
+            if layer == 1:
+                assert site is None
+                inbox.accept(h, p, "src")
+            else:
+                assert site is not None and site.numel() == h.byte_length
+                assert inbox.landing_site(h, "src", torch.device("meta")) is None  # another device
+                site.copy_(p)  # what the backend's receive does
+                inbox.accept(h, site, "src", landed=True)
+    assert inbox.wait("t", 1).bytes == spec.total_bytes
+    assert same_bits(dest[0], kv[0]) and same_bits(dest[2], kv[2]) and not dest[1].any()
+    assert list(via_on_layer) == [1] and same_bits(via_on_layer[1], kv[1])
+
+
+def test_inbox_landing_sites_refuse_bad_chunks_and_verify_in_place() -> None:
+    inbox = Inbox()
+    spec = TransferSpec("t", 2, 4, 8, torch.bfloat16)
+    dest = torch.zeros(2, 4, 8, dtype=torch.bfloat16)
+    inbox.expect(spec, lambda layer, kv: None, place=lambda layer: dest[layer])
+    payload = torch.arange(spec.layer_bytes, dtype=torch.int64).to(torch.uint8)
+    cpu = torch.device("cpu")
+    for bad in (
+        dict(layer=2),
+        dict(num_tokens=5),
+        dict(token_offset=1),
+        dict(dtype="float32"),
+        dict(kv_dim=9),
+    ):
+        assert inbox.landing_site(_header(spec, payload.numpy().tobytes(), **bad), "src", cpu) is None
+    assert inbox.landing_site(_header(TransferSpec("u", 1, 4, 8, torch.bfloat16), b""), "src", cpu) is None
+    header = _header(spec, payload.numpy().tobytes())
+    site = inbox.landing_site(header, "src", cpu)
+    assert site is not None
+    site.copy_(payload)
+    site[3] ^= 1  # corrupted on the way
+    with pytest.raises(ChunkError, match="checksum"):
+        inbox.accept(header, site, "src", landed=True)
+    assert inbox.landing_site(header, "src", cpu) is None  # failed: nothing lands any more
+    with pytest.raises(ChunkError):
+        inbox.wait("t", 1)
+    wrong = Inbox()
+    wrong.expect(spec, lambda layer, kv: None, place=lambda layer: dest[layer, :2])
+    assert wrong.landing_site(header, "src", cpu) is None
+    with pytest.raises(TransferError, match=r"place\(0\) failed: .*expected \(4, 8\)"):
+        wrong.wait("t", 1)
+
+
+def test_cancel_and_wait_hold_back_while_a_payload_may_still_land() -> None:
+    """The caller frees the placed memory once cancel / wait return, so they wait for a landing
+    site in use (a receive in flight) to end."""
+    inbox = Inbox()
+    spec = TransferSpec("t", 1, 4, 8, torch.bfloat16)
+    dest = torch.zeros(1, 4, 8, dtype=torch.bfloat16)
+    inbox.expect(spec, lambda layer, kv: None, place=lambda layer: dest[layer])
+    header = _header(spec, bytes(spec.layer_bytes))
+    assert inbox.landing_site(header, "src", torch.device("cpu")) is not None
+    done = threading.Event()
+    canceller = threading.Thread(target=lambda: (inbox.cancel("t"), done.set()))
+    canceller.start()
+    assert not done.wait(0.3)  # the receive is still in flight
+    inbox.end_landing("t")  # it failed (say, the connection broke)
+    assert done.wait(5)
+    canceller.join(5)
+    later = TransferSpec("w", 1, 4, 8, torch.bfloat16)
+    inbox.expect(later, lambda layer, kv: None, place=lambda layer: dest[layer])
+    site = inbox.landing_site(_header(later, bytes(later.layer_bytes)), "src", torch.device("cpu"))
+    assert site is not None
+    returned = threading.Event()
+    waiter = threading.Thread(
+        target=lambda: (pytest.raises(TransferTimeout, inbox.wait, "w", 0.1), returned.set())
+    )
+    waiter.start()
+    assert not returned.wait(0.5)  # timed out, but a payload may still land
+    inbox.end_landing("w")
+    assert returned.wait(5)
+    waiter.join(5)
+
+
 def test_frames_roundtrip_and_reject_garbage() -> None:
     frame = KVControlFrame(chunk=KVChunkHeader(transfer_id="x" * 64, layer=60, byte_length=1 << 40))
     buf = torch_wire.encode_frame(frame)
@@ -306,14 +401,19 @@ def _sender_main(backend: str, endpoint: str, cases: list[Case], results: Any) -
     sender.shutdown()
 
 
-@pytest.mark.parametrize("backend", ["grpc", "torch"])
-def test_two_process_transfers(backend: str) -> None:
+@pytest.mark.parametrize(("backend", "in_place"), [("grpc", False), ("torch", False), ("torch", True)])
+def test_two_process_transfers(backend: str, in_place: bool) -> None:
+    """Every case through one connection; in_place: the torch receiver puts layers straight into a
+    destination tensor (as into a decode worker's pool), so on_layer never runs."""
     receiver = make_receiver(backend)
     received: dict[str, dict[int, torch.Tensor]] = {}
+    placed: dict[str, torch.Tensor] = {}
     for case in CASES:
         if case.fault != "unknown":
             received[case.transfer_id] = {}
             store = received[case.transfer_id]
+            dest = torch.zeros(case.num_layers, case.num_tokens, case.kv_dim, dtype=case.torch_dtype)
+            placed[case.transfer_id] = dest
             receiver.expect(
                 case.transfer_id,
                 case.num_layers,
@@ -321,6 +421,7 @@ def test_two_process_transfers(backend: str) -> None:
                 case.kv_dim,
                 case.torch_dtype,
                 lambda layer, kv, store=store: store.__setitem__(layer, kv.clone()),
+                place=(lambda layer, dest=dest: dest[layer]) if in_place else None,
             )
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -357,8 +458,12 @@ def test_two_process_transfers(backend: str) -> None:
                 case.torch_dtype,
             )
             got = received[case.transfer_id]
-            assert sorted(got) == list(range(case.num_layers))
-            assert all(same_bits(got[i], kv[i]) for i in range(case.num_layers))
+            if in_place:
+                assert got == {} and same_bits(placed[case.transfer_id], kv)
+            else:
+                assert sorted(got) == list(range(case.num_layers))
+                assert all(same_bits(got[i], kv[i]) for i in range(case.num_layers))
+                assert not placed[case.transfer_id].any()  # place is ignored without in_place
             assert stats.bytes == kv.numel() * kv.element_size()
         child.join(10)
         assert child.exitcode == 3

@@ -82,8 +82,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         def on_layer(layer: int, kv: torch.Tensor) -> None:  # a receiver thread: blocks nobody else uses
             pool.write(layer, slots, kv)
 
+        # Consecutive blocks (the usual case) are one span per layer: the backend may receive into it.
+        start = pool.contiguous_start(table, n)
+        place = None if start is None else (lambda layer: pool.rows(layer, start, n))
         try:
-            self.receiver.expect(tid, mc.num_hidden_layers, n, mc.kv_cache_dim, pool.kv.dtype, on_layer)
+            self.receiver.expect(
+                tid, mc.num_hidden_layers, n, mc.kv_cache_dim, pool.kv.dtype, on_layer, place=place
+            )
         except ValueError as err:
             await self._free(table)
             await context.abort(grpc.StatusCode.INTERNAL, f"cannot expect transfer: {err}")
@@ -170,7 +175,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         res = self.reservations.pop(request.transfer_id, None)
         if res is None:
             return worker_pb2.ReleaseResponse(released=False)
-        self.receiver.cancel(request.transfer_id)
+        # cancel returns once no payload can land in the blocks any more (a thread: it may wait for one)
+        await asyncio.to_thread(self.receiver.cancel, request.transfer_id)
         await self._free(res.block_table)
         return worker_pb2.ReleaseResponse(released=True)
 
@@ -188,9 +194,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             for tid, res in list(self.reservations.items()):
                 if now - res.created > RESERVATION_TTL_S:
                     logger.warning("reservation %s of %s expired; releasing", tid, res.request_id)
-                    with contextlib.suppress(Exception):
-                        self.receiver.cancel(tid)
                     self.reservations.pop(tid, None)
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(self.receiver.cancel, tid)
                     await self._free(res.block_table)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=5)

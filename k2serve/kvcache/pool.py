@@ -98,6 +98,28 @@ class KVCachePool:
         positions = torch.arange(start, end, device=self.kv.device)  # [T]
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
+    def contiguous_start(self, block_table: Sequence[int], num_tokens: int) -> int | None:
+        """The first slot of positions [0, num_tokens) when they occupy consecutive slots (the
+        table's blocks covering them are consecutive ids), else None."""
+        needed = -(-num_tokens // self.block_size)
+        if not 0 < needed <= len(block_table):
+            raise KVCachePoolError(
+                f"{num_tokens} positions need {needed} blocks, the table has {len(block_table)}"
+            )
+        first = block_table[0]
+        if any(block_table[i] != first + i for i in range(needed)):
+            return None
+        return first * self.block_size
+
+    def rows(self, layer: int, start: int, num_tokens: int) -> torch.Tensor:
+        """The pool's own memory of slots [start, start + num_tokens) of `layer`: a contiguous
+        [num_tokens, kv_dim] view (writing it writes the cache)."""
+        if not 0 <= start <= start + num_tokens <= self.num_slots:
+            raise KVCachePoolError(
+                f"slots [{start}, {start + num_tokens}) outside the pool's {self.num_slots}"
+            )
+        return self.kv[layer].view(self.num_slots, self.kv_dim)[start : start + num_tokens]
+
     def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Store `values` [T, kv_dim] of `layer` at `slots` [T] (cast to the pool dtype)."""
         if values.dim() != 2 or values.shape[1] != self.kv_dim or values.shape[0] != slots.numel():

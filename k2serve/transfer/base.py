@@ -29,6 +29,11 @@ DTYPES: dict[str, torch.dtype] = {
 OnLayer = Callable[[int, torch.Tensor], None]
 """on_layer(layer, kv[num_tokens, kv_dim]): kv is only valid during the call (copy it out)."""
 
+Place = Callable[[int], "torch.Tensor | None"]
+"""place(layer) -> where that layer's KV belongs: a contiguous [num_tokens, kv_dim] tensor of the
+transfer's dtype on the receiver's device, which the backend may receive the layer's bytes into
+directly (no copy through on_layer), or None to deliver the layer through on_layer."""
+
 
 class TransferError(RuntimeError):
     """A transfer failed; carries its id and the reason."""
@@ -165,6 +170,12 @@ class KVReceiver(ABC):
     - `on_layer(layer, kv)` runs on a receiver thread once per layer, after the layer's bytes
       are complete and verified; kv [num_tokens, kv_dim] is only valid during the call. An
       exception from on_layer fails the transfer.
+    - With `place`, a backend that can receive into memory directly (torch: gloo and NCCL) puts a
+      layer's bytes straight into `place(layer)` and verifies them there; on_layer is then not
+      called for that layer. Backends that cannot (gRPC) ignore `place`. The placed memory holds
+      unverified bytes until `wait` returns; after a failed transfer it holds garbage.
+      `wait` and `cancel` return only once no payload can still land in it (a payload already
+      on its way finishes first, or its connection breaks), so the caller may then reuse it.
     - A bad chunk (sizes, layer, dtype, order, checksum) fails only its transfer, with a
       ChunkError naming the field; the receiver keeps serving other transfers.
     - Every `expect` ends with `wait` or `cancel`. `wait(timeout)` returns TransferStats
@@ -186,6 +197,7 @@ class KVReceiver(ABC):
         kv_dim: int,
         dtype: torch.dtype,
         on_layer: OnLayer,
+        place: Place | None = None,
     ) -> None:
         """Register a transfer; raises ValueError for a bad description or a transfer_id already expected."""
 

@@ -24,6 +24,7 @@ from k2serve.transfer.base import (
     ChunkError,
     KVReceiver,
     OnLayer,
+    Place,
     TransferError,
     TransferSpec,
     TransferStats,
@@ -244,7 +245,9 @@ class GrpcKVReceiver(KVReceiver):
         kv_dim: int,
         dtype: torch.dtype,
         on_layer: OnLayer,
+        place: Place | None = None,
     ) -> None:
+        """`place` is ignored: payloads arrive in gRPC's own buffers, so every layer goes through on_layer."""
         self._inbox.expect(TransferSpec(transfer_id, num_layers, num_tokens, kv_dim, dtype), on_layer)
 
     def wait(self, transfer_id: str, timeout: float) -> TransferStats:

@@ -3,6 +3,12 @@
 A backend hands each arriving (KVChunkHeader, payload) to `Inbox.accept`; the inbox checks it
 against the expected transfer, assembles layers that come in several chunks, calls on_layer for
 each complete layer and wakes `wait` when the last layer is in.
+
+Receiving in place: a backend that can receive into any memory first asks `landing_site(header)`
+where the chunk's payload belongs (a view of the layer's `place` destination), receives it there
+and then calls `accept(..., landed=True)`, which verifies it where it lies. Each landing site handed
+out is counted until that accept (or `end_landing` when the receive failed), and `wait` / `cancel`
+hold back until the count is zero, so no byte can land in memory the caller has taken back.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from k2serve.proto.kv_transfer_pb2 import KVChunkHeader
 from k2serve.transfer.base import (
     ChunkError,
     OnLayer,
+    Place,
     TransferError,
     TransferSpec,
     TransferStats,
@@ -43,6 +50,8 @@ class _Transfer:
     source: str | None = None
     assembly: torch.Tensor | None = None  # one layer's bytes when layers arrive in several chunks
     busy: threading.Lock = field(default_factory=threading.Lock)  # one chunk of this transfer at a time
+    place: Place | None = None
+    landing: int = 0  # landing sites handed out whose payload was not accepted or ended yet
 
     @property
     def complete(self) -> bool:
@@ -54,23 +63,81 @@ class Inbox:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified when a transfer's landing count drops
         self._transfers: dict[str, _Transfer] = {}
         self._closed_reason: str | None = None
 
-    def expect(self, spec: TransferSpec, on_layer: OnLayer) -> None:
+    def expect(self, spec: TransferSpec, on_layer: OnLayer, place: Place | None = None) -> None:
         with self._lock:
             if self._closed_reason is not None:
                 raise TransferError(spec.transfer_id, self._closed_reason)
             if spec.transfer_id in self._transfers:
                 raise ValueError(f"transfer_id {spec.transfer_id!r} is already expected")
-            self._transfers[spec.transfer_id] = _Transfer(spec, on_layer, [0] * spec.num_layers)
+            self._transfers[spec.transfer_id] = _Transfer(spec, on_layer, [0] * spec.num_layers, place=place)
 
-    def accept(self, header: KVChunkHeader, payload: Payload, source: str) -> bool:
+    def landing_site(self, h: KVChunkHeader, source: str, device: torch.device) -> torch.Tensor | None:
+        """Where this chunk's payload may be received in place: a flat uint8 view of its rows in
+        `place(layer)`, or None (receive it into a buffer; `accept` then names anything wrong).
+        A destination on another device than `device` (where this backend receives) is not used.
+
+        A site handed out must end with `accept(..., landed=True)` or `end_landing`.
+        """
+        with self._lock:
+            t = self._transfers.get(h.transfer_id)
+            if t is None or t.place is None or t.error is not None or t.done.is_set():
+                return None
+            spec = t.spec
+            if (
+                t.source not in (None, source)
+                or h.dtype != spec.dtype_name
+                or h.kv_dim != spec.kv_dim
+                or h.layer >= spec.num_layers
+                or h.num_tokens == 0
+                or h.token_offset + h.num_tokens > spec.num_tokens
+                or h.byte_length != h.num_tokens * spec.row_bytes
+            ):
+                return None
+            t.landing += 1
+        try:
+            dest = t.place(h.layer)
+            if dest is None or dest.device != device:  # e.g. a GPU pool behind a host receiver
+                self.end_landing(h.transfer_id)
+                return None
+            if tuple(dest.shape) != (spec.num_tokens, spec.kv_dim) or dest.dtype != spec.dtype:
+                raise ValueError(
+                    f"it gave {tuple(dest.shape)} {dest.dtype}, expected ({spec.num_tokens}, {spec.kv_dim}) {spec.dtype}"
+                )
+            if not dest.is_contiguous():
+                raise ValueError("it gave a tensor that is not contiguous")
+        except Exception as e:  # the decode worker's code: its failure fails the transfer
+            self.fail(h.transfer_id, TransferError(h.transfer_id, f"place({h.layer}) failed: {e}"))
+            self.end_landing(h.transfer_id)
+            return None
+        rows = dest[h.token_offset : h.token_offset + h.num_tokens]
+        return rows.reshape(-1).view(torch.uint8)
+
+    def end_landing(self, transfer_id: str) -> None:
+        """A landing site's payload will not be accepted (its receive failed)."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            if t is not None and t.landing > 0:
+                t.landing -= 1
+                self._settled.notify_all()
+
+    def accept(self, header: KVChunkHeader, payload: Payload, source: str, landed: bool = False) -> bool:
         """Validate one chunk and deliver the layer it completes; True when the transfer is complete.
 
-        Raises ChunkError for a bad chunk (the transfer, if known, fails with it) and TransferError
-        when the transfer already failed or on_layer raised.
+        landed: payload is the `landing_site` this chunk was received into (its layer is then
+        complete without on_layer). Raises ChunkError for a bad chunk (the transfer, if known,
+        fails with it) and TransferError when the transfer already failed or on_layer raised.
         """
+        try:
+            return self._accept(header, payload, source, landed)
+        finally:
+            if landed:
+                self.end_landing(header.transfer_id)
+
+    def _accept(self, header: KVChunkHeader, payload: Payload, source: str, landed: bool) -> bool:
         arrived = time.perf_counter()
         tid = header.transfer_id
         with self._lock:
@@ -81,10 +148,11 @@ class Inbox:
             if t.error is not None:
                 raise t.error
             try:
-                layer_view = self._check(t, header, payload, source)
+                layer_view = self._check(t, header, payload, source, landed)
                 if t.first_chunk_at is None:
                     t.first_chunk_at = arrived
                     t.source = source
+                layer_done = t.rows_in[header.layer] == t.spec.num_tokens
                 if layer_view is not None:
                     t.on_layer(header.layer, layer_view)
             except ChunkError as e:
@@ -96,15 +164,18 @@ class Inbox:
                 raise err from e
             with self._lock:
                 t.bytes += header.byte_length
-                if layer_view is not None:
+                if layer_done:
                     t.layers_done += 1
                 if t.complete and t.error is None:
                     t.finished_at = time.perf_counter()
                     t.done.set()
                 return t.complete and t.error is None
 
-    def _check(self, t: _Transfer, h: KVChunkHeader, payload: Payload, source: str) -> torch.Tensor | None:
-        """Checks one chunk; returns the layer [num_tokens, kv_dim] when this chunk completes it."""
+    def _check(
+        self, t: _Transfer, h: KVChunkHeader, payload: Payload, source: str, landed: bool
+    ) -> torch.Tensor | None:
+        """Checks one chunk; returns the layer [num_tokens, kv_dim] to hand to on_layer when this
+        chunk completes it (never for a landed chunk: its bytes already lie where they belong)."""
         spec, tid = t.spec, h.transfer_id
         if t.source is not None and source != t.source:
             raise ChunkError(tid, "source", source, f"{t.source!r}, the sender of its first chunk")
@@ -131,6 +202,8 @@ class Inbox:
             expected = Checksum(h.checksum_kind, h.checksum_lo, h.checksum_hi)
             raise ChunkError(tid, "checksum", str(got), f"{expected} from the header")
         t.rows_in[h.layer] = rows_in + h.num_tokens
+        if landed:
+            return None
         whole = h.num_tokens == spec.num_tokens
         if whole and isinstance(payload, torch.Tensor):
             return payload.view(spec.dtype).view(spec.num_tokens, spec.kv_dim)
@@ -172,6 +245,7 @@ class Inbox:
             self.fail(
                 transfer_id, TransferTimeout(transfer_id, timeout, f"{layers}/{t.spec.num_layers} layers")
             )
+        self._settle(t)
         with t.busy, self._lock:  # no on_layer of this transfer runs after wait returns
             self._transfers.pop(transfer_id, None)
         if t.error is not None:
@@ -179,8 +253,19 @@ class Inbox:
         assert t.first_chunk_at is not None and t.finished_at is not None
         return TransferStats(bytes=t.bytes, seconds=t.finished_at - t.first_chunk_at)
 
+    def _settle(self, t: _Transfer) -> None:
+        """Wait until no payload can still land in t's placed memory. t is done or failed, so no
+        new landing site is handed out; one in flight ends when its bytes arrive or its connection
+        breaks."""
+        with self._settled:
+            self._settled.wait_for(lambda: t.landing == 0)
+
     def cancel(self, transfer_id: str) -> bool:
         self.fail(transfer_id, TransferError(transfer_id, "cancelled by the receiver"))
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+        if t is not None:
+            self._settle(t)
         with self._lock:
             t = self._transfers.pop(transfer_id, None)
         if t is not None:

@@ -1,9 +1,15 @@
 """KV receiver of the torch.distributed backend (wire format and rendezvous: torch_wire).
 
 It hosts the rendezvous TCPStore and, per connected sender, two threads: a network thread that
-takes chunks from a ring of receive slots posted ahead of time, and a delivery thread that
-validates each chunk through the Inbox, calls on_layer, sends verdict frames and re-posts the
-slot. No pickle anywhere.
+reads control frames from a ring of frame receives posted ahead of time and posts each chunk's
+payload receive, and a delivery thread that waits for the payloads in order, validates each chunk
+through the Inbox (on_layer, or in place), and sends verdict frames.
+
+Where a payload lands: straight into the transfer's `place` destination when the receiver's
+consumer gave one (the decode worker's paged pool when the request's blocks are consecutive), else
+into one of two staging buffers per sender that the delivery thread hands to on_layer. Payload
+receives are posted only once their frame is read (gloo then tells the sender to go; a receive is
+posted while the previous payload still streams, so the wire never idles). No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -18,37 +25,23 @@ import torch.distributed as dist
 
 from k2serve.proto.kv_transfer_pb2 import KVChunkHeader, KVControlFrame, KVPushAck
 from k2serve.transfer import torch_wire as wire
-from k2serve.transfer.base import KVReceiver, OnLayer, TransferError, TransferSpec, TransferStats
+from k2serve.transfer.base import KVReceiver, OnLayer, Place, TransferError, TransferSpec, TransferStats
 from k2serve.transfer.inbox import Inbox
 
 log = logging.getLogger(__name__)
 _JOIN_S = 5.0  # how long shutdown waits for a thread to finish
-_RING = 2  # receive slots per sender: one being validated while the next one fills
+_FRAMES = 4  # frame receives posted ahead per sender
+_STAGING = 2  # staging buffers per sender: one being delivered while the next one fills
 
 
 @dataclass
-class _Slot:
-    """A frame buffer and a full-size payload buffer with their posted receives.
+class _Arrival:
+    """A chunk whose payload receive is posted: where it lands and how to return the buffer."""
 
-    gloo lets a payload land in the larger posted buffer, so both receives are posted ahead. NCCL
-    (CUDA payloads; untested here) needs the exact size: its receive is posted once the frame is read.
-    """
-
-    frame: torch.Tensor
-    payload: torch.Tensor
-    frame_work: dist.Work | None = None
-    payload_work: dist.Work | None = None
-
-    def post(self, pg: dist.ProcessGroup, payload_pg: dist.ProcessGroup) -> None:
-        self.frame_work = pg.recv([self.frame], 1, wire.FRAME_TAG)
-        if self.payload.device.type == "cpu":
-            self.payload_work = payload_pg.recv([self.payload], 1, wire.PAYLOAD_TAG)
-
-    def wait_payload(self, payload_pg: dist.ProcessGroup, n: int) -> None:
-        if self.payload.device.type != "cpu":
-            self.payload_work = payload_pg.recv([self.payload[:n]], 1, wire.PAYLOAD_TAG)
-        assert self.payload_work is not None
-        self.payload_work.wait()
+    header: KVChunkHeader
+    target: torch.Tensor  # flat uint8: a landing site in place, or a staging buffer's prefix
+    work: dist.Work
+    staging: torch.Tensor | None  # the staging buffer to return, None when landed in place
 
 
 class _Peer:
@@ -62,8 +55,9 @@ class _Peer:
         self.payload_pg: dist.ProcessGroup | None = None
         self.send_lock = threading.Lock()  # verdicts and goodbye share the ACK tag
         self.goodbye_sent = False
-        self.free: queue.SimpleQueue[_Slot | None] = queue.SimpleQueue()  # posted slots in posting order
-        self.ready: queue.SimpleQueue[tuple[KVChunkHeader, _Slot] | None] = queue.SimpleQueue()
+        self.staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # free staging buffers
+        self.staging_made = 0  # allocated on first need: transfers received in place use none
+        self.arrivals: queue.SimpleQueue[_Arrival | None] = queue.SimpleQueue()  # in posting order
         self.thread = threading.Thread(target=self.run, name=f"kv-recv-{number}", daemon=True)
         self.deliver_thread = threading.Thread(target=self.deliver, name=f"kv-deliver-{number}", daemon=True)
 
@@ -80,65 +74,82 @@ class _Peer:
             self.pg = pg
         if o.stopping.is_set():
             self.say_goodbye()
-        for _ in range(_RING):
-            slot = _Slot(
-                torch.zeros(wire.FRAME_BYTES, dtype=torch.uint8),
-                torch.empty(o.max_chunk_bytes, dtype=torch.uint8, device=o.device),
-            )
-            slot.post(pg, payload_pg)
-            self.free.put(slot)
         self.deliver_thread.start()
         try:
-            self.receive()
+            self.receive(pg, payload_pg)
         except (RuntimeError, wire.FrameError) as e:
             log.info("sender %d disconnected: %s", self.number, e)
-            self.ready.put(None)
+            self.arrivals.put(None)
             self.deliver_thread.join(_JOIN_S)
             o.inbox.fail_source(self.source, f"connection to sender {self.number} lost: {e}")
             return
-        self.ready.put(None)
+        self.arrivals.put(None)
         self.deliver_thread.join(_JOIN_S)
         self.say_goodbye()
 
-    def receive(self) -> None:
+    def receive(self, pg: dist.ProcessGroup, payload_pg: dist.ProcessGroup) -> None:
         """Network loop; returns at the sender's goodbye, raises when the connection breaks."""
+        frames: deque[tuple[torch.Tensor, dist.Work]] = deque()
+        for _ in range(_FRAMES):  # gloo matches receives of one tag from one peer in posting order
+            buf = torch.zeros(wire.FRAME_BYTES, dtype=torch.uint8)
+            frames.append((buf, pg.recv([buf], 1, wire.FRAME_TAG)))
+        max_bytes, device = self.owner.max_chunk_bytes, self.owner.device
         while True:
-            slot = self.free.get()
-            if slot is None:
-                raise RuntimeError("the delivery thread could not re-post a receive")
-            assert slot.frame_work is not None and self.payload_pg is not None
-            slot.frame_work.wait()
-            frame = wire.decode_frame(slot.frame)
+            buf, work = frames.popleft()
+            work.wait()
+            frame = wire.decode_frame(buf)
+            frames.append((buf, pg.recv([buf], 1, wire.FRAME_TAG)))  # decode_frame copied it out
             kind = frame.WhichOneof("kind")
             if kind == "goodbye":
                 return
             if kind != "chunk":
                 raise wire.FrameError(f"unexpected {kind} frame", 0)
-            n = frame.chunk.byte_length
-            if not 0 < n <= self.owner.max_chunk_bytes:  # its payload would not match its slot
-                raise wire.FrameError(f"payload of {n} bytes, not in 1..{self.owner.max_chunk_bytes}", n)
-            slot.wait_payload(self.payload_pg, n)
-            self.ready.put((frame.chunk, slot))
+            header = frame.chunk
+            n = header.byte_length
+            if not 0 < n <= max_bytes:  # the sender disagrees about the slot size: a broken peer
+                raise wire.FrameError(f"payload of {n} bytes, not in 1..{max_bytes}", n)
+            staging = None
+            target = self.owner.inbox.landing_site(header, self.source, device)
+            if target is None:
+                staging = self.take_staging()
+                target = staging[:n]
+            try:
+                work = payload_pg.recv([target], 1, wire.PAYLOAD_TAG)
+            except RuntimeError:
+                if staging is None:
+                    self.owner.inbox.end_landing(header.transfer_id)
+                raise
+            self.arrivals.put(_Arrival(header, target, work, staging))
+
+    def take_staging(self) -> torch.Tensor:
+        """A free staging buffer; blocks while the delivery thread holds all _STAGING of them."""
+        if self.staging.empty() and self.staging_made < _STAGING:
+            self.staging_made += 1
+            o = self.owner
+            return torch.empty(o.max_chunk_bytes, dtype=torch.uint8, device=o.device)
+        return self.staging.get()
 
     def deliver(self) -> None:
-        """Delivery loop: validate, on_layer, verdict, re-post the slot (in arrival order)."""
-        while (item := self.ready.get()) is not None:
-            header, slot = item
+        """Delivery loop, in arrival order: wait for the payload, validate, verdict, free the buffer."""
+        inbox = self.owner.inbox
+        while (item := self.arrivals.get()) is not None:
+            landed = item.staging is None
             try:
-                complete = self.owner.inbox.accept(header, slot.payload[: header.byte_length], self.source)
-                ack = KVPushAck(transfer_id=header.transfer_id, ok=True) if complete else None
+                item.work.wait()
+            except RuntimeError as e:  # the connection broke; the network thread fails its transfers
+                log.info("sender %d: payload of %s lost: %s", self.number, item.header.transfer_id, e)
+                if landed:
+                    inbox.end_landing(item.header.transfer_id)
+                continue
+            try:
+                complete = inbox.accept(item.header, item.target, self.source, landed=landed)
+                ack = KVPushAck(transfer_id=item.header.transfer_id, ok=True) if complete else None
             except TransferError as e:
-                ack = KVPushAck(transfer_id=header.transfer_id, ok=False, error=str(e)[:300])
+                ack = KVPushAck(transfer_id=item.header.transfer_id, ok=False, error=str(e)[:300])
+            if item.staging is not None:
+                self.staging.put(item.staging)
             if ack is not None:
                 self.verdict(ack)
-            try:
-                assert self.pg is not None and self.payload_pg is not None
-                slot.post(self.pg, self.payload_pg)
-            except RuntimeError as e:
-                log.info("sender %d: re-posting a receive failed: %s", self.number, e)
-                self.free.put(None)
-                return
-            self.free.put(slot)
 
     def verdict(self, ack: KVPushAck) -> None:
         with self.send_lock:
@@ -165,8 +176,9 @@ class TorchKVReceiver(KVReceiver):
 
     device: where payloads land and on_layer tensors live ("cuda" receives over NCCL).
     connect_timeout: seconds a joining sender may take to build its process group.
-    max_chunk_bytes: payload slot size; each sender holds 2 slots (32 MiB at the default), and
-    layers larger than this arrive in several chunks (one extra copy on assembly).
+    max_chunk_bytes: the largest payload; each sender holds 2 staging buffers of this size (32 MiB
+    at the default) for chunks not received in place, and layers larger than this arrive in
+    several chunks (one extra copy on assembly when not received in place).
     """
 
     def __init__(
@@ -220,8 +232,10 @@ class TorchKVReceiver(KVReceiver):
         kv_dim: int,
         dtype: torch.dtype,
         on_layer: OnLayer,
+        place: Place | None = None,
     ) -> None:
-        self.inbox.expect(TransferSpec(transfer_id, num_layers, num_tokens, kv_dim, dtype), on_layer)
+        spec = TransferSpec(transfer_id, num_layers, num_tokens, kv_dim, dtype)
+        self.inbox.expect(spec, on_layer, place)
 
     def wait(self, transfer_id: str, timeout: float) -> TransferStats:
         return self.inbox.wait(transfer_id, timeout)

@@ -13,11 +13,11 @@ Rendezvous (one TCPStore per receiver, shared by all its senders):
 Messages: per chunk, a control frame on FRAME_TAG then its payload on PAYLOAD_TAG. A frame is a
 fixed FRAME_BYTES uint8 tensor = u32 little-endian body length + a KVControlFrame protobuf + zero
 padding. A payload is 1..max_chunk_bytes raw bytes, where max_chunk_bytes is what the receiver
-published under store key "max_chunk_bytes". Because gloo lets a message land in a larger posted
-buffer, the receiver keeps frame and payload receives posted ahead into a ring of full-size slots
-(gloo matches receives of one tag from one peer in posting order), so a sender never waits for the
-receiver to parse a header; the checksum over byte_length bytes catches a short payload.
-Verdicts travel back on ACK_TAG as frames.
+published under store key "max_chunk_bytes". The receiver keeps several frame receives posted
+ahead (gloo lets a frame land in its fixed-size buffer at once, and matches receives of one tag
+from one peer in posting order) and posts each payload's receive, of exactly byte_length bytes,
+once its frame is read, into the memory the chunk belongs in (so gloo sends a payload only when
+the receiver is ready for it). Verdicts travel back on ACK_TAG as frames.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ FRAME_TAG = 1  # sender -> receiver: chunk or goodbye frames
 PAYLOAD_TAG = 3  # sender -> receiver: the payload of the preceding chunk frame
 ACK_TAG = 2  # receiver -> sender: verdict or goodbye frames
 FRAME_BYTES = 512
-MAX_CHUNK_BYTES = 16 << 20  # default payload slot size; a 4,096-token K2 layer (4.7 MB) fits in one
+MAX_CHUNK_BYTES = 16 << 20  # default largest payload; a 4,096-token K2 layer (4.7 MB) fits in one
 STOP_VALUE = b"__stop__"
 IDLE_TIMEOUT = timedelta(days=365)
 """Timeout of the pair groups' operations: a gloo timeout closes the pair, and a receiver may wait
