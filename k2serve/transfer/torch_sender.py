@@ -24,7 +24,9 @@ from k2serve.transfer.outbox import SenderBase, split_layer
 
 log = logging.getLogger(__name__)
 _JOIN_S = 5.0  # how long shutdown waits for a thread to finish
-_IN_FLIGHT = 2  # layers posted to gloo and not yet confirmed sent
+_IN_FLIGHT = (
+    4  # layers posted to gloo and not yet confirmed sent (2 measured 0.66-0.67 of the socket, 4 0.67-0.75)
+)
 
 
 class TorchKVSender(SenderBase):

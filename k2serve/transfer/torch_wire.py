@@ -6,9 +6,13 @@ Rendezvous (one TCPStore per receiver, shared by all its senders):
 - A sender connects as a store client, takes a peer number n = add("joins", 1) - 1 and sets
   "join/<n>". The receiver's accept thread waits for "join/0", "join/1", ... in order (the
   value STOP_VALUE ends it at shutdown).
-- Both sides then build a 2-rank group over PrefixStore("peer/<n>/", store), receiver rank 0,
-  sender rank 1; gloo exchanges their addresses through the store. CUDA payloads use a second,
-  NCCL group over PrefixStore("peer/<n>/nccl/", store).
+- Both sides then build two 2-rank groups, receiver rank 0, sender rank 1 (gloo exchanges their
+  addresses through the store): a control group over PrefixStore("peer/<n>/", store) for frames
+  and verdicts, and a payload group: gloo over PrefixStore("peer/<n>/payload/", store) for host
+  payloads, NCCL over PrefixStore("peer/<n>/nccl/", store) for CUDA payloads. Two connections,
+  because one gloo connection writes messages in order: a frame posted while a 4.7 MB payload is
+  on the wire would arrive only after it, and the receiver could not post the next payload's
+  receive before the previous one ended (an idle round trip per chunk).
 
 Messages: per chunk, a control frame on FRAME_TAG then its payload on PAYLOAD_TAG. A frame is a
 fixed FRAME_BYTES uint8 tensor = u32 little-endian body length + a KVControlFrame protobuf + zero
@@ -103,15 +107,17 @@ def pair_groups(
 ) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(control group, payload group) of peer connection `peer`; blocks until the other rank joins.
 
-    The control group is gloo on local_host's interface; the payload group is the same group on
-    CPU and an NCCL group when device is CUDA (one device per rank, as NCCL requires).
+    The control group is gloo on local_host's interface; the payload group is a second gloo group
+    (its own TCP connection) on CPU and an NCCL group when device is CUDA (one device per rank, as
+    NCCL requires).
     """
     opts = dist.ProcessGroupGloo._Options()
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
     opts._timeout = IDLE_TIMEOUT
     control = dist.ProcessGroupGloo(dist.PrefixStore(f"peer/{peer}/", store), rank, 2, opts)
     if device.type != "cuda":
-        return control, control
+        payload = dist.ProcessGroupGloo(dist.PrefixStore(f"peer/{peer}/payload/", store), rank, 2, opts)
+        return control, payload
     torch.cuda.set_device(device)
     payload = dist.ProcessGroupNCCL(dist.PrefixStore(f"peer/{peer}/nccl/", store), rank, 2)
     return control, payload
