@@ -102,7 +102,14 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     s.add_argument("--advertise-host", default=None, help="address others use to reach this worker")
     s.add_argument("--router", default=None, help="router's gRPC address host:port to register with")
     s.add_argument("--worker-id", default=None)
-    s.add_argument("--transfer-backend", choices=("grpc", "torch"), default="grpc")
+    s.add_argument(
+        "--transfer-backend",
+        choices=("auto", "grpc", "torch"),
+        default="auto",
+        help="how this worker receives KV (decode; a prefill worker sends with what each decode "
+        "worker names): torch = torch.distributed (gloo on CPU, NCCL on GPU), received in place; "
+        "grpc = gRPC streams (TLS-capable); auto = torch, or grpc with --tls-*",
+    )
     s.add_argument("--transfer-port", type=int, default=0, help="torch.distributed transfer port (0 = free)")
     s.add_argument(
         "--ep",
@@ -303,7 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert-parallel ranks per worker: each prefill and decode worker is a group of --ep "
         "processes (each its own endpoint)",
     )
-    s.add_argument("--transfer-backend", choices=("grpc", "torch"), default="grpc")
+    s.add_argument(
+        "--transfer-backend",
+        choices=("auto", "grpc", "torch"),
+        default="auto",
+        help="KV transfer between workers: torch = torch.distributed (gloo on CPU, NCCL on GPU), "
+        "received straight into the decode pool; grpc = gRPC streams (TLS-capable); "
+        "auto = torch, or grpc with --tls-*",
+    )
     add_tls_args(s)
     s.add_argument(
         "--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)"

@@ -116,3 +116,22 @@ def test_lost_rank_fails_the_others_fast(tiny_ckpt: Path, world: int, mode: str,
             assert elapsed < ROLL_CALL_S + 5
         else:  # hung: the collective times out
             assert elapsed < TIMEOUT_S + ROLL_CALL_S + 5
+
+
+def test_a_restarted_rank_does_not_join_a_failed_groups_rendezvous() -> None:
+    """A rank restarted right after its group failed can reach the old rank 0 while that one still
+    stops (its roll call keeps the store up): it must not join that group (whose rank 0 never comes
+    back to it) but keep trying until a fresh rank 0 answers, or fail naming rank 0."""
+    import torch.distributed as dist
+
+    from k2serve.experts.comm import EPComm, EPError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    old = dist.TCPStore("127.0.0.1", port, 1, True, timedelta(seconds=5), wait_for_workers=False)
+    dist.PrefixStore("ep", old).set("group_failed", "1")  # what the old group's _fail leaves
+    start = time.monotonic()
+    with pytest.raises(EPError, match="only a failed group's rank 0 answered") as err:
+        EPComm.connect(f"tcp://127.0.0.1:{port}", 1, 2, timeout=timedelta(seconds=2))
+    assert 2 <= time.monotonic() - start < 10 and err.value.peers == (0,)

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--transfer-backend", default="grpc", choices=("grpc", "torch"))
+    ap.add_argument("--transfer-backend", default="torch", choices=("grpc", "torch"))
     args = ap.parse_args(argv)
     from k2serve.api.openai_app import build_app
     from k2serve.api.testing import serve_in_thread

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k2serve.cluster.tls import TLSConfigError, TLSFiles
+from k2serve.transfer.registry import resolve_transfer_backend
 
 
 class ClusterError(RuntimeError):
@@ -41,7 +42,7 @@ class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     ep_size: int = 1  # expert-parallel ranks (processes) per worker
-    transfer_backend: str = "grpc"
+    transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
     dtype: str = "float32"
     engine_args: tuple[str, ...] = ()  # engine flags passed to every worker
     redis_url: str | None = None
@@ -62,6 +63,8 @@ class ClusterSpec:
             )
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.transfer_backend == "auto":
+            object.__setattr__(self, "transfer_backend", resolve_transfer_backend(self.tls is not None))
         if self.tls is not None and self.transfer_backend != "grpc":
             raise TLSConfigError(
                 f"transfer backend {self.transfer_backend!r} sends KV in plaintext (torch.distributed "

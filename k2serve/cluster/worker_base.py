@@ -26,6 +26,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.experts import EPConfig, EPError, EPWorker
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES
+from k2serve.transfer.registry import resolve_transfer_backend
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class WorkerSettings:
     advertise_host: str | None = None
     router: str | None = None
     worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:8]}")
-    transfer_backend: str = "grpc"
+    transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
     transfer_port: int = 0
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 60.0  # on SIGTERM: how long running requests may take to finish
@@ -82,6 +83,8 @@ class WorkerSettings:
             parse_init_method(self.ep_init)  # EPConfigError (a ValueError) names a malformed one
         if self.ep_timeout_s <= 0:
             raise ValueError(f"--ep-timeout must be > 0 s, got {self.ep_timeout_s}")
+        if self.transfer_backend == "auto":
+            object.__setattr__(self, "transfer_backend", resolve_transfer_backend(self.tls is not None))
         if self.tls is not None and self.transfer_backend != "grpc":
             raise TLSConfigError(
                 f"--transfer-backend {self.transfer_backend} sends KV in plaintext (torch.distributed "

@@ -44,6 +44,9 @@ class EPConfigError(ValueError):
         self.value = value
 
 
+_GROUP_FAILED = "group_failed"  # store key set by the first rank that sees the group fail
+
+
 def parse_init_method(init_method: str) -> tuple[str, int]:
     """'tcp://host:port' -> (host, port)."""
     u = urlparse(init_method)
@@ -87,11 +90,24 @@ class EPComm:
         host, port = parse_init_method(init_method)
         if world_size < 1:
             raise EPConfigError("world_size must be >= 1", world_size)
-        try:
-            store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
-            return cls(dist.PrefixStore("ep", store), rank, world_size, timeout, roll_call)
-        except RuntimeError as e:  # DistStoreError / gloo errors from the rendezvous
-            raise EPError(rank, f"joining {init_method}", None, (), str(e)) from e
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            try:
+                store = dist.PrefixStore(
+                    "ep", dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+                )
+                # A rank restarted right after its group failed can reach the old rank 0 while that
+                # one still stops (its roll call keeps the store up): such a store says so; retry.
+                stale = rank != 0 and store.check([_GROUP_FAILED])
+                if not stale:
+                    return cls(store, rank, world_size, timeout, roll_call)
+            except RuntimeError as e:  # DistStoreError / gloo errors from the rendezvous
+                raise EPError(rank, f"joining {init_method}", None, (), str(e)) from e
+            if time.monotonic() > deadline:
+                raise EPError(
+                    rank, f"joining {init_method}", None, (0,), "only a failed group's rank 0 answered"
+                )
+            time.sleep(0.5)
 
     # ---- collectives ---------------------------------------------------------------------------
     def all_to_all(
@@ -137,6 +153,7 @@ class EPComm:
         peers: tuple[int, ...]
         try:
             self._store.set_timeout(self.roll_call)
+            self._store.set(_GROUP_FAILED, str(self.rank))  # a restarted rank must not join this store
             self._store.set(f"failed/{self.rank}", where)
             pending = {p for p in range(self.world_size) if p != self.rank}
             deadline = time.monotonic() + self.roll_call.total_seconds()
