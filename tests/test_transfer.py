@@ -519,3 +519,14 @@ def test_grpc_receiver_survives_a_malformed_stream() -> None:
         sender.shutdown()
     finally:
         receiver.shutdown()
+
+
+def test_transfer_bench_runs_paired_rounds_and_verifies(capsys: pytest.CaptureFixture[str]) -> None:
+    """`k2serve bench transfer` end to end at a small size: every method, the received bytes checked."""
+    from k2serve.bench import transfer as bench
+
+    assert bench.main(["--layers", "2", "--tokens", "64", "--kv-dim", "48", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    for label in ("raw TCP socket", "grpc", "torch (in place)", "torch (staged)"):
+        assert f"{label}:" in out, out
+    assert out.count("ratio to socket median") == 3 and "reproduce: k2serve bench transfer" in out

@@ -1,14 +1,19 @@
 """KV-transfer throughput of each backend vs a raw loopback TCP socket, between two processes.
 
-    python benchmarks/bench_transfer.py                      # K2 defaults: 61 layers x 4096 tokens x 576, bf16
-    python benchmarks/bench_transfer.py --tokens 1024 --backends torch --repeats 5
+    k2serve bench transfer                          # K2 defaults: 61 layers x 4096 tokens x 576, bf16
+    k2serve bench transfer --tokens 1024 --backends torch --repeats 5
 
 The receiver runs in this process and puts every layer into a preallocated [layers, tokens, kv_dim]
 tensor, as a decode worker puts it into its paged pool: the torch backend receives into it in place
 (and, as a second row, through its staging buffers and an on_layer copy); gRPC delivers through
-on_layer's copy. The sender runs in a spawned process and sends the layers back to back. GB/s = payload bytes / receiver time from the first chunk to the last layer
-(best of --repeats); the socket baseline moves the same bytes with sendall / recv_into the destination,
-and runs first and last (the best of both is the baseline) to bracket noise from other work on the machine.
+on_layer's copy. Each method's sender is a spawned process that holds the same layers and sends them
+back to back when told to; the socket baseline moves the same bytes with sendall / recv_into the
+destination. Seconds = receiver time from the first bytes to the last layer.
+
+Paired rounds: each of --repeats rounds runs one transfer of every method, the socket first, one
+after the other, so a method and its baseline see the same moment of a shared machine (this host's
+loopback speed drifts by 2x over minutes). Reported per method: GB/s of its best round, and the
+ratio to the socket in the same round (median, with min and max over the rounds).
 Torch runs with --torch-threads intra-op threads (default 1): on a 2-core machine OpenMP workers that
 spin after the on_layer copy steal the cores the transfer needs.
 """
@@ -19,6 +24,7 @@ import argparse
 import multiprocessing as mp
 import shlex
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -29,62 +35,32 @@ import torch
 from k2serve.transfer import BACKENDS, make_receiver, make_sender
 from k2serve.transfer.base import DTYPES
 
+_CHILD_START_S = 120.0  # a sender process has this long to build its layers and connect
+
 
 def _layers(args: argparse.Namespace) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randn(args.layers, args.tokens, args.kv_dim, generator=g).to(DTYPES[args.dtype])
 
 
-def _socket_sender(port: int, args: argparse.Namespace, ready: Any) -> None:
+def _socket_sender(port: int, args: argparse.Namespace) -> None:
+    """Child: connect, then send every layer once per go byte from the receiver (b"q" ends it)."""
     torch.set_num_threads(args.torch_threads)
     kv = _layers(args)
-    ready.put("ready")
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        for _ in range(args.repeats):
+        while sock.recv(1) == b"g":
             for layer in range(args.layers):
                 sock.sendall(kv[layer].view(torch.uint8).numpy())
-            sock.recv(1)  # the receiver's go-ahead for the next repeat
 
 
-def _bench_socket(args: argparse.Namespace, dest: torch.Tensor) -> float:
-    """Best seconds to move all layers through one loopback TCP connection."""
-    ctx = mp.get_context("spawn")
-    ready = ctx.Queue()
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        child = ctx.Process(target=_socket_sender, args=(server.getsockname()[1], args, ready), daemon=True)
-        child.start()
-        try:
-            ready.get(timeout=60)
-            conn, _ = server.accept()
-            with conn:
-                best = float("inf")
-                for _ in range(args.repeats):
-                    start = None
-                    for layer in range(args.layers):
-                        view = memoryview(dest[layer].view(torch.uint8).numpy()).cast("B")
-                        got = 0
-                        while got < len(view):
-                            n = conn.recv_into(view[got:])
-                            if n == 0:
-                                raise ConnectionError("socket sender closed early")
-                            start = start or time.perf_counter()
-                            got += n
-                    best = min(best, time.perf_counter() - start)  # type: ignore[operator]
-                    conn.sendall(b"k")
-        finally:
-            child.join(10)
-            if child.is_alive():
-                child.kill()
-    return best
-
-
-def _backend_sender(backend: str, endpoint: str, args: argparse.Namespace, done: Any) -> None:
+def _backend_sender(backend: str, endpoint: str, args: argparse.Namespace, go: Any, done: Any) -> None:
+    """Child: one transfer per transfer id put on `go` (None ends it)."""
     torch.set_num_threads(args.torch_threads)
     kv = _layers(args)
     sender = make_sender(backend, endpoint)
+    done.put("ready")
     try:
-        for rep in range(args.repeats):
-            tid = f"bench-{rep}"
+        while (tid := go.get()) is not None:
             sender.open(tid, args.layers, args.tokens, args.kv_dim, kv.dtype)
             for layer in range(args.layers):
                 sender.send_layer(tid, layer, kv[layer])
@@ -93,30 +69,86 @@ def _backend_sender(backend: str, endpoint: str, args: argparse.Namespace, done:
         sender.shutdown()
 
 
-def _bench_backend(backend: str, args: argparse.Namespace, dest: torch.Tensor, in_place: bool) -> float:
-    """Best receiver-side seconds (first chunk to last layer) for one transfer of all layers."""
-    receiver = make_receiver(backend)
-    for rep in range(args.repeats):
-        receiver.expect(
-            f"bench-{rep}",
-            args.layers,
-            args.tokens,
-            args.kv_dim,
+class _SocketLink:
+    """The baseline: a sender process on one loopback TCP connection."""
+
+    def __init__(self, args: argparse.Namespace, dest: torch.Tensor) -> None:
+        self.args, self.dest = args, dest
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.child = mp.get_context("spawn").Process(
+            target=_socket_sender, args=(self.server.getsockname()[1], args), daemon=True
+        )
+        self.child.start()
+        self.server.settimeout(_CHILD_START_S)
+        self.conn, _ = self.server.accept()
+
+    def transfer(self) -> float:
+        self.conn.sendall(b"g")
+        start = None
+        for layer in range(self.args.layers):
+            view = memoryview(self.dest[layer].view(torch.uint8).numpy()).cast("B")
+            got = 0
+            while got < len(view):
+                n = self.conn.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionError("socket sender closed early")
+                start = start or time.perf_counter()
+                got += n
+        return time.perf_counter() - start  # type: ignore[operator]
+
+    def close(self) -> None:
+        try:
+            self.conn.sendall(b"q")
+        finally:
+            self.conn.close()
+            self.server.close()
+            self.child.join(10)
+            if self.child.is_alive():
+                self.child.kill()
+
+
+class _BackendLink:
+    """One transfer backend: a receiver here, its sender process connected to it."""
+
+    def __init__(self, backend: str, in_place: bool, args: argparse.Namespace, dest: torch.Tensor) -> None:
+        self.args, self.dest, self.in_place = args, dest, in_place
+        self.receiver = make_receiver(backend)
+        ctx = mp.get_context("spawn")
+        self.go, self.done = ctx.Queue(), ctx.Queue()
+        self.child = ctx.Process(
+            target=_backend_sender,
+            args=(backend, self.receiver.endpoint, args, self.go, self.done),
+            daemon=True,
+        )
+        self.child.start()
+        if self.done.get(timeout=_CHILD_START_S) != "ready":
+            raise RuntimeError(f"{backend} sender did not start")
+        self.rounds = 0
+
+    def transfer(self) -> float:
+        a, dest = self.args, self.dest
+        tid = f"bench-{self.rounds}"
+        self.rounds += 1
+        self.receiver.expect(
+            tid,
+            a.layers,
+            a.tokens,
+            a.kv_dim,
             dest.dtype,
             lambda i, kv: dest[i].copy_(kv),
-            place=(lambda i: dest[i]) if in_place else None,
+            place=(lambda i: dest[i]) if self.in_place else None,
         )
-    ctx = mp.get_context("spawn")
-    done = ctx.Queue()
-    child = ctx.Process(target=_backend_sender, args=(backend, receiver.endpoint, args, done), daemon=True)
-    child.start()
-    try:
-        return min(receiver.wait(f"bench-{rep}", timeout=120).seconds for rep in range(args.repeats))
-    finally:
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-        receiver.shutdown()
+        self.go.put(tid)
+        seconds = self.receiver.wait(tid, timeout=120).seconds
+        self.done.get(timeout=120)  # the sender's close: the next round starts from a quiet sender
+        return seconds
+
+    def close(self) -> None:
+        self.go.put(None)
+        self.child.join(30)
+        if self.child.is_alive():
+            self.child.kill()
+        self.receiver.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--backends", default=",".join(BACKENDS), help="comma-separated subset of " + str(BACKENDS)
     )
-    parser.add_argument("--repeats", type=int, default=3, help="transfers per method; the best is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="paired rounds (every method once per round)")
     parser.add_argument(
         "--torch-threads", type=int, default=1, help="torch intra-op threads in both processes"
     )
@@ -146,23 +178,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # (label, backend, in place): the torch backend receives into the destination itself (as into
     # a decode worker's pool) and, for comparison, through its staging buffers and on_layer's copy.
-    methods = [(f"{b} (in place)" if b == "torch" else b, b, b == "torch") for b in args.backends.split(",")]
-    if "torch" in args.backends.split(","):
+    backends = args.backends.split(",")
+    methods = [(f"{b} (in place)" if b == "torch" else b, b, b == "torch") for b in backends]
+    if "torch" in backends:
         methods.append(("torch (staged)", "torch", False))
-    results: dict[str, float] = {}
-    first_socket = total / _bench_socket(args, dest) / 1e9
-    for label, backend, in_place in methods:
-        dest.zero_()
-        results[label] = total / _bench_backend(backend, args, dest, in_place) / 1e9
-        if not torch.equal(dest.view(bits), expected.view(bits)):
-            raise AssertionError(f"{label}: received tensors differ from the sent ones")
-    last_socket = total / _bench_socket(args, dest) / 1e9
-    base = max(first_socket, last_socket)
-    print(
-        f"{'raw TCP socket':>17}: {base:6.2f} GB/s  (baseline; first {first_socket:.2f}, last {last_socket:.2f})"
-    )
-    for label, gbps in results.items():
-        print(f"{label:>17}: {gbps:6.2f} GB/s  ratio to socket {gbps / base:.2f} (target >= 0.70)")
+    socket_link = _SocketLink(args, dest)
+    links = {label: _BackendLink(backend, in_place, args, dest) for label, backend, in_place in methods}
+    base: list[float] = []
+    seconds: dict[str, list[float]] = {label: [] for label in links}
+    try:
+        for _ in range(args.repeats):
+            base.append(socket_link.transfer())
+            for label, link in links.items():
+                dest.zero_()
+                seconds[label].append(link.transfer())
+                if not torch.equal(dest.view(bits), expected.view(bits)):
+                    raise AssertionError(f"{label}: received tensors differ from the sent ones")
+    finally:
+        socket_link.close()
+        for link in links.values():
+            link.close()
+    print(f"{args.repeats} paired rounds; GB/s of the best round, ratio to the socket in the same round")
+    print(f"{'raw TCP socket':>17}: {total / min(base) / 1e9:6.2f} GB/s  (baseline)")
+    for label, secs in seconds.items():
+        ratios = [b / s for b, s in zip(base, secs, strict=True)]
+        print(
+            f"{label:>17}: {total / min(secs) / 1e9:6.2f} GB/s  ratio to socket median {statistics.median(ratios):.2f}"
+            f" (min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 0.70)"
+        )
     print("reproduce: k2serve bench transfer " + shlex.join(argv_used))
     return 0
 
