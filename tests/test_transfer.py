@@ -530,3 +530,40 @@ def test_transfer_bench_runs_paired_rounds_and_verifies(capsys: pytest.CaptureFi
     for label in ("raw TCP socket", "grpc", "torch (in place)", "torch (staged)"):
         assert f"{label}:" in out, out
     assert out.count("ratio to socket median") == 3 and "reproduce: k2serve bench transfer" in out
+
+
+def test_prefill_senders_replace_a_broken_torch_sender() -> None:
+    """A decode worker restarted at the same address (a Kubernetes pod's fixed transfer port): the
+    prefill worker's cached torch sender broke with the old one, and the next transfer gets a new one."""
+    from k2serve.prefill.worker import _Senders
+
+    senders = _Senders()
+    receiver = make_receiver("torch")
+    endpoint = receiver.endpoint
+    kv = make_kv(9, 2, 16, 8, torch.bfloat16)
+
+    def transfer(receiver: Any, tid: str) -> None:
+        got: dict[int, torch.Tensor] = {}
+        receiver.expect(tid, 2, 16, 8, torch.bfloat16, lambda layer, t: got.__setitem__(layer, t.clone()))
+        sender = senders.get("torch", endpoint)
+        sender.open(tid, 2, 16, 8, torch.bfloat16)
+        for layer in range(2):
+            sender.send_layer(tid, layer, kv[layer])
+        sender.close(tid, timeout=10)
+        receiver.wait(tid, timeout=10)
+        assert all(same_bits(got[i], kv[i]) for i in range(2))
+
+    try:
+        transfer(receiver, "before")
+        first = senders.get("torch", endpoint)
+        receiver.shutdown()
+        deadline = time.monotonic() + 10
+        while first.broken is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.broken is not None and "shut down" in first.broken
+        receiver = make_receiver("torch", endpoint)  # the same host:port again
+        transfer(receiver, "after")
+        assert senders.get("torch", endpoint) is not first
+    finally:
+        senders.shutdown()
+        receiver.shutdown()

@@ -40,8 +40,16 @@ class _Senders:
             self._options = {"credentials": tls.channel_credentials(), "server_name": tls.server_name}
 
     def get(self, backend: str, address: str) -> KVSender:
+        """The sender for that endpoint; a broken one (its decode worker restarted at the same
+        address, say) is replaced. Connecting may block (torch: a TCPStore and gloo rendezvous):
+        call from a thread."""
         with self._lock:
             key = (backend, address)
+            stale = self._senders.get(key)
+            if stale is not None and stale.broken is not None:
+                logger.info("KV sender to %s %s is broken (%s); reconnecting", backend, address, stale.broken)
+                del self._senders[key]
+                threading.Thread(target=stale.shutdown, name="kv-sender-shutdown", daemon=True).start()
             if key not in self._senders:
                 if self._options and backend != "grpc":
                     raise ValueError(
@@ -86,9 +94,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         mc = e.model.config
         tid = target.transfer_id
         try:
-            sender = self.senders.get(target.endpoint.backend or "grpc", target.endpoint.address)
+            backend = target.endpoint.backend or "grpc"
+            sender = await asyncio.to_thread(self.senders.get, backend, target.endpoint.address)
             sender.open(tid, mc.num_hidden_layers, len(prompt), mc.kv_cache_dim, e.pool.kv.dtype)
-        except (TransferError, ValueError, OSError) as err:
+        except (RuntimeError, ValueError, OSError) as err:  # TransferError, DistStoreError, bad endpoint
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode endpoint: {err}")
         sends: list[Future[None]] = []
         t_compute_end = 0.0

@@ -159,6 +159,12 @@ class KVSender(ABC):
     def shutdown(self) -> None:
         """Release connections and threads; open transfers fail. Idempotent."""
 
+    @property
+    def broken(self) -> str | None:
+        """Why this sender can send nothing more (its connection was lost, the receiver said
+        goodbye, or it was shut down), else None: the owner then replaces it with a new one."""
+        return None
+
 
 class KVReceiver(ABC):
     """Receives transfers into callbacks (a decode worker has one receiver per backend).

@@ -119,6 +119,7 @@ class GrpcKVSender(SenderBase):
             _PUSH, request_serializer=encode_chunk, response_deserializer=kv_transfer_pb2.KVPushAck.FromString
         )
         self._streams: dict[str, _Stream] = {}
+        self._closed = False
 
     def _start(self, spec: TransferSpec) -> None:
         self._streams[spec.transfer_id] = _Stream(self._push, spec, self._max_chunk_bytes)
@@ -144,7 +145,13 @@ class GrpcKVSender(SenderBase):
         if not ack.ok:
             raise TransferError(spec.transfer_id, f"receiver rejected it: {ack.error}")
 
+    @property
+    def broken(self) -> str | None:
+        """gRPC channels reconnect by themselves: only a shut-down sender is broken."""
+        return "sender shut down" if self._closed else None
+
     def shutdown(self) -> None:
+        self._closed = True
         for stream in list(self._streams.values()):
             stream.call.cancel()
         self._streams.clear()

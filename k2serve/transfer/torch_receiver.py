@@ -197,6 +197,7 @@ class TorchKVReceiver(KVReceiver):
         self.connect_timeout = connect_timeout
         self.inbox = Inbox()
         self.stopping = threading.Event()
+        self._store: dist.TCPStore | None
         self._store = dist.TCPStore(host, port, None, True, wire.IDLE_TIMEOUT, wait_for_workers=False)
         self.port = self._store.port
         self._store.set("device", self.device.type)
@@ -248,6 +249,7 @@ class TorchKVReceiver(KVReceiver):
             return
         self.stopping.set()
         self.inbox.close("receiver shut down")
+        assert self._store is not None
         stop = self._store.add("joins", 1) - 1
         self._store.set(f"join/{stop}", wire.STOP_VALUE)
         self._accept_thread.join(_JOIN_S)
@@ -257,3 +259,4 @@ class TorchKVReceiver(KVReceiver):
             peer.say_goodbye()
         for peer in peers:
             peer.thread.join(_JOIN_S)  # ends when the sender answers the goodbye or is gone
+        self._store = None  # the last reference to the TCPStore server: its port is free again

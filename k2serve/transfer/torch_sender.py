@@ -209,6 +209,13 @@ class TorchKVSender(SenderBase):
             self._goodbye_queued = True
         self._queue.put(None)
 
+    @property
+    def broken(self) -> str | None:
+        with self._lock:
+            if self._broken is None and self._send_thread_done:
+                return "sender shut down"
+            return self._broken
+
     def shutdown(self) -> None:
         self._queue_goodbye()
         self._send_thread.join(_JOIN_S)
