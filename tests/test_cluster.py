@@ -178,12 +178,12 @@ def test_killed_decode_worker_is_detected_and_routed_around(cluster: LocalCluste
     assert r.status_code == 200
 
 
-def test_torch_transfer_backend_cluster_matches_offline_engine(
+def test_grpc_transfer_backend_cluster_matches_offline_engine(
     tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """The torch.distributed (gloo) backend end to end: the decode worker receives each prompt's KV
-    straight into its pool (fresh blocks are consecutive), tokens equal the offline engine's, the
-    bytes moved are the latent's, and every block is free afterwards."""
+    """The gRPC KV backend end to end (the module's cluster uses the default, torch.distributed with
+    in-place receives): tokens equal the offline engine's, the bytes moved are the latent's, and
+    every block is free afterwards."""
     spec = ClusterSpec(
         model_dir=str(tiny_ckpt),
         port=0,
@@ -192,8 +192,8 @@ def test_torch_transfer_backend_cluster_matches_offline_engine(
         num_decode=1,
         use_redis=False,
         engine_args=ENGINE_ARGS,
-        workdir=str(tmp_path_factory.mktemp("up-torch")),
-        transfer_backend="torch",
+        workdir=str(tmp_path_factory.mktemp("up-grpc")),
+        transfer_backend="grpc",
     )
     ps = prompts(12, seed=5)
     max_tokens = [3 + i % 7 for i in range(12)]
