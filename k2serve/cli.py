@@ -95,6 +95,16 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-prefix-caching", action="store_true")
 
 
+def add_transfer_backend_arg(s: argparse.ArgumentParser, what: str) -> None:
+    s.add_argument(
+        "--transfer-backend",
+        choices=("auto", "grpc", "torch"),
+        default="auto",
+        help=f"{what}: torch = torch.distributed (gloo on CPU, NCCL on GPU), received straight into "
+        "the decode pool; grpc = gRPC streams (TLS-capable); auto = torch, or grpc with --tls-*",
+    )
+
+
 def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     """A prefill or decode worker: its own gRPC endpoint and where the router is."""
     s.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -102,13 +112,8 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     s.add_argument("--advertise-host", default=None, help="address others use to reach this worker")
     s.add_argument("--router", default=None, help="router's gRPC address host:port to register with")
     s.add_argument("--worker-id", default=None)
-    s.add_argument(
-        "--transfer-backend",
-        choices=("auto", "grpc", "torch"),
-        default="auto",
-        help="how this worker receives KV (decode; a prefill worker sends with what each decode "
-        "worker names): torch = torch.distributed (gloo on CPU, NCCL on GPU), received in place; "
-        "grpc = gRPC streams (TLS-capable); auto = torch, or grpc with --tls-*",
+    add_transfer_backend_arg(
+        s, "how this worker receives KV (a prefill worker sends with what each decode worker names)"
     )
     s.add_argument("--transfer-port", type=int, default=0, help="torch.distributed transfer port (0 = free)")
     s.add_argument(
@@ -310,21 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert-parallel ranks per worker: each prefill and decode worker is a group of --ep "
         "processes (each its own endpoint)",
     )
-    s.add_argument(
-        "--transfer-backend",
-        choices=("auto", "grpc", "torch"),
-        default="auto",
-        help="KV transfer between workers: torch = torch.distributed (gloo on CPU, NCCL on GPU), "
-        "received straight into the decode pool; grpc = gRPC streams (TLS-capable); "
-        "auto = torch, or grpc with --tls-*",
-    )
+    add_transfer_backend_arg(s, "KV transfer between the workers")
     add_tls_args(s)
     s.add_argument(
         "--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)"
     )
     s.add_argument("--api-key", default=None)
     s.add_argument(
-        "--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster ('auto' or host:port)"
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster ('auto' or host:port); --tls-* files must then exist at the same "
+        "paths on every node, and the certificate must name every node's IP (or set --tls-server-name)",
     )
     s.add_argument("--workdir", default=None, help="where logs and the --preset checkpoint go")
     s.add_argument(

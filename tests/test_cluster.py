@@ -12,32 +12,30 @@ import httpx
 import openai
 import pytest
 import torch
+from cluster_calls import grpc_greedy, http_greedy
 
 from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
+from k2serve.proto import api_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
 ENGINE_ARGS = ("--kv-cache-mb", "32", "--block-size", "8", "--max-num-batched-tokens", "256")
 
 
+def cluster_spec(model: Path, workdir: Path, **overrides: object) -> ClusterSpec:
+    """A local cluster of the tiny model on free ports without Redis: 1 prefill, 1 decode worker."""
+    fields: dict = dict(model_dir=str(model), port=0, grpc_port=0, num_prefill=1, num_decode=1)
+    fields |= dict(use_redis=False, engine_args=ENGINE_ARGS, workdir=str(workdir))
+    return ClusterSpec(**(fields | overrides))
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        num_prefill=1,
-        num_decode=2,
-        use_redis=False,
-        engine_args=ENGINE_ARGS,
-        workdir=str(tmp_path_factory.mktemp("up")),
-        heartbeat_timeout_s=3.0,
-    )
+    spec = cluster_spec(tiny_ckpt, tmp_path_factory.mktemp("up"), num_decode=2, heartbeat_timeout_s=3.0)
     with LocalCluster(spec) as c:
         yield c
 
@@ -62,31 +60,13 @@ def test_http_and_grpc_match_offline_engine(cluster: LocalCluster, tiny_ckpt: Pa
     expected = offline(tiny_ckpt, ps, max_tokens)
     client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0)
 
-    async def http_one(p: list[int], m: int) -> list[int]:
-        r = await client.completions.create(
-            model=tiny_ckpt.name,
-            prompt=p,
-            max_tokens=m,
-            temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True},
-        )
-        return list(r.choices[0].token_ids)  # type: ignore[attr-defined]  # k2serve's return_token_ids
-
-    async def grpc_one(stub: api_pb2_grpc.K2ServeStub, p: list[int], m: int) -> list[int]:
-        req = api_pb2.GenerateRequest(
-            token_ids=api_pb2.TokenIds(ids=p),
-            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=m, ignore_eos=True),
-        )
-        out: list[int] = []
-        async for chunk in stub.Generate(req):
-            out += chunk.token_ids
-        return out
-
     async def both() -> tuple[list, list]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.grpc_port}") as ch:
             stub = api_pb2_grpc.K2ServeStub(ch)
-            h = asyncio.gather(*(http_one(p, m) for p, m in zip(ps, max_tokens, strict=True)))
-            g = asyncio.gather(*(grpc_one(stub, p, m) for p, m in zip(ps, max_tokens, strict=True)))
+            h = asyncio.gather(
+                *(http_greedy(client, tiny_ckpt.name, p, m) for p, m in zip(ps, max_tokens, strict=True))
+            )
+            g = asyncio.gather(*(grpc_greedy(stub, p, m) for p, m in zip(ps, max_tokens, strict=True)))
             return await h, await g
 
     http_out, grpc_out = asyncio.run(both())
@@ -184,17 +164,7 @@ def test_grpc_transfer_backend_cluster_matches_offline_engine(
     """The gRPC KV backend end to end (the module's cluster uses the default, torch.distributed with
     in-place receives): tokens equal the offline engine's, the bytes moved are the latent's, and
     every block is free afterwards."""
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        num_prefill=1,
-        num_decode=1,
-        use_redis=False,
-        engine_args=ENGINE_ARGS,
-        workdir=str(tmp_path_factory.mktemp("up-grpc")),
-        transfer_backend="grpc",
-    )
+    spec = cluster_spec(tiny_ckpt, tmp_path_factory.mktemp("up-grpc"), transfer_backend="grpc")
     ps = prompts(12, seed=5)
     max_tokens = [3 + i % 7 for i in range(12)]
     expected = offline(tiny_ckpt, ps, max_tokens)
@@ -202,18 +172,10 @@ def test_grpc_transfer_backend_cluster_matches_offline_engine(
     with LocalCluster(spec) as c:
         client = openai.AsyncOpenAI(base_url=f"{c.http_url}/v1", api_key="unused", max_retries=0)
 
-        async def one(p: list[int], m: int) -> list[int]:
-            r = await client.completions.create(
-                model=tiny_ckpt.name,
-                prompt=p,
-                max_tokens=m,
-                temperature=0,
-                extra_body={"ignore_eos": True, "return_token_ids": True},
-            )
-            return list(r.choices[0].token_ids)  # type: ignore[attr-defined]
-
         async def run() -> list[list[int]]:
-            return await asyncio.gather(*(one(p, m) for p, m in zip(ps, max_tokens, strict=True)))
+            return await asyncio.gather(
+                *(http_greedy(client, tiny_ckpt.name, p, m) for p, m in zip(ps, max_tokens, strict=True))
+            )
 
         assert asyncio.run(run()) == expected
         moved = httpx.get(f"{c.http_url}/cluster/workers").json()["kv_bytes_transferred"]

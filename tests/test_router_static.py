@@ -20,13 +20,14 @@ import grpc
 import httpx
 import openai
 import pytest
+from cluster_calls import grpc_greedy, http_greedy
 
 from k2serve.cli import build_parser
 from k2serve.cluster.local import Proc
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
+from k2serve.proto import api_pb2_grpc
 from k2serve.router.main import RouterSettings
 
 ENGINE_ARGS = ("--kv-cache-mb", "32", "--block-size", "8", "--max-num-batched-tokens", "256")
@@ -139,32 +140,12 @@ def test_greedy_requests_through_static_workers_match_offline_engine(
     expected = offline(tiny_ckpt)
     client = openai.AsyncOpenAI(base_url=f"{static_router['http']}/v1", api_key="unused", max_retries=0)
 
-    async def http_one(prompt: list[int], max_tokens: int) -> list[int]:
-        r = await client.completions.create(
-            model=tiny_ckpt.name,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True},
-        )
-        return list(r.choices[0].token_ids)  # type: ignore[attr-defined]  # k2serve's return_token_ids
-
-    async def grpc_one(stub: api_pb2_grpc.K2ServeStub, prompt: list[int], max_tokens: int) -> list[int]:
-        req = api_pb2.GenerateRequest(
-            token_ids=api_pb2.TokenIds(ids=prompt),
-            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-        )
-        out: list[int] = []
-        async for chunk in stub.Generate(req):
-            out += chunk.token_ids
-        return out
-
     async def both() -> tuple[list[list[int]], list[list[int]]]:
         async with grpc.aio.insecure_channel(static_router["grpc"]) as channel:
             stub = api_pb2_grpc.K2ServeStub(channel)
             pairs = list(zip(PROMPTS, MAX_TOKENS, strict=True))
-            http_out = await asyncio.gather(*(http_one(p, m) for p, m in pairs))
-            grpc_out = await asyncio.gather(*(grpc_one(stub, p, m) for p, m in pairs))
+            http_out = await asyncio.gather(*(http_greedy(client, tiny_ckpt.name, p, m) for p, m in pairs))
+            grpc_out = await asyncio.gather(*(grpc_greedy(stub, p, m) for p, m in pairs))
             return http_out, grpc_out
 
     http_out, grpc_out = asyncio.run(both())
