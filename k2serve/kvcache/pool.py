@@ -127,7 +127,7 @@ class KVCachePool:
                 f"values of shape {tuple(values.shape)} do not match {slots.numel()} slots x kv_dim {self.kv_dim}"
             )
         flat = self.kv[layer].view(self.num_slots, self.kv_dim)  # [S, D]
-        flat.index_copy_(0, slots.to(self.kv.device), values.to(self.kv.dtype))
+        flat.index_copy_(0, slots.to(self.kv.device), values.to(self.kv.device, self.kv.dtype))
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> torch.Tensor:
         """The cache of `layer` for a batch of sequences, as [B, max_blocks * block_size, kv_dim].

@@ -64,6 +64,9 @@ def split_layer(
 class SenderBase(KVSender):
     """KVSender with the argument checks and layer tracking; backends provide the wire."""
 
+    payload_device = torch.device("cpu")
+    """Where this backend's payloads must live; send_layer copies a layer from elsewhere there."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: dict[str, Outgoing] = {}
@@ -114,6 +117,8 @@ class SenderBase(KVSender):
                 )
             out.layers_sent.add(layer)
             out.bytes += spec.layer_bytes
+        if kv.device != self.payload_device:  # e.g. a GPU prefill worker sending over gloo or gRPC
+            kv = kv.to(self.payload_device)
         return self._send(spec, layer, kv)
 
     def close(self, transfer_id: str, timeout: float) -> TransferStats:

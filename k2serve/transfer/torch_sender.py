@@ -48,6 +48,7 @@ class TorchKVSender(SenderBase):
         host, port = wire.split_endpoint(endpoint)
         self.endpoint = endpoint
         self._device = torch.device(device)
+        self.payload_device = self._device
         store = wire.store_client(host, port, connect_timeout)
         remote = store.get("device").decode()
         if remote != self._device.type:
