@@ -235,6 +235,28 @@ def test_inbox_landing_sites_refuse_bad_chunks_and_verify_in_place() -> None:
         wrong.wait("t", 1)
 
 
+def test_a_duplicate_landing_after_the_last_chunk_fails_the_transfer() -> None:
+    """A (misbehaving) sender repeats the last chunk with other bytes: it lands over verified rows,
+    so the transfer must not be reported complete even though every layer was in."""
+    inbox = Inbox()
+    spec = TransferSpec("t", 1, 4, 8, torch.bfloat16)
+    dest = torch.zeros(1, 4, 8, dtype=torch.bfloat16)
+    inbox.expect(spec, lambda layer, kv: None, place=lambda layer: dest[layer])
+    kv = make_kv(5, 1, 4, 8, torch.bfloat16)[0]
+    header, payload = next(outbox.split_layer(spec, 0, kv, 1 << 20))
+    cpu = torch.device("cpu")
+    first, again = inbox.landing_site(header, "src", cpu), inbox.landing_site(header, "src", cpu)
+    assert first is not None and again is not None
+    first.copy_(payload)
+    assert inbox.accept(header, first, "src", landed=True)  # complete
+    assert inbox.landing_site(header, "src", cpu) is None  # nothing lands once complete
+    again.fill_(7)  # the duplicate's bytes arrive over the verified ones
+    with pytest.raises(ChunkError, match="token_offset"):
+        inbox.accept(header, again, "src", landed=True)
+    with pytest.raises(ChunkError, match="token_offset"):
+        inbox.wait("t", 1)
+
+
 def test_cancel_and_wait_hold_back_while_a_payload_may_still_land() -> None:
     """The caller frees the placed memory once cancel / wait return, so they wait for a landing
     site in use (a receive in flight) to end."""

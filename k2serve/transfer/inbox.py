@@ -156,7 +156,7 @@ class Inbox:
                 if layer_view is not None:
                     t.on_layer(header.layer, layer_view)
             except ChunkError as e:
-                self.fail(tid, e)
+                self.fail(tid, e, even_if_complete=landed)
                 raise
             except Exception as e:  # on_layer is the decode worker's code: its failure fails the transfer
                 err = TransferError(tid, f"on_layer({header.layer}) raised {type(e).__name__}: {e}")
@@ -219,11 +219,14 @@ class Inbox:
             return None
         return t.assembly.view(spec.dtype).view(spec.num_tokens, spec.kv_dim)
 
-    def fail(self, transfer_id: str, error: TransferError) -> None:
-        """Fail a transfer that is not complete yet (first error wins); unknown ids are ignored."""
+    def fail(self, transfer_id: str, error: TransferError, even_if_complete: bool = False) -> None:
+        """Fail a transfer that is not complete yet (first error wins); unknown ids are ignored.
+
+        even_if_complete: also a complete one not waited on yet: a bad chunk that landed in place
+        after the last good one (a duplicate) has overwritten verified bytes."""
         with self._lock:
             t = self._transfers.get(transfer_id)
-            if t is None or t.error is not None or t.done.is_set():
+            if t is None or t.error is not None or (t.done.is_set() and not even_if_complete):
                 return
             t.error = error
             t.done.set()
