@@ -1,6 +1,6 @@
 """`k2serve up --ray` on a multi-node Ray cluster simulated on this machine (ray.cluster_utils): the
-same tokens as the local launcher, worker groups spread over nodes, and a killed worker actor (or its
-process) restarted by Ray, registered again and serving."""
+same tokens as the local launcher, worker groups spread over nodes, a killed worker actor (or its
+process) restarted by Ray, registered again and serving, and a cluster over mutual TLS."""
 
 from __future__ import annotations
 
@@ -8,23 +8,29 @@ import contextlib
 import dataclasses
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 import torch
 
 from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.tls import TLSFiles
 
 ray = pytest.importorskip("ray")
 
 from k2serve.cluster.ray_plan import RayOptions  # noqa: E402
 from k2serve.cluster.ray_runtime import RayCluster, RayRuntimeError  # noqa: E402
+
+if TYPE_CHECKING:
+    from conftest import PKI  # the `pki` fixture's certificates
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -39,7 +45,7 @@ UP_RAY = (
 OPTIONS = RayOptions(rank_resources={"CPU": 0.5}, router_resources={"CPU": 0.25}, max_restarts=2)
 
 
-def spec(ckpt: Path, workdir: Path) -> ClusterSpec:
+def spec(ckpt: Path, workdir: Path, tls: TLSFiles | None = None) -> ClusterSpec:
     return ClusterSpec(
         model_dir=str(ckpt),
         port=0,
@@ -52,6 +58,7 @@ def spec(ckpt: Path, workdir: Path) -> ClusterSpec:
         heartbeat_timeout_s=3.0,
         startup_timeout_s=120.0,
         env=ENV,
+        tls=tls,
     )
 
 
@@ -234,3 +241,27 @@ def test_a_group_that_fits_no_node_is_named(on_ray: RayCluster, tiny_ckpt: Path,
     options = dataclasses.replace(OPTIONS, rank_resources={"CPU": 2.0}, placement_timeout_s=3.0)
     with pytest.raises(RayRuntimeError, match=r"not placed within 3 s: prefill-0 \(STRICT_PACK"):
         RayCluster(two_ranks, on_ray.address, options).start()
+
+
+def test_cluster_over_mutual_tls(
+    expected: list[list[int]], on_ray: RayCluster, pki: PKI, tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """`--tls-*` under Ray: every process serves and dials over mutual TLS (one certificate for
+    localhost, checked under --tls-server-name since processes dial their nodes' IPs) and the router
+    serves HTTPS with the local launcher's tokens; a plaintext client gets nothing."""
+    tls = TLSFiles(str(pki.cert), str(pki.key), str(pki.ca), server_name="localhost")
+    with RayCluster(spec(tiny_ckpt, tmp_path, tls), on_ray.address, OPTIONS) as cluster:
+        assert cluster.spec.transfer_backend == "grpc"  # "auto" under TLS
+        assert cluster.http_url.startswith("https://")
+        assert {w["worker_id"] for w in cluster.workers()} == {"prefill-0", "decode-0"}
+        body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        sni = {"sni_hostname": "localhost"}
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(pki.ca)), timeout=60) as client:
+            for p, want in zip(prompts()[:2], expected[:2], strict=True):
+                url = f"{cluster.http_url}/v1/completions"
+                r = client.post(url, json={"prompt": p, **body}, extensions=sni)
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["token_ids"] == want
+        plain = cluster.http_url.replace("https://", "http://")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{plain}/cluster/workers", timeout=5)

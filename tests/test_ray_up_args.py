@@ -1,16 +1,24 @@
-"""`k2serve up --ray` without a Ray cluster: flags to ClusterSpec and RayOptions, and the error when
-the `ray` package is missing."""
+"""`k2serve up --ray` without a Ray cluster: flags to ClusterSpec and RayOptions, the command lines
+both launchers give the router and the workers (TLS and router flags included), and the error when the
+`ray` package is missing."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from k2serve.cli import build_parser
-from k2serve.cluster.ray_plan import RayOptions
+from k2serve.cluster.local import LocalCluster, Proc
+from k2serve.cluster.ray_actor import NODE_IP, REDIS_URL
+from k2serve.cluster.ray_plan import GroupPlan, RayOptions
 from k2serve.cluster.ray_runtime import RayCluster, RayUnavailableError, ray_up_from_args
 from k2serve.cluster.up_args import options_from_args, spec_from_args
+
+if TYPE_CHECKING:
+    from conftest import PKI  # the `pki` fixture's certificates
 
 UP = ["up", "--model", "/models/k2", "--ray", "auto", "--prefill", "2", "--decode", "3", "--ep", "4"]
 
@@ -40,6 +48,89 @@ def test_worker_args_both_launchers_pass_to_an_ep_rank() -> None:
     assert (parsed.command, parsed.kv_cache_mb, parsed.ep, parsed.ep_rank) == ("decode", 64, 4, 3)
     with pytest.raises(ValueError, match="decode-1 of an EP group of 4 needs ep_init"):
         spec.worker_args("decode", "decode-1", "10.0.0.2", "10.0.0.1:50051", 3)
+
+
+def tls_flags(pki: PKI) -> list[str]:
+    return ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--tls-ca", str(pki.ca)]
+
+
+def test_ray_router_gets_router_flags_and_tls(pki: PKI) -> None:
+    """The router actor's command line is the shared one: --max-ttft-ms, the API key and the TLS files
+    reach it, and the embedded Redis's URL is filled in by its actor."""
+    flags = [*UP, "--max-ttft-ms", "2000", "--api-key", "sk-1", *tls_flags(pki), "--tls-server-name", "k2"]
+    spec = spec_from_args(build_parser().parse_args(flags))
+    child = RayCluster(spec, "auto").router_child()
+    assert child.name == "router" and child.embedded_redis
+    assert list(child.argv) == [
+        *("router", "--model", "/models/k2", "--host", NODE_IP, "--port", "8000", "--grpc-port", "50051"),
+        *("--heartbeat-timeout", "5.0", "--redis-url", REDIS_URL, *tls_flags(pki), "--tls-server-name", "k2"),
+        *("--max-ttft-ms", "2000.0", "--api-key", "sk-1"),
+    ]
+    parsed = build_parser().parse_args(list(child.argv))  # what the router process will see
+    assert (parsed.max_ttft_ms, parsed.tls_ca, parsed.tls_server_name) == (2000.0, str(pki.ca), "k2")
+
+
+def test_ray_workers_get_tls_and_the_grpc_kv_backend(pki: PKI) -> None:
+    spec = spec_from_args(build_parser().parse_args([*UP, *tls_flags(pki)]))
+    assert spec.transfer_backend == "grpc"  # "auto" under TLS: torch.distributed has no TLS
+    cluster = RayCluster(spec, "auto")
+    cluster.router_ip, cluster.grpc_port = "10.0.0.1", 50051
+    group = GroupPlan("decode-1", "decode", 1, tuple({"CPU": 1.0} for _ in range(4)), "STRICT_PACK")
+    children = cluster.worker_children(group, "tcp://10.0.0.2:4000")
+    assert [c.name for c in children] == [f"decode-1-ep{r}" for r in range(4)]
+    for r, c in enumerate(children):
+        assert list(c.argv) == spec.worker_args(
+            "decode", "decode-1", NODE_IP, "10.0.0.1:50051", r, "tcp://10.0.0.2:4000"
+        )
+        parsed = build_parser().parse_args(list(c.argv))
+        assert (parsed.tls_cert, parsed.tls_key, parsed.tls_ca) == (str(pki.cert), str(pki.key), str(pki.ca))
+        assert (parsed.transfer_backend, parsed.ep_rank) == ("grpc", r)
+    assert cluster.http_url == "https://10.0.0.1:8000"  # the router serves HTTPS with the same certificate
+
+
+def test_plaintext_ray_cluster_has_no_tls_flags() -> None:
+    spec = spec_from_args(build_parser().parse_args([*UP, "--redis-url", "redis://r:6379/0"]))
+    cluster = RayCluster(spec, "auto")
+    router = cluster.router_child()
+    assert not router.embedded_redis and "redis://r:6379/0" in router.argv
+    group = GroupPlan("prefill-0", "prefill", 0, tuple({"CPU": 1.0} for _ in range(4)), "STRICT_PACK")
+    argv = [a for c in [router, *cluster.worker_children(group, "tcp://10.0.0.2:4000")] for a in c.argv]
+    assert not [a for a in argv if a.startswith("--tls")]
+    assert cluster.http_url.startswith("http://")
+
+
+def test_local_launcher_uses_the_same_router_and_worker_args(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LocalCluster.start() spawns the shared command lines plus its ready files (processes faked)."""
+    flags = [
+        "up",
+        "--model",
+        "/models/k2",
+        "--max-ttft-ms",
+        "1500",
+        *tls_flags(pki),
+        "--workdir",
+        str(tmp_path),
+    ]
+    spec = spec_from_args(build_parser().parse_args([*flags, "--redis-url", "redis://r:6379/0"]))
+    cluster = LocalCluster(spec)
+    spawned: dict[str, list[str]] = {}
+
+    def spawn(name: str, args: list[str]) -> Proc:
+        spawned[name] = args
+        return Proc(name, None, tmp_path / f"{name}.log")  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cluster, "_spawn", spawn)
+    monkeypatch.setattr(cluster, "_wait_file", lambda proc, path, deadline: "8001 50052")
+    monkeypatch.setattr(cluster, "_wait_registered", lambda n, deadline: None)
+    cluster.start()
+    router = spec.router_args_for("127.0.0.1", 8000, 50051, "redis://r:6379/0")
+    assert spawned["router"] == [*router, "--ready-file", str(tmp_path / "router.ready")]
+    assert router[router.index("--max-ttft-ms") + 1] == "1500.0" and "--tls-ca" in router
+    worker = spec.worker_args("decode", "decode-0", "127.0.0.1", "127.0.0.1:50052")
+    assert spawned["decode-0"] == [*worker, "--ready-file", str(tmp_path / "decode-0.ready")]
+    assert worker[-6:] == tls_flags(pki)
 
 
 def test_options_default_without_ray_flags() -> None:

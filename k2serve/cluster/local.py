@@ -6,13 +6,15 @@ requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then sto
 With `ep_size` R > 1 each worker is a group of R rank processes (`<role>-<i>-ep<r>`) meeting at a free
 port of their own; each rank registers as its own worker. With `tls`, every process gets the same
 certificate flags: all gRPC hops use (mutual) TLS and the router serves HTTPS.
+
+`ClusterSpec.router_args_for` and `ClusterSpec.worker_args` build every process's command line, so the
+launchers (this one, `ray_runtime.RayCluster`) start the same processes with the same flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -21,9 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from k2serve.cluster.tls import TLSConfigError, TLSFiles
 from k2serve.transfer.registry import resolve_transfer_backend
@@ -76,13 +79,30 @@ class ClusterSpec:
     def num_worker_processes(self) -> int:
         return (self.num_prefill + self.num_decode) * self.ep_size
 
+    def router_args_for(self, host: str, port: int, grpc_port: int, redis_url: str | None) -> list[str]:
+        """`k2serve router ...` arguments, the same under every launcher (LocalCluster, RayCluster): it
+        binds `host` with HTTP on `port` and gRPC on `grpc_port` (0: a free one) and keeps sessions in
+        `redis_url` (None: none); then the TLS files, the extra `router_args`, the API key and the served
+        model name. The ready file is the launcher's."""
+        args = ["router", "--model", self.model_dir, "--host", host, "--port", str(port)]
+        args += ["--grpc-port", str(grpc_port), "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
+        if redis_url:
+            args += ["--redis-url", redis_url]
+        args += self.tls_args()
+        args += self.router_args
+        if self.api_key:
+            args += ["--api-key", self.api_key]
+        if self.served_model_name:
+            args += ["--served-model-name", self.served_model_name]
+        return args
+
     def worker_args(
         self, role: str, worker_id: str, host: str, router: str, ep_rank: int = 0, ep_init: str | None = None
     ) -> list[str]:
         """`k2serve <role> ...` arguments of one worker process, the same under every launcher
         (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router at
         `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group meeting at `ep_init`
-        (tcp://HOST:PORT). Launcher-specific flags (TLS files, a ready file) are the caller's."""
+        (tcp://HOST:PORT). The TLS files are included; the ready file is the launcher's."""
         args = [role, "--model", self.model_dir, "--dtype", self.dtype, "--host", host, "--port", "0"]
         args += ["--router", router, "--worker-id", worker_id]
         args += ["--transfer-backend", self.transfer_backend, *self.engine_args]
@@ -92,7 +112,11 @@ class ClusterSpec:
             if ep_init is None:
                 raise ValueError(f"worker {worker_id} of an EP group of {self.ep_size} needs ep_init")
             args += ["--ep", str(self.ep_size), "--ep-rank", str(ep_rank), "--ep-init", ep_init]
-        return args
+        return [*args, *self.tls_args()]
+
+    def tls_args(self) -> list[str]:
+        """The certificate flags every process gets (none without TLS)."""
+        return self.tls.argv() if self.tls is not None else []
 
 
 @dataclass
@@ -158,31 +182,8 @@ class LocalCluster:
             for stale in self.dir.glob("*.ready"):  # a reused workdir must not point at an old process
                 stale.unlink()
             ready = self.dir / "router.ready"
-            args = [
-                "router",
-                "--model",
-                s.model_dir,
-                "--host",
-                s.host,
-                "--port",
-                str(s.port),
-                "--grpc-port",
-                str(s.grpc_port),
-                "--heartbeat-timeout",
-                str(s.heartbeat_timeout_s),
-                "--ready-file",
-                str(ready),
-            ]
-            if self.redis_url:
-                args += ["--redis-url", self.redis_url]
-            if s.tls is not None:
-                args += s.tls.argv()
-            args += list(s.router_args)
-            if s.api_key:
-                args += ["--api-key", s.api_key]
-            if s.served_model_name:
-                args += ["--served-model-name", s.served_model_name]
-            router = self._spawn("router", args)
+            args = s.router_args_for(s.host, s.port, s.grpc_port, self.redis_url)
+            router = self._spawn("router", [*args, "--ready-file", str(ready)])
             self.http_port, self.grpc_port = (
                 int(x) for x in self._wait_file(router, ready, deadline).split()
             )
@@ -201,21 +202,20 @@ class LocalCluster:
         """Worker i of `role`: one process, or ep_size rank processes with a rendezvous of their own."""
         s = self.spec
         router = f"{s.host}:{self.grpc_port}"
-        tls = s.tls.argv() if s.tls is not None else []
         if s.ep_size == 1:
             name = f"{role}-{i}"
             args = s.worker_args(role, name, s.host, router)
-            self._spawn(name, [*args, *tls, "--ready-file", str(self.dir / f"{name}.ready")])
+            self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")])
             return
         init = f"tcp://{s.host}:{free_port(s.host)}"
         for r in range(s.ep_size):
             name = f"{role}-{i}-ep{r}"  # the worker id the rank registers under
             args = s.worker_args(role, f"{role}-{i}", s.host, router, r, init)
-            self._spawn(name, [*args, *tls, "--ready-file", str(self.dir / f"{name}.ready")])
+            self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")])
 
     def _wait_registered(self, n: int, deadline: float) -> None:
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(httpx.HTTPError, OSError, ValueError):
                 if len(self.workers()) >= n:
                     return
             for p in self.procs:
@@ -225,12 +225,7 @@ class LocalCluster:
         raise ClusterError(f"workers did not all register in time; router log:\n{self.procs[0].tail()}")
 
     def workers(self) -> list[dict]:
-        context = None
-        if self.spec.tls is not None:  # the router's certificate, checked against the CA (or system roots)
-            context = ssl.create_default_context(cafile=self.spec.tls.ca)
-        url = f"{self.http_url}/cluster/workers"
-        with urllib.request.urlopen(url, timeout=5, context=context) as r:  # noqa: S310 - loopback
-            return json.loads(r.read())["workers"]
+        return registered_workers(self.http_url, self.spec.tls)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         for p in self.procs:
@@ -284,6 +279,23 @@ class LocalCluster:
             )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def registered_workers(http_url: str, tls: TLSFiles | None) -> list[dict]:
+    """The router's registered workers (`GET /cluster/workers`, open without the API key). Over HTTPS
+    the router's certificate is checked against `tls.ca` (the system roots without it) for the name
+    `tls.server_name`, or the host of `http_url` when that is unset (as the processes check each
+    other). Raises httpx.HTTPError when the router does not answer with 200, ValueError on bad JSON."""
+    if tls is None:
+        verify: ssl.SSLContext | bool = True
+        extensions = {}
+    else:
+        verify = ssl.create_default_context(cafile=tls.ca)
+        extensions = {"sni_hostname": tls.server_name} if tls.server_name else {}
+    with httpx.Client(verify=verify, timeout=5) as client:
+        r = client.get(f"{http_url}/cluster/workers", extensions=extensions)
+        r.raise_for_status()
+        return r.json()["workers"]
 
 
 def free_port(host: str) -> int:

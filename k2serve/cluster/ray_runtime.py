@@ -14,23 +14,29 @@ its new process registers with the router by itself. Ports 0 in `spec` mean "pic
 
 Every node must have k2serve installed and the checkpoint at `spec.model_dir`; logs go to
 `<workdir>/logs/<process>.log` on the node that ran the process.
+
+TLS (`spec.tls`, `k2serve up --ray --tls-cert ... --tls-key ... [--tls-ca ...]`): every process gets
+the same certificate flags, as under the local launcher, so the PEM files must exist at the same paths
+on every node (they are checked on the driver's node only; a node without them fails to start its
+process, and the error names the file). Processes dial each other at their nodes' IPs: the certificate
+must carry every node's IP as a SAN, or use one DNS SAN for all and pass `--tls-server-name` with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from k2serve.cluster.local import ClusterError, ClusterSpec
+import httpx
+
+from k2serve.cluster.local import ClusterError, ClusterSpec, registered_workers
 from k2serve.cluster.ray_actor import NODE_IP, REDIS_URL, ChildSpec
 from k2serve.cluster.ray_plan import GroupPlan, NodeInfo, RayOptions, plan_groups
 
@@ -178,34 +184,43 @@ class RayCluster:
     def _child(self, name: str, argv: list[str], embedded_redis: bool = False) -> ChildSpec:
         return ChildSpec(name, tuple(argv), self.workdir, dict(self.spec.env), embedded_redis)
 
+    def router_child(self) -> ChildSpec:
+        """The router's process: `spec.router_args_for` bound to its node's IP (or the wildcard
+        `spec.host`) on `http_port` / `grpc_port`, with the embedded Redis beside it unless the spec
+        names one or has none."""
+        s = self.spec
+        bind = s.host if s.host in WILDCARDS else NODE_IP
+        use_embedded = s.use_redis and not s.redis_url
+        redis_url = s.redis_url or (REDIS_URL if use_embedded else None)
+        argv = s.router_args_for(bind, self.http_port, self.grpc_port, redis_url)
+        return self._child("router", argv, use_embedded)
+
+    def worker_children(self, g: GroupPlan, rendezvous: str | None = None) -> list[ChildSpec]:
+        """The processes of worker group `g` (`spec.worker_args` on their node's IP, registering with
+        the router at `router_ip:grpc_port`); an EP group's ranks meet at `rendezvous` (tcp://IP:PORT)."""
+        router = f"{self.router_ip}:{self.grpc_port}"
+        if g.ep_size == 1:
+            return [self._child(g.name, self.spec.worker_args(g.role, g.name, NODE_IP, router))]
+        return [
+            self._child(name, self.spec.worker_args(g.role, g.name, NODE_IP, router, r, rendezvous))
+            for r, name in enumerate(g.process_names)
+        ]
+
     def _start_router(self, ray: Any, deadline: float) -> None:
         s, g = self.spec, self.plan[0]
         self.router_ip, free = self._probe(ray, g, 2)
         self.http_port = s.port or free[0]
         self.grpc_port = s.grpc_port or free[1]
-        bind = s.host if s.host in WILDCARDS else NODE_IP
-        argv = ["router", "--model", s.model_dir, "--host", bind, "--port", str(self.http_port)]
-        argv += ["--grpc-port", str(self.grpc_port), "--heartbeat-timeout", str(s.heartbeat_timeout_s)]
-        use_embedded = s.use_redis and not s.redis_url
-        if s.redis_url or use_embedded:
-            argv += ["--redis-url", s.redis_url or REDIS_URL]
-        if s.api_key:
-            argv += ["--api-key", s.api_key]
-        if s.served_model_name:
-            argv += ["--served-model-name", s.served_model_name]
-        router = self._actor(ray, g, 0, "router", self._child("router", argv, use_embedded))
+        router = self._actor(ray, g, 0, "router", self.router_child())
         self._wait_ready(ray, [router], deadline)
 
     def _start_worker_group(self, ray: Any, g: GroupPlan) -> None:
-        router = f"{self.router_ip}:{self.grpc_port}"
-        if g.ep_size == 1:
-            argv = self.spec.worker_args(g.role, g.name, NODE_IP, router)
-            self._actor(ray, g, 0, g.name, self._child(g.name, argv))
-            return
-        ip, (port,) = self._probe(ray, g, 1)  # rank 0 hosts the group's rendezvous
-        for r, name in enumerate(g.process_names):
-            argv = self.spec.worker_args(g.role, g.name, NODE_IP, router, r, f"tcp://{ip}:{port}")
-            self._actor(ray, g, r, name, self._child(name, argv))
+        rendezvous = None
+        if g.ep_size > 1:
+            ip, (port,) = self._probe(ray, g, 1)  # rank 0 hosts the group's rendezvous
+            rendezvous = f"tcp://{ip}:{port}"
+        for r, child in enumerate(self.worker_children(g, rendezvous)):
+            self._actor(ray, g, r, child.name, child)
 
     def _wait_ready(self, ray: Any, procs: list[RayProc], deadline: float) -> None:
         from k2serve.cluster.ray_actor import ChildError
@@ -230,7 +245,7 @@ class RayCluster:
             try:
                 if len(self.workers()) >= n:
                     return
-            except (OSError, ValueError) as e:
+            except (httpx.HTTPError, OSError, ValueError) as e:
                 last = e
             time.sleep(0.1)
         raise RayRuntimeError(f"workers did not all register with the router at {self.http_url} ({last})")
@@ -238,7 +253,8 @@ class RayCluster:
     # ---- running ---------------------------------------------------------------------------------
     @property
     def http_url(self) -> str:
-        return f"http://{self.router_ip}:{self.http_port}"
+        scheme = "https" if self.spec.tls is not None else "http"
+        return f"{scheme}://{self.router_ip}:{self.http_port}"
 
     @property
     def grpc_address(self) -> str:
@@ -246,11 +262,7 @@ class RayCluster:
 
     def workers(self) -> list[dict]:
         """The router's registered workers (`GET /cluster/workers`)."""
-        req = urllib.request.Request(f"{self.http_url}/cluster/workers")  # noqa: S310 - our router
-        if self.spec.api_key:
-            req.add_header("Authorization", f"Bearer {self.spec.api_key}")
-        with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310
-            return json.loads(r.read())["workers"]
+        return registered_workers(self.http_url, self.spec.tls)
 
     def proc(self, name: str) -> RayProc:
         for p in self.procs:
