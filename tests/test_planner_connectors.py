@@ -1,7 +1,8 @@
 """Connectors: the virtual reference, the Kubernetes connector against a stand-in API server (a small
-HTTP server on localhost implementing only the StatefulSet scale GET/PATCH the client uses; not a real
-Kubernetes), the Ray connector against a fake Ray handle (ray is not installed here), and the
-StatefulSet names against the chart as Helm renders it."""
+HTTP server on localhost implementing only the StatefulSet GET and scale PATCH the client uses; not a
+real Kubernetes), scaling expert-parallel StatefulSets in whole groups, the Ray connector against a
+fake Ray handle (ray is not installed here), and the StatefulSet names and group-size annotation
+against the chart as Helm renders it."""
 
 from __future__ import annotations
 
@@ -51,13 +52,31 @@ def test_apply_scales_only_the_changed_roles() -> None:
 
 
 # ---- Kubernetes, against a stand-in API server ------------------------------------------------
-class StandInAPIServer:
-    """Stand-in for the Kubernetes API server (only GET and PATCH of
-    /apis/apps/v1/namespaces/<ns>/statefulsets/<name>/scale). Records every request; answers
-    `fail_with` (an HTTP status) to PATCHes when set."""
+def statefulset(name: str, annotations: dict[str, str] | None = None, args: list[str] | None = None) -> dict:
+    """A minimal StatefulSet object (what the client needs to deserialize one)."""
+    labels = {"app": name}
+    container = {"name": "worker", "image": "k2serve", "args": args or ["decode", "--port", "50070"]}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": NS, "annotations": annotations or {}},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "serviceName": f"{name}-headless",
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+        },
+    }
 
-    def __init__(self, replicas: dict[str, int]) -> None:
+
+class StandInAPIServer:
+    """Stand-in for the Kubernetes API server: GET of /apis/apps/v1/namespaces/<ns>/statefulsets/<name>
+    (`objects[name]`, default a minimal StatefulSet without expert parallelism, with `spec.replicas` the
+    live count) and GET / PATCH of its `/scale`. Records every request; answers `fail_with` (an HTTP
+    status) to PATCHes when set."""
+
+    def __init__(self, replicas: dict[str, int], objects: dict[str, dict] | None = None) -> None:
         self.replicas = dict(replicas)
+        self.objects = {name: statefulset(name) for name in replicas} | (objects or {})
         self.requests: list[dict[str, Any]] = []
         self.fail_with: int | None = None
         server = self
@@ -74,10 +93,10 @@ class StandInAPIServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def _target(self) -> str | None:
+            def _target(self, scale: bool = True) -> str | None:
                 parts = self.path.split("?")[0].strip("/").split("/")
-                # apis apps v1 namespaces <ns> statefulsets <name> scale
-                if len(parts) == 8 and parts[:4] == ["apis", "apps", "v1", "namespaces"] and parts[5] == "statefulsets" and parts[7] == "scale" and parts[4] == NS and parts[6] in server.replicas:  # fmt: skip
+                # apis apps v1 namespaces <ns> statefulsets <name> [scale]
+                if len(parts) == 7 + scale and parts[:4] == ["apis", "apps", "v1", "namespaces"] and parts[5] == "statefulsets" and parts[7:] == ["scale"] * scale and parts[4] == NS and parts[6] in server.replicas:  # fmt: skip
                     return parts[6]
                 return None
 
@@ -95,6 +114,10 @@ class StandInAPIServer:
 
             def do_GET(self) -> None:  # noqa: N802
                 server.requests.append({"method": "GET", "path": self.path})
+                if (name := self._target(scale=False)) is not None:
+                    obj = json.loads(json.dumps(server.objects[name]))
+                    obj["spec"]["replicas"] = server.replicas[name]
+                    return self._reply(200, obj)
                 name = self._target()
                 if name is None:
                     return self._not_found()
@@ -182,6 +205,86 @@ def test_kubernetes_errors_are_typed_and_name_the_statefulset(api_server: StandI
         missing.replicas("prefill")
     c.close()
     missing.close()
+
+
+def test_kubernetes_connector_scales_whole_ep_groups() -> None:
+    """Decode in expert-parallel groups of 2 (the chart's annotation): the planner's worker count is
+    groups, the StatefulSet's replicas pods = groups x 2; prefill without EP is counted in pods."""
+    decode = statefulset(NAMES["decode"], {"k2serve.io/ep-size": "2"})
+    server = StandInAPIServer({NAMES["prefill"]: 1, NAMES["decode"]: 4}, {NAMES["decode"]: decode})
+    c = _connector(server)
+    try:
+        assert (c.replicas("prefill"), c.replicas("decode")) == (1, 2)
+        c.scale("decode", 3)
+        assert server.replicas[NAMES["decode"]] == 6 and c.replicas("decode") == 3
+        planner = Planner(PlannerConfig(up_after=1))
+        busy = Observation(RoleLoad(1, 1), RoleLoad(c.replicas("decode"), 6, waiting=200), None, None, 5.0)
+        (action,) = apply(planner.decide(busy, 0.0), c)
+        assert action[:2] == ("decode", 3) and action[2] > 3
+        assert server.replicas[NAMES["decode"]] == 2 * action[2]  # whole groups
+        assert server.requests[-1]["body"] == {"spec": {"replicas": 2 * action[2]}}
+        c.scale("decode", 0)
+        assert server.replicas[NAMES["decode"]] == 0 and c.replicas("decode") == 0
+        server.replicas[NAMES["decode"]] = 5  # scaled by hand: a group split
+        with pytest.raises(ConnectorError, match="has 5 pods, not whole expert-parallel groups of 2"):
+            c.replicas("decode")
+    finally:
+        c.close()
+        server.close()
+
+
+def test_kubernetes_group_size_from_ep_flag_and_bad_sizes_named() -> None:
+    """Without the annotation (a StatefulSet not from this chart version) the container's --ep counts;
+    a size that is not an integer >= 1 is a ConnectorError naming where it came from."""
+    objects = {
+        NAMES["prefill"]: statefulset(NAMES["prefill"], args=["prefill", "--ep", "4", "--ep-timeout", "300"]),
+        NAMES["decode"]: statefulset(NAMES["decode"], {"k2serve.io/ep-size": "two"}),
+    }
+    server = StandInAPIServer({NAMES["prefill"]: 8, NAMES["decode"]: 2}, objects)
+    c = _connector(server)
+    try:
+        assert c.replicas("prefill") == 2
+        c.scale("prefill", 1)
+        assert server.replicas[NAMES["prefill"]] == 4
+        with pytest.raises(ConnectorError, match=r"annotation k2serve.io/ep-size is 'two', not an expert"):
+            c.scale("decode", 1)
+        assert server.replicas[NAMES["decode"]] == 2  # nothing patched
+        server.objects[NAMES["decode"]] = statefulset(NAMES["decode"], args=["decode", "--ep", "0"])
+        with pytest.raises(ConnectorError, match=r"container 'worker': --ep is '0'"):
+            c.replicas("decode")
+    finally:
+        c.close()
+        server.close()
+
+
+def test_kubernetes_connector_on_the_rendered_ep_chart() -> None:
+    """The StatefulSets as the chart renders them with decode groups of 2: the connector reads the
+    chart's annotation, reports the values' group counts, and scales decode in pairs of pods."""
+    helm = pytest.importorskip("helm_python", reason="helm-python-sdk (embedded Helm) is not installed")
+    import yaml
+
+    chart = helm.Chart.load(str(Path(__file__).resolve().parents[1] / "helm" / "k2serve"))
+    values = {"prefill": {"replicas": 2}, "decode": {"replicas": 3, "ep": {"size": 2}}}
+    rendered = chart.render(values, name="k2", namespace=NS, is_install=True)
+    sets = {
+        doc["metadata"]["name"]: doc
+        for path, text in rendered.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc and doc.get("kind") == "StatefulSet"
+    }
+    assert sets[NAMES["decode"]]["metadata"]["annotations"]["k2serve.io/ep-size"] == "2"
+    server = StandInAPIServer({n: sets[n]["spec"]["replicas"] for n in NAMES.values()}, sets)
+    assert server.replicas == {NAMES["prefill"]: 2, NAMES["decode"]: 6}
+    c = _connector(server)
+    try:
+        assert (c.replicas("prefill"), c.replicas("decode")) == (2, 3)
+        c.scale("decode", 4)
+        c.scale("prefill", 3)
+        assert server.replicas == {NAMES["prefill"]: 3, NAMES["decode"]: 8}
+    finally:
+        c.close()
+        server.close()
 
 
 def test_kubernetes_connector_unreachable_api_server_is_a_connector_error() -> None:

@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--connector",
         choices=("virtual", "kubernetes", "local"),
         default="virtual",
-        help="virtual: decide and print only; kubernetes: patch the chart's StatefulSets; "
-        "local: start a LocalCluster (--model) and scale its processes",
+        help="virtual: decide and print only; kubernetes: scale the chart's StatefulSets (in whole "
+        "expert-parallel groups); local: start a LocalCluster (--model) and scale its processes",
     )
     mode.add_argument("--interval", type=float, default=s.interval_s, help="seconds between decisions")
     mode.add_argument("--verbose", action="store_true", help="print holds too, not only changes")

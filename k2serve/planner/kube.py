@@ -1,5 +1,13 @@
-"""`KubernetesConnector`: the prefill and decode StatefulSets of the Helm chart, scaled through their
-`scale` subresource (GET and a JSON merge-patch of `spec.replicas`).
+"""`KubernetesConnector`: the prefill and decode StatefulSets of the Helm chart, read with a GET and
+scaled with a JSON merge-patch of `spec.replicas` on their `scale` subresource.
+
+Expert-parallel groups: with the chart's `ep.size` N > 1 a worker is a group of N pods (ordinal i is
+rank i % N of group i / N), and the StatefulSet's replicas are groups x N. Adding or removing single
+pods would leave a group without some of its ranks, so the connector counts in groups: `replicas()`
+is the StatefulSet's pods / N and `scale(role, n)` sets n x N pods; the StatefulSet controller then
+adds or removes the highest ordinals, i.e. whole groups. N is read from the StatefulSet each time (a
+`helm upgrade` may change it): its `k2serve.io/ep-size` annotation (the chart sets it), else the
+`--ep N` of its pod template's container, else 1.
 
 Draining on scale-down is Kubernetes' own: the StatefulSet controller deletes the highest ordinals (all
 at once: the chart sets `podManagementPolicy: Parallel`); each pod gets SIGTERM, on which the k2serve worker deregisters from the router (no new requests) and finishes
@@ -11,7 +19,7 @@ its in-flight streams when it deregisters; see tests/test_planner_local.py.)
 
 Operational notes: turn the chart's `autoscaling` (HPA/KEDA) off for a role the planner scales, or the
 two fight; a `helm upgrade` sets `replicas` back to the values' count. The planner's service account
-needs `get` and `patch` on `statefulsets/scale` in the release's namespace.
+needs `get` on `statefulsets` and `patch` on `statefulsets/scale` in the release's namespace.
 """
 
 from __future__ import annotations
@@ -23,6 +31,32 @@ from k2serve.planner.config import ROLES
 from k2serve.planner.connector import Connector, ConnectorError, check_request
 
 MERGE_PATCH = "application/merge-patch+json"
+EP_SIZE_ANNOTATION = "k2serve.io/ep-size"
+
+
+def ep_size_of(statefulset: Any) -> int:
+    """The expert-parallel group size of a StatefulSet (a `kubernetes.client.V1StatefulSet`): its
+    `k2serve.io/ep-size` annotation, else the value after `--ep` in a container's command or args,
+    else 1. Raises ValueError naming the source when the value is not an integer >= 1."""
+    raw = (statefulset.metadata.annotations or {}).get(EP_SIZE_ANNOTATION)
+    source = f"annotation {EP_SIZE_ANNOTATION}"
+    if raw is None:
+        for c in statefulset.spec.template.spec.containers:
+            argv = [*(c.command or []), *(c.args or [])]
+            if "--ep" in argv:
+                k = argv.index("--ep")
+                raw = argv[k + 1] if k + 1 < len(argv) else ""
+                source = f"container {c.name!r}: --ep"
+                break
+    if raw is None:
+        return 1
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"{source} is {raw!r}, not an expert-parallel group size (an integer >= 1)")
+    return size
 
 
 def chart_fullname(release: str, chart: str = "k2serve", fullname_override: str | None = None) -> str:
@@ -47,8 +81,8 @@ def statefulset_names(
 
 class KubernetesConnector(Connector):
     """Scales `statefulsets[role]` in `namespace` through `api`, a `kubernetes.client.AppsV1Api` (or
-    anything with its `read_namespaced_stateful_set_scale` / `patch_namespaced_stateful_set_scale`).
-    `request_timeout_s` bounds each API call."""
+    anything with its `read_namespaced_stateful_set` / `patch_namespaced_stateful_set_scale`), in whole
+    expert-parallel groups (see the module docstring). `request_timeout_s` bounds each API call."""
 
     def __init__(
         self, api: Any, namespace: str, statefulsets: Mapping[str, str], request_timeout_s: float = 10.0
@@ -92,20 +126,41 @@ class KubernetesConnector(Connector):
         except HTTPError as e:
             raise ConnectorError(role, n, f"StatefulSet {self.namespace}/{name}: {e}") from e
 
+    def _read(self, role: str, n: int | None) -> tuple[int, int]:
+        """The role's StatefulSet: (pods it is set to, pods per expert-parallel group)."""
+        sts = self._call(role, n, self.api.read_namespaced_stateful_set)
+        try:
+            size = ep_size_of(sts)
+        except ValueError as e:
+            name = f"{self.namespace}/{self.statefulsets[role]}"
+            raise ConnectorError(role, n, f"StatefulSet {name}: {e}") from e
+        return int(sts.spec.replicas or 0), size
+
     def replicas(self, role: str) -> int:
+        """The role's workers: the StatefulSet's pods / its group size. A pod count that is not whole
+        groups (the StatefulSet scaled by hand) is a ConnectorError saying what to set."""
         check_request(role, 0)
-        scale = self._call(role, None, self.api.read_namespaced_stateful_set_scale)
-        return int(scale.spec.replicas or 0)
+        pods, size = self._read(role, None)
+        if pods % size:
+            raise ConnectorError(
+                role,
+                None,
+                f"StatefulSet {self.namespace}/{self.statefulsets[role]} has {pods} pods, not whole "
+                f"expert-parallel groups of {size}: scale it to a multiple of {size}",
+            )
+        return pods // size
 
     def scale(self, role: str, n: int) -> None:
-        """PATCH `{"spec": {"replicas": n}}` as a JSON merge patch (the client's default content type
-        for this call is a JSON patch, which expects a list of operations)."""
+        """Set the role's StatefulSet to n groups: PATCH `{"spec": {"replicas": n x group size}}` as a
+        JSON merge patch (the client's default content type for this call is a JSON patch, which expects
+        a list of operations)."""
         check_request(role, n)
+        _, size = self._read(role, n)
         self._call(
             role,
             n,
             self.api.patch_namespaced_stateful_set_scale,
-            body={"spec": {"replicas": n}},
+            body={"spec": {"replicas": n * size}},
             _content_type=MERGE_PATCH,
         )
 

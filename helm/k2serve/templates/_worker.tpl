@@ -102,6 +102,8 @@ annotations:
 The workers of a role as one StatefulSet: `replicas` pods, or with ep.size > 1 `replicas` groups of
 ep.size pods, ordinals [g * size, (g + 1) * size) forming group g (see k2serve.worker.command).
 Pods start in parallel, so a group's ranks meet without waiting for each other to be ready.
+The annotation k2serve.io/ep-size tells `k2serve planner --connector kubernetes` the group size, so
+that it scales in whole groups.
 */}}
 {{- define "k2serve.worker.statefulset" -}}
 {{- $w := index .root.Values .role -}}
@@ -112,6 +114,8 @@ metadata:
   name: {{ $name }}
   labels:
     {{- include "k2serve.componentLabels" (dict "root" .root "component" .role) | nindent 4 }}
+  annotations:
+    k2serve.io/ep-size: {{ int $w.ep.size | quote }}
 spec:
   serviceName: {{ $name }}-headless
   {{- if not $w.autoscaling.enabled }}
