@@ -238,6 +238,14 @@ TEMPLATE_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
         {"decode": {"autoscaling": {"enabled": True, "minReplicas": 9, "maxReplicas": 2}}},
         "exceeds",
     ),
+    "tls with the torch transfer backend": (
+        {
+            "tls": {"enabled": True, "existingSecret": TLS_SECRET},
+            "decode": {"transfer": {"backend": "torch"}},
+        },
+        r"decode.transfer.backend torch with tls.enabled: .* set decode.transfer.backend to grpc, or "
+        "tls.enabled to false",
+    ),
 }
 
 

@@ -44,4 +44,7 @@ def test_gpu_example_shape() -> None:
     assert (pods[f"{FULL}-prefill"], pods[f"{FULL}-decode"]) == (2 * 8, 2 * 16)  # groups x ranks
     ranks = [parse(argv) for _, _, argv in invocations(values) if argv[0] == "decode"]
     assert sorted(ns.ep_rank for ns in ranks) == sorted(list(range(16)) * 2)
+    # TLS on every hop, so KV over gRPC: workers refuse the plaintext torch backend with --tls-*.
+    workers = [parse(argv) for _, _, argv in invocations(values) if argv[0] in ("prefill", "decode")]
+    assert {(ns.transfer_backend, ns.tls_cert) for ns in workers} == {("grpc", "/etc/k2serve/tls/tls.crt")}
     assert ("Secret", f"{FULL}-redis-auth") not in kinds  # the password comes from k2-redis

@@ -103,6 +103,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- range $role := list "prefill" "decode" -}}
 {{- $w := index $.Values $role -}}
+{{- if and $.Values.tls.enabled (eq $w.transfer.backend "torch") -}}
+{{- fail (printf "%s.transfer.backend torch with tls.enabled: torch.distributed sends the KV cache in plaintext and the workers refuse --transfer-backend torch with --tls-*; set %s.transfer.backend to grpc, or tls.enabled to false" $role $role) -}}
+{{- end -}}
 {{- if and (gt (int $w.ep.size) 1) $w.autoscaling.enabled -}}
 {{- fail (printf "%s: autoscaling adds and removes single pods, which would split expert-parallel groups of ep.size (%d); set %s.replicas (groups) instead" $role (int $w.ep.size) $role) -}}
 {{- end -}}
