@@ -290,6 +290,23 @@ def test_disaggregated_handoff_in_process(tiny_ckpt: Path) -> None:
     assert_no_leak(decode)
 
 
+def test_prefilled_request_ended_by_its_first_token_flushes_the_decoder(tiny_ckpt: Path) -> None:
+    """max_tokens=1 and a first token holding only the lead byte of a multi-byte character: the
+    request ends in add_prefilled_request, and its text is what the normal finish gives (the held byte
+    flushed as U+FFFD, as tokenizer.decode has it), not an empty string."""
+    engine = make_engine(tiny_ckpt)
+    tok = engine.tokenizer
+    lead = next(i for i in range(tok.vocab_size) if tok.id_to_token_bytes(i) == b"\xe4")
+    prompt = prompts(1, seed=13, lo=10, hi=20)[0]
+    table = engine.blocks.allocate(prompt).block_table
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    out = engine.add_prefilled_request("r", prompt, lead, one, table)
+    assert out is not None and out.finished and out.finish_reason == "length"
+    assert out.token_ids == [lead]
+    assert out.text == out.new_text == tok.decode([lead]) == "\ufffd"
+    assert_no_leak(engine)
+
+
 def test_a_failing_kv_sink_fails_only_its_request(tiny_ckpt: Path) -> None:
     engine = make_engine(tiny_ckpt)
     got: dict[int, torch.Tensor] = {}

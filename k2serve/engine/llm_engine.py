@@ -226,7 +226,7 @@ class LLMEngine:
         seq.finish_time = seq.first_token_time
         self.scheduler.finish(seq, reason)
         self.seqs.pop(request_id, None)
-        self._decoders.pop(request_id, None)
+        self._finish_text(seq, reason)
         return self._output(seq, [first_token_id], seq.output_text)
 
     def _attach_decoder(self, seq: Sequence) -> IncrementalDecoder | None:
@@ -239,6 +239,17 @@ class LLMEngine:
         dec = IncrementalDecoder(self.tokenizer, seq.params.skip_special_tokens)
         self._decoders[seq.request_id] = dec
         return dec
+
+    def _finish_text(self, seq: Sequence, reason: str) -> str:
+        """Drop `seq`'s decoder as the request ends for `reason`; returns the text it still held (a
+        partial multi-byte character, as U+FFFD), also appended to `seq.output_text`. Nothing after a
+        stop: the text ends at the stop token or before the stop string."""
+        dec = self._decoders.pop(seq.request_id, None)
+        if dec is None or reason == "stop":
+            return ""
+        tail = dec.finish()
+        seq.output_text += tail
+        return tail
 
     def abort_request(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
@@ -342,12 +353,8 @@ class LLMEngine:
             if reason is not None:
                 seq.finish_time = now
                 self.scheduler.finish(seq, reason)
-                if dec is not None and reason != "stop":
-                    tail = dec.finish()
-                    seq.output_text += tail
-                    new_text += tail
                 self.seqs.pop(seq.request_id, None)
-                self._decoders.pop(seq.request_id, None)
+                new_text += self._finish_text(seq, reason)
             results.append(self._output(seq, [tok], new_text))
         return results
 

@@ -10,7 +10,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future
 
 import grpc
 
@@ -99,7 +98,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             sender.open(tid, mc.num_hidden_layers, len(prompt), mc.kv_cache_dim, e.pool.kv.dtype)
         except (RuntimeError, ValueError, OSError) as err:  # TransferError, DistStoreError, bad endpoint
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode endpoint: {err}")
-        sends: list[Future[None]] = []
         t_compute_end = 0.0
         send_errors: list[Exception] = []
 
@@ -108,7 +106,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             if send_errors:
                 return
             try:
-                sends.append(sender.send_layer(tid, layer, kv))
+                sender.send_layer(tid, layer, kv)  # close() then waits for the receiver's verdict
             except Exception as err:  # the transfer is gone (closed, timed out): fail this request only
                 send_errors.append(err)
 
