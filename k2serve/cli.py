@@ -66,6 +66,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "serve": "k2serve.loadgen.cli",
         "sessions": "k2serve.bench.sessions",
         "interference": "k2serve.bench.interference",
+        "int4-experts": "k2serve.bench.int4_experts",
     }[args.what]
     return int(importlib.import_module(module).main(args.rest) or 0)
 
@@ -362,7 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"
     )
     s.add_argument(
-        "what", choices=("engine", "transfer", "ttft", "load-memory", "serve", "sessions", "interference")
+        "what",
+        choices=(
+            "engine",
+            "transfer",
+            "ttft",
+            "load-memory",
+            "serve",
+            "sessions",
+            "interference",
+            "int4-experts",
+        ),
     )
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench)

@@ -1,10 +1,12 @@
-"""Shared fixtures: small random checkpoints written once per session, a test PKI (TLS), the repo's
-sibling ../shared."""
+"""Shared fixtures: small random checkpoints written once per session (and an INT4 one's dequantised
+twin), which path INT4 experts took, a test PKI (TLS), the repo's sibling ../shared."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,65 @@ def tiny_int4_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(
         tmp_path_factory.mktemp("tiny_int4"), "tiny", seed=0, quant="int4", dtype=torch.float32
     )
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """The checkpoint `src` written to `dst` with every INT4 or FP8 weight replaced by its dense
+    dequantised form (fp32), and no quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    from k2serve.model.quant import dequantize_fp8_block, dequantize_int4
+
+    dst.mkdir()
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    new_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(src / shard))
+        out = {}
+        for name, t in tensors.items():
+            if name.endswith(".weight_packed"):
+                base = name[: -len("_packed")]
+                out[base] = dequantize_int4(t, tensors[base + "_scale"], torch.float32)
+            elif t.dtype == torch.float8_e4m3fn:
+                out[name] = dequantize_fp8_block(t, tensors[name + "_scale_inv"])
+            elif not name.endswith((".weight_scale", ".weight_shape", ".weight_scale_inv")):
+                out[name] = t
+        save_file(out, str(dst / shard))
+        new_map.update(dict.fromkeys(out, shard))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": new_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_dequantized_ckpt(tiny_int4_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_int4_ckpt` with its experts dequantised to fp32: the reference for INT4 execution."""
+    return dequantized_copy(tiny_int4_ckpt, tmp_path_factory.mktemp("tiny_int4_dense") / "ckpt")
+
+
+@pytest.fixture
+def int4_expert_rows(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[int]]]:
+    """Records the row count of every INT4 expert call by path: {"fused": [...], "dense": [...]}
+    (the fused CPU INT4 kernel, or dequantise-then-dense-GEMM); dense experts are not recorded."""
+    from k2serve.model.moe import RoutedExperts
+
+    rows: dict[str, list[int]] = {"fused": [], "dense": []}
+    fused, dense = RoutedExperts.swiglu_int4_fused, RoutedExperts.swiglu_dense
+
+    def spy_fused(self: RoutedExperts, e: int, x: torch.Tensor) -> torch.Tensor:
+        rows["fused"].append(x.shape[0])
+        return fused(self, e, x)
+
+    def spy_dense(self: RoutedExperts, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.int4_group_size is not None:
+            rows["dense"].append(x.shape[0])
+        return dense(self, e, x)
+
+    monkeypatch.setattr(RoutedExperts, "swiglu_int4_fused", spy_fused)
+    monkeypatch.setattr(RoutedExperts, "swiglu_dense", spy_dense)
+    yield rows
 
 
 @dataclass(frozen=True)

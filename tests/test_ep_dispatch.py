@@ -27,6 +27,7 @@ from k2serve.experts import (
 )
 from k2serve.experts.reshard import reshard_layer
 from k2serve.experts.state import EPState
+from k2serve.model import moe
 from k2serve.model.loader import load_model
 
 LAYER = 1  # the tiny preset's first MoE layer
@@ -142,6 +143,44 @@ def test_reshard_then_forward_is_unchanged(tiny_ckpt: Path, tiny_int4_ckpt: Path
             assert tuple(ids) == new.owned(r)
             assert (after - full(tokens(r, 6))).abs().max() < 1e-5
             assert (after - before).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dense_min_rows", [1, 6, 10**9])  # all dense, mixed, all fused
+def test_ep_int4_experts_match_dequantized_model(
+    tiny_int4_ckpt: Path,
+    tiny_int4_dequantized_ckpt: Path,
+    int4_expert_rows: dict[str, list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+    dense_min_rows: int,
+) -> None:
+    """INT4 experts (torch's CPU tiles) behind EP dispatch: experts with fewer received rows than
+    INT4_DENSE_MIN_ROWS run the fused kernel, the others are dequantised; either way every rank's
+    output equals the dequantised checkpoint's MoE layer."""
+    monkeypatch.setitem(moe.INT4_DENSE_MIN_ROWS, torch.float32, dense_min_rows)
+    reference = load_model(tiny_int4_dequantized_ckpt, torch.float32).layers[LAYER].mlp
+    placement = ExpertPlacement.contiguous(16, 2)
+    moes = [
+        load_model(tiny_int4_ckpt, torch.float32, expert_ids=placement.owned(r), int4_layout="cpu")
+        .layers[LAYER]
+        .mlp
+        for r in range(2)
+    ]
+
+    def fn(comm: EPComm) -> torch.Tensor:
+        layer = moes[comm.rank]
+        layer.dispatch = EPDispatcher(EPState(comm, (placement,)), LAYER, 0)
+        with torch.inference_mode():
+            return layer(tokens(comm.rank, 10))
+
+    outs = run_group(2, fn)
+    with torch.inference_mode():
+        for r, y in enumerate(outs):
+            want = reference(tokens(r, 10))
+            assert (y - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+    fused, dense = int4_expert_rows["fused"], int4_expert_rows["dense"]
+    assert all(n < dense_min_rows for n in fused) and all(n >= dense_min_rows for n in dense)
+    both = {1: (False, True), 6: (True, True), 10**9: (True, False)}[dense_min_rows]
+    assert (bool(fused), bool(dense)) == both
 
 
 def test_out_of_step_placement_is_a_typed_error(tiny_ckpt: Path) -> None:

@@ -6,6 +6,7 @@ the global ids held, in local order.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -15,8 +16,32 @@ from torch import nn
 
 from k2serve.config import ModelConfig
 from k2serve.model.layers import DenseMLP
-from k2serve.model.quant import dequantize_int4, unpack_int4
+from k2serve.model.quant import (
+    Int4CpuTiles,
+    dequantize_int4,
+    dequantize_int4pack_cpu,
+    int4pack_cpu_tiles,
+    unpack_int4,
+)
 from k2serve.model.shapes import bucket
+
+# INT4 experts in torch's CPU tiles, per compute dtype: an expert with at least this many rows in a call
+# is dequantised (that expert only, for that call) and run through dense GEMMs; fewer rows go through
+# torch's fused INT4 kernel. Measured with `k2serve bench int4-experts` on `small`'s experts (D=1024,
+# I=256, group 32; 2 threads on this repo's 2-core host; paired, interleaved, medians of 400 repeats):
+#   bf16: dense / fused time 9.5-9.9 at 1 row, 3.1 at 16, 1.7 at 32, 0.98-0.99 at 64, 0.94 at 72,
+#     0.70 at 96, 0.57-0.58 at 128 (two runs): the fused kernel costs ~9 us more per row, the dense
+#     path a fixed ~0.5 ms (dequantising both weights ~0.32 ms), then little per row;
+#   fp32, fp16: the fused kernel has no fast path (fp32 0.65 ms at 1 row and ~0.59 ms more per row,
+#     fp16 ~1 ms per row): dense / fused is 0.68 (fp32) and 0.73 (fp16) at 1 row already.
+# Other dtypes go dense. K2SERVE_INT4_DENSE_MIN_ROWS, read at import, sets all three thresholds to
+# one value (a huge one keeps the fused kernel for every call, the behaviour before this table).
+_MEASURED_INT4_DENSE_MIN_ROWS = {torch.bfloat16: 64, torch.float16: 1, torch.float32: 1}
+INT4_DENSE_MIN_ROWS: dict[torch.dtype, int] = (
+    dict.fromkeys(_MEASURED_INT4_DENSE_MIN_ROWS, int(os.environ["K2SERVE_INT4_DENSE_MIN_ROWS"]))
+    if "K2SERVE_INT4_DENSE_MIN_ROWS" in os.environ
+    else dict(_MEASURED_INT4_DENSE_MIN_ROWS)
+)
 
 
 class Router(nn.Module):
@@ -62,9 +87,12 @@ class RoutedExperts(nn.Module):
             w2_packed [E, D, I/8], w2_scale [E, D, I/g]; each active expert is dequantised inside
             `run_sorted` just before its matmul (the portable path; GPU kernels read this layout).
     INT4, layout "cpu" (torch's CPU int4 tiles, same 4 bits per weight): w13_i4 uint8 [E, 2I, D/2],
-            w13_sz [E, D/g, 2I, 2] (scale, zero=0), w2_i4 [E, D, I/2], w2_sz [E, I/g, D, 2]; the fused
-            dequantising GEMM `aten._weight_int4pack_mm_for_cpu` runs each expert without expanding it.
-    Either way the experts stay packed in memory; `set_int4_expert` fills one expert from the disk form.
+            w13_sz [E, D/g, 2I, 2] (scale, zero=0), w2_i4 [E, D, I/2], w2_sz [E, I/g, D, 2]; an expert
+            with fewer rows in a call than INT4_DENSE_MIN_ROWS[dtype] runs through the fused
+            dequantising GEMM `aten._weight_int4pack_mm_for_cpu` without being expanded, one with
+            more is dequantised for that call and runs through dense GEMMs (faster from there on).
+    Either way the experts stay packed in memory (a dequantised expert lives for one call only);
+    `set_int4_expert` fills one expert from the disk form.
     """
 
     def __init__(
@@ -133,23 +161,48 @@ class RoutedExperts(nn.Module):
         return len(self.expert_ids)
 
     def _weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's w13 [2I, D] and w2 [D, I], dense in the compute dtype (INT4: dequantised now)."""
         if self.int4_group_size is None:
             return self.w13[e], self.w2[e]
         dt = self.compute_dtype
+        if self.int4_layout == "cpu":
+            w13_tiles, w2_tiles = self._int4_cpu_tiles()
+            return (
+                dequantize_int4pack_cpu(self.w13_i4[e], self.w13_sz[e, ..., 0], w13_tiles, dt).t(),
+                dequantize_int4pack_cpu(self.w2_i4[e], self.w2_sz[e, ..., 0], w2_tiles, dt).t(),
+            )
         return (
             dequantize_int4(self.w13_packed[e], self.w13_scale[e], dt),
             dequantize_int4(self.w2_packed[e], self.w2_scale[e], dt),
         )
 
+    def _int4_cpu_tiles(self) -> tuple[Int4CpuTiles | None, Int4CpuTiles | None]:
+        """Torch's tile layouts of w13 and w2 on this machine (probed once per shape, then cached)."""
+        return int4pack_cpu_tiles(2 * self.inter, self.hidden), int4pack_cpu_tiles(self.hidden, self.inter)
+
+    def _fused_int4(self, rows: int) -> bool:
+        """Whether an expert with `rows` rows runs through torch's fused CPU INT4 kernel: INT4 in the
+        "cpu" layout, and fewer rows than INT4_DENSE_MIN_ROWS[compute dtype] or tiles this torch lays
+        out in a way `dequantize_int4pack_cpu` cannot read."""
+        if self.int4_group_size is None or self.int4_layout != "cpu":
+            return False
+        if rows < INT4_DENSE_MIN_ROWS.get(self.compute_dtype, 1):
+            return True
+        return any(t is None for t in self._int4_cpu_tiles())
+
     def _swiglu(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x [n, D] -> [n, D]."""
-        if self.int4_layout == "cpu" and self.int4_group_size is not None:
-            g = self.int4_group_size
-            h = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w13_i4[e], g, self.w13_sz[e])  # [n, 2I]
-            gate, up = h.split(self.inter, dim=-1)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                F.silu(gate) * up, self.w2_i4[e], g, self.w2_sz[e]
-            )
+        return self.swiglu_int4_fused(e, x) if self._fused_int4(x.shape[0]) else self.swiglu_dense(e, x)
+
+    def swiglu_int4_fused(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x [n, D] through torch's fused CPU INT4 GEMM ("cpu" layout only)."""
+        g = self.int4_group_size
+        h = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w13_i4[e], g, self.w13_sz[e])  # [n, 2I]
+        gate, up = h.split(self.inter, dim=-1)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(F.silu(gate) * up, self.w2_i4[e], g, self.w2_sz[e])
+
+    def swiglu_dense(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x [n, D] through dense GEMMs (INT4 experts are dequantised for this call)."""
         w13, w2 = self._weights(e)
         n = x.shape[0]
         if n > 0 and bucket(n) != n:  # pad rows to a bucket so the CPU GEMM reuses its kernels
