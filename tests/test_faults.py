@@ -111,7 +111,8 @@ def test_router_restart_workers_re_register(cluster: LocalCluster) -> None:
     while time.monotonic() < deadline:
         try:
             workers = cluster.workers()
-            if len(workers) >= 2:  # prefill-1 and decode-0 (prefill-0 was killed above or is alive)
+            roles = {w["worker_id"]: w["role"] for w in workers}  # prefill-0 may have been killed above
+            if "decode-0" in roles and "prefill" in roles.values():
                 break
         except (OSError, ValueError):
             pass

@@ -285,17 +285,21 @@ def registered_workers(http_url: str, tls: TLSFiles | None) -> list[dict]:
     """The router's registered workers (`GET /cluster/workers`, open without the API key). Over HTTPS
     the router's certificate is checked against `tls.ca` (the system roots without it) for the name
     `tls.server_name`, or the host of `http_url` when that is unset (as the processes check each
-    other). Raises httpx.HTTPError when the router does not answer with 200, ValueError on bad JSON."""
+    other). Raises ConnectionError (an OSError) when the router does not answer with 200, ValueError on
+    bad JSON."""
     if tls is None:
         verify: ssl.SSLContext | bool = True
         extensions = {}
     else:
         verify = ssl.create_default_context(cafile=tls.ca)
         extensions = {"sni_hostname": tls.server_name} if tls.server_name else {}
-    with httpx.Client(verify=verify, timeout=5) as client:
-        r = client.get(f"{http_url}/cluster/workers", extensions=extensions)
-        r.raise_for_status()
-        return r.json()["workers"]
+    try:
+        with httpx.Client(verify=verify, timeout=5) as client:
+            r = client.get(f"{http_url}/cluster/workers", extensions=extensions)
+            r.raise_for_status()
+            return r.json()["workers"]
+    except httpx.HTTPError as e:  # callers poll a router that may be (re)starting: one OSError type
+        raise ConnectionError(f"router at {http_url}: {e}") from e
 
 
 def free_port(host: str) -> int:
