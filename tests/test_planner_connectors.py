@@ -156,6 +156,19 @@ def api_server() -> Iterator[StandInAPIServer]:
     s.close()
 
 
+def _chart_statefulsets(helm: Any, yaml: Any, values: dict, release: str) -> dict[str, dict]:
+    """The chart's StatefulSets, by name, rendered by the embedded Helm with these values."""
+    chart = helm.Chart.load(str(Path(__file__).resolve().parents[1] / "helm" / "k2serve"))
+    rendered = chart.render(values, name=release, namespace=NS, is_install=True)
+    return {
+        doc["metadata"]["name"]: doc
+        for path, text in rendered.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc and doc.get("kind") == "StatefulSet"
+    }
+
+
 def _connector(server: StandInAPIServer, names: dict[str, str] = NAMES) -> KubernetesConnector:
     from kubernetes import client
 
@@ -263,16 +276,8 @@ def test_kubernetes_connector_on_the_rendered_ep_chart() -> None:
     helm = pytest.importorskip("helm_python", reason="helm-python-sdk (embedded Helm) is not installed")
     import yaml
 
-    chart = helm.Chart.load(str(Path(__file__).resolve().parents[1] / "helm" / "k2serve"))
     values = {"prefill": {"replicas": 2}, "decode": {"replicas": 3, "ep": {"size": 2}}}
-    rendered = chart.render(values, name="k2", namespace=NS, is_install=True)
-    sets = {
-        doc["metadata"]["name"]: doc
-        for path, text in rendered.items()
-        if not path.endswith("NOTES.txt")
-        for doc in yaml.safe_load_all(text)
-        if doc and doc.get("kind") == "StatefulSet"
-    }
+    sets = _chart_statefulsets(helm, yaml, values, "k2")
     assert sets[NAMES["decode"]]["metadata"]["annotations"]["k2serve.io/ep-size"] == "2"
     server = StandInAPIServer({n: sets[n]["spec"]["replicas"] for n in NAMES.values()}, sets)
     assert server.replicas == {NAMES["prefill"]: 2, NAMES["decode"]: 6}
@@ -311,16 +316,8 @@ def test_statefulset_names_match_the_rendered_chart() -> None:
     helm = pytest.importorskip("helm_python", reason="helm-python-sdk (embedded Helm) is not installed")
     import yaml
 
-    chart = helm.Chart.load(str(Path(__file__).resolve().parents[1] / "helm" / "k2serve"))
     for release, values in (("k2", {}), ("k2serve-prod", {}), ("k2", {"fullnameOverride": "kimi"})):
-        rendered = chart.render(values, name=release, namespace=NS, is_install=True)
-        sets = {
-            doc["metadata"]["name"]: doc
-            for path, text in rendered.items()
-            if not path.endswith("NOTES.txt")
-            for doc in yaml.safe_load_all(text)
-            if doc and doc.get("kind") == "StatefulSet"
-        }
+        sets = _chart_statefulsets(helm, yaml, values, release)
         names = statefulset_names(release, fullname_override=values.get("fullnameOverride"))
         assert set(names.values()) <= set(sets), (release, sorted(sets))
         # Draining on scale-down relies on the pods' grace period (the worker drains on SIGTERM).
