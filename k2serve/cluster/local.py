@@ -28,8 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from k2serve.cluster.tls import TLSConfigError, TLSFiles
-from k2serve.transfer.registry import resolve_transfer_backend
+from k2serve.cluster.tls import TLSFiles, transfer_backend_for
 
 
 class ClusterError(RuntimeError):
@@ -66,14 +65,8 @@ class ClusterSpec:
             )
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
-        if self.transfer_backend == "auto":
-            object.__setattr__(self, "transfer_backend", resolve_transfer_backend(self.tls is not None))
-        if self.tls is not None and self.transfer_backend != "grpc":
-            raise TLSConfigError(
-                f"transfer backend {self.transfer_backend!r} sends KV in plaintext (torch.distributed "
-                "has no TLS); with TLS use the grpc backend",
-                self.transfer_backend,
-            )
+        backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
+        object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
 
     @property
     def num_worker_processes(self) -> int:

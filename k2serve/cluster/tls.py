@@ -32,6 +32,20 @@ class TLSConfigError(ValueError):
         self.value = value
 
 
+def transfer_backend_for(requested: str, tls: bool) -> str:
+    """The KV transfer backend a cluster (or worker) uses: "auto" is torch (in-place receives, the
+    faster one), or grpc under TLS; raises TLSConfigError for torch with TLS (torch.distributed moves
+    plaintext only)."""
+    backend = ("grpc" if tls else "torch") if requested == "auto" else requested
+    if tls and backend != "grpc":
+        raise TLSConfigError(
+            f"--transfer-backend {backend} sends KV in plaintext (torch.distributed has no TLS); "
+            "with TLS use --transfer-backend grpc",
+            backend,
+        )
+    return backend
+
+
 @dataclass(frozen=True)
 class TLSFiles:
     """This process's certificate and key, and optionally the CA of its peers (PEM file paths).

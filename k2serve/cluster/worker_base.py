@@ -20,13 +20,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from k2serve.cluster.tls import TLSConfigError, TLSFiles, add_port, aio_channel
+from k2serve.cluster.tls import TLSFiles, add_port, aio_channel, transfer_backend_for
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.experts import EPConfig, EPError, EPWorker
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES
-from k2serve.transfer.registry import resolve_transfer_backend
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +82,8 @@ class WorkerSettings:
             parse_init_method(self.ep_init)  # EPConfigError (a ValueError) names a malformed one
         if self.ep_timeout_s <= 0:
             raise ValueError(f"--ep-timeout must be > 0 s, got {self.ep_timeout_s}")
-        if self.transfer_backend == "auto":
-            object.__setattr__(self, "transfer_backend", resolve_transfer_backend(self.tls is not None))
-        if self.tls is not None and self.transfer_backend != "grpc":
-            raise TLSConfigError(
-                f"--transfer-backend {self.transfer_backend} sends KV in plaintext (torch.distributed "
-                "has no TLS); with --tls-* use --transfer-backend grpc",
-                self.transfer_backend,
-            )
+        backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
+        object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
 
     @classmethod
     def from_args(cls, role: str, args: argparse.Namespace) -> WorkerSettings:

@@ -14,12 +14,6 @@ from k2serve.transfer.base import KVReceiver, KVSender
 BACKENDS = ("grpc", "torch")
 
 
-def resolve_transfer_backend(tls: bool) -> str:
-    """The backend "auto" stands for: torch (in-place receives, the faster one), or grpc when the
-    cluster runs TLS (torch.distributed moves plaintext only)."""
-    return "grpc" if tls else "torch"
-
-
 class UnknownBackendError(ValueError):
     """No transfer backend has this name; carries it."""
 
