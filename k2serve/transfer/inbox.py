@@ -86,17 +86,9 @@ class Inbox:
             t = self._transfers.get(h.transfer_id)
             if t is None or t.place is None or t.error is not None or t.done.is_set():
                 return None
-            spec = t.spec
-            if (
-                t.source not in (None, source)
-                or h.dtype != spec.dtype_name
-                or h.kv_dim != spec.kv_dim
-                or h.layer >= spec.num_layers
-                or h.num_tokens == 0
-                or h.token_offset + h.num_tokens > spec.num_tokens
-                or h.byte_length != h.num_tokens * spec.row_bytes
-            ):
+            if self._header_problem(t, h, source, in_order=False) is not None:
                 return None
+            spec = t.spec
             t.landing += 1
         try:
             dest = t.place(h.layer)
@@ -171,27 +163,39 @@ class Inbox:
                     t.done.set()
                 return t.complete and t.error is None
 
+    @staticmethod
+    def _header_problem(t: _Transfer, h: KVChunkHeader, source: str, in_order: bool) -> ChunkError | None:
+        """The first header field that does not fit transfer t, or None. in_order: the chunk must be
+        its layer's next one (accept); without it only its rows must lie inside the layer (a landing
+        site is handed out before the earlier chunks of its layer are accepted)."""
+        spec, tid = t.spec, h.transfer_id
+        if t.source is not None and source != t.source:
+            return ChunkError(tid, "source", source, f"{t.source!r}, the sender of its first chunk")
+        if h.dtype != spec.dtype_name:
+            return ChunkError(tid, "dtype", h.dtype, repr(spec.dtype_name))
+        if h.kv_dim != spec.kv_dim:
+            return ChunkError(tid, "kv_dim", h.kv_dim, spec.kv_dim)
+        if h.layer >= spec.num_layers:
+            return ChunkError(tid, "layer", h.layer, f"< {spec.num_layers}")
+        start = t.rows_in[h.layer] if in_order else h.token_offset
+        if h.token_offset != start:
+            return ChunkError(tid, "token_offset", h.token_offset, f"{start} (chunks in token order, once)")
+        if not 0 < h.num_tokens <= spec.num_tokens - start:
+            return ChunkError(tid, "num_tokens", h.num_tokens, f"1..{spec.num_tokens - start}")
+        if h.byte_length != h.num_tokens * spec.row_bytes:
+            return ChunkError(tid, "byte_length", h.byte_length, f"num_tokens * {spec.row_bytes}")
+        return None
+
     def _check(
         self, t: _Transfer, h: KVChunkHeader, payload: Payload, source: str, landed: bool
     ) -> torch.Tensor | None:
         """Checks one chunk; returns the layer [num_tokens, kv_dim] to hand to on_layer when this
         chunk completes it (never for a landed chunk: its bytes already lie where they belong)."""
         spec, tid = t.spec, h.transfer_id
-        if t.source is not None and source != t.source:
-            raise ChunkError(tid, "source", source, f"{t.source!r}, the sender of its first chunk")
-        if h.dtype != spec.dtype_name:
-            raise ChunkError(tid, "dtype", h.dtype, repr(spec.dtype_name))
-        if h.kv_dim != spec.kv_dim:
-            raise ChunkError(tid, "kv_dim", h.kv_dim, spec.kv_dim)
-        if h.layer >= spec.num_layers:
-            raise ChunkError(tid, "layer", h.layer, f"< {spec.num_layers}")
+        problem = self._header_problem(t, h, source, in_order=True)
+        if problem is not None:
+            raise problem
         rows_in = t.rows_in[h.layer]
-        if h.token_offset != rows_in:
-            raise ChunkError(tid, "token_offset", h.token_offset, f"{rows_in} (chunks in token order, once)")
-        if not 0 < h.num_tokens <= spec.num_tokens - rows_in:
-            raise ChunkError(tid, "num_tokens", h.num_tokens, f"1..{spec.num_tokens - rows_in}")
-        if h.byte_length != h.num_tokens * spec.row_bytes:
-            raise ChunkError(tid, "byte_length", h.byte_length, f"num_tokens * {spec.row_bytes}")
         size = payload.numel() if isinstance(payload, torch.Tensor) else memoryview(payload).nbytes
         if size != h.byte_length:
             raise ChunkError(tid, "payload size", size, f"byte_length {h.byte_length}")
