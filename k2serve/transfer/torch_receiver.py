@@ -52,7 +52,7 @@ class _Peer:
         self.number = number
         self.source = f"torch-peer-{number}"
         self.pg: dist.ProcessGroup | None = None
-        self.payload_pg: dist.ProcessGroup | None = None
+        self.payload_pg: dist.ProcessGroup | None = None  # held: the group lives as long as the peer
         self.send_lock = threading.Lock()  # verdicts and goodbye share the ACK tag
         self.goodbye_sent = False
         self.staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # free staging buffers
