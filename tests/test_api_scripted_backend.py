@@ -16,11 +16,17 @@ import openai
 import pytest
 
 from k2serve.api.openai_app import build_app
-from k2serve.api.protocol import BackendFailure, BackendStats, GenerateRequest, GenerationBackend, TokenEvent
 from k2serve.api.testing import serve_in_thread
-from k2serve.api.validation import validate_request
 from k2serve.chat.bpe_train import write_tokenizer
 from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
+from k2serve.engine.protocol import (
+    BackendFailure,
+    BackendStats,
+    GenerateRequest,
+    GenerationBackend,
+    TokenEvent,
+)
+from k2serve.engine.validation import validate_request
 
 pytestmark = pytest.mark.timeout(60)
 OUTPUT = (
@@ -61,7 +67,12 @@ class ScriptedBackend:
         return None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        validate_request(
+            request.prompt_token_ids,
+            request.params,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+        )
         self.requests.append(request)
         return self._events(request)
 

@@ -11,7 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from k2serve.api.protocol import (
+from k2serve.chat.tokenizer import load_tokenizer
+from k2serve.engine.async_engine import AsyncEngine
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.protocol import (
     BackendFailure,
     DrainingError,
     GenerateRequest,
@@ -20,10 +24,6 @@ from k2serve.api.protocol import (
     QueueFullError,
     TokenEvent,
 )
-from k2serve.chat.tokenizer import load_tokenizer
-from k2serve.engine.async_engine import AsyncEngine
-from k2serve.engine.config import EngineConfig
-from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.model.loader import load_model
 

@@ -19,12 +19,12 @@ import openai
 import pytest
 import torch
 
-from k2serve.api.protocol import BackendFailure, DrainingError, GenerateRequest
 from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
+from k2serve.engine.protocol import BackendFailure, DrainingError, GenerateRequest
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts import EPError, EPWorker
 from k2serve.model.loader import load_model

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from k2serve.api.metrics import APIMetrics
-from k2serve.api.protocol import BackendStats
+from k2serve.engine.protocol import BackendStats
 from k2serve.planner.observation import Histogram, MetricsError, observe, parse_metrics, role_load
 from k2serve.planner.scrape import RouterScraper
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from k2serve.api.protocol import GenerateRequest, QueueFullError
+from k2serve.engine.protocol import GenerateRequest, QueueFullError
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import registry_pb2
 from k2serve.router.backend import ClusterBackend

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from k2serve.api.protocol import GenerateRequest, SessionHint
+from k2serve.engine.protocol import GenerateRequest, SessionHint
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import registry_pb2, worker_pb2, worker_pb2_grpc
 from k2serve.router.backend import ClusterBackend

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, SamplerError, make_generator, suppress_tokens
 from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
+from k2serve.engine.validation import validate_request
 
 SAMPLER = Sampler()
 
@@ -81,14 +83,16 @@ def test_min_tokens_above_max_tokens_is_rejected() -> None:
         SamplingParams(min_tokens=20)
 
 
-def test_validate_for_model_names_value_and_limit() -> None:
+def test_validate_request_names_value_and_limit() -> None:
     p = SamplingParams(max_tokens=100, stop_token_ids=[5, 163_840])
-    with pytest.raises(SamplingParamsError, match=r"stop_token_ids=163840 .* vocab_size \(163840\)"):
-        p.validate_for_model(vocab_size=163_840, max_model_len=4096, prompt_len=10)
+    with pytest.raises(InvalidRequestError, match=r"stop_token_ids: token id 163840 .* \[0, 163840\)") as e:
+        validate_request(list(range(10)), p, vocab_size=163_840, max_model_len=4096)
+    assert (e.value.param, e.value.value, e.value.limit) == ("stop_token_ids", 163_840, 163_840)
     q = SamplingParams(max_tokens=100)
-    q.validate_for_model(vocab_size=163_840, max_model_len=110, prompt_len=10)
-    with pytest.raises(SamplingParamsError, match=r"max_tokens=100 .* max_model_len \(109\)"):
-        q.validate_for_model(vocab_size=163_840, max_model_len=109, prompt_len=10)
+    validate_request(list(range(10)), q, vocab_size=163_840, max_model_len=110)
+    with pytest.raises(InvalidRequestError, match=r"max_tokens=100 is too large: .* at most 99 can") as e:
+        validate_request(list(range(10)), q, vocab_size=163_840, max_model_len=109)
+    assert (e.value.param, e.value.value, e.value.limit) == ("max_tokens", 100, 109)
 
 
 # ---- exact cases --------------------------------------------------------------------------------

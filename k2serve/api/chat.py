@@ -25,7 +25,6 @@ from k2serve.api.errors import APIError, bad_request, from_backend_error
 from k2serve.api.metrics import RequestTracker
 from k2serve.api.outputs import chat_logprobs, usage
 from k2serve.api.params import sampling_params
-from k2serve.api.protocol import BackendError, GenerateRequest, TokenEvent
 from k2serve.api.runner import (
     CLIENT_CLOSED,
     DONE,
@@ -37,9 +36,11 @@ from k2serve.api.runner import (
     unless_disconnected,
 )
 from k2serve.api.schemas import ChatCompletionRequest
-from k2serve.api.session_routes import TurnRecorder, session_context, turn_recorder
+from k2serve.api.session_routes import session_context
 from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ParsedOutput, ReasoningParser, collect
 from k2serve.chat.template import ChatTemplateError
+from k2serve.engine.protocol import BackendError, GenerateRequest, TokenEvent
+from k2serve.sessions.service import TurnRecorder
 
 ENDPOINT = "chat"
 
@@ -139,7 +140,7 @@ async def _chat_completion(
     stream = await start(state, GenerateRequest(rid, prompt, params, structured, hint), names)
     on_finish = None
     if hint is not None and owner is not None:
-        on_finish = turn_recorder(state.sessions, hint.session_id, owner, new_messages, prompt)
+        on_finish = state.sessions.turn_recorder(hint.session_id, owner, new_messages, prompt)
     text = OutputText(
         tok,
         skip_special_tokens=params.skip_special_tokens,

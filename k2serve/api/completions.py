@@ -21,7 +21,6 @@ from k2serve.api.errors import APIError, bad_request, from_backend_error
 from k2serve.api.metrics import RequestTracker
 from k2serve.api.outputs import CompletionLogprobs, merge_completion_logprobs, usage
 from k2serve.api.params import sampling_params
-from k2serve.api.protocol import BackendError, GenerateRequest, TokenEvent
 from k2serve.api.runner import (
     CLIENT_CLOSED,
     DONE,
@@ -33,6 +32,7 @@ from k2serve.api.runner import (
     unless_disconnected,
 )
 from k2serve.api.schemas import CompletionRequest
+from k2serve.engine.protocol import BackendError, GenerateRequest, TokenEvent
 
 ENDPOINT = "completions"
 MAX_PROMPTS = 64

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k2serve.api.protocol import (
+from k2serve.engine.protocol import (
     BackendError,
     BackendFailure,
     DrainingError,

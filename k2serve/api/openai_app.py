@@ -19,10 +19,10 @@ from k2serve.api.completions import completion
 from k2serve.api.errors import APIError, install_error_handlers
 from k2serve.api.metrics import CONTENT_TYPE, APIMetrics
 from k2serve.api.prompt import PromptEncoder
-from k2serve.api.protocol import DrainingError, GenerationBackend, QueueFullError
 from k2serve.api.runner import AppState
 from k2serve.api.schemas import ChatCompletionRequest, CompletionRequest
 from k2serve.api.session_routes import install_session_routes
+from k2serve.engine.protocol import DrainingError, GenerationBackend, QueueFullError
 
 
 def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: Any = None) -> FastAPI:

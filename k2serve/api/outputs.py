@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from k2serve.api.protocol import TokenLogprobs
 from k2serve.chat.tokenizer import KimiTokenizer
+from k2serve.engine.protocol import TokenLogprobs
 
 MIN_LOGPROB = -9999.0
 

@@ -10,7 +10,7 @@ shape.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from k2serve.api.errors import APIError
-from k2serve.api.protocol import SessionHint
+from k2serve.engine.protocol import SessionHint
 from k2serve.sessions.errors import (
     InvalidSessionArgument,
     InvalidSessionId,
@@ -28,8 +28,6 @@ from k2serve.sessions.errors import (
     SessionStoreUnavailable,
 )
 from k2serve.sessions.session import Session
-
-TurnRecorder = Callable[[dict[str, Any], str | None], Awaitable[None]]
 
 
 def session_error(e: SessionError) -> APIError:
@@ -83,20 +81,6 @@ async def session_context(
         return await sessions.context(session_id, owner)
     except SessionError as e:
         raise session_error(e) from e
-
-
-def turn_recorder(
-    sessions: Any, session_id: str, owner: str, new_messages: Sequence[Mapping[str, Any]], prompt: list[int]
-) -> TurnRecorder:
-    """Called once a turn finished: append its messages and reply, then record who caches it."""
-
-    async def record(reply: dict[str, Any], served_by: str | None) -> None:
-        reply = {k: v for k, v in reply.items() if v is not None}
-        _, cached = await sessions.record_turn(session_id, owner, new_messages, reply, prompt)
-        if served_by is not None:
-            await sessions.set_holder(session_id, served_by, cached)
-
-    return record
 
 
 class _Create(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from k2serve.api.protocol import (
+from k2serve.engine.protocol import (
     BackendError,
     BackendFailure,
     DrainingError,

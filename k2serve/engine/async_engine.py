@@ -6,9 +6,10 @@ abort) through a locked inbox and receive TokenEvents on a per-request asyncio.Q
 bad request fails in its own caller. A failure inside a step ends only the requests it can be pinned
 on (all in-flight ones when it cannot be pinned), is logged, and the thread carries on.
 
-With an expert-parallel group (`for_group`, a `k2serve.experts.EPWorker`) the thread calls the
-group's collective `step()` every iteration, with or without local work, waiting ~1 ms between steps
-while no rank has work (commands wake it at once). Losing the group (`EPError`) is fatal: every
+With a lockstep group (`for_group`: a `LockstepGroup`, the expert-parallel `k2serve.experts.EPWorker`)
+the thread calls the group's collective `step()` every iteration, with or without local work, waiting
+~1 ms between steps while no rank has work (commands wake it at once). Losing the group
+(`GroupLostError`) is fatal: every
 in-flight request fails with BackendFailure, the thread stops and `on_fatal` tells the process,
 which exits non-zero so that the launcher restarts the whole group.
 """
@@ -23,11 +24,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from k2serve.api.protocol import (
+from k2serve.chat.structured import GrammarCompiler, GrammarConstraint
+from k2serve.chat.tokenizer import KimiTokenizer
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.group import GroupLostError, LockstepGroup
+from k2serve.engine.llm_engine import LLMEngine, RequestOutput
+from k2serve.engine.protocol import (
     BackendError,
     BackendFailure,
     BackendStats,
@@ -37,16 +43,8 @@ from k2serve.api.protocol import (
     QueueFullError,
     TokenEvent,
 )
-from k2serve.api.validation import compile_structured, validate_request
-from k2serve.chat.tokenizer import KimiTokenizer
-from k2serve.engine.config import EngineConfig
-from k2serve.engine.llm_engine import LLMEngine, RequestOutput
-from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.engine.sequence import RequestError
-from k2serve.experts.comm import EPError
-
-if TYPE_CHECKING:
-    from k2serve.experts.worker import EPWorker
+from k2serve.engine.validation import compile_structured, validate_request
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,15 +76,15 @@ class _Extras:
 
 
 class AsyncEngine:
-    """The local GenerationBackend (see k2serve.api.protocol for the contract).
+    """The local GenerationBackend (see k2serve.engine.protocol for the contract).
 
     Lifecycle: `start()` launches the engine thread; `begin_drain()` refuses new requests
     (DrainingError) while in-flight ones go on; `await drain(timeout)` waits for them (aborting what
     is left after `timeout` seconds) and then stops the thread; `shutdown()` aborts everything in
     flight and stops the thread at once. Both always leave the thread stopped.
 
-    `group`: the expert-parallel rank whose `engine` this is (see the module docstring); stepping
-    stops for every rank of the group when one rank's thread stops, so shutting one rank down makes
+    `group`: the rank of a lockstep group (expert parallelism) whose `engine` this is (see the module
+    docstring); stepping stops for every rank of the group when one rank's thread stops, so shutting one rank down makes
     the others lose the group. `on_fatal(error)` is called on the engine thread once the group is lost
     and every in-flight request has been failed; `fatal_error` keeps the error.
     """
@@ -95,8 +93,8 @@ class AsyncEngine:
         self,
         engine: LLMEngine,
         model_name: str,
-        group: EPWorker | None = None,
-        on_fatal: Callable[[EPError], None] | None = None,
+        group: LockstepGroup | None = None,
+        on_fatal: Callable[[GroupLostError], None] | None = None,
     ) -> None:
         if engine.tokenizer is None:
             raise ValueError("AsyncEngine needs a model directory with a tokenizer (tiktoken.model)")
@@ -105,10 +103,10 @@ class AsyncEngine:
         self._engine = engine
         self._group = group
         self._on_fatal = on_fatal
-        self._fatal: EPError | None = None
+        self._fatal: GroupLostError | None = None
         self._tokenizer: KimiTokenizer = engine.tokenizer
         self._model_name = model_name
-        self._compiler: Any = None  # k2serve.chat.structured.GrammarCompiler, built on first use
+        self._compiler: GrammarCompiler | None = None  # built on first use
         self._compiler_lock = threading.Lock()
         self._cond = threading.Condition()
         self._commands: list[tuple[str, Any, Any]] = []
@@ -133,7 +131,7 @@ class AsyncEngine:
 
     @classmethod
     def for_group(
-        cls, worker: EPWorker, model_name: str, on_fatal: Callable[[EPError], None] | None = None
+        cls, worker: LockstepGroup, model_name: str, on_fatal: Callable[[GroupLostError], None] | None = None
     ) -> AsyncEngine:
         """Serve one expert-parallel rank: its own requests on `worker.engine`, lockstep with its group."""
         return cls(worker.engine, model_name, worker, on_fatal)
@@ -159,7 +157,7 @@ class AsyncEngine:
         return self._engine.model.config.vocab_size
 
     @property
-    def fatal_error(self) -> EPError | None:
+    def fatal_error(self) -> GroupLostError | None:
         """Why the engine thread stopped by itself (the expert-parallel group was lost), else None."""
         return self._fatal
 
@@ -279,19 +277,15 @@ class AsyncEngine:
 
     def _validate(self, request: GenerateRequest) -> None:
         """Everything that makes a request impossible here, named; raises InvalidRequestError."""
-        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
-        try:
-            self._engine.validate(request.prompt_token_ids, request.params)
-        except RequestError as e:
-            cause = e.__cause__
-            if isinstance(cause, SamplingParamsError):
-                raise InvalidRequestError(str(cause), cause.field_name, cause.value) from e
-            raise InvalidRequestError(str(e)) from e
+        validate_request(
+            request.prompt_token_ids,
+            request.params,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+        )
 
-    def _compile(self, structured: dict[str, Any]) -> Any:
+    def _compile(self, structured: dict[str, Any]) -> GrammarConstraint | None:
         """A GrammarConstraint for a GenerateRequest.structured spec; raises InvalidRequestError."""
-        from k2serve.chat.structured import GrammarCompiler
-
         with self._compiler_lock:
             if self._compiler is None:
                 self._compiler = GrammarCompiler(self._tokenizer)
@@ -329,7 +323,7 @@ class AsyncEngine:
                 if self._group is not None or self._engine.has_unfinished_requests():
                     try:
                         self._step()
-                    except EPError as exc:
+                    except GroupLostError as exc:
                         self._lose_group(exc)
                         return
         finally:
@@ -348,7 +342,7 @@ class AsyncEngine:
         elif not (self._group.any_work or self._commands or self._stopping):
             self._cond.wait(IDLE_WAIT_S)
 
-    def _lose_group(self, exc: EPError) -> None:
+    def _lose_group(self, exc: GroupLostError) -> None:
         """The group cannot step any more: fail everything in flight, then tell the process."""
         logger.error("expert-parallel group lost: %s", exc)
         with self._cond:
@@ -414,10 +408,10 @@ class AsyncEngine:
             self._send(client, TokenEvent([], "abort", client.num_prompt_tokens, 0))
 
     def _step(self) -> None:
-        """One step (the group's collective one in a group); an EPError propagates (the group is lost)."""
+        """One step (the group's collective one in a group); a GroupLostError propagates (the group is lost)."""
         try:
             outputs = self._engine.step() if self._group is None else self._group.step()
-        except EPError:
+        except GroupLostError:
             raise
         except Exception as exc:  # contained: the requests it hit get the error, the thread goes on
             logger.exception("engine step failed")

@@ -18,10 +18,12 @@ import torch
 
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.model_runner import ModelRunner, RowSpec
+from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, suppress_tokens
-from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
+from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.scheduler import Scheduler
 from k2serve.engine.sequence import RequestError, Sequence, SequenceStatus
+from k2serve.engine.validation import validate_request
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.model import K2Model
@@ -132,25 +134,17 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise RequestError naming the offending value and the limit; does no work."""
+        """Raise RequestError (an InvalidRequestError naming the field, its value and the limit); does
+        no work. The request checks are `validate_request`'s; top log-probabilities are bounded by the
+        vocabulary here (the APIs bound them lower)."""
         vocab = self.model.config.vocab_size
-        if not prompt_token_ids:
-            raise RequestError("prompt is empty: at least one token is required")
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        try:
-            params.validate_for_model(vocab, self.max_model_len, len(prompt_token_ids))
-        except SamplingParamsError as e:
-            raise RequestError(str(e)) from e
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise RequestError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
-        if params.top_k > vocab:
-            raise RequestError(f"top_k={params.top_k} exceeds the vocabulary size {vocab}")
+        validate_request(
+            prompt_token_ids, params, vocab_size=vocab, max_model_len=self.max_model_len, max_logprobs=vocab
+        )
         if params.stop and self.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer; this model directory has none")
-        if params.n != 1:
-            raise RequestError(f"n={params.n} is not supported by the engine (send n requests)")
+            raise InvalidRequestError(
+                "stop strings need a tokenizer; this model directory has none", "stop", params.stop
+            )
 
     def add_request(
         self,

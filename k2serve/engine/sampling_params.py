@@ -87,19 +87,6 @@ class SamplingParams:
         """Whether this request decodes by argmax."""
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
-    def validate_for_model(self, vocab_size: int, max_model_len: int, prompt_len: int) -> None:
-        """Check what depends on the model and the prompt; raises SamplingParamsError."""
-        for t in self.stop_token_ids:
-            if t >= vocab_size:
-                raise SamplingParamsError("stop_token_ids", t, f"< vocab_size ({vocab_size})")
-        if prompt_len + self.max_tokens > max_model_len:
-            raise SamplingParamsError(
-                "max_tokens",
-                self.max_tokens,
-                f"<= max_model_len ({max_model_len}) - prompt length ({prompt_len}) "
-                f"= {max_model_len - prompt_len}",
-            )
-
 
 def _check_int(name: str, value: object, minimum: int, allowed: str | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

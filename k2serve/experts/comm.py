@@ -20,8 +20,10 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
+from k2serve.engine.group import GroupLostError
 
-class EPError(RuntimeError):
+
+class EPError(GroupLostError):
     """A collective of the expert-parallel group failed on `rank` during `where` (MoE `layer`, or None
     outside a layer); `peers` are the ranks suspected dead or hung; `cause` is the backend's message."""
 

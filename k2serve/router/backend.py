@@ -18,7 +18,10 @@ from typing import Any
 
 import grpc
 
-from k2serve.api.protocol import (
+from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
+from k2serve.cluster.grpc_errors import error_of
+from k2serve.config import ModelConfig
+from k2serve.engine.protocol import (
     BackendFailure,
     BackendStats,
     DrainingError,
@@ -27,10 +30,7 @@ from k2serve.api.protocol import (
     QueueFullError,
     TokenEvent,
 )
-from k2serve.api.validation import validate_request
-from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
-from k2serve.cluster.grpc_errors import error_of
-from k2serve.config import ModelConfig
+from k2serve.engine.validation import validate_request
 from k2serve.proto import worker_pb2
 from k2serve.proto.convert import finish_from_proto, logprob_from_proto, sampling_to_proto
 from k2serve.router.policy import LeastLoaded, NoWorkerError, RoutingPolicy
@@ -130,7 +130,12 @@ class ClusterBackend:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         self.check_admission()
-        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        validate_request(
+            request.prompt_token_ids,
+            request.params,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+        )
         limit = self.max_predicted_ttft_s
         predicted = self.predicted_ttft_s(len(request.prompt_token_ids)) if limit is not None else None
         if limit is not None and predicted is not None and predicted > limit:

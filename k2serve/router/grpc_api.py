@@ -18,10 +18,9 @@ import grpc
 from k2serve.api.chat import reply_message
 from k2serve.api.detok import REASONING_MARKERS, TOOL_MARKERS, OutputText
 from k2serve.api.prompt import PromptEncoder
-from k2serve.api.protocol import BackendError, GenerateRequest, GenerationBackend, TokenEvent
-from k2serve.api.session_routes import turn_recorder
 from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ReasoningParser, collect
 from k2serve.cluster.grpc_errors import status_of
+from k2serve.engine.protocol import BackendError, GenerateRequest, GenerationBackend, TokenEvent
 from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
 from k2serve.proto.convert import (
@@ -192,7 +191,7 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                     out.usage.CopyFrom(_usage(prompt, produced, ev))
                     if hint is not None and owner is not None and ev.finish_reason in ("stop", "length"):
                         # recorded before the last chunk leaves, so the client's next turn sees it
-                        record = turn_recorder(self.sessions, hint.session_id, owner, new_messages, prompt)
+                        record = self.sessions.turn_recorder(hint.session_id, owner, new_messages, prompt)
                         await record(reply_message(collect(parsed_all)), ev.served_by)
                 yield out
 

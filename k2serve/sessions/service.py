@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from k2serve.api.protocol import SessionHint
+from k2serve.engine.protocol import SessionHint
 from k2serve.sessions.session import Session, SessionStoreConfig
 from k2serve.sessions.store import SessionStore
 
 logger = logging.getLogger(__name__)
 ANONYMOUS = "anonymous"
+
+TurnRecorder = Callable[[dict[str, Any], str | None], Awaitable[None]]
+"""Called as `await record(reply, served_by)` once a turn finished (see SessionService.turn_recorder)."""
 
 
 class SessionService:
@@ -108,6 +111,21 @@ class SessionService:
             self.store.append, session_id, owner, tokens, [*new_messages, dict(reply)], tool_steps
         )
         return s, len(prompt) if consistent else 0
+
+    def turn_recorder(
+        self, session_id: str, owner: str, new_messages: Sequence[Mapping[str, Any]], prompt: list[int]
+    ) -> TurnRecorder:
+        """What a front door calls once a turn finished: append the turn's new messages and the reply
+        (fields set to None dropped), then record that `served_by` (the worker that served the turn;
+        None: unknown) caches the turn's context."""
+
+        async def record(reply: dict[str, Any], served_by: str | None) -> None:
+            reply = {k: v for k, v in reply.items() if v is not None}
+            _, cached = await self.record_turn(session_id, owner, new_messages, reply, prompt)
+            if served_by is not None:
+                await self.set_holder(session_id, served_by, cached)
+
+        return record
 
     async def set_holder(self, session_id: str, worker_id: str | None, cached_tokens: int) -> None:
         if worker_id is None or cached_tokens <= 0:

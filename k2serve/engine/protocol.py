@@ -1,8 +1,9 @@
-"""What the HTTP layer asks of whatever generates tokens: request/event types, errors, the backend contract.
+"""The serving contract: what every front door (the HTTP API, the public gRPC API, the router, the
+workers) asks of whatever generates tokens: request/event types, errors, the backend protocol.
 
 Everything here is transport-neutral: a `GenerateRequest` holds token ids, `SamplingParams` and a
 JSON-serialisable structured-output spec (never a compiled grammar), so a remote worker can rebuild
-it; a `TokenEvent` holds token ids (text is made by the HTTP layer from the tokenizer).
+it; a `TokenEvent` holds token ids (text is made by the front door from the tokenizer).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from k2serve.chat.tokenizer import KimiTokenizer
 from k2serve.engine.sampler import TokenLogprobs
 from k2serve.engine.sampling_params import SamplingParams
+from k2serve.engine.sequence import RequestError
 
 __all__ = [
     "BackendError",
@@ -96,10 +98,11 @@ class BackendError(Exception):
     """Base of the errors a backend raises to one caller (never for other requests)."""
 
 
-class InvalidRequestError(BackendError, ValueError):
-    """The request can never run as given. `param` names the offending request field (the name in
-    SamplingParams or GenerateRequest: "max_tokens", "prompt_token_ids", "response_format", ...)
-    and `value` is its value. `limit` is set when a size limit was exceeded (e.g. max_model_len)."""
+class InvalidRequestError(BackendError, RequestError):
+    """The request can never run as given (a RequestError: the offline engine raises it too). `param`
+    names the offending request field (the name in SamplingParams or GenerateRequest: "max_tokens",
+    "prompt_token_ids", "response_format", ...) and `value` is its value. `limit` is set when a size
+    limit was exceeded (e.g. max_model_len)."""
 
     def __init__(
         self, message: str, param: str | None = None, value: object = None, limit: int | None = None
@@ -139,10 +142,10 @@ class BackendFailure(BackendError):
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    """The contract between the HTTP API and token generation.
+    """The contract between the front doors and token generation.
 
     Implementations: `k2serve.engine.async_engine.AsyncEngine` (one local engine) and the
-    cluster router (prefill/decode workers). The HTTP app uses nothing else.
+    cluster router's `ClusterBackend` (prefill/decode workers). The HTTP and gRPC APIs use nothing else.
 
     - `check_admission()` raises DrainingError or QueueFullError when a new request would be
       refused now; it is cheap and does no work (the app calls it before tokenizing).

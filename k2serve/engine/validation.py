@@ -1,24 +1,37 @@
-"""Checks and grammar compilation of GenerateRequests, the same in every backend.
+"""The one check of a request against a model, and grammar compilation of structured-output specs.
 
 `validate_request` refuses what no backend could run, raising InvalidRequestError that names the
-field, its value and the limit. `compile_structured` turns a `GenerateRequest.structured` spec into
-a GrammarConstraint for a tokenizer. The router can run both before dispatching; a worker compiles
-the spec it receives with its own GrammarCompiler.
+field, its value and the limit. Every path runs it: the offline engine (`LLMEngine.validate`), the
+local backend (`AsyncEngine`), the router before it dispatches, the workers when a request arrives.
+`compile_structured` turns a `GenerateRequest.structured` spec into a GrammarConstraint for a
+tokenizer; the router can run it before dispatching, a worker compiles the spec it receives with its
+own GrammarCompiler.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from k2serve.api.protocol import GenerateRequest, InvalidRequestError
+from k2serve.chat.structured import GrammarCompiler, GrammarConstraint, StructuredOutputError
+from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampling_params import SamplingParams
 
-MAX_LOGPROBS = 20  # top log-probabilities per token at most (OpenAI's and vLLM's limit)
+MAX_LOGPROBS = 20  # top log-probabilities per token at most over the APIs (OpenAI's and vLLM's limit)
 
 
-def validate_request(request: GenerateRequest, *, vocab_size: int, max_model_len: int) -> None:
-    """Raise InvalidRequestError unless `request` fits a model with this vocabulary and context."""
-    ids, p, vocab, limit = request.prompt_token_ids, request.params, vocab_size, max_model_len
+def validate_request(
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    max_logprobs: int = MAX_LOGPROBS,
+) -> None:
+    """Raise InvalidRequestError unless the prompt and `params` fit a model with this vocabulary and
+    context (prompt + output tokens at most `max_model_len`), asking for at most `max_logprobs`
+    top log-probabilities per token."""
+    ids, p, vocab, limit = prompt_token_ids, params, vocab_size, max_model_len
     if not isinstance(p, SamplingParams):
         raise InvalidRequestError("params must be SamplingParams", "params", type(p).__name__)
     if not isinstance(ids, list) or not ids:
@@ -40,25 +53,22 @@ def validate_request(request: GenerateRequest, *, vocab_size: int, max_model_len
         raise InvalidRequestError(msg, "max_tokens", p.max_tokens, limit)
     if p.n != 1:
         raise InvalidRequestError(f"n={p.n} is not supported: only n=1", "n", p.n)
-    if p.logprobs is not None and p.logprobs > MAX_LOGPROBS:
-        msg = f"logprobs={p.logprobs} is too large: at most {MAX_LOGPROBS}"
-        raise InvalidRequestError(msg, "logprobs", p.logprobs, MAX_LOGPROBS)
+    if p.logprobs is not None and p.logprobs > max_logprobs:
+        msg = f"logprobs={p.logprobs} is too large: at most {max_logprobs}"
+        raise InvalidRequestError(msg, "logprobs", p.logprobs, max_logprobs)
     if p.top_k > vocab:
         raise InvalidRequestError(
             f"top_k={p.top_k} exceeds the vocabulary size {vocab}", "top_k", p.top_k, vocab
         )
     bad = next((t for t in p.stop_token_ids if t >= vocab), None)
     if bad is not None:
-        msg = f"stop token id {bad} is outside the vocabulary [0, {vocab})"
+        msg = f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})"
         raise InvalidRequestError(msg, "stop_token_ids", bad, vocab)
 
 
-def compile_structured(compiler: Any, structured: dict[str, Any]) -> Any:
-    """The GrammarConstraint (or None: nothing to constrain) for a GenerateRequest.structured spec,
-    built by a k2serve.chat.structured.GrammarCompiler; raises InvalidRequestError naming
-    "response_format" or "tool_choice" when the spec cannot be compiled."""
-    from k2serve.chat.structured import StructuredOutputError
-
+def compile_structured(compiler: GrammarCompiler, structured: dict[str, Any]) -> GrammarConstraint | None:
+    """The GrammarConstraint (or None: nothing to constrain) for a GenerateRequest.structured spec;
+    raises InvalidRequestError naming "response_format" or "tool_choice" when the spec cannot be compiled."""
     if not isinstance(structured, dict) or not ({"response_format", "tool_choice"} & structured.keys()):
         raise InvalidRequestError(
             "structured must hold response_format or tool_choice", "structured", structured
