@@ -1,15 +1,20 @@
 """Shared fixtures: small random checkpoints written once per session (and an INT4 one's dequantised
-twin), which path INT4 experts took, a test PKI (TLS), the repo's sibling ../shared."""
+twin), which path INT4 experts took, a test PKI (TLS), the repo's sibling ../shared, a scripted
+GenerationBackend, and a gRPC server on a background event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from cryptography import x509
@@ -17,7 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from k2serve.chat.tokenizer import KimiTokenizer
 from k2serve.cluster.tls import TLSFiles
+from k2serve.engine.protocol import BackendFailure, BackendStats, GenerateRequest, TokenEvent
+from k2serve.engine.validation import validate_request
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -197,3 +205,93 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     _write(d, "node", *_leaf(ca, ca_key))
     _write(d, "other", *_leaf(other_ca, other_ca_key))
     return PKI(d / "ca.crt", d / "node.crt", d / "node.key", d / "other.crt", d / "other.key")
+
+
+class ScriptedBackend:
+    """Replays `script` two tokens per event (finish "stop" at its end, "length" if cut by max_tokens);
+    raises BackendFailure at token `fail_at`; records requests and aborts."""
+
+    def __init__(self, tok: KimiTokenizer, script: list[int]) -> None:
+        self._tok = tok
+        self.script = script
+        self.fail_at: int | None = None
+        self.delay_s = 0.0
+        self.requests: list[GenerateRequest] = []
+        self.aborted: list[str] = []
+
+    model_name = "scripted"
+    max_model_len = 4096
+
+    @property
+    def tokenizer(self) -> KimiTokenizer:
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
+
+    def check_admission(self) -> None:
+        return None
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        validate_request(
+            request.prompt_token_ids,
+            request.params,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+        )
+        self.requests.append(request)
+        return self._events(request)
+
+    async def _events(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        ids = self.script[: request.params.max_tokens]
+        reason = "stop" if len(ids) == len(self.script) else "length"
+        for i in range(0, len(ids), 2):
+            if self.fail_at is not None and i >= self.fail_at:
+                raise BackendFailure("scripted failure", request.request_id)
+            await asyncio.sleep(self.delay_s)
+            last = i + 2 >= len(ids)
+            yield TokenEvent(ids[i : i + 2], reason if last else None, len(request.prompt_token_ids), 0)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def stats(self) -> BackendStats:
+        return BackendStats(0, 0, 0, 1, 0.0, 0)
+
+
+@dataclass
+class GrpcServer:
+    """A grpc.aio server running on its own event loop thread (see `grpc_server_in_thread`)."""
+
+    target: str  # host:port
+    loop: asyncio.AbstractEventLoop
+
+    def run(self, coro: object, timeout: float = 10) -> object:
+        """Run a coroutine on the server's loop (e.g. a call into an in-memory store the servicer uses)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+
+@contextmanager
+def grpc_server_in_thread(add_servicers: Callable[[grpc.aio.Server], None]) -> Iterator[GrpcServer]:
+    """A grpc.aio server on 127.0.0.1 (a free port) with the servicers `add_servicers` adds, served by an
+    event loop on a background thread; stopped and joined on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
+    thread.start()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        add_servicers(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield GrpcServer(f"127.0.0.1:{port}", loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from k2serve.api.openai_app import build_app
-from k2serve.api.prompt import PromptEncoder
+from k2serve.chat.prompt import PromptEncoder
 from k2serve.api.testing import serve_in_thread
 from k2serve.chat.template import apply_chat_template
 from k2serve.engine.async_engine import AsyncEngine

@@ -4,29 +4,24 @@ and the abort a closed stream sends. It also shows the app needs nothing beyond 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from conftest import ScriptedBackend
 
 from k2serve.api.openai_app import build_app
 from k2serve.api.testing import serve_in_thread
 from k2serve.chat.bpe_train import write_tokenizer
-from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
+from k2serve.chat.tokenizer import load_tokenizer
 from k2serve.engine.protocol import (
-    BackendFailure,
-    BackendStats,
-    GenerateRequest,
     GenerationBackend,
-    TokenEvent,
 )
-from k2serve.engine.validation import validate_request
 
 pytestmark = pytest.mark.timeout(60)
 OUTPUT = (
@@ -38,59 +33,6 @@ TOOLS: list[Any] = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 ]
 MSGS: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
-
-
-class ScriptedBackend:
-    """Replays `script` two tokens per event (finish "stop" at its end, "length" if cut by max_tokens);
-    raises BackendFailure at token `fail_at`; records requests and aborts."""
-
-    def __init__(self, tok: KimiTokenizer, script: list[int]) -> None:
-        self._tok = tok
-        self.script = script
-        self.fail_at: int | None = None
-        self.delay_s = 0.0
-        self.requests: list[GenerateRequest] = []
-        self.aborted: list[str] = []
-
-    model_name = "scripted"
-    max_model_len = 4096
-
-    @property
-    def tokenizer(self) -> KimiTokenizer:
-        return self._tok
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.vocab_size
-
-    def check_admission(self) -> None:
-        return None
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        validate_request(
-            request.prompt_token_ids,
-            request.params,
-            vocab_size=self.vocab_size,
-            max_model_len=self.max_model_len,
-        )
-        self.requests.append(request)
-        return self._events(request)
-
-    async def _events(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        ids = self.script[: request.params.max_tokens]
-        reason = "stop" if len(ids) == len(self.script) else "length"
-        for i in range(0, len(ids), 2):
-            if self.fail_at is not None and i >= self.fail_at:
-                raise BackendFailure("scripted failure", request.request_id)
-            await asyncio.sleep(self.delay_s)
-            last = i + 2 >= len(ids)
-            yield TokenEvent(ids[i : i + 2], reason if last else None, len(request.prompt_token_ids), 0)
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    def stats(self) -> BackendStats:
-        return BackendStats(0, 0, 0, 1, 0.0, 0)
 
 
 @pytest.fixture(scope="module")

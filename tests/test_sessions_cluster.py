@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from k2serve.api.prompt import PromptEncoder
+from k2serve.chat.prompt import PromptEncoder
 from k2serve.chat.tokenizer import load_tokenizer
 from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.engine.config import EngineConfig

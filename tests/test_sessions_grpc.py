@@ -7,7 +7,6 @@ gRPC. The full resume (pending tool calls, new turns) runs in tests/test_agent_c
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import grpc_server_in_thread
 
 from k2serve.agent import AgentLoop, GRPCTransport, ToolRegistry, TransportError
 from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
@@ -64,25 +64,10 @@ class Served:
 def served(tiny_ckpt: Path) -> Iterator[Served]:
     sessions = SessionService(InMemorySessionStore())
     servicer = K2ServeServicer(SessionsOnlyBackend(load_tokenizer(tiny_ckpt)), sessions)  # type: ignore[arg-type]
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
-    thread.start()
-
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        api_pb2_grpc.add_K2ServeServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    try:
-        yield Served(sessions, f"127.0.0.1:{port}", loop)
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    with grpc_server_in_thread(
+        lambda server: api_pb2_grpc.add_K2ServeServicer_to_server(servicer, server)
+    ) as srv:
+        yield Served(sessions, srv.target, srv.loop)
 
 
 @pytest.fixture

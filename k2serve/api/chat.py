@@ -1,10 +1,9 @@
 """POST /v1/chat/completions: messages -> prompt ids -> backend -> reasoning, content and tool calls.
 
-The prompt is rendered with the tokenizer's own chat template when it has one, else the native K2
-renderer, through `PromptEncoder` (message text cannot become special tokens). Tools enter the prompt
-unless tool_choice is "none"; "required" or a named function, and response_format json_object /
-json_schema, become a grammar the backend compiles (`GenerateRequest.structured`). Output text is
-parsed with OutputParser (or ReasoningParser alone when no tools are in play).
+The request goes through the chat path every front door shares (`k2serve.chat.request`: roles,
+tools, tool_choice, response_format, the prompt and its grammar, the output parser); this module
+adds what is HTTP's own: the OpenAI body and response shapes, sampling fields, SSE, sessions by
+API key, and the errors as 400s naming the field.
 """
 
 from __future__ import annotations
@@ -16,11 +15,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-import jinja2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from k2serve.api.detok import REASONING_MARKERS, TOOL_MARKERS, OutputText
 from k2serve.api.errors import APIError, bad_request, from_backend_error
 from k2serve.api.metrics import RequestTracker
 from k2serve.api.outputs import chat_logprobs, usage
@@ -37,8 +34,9 @@ from k2serve.api.runner import (
 )
 from k2serve.api.schemas import ChatCompletionRequest
 from k2serve.api.session_routes import session_context
-from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ParsedOutput, ReasoningParser, collect
-from k2serve.chat.template import ChatTemplateError
+from k2serve.chat.detok import OutputText
+from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ReasoningParser, collect
+from k2serve.chat.request import ChatRequestError, finish_reason, plan_chat, reply_message
 from k2serve.engine.protocol import BackendError, GenerateRequest, TokenEvent
 from k2serve.sessions.service import TurnRecorder
 
@@ -54,43 +52,6 @@ async def chat_completion(state: AppState, body: ChatCompletionRequest, http: Re
         raise
 
 
-def _tool_choice(body: ChatCompletionRequest) -> str | dict[str, Any]:
-    """The effective tool_choice, checked against the declared tools."""
-    names = [t.function.name for t in body.tools or []]
-    choice: str | dict[str, Any]
-    if body.tool_choice is None:
-        choice = "auto" if names else "none"
-    elif isinstance(body.tool_choice, str):
-        choice = body.tool_choice
-    else:
-        choice = body.tool_choice.model_dump()
-    if choice == "required" and not names:
-        raise bad_request('tool_choice "required" needs at least one tool in tools', "tool_choice")
-    if isinstance(choice, dict) and choice["function"]["name"] not in names:
-        raise bad_request(
-            f"tool_choice names {choice['function']['name']!r}, which is not in tools", "tool_choice"
-        )
-    return choice
-
-
-def _structured(body: ChatCompletionRequest, choice: str | dict[str, Any]) -> dict[str, Any] | None:
-    forced = choice == "required" or isinstance(choice, dict)
-    fmt = body.response_format
-    json_format = fmt is not None and fmt.type != "text"
-    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
-        raise bad_request(
-            'response_format of type "json_schema" needs a json_schema object', "response_format"
-        )
-    if forced and json_format:
-        raise bad_request("response_format cannot be combined with a forced tool_choice", "response_format")
-    if forced:
-        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
-        return {"tools": tools, "tool_choice": choice}
-    if json_format and fmt is not None:
-        return {"response_format": fmt.model_dump(by_alias=True, exclude_none=True)}
-    return None
-
-
 async def _chat_completion(
     state: AppState, body: ChatCompletionRequest, http: Request, tracker: RequestTracker
 ) -> Response:
@@ -101,14 +62,19 @@ async def _chat_completion(
         raise bad_request(f"n={body.n} is not supported: only n=1", "n")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    choice = _tool_choice(body)
-    structured = _structured(body, choice)
-    use_tools = bool(body.tools) and choice != "none"
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    for m in messages:
-        if m["role"] == "developer":
-            m["role"] = "system"
-    new_messages, hint, owner = messages, None, None
+    try:
+        plan = plan_chat(
+            [m.model_dump(exclude_none=True) for m in body.messages],
+            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            body.tool_choice if isinstance(body.tool_choice, str | None) else body.tool_choice.model_dump(),
+            None
+            if body.response_format is None
+            else body.response_format.model_dump(by_alias=True, exclude_none=True),
+        )
+    except ChatRequestError as e:
+        raise bad_request(str(e), e.param) from e
+    history: list[dict[str, Any]] = []
+    hint, owner = None, None
     if body.session_id is not None:
         if state.sessions is None:
             raise bad_request(
@@ -116,12 +82,10 @@ async def _chat_completion(
             )
         owner = state.owner(http)
         history, hint = await session_context(state.sessions, body.session_id, owner)
-        messages = history + messages
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if use_tools else None
     try:
-        prompt = await asyncio.to_thread(state.encoder.encode_chat, messages, tools, tok.chat_template)
-    except (ChatTemplateError, jinja2.TemplateError) as e:
-        raise bad_request(f"the messages cannot be rendered: {e}", "messages") from e
+        prompt = await asyncio.to_thread(plan.prompt, state.encoder, history)
+    except ChatRequestError as e:
+        raise bad_request(str(e), e.param) from e
 
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = sampling_params(
@@ -137,29 +101,23 @@ async def _chat_completion(
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     names = {"prompt_token_ids": "messages", "logprobs": "top_logprobs", "max_tokens": max_param}
-    stream = await start(state, GenerateRequest(rid, prompt, params, structured, hint), names)
+    stream = await start(state, GenerateRequest(rid, prompt, params, plan.structured, hint), names)
     on_finish = None
     if hint is not None and owner is not None:
-        on_finish = state.sessions.turn_recorder(hint.session_id, owner, new_messages, prompt)
-    text = OutputText(
+        on_finish = state.sessions.turn_recorder(hint.session_id, owner, plan.messages, prompt)
+    text = plan.output_text(
         tok,
-        skip_special_tokens=params.skip_special_tokens,
-        keep=REASONING_MARKERS + (TOOL_MARKERS if use_tools else ()),
-        final_stop_ids=tok.stop_ids | set(params.stop_token_ids),
         stop=params.stop,
-    )
-    parser: OutputParser | ReasoningParser = (
-        OutputParser(tool_names=[t.function.name for t in body.tools or []])
-        if use_tools
-        else ReasoningParser()
+        stop_token_ids=params.stop_token_ids,
+        skip_special_tokens=params.skip_special_tokens,
     )
     evs = events(state, rid, stream, tracker)
     head = {"id": rid, "created": int(time.time()), "model": model}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, head, evs, text, parser, tracker, include_usage, on_finish))
+        return SSEResponse(_stream(state, head, evs, text, plan.parser(), tracker, include_usage, on_finish))
     ok, result = await unless_disconnected(
-        http, _collect(state, head, evs, text, parser, tracker, body.return_token_ids, on_finish)
+        http, _collect(state, head, evs, text, plan.parser(), tracker, body.return_token_ids, on_finish)
     )
     if not ok:
         tracker.finish(CLIENT_CLOSED, None)
@@ -193,26 +151,6 @@ def _deltas(parsed: list[DeltaEvent]) -> list[dict[str, Any]]:
             else:
                 out.append({"tool_calls": [{"index": ev.tool_index, "function": {"arguments": ev.text}}]})
     return out
-
-
-def reply_message(out: ParsedOutput) -> dict[str, Any]:
-    """The assistant message (OpenAI shape) for a parsed output."""
-    calls = [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in out.tool_calls
-    ]
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": out.content if out.content or not calls else None,
-        "reasoning_content": out.reasoning or None,
-    }
-    if calls:
-        message["tool_calls"] = calls
-    return message
-
-
-def _finish_reason(reason: str | None, made_calls: bool) -> str | None:
-    return "tool_calls" if made_calls and reason == "stop" else reason
 
 
 async def _stream(
@@ -260,7 +198,7 @@ async def _stream(
                 for i, delta in enumerate(deltas or ([{}] if lp else [])):
                     yield chunk(delta, logprobs=lp if i == 0 else None)
                 reason = ev.finish_reason if done else reason
-            yield chunk({}, _finish_reason(reason, made_calls))
+            yield chunk({}, finish_reason(reason, made_calls))
             if on_finish is not None and reason in ("stop", "length"):
                 await on_finish(reply_message(collect(parsed_all)), served_by)
             if include_usage:
@@ -313,7 +251,7 @@ async def _collect(
         "index": 0,
         "message": message,
         "logprobs": chat_logprobs(tok, lps) if lps else None,
-        "finish_reason": _finish_reason(reason, bool(calls)),
+        "finish_reason": finish_reason(reason, bool(calls)),
     }
     if return_token_ids:
         choice["token_ids"] = ids

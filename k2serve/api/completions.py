@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from k2serve.api.detok import OutputText
+from k2serve.chat.detok import OutputText
 from k2serve.api.errors import APIError, bad_request, from_backend_error
 from k2serve.api.metrics import RequestTracker
 from k2serve.api.outputs import CompletionLogprobs, merge_completion_logprobs, usage

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from k2serve.api.errors import APIError, from_backend_error
 from k2serve.api.metrics import APIMetrics, RequestTracker
-from k2serve.api.prompt import PromptEncoder
+from k2serve.chat.prompt import PromptEncoder
 from k2serve.engine.protocol import BackendError, GenerateRequest, GenerationBackend, TokenEvent
 
 T = TypeVar("T")

@@ -6,8 +6,10 @@ a full queue RESOURCE_EXHAUSTED, draining UNAVAILABLE; a cancelled call aborts i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from k2serve.api.chat import reply_message
-from k2serve.api.detok import REASONING_MARKERS, TOOL_MARKERS, OutputText
-from k2serve.api.prompt import PromptEncoder
-from k2serve.chat.parsers import DeltaEvent, EventKind, OutputParser, ReasoningParser, collect
+from k2serve.chat.detok import OutputText
+from k2serve.chat.parsers import DeltaEvent, EventKind, collect
+from k2serve.chat.prompt import PromptEncoder
+from k2serve.chat.request import ChatPlan, ChatRequestError, finish_reason, plan_chat, reply_message
 from k2serve.cluster.grpc_errors import status_of
 from k2serve.engine.protocol import BackendError, GenerateRequest, GenerationBackend, TokenEvent
 from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
@@ -30,6 +32,8 @@ from k2serve.proto.convert import (
     logprob_to_proto,
     sampling_from_proto,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
@@ -97,63 +101,44 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                 yield out
 
     async def Chat(self, request: api_pb2.ChatRequest, context):  # noqa: ANN001, N802
+        """The chat path HTTP's /v1/chat/completions takes (`k2serve.chat.request`), with the same rules
+        and errors: a bad request is INVALID_ARGUMENT naming the field, a renderer failure that is not
+        the messages' fault INTERNAL (HTTP's 500)."""
         tok = self.backend.tokenizer
         if request.model and request.model != self.backend.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
-        messages = [chat_message_from_proto(m) for m in request.messages]
-        if not messages:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages is empty")
-        new_messages, hint, owner = messages, None, None
+        try:
+            plan = plan_chat(
+                [chat_message_from_proto(m) for m in request.messages],
+                [_tool(t) for t in request.tools] or None,
+                _tool_choice(request.tool_choice),
+                _response_format(request.response_format),
+            )
+        except (ChatRequestError, _ProtoFieldError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        history: list[dict[str, Any]] = []
+        hint, owner = None, None
         if request.HasField("session_id"):  # as over HTTP: history from the store, then the new messages
             owner = self._owner(context)
             history, hint = await self._sessions_call(
                 context, self.sessions.context(request.session_id, owner) if self.sessions else _none()
             )
-            messages = history + messages
-        try:
-            tools = [_tool(t) for t in request.tools] or None
-        except json.JSONDecodeError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tools[].parameters is not JSON: {e}")
-        choice = request.tool_choice.WhichOneof("choice")
-        structured: dict[str, Any] | None = None
-        if choice == "function_name":
-            structured = {
-                "tools": tools or [],
-                "tool_choice": {"type": "function", "function": {"name": request.tool_choice.function_name}},
-            }
-        elif choice == "mode" and request.tool_choice.mode == "required":
-            structured = {"tools": tools or [], "tool_choice": "required"}
-        elif request.response_format.type in ("json_object", "json_schema"):
-            fmt: dict[str, Any] = {"type": request.response_format.type}
-            if request.response_format.type == "json_schema":
-                fmt["json_schema"] = {
-                    "name": request.response_format.name or "response",
-                    "schema": json.loads(request.response_format.json_schema or "{}"),
-                }
-            structured = {"response_format": fmt}
-        use_tools = bool(tools) and not (choice == "mode" and request.tool_choice.mode == "none")
-        try:
-            prompt = self.encoder.encode_chat(messages, tools if use_tools else None, tok.chat_template)
-        except Exception as e:  # template errors name the problem
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"messages cannot be rendered: {e}")
+        prompt, error = await _render(plan, self.encoder, history)
+        if error is not None:
+            await context.abort(*error)
         params = await self._params(request.sampling, len(prompt), context)
         rid = request.request_id or f"chat-{uuid.uuid4().hex}"
-        text = OutputText(
+        text = plan.output_text(
             tok,
-            skip_special_tokens=True,
-            keep=REASONING_MARKERS + (TOOL_MARKERS if use_tools else ()),
-            final_stop_ids=tok.stop_ids,
             stop=params.stop,
+            stop_token_ids=params.stop_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
         )
-        parser = (
-            OutputParser(tool_names=[t["function"]["name"] for t in tools or []])
-            if use_tools
-            else ReasoningParser()
-        )
+        parser = plan.parser()
         produced, made_calls, first = 0, False, True
         parsed_all: list[DeltaEvent] = []
         async with contextlib.aclosing(
-            self._events(GenerateRequest(rid, prompt, params, structured, hint), context)
+            self._events(GenerateRequest(rid, prompt, params, plan.structured, hint), context)
         ) as evs:
             async for ev in evs:
                 produced += len(ev.token_ids)
@@ -178,20 +163,17 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                                 function=api_pb2.FunctionCall(name=c.name, arguments=c.arguments),
                             )
                         )
-                reason = (
-                    "tool_calls" if (done and made_calls and ev.finish_reason == "stop") else ev.finish_reason
-                )
                 out = api_pb2.ChatResponse(
                     request_id=rid,
                     delta=delta,
-                    finish_reason=finish_to_proto(reason),
+                    finish_reason=finish_to_proto(finish_reason(ev.finish_reason, done and made_calls)),
                     logprobs=[logprob_to_proto(lp) for lp in ev.logprobs or []],
                 )
                 if done:
                     out.usage.CopyFrom(_usage(prompt, produced, ev))
                     if hint is not None and owner is not None and ev.finish_reason in ("stop", "length"):
                         # recorded before the last chunk leaves, so the client's next turn sees it
-                        record = self.sessions.turn_recorder(hint.session_id, owner, new_messages, prompt)
+                        record = self.sessions.turn_recorder(hint.session_id, owner, plan.messages, prompt)
                         await record(reply_message(collect(parsed_all)), ev.served_by)
                 yield out
 
@@ -279,13 +261,54 @@ def _usage(prompt: list[int], produced: int, last: TokenEvent) -> common_pb2.Usa
     )
 
 
+class _ProtoFieldError(ValueError):
+    """A ChatRequest field that is not what its proto comment promises (e.g. JSON text that does not
+    parse); the message names the field."""
+
+
 def _tool(t: api_pb2.Tool) -> dict[str, Any]:
-    fn: dict[str, Any] = {
-        "name": t.name,
-        "description": t.description,
-        "parameters": json.loads(t.parameters) if t.parameters else {},
-    }
+    try:
+        parameters = json.loads(t.parameters) if t.parameters else {}
+    except json.JSONDecodeError as e:
+        raise _ProtoFieldError(f"tools[].parameters is not JSON: {e}") from e
+    fn: dict[str, Any] = {"name": t.name, "description": t.description, "parameters": parameters}
     return {"type": t.type or "function", "function": fn}
+
+
+def _tool_choice(m: api_pb2.ToolChoice) -> str | dict[str, Any] | None:
+    """The OpenAI tool_choice a ToolChoice holds (None: unset)."""
+    which = m.WhichOneof("choice")
+    if which == "function_name":
+        return {"type": "function", "function": {"name": m.function_name}}
+    return (m.mode or None) if which == "mode" else None
+
+
+def _response_format(m: api_pb2.ResponseFormat) -> dict[str, Any] | None:
+    """The OpenAI response_format a ResponseFormat holds (None: unset); an empty json_schema is `{}`
+    (any JSON value)."""
+    if not m.type:
+        return None
+    if m.type != "json_schema":
+        return {"type": m.type}
+    try:
+        schema = json.loads(m.json_schema or "{}")
+    except json.JSONDecodeError as e:
+        raise _ProtoFieldError(f"response_format.json_schema is not JSON: {e}") from e
+    return {"type": "json_schema", "json_schema": {"name": m.name or "response", "schema": schema}}
+
+
+async def _render(
+    plan: ChatPlan, encoder: PromptEncoder, history: list[dict[str, Any]]
+) -> tuple[list[int], tuple[grpc.StatusCode, str] | None]:
+    """The prompt ids, or the status to abort with: INVALID_ARGUMENT for messages the template refuses,
+    INTERNAL (logged) for any other failure of the renderer, as HTTP answers 400 and 500."""
+    try:
+        return await asyncio.to_thread(plan.prompt, encoder, history), None
+    except ChatRequestError as e:
+        return [], (grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except Exception as e:  # not the request's fault: the client gets INTERNAL, the log the traceback
+        logger.exception("rendering a chat prompt failed")
+        return [], (grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
 
 
 async def _none() -> None:

@@ -48,6 +48,11 @@ class PromptEncoder:
         self._suffixes = {n[k:] for n in names for k in range(1, len(n))}
         self._longest = max(len(n) for n in names)
 
+    @property
+    def tokenizer(self) -> KimiTokenizer:
+        """The tokenizer prompts are encoded with (its `chat_template`, if any, is the checkpoint's)."""
+        return self._tok
+
     def render(
         self,
         messages: Sequence[Mapping[str, Any]],
