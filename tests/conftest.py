@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from k2serve.chat.tokenizer import KimiTokenizer
-from k2serve.cluster.tls import TLSFiles
 from k2serve.engine.protocol import BackendFailure, BackendStats, GenerateRequest, TokenEvent
 from k2serve.engine.validation import validate_request
+from k2serve.rpc.tls import TLSFiles
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

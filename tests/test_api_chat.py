@@ -15,10 +15,10 @@ import torch
 
 from k2serve.api.openai_app import build_app
 from k2serve.chat.prompt import PromptEncoder
-from k2serve.api.testing import serve_in_thread
 from k2serve.chat.template import apply_chat_template
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
+from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(120)
 

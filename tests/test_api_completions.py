@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from k2serve.api.openai_app import build_app
-from k2serve.api.testing import serve_in_thread
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
+from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(120)
 CONFIG = EngineConfig(num_kv_blocks=512, block_size=8, max_model_len=512)

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from k2serve.api.openai_app import build_app
-from k2serve.api.testing import serve_in_thread
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
+from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "sk-test-key"

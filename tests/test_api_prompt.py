@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2serve.chat.prompt import ESC, PromptEncoder
 from k2serve.chat.bpe_train import write_tokenizer
+from k2serve.chat.prompt import ESC, PromptEncoder
 from k2serve.chat.template import apply_chat_template
 from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
 

@@ -16,12 +16,12 @@ import pytest
 from conftest import ScriptedBackend
 
 from k2serve.api.openai_app import build_app
-from k2serve.api.testing import serve_in_thread
 from k2serve.chat.bpe_train import write_tokenizer
 from k2serve.chat.tokenizer import load_tokenizer
 from k2serve.engine.protocol import (
     GenerationBackend,
 )
+from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 OUTPUT = (

@@ -21,13 +21,13 @@ import pytest
 from conftest import ScriptedBackend, grpc_server_in_thread
 
 from k2serve.api.openai_app import build_app
-from k2serve.api.testing import serve_in_thread
 from k2serve.chat.bpe_train import write_tokenizer
 from k2serve.chat.prompt import PromptEncoder
 from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
 from k2serve.proto import api_pb2, api_pb2_grpc
-from k2serve.proto.convert import chat_message_to_proto
+from k2serve.proto.messages import chat_message_to_proto
 from k2serve.router.grpc_api import K2ServeServicer
+from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -166,8 +166,8 @@ def test_flags_agree_with_ports_services_and_model(name: str) -> None:
 
 def test_ep_ranks_follow_pod_ordinals() -> None:
     """Pod i of an expert-parallel StatefulSet is rank i % size of group i // size and joins its
-    group at the group's rank-0 pod; the flags pass the worker's own checks (WorkerSettings)."""
-    from k2serve.cluster.worker_base import WorkerSettings
+    group at the group's rank-0 pod; the flags pass the worker's own checks (WorkerSettings, via the CLI's worker_settings)."""
+    from k2serve.cli.settings import worker_settings
     from k2serve.experts.comm import parse_init_method
 
     values = VALUE_SETS["ep-groups"]
@@ -186,7 +186,7 @@ def test_ep_ranks_follow_pod_ordinals() -> None:
                 f"tcp://{rank0}:{port}",
                 timeout,
             )
-            settings = WorkerSettings.from_args(role, ns)
+            settings = worker_settings(role, ns)
             assert settings.worker_id == f"{sts}-{i}-ep{rank}"  # each rank registers as its own worker
             assert parse_init_method(settings.ep_init) == (rank0, port)
     single = _by_command(VALUE_SETS["defaults"])["decode"]

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from k2serve.api.openai_app import build_app
-from k2serve.api.testing import serve_in_thread
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.loadgen.benchmark import run_benchmark
 from k2serve.loadgen.cli import main
 from k2serve.loadgen.config import BenchConfig
 from k2serve.loadgen.trace import TraceScaling, read_trace, trace_requests
+from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(120)
 CONFIG = EngineConfig(num_kv_blocks=512, block_size=8)

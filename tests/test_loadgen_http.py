@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from k2serve.api.testing import serve_in_thread
 from k2serve.loadgen.dataset import BenchRequest
 from k2serve.loadgen.http_client import HTTPClient
 from k2serve.loadgen.record import RequestRecord
+from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 BODIES: list[dict] = []

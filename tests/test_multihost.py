@@ -1,5 +1,5 @@
 """The cluster across hosts: router, prefill and decode worker each on a host of its own (a network
-namespace on a shared bridge, see k2serve.cluster.netns), the client on the router's host. A greedy
+namespace on a shared bridge, see k2serve.testing.netns), the client on the router's host. A greedy
 completion matches the offline engine; cutting the decode host's link gets it dropped within the
 heartbeat timeout while requests fail fast with a 5xx; plugging it back, it re-registers and serves.
 The tests share one set of hosts and run in order; each cut ends with the link restored."""
@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from k2serve.cluster.local import Proc
-from k2serve.cluster.netns import Host, HostNetwork, call_in, unavailable_reason
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
+from k2serve.testing.netns import Host, HostNetwork, call_in, unavailable_reason
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from k2serve.cluster.local import ClusterSpec, LocalCluster
-from k2serve.cluster.tls import TLSFiles
+from k2serve.rpc.tls import TLSFiles
 
 ray = pytest.importorskip("ray")
 
@@ -37,11 +37,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MB = 1024 * 1024
 ENGINE_ARGS = ("--kv-cache-mb", "16", "--block-size", "8", "--max-num-batched-tokens", "256")
 ENV = {"OMP_NUM_THREADS": "1"}  # same torch threading under both launchers (Ray sets it for actors)
-# `k2serve up --ray` until the CLI dispatches --ray to ray_up_from_args itself
-UP_RAY = (
-    "import sys; from k2serve.cli import build_parser; from k2serve.cluster.ray_runtime import ray_up_from_args; "
-    "sys.exit(ray_up_from_args(build_parser().parse_args(sys.argv[1:])))"
-)
 OPTIONS = RayOptions(rank_resources={"CPU": 0.5}, router_resources={"CPU": 0.25}, max_restarts=2)
 
 
@@ -186,7 +181,7 @@ def test_up_ray_cli_with_ep_groups_packed_same_tokens(
     flags += ["--grpc-port", "0", "--kv-cache-mb", "16", "--block-size", "8", "--workdir", str(tmp_path)]
     flags += ["--max-num-batched-tokens", "256"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", UP_RAY, *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-m", "k2serve", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from k2serve.cli import build_parser
+from k2serve.cli import build_parser, main
+from k2serve.cli.settings import cluster_spec, ray_options
 from k2serve.cluster.local import LocalCluster, Proc
 from k2serve.cluster.ray_actor import NODE_IP, REDIS_URL
 from k2serve.cluster.ray_plan import GroupPlan, RayOptions
-from k2serve.cluster.ray_runtime import RayCluster, RayUnavailableError, ray_up_from_args
-from k2serve.cluster.up_args import options_from_args, spec_from_args
+from k2serve.cluster.ray_runtime import RayCluster, RayUnavailableError
 
 if TYPE_CHECKING:
     from conftest import PKI  # the `pki` fixture's certificates
@@ -25,7 +25,7 @@ UP = ["up", "--model", "/models/k2", "--ray", "auto", "--prefill", "2", "--decod
 
 def test_spec_from_up_flags() -> None:
     args = build_parser().parse_args([*UP, "--kv-cache-mb", "64", "--no-prefix-caching", "--host", "0.0.0.0"])
-    spec = spec_from_args(args)
+    spec = cluster_spec(args)
     assert (spec.model_dir, spec.num_prefill, spec.num_decode, spec.ep_size) == ("/models/k2", 2, 3, 4)
     assert spec.host == "0.0.0.0" and spec.num_worker_processes == 20
     assert spec.engine_args[spec.engine_args.index("--kv-cache-mb") + 1] == "64"
@@ -36,7 +36,7 @@ def test_worker_args_both_launchers_pass_to_an_ep_rank() -> None:
     args = build_parser().parse_args(
         [*UP, "--kv-cache-mb", "64", "--served-model-name", "k2", "--transfer-backend", "torch"]
     )
-    spec = spec_from_args(args)
+    spec = cluster_spec(args)
     argv = spec.worker_args("decode", "decode-1", "10.0.0.2", "10.0.0.1:50051", 3, "tcp://10.0.0.2:4000")
     assert argv == [
         *("decode", "--model", "/models/k2", "--dtype", "float32", "--host", "10.0.0.2", "--port", "0"),
@@ -58,7 +58,7 @@ def test_ray_router_gets_router_flags_and_tls(pki: PKI) -> None:
     """The router actor's command line is the shared one: --max-ttft-ms, the API key and the TLS files
     reach it, and the embedded Redis's URL is filled in by its actor."""
     flags = [*UP, "--max-ttft-ms", "2000", "--api-key", "sk-1", *tls_flags(pki), "--tls-server-name", "k2"]
-    spec = spec_from_args(build_parser().parse_args(flags))
+    spec = cluster_spec(build_parser().parse_args(flags))
     child = RayCluster(spec, "auto").router_child()
     assert child.name == "router" and child.embedded_redis
     assert list(child.argv) == [
@@ -71,7 +71,7 @@ def test_ray_router_gets_router_flags_and_tls(pki: PKI) -> None:
 
 
 def test_ray_workers_get_tls_and_the_grpc_kv_backend(pki: PKI) -> None:
-    spec = spec_from_args(build_parser().parse_args([*UP, *tls_flags(pki)]))
+    spec = cluster_spec(build_parser().parse_args([*UP, *tls_flags(pki)]))
     assert spec.transfer_backend == "grpc"  # "auto" under TLS: torch.distributed has no TLS
     cluster = RayCluster(spec, "auto")
     cluster.router_ip, cluster.grpc_port = "10.0.0.1", 50051
@@ -89,7 +89,7 @@ def test_ray_workers_get_tls_and_the_grpc_kv_backend(pki: PKI) -> None:
 
 
 def test_plaintext_ray_cluster_has_no_tls_flags() -> None:
-    spec = spec_from_args(build_parser().parse_args([*UP, "--redis-url", "redis://r:6379/0"]))
+    spec = cluster_spec(build_parser().parse_args([*UP, "--redis-url", "redis://r:6379/0"]))
     cluster = RayCluster(spec, "auto")
     router = cluster.router_child()
     assert not router.embedded_redis and "redis://r:6379/0" in router.argv
@@ -113,7 +113,7 @@ def test_local_launcher_uses_the_same_router_and_worker_args(
         "--workdir",
         str(tmp_path),
     ]
-    spec = spec_from_args(build_parser().parse_args([*flags, "--redis-url", "redis://r:6379/0"]))
+    spec = cluster_spec(build_parser().parse_args([*flags, "--redis-url", "redis://r:6379/0"]))
     cluster = LocalCluster(spec)
     spawned: dict[str, list[str]] = {}
 
@@ -134,7 +134,7 @@ def test_local_launcher_uses_the_same_router_and_worker_args(
 
 
 def test_options_default_without_ray_flags() -> None:
-    opts = options_from_args(build_parser().parse_args(UP))
+    opts = ray_options(build_parser().parse_args(UP))
     assert opts == RayOptions()
     assert dict(opts.rank_resources) == {"CPU": 1.0}
 
@@ -143,7 +143,7 @@ def test_options_from_ray_flags_when_the_cli_has_them() -> None:
     args = build_parser().parse_args(UP)
     args.ray_cpus_per_rank, args.ray_gpus_per_rank = 8, 1
     args.ray_group_strategy, args.ray_max_restarts = "PACK", 0  # 0: never restart (not the default)
-    opts = options_from_args(args)
+    opts = ray_options(args)
     assert dict(opts.rank_resources) == {"CPU": 8.0, "GPU": 1.0}
     assert (opts.group_strategy, opts.max_restarts) == ("PACK", 0)
 
@@ -153,6 +153,6 @@ def test_without_the_ray_package_up_says_how_to_install_it(
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(RayUnavailableError, match=r"pip install 'k2serve\[ray\]'"):
-        RayCluster(spec_from_args(build_parser().parse_args(UP)), "auto").start()
-    assert ray_up_from_args(build_parser().parse_args(UP)) == 2
+        RayCluster(cluster_spec(build_parser().parse_args(UP)), "auto").start()
+    assert main(list(UP)) == 2  # the CLI sends --ray to the Ray launcher
     assert "k2serve[ray]" in capsys.readouterr().err

@@ -23,12 +23,12 @@ import pytest
 from cluster_calls import grpc_greedy, http_greedy
 
 from k2serve.cli import build_parser
+from k2serve.cli.settings import router_settings
 from k2serve.cluster.local import Proc
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import api_pb2_grpc
-from k2serve.router.main import RouterSettings
 
 ENGINE_ARGS = ("--kv-cache-mb", "32", "--block-size", "8", "--max-num-batched-tokens", "256")
 STARTUP_TIMEOUT_S = 120.0
@@ -171,7 +171,7 @@ def test_malformed_worker_value_is_refused_naming_it(value: str) -> None:
     )
     message = f"--worker {value}: expected prefill=HOST:PORT or decode=HOST:PORT"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        RouterSettings.from_args(args)
+        router_settings(args)
 
 
 def test_router_cli_exits_with_an_error_naming_the_malformed_worker(tiny_ckpt: Path) -> None:

@@ -19,7 +19,7 @@ from conftest import grpc_server_in_thread
 from k2serve.agent import AgentLoop, GRPCTransport, ToolRegistry, TransportError
 from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
 from k2serve.proto import api_pb2, api_pb2_grpc
-from k2serve.proto.convert import chat_message_from_proto, chat_message_to_proto
+from k2serve.proto.messages import chat_message_from_proto, chat_message_to_proto
 from k2serve.router.grpc_api import K2ServeServicer
 from k2serve.sessions.memory import InMemorySessionStore
 from k2serve.sessions.service import SessionService

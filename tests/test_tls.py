@@ -17,12 +17,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2serve.cli import build_parser, main
+from k2serve.cli.settings import tls_files
 from k2serve.cluster.local import ClusterSpec, LocalCluster
-from k2serve.cluster.tls import TLSConfigError, TLSFiles
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
+from k2serve.rpc.tls import TLSConfigError, TLSFiles
 from k2serve.transfer import TransferError, make_receiver, make_sender
 
 if TYPE_CHECKING:
@@ -37,16 +38,16 @@ ENGINE_ARGS = ("--kv-cache-mb", "32", "--block-size", "8", "--max-num-batched-to
 def test_flags_build_tls_files_or_none(pki: PKI) -> None:
     p = build_parser()
     base = ["prefill", "--model", "m"]
-    assert TLSFiles.from_args(p.parse_args(base)) is None
+    assert tls_files(p.parse_args(base)) is None
     flags = ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--tls-ca", str(pki.ca)]
-    tls = TLSFiles.from_args(p.parse_args([*base, *flags, "--tls-server-name", "localhost"]))
+    tls = tls_files(p.parse_args([*base, *flags, "--tls-server-name", "localhost"]))
     assert tls == TLSFiles(str(pki.cert), str(pki.key), str(pki.ca), "localhost") and tls.mutual
     assert p.parse_args(["router", "--model", "m", *tls.argv()]).tls_server_name == "localhost"
     assert p.parse_args(["up", "--preset", "tiny", *flags]).tls_ca == str(pki.ca)
     with pytest.raises(TLSConfigError, match="need --tls-cert and --tls-key"):
-        TLSFiles.from_args(p.parse_args([*base, "--tls-ca", str(pki.ca)]))
+        tls_files(p.parse_args([*base, "--tls-ca", str(pki.ca)]))
     with pytest.raises(TLSConfigError, match="go together"):
-        TLSFiles.from_args(p.parse_args([*base, "--tls-cert", str(pki.cert)]))
+        tls_files(p.parse_args([*base, "--tls-cert", str(pki.cert)]))
 
 
 def test_bad_files_are_named(pki: PKI, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import grpc
 from k2serve.agent.errors import TransportError
 from k2serve.agent.transport import Message, SamplingOptions, Transport, Turn, assistant_message
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
-from k2serve.proto.convert import chat_message_from_proto, chat_message_to_proto, finish_from_proto
+from k2serve.proto.messages import chat_message_from_proto, chat_message_to_proto, finish_from_proto
 
 __all__ = ["GRPCTransport"]
 

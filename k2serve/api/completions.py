@@ -16,7 +16,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from k2serve.chat.detok import OutputText
 from k2serve.api.errors import APIError, bad_request, from_backend_error
 from k2serve.api.metrics import RequestTracker
 from k2serve.api.outputs import CompletionLogprobs, merge_completion_logprobs, usage
@@ -32,6 +31,7 @@ from k2serve.api.runner import (
     unless_disconnected,
 )
 from k2serve.api.schemas import CompletionRequest
+from k2serve.chat.detok import OutputText
 from k2serve.engine.protocol import BackendError, GenerateRequest, TokenEvent
 
 ENDPOINT = "completions"

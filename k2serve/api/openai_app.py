@@ -18,10 +18,10 @@ from k2serve.api.chat import chat_completion
 from k2serve.api.completions import completion
 from k2serve.api.errors import APIError, install_error_handlers
 from k2serve.api.metrics import CONTENT_TYPE, APIMetrics
-from k2serve.chat.prompt import PromptEncoder
 from k2serve.api.runner import AppState
 from k2serve.api.schemas import ChatCompletionRequest, CompletionRequest
 from k2serve.api.session_routes import install_session_routes
+from k2serve.chat.prompt import PromptEncoder
 from k2serve.engine.protocol import DrainingError, GenerationBackend, QueueFullError
 
 

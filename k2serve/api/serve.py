@@ -7,8 +7,6 @@ A second signal exits at once.
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from types import FrameType
 
@@ -16,10 +14,10 @@ import torch
 import uvicorn
 
 from k2serve.api.openai_app import build_app
+from k2serve.api.settings import ServeSettings
 from k2serve.engine.async_engine import AsyncEngine
 
 DRAIN_TIMEOUT_S = 60.0
-API_KEY_ENV = "K2SERVE_API_KEY"
 
 
 class DrainingServer(uvicorn.Server):
@@ -53,24 +51,20 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve_from_args(args: argparse.Namespace) -> int:
-    """Run `k2serve serve` (flags: k2serve.cli add_model_args / add_engine_args / add_api_args)."""
-    from k2serve.cli import engine_config_from_args, resolve_model
-
-    model_dir = resolve_model(args)
+def serve(settings: ServeSettings) -> int:
+    """Run `k2serve serve` until a signal (see the module docstring); the exit status."""
     backend = AsyncEngine.from_pretrained(
-        model_dir,
-        getattr(torch, args.dtype),
-        engine_config_from_args(args),
-        model_name=args.served_model_name,
+        settings.model_dir,
+        getattr(torch, settings.dtype),
+        settings.engine,
+        model_name=settings.model_name,
     )
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     config = uvicorn.Config(
-        build_app(backend, api_key),
-        host=args.host,
-        port=args.port,
-        ssl_certfile=args.tls_cert,
-        ssl_keyfile=args.tls_key,
+        build_app(backend, settings.api_key),
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
         log_level="info",
         timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
     )

@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-long", type=int, default=20)
     args = ap.parse_args(argv)
     from k2serve.api.openai_app import build_app
-    from k2serve.api.testing import serve_in_thread
     from k2serve.cluster.local import ClusterSpec, LocalCluster
     from k2serve.config import ModelConfig
     from k2serve.engine.async_engine import AsyncEngine
     from k2serve.engine.config import EngineConfig
+    from k2serve.testing.app_server import serve_in_thread
 
     model = Path(args.model) if args.model else Path(tempfile.gettempdir()) / "k2serve-bench/small-none"
     if not (model / "config.json").exists():

@@ -182,7 +182,9 @@ def _json_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     kind = fmt.get("type")
     if kind not in RESPONSE_FORMATS:
         raise ChatRequestError(
-            f"response_format type {kind!r} is not one of {', '.join(RESPONSE_FORMATS)}", "response_format", fmt
+            f"response_format type {kind!r} is not one of {', '.join(RESPONSE_FORMATS)}",
+            "response_format",
+            fmt,
         )
     if kind == "json_schema" and fmt.get("json_schema") is None:
         raise ChatRequestError(

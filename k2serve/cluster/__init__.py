@@ -1,1 +1,1 @@
-"""Launchers: the local multi-process cluster, the embedded Redis, and the Ray runtime."""
+"""Launchers: the local multi-process cluster (`k2serve up`), the embedded Redis, and the Ray runtime."""

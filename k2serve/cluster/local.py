@@ -13,7 +13,6 @@ launchers (this one, `ray_runtime.RayCluster`) start the same processes with the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from k2serve.cluster.tls import TLSFiles, transfer_backend_for
+from k2serve.rpc.tls import TLSFiles, transfer_backend_for
 
 
 class ClusterError(RuntimeError):
@@ -302,14 +301,9 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def up_from_args(args: argparse.Namespace) -> int:
-    if args.ray:
-        from k2serve.cluster.ray_runtime import ray_up_from_args
-
-        return ray_up_from_args(args)
-    from k2serve.cluster.up_args import spec_from_args
-
-    spec = spec_from_args(args)
+def run_local(spec: ClusterSpec) -> int:
+    """`k2serve up`: start the cluster, print where to send requests, run until SIGINT/SIGTERM or until a
+    process exits, then stop everything; the exit status (0)."""
     stop = {"now": False}
 
     def on_signal(signum: int, frame: object) -> None:

@@ -24,7 +24,6 @@ must carry every node's IP as a SAN, or use one DNS SAN for all and pass `--tls-
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -337,17 +336,14 @@ class RayCluster:
         self.stop()
 
 
-def ray_up_from_args(args: argparse.Namespace) -> int:
-    """`k2serve up --ray ADDRESS|auto ...`: start on Ray, print where to send requests, run until
-    SIGINT/SIGTERM or until an actor is dead for good (restarts used up), then stop everything.
-    Returns 0 on a requested stop, 1 when a process was lost or the start failed, 2 without Ray.
-    A signal during the start interrupts it (KeyboardInterrupt; what started is stopped)."""
-    from k2serve.cluster.up_args import options_from_args, spec_from_args
-
-    spec = spec_from_args(args)
-    cluster = RayCluster(spec, args.ray, options_from_args(args))
+def run_on_ray(spec: ClusterSpec, address: str, options: RayOptions | None = None) -> int:
+    """`k2serve up --ray ADDRESS|auto ...`: start on the Ray cluster at `address`, print where to send
+    requests, run until SIGINT/SIGTERM or until an actor is dead for good (restarts used up), then stop
+    everything. Returns 0 on a requested stop, 1 when a process was lost or the start failed, 2 without
+    Ray. A signal during the start interrupts it (KeyboardInterrupt; what started is stopped)."""
+    cluster = RayCluster(spec, address, options)
     print(
-        f"starting k2serve on Ray ({args.ray}): {spec.num_prefill} prefill + {spec.num_decode} decode "
+        f"starting k2serve on Ray ({address}): {spec.num_prefill} prefill + {spec.num_decode} decode "
         f"workers{f' of {spec.ep_size} EP ranks each' if spec.ep_size > 1 else ''} on {spec.model_dir} ...",
         flush=True,
     )

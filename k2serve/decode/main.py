@@ -1,16 +1,16 @@
-"""`k2serve decode ...`: a decode worker process."""
+"""`k2serve decode ...`: a decode worker process (settings: `k2serve.worker.settings.WorkerSettings`)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
-from k2serve.cluster.grpc_safety import add_servicer
-from k2serve.cluster.worker_base import WorkerSettings, load_engine, serve_worker
 from k2serve.decode.worker import DecodeServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.rpc.safety import add_servicer
 from k2serve.transfer.registry import make_receiver
+from k2serve.worker.runtime import load_engine, serve_worker
+from k2serve.worker.settings import WorkerSettings
 
 
 async def run(settings: WorkerSettings) -> int:
@@ -37,6 +37,7 @@ async def run(settings: WorkerSettings) -> int:
     return await serve_worker(settings, engine, add, lambda: [servicer.endpoint()], on_stop, stop)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def main(settings: WorkerSettings) -> int:
+    """Run the decode worker until stopped; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run(WorkerSettings.from_args("decode", args)))
+    return asyncio.run(run(settings))

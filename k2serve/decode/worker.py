@@ -15,14 +15,15 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from k2serve.cluster.grpc_errors import status_of
 from k2serve.engine.async_engine import AsyncEngine, Prefilled
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.protocol import BackendError, GenerateRequest
 from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.kvcache.block_manager import NoFreeBlocksError
 from k2serve.proto import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
-from k2serve.proto.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
+from k2serve.proto.messages import finish_to_proto
+from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
+from k2serve.rpc.status import status_of
 from k2serve.transfer.base import KVReceiver, TransferError
 
 logger = logging.getLogger(__name__)

@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from k2serve.chat.tokenizer import IncrementalDecoder, KimiTokenizer, load_tokenizer
+from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
@@ -26,10 +28,8 @@ from k2serve.engine.sequence import RequestError, Sequence, SequenceStatus
 from k2serve.engine.validation import validate_request
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
+from k2serve.model.loader import load_model
 from k2serve.model.model import K2Model
-
-if TYPE_CHECKING:
-    from k2serve.chat.tokenizer import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,20 @@ class RequestOutput:
     new_text: str = ""
     logprobs: list[Any] = field(default_factory=list)
     metrics: RequestMetrics | None = None
+
+
+def tokenizer_and_eos(model_dir: str | Path, config: ModelConfig) -> tuple[KimiTokenizer | None, list[int]]:
+    """A checkpoint's tokenizer (None without tiktoken.model) and its EOS ids: the config's, merged
+    with generation_config.json's."""
+    model_dir = Path(model_dir)
+    tokenizer = load_tokenizer(model_dir) if (model_dir / "tiktoken.model").exists() else None
+    eos = list(config.eos_token_ids)
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.exists():
+        g = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        if g is not None:
+            eos = sorted(set(eos) | set(g if isinstance(g, list) else [g]))
+    return tokenizer, eos
 
 
 class LLMEngine:
@@ -118,18 +132,8 @@ class LLMEngine:
     def from_pretrained(
         cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, config: EngineConfig | None = None
     ) -> LLMEngine:
-        from k2serve.chat.tokenizer import load_tokenizer
-        from k2serve.model.loader import load_model
-
-        model_dir = Path(model_dir)
         model = load_model(model_dir, dtype)
-        tokenizer = load_tokenizer(model_dir) if (model_dir / "tiktoken.model").exists() else None
-        eos = model.config.eos_token_ids
-        gen_cfg = model_dir / "generation_config.json"
-        if gen_cfg.exists():
-            g = json.loads(gen_cfg.read_text()).get("eos_token_id")
-            if g is not None:
-                eos = sorted(set(eos) | set(g if isinstance(g, list) else [g]))
+        tokenizer, eos = tokenizer_and_eos(model_dir, model.config)
         return cls(model, config, tokenizer, eos)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -228,8 +232,6 @@ class LLMEngine:
         ends, so multi-byte characters split across tokens come out whole); None without a tokenizer."""
         if self.tokenizer is None:
             return None
-        from k2serve.chat.tokenizer import IncrementalDecoder
-
         dec = IncrementalDecoder(self.tokenizer, seq.params.skip_special_tokens)
         self._decoders[seq.request_id] = dec
         return dec

@@ -31,18 +31,16 @@ router, which retries them elsewhere.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
-from k2serve.engine.llm_engine import LLMEngine, RequestOutput
+from k2serve.engine.llm_engine import LLMEngine, RequestOutput, tokenizer_and_eos
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts.comm import EPComm, EPConfigError, EPError
 from k2serve.experts.dispatch import EPDispatcher
@@ -131,7 +129,7 @@ class EPWorker:
         for j, (i, moe) in enumerate(moe_layers(self.model)):
             moe.dispatch = EPDispatcher(self.state, i, j)
             self.dispatchers.append(moe.dispatch)
-        tokenizer, eos = _tokenizer_and_eos(model_dir, self.model)
+        tokenizer, eos = tokenizer_and_eos(model_dir, self.model.config)
         self.engine = LLMEngine(self.model, engine_config, tokenizer, eos)
         self.any_work = False  # whether any rank had work in the last step
         self._rebalance_wanted = False
@@ -255,19 +253,3 @@ class EPWorker:
     def close(self) -> None:
         if self._owns_comm:
             self.comm.close()
-
-
-def _tokenizer_and_eos(model_dir: Path, model: K2Model) -> tuple[Any, list[int]]:
-    """As `LLMEngine.from_pretrained`: the tokenizer if present, EOS ids merged from generation_config."""
-    tokenizer = None
-    if (model_dir / "tiktoken.model").exists():
-        from k2serve.chat.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(model_dir)
-    eos = list(model.config.eos_token_ids)
-    gen_cfg = model_dir / "generation_config.json"
-    if gen_cfg.exists():
-        g = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        if g is not None:
-            eos = sorted(set(eos) | set(g if isinstance(g, list) else [g]))
-    return tokenizer, eos

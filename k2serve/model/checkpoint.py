@@ -11,6 +11,8 @@ the router as e4m3 with 128x128 `weight_scale_inv` blocks (as DeepSeek-V3).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from k2serve.chat.bpe_train import write_tokenizer
 from k2serve.config import ModelConfig
 from k2serve.model.presets import PRESETS
 from k2serve.model.quant import pack_int4, quantize_fp8_block, quantize_int4
@@ -207,7 +210,22 @@ def write_checkpoint(
     }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer:
-        from k2serve.chat.bpe_train import write_tokenizer
-
         write_tokenizer(out, config.vocab_size - 256)
+    return out
+
+
+def preset_checkpoint(root: str | Path, preset: str, seed: int = 0) -> Path:
+    """The random checkpoint of `preset` with `seed` under `root` (`root/models/<preset>-seed<seed>`),
+    written on first use and reused afterwards. Processes starting at once each write a directory of
+    their own and rename it into place: the first rename wins, the others discard theirs."""
+    out = Path(root) / "models" / f"{preset}-seed{seed}"
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_checkpoint(tmp, preset, seed=seed)
+        try:
+            tmp.rename(out)  # atomic: concurrent starters either see the whole checkpoint or none
+        except OSError:
+            shutil.rmtree(tmp)  # another process got there first
+            if not (out / "config.json").exists():
+                raise
     return out

@@ -109,7 +109,7 @@ class PlannerConfig:
 class SimParams:
     """The dry-run's queueing model (see `simulate`), per replica; seconds, tokens.
 
-    Defaults were measured with `python -m k2serve.planner.measure --preset tiny` (the `tiny` preset,
+    Defaults were measured with `python -m k2serve.planner.measure_cli --preset tiny` (the `tiny` preset,
     float32, on the development machine's 2 CPU cores under other load: 897 prompt tokens/s for a
     2,048-token prompt; best-of-3 decode steps of 15.8 / 32.0 / 37.9 ms at batch 1 / 8 / 32, fitted to
     20.5 ms + 0.59 ms x batch), the engine's defaults (`--max-num-seqs 64`; `--kv-cache-mb 1024` holds

@@ -4,7 +4,7 @@ Scale-up starts worker `<role>-<i>` (the lowest free index; an expert-parallel w
 rank processes `<role>-<i>-ep<r>`) through the cluster's own spawner; it registers with the router when
 ready. Scale-down drains the highest indices first: SIGTERM each process of the worker (the worker
 then deregisters from the router and finishes its in-flight work before exiting, see
-`k2serve.cluster.worker_base.serve_worker`), and SIGKILL its process group if it is still running
+`k2serve.worker.runtime.serve_worker`), and SIGKILL its process group if it is still running
 `drain_timeout_s` later. Exited processes leave `cluster.procs`, so the cluster's own watchdog does
 not mistake a drained worker for a crash.
 """

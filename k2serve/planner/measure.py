@@ -1,5 +1,5 @@
-"""Measure the dry-run's model parameters on this machine with the offline engine:
-`python -m k2serve.planner.measure (--preset tiny | --model DIR) [--dtype float32]`.
+"""Measure the dry-run's model parameters on this machine with the offline engine (the command line is
+`python -m k2serve.planner.measure_cli (--preset tiny | --model DIR) [--dtype float32]`).
 
 - prefill tokens/s: one prompt of `--prompt-len` random tokens, max_tokens=1 (after a warm-up);
 - decode: the mean time per step of a batch of b sequences of `--decode-len` tokens each, for each
@@ -10,13 +10,16 @@ Each figure is the best of `--repeats` runs. Prints the `k2serve planner --dry-r
 
 from __future__ import annotations
 
-import argparse
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm import LLM
+from k2serve.engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,6 @@ def measure(
     repeats: int = 3,
 ) -> Measured:
     """Each figure is the best of `repeats` runs (other load on the machine only slows runs down)."""
-    import torch
-
-    from k2serve.engine.config import EngineConfig
-    from k2serve.engine.llm import LLM
-    from k2serve.engine.sampling_params import SamplingParams
-
     cfg = EngineConfig(
         kv_cache_bytes=max(kv_cache_mb, 64) << 20,
         max_num_seqs=max(batches),
@@ -95,37 +92,3 @@ def measure(
     mc = llm.engine.model.config
     bytes_per_token = mc.num_hidden_layers * mc.kv_cache_dim * llm.engine.pool.kv.element_size()
     return Measured(prefill_tps, max(base, 1e-4), per_seq, (kv_cache_mb << 20) // bytes_per_token, itl)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m k2serve.planner.measure", description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="write a random-weight checkpoint of this preset (tiny, small)")
-    src.add_argument("--model", type=Path, help="a checkpoint directory")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--prompt-len", type=int, default=2048)
-    p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma-separated")
-    p.add_argument("--decode-len", type=int, default=32)
-    p.add_argument("--kv-cache-mb", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
-    a = p.parse_args(argv)
-    batches = [int(x) for x in a.batches.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = a.model
-        if model_dir is None:
-            import torch
-
-            from k2serve.model.checkpoint import write_checkpoint
-
-            model_dir = write_checkpoint(Path(tmp), a.preset, seed=0, dtype=getattr(torch, a.dtype))
-        m = measure(model_dir, a.dtype, a.prompt_len, batches, a.decode_len, a.kv_cache_mb, a.repeats)
-    print(
-        f"prefill {m.prefill_tokens_per_s:.0f} tokens/s; ITL by batch "
-        + ", ".join(f"{b}: {t * 1e3:.1f} ms" for b, t in m.itl_by_batch.items())
-    )
-    print(m.flags())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,15 @@
-"""`k2serve prefill ...`: a prefill worker process."""
+"""`k2serve prefill ...`: a prefill worker process (settings: `k2serve.worker.settings.WorkerSettings`)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
-from k2serve.cluster.grpc_safety import add_servicer
-from k2serve.cluster.worker_base import WorkerSettings, load_engine, serve_worker
 from k2serve.prefill.worker import PrefillServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.rpc.safety import add_servicer
+from k2serve.worker.runtime import load_engine, serve_worker
+from k2serve.worker.settings import WorkerSettings
 
 
 async def run(settings: WorkerSettings) -> int:
@@ -29,6 +29,7 @@ async def run(settings: WorkerSettings) -> int:
     return await serve_worker(settings, engine, add, lambda: [], on_stop, stop)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def main(settings: WorkerSettings) -> int:
+    """Run the prefill worker until stopped; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run(WorkerSettings.from_args("prefill", args)))
+    return asyncio.run(run(settings))

@@ -13,13 +13,13 @@ import time
 
 import grpc
 
-from k2serve.cluster.grpc_errors import status_of
-from k2serve.cluster.tls import TLSFiles
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.protocol import BackendError, GenerateRequest
 from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.proto import worker_pb2, worker_pb2_grpc
-from k2serve.proto.convert import logprob_to_proto, sampling_from_proto
+from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
+from k2serve.rpc.status import status_of
+from k2serve.rpc.tls import TLSFiles
 from k2serve.transfer.base import KVSender, TransferError
 from k2serve.transfer.registry import make_sender
 

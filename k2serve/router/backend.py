@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 
 from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
-from k2serve.cluster.grpc_errors import error_of
 from k2serve.config import ModelConfig
 from k2serve.engine.protocol import (
     BackendFailure,
@@ -32,9 +31,11 @@ from k2serve.engine.protocol import (
 )
 from k2serve.engine.validation import validate_request
 from k2serve.proto import worker_pb2
-from k2serve.proto.convert import finish_from_proto, logprob_from_proto, sampling_to_proto
+from k2serve.proto.messages import finish_from_proto
 from k2serve.router.policy import LeastLoaded, NoWorkerError, RoutingPolicy
 from k2serve.router.registry import Worker, WorkerTable
+from k2serve.rpc.convert import logprob_from_proto, sampling_to_proto
+from k2serve.rpc.status import error_of
 
 logger = logging.getLogger(__name__)
 _TRANSPORT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS}

@@ -21,16 +21,18 @@ from k2serve.chat.detok import OutputText
 from k2serve.chat.parsers import DeltaEvent, EventKind, collect
 from k2serve.chat.prompt import PromptEncoder
 from k2serve.chat.request import ChatPlan, ChatRequestError, finish_reason, plan_chat, reply_message
-from k2serve.cluster.grpc_errors import status_of
 from k2serve.engine.protocol import BackendError, GenerateRequest, GenerationBackend, TokenEvent
 from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
-from k2serve.proto.convert import (
-    chat_message_from_proto,
-    chat_message_to_proto,
-    finish_to_proto,
-    logprob_to_proto,
-    sampling_from_proto,
+from k2serve.proto.messages import chat_message_from_proto, chat_message_to_proto, finish_to_proto
+from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
+from k2serve.rpc.status import status_of
+from k2serve.sessions.errors import (
+    InvalidSessionArgument,
+    InvalidSessionId,
+    SessionError,
+    SessionLimitError,
+    SessionNotFound,
 )
 
 logger = logging.getLogger(__name__)
@@ -184,8 +186,6 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
         return token.strip() if scheme.lower() == "bearer" and token.strip() else "anonymous"
 
     async def _sessions_call(self, context, coro):  # noqa: ANN001, ANN202
-        from k2serve.sessions.errors import SessionError
-
         if self.sessions is None:
             coro.close()
             await context.abort(
@@ -316,13 +316,6 @@ async def _none() -> None:
 
 
 def _session_status(e: Exception) -> grpc.StatusCode:
-    from k2serve.sessions.errors import (
-        InvalidSessionArgument,
-        InvalidSessionId,
-        SessionLimitError,
-        SessionNotFound,
-    )
-
     if isinstance(e, SessionNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(e, InvalidSessionId | InvalidSessionArgument):

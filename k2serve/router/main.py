@@ -1,15 +1,12 @@
 """`k2serve router ...`: the public gRPC API, the OpenAI-compatible HTTP API and the worker registry,
-in one asyncio process."""
+in one asyncio process (settings: `k2serve.router.settings.RouterSettings`, built by the CLI)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -18,67 +15,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from k2serve.api.openai_app import build_app
-from k2serve.cluster.grpc_safety import add_servicer
-from k2serve.cluster.tls import TLSFiles, add_port, aio_channel
-from k2serve.cluster.worker_base import grpc_options
 from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
+from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.router.backend import ClusterBackend
 from k2serve.router.grpc_api import K2ServeServicer
 from k2serve.router.registry import RegistryServicer, WorkerTable
+from k2serve.router.settings import ROLE_OF, RouterSettings
+from k2serve.rpc.safety import add_servicer
+from k2serve.rpc.tls import add_port, aio_channel
+from k2serve.sessions.service import SessionService
 
 logger = logging.getLogger(__name__)
-ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
-
-
-@dataclass(frozen=True)
-class RouterSettings:
-    """tls: HTTPS and TLS gRPC (clients and worker registry on one port; with `tls.ca` they must
-    present a certificate it signed), and TLS channels to the workers; None: all plaintext."""
-
-    model_dir: str
-    model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    grpc_port: int = 50051
-    api_key: str | None = None
-    static_workers: tuple[tuple[str, str], ...] = ()
-    heartbeat_timeout_s: float = 5.0
-    max_queue: int = 1024
-    max_ttft_s: float | None = None
-    tls: TLSFiles | None = None
-    redis_url: str | None = None
-    ready_file: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.heartbeat_timeout_s <= 0:
-            raise ValueError(f"--heartbeat-timeout must be > 0, got {self.heartbeat_timeout_s}")
-        for role, addr in self.static_workers:
-            host, _, port = addr.rpartition(":")
-            if role not in ROLE_OF or not host or not port.isdecimal() or not 0 < int(port) < 65536:
-                raise ValueError(f"--worker {role}={addr}: expected prefill=HOST:PORT or decode=HOST:PORT")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> RouterSettings:
-        for w in args.worker:
-            if "=" not in w:
-                raise ValueError(f"--worker {w}: expected prefill=HOST:PORT or decode=HOST:PORT")
-        workers = tuple(tuple(w.split("=", 1)) for w in args.worker)
-        return cls(
-            model_dir=args.model,
-            model_name=args.served_model_name,
-            host=args.host,
-            port=args.port,
-            grpc_port=args.grpc_port,
-            api_key=args.api_key or os.environ.get("K2SERVE_API_KEY") or None,
-            static_workers=workers,  # type: ignore[arg-type]
-            heartbeat_timeout_s=args.heartbeat_timeout,
-            max_queue=args.max_queue,
-            max_ttft_s=args.max_ttft_ms / 1e3 if args.max_ttft_ms else None,
-            tls=TLSFiles.from_args(args),
-            redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
-            ready_file=getattr(args, "ready_file", None),
-        )
 
 
 class Router:
@@ -87,7 +34,8 @@ class Router:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
         self.table = WorkerTable(
-            settings.heartbeat_timeout_s, lambda addr: aio_channel(addr, grpc_options(), settings.tls)
+            settings.heartbeat_timeout_s,
+            lambda addr: aio_channel(addr, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls),
         )
         self.backend = ClusterBackend(
             settings.model_dir,
@@ -99,7 +47,7 @@ class Router:
         self.stop = asyncio.Event()
         self.grpc_port = settings.grpc_port
         self.http_port = settings.port
-        self.sessions = None
+        self.sessions: SessionService | None = None
 
     def _add_static(self) -> None:
         for i, (role, addr) in enumerate(self.settings.static_workers):
@@ -137,12 +85,10 @@ class Router:
         s = self.settings
         self._add_static()
         if s.redis_url:
-            from k2serve.sessions.service import SessionService
-
             self.sessions = SessionService.connect(s.redis_url)
             sessions = self.sessions
             self.table.on_remove.append(lambda w: asyncio.ensure_future(sessions.forget_worker(w.worker_id)))
-        server = grpc.aio.server(options=grpc_options())
+        server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES))
         add_servicer(
             server, api_pb2_grpc.add_K2ServeServicer_to_server, K2ServeServicer(self.backend, self.sessions)
         )
@@ -207,15 +153,16 @@ class Router:
             self.sessions.close()
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def main(settings: RouterSettings) -> int:
+    """Run the router until SIGINT/SIGTERM; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    async def main() -> None:
-        router = Router(RouterSettings.from_args(args))
+    async def run() -> None:
+        router = Router(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, router.stop.set)
         await router.run()
 
-    asyncio.run(main())
+    asyncio.run(run())
     return 0

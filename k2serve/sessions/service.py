@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from k2serve.engine.protocol import SessionHint
+from k2serve.sessions.redis_store import RedisSessionStore
 from k2serve.sessions.session import Session, SessionStoreConfig
 from k2serve.sessions.store import SessionStore
 
@@ -42,8 +43,6 @@ class SessionService:
 
     @classmethod
     def connect(cls, url: str, config: SessionStoreConfig | None = None) -> SessionService:
-        from k2serve.sessions.redis_store import RedisSessionStore
-
         return cls(RedisSessionStore(url, config))
 
     @staticmethod

@@ -1,124 +1,28 @@
-"""What prefill and decode workers share: settings, the engine (alone or one rank of an expert-parallel
+"""What prefill and decode workers share at run time: the engine (alone or one rank of an expert-parallel
 group), the gRPC server (with health and reflection), registration with the router and heartbeats,
 and graceful shutdown on SIGINT/SIGTERM (or, exiting non-zero, when the EP group is lost)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from k2serve.cluster.tls import TLSFiles, add_port, aio_channel, transfer_backend_for
 from k2serve.engine.async_engine import AsyncEngine
-from k2serve.engine.config import EngineConfig
 from k2serve.experts import EPConfig, EPError, EPWorker
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
-from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES
+from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
+from k2serve.rpc.tls import add_port, aio_channel
+from k2serve.worker.settings import ROLES, WorkerSettings
 
 logger = logging.getLogger(__name__)
-
-ROLES = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """One worker process. `router` None: run standalone (listed statically by the router).
-
-    tls: serve and dial every gRPC hop (router, peers, KV transfer) over TLS, mutual with `tls.ca`;
-    the torch transfer backend has no TLS and is refused with it.
-
-    ep_size > 1: this process is rank `ep_rank` of an expert-parallel group that meets at `ep_init`
-    ('tcp://host:port', hosted by rank 0); it loads only its own experts, serves and registers as its
-    own worker (`worker_id` ends in `-ep<rank>`). ep_timeout_s bounds every collective of the group.
-    """
-
-    role: str
-    model_dir: str
-    model_name: str
-    dtype: str
-    engine: EngineConfig
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise_host: str | None = None
-    router: str | None = None
-    worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:8]}")
-    transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
-    transfer_port: int = 0
-    heartbeat_interval_s: float = 1.0
-    drain_timeout_s: float = 60.0  # on SIGTERM: how long running requests may take to finish
-    ready_file: str | None = None
-    ep_size: int = 1
-    ep_rank: int = 0
-    ep_init: str | None = None
-    ep_timeout_s: float = 60.0
-    tls: TLSFiles | None = None
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
-        if self.heartbeat_interval_s <= 0:
-            raise ValueError(f"heartbeat interval must be > 0 s, got {self.heartbeat_interval_s}")
-        if self.ep_size < 1:
-            raise ValueError(f"--ep must be >= 1, got {self.ep_size}")
-        if not 0 <= self.ep_rank < self.ep_size:
-            raise ValueError(f"--ep-rank must be in [0, {self.ep_size}), got {self.ep_rank}")
-        if self.ep_size > 1:
-            from k2serve.experts.comm import parse_init_method
-
-            if self.ep_init is None:
-                raise ValueError(f"--ep {self.ep_size} needs --ep-init tcp://HOST:PORT (rank 0's address)")
-            parse_init_method(self.ep_init)  # EPConfigError (a ValueError) names a malformed one
-        if self.ep_timeout_s <= 0:
-            raise ValueError(f"--ep-timeout must be > 0 s, got {self.ep_timeout_s}")
-        backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
-        object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
-
-    @classmethod
-    def from_args(cls, role: str, args: argparse.Namespace) -> WorkerSettings:
-        from pathlib import Path
-
-        from k2serve.cli import engine_config_from_args, resolve_model
-
-        model_dir = resolve_model(args)
-        worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
-        if args.ep > 1:
-            worker_id += f"-ep{args.ep_rank}"
-        return cls(
-            role=role,
-            model_dir=model_dir,
-            model_name=args.served_model_name or Path(model_dir).resolve().name,
-            dtype=args.dtype,
-            engine=engine_config_from_args(args),
-            host=args.host,
-            port=args.port,
-            advertise_host=args.advertise_host,
-            router=args.router,
-            worker_id=worker_id,
-            transfer_backend=args.transfer_backend,
-            transfer_port=args.transfer_port,
-            heartbeat_interval_s=args.heartbeat_interval,
-            ready_file=args.ready_file,
-            ep_size=args.ep,
-            ep_rank=args.ep_rank,
-            ep_init=args.ep_init,
-            ep_timeout_s=args.ep_timeout,
-            tls=TLSFiles.from_args(args),
-        )
-
-    def advertised(self, port: int) -> str:
-        return f"{self.advertise_host or self.host}:{port}"
 
 
 def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
@@ -144,13 +48,6 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
         EPConfig(timeout_s=settings.ep_timeout_s),
     )
     return AsyncEngine.for_group(worker, settings.model_name, on_fatal)
-
-
-def grpc_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", CONTROL_MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", CONTROL_MAX_MESSAGE_BYTES),
-    ]
 
 
 def worker_info(
@@ -202,7 +99,7 @@ async def heartbeat_loop(
     """Register with the router, then heartbeat; re-register whenever the router does not know us
     (it restarted or dropped us). Never gives up while the worker runs; deregisters on the way out."""
     assert settings.router is not None
-    async with aio_channel(settings.router, grpc_options(), settings.tls) as channel:
+    async with aio_channel(settings.router, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls) as channel:
         stub = registry_pb2_grpc.WorkerRegistryStub(channel)
         registered = False
         interval = settings.heartbeat_interval_s
@@ -243,7 +140,7 @@ async def serve_worker(
     the engine stopped by itself (`engine.fatal_error`: the EP group was lost) before a stop was asked
     for, else 0. A group loses all its ranks once one of them stops, so a rank's in-flight requests
     fail if a peer finishes stopping first."""
-    server = grpc.aio.server(options=grpc_options())
+    server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES))
     names = add_services(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,4 +1,6 @@
-"""Conversions between protobuf messages and the engine's Python types (one place, both directions)."""
+"""Conversions between protobuf messages and plain OpenAI-shaped data (one place, both directions):
+finish reasons and chat messages. Clients (the agent SDK) use them too, so they need nothing but the
+generated code."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from k2serve.engine.sampler import TokenLogprobs
-from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import api_pb2, common_pb2
 
 _FINISH_TO_PROTO = {
@@ -26,64 +26,6 @@ def finish_to_proto(reason: str | None) -> int:
 
 def finish_from_proto(value: int) -> str | None:
     return _FINISH_FROM_PROTO.get(value, "abort")
-
-
-def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
-    m = common_pb2.SamplingParams(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        max_tokens=p.max_tokens,
-        min_tokens=p.min_tokens,
-        stop=list(p.stop),
-        stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-    )
-    if p.seed is not None:
-        m.seed = p.seed
-    if p.logprobs is not None:
-        m.logprobs = p.logprobs
-    return m
-
-
-def sampling_from_proto(m: common_pb2.SamplingParams, default_max_tokens: int = 16) -> SamplingParams:
-    """Unset optional fields take SamplingParams' defaults; raises SamplingParamsError naming a bad field."""
-    kw: dict[str, object] = {}
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "min_tokens",
-        "presence_penalty",
-        "frequency_penalty",
-        "logprobs",
-    ):
-        if m.HasField(name):
-            kw[name] = getattr(m, name)
-    kw["max_tokens"] = m.max_tokens if m.HasField("max_tokens") else default_max_tokens
-    return SamplingParams(
-        stop=list(m.stop),
-        stop_token_ids=list(m.stop_token_ids),
-        ignore_eos=m.ignore_eos,
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def logprob_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprob:
-    return common_pb2.TokenLogprob(
-        token_id=lp.token_id,
-        logprob=lp.logprob,
-        top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-    )
-
-
-def logprob_from_proto(m: common_pb2.TokenLogprob) -> TokenLogprobs:
-    return TokenLogprobs(m.token_id, m.logprob, [(t.token_id, t.logprob) for t in m.top])
 
 
 def chat_message_to_proto(m: Mapping[str, Any]) -> api_pb2.ChatMessage:

@@ -1,27 +1,17 @@
-"""The `k2serve` command line. Parsing stops here: each subcommand builds a typed config and calls a component."""
+"""The `k2serve` flags: `build_parser()` and the flag groups the subcommands share.
+
+Each subcommand's handler is a function of `k2serve.cli.commands` (set as `handler`), which imports
+its component only when it runs: building the parser imports no component.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from collections.abc import Sequence
+
+from k2serve.cli import commands
+from k2serve.planner.cli import add_arguments as add_planner_arguments
 
 DTYPES = ("bfloat16", "float32", "float16")
-
-
-def _dtype(name: str):  # noqa: ANN202 - torch is imported lazily
-    import torch
-
-    return getattr(torch, name)
-
-
-def _cmd_init_model(args: argparse.Namespace) -> int:
-    from k2serve.model.checkpoint import write_checkpoint
-
-    out = write_checkpoint(args.dir, args.preset, seed=args.seed, quant=args.quant, dtype=_dtype(args.dtype))
-    print(f"wrote {args.preset} checkpoint (quant={args.quant}, seed={args.seed}) to {out}")
-    return 0
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -31,44 +21,6 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"--prompt-ids must be comma-separated integers, got {text!r}"
         ) from e
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from k2serve.engine.llm import LLM
-    from k2serve.engine.sampling_params import SamplingParams
-
-    llm = LLM(args.model, dtype=args.dtype)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    prompts: list[str | list[int]] = [args.prompt] if args.prompt is not None else [args.prompt_ids]
-    for out in llm.generate(prompts, params):
-        if args.json:
-            print(
-                json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason})
-            )
-        else:
-            print(out.text)
-            print(
-                f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, "
-                f"ttft={out.metrics.ttft * 1e3:.1f} ms, tpot={out.metrics.tpot * 1e3:.1f} ms]",
-                file=sys.stderr,
-            )
-    return 0
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    module = {
-        "engine": "k2serve.bench.engine",
-        "transfer": "k2serve.bench.transfer",
-        "ttft": "k2serve.bench.ttft",
-        "load-memory": "k2serve.bench.load_memory",
-        "serve": "k2serve.loadgen.cli",
-        "sessions": "k2serve.bench.sessions",
-        "interference": "k2serve.bench.interference",
-        "int4-experts": "k2serve.bench.int4_experts",
-    }[args.what]
-    return int(importlib.import_module(module).main(args.rest) or 0)
 
 
 def add_model_args(s: argparse.ArgumentParser) -> None:
@@ -145,7 +97,7 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
 
 def add_tls_args(s: argparse.ArgumentParser, peers: bool = True) -> None:
     """This process's certificate; with `peers` (processes that dial other k2serve processes), the CA
-    of the peers (mutual TLS) and the server-name override. See k2serve.cluster.tls."""
+    of the peers (mutual TLS) and the server-name override. See k2serve.rpc.tls."""
     g = s.add_argument_group("TLS (default: plaintext)")
     g.add_argument(
         "--tls-cert",
@@ -183,57 +135,6 @@ def add_api_args(s: argparse.ArgumentParser, port: int = 8000, tls_peers: bool =
     add_tls_args(s, peers=tls_peers)
 
 
-def engine_config_from_args(args: argparse.Namespace):  # noqa: ANN201
-    """The EngineConfig that `add_engine_args` flags describe."""
-    from k2serve.engine.config import EngineConfig
-
-    return EngineConfig(
-        block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_mb << 20,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-        max_waiting=args.max_waiting,
-    )
-
-
-def resolve_model(args: argparse.Namespace) -> str:
-    """The checkpoint directory: --model, or the --preset checkpoint (written once, then reused)."""
-    if getattr(args, "model", None):
-        return str(args.model)
-    import os
-    from pathlib import Path
-
-    from k2serve.model.checkpoint import write_checkpoint
-
-    root = Path(
-        getattr(args, "workdir", None) or os.environ.get("K2SERVE_HOME", Path.home() / ".cache" / "k2serve")
-    )
-    out = root / "models" / f"{args.preset}-seed{args.seed}"
-    if not (out / "config.json").exists():
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        write_checkpoint(tmp, args.preset, seed=args.seed)
-        try:
-            tmp.rename(out)  # atomic: concurrent starters either see the whole checkpoint or none
-        except OSError:
-            import shutil
-
-            shutil.rmtree(tmp)  # another process got there first
-            if not (out / "config.json").exists():
-                raise
-    return str(out)
-
-
-def _lazy(module: str, func: str):  # noqa: ANN202
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return int(getattr(importlib.import_module(module), func)(args) or 0)
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="k2serve", description="Serve Kimi-K2 / DeepSeek-V3-architecture models."
@@ -246,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quant", choices=("none", "int4", "fp8"), default="none")
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the unquantised weights")
-    s.set_defaults(func=_cmd_init_model)
+    s.set_defaults(handler=commands.init_model)
 
     s = sub.add_parser("generate", help="offline generation with the single-node engine")
     s.add_argument("--model", required=True)
@@ -258,13 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    s.set_defaults(func=_cmd_generate)
+    s.set_defaults(handler=commands.generate)
 
     s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")
     add_model_args(s)
     add_engine_args(s)
     add_api_args(s)
-    s.set_defaults(func=_lazy("k2serve.api.serve", "serve_from_args"))
+    s.set_defaults(handler=commands.serve)
 
     s = sub.add_parser(
         "router", help="public gRPC + OpenAI HTTP API; dispatches to prefill and decode workers"
@@ -292,14 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer 429 (Retry-After) at once when the predicted time to first token exceeds this",
     )
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: "HTTP_PORT GRPC_PORT"
-    s.set_defaults(func=_lazy("k2serve.router.main", "run_from_args"))
+    s.set_defaults(handler=commands.router)
 
     for role, port in (("prefill", 50060), ("decode", 50070)):
         s = sub.add_parser(role, help=f"a {role} worker")
         add_model_args(s)
         add_engine_args(s)
         add_worker_args(s, port)
-        s.set_defaults(func=_lazy(f"k2serve.{role}.main", "run_from_args"))
+        s.set_defaults(handler=commands.prefill if role == "prefill" else commands.decode)
 
     s = sub.add_parser("up", help="start a whole local cluster: Redis, router, prefill and decode workers")
     add_model_args(s)
@@ -349,45 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="--ray: placement of one EP group's ranks (STRICT_PACK)",
     )
     s.add_argument("--ray-max-restarts", type=int, default=None, help="--ray: restarts of a failed actor (3)")
-    s.set_defaults(func=_lazy("k2serve.cluster.local", "up_from_args"))
+    s.set_defaults(handler=commands.up)
 
     s = sub.add_parser(
         "planner", help="scale prefill/decode replicas from the router's metrics; --dry-run replays a trace"
     )
-    from k2serve.planner.cli import add_arguments as add_planner_arguments  # imports only its config
-
     add_planner_arguments(s)
-    s.set_defaults(func=_lazy("k2serve.planner.cli", "run"))
+    s.set_defaults(handler=commands.planner)
 
     s = sub.add_parser(
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"
     )
-    s.add_argument(
-        "what",
-        choices=(
-            "engine",
-            "transfer",
-            "ttft",
-            "load-memory",
-            "serve",
-            "sessions",
-            "interference",
-            "int4-experts",
-        ),
-    )
+    s.add_argument("what", choices=tuple(commands.BENCHMARKS))
     s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_cmd_bench)
+    s.set_defaults(handler=commands.bench)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"k2serve {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,6 @@ gets server TLS from the same certificate (clients authenticate there with the A
 
 from __future__ import annotations
 
-import argparse
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,23 +82,6 @@ class TLSFiles:
     def mutual(self) -> bool:
         """Servers require client certificates signed by `ca`."""
         return self.ca is not None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TLSFiles | None:
-        """None (plaintext) when no TLS flag is given; --tls-ca and --tls-server-name need the pair."""
-        cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
-        ca, name = getattr(args, "tls_ca", None), getattr(args, "tls_server_name", None)
-        if cert is None and key is None:
-            if ca is not None or name is not None:
-                raise TLSConfigError(
-                    "--tls-ca / --tls-server-name need --tls-cert and --tls-key (this process's "
-                    "certificate): with TLS every process both serves and dials over TLS",
-                    ca or name,
-                )
-            return None
-        if cert is None or key is None:
-            raise TLSConfigError("--tls-cert and --tls-key go together", cert or key)
-        return cls(cert, key, ca, name)
 
     def argv(self) -> list[str]:
         """The flags that give another k2serve process these files (launchers)."""

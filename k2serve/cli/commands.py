@@ -1,0 +1,109 @@
+"""The `k2serve` subcommands: each turns its parsed flags into settings (`k2serve.cli.settings`) and
+runs its component, returning the exit status.
+
+Each imports its component when it runs, not before (the only imports inside functions in the
+package, for start-up time alone): `k2serve --help`, the planner's dry run and `bench serve` do not
+load torch, and a worker process loads no HTTP stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+BENCHMARKS = {
+    "engine": "k2serve.bench.engine",
+    "transfer": "k2serve.bench.transfer",
+    "ttft": "k2serve.bench.ttft",
+    "load-memory": "k2serve.bench.load_memory",
+    "serve": "k2serve.loadgen.cli",
+    "sessions": "k2serve.bench.sessions",
+    "interference": "k2serve.bench.interference",
+    "int4-experts": "k2serve.bench.int4_experts",
+}
+
+
+def init_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from k2serve.model.checkpoint import write_checkpoint
+
+    dtype = getattr(torch, args.dtype)
+    out = write_checkpoint(args.dir, args.preset, seed=args.seed, quant=args.quant, dtype=dtype)
+    print(f"wrote {args.preset} checkpoint (quant={args.quant}, seed={args.seed}) to {out}")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from k2serve.engine.llm import LLM
+    from k2serve.engine.sampling_params import SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    prompts: list[str | list[int]] = [args.prompt] if args.prompt is not None else [args.prompt_ids]
+    for out in llm.generate(prompts, params):
+        if args.json:
+            print(
+                json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason})
+            )
+        else:
+            print(out.text)
+            print(
+                f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, "
+                f"ttft={out.metrics.ttft * 1e3:.1f} ms, tpot={out.metrics.tpot * 1e3:.1f} ms]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from k2serve.api.serve import serve as run
+    from k2serve.cli.settings import serve_settings
+
+    return run(serve_settings(args))
+
+
+def router(args: argparse.Namespace) -> int:
+    from k2serve.cli.settings import router_settings
+    from k2serve.router.main import main
+
+    return main(router_settings(args))
+
+
+def prefill(args: argparse.Namespace) -> int:
+    from k2serve.cli.settings import worker_settings
+    from k2serve.prefill.main import main
+
+    return main(worker_settings("prefill", args))
+
+
+def decode(args: argparse.Namespace) -> int:
+    from k2serve.cli.settings import worker_settings
+    from k2serve.decode.main import main
+
+    return main(worker_settings("decode", args))
+
+
+def up(args: argparse.Namespace) -> int:
+    from k2serve.cli.settings import cluster_spec, ray_options
+
+    spec = cluster_spec(args)
+    if args.ray:
+        from k2serve.cluster.ray_runtime import run_on_ray
+
+        return run_on_ray(spec, args.ray, ray_options(args))
+    from k2serve.cluster.local import run_local
+
+    return run_local(spec)
+
+
+def planner(args: argparse.Namespace) -> int:
+    from k2serve.planner.cli import run
+
+    return run(args)
+
+
+def bench(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(BENCHMARKS[args.what]).main(args.rest) or 0)

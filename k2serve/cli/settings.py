@@ -1,0 +1,198 @@
+"""Parsed flags -> the typed, frozen settings each component takes. The only place that reads an
+`argparse.Namespace` or the environment for them.
+
+The flags are `k2serve.cli.parser`'s; each function names the flags it reads. `cluster_spec` is what
+`k2serve up` hands both launchers (local processes, Ray actors), so they start the same processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from k2serve.api.settings import ServeSettings
+from k2serve.cluster.local import ClusterSpec
+from k2serve.cluster.ray_plan import RayOptions
+from k2serve.engine.config import EngineConfig
+from k2serve.model.checkpoint import preset_checkpoint
+from k2serve.router.settings import RouterSettings
+from k2serve.rpc.tls import TLSConfigError, TLSFiles
+from k2serve.worker.settings import WorkerSettings
+
+API_KEY_ENV = "K2SERVE_API_KEY"
+HOME_ENV = "K2SERVE_HOME"  # where --preset checkpoints are kept (default ~/.cache/k2serve)
+
+
+def model_dir(args: argparse.Namespace) -> str:
+    """The checkpoint directory: --model, or the --preset checkpoint with --seed (written once under
+    --workdir, $K2SERVE_HOME or ~/.cache/k2serve, then reused)."""
+    if getattr(args, "model", None):
+        return str(args.model)
+    root = getattr(args, "workdir", None) or os.environ.get(HOME_ENV) or Path.home() / ".cache" / "k2serve"
+    return str(preset_checkpoint(root, args.preset, args.seed))
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the engine flags (`add_engine_args`) describe."""
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_mb << 20,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_waiting=args.max_waiting,
+    )
+
+
+def tls_files(args: argparse.Namespace) -> TLSFiles | None:
+    """This process's TLS files from --tls-cert/--tls-key (and --tls-ca/--tls-server-name where the
+    command has them); None (plaintext) when no TLS flag is given. The CA and the server name need
+    the pair: with TLS every process both serves and dials over TLS."""
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    ca, name = getattr(args, "tls_ca", None), getattr(args, "tls_server_name", None)
+    if cert is None and key is None:
+        if ca is not None or name is not None:
+            raise TLSConfigError(
+                "--tls-ca / --tls-server-name need --tls-cert and --tls-key (this process's "
+                "certificate): with TLS every process both serves and dials over TLS",
+                ca or name,
+            )
+        return None
+    if cert is None or key is None:
+        raise TLSConfigError("--tls-cert and --tls-key go together", cert or key)
+    return TLSFiles(cert, key, ca, name)
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """`k2serve serve`: model, engine and API flags; the API key defaults to $K2SERVE_API_KEY."""
+    return ServeSettings(
+        model_dir=model_dir(args),
+        engine=engine_config(args),
+        model_name=args.served_model_name,
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
+def worker_settings(role: str, args: argparse.Namespace) -> WorkerSettings:
+    """`k2serve prefill|decode`: model, engine and worker flags. The worker id defaults to
+    <role>-<host>-<pid>; a rank of an expert-parallel group appends -ep<rank>."""
+    directory = model_dir(args)
+    worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
+    if args.ep > 1:
+        worker_id += f"-ep{args.ep_rank}"
+    return WorkerSettings(
+        role=role,
+        model_dir=directory,
+        model_name=args.served_model_name or Path(directory).resolve().name,
+        dtype=args.dtype,
+        engine=engine_config(args),
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        router=args.router,
+        worker_id=worker_id,
+        transfer_backend=args.transfer_backend,
+        transfer_port=args.transfer_port,
+        heartbeat_interval_s=args.heartbeat_interval,
+        ready_file=args.ready_file,
+        ep_size=args.ep,
+        ep_rank=args.ep_rank,
+        ep_init=args.ep_init,
+        ep_timeout_s=args.ep_timeout,
+        tls=tls_files(args),
+    )
+
+
+def router_settings(args: argparse.Namespace) -> RouterSettings:
+    """`k2serve router`: static --worker ROLE=HOST:PORT entries, the API key ($K2SERVE_API_KEY by
+    default), the session store ($REDIS_URL by default) and admission limits."""
+    for w in args.worker:
+        if "=" not in w:
+            raise ValueError(f"--worker {w}: expected prefill=HOST:PORT or decode=HOST:PORT")
+    workers = tuple((role, address) for role, address in (w.split("=", 1) for w in args.worker))
+    return RouterSettings(
+        model_dir=args.model,
+        model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        static_workers=workers,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        max_queue=args.max_queue,
+        max_ttft_s=args.max_ttft_ms / 1e3 if args.max_ttft_ms else None,
+        tls=tls_files(args),
+        redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+        ready_file=getattr(args, "ready_file", None),
+    )
+
+
+def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
+    """The engine flags `up` passes on to every worker."""
+    out = [
+        "--block-size",
+        str(args.block_size),
+        "--kv-cache-mb",
+        str(args.kv_cache_mb),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--max-waiting",
+        str(args.max_waiting),
+    ]
+    if args.max_model_len:
+        out += ["--max-model-len", str(args.max_model_len)]
+    if args.no_prefix_caching:
+        out.append("--no-prefix-caching")
+    return tuple(out)
+
+
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The cluster `k2serve up` describes (resolves --preset into a checkpoint under --workdir)."""
+    return ClusterSpec(
+        model_dir=model_dir(args),
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        ep_size=args.ep,
+        transfer_backend=args.transfer_backend,
+        dtype=args.dtype,
+        engine_args=engine_args_from_up(args),
+        redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        workdir=args.workdir,
+        router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if getattr(args, "max_ttft_ms", None) else (),
+        tls=tls_files(args),
+    )
+
+
+def ray_options(args: argparse.Namespace) -> RayOptions:
+    """RayOptions from `k2serve up` flags; each flag is optional (its default when the CLI lacks it):
+    --ray-cpus-per-rank (1), --ray-gpus-per-rank (0: Ray then leaves CUDA_VISIBLE_DEVICES alone),
+    --ray-group-strategy (STRICT_PACK), --ray-max-restarts (3)."""
+
+    def flag(name: str, default: Any) -> Any:
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    rank = {"CPU": float(flag("ray_cpus_per_rank", 1.0))}
+    if gpus := float(flag("ray_gpus_per_rank", 0.0)):
+        rank["GPU"] = gpus
+    return RayOptions(
+        rank_resources=rank,
+        group_strategy=str(flag("ray_group_strategy", RayOptions.group_strategy)),
+        max_restarts=int(flag("ray_max_restarts", RayOptions.max_restarts)),
+    )

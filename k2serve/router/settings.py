@@ -1,0 +1,38 @@
+"""The settings of the router process: a frozen dataclass the CLI builds from flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from k2serve.proto import registry_pb2
+from k2serve.rpc.tls import TLSFiles
+
+ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """tls: HTTPS and TLS gRPC (clients and worker registry on one port; with `tls.ca` they must
+    present a certificate it signed), and TLS channels to the workers; None: all plaintext."""
+
+    model_dir: str
+    model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    api_key: str | None = None
+    static_workers: tuple[tuple[str, str], ...] = ()
+    heartbeat_timeout_s: float = 5.0
+    max_queue: int = 1024
+    max_ttft_s: float | None = None
+    tls: TLSFiles | None = None
+    redis_url: str | None = None
+    ready_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_timeout_s <= 0:
+            raise ValueError(f"--heartbeat-timeout must be > 0, got {self.heartbeat_timeout_s}")
+        for role, addr in self.static_workers:
+            host, _, port = addr.rpartition(":")
+            if role not in ROLE_OF or not host or not port.isdecimal() or not 0 < int(port) < 65536:
+                raise ValueError(f"--worker {role}={addr}: expected prefill=HOST:PORT or decode=HOST:PORT")

@@ -1,0 +1,68 @@
+"""The settings of one prefill or decode worker process: a frozen dataclass the CLI builds from flags."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from k2serve.engine.config import EngineConfig
+from k2serve.experts.comm import parse_init_method
+from k2serve.proto import registry_pb2
+from k2serve.rpc.tls import TLSFiles, transfer_backend_for
+
+ROLES = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """One worker process. `router` None: run standalone (listed statically by the router).
+
+    tls: serve and dial every gRPC hop (router, peers, KV transfer) over TLS, mutual with `tls.ca`;
+    the torch transfer backend has no TLS and is refused with it.
+
+    ep_size > 1: this process is rank `ep_rank` of an expert-parallel group that meets at `ep_init`
+    ('tcp://host:port', hosted by rank 0); it loads only its own experts, serves and registers as its
+    own worker (`worker_id` ends in `-ep<rank>`). ep_timeout_s bounds every collective of the group.
+    """
+
+    role: str
+    model_dir: str
+    model_name: str
+    dtype: str
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str | None = None
+    router: str | None = None
+    worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:8]}")
+    transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
+    transfer_port: int = 0
+    heartbeat_interval_s: float = 1.0
+    drain_timeout_s: float = 60.0  # on SIGTERM: how long running requests may take to finish
+    ready_file: str | None = None
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_init: str | None = None
+    ep_timeout_s: float = 60.0
+    tls: TLSFiles | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat interval must be > 0 s, got {self.heartbeat_interval_s}")
+        if self.ep_size < 1:
+            raise ValueError(f"--ep must be >= 1, got {self.ep_size}")
+        if not 0 <= self.ep_rank < self.ep_size:
+            raise ValueError(f"--ep-rank must be in [0, {self.ep_size}), got {self.ep_rank}")
+        if self.ep_size > 1:
+            if self.ep_init is None:
+                raise ValueError(f"--ep {self.ep_size} needs --ep-init tcp://HOST:PORT (rank 0's address)")
+            parse_init_method(self.ep_init)  # EPConfigError (a ValueError) names a malformed one
+        if self.ep_timeout_s <= 0:
+            raise ValueError(f"--ep-timeout must be > 0 s, got {self.ep_timeout_s}")
+        backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
+        object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
+
+    def advertised(self, port: int) -> str:
+        return f"{self.advertise_host or self.host}:{port}"
