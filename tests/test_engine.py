@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -251,12 +252,19 @@ def test_offline_api_text_prompt_and_timing(tiny_ckpt: Path) -> None:
     assert out.metrics.ttft > 0 and out.metrics.tpot > 0
 
 
-def test_disaggregated_handoff_in_process(tiny_ckpt: Path) -> None:
-    """Prefill engine streams each layer's latent via kv_sink; a second engine continues from it."""
+SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_disaggregated_handoff_in_process(tiny_ckpt: Path, params: SamplingParams) -> None:
+    """Prefill engine streams each layer's latent via kv_sink; a second engine reserves blocks for it
+    (reserve_kv), receives each layer into them (KVReservation.write, or in place through rows()) and
+    continues: the tokens equal one engine's, seeded sampling included (the decode side skips the
+    draw the prefill side made for the first token)."""
     ps = prompts(5, seed=11, lo=10, hi=60)
     colocated = make_engine(tiny_ckpt)
     for i, p in enumerate(ps):
-        colocated.add_request(str(i), p, GREEDY)
+        colocated.add_request(str(i), p, params)
     expected = run_all(colocated)
 
     prefill = make_engine(tiny_ckpt, max_num_batched_tokens=32)  # chunked: the sink fires on the last chunk
@@ -267,7 +275,7 @@ def test_disaggregated_handoff_in_process(tiny_ckpt: Path) -> None:
         prefill.add_request(
             str(i),
             p,
-            SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+            dataclasses.replace(params, max_tokens=1),
             kv_sink=lambda layer, kv, rid=str(i): received[rid].__setitem__(layer, kv),
         )
     first: dict[str, int] = {}
@@ -276,17 +284,32 @@ def test_disaggregated_handoff_in_process(tiny_ckpt: Path) -> None:
             if o.finished:
                 first[o.request_id] = o.token_ids[0]
     assert_no_leak(prefill)  # the prefill side keeps nothing referenced (cached prefixes stay evictable)
-    layers = decode.model.config.num_hidden_layers
+    geometry = decode.kv_geometry
+    mc = decode.model.config
+    assert geometry == prefill.kv_geometry
+    assert (geometry.num_layers, geometry.kv_dim, geometry.dtype) == (
+        mc.num_hidden_layers,
+        mc.kv_cache_dim,
+        torch.float32,
+    )
+    assert geometry.bytes_per_token == mc.num_hidden_layers * mc.kv_cache_dim * 4
     for i, p in enumerate(ps):
         rid = str(i)
-        assert sorted(received[rid]) == list(range(layers))
-        assert received[rid][0].shape == (len(p), decode.model.config.kv_cache_dim)
-        table = decode.blocks.allocate(p).block_table
-        slots = decode.pool.slot_mapping(table, 0, len(p))
+        assert sorted(received[rid]) == list(range(geometry.num_layers))
+        assert received[rid][0].shape == (len(p), geometry.kv_dim)
+        reservation = decode.reserve_kv(len(p))
+        assert len(reservation.block_table) == -(-len(p) // geometry.block_size)
         for layer, kv in received[rid].items():
-            decode.pool.write(layer, slots, kv)
-        assert decode.add_prefilled_request(rid, p, first[rid], GREEDY, table) is None
+            if i % 2 and reservation.contiguous:  # in place, as the torch transfer backend receives
+                reservation.rows(layer).copy_(kv)
+            else:
+                reservation.write(layer, kv)
+        assert decode.add_prefilled_request(rid, p, first[rid], params, reservation.block_table) is None
     assert run_all(decode) == expected
+    assert_no_leak(decode)
+    unused = decode.reserve_kv(40)
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks - 5
+    decode.free_kv(unused.block_table)
     assert_no_leak(decode)
 
 

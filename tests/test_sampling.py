@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from k2serve.engine.protocol import InvalidRequestError
-from k2serve.engine.sampler import Sampler, SamplerError, make_generator, suppress_tokens
+from k2serve.engine.sampler import Sampler, SamplerError, make_generator, skip_draw, suppress_tokens
 from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
 from k2serve.engine.validation import validate_request
 
@@ -93,6 +93,23 @@ def test_validate_request_names_value_and_limit() -> None:
     with pytest.raises(InvalidRequestError, match=r"max_tokens=100 is too large: .* at most 99 can") as e:
         validate_request(list(range(10)), q, vocab_size=163_840, max_model_len=109)
     assert (e.value.param, e.value.value, e.value.limit) == ("max_tokens", 100, 109)
+
+
+def test_skip_draw_advances_a_seeded_row_as_a_sampled_step() -> None:
+    """A token sampled in another process from the same seed: skipping its draw here leaves the
+    generator where sampling it here would have, so the next token is the same; greedy rows draw nothing."""
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    p = SamplingParams(temperature=0.8, seed=42)
+    here = make_generator(p)
+    SAMPLER.sample(logits[:1], [p], [[]], [here])
+    second_here = SAMPLER.sample(logits[1:], [p], [[]], [here]).token_ids
+    elsewhere = make_generator(p)
+    skip_draw(p, elsewhere, 64)
+    assert torch.equal(SAMPLER.sample(logits[1:], [p], [[]], [elsewhere]).token_ids, second_here)
+    greedy = SamplingParams(temperature=0.0, seed=42)
+    g = make_generator(greedy)
+    skip_draw(greedy, g, 64)
+    assert g is not None and torch.equal(g.get_state(), make_generator(greedy).get_state())
 
 
 # ---- exact cases --------------------------------------------------------------------------------

@@ -13,10 +13,8 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
-import torch
 
 from k2serve.engine.async_engine import AsyncEngine, Prefilled
-from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.protocol import BackendError, GenerateRequest
 from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.kvcache.block_manager import NoFreeBlocksError
@@ -56,46 +54,32 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
         return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
 
-    async def _free(self, table: list[int]) -> None:
-        await self.engine.call(lambda e: e.blocks.free(table))
-
     async def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         n = request.num_prompt_tokens
-        e = self.engine.engine
         if n < 1 or n + request.max_tokens > self.engine.max_model_len:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"num_prompt_tokens {n} + max_tokens {request.max_tokens} must be in [1, {self.engine.max_model_len}]",
             )
-
-        def reserve(eng: LLMEngine) -> list[int]:
-            return eng.blocks.allocate_fresh(n)
-
         try:
-            table = await self.engine.call(reserve)
+            reservation = await self.engine.reserve_kv(n)
         except NoFreeBlocksError as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for {n} tokens: {err}")
         tid = f"kv-{uuid.uuid4().hex[:16]}"
-        slots = e.pool.slot_mapping(table, 0, n)
-        pool = e.pool
-        mc = e.model.config
-
-        def on_layer(layer: int, kv: torch.Tensor) -> None:  # a receiver thread: blocks nobody else uses
-            pool.write(layer, slots, kv)
-
+        kv = self.engine.kv_geometry
         # Consecutive blocks (the usual case) are one span per layer: the backend may receive into it.
-        start = pool.contiguous_start(table, n)
-        place = None if start is None else (lambda layer: pool.rows(layer, start, n))
-        try:
-            self.receiver.expect(
-                tid, mc.num_hidden_layers, n, mc.kv_cache_dim, pool.kv.dtype, on_layer, place=place
-            )
+        place = reservation.rows if reservation.contiguous else None
+        try:  # reservation.write runs on a receiver thread: into blocks nobody else uses
+            self.receiver.expect(tid, kv.num_layers, n, kv.kv_dim, kv.dtype, reservation.write, place=place)
         except ValueError as err:
-            await self._free(table)
+            await self.engine.free_kv(reservation.block_table)
             await context.abort(grpc.StatusCode.INTERNAL, f"cannot expect transfer: {err}")
-        self.reservations[tid] = Reservation(request.request_id, table, n, time.monotonic())
+        self.reservations[tid] = Reservation(request.request_id, reservation.block_table, n, time.monotonic())
         return worker_pb2.ReserveResponse(
-            transfer_id=tid, block_ids=table, block_size=e.blocks.block_size, endpoint=self.endpoint()
+            transfer_id=tid,
+            block_ids=reservation.block_table,
+            block_size=kv.block_size,
+            endpoint=self.endpoint(),
         )
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
@@ -110,10 +94,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             stats = await asyncio.to_thread(self.receiver.wait, request.transfer_id, TRANSFER_TIMEOUT_S)
             self.bytes_received += stats.bytes
         except TransferError as err:
-            await self._free(res.block_table)
+            await self.engine.free_kv(res.block_table)
             await context.abort(grpc.StatusCode.DATA_LOSS, f"KV transfer failed: {err}")
         if len(request.prompt_token_ids) != res.num_tokens:
-            await self._free(res.block_table)
+            await self.engine.free_kv(res.block_table)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt has {len(request.prompt_token_ids)} tokens, the reservation {res.num_tokens}",
@@ -121,7 +105,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             params = sampling_from_proto(request.sampling)
         except SamplingParamsError as err:
-            await self._free(res.block_table)
+            await self.engine.free_kv(res.block_table)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         structured = json.loads(request.structured_json) if request.structured_json else None
         gen = GenerateRequest(request.request_id, list(request.prompt_token_ids), params, structured)
@@ -178,7 +162,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             return worker_pb2.ReleaseResponse(released=False)
         # cancel returns once no payload can land in the blocks any more (a thread: it may wait for one)
         await asyncio.to_thread(self.receiver.cancel, request.transfer_id)
-        await self._free(res.block_table)
+        await self.engine.free_kv(res.block_table)
         return worker_pb2.ReleaseResponse(released=True)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext):  # noqa: N802
@@ -198,6 +182,6 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     self.reservations.pop(tid, None)
                     with contextlib.suppress(Exception):
                         await asyncio.to_thread(self.receiver.cancel, tid)
-                    await self._free(res.block_table)
+                    await self.engine.free_kv(res.block_table)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=5)

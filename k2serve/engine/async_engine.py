@@ -32,6 +32,7 @@ from k2serve.chat.structured import GrammarCompiler, GrammarConstraint
 from k2serve.chat.tokenizer import KimiTokenizer
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.group import GroupLostError, LockstepGroup
+from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.protocol import (
     BackendError,
@@ -43,7 +44,7 @@ from k2serve.engine.protocol import (
     QueueFullError,
     TokenEvent,
 )
-from k2serve.engine.sequence import RequestError
+from k2serve.engine.sequence import KVSink, RequestError
 from k2serve.engine.validation import compile_structured, validate_request
 
 logger = logging.getLogger(__name__)
@@ -69,10 +70,29 @@ class Prefilled:
 
 
 @dataclass(frozen=True)
-class _Extras:
-    constraint: Any
-    kv_sink: Callable[[int, torch.Tensor], None] | None
+class _Add:
+    """Admit `request` (its grammar already compiled); the hooks are `generate`'s."""
+
+    request: GenerateRequest
+    constraint: GrammarConstraint | None
+    kv_sink: KVSink | None
     prefilled: Prefilled | None
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Run `fn(engine)` and settle `future` with its result or error."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future[Any]
+
+
+_Command = _Add | _Abort | _Call
 
 
 class AsyncEngine:
@@ -106,10 +126,11 @@ class AsyncEngine:
         self._fatal: GroupLostError | None = None
         self._tokenizer: KimiTokenizer = engine.tokenizer
         self._model_name = model_name
+        self._kv_geometry = engine.kv_geometry
         self._compiler: GrammarCompiler | None = None  # built on first use
         self._compiler_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._commands: list[tuple[str, Any, Any]] = []
+        self._commands: list[_Command] = []
         self._clients: dict[str, _Client] = {}
         self._num_pending_adds = 0
         self._stats = BackendStats(0, 0, 0, engine.blocks.num_blocks, 0.0, 0)
@@ -157,6 +178,15 @@ class AsyncEngine:
         return self._engine.model.config.vocab_size
 
     @property
+    def kv_geometry(self) -> KVGeometry:
+        """The shape of this engine's latent KV (fixed for its life: any thread may read it)."""
+        return self._kv_geometry
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._engine.config
+
+    @property
     def fatal_error(self) -> GroupLostError | None:
         """Why the engine thread stopped by itself (the expert-parallel group was lost), else None."""
         return self._fatal
@@ -173,12 +203,12 @@ class AsyncEngine:
     async def generate(
         self,
         request: GenerateRequest,
-        kv_sink: Callable[[int, torch.Tensor], None] | None = None,
+        kv_sink: KVSink | None = None,
         prefilled: Prefilled | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """The GenerationBackend call, plus two hooks for disaggregated serving (k2serve.prefill/decode):
         `kv_sink(layer, kv)` receives each layer's whole-prompt latent as it is computed; `prefilled`
-        continues a request whose prompt KV is already in blocks this engine reserved (`call`) and
+        continues a request whose prompt KV is already in blocks this engine reserved (`reserve_kv`) and
         whose first token was sampled elsewhere (that token is the first event)."""
         self.check_admission()
         self._validate(request)
@@ -197,26 +227,36 @@ class AsyncEngine:
                     request.request_id,
                 )
             self._clients[request.request_id] = client
-            self._commands.append(("add", request, _Extras(constraint, kv_sink, prefilled)))
+            self._commands.append(_Add(request, constraint, kv_sink, prefilled))
             self._num_pending_adds += 1
             self._cond.notify()
         return self._events(client)
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread between steps and return its result (or raise its error).
-        The only way for other threads to touch the engine (e.g. to reserve KV blocks)."""
+        The only way for other threads to touch the engine."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cond:
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 raise BackendFailure("the engine thread is not running", "")
-            self._commands.append(("call", fn, fut))
+            self._commands.append(_Call(fn, fut))
             self._cond.notify()
         return await asyncio.wrap_future(fut)
+
+    async def reserve_kv(self, num_tokens: int) -> KVReservation:
+        """Blocks for `num_tokens` positions whose KV comes from elsewhere (see LLMEngine.reserve_kv;
+        NoFreeBlocksError when the pool is short). Hand the table back through `generate(...,
+        prefilled=Prefilled(first_token_id, reservation.block_table))` or `free_kv`."""
+        return await self.call(lambda engine: engine.reserve_kv(num_tokens))
+
+    async def free_kv(self, block_table: list[int]) -> None:
+        """Return a reserved block table that no request adopted."""
+        await self.call(lambda engine: engine.free_kv(block_table))
 
     async def abort(self, request_id: str) -> None:
         with self._cond:
             if request_id in self._clients:
-                self._commands.append(("abort", request_id, None))
+                self._commands.append(_Abort(request_id))
                 self._cond.notify()
 
     def stats(self) -> BackendStats:
@@ -355,51 +395,53 @@ class AsyncEngine:
         if self._on_fatal is not None:
             self._on_fatal(exc)
 
-    def _apply(self, commands: list[tuple[str, Any, Any]]) -> None:
-        """Add and abort requests in arrival order (lock held)."""
-        for kind, arg, extra in commands:
-            if kind == "abort":
-                self._abort_locked(arg)
-                continue
-            if kind == "call":
-                fut: concurrent.futures.Future[Any] = extra
-                try:
-                    fut.set_result(arg(self._engine))
-                except Exception as e:  # handed to the caller
-                    fut.set_exception(e)
-                continue
-            request: GenerateRequest = arg
-            rid = request.request_id
-            self._num_pending_adds -= 1
-            client = self._clients.get(rid)
-            if client is None:
-                continue
-            waiting, limit = len(self._engine.scheduler.waiting), self._engine.config.max_waiting
-            if waiting >= limit:  # preemptions refilled the queue since admission
-                del self._clients[rid]
-                self._send(client, QueueFullError(waiting, limit))
-                continue
-            try:
-                if extra.prefilled is not None:
-                    p = extra.prefilled
-                    done = self._engine.add_prefilled_request(
-                        rid,
-                        request.prompt_token_ids,
-                        p.first_token_id,
-                        request.params,
-                        p.block_table,
-                        extra.constraint,
-                    )
-                    if done is not None:  # the first token ended it; that token was emitted elsewhere
-                        done.new_token_ids = []
-                        self._deliver(done)
-                else:
-                    self._engine.add_request(
-                        rid, request.prompt_token_ids, request.params, extra.constraint, extra.kv_sink
-                    )
-            except (RequestError, ValueError, TypeError) as e:
-                del self._clients[rid]
-                self._send(client, InvalidRequestError(str(e), None, rid))
+    def _apply(self, commands: list[_Command]) -> None:
+        """Add and abort requests and run calls, in arrival order (lock held)."""
+        for command in commands:
+            match command:
+                case _Abort(request_id):
+                    self._abort_locked(request_id)
+                case _Call(fn, future):
+                    try:
+                        future.set_result(fn(self._engine))
+                    except Exception as e:  # handed to the caller
+                        future.set_exception(e)
+                case _Add():
+                    self._add(command)
+
+    def _add(self, command: _Add) -> None:
+        request = command.request
+        rid = request.request_id
+        self._num_pending_adds -= 1
+        client = self._clients.get(rid)
+        if client is None:
+            return
+        waiting, limit = len(self._engine.scheduler.waiting), self._engine.config.max_waiting
+        if waiting >= limit:  # preemptions refilled the queue since admission
+            del self._clients[rid]
+            self._send(client, QueueFullError(waiting, limit))
+            return
+        try:
+            if command.prefilled is not None:
+                p = command.prefilled
+                done = self._engine.add_prefilled_request(
+                    rid,
+                    request.prompt_token_ids,
+                    p.first_token_id,
+                    request.params,
+                    p.block_table,
+                    command.constraint,
+                )
+                if done is not None:  # the first token ended it; that token was emitted elsewhere
+                    done.new_token_ids = []
+                    self._deliver(done)
+            else:
+                self._engine.add_request(
+                    rid, request.prompt_token_ids, request.params, command.constraint, command.kv_sink
+                )
+        except (RequestError, ValueError, TypeError) as e:
+            del self._clients[rid]
+            self._send(client, InvalidRequestError(str(e), None, rid))
 
     def _abort_locked(self, request_id: str) -> None:
         self._engine.abort_request(request_id)
@@ -471,6 +513,8 @@ class AsyncEngine:
             kv_blocks_total=blocks.num_blocks,
             prefix_hit_rate=blocks.prefix_hit_rate,
             num_preemptions=sched.num_preemptions,
+            prefix_query_tokens=blocks.prefix_query_tokens,
+            prefix_hit_tokens=blocks.prefix_hit_tokens,
         )
 
     @staticmethod

@@ -19,12 +19,13 @@ import torch
 from k2serve.chat.tokenizer import IncrementalDecoder, KimiTokenizer, load_tokenizer
 from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
+from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
-from k2serve.engine.sampler import Sampler, make_generator, suppress_tokens
+from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.scheduler import Scheduler
-from k2serve.engine.sequence import RequestError, Sequence, SequenceStatus
+from k2serve.engine.sequence import KVSink, RequestError, Sequence, SequenceStatus
 from k2serve.engine.validation import validate_request
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
@@ -156,7 +157,7 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         constraint: Any = None,
-        kv_sink: Callable[[int, torch.Tensor], None] | None = None,
+        kv_sink: KVSink | None = None,
     ) -> None:
         """Queue a request. `constraint` (a GrammarConstraint) restricts every sampled token; the
         request then also finishes ("stop") when the grammar terminates. `kv_sink(layer, kv)` receives
@@ -205,8 +206,7 @@ class LLMEngine:
             generator=make_generator(params),
             constraint=constraint,
         )
-        if seq.generator is not None:  # the prefill side drew the first token's random numbers
-            torch.rand(self.model.config.vocab_size, generator=seq.generator)
+        skip_draw(params, seq.generator, self.model.config.vocab_size)  # the prefill side sampled it
         seq.block_table = list(block_table)
         seq.num_computed_tokens = len(prompt_token_ids)
         seq.output_token_ids.append(first_token_id)
@@ -246,6 +246,22 @@ class LLMEngine:
         tail = dec.finish()
         seq.output_text += tail
         return tail
+
+    # ---- KV computed elsewhere ------------------------------------------------------------------
+    @property
+    def kv_geometry(self) -> KVGeometry:
+        mc = self.model.config
+        return KVGeometry(mc.num_hidden_layers, mc.kv_cache_dim, self.blocks.block_size, self.pool.kv.dtype)
+
+    def reserve_kv(self, num_tokens: int) -> KVReservation:
+        """Fresh blocks (never shared with the prefix cache) for `num_tokens` positions whose KV comes
+        from elsewhere; raises NoFreeBlocksError, reserving nothing, when the pool is short. The
+        caller hands the table back with `add_prefilled_request` or `free_kv`."""
+        return KVReservation(self.pool, self.blocks.allocate_fresh(num_tokens), num_tokens)
+
+    def free_kv(self, block_table: list[int]) -> None:
+        """Return a reserved block table that no request adopted."""
+        self.blocks.free(block_table)
 
     def abort_request(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)

@@ -84,7 +84,8 @@ class TokenEvent:
 @dataclass(frozen=True)
 class BackendStats:
     """A snapshot for metrics and load balancing. kv blocks are counts of blocks, summed over the
-    backend's pools; prefix_hit_rate is cached prompt tokens / prompt tokens looked up, in [0, 1]."""
+    backend's pools; prefix_hit_rate is cached prompt tokens / prompt tokens looked up, in [0, 1]
+    (prefix_hit_tokens / prefix_query_tokens, both counted since start)."""
 
     num_running: int
     num_waiting: int
@@ -92,6 +93,8 @@ class BackendStats:
     kv_blocks_total: int
     prefix_hit_rate: float
     num_preemptions: int
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 class BackendError(Exception):

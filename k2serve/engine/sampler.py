@@ -17,7 +17,15 @@ import torch
 
 from k2serve.engine.sampling_params import SamplingParams
 
-__all__ = ["Sampler", "SamplerError", "SamplerOutput", "TokenLogprobs", "make_generator", "suppress_tokens"]
+__all__ = [
+    "Sampler",
+    "SamplerError",
+    "SamplerOutput",
+    "TokenLogprobs",
+    "make_generator",
+    "skip_draw",
+    "suppress_tokens",
+]
 
 
 class SamplerError(ValueError):
@@ -173,9 +181,22 @@ def _draw(
     u = torch.rand(batch, vocab, device=logits.device)  # [B, V], unseeded rows
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if gen is not None and not p.is_greedy:
-            u[row] = torch.rand(vocab, generator=gen, device=gen.device).to(logits.device)
+            u[row] = _seeded_uniforms(vocab, gen).to(logits.device)
     gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: never chosen
     return (logits + gumbel).argmax(dim=-1)
+
+
+def _seeded_uniforms(vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """What a seeded row draws from its own generator per sampled step: [V] uniforms."""
+    return torch.rand(vocab, generator=generator, device=generator.device)
+
+
+def skip_draw(params: SamplingParams, generator: torch.Generator | None, vocab_size: int) -> None:
+    """Advance a request's generator past one sampled step, as `Sampler.sample` would have: for a token
+    sampled in another process from the same seed (a disaggregated prefill samples the first token),
+    so the steps that follow draw what a single process would have drawn."""
+    if generator is not None and not params.is_greedy:
+        _seeded_uniforms(vocab_size, generator)
 
 
 def _logprobs(

@@ -12,6 +12,10 @@ import torch
 
 from k2serve.engine.sampling_params import SamplingParams
 
+KVSink = Callable[[int, torch.Tensor], None]
+"""Disaggregated prefill: called as kv_sink(layer, kv [num_tokens, kv_dim]) with the whole prompt's
+latent of each layer during the step that completes the prompt (the prefill worker sends it on)."""
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -48,9 +52,7 @@ class Sequence:
     num_preemptions: int = 0
     output_text: str = ""
     constraint: Any = None  # a chat.structured.GrammarConstraint: allowed_mask / accept / is_terminated
-    # Disaggregated prefill: called as kv_sink(layer, kv [num_tokens, kv_dim]) with the whole prompt's latent
-    # of each layer during the step that completes the prompt (the prefill worker sends it on).
-    kv_sink: Callable[[int, torch.Tensor], None] | None = None
+    kv_sink: KVSink | None = None
     _stop_checked_chars: int = 0
 
     @property

@@ -89,6 +89,5 @@ def measure(
             step = (m.finish_time - m.first_token_time) / max(1, m.num_output_tokens - 1)
             itl[b] = min(itl.get(b, float("inf")), step)
     base, per_seq = fit_line(list(itl), list(itl.values()))
-    mc = llm.engine.model.config
-    bytes_per_token = mc.num_hidden_layers * mc.kv_cache_dim * llm.engine.pool.kv.element_size()
+    bytes_per_token = llm.engine.kv_geometry.bytes_per_token
     return Measured(prefill_tps, max(base, 1e-4), per_seq, (kv_cache_mb << 20) // bytes_per_token, itl)

@@ -12,6 +12,7 @@ import threading
 import time
 
 import grpc
+import torch
 
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.protocol import BackendError, GenerateRequest
@@ -89,24 +90,23 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         )
         structured = json.loads(request.structured_json) if request.structured_json else None
         prompt = list(request.prompt_token_ids)
-        e = self.engine.engine
-        mc = e.model.config
+        kv = self.engine.kv_geometry
         tid = target.transfer_id
         try:
             backend = target.endpoint.backend or "grpc"
             sender = await asyncio.to_thread(self.senders.get, backend, target.endpoint.address)
-            sender.open(tid, mc.num_hidden_layers, len(prompt), mc.kv_cache_dim, e.pool.kv.dtype)
+            sender.open(tid, kv.num_layers, len(prompt), kv.kv_dim, kv.dtype)
         except (RuntimeError, ValueError, OSError) as err:  # TransferError, DistStoreError, bad endpoint
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode endpoint: {err}")
         t_compute_end = 0.0
         send_errors: list[Exception] = []
 
-        def sink(layer: int, kv) -> None:  # noqa: ANN001 - runs on the engine thread, inside the step
+        def sink(layer: int, latent: torch.Tensor) -> None:  # on the engine thread, inside the step
             # Never raises: an exception here would fail the whole engine step (every request in it).
             if send_errors:
                 return
             try:
-                sender.send_layer(tid, layer, kv)  # close() then waits for the receiver's verdict
+                sender.send_layer(tid, layer, latent)  # close() then waits for the receiver's verdict
             except Exception as err:  # the transfer is gone (closed, timed out): fail this request only
                 send_errors.append(err)
 
@@ -137,7 +137,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         except TransferError as err:
             await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {err}")
         t_end = time.perf_counter()
-        nbytes = len(prompt) * mc.num_hidden_layers * mc.kv_cache_dim * e.pool.kv.element_size()
+        nbytes = len(prompt) * kv.bytes_per_token
         self.bytes_sent += nbytes
         resp = worker_pb2.PrefillResponse(
             first_token_id=last.token_ids[0],

@@ -113,6 +113,8 @@ class ClusterBackend:
             kv_blocks_total=total,
             prefix_hit_rate=h / q if q else 0.0,
             num_preemptions=0,
+            prefix_query_tokens=q,
+            prefix_hit_tokens=h,
         )
 
     def predicted_ttft_s(self, prompt_len: int) -> float | None:

@@ -56,22 +56,21 @@ def worker_info(
     address: str,
     kv_endpoints: list[kv_transfer_pb2.KVEndpoint],
 ) -> registry_pb2.WorkerInfo:
-    e = engine.engine
-    mc = e.model.config
+    kv, stats = engine.kv_geometry, engine.stats()
     return registry_pb2.WorkerInfo(
         worker_id=settings.worker_id,
         role=ROLES[settings.role],
         grpc_address=address,
         kv_endpoints=kv_endpoints,
         model=settings.model_name,
-        num_layers=mc.num_hidden_layers,
-        kv_dim=mc.kv_cache_dim,
-        block_size=e.blocks.block_size,
-        kv_dtype=str(e.pool.kv.dtype).removeprefix("torch."),
+        num_layers=kv.num_layers,
+        kv_dim=kv.kv_dim,
+        block_size=kv.block_size,
+        kv_dtype=str(kv.dtype).removeprefix("torch."),
         capacity=registry_pb2.WorkerCapacity(
-            free_blocks=e.blocks.num_free_blocks,
-            total_blocks=e.blocks.num_blocks,
-            max_batch=e.config.max_num_seqs,
+            free_blocks=stats.kv_blocks_total - stats.kv_blocks_used,
+            total_blocks=stats.kv_blocks_total,
+            max_batch=engine.config.max_num_seqs,
         ),
         ep_size=settings.ep_size,
     )
@@ -79,14 +78,13 @@ def worker_info(
 
 def worker_load(engine: AsyncEngine) -> registry_pb2.WorkerLoad:
     s = engine.stats()
-    b = engine.engine.blocks
     return registry_pb2.WorkerLoad(
         running=s.num_running,
         waiting=s.num_waiting,
         free_blocks=s.kv_blocks_total - s.kv_blocks_used,
         total_blocks=s.kv_blocks_total,
-        prefix_query_tokens=b.prefix_query_tokens,
-        prefix_hit_tokens=b.prefix_hit_tokens,
+        prefix_query_tokens=s.prefix_query_tokens,
+        prefix_hit_tokens=s.prefix_hit_tokens,
     )
 
 
