@@ -1,6 +1,6 @@
 """Shared fixtures: small random checkpoints written once per session (and an INT4 one's dequantised
-twin), which path INT4 experts took, a test PKI (TLS), the repo's sibling ../shared, a scripted
-GenerationBackend, and a gRPC server on a background event loop."""
+twin), which path INT4 experts took, a test PKI (TLS), the repo's sibling ../shared, the spec of a
+test cluster, a scripted GenerationBackend, and a gRPC server on a background event loop."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,12 +24,33 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from k2serve.chat.tokenizer import KimiTokenizer
+from k2serve.cluster.local import ClusterSpec
 from k2serve.engine.protocol import BackendFailure, BackendStats, GenerateRequest, TokenEvent
 from k2serve.engine.validation import validate_request
 from k2serve.rpc.tls import TLSFiles
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+SMALL_KV = ("--kv-cache-mb", "32", "--block-size", "8")  # the engine flags of a test cluster's workers
+
+
+def local_cluster_spec(
+    model_dir: str | Path, workdir: str | Path | None = None, **overrides: Any
+) -> ClusterSpec:
+    """The one way tests describe a LocalCluster (or RayCluster): `model_dir` on free ports (HTTP and
+    gRPC 0), one prefill and one decode worker with a 32 MiB KV pool of 8-token blocks (SMALL_KV), no
+    Redis, logs under `workdir`; every other field ClusterSpec's default. `overrides` set any field."""
+    fields: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "port": 0,
+        "grpc_port": 0,
+        "use_redis": False,
+        "engine_args": SMALL_KV,
+        "workdir": None if workdir is None else str(workdir),
+    }
+    return ClusterSpec(**(fields | overrides))
 
 
 def shared_path(*parts: str) -> Path:

@@ -11,15 +11,17 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import pytest
 import torch
+from conftest import local_cluster_spec
 
 from k2serve.agent import AgentLoop, GRPCTransport, HTTPTransport, ToolRegistry, TransportError
-from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.local import LocalCluster
 from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.presets import PRESETS
 
@@ -66,17 +68,13 @@ def long_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(long_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    spec = ClusterSpec(
-        model_dir=str(long_ckpt),
-        port=0,
-        grpc_port=0,
-        num_prefill=1,
-        num_decode=1,
+def cluster(long_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = local_cluster_spec(
+        long_ckpt,
+        tmp_path_factory.mktemp("agent-cluster"),
         use_redis=True,
         engine_args=("--kv-cache-mb", "32", "--block-size", str(BLOCK)),
         api_key=f"{KEY},{OTHER_KEY}",
-        workdir=str(tmp_path_factory.mktemp("agent-cluster")),
     )
     with LocalCluster(spec) as c:
         yield c
@@ -186,7 +184,7 @@ def test_resume_over_grpc(cluster: LocalCluster) -> None:
 
 def test_resume_after_the_agent_process_is_killed(cluster: LocalCluster, tmp_path: Path) -> None:
     http = httpx.Client(base_url=cluster.http_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-    child = subprocess.Popen(  # noqa: S603 - our own code
+    child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(CHILD), cluster.http_url, KEY],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

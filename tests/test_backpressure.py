@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import local_cluster_spec
 
-from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.local import LocalCluster
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +26,10 @@ def rss_mb(pid: int) -> float:
 
 
 def test_flood_is_shed_early(tiny_ckpt: Path, tmp_path: Path) -> None:
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        use_redis=False,
+    spec = local_cluster_spec(
+        tiny_ckpt,
+        tmp_path,
         engine_args=("--kv-cache-mb", "256", "--block-size", "8"),
-        workdir=str(tmp_path),
         router_args=("--max-ttft-ms", "2000"),
     )
     g = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -231,7 +232,10 @@ def test_expert_subset_loads_only_owned(tiny_ckpt: Path) -> None:
     torch.testing.assert_close(part.layers[1].mlp.experts.w13[1], full.layers[1].mlp.experts.w13[7])
 
 
-def _rewrite(ckpt: Path, dst: Path, edit) -> Path:
+Edit = Callable[[dict[str, torch.Tensor]], object]  # changes a shard's tensors in place
+
+
+def _rewrite(ckpt: Path, dst: Path, edit: Edit) -> Path:
     import shutil
 
     shutil.copytree(ckpt, dst)
@@ -259,7 +263,7 @@ def _rewrite(ckpt: Path, dst: Path, edit) -> Path:
         (lambda t: t.pop("model.layers.2.mlp.experts.5.down_proj.weight", None), "experts.5.down_proj"),
     ],
 )
-def test_bad_checkpoint_names_the_tensor(tiny_ckpt: Path, tmp_path: Path, edit, message: str) -> None:
+def test_bad_checkpoint_names_the_tensor(tiny_ckpt: Path, tmp_path: Path, edit: Edit, message: str) -> None:
     bad = _rewrite(tiny_ckpt, tmp_path / "bad", edit)
     with pytest.raises(CheckpointError, match=message.replace(".", r"\.")):
         load_model(bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,6 +14,7 @@ import openai
 import pytest
 import torch
 from cluster_calls import grpc_greedy, http_greedy
+from conftest import local_cluster_spec
 
 from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.config import ModelConfig
@@ -27,14 +29,12 @@ ENGINE_ARGS = ("--kv-cache-mb", "32", "--block-size", "8", "--max-num-batched-to
 
 
 def cluster_spec(model: Path, workdir: Path, **overrides: object) -> ClusterSpec:
-    """A local cluster of the tiny model on free ports without Redis: 1 prefill, 1 decode worker."""
-    fields: dict = dict(model_dir=str(model), port=0, grpc_port=0, num_prefill=1, num_decode=1)
-    fields |= dict(use_redis=False, engine_args=ENGINE_ARGS, workdir=str(workdir))
-    return ClusterSpec(**(fields | overrides))
+    """The tests' local cluster (conftest.local_cluster_spec) with a 256-token step budget."""
+    return local_cluster_spec(model, workdir, engine_args=ENGINE_ARGS, **overrides)
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     spec = cluster_spec(tiny_ckpt, tmp_path_factory.mktemp("up"), num_decode=2, heartbeat_timeout_s=3.0)
     with LocalCluster(spec) as c:
         yield c

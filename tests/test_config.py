@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -96,7 +97,7 @@ def test_invalid_field_is_named(change: dict, field: str) -> None:
     assert field in str(e.value)
 
 
-def test_to_hf_dict_round_trips(tmp_path) -> None:
+def test_to_hf_dict_round_trips(tmp_path: Path) -> None:
     cfg = ModelConfig.from_dict(dict(PRESETS["small"]))
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
     again = ModelConfig.from_file(tmp_path)

@@ -206,9 +206,9 @@ def test_exposed_ports_are_the_cli_defaults(dockerfile: tuple[dict[str, str], li
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:
     ignored = False
-    for pat in patterns:
-        negate = pat.startswith("!")
-        pat = pat.lstrip("!").rstrip("/")
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern.lstrip("!").rstrip("/")
         if fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(path, pat + "/*") or path.startswith(pat + "/"):
             ignored = not negate
     return ignored

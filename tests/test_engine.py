@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from k2serve.model.loader import load_model
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-def make_engine(ckpt: Path, **kw) -> LLMEngine:
+def make_engine(ckpt: Path, **kw: Any) -> LLMEngine:
     cfg = EngineConfig(**({"num_kv_blocks": 512, "block_size": 8, "max_num_batched_tokens": 96} | kw))
     return LLMEngine.from_pretrained(ckpt, torch.float32, cfg)
 
@@ -206,7 +207,9 @@ def test_stop_strings_cut_the_text(tiny_ckpt: Path) -> None:
         ([1, 2, 3], SamplingParams(top_k=100000), "top_k=100000"),
     ],
 )
-def test_bad_requests_are_refused_before_work(tiny_ckpt: Path, prompt, params, message: str) -> None:
+def test_bad_requests_are_refused_before_work(
+    tiny_ckpt: Path, prompt: list[int], params: SamplingParams, message: str
+) -> None:
     engine = make_engine(tiny_ckpt)
     engine.add_request("good", [1, 2, 3, 4], GREEDY)
     with pytest.raises(RequestError, match=message):
@@ -241,11 +244,10 @@ def test_seeded_sampling_is_reproducible(tiny_ckpt: Path) -> None:
 
 
 def test_offline_api_text_prompt_and_timing(tiny_ckpt: Path) -> None:
-    from k2serve import LLM as TopLLM
-    from k2serve import SamplingParams as TopParams
+    import k2serve  # the package's own exports
 
-    llm = TopLLM(tiny_ckpt, dtype="float32", engine_config=EngineConfig(num_kv_blocks=256, block_size=8))
-    out = llm.generate("Hello, K2!", TopParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    llm = k2serve.LLM(tiny_ckpt, dtype="float32", engine_config=EngineConfig(num_kv_blocks=256, block_size=8))
+    out = llm.generate("Hello, K2!", k2serve.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
     assert out.prompt_token_ids == llm.tokenizer.encode("Hello, K2!")
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
     assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)

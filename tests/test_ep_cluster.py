@@ -18,8 +18,9 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import local_cluster_spec
 
-from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.local import LocalCluster
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
@@ -192,16 +193,11 @@ RANKS = ["prefill-0-ep0", "prefill-0-ep1", "decode-0-ep0", "decode-0-ep1"]
 
 @pytest.fixture(scope="module")
 def ep_cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        num_prefill=1,
-        num_decode=1,
+    spec = local_cluster_spec(
+        tiny_ckpt,
+        tmp_path_factory.mktemp("up-ep"),
         ep_size=2,
-        use_redis=False,
         engine_args=ENGINE_ARGS,
-        workdir=str(tmp_path_factory.mktemp("up-ep")),
         heartbeat_timeout_s=3.0,
         env={"OMP_NUM_THREADS": "1"},
     )
@@ -262,7 +258,7 @@ def test_killed_rank_takes_its_group_down_and_everything_stops(ep_cluster: Local
     ep_cluster.kill("decode-0-ep1", signal.SIGKILL)
     try:
         survivor.popen.wait(timeout=20)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the timeout (or anything else) fails the test, naming why
         pytest.fail(f"decode-0-ep0 did not exit after losing its peer:\n{survivor.tail()}")
     assert survivor.popen.returncode == 1, survivor.tail()
     assert "expert-parallel group lost" in survivor.log.read_text()

@@ -48,7 +48,7 @@ def run_group(world: int, fn: Callable[[EPComm], Any], timeout_s: float = 10.0) 
         try:
             comm = EPComm.connect(f"tcp://127.0.0.1:{port}", rank, world, timedelta(seconds=timeout_s))
             results[rank] = fn(comm)
-        except BaseException as e:  # reported to the test thread below
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread below
             errors.append(e)
         finally:
             if comm is not None:

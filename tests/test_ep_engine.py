@@ -88,7 +88,7 @@ def run_rank(rank: int, world: int, port: int, cases: list[Case], out: Any) -> N
             moved = w.placement != before
             # numpy, pickled by value: a torch tensor would travel as a file descriptor that dies with this rank
             out.put((rank, case.name, logits.detach().cpu().numpy().copy(), done, moved, None))
-    except Exception as e:  # reported to the test process, which fails with it
+    except Exception as e:  # noqa: BLE001 - reported to the test process, which fails with it
         out.put((rank, "error", None, {}, False, repr(e)))
     finally:
         comm.close()
@@ -178,9 +178,9 @@ def test_ep_engine_matches_single_process(world: int, ckpts: dict[str, str]) -> 
     refs = {c.ckpt: reference(c.ckpt, world) for c in cases}
     seen: dict[str, dict[str, list[int]]] = {}
     worst: dict[str, float] = {}
-    for rank, name, logits, done, moved, _ in results:
+    for rank, name, array, done, moved, _ in results:
         case = next(c for c in cases if c.name == name)
-        logits = torch.as_tensor(logits)
+        logits = torch.as_tensor(array)
         ref_tokens, ref_logits = refs[case.ckpt]
         assert logits.shape == ref_logits[rank].shape
         if logits.numel():

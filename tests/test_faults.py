@@ -9,13 +9,15 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from conftest import local_cluster_spec
 
-from k2serve.cluster.local import ClusterSpec, LocalCluster, Proc
+from k2serve.cluster.local import LocalCluster, Proc
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +29,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
+def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = local_cluster_spec(
+        tiny_ckpt,
+        tmp_path_factory.mktemp("faults"),
         port=free_port(),
         grpc_port=free_port(),
         num_prefill=2,
-        num_decode=1,
         use_redis=True,
-        engine_args=("--kv-cache-mb", "32", "--block-size", "8"),
-        workdir=str(tmp_path_factory.mktemp("faults")),
         heartbeat_timeout_s=3.0,
     )
     with LocalCluster(spec) as c:

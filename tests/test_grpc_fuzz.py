@@ -5,15 +5,17 @@ process or a leaked block, and the cluster serves normally afterwards."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from conftest import local_cluster_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.local import LocalCluster
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
 
 pytestmark = pytest.mark.slow
@@ -28,15 +30,8 @@ OK_CODES = {
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        use_redis=False,
-        engine_args=("--kv-cache-mb", "32", "--block-size", "8"),
-        workdir=str(tmp_path_factory.mktemp("fuzz")),
-    )
+def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = local_cluster_spec(tiny_ckpt, tmp_path_factory.mktemp("fuzz"))
     with LocalCluster(spec) as c:
         yield c
 

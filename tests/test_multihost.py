@@ -46,7 +46,7 @@ class Fleet:
         log = self.logs / f"{name}.log"
         env = dict(os.environ) | {"PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as f:
-            popen = subprocess.Popen(  # noqa: S603 - our own CLI; `ip netns exec` execs it in place
+            popen = subprocess.Popen(  # our own CLI: `ip netns exec` execs it in place
                 host.command([sys.executable, "-m", "k2serve", *args]),
                 stdout=f,
                 stderr=subprocess.STDOUT,
@@ -75,7 +75,7 @@ class Fleet:
         self.http_port, self.grpc_port = (int(x) for x in self.wait_file(router, ready, deadline).split())
         # The prefill worker binds its host's address; the decode worker binds every address of its
         # host and advertises the one peers reach it at (as behind NAT or in a container).
-        binds = {"prefill": self.net["prefill"].address, "decode": "0.0.0.0"}  # noqa: S104
+        binds = {"prefill": self.net["prefill"].address, "decode": "0.0.0.0"}
         workers = []
         for role, bind in binds.items():
             host = self.net[role]

@@ -112,7 +112,7 @@ class StandInAPIServer:
             def _not_found(self) -> None:
                 self._reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})  # fmt: skip
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server.requests.append({"method": "GET", "path": self.path})
                 if (name := self._target(scale=False)) is not None:
                     obj = json.loads(json.dumps(server.objects[name]))
@@ -123,7 +123,7 @@ class StandInAPIServer:
                     return self._not_found()
                 self._reply(200, self._scale(name))
 
-            def do_PATCH(self) -> None:  # noqa: N802
+            def do_PATCH(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 body = json.loads(raw)
                 server.requests.append(

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import local_cluster_spec
 
-from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.local import LocalCluster
 from k2serve.planner.config import PlannerConfig, RoleLimits
 from k2serve.planner.connector import apply
 from k2serve.planner.local import LocalConnector
@@ -23,17 +25,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        num_prefill=1,
-        num_decode=2,
-        use_redis=False,
-        engine_args=("--kv-cache-mb", "32", "--block-size", "8"),
-        workdir=str(tmp_path_factory.mktemp("planner-up")),
-        heartbeat_timeout_s=3.0,
+def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = local_cluster_spec(
+        tiny_ckpt, tmp_path_factory.mktemp("planner-up"), num_decode=2, heartbeat_timeout_s=3.0
     )
     with LocalCluster(spec) as c:
         yield c

@@ -139,7 +139,9 @@ def test_service_shapes() -> None:
 
 
 class _Registry(registry_pb2_grpc.WorkerRegistryServicer):
-    def Heartbeat(self, request: registry_pb2.HeartbeatRequest, context: grpc.ServicerContext):
+    def Heartbeat(  # noqa: N802
+        self, request: registry_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> registry_pb2.HeartbeatResponse:
         return registry_pb2.HeartbeatResponse(known=request.worker_id == "p0")
 
 

@@ -4,6 +4,7 @@ the nodes able to hold them, and the errors that name what cannot be placed."""
 from __future__ import annotations
 
 import pytest
+from conftest import local_cluster_spec
 
 from k2serve.cluster.local import ClusterSpec
 from k2serve.cluster.ray_plan import NodeInfo, RayOptions, plan_groups
@@ -12,7 +13,7 @@ GPU_NODE = {"CPU": 16.0, "GPU": 8.0}
 
 
 def spec(prefill: int = 1, decode: int = 1, ep: int = 1) -> ClusterSpec:
-    return ClusterSpec(model_dir="/m", num_prefill=prefill, num_decode=decode, ep_size=ep)
+    return local_cluster_spec("/m", num_prefill=prefill, num_decode=decode, ep_size=ep)
 
 
 def nodes(*resources: dict[str, float]) -> list[NodeInfo]:

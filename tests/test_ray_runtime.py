@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import torch
+from conftest import local_cluster_spec
 
 from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.rpc.tls import TLSFiles
@@ -41,15 +42,10 @@ OPTIONS = RayOptions(rank_resources={"CPU": 0.5}, router_resources={"CPU": 0.25}
 
 
 def spec(ckpt: Path, workdir: Path, tls: TLSFiles | None = None) -> ClusterSpec:
-    return ClusterSpec(
-        model_dir=str(ckpt),
-        port=0,
-        grpc_port=0,
-        num_prefill=1,
-        num_decode=1,
-        use_redis=False,
+    return local_cluster_spec(
+        ckpt,
+        workdir,
         engine_args=ENGINE_ARGS,
-        workdir=str(workdir),
         heartbeat_timeout_s=3.0,
         startup_timeout_s=120.0,
         env=ENV,

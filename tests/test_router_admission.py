@@ -17,7 +17,7 @@ from k2serve.router.registry import WorkerTable
 
 
 def _table(n_prefill: int, n_decode: int) -> WorkerTable:
-    table = WorkerTable(5.0, lambda addr: grpc.aio.insecure_channel(addr))
+    table = WorkerTable(5.0, grpc.aio.insecure_channel)
     for role, n, code in (
         ("prefill", n_prefill, registry_pb2.WORKER_ROLE_PREFILL),
         ("decode", n_decode, registry_pb2.WORKER_ROLE_DECODE),

@@ -4,6 +4,7 @@ a scripted decode worker served over real gRPC in this process."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -22,7 +23,9 @@ class EndlessDecode(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self) -> None:
         self.cancelled = asyncio.Event()
 
-    async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def Decode(  # noqa: N802
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         try:
             i = 0
             while True:

@@ -48,7 +48,7 @@ class Processes:
         ready = self.workdir / f"{name}.ready"
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as f:
-            popen = subprocess.Popen(  # noqa: S603 - our own CLI
+            popen = subprocess.Popen(
                 [sys.executable, "-m", "k2serve", *args, "--ready-file", str(ready)],
                 stdout=f,
                 stderr=subprocess.STDOUT,
@@ -175,7 +175,7 @@ def test_malformed_worker_value_is_refused_naming_it(value: str) -> None:
 
 
 def test_router_cli_exits_with_an_error_naming_the_malformed_worker(tiny_ckpt: Path) -> None:
-    done = subprocess.run(  # noqa: S603 - our own CLI
+    done = subprocess.run(
         [sys.executable, "-m", "k2serve", "router", "--model", str(tiny_ckpt), "--port", "0"]
         + ["--grpc-port", "0", "--worker", "decode=127.0.0.1"],
         capture_output=True,

@@ -4,14 +4,16 @@ disaggregation (the holder computes the turn's new tokens itself) and recovery w
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import local_cluster_spec
 
 from k2serve.chat.prompt import PromptEncoder
 from k2serve.chat.tokenizer import load_tokenizer
-from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.local import LocalCluster
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
@@ -21,16 +23,12 @@ KEY_A, KEY_B = "key-alice", "key-bob"
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        num_prefill=1,
+def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = local_cluster_spec(
+        tiny_ckpt,
+        tmp_path_factory.mktemp("up"),
         num_decode=2,
         use_redis=True,
-        engine_args=("--kv-cache-mb", "32", "--block-size", "8"),
-        workdir=str(tmp_path_factory.mktemp("up")),
         api_key=f"{KEY_A},{KEY_B}",
         heartbeat_timeout_s=3.0,
     )

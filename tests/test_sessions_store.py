@@ -301,7 +301,7 @@ def test_racing_appends_lose_nothing(make_store: MakeStore) -> None:
                 store.append(
                     sid, KEY, [t, i, 1000 + t], [{"role": "tool", "content": f"{t}:{i}"}], tool_steps=1
                 )
-        except BaseException as e:  # surfaced below
+        except BaseException as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 
     pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]

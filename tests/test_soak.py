@@ -9,8 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import local_cluster_spec
 
-from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.local import LocalCluster
 
 pytestmark = pytest.mark.slow
 ROUNDS, CONCURRENT = 6, 16
@@ -45,15 +46,7 @@ async def session_round(url: str, r: int) -> int:
 
 
 def test_memory_is_flat_under_repeated_load(tiny_ckpt: Path, tmp_path: Path) -> None:
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        use_redis=False,
-        num_decode=1,
-        engine_args=("--kv-cache-mb", "32", "--block-size", "8"),
-        workdir=str(tmp_path),
-    )
+    spec = local_cluster_spec(tiny_ckpt, tmp_path)
     deadline = time.monotonic() + 240
     with LocalCluster(spec) as c:
         samples: list[dict[str, float]] = []

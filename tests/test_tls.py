@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ import grpc
 import httpx
 import pytest
 import torch
+from conftest import local_cluster_spec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2serve.cli import build_parser, main
@@ -24,7 +26,7 @@ from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
 from k2serve.rpc.tls import TLSConfigError, TLSFiles
-from k2serve.transfer import TransferError, make_receiver, make_sender
+from k2serve.transfer import KVReceiver, TransferError, make_receiver, make_sender
 
 if TYPE_CHECKING:
     from conftest import PKI  # the `pki` fixture's certificates
@@ -74,7 +76,7 @@ def test_torch_transfer_backend_is_refused_with_tls(
 # ---- KV transfer backend ---------------------------------------------------------------------------
 
 
-def _push(sender_options: dict, receiver_endpoint: str, receiver, tid: str) -> torch.Tensor:  # noqa: ANN001
+def _push(sender_options: dict, receiver_endpoint: str, receiver: KVReceiver, tid: str) -> torch.Tensor:
     got: list[torch.Tensor] = []
     receiver.expect(tid, 1, 4, 8, torch.float32, lambda layer, t: got.append(t.clone()))
     sender = make_sender("grpc", receiver_endpoint, **sender_options)
@@ -123,15 +125,11 @@ def test_grpc_kv_transfer_over_mutual_tls(pki: PKI) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_cluster(pki: PKI, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    spec = ClusterSpec(
-        model_dir=str(tiny_ckpt),
-        port=0,
-        grpc_port=0,
-        use_redis=False,
-        engine_args=ENGINE_ARGS,
-        workdir=str(tmp_path_factory.mktemp("up-tls")),
-        tls=pki.files,
+def tls_cluster(
+    pki: PKI, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
+    spec = local_cluster_spec(
+        tiny_ckpt, tmp_path_factory.mktemp("up-tls"), engine_args=ENGINE_ARGS, tls=pki.files
     )
     with LocalCluster(spec) as c:
         yield c

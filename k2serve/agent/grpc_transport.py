@@ -45,7 +45,9 @@ def sampling_to_proto(s: SamplingOptions) -> common_pb2.SamplingParams:
 class GRPCTransport(Transport):
     """Over a `K2ServeStub`; `api_key` (None: anonymous) owns the sessions; `timeout_s` per call."""
 
-    def __init__(self, stub: api_pb2_grpc.K2ServeStub, api_key: str | None = None, timeout_s: float = 600.0):
+    def __init__(
+        self, stub: api_pb2_grpc.K2ServeStub, api_key: str | None = None, timeout_s: float = 600.0
+    ) -> None:
         self.stub = stub
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -99,7 +101,9 @@ class GRPCTransport(Transport):
             req.tool_choice.mode = tool_choice
         t0 = time.perf_counter()
         ttft, finish, usage = None, None, None
-        content, reasoning, calls = [], [], []
+        content: list[str] = []
+        reasoning: list[str] = []
+        calls: list[dict[str, Any]] = []
 
         def consume() -> None:
             nonlocal ttft, finish, usage

@@ -242,6 +242,6 @@ class ToolRegistry:
             return ToolOutcome(f"error: invalid arguments for {name}: {problem}", "bad_arguments")
         try:
             result = tool.fn(**args)
-        except Exception as e:  # reported to the model (and in the step record), never dropped
+        except Exception as e:  # noqa: BLE001 - reported to the model (and in the step record), never dropped
             return ToolOutcome(f"error: {name} raised {type(e).__name__}: {e}", "tool_raised")
         return ToolOutcome(result if isinstance(result, str) else json.dumps(result, default=str))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -156,7 +156,7 @@ def _deltas(parsed: list[DeltaEvent]) -> list[dict[str, Any]]:
 async def _stream(
     state: AppState,
     head: dict[str, Any],
-    evs: AsyncIterator[TokenEvent],
+    evs: AsyncGenerator[TokenEvent, None],
     text: OutputText,
     parser: OutputParser | ReasoningParser,
     tracker: RequestTracker,
@@ -216,7 +216,7 @@ async def _stream(
 async def _collect(
     state: AppState,
     head: dict[str, Any],
-    evs: AsyncIterator[TokenEvent],
+    evs: AsyncGenerator[TokenEvent, None],
     text: OutputText,
     parser: OutputParser | ReasoningParser,
     tracker: RequestTracker,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -140,7 +140,9 @@ async def _completion(
     return JSONResponse(result)
 
 
-async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+async def _merged(
+    streams: Sequence[AsyncIterator[TokenEvent]],
+) -> AsyncGenerator[tuple[int, TokenEvent], None]:
     """(prompt index, event) from all streams as they come; closing this closes (aborts) them all."""
     queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
 
@@ -178,7 +180,7 @@ def _total_usage(choices: list[_Choice]) -> dict[str, Any]:
 
 async def _stream(
     head: dict[str, Any],
-    streams: list[AsyncIterator[TokenEvent]],
+    streams: Sequence[AsyncIterator[TokenEvent]],
     choices: list[_Choice],
     tracker: RequestTracker,
     include_usage: bool,
@@ -212,7 +214,7 @@ async def _stream(
 
 async def _collect(
     head: dict[str, Any],
-    streams: list[AsyncIterator[TokenEvent]],
+    streams: Sequence[AsyncIterator[TokenEvent]],
     choices: list[_Choice],
     tracker: RequestTracker,
     return_token_ids: bool,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -70,7 +70,7 @@ async def start(
 
 async def events(
     state: AppState, request_id: str, stream: AsyncIterator[TokenEvent], tracker: RequestTracker
-) -> AsyncIterator[TokenEvent]:
+) -> AsyncGenerator[TokenEvent, None]:
     """`stream`'s events, timed; when closed or cancelled before the final event, the request is
     aborted (shielded from the cancellation, so its KV blocks are always freed)."""
     finished = False

@@ -29,7 +29,7 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(
         self, config: uvicorn.Config, backend: AsyncEngine, drain_timeout_s: float = DRAIN_TIMEOUT_S
-    ):
+    ) -> None:
         super().__init__(config)
         self._backend = backend
         self._drain_timeout_s = drain_timeout_s

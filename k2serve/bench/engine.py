@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--model", action="append", help="checkpoint dir (repeatable); default: small bf16 + small int4"
     )
-    ap.add_argument("--workdir", default="/tmp/k2serve-bench")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "k2serve-bench"))
     ap.add_argument("--batch-sizes", default="1,64")
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)

@@ -33,7 +33,7 @@ print(json.dumps({"rss_after_imports": base, "peak_rss": peak, "model_bytes": he
 
 
 def measure(model_dir: Path, dtype: str = "bfloat16") -> dict[str, float]:
-    out = subprocess.run(
+    out = subprocess.run(  # noqa: S603 - this interpreter running our own child script
         [sys.executable, "-c", _CHILD, str(model_dir), dtype], check=True, capture_output=True, text=True
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -50,7 +50,7 @@ def _socket_sender(port: int, args: argparse.Namespace) -> None:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         while sock.recv(1) == b"g":
             for layer in range(args.layers):
-                sock.sendall(kv[layer].view(torch.uint8).numpy())
+                sock.sendall(kv[layer].view(torch.uint8).numpy().data)
 
 
 def _backend_sender(backend: str, endpoint: str, args: argparse.Namespace, go: Any, done: Any) -> None:
@@ -86,7 +86,7 @@ class _SocketLink:
         self.conn.sendall(b"g")
         start = None
         for layer in range(self.args.layers):
-            view = memoryview(self.dest[layer].view(torch.uint8).numpy()).cast("B")
+            view = self.dest[layer].view(torch.uint8).numpy().data.cast("B")
             got = 0
             while got < len(view):
                 n = self.conn.recv_into(view[got:])
@@ -129,13 +129,17 @@ class _BackendLink:
         a, dest = self.args, self.dest
         tid = f"bench-{self.rounds}"
         self.rounds += 1
+
+        def land(layer: int, kv: torch.Tensor) -> None:
+            dest[layer].copy_(kv)
+
         self.receiver.expect(
             tid,
             a.layers,
             a.tokens,
             a.kv_dim,
             dest.dtype,
-            lambda i, kv: dest[i].copy_(kv),
+            land,
             place=(lambda i: dest[i]) if self.in_place else None,
         )
         self.go.put(tid)

@@ -123,7 +123,7 @@ def tool_choice_grammar(
     for tool in tools or []:
         fn = tool.get("function") if isinstance(tool, Mapping) else None
         name = fn.get("name") if isinstance(fn, Mapping) else None
-        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        if not isinstance(fn, Mapping) or not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
             raise StructuredOutputError("a tool needs function.name matching [A-Za-z0-9_.-]{1,64}", tool)
         by_name[name] = fn.get("parameters") or {"type": "object"}
     if tool_choice == "required":

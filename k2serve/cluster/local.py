@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
 
 
@@ -129,7 +130,7 @@ class LocalCluster:
         self.dir = Path(spec.workdir or tempfile.mkdtemp(prefix="k2serve-up-"))
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
-        self.redis = None
+        self.redis: EmbeddedRedis | None = None
         self.redis_url: str | None = spec.redis_url
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
@@ -166,8 +167,6 @@ class LocalCluster:
         deadline = time.monotonic() + s.startup_timeout_s
         try:
             if s.use_redis and not self.redis_url:
-                from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
-
                 (self.dir / "redis").mkdir(exist_ok=True)
                 self.redis = EmbeddedRedis(RedisServerConfig(data_dir=self.dir / "redis")).start()
                 self.redis_url = self.redis.url
@@ -181,7 +180,7 @@ class LocalCluster:
             )
             for role, n in (("prefill", s.num_prefill), ("decode", s.num_decode)):
                 for i in range(n):
-                    self._spawn_worker(role, i)
+                    self.spawn_worker(role, i)
             for p in self.procs[1:]:
                 self._wait_file(p, self.dir / f"{p.name}.ready", deadline)
             self._wait_registered(s.num_worker_processes, deadline)
@@ -190,8 +189,9 @@ class LocalCluster:
             raise
         return self
 
-    def _spawn_worker(self, role: str, i: int) -> None:
-        """Worker i of `role`: one process, or ep_size rank processes with a rendezvous of their own."""
+    def spawn_worker(self, role: str, i: int) -> None:
+        """Start worker i of `role` (the planner's local connector adds workers to a running cluster
+        this way): one process, or ep_size rank processes with a rendezvous of their own."""
         s = self.spec
         router = f"{s.host}:{self.grpc_port}"
         if s.ep_size == 1:

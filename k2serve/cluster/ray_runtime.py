@@ -39,7 +39,7 @@ from k2serve.cluster.local import ClusterError, ClusterSpec, registered_workers
 from k2serve.cluster.ray_actor import NODE_IP, REDIS_URL, ChildSpec
 from k2serve.cluster.ray_plan import GroupPlan, NodeInfo, RayOptions, plan_groups
 
-WILDCARDS = ("0.0.0.0", "::", "")
+WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - recognised, not bound: a router given one binds it
 
 
 class RayUnavailableError(ClusterError):
@@ -156,7 +156,7 @@ class RayCluster:
         from k2serve.cluster.ray_actor import probe_ports
 
         task = ray.remote(probe_ports).options(num_cpus=0, scheduling_strategy=self._strategy(g, 0))
-        return tuple(ray.get(task.remote(n_ports), timeout=self.options.placement_timeout_s))  # type: ignore[return-value]
+        return tuple(ray.get(task.remote(n_ports), timeout=self.options.placement_timeout_s))
 
     def _actor(self, ray: Any, g: GroupPlan, rank: int, name: str, child: ChildSpec) -> RayProc:
         from k2serve.cluster.ray_actor import ProcessActor

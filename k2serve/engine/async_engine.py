@@ -404,7 +404,7 @@ class AsyncEngine:
                 case _Call(fn, future):
                     try:
                         future.set_result(fn(self._engine))
-                    except Exception as e:  # handed to the caller
+                    except Exception as e:  # noqa: BLE001 - handed to the caller
                         future.set_exception(e)
                 case _Add():
                     self._add(command)

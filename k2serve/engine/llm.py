@@ -67,13 +67,16 @@ class LLM:
 
         Every prompt is validated before any work starts; an invalid one raises RequestError.
         """
+        batch: list[str | Sequence[int]]
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+            batch = [prompts]  # type: ignore[list-item]  # one prompt: text, or token ids
+        else:
+            batch = list(prompts)  # type: ignore[arg-type]  # a list of prompts
         params = params or SamplingParams()
-        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise RequestError(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        encoded = [self._encode(p) for p in prompts]  # type: ignore[arg-type]
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(batch)
+        if len(plist) != len(batch):
+            raise RequestError(f"{len(plist)} sampling params for {len(batch)} prompts")
+        encoded = [self._encode(p) for p in batch]
         for ids, p in zip(encoded, plist, strict=True):
             self.engine.validate(ids, p)
         order = []

@@ -387,9 +387,9 @@ class LLMEngine:
     def _hit_stop_string(self, seq: Sequence) -> bool:
         """Search the new text for a stop string; on a hit, cut the text before it (vLLM's default)."""
         longest = max(len(s) for s in seq.params.stop)
-        begin = max(0, seq._stop_checked_chars - longest + 1)
+        begin = max(0, seq.stop_checked_chars - longest + 1)
         hits = [i for i in (seq.output_text.find(s, begin) for s in seq.params.stop) if i >= 0]
-        seq._stop_checked_chars = len(seq.output_text)
+        seq.stop_checked_chars = len(seq.output_text)
         if not hits:
             return False
         seq.output_text = seq.output_text[: min(hits)]

@@ -109,7 +109,7 @@ class InvalidRequestError(BackendError, RequestError):
 
     def __init__(
         self, message: str, param: str | None = None, value: object = None, limit: int | None = None
-    ):
+    ) -> None:
         super().__init__(message)
         self.param = param
         self.value = value

@@ -208,8 +208,8 @@ def _logprobs(
         return None
     logp = raw.log_softmax(dim=-1)  # [B, V]
     chosen = logp.gather(1, token_ids[:, None])[:, 0].tolist()
-    top_values, top_ids = logp.topk(max(n for n in wanted if n is not None), dim=-1)  # [B, n_max]
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    top = logp.topk(max(n for n in wanted if n is not None), dim=-1)  # [B, n_max]
+    top_values, top_ids = top.values.tolist(), top.indices.tolist()
     ids = token_ids.tolist()
     return [
         None

@@ -53,7 +53,7 @@ class Sequence:
     output_text: str = ""
     constraint: Any = None  # a chat.structured.GrammarConstraint: allowed_mask / accept / is_terminated
     kv_sink: KVSink | None = None
-    _stop_checked_chars: int = 0
+    stop_checked_chars: int = 0  # output text already searched for stop strings
 
     @property
     def token_ids(self) -> list[int]:

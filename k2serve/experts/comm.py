@@ -125,7 +125,7 @@ class EPComm:
         out_splits' offsets. Both contiguous, split along dim 0. Empty splits are allowed."""
         pg = self._check()
         try:
-            pg.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
+            pg.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()  # type: ignore[attr-defined]  # a gloo Backend has it at run time; torch's stubs omit it
         except RuntimeError as e:
             raise self._fail(where, layer, e) from e
 
@@ -133,9 +133,9 @@ class EPComm:
         """In place over the group; op is "sum" or "max"."""
         pg = self._check()
         opts = dist.AllreduceOptions()
-        opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]  # type: ignore[assignment]  # torch's stubs type the members RedOpType
         try:
-            pg.allreduce([t], opts).wait()
+            pg.allreduce([t], opts).wait()  # type: ignore[attr-defined]  # as alltoall_base
         except RuntimeError as e:
             raise self._fail(where, None, e) from e
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,7 +59,7 @@ def _torch_grouped(
 
 
 @functools.cache
-def _kernel(interpret: bool) -> Callable[..., Any]:
+def _kernel(interpret: bool) -> Any:  # a triton JITFunction: kernel[grid](...)
     """Build the kernel (once per interpreter setting: triton decides at decoration time)."""
     del interpret  # part of the cache key only
     import triton

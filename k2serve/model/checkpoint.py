@@ -181,10 +181,10 @@ def write_checkpoint(
         shard_names.append(list(current))
         current.clear()
 
-    for name, t in random_tensors(config, seed, quant):
+    for name, raw in random_tensors(config, seed, quant):
         keep = name.endswith(("e_score_correction_bias", "weight_scale_inv", "weight_scale"))
-        if t.is_floating_point() and t.dtype != torch.float8_e4m3fn and not keep:
-            t = t.to(dtype)
+        cast = raw.is_floating_point() and raw.dtype != torch.float8_e4m3fn and not keep
+        t = raw.to(dtype) if cast else raw
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()

@@ -60,6 +60,8 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     """cos/sin for positions; applied to interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek lays them out."""
 
+    inv_freq: torch.Tensor  # a buffer [rope_dim / 2]
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         inv_freq, self.attention_factor = rope_inv_freq(config.rope, config.qk_rope_head_dim)

@@ -19,6 +19,7 @@ import torch
 from k2serve.config import ModelConfig
 from k2serve.model.layers import rope_inv_freq
 from k2serve.model.model import K2Model
+from k2serve.model.moe import MoE
 from k2serve.model.quant import dequantize_fp8_block, dequantize_int4
 from k2serve.model.safetensors_io import SafetensorsReader
 
@@ -218,7 +219,10 @@ def load_model(
 
     i, d = config.moe_intermediate_size, config.hidden_size
     for layer_idx in range(config.first_k_dense_replace, config.num_hidden_layers):
-        experts = model.layers[layer_idx].mlp.experts
+        moe = model.layers[layer_idx].mlp
+        if not isinstance(moe, MoE):
+            raise TypeError(f"layer {layer_idx} should be a MoE layer, not {type(moe).__name__}")
+        experts = moe.experts
         for local, e in enumerate(experts.expert_ids):
             p = f"layers.{layer_idx}.mlp.experts.{e}"
             if int4:  # stays packed: w13 rows are gate then up

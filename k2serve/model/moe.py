@@ -49,6 +49,8 @@ class Router(nn.Module):
     `topk_group` of `n_group` groups, each scored by the sum of its top-2); weights are the unbiased
     scores of the chosen experts, optionally normalised, times routed_scaling_factor. Runs in fp32."""
 
+    e_score_correction_bias: torch.Tensor  # a buffer [E]
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_experts = config.n_routed_experts
@@ -94,6 +96,17 @@ class RoutedExperts(nn.Module):
     Either way the experts stay packed in memory (a dequantised expert lives for one call only);
     `set_int4_expert` fills one expert from the disk form.
     """
+
+    # Buffers, registered in __init__: global_to_local always, the others by the layout in use.
+    global_to_local: torch.Tensor
+    w13_packed: torch.Tensor
+    w13_scale: torch.Tensor
+    w2_packed: torch.Tensor
+    w2_scale: torch.Tensor
+    w13_i4: torch.Tensor
+    w13_sz: torch.Tensor
+    w2_i4: torch.Tensor
+    w2_sz: torch.Tensor
 
     def __init__(
         self,
@@ -167,6 +180,8 @@ class RoutedExperts(nn.Module):
         dt = self.compute_dtype
         if self.int4_layout == "cpu":
             w13_tiles, w2_tiles = self._int4_cpu_tiles()
+            if w13_tiles is None or w2_tiles is None:  # _fused_int4 sends these experts to the fused GEMM
+                raise RuntimeError(f"torch's INT4 CPU tile layout of expert {e} cannot be dequantised here")
             return (
                 dequantize_int4pack_cpu(self.w13_i4[e], self.w13_sz[e, ..., 0], w13_tiles, dt).t(),
                 dequantize_int4pack_cpu(self.w2_i4[e], self.w2_sz[e, ..., 0], w2_tiles, dt).t(),

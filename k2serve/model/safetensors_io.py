@@ -87,7 +87,7 @@ class SafetensorsReader:
                 f"{self.path}: cannot read {name!r} into a {out.dtype} {tuple(out.shape)} view"
             )
         self._f.seek(e.begin)
-        buf = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if e.nbytes else memoryview(b"")
+        buf = out.view(torch.uint8).reshape(-1).numpy().data if e.nbytes else memoryview(b"")
         got = self._f.readinto(buf) if e.nbytes else 0
         if got != e.nbytes:
             raise SafetensorsError(f"{self.path}: tensor {name!r} truncated ({got} of {e.nbytes} bytes)")

@@ -47,7 +47,7 @@ class Connector:
     def scale(self, role: str, n: int) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:  # noqa: B027 - most connectors hold nothing
+    def close(self) -> None:
         """Release the connector's own resources; default: nothing."""
 
 

@@ -95,7 +95,7 @@ class LocalConnector(Connector):
                     stale.unlink()
                 for stale in self.cluster.dir.glob(f"{role}-{i}-ep*.ready"):
                     stale.unlink()
-                self.cluster._spawn_worker(role, i)  # noqa: SLF001 - the cluster's own spawner
+                self.cluster.spawn_worker(role, i)
                 groups[i] = [p for p in self.cluster.procs if re.fullmatch(rf"{role}-{i}(?:-ep\d+)?", p.name)]
             i += 1
         deadline = time.monotonic() + self.drain_timeout_s

@@ -71,22 +71,22 @@ def measure(
     def prompt(n: int) -> list[int]:
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
-    greedy = {"temperature": 0.0, "ignore_eos": True}
-    llm.generate([prompt(16)], SamplingParams(max_tokens=4, **greedy))  # warm-up
+    def greedy(max_tokens: int) -> SamplingParams:
+        return SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+
+    llm.generate([prompt(16)], greedy(4))  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        llm.generate([prompt(prompt_len)], SamplingParams(max_tokens=1, **greedy))
+        llm.generate([prompt(prompt_len)], greedy(1))
         best = min(best, time.perf_counter() - t)
     prefill_tps = prompt_len / best
-    itl = {}
+    itl: dict[int, float] = {}
     for b in batches:
         for _ in range(repeats):
-            outs = llm.generate(
-                [prompt(16) for _ in range(b)], SamplingParams(max_tokens=decode_len, **greedy)
-            )
+            outs = llm.generate([prompt(16) for _ in range(b)], greedy(decode_len))
             m = outs[0].metrics  # all b run as one batch: every step serves all of them
-            step = (m.finish_time - m.first_token_time) / max(1, m.num_output_tokens - 1)
+            step = m.tpot
             itl[b] = min(itl.get(b, float("inf")), step)
     base, per_seq = fit_line(list(itl), list(itl.values()))
     bytes_per_token = llm.engine.kv_geometry.bytes_per_token

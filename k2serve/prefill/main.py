@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
+
 from k2serve.prefill.worker import PrefillServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.rpc.safety import add_servicer
@@ -19,7 +21,7 @@ async def run(settings: WorkerSettings) -> int:
     engine.start()
     servicer = PrefillServicer(engine, settings.tls)
 
-    def add(server) -> list[str]:  # noqa: ANN001
+    def add(server: grpc.aio.Server) -> list[str]:
         add_servicer(server, worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer)
         return [worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]
 

@@ -13,6 +13,7 @@ import time
 
 import grpc
 import torch
+from typing_extensions import override
 
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.protocol import BackendError, GenerateRequest
@@ -71,7 +72,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.senders = _Senders(tls)
         self.bytes_sent = 0
 
-    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
         t0 = time.perf_counter()
         target = request.decode_target
         if not request.prompt_token_ids:
@@ -107,7 +111,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 return
             try:
                 sender.send_layer(tid, layer, latent)  # close() then waits for the receiver's verdict
-            except Exception as err:  # the transfer is gone (closed, timed out): fail this request only
+            except Exception as err:  # noqa: BLE001 - the transfer is gone (closed, timed out): this request fails
                 send_errors.append(err)
 
         last = None
@@ -155,6 +159,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             resp.first_token_logprobs.CopyFrom(logprob_to_proto(last.logprobs[0]))
         return resp
 
-    async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortResponse:
         await self.engine.abort(request.request_id)
         return worker_pb2.AbortResponse(found=True)

@@ -10,17 +10,17 @@ from typing import Any
 
 from k2serve.proto import api_pb2, common_pb2
 
-_FINISH_TO_PROTO = {
+_FINISH_TO_PROTO: dict[str | None, common_pb2.FinishReason] = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
     "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS,
     "abort": common_pb2.FINISH_REASON_ABORT,
 }
-_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+_FINISH_FROM_PROTO: dict[int, str | None] = {v: k for k, v in _FINISH_TO_PROTO.items()}
 
 
-def finish_to_proto(reason: str | None) -> int:
+def finish_to_proto(reason: str | None) -> common_pb2.FinishReason:
     return _FINISH_TO_PROTO[reason]
 
 

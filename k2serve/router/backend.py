@@ -12,9 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -30,7 +29,7 @@ from k2serve.engine.protocol import (
     TokenEvent,
 )
 from k2serve.engine.validation import validate_request
-from k2serve.proto import worker_pb2
+from k2serve.proto import common_pb2, worker_pb2
 from k2serve.proto.messages import finish_from_proto
 from k2serve.router.policy import LeastLoaded, NoWorkerError, RoutingPolicy
 from k2serve.router.registry import Worker, WorkerTable
@@ -242,8 +241,8 @@ class ClusterBackend:
         return w
 
     async def _run_direct(
-        self, req: GenerateRequest, dec: Worker, sampling: Any, structured: str
-    ) -> AsyncIterator[TokenEvent]:
+        self, req: GenerateRequest, dec: Worker, sampling: common_pb2.SamplingParams, structured: str
+    ) -> AsyncGenerator[TokenEvent, None]:
         rid = req.request_id
         dec.in_flight += 1
         self.in_flight[rid] = (None, dec)
@@ -270,7 +269,7 @@ class ClusterBackend:
         *,
         cached_tokens: int | None,
         retry_if_no_tokens: bool,
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         """Stream `decode` from `dec` as TokenEvents until the finish (then `dec` counts a success).
 
         cached_tokens: the prompt tokens the prefill found cached, reported on every event; None when
@@ -312,9 +311,9 @@ class ClusterBackend:
     async def _prefill(
         self,
         req: GenerateRequest,
-        sampling,
+        sampling: common_pb2.SamplingParams,
         structured: str,
-        exclude: frozenset[str],  # noqa: ANN001
+        exclude: frozenset[str],
     ) -> tuple[Worker, Worker, worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
         rid = req.request_id
         try:
@@ -322,7 +321,7 @@ class ClusterBackend:
                 self.table.workers.get(req.session.holder) if req.session and req.session.holder else None
             )
             usable = holder is not None and holder.role == "decode" and holder.draining_since is None
-            if usable and holder.worker_id not in exclude:
+            if holder is not None and usable and holder.worker_id not in exclude:
                 dec = holder  # keep a session's context on one decode worker
             else:
                 dec = self.policy.pick(self.table.of_role("decode"), "decode", exclude)

@@ -12,10 +12,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
+from typing_extensions import override
 
 from k2serve.chat.detok import OutputText
 from k2serve.chat.parsers import DeltaEvent, EventKind, collect
@@ -34,25 +35,32 @@ from k2serve.sessions.errors import (
     SessionLimitError,
     SessionNotFound,
 )
+from k2serve.sessions.service import SessionService
+from k2serve.sessions.session import Session
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
-    def __init__(self, backend: GenerationBackend, sessions: Any = None) -> None:
+    def __init__(self, backend: GenerationBackend, sessions: SessionService | None = None) -> None:
         self.backend = backend
         self.encoder = PromptEncoder(backend.tokenizer)
-        self.sessions = sessions  # k2serve.router.sessions_api.SessionsAPI or None
+        self.sessions = sessions  # None: sessions are not enabled
         self.created = int(time.time())
 
-    async def _params(self, m: common_pb2.SamplingParams, prompt_len: int, context) -> SamplingParams:  # noqa: ANN001
+    async def _params(
+        self, m: common_pb2.SamplingParams, prompt_len: int, context: grpc.aio.ServicerContext
+    ) -> SamplingParams:
         default = max(1, self.backend.max_model_len - prompt_len)
         try:
             return sampling_from_proto(m, default_max_tokens=default)
         except SamplingParamsError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
 
-    async def _events(self, req: GenerateRequest, context) -> AsyncIterator[TokenEvent]:  # noqa: ANN001
+    async def _events(
+        self, req: GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[TokenEvent, None]:
         try:
             self.backend.check_admission()
             stream = await self.backend.generate(req)
@@ -70,7 +78,10 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
             if not finished:
                 await self.backend.abort(req.request_id)
 
-    async def Generate(self, request: api_pb2.GenerateRequest, context):  # noqa: ANN001, N802
+    @override
+    async def Generate(
+        self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.GenerateResponse]:
         tok = self.backend.tokenizer
         if request.model and request.model != self.backend.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
@@ -102,7 +113,10 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                     out.usage.CopyFrom(_usage(prompt, produced, ev))
                 yield out
 
-    async def Chat(self, request: api_pb2.ChatRequest, context):  # noqa: ANN001, N802
+    @override
+    async def Chat(
+        self, request: api_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.ChatResponse]:
         """The chat path HTTP's /v1/chat/completions takes (`k2serve.chat.request`), with the same rules
         and errors: a bad request is INVALID_ARGUMENT naming the field, a renderer failure that is not
         the messages' fault INTERNAL (HTTP's 500)."""
@@ -119,15 +133,16 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
         except (ChatRequestError, _ProtoFieldError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         history: list[dict[str, Any]] = []
-        hint, owner = None, None
+        hint, record = None, None
         if request.HasField("session_id"):  # as over HTTP: history from the store, then the new messages
             owner = self._owner(context)
-            history, hint = await self._sessions_call(
-                context, self.sessions.context(request.session_id, owner) if self.sessions else _none()
-            )
+            sessions = await self._store(context)
+            history, hint = await self._sessions_call(context, sessions.context(request.session_id, owner))
         prompt, error = await _render(plan, self.encoder, history)
         if error is not None:
             await context.abort(*error)
+        if hint is not None:
+            record = sessions.turn_recorder(hint.session_id, owner, plan.messages, prompt)
         params = await self._params(request.sampling, len(prompt), context)
         rid = request.request_id or f"chat-{uuid.uuid4().hex}"
         text = plan.output_text(
@@ -173,77 +188,87 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                 )
                 if done:
                     out.usage.CopyFrom(_usage(prompt, produced, ev))
-                    if hint is not None and owner is not None and ev.finish_reason in ("stop", "length"):
+                    if record is not None and ev.finish_reason in ("stop", "length"):
                         # recorded before the last chunk leaves, so the client's next turn sees it
-                        record = self.sessions.turn_recorder(hint.session_id, owner, plan.messages, prompt)
                         await record(reply_message(collect(parsed_all)), ev.served_by)
                 yield out
 
     # ---- sessions --------------------------------------------------------------------------------
-    def _owner(self, context) -> str:  # noqa: ANN001
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
         md = dict(context.invocation_metadata() or ())
         scheme, _, token = str(md.get("authorization", "")).partition(" ")
         return token.strip() if scheme.lower() == "bearer" and token.strip() else "anonymous"
 
-    async def _sessions_call(self, context, coro):  # noqa: ANN001, ANN202
+    async def _store(self, context: grpc.aio.ServicerContext) -> SessionService:
+        """The session service; FAILED_PRECONDITION when sessions are not enabled."""
         if self.sessions is None:
-            coro.close()
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "sessions are not enabled (no Redis URL)"
             )
+        return self.sessions
+
+    async def _sessions_call(self, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+        """`await call`, its SessionError as the matching status."""
         try:
-            return await coro
+            return await call
         except SessionError as e:
             await context.abort(_session_status(e), str(e))
 
-    async def CreateSession(self, request: api_pb2.CreateSessionRequest, context):  # noqa: ANN001, N802
+    @override
+    async def CreateSession(
+        self, request: api_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.Session:
         if request.model and request.model != self.backend.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
+        sessions = await self._store(context)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         msgs = [chat_message_from_proto(m) for m in request.messages]
-        s = await self._sessions_call(
-            context,
-            self.sessions.create(self._owner(context), self.backend.model_name, ttl, msgs)
-            if self.sessions
-            else _none(),
-        )
+        owner = self._owner(context)
+        s = await self._sessions_call(context, sessions.create(owner, self.backend.model_name, ttl, msgs))
         return _session_pb(s)
 
-    async def GetSession(self, request: api_pb2.GetSessionRequest, context):  # noqa: ANN001, N802
-        s = await self._sessions_call(
-            context, self.sessions.get(request.session_id, self._owner(context)) if self.sessions else _none()
-        )
+    @override
+    async def GetSession(
+        self, request: api_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.Session:
+        sessions = await self._store(context)
+        s = await self._sessions_call(context, sessions.get(request.session_id, self._owner(context)))
         return _session_pb(s)
 
-    async def GetSessionMessages(self, request: api_pb2.GetSessionMessagesRequest, context):  # noqa: ANN001, N802
+    @override
+    async def GetSessionMessages(
+        self, request: api_pb2.GetSessionMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.GetSessionMessagesResponse:
         """The history HTTP's GET /v1/sessions/{id}/messages returns, for the same owner only."""
-        messages = await self._sessions_call(
-            context,
-            self.sessions.messages(request.session_id, self._owner(context)) if self.sessions else _none(),
-        )
+        sessions = await self._store(context)
+        call = sessions.messages(request.session_id, self._owner(context))
+        messages = await self._sessions_call(context, call)
         return api_pb2.GetSessionMessagesResponse(
             session_id=request.session_id, messages=[chat_message_to_proto(m) for m in messages]
         )
 
-    async def AppendSession(self, request: api_pb2.AppendSessionRequest, context):  # noqa: ANN001, N802
+    @override
+    async def AppendSession(
+        self, request: api_pb2.AppendSessionRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.Session:
+        sessions = await self._store(context)
         msgs = [chat_message_from_proto(m) for m in request.messages]
         tool_steps = sum(1 for m in msgs if m["role"] == "tool")
-        s = await self._sessions_call(
-            context,
-            self.sessions.append_messages(request.session_id, self._owner(context), msgs, tool_steps)
-            if self.sessions
-            else _none(),
-        )
-        return _session_pb(s)
+        call = sessions.append_messages(request.session_id, self._owner(context), msgs, tool_steps)
+        return _session_pb(await self._sessions_call(context, call))
 
-    async def DeleteSession(self, request: api_pb2.DeleteSessionRequest, context):  # noqa: ANN001, N802
-        ok = await self._sessions_call(
-            context,
-            self.sessions.delete(request.session_id, self._owner(context)) if self.sessions else _none(),
-        )
+    @override
+    async def DeleteSession(
+        self, request: api_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DeleteSessionResponse:
+        sessions = await self._store(context)
+        ok = await self._sessions_call(context, sessions.delete(request.session_id, self._owner(context)))
         return api_pb2.DeleteSessionResponse(deleted=bool(ok))
 
-    async def ListModels(self, request: api_pb2.ListModelsRequest, context):  # noqa: ANN001, N802
+    @override
+    async def ListModels(
+        self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ListModelsResponse:
         card = api_pb2.ModelCard(
             id=self.backend.model_name,
             owned_by="k2serve",
@@ -311,10 +336,6 @@ async def _render(
         return [], (grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
 
 
-async def _none() -> None:
-    return None
-
-
 def _session_status(e: Exception) -> grpc.StatusCode:
     if isinstance(e, SessionNotFound):
         return grpc.StatusCode.NOT_FOUND
@@ -325,7 +346,7 @@ def _session_status(e: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE
 
 
-def _session_pb(s: Any) -> api_pb2.Session:
+def _session_pb(s: Session) -> api_pb2.Session:
     return api_pb2.Session(
         id=s.id,
         model=s.model,

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,13 +20,22 @@ from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.router.backend import ClusterBackend
 from k2serve.router.grpc_api import K2ServeServicer
-from k2serve.router.registry import RegistryServicer, WorkerTable
+from k2serve.router.registry import RegistryServicer, Worker, WorkerTable
 from k2serve.router.settings import ROLE_OF, RouterSettings
 from k2serve.rpc.safety import add_servicer
 from k2serve.rpc.tls import add_port, aio_channel
 from k2serve.sessions.service import SessionService
 
 logger = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn that leaves SIGINT/SIGTERM to the router, which drains first and then stops it (uvicorn
+    would take the signals for itself while it serves)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class Router:
@@ -87,7 +97,11 @@ class Router:
         if s.redis_url:
             self.sessions = SessionService.connect(s.redis_url)
             sessions = self.sessions
-            self.table.on_remove.append(lambda w: asyncio.ensure_future(sessions.forget_worker(w.worker_id)))
+
+            def forget(worker: Worker) -> None:
+                asyncio.ensure_future(sessions.forget_worker(worker.worker_id))
+
+            self.table.on_remove.append(forget)
         server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES))
         add_servicer(
             server, api_pb2_grpc.add_K2ServeServicer_to_server, K2ServeServicer(self.backend, self.sessions)
@@ -117,8 +131,7 @@ class Router:
             ssl_certfile=s.tls.cert if s.tls else None,
             ssl_keyfile=s.tls.key if s.tls else None,
         )
-        http = uvicorn.Server(config)
-        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        http = _Uvicorn(config)
         http_task = asyncio.create_task(http.serve())
         while not http.started and not http_task.done():
             await asyncio.sleep(0.02)

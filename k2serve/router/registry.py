@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from typing_extensions import override
 
 from k2serve.proto import registry_pb2, registry_pb2_grpc, worker_pb2_grpc
 
@@ -141,7 +142,10 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         self.table = table
         self.interval_ms = heartbeat_interval_ms
 
-    async def Register(self, request: registry_pb2.WorkerInfo, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Register(
+        self, request: registry_pb2.WorkerInfo, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RegisterResponse:
         if not request.worker_id or not request.grpc_address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id and grpc_address are required")
         try:
@@ -152,9 +156,15 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             heartbeat_interval_ms=self.interval_ms, lease_ms=int(self.table.timeout * 1000)
         )
 
-    async def Heartbeat(self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Heartbeat(
+        self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.HeartbeatResponse:
         return registry_pb2.HeartbeatResponse(known=self.table.heartbeat(request.worker_id, request.load))
 
-    async def Deregister(self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    @override
+    async def Deregister(
+        self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.DeregisterResponse:
         self.table.drain(request.worker_id)
         return registry_pb2.DeregisterResponse()

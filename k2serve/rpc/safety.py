@@ -77,11 +77,12 @@ def add_servicer(server: grpc.aio.Server, add_fn: Callable[[Any, Any], None], se
                 safe[name] = h  # no client-streaming method takes untrusted structure beyond its messages
                 continue
             des, ser = _safe_deserializer(h.request_deserializer), h.response_serializer
+            behavior = h.unary_stream if h.response_streaming else h.unary_unary
+            if behavior is None:
+                raise ValueError(f"{service}/{name}: a unary-request method without its behavior")
             if h.response_streaming:
-                safe[name] = grpc.unary_stream_rpc_method_handler(
-                    _guard(name, h.unary_stream, True), des, ser
-                )
+                safe[name] = grpc.unary_stream_rpc_method_handler(_guard(name, behavior, True), des, ser)
             else:
-                safe[name] = grpc.unary_unary_rpc_method_handler(_guard(name, h.unary_unary, False), des, ser)
+                safe[name] = grpc.unary_unary_rpc_method_handler(_guard(name, behavior, False), des, ser)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, safe),))
         server.add_registered_method_handlers(service, safe)

@@ -61,7 +61,9 @@ class _Record:
 class InMemorySessionStore(SessionStore):
     """`SessionStore` in this process's memory (see the module docstring)."""
 
-    def __init__(self, config: SessionStoreConfig | None = None, clock: Callable[[], int] | None = None):
+    def __init__(
+        self, config: SessionStoreConfig | None = None, clock: Callable[[], int] | None = None
+    ) -> None:
         super().__init__(config, clock)
         self._lock = threading.Lock()
         self._sessions: dict[str, _Record] = {}

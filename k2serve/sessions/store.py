@@ -78,7 +78,9 @@ class SessionStore(abc.ABC):
     - Implementations are thread-safe.
     """
 
-    def __init__(self, config: SessionStoreConfig | None = None, clock: Callable[[], int] | None = None):
+    def __init__(
+        self, config: SessionStoreConfig | None = None, clock: Callable[[], int] | None = None
+    ) -> None:
         """clock: unix milliseconds; injectable so two stores can be compared step by step."""
         self.config = config or SessionStoreConfig()
         self._clock = clock or wall_clock_ms

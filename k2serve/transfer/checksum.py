@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import xxhash
 
@@ -28,13 +27,13 @@ from k2serve.proto.kv_transfer_pb2 import CHECKSUM_FLETCHER64_PAIR, CHECKSUM_XXH
 MASK = (1 << 64) - 1
 ROW_WORDS = 512  # words per row of the two-pass (row sums, column sums) Fletcher reduction
 
-KIND_NAMES = {CHECKSUM_XXH3_128: "xxh3-128", CHECKSUM_FLETCHER64_PAIR: "fletcher64-pair"}
+KIND_NAMES: dict[int, str] = {CHECKSUM_XXH3_128: "xxh3-128", CHECKSUM_FLETCHER64_PAIR: "fletcher64-pair"}
 
 
 class Checksum(NamedTuple):
     """A payload's checksum: its kind (a ChecksumKind value) and two 64-bit words."""
 
-    kind: int
+    kind: ChecksumKind
     lo: int
     hi: int
 
@@ -71,7 +70,7 @@ def fletcher(flat: torch.Tensor) -> tuple[int, int]:
     return int(rows.sum().item()) & MASK, (ROW_WORDS * row_weighted + col_weighted) & MASK
 
 
-def _xxh3(data: bytes | memoryview | np.ndarray) -> Checksum:
+def _xxh3(data: bytes | memoryview) -> Checksum:
     digest = xxhash.xxh3_128_intdigest(data)
     return Checksum(CHECKSUM_XXH3_128, digest & MASK, digest >> 64)
 
@@ -83,5 +82,5 @@ def checksum(data: bytes | memoryview | torch.Tensor) -> Checksum:
         flat = data.detach().contiguous().reshape(-1).view(torch.uint8)
         if flat.device.type != "cpu":
             return Checksum(CHECKSUM_FLETCHER64_PAIR, *fletcher(flat))
-        return _xxh3(flat.numpy())
+        return _xxh3(flat.numpy().data)
     return _xxh3(data)

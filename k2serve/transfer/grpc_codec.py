@@ -50,7 +50,7 @@ def encode_chunk(chunk: tuple[KVChunkHeader, torch.Tensor]) -> bytes:
     """Serialize (header, flat uint8 CPU payload) as KVChunk bytes."""
     header, payload = chunk
     head = header.SerializeToString()
-    body = memoryview(payload.numpy())
+    body = payload.numpy().data
     return b"".join((_HEADER_TAG, _varint(len(head)), head, _PAYLOAD_TAG, _varint(body.nbytes), body))
 
 

@@ -101,7 +101,7 @@ class Inbox:
                 )
             if not dest.is_contiguous():
                 raise ValueError("it gave a tensor that is not contiguous")
-        except Exception as e:  # the decode worker's code: its failure fails the transfer
+        except Exception as e:  # noqa: BLE001 - the decode worker's code: its failure fails the transfer
             self.fail(h.transfer_id, TransferError(h.transfer_id, f"place({h.layer}) failed: {e}"))
             self.end_landing(h.transfer_id)
             return None

@@ -217,7 +217,7 @@ class TorchKVReceiver(KVReceiver):
         while True:
             key = f"join/{number}"
             waiter.wait([key])
-            if waiter.get(key) == wire.STOP_VALUE:
+            if waiter.get(key) == wire.STOP_VALUE.encode():
                 return
             peer = _Peer(self, number)
             with self._peers_lock:

@@ -57,7 +57,7 @@ class TorchKVSender(SenderBase):
             )
         self._max_chunk_bytes = int(store.get("max_chunk_bytes"))
         peer = store.add("joins", 1) - 1
-        store.set(f"join/{peer}", b"sender")
+        store.set(f"join/{peer}", "sender")
         local_host = local_host or wire.local_address_towards(host, port)
         self._pg, self._payload_pg = wire.pair_groups(store, peer, 1, local_host, self._device)
         self._store = store

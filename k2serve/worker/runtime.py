@@ -16,7 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from k2serve.engine.async_engine import AsyncEngine
-from k2serve.experts import EPConfig, EPError, EPWorker
+from k2serve.engine.group import GroupLostError
+from k2serve.experts import EPConfig, EPWorker
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.rpc.tls import add_port, aio_channel
@@ -31,7 +32,7 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
     otherwise). If the group is lost later, the engine thread sets `stop` (on the running loop)."""
     loop = asyncio.get_running_loop()
 
-    def on_fatal(exc: EPError) -> None:
+    def on_fatal(exc: GroupLostError) -> None:
         loop.call_soon_threadsafe(stop.set)
 
     dtype = getattr(torch, settings.dtype)
