@@ -1,6 +1,7 @@
 """Shared fixtures: small random checkpoints written once per session (and an INT4 one's dequantised
 twin), which path INT4 experts took, a test PKI (TLS), the repo's sibling ../shared, the spec of a
-test cluster, a scripted GenerationBackend, and a gRPC server on a background event loop."""
+test cluster, the tiny preset behind the OpenAI HTTP app (and an `openai` client of it), a scripted
+GenerationBackend, and a gRPC server on a background event loop."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 import torch
 from cryptography import x509
@@ -23,11 +25,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from k2serve.api.openai_app import build_app
 from k2serve.chat.tokenizer import KimiTokenizer
 from k2serve.cluster.local import ClusterSpec
+from k2serve.engine.async_engine import AsyncEngine
+from k2serve.engine.config import EngineConfig
 from k2serve.engine.protocol import BackendFailure, BackendStats, GenerateRequest, TokenEvent
 from k2serve.engine.validation import validate_request
 from k2serve.rpc.tls import TLSFiles
+from k2serve.testing.app_server import serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -227,6 +233,51 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     _write(d, "node", *_leaf(ca, ca_key))
     _write(d, "other", *_leaf(other_ca, other_ca_key))
     return PKI(d / "ca.crt", d / "node.crt", d / "node.key", d / "other.crt", d / "other.key")
+
+
+API_ENGINE = EngineConfig(num_kv_blocks=512, block_size=8, max_model_len=512)  # the HTTP tests' engine
+
+
+@contextmanager
+def tiny_api_server(
+    ckpt: Path, api_key: str | None = None, config: EngineConfig = API_ENGINE
+) -> Iterator[tuple[str, AsyncEngine]]:
+    """The checkpoint `ckpt` in a started AsyncEngine (model name "tiny", fp32) behind the OpenAI HTTP
+    app on a background thread: yields (base URL, engine); both stopped on exit. Torch runs one thread
+    meanwhile: the engine thread shares the 2 cores with uvicorn and the client."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = AsyncEngine.from_pretrained(ckpt, torch.float32, config, model_name="tiny")
+    engine.start()
+    try:
+        with serve_in_thread(build_app(engine, api_key=api_key)) as url:
+            yield url, engine
+    finally:
+        engine.shutdown()
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_api(tiny_ckpt: Path) -> Iterator[tuple[str, AsyncEngine]]:
+    """tiny_api_server(tiny_ckpt) without an API key, one per test module."""
+    with tiny_api_server(tiny_ckpt) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def api_url(tiny_api: tuple[str, AsyncEngine]) -> str:
+    return tiny_api[0]
+
+
+@pytest.fixture(scope="module")
+def api_engine(tiny_api: tuple[str, AsyncEngine]) -> AsyncEngine:
+    return tiny_api[1]
+
+
+@pytest.fixture(scope="module")
+def api_client(api_url: str) -> openai.OpenAI:
+    """An `openai` client of tiny_api (no retries, 60 s timeout)."""
+    return openai.OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 class ScriptedBackend:

@@ -2,63 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
+from conftest import API_ENGINE
 
-from k2serve.api.openai_app import build_app
-from k2serve.engine.async_engine import AsyncEngine
-from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(120)
-CONFIG = EngineConfig(num_kv_blocks=512, block_size=8, max_model_len=512)
 IDS = [[5, 17, 300, 42, 9, 1000, 77, 3], [11, 12, 13], list(range(200, 260))]
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_ckpt: Path) -> Iterator[AsyncEngine]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine thread shares 2 cores with uvicorn and the client
-    be = AsyncEngine.from_pretrained(tiny_ckpt, torch.float32, CONFIG, model_name="tiny")
-    be.start()
-    try:
-        yield be
-    finally:
-        be.shutdown()
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def url(backend: AsyncEngine) -> Iterator[str]:
-    with serve_in_thread(build_app(backend, api_key=None)) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def test_token_id_prompts_match_the_offline_llm(client: openai.OpenAI, tiny_ckpt: Path) -> None:
-    llm = LLM(tiny_ckpt, "float32", CONFIG)
+def test_token_id_prompts_match_the_offline_llm(api_client: openai.OpenAI, tiny_ckpt: Path) -> None:
+    llm = LLM(tiny_ckpt, "float32", API_ENGINE)  # the engine api_client talks to
     offline = llm.generate(IDS, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
     extra = {"ignore_eos": True, "return_token_ids": True}
     for ids, ref in zip(IDS, offline, strict=True):
-        r = client.completions.create(
+        r = api_client.completions.create(
             model="tiny", prompt=ids, max_tokens=10, temperature=0, extra_body=extra
         )
         choice = r.choices[0]
         assert choice.model_extra is not None and choice.model_extra["token_ids"] == ref.token_ids
         assert choice.text == ref.text and choice.finish_reason == "length"
         assert r.usage is not None and (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
-    batch = client.completions.create(
+    batch = api_client.completions.create(
         model="tiny", prompt=IDS, max_tokens=10, temperature=0, extra_body=extra
     )
     assert [c.index for c in batch.choices] == [0, 1, 2]
@@ -66,14 +36,14 @@ def test_token_id_prompts_match_the_offline_llm(client: openai.OpenAI, tiny_ckpt
     assert batch.usage is not None and batch.usage.completion_tokens == 30
 
 
-def test_text_prompts_streamed_and_not(client: openai.OpenAI) -> None:
+def test_text_prompts_streamed_and_not(api_client: openai.OpenAI) -> None:
     prompts = ["The capital of France is", "1, 2, 3,"]
     kw = {"model": "tiny", "max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
-    full = client.completions.create(prompt=prompts, **kw)  # type: ignore[call-overload]
+    full = api_client.completions.create(prompt=prompts, **kw)  # type: ignore[call-overload]
     texts = ["", ""]
     finish: list[str | None] = [None, None]
     usage = None
-    stream = client.completions.create(
+    stream = api_client.completions.create(
         prompt=prompts, stream=True, stream_options={"include_usage": True}, **kw
     )  # type: ignore[call-overload]
     for chunk in stream:
@@ -90,8 +60,8 @@ def test_text_prompts_streamed_and_not(client: openai.OpenAI) -> None:
     )  # type: ignore[union-attr]
 
 
-def test_completion_logprobs(client: openai.OpenAI) -> None:
-    r = client.completions.create(
+def test_completion_logprobs(api_client: openai.OpenAI) -> None:
+    r = api_client.completions.create(
         model="tiny", prompt=IDS[0], max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
     )
     lp = r.choices[0].logprobs
@@ -101,11 +71,11 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert lp.text_offset is not None and lp.text_offset[0] == 0
 
 
-def test_models_health_and_metrics(client: openai.OpenAI, url: str) -> None:
-    assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-    client.completions.create(model="tiny", prompt=IDS[1], max_tokens=3, temperature=0)
-    metrics = httpx.get(f"{url}/metrics")
+def test_models_health_and_metrics(api_client: openai.OpenAI, api_url: str) -> None:
+    assert [m.id for m in api_client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{api_url}/health").json() == {"status": "ok"}
+    api_client.completions.create(model="tiny", prompt=IDS[1], max_tokens=3, temperature=0)
+    metrics = httpx.get(f"{api_url}/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     for name in (
         "k2serve_time_to_first_token_seconds_bucket",

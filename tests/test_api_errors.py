@@ -6,20 +6,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import torch
+from conftest import API_ENGINE, tiny_api_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2serve.api.openai_app import build_app
 from k2serve.engine.async_engine import AsyncEngine
-from k2serve.engine.config import EngineConfig
-from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "sk-test-key"
@@ -27,23 +25,9 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
-def torch_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine thread shares 2 cores with uvicorn and the client
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_ckpt: Path, torch_threads: None) -> Iterator[tuple[str, AsyncEngine]]:
-    cfg = EngineConfig(num_kv_blocks=512, block_size=8, max_model_len=512)
-    be = AsyncEngine.from_pretrained(tiny_ckpt, torch.float32, cfg, model_name="tiny")
-    be.start()
-    try:
-        with serve_in_thread(build_app(be, api_key=KEY)) as url:
-            yield url, be
-    finally:
-        be.shutdown()
+def server(tiny_ckpt: Path) -> Iterator[tuple[str, AsyncEngine]]:
+    with tiny_api_server(tiny_ckpt, api_key=KEY) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +160,10 @@ def test_client_disconnect_frees_blocks(server: tuple[str, AsyncEngine]) -> None
     wait_until_idle(be)
 
 
-def test_queue_full_is_429_and_draining_is_503(tiny_ckpt: Path, torch_threads: None) -> None:
-    cfg = EngineConfig(num_kv_blocks=512, block_size=8, max_model_len=512, max_num_seqs=1, max_waiting=1)
-    be = AsyncEngine.from_pretrained(tiny_ckpt, torch.float32, cfg, model_name="tiny")
-    be.start()
+def test_queue_full_is_429_and_draining_is_503(tiny_ckpt: Path) -> None:
     body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 300, "ignore_eos": True}
 
-    async def scenario(url: str) -> None:
+    async def scenario(url: str, be: AsyncEngine) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             running = asyncio.ensure_future(http.post("/v1/completions", json=body))
             while be.stats().num_running < 1:
@@ -200,11 +181,8 @@ def test_queue_full_is_429_and_draining_is_503(tiny_ckpt: Path, torch_threads: N
             assert first.status_code == second.status_code == 200  # in-flight requests finish
             assert first.json()["usage"]["completion_tokens"] == 300
 
-    try:
-        with serve_in_thread(build_app(be, api_key=None)) as url:
-            asyncio.run(scenario(url))
-    finally:
-        be.shutdown()
+    with tiny_api_server(tiny_ckpt, config=replace(API_ENGINE, max_num_seqs=1, max_waiting=1)) as served:
+        asyncio.run(scenario(*served))
 
 
 # ---- fuzz ----------------------------------------------------------------------------------------

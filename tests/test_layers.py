@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,7 @@ ONLY_FROM = {
 AGENT_IMPORTS = {"proto"}  # the SDK talks to the server through the public messages only
 # Modules that parse command lines (the CLI package, the planner's, the load generator's and the
 # benchmarks' own); everything else takes settings dataclasses.
+MODULE_NAME = re.compile(r"k2serve(\.[a-z_][a-z0-9_]*)+")  # fullmatch below: a whole string
 COMMAND_LINE = ("cli/", "bench/", "loadgen/cli.py", "planner/cli.py", "planner/measure_cli.py")
 
 
@@ -72,11 +74,18 @@ def unit(module: str) -> str:
 
 def imported(module: str, path: Path) -> Iterator[tuple[str, int]]:
     """(k2serve module or package named, line) for every import statement in the file, at any depth;
-    `from a import b` yields both a and a.b (b may be a submodule)."""
+    `from a import b` yields both a and a.b (b may be a submodule). A string that is a whole dotted
+    k2serve module name counts too (what `importlib.import_module` would load)."""
     is_package = path.name == "__init__.py"
     own = module.split(".") if is_package else module.split(".")[:-1]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and MODULE_NAME.fullmatch(node.value)
+        ):
+            yield node.value, node.lineno
+        elif isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, node.lineno
         elif isinstance(node, ast.ImportFrom):
@@ -167,6 +176,9 @@ def test_argparse_only_in_command_line_modules() -> None:
 def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     """A lazy import is an import: the walk finds it at any depth."""
     path = tmp_path / "lazy.py"
-    path.write_text("def f():\n    if True:\n        from k2serve.cli import main\n")
-    assert ("k2serve.cli", 3) in set(imported("k2serve.engine.lazy", path))
+    path.write_text(
+        "def f():\n    if True:\n        from k2serve.cli import main\n"
+        "def g():\n    return importlib.import_module('k2serve.router.main')\n"
+    )
+    assert {("k2serve.cli", 3), ("k2serve.router.main", 5)} <= set(imported("k2serve.engine.lazy", path))
     assert unit("k2serve.engine.lazy") == "engine" and not allowed("engine", "cli")

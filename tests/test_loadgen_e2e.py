@@ -9,16 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_api_server
 
-from k2serve.api.openai_app import build_app
-from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.loadgen.benchmark import run_benchmark
 from k2serve.loadgen.cli import main
 from k2serve.loadgen.config import BenchConfig
 from k2serve.loadgen.trace import TraceScaling, read_trace, trace_requests
-from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(120)
 CONFIG = EngineConfig(num_kv_blocks=512, block_size=8)
@@ -27,16 +24,8 @@ TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
 @pytest.fixture(scope="module")
 def url(tiny_ckpt: Path) -> Iterator[str]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine thread shares 2 cores with uvicorn and the load generator
-    backend = AsyncEngine.from_pretrained(tiny_ckpt, torch.float32, CONFIG, model_name="tiny")
-    backend.start()
-    try:
-        with serve_in_thread(build_app(backend, api_key=None)) as base:
-            yield base
-    finally:
-        backend.shutdown()
-        torch.set_num_threads(threads)
+    with tiny_api_server(tiny_ckpt, config=CONFIG) as (base, _):
+        yield base
 
 
 def test_trace_replay_hits_the_prefix_cache(

@@ -2,7 +2,8 @@
 
 Text in, token ids out and back: `load_tokenizer` / `apply_chat_template` build prompts, the
 parsers turn generated text into reasoning, content and tool calls. Grammar-constrained decoding
-lives in `k2serve.chat.structured` (imported on its own: it needs the `llguidance` package).
+lives in `k2serve.chat.structured` (imported on its own: it needs the `llguidance` package); the chat
+request path the front doors share (checks, prompt, grammar spec, output) in `k2serve.chat.request`.
 """
 
 from k2serve.chat.bpe_train import train_bpe_ranks, write_tokenizer

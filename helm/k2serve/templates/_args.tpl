@@ -1,6 +1,6 @@
 {{/*
 The k2serve command lines, as JSON arrays of strings. Each follows `k2serve <subcommand> --help`
-of k2serve/cli.py; tests/test_helm_cli_args.py parses every rendered one with build_parser().
+of k2serve/cli/parser.py; tests/test_helm_cli_args.py parses every rendered one with build_parser().
 Integers go through `int` (Helm reads numbers as floats, and 1000000 would print as 1e+06).
 */}}
 
