@@ -6,15 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 
-pytest.importorskip("llguidance")
-jsonschema = pytest.importorskip("jsonschema")
-
-from k2serve.chat.bpe_train import write_tokenizer  # noqa: E402
-from k2serve.chat.parsers import ToolCallParser  # noqa: E402
-from k2serve.chat.structured import (  # noqa: E402
+from k2serve.chat.bpe_train import write_tokenizer
+from k2serve.chat.parsers import ToolCallParser
+from k2serve.chat.structured import (
     GrammarCompiler,
     GrammarConstraint,
     GrammarViolation,
@@ -22,7 +20,7 @@ from k2serve.chat.structured import (  # noqa: E402
     response_format_grammar,
     tool_choice_grammar,
 )
-from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer  # noqa: E402
+from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
 
 WEATHER = {
     "type": "object",

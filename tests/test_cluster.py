@@ -4,6 +4,10 @@ and KV transfer, compared token for token with the offline engine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +91,74 @@ def test_bytes_transferred_equal_latent_size(cluster: LocalCluster, tiny_ckpt: P
     after = httpx.get(f"{cluster.http_url}/cluster/workers").json()["kv_bytes_transferred"]
     # tokens x layers x latent width (kv_lora_rank + qk_rope_head_dim) x 4 bytes (fp32 workers)
     assert after - before == len(p) * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+# A seeded sampled request that sets every sampling field the HTTP API takes (n aside: the router
+# and `serve` both refuse n > 1). The strong repetition penalty is what the cluster once dropped; at a
+# low temperature the random model repeats tokens, so the penalty changes what is sampled.
+EVERY_SAMPLING_FIELD = {
+    "temperature": 0.05,
+    "top_p": 0.95,
+    "top_k": 40,
+    "min_p": 0.02,
+    "seed": 77,
+    "max_tokens": 64,
+    "min_tokens": 50,
+    "stop": ["never-appears"],
+    "stop_token_ids": [1023],
+    "ignore_eos": True,
+    "presence_penalty": 0.3,
+    "frequency_penalty": 0.2,
+    "repetition_penalty": 2.5,
+    "logprobs": 2,
+    "skip_special_tokens": False,
+}
+
+
+@pytest.fixture(scope="module")
+def serve_url(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`k2serve serve` on the cluster's checkpoint and engine settings, as a process of its own."""
+    logdir = tmp_path_factory.mktemp("serve")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "k2serve.cli", "serve", "--model", str(tiny_ckpt), *ENGINE_ARGS]
+    with (logdir / "serve.log").open("wb") as log:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (logdir / "serve.log").read_text()
+            assert time.monotonic() < deadline, "k2serve serve did not come up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_every_sampling_field_gives_the_same_tokens_from_serve_and_up(
+    cluster: LocalCluster, serve_url: str
+) -> None:
+    body = {"prompt": prompts(1, seed=5)[0], "return_token_ids": True, **EVERY_SAMPLING_FIELD}
+    answers = []
+    for url in (serve_url, cluster.http_url):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        answers.append((choice["token_ids"], choice["logprobs"]["top_logprobs"], choice["finish_reason"]))
+    served, clustered = answers
+    assert len(served[0]) == EVERY_SAMPLING_FIELD["max_tokens"]
+    assert clustered == served
+    # the penalty matters: without it the same seed samples other tokens
+    plain = httpx.post(
+        f"{serve_url}/v1/completions", json=body | {"repetition_penalty": 1.0}, timeout=120
+    ).json()
+    assert plain["choices"][0]["token_ids"] != served[0]
 
 
 def _free_blocks(cluster: LocalCluster) -> dict[str, tuple[int, int]]:

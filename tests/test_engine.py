@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
@@ -88,7 +89,6 @@ def test_engine_matches_reference_model_greedy(tiny_ckpt: Path) -> None:
 
 
 def test_engine_matches_transformers_generate(tiny_ckpt: Path) -> None:
-    transformers = pytest.importorskip("transformers")
     from k2serve.config import ModelConfig
 
     cfg = ModelConfig.from_file(tiny_ckpt)

@@ -51,17 +51,30 @@ def complete(c: LocalCluster, prompt: list[int], max_tokens: int = 4) -> httpx.R
     )
 
 
+def _view(c: LocalCluster) -> dict:
+    return httpx.get(f"{c.http_url}/cluster/workers", timeout=10).json()
+
+
 def test_prefill_worker_killed_mid_request_is_retried(cluster: LocalCluster) -> None:
+    """prefill-0 is killed while the router knows it is computing a prefill: every request still
+    succeeds (the router retried the failed prefills on prefill-1, and counts the retries)."""
     g = torch.Generator().manual_seed(0)
     long_prompts = [torch.randint(0, 1024, (1500,), generator=g).tolist() for _ in range(6)]
+    retries_before = _view(cluster)["prefill_retries"]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(complete, cluster, p) for p in long_prompts]
-        time.sleep(1.0)  # requests are prefilling now
+        deadline = time.monotonic() + 60
+        while True:  # kill only once prefill-0 holds an in-flight Prefill call
+            prefilling = {w["worker_id"]: w["prefilling"] for w in _view(cluster)["workers"]}
+            if prefilling.get("prefill-0", 0) > 0:
+                break
+            assert time.monotonic() < deadline, "prefill-0 never held a prefill"
+            assert not all(f.done() for f in futures), "every request finished before prefill-0 held one"
+            time.sleep(0.005)
         cluster.kill("prefill-0")
         results = [f.result() for f in futures]
-    # Every request either completed (retried on prefill-1) or ended with a retriable server error.
-    assert all(r.status_code in (200, 500, 503) for r in results), [r.text for r in results]
-    assert sum(r.status_code == 200 for r in results) >= 5
+    assert [r.status_code for r in results] == [200] * 6, [r.text for r in results if r.status_code != 200]
+    assert _view(cluster)["prefill_retries"] >= retries_before + 1
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and "prefill-0" in {w["worker_id"] for w in cluster.workers()}:
         time.sleep(0.2)

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
+import jsonschema
 import pytest
 import yaml
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (embedded Helm) is not installed")
-jsonschema = pytest.importorskip("jsonschema")
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = ROOT / "helm" / "k2serve"

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import pytest
+from kubernetes.client import ApiClient
 from test_helm_chart import (
     API_KEY_SECRET,
     TLS_SECRET,
@@ -20,9 +21,6 @@ from test_helm_chart import (
     objects,
     render,
 )
-
-kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client is not installed")
-from kubernetes.client import ApiClient  # noqa: E402
 
 API = ApiClient()
 CRDS = {"ScaledObject", "ServiceMonitor"}

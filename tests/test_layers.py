@@ -39,7 +39,7 @@ ONLY_FROM = {
     "testing": {"bench"},  # test and benchmark harnesses: never the server
     "agent": {"bench"},  # the client SDK: the server never imports it
 }
-AGENT_IMPORTS = {"proto"}  # the SDK talks to the server through the public messages only
+AGENT_IMPORTS = {"proto", "extras"}  # the SDK talks to the server through the public messages only
 # Modules that parse command lines (the CLI package, the planner's, the load generator's and the
 # benchmarks' own); everything else takes settings dataclasses.
 MODULE_NAME = re.compile(r"k2serve(\.[a-z_][a-z0-9_]*)+")  # fullmatch below: a whole string

@@ -7,13 +7,12 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from k2serve.config import ModelConfig
 from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.loader import load_model
 from k2serve.model.presets import PRESETS
-
-transformers = pytest.importorskip("transformers")
 
 
 def random_config(seed: int, n_group: int, yarn: bool, dense_layers: int) -> dict[str, Any]:

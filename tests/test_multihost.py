@@ -155,20 +155,38 @@ def expected(tiny_ckpt: Path) -> list[int]:
     return llm.generate([PROMPT], params)[0].token_ids
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, period: float = 0.1) -> float:
-    """Seconds until cond() was true (HTTP errors count as false); AssertionError after `timeout`."""
+def wait_until(
+    cond: Callable[[], bool], timeout: float, period: float = 0.1, explain: Callable[[], str] = str
+) -> float:
+    """Seconds until cond() was true (HTTP errors count as false); AssertionError after `timeout`,
+    with `explain()` (what the attempts saw, the processes' logs) in its message."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         with contextlib.suppress(httpx.HTTPError):
             if cond():
                 return time.monotonic() - t0
         time.sleep(period)
-    raise AssertionError(f"not true within {timeout} s")
+    raise AssertionError(f"not true within {timeout:.1f} s\n{explain()}")
 
 
-def serves(fleet: Fleet, expected: list[int]) -> bool:
-    r = fleet.complete(PROMPT, MAX_TOKENS, timeout=10)
-    return r.status_code == 200 and r.json()["choices"][0]["token_ids"] == expected
+def serves(fleet: Fleet, expected: list[int], seen: list[str] | None = None) -> bool:
+    """One greedy request; True when it returns `expected`. Each attempt's outcome goes into `seen`."""
+    t0 = time.monotonic()
+    try:
+        r = fleet.complete(PROMPT, MAX_TOKENS, timeout=10)
+    except httpx.HTTPError as e:
+        if seen is not None:
+            seen.append(f"+{t0:.2f}: {type(e).__name__} after {time.monotonic() - t0:.2f} s")
+        raise
+    ok = r.status_code == 200 and r.json()["choices"][0]["token_ids"] == expected
+    if seen is not None:
+        seen.append(f"+{t0:.2f}: {r.status_code} after {time.monotonic() - t0:.2f} s: {r.text[:200]}")
+    return ok
+
+
+def fleet_report(fleet: Fleet, seen: list[str]) -> str:
+    logs = "\n".join(f"--- {p.name} log:\n{p.tail()}" for p in fleet.procs)
+    return "attempts (monotonic start):\n" + "\n".join(seen) + "\n" + logs
 
 
 @contextlib.contextmanager
@@ -183,8 +201,15 @@ def decode_unplugged(fleet: Fleet, expected: list[int]) -> Iterator[dict[str, fl
     finally:
         fleet.net["decode"].set_link(True)
         t_up = time.monotonic()
-        timings["rejoin"] = wait_until(lambda: "decode" in fleet.worker_ids(), RECOVER_S)
-        wait_until(lambda: serves(fleet, expected), RECOVER_S - (time.monotonic() - t_up), period=0.5)
+        seen: list[str] = [f"link up at +{t_up:.2f}"]
+
+        def explain() -> str:
+            return fleet_report(fleet, seen)
+
+        timings["rejoin"] = wait_until(lambda: "decode" in fleet.worker_ids(), RECOVER_S, explain=explain)
+        seen.append(f"re-registered at +{time.monotonic():.2f}")
+        left = RECOVER_S - (time.monotonic() - t_up)
+        wait_until(lambda: serves(fleet, expected, seen), left, period=0.5, explain=explain)
         timings["serve"] = time.monotonic() - t_up
 
 

@@ -13,7 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
 import pytest
+import yaml
 
 from k2serve.planner.config import PlannerConfig
 from k2serve.planner.connector import ConnectorError, ScaleAction, VirtualConnector, apply
@@ -21,8 +23,6 @@ from k2serve.planner.kube import MERGE_PATCH, KubernetesConnector, chart_fullnam
 from k2serve.planner.observation import Observation, RoleLoad
 from k2serve.planner.policy import Planner
 from k2serve.planner.ray_actors import RayConnector
-
-kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client is not installed")
 
 NS = "llm"
 NAMES = {"prefill": "k2-k2serve-prefill", "decode": "k2-k2serve-decode"}
@@ -273,9 +273,6 @@ def test_kubernetes_group_size_from_ep_flag_and_bad_sizes_named() -> None:
 def test_kubernetes_connector_on_the_rendered_ep_chart() -> None:
     """The StatefulSets as the chart renders them with decode groups of 2: the connector reads the
     chart's annotation, reports the values' group counts, and scales decode in pairs of pods."""
-    helm = pytest.importorskip("helm_python", reason="helm-python-sdk (embedded Helm) is not installed")
-    import yaml
-
     values = {"prefill": {"replicas": 2}, "decode": {"replicas": 3, "ep": {"size": 2}}}
     sets = _chart_statefulsets(helm, yaml, values, "k2")
     assert sets[NAMES["decode"]]["metadata"]["annotations"]["k2serve.io/ep-size"] == "2"
@@ -313,9 +310,6 @@ def test_fullname_follows_the_chart_helper() -> None:
 
 
 def test_statefulset_names_match_the_rendered_chart() -> None:
-    helm = pytest.importorskip("helm_python", reason="helm-python-sdk (embedded Helm) is not installed")
-    import yaml
-
     for release, values in (("k2", {}), ("k2serve-prod", {}), ("k2", {"fullnameOverride": "kimi"})):
         sets = _chart_statefulsets(helm, yaml, values, release)
         names = statefulset_names(release, fullname_override=values.get("fullnameOverride"))

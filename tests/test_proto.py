@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import struct
 import subprocess
 import sys
 from concurrent import futures
@@ -10,8 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
 from k2serve.proto import api_pb2, common_pb2, kv_transfer_pb2, registry_pb2, registry_pb2_grpc, worker_pb2
 from k2serve.proto.limits import KV_CHUNK_MAX_BYTES, KV_MAX_MESSAGE_BYTES, grpc_options
+from k2serve.rpc.convert import sampling_from_proto, sampling_to_proto
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GEN_SCRIPT = REPO_ROOT / "scripts" / "gen_proto.py"
@@ -160,3 +164,64 @@ def test_generated_stubs_serve_a_call() -> None:
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop(grace=None)
+
+
+# ---- SamplingParams across the process boundary --------------------------------------------------------
+
+# A value for every SamplingParams field that differs from its default (a field added without one here
+# fails test_every_sampling_field_roundtrips, so it cannot be dropped on the way to a worker again).
+NON_DEFAULT_SAMPLING = {
+    "n": 2,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 17,
+    "min_p": 0.05,
+    "seed": 1234,
+    "max_tokens": 33,
+    "min_tokens": 3,
+    "stop": ["</s>", "\n\n"],
+    "stop_token_ids": [7, 9],
+    "ignore_eos": True,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.25,
+    "repetition_penalty": 1.25,
+    "logprobs": 3,
+    "skip_special_tokens": False,
+}
+
+
+def test_every_sampling_field_has_a_proto_field() -> None:
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert fields == set(NON_DEFAULT_SAMPLING), "update NON_DEFAULT_SAMPLING for the new field"
+    assert fields <= set(common_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+def as_float32(p: SamplingParams) -> SamplingParams:
+    """`p` with its float fields rounded to float32: the wire's `float`, and what the sampler computes
+    in (engine/sampler.py builds float32 row tensors), so the rounding changes no token."""
+    rounded = {
+        f.name: struct.unpack("f", struct.pack("f", getattr(p, f.name)))[0]
+        for f in dataclasses.fields(p)
+        if isinstance(getattr(p, f.name), float)
+    }
+    return dataclasses.replace(p, **rounded)
+
+
+def test_every_sampling_field_roundtrips() -> None:
+    defaults = SamplingParams()
+    for name, value in NON_DEFAULT_SAMPLING.items():
+        assert getattr(defaults, name) != value, name
+    p = SamplingParams(**NON_DEFAULT_SAMPLING)
+    wire = common_pb2.SamplingParams.FromString(sampling_to_proto(p).SerializeToString())
+    assert sampling_from_proto(wire) == as_float32(p)
+    # each field alone, so one field's value cannot hide another's loss
+    for name, value in NON_DEFAULT_SAMPLING.items():
+        one = SamplingParams(**{name: value})
+        assert sampling_from_proto(sampling_to_proto(one), default_max_tokens=16) == as_float32(one), name
+
+
+def test_unset_sampling_fields_take_the_defaults() -> None:
+    assert sampling_from_proto(common_pb2.SamplingParams(), default_max_tokens=16) == SamplingParams()
+    assert sampling_from_proto(common_pb2.SamplingParams(), default_max_tokens=5).max_tokens == 5
+    with pytest.raises(SamplingParamsError, match="repetition_penalty"):
+        sampling_from_proto(common_pb2.SamplingParams(repetition_penalty=0.0))

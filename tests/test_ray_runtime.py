@@ -19,16 +19,14 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+import ray
 import torch
 from conftest import local_cluster_spec
 
 from k2serve.cluster.local import ClusterSpec, LocalCluster
+from k2serve.cluster.ray_plan import RayOptions
+from k2serve.cluster.ray_runtime import RayCluster, RayRuntimeError
 from k2serve.rpc.tls import TLSFiles
-
-ray = pytest.importorskip("ray")
-
-from k2serve.cluster.ray_plan import RayOptions  # noqa: E402
-from k2serve.cluster.ray_runtime import RayCluster, RayRuntimeError  # noqa: E402
 
 if TYPE_CHECKING:
     from conftest import PKI  # the `pki` fixture's certificates

@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from k2serve.agent.errors import TransportError
 from k2serve.agent.transport import Message, SamplingOptions, Transport, Turn, assistant_message
+from k2serve.extras import MissingExtraError
 
 if TYPE_CHECKING:
     import openai
@@ -34,7 +35,10 @@ class HTTPTransport(Transport):
     @classmethod
     def connect(cls, base_url: str, api_key: str | None = None, timeout_s: float = 600.0) -> HTTPTransport:
         """A transport to the router at `base_url` (e.g. "http://127.0.0.1:8000", without /v1)."""
-        import openai
+        try:
+            import openai
+        except ImportError as e:
+            raise MissingExtraError("openai", "agent", "HTTPTransport") from e
 
         client = openai.OpenAI(  # no key: "anonymous", the owner a keyless server gives every session
             base_url=base_url.rstrip("/") + "/v1",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from k2serve.config import ModelConfig
+from k2serve.extras import MissingExtraError
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -88,7 +89,10 @@ def run_engine(
 def run_transformers(
     model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
 ) -> dict[str, Any]:
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingExtraError("transformers", "hf", "the transformers baseline") from e
 
     cfg = ModelConfig.from_file(model_dir)
     hf_cfg = transformers.DeepseekV3Config(

@@ -4,11 +4,13 @@ Workload: `--streams` requests decode continuously (short prompts, long outputs,
 prompts (`--long-len` tokens, 1 output token) arrive every `--long-every` seconds. Three runs, each
 with the same total CPU budget (`--threads` torch threads in all):
   1. decode-alone: the colocated engine with the decode streams only (the baseline TPOT);
-  2. colocated: one engine (`--threads` threads) with both kinds of requests;
+  2. colocated: one engine (`--threads` threads, prefill chunks of `--colocated-chunk` tokens: a
+     colocated engine bounds each step's prefill work to keep its decodes flowing) with both kinds;
   3. disaggregated: the local cluster, prefill and decode workers with `--threads // 2` threads each.
 Reports p50/p99 TPOT (per stream, mean time per output token after the first) and ITL, and the long
 requests' TTFT. Target: disaggregated p99 TPOT within 1.3x of decode-alone, while colocated shows the
-interference.
+interference. Every engine is a process of its own (`k2serve serve`, or the cluster's workers); this
+process only generates the load.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from pathlib import Path
 
 import httpx
 import torch
+
+# The colocated engine's step budget (prefill chunk), chosen with `--colocated-chunk` sweeps on `small`
+# (BENCHMARKS.md, "Interference"): the smallest chunk whose long-prompt TTFT stays within 1.2x of one
+# 2,048-token step, since smaller chunks protect decodes at the long prompts' expense.
+COLOCATED_CHUNK = 512
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -102,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-len", type=int, default=1536)
     ap.add_argument("--long-every", type=float, default=2.0, help="seconds between long prompts")
     ap.add_argument("--max-long", type=int, default=20)
+    ap.add_argument(
+        "--colocated-chunk",
+        type=int,
+        default=COLOCATED_CHUNK,
+        help="max tokens per step of the colocated engine (its prefill chunk budget)",
+    )
     args = ap.parse_args(argv)
-    from k2serve.api.openai_app import build_app
+    from k2serve.bench.serve_process import serve_process
     from k2serve.cluster.local import ClusterSpec, LocalCluster
     from k2serve.config import ModelConfig
-    from k2serve.engine.async_engine import AsyncEngine
-    from k2serve.engine.config import EngineConfig
-    from k2serve.testing.app_server import serve_in_thread
 
     model = Path(args.model) if args.model else Path(tempfile.gettempdir()) / "k2serve-bench/small-none"
     if not (model / "config.json").exists():
@@ -117,20 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         write_checkpoint(model, "small", seed=0)
     vocab = ModelConfig.from_file(model).vocab_size - 256
     results: dict[str, dict[str, float]] = {}
-    torch.set_num_threads(args.threads)
-    engine = AsyncEngine.from_pretrained(
-        model,
-        getattr(torch, args.dtype),
-        EngineConfig(kv_cache_bytes=1 << 30, enable_prefix_caching=False, max_num_batched_tokens=2048),
-    )
-    engine.start()
-    try:
-        with serve_in_thread(build_app(engine)) as url:
-            asyncio.run(workload(url, vocab, args, with_long=False))  # warm-up
-            results["decode-alone"] = asyncio.run(workload(url, vocab, args, with_long=False))
-            results["colocated"] = asyncio.run(workload(url, vocab, args, with_long=True))
-    finally:
-        engine.shutdown()
+    colocated_args = ["--kv-cache-mb", "1024", "--no-prefix-caching"]
+    colocated_args += ["--max-num-batched-tokens", str(args.colocated_chunk)]
+    logs = Path(tempfile.mkdtemp(prefix="k2serve-bench-interference-"))
+    with serve_process(model, args.dtype, colocated_args, args.threads, logs / "serve.log") as url:
+        asyncio.run(workload(url, vocab, args, with_long=False))  # warm-up
+        results["decode-alone"] = asyncio.run(workload(url, vocab, args, with_long=False))
+        results["colocated"] = asyncio.run(workload(url, vocab, args, with_long=True))
     half = str(max(1, args.threads // 2))
     spec = ClusterSpec(
         model_dir=str(model),
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     base = results["decode-alone"]["tpot_p99_ms"]
     print(
         f"{model.name}: {args.streams} decode streams ({args.short_len} in / {args.output_len} out) + a "
-        f"{args.long_len}-token prompt every {args.long_every:g} s; {args.threads} threads per setup"
+        f"{args.long_len}-token prompt every {args.long_every:g} s; {args.threads} threads per setup; "
+        f"colocated chunk {args.colocated_chunk} tokens"
     )
     print(
         f"{'setup':>14}  {'TPOT p50':>9}  {'TPOT p99':>9}  {'ITL p99':>9}  {'p99/alone':>9}  {'long TTFT p50':>13}"

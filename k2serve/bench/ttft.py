@@ -2,7 +2,8 @@
 
 The same prompt (random token ids) goes, alternately and one at a time, to (a) a local cluster (router +
 1 prefill + 1 decode process, the latent KV moving over the chosen transfer backend) and (b) one engine
-behind the same HTTP API in this process. Both answer `max_tokens=1` completions, so the latency is the
+behind the same HTTP API (`k2serve serve`, a process of its own; this process only sends requests), each
+engine process with the same number of torch threads. Both answer `max_tokens=1` completions, so the latency is the
 TTFT as a client sees it. Reports medians and the ratio (target: disaggregated <= 1.15x colocated).
 """
 
@@ -36,13 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--transfer-backend", default="torch", choices=("grpc", "torch"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each engine process")
     args = ap.parse_args(argv)
-    from k2serve.api.openai_app import build_app
+    from k2serve.bench.serve_process import serve_process
     from k2serve.cluster.local import ClusterSpec, LocalCluster
     from k2serve.config import ModelConfig
-    from k2serve.engine.async_engine import AsyncEngine
-    from k2serve.engine.config import EngineConfig
-    from k2serve.testing.app_server import serve_in_thread
 
     model = (
         Path(args.model) if args.model else Path(tempfile.gettempdir()) / f"k2serve-bench/{args.preset}-none"
@@ -77,36 +76,28 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         engine_args=engine_args,
         transfer_backend=args.transfer_backend,
+        env={"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)},
     )
-    local = AsyncEngine.from_pretrained(
-        model,
-        getattr(torch, args.dtype),
-        EngineConfig(
-            kv_cache_bytes=512 << 20,
-            enable_prefix_caching=False,
-            max_num_batched_tokens=max(2048, args.prompt_len),
-        ),
-    )
-    local.start()
     disagg: list[float] = []
     coloc: list[float] = []
     g = torch.Generator().manual_seed(0)
-    try:
-        with LocalCluster(spec) as cluster, serve_in_thread(build_app(local)) as url:
-            for i in range(args.repeats + 1):
-                prompt = torch.randint(0, cfg.vocab_size - 256, (args.prompt_len,), generator=g).tolist()
-                a, b = _ttft(cluster.http_url, prompt), _ttft(url, prompt)
-                if i:  # the first round warms both up
-                    disagg.append(a)
-                    coloc.append(b)
-                print(
-                    f"  round {i}: disaggregated {a * 1e3:8.1f} ms   colocated {b * 1e3:8.1f} ms"
-                    + ("  (warm-up)" if not i else ""),
-                    flush=True,
-                )
-            w = httpx.get(f"{cluster.http_url}/cluster/workers").json()
-    finally:
-        local.shutdown()
+    logs = Path(tempfile.mkdtemp(prefix="k2serve-bench-ttft-"))
+    with (
+        LocalCluster(spec) as cluster,
+        serve_process(model, args.dtype, engine_args, args.threads, logs / "serve.log") as url,
+    ):
+        for i in range(args.repeats + 1):
+            prompt = torch.randint(0, cfg.vocab_size - 256, (args.prompt_len,), generator=g).tolist()
+            a, b = _ttft(cluster.http_url, prompt), _ttft(url, prompt)
+            if i:  # the first round warms both up
+                disagg.append(a)
+                coloc.append(b)
+            print(
+                f"  round {i}: disaggregated {a * 1e3:8.1f} ms   colocated {b * 1e3:8.1f} ms"
+                + ("  (warm-up)" if not i else ""),
+                flush=True,
+            )
+        w = httpx.get(f"{cluster.http_url}/cluster/workers").json()
     d, c = statistics.median(disagg), statistics.median(coloc)
     print(
         f"KV sending overlapped with compute: {w['exposed_transfer_ms']:.1f} ms of transfer still on the wire "

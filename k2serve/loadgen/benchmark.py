@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -13,6 +13,7 @@ from k2serve.loadgen.client import Client
 from k2serve.loadgen.config import BenchConfig
 from k2serve.loadgen.dataset import BenchRequest, random_requests
 from k2serve.loadgen.progress import Progress
+from k2serve.loadgen.record import RequestRecord
 from k2serve.loadgen.runner import RunResult, run_load
 from k2serve.loadgen.stats import SLO, summarize
 from k2serve.loadgen.trace import TraceScaling, best_hit_ratio, read_trace, trace_requests
@@ -90,9 +91,17 @@ async def _run(
     return result, trace_info
 
 
+def _plot_writer() -> Callable[[Sequence[RequestRecord], float, str | Path], list[Path]]:
+    """The plot writer; raises MissingExtraError naming the `plot` extra when matplotlib is absent."""
+    from k2serve.loadgen.plots import write_plots  # matplotlib is optional: imported only when asked
+
+    return write_plots
+
+
 def run_benchmark(config: BenchConfig, command: str, progress_stream: TextIO | None = None) -> dict[str, Any]:
     """Run, summarise, and write the result JSON and plots the config asks for; returns the result
     (the JSON's content). `command` is the command line that reproduces the run."""
+    write_plots = _plot_writer() if config.plot_dir is not None else None  # fails before the run
     started = time.time()
     result, trace_info = asyncio.run(_run(config, progress_stream))
     records = sorted(result.records, key=lambda r: r.index)
@@ -110,9 +119,7 @@ def run_benchmark(config: BenchConfig, command: str, progress_stream: TextIO | N
         **summary,
         "plots": [],
     }
-    if config.plot_dir is not None:
-        from k2serve.loadgen.plots import write_plots
-
+    if write_plots is not None and config.plot_dir is not None:
         out["plots"] = [str(p) for p in write_plots(records, config.warmup_s, config.plot_dir)]
     out["requests"] = [r.to_json() for r in records]
     if config.result_json is not None:

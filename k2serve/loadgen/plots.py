@@ -6,11 +6,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from k2serve.extras import MissingExtraError
 from k2serve.loadgen.record import RequestRecord
 from k2serve.loadgen.stats import in_flight_curve
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+except ImportError as e:  # a base install: plots are an optional extra
+    raise MissingExtraError("matplotlib", "plot", "--plot-dir") from e
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from k2serve.extras import MissingExtraError
 from k2serve.planner.config import ROLES
 from k2serve.planner.connector import Connector, ConnectorError, check_request
 
@@ -104,7 +105,10 @@ class KubernetesConnector(Connector):
         kubeconfig file (default ~/.kube/config, current context)."""
         import os
 
-        from kubernetes import client, config
+        try:
+            from kubernetes import client, config
+        except ImportError as e:
+            raise MissingExtraError("kubernetes", "kube", "the Kubernetes connector") from e
 
         if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()

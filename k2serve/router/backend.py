@@ -62,6 +62,7 @@ class ClusterBackend:
         self.bytes_transferred = 0
         self.local_prefill_threshold = local_prefill_threshold
         self.local_prefills = 0  # session turns served by their holder without a prefill worker
+        self.prefill_retries = 0  # prefills that failed retriably and were sent to another worker
         # Early rejection: predicted TTFT = prompt tokens waiting for prefill (this one included) / the
         # prefill throughput the cluster showed (EWMA of tokens per second of compute, per worker).
         self.max_predicted_ttft_s = max_predicted_ttft_s
@@ -198,6 +199,7 @@ class ClusterBackend:
                         tried.update(r.worker_ids)
                         if attempt == 1:
                             raise BackendFailure(str(r), rid) from r
+                        self.prefill_retries += 1
             finally:
                 self.pending_prefill_tokens -= n
             cached = first.num_cached_tokens
@@ -362,6 +364,7 @@ class ClusterBackend:
             block_ids=res.block_ids,
             block_size=res.block_size,
         )
+        pre.prefilling += 1
         try:
             first = await pre.prefill_stub.Prefill(
                 worker_pb2.PrefillRequest(
@@ -394,6 +397,8 @@ class ClusterBackend:
                     f"prefill on {pre.worker_id}: {e.code().name}: {e.details()}", [pre.worker_id]
                 ) from e
             raise error_of(e, rid, f"prefill on {pre.worker_id}") from e
+        finally:
+            pre.prefilling -= 1
 
 
 def _cancelled_by_caller() -> bool:

@@ -35,6 +35,7 @@ class Worker:
     last_seen: float = field(default_factory=time.monotonic)
     load: registry_pb2.WorkerLoad = field(default_factory=registry_pb2.WorkerLoad)
     in_flight: int = 0  # requests the router has sent and not seen finish
+    prefilling: int = 0  # Prefill calls to this worker under way now
     failures: int = 0
     draining_since: float | None = None  # deregistered: no new requests; removed once idle
 

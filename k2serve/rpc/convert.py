@@ -1,58 +1,42 @@
 """Conversions between protobuf messages and the engine's Python types (one place, both directions):
-sampling parameters and token log-probabilities. Chat messages and finish reasons, which clients
-convert too, live in `k2serve.proto.messages`."""
+sampling parameters (field by field, by name: a SamplingParams field without a proto twin fails the
+round-trip tests) and token log-probabilities. Chat messages and finish reasons, which clients convert
+too, live in `k2serve.proto.messages`."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 from k2serve.engine.sampler import TokenLogprobs
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import common_pb2
 
+_REPEATED_SAMPLING = ("stop", "stop_token_ids")
+
 
 def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
-    m = common_pb2.SamplingParams(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        max_tokens=p.max_tokens,
-        min_tokens=p.min_tokens,
-        stop=list(p.stop),
-        stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-    )
-    if p.seed is not None:
-        m.seed = p.seed
-    if p.logprobs is not None:
-        m.logprobs = p.logprobs
+    """Every field of `p` into the field of the same name (None leaves an optional field unset)."""
+    m = common_pb2.SamplingParams()
+    for f in dataclasses.fields(p):
+        value = getattr(p, f.name)
+        if f.name in _REPEATED_SAMPLING:
+            getattr(m, f.name).extend(value)
+        elif value is not None:
+            setattr(m, f.name, value)
     return m
 
 
 def sampling_from_proto(m: common_pb2.SamplingParams, default_max_tokens: int = 16) -> SamplingParams:
-    """Unset optional fields take SamplingParams' defaults; raises SamplingParamsError naming a bad field."""
-    kw: dict[str, object] = {}
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "min_tokens",
-        "presence_penalty",
-        "frequency_penalty",
-        "logprobs",
-    ):
-        if m.HasField(name):
-            kw[name] = getattr(m, name)
-    kw["max_tokens"] = m.max_tokens if m.HasField("max_tokens") else default_max_tokens
-    return SamplingParams(
-        stop=list(m.stop),
-        stop_token_ids=list(m.stop_token_ids),
-        ignore_eos=m.ignore_eos,
-        **kw,  # type: ignore[arg-type]
-    )
+    """Unset optional fields take SamplingParams' defaults (max_tokens: `default_max_tokens`); raises
+    SamplingParamsError naming a bad field."""
+    kw: dict[str, Any] = {"max_tokens": default_max_tokens}
+    for f in dataclasses.fields(SamplingParams):
+        if f.name in _REPEATED_SAMPLING:
+            kw[f.name] = list(getattr(m, f.name))
+        elif not m.DESCRIPTOR.fields_by_name[f.name].has_presence or m.HasField(f.name):
+            kw[f.name] = getattr(m, f.name)
+    return SamplingParams(**kw)
 
 
 def logprob_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprob:
