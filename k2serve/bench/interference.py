@@ -27,10 +27,10 @@ from pathlib import Path
 import httpx
 import torch
 
-# The colocated engine's step budget (prefill chunk), chosen with `--colocated-chunk` sweeps on `small`
-# (BENCHMARKS.md, "Interference"): the smallest chunk whose long-prompt TTFT stays within 1.2x of one
-# 2,048-token step, since smaller chunks protect decodes at the long prompts' expense.
-COLOCATED_CHUNK = 512
+# The colocated engine's step budget (prefill chunk), chosen by a `--colocated-chunk` sweep (256, 512,
+# 1,024, 2,048) on `small` (BENCHMARKS.md, "Disaggregation pays off"): 256 gave both the lowest decode
+# p99 TPOT and the lowest long-prompt TTFT of the four.
+COLOCATED_CHUNK = 256
 
 
 def pct(xs: list[float], q: float) -> float:
