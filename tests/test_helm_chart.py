@@ -72,6 +72,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "router": {"allowFrom": [{"namespaceSelector": {"matchLabels": {"name": "gateway"}}}]},
         "tls": {"enabled": True, "existingSecret": TLS_SECRET},
     },
+    "planner": {
+        "planner": {
+            "enabled": True,
+            "prefill": {"maxReplicas": 6},
+            "decode": {"minReplicas": 2},
+            "extraArgs": ["--kv-high", "0.85"],
+        },
+        "tls": {"enabled": True, "existingSecret": TLS_SECRET, "caKey": "ca.crt"},
+        "apiKey": {"existingSecret": API_KEY_SECRET, "key": "key"},
+    },
     "minimal": {
         "redis": {"enabled": False},
         "networkPolicy": {"enabled": False},

@@ -9,10 +9,14 @@ Parsing stops here.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
+
+import httpx
 
 from k2serve.planner.config import PlannerConfig, PlannerConfigError, RoleLimits, SimParams
 
@@ -48,6 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="virtual",
         help="virtual: decide and print only; kubernetes: scale the chart's StatefulSets (in whole "
         "expert-parallel groups); local: start a LocalCluster (--model) and scale its processes",
+    )
+    mode.add_argument(
+        "--router-ca", default=None, help="CA bundle the router's HTTPS certificate is verified against"
+    )
+    mode.add_argument(
+        "--api-key",
+        default=os.environ.get("K2SERVE_API_KEY"),
+        help="the router's API key, sent as a bearer token (default: $K2SERVE_API_KEY)",
     )
     mode.add_argument("--interval", type=float, default=s.interval_s, help="seconds between decisions")
     mode.add_argument("--verbose", action="store_true", help="print holds too, not only changes")
@@ -172,6 +184,14 @@ def dry_run(args: argparse.Namespace, config: PlannerConfig) -> int:
     return 0
 
 
+def router_client(ca_file: str | None, api_key: str | None, timeout_s: float = 5.0) -> httpx.Client:
+    """The planner's HTTP client for the router: verifies HTTPS against `ca_file` (default: the system
+    CAs) and sends `api_key` as a bearer token when given."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+    return httpx.Client(timeout=timeout_s, headers=headers, verify=verify)
+
+
 def live(args: argparse.Namespace, config: PlannerConfig) -> int:
     from k2serve.planner.connector import Connector, VirtualConnector
     from k2serve.planner.loop import run_planner
@@ -181,6 +201,7 @@ def live(args: argparse.Namespace, config: PlannerConfig) -> int:
     cluster = None
     connector: Connector
     url = args.router
+    client = router_client(args.router_ca, args.api_key)
     if args.connector == "kubernetes":
         from k2serve.planner.kube import KubernetesConnector, statefulset_names
 
@@ -206,15 +227,13 @@ def live(args: argparse.Namespace, config: PlannerConfig) -> int:
         connector = LocalConnector(cluster, args.drain_timeout)
         print(cluster.status_table(), flush=True)
     else:
-        import httpx
-
-        workers = httpx.get(f"{url.rstrip('/')}/cluster/workers", timeout=5).json()["workers"]
+        workers = client.get(f"{url.rstrip('/')}/cluster/workers").raise_for_status().json()["workers"]
         counts = {r: sum(1 for w in workers if w["role"] == r) for r in ("prefill", "decode")}
         connector = VirtualConnector(counts)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    scraper = RouterScraper(url, connector.replicas, config.quantile)
+    scraper = RouterScraper(url, connector.replicas, config.quantile, client=client)
     print(f"# planner on {url} through the {args.connector} connector; Ctrl-C stops", flush=True)
     try:
         run_planner(Planner(config), scraper.observe, connector, args.interval, stop, verbose=args.verbose)
@@ -229,8 +248,6 @@ def live(args: argparse.Namespace, config: PlannerConfig) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run what the parsed flags ask for. Exit status 0, or 2 (with the reason on stderr) for bad or
     inconsistent flags, an unreadable or invalid trace, or a router / API server unreachable at start."""
-    import httpx
-
     from k2serve.loadgen.trace import TraceFormatError
 
     try:

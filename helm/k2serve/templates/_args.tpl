@@ -111,3 +111,28 @@ rendezvous that rank 0 of the group, pod (i - rank), hosts on ep.port.
 {{- list "sh" "-c" $script "k2serve" | toJson -}}
 {{- end -}}
 {{- end -}}
+
+{{/* `k2serve planner` with the Kubernetes connector, scaling this release's worker StatefulSets. The
+API key (for the router's /cluster/workers) comes from $K2SERVE_API_KEY. */}}
+{{- define "k2serve.args.planner" -}}
+{{- $v := .Values -}}
+{{- $p := $v.planner -}}
+{{- $scheme := ternary "https" "http" $v.tls.enabled -}}
+{{- $router := printf "%s://%s.%s.svc:%d" $scheme (include "k2serve.componentName" (dict "root" . "component" "router")) .Release.Namespace (int $v.router.httpPort) -}}
+{{- $args := list "planner" "--connector" "kubernetes" "--router" $router
+  "--namespace" .Release.Namespace
+  "--statefulset-prefill" (include "k2serve.componentName" (dict "root" . "component" "prefill"))
+  "--statefulset-decode" (include "k2serve.componentName" (dict "root" . "component" "decode"))
+  "--interval" (toString $p.interval)
+  "--ttft-slo" (toString $p.ttftSlo)
+  "--itl-slo" (toString $p.itlSlo)
+  "--quantile" (toString $p.quantile)
+  "--min-prefill" (printf "%d" (int $p.prefill.minReplicas))
+  "--max-prefill" (printf "%d" (int $p.prefill.maxReplicas))
+  "--min-decode" (printf "%d" (int $p.decode.minReplicas))
+  "--max-decode" (printf "%d" (int $p.decode.maxReplicas)) -}}
+{{- if $v.tls.enabled -}}
+{{- $args = concat $args (list "--router-ca" "/etc/k2serve/tls/ca.crt") -}}
+{{- end -}}
+{{- concat $args $p.extraArgs | toJson -}}
+{{- end -}}

@@ -123,4 +123,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail (printf "%s.autoscaling: minReplicas (%d) exceeds maxReplicas (%d)" $role (int $as.minReplicas) (int $as.maxReplicas)) -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.planner.enabled -}}
+{{- $p := .Values.planner -}}
+{{- range $role := list "prefill" "decode" -}}
+{{- if (index $.Values $role).autoscaling.enabled -}}
+{{- fail (printf "planner.enabled with %s.autoscaling.enabled: the planner and the autoscaler would both set the %s StatefulSet's replicas; turn one off" $role $role) -}}
+{{- end -}}
+{{- $b := index $p $role -}}
+{{- if gt (int $b.minReplicas) (int $b.maxReplicas) -}}
+{{- fail (printf "planner.%s: minReplicas (%d) exceeds maxReplicas (%d)" $role (int $b.minReplicas) (int $b.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.caKey) -}}
+{{- fail "planner.enabled with tls.enabled needs tls.caKey: the planner verifies the router's certificate against that CA" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
