@@ -11,7 +11,15 @@ from typing import Any
 import helm_python as helm
 import pytest
 from kubernetes import client
-from test_helm_chart import API_KEY_SECRET, NAMESPACE, TLS_SECRET, VALUE_SETS, by_name, render, render_manifests
+from test_helm_chart import (
+    API_KEY_SECRET,
+    NAMESPACE,
+    TLS_SECRET,
+    VALUE_SETS,
+    by_name,
+    render,
+    render_manifests,
+)
 from test_helm_objects import FULL, pod_specs
 from test_planner_connectors import StandInAPIServer
 
