@@ -223,10 +223,7 @@ def test_router_redis_password_is_a_mounted_secret_file() -> None:
     assert "REDIS_URL" not in _router_env(VALUE_SETS["minimal"])
 
 
-REDIS_TLS = {
-    "tls": {"enabled": True, "existingSecret": TLS_SECRET, "caKey": "ca.crt"},
-    "redis": {"tls": {"enabled": True}},
-}
+REDIS_TLS = VALUE_SETS["redis-tls"]
 
 
 def test_redis_over_tls_with_client_certificates() -> None:
