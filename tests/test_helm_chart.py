@@ -90,6 +90,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "decode": {"pdb": {"enabled": False}},
         "serviceAccount": {"create": False},
     },
+    "redis-tls": {  # mutual TLS everywhere, Redis over TLS with client certificates
+        "tls": {"enabled": True, "existingSecret": TLS_SECRET, "caKey": "ca.crt"},
+        "redis": {"tls": {"enabled": True}, "auth": {"existingSecret": REDIS_SECRET, "key": "password"}},
+    },
 }
 
 

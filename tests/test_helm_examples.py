@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_helm_chart import ROOT, lint_errors, objects
+from test_helm_chart import NAMESPACE, ROOT, lint_errors, objects
 from test_helm_cli_args import invocations, parse
 from test_helm_objects import FULL
 
@@ -48,3 +48,26 @@ def test_gpu_example_shape() -> None:
     workers = [parse(argv) for _, _, argv in invocations(values) if argv[0] in ("prefill", "decode")]
     assert {(ns.transfer_backend, ns.tls_cert) for ns in workers} == {("grpc", "/etc/k2serve/tls/tls.crt")}
     assert ("Secret", f"{FULL}-redis-auth") not in kinds  # the password comes from k2-redis
+
+
+def test_gpu_example_encrypts_and_authenticates_every_hop() -> None:
+    """Its comment says every hop is encrypted: mutual TLS on every k2serve process (each presents the
+    certificate and requires peers signed by the CA), and Redis over TLS only, with client
+    certificates required and the router dialling rediss:// with its certificate and the CA."""
+    values = load(ROOT / "deploy" / "values" / "gpu-kimi-k2.yaml")
+    runs = [parse(argv) for _, _, argv in invocations(values) if argv[0] in ("router", "prefill", "decode")]
+    assert {(ns.tls_cert, ns.tls_key, ns.tls_ca) for ns in runs} == {
+        ("/etc/k2serve/tls/tls.crt", "/etc/k2serve/tls/tls.key", "/etc/k2serve/tls/ca.crt")
+    }
+    (router,) = [ns for ns in runs if ns.command == "router"]
+    assert router.redis_url == f"rediss://{FULL}-redis.{NAMESPACE}.svc:6379/0"
+    assert (router.redis_ca, router.redis_cert, router.redis_key) == (
+        "/etc/k2serve/tls/ca.crt",
+        "/etc/k2serve/tls/tls.crt",
+        "/etc/k2serve/tls/tls.key",
+    )
+    assert router.redis_password_file == "/etc/k2serve/redis/password"  # noqa: S105 - a path
+    (redis,) = [o for o in objects(values, "StatefulSet") if o["metadata"]["name"] == f"{FULL}-redis"]
+    script = " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--port 0 --tls-port 6379" in script and "--tls-auth-clients yes" in script
+    assert "--tls-ca-cert-file /etc/redis/tls/ca.crt" in script

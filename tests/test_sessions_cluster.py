@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from conftest import local_cluster_spec
 
 from k2serve.chat.prompt import PromptEncoder
@@ -60,6 +61,27 @@ def expected_reply(ckpt: Path, messages: list[dict]) -> str:
     llm = LLM(ckpt, engine_config=EngineConfig(num_kv_blocks=512, block_size=8))
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0]
     return out.text
+
+
+def test_embedded_redis_password_stays_off_command_lines(cluster: LocalCluster) -> None:
+    """`up`'s own Redis listens on 127.0.0.1 and wants the password generated for this cluster, which
+    reaches the router by file: no process's command line or environment holds it."""
+    assert cluster.redis is not None and cluster.redis_connection is not None
+    assert cluster.redis_connection.url == f"redis://127.0.0.1:{cluster.redis.port}/0"
+    password = cluster.redis_connection.password()
+    assert password
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=cluster.redis.port, socket_timeout=5).ping()
+    assert cluster.redis.client().config_get("bind") == {"bind": "127.0.0.1"}
+    for pid in [cluster.redis.pid, *(p.popen.pid for p in cluster.procs)]:
+        for part in ("cmdline", "environ"):
+            assert password.encode() not in Path(f"/proc/{pid}/{part}").read_bytes(), (pid, part)
+    router = next(p for p in cluster.procs if p.name == "router")
+    cmdline = Path(f"/proc/{router.popen.pid}/cmdline").read_bytes().split(b"\0")
+    assert (
+        cmdline[cmdline.index(b"--redis-password-file") + 1]
+        == str(cluster.dir / "redis" / "password").encode()
+    )
 
 
 def test_session_crud_and_owner_isolation(cluster: LocalCluster) -> None:

@@ -126,6 +126,29 @@ def add_tls_args(s: argparse.ArgumentParser, peers: bool = True) -> None:
     )
 
 
+def add_redis_args(s: argparse.ArgumentParser, help_url: str) -> None:
+    """The session store's Redis (see k2serve.sessions.connection)."""
+    g = s.add_argument_group("Redis (session store)")
+    g.add_argument("--redis-url", default=None, metavar="URL", help=help_url)
+    g.add_argument(
+        "--redis-password-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the Redis password (default: $REDIS_PASSWORD_FILE); keeps it out of the "
+        "URL and the process list",
+    )
+    g.add_argument(
+        "--redis-ca",
+        default=None,
+        metavar="PEM",
+        help="CA that signs the Redis server's certificate (rediss:// URLs; default: the system roots)",
+    )
+    g.add_argument(
+        "--redis-cert", default=None, metavar="PEM", help="client certificate for Redis (rediss://)"
+    )
+    g.add_argument("--redis-key", default=None, metavar="PEM", help="private key of --redis-cert")
+
+
 def add_api_args(s: argparse.ArgumentParser, port: int = 8000, tls_peers: bool = False) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=port, help="HTTP port of the OpenAI-compatible API")
@@ -184,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--heartbeat-timeout", type=float, default=5.0, help="seconds without heartbeat before removal"
     )
-    s.add_argument("--redis-url", default=None, help="session store (default: $REDIS_URL)")
+    add_redis_args(
+        s, "session store: redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS (default: $REDIS_URL)"
+    )
     s.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429")
     s.add_argument(
         "--max-ttft-ms",
@@ -219,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_transfer_backend_arg(s, "KV transfer between the workers")
     add_tls_args(s)
-    s.add_argument(
-        "--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)"
+    add_redis_args(
+        s,
+        "use this Redis instead of the embedded one ($REDIS_URL); the embedded one listens on "
+        "127.0.0.1 with a password generated per cluster",
     )
     s.add_argument("--api-key", default=None)
     s.add_argument(

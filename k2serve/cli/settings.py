@@ -20,6 +20,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.model.checkpoint import preset_checkpoint
 from k2serve.router.settings import RouterSettings
 from k2serve.rpc.tls import TLSConfigError, TLSFiles
+from k2serve.sessions.connection import RedisConnection
 from k2serve.worker.settings import WorkerSettings
 
 API_KEY_ENV = "K2SERVE_API_KEY"
@@ -65,6 +66,21 @@ def tls_files(args: argparse.Namespace) -> TLSFiles | None:
     if cert is None or key is None:
         raise TLSConfigError("--tls-cert and --tls-key go together", cert or key)
     return TLSFiles(cert, key, ca, name)
+
+
+def redis_connection(args: argparse.Namespace) -> RedisConnection | None:
+    """The session store from --redis-url ($REDIS_URL) and --redis-password-file
+    ($REDIS_PASSWORD_FILE), --redis-ca, --redis-cert, --redis-key; None without a URL."""
+    url = args.redis_url or os.environ.get("REDIS_URL") or None
+    password_file = args.redis_password_file or os.environ.get("REDIS_PASSWORD_FILE") or None
+    tls = (args.redis_ca, args.redis_cert, args.redis_key)
+    if url is None:
+        if args.redis_password_file or any(tls):
+            raise ValueError(
+                "--redis-password-file / --redis-ca / --redis-cert / --redis-key need --redis-url"
+            )
+        return None
+    return RedisConnection(url, password_file, *tls)
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -131,7 +147,7 @@ def router_settings(args: argparse.Namespace) -> RouterSettings:
         max_queue=args.max_queue,
         max_ttft_s=args.max_ttft_ms / 1e3 if args.max_ttft_ms else None,
         tls=tls_files(args),
-        redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+        redis=redis_connection(args),
         ready_file=getattr(args, "ready_file", None),
     )
 
@@ -170,7 +186,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         transfer_backend=args.transfer_backend,
         dtype=args.dtype,
         engine_args=engine_args_from_up(args),
-        redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+        redis=redis_connection(args),
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         workdir=args.workdir,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -29,6 +30,7 @@ import httpx
 
 from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
+from k2serve.sessions.connection import RedisConnection
 
 
 class ClusterError(RuntimeError):
@@ -47,7 +49,7 @@ class ClusterSpec:
     transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
     dtype: str = "float32"
     engine_args: tuple[str, ...] = ()  # engine flags passed to every worker
-    redis_url: str | None = None
+    redis: RedisConnection | None = None  # an external Redis; None: the embedded one (if use_redis)
     use_redis: bool = True
     api_key: str | None = None
     served_model_name: str | None = None
@@ -72,15 +74,14 @@ class ClusterSpec:
     def num_worker_processes(self) -> int:
         return (self.num_prefill + self.num_decode) * self.ep_size
 
-    def router_args_for(self, host: str, port: int, grpc_port: int, redis_url: str | None) -> list[str]:
+    def router_args_for(self, host: str, port: int, grpc_port: int, redis_args: list[str]) -> list[str]:
         """`k2serve router ...` arguments, the same under every launcher (LocalCluster, RayCluster): it
         binds `host` with HTTP on `port` and gRPC on `grpc_port` (0: a free one) and keeps sessions in
-        `redis_url` (None: none); then the TLS files, the extra `router_args`, the API key and the served
-        model name. The ready file is the launcher's."""
+        the Redis `redis_args` names (`RedisConnection.argv()`; empty: none); then the TLS files, the
+        extra `router_args`, the API key and the served model name. The ready file is the launcher's."""
         args = ["router", "--model", self.model_dir, "--host", host, "--port", str(port)]
         args += ["--grpc-port", str(grpc_port), "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
-        if redis_url:
-            args += ["--redis-url", redis_url]
+        args += redis_args
         args += self.tls_args()
         args += self.router_args
         if self.api_key:
@@ -112,6 +113,20 @@ class ClusterSpec:
         return self.tls.argv() if self.tls is not None else []
 
 
+def start_embedded_redis(data_dir: Path) -> tuple[EmbeddedRedis, RedisConnection]:
+    """The cluster's own Redis in `data_dir` (AOF on): on 127.0.0.1 only, with a password generated
+    for this cluster that reaches the router in a 0600 file (`--redis-password-file`), never on a
+    command line or in the environment. Returns the running server and how to connect to it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(32)
+    password_file = data_dir / "password"
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password)
+    server = EmbeddedRedis(RedisServerConfig(data_dir=data_dir, password=password)).start()
+    return server, RedisConnection(f"redis://127.0.0.1:{server.port}/0", password_file=str(password_file))
+
+
 @dataclass
 class Proc:
     name: str
@@ -131,7 +146,7 @@ class LocalCluster:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
         self.redis: EmbeddedRedis | None = None
-        self.redis_url: str | None = spec.redis_url
+        self.redis_connection: RedisConnection | None = spec.redis
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
 
@@ -166,14 +181,15 @@ class LocalCluster:
         s = self.spec
         deadline = time.monotonic() + s.startup_timeout_s
         try:
-            if s.use_redis and not self.redis_url:
-                (self.dir / "redis").mkdir(exist_ok=True)
-                self.redis = EmbeddedRedis(RedisServerConfig(data_dir=self.dir / "redis")).start()
-                self.redis_url = self.redis.url
+            if s.use_redis and self.redis_connection is None:
+                self.redis, self.redis_connection = start_embedded_redis(self.dir / "redis")
+            elif self.redis_connection is not None:  # keep a password in the URL out of `ps`
+                self.redis_connection = self.redis_connection.password_moved_to(self.dir / "redis-password")
             for stale in self.dir.glob("*.ready"):  # a reused workdir must not point at an old process
                 stale.unlink()
             ready = self.dir / "router.ready"
-            args = s.router_args_for(s.host, s.port, s.grpc_port, self.redis_url)
+            redis_args = self.redis_connection.argv() if self.redis_connection else []
+            args = s.router_args_for(s.host, s.port, s.grpc_port, redis_args)
             router = self._spawn("router", [*args, "--ready-file", str(ready)])
             self.http_port, self.grpc_port = (
                 int(x) for x in self._wait_file(router, ready, deadline).split()
@@ -242,6 +258,7 @@ class LocalCluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+            self.redis_connection = self.spec.redis
 
     @property
     def http_url(self) -> str:
@@ -265,9 +282,9 @@ class LocalCluster:
                     str(p.log),
                 )
             )
-        if self.redis_url:
+        if self.redis_connection:
             rows.append(
-                ("redis", str(self.redis.pid) if self.redis else "-", self.redis_url.split("@")[-1], "-")
+                ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-")
             )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from k2serve.cluster.local import ClusterError, ClusterSpec, registered_workers
-from k2serve.cluster.ray_actor import NODE_IP, REDIS_URL, ChildSpec
+from k2serve.cluster.ray_actor import NODE_IP, REDIS_PASSWORD_FILE, REDIS_URL, ChildSpec
 from k2serve.cluster.ray_plan import GroupPlan, NodeInfo, RayOptions, plan_groups
 
 WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - recognised, not bound: a router given one binds it
@@ -189,9 +189,14 @@ class RayCluster:
         names one or has none."""
         s = self.spec
         bind = s.host if s.host in WILDCARDS else NODE_IP
-        use_embedded = s.use_redis and not s.redis_url
-        redis_url = s.redis_url or (REDIS_URL if use_embedded else None)
-        argv = s.router_args_for(bind, self.http_port, self.grpc_port, redis_url)
+        use_embedded = s.use_redis and s.redis is None
+        if s.redis is not None:
+            redis_args = s.redis.argv()
+        elif use_embedded:
+            redis_args = ["--redis-url", REDIS_URL, "--redis-password-file", REDIS_PASSWORD_FILE]
+        else:
+            redis_args = []
+        argv = s.router_args_for(bind, self.http_port, self.grpc_port, redis_args)
         return self._child("router", argv, use_embedded)
 
     def worker_children(self, g: GroupPlan, rendezvous: str | None = None) -> list[ChildSpec]:

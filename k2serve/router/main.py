@@ -96,8 +96,9 @@ class Router:
     async def run(self) -> None:
         s = self.settings
         self._add_static()
-        if s.redis_url:
-            self.sessions = SessionService.connect(s.redis_url)
+        if s.redis:
+            self.sessions = SessionService.connect(s.redis)
+            await self.sessions.check()
             sessions = self.sessions
 
             def forget(worker: Worker) -> None:

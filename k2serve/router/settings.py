@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from k2serve.proto import registry_pb2
 from k2serve.rpc.tls import TLSFiles
+from k2serve.sessions.connection import RedisConnection
 
 ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
 
@@ -13,7 +14,8 @@ ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.W
 @dataclass(frozen=True)
 class RouterSettings:
     """tls: HTTPS and TLS gRPC (clients and worker registry on one port; with `tls.ca` they must
-    present a certificate it signed), and TLS channels to the workers; None: all plaintext."""
+    present a certificate it signed), and TLS channels to the workers; None: all plaintext.
+    redis: the session store (None: sessions off); checked at startup (bad password or TLS: exit)."""
 
     model_dir: str
     model_name: str | None = None
@@ -26,7 +28,7 @@ class RouterSettings:
     max_queue: int = 1024
     max_ttft_s: float | None = None
     tls: TLSFiles | None = None
-    redis_url: str | None = None
+    redis: RedisConnection | None = None
     ready_file: str | None = None
 
     def __post_init__(self) -> None:

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from k2serve.engine.protocol import SessionHint
+from k2serve.sessions.connection import RedisConnection
+from k2serve.sessions.errors import SessionStoreUnavailable
 from k2serve.sessions.redis_store import RedisSessionStore
 from k2serve.sessions.session import Session, SessionStoreConfig
 from k2serve.sessions.store import SessionStore
@@ -42,8 +44,20 @@ class SessionService:
         return len(self.held), sum(-(-tokens // bs) for _, tokens in self.held.values())
 
     @classmethod
-    def connect(cls, url: str, config: SessionStoreConfig | None = None) -> SessionService:
-        return cls(RedisSessionStore(url, config))
+    def connect(
+        cls, redis: RedisConnection | str, config: SessionStoreConfig | None = None
+    ) -> SessionService:
+        return cls(RedisSessionStore(redis, config))
+
+    async def check(self) -> None:
+        """At startup: stop on a Redis that refuses us (SessionStoreRefused: password, TLS); only
+        log one that cannot be reached yet (sessions answer UNAVAILABLE until it can)."""
+        if not isinstance(self.store, RedisSessionStore):
+            return
+        try:
+            await asyncio.to_thread(self.store.check)
+        except SessionStoreUnavailable as e:
+            logger.warning("%s; sessions answer UNAVAILABLE until it is reachable", e)
 
     @staticmethod
     def owner(api_key: str | None) -> str:

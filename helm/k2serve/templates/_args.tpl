@@ -37,7 +37,9 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{- $args | toJson -}}
 {{- end -}}
 
-{{/* `k2serve router`. The API key comes from $K2SERVE_API_KEY and Redis from $REDIS_URL (both Secret refs). */}}
+{{/* `k2serve router`. The API key comes from $K2SERVE_API_KEY (a Secret ref); the chart's Redis by
+--redis-url with its password in a mounted Secret file, an external one from $REDIS_URL (a Secret
+ref); over TLS with the chart's certificate and CA. */}}
 {{- define "k2serve.args.router" -}}
 {{- $r := .Values.router -}}
 {{- $args := list "router" "--host" "0.0.0.0"
@@ -48,6 +50,12 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
   "--heartbeat-timeout" (toString $r.heartbeatTimeout)
   "--max-queue" (printf "%d" (int $r.maxQueue))) -}}
 {{- $args = concat $args (include "k2serve.args.tls" . | fromJsonArray) -}}
+{{- if .Values.redis.enabled -}}
+{{- $args = concat $args (list "--redis-url" (include "k2serve.redis.url" .) "--redis-password-file" "/etc/k2serve/redis/password") -}}
+{{- end -}}
+{{- if eq (include "k2serve.redis.tls" .) "true" -}}
+{{- $args = concat $args (list "--redis-ca" "/etc/k2serve/tls/ca.crt" "--redis-cert" "/etc/k2serve/tls/tls.crt" "--redis-key" "/etc/k2serve/tls/tls.key") -}}
+{{- end -}}
 {{- $args | toJson -}}
 {{- end -}}
 

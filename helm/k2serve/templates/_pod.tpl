@@ -53,6 +53,15 @@ seccompProfile:
         path: ca.crt
       {{- end }}
 {{- end }}
+{{- if and (eq .component "router") $v.redis.enabled }}
+- name: redis-auth
+  secret:
+    secretName: {{ include "k2serve.redis.secretName" .root }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.redis.auth.key }}
+        path: password
+{{- end }}
 {{- end -}}
 
 {{- define "k2serve.volumeMounts" -}}
@@ -71,6 +80,11 @@ seccompProfile:
 {{- if $v.tls.enabled }}
 - name: tls
   mountPath: /etc/k2serve/tls
+  readOnly: true
+{{- end }}
+{{- if and (eq .component "router") $v.redis.enabled }}
+- name: redis-auth
+  mountPath: /etc/k2serve/redis
   readOnly: true
 {{- end }}
 {{- end -}}
