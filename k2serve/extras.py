@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plot": ("matplotlib",),
     "kube": ("kubernetes",),
     "hf": ("transformers",),
+    "tracing": ("opentelemetry",),
 }
 
 

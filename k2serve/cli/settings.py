@@ -20,6 +20,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.model.checkpoint import preset_checkpoint
 from k2serve.router.settings import RouterSettings
 from k2serve.rpc.tls import TLSConfigError, TLSFiles
+from k2serve.tracing.settings import TracingSettings
 from k2serve.worker.settings import WorkerSettings
 
 API_KEY_ENV = "K2SERVE_API_KEY"
@@ -67,6 +68,11 @@ def tls_files(args: argparse.Namespace) -> TLSFiles | None:
     return TLSFiles(cert, key, ca, name)
 
 
+def tracing_settings(role: str, args: argparse.Namespace) -> TracingSettings | None:
+    """Where a `role` process sends spans: --otlp-traces-endpoint, else the OTEL_* variables; None: off."""
+    return TracingSettings.resolve(role, getattr(args, "otlp_traces_endpoint", None), os.environ)
+
+
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """`k2serve serve`: model, engine and API flags; the API key defaults to $K2SERVE_API_KEY."""
     return ServeSettings(
@@ -109,6 +115,7 @@ def worker_settings(role: str, args: argparse.Namespace) -> WorkerSettings:
         ep_init=args.ep_init,
         ep_timeout_s=args.ep_timeout,
         tls=tls_files(args),
+        tracing=tracing_settings(role, args),
     )
 
 
@@ -133,6 +140,7 @@ def router_settings(args: argparse.Namespace) -> RouterSettings:
         tls=tls_files(args),
         redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
         ready_file=getattr(args, "ready_file", None),
+        tracing=tracing_settings("router", args),
     )
 
 
@@ -176,6 +184,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         workdir=args.workdir,
         router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if getattr(args, "max_ttft_ms", None) else (),
         tls=tls_files(args),
+        otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from k2serve.proto import registry_pb2
 from k2serve.rpc.tls import TLSFiles
+from k2serve.tracing.settings import TracingSettings
 
 ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
 
@@ -13,7 +14,8 @@ ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.W
 @dataclass(frozen=True)
 class RouterSettings:
     """tls: HTTPS and TLS gRPC (clients and worker registry on one port; with `tls.ca` they must
-    present a certificate it signed), and TLS channels to the workers; None: all plaintext."""
+    present a certificate it signed), and TLS channels to the workers; None: all plaintext.
+    tracing: where the router's spans go (OTLP); a caller's `traceparent` is continued."""
 
     model_dir: str
     model_name: str | None = None
@@ -28,6 +30,7 @@ class RouterSettings:
     tls: TLSFiles | None = None
     redis_url: str | None = None
     ready_file: str | None = None
+    tracing: TracingSettings | None = None  # None: no spans
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 0:
