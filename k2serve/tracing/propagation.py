@@ -44,7 +44,7 @@ class TraceparentMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            value = _pick([(k, v) for k, v in scope["headers"] if k == b"traceparent"])
+            value = _pick([(HEADER, v) for k, v in scope["headers"] if k == b"traceparent"])
             if value:
                 _INCOMING.set(value)  # this request's task (and the tasks it starts) only
         await self.app(scope, receive, send)
