@@ -18,7 +18,7 @@ try:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
     from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 except ImportError as e:
-    raise MissingExtraError("opentelemetry-sdk", "tracing", "--otlp-traces-endpoint / OTEL_*") from e
+    raise MissingExtraError("opentelemetry.sdk", "tracing", "--otlp-traces-endpoint / OTEL_*") from e
 
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _KINDS = {"internal": SpanKind.INTERNAL, "server": SpanKind.SERVER, "client": SpanKind.CLIENT}
@@ -91,13 +91,13 @@ def make_exporter(settings: TracingSettings) -> SpanExporter:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError as e:
-            raise MissingExtraError("opentelemetry-exporter-otlp-proto-grpc", "tracing") from e
+            raise MissingExtraError("opentelemetry.exporter.otlp.proto.grpc", "tracing") from e
         insecure = settings.endpoint.startswith("http://")
         return OTLPSpanExporter(endpoint=settings.endpoint, insecure=insecure)
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
     except ImportError as e:
-        raise MissingExtraError("opentelemetry-exporter-otlp-proto-http", "tracing") from e
+        raise MissingExtraError("opentelemetry.exporter.otlp.proto.http", "tracing") from e
     return HTTPExporter(endpoint=settings.endpoint)
 
 
