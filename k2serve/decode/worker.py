@@ -25,7 +25,7 @@ from k2serve.proto.messages import finish_to_proto
 from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
 from k2serve.rpc.status import status_of
 from k2serve.tracing.propagation import of_call
-from k2serve.tracing.tracer import NOOP, Span, Tracer, epoch_ns
+from k2serve.tracing.tracer import NOOP, Attr, Span, Tracer, epoch_ns
 from k2serve.transfer.base import KVReceiver, TransferError, TransferStats
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def _trace_transfer(self, stats: TransferStats, span: Span) -> None:
         """kv.receive and kv.verify, drawn from the receiver's measurements."""
         end = epoch_ns(stats.finished_at)
-        attributes = {"k2serve.kv.bytes": stats.bytes, "k2serve.kv.backend": self.backend}
+        attributes: dict[str, Attr] = {"k2serve.kv.bytes": stats.bytes, "k2serve.kv.backend": self.backend}
         start = end - round(stats.seconds * 1e9)
         if stats.traceparent:  # the prefill worker's span: the transfer continues it
             receive = self.tracer.start(

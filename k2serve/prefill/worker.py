@@ -23,7 +23,7 @@ from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
 from k2serve.rpc.status import status_of
 from k2serve.rpc.tls import TLSFiles
 from k2serve.tracing.propagation import of_call
-from k2serve.tracing.tracer import NOOP, Span, Tracer, epoch_ns
+from k2serve.tracing.tracer import NOOP, Attr, Span, Tracer, epoch_ns
 from k2serve.transfer.base import KVSender, TransferError
 from k2serve.transfer.registry import make_sender
 
@@ -79,7 +79,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
-        attributes = {
+        attributes: dict[str, Attr] = {
             "k2serve.request_id": request.request_id,
             "k2serve.prompt_tokens": len(request.prompt_token_ids),
         }

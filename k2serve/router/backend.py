@@ -36,7 +36,7 @@ from k2serve.router.registry import Worker, WorkerTable
 from k2serve.rpc.convert import logprob_from_proto, sampling_to_proto
 from k2serve.rpc.status import error_of
 from k2serve.tracing.propagation import incoming
-from k2serve.tracing.tracer import NOOP, Span, Tracer
+from k2serve.tracing.tracer import NOOP, Attr, Span, Tracer
 
 logger = logging.getLogger(__name__)
 _TRANSPORT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS}
@@ -138,7 +138,7 @@ class ClusterBackend:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """Admit `request` and return its events; its span continues the caller's trace (`incoming()`)."""
         n = len(request.prompt_token_ids)
-        attributes = {"k2serve.request_id": request.request_id, "k2serve.prompt_tokens": n}
+        attributes: dict[str, Attr] = {"k2serve.request_id": request.request_id, "k2serve.prompt_tokens": n}
         span = self.tracer.start("router.request", incoming(), kind="server", attributes=attributes)
         try:
             with span.child("router.admission"):

@@ -4,6 +4,7 @@ batching OTLP exporter, over HTTP (protobuf) or gRPC."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from typing_extensions import override
 
@@ -64,7 +65,7 @@ class OtelSpan(Span):
         *,
         kind: Kind = "internal",
         start_ns: int | None = None,
-        attributes: dict[str, Attr] | None = None,
+        attributes: Mapping[str, Attr] | None = None,
     ) -> Span:
         span = self._tracer.start_span(
             name,
@@ -125,7 +126,7 @@ class OtelTracer(Tracer):
         *,
         kind: Kind = "internal",
         start_ns: int | None = None,
-        attributes: dict[str, Attr] | None = None,
+        attributes: Mapping[str, Attr] | None = None,
     ) -> Span:
         span = self._tracer.start_span(
             name,

@@ -6,7 +6,7 @@ only when tracing is on."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
@@ -23,7 +23,7 @@ def incoming() -> str:
     return _INCOMING.get()
 
 
-def _pick(pairs: Sequence[tuple[Any, Any]] | None) -> str:
+def _pick(pairs: Iterable[tuple[Any, Any]] | None) -> str:
     for key, value in pairs or ():
         if key == HEADER:
             text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
@@ -55,11 +55,11 @@ class TraceparentInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        value = _pick(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        value = _pick(handler_call_details.invocation_metadata)
         if handler is None or not value:
             return handler
         if handler.unary_unary is not None:

@@ -14,6 +14,7 @@ the trace as that span's child). Methods are thread-safe (the engine thread ends
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class Span:
         *,
         kind: Kind = "internal",
         start_ns: int | None = None,
-        attributes: dict[str, Attr] | None = None,
+        attributes: Mapping[str, Attr] | None = None,
     ) -> Span:
         """Open a span inside this one (starting now, or at `start_ns`, ns since the epoch)."""
         return self
@@ -83,7 +84,7 @@ class Tracer:
         *,
         kind: Kind = "internal",
         start_ns: int | None = None,
-        attributes: dict[str, Attr] | None = None,
+        attributes: Mapping[str, Attr] | None = None,
     ) -> Span:
         """Open a span: the child of `parent` (a W3C traceparent value from a caller) when it is a valid
         one, else the root of a new trace."""
