@@ -147,7 +147,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             )
             async for ev in events:
                 last = ev
-            t_compute_end = time.perf_counter()
         except BackendError as err:
             span.fail(err)
             with contextlib.suppress(
@@ -155,14 +154,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             ):  # drop the half-open transfer (it raises: layers missing)
                 await asyncio.to_thread(sender.close, tid, 0.1)
             await context.abort(status_of(err), str(err))
+        finally:
+            t_compute_end = time.perf_counter()
+            for c in compute:  # prefill.compute, also when the engine failed
+                c.end()
         if last is None or not last.token_ids or last.finish_reason == "abort":
             await context.abort(grpc.StatusCode.CANCELLED, f"prefill of {request.request_id!r} was aborted")
         if send_errors:
             with contextlib.suppress(TransferError):
                 await asyncio.to_thread(sender.close, tid, 0.1)
             await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {send_errors[0]}")
-        for c in compute:
-            c.end(epoch_ns(t_compute_end))
         try:
             # The sender is shared by every transfer to that decode endpoint: one failed transfer must not
             # tear it down for the others (gRPC channels reconnect by themselves).
