@@ -70,6 +70,25 @@ def test_up_passes_the_endpoint_to_every_process(tmp_path: Path) -> None:
         assert args[i : i + 2] == flag
 
 
+def test_the_flag_reaches_each_roles_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from k2serve.cli.parser import build_parser
+    from k2serve.cli.settings import router_settings, worker_settings
+
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    parser = build_parser()
+    flag = ["--model", str(tmp_path), "--otlp-traces-endpoint", "http://otel:4317"]
+    router = router_settings(parser.parse_args(["router", *flag])).tracing
+    assert router == TracingSettings("http://otel:4317", "grpc", "k2serve-router", "router")
+    for role in ("prefill", "decode"):
+        tracing = worker_settings(role, parser.parse_args([role, *flag])).tracing
+        assert tracing == TracingSettings("http://otel:4317", "grpc", f"k2serve-{role}", role)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert router_settings(parser.parse_args(["router", "--model", str(tmp_path)])).tracing is None
+
+
 def test_off_imports_no_sdk_and_adds_no_metadata() -> None:
     """Without settings every process runs the no-op tracer: the servers' modules and a request's worth
     of span calls import neither the tracing SDK nor an exporter (FastAPI and redis import the API and
