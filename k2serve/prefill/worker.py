@@ -132,13 +132,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             if traced and not compute:
                 span.child("prefill.queue", start_ns=epoch_ns(t0)).end()
                 compute.append(span.child("prefill.compute"))
+            send = compute[0].child("kv.send_layer", attributes={"k2serve.layer": layer}) if traced else None
             try:
                 sent = sender.send_layer(tid, layer, latent)  # close() then waits for the receiver's verdict
-                if traced:
-                    send = compute[0].child("kv.send_layer", attributes={"k2serve.layer": layer})
+                if send is not None:
                     sent.add_done_callback(lambda _: send.end())
             except Exception as err:  # noqa: BLE001 - the transfer is gone (closed, timed out): this request fails
                 send_errors.append(err)
+                if send is not None:
+                    send.fail(err)
+                    send.end()
 
         last = None
         try:
