@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "k2serve"
 # there alone. ARCHITECTURE.md draws the same table.
 LAYERS: list[tuple[str, ...]] = [
     ("proto", "testing", "config", "extras"),  # import nothing of k2serve
-    ("kvcache", "chat"),
+    ("kvcache", "chat", "tracing"),  # tracing: spans and their propagation, off unless configured
     ("model",),
     ("engine",),  # with its serving contract (engine/protocol.py, engine/validation.py)
     ("transfer", "experts", "rpc"),

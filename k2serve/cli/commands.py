@@ -22,6 +22,7 @@ BENCHMARKS = {
     "sessions": "k2serve.bench.sessions",
     "interference": "k2serve.bench.interference",
     "int4-experts": "k2serve.bench.int4_experts",
+    "tracing": "k2serve.bench.tracing",
 }
 
 

@@ -158,6 +158,18 @@ def add_api_args(s: argparse.ArgumentParser, port: int = 8000, tls_peers: bool =
     add_tls_args(s, peers=tls_peers)
 
 
+def add_tracing_arg(s: argparse.ArgumentParser) -> None:
+    """OpenTelemetry tracing (off unless this or the OTEL_EXPORTER_OTLP_* variables name an endpoint)."""
+    s.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        metavar="URL",
+        help="send spans here over OTLP (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT; protocol $OTEL_EXPORTER_OTLP_PROTOCOL, http/protobuf or grpc); "
+        "none: no tracing",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="k2serve", description="Serve Kimi-K2 / DeepSeek-V3-architecture models."
@@ -218,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer 429 (Retry-After) at once when the predicted time to first token exceeds this",
     )
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: "HTTP_PORT GRPC_PORT"
+    add_tracing_arg(s)
     s.set_defaults(handler=commands.router)
 
     for role, port in (("prefill", 50060), ("decode", 50070)):
@@ -225,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_args(s)
         add_engine_args(s)
         add_worker_args(s, port)
+        add_tracing_arg(s)
         s.set_defaults(handler=commands.prefill if role == "prefill" else commands.decode)
 
     s = sub.add_parser("up", help="start a whole local cluster: Redis, router, prefill and decode workers")
@@ -277,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--ray: placement of one EP group's ranks (STRICT_PACK)",
     )
     s.add_argument("--ray-max-restarts", type=int, default=None, help="--ray: restarts of a failed actor (3)")
+    add_tracing_arg(s)
     s.set_defaults(handler=commands.up)
 
     s = sub.add_parser(

@@ -21,6 +21,7 @@ from k2serve.model.checkpoint import preset_checkpoint
 from k2serve.router.settings import RouterSettings
 from k2serve.rpc.tls import TLSConfigError, TLSFiles
 from k2serve.sessions.connection import RedisConnection
+from k2serve.tracing.settings import TracingSettings
 from k2serve.worker.settings import WorkerSettings
 
 API_KEY_ENV = "K2SERVE_API_KEY"
@@ -81,6 +82,9 @@ def redis_connection(args: argparse.Namespace) -> RedisConnection | None:
             )
         return None
     return RedisConnection(url, password_file, *tls)
+def tracing_settings(role: str, args: argparse.Namespace) -> TracingSettings | None:
+    """Where a `role` process sends spans: --otlp-traces-endpoint, else the OTEL_* variables; None: off."""
+    return TracingSettings.resolve(role, getattr(args, "otlp_traces_endpoint", None), os.environ)
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -125,6 +129,7 @@ def worker_settings(role: str, args: argparse.Namespace) -> WorkerSettings:
         ep_init=args.ep_init,
         ep_timeout_s=args.ep_timeout,
         tls=tls_files(args),
+        tracing=tracing_settings(role, args),
     )
 
 
@@ -149,6 +154,7 @@ def router_settings(args: argparse.Namespace) -> RouterSettings:
         tls=tls_files(args),
         redis=redis_connection(args),
         ready_file=getattr(args, "ready_file", None),
+        tracing=tracing_settings("router", args),
     )
 
 
@@ -192,6 +198,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         workdir=args.workdir,
         router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if getattr(args, "max_ttft_ms", None) else (),
         tls=tls_files(args),
+        otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
     )
 
 

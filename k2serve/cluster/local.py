@@ -59,6 +59,7 @@ class ClusterSpec:
     startup_timeout_s: float = 180.0
     env: dict[str, str] = field(default_factory=dict)
     tls: TLSFiles | None = None  # one certificate for every process (SANs of `host`), CA for mutual TLS
+    otlp_traces_endpoint: str | None = None  # every process's --otlp-traces-endpoint (OTEL_* env: `env`)
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -82,7 +83,7 @@ class ClusterSpec:
         args = ["router", "--model", self.model_dir, "--host", host, "--port", str(port)]
         args += ["--grpc-port", str(grpc_port), "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
         args += redis_args
-        args += self.tls_args()
+        args += self.tls_args() + self.tracing_args()
         args += self.router_args
         if self.api_key:
             args += ["--api-key", self.api_key]
@@ -106,7 +107,11 @@ class ClusterSpec:
             if ep_init is None:
                 raise ValueError(f"worker {worker_id} of an EP group of {self.ep_size} needs ep_init")
             args += ["--ep", str(self.ep_size), "--ep-rank", str(ep_rank), "--ep-init", ep_init]
-        return [*args, *self.tls_args()]
+        return [*args, *self.tls_args(), *self.tracing_args()]
+
+    def tracing_args(self) -> list[str]:
+        """--otlp-traces-endpoint for every process (none without it: the OTEL_* variables still apply)."""
+        return ["--otlp-traces-endpoint", self.otlp_traces_endpoint] if self.otlp_traces_endpoint else []
 
     def tls_args(self) -> list[str]:
         """The certificate flags every process gets (none without TLS)."""

@@ -25,6 +25,8 @@ from k2serve.router.settings import ROLE_OF, RouterSettings
 from k2serve.rpc.safety import add_servicer
 from k2serve.rpc.tls import add_port, aio_channel
 from k2serve.sessions.service import SessionService
+from k2serve.tracing.propagation import TraceparentInterceptor, TraceparentMiddleware
+from k2serve.tracing.tracer import make_tracer
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +49,14 @@ class Router:
             settings.heartbeat_timeout_s,
             lambda addr: aio_channel(addr, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls),
         )
+        self.tracer = make_tracer(settings.tracing)
         self.backend = ClusterBackend(
             settings.model_dir,
             self.table,
             settings.model_name,
             max_in_flight=settings.max_queue,
             max_predicted_ttft_s=settings.max_ttft_s,
+            tracer=self.tracer,
         )
         self.stop = asyncio.Event()
         self.grpc_port = settings.grpc_port
@@ -105,7 +109,8 @@ class Router:
                 asyncio.ensure_future(sessions.forget_worker(worker.worker_id))
 
             self.table.on_remove.append(forget)
-        server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES))
+        interceptors = [TraceparentInterceptor()] if self.tracer.enabled else []
+        server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES), interceptors=interceptors)
         add_servicer(
             server, api_pb2_grpc.add_K2ServeServicer_to_server, K2ServeServicer(self.backend, self.sessions)
         )
@@ -125,6 +130,8 @@ class Router:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         app = build_app(self.backend, s.api_key, self.sessions)
         app.add_api_route("/cluster/workers", self._workers_view, methods=["GET"])
+        if self.tracer.enabled:
+            app.add_middleware(TraceparentMiddleware)
         config = uvicorn.Config(
             app,
             host=s.host,
@@ -167,6 +174,7 @@ class Router:
         await monitor
         if self.sessions is not None:
             self.sessions.close()
+        await asyncio.to_thread(self.tracer.shutdown)  # exports the spans still buffered
 
 
 def main(settings: RouterSettings) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from k2serve.proto import registry_pb2
 from k2serve.rpc.tls import TLSFiles
 from k2serve.sessions.connection import RedisConnection
+from k2serve.tracing.settings import TracingSettings
 
 ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
 
@@ -15,7 +16,8 @@ ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.W
 class RouterSettings:
     """tls: HTTPS and TLS gRPC (clients and worker registry on one port; with `tls.ca` they must
     present a certificate it signed), and TLS channels to the workers; None: all plaintext.
-    redis: the session store (None: sessions off); checked at startup (bad password or TLS: exit)."""
+    redis: the session store (None: sessions off); checked at startup (bad password or TLS: exit).
+    tracing: where the router's spans go (OTLP); a caller's `traceparent` is continued."""
 
     model_dir: str
     model_name: str | None = None
@@ -30,6 +32,7 @@ class RouterSettings:
     tls: TLSFiles | None = None
     redis: RedisConnection | None = None
     ready_file: str | None = None
+    tracing: TracingSettings | None = None  # None: no spans
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 0:

@@ -9,6 +9,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.experts.comm import parse_init_method
 from k2serve.proto import registry_pb2
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
+from k2serve.tracing.settings import TracingSettings
 
 ROLES = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
 
@@ -45,6 +46,7 @@ class WorkerSettings:
     ep_init: str | None = None
     ep_timeout_s: float = 60.0
     tls: TLSFiles | None = None
+    tracing: TracingSettings | None = None  # where spans go (OTLP); None: none
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
