@@ -62,7 +62,7 @@ def test_up_passes_the_endpoint_to_every_process(tmp_path: Path) -> None:
     spec = ClusterSpec(model_dir=str(tmp_path), otlp_traces_endpoint="http://otel:4318/v1/traces")
     flag = ["--otlp-traces-endpoint", "http://otel:4318/v1/traces"]
     for args in (
-        spec.router_args_for("127.0.0.1", 0, 0, None),
+        spec.router_args_for("127.0.0.1", 0, 0, []),
         spec.worker_args("prefill", "p0", "127.0.0.1", "127.0.0.1:1"),
         spec.worker_args("decode", "d0", "127.0.0.1", "127.0.0.1:1"),
     ):

@@ -82,6 +82,8 @@ def redis_connection(args: argparse.Namespace) -> RedisConnection | None:
             )
         return None
     return RedisConnection(url, password_file, *tls)
+
+
 def tracing_settings(role: str, args: argparse.Namespace) -> TracingSettings | None:
     """Where a `role` process sends spans: --otlp-traces-endpoint, else the OTEL_* variables; None: off."""
     return TracingSettings.resolve(role, getattr(args, "otlp_traces_endpoint", None), os.environ)
