@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from k2serve.cli import commands
+from k2serve.cli import commands, plan
 from k2serve.planner.cli import add_arguments as add_planner_arguments
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -257,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_planner_arguments(s)
     s.set_defaults(handler=commands.planner)
+
+    s = sub.add_parser(
+        "plan", help="memory per rank of a model on a device and layout; refuses layouts that do not fit"
+    )
+    plan.add_arguments(s)
+    s.set_defaults(handler=commands.plan)
 
     s = sub.add_parser(
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"
