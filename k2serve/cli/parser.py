@@ -40,7 +40,18 @@ def add_model_args(s: argparse.ArgumentParser) -> None:
 def add_engine_args(s: argparse.ArgumentParser) -> None:
     """Sizes of the engine a serving process runs (see k2serve.engine.config.EngineConfig)."""
     s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--kv-cache-mb", type=int, default=1024, help="memory for the latent KV pool, MiB")
+    kv = s.add_mutually_exclusive_group()
+    kv.add_argument(
+        "--kv-cache-mb", type=int, default=None, help="memory for the latent KV pool, MiB (default 1024)"
+    )
+    kv.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        default=None,
+        help="memory of this rank for weights + activations + KV, MiB: the KV pool gets what is left "
+        "after the loaded weights and the activation peak of a profiled max-batch forward; startup "
+        "refuses when one --max-model-len sequence does not fit (see `k2serve plan`)",
+    )
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--max-model-len", type=int, default=None)
