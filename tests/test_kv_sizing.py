@@ -43,7 +43,7 @@ def test_pool_from_a_memory_budget(model: object) -> None:
     mc = model.config  # type: ignore[attr-defined]
     estimate = activation_bytes(
         mc, Layout(), Workload(max_model_len=256, max_num_batched_tokens=256, max_num_seqs=4,
-                               kv_bytes=4, act_bytes=4, attention_tile=256)
+                               kv_bytes=4, act_bytes=4)
     )  # fmt: skip
     assert s.activations >= estimate > 0 and "estimated on cpu" in s.how
     assert s.num_blocks == (64 * MiB - weights - s.activations) // per_block(model) - 1

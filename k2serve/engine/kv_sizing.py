@@ -6,8 +6,9 @@ what is left after the loaded weights (their bytes, counted) and the activation 
 `max_num_batched_tokens` tokens over `max_num_seqs` rows (the profile step, run at startup). On CUDA
 the peak is the allocator's (`max_memory_allocated` during the forward, less the profile's own pool).
 On CPU torch keeps no allocator statistics, so the peak is the larger of the capacity model's estimate
-(`k2serve.capacity.memory.activation_bytes`) and the growth of the process's peak RSS during the
-profile forward (a lower bound of the true transient).
+(`k2serve.capacity.memory.activation_bytes`, which assumes attention tiled over the context as
+`Workload.attention_tile` says) and the growth of the process's peak RSS during the profile forward
+(a lower bound of the true transient).
 
 Startup refuses (EngineConfigError naming the numbers) when one max_model_len sequence does not fit
 the pool. When max_model_len is not given and the pool was sized by bytes or blocks, it becomes the
@@ -88,7 +89,6 @@ def profile_activations(model: K2Model, config: EngineConfig) -> tuple[int, str]
             max_num_seqs=rows_n,
             kv_bytes=pool.kv.element_size(),
             act_bytes=pool.kv.element_size(),
-            attention_tile=tokens,  # a chunk attends to itself at most here
         ),
     )
     if device.type == "cuda":
