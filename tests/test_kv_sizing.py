@@ -35,7 +35,13 @@ def per_block(model: object, block_size: int = 8) -> int:
 
 
 def test_pool_from_a_memory_budget(model: object) -> None:
-    cfg = EngineConfig(block_size=8, memory_budget_bytes=64 * MiB, max_num_batched_tokens=256, max_num_seqs=4)
+    cfg = EngineConfig(
+        block_size=8,
+        memory_budget_bytes=64 * MiB,
+        max_num_batched_tokens=256,
+        max_num_seqs=4,
+        max_model_len=2048,
+    )
     engine = LLMEngine(model, cfg)  # type: ignore[arg-type]
     s = engine.kv_sizing
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # type: ignore[attr-defined]
@@ -48,7 +54,8 @@ def test_pool_from_a_memory_budget(model: object) -> None:
     assert s.activations >= estimate > 0 and "estimated on cpu" in s.how
     assert s.num_blocks == (64 * MiB - weights - s.activations) // per_block(model) - 1
     assert engine.blocks.num_blocks == s.num_blocks and engine.pool.num_blocks == s.num_blocks + 1
-    assert engine.max_model_len == mc.max_position_embeddings  # the budget holds a full-length sequence
+    assert engine.max_model_len == 2048
+    assert s.num_blocks * 8 > 2048  # the budget holds more than one max-length sequence
 
 
 def test_profile_runs_a_max_batch_forward(model: object) -> None:

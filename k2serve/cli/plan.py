@@ -54,7 +54,7 @@ def table(p: RankPlan, model: str, layout: Layout) -> str:
     rows = [
         ("model / device", f"{model} on {p.device_name}: EP {p.ranks}, {attn}"),
         ("device memory", f"{gib(p.device_bytes)} ({gib(p.usable_bytes)} usable)"),
-        ("weights: dense bf16", gib(p.weights.dense)),
+        ("weights: dense (attn, MLP, shared)", gib(p.weights.dense)),
         ("weights: routed experts", gib(p.weights.routed_experts)),
         ("weights: embeddings+lm_head", gib(p.weights.embeddings)),
         ("weights: total", gib(p.weights.total)),
