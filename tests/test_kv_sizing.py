@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import torch
-from conftest import tiny_api_server
+from conftest import grpc_server_in_thread, tiny_api_server
 
 from k2serve.capacity.memory import Layout, Workload, activation_bytes
 from k2serve.cli.parser import build_parser
 from k2serve.cli.settings import engine_config
+from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.kv_sizing import model_bytes, profile_activations
 from k2serve.engine.llm_engine import LLMEngine
@@ -20,6 +22,8 @@ from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.loader import load_model
+from k2serve.proto import api_pb2, api_pb2_grpc
+from k2serve.router.grpc_api import K2ServeServicer
 
 MiB = 1 << 20
 
@@ -105,6 +109,27 @@ def test_http_400_names_both_numbers(tiny_ckpt: Path) -> None:
     assert r.status_code == 400
     msg = r.json()["error"]["message"]
     assert "64 tokens" in msg and "100" in msg
+
+
+def test_grpc_invalid_argument_names_both_numbers(tiny_ckpt: Path) -> None:
+    engine = AsyncEngine.from_pretrained(
+        tiny_ckpt, torch.float32, EngineConfig(num_kv_blocks=8, block_size=8)
+    )
+    engine.start()
+    servicer = K2ServeServicer(engine)
+    try:
+        with (
+            grpc_server_in_thread(lambda s: api_pb2_grpc.add_K2ServeServicer_to_server(servicer, s)) as srv,
+            grpc.insecure_channel(srv.target) as channel,
+        ):
+            req = api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=list(range(1, 101))))
+            req.sampling.max_tokens = 4
+            with pytest.raises(grpc.RpcError) as info:
+                list(api_pb2_grpc.K2ServeStub(channel).Generate(req, timeout=60))
+    finally:
+        engine.shutdown()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "100 tokens" in info.value.details() and "64" in info.value.details()
 
 
 def test_command_line_budget() -> None:
