@@ -106,5 +106,11 @@ def planner(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def plan(args: argparse.Namespace) -> int:
+    from k2serve.cli.plan import run
+
+    return run(args)
+
+
 def bench(args: argparse.Namespace) -> int:
     return int(importlib.import_module(BENCHMARKS[args.what]).main(args.rest) or 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from k2serve.cli import commands
+from k2serve.cli import commands, plan
 from k2serve.planner.cli import add_arguments as add_planner_arguments
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -40,7 +40,18 @@ def add_model_args(s: argparse.ArgumentParser) -> None:
 def add_engine_args(s: argparse.ArgumentParser) -> None:
     """Sizes of the engine a serving process runs (see k2serve.engine.config.EngineConfig)."""
     s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--kv-cache-mb", type=int, default=1024, help="memory for the latent KV pool, MiB")
+    kv = s.add_mutually_exclusive_group()
+    kv.add_argument(
+        "--kv-cache-mb", type=int, default=None, help="memory for the latent KV pool, MiB (default 1024)"
+    )
+    kv.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        default=None,
+        help="memory of this rank for weights + activations + KV, MiB: the KV pool gets what is left "
+        "after the loaded weights and the activation peak of a profiled max-batch forward; startup "
+        "refuses when one --max-model-len sequence does not fit (see `k2serve plan`)",
+    )
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--max-model-len", type=int, default=None)
@@ -299,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_planner_arguments(s)
     s.set_defaults(handler=commands.planner)
+
+    s = sub.add_parser(
+        "plan", help="memory per rank of a model on a device and layout; refuses layouts that do not fit"
+    )
+    plan.add_arguments(s)
+    s.set_defaults(handler=commands.plan)
 
     s = sub.add_parser(
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"

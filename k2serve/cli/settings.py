@@ -41,7 +41,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the engine flags (`add_engine_args`) describe."""
     return EngineConfig(
         block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_mb << 20,
+        kv_cache_bytes=None if args.kv_cache_mb is None else args.kv_cache_mb << 20,
+        memory_budget_bytes=None if args.memory_budget_mb is None else args.memory_budget_mb << 20,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
@@ -165,8 +166,6 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
     out = [
         "--block-size",
         str(args.block_size),
-        "--kv-cache-mb",
-        str(args.kv_cache_mb),
         "--max-num-seqs",
         str(args.max_num_seqs),
         "--max-num-batched-tokens",
@@ -174,6 +173,10 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         "--max-waiting",
         str(args.max_waiting),
     ]
+    if args.kv_cache_mb is not None:
+        out += ["--kv-cache-mb", str(args.kv_cache_mb)]
+    if args.memory_budget_mb is not None:
+        out += ["--memory-budget-mb", str(args.memory_budget_mb)]
     if args.max_model_len:
         out += ["--max-model-len", str(args.max_model_len)]
     if args.no_prefix_caching:

@@ -168,10 +168,9 @@ class AsyncEngine:
 
     @property
     def max_model_len(self) -> int:
-        """The engine's max_model_len, or less when the KV pool holds fewer tokens: a longer
-        sequence could never run, even alone."""
-        blocks = self._engine.blocks
-        return min(self._engine.max_model_len, blocks.num_blocks * blocks.block_size)
+        """The engine's max_model_len (never more than its KV pool holds: a longer sequence could
+        never run, even alone)."""
+        return self._engine.max_model_len
 
     @property
     def vocab_size(self) -> int:

@@ -22,12 +22,11 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{/* Engine sizes of a worker (add_engine_args). */}}
 {{- define "k2serve.args.engine" -}}
 {{- $e := .Values.engine -}}
-{{- $args := list
-  "--block-size" (printf "%d" (int $e.blockSize))
-  "--kv-cache-mb" (printf "%d" (int $e.kvCacheMb))
+{{- $pool := ternary (list "--memory-budget-mb" (printf "%d" (int $e.memoryBudgetMb))) (list "--kv-cache-mb" (printf "%d" (int $e.kvCacheMb))) (gt (int $e.memoryBudgetMb) 0) -}}
+{{- $args := concat (list "--block-size" (printf "%d" (int $e.blockSize))) $pool (list
   "--max-num-seqs" (printf "%d" (int $e.maxNumSeqs))
   "--max-num-batched-tokens" (printf "%d" (int $e.maxNumBatchedTokens))
-  "--max-waiting" (printf "%d" (int $e.maxWaiting)) -}}
+  "--max-waiting" (printf "%d" (int $e.maxWaiting))) -}}
 {{- if gt (int $e.maxModelLen) 0 -}}
 {{- $args = concat $args (list "--max-model-len" (printf "%d" (int $e.maxModelLen))) -}}
 {{- end -}}
