@@ -1,7 +1,8 @@
 """`build_app(backend, api_key)`: the OpenAI-compatible FastAPI application over any GenerationBackend.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (these need the API key
-when one is set: `Authorization: Bearer <key>`), GET /health (503 while draining) and GET /metrics
+when one is set: `Authorization: Bearer <key>`), Anthropic's POST /v1/messages and
+/v1/messages/count_tokens (k2serve.api.anthropic_api), GET /health (503 while draining) and GET /metrics
 (Prometheus text), which are open. Errors use OpenAI's JSON error shape (see k2serve.api.errors).
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from k2serve.api.anthropic_api import install_anthropic_routes
 from k2serve.api.chat import chat_completion
 from k2serve.api.completions import completion
 from k2serve.api.errors import APIError, install_error_handlers
@@ -78,6 +80,7 @@ def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: 
 
     if sessions is not None:
         install_session_routes(app, state, auth)
+    install_anthropic_routes(app, state, keys)
 
     @app.get("/health")
     async def _health() -> JSONResponse:
