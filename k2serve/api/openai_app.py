@@ -2,7 +2,7 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (these need the API key
 when one is set: `Authorization: Bearer <key>`), Anthropic's POST /v1/messages and
-/v1/messages/count_tokens (k2serve.api.anthropic_api), GET /health (503 while draining) and GET /metrics
+/v1/messages/count_tokens (k2serve.api.anthropic_api), OpenAI's /v1/responses (k2serve.api.responses_api), GET /health (503 while draining) and GET /metrics
 (Prometheus text), which are open. Errors use OpenAI's JSON error shape (see k2serve.api.errors).
 """
 
@@ -20,6 +20,7 @@ from k2serve.api.chat import chat_completion
 from k2serve.api.completions import completion
 from k2serve.api.errors import APIError, install_error_handlers
 from k2serve.api.metrics import CONTENT_TYPE, APIMetrics
+from k2serve.api.responses_api import install_responses_routes
 from k2serve.api.runner import AppState
 from k2serve.api.schemas import ChatCompletionRequest, CompletionRequest
 from k2serve.api.session_routes import install_session_routes
@@ -81,6 +82,7 @@ def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: 
     if sessions is not None:
         install_session_routes(app, state, auth)
     install_anthropic_routes(app, state, keys)
+    install_responses_routes(app, state, auth)
 
     @app.get("/health")
     async def _health() -> JSONResponse:

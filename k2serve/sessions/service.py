@@ -20,6 +20,7 @@ from typing import Any
 
 from k2serve.engine.protocol import SessionHint
 from k2serve.sessions.redis_store import RedisSessionStore
+from k2serve.sessions.responses import InMemoryResponseStore, RedisResponseStore, ResponseStore
 from k2serve.sessions.session import Session, SessionStoreConfig
 from k2serve.sessions.store import SessionStore
 
@@ -31,8 +32,9 @@ TurnRecorder = Callable[[dict[str, Any], str | None], Awaitable[None]]
 
 
 class SessionService:
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, responses: ResponseStore | None = None) -> None:
         self.store = store
+        self.responses = responses or InMemoryResponseStore()  # the Responses API's records
         # KV accounting for /metrics: session -> (holder, cached tokens), as recorded by this process.
         self.held: dict[str, tuple[str, int]] = {}
 
@@ -43,7 +45,7 @@ class SessionService:
 
     @classmethod
     def connect(cls, url: str, config: SessionStoreConfig | None = None) -> SessionService:
-        return cls(RedisSessionStore(url, config))
+        return cls(RedisSessionStore(url, config), RedisResponseStore(url))
 
     @staticmethod
     def owner(api_key: str | None) -> str:
@@ -146,3 +148,4 @@ class SessionService:
 
     def close(self) -> None:
         self.store.close()
+        self.responses.close()
