@@ -1,10 +1,12 @@
-"""Anthropic's Messages API on the real engine, with the `anthropic` SDK, through `k2serve serve` (a real
-process) and through a cluster (router + prefill + decode): greedy answers equal the chat completion's
-(the same one chat path), streaming gives the same message, count_tokens is the billed input, a forced
-tool round trip returns a tool_use whose input validates, and keys are checked."""
+"""Anthropic's Messages API and OpenAI's Responses API on the real engine, with the vendors' SDKs, through
+`k2serve serve` (a real process, sessions in memory) and through a cluster (router + prefill + decode,
+sessions in Redis): greedy answers equal the chat completion's (the same one chat path), streaming gives
+the same message, count_tokens is the billed input, forced tool round trips return calls whose
+arguments validate, previous_response_id reuses the cached prefix, and keys are checked and isolate."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -24,7 +26,7 @@ from conftest import local_cluster_spec
 from k2serve.cluster.local import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-KEY = "e2e-anthropic-key"
+KEY, OTHER_KEY = "e2e-key", "e2e-other-key"
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -47,7 +49,12 @@ def free_port() -> int:
 def serve_process(tmp: Path) -> Iterator[str]:
     """`k2serve serve --preset tiny` with the key from the environment; yields its URL, killed on exit."""
     port = free_port()
-    env = {**os.environ, "K2SERVE_HOME": str(tmp), "K2SERVE_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "K2SERVE_HOME": str(tmp),
+        "K2SERVE_API_KEY": f"{KEY},{OTHER_KEY}",
+        "OMP_NUM_THREADS": "1",
+    }
     cmd = [sys.executable, "-m", "k2serve.cli", "serve", "--preset", "tiny", "--port", str(port)]
     cmd += ["--max-model-len", "512", "--kv-cache-mb", "16", "--served-model-name", "tiny"]
     log = (tmp / "serve.log").open("wb")
@@ -78,7 +85,9 @@ def url(
     if request.param == "serve":
         yield from serve_process(tmp)
     else:
-        with LocalCluster(local_cluster_spec(tiny_ckpt, tmp, api_key=KEY)) as cluster:
+        with LocalCluster(
+            local_cluster_spec(tiny_ckpt, tmp, api_key=f"{KEY},{OTHER_KEY}", use_redis=True)
+        ) as cluster:
             yield cluster.http_url
 
 
@@ -187,3 +196,78 @@ def test_keys_and_errors(url: str, model: str) -> None:
     with pytest.raises(anthropic.BadRequestError) as bad:
         bearer.messages.create(model=model, max_tokens=100000, messages=[{"role": "user", "content": "hi"}])
     assert "max_tokens" in bad.value.message
+
+
+@pytest.fixture(scope="module")
+def oa(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_responses_chain_reuses_the_prefix_and_equals_the_chat(oa: openai.OpenAI, model: str) -> None:
+    ask = "Describe the sea at night in a few words. " * 6
+    first = oa.responses.create(model=model, input=ask, max_output_tokens=8, temperature=0)
+    second = oa.responses.create(
+        model=model, previous_response_id=first.id, input="And by day?", max_output_tokens=8, temperature=0
+    )
+    assert second.usage is not None and first.usage is not None
+    assert second.usage.input_tokens > first.usage.input_tokens
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 2  # the prefix
+    reply: dict[str, Any] = {"role": "assistant", "content": first.output_text}
+    reasoning = [i for i in first.output if i.type == "reasoning"]
+    if reasoning and reasoning[0].content:
+        reply["reasoning_content"] = reasoning[0].content[0].text
+    chat = oa.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": ask}, reply, {"role": "user", "content": "And by day?"}],  # type: ignore[list-item]
+        max_tokens=8,
+        temperature=0,
+    )
+    assert second.output_text == (chat.choices[0].message.content or "")
+    with oa.responses.stream(
+        model=model, previous_response_id=second.id, input="And at dawn?", max_output_tokens=6, temperature=0
+    ) as stream:
+        kinds = {ev.type for ev in stream}
+        third = stream.get_final_response()
+    assert {"response.created", "response.output_item.added", "response.completed"} <= kinds or (
+        third.status == "incomplete"
+    )
+    assert oa.responses.retrieve(third.id).output_text == third.output_text
+
+
+def test_responses_forced_tool_round_trip(oa: openai.OpenAI, model: str) -> None:
+    tools: list[Any] = [{"type": "function", "name": "get_weather", "parameters": SCHEMA, "strict": True}]
+    first = oa.responses.create(
+        model=model,
+        input="Weather in Rome?",
+        tools=tools,
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=64,
+        temperature=0,
+    )
+    calls = [i for i in first.output if i.type == "function_call"]
+    assert first.status == "completed" and len(calls) == 1
+    jsonschema.validate(json.loads(calls[0].arguments), SCHEMA)
+    second = oa.responses.create(
+        model=model,
+        previous_response_id=first.id,
+        tools=tools,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "21C"}],
+        max_output_tokens=6,
+        temperature=0,
+    )
+    assert second.usage is not None and second.usage.output_tokens > 0
+    assert second.usage.input_tokens_details.cached_tokens > 0
+
+
+def test_responses_owner_isolation(url: str, oa: openai.OpenAI, model: str) -> None:
+    r = oa.responses.create(model=model, input="hi", max_output_tokens=2)
+    other = openai.OpenAI(base_url=f"{url}/v1", api_key=OTHER_KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model=model, previous_response_id=r.id, input="x", max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(r.id)
+    oa.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        oa.responses.retrieve(r.id)
