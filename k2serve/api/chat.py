@@ -125,6 +125,13 @@ async def _chat_completion(
     return JSONResponse(result)
 
 
+def _with_reasoning_alias(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with `reasoning` next to `reasoning_content` (the name vLLM now emits), when it has one."""
+    if "reasoning_content" not in message:
+        return message
+    return {**message, "reasoning": message["reasoning_content"]}
+
+
 def _deltas(parsed: list[DeltaEvent]) -> list[dict[str, Any]]:
     """Parser events as OpenAI message deltas, adjacent pieces of the same kind merged."""
     out: list[dict[str, Any]] = []
@@ -196,7 +203,7 @@ async def _stream(
                 made_calls = made_calls or any("tool_calls" in d for d in deltas)
                 lp = chat_logprobs(tok, ev.logprobs) if ev.logprobs else None
                 for i, delta in enumerate(deltas or ([{}] if lp else [])):
-                    yield chunk(delta, logprobs=lp if i == 0 else None)
+                    yield chunk(_with_reasoning_alias(delta), logprobs=lp if i == 0 else None)
                 reason = ev.finish_reason if done else reason
             yield chunk({}, finish_reason(reason, made_calls))
             if on_finish is not None and reason in ("stop", "length"):
@@ -249,7 +256,7 @@ async def _collect(
         await on_finish({k: v for k, v in message.items() if v is not None}, served_by)
     choice: dict[str, Any] = {
         "index": 0,
-        "message": message,
+        "message": _with_reasoning_alias(message),
         "logprobs": chat_logprobs(tok, lps) if lps else None,
         "finish_reason": finish_reason(reason, bool(calls)),
     }
