@@ -82,7 +82,7 @@ def test_output_items(client: openai.OpenAI, backend: ScriptedBackend) -> None:
     assert r.usage.input_tokens == len(backend.requests[-1].prompt_token_ids)
     assert r.usage.output_tokens == len(backend.script)
     assert r.usage.input_tokens_details.cached_tokens == 0
-    assert backend.requests[-1].session is not None  # a stored response opens a session
+    assert backend.requests[-1].session is None  # a chain's first response takes no session
 
 
 def test_stream_events_and_final_response(client: openai.OpenAI) -> None:
@@ -116,9 +116,9 @@ def test_previous_response_id_continues_the_session(
     client: openai.OpenAI, url: str, backend: ScriptedBackend
 ) -> None:
     """The turn after a function call sends only its new input; the prompt is the equivalent chat
-    completion's (whole history) token for token, and the turn carries the first one's session."""
+    completion's (whole history) token for token. The chain's second response opens its session, the
+    third continues it; a branch from the first starts another."""
     first = client.responses.create(model="scripted", input="Weather in Paris?", tools=TOOLS)
-    session = backend.requests[-1].session
     second = client.responses.create(
         model="scripted",
         previous_response_id=first.id,
@@ -126,9 +126,12 @@ def test_previous_response_id_continues_the_session(
         input=[{"type": "function_call_output", "call_id": "functions.get_weather:0", "output": "18C"}],
     )
     continued = backend.requests[-1]
-    assert continued.session is not None and session is not None
-    assert continued.session.session_id == session.session_id
-    assert second.previous_response_id == first.id
+    session = continued.session
+    assert session is not None and second.previous_response_id == first.id
+    client.responses.create(model="scripted", previous_response_id=second.id, input="Thanks!", tools=TOOLS)
+    third = backend.requests[-1]
+    assert third.session is not None and third.session.session_id == session.session_id
+    assert third.prompt_token_ids[: len(continued.prompt_token_ids)] == continued.prompt_token_ids
     make_client(url, KEY_A).chat.completions.create(
         model="scripted",
         tools=CHAT_TOOLS,

@@ -3,10 +3,12 @@
 The request is converted (`responses_convert`) into the one chat request every front door shares
 (`k2serve.chat.request`); the output is shaped by `responses_output`. Conversation state lives in the
 session store (`k2serve.sessions`): a stored response (`store`, default true) without
-`previous_response_id` opens a session, and one with it continues that response's session, so the
-turn is routed to the worker that holds the conversation's KV cache and only the new input is
-computed (`usage.input_tokens_details.cached_tokens` counts the rest). Continuing from an older
-response of a chain (a branch) starts a new session with that response's conversation. Each response's
+`previous_response_id` keeps its conversation in its record; the first response that continues it
+opens a session with that conversation, and later ones continue that session, so their turns are
+routed to the worker that holds the conversation's KV cache and only the new input is computed
+(`usage.input_tokens_details.cached_tokens` counts the rest). Continuing from an older response of a
+chain (a branch) starts a new session with that response's conversation. So only continued chains
+take sessions (a key may hold SessionStoreConfig.max_sessions_per_owner at once). Each response's
 record (`k2serve.sessions.responses`) is visible only to the API key that made it: any other key gets
 404, as for an unknown id. Without a Redis session store (`k2serve serve`), sessions and records live
 in the server's memory. Errors are in OpenAI's shape.
@@ -74,24 +76,24 @@ def install_responses_routes(app: FastAPI, state: AppState, auth: list[Any]) -> 
 async def _conversation(
     sessions: SessionService, body: ResponsesRequest, owner: str, model: str
 ) -> tuple[list[dict[str, Any]], str | None, SessionHint | None]:
-    """(the history this request continues, the session its turn is recorded in (None: not stored),
-    the routing hint)."""
+    """(the history this request continues, the session its turn is recorded in (None: the first
+    response of a chain, or not stored), the routing hint)."""
+    if body.previous_response_id is None:
+        return [], None, None
     try:
-        if body.previous_response_id is None:
-            if not body.store:
-                return [], None, None
-            s = await sessions.create(owner, model, None, [])
-            return [], s.id, SessionHint(s.id, None, 0)
         previous = await asyncio.to_thread(sessions.responses.get, body.previous_response_id, owner)
-        if previous is None or previous.session_id is None:
+        if previous is None:
             raise not_found(body.previous_response_id, "previous_response_id")
-        try:
-            history, hint = await sessions.context(previous.session_id, owner)
-        except SessionNotFound as e:
-            raise not_found(body.previous_response_id, "previous_response_id") from e
-        if len(history) == previous.num_messages:
-            return history, previous.session_id if body.store else None, hint
-        history = history[: previous.num_messages]  # a branch: a new session from that point
+        if previous.session_id is None:  # the chain's second response: its session starts now
+            history = list(previous.messages or [])[: previous.num_messages]
+        else:
+            try:
+                history, hint = await sessions.context(previous.session_id, owner)
+            except SessionNotFound as e:
+                raise not_found(body.previous_response_id, "previous_response_id") from e
+            if len(history) == previous.num_messages:
+                return history, previous.session_id if body.store else None, hint
+            history = history[: previous.num_messages]  # a branch: a new session from that point
         if not body.store:
             return history, None, None
         s = await sessions.create(owner, model, None, history)
@@ -133,12 +135,18 @@ async def create_response(
     head = _head(rid, model, body)
 
     async def finish(response: dict[str, Any], parsed: list[DeltaEvent], served_by: str | None) -> None:
-        """Record a finished turn in its session, then the response."""
-        if session_id is None:
+        """Record a finished turn in its session (or, for a chain's first response, in its record),
+        then the response."""
+        if not body.store:
             return
         reply = reply_message(collect(parsed))
-        await sessions.turn_recorder(session_id, owner, inputs.messages, prompt)(reply, served_by)
-        record = ResponseRecord(session_id, len(history) + len(inputs.messages) + 1, response)
+        num_messages = len(history) + len(inputs.messages) + 1
+        if session_id is None:
+            own = [*inputs.messages, {k: v for k, v in reply.items() if v is not None}]
+            record = ResponseRecord(None, num_messages, response, own)
+        else:
+            await sessions.turn_recorder(session_id, owner, inputs.messages, prompt)(reply, served_by)
+            record = ResponseRecord(session_id, num_messages, response)
         await asyncio.to_thread(sessions.responses.put, rid, owner, record)
 
     if body.stream:

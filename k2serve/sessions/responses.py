@@ -1,8 +1,8 @@
 """Stored Responses-API responses: response id -> (owner, the session holding its conversation, how many
 of that session's messages are its conversation, the response object as the API shows it).
 
-A chain of responses (`previous_response_id`) lives in one session: each response's turn is appended
-to it, and its record says how long the conversation was once it finished, so continuing from an
+A chain of responses (`previous_response_id`) lives in one session from its second response on (the
+first one's record holds its own messages): each response's turn is appended to it, and its record says how long the conversation was once it finished, so continuing from an
 older response of the chain (a branch) knows which prefix of the session's messages is its history.
 Records are visible only to their owner (the API key; the store keeps its SHA-256) and expire like
 sessions (`ttl_s`, default one hour). Two implementations with one contract: in this process's memory
@@ -26,9 +26,15 @@ DEFAULT_TTL_S = 3600
 
 @dataclass(frozen=True)
 class ResponseRecord:
-    session_id: str | None  # None: the response was not stored with a conversation
-    num_messages: int  # the session's messages that are this response's conversation, its reply included
-    response: dict[str, Any]  # the response object as GET /v1/responses/{id} returns it
+    """session_id: the session holding the conversation, or None for the first response of a chain,
+    whose conversation (its input messages and its reply) is `messages` (no session is spent on a
+    response nobody continues). num_messages: how many of the session's messages (or of `messages`)
+    are this response's conversation, its reply included. response: the object GET returns."""
+
+    session_id: str | None
+    num_messages: int
+    response: dict[str, Any]
+    messages: list[dict[str, Any]] | None = None
 
 
 def _owner_hash(owner: str) -> str:
@@ -42,6 +48,7 @@ def _encode(owner: str, record: ResponseRecord) -> str:
             "session_id": record.session_id,
             "num_messages": record.num_messages,
             "response": record.response,
+            "messages": record.messages,
         },
         ensure_ascii=False,
     )
@@ -52,7 +59,7 @@ def _decode(data: str | bytes, owner: str) -> ResponseRecord | None:
     obj = json.loads(data)
     if obj["owner"] != _owner_hash(owner):
         return None
-    return ResponseRecord(obj["session_id"], obj["num_messages"], obj["response"])
+    return ResponseRecord(obj["session_id"], obj["num_messages"], obj["response"], obj.get("messages"))
 
 
 class ResponseStore(abc.ABC):
