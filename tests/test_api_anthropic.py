@@ -377,3 +377,41 @@ def test_a_failure_mid_stream_is_an_error_event(
             pass
     assert e.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     assert "scripted failure" in e.value.body["error"]["message"]  # type: ignore[index]
+
+
+def test_a_claude_code_shaped_request(
+    url: str, client: anthropic.Anthropic, backend: ScriptedBackend
+) -> None:
+    """The fields Claude Code sends besides the basics (cache_control marks, metadata, thinking,
+    anthropic-beta, system blocks) are accepted and change nothing in the prompt."""
+    body: dict[str, Any] = {
+        "model": "scripted",
+        "max_tokens": 1000,
+        "stream": True,
+        "system": [
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": " Be careful."},
+        ],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Weather in Paris?", "cache_control": {"type": "ephemeral"}}
+                ],
+            }
+        ],
+        "tools": [{**TOOLS[0], "cache_control": {"type": "ephemeral"}}],
+        "metadata": {"user_id": "user_abc"},
+        "thinking": {"type": "enabled", "budget_tokens": 500},
+        "temperature": 1,
+    }
+    headers = {
+        "x-api-key": KEY,
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "interleaved-thinking-2025-05-14",
+    }
+    with httpx.stream("POST", f"{url}/v1/messages", json=body, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        assert "message_stop" in r.read().decode()
+    prompt = prompt_text(backend)
+    assert "You are Claude Code. Be careful." in prompt and "cache_control" not in prompt
