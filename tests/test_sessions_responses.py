@@ -10,6 +10,7 @@ import pytest
 
 from k2serve.cluster.redis_server import EmbeddedRedis
 from k2serve.sessions.responses import (
+    SWEEP_EVERY,
     InMemoryResponseStore,
     RedisResponseStore,
     ResponseRecord,
@@ -52,3 +53,14 @@ def test_records_expire(make_store: Callable[..., ResponseStore]) -> None:
     time.sleep(2.2)
     assert store.get("resp_1", "alice") is None
     store.close()
+
+
+def test_memory_store_sweeps_expired_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = InMemoryResponseStore(ttl_s=1)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    for i in range(SWEEP_EVERY - 1):
+        store.put(f"resp_{i}", "alice", RECORD)
+    clock[0] += 2
+    store.put("resp_new", "alice", RECORD)  # the sweep: every earlier record has expired
+    assert len(store) == 1 and store.get("resp_new", "alice") == RECORD

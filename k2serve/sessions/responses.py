@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 DEFAULT_TTL_S = 3600
+SWEEP_EVERY = 256  # InMemoryResponseStore drops its expired records every this many puts
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,19 @@ class InMemoryResponseStore(ResponseStore):
         super().__init__(ttl_s)
         self._lock = threading.Lock()
         self._records: dict[str, tuple[float, str]] = {}  # id -> (expiry, encoded record)
+        self._puts = 0
 
     def put(self, response_id: str, owner: str, record: ResponseRecord) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._records[response_id] = (time.monotonic() + self.ttl_s, _encode(owner, record))
+            self._records[response_id] = (now + self.ttl_s, _encode(owner, record))
+            self._puts += 1
+            if self._puts % SWEEP_EVERY == 0:  # drop expired records: memory holds one TTL of traffic
+                for rid in [rid for rid, (expiry, _) in self._records.items() if expiry <= now]:
+                    del self._records[rid]
+
+    def __len__(self) -> int:
+        return len(self._records)
 
     def _live(self, response_id: str) -> str | None:
         entry = self._records.get(response_id)
