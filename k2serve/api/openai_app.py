@@ -1,8 +1,11 @@
 """`build_app(backend, api_key)`: the OpenAI-compatible FastAPI application over any GenerationBackend.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (these need the API key
-when one is set: `Authorization: Bearer <key>`), GET /health (503 while draining) and GET /metrics
-(Prometheus text), which are open. Errors use OpenAI's JSON error shape (see k2serve.api.errors).
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, Anthropic's POST /v1/messages
+and /v1/messages/count_tokens (k2serve.api.anthropic_api), OpenAI's /v1/responses
+(k2serve.api.responses_api), vLLM's /tokenize and /detokenize (these need the API key when one is set:
+`Authorization: Bearer <key>`, or `x-api-key` for Anthropic's), GET /health (503 while draining) and
+GET /metrics (Prometheus text), which are open. Errors use OpenAI's JSON error shape (see
+k2serve.api.errors), Anthropic's on its routes.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from k2serve.api.anthropic_api import install_anthropic_routes
 from k2serve.api.chat import chat_completion
 from k2serve.api.completions import completion
 from k2serve.api.errors import APIError, install_error_handlers
 from k2serve.api.metrics import CONTENT_TYPE, APIMetrics
+from k2serve.api.responses_api import install_responses_routes
 from k2serve.api.runner import AppState
 from k2serve.api.schemas import ChatCompletionRequest, CompletionRequest
 from k2serve.api.session_routes import install_session_routes
+from k2serve.api.tokenize_routes import install_tokenize_routes
 from k2serve.chat.prompt import PromptEncoder
 from k2serve.engine.protocol import DrainingError, GenerationBackend, QueueFullError
 
@@ -78,6 +84,9 @@ def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: 
 
     if sessions is not None:
         install_session_routes(app, state, auth)
+    install_anthropic_routes(app, state, keys)
+    install_responses_routes(app, state, auth)
+    install_tokenize_routes(app, state, auth)
 
     @app.get("/health")
     async def _health() -> JSONResponse:

@@ -22,6 +22,7 @@ from k2serve.engine.protocol import SessionHint
 from k2serve.sessions.connection import RedisConnection
 from k2serve.sessions.errors import SessionStoreUnavailable
 from k2serve.sessions.redis_store import RedisSessionStore
+from k2serve.sessions.responses import InMemoryResponseStore, RedisResponseStore, ResponseStore
 from k2serve.sessions.session import Session, SessionStoreConfig
 from k2serve.sessions.store import SessionStore
 
@@ -33,8 +34,9 @@ TurnRecorder = Callable[[dict[str, Any], str | None], Awaitable[None]]
 
 
 class SessionService:
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, responses: ResponseStore | None = None) -> None:
         self.store = store
+        self.responses = responses or InMemoryResponseStore()  # the Responses API's records
         # KV accounting for /metrics: session -> (holder, cached tokens), as recorded by this process.
         self.held: dict[str, tuple[str, int]] = {}
 
@@ -47,7 +49,7 @@ class SessionService:
     def connect(
         cls, redis: RedisConnection | str, config: SessionStoreConfig | None = None
     ) -> SessionService:
-        return cls(RedisSessionStore(redis, config))
+        return cls(RedisSessionStore(redis, config), RedisResponseStore(redis))
 
     async def check(self) -> None:
         """At startup: stop on a Redis that refuses us (SessionStoreRefused: password, TLS); only
@@ -160,3 +162,4 @@ class SessionService:
 
     def close(self) -> None:
         self.store.close()
+        self.responses.close()
