@@ -19,7 +19,7 @@ async def run(settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     engine = load_engine(settings, stop)
     engine.start()
-    servicer = PrefillServicer(engine, settings.tls)
+    servicer = PrefillServicer(engine, settings.tls, settings.internal.metadata())
 
     def add(server: grpc.aio.Server) -> list[str]:
         add_servicer(server, worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer)
