@@ -63,7 +63,17 @@ def test_ray_router_gets_router_flags_and_tls(pki: PKI) -> None:
     assert child.name == "router" and child.embedded_redis
     assert list(child.argv) == [
         *("router", "--model", "/models/k2", "--host", NODE_IP, "--port", "8000", "--grpc-port", "50051"),
-        *("--internal-port", "0", "--heartbeat-timeout", "5.0", "--redis-url", REDIS_URL, *tls_flags(pki), "--tls-server-name", "k2"),
+        *(
+            "--internal-port",
+            "0",
+            "--heartbeat-timeout",
+            "5.0",
+            "--redis-url",
+            REDIS_URL,
+            *tls_flags(pki),
+            "--tls-server-name",
+            "k2",
+        ),
         *("--max-ttft-ms", "2000.0", "--api-key", "sk-1"),
     ]
     parsed = build_parser().parse_args(list(child.argv))  # what the router process will see

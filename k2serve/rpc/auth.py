@@ -112,7 +112,10 @@ class InternalAuth:
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """For asyncio channels: adds `metadata()` to every call."""
-        return [_AddMetadata(self.metadata())] if self.token is not None else []
+        if self.token is None:
+            return []
+        pairs = self.metadata()
+        return [_UnaryUnary(pairs), _UnaryStream(pairs), _StreamUnary(pairs), _StreamStream(pairs)]
 
 
 class ServerAuth(grpc.aio.ServerInterceptor, grpc.ServerInterceptor):
@@ -202,13 +205,9 @@ class ServerAuth(grpc.aio.ServerInterceptor, grpc.ServerInterceptor):
         return self._deny(handler)
 
 
-class _AddMetadata(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds fixed metadata to every call of an asyncio channel."""
+class _AddMetadata:
+    """Adds fixed metadata to every call of an asyncio channel (one subclass per call kind: a channel
+    files each interceptor under the first kind it is an instance of)."""
 
     def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
         self.pairs = pairs
@@ -217,14 +216,22 @@ class _AddMetadata(
         metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *self.pairs)
         return details._replace(metadata=metadata)
 
+
+class _UnaryUnary(_AddMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStream(_AddMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamUnary(_AddMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
+
+class _StreamStream(_AddMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
