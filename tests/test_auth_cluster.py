@@ -92,7 +92,10 @@ def generate(stub: api_pb2_grpc.K2ServeStub, metadata: tuple[tuple[str, str], ..
 def test_public_grpc_api_needs_an_api_key(cluster: LocalCluster, expected: list[int]) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{cluster.grpc_port}") as ch:
         stub = api_pb2_grpc.K2ServeStub(ch)
-        token = cluster_token(cluster)
+        with pytest.raises(grpc.RpcError) as err:  # no key at all
+            generate(stub)
+        assert err.value.code() == UNAUTH
+        token = cluster_token(cluster)  # the cluster's credential is not a user key either
         for metadata in ((), bearer("sk-wrong"), bearer(token), ((CLUSTER_TOKEN_HEADER, token),)):
             with pytest.raises(grpc.RpcError) as err:
                 generate(stub, metadata)
