@@ -239,7 +239,15 @@ def test_network_policies_isolate_workers_and_redis(name: str) -> None:
             "decode",
         }
     router = nps[f"{FULL}-router"]
-    assert all(p["port"] in ("http", "grpc") for r in router["ingress"] for p in r["ports"])
+    internal, public = router["ingress"]
+    # The internal listener (worker registry): this release's workers only.
+    assert internal["ports"] == [{"port": "internal", "protocol": "TCP"}]
+    (peer,) = internal["from"]
+    assert set(peer) == {"podSelector"} and peer["podSelector"]["matchLabels"] == release
+    assert set(peer["podSelector"]["matchExpressions"][0]["values"]) == {"prefill", "decode"}
+    # The public ports: router.allowFrom (absent: anyone).
+    assert [p["port"] for p in public["ports"]] == ["http", "grpc"]
+    assert public.get("from") == (values.get("router", {}).get("allowFrom") or None)
     if values.get("redis", {}).get("enabled", True):
         redis = nps[f"{FULL}-redis"]
         (rule,) = redis["ingress"]

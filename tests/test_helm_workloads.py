@@ -3,12 +3,14 @@ workloads, GPUs follow expert parallelism, Services reach named ports, Redis per
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
 
 import pytest
 import yaml
 from test_helm_chart import (
+    CLUSTER_TOKEN_SECRET,
     REDIS_SECRET,
     REDIS_URL_SECRET,
     ROOT,
@@ -140,7 +142,11 @@ def test_services_reach_named_container_ports(name: str) -> None:
 
 def test_router_service_exposes_http_and_grpc() -> None:
     svc = by_name(VALUE_SETS["defaults"], "Service", f"{FULL}-router")["spec"]
-    assert {(p["name"], p["port"]) for p in svc["ports"]} == {("http", 8000), ("grpc", 50051)}
+    assert {(p["name"], p["port"]) for p in svc["ports"]} == {
+        ("http", 8000),
+        ("grpc", 50051),
+        ("internal", 50052),
+    }
     assert svc["type"] == "ClusterIP"
 
 
@@ -295,3 +301,29 @@ def test_pods_roll_on_config_change() -> None:
         "metadata"
     ]
     assert a["checksum/config"] != b["annotations"]["checksum/config"]
+
+
+def test_cluster_token_secret_is_generated_once_or_named() -> None:
+    """Without clusterToken.existingSecret the chart makes a random token Secret (kept on uninstall, read
+    back by lookup on upgrades) and mounts it 0440 into the router and every worker; with it, it only
+    names that Secret."""
+    (secret,) = [
+        s for s in objects(VALUE_SETS["defaults"], "Secret") if s["metadata"]["name"].endswith("-token")
+    ]
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(secret["data"]["cluster-token"])) == 48
+    for values, name, key in (
+        (VALUE_SETS["defaults"], secret["metadata"]["name"], "cluster-token"),
+        (VALUE_SETS["tls-apikey-secrets"], CLUSTER_TOKEN_SECRET, "token"),
+    ):
+        specs = [
+            s for _, s in pod_specs(values) if s["containers"][0]["name"] in ("router", "prefill", "decode")
+        ]
+        assert len(specs) == 3
+        for spec in specs:
+            (vol,) = [v for v in spec["volumes"] if v["name"] == "cluster-token"]
+            assert vol["secret"] == {
+                "secretName": name,
+                "defaultMode": 0o440,
+                "items": [{"key": key, "path": "token"}],
+            }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from k2serve.cluster.local import Proc
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
+from k2serve.rpc.auth import write_token_file
 from k2serve.testing.netns import Host, HostNetwork, call_in, unavailable_reason
 
 pytestmark = pytest.mark.slow
@@ -40,7 +42,9 @@ class Fleet:
     def __init__(self, net: HostNetwork, ckpt: Path, logs: Path) -> None:
         self.net, self.ckpt, self.logs = net, ckpt, logs
         self.procs: list[Proc] = []
-        self.http_port = self.grpc_port = 0
+        self.http_port = self.grpc_port = self.internal_port = 0
+        self.token = ["--cluster-token-file", str(logs / "cluster-token")]  # every host's processes share it
+        write_token_file(self.token[1], secrets.token_urlsafe(32))
 
     def spawn(self, host: Host, name: str, args: list[str]) -> Proc:
         log = self.logs / f"{name}.log"
@@ -70,9 +74,12 @@ class Fleet:
         r = self.net["router"]
         ready = self.logs / "router.ready"
         router_args = ["--model", str(self.ckpt), "--host", r.address, "--port", "0", "--grpc-port", "0"]
+        router_args += ["--internal-port", "0", *self.token]
         router_args += ["--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--ready-file", str(ready)]
         router = self.spawn(r, "router", ["router", *router_args])
-        self.http_port, self.grpc_port = (int(x) for x in self.wait_file(router, ready, deadline).split())
+        self.http_port, self.grpc_port, self.internal_port = (
+            int(x) for x in self.wait_file(router, ready, deadline).split()
+        )
         # The prefill worker binds its host's address; the decode worker binds every address of its
         # host and advertises the one peers reach it at (as behind NAT or in a container).
         binds = {"prefill": self.net["prefill"].address, "decode": "0.0.0.0"}
@@ -80,7 +87,13 @@ class Fleet:
         for role, bind in binds.items():
             host = self.net[role]
             args = [role, "--model", str(self.ckpt), *ENGINE_ARGS, "--host", bind, "--port", "0"]
-            args += ["--advertise-host", host.address, "--router", f"{r.address}:{self.grpc_port}"]
+            args += [
+                "--advertise-host",
+                host.address,
+                "--router",
+                f"{r.address}:{self.internal_port}",
+                *self.token,
+            ]
             args += ["--worker-id", role, "--transfer-backend", "grpc", "--transfer-port", "0"]
             args += ["--ready-file", str(self.logs / f"{role}.ready")]
             workers.append(self.spawn(host, role, args))

@@ -115,9 +115,10 @@ def test_turns_reuse_the_holder_and_survive_its_death(cluster: LocalCluster, tin
     holder = s["holder"]["worker_id"]
     assert holder.startswith("decode") and s["holder"]["cached_tokens"] > 0 and s["num_messages"] == 3
 
-    before = httpx.get(f"{cluster.http_url}/cluster/workers").json()["local_prefills"]
+    auth = {"authorization": f"Bearer {KEY_A}"}  # the operators' view needs a key too
+    before = httpx.get(f"{cluster.http_url}/cluster/workers", headers=auth).json()["local_prefills"]
     r2 = chat(a, sid, "second question")
-    after = httpx.get(f"{cluster.http_url}/cluster/workers").json()["local_prefills"]
+    after = httpx.get(f"{cluster.http_url}/cluster/workers", headers=auth).json()["local_prefills"]
     assert after == before + 1  # served by the holder itself: no prefill worker, no KV transfer
     assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # its prefix cache was hit
     history = [

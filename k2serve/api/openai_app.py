@@ -34,7 +34,8 @@ from k2serve.engine.protocol import DrainingError, GenerationBackend, QueueFullE
 def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: Any = None) -> FastAPI:
     """The app; `api_key` None or "" leaves the /v1 routes open; several keys may be given comma-separated
     (each client's key owns its sessions). `sessions` (a SessionService) enables /v1/sessions and chat
-    `session_id`. `app.state.k2` is the AppState."""
+    `session_id`. `app.state.k2` is the AppState; `app.state.k2_auth` the API-key dependency, for
+    routes the host adds."""
     state = AppState(
         backend, PromptEncoder(backend.tokenizer), APIMetrics(backend, sessions), api_key or None, sessions
     )
@@ -62,6 +63,7 @@ def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: 
             )
 
     auth = [Depends(authorize)]
+    app.state.k2_auth = auth  # for routes a host adds (the router's GET /cluster/workers)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def _chat(body: ChatCompletionRequest, request: Request) -> Response:

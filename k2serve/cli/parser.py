@@ -74,7 +74,11 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind")
     s.add_argument("--port", type=int, default=default_port, help="gRPC port (0 = pick a free one)")
     s.add_argument("--advertise-host", default=None, help="address others use to reach this worker")
-    s.add_argument("--router", default=None, help="router's gRPC address host:port to register with")
+    s.add_argument(
+        "--router",
+        default=None,
+        help="router's internal gRPC address host:port (--internal-port) to register with",
+    )
     s.add_argument("--worker-id", default=None)
     add_transfer_backend_arg(
         s, "how this worker receives KV (a prefill worker sends with what each decode worker names)"
@@ -103,6 +107,7 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     )
     s.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds")
     add_tls_args(s)
+    add_cluster_auth_args(s)
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: the bound address
 
 
@@ -158,6 +163,23 @@ def add_redis_args(s: argparse.ArgumentParser, help_url: str) -> None:
         "--redis-cert", default=None, metavar="PEM", help="client certificate for Redis (rediss://)"
     )
     g.add_argument("--redis-key", default=None, metavar="PEM", help="private key of --redis-cert")
+
+
+def add_cluster_auth_args(s: argparse.ArgumentParser) -> None:
+    """The cluster credential of a router or worker (see k2serve.rpc.auth)."""
+    g = s.add_argument_group("cluster credential (internal calls; one of these is required)")
+    g.add_argument(
+        "--cluster-token-file",
+        default=None,
+        metavar="FILE",
+        help="file (0600) holding the cluster token every internal call carries and every internal "
+        "server requires (default: $K2SERVE_CLUSTER_TOKEN_FILE); `k2serve up` generates one per cluster",
+    )
+    g.add_argument(
+        "--insecure-internal",
+        action="store_true",
+        help="serve and dial internal services without a token or mutual TLS (tests and development only)",
+    )
 
 
 def add_api_args(s: argparse.ArgumentParser, port: int = 8000, tls_peers: bool = False) -> None:
@@ -217,7 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
         "router", help="public gRPC + OpenAI HTTP API; dispatches to prefill and decode workers"
     )
     add_api_args(s, tls_peers=True)
-    s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--grpc-port", type=int, default=50051, help="public gRPC API (clients)")
+    s.add_argument(
+        "--internal-port",
+        type=int,
+        default=50052,
+        help="internal gRPC listener: the worker registry, for holders of the cluster credential only",
+    )
+    add_cluster_auth_args(s)
     s.add_argument("--model", required=True, help="checkpoint directory (tokenizer, chat template, config)")
     s.add_argument("--served-model-name", default=None)
     s.add_argument(
@@ -240,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="answer 429 (Retry-After) at once when the predicted time to first token exceeds this",
     )
-    s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: "HTTP_PORT GRPC_PORT"
+    s.add_argument(  # launchers: "HTTP_PORT GRPC_PORT INTERNAL_PORT"
+        "--ready-file", default=None, help=argparse.SUPPRESS
+    )
     add_tracing_arg(s)
     s.set_defaults(handler=commands.router)
 
@@ -258,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="HTTP port of the router")
     s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument(
+        "--internal-port", type=int, default=0, help="router's internal listener for the workers (0 = free)"
+    )
+    s.add_argument(
+        "--cluster-token-file",
+        default=None,
+        metavar="FILE",
+        help="the cluster token (0600 file) every process gets (default: a fresh one per cluster)",
+    )
     s.add_argument("--prefill", type=int, default=1, help="prefill workers")
     s.add_argument("--decode", type=int, default=1, help="decode workers")
     s.add_argument(

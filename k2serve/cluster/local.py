@@ -5,7 +5,9 @@ register with the router. `LocalCluster` waits until every worker is registered,
 requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
 With `ep_size` R > 1 each worker is a group of R rank processes (`<role>-<i>-ep<r>`) meeting at a free
 port of their own; each rank registers as its own worker. With `tls`, every process gets the same
-certificate flags: all gRPC hops use (mutual) TLS and the router serves HTTPS.
+certificate flags: all gRPC hops use (mutual) TLS and the router serves HTTPS. Every internal call
+carries the cluster token: `LocalCluster` generates one per cluster (`secrets.token_urlsafe`) into a 0600
+file of its workdir unless `cluster_token_file` names one, and hands every process that file.
 
 `ClusterSpec.router_args_for` and `ClusterSpec.worker_args` build every process's command line, so the
 launchers (this one, `ray_runtime.RayCluster`) start the same processes with the same flags.
@@ -14,6 +16,7 @@ launchers (this one, `ray_runtime.RayCluster`) start the same processes with the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import signal
@@ -29,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
+from k2serve.rpc.auth import write_token_file
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
 from k2serve.sessions.connection import RedisConnection
 
@@ -42,7 +46,8 @@ class ClusterSpec:
     model_dir: str
     host: str = "127.0.0.1"
     port: int = 8000  # router HTTP (0 = any free port)
-    grpc_port: int = 50051  # router gRPC (0 = any free port)
+    grpc_port: int = 50051  # router gRPC, the public API (0 = any free port)
+    internal_port: int = 0  # router's internal listener, the worker registry (0 = any free port)
     num_prefill: int = 1
     num_decode: int = 1
     ep_size: int = 1  # expert-parallel ranks (processes) per worker
@@ -60,6 +65,7 @@ class ClusterSpec:
     env: dict[str, str] = field(default_factory=dict)
     tls: TLSFiles | None = None  # one certificate for every process (SANs of `host`), CA for mutual TLS
     otlp_traces_endpoint: str | None = None  # every process's --otlp-traces-endpoint (OTEL_* env: `env`)
+    cluster_token_file: str | None = None  # the cluster credential (None: the launcher generates one)
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -75,13 +81,17 @@ class ClusterSpec:
     def num_worker_processes(self) -> int:
         return (self.num_prefill + self.num_decode) * self.ep_size
 
-    def router_args_for(self, host: str, port: int, grpc_port: int, redis_args: list[str]) -> list[str]:
+    def router_args_for(
+        self, host: str, port: int, grpc_port: int, redis_args: list[str], internal_port: int = 0
+    ) -> list[str]:
         """`k2serve router ...` arguments, the same under every launcher (LocalCluster, RayCluster): it
-        binds `host` with HTTP on `port` and gRPC on `grpc_port` (0: a free one) and keeps sessions in
-        the Redis `redis_args` names (`RedisConnection.argv()`; empty: none); then the TLS files, the
-        extra `router_args`, the API key and the served model name. The ready file is the launcher's."""
+        binds `host` with HTTP on `port`, the public gRPC API on `grpc_port` and the worker registry on
+        `internal_port` (0: a free one) and keeps sessions in the Redis `redis_args` names
+        (`RedisConnection.argv()`; empty: none); then the TLS files and cluster token, tracing, the extra
+        `router_args`, the API key and the served model name. The ready file is the launcher's."""
         args = ["router", "--model", self.model_dir, "--host", host, "--port", str(port)]
-        args += ["--grpc-port", str(grpc_port), "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
+        args += ["--grpc-port", str(grpc_port), "--internal-port", str(internal_port)]
+        args += ["--heartbeat-timeout", str(self.heartbeat_timeout_s)]
         args += redis_args
         args += self.tls_args() + self.tracing_args()
         args += self.router_args
@@ -95,9 +105,10 @@ class ClusterSpec:
         self, role: str, worker_id: str, host: str, router: str, ep_rank: int = 0, ep_init: str | None = None
     ) -> list[str]:
         """`k2serve <role> ...` arguments of one worker process, the same under every launcher
-        (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router at
-        `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group meeting at `ep_init`
-        (tcp://HOST:PORT). The TLS files are included; the ready file is the launcher's."""
+        (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router's
+        internal listener at `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group
+        meeting at `ep_init` (tcp://HOST:PORT). The TLS files and cluster token are included; the ready
+        file is the launcher's."""
         args = [role, "--model", self.model_dir, "--dtype", self.dtype, "--host", host, "--port", "0"]
         args += ["--router", router, "--worker-id", worker_id]
         args += ["--transfer-backend", self.transfer_backend, *self.engine_args]
@@ -114,8 +125,12 @@ class ClusterSpec:
         return ["--otlp-traces-endpoint", self.otlp_traces_endpoint] if self.otlp_traces_endpoint else []
 
     def tls_args(self) -> list[str]:
-        """The certificate flags every process gets (none without TLS)."""
-        return self.tls.argv() if self.tls is not None else []
+        """The credential flags every process gets: the certificate (none without TLS) and the cluster
+        token file (none without one)."""
+        args = self.tls.argv() if self.tls is not None else []
+        if self.cluster_token_file is not None:
+            args += ["--cluster-token-file", self.cluster_token_file]
+        return args
 
 
 def start_embedded_redis(data_dir: Path) -> tuple[EmbeddedRedis, RedisConnection]:
@@ -146,14 +161,19 @@ class Proc:
 
 class LocalCluster:
     def __init__(self, spec: ClusterSpec) -> None:
-        self.spec = spec
         self.dir = Path(spec.workdir or tempfile.mkdtemp(prefix="k2serve-up-"))
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        if spec.cluster_token_file is None:  # a fresh credential per cluster, readable by this user only
+            token_file = self.dir / "cluster-token"
+            write_token_file(token_file, secrets.token_urlsafe(32))
+            spec = dataclasses.replace(spec, cluster_token_file=str(token_file))
+        self.spec = spec
         self.procs: list[Proc] = []
         self.redis: EmbeddedRedis | None = None
         self.redis_connection: RedisConnection | None = spec.redis
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
+        self.internal_port = spec.internal_port
 
     # ---- processes -------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> Proc:
@@ -194,9 +214,9 @@ class LocalCluster:
                 stale.unlink()
             ready = self.dir / "router.ready"
             redis_args = self.redis_connection.argv() if self.redis_connection else []
-            args = s.router_args_for(s.host, s.port, s.grpc_port, redis_args)
+            args = s.router_args_for(s.host, s.port, s.grpc_port, redis_args, s.internal_port)
             router = self._spawn("router", [*args, "--ready-file", str(ready)])
-            self.http_port, self.grpc_port = (
+            self.http_port, self.grpc_port, self.internal_port = (
                 int(x) for x in self._wait_file(router, ready, deadline).split()
             )
             for role, n in (("prefill", s.num_prefill), ("decode", s.num_decode)):
@@ -214,7 +234,7 @@ class LocalCluster:
         """Start worker i of `role` (the planner's local connector adds workers to a running cluster
         this way): one process, or ep_size rank processes with a rendezvous of their own."""
         s = self.spec
-        router = f"{s.host}:{self.grpc_port}"
+        router = f"{s.host}:{self.internal_port}"
         if s.ep_size == 1:
             name = f"{role}-{i}"
             args = s.worker_args(role, name, s.host, router)
@@ -238,7 +258,7 @@ class LocalCluster:
         raise ClusterError(f"workers did not all register in time; router log:\n{self.procs[0].tail()}")
 
     def workers(self) -> list[dict]:
-        return registered_workers(self.http_url, self.spec.tls)
+        return registered_workers(self.http_url, self.spec.tls, self.spec.api_key)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         for p in self.procs:
@@ -295,8 +315,9 @@ class LocalCluster:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def registered_workers(http_url: str, tls: TLSFiles | None) -> list[dict]:
-    """The router's registered workers (`GET /cluster/workers`, open without the API key). Over HTTPS
+def registered_workers(http_url: str, tls: TLSFiles | None, api_key: str | None = None) -> list[dict]:
+    """The router's registered workers (`GET /cluster/workers`, with the first of the router's
+    comma-separated `api_key`s when it has any). Over HTTPS
     the router's certificate is checked against `tls.ca` (the system roots without it) for the name
     `tls.server_name`, or the host of `http_url` when that is unset (as the processes check each
     other). Raises ConnectionError (an OSError) when the router does not answer with 200, ValueError on
@@ -309,7 +330,9 @@ def registered_workers(http_url: str, tls: TLSFiles | None) -> list[dict]:
         extensions = {"sni_hostname": tls.server_name} if tls.server_name else {}
     try:
         with httpx.Client(verify=verify, timeout=5) as client:
-            r = client.get(f"{http_url}/cluster/workers", extensions=extensions)
+            key = (api_key or "").split(",")[0].strip()
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            r = client.get(f"{http_url}/cluster/workers", headers=headers, extensions=extensions)
             r.raise_for_status()
             return r.json()["workers"]
     except httpx.HTTPError as e:  # callers poll a router that may be (re)starting: one OSError type

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from k2serve.rpc.auth import write_token_file
+
 NODE_IP = "{node_ip}"  # in ChildSpec.argv: the IP Ray knows for the actor's node
 REDIS_URL = "{redis_url}"  # in ChildSpec.argv: the embedded Redis the actor started (embedded_redis)
 REDIS_PASSWORD_FILE = "{redis_password_file}"  # noqa: S105 - a placeholder in ChildSpec.argv: that Redis's password file
@@ -59,7 +61,8 @@ class ChildSpec:
     every node (created there); the log is `<workdir>/logs/<name>.log`, appended across restarts.
     env: added to the actor's environment. embedded_redis: start an EmbeddedRedis (data in
     `<workdir>/redis-<name>`, AOF on, 127.0.0.1 only, a generated password) before the child,
-    stopped after it.
+    stopped after it. cluster_token: written to a
+    0600 file `<workdir>/<name>.cluster-token` on the actor's node, passed as --cluster-token-file.
     """
 
     name: str
@@ -67,6 +70,7 @@ class ChildSpec:
     workdir: str
     env: dict[str, str] = field(default_factory=dict)
     embedded_redis: bool = False
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -139,6 +143,10 @@ class ProcessActor:
             subst[REDIS_URL] = connection.url
             subst[REDIS_PASSWORD_FILE] = str(connection.password_file)
         argv = [subst.get(a, a) for a in spec.argv]
+        if spec.cluster_token is not None:
+            token_file = self.dir / f"{spec.name}.cluster-token"
+            write_token_file(token_file, spec.cluster_token)
+            argv += ["--cluster-token-file", str(token_file)]
         env = dict(os.environ) | spec.env | {"PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as f:
             f.write(f"==== {spec.name} on {self.node_ip} (restarted: {self.restarted})\n".encode())

@@ -21,8 +21,14 @@ async def run(settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     engine = load_engine(settings, stop)
     engine.start()
-    tls = {} if settings.tls is None else {"credentials": settings.tls.server_credentials()}
-    receiver = make_receiver(settings.transfer_backend, f"{settings.host}:{settings.transfer_port}", **tls)
+    options: dict[str, object] = {}
+    if settings.transfer_backend == "grpc":  # torch.distributed carries no credential (see README)
+        options["interceptors"] = settings.internal.thread_server_interceptors()
+    if settings.tls is not None:
+        options["credentials"] = settings.tls.server_credentials()
+    receiver = make_receiver(
+        settings.transfer_backend, f"{settings.host}:{settings.transfer_port}", **options
+    )
     kv_port = int(receiver.endpoint.rsplit(":", 1)[1])
     tracer = make_tracer(settings.tracing)
     servicer = DecodeServicer(

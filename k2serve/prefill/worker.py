@@ -33,12 +33,14 @@ TRANSFER_TIMEOUT_S = 60.0
 
 class _Senders:
     """One KVSender per decode endpoint, created on first use and shared by all requests; over TLS
-    (presenting this worker's certificate) when `tls` is given."""
+    (presenting this worker's certificate) when `tls` is given; gRPC senders send `metadata` (the
+    cluster token) with every transfer."""
 
-    def __init__(self, tls: TLSFiles | None = None) -> None:
+    def __init__(self, tls: TLSFiles | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._lock = threading.Lock()
         self._senders: dict[tuple[str, str], KVSender] = {}
         self._options: dict[str, object] = {}
+        self._metadata = metadata
         if tls is not None:
             self._options = {"credentials": tls.channel_credentials(), "server_name": tls.server_name}
 
@@ -58,7 +60,8 @@ class _Senders:
                     raise ValueError(
                         f"{address} offers the plaintext {backend!r} KV backend; this worker uses TLS"
                     )
-                self._senders[key] = make_sender(backend, address, **self._options)
+                grpc_only = {"metadata": self._metadata} if backend == "grpc" else {}
+                self._senders[key] = make_sender(backend, address, **self._options, **grpc_only)
             return self._senders[key]
 
     def shutdown(self) -> None:
@@ -69,10 +72,17 @@ class _Senders:
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, engine: AsyncEngine, tls: TLSFiles | None = None, tracer: Tracer = NOOP) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tls: TLSFiles | None = None,
+        tracer: Tracer = NOOP,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """tls / metadata: how KV senders reach decode workers (TLS files, the cluster token)."""
         self.engine = engine
         self.tracer = tracer
-        self.senders = _Senders(tls)
+        self.senders = _Senders(tls, metadata)
         self.bytes_sent = 0
 
     @override

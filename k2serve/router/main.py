@@ -1,5 +1,7 @@
-"""`k2serve router ...`: the public gRPC API, the OpenAI-compatible HTTP API and the worker registry,
-in one asyncio process (settings: `k2serve.router.settings.RouterSettings`, built by the CLI)."""
+"""`k2serve router ...`: the public gRPC API, the OpenAI-compatible HTTP API and, on an internal listener
+of its own, the worker registry, in one asyncio process (settings: `k2serve.router.settings.RouterSettings`,
+built by the CLI). The public port checks API keys, the internal one the cluster credential
+(k2serve.rpc.auth); the router dials its workers with the cluster credential."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from k2serve.router.backend import ClusterBackend
 from k2serve.router.grpc_api import K2ServeServicer
 from k2serve.router.registry import RegistryServicer, Worker, WorkerTable
 from k2serve.router.settings import ROLE_OF, RouterSettings
+from k2serve.rpc.auth import ServerAuth
 from k2serve.rpc.safety import add_servicer
 from k2serve.rpc.tls import add_port, aio_channel
 from k2serve.sessions.service import SessionService
@@ -47,7 +50,9 @@ class Router:
         self.settings = settings
         self.table = WorkerTable(
             settings.heartbeat_timeout_s,
-            lambda addr: aio_channel(addr, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls),
+            lambda addr: aio_channel(
+                addr, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls, settings.internal
+            ),
         )
         self.tracer = make_tracer(settings.tracing)
         self.backend = ClusterBackend(
@@ -60,6 +65,7 @@ class Router:
         )
         self.stop = asyncio.Event()
         self.grpc_port = settings.grpc_port
+        self.internal_port = settings.internal_port
         self.http_port = settings.port
         self.sessions: SessionService | None = None
 
@@ -109,27 +115,36 @@ class Router:
                 asyncio.ensure_future(sessions.forget_worker(worker.worker_id))
 
             self.table.on_remove.append(forget)
+        options = grpc_options(CONTROL_MAX_MESSAGE_BYTES)
         interceptors = [TraceparentInterceptor()] if self.tracer.enabled else []
-        server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES), interceptors=interceptors)
+        interceptors += ServerAuth.api_keys(s.api_key)
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         add_servicer(
             server, api_pb2_grpc.add_K2ServeServicer_to_server, K2ServeServicer(self.backend, self.sessions)
         )
+        internal = grpc.aio.server(options=options, interceptors=s.internal.server_interceptors())
         add_servicer(
-            server, registry_pb2_grpc.add_WorkerRegistryServicer_to_server, RegistryServicer(self.table)
+            internal, registry_pb2_grpc.add_WorkerRegistryServicer_to_server, RegistryServicer(self.table)
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        names = [
-            api_pb2.DESCRIPTOR.services_by_name["K2Serve"].full_name,
-            registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
-        ]
-        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, internal)
+        public_name = api_pb2.DESCRIPTOR.services_by_name["K2Serve"].full_name
+        registry_name = registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
+        names = [public_name, registry_name]
+        reflection.enable_server_reflection(
+            [public_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
         self.grpc_port = add_port(server, f"{s.host}:{s.grpc_port}", s.tls)
+        self.internal_port = add_port(internal, f"{s.host}:{s.internal_port}", s.tls)
         await server.start()
+        await internal.start()
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         app = build_app(self.backend, s.api_key, self.sessions)
-        app.add_api_route("/cluster/workers", self._workers_view, methods=["GET"])
+        app.add_api_route(
+            "/cluster/workers", self._workers_view, methods=["GET"], dependencies=app.state.k2_auth
+        )
         if self.tracer.enabled:
             app.add_middleware(TraceparentMiddleware)
         config = uvicorn.Config(
@@ -153,11 +168,11 @@ class Router:
         grpc_tls = "" if s.tls is None else " (mutual TLS)" if s.tls.mutual else " (TLS)"
         print(
             f"k2serve router: HTTP {scheme}://{s.host}:{self.http_port}/v1  "
-            f"gRPC{grpc_tls} {s.host}:{self.grpc_port}",
+            f"gRPC{grpc_tls} {s.host}:{self.grpc_port}  internal (workers) {s.host}:{self.internal_port}",
             flush=True,
         )
         if s.ready_file:
-            Path(s.ready_file).write_text(f"{self.http_port} {self.grpc_port}")
+            Path(s.ready_file).write_text(f"{self.http_port} {self.grpc_port} {self.internal_port}")
         await self.stop.wait()
         # Drain: refuse new requests, give in-flight ones time to finish, then stop everything.
         self.backend.draining = True
@@ -171,6 +186,7 @@ class Router:
         with contextlib.suppress(Exception):
             await http_task
         await server.stop(grace=2)
+        await internal.stop(grace=2)
         await monitor
         if self.sessions is not None:
             self.sessions.close()

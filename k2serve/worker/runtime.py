@@ -98,7 +98,8 @@ async def heartbeat_loop(
     """Register with the router, then heartbeat; re-register whenever the router does not know us
     (it restarted or dropped us). Never gives up while the worker runs; deregisters on the way out."""
     assert settings.router is not None
-    async with aio_channel(settings.router, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls) as channel:
+    options = grpc_options(CONTROL_MAX_MESSAGE_BYTES)
+    async with aio_channel(settings.router, options, settings.tls, settings.internal) as channel:
         stub = registry_pb2_grpc.WorkerRegistryStub(channel)
         registered = False
         interval = settings.heartbeat_interval_s
@@ -139,7 +140,9 @@ async def serve_worker(
     the engine stopped by itself (`engine.fatal_error`: the EP group was lost) before a stop was asked
     for, else 0. A group loses all its ranks once one of them stops, so a rank's in-flight requests
     fail if a peer finishes stopping first."""
-    server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES))
+    server = grpc.aio.server(
+        options=grpc_options(CONTROL_MAX_MESSAGE_BYTES), interceptors=settings.internal.server_interceptors()
+    )
     names = add_services(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

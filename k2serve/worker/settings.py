@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from k2serve.engine.config import EngineConfig
 from k2serve.experts.comm import parse_init_method
 from k2serve.proto import registry_pb2
+from k2serve.rpc.auth import InternalAuth
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
 from k2serve.tracing.settings import TracingSettings
 
@@ -20,6 +21,10 @@ class WorkerSettings:
 
     tls: serve and dial every gRPC hop (router, peers, KV transfer) over TLS, mutual with `tls.ca`;
     the torch transfer backend has no TLS and is refused with it.
+
+    internal: the cluster credential its servers require (PrefillWorker/DecodeWorker, the gRPC KV
+    receiver) and its calls carry (to the router, to decode workers); the default, `InternalAuth()`,
+    refuses to exist without a token or mutual TLS (k2serve.rpc.auth).
 
     ep_size > 1: this process is rank `ep_rank` of an expert-parallel group that meets at `ep_init`
     ('tcp://host:port', hosted by rank 0); it loads only its own experts, serves and registers as its
@@ -47,6 +52,7 @@ class WorkerSettings:
     ep_timeout_s: float = 60.0
     tls: TLSFiles | None = None
     tracing: TracingSettings | None = None  # where spans go (OTLP); None: none
+    internal: InternalAuth = field(default_factory=InternalAuth)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -43,7 +43,8 @@ ref); over TLS with the chart's certificate and CA. */}}
 {{- $r := .Values.router -}}
 {{- $args := list "router" "--host" "0.0.0.0"
   "--port" (printf "%d" (int $r.httpPort))
-  "--grpc-port" (printf "%d" (int $r.grpcPort)) -}}
+  "--grpc-port" (printf "%d" (int $r.grpcPort))
+  "--internal-port" (printf "%d" (int $r.internalPort)) -}}
 {{- $args = concat $args (include "k2serve.args.model" . | fromJsonArray) -}}
 {{- $args = concat $args (list
   "--heartbeat-timeout" (toString $r.heartbeatTimeout)
@@ -58,11 +59,12 @@ ref); over TLS with the chart's certificate and CA. */}}
 {{- $args | toJson -}}
 {{- end -}}
 
-{{/* TLS flags of every process: its certificate, and with tls.caKey the CA for mutual TLS on every hop. */}}
+{{/* Credential flags of every router and worker process: the cluster token (the Secret mounted by
+k2serve.volumes), its certificate, and with tls.caKey the CA for mutual TLS on every hop. */}}
 {{- define "k2serve.args.tls" -}}
-{{- $args := list -}}
+{{- $args := list "--cluster-token-file" "/etc/k2serve/cluster-token/token" -}}
 {{- if .Values.tls.enabled -}}
-{{- $args = list "--tls-cert" "/etc/k2serve/tls/tls.crt" "--tls-key" "/etc/k2serve/tls/tls.key" -}}
+{{- $args = concat $args (list "--tls-cert" "/etc/k2serve/tls/tls.crt" "--tls-key" "/etc/k2serve/tls/tls.key") -}}
 {{- if .Values.tls.caKey -}}
 {{- $args = concat $args (list "--tls-ca" "/etc/k2serve/tls/ca.crt") -}}
 {{- end -}}

@@ -78,8 +78,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* The router's gRPC address workers register with. */}}
+{{/* Where workers register: the router's internal listener. */}}
 {{- define "k2serve.routerAddress" -}}
-{{- printf "%s.%s.svc:%d" (include "k2serve.componentName" (dict "root" . "component" "router")) .Release.Namespace (int .Values.router.grpcPort) -}}
+{{- printf "%s.%s.svc:%d" (include "k2serve.componentName" (dict "root" . "component" "router")) .Release.Namespace (int .Values.router.internalPort) -}}
+{{- end -}}
+
+{{- define "k2serve.clusterToken.secretName" -}}
+{{- default (printf "%s-cluster-token" (include "k2serve.fullname" .)) .Values.clusterToken.existingSecret -}}
 {{- end -}}
 
 {{/* Whether the router talks to Redis over TLS with the chart's certificate and CA. */}}

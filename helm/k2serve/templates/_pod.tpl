@@ -38,6 +38,13 @@ seccompProfile:
     medium: Memory
     sizeLimit: {{ (index $v .component).shmSize }}
 {{- end }}
+- name: cluster-token
+  secret:
+    secretName: {{ include "k2serve.clusterToken.secretName" .root }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.clusterToken.key }}
+        path: token
 {{- if $v.tls.enabled }}
 - name: tls
   secret:
@@ -77,6 +84,9 @@ seccompProfile:
 - name: dshm
   mountPath: /dev/shm
 {{- end }}
+- name: cluster-token
+  mountPath: /etc/k2serve/cluster-token
+  readOnly: true
 {{- if $v.tls.enabled }}
 - name: tls
   mountPath: /etc/k2serve/tls
