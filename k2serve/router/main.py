@@ -116,7 +116,9 @@ class Router:
 
             self.table.on_remove.append(forget)
         options = grpc_options(CONTROL_MAX_MESSAGE_BYTES)
-        interceptors = [TraceparentInterceptor()] if self.tracer.enabled else []
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [TraceparentInterceptor()] if self.tracer.enabled else []
+        )
         interceptors += ServerAuth.api_keys(s.api_key)
         server = grpc.aio.server(options=options, interceptors=interceptors)
         add_servicer(
