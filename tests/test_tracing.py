@@ -77,7 +77,7 @@ def test_the_flag_reaches_each_roles_settings(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     parser = build_parser()
-    flag = ["--model", str(tmp_path), "--otlp-traces-endpoint", "http://otel:4317"]
+    flag = ["--model", str(tmp_path), "--otlp-traces-endpoint", "http://otel:4317", "--insecure-internal"]
     router = router_settings(parser.parse_args(["router", *flag])).tracing
     assert router == TracingSettings("http://otel:4317", "grpc", "k2serve-router", "router")
     for role in ("prefill", "decode"):
@@ -86,7 +86,12 @@ def test_the_flag_reaches_each_roles_settings(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL")
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
-    assert router_settings(parser.parse_args(["router", "--model", str(tmp_path)])).tracing is None
+    assert (
+        router_settings(
+            parser.parse_args(["router", "--model", str(tmp_path), "--insecure-internal"])
+        ).tracing
+        is None
+    )
 
 
 def test_off_imports_no_sdk_and_adds_no_metadata() -> None:
