@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
@@ -72,6 +72,7 @@ class ClusterBackend:
         # Overlap of KV sending with compute: the transfer time left after the prefill's compute ended.
         self.prefill_compute_ms = 0.0
         self.exposed_transfer_ms = 0.0
+        self._cleanups: set[asyncio.Future[None]] = set()
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -161,6 +162,19 @@ class ClusterBackend:
             if w is not None and w.worker_id in self.table.workers:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await getattr(w, stub_of).Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5)
+
+    def _background(self, call: Awaitable[object]) -> None:
+        """A best-effort cleanup call nobody waits for (its failure is logged, not raised)."""
+
+        async def run() -> None:
+            try:
+                await call
+            except grpc.aio.AioRpcError as e:
+                logger.info("cleanup call failed: %s", e.code().name)
+
+        task = asyncio.ensure_future(run())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     # ---- one request ---------------------------------------------------------------------------
     async def _run(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -351,6 +365,8 @@ class ClusterBackend:
                 raise
             raise _Retryable(f"reserve on {dec.worker_id}: the worker was removed", [dec.worker_id]) from e
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the worker may reserve after all: free it
+                self._background(dec.decode_stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5))
             if e.code() in _TRANSPORT:
                 self.table.call_failed(dec)
                 raise _Retryable(f"reserve on {dec.worker_id}: {e.code().name}", [dec.worker_id]) from e

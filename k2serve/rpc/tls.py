@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from k2serve.proto.limits import RECONNECT_OPTIONS
+
 TARGET_NAME_OPTION = "grpc.ssl_target_name_override"
 
 
@@ -129,7 +131,9 @@ def add_port(server: grpc.Server | grpc.aio.Server, address: str, tls: TLSFiles 
 
 
 def aio_channel(target: str, options: list[tuple[str, int]], tls: TLSFiles | None) -> grpc.aio.Channel:
-    """An asyncio channel to `target`: secure with this process's files, else plaintext."""
+    """An asyncio channel to `target`: secure with this process's files, else plaintext; it reconnects
+    within 2 s of its peer coming back (RECONNECT_OPTIONS)."""
+    options = [*options, *RECONNECT_OPTIONS]
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(
