@@ -12,16 +12,17 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import grpc_server_in_thread
 
 from k2serve.decode.worker import DecodeServicer
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
+from k2serve.engine.kv_reservation import KVReservation
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.protocol import GenerateRequest
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.transfer.registry import make_receiver
-from conftest import grpc_server_in_thread
 
 pytestmark = pytest.mark.timeout(120)
 SLOW_S = 1.0  # how long the engine thread is kept busy; the RPC deadline is far shorter
@@ -68,7 +69,7 @@ def test_a_cancelled_reservation_leaks_nothing_and_the_engine_lives_on(
     if busy == "reserving":
         original = llm.reserve_kv
 
-        def slow_reserve(num_tokens: int):  # type: ignore[no-untyped-def]
+        def slow_reserve(num_tokens: int) -> KVReservation:
             time.sleep(SLOW_S)
             return original(num_tokens)
 

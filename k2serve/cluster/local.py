@@ -1,8 +1,8 @@
 """`k2serve up`: a whole cluster on this machine as separate processes, started in order and always stopped.
 
 Order: Redis (embedded unless a URL is given), the router, then the prefill and decode workers, which
-register with the router. `LocalCluster` waits until every worker is registered, prints where to send
-requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
+register with the router. `LocalCluster` waits until every worker is registered and ready and the
+router's `/health/ready` answers 200, prints where to send requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
 With `ep_size` R > 1 each worker is a group of R rank processes (`<role>-<i>-ep<r>`) meeting at a free
 port of their own; each rank registers as its own worker. With `tls`, every process gets the same
 certificate flags: all gRPC hops use (mutual) TLS and the router serves HTTPS.
@@ -206,15 +206,18 @@ class LocalCluster:
             self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")])
 
     def _wait_registered(self, n: int, deadline: float) -> None:
+        """Until `n` workers are registered and ready and the router says it is ready."""
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError, OSError, ValueError):
-                if len(self.workers()) >= n:
+                if sum(w["ready"] for w in self.workers()) >= n and router_ready(
+                    self.http_url, self.spec.tls
+                ):
                     return
             for p in self.procs:
                 if p.popen.poll() is not None:
                     raise ClusterError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
             time.sleep(0.1)
-        raise ClusterError(f"workers did not all register in time; router log:\n{self.procs[0].tail()}")
+        raise ClusterError(f"workers did not all get ready in time; router log:\n{self.procs[0].tail()}")
 
     def workers(self) -> list[dict]:
         return registered_workers(self.http_url, self.spec.tls)
@@ -273,18 +276,32 @@ class LocalCluster:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
+def _verify(tls: TLSFiles | None) -> tuple[ssl.SSLContext | bool, dict[str, str]]:
+    """httpx's `verify` and request extensions for the router's certificate (see registered_workers)."""
+    if tls is None:
+        return True, {}
+    verify = ssl.create_default_context(cafile=tls.ca)
+    return verify, {"sni_hostname": tls.server_name} if tls.server_name else {}
+
+
+def router_ready(http_url: str, tls: TLSFiles | None) -> bool:
+    """Whether the router's `GET /health/ready` answers 200 (it can serve a request); False when it
+    answers otherwise or not at all."""
+    verify, extensions = _verify(tls)
+    try:
+        with httpx.Client(verify=verify, timeout=5) as client:
+            return client.get(f"{http_url}/health/ready", extensions=extensions).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def registered_workers(http_url: str, tls: TLSFiles | None) -> list[dict]:
     """The router's registered workers (`GET /cluster/workers`, open without the API key). Over HTTPS
     the router's certificate is checked against `tls.ca` (the system roots without it) for the name
     `tls.server_name`, or the host of `http_url` when that is unset (as the processes check each
     other). Raises ConnectionError (an OSError) when the router does not answer with 200, ValueError on
     bad JSON."""
-    if tls is None:
-        verify: ssl.SSLContext | bool = True
-        extensions = {}
-    else:
-        verify = ssl.create_default_context(cafile=tls.ca)
-        extensions = {"sni_hostname": tls.server_name} if tls.server_name else {}
+    verify, extensions = _verify(tls)
     try:
         with httpx.Client(verify=verify, timeout=5) as client:
             r = client.get(f"{http_url}/cluster/workers", extensions=extensions)

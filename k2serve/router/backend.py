@@ -27,6 +27,7 @@ from k2serve.engine.protocol import (
     InvalidRequestError,
     QueueFullError,
     TokenEvent,
+    UnavailableError,
 )
 from k2serve.engine.validation import validate_request
 from k2serve.proto import common_pb2, worker_pb2
@@ -149,8 +150,9 @@ class ClusterBackend:
             )
         if request.request_id in self.in_flight:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in flight", "request_id")
-        if not self.table.of_role("prefill") or not self.table.of_role("decode"):
-            raise BackendFailure("no prefill or no decode worker is registered", request.request_id)
+        missing = self.table.missing()
+        if missing:
+            raise UnavailableError(missing, request.request_id)
         self.in_flight[request.request_id] = (None, None)
         return self._run(request)
 
@@ -211,6 +213,8 @@ class ClusterBackend:
                         break
                     except _Retryable as r:
                         tried.update(r.worker_ids)
+                        if attempt == 1 and r.no_worker is not None:
+                            raise UnavailableError([f"{r.no_worker} worker"], rid) from r
                         if attempt == 1:
                             raise BackendFailure(str(r), rid) from r
                         self.prefill_retries += 1
@@ -343,7 +347,7 @@ class ClusterBackend:
                 dec = self.policy.pick(self.table.of_role("decode"), "decode", exclude)
             pre = self.policy.pick(self.table.of_role("prefill"), "prefill", exclude)
         except NoWorkerError as e:
-            raise _Retryable(str(e), []) from e
+            raise _Retryable(str(e), [], no_worker=e.role) from e
         pre.in_flight += 1
         dec.in_flight += 1
         old = self.in_flight.get(rid, (None, None))
@@ -425,6 +429,10 @@ def _cancelled_by_caller() -> bool:
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, worker_ids: list[str]) -> None:
+    """A failure before the first token that another worker may not have; `no_worker` is the role of
+    which no (other) ready worker was left to try."""
+
+    def __init__(self, message: str, worker_ids: list[str], no_worker: str | None = None) -> None:
         super().__init__(message)
         self.worker_ids = worker_ids
+        self.no_worker = no_worker

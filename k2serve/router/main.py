@@ -75,6 +75,7 @@ class Router:
                     "role": w.role,
                     "address": w.address,
                     "static": w.static,
+                    "ready": w.ready,
                     "in_flight": w.in_flight,
                     "prefilling": w.prefilling,
                     "running": w.load.running,
@@ -92,6 +93,27 @@ class Router:
             "exposed_transfer_ms": self.backend.exposed_transfer_ms,
             "prefill_tokens_per_s": self.backend.prefill_tok_s,
         }
+
+    async def _follow_readiness(self, health_servicer: health.aio.HealthServicer, names: list[str]) -> None:
+        """The gRPC health of `names` ("" and the public API) follows readiness (`/health/ready`):
+        SERVING while at least one ready worker of every role is registered and the router does not
+        drain; NOT_SERVING otherwise (also once stopping)."""
+        serving: bool | None = None
+        while True:
+            now = not self.stop.is_set() and not self.table.missing()
+            if now != serving:
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if now
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in names:
+                    await health_servicer.set(name, status)
+                serving = now
+            if self.stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=0.25)
 
     async def run(self) -> None:
         s = self.settings
@@ -120,9 +142,10 @@ class Router:
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         self.grpc_port = add_port(server, f"{s.host}:{s.grpc_port}", s.tls)
         await server.start()
-        for name in ["", *names]:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        app = build_app(self.backend, s.api_key, self.sessions)
+        # the registry serves from the start (workers must reach it); the API once a request can be served
+        await health_servicer.set(names[1], health_pb2.HealthCheckResponse.SERVING)
+        readiness = asyncio.create_task(self._follow_readiness(health_servicer, ["", names[0]]))
+        app = build_app(self.backend, s.api_key, self.sessions, self.table.missing)
         app.add_api_route("/cluster/workers", self._workers_view, methods=["GET"])
         config = uvicorn.Config(
             app,
@@ -164,6 +187,7 @@ class Router:
             await http_task
         await server.stop(grace=2)
         await monitor
+        await readiness
         if self.sessions is not None:
             self.sessions.close()
 
