@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from k2serve.cluster.lifeline import Lifeline
 from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
 
@@ -134,22 +135,27 @@ class LocalCluster:
         self.redis_url: str | None = spec.redis_url
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
+        self._lifeline: Lifeline | None = None  # the processes die with this one (cluster.lifeline)
 
     # ---- processes -------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> Proc:
         log = self.dir / "logs" / f"{name}.log"
         env = dict(os.environ) | self.spec.env | {"PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as f:
-            popen = subprocess.Popen(  # noqa: S603 - our own CLI
+            popen = subprocess.Popen(  # noqa: S603, PLW1509 - our own CLI; preexec_fn: one prctl call
                 [sys.executable, "-m", "k2serve", *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
+                **self._line().popen_kwargs(env),
             )
         p = Proc(name, popen, log)
         self.procs.append(p)
         return p
+
+    def _line(self) -> Lifeline:
+        if self._lifeline is None:
+            self._lifeline = Lifeline()
+        return self._lifeline
 
     def _wait_file(self, proc: Proc, path: Path, deadline: float) -> str:
         while time.monotonic() < deadline:
@@ -227,14 +233,16 @@ class LocalCluster:
             if p.name == name:
                 p.popen.send_signal(sig)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the router first (it drains), then the workers; SIGKILL what is left after `timeout`."""
-        for group in (self.procs[:1], self.procs[1:]):
+    def stop(self, timeout: float = 24.0) -> None:
+        """SIGTERM the router first (it drains: at most half of `timeout`), then the workers; SIGKILL
+        what is left `timeout` seconds after the start (Kubernetes' default grace is 30 s). Then the
+        lifeline is cut, so no child of this cluster outlives the call."""
+        start = time.monotonic()
+        for group, end in ((self.procs[:1], start + timeout / 2), (self.procs[1:], start + timeout)):
             for p in group:
                 if p.popen.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
                         p.popen.send_signal(signal.SIGTERM)
-            end = time.monotonic() + timeout
             for p in group:
                 try:
                     p.popen.wait(timeout=max(0.1, end - time.monotonic()))
@@ -245,6 +253,9 @@ class LocalCluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
 
     @property
     def http_url(self) -> str:
