@@ -123,3 +123,56 @@ def test_sigterm_to_up_stops_a_2p2d_cluster_within_the_grace_period(tiny_ckpt: P
         assert up.popen.returncode == 0
         assert took < GRACE_S, took
         print(f"\nk2serve up (2P2D) stopped on SIGTERM in {took:.2f} s")
+
+
+def cluster_processes(workdir: Path) -> dict[str, int]:
+    """Running processes whose command line names `workdir` (every process of an `up --workdir` cluster
+    does: its ready file or its Redis configuration lives there), by pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(workdir) in cmdline and alive(int(entry.name)):
+            found[cmdline[:120]] = int(entry.name)
+    return found
+
+
+def test_sigterm_while_up_is_starting_stops_what_it_started(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A load script that gives up on a slow start: `up` must not finish starting first (up to its
+    180 s startup timeout) nor leave the processes it had started."""
+    args = ["up", "--model", str(tiny_ckpt), "--dtype", "float32", "--port", "0", "--grpc-port", "0"]
+    args += ["--workdir", str(tmp_path), *SMALL_KV]
+    up = subprocess.Popen(
+        [sys.executable, "-m", "k2serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ) | {"PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not (tmp_path / "logs" / "decode-0.log").exists():  # the router runs, workers start
+            assert up.poll() is None and time.monotonic() < deadline, up.returncode
+            time.sleep(0.05)
+        started = cluster_processes(tmp_path)
+        assert len(started) >= 3, started  # redis, router, the workers being spawned
+        t0 = time.monotonic()
+        os.killpg(up.pid, signal.SIGTERM)
+        out, _ = up.communicate(timeout=GRACE_S)
+        took = time.monotonic() - t0
+        assert up.returncode == 0 and "stopped before the cluster was ready" in out, out
+        assert "ready:" not in out, out
+        wait_gone(started, 2.0)
+        assert cluster_processes(tmp_path) == {}
+        print(f"\nk2serve up stopped {took:.2f} s after a SIGTERM while starting")
+    finally:
+        for pid in cluster_processes(tmp_path).values():
+            os.kill(pid, signal.SIGKILL)
+        if up.poll() is None:
+            up.kill()
+            up.wait()

@@ -329,13 +329,21 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM arrived while `k2serve up` was starting the cluster."""
+
+
 def run_local(spec: ClusterSpec) -> int:
     """`k2serve up`: start the cluster, print where to send requests, run until SIGINT/SIGTERM or until a
-    process exits, then stop everything; the exit status (0)."""
-    stop = {"now": False}
+    process exits, then stop everything; the exit status (0). A signal while the cluster starts stops
+    what was started at once (a load script may give up on a start that takes long)."""
+    stop = {"now": False, "starting": True}
 
     def on_signal(signum: int, frame: object) -> None:
         stop["now"] = True
+        if stop["starting"]:
+            stop["starting"] = False  # once: a second signal must not interrupt the stopping
+            raise _StopRequested(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -345,7 +353,13 @@ def run_local(spec: ClusterSpec) -> int:
         f"{f' of {spec.ep_size} EP ranks each' if spec.ep_size > 1 else ''} on {spec.model_dir} ...",
         flush=True,
     )
-    cluster.start()
+    try:
+        cluster.start()
+        stop["starting"] = False
+    except _StopRequested:  # start() stopped what it had started (or it had just finished: stop it)
+        cluster.stop()
+        print("stopped before the cluster was ready.", flush=True)
+        return 0
     try:
         print(cluster.status_table())
         print(f"\nready: OpenAI API {cluster.http_url}/v1  (e.g. curl {cluster.http_url}/v1/models)")
