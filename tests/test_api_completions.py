@@ -73,7 +73,8 @@ def test_completion_logprobs(api_client: openai.OpenAI) -> None:
 
 def test_models_health_and_metrics(api_client: openai.OpenAI, api_url: str) -> None:
     assert [m.id for m in api_client.models.list().data] == ["tiny"]
-    assert httpx.get(f"{api_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{api_url}/health").json() == {"status": "ok", "ready": True}
+    assert httpx.get(f"{api_url}/health/live").json() == {"status": "live"}
     api_client.completions.create(model="tiny", prompt=IDS[1], max_tokens=3, temperature=0)
     metrics = httpx.get(f"{api_url}/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")

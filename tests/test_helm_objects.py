@@ -162,15 +162,14 @@ def test_k2serve_probes_use_grpc_health(name: str) -> None:
             if "k2serve" not in c["command"] or c["name"] == "planner":  # the planner serves no port
                 continue
             grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-            if c["name"] == "router":
-                ready = c["readinessProbe"]["httpGet"]
-                assert ready["path"] == "/health" and ready["port"] == "http"
-                assert ready["scheme"] == ("HTTPS" if tls else "HTTP")
-                # kubelet's gRPC probe cannot do TLS: with TLS on, liveness falls back to a TCP check
-                live = c["livenessProbe"]
-                assert (
-                    (live["tcpSocket"] == {"port": "grpc"}) if tls else (live["grpc"] == {"port": grpc_port})
-                )
+            if c["name"] == "router":  # liveness: the process serves; readiness: it can serve a request
+                scheme = "HTTPS" if tls else "HTTP"
+                for probe, path in (
+                    ("startupProbe", "/health/live"),
+                    ("livenessProbe", "/health/live"),
+                    ("readinessProbe", "/health/ready"),
+                ):
+                    assert c[probe]["httpGet"] == {"path": path, "port": "http", "scheme": scheme}, probe
             else:  # workers: the gRPC health service, or with TLS (every hop) a TCP check of that port
                 for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                     want = {"tcpSocket": {"port": grpc_port}} if tls else {"grpc": {"port": grpc_port}}

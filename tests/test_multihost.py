@@ -259,7 +259,7 @@ def test_request_in_flight_at_link_cut_fails_fast(fleet: Fleet, expected: list[i
     """A request sent as the link goes down waits on the unreachable worker; once the router drops
     the worker it must end with a 5xx, not hang."""
     limit = HEARTBEAT_TIMEOUT_S + DETECT_SLACK_S + 3
-    with decode_unplugged(fleet, expected):
+    with decode_unplugged(fleet, expected) as recovery:
         t0 = time.monotonic()
         try:
             r = fleet.complete(PROMPT, MAX_TOKENS, timeout=limit)
@@ -267,4 +267,13 @@ def test_request_in_flight_at_link_cut_fails_fast(fleet: Fleet, expected: list[i
             r = None
         took = time.monotonic() - t0
     assert r is not None, f"no answer within {limit:.0f} s: the request hangs"
-    assert 500 <= r.status_code < 600, (r.status_code, took, r.text)
+    # 503: the router dropped the only decode worker, so none is left to retry on
+    assert r.status_code == 503 and "retry-after" in r.headers, (r.status_code, took, r.text)
+    # The Reserve the router gave up on may reach the worker once the link is back: its engine must
+    # survive that (it used to die of settling a cancelled future, and recovery never came), and its
+    # channel to the router must reconnect within 2 s (gRPC's default backoff grows to 120 s).
+    assert recovery["serve"] <= RECOVER_S
+    print(
+        f"\nin flight at the cut: {r.status_code} after {took:.2f} s; link up -> re-registered "
+        f"{recovery['rejoin']:.2f} s, serving {recovery['serve']:.2f} s"
+    )

@@ -3,15 +3,17 @@
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, Anthropic's POST /v1/messages
 and /v1/messages/count_tokens (k2serve.api.anthropic_api), OpenAI's /v1/responses
 (k2serve.api.responses_api), vLLM's /tokenize and /detokenize (these need the API key when one is set:
-`Authorization: Bearer <key>`, or `x-api-key` for Anthropic's), GET /health (503 while draining) and
-GET /metrics (Prometheus text), which are open. Errors use OpenAI's JSON error shape (see
-k2serve.api.errors), Anthropic's on its routes.
+`Authorization: Bearer <key>`, or `x-api-key` for Anthropic's), GET /health/live (200 while the process
+serves), GET /health/ready and its alias GET /health (503 while draining or while the backend lacks
+something to serve with, e.g. a cluster without workers) and GET /metrics (Prometheus text), which are
+open. Errors use OpenAI's JSON error shape (see k2serve.api.errors), Anthropic's on its routes.
 """
 
 from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -31,11 +33,17 @@ from k2serve.chat.prompt import PromptEncoder
 from k2serve.engine.protocol import DrainingError, GenerationBackend, QueueFullError
 
 
-def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: Any = None) -> FastAPI:
+def build_app(
+    backend: GenerationBackend,
+    api_key: str | None = None,
+    sessions: Any = None,
+    missing: Callable[[], list[str]] | None = None,
+) -> FastAPI:
     """The app; `api_key` None or "" leaves the /v1 routes open; several keys may be given comma-separated
     (each client's key owns its sessions). `sessions` (a SessionService) enables /v1/sessions and chat
-    `session_id`. `app.state.k2` is the AppState; `app.state.k2_auth` the API-key dependency, for
-    routes the host adds."""
+    `session_id`. `missing()` names what the backend lacks to serve (readiness: [] when ready; None:
+    a local engine lacks nothing). `app.state.k2` is the AppState; `app.state.k2_auth` the API-key
+    dependency, for routes the host adds."""
     state = AppState(
         backend, PromptEncoder(backend.tokenizer), APIMetrics(backend, sessions), api_key or None, sessions
     )
@@ -90,15 +98,26 @@ def build_app(backend: GenerationBackend, api_key: str | None = None, sessions: 
     install_responses_routes(app, state, auth)
     install_tokenize_routes(app, state, auth)
 
+    @app.get("/health/live")
+    async def _live() -> JSONResponse:
+        return JSONResponse({"status": "live"})
+
     @app.get("/health")
-    async def _health() -> JSONResponse:
+    @app.get("/health/ready")
+    async def _ready() -> JSONResponse:
+        draining = False
         try:
             backend.check_admission()
-        except DrainingError as e:
-            return APIError(503, str(e), "service_unavailable", None, "draining").response()
+        except DrainingError:
+            draining = True
         except QueueFullError:
-            pass  # a full queue is still a healthy server
-        return JSONResponse({"status": "ok"})
+            pass  # a full queue is still a ready server
+        lacking = ["draining: the server is shutting down"] if draining else []
+        lacking += missing() if missing is not None else []
+        if lacking:
+            body = {"status": "unavailable", "ready": False, "missing": lacking}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+        return JSONResponse({"status": "ok", "ready": True})
 
     @app.get("/metrics")
     async def _metrics() -> Response:

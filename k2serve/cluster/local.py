@@ -1,8 +1,8 @@
 """`k2serve up`: a whole cluster on this machine as separate processes, started in order and always stopped.
 
 Order: Redis (embedded unless a URL is given), the router, then the prefill and decode workers, which
-register with the router. `LocalCluster` waits until every worker is registered, prints where to send
-requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
+register with the router. `LocalCluster` waits until every worker is registered and ready and the
+router's `/health/ready` answers 200, prints where to send requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
 With `ep_size` R > 1 each worker is a group of R rank processes (`<role>-<i>-ep<r>`) meeting at a free
 port of their own; each rank registers as its own worker. With `tls`, every process gets the same
 certificate flags: all gRPC hops use (mutual) TLS and the router serves HTTPS. Every internal call
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from k2serve.cluster.lifeline import Lifeline
 from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
 from k2serve.rpc.auth import write_token_file
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
@@ -174,22 +175,27 @@ class LocalCluster:
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
         self.internal_port = spec.internal_port
+        self._lifeline: Lifeline | None = None  # the processes die with this one (cluster.lifeline)
 
     # ---- processes -------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> Proc:
         log = self.dir / "logs" / f"{name}.log"
         env = dict(os.environ) | self.spec.env | {"PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as f:
-            popen = subprocess.Popen(  # noqa: S603 - our own CLI
+            popen = subprocess.Popen(  # noqa: S603, PLW1509 - our own CLI; preexec_fn: one prctl call
                 [sys.executable, "-m", "k2serve", *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
+                **self._line().popen_kwargs(env),
             )
         p = Proc(name, popen, log)
         self.procs.append(p)
         return p
+
+    def _line(self) -> Lifeline:
+        if self._lifeline is None:
+            self._lifeline = Lifeline()
+        return self._lifeline
 
     def _wait_file(self, proc: Proc, path: Path, deadline: float) -> str:
         while time.monotonic() < deadline:
@@ -247,15 +253,18 @@ class LocalCluster:
             self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")])
 
     def _wait_registered(self, n: int, deadline: float) -> None:
+        """Until `n` workers are registered and ready and the router says it is ready."""
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError, OSError, ValueError):
-                if len(self.workers()) >= n:
+                if sum(w["ready"] for w in self.workers()) >= n and router_ready(
+                    self.http_url, self.spec.tls
+                ):
                     return
             for p in self.procs:
                 if p.popen.poll() is not None:
                     raise ClusterError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
             time.sleep(0.1)
-        raise ClusterError(f"workers did not all register in time; router log:\n{self.procs[0].tail()}")
+        raise ClusterError(f"workers did not all get ready in time; router log:\n{self.procs[0].tail()}")
 
     def workers(self) -> list[dict]:
         return registered_workers(self.http_url, self.spec.tls, self.spec.api_key)
@@ -265,14 +274,16 @@ class LocalCluster:
             if p.name == name:
                 p.popen.send_signal(sig)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the router first (it drains), then the workers; SIGKILL what is left after `timeout`."""
-        for group in (self.procs[:1], self.procs[1:]):
+    def stop(self, timeout: float = 24.0) -> None:
+        """SIGTERM the router first (it drains: at most half of `timeout`), then the workers; SIGKILL
+        what is left `timeout` seconds after the start (Kubernetes' default grace is 30 s). Then the
+        lifeline is cut, so no child of this cluster outlives the call."""
+        start = time.monotonic()
+        for group, end in ((self.procs[:1], start + timeout / 2), (self.procs[1:], start + timeout)):
             for p in group:
                 if p.popen.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
                         p.popen.send_signal(signal.SIGTERM)
-            end = time.monotonic() + timeout
             for p in group:
                 try:
                     p.popen.wait(timeout=max(0.1, end - time.monotonic()))
@@ -284,6 +295,9 @@ class LocalCluster:
             self.redis.stop()
             self.redis = None
             self.redis_connection = self.spec.redis
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
 
     @property
     def http_url(self) -> str:
@@ -315,6 +329,25 @@ class LocalCluster:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
+def _verify(tls: TLSFiles | None) -> tuple[ssl.SSLContext | bool, dict[str, str]]:
+    """httpx's `verify` and request extensions for the router's certificate (see registered_workers)."""
+    if tls is None:
+        return True, {}
+    verify = ssl.create_default_context(cafile=tls.ca)
+    return verify, {"sni_hostname": tls.server_name} if tls.server_name else {}
+
+
+def router_ready(http_url: str, tls: TLSFiles | None) -> bool:
+    """Whether the router's `GET /health/ready` answers 200 (it can serve a request); False when it
+    answers otherwise or not at all."""
+    verify, extensions = _verify(tls)
+    try:
+        with httpx.Client(verify=verify, timeout=5) as client:
+            return client.get(f"{http_url}/health/ready", extensions=extensions).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def registered_workers(http_url: str, tls: TLSFiles | None, api_key: str | None = None) -> list[dict]:
     """The router's registered workers (`GET /cluster/workers`, with the first of the router's
     comma-separated `api_key`s when it has any). Over HTTPS
@@ -322,12 +355,7 @@ def registered_workers(http_url: str, tls: TLSFiles | None, api_key: str | None 
     `tls.server_name`, or the host of `http_url` when that is unset (as the processes check each
     other). Raises ConnectionError (an OSError) when the router does not answer with 200, ValueError on
     bad JSON."""
-    if tls is None:
-        verify: ssl.SSLContext | bool = True
-        extensions = {}
-    else:
-        verify = ssl.create_default_context(cafile=tls.ca)
-        extensions = {"sni_hostname": tls.server_name} if tls.server_name else {}
+    verify, extensions = _verify(tls)
     try:
         with httpx.Client(verify=verify, timeout=5) as client:
             key = (api_key or "").split(",")[0].strip()
@@ -346,13 +374,21 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM arrived while `k2serve up` was starting the cluster."""
+
+
 def run_local(spec: ClusterSpec) -> int:
     """`k2serve up`: start the cluster, print where to send requests, run until SIGINT/SIGTERM or until a
-    process exits, then stop everything; the exit status (0)."""
-    stop = {"now": False}
+    process exits, then stop everything; the exit status (0). A signal while the cluster starts stops
+    what was started at once (a load script may give up on a start that takes long)."""
+    stop = {"now": False, "starting": True}
 
     def on_signal(signum: int, frame: object) -> None:
         stop["now"] = True
+        if stop["starting"]:
+            stop["starting"] = False  # once: a second signal must not interrupt the stopping
+            raise _StopRequested(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -362,7 +398,13 @@ def run_local(spec: ClusterSpec) -> int:
         f"{f' of {spec.ep_size} EP ranks each' if spec.ep_size > 1 else ''} on {spec.model_dir} ...",
         flush=True,
     )
-    cluster.start()
+    try:
+        cluster.start()
+        stop["starting"] = False
+    except _StopRequested:  # start() stopped what it had started (or it had just finished: stop it)
+        cluster.stop()
+        print("stopped before the cluster was ready.", flush=True)
+        return 0
     try:
         print(cluster.status_table())
         print(f"\nready: OpenAI API {cluster.http_url}/v1  (e.g. curl {cluster.http_url}/v1/models)")

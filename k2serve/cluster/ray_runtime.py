@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from k2serve.cluster.local import ClusterError, ClusterSpec, registered_workers
+from k2serve.cluster.local import ClusterError, ClusterSpec, registered_workers, router_ready
 from k2serve.cluster.ray_actor import NODE_IP, REDIS_PASSWORD_FILE, REDIS_URL, ChildSpec
 from k2serve.cluster.ray_plan import GroupPlan, NodeInfo, RayOptions, plan_groups
 from k2serve.rpc.auth import read_token_file
@@ -259,12 +259,14 @@ class RayCluster:
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                if len(self.workers()) >= n:
+                if sum(w["ready"] for w in self.workers()) >= n and router_ready(
+                    self.http_url, self.spec.tls
+                ):
                     return
             except (httpx.HTTPError, OSError, ValueError) as e:
                 last = e
             time.sleep(0.1)
-        raise RayRuntimeError(f"workers did not all register with the router at {self.http_url} ({last})")
+        raise RayRuntimeError(f"workers did not all get ready at the router at {self.http_url} ({last})")
 
     # ---- running ---------------------------------------------------------------------------------
     @property

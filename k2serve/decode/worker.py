@@ -85,6 +85,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             reservation = await self.engine.reserve_kv(n)
         except NoFreeBlocksError as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for {n} tokens: {err}")
+        remaining = context.time_remaining()
+        if context.cancelled() or (remaining is not None and remaining <= 0):
+            # the caller gave up while the engine was busy: nobody will claim or release these blocks
+            await self.engine.free_kv(reservation.block_table)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the reservation outlived its caller")
         tid = f"kv-{uuid.uuid4().hex[:16]}"
         kv = self.engine.kv_geometry
         # Consecutive blocks (the usual case) are one span per layer: the backend may receive into it.

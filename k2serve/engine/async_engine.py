@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -233,24 +234,44 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread between steps and return its result (or raise its error).
-        The only way for other threads to touch the engine."""
+        The only way for other threads to touch the engine. A caller cancelled before the engine thread
+        took the call up cancels it (`fn` never runs); once it runs, it completes and its result is
+        dropped (see `reserve_kv` for a result that must not be dropped)."""
+        return await asyncio.wrap_future(self._submit(fn))
+
+    def _submit(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cond:
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 raise BackendFailure("the engine thread is not running", "")
             self._commands.append(_Call(fn, fut))
             self._cond.notify()
-        return await asyncio.wrap_future(fut)
+        return fut
 
     async def reserve_kv(self, num_tokens: int) -> KVReservation:
         """Blocks for `num_tokens` positions whose KV comes from elsewhere (see LLMEngine.reserve_kv;
         NoFreeBlocksError when the pool is short). Hand the table back through `generate(...,
-        prefilled=Prefilled(first_token_id, reservation.block_table))` or `free_kv`."""
-        return await self.call(lambda engine: engine.reserve_kv(num_tokens))
+        prefilled=Prefilled(first_token_id, reservation.block_table))` or `free_kv`. A caller cancelled
+        while the engine thread reserves (an RPC past its deadline) leaks nothing: the blocks go back."""
+        fut = self._submit(lambda engine: engine.reserve_kv(num_tokens))
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(self._free_unclaimed)
+            raise
+
+    def _free_unclaimed(self, fut: concurrent.futures.Future[KVReservation]) -> None:
+        """A reservation whose caller was cancelled: return its blocks (on the engine thread)."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        table = fut.result().block_table
+        with contextlib.suppress(BackendFailure):  # a stopped engine has freed its pool anyway
+            self._submit(lambda engine: engine.free_kv(table))
 
     async def free_kv(self, block_table: list[int]) -> None:
-        """Return a reserved block table that no request adopted."""
-        await self.call(lambda engine: engine.free_kv(block_table))
+        """Return a reserved block table that no request adopted; once asked, the blocks go back even
+        when the caller is cancelled while it waits."""
+        await asyncio.shield(asyncio.wrap_future(self._submit(lambda engine: engine.free_kv(block_table))))
 
     async def abort(self, request_id: str) -> None:
         with self._cond:
@@ -401,10 +422,16 @@ class AsyncEngine:
                 case _Abort(request_id):
                     self._abort_locked(request_id)
                 case _Call(fn, future):
+                    # a caller cancelled before now (an RPC's deadline) wants nothing run; once running,
+                    # the future cannot be cancelled, so settling it below cannot raise InvalidStateError
+                    if not future.set_running_or_notify_cancel():
+                        continue
                     try:
-                        future.set_result(fn(self._engine))
+                        result = fn(self._engine)
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         future.set_exception(e)
+                    else:
+                        future.set_result(result)
                 case _Add():
                     self._add(command)
 

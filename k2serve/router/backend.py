@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ from k2serve.engine.protocol import (
     InvalidRequestError,
     QueueFullError,
     TokenEvent,
+    UnavailableError,
 )
 from k2serve.engine.validation import validate_request
 from k2serve.proto import common_pb2, worker_pb2
@@ -76,6 +77,7 @@ class ClusterBackend:
         # Overlap of KV sending with compute: the transfer time left after the prefill's compute ended.
         self.prefill_compute_ms = 0.0
         self.exposed_transfer_ms = 0.0
+        self._cleanups: set[asyncio.Future[None]] = set()
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -166,8 +168,9 @@ class ClusterBackend:
             )
         if request.request_id in self.in_flight:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in flight", "request_id")
-        if not self.table.of_role("prefill") or not self.table.of_role("decode"):
-            raise BackendFailure("no prefill or no decode worker is registered", request.request_id)
+        missing = self.table.missing()
+        if missing:
+            raise UnavailableError(missing, request.request_id)
         self.in_flight[request.request_id] = (None, None)
 
     async def abort(self, request_id: str) -> None:
@@ -178,6 +181,19 @@ class ClusterBackend:
             if w is not None and w.worker_id in self.table.workers:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await getattr(w, stub_of).Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5)
+
+    def _background(self, call: Awaitable[object]) -> None:
+        """A best-effort cleanup call nobody waits for (its failure is logged, not raised)."""
+
+        async def run() -> None:
+            try:
+                await call
+            except grpc.aio.AioRpcError as e:
+                logger.info("cleanup call failed: %s", e.code().name)
+
+        task = asyncio.ensure_future(run())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     # ---- one request ---------------------------------------------------------------------------
     async def _run(self, req: GenerateRequest, span: Span) -> AsyncIterator[TokenEvent]:
@@ -215,6 +231,8 @@ class ClusterBackend:
                         break
                     except _Retryable as r:
                         tried.update(r.worker_ids)
+                        if attempt == 1 and r.no_worker is not None:
+                            raise UnavailableError([f"{r.no_worker} worker"], rid) from r
                         if attempt == 1:
                             raise BackendFailure(str(r), rid) from r
                         self.prefill_retries += 1
@@ -369,7 +387,7 @@ class ClusterBackend:
             route.set("k2serve.decode_worker", dec.worker_id)
         except NoWorkerError as e:
             route.fail(e)
-            raise _Retryable(str(e), []) from e
+            raise _Retryable(str(e), [], no_worker=e.role) from e
         finally:
             route.end()
         pre.in_flight += 1
@@ -396,6 +414,8 @@ class ClusterBackend:
                 raise
             raise _Retryable(f"reserve on {dec.worker_id}: the worker was removed", [dec.worker_id]) from e
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the worker may reserve after all: free it
+                self._background(dec.decode_stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5))
             if e.code() in _TRANSPORT:
                 self.table.call_failed(dec)
                 raise _Retryable(f"reserve on {dec.worker_id}: {e.code().name}", [dec.worker_id]) from e
@@ -457,6 +477,10 @@ def _cancelled_by_caller() -> bool:
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, worker_ids: list[str]) -> None:
+    """A failure before the first token that another worker may not have; `no_worker` is the role of
+    which no (other) ready worker was left to try."""
+
+    def __init__(self, message: str, worker_ids: list[str], no_worker: str | None = None) -> None:
         super().__init__(message)
         self.worker_ids = worker_ids
+        self.no_worker = no_worker

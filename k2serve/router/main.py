@@ -85,6 +85,7 @@ class Router:
                     "role": w.role,
                     "address": w.address,
                     "static": w.static,
+                    "ready": w.ready,
                     "in_flight": w.in_flight,
                     "prefilling": w.prefilling,
                     "running": w.load.running,
@@ -102,6 +103,27 @@ class Router:
             "exposed_transfer_ms": self.backend.exposed_transfer_ms,
             "prefill_tokens_per_s": self.backend.prefill_tok_s,
         }
+
+    async def _follow_readiness(self, health_servicer: health.aio.HealthServicer, names: list[str]) -> None:
+        """The gRPC health of `names` ("" and the public API) follows readiness (`/health/ready`):
+        SERVING while at least one ready worker of every role is registered and the router does not
+        drain; NOT_SERVING otherwise (also once stopping)."""
+        serving: bool | None = None
+        while True:
+            now = not self.stop.is_set() and not self.table.missing()
+            if now != serving:
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if now
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in names:
+                    await health_servicer.set(name, status)
+                serving = now
+            if self.stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=0.25)
 
     async def run(self) -> None:
         s = self.settings
@@ -141,9 +163,10 @@ class Router:
         self.internal_port = add_port(internal, f"{s.host}:{s.internal_port}", s.tls)
         await server.start()
         await internal.start()
-        for name in ["", *names]:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        app = build_app(self.backend, s.api_key, self.sessions)
+        # the registry serves from the start (workers must reach it); the API once a request can be served
+        await health_servicer.set(registry_name, health_pb2.HealthCheckResponse.SERVING)
+        readiness = asyncio.create_task(self._follow_readiness(health_servicer, ["", public_name]))
+        app = build_app(self.backend, s.api_key, self.sessions, self.table.missing)
         app.add_api_route(
             "/cluster/workers", self._workers_view, methods=["GET"], dependencies=app.state.k2_auth
         )
@@ -190,6 +213,7 @@ class Router:
         await server.stop(grace=2)
         await internal.stop(grace=2)
         await monitor
+        await readiness
         if self.sessions is not None:
             self.sessions.close()
         await asyncio.to_thread(self.tracer.shutdown)  # exports the spans still buffered

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from k2serve.proto.limits import RECONNECT_OPTIONS
 from k2serve.rpc.auth import InternalAuth
 
 TARGET_NAME_OPTION = "grpc.ssl_target_name_override"
@@ -135,8 +136,10 @@ def aio_channel(
     target: str, options: list[tuple[str, int]], tls: TLSFiles | None, auth: InternalAuth | None = None
 ) -> grpc.aio.Channel:
     """An asyncio channel to `target`: secure with this process's files, else plaintext; with `auth`,
-    every call carries the cluster token (an internal channel)."""
+    every call carries the cluster token (an internal channel). It reconnects within 2 s of its peer
+    coming back (RECONNECT_OPTIONS)."""
     interceptors = auth.client_interceptors() if auth is not None else []
+    options = [*options, *RECONNECT_OPTIONS]
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(

@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from k2serve.proto import kv_transfer_pb2
-from k2serve.proto.limits import KV_CHUNK_MAX_BYTES, KV_MAX_MESSAGE_BYTES, grpc_options
+from k2serve.proto.limits import KV_CHUNK_MAX_BYTES, KV_MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, grpc_options
 from k2serve.transfer.base import (
     ChunkError,
     KVReceiver,
@@ -117,7 +117,7 @@ class GrpcKVSender(SenderBase):
         self.endpoint = endpoint
         self._max_chunk_bytes = max_chunk_bytes
         self._metadata = metadata
-        options: list[tuple[str, int | str]] = list(grpc_options(KV_MAX_MESSAGE_BYTES))
+        options: list[tuple[str, int | str]] = [*grpc_options(KV_MAX_MESSAGE_BYTES), *RECONNECT_OPTIONS]
         if credentials is None:
             self._channel = grpc.insecure_channel(endpoint, options=options)
         else:
