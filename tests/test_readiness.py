@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2serve.cluster.local import Proc
 from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
+from k2serve.rpc.auth import CLUSTER_TOKEN_HEADER, write_token_file
 
 pytestmark = pytest.mark.timeout(240)
 STARTUP_S = 120.0
@@ -73,9 +75,13 @@ def wait_for(cond: object, timeout: float = 10.0) -> None:
 
 
 def test_a_router_without_ready_workers_is_live_but_not_ready(tiny_ckpt: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "cluster-token"
+    write_token_file(token_file, secrets.token_urlsafe(32))
+    token = [(CLUSTER_TOKEN_HEADER, token_file.read_text().strip())]
     args = ["router", "--model", str(tiny_ckpt), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0"]
+    args += ["--internal-port", "0", "--cluster-token-file", str(token_file)]
     with k2serve_process(tmp_path, "router", [*args, "--heartbeat-timeout", "60"]) as (router, ports):
-        http_port, grpc_port = ports.split()
+        http_port, grpc_port, internal_port = ports.split()
         url = f"http://127.0.0.1:{http_port}"
         assert httpx.get(f"{url}/health/live").status_code == 200
         for path in ("/health/ready", "/health"):
@@ -95,22 +101,25 @@ def test_a_router_without_ready_workers_is_live_but_not_ready(tiny_ckpt: Path, t
             assert f"no ready {missing}" in error["message"], error
 
         completion_refused("prefill worker")
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+            grpc.insecure_channel(f"127.0.0.1:{internal_port}") as internal,
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 list(
                     api_pb2_grpc.K2ServeStub(channel).Generate(api_pb2.GenerateRequest(text="hi"), timeout=30)
                 )
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
             assert health(channel, "") == health(channel, API) == health_pb2.HealthCheckResponse.NOT_SERVING
-            assert health(channel, REGISTRY) == health_pb2.HealthCheckResponse.SERVING
+            assert health(internal, REGISTRY) == health_pb2.HealthCheckResponse.SERVING
 
             # Workers that registered but are still warming up: listed, not ready, sent nothing.
-            registry = registry_pb2_grpc.WorkerRegistryStub(channel)
+            registry = registry_pb2_grpc.WorkerRegistryStub(internal)
             for worker_id, role, port in (("p0", PREFILL, 1), ("d0", DECODE, 2)):
                 info = registry_pb2.WorkerInfo(
                     worker_id=worker_id, role=role, grpc_address=f"127.0.0.1:{port}"
                 )
-                registry.Register(info, timeout=5)
+                registry.Register(info, timeout=5, metadata=token)
             listed = httpx.get(f"{url}/cluster/workers").json()["workers"]
             assert {(w["worker_id"], w["ready"]) for w in listed} == {("p0", False), ("d0", False)}
             assert httpx.get(f"{url}/health/ready").json()["missing"] == ["prefill worker", "decode worker"]
@@ -118,7 +127,7 @@ def test_a_router_without_ready_workers_is_live_but_not_ready(tiny_ckpt: Path, t
 
             def beat(worker_id: str) -> None:
                 req = registry_pb2.HeartbeatRequest(worker_id=worker_id, ready=True)
-                assert registry.Heartbeat(req, timeout=5).known
+                assert registry.Heartbeat(req, timeout=5, metadata=token).known
 
             beat("d0")
             assert httpx.get(f"{url}/health/ready").json()["missing"] == ["prefill worker"]
@@ -129,7 +138,7 @@ def test_a_router_without_ready_workers_is_live_but_not_ready(tiny_ckpt: Path, t
             wait_for(lambda: health(channel, "") == health_pb2.HealthCheckResponse.SERVING)
             assert health(channel, API) == health_pb2.HealthCheckResponse.SERVING
 
-            registry.Deregister(registry_pb2.DeregisterRequest(worker_id="p0"), timeout=5)
+            registry.Deregister(registry_pb2.DeregisterRequest(worker_id="p0"), timeout=5, metadata=token)
             r = httpx.get(f"{url}/health/ready")
             assert r.status_code == 503 and r.json()["missing"] == ["prefill worker"]
             wait_for(lambda: health(channel, "") == health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -170,7 +179,7 @@ def test_a_worker_registers_unready_and_reports_ready_after_its_warm_up(
         lambda server: registry_pb2_grpc.add_WorkerRegistryServicer_to_server(registry, server)
     ) as fake_router:
         args = ["decode", "--model", str(tiny_ckpt), "--dtype", "float32", "--host", "127.0.0.1"]
-        args += ["--port", "0", "--router", fake_router.target, "--worker-id", "d0"]
+        args += ["--port", "0", "--router", fake_router.target, "--worker-id", "d0", "--insecure-internal"]
         args += ["--transfer-backend", "grpc", "--kv-cache-mb", "16", "--block-size", "8"]
         with k2serve_process(tmp_path, "decode", args) as (worker, address):  # ready file: after warm-up
             wait_for(lambda: ("heartbeat", True) in registry.seen, timeout=30)
