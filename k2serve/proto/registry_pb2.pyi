@@ -30,7 +30,7 @@ class WorkerCapacity(_message.Message):
     def __init__(self, free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "grpc_address", "kv_endpoints", "model", "num_layers", "kv_dim", "block_size", "kv_dtype", "capacity", "ep_size")
+    __slots__ = ("worker_id", "role", "grpc_address", "kv_endpoints", "model", "num_layers", "kv_dim", "block_size", "kv_dtype", "capacity", "ep_size", "metrics_url")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class WorkerInfo(_message.Message):
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     grpc_address: str
@@ -53,7 +54,8 @@ class WorkerInfo(_message.Message):
     kv_dtype: str
     capacity: WorkerCapacity
     ep_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_kv_transfer_pb2.KVEndpoint, _Mapping]]] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., ep_size: _Optional[int] = ...) -> None: ...
+    metrics_url: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_kv_transfer_pb2.KVEndpoint, _Mapping]]] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., ep_size: _Optional[int] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_ms", "lease_ms")

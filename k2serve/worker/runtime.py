@@ -18,9 +18,11 @@ from grpc_reflection.v1alpha import reflection
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.group import GroupLostError
 from k2serve.experts import EPConfig, EPWorker
+from k2serve.experts.metrics import EPCollector
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.rpc.tls import add_port, aio_channel
+from k2serve.worker.metrics_server import MetricsServer
 from k2serve.worker.settings import ROLES, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,9 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
 
     dtype = getattr(torch, settings.dtype)
     if settings.ep_size == 1:
-        return AsyncEngine.from_pretrained(settings.model_dir, dtype, settings.engine, settings.model_name)
+        return AsyncEngine.from_pretrained(
+            settings.model_dir, dtype, settings.engine, settings.model_name, settings.role, settings.worker_id
+        )
     assert settings.ep_init is not None  # checked in __post_init__
     worker = EPWorker.connect(
         settings.ep_rank,
@@ -48,7 +52,9 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
         settings.ep_init,
         EPConfig(timeout_s=settings.ep_timeout_s),
     )
-    return AsyncEngine.for_group(worker, settings.model_name, on_fatal)
+    engine = AsyncEngine.for_group(worker, settings.model_name, on_fatal, settings.role, settings.worker_id)
+    engine.metrics.registry.register(EPCollector(worker, engine.metrics.labels))
+    return engine
 
 
 def worker_info(
@@ -56,6 +62,7 @@ def worker_info(
     engine: AsyncEngine,
     address: str,
     kv_endpoints: list[kv_transfer_pb2.KVEndpoint],
+    metrics_url: str = "",
 ) -> registry_pb2.WorkerInfo:
     kv, stats = engine.kv_geometry, engine.stats()
     return registry_pb2.WorkerInfo(
@@ -74,6 +81,7 @@ def worker_info(
             max_batch=engine.config.max_num_seqs,
         ),
         ep_size=settings.ep_size,
+        metrics_url=metrics_url,
     )
 
 
@@ -147,6 +155,7 @@ async def serve_worker(
     port = add_port(server, f"{settings.host}:{settings.port}", settings.tls)
     await server.start()
     address = settings.advertised(port)
+    metrics = MetricsServer(settings, engine.metrics.registry)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop = stop or asyncio.Event()
@@ -154,7 +163,11 @@ async def serve_worker(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tls = "" if settings.tls is None else " (mutual TLS)" if settings.tls.mutual else " (TLS)"
-    print(f"k2serve {settings.role} worker {settings.worker_id} serving gRPC{tls} on {address}", flush=True)
+    print(
+        f"k2serve {settings.role} worker {settings.worker_id} serving gRPC{tls} on {address}, "
+        f"metrics on {metrics.url}",
+        flush=True,
+    )
     if settings.tls is not None and settings.ep_size > 1:
         logger.warning(
             "%s: the --ep group's collectives (torch.distributed) are not encrypted", settings.worker_id
@@ -166,7 +179,10 @@ async def serve_worker(
     if settings.router:
         beat = asyncio.create_task(
             heartbeat_loop(
-                settings, lambda: worker_info(settings, engine, address, kv_endpoints()), engine, stop
+                settings,
+                lambda: worker_info(settings, engine, address, kv_endpoints(), metrics.url),
+                engine,
+                stop,
             )
         )
     await stop.wait()
@@ -188,6 +204,7 @@ async def serve_worker(
                 settings.drain_timeout_s,
             )
     await server.stop(grace=5)
+    await asyncio.to_thread(metrics.close)
     if on_stop is not None:
         await on_stop()
     engine.shutdown()
