@@ -15,6 +15,7 @@ import openai
 import pytest
 from cluster_calls import http_greedy
 from conftest import local_cluster_spec
+from monitoring_queries import TARGET_LABELS, expressions, metric_names, selector_labels
 from prometheus_client.parser import text_string_to_metric_families
 
 from k2serve.cluster.local import LocalCluster
@@ -28,7 +29,10 @@ MAX_TOKENS = [6, 3, 9]
 
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LocalCluster(local_cluster_spec(tiny_ckpt, tmp_path_factory.mktemp("metrics"))) as c:
+    spec = local_cluster_spec(
+        tiny_ckpt, tmp_path_factory.mktemp("metrics"), use_redis=True
+    )  # sessions' metrics
+    with LocalCluster(spec) as c:
         yield c
 
 
@@ -95,3 +99,32 @@ def test_worker_metrics_count_what_the_requests_did(cluster: LocalCluster, tiny_
     assert total(router, "k2serve_workers", role="prefill", state="ready") == 1
     assert total(router, "k2serve_workers", role="decode", state="ready") == 1
     assert total(router, "k2serve_admission_rejections_total") == 0
+
+
+def test_every_metric_the_dashboard_and_alerts_query_is_exported(
+    cluster: LocalCluster, tiny_ckpt: Path
+) -> None:
+    """Names and selector labels of every PromQL expression in the chart's dashboard and rules, against
+    the router's and the workers' scrapes after a request (EP-only names: tests/test_ep_cluster.py)."""
+    client = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0)
+    client.completions.create(model=tiny_ckpt.name, prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    exported: dict[str, set[str]] = {}  # sample name -> its label names
+    urls = [f"{cluster.http_url}/metrics", *(w["metrics_url"] for w in cluster.workers())]
+    for url in urls:
+        for name, labels in scrape(url):
+            exported.setdefault(name, set()).update(k for k, _ in labels)
+    exprs, recorded = expressions()
+    queried = set().union(*map(metric_names, exprs)) - recorded
+    missing = {n for n in queried - set(exported) if not n.startswith("k2serve_ep_")}
+    assert not missing, f"queried but exported by no process: {sorted(missing)}"
+    assert len(queried) > 20
+    for expr in exprs:
+        for name, labels in selector_labels(expr).items():
+            if name in exported:
+                unknown = labels - exported[name] - TARGET_LABELS
+                assert not unknown, f"{name} has no label {sorted(unknown)} (in {expr})"
+    # the SLO rule's bucket bound is one the router's TTFT histogram has
+    bounds = {
+        dict(lbl)["le"] for n, lbl in scrape(urls[0]) if n == "k2serve_time_to_first_token_seconds_bucket"
+    }
+    assert "2.5" in bounds
