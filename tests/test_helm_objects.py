@@ -227,7 +227,9 @@ def test_network_policies_isolate_workers_and_redis(name: str) -> None:
     for role in ("prefill", "decode"):
         np = nps[f"{FULL}-{role}"]
         assert np["podSelector"]["matchLabels"] == {**release, "app.kubernetes.io/component": role}
-        (rule,) = np["ingress"]
+        rule, metrics = np["ingress"]
+        # the metrics port alone, from monitoring.allowFrom (anyone when empty, as in every value set)
+        assert metrics == {"ports": [{"port": "metrics", "protocol": "TCP"}]}
         (peer,) = rule["from"]
         assert set(peer) == {"podSelector"}  # same namespace, this release only
         assert peer["podSelector"]["matchLabels"] == release

@@ -85,6 +85,12 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     )
     s.add_argument("--transfer-port", type=int, default=0, help="torch.distributed transfer port (0 = free)")
     s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="Prometheus /metrics port, vLLM names (0 = a free one; the router lists its URL)",
+    )
+    s.add_argument(
         "--ep",
         type=int,
         default=1,

@@ -140,6 +140,7 @@ def worker_settings(role: str, args: argparse.Namespace) -> WorkerSettings:
         worker_id=worker_id,
         transfer_backend=args.transfer_backend,
         transfer_port=args.transfer_port,
+        metrics_port=args.metrics_port,
         heartbeat_interval_s=args.heartbeat_interval,
         ready_file=args.ready_file,
         ep_size=args.ep,

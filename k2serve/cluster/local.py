@@ -311,21 +311,27 @@ class LocalCluster:
         self.stop()
 
     def status_table(self) -> str:
-        rows = [("process", "pid", "address / role", "log")]
+        """One row per process: pid, state, metrics URL (the router's own /metrics; each worker's as
+        registered, "-" while it is not), log."""
+        metrics = {"router": f"{self.http_url}/metrics"}
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            metrics |= {w["worker_id"]: w["metrics_url"] for w in self.workers()}
+        rows = [("process", "pid", "state", "metrics", "log")]
         for p in self.procs:
             rows.append(
                 (
                     p.name,
                     str(p.popen.pid),
                     "running" if p.popen.poll() is None else f"exit {p.popen.returncode}",
+                    metrics.get(p.name) or "-",
                     str(p.log),
                 )
             )
         if self.redis_connection:
             rows.append(
-                ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-")
+                ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-", "-")
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 

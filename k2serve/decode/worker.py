@@ -27,6 +27,7 @@ from k2serve.rpc.status import status_of
 from k2serve.tracing.propagation import of_call
 from k2serve.tracing.tracer import NOOP, Attr, Span, Tracer, epoch_ns
 from k2serve.transfer.base import KVReceiver, TransferError, TransferStats
+from k2serve.transfer.metrics import KVTransferMetrics
 
 logger = logging.getLogger(__name__)
 TRANSFER_TIMEOUT_S = 60.0
@@ -60,6 +61,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.reservations: dict[str, Reservation] = {}
         self.bytes_received = 0
         self.local_prefills = 0  # requests whose prompt this worker computed itself
+        self.transfer_metrics = KVTransferMetrics(engine.metrics.registry, engine.metrics.labels)
+        self.transfer_metrics.declare(backend)
 
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
         return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
@@ -135,9 +138,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             stats = await asyncio.to_thread(self.receiver.wait, request.transfer_id, TRANSFER_TIMEOUT_S)
             self.bytes_received += stats.bytes
+            self.transfer_metrics.done(self.backend, stats)
             if self.tracer.enabled:
                 self._trace_transfer(stats, span)
         except TransferError as err:
+            self.transfer_metrics.failed(self.backend)
             await self.engine.free_kv(res.block_table)
             await context.abort(grpc.StatusCode.DATA_LOSS, f"KV transfer failed: {err}")
         if len(request.prompt_token_ids) != res.num_tokens:

@@ -35,6 +35,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.engine.group import GroupLostError, LockstepGroup
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
+from k2serve.engine.metrics import EngineMetrics, RequestTimes
 from k2serve.engine.protocol import (
     BackendError,
     BackendFailure,
@@ -60,6 +61,7 @@ class _Client:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent | BackendError]
     num_prompt_tokens: int
+    times: RequestTimes
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class AsyncEngine:
     docstring); stepping stops for every rank of the group when one rank's thread stops, so shutting one rank down makes
     the others lose the group. `on_fatal(error)` is called on the engine thread once the group is lost
     and every in-flight request has been failed; `fatal_error` keeps the error.
+
+    `metrics` (an EngineMetrics labelled `role`, `engine_id`) is observed as tokens are delivered.
     """
 
     def __init__(
@@ -116,6 +120,8 @@ class AsyncEngine:
         model_name: str,
         group: LockstepGroup | None = None,
         on_fatal: Callable[[GroupLostError], None] | None = None,
+        role: str = "serve",
+        engine_id: str = "0",
     ) -> None:
         if engine.tokenizer is None:
             raise ValueError("AsyncEngine needs a model directory with a tokenizer (tiktoken.model)")
@@ -138,6 +144,7 @@ class AsyncEngine:
         self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.metrics = EngineMetrics(model_name, role, engine_id, self.stats)
 
     @classmethod
     def from_pretrained(
@@ -146,17 +153,24 @@ class AsyncEngine:
         dtype: torch.dtype = torch.float32,
         config: EngineConfig | None = None,
         model_name: str | None = None,
+        role: str = "serve",
+        engine_id: str = "0",
     ) -> AsyncEngine:
         """Load a checkpoint directory; the model name defaults to the directory's name."""
         engine = LLMEngine.from_pretrained(model_dir, dtype, config)
-        return cls(engine, model_name or Path(model_dir).resolve().name)
+        return cls(engine, model_name or Path(model_dir).resolve().name, role=role, engine_id=engine_id)
 
     @classmethod
     def for_group(
-        cls, worker: LockstepGroup, model_name: str, on_fatal: Callable[[GroupLostError], None] | None = None
+        cls,
+        worker: LockstepGroup,
+        model_name: str,
+        on_fatal: Callable[[GroupLostError], None] | None = None,
+        role: str = "serve",
+        engine_id: str = "0",
     ) -> AsyncEngine:
         """Serve one expert-parallel rank: its own requests on `worker.engine`, lockstep with its group."""
-        return cls(worker.engine, model_name, worker, on_fatal)
+        return cls(worker.engine, model_name, worker, on_fatal, role, engine_id)
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -215,7 +229,12 @@ class AsyncEngine:
         constraint = None
         if request.structured is not None:
             constraint = await asyncio.to_thread(self._compile, request.structured)
-        client = _Client(asyncio.get_running_loop(), asyncio.Queue(), len(request.prompt_token_ids))
+        client = _Client(
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            len(request.prompt_token_ids),
+            RequestTimes(time.monotonic()),
+        )
         with self._cond:
             self._check_admission_locked()
             if self._thread is None or not self._thread.is_alive():
@@ -450,6 +469,7 @@ class AsyncEngine:
         try:
             if command.prefilled is not None:
                 p = command.prefilled
+                client.times.last_token = time.monotonic()  # its first token came with it
                 done = self._engine.add_prefilled_request(
                     rid,
                     request.prompt_token_ids,
@@ -473,6 +493,7 @@ class AsyncEngine:
         self._engine.abort_request(request_id)
         client = self._clients.pop(request_id, None)
         if client is not None:
+            self.metrics.finished(client.times, "abort", None)
             self._send(client, TokenEvent([], "abort", client.num_prompt_tokens, 0))
 
     def _step(self) -> None:
@@ -495,6 +516,9 @@ class AsyncEngine:
         if client is None:
             return
         new = list(out.new_token_ids)
+        if new and client.times.last_token is None:  # the prompt was computed here
+            self.metrics.prompt_computed(len(out.prompt_token_ids))
+        self.metrics.tokens(client.times, len(new))
         tail = out.logprobs[len(out.logprobs) - len(new) :] if out.logprobs else []
         logprobs = tail if tail and all(lp is not None for lp in tail) else None
         event = TokenEvent(
@@ -506,9 +530,12 @@ class AsyncEngine:
         )
         if out.finished:
             del self._clients[out.request_id]
+            queue_time = out.metrics.queue_time if out.metrics is not None else None
+            self.metrics.finished(client.times, out.finish_reason or "abort", queue_time)
         if not self._send(client, event) and not out.finished:
             self._engine.abort_request(out.request_id)  # nobody is listening any more
             del self._clients[out.request_id]
+            self.metrics.finished(client.times, "abort", None)
 
     def _recover(self, exc: Exception) -> None:
         """End the requests a failed step can be blamed on: the unschedulable head of the queue for

@@ -42,6 +42,12 @@ class RequestMetrics:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_output_tokens: int = 0
+    first_scheduled_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to first scheduled (seconds); None while never scheduled."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def ttft(self) -> float:
@@ -389,7 +395,11 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, new: list[int], new_text: str) -> RequestOutput:
         metrics = RequestMetrics(
-            seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids)
+            seq.arrival_time,
+            seq.first_token_time,
+            seq.finish_time,
+            len(seq.output_token_ids),
+            seq.first_scheduled_time,
         )
         return RequestOutput(
             request_id=seq.request_id,

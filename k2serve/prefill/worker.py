@@ -25,6 +25,7 @@ from k2serve.rpc.tls import TLSFiles
 from k2serve.tracing.propagation import of_call
 from k2serve.tracing.tracer import NOOP, Attr, Span, Tracer, epoch_ns
 from k2serve.transfer.base import KVSender, TransferError
+from k2serve.transfer.metrics import KVTransferMetrics
 from k2serve.transfer.registry import make_sender
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.tracer = tracer
         self.senders = _Senders(tls, metadata)
         self.bytes_sent = 0
+        self.transfer_metrics = KVTransferMetrics(engine.metrics.registry, engine.metrics.labels)
 
     @override
     async def Prefill(
@@ -131,6 +133,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             sender = await asyncio.to_thread(self.senders.get, backend, target.endpoint.address)
             sender.open(tid, kv.num_layers, len(prompt), kv.kv_dim, kv.dtype, span.traceparent)
         except (RuntimeError, ValueError, OSError) as err:  # TransferError, DistStoreError, bad endpoint
+            self.transfer_metrics.failed(backend)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode endpoint: {err}")
         t_compute_end = 0.0
         send_errors: list[Exception] = []
@@ -174,6 +177,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if last is None or not last.token_ids or last.finish_reason == "abort":
             await context.abort(grpc.StatusCode.CANCELLED, f"prefill of {request.request_id!r} was aborted")
         if send_errors:
+            self.transfer_metrics.failed(backend)
             with contextlib.suppress(TransferError):
                 await asyncio.to_thread(sender.close, tid, 0.1)
             await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {send_errors[0]}")
@@ -181,10 +185,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             # The sender is shared by every transfer to that decode endpoint: one failed transfer must not
             # tear it down for the others (gRPC channels reconnect by themselves).
             with span.child("kv.flush"):
-                await asyncio.to_thread(sender.close, tid, TRANSFER_TIMEOUT_S)
+                stats = await asyncio.to_thread(sender.close, tid, TRANSFER_TIMEOUT_S)
         except TransferError as err:
+            self.transfer_metrics.failed(backend)
             await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {err}")
         t_end = time.perf_counter()
+        self.transfer_metrics.done(backend, stats)
         nbytes = len(prompt) * kv.bytes_per_token
         self.bytes_sent += nbytes
         resp = worker_pb2.PrefillResponse(

@@ -30,7 +30,7 @@ class WorkerCapacity(_message.Message):
     def __init__(self, free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "grpc_address", "kv_endpoints", "model", "num_layers", "kv_dim", "block_size", "kv_dtype", "capacity", "ep_size", "ready")
+    __slots__ = ("worker_id", "role", "grpc_address", "kv_endpoints", "model", "num_layers", "kv_dim", "block_size", "kv_dtype", "capacity", "ep_size", "ready", "metrics_url")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class WorkerInfo(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     grpc_address: str
@@ -55,7 +56,8 @@ class WorkerInfo(_message.Message):
     capacity: WorkerCapacity
     ep_size: int
     ready: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_kv_transfer_pb2.KVEndpoint, _Mapping]]] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., ep_size: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    metrics_url: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_kv_transfer_pb2.KVEndpoint, _Mapping]]] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., ep_size: _Optional[int] = ..., ready: _Optional[bool] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_ms", "lease_ms")

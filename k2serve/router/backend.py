@@ -73,7 +73,8 @@ class ClusterBackend:
         self.max_predicted_ttft_s = max_predicted_ttft_s
         self.prefill_tok_s: float | None = None
         self.pending_prefill_tokens = 0
-        self.rejected = 0
+        self.rejected = 0  # refused for their predicted TTFT
+        self.rejected_queue_full = 0  # refused at --max-queue requests in flight
         # Overlap of KV sending with compute: the transfer time left after the prefill's compute ended.
         self.prefill_compute_ms = 0.0
         self.exposed_transfer_ms = 0.0
@@ -104,6 +105,7 @@ class ClusterBackend:
         if self.draining:
             raise DrainingError()
         if len(self.in_flight) >= self.max_in_flight:
+            self.rejected_queue_full += 1
             raise QueueFullError(len(self.in_flight), self.max_in_flight)
 
     def stats(self) -> BackendStats:

@@ -22,6 +22,7 @@ from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.router.backend import ClusterBackend
 from k2serve.router.grpc_api import K2ServeServicer
+from k2serve.router.metrics import RouterCollector
 from k2serve.router.registry import RegistryServicer, Worker, WorkerTable
 from k2serve.router.settings import ROLE_OF, RouterSettings
 from k2serve.rpc.auth import ServerAuth
@@ -77,13 +78,15 @@ class Router:
             self.table.add(info, static=True)
 
     async def _workers_view(self) -> dict:
-        """Operators' view of the registry (no secrets): id, role, address, load, in-flight requests."""
+        """Operators' view of the registry (no secrets): id, role, address, where Prometheus scrapes it,
+        load, in-flight requests."""
         return {
             "workers": [
                 {
                     "worker_id": w.worker_id,
                     "role": w.role,
                     "address": w.address,
+                    "metrics_url": w.info.metrics_url,
                     "static": w.static,
                     "ready": w.ready,
                     "in_flight": w.in_flight,
@@ -167,6 +170,7 @@ class Router:
         await health_servicer.set(registry_name, health_pb2.HealthCheckResponse.SERVING)
         readiness = asyncio.create_task(self._follow_readiness(health_servicer, ["", public_name]))
         app = build_app(self.backend, s.api_key, self.sessions, self.table.missing)
+        app.state.k2.metrics.registry.register(RouterCollector(self.backend, self.table))
         app.add_api_route(
             "/cluster/workers", self._workers_view, methods=["GET"], dependencies=app.state.k2_auth
         )

@@ -22,9 +22,11 @@ from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.protocol import GenerateRequest
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts import EPConfig, EPWorker
+from k2serve.experts.metrics import EPCollector
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.rpc.tls import add_port, aio_channel
+from k2serve.worker.metrics_server import MetricsServer
 from k2serve.worker.settings import ROLES, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
 
     dtype = getattr(torch, settings.dtype)
     if settings.ep_size == 1:
-        return AsyncEngine.from_pretrained(settings.model_dir, dtype, settings.engine, settings.model_name)
+        return AsyncEngine.from_pretrained(
+            settings.model_dir, dtype, settings.engine, settings.model_name, settings.role, settings.worker_id
+        )
     assert settings.ep_init is not None  # checked in __post_init__
     worker = EPWorker.connect(
         settings.ep_rank,
@@ -53,7 +57,9 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
         settings.ep_init,
         EPConfig(timeout_s=settings.ep_timeout_s),
     )
-    return AsyncEngine.for_group(worker, settings.model_name, on_fatal)
+    engine = AsyncEngine.for_group(worker, settings.model_name, on_fatal, settings.role, settings.worker_id)
+    engine.metrics.registry.register(EPCollector(worker, engine.metrics.labels))
+    return engine
 
 
 async def warm_up(engine: AsyncEngine, worker_id: str) -> None:
@@ -77,6 +83,7 @@ def worker_info(
     address: str,
     kv_endpoints: list[kv_transfer_pb2.KVEndpoint],
     ready: bool = True,
+    metrics_url: str = "",
 ) -> registry_pb2.WorkerInfo:
     kv, stats = engine.kv_geometry, engine.stats()
     return registry_pb2.WorkerInfo(
@@ -96,6 +103,7 @@ def worker_info(
         ),
         ep_size=settings.ep_size,
         ready=ready,
+        metrics_url=metrics_url,
     )
 
 
@@ -197,6 +205,7 @@ async def serve_worker(
     port = add_port(server, f"{settings.host}:{settings.port}", settings.tls)
     await server.start()
     address = settings.advertised(port)
+    metrics = MetricsServer(settings, engine.metrics.registry)
     for name in ["", *names]:  # SERVING once warmed up: the probes and the router wait for it
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     stop = stop or asyncio.Event()
@@ -204,7 +213,11 @@ async def serve_worker(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tls = "" if settings.tls is None else " (mutual TLS)" if settings.tls.mutual else " (TLS)"
-    print(f"k2serve {settings.role} worker {settings.worker_id} serving gRPC{tls} on {address}", flush=True)
+    print(
+        f"k2serve {settings.role} worker {settings.worker_id} serving gRPC{tls} on {address}, "
+        f"metrics on {metrics.url}",
+        flush=True,
+    )
     if settings.tls is not None and settings.ep_size > 1:
         logger.warning(
             "%s: the --ep group's collectives (torch.distributed) are not encrypted", settings.worker_id
@@ -215,7 +228,7 @@ async def serve_worker(
         beat = asyncio.create_task(
             heartbeat_loop(
                 settings,
-                lambda: worker_info(settings, engine, address, kv_endpoints(), ready.is_set()),
+                lambda: worker_info(settings, engine, address, kv_endpoints(), ready.is_set(), metrics.url),
                 engine,
                 stop,
                 ready,
@@ -249,6 +262,7 @@ async def serve_worker(
                 settings.drain_timeout_s,
             )
     await server.stop(grace=5)
+    await asyncio.to_thread(metrics.close)
     if on_stop is not None:
         await on_stop()
     engine.shutdown()

@@ -43,6 +43,7 @@ class WorkerSettings:
     worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:8]}")
     transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
     transfer_port: int = 0
+    metrics_port: int = 0  # Prometheus endpoint (0 = a free port); its URL is registered as metrics_url
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 60.0  # on SIGTERM: how long running requests may take to finish
     ready_file: str | None = None
@@ -57,6 +58,8 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat interval must be > 0 s, got {self.heartbeat_interval_s}")
         if self.ep_size < 1:
