@@ -11,13 +11,20 @@ from conftest import PKI
 from prometheus_client import CollectorRegistry, Counter
 
 from k2serve.engine.config import EngineConfig
+from k2serve.rpc.auth import InternalAuth
 from k2serve.worker.metrics_server import MetricsServer
 from k2serve.worker.settings import WorkerSettings
 
 
 def settings(**kw: object) -> WorkerSettings:
     return WorkerSettings(
-        role="decode", model_dir="unused", model_name="m", dtype="float32", engine=EngineConfig(), **kw
+        role="decode",
+        model_dir="unused",
+        model_name="m",
+        dtype="float32",
+        engine=EngineConfig(),
+        internal=InternalAuth(insecure=True),  # no internal service here
+        **kw,
     )  # type: ignore[arg-type]
 
 

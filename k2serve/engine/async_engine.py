@@ -62,6 +62,23 @@ class _Client:
     queue: asyncio.Queue[TokenEvent | BackendError]
     num_prompt_tokens: int
     times: RequestTimes
+    observed: bool = True  # counted in the metrics (a worker's warm-up request is not traffic)
+
+
+class _Unobserved:
+    """EngineMetrics' per-request calls, doing nothing: for requests kept out of the metrics."""
+
+    def prompt_computed(self, num_tokens: int) -> None:
+        pass
+
+    def tokens(self, times: RequestTimes, num_new: int) -> None:
+        pass
+
+    def finished(self, times: RequestTimes, reason: str, queue_time: float | None) -> None:
+        pass
+
+
+_UNOBSERVED = _Unobserved()
 
 
 @dataclass(frozen=True)
@@ -219,11 +236,13 @@ class AsyncEngine:
         request: GenerateRequest,
         kv_sink: KVSink | None = None,
         prefilled: Prefilled | None = None,
+        observed: bool = True,
     ) -> AsyncIterator[TokenEvent]:
         """The GenerationBackend call, plus two hooks for disaggregated serving (k2serve.prefill/decode):
         `kv_sink(layer, kv)` receives each layer's whole-prompt latent as it is computed; `prefilled`
         continues a request whose prompt KV is already in blocks this engine reserved (`reserve_kv`) and
-        whose first token was sampled elsewhere (that token is the first event)."""
+        whose first token was sampled elsewhere (that token is the first event). `observed` False keeps
+        the request out of the metrics (a worker's warm-up)."""
         self.check_admission()
         self._validate(request)
         constraint = None
@@ -234,6 +253,7 @@ class AsyncEngine:
             asyncio.Queue(),
             len(request.prompt_token_ids),
             RequestTimes(time.monotonic()),
+            observed,
         )
         with self._cond:
             self._check_admission_locked()
@@ -493,7 +513,7 @@ class AsyncEngine:
         self._engine.abort_request(request_id)
         client = self._clients.pop(request_id, None)
         if client is not None:
-            self.metrics.finished(client.times, "abort", None)
+            self._metrics(client).finished(client.times, "abort", None)
             self._send(client, TokenEvent([], "abort", client.num_prompt_tokens, 0))
 
     def _step(self) -> None:
@@ -511,14 +531,17 @@ class AsyncEngine:
                 self._deliver(out)
             self._publish_stats()
 
+    def _metrics(self, client: _Client) -> EngineMetrics | _Unobserved:
+        return self.metrics if client.observed else _UNOBSERVED
+
     def _deliver(self, out: RequestOutput) -> None:
         client = self._clients.get(out.request_id)
         if client is None:
             return
         new = list(out.new_token_ids)
         if new and client.times.last_token is None:  # the prompt was computed here
-            self.metrics.prompt_computed(len(out.prompt_token_ids))
-        self.metrics.tokens(client.times, len(new))
+            self._metrics(client).prompt_computed(len(out.prompt_token_ids))
+        self._metrics(client).tokens(client.times, len(new))
         tail = out.logprobs[len(out.logprobs) - len(new) :] if out.logprobs else []
         logprobs = tail if tail and all(lp is not None for lp in tail) else None
         event = TokenEvent(
@@ -531,11 +554,11 @@ class AsyncEngine:
         if out.finished:
             del self._clients[out.request_id]
             queue_time = out.metrics.queue_time if out.metrics is not None else None
-            self.metrics.finished(client.times, out.finish_reason or "abort", queue_time)
+            self._metrics(client).finished(client.times, out.finish_reason or "abort", queue_time)
         if not self._send(client, event) and not out.finished:
             self._engine.abort_request(out.request_id)  # nobody is listening any more
             del self._clients[out.request_id]
-            self.metrics.finished(client.times, "abort", None)
+            self._metrics(client).finished(client.times, "abort", None)
 
     def _recover(self, exc: Exception) -> None:
         """End the requests a failed step can be blamed on: the unschedulable head of the queue for

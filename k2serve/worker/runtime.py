@@ -65,9 +65,9 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
 async def warm_up(engine: AsyncEngine, worker_id: str) -> None:
     """One request of one prompt token and one generated token through the running engine: the first
     step's one-time costs (allocations, kernels) are paid before any user request. The prefix-cache
-    counters are reset after it (the warm-up is not traffic). Raises what the request raises."""
+    counters are reset after it and its tokens stay out of the metrics (the warm-up is not traffic). Raises what the request raises."""
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    events = await engine.generate(GenerateRequest(f"warmup-{worker_id}", [0], params))
+    events = await engine.generate(GenerateRequest(f"warmup-{worker_id}", [0], params), observed=False)
     async for _ in events:
         pass
 
