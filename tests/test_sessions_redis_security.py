@@ -138,7 +138,7 @@ def test_router_flags_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("REDIS_PASSWORD_FILE", raising=False)
     pw = password_file(tmp_path, PASSWORD)
-    base = ["router", "--model", "m"]
+    base = ["router", "--model", "m", "--insecure-internal"]
     args = [*base, "--redis-url", "rediss://r:6380/0", "--redis-password-file", pw, "--redis-ca", str(pki.ca)]
     args += ["--redis-cert", str(pki.cert), "--redis-key", str(pki.key)]
     assert router_settings(build_parser().parse_args(args)).redis == RedisConnection(
@@ -170,6 +170,7 @@ def test_router_without_the_password_stops_at_startup(server: EmbeddedRedis, tin
             "0",
             "--grpc-port",
             "0",
+            "--insecure-internal",
         ]
         + ["--redis-url", url],
         capture_output=True,
