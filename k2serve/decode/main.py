@@ -47,7 +47,15 @@ async def run(settings: WorkerSettings) -> int:
         receiver.shutdown()
         await asyncio.to_thread(tracer.shutdown)
 
-    return await serve_worker(settings, engine, add, lambda: [servicer.endpoint()], on_stop, stop)
+    return await serve_worker(
+        settings,
+        engine,
+        add,
+        lambda: [servicer.endpoint()],
+        on_stop,
+        stop,
+        pending=lambda: len(servicer.reservations),  # reserved, KV and Decode call still coming
+    )
 
 
 def main(settings: WorkerSettings) -> int:

@@ -189,12 +189,14 @@ async def serve_worker(
     kv_endpoints: Callable[[], list[kv_transfer_pb2.KVEndpoint]],
     on_stop: Callable[[], Awaitable[None]] | None = None,
     stop: asyncio.Event | None = None,
+    pending: Callable[[], int] | None = None,
 ) -> int:
     """Run the worker's gRPC server, registered and heartbeating, until SIGINT/SIGTERM or `stop` is set
     (e.g. by the engine's on_fatal); then deregister and stop. Returns the process exit status: 1 when
     the engine stopped by itself (`engine.fatal_error`: the EP group was lost) before a stop was asked
     for, else 0. A group loses all its ranks once one of them stops, so a rank's in-flight requests
-    fail if a peer finishes stopping first."""
+    fail if a peer finishes stopping first. `pending()` counts work accepted outside the engine that the
+    drain waits for too (a decode worker's reservations whose KV and Decode call are still coming)."""
     server = grpc.aio.server(
         options=grpc_options(CONTROL_MAX_MESSAGE_BYTES), interceptors=settings.internal.server_interceptors()
     )
@@ -252,13 +254,17 @@ async def serve_worker(
         await beat  # deregistered: the router sends nothing new and keeps the channel for what is in flight
     if requested:  # drain: let running requests finish (the prefill side's sends, the decode side's streams)
         deadline = loop.time() + settings.drain_timeout_s
-        while engine.num_in_flight and loop.time() < deadline:
+
+        def busy() -> int:
+            return engine.num_in_flight + (pending() if pending is not None else 0)
+
+        while busy() and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if engine.num_in_flight:
+        if busy():
             logger.warning(
                 "%s: %d requests still running after the %.0f s drain",
                 settings.worker_id,
-                engine.num_in_flight,
+                busy(),
                 settings.drain_timeout_s,
             )
     await server.stop(grace=5)
