@@ -71,7 +71,7 @@ def tiled(
     tiles = paged_tiles(rows, key_slots, key_pos, tile)
     part: Partial
     if absorbed:
-        w_uk, w_uv = mla._uk_uv()
+        w_uk, w_uv = mla.absorb_weights()
         q_lat = torch.einsum("nqhd,hdc->nqhc", qn, w_uk)
         part = attend_absorbed(q_lat, qp, q_pos, tiles, mla.softmax_scale)
     else:

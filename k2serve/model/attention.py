@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "DEFAULT_TILES",
     "PAD_KEY_POS",
     "KeyTile",
     "OnlineSoftmax",
@@ -57,6 +58,9 @@ class TileConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TileConfig.{name} must be an int >= 1, got {value!r}")
+
+
+DEFAULT_TILES = TileConfig()
 
 
 @dataclass
