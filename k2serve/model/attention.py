@@ -121,7 +121,10 @@ def paged_tiles(
 
 
 def _mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """-inf where key position > query position; scores [N, Q, H, T], q_pos [N, Q], k_pos [N, T]."""
+    """-inf where key position > query position; scores [N, Q, H, T], q_pos [N, Q], k_pos [N, T].
+    A tile whose keys all precede every query (most tiles of a long context) needs no mask."""
+    if bool(k_pos.max() <= q_pos.min()):
+        return scores
     allowed = k_pos[:, None, :] <= q_pos[:, :, None]  # [N, Q, T]
     return scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
 
