@@ -51,7 +51,7 @@ class TileConfig:
     work items, merged by log-sum-exp); a decode row's context is cut into splits of at most this."""
 
     tile_tokens: int = 512
-    split_tokens: int = 2048
+    split_tokens: int = 512
 
     def __post_init__(self) -> None:
         for name in ("tile_tokens", "split_tokens"):
