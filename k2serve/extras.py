@@ -9,7 +9,8 @@ from __future__ import annotations
 
 __all__ = ["EXTRAS", "MissingExtraError"]
 
-# extra -> the top-level modules it brings (keep in step with pyproject.toml's optional-dependencies)
+# extra -> the modules it brings, top-level ones or subpackages of a namespace package (keep in step with
+# pyproject.toml's optional-dependencies)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "ray": ("ray",),
     "agent": ("openai",),
@@ -17,6 +18,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plot": ("matplotlib",),
     "kube": ("kubernetes",),
     "hf": ("transformers",),
+    # the opentelemetry namespace itself is in the base install (FastAPI requires opentelemetry-api)
+    "tracing": (
+        "opentelemetry.sdk",
+        "opentelemetry.exporter.otlp.proto.http",
+        "opentelemetry.exporter.otlp.proto.grpc",
+    ),
 }
 
 

@@ -81,7 +81,9 @@ def cluster(long_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def router_counters(cluster: LocalCluster) -> tuple[int, int]:
-    view = httpx.get(f"{cluster.http_url}/cluster/workers", timeout=10).json()
+    view = httpx.get(
+        f"{cluster.http_url}/cluster/workers", headers={"authorization": f"Bearer {KEY}"}, timeout=10
+    ).json()
     return view["local_prefills"], view["kv_bytes_transferred"]
 
 

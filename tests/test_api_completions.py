@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 from conftest import API_ENGINE
+from prometheus_client.parser import text_string_to_metric_families
 
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
@@ -73,7 +74,8 @@ def test_completion_logprobs(api_client: openai.OpenAI) -> None:
 
 def test_models_health_and_metrics(api_client: openai.OpenAI, api_url: str) -> None:
     assert [m.id for m in api_client.models.list().data] == ["tiny"]
-    assert httpx.get(f"{api_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{api_url}/health").json() == {"status": "ok", "ready": True}
+    assert httpx.get(f"{api_url}/health/live").json() == {"status": "live"}
     api_client.completions.create(model="tiny", prompt=IDS[1], max_tokens=3, temperature=0)
     metrics = httpx.get(f"{api_url}/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
@@ -92,3 +94,36 @@ def test_models_health_and_metrics(api_client: openai.OpenAI, api_url: str) -> N
         "k2serve_generation_tokens_total",
     ):
         assert name in metrics.text, name
+
+
+def test_serve_exports_vllm_metrics(api_client: openai.OpenAI, api_url: str) -> None:
+    """`k2serve serve`'s /metrics carries the engine's vLLM names (model_name, engine, role labels)."""
+    labels = {"model_name": "tiny", "engine": "0", "role": "serve"}
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{api_url}/metrics").text
+        return {
+            s.name + ("/" + s.labels["finished_reason"] if "finished_reason" in s.labels else ""): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name.startswith("vllm:") and {k: s.labels.get(k) for k in labels} == labels
+        }
+
+    before = scrape()
+    api_client.completions.create(
+        model="tiny", prompt=IDS[0], max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
+    after = scrape()
+    for name, delta in (
+        ("vllm:prompt_tokens_total", len(IDS[0])),
+        ("vllm:generation_tokens_total", 4),
+        ("vllm:request_success_total/length", 1),
+        ("vllm:time_to_first_token_seconds_count", 1),
+        ("vllm:inter_token_latency_seconds_count", 3),
+        ("vllm:e2e_request_latency_seconds_count", 1),
+        ("vllm:request_queue_time_seconds_count", 1),
+    ):
+        assert after[name] - before[name] == delta, name
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert after[gauge] == 0, gauge
+    assert after["vllm:prefix_cache_queries_total"] >= before["vllm:prefix_cache_queries_total"] + len(IDS[0])

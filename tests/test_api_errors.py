@@ -64,7 +64,9 @@ def wait_until_idle(be: AsyncEngine, timeout: float = 20.0) -> None:
     [
         ("/v1/chat/completions", {"messages": HELLO, "temperature": -1}, "temperature"),
         ("/v1/chat/completions", {"messages": HELLO, "top_p": 1.5}, "top_p"),
-        ("/v1/chat/completions", {"messages": HELLO, "n": 2}, "n"),
+        ("/v1/chat/completions", {"messages": HELLO, "n": 0}, "n"),
+        ("/v1/chat/completions", {"messages": HELLO, "n": 17}, "n"),
+        ("/v1/completions", {"prompt": ["a"] * 40, "n": 2}, "n"),
         ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 0}, "max_tokens"),
         ("/v1/chat/completions", {"messages": HELLO, "max_completion_tokens": -3}, "max_completion_tokens"),
         ("/v1/chat/completions", {"messages": HELLO, "logprobs": True, "top_logprobs": 99}, "top_logprobs"),

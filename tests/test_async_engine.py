@@ -83,7 +83,7 @@ def assert_all_blocks_free(be: AsyncEngine) -> None:
 def test_is_a_generation_backend(parts: tuple[Any, Any], backend: AsyncEngine) -> None:
     assert isinstance(backend, GenerationBackend)
     assert backend.vocab_size == 1280 and backend.max_model_len == 512 and backend.model_name == "tiny"
-    small_pool = AsyncEngine(make_engine(parts, num_kv_blocks=20), "tiny")
+    small_pool = AsyncEngine(make_engine(parts, num_kv_blocks=20, max_model_len=None), "tiny")
     assert small_pool.max_model_len == 160  # 20 blocks of 8 positions
     with pytest.raises(InvalidRequestError) as info:
         small_pool._validate(GenerateRequest("r", list(range(100)), greedy(61)))

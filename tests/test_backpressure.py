@@ -61,4 +61,9 @@ def test_flood_is_shed_early(tiny_ckpt: Path, tmp_path: Path) -> None:
         assert rejected[0].json()["error"]["type"]
         stats = httpx.get(f"{c.http_url}/cluster/workers").json()
         assert stats["rejected_early"] == len(rejected)
+        metrics = httpx.get(f"{c.http_url}/metrics").text  # the same count, by reason, for Prometheus
+        assert (
+            f'k2serve_admission_rejections_total{{model_name="{tiny_ckpt.name}",reason="predicted_ttft"}} {float(len(rejected))}'
+            in metrics
+        )
         assert rss_mb(router_pid) - before < 200  # bounded: the excess was never queued

@@ -196,6 +196,7 @@ def test_exposed_ports_are_the_cli_defaults(dockerfile: tuple[dict[str, str], li
     for command, dest in (
         ("router", "port"),
         ("router", "grpc_port"),
+        ("router", "internal_port"),
         ("prefill", "port"),
         ("decode", "port"),
     ):

@@ -201,7 +201,8 @@ def test_stop_strings_cut_the_text(tiny_ckpt: Path) -> None:
     [
         ([5, 99999], GREEDY, "99999 is outside the vocabulary"),
         ([], GREEDY, "empty"),
-        ([1, 2, 3], SamplingParams(max_tokens=9000), "8192"),
+        # the context is the pool's 4096 positions (512 blocks of 8): fewer than the model's own
+        ([1, 2, 3], SamplingParams(max_tokens=9000), "context length is 4096"),
         ([1, 2, 3], SamplingParams(stop_token_ids=[5000]), "stop_token_ids"),
         ([1, 2, 3], SamplingParams(logprobs=5000), "logprobs=5000 is too large: at most 1280"),
         ([1, 2, 3], SamplingParams(top_k=100000), "top_k=100000"),

@@ -2,7 +2,7 @@
 on; a lost group fails every in-flight request and calls on_fatal; a real one-rank EPWorker gives the
 offline engine's tokens). Slow: `k2serve up --ep 2` (a prefill and a decode group of two rank processes
 each, every rank its own registered worker) answers concurrent requests token for token as the offline
-engine, a killed rank takes its group down (the survivor exits non-zero), and every process stops."""
+engine, every rank exports its EP metrics, a killed rank takes its group down (the survivor exits non-zero), and every process stops."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import openai
 import pytest
 import torch
 from conftest import local_cluster_spec
+from monitoring_queries import expressions, metric_names
+from prometheus_client.parser import text_string_to_metric_families
 
 from k2serve.cluster.local import LocalCluster
 from k2serve.engine.async_engine import AsyncEngine
@@ -248,6 +250,25 @@ def test_concurrent_requests_match_offline_engine(ep_cluster: LocalCluster, tiny
         watcher.join()
     assert got == expected
     assert busy == set(RANKS), busy  # the router spread the load over every rank of both groups
+
+
+@pytest.mark.slow
+def test_ranks_export_the_ep_metrics_the_dashboard_queries(ep_cluster: LocalCluster) -> None:
+    """After the requests above: every rank's metrics_url has its all-to-all time and a load imbalance
+    per MoE layer (>= 1), and every k2serve_ep_* name the chart's dashboard queries is among them."""
+    exported: set[str] = set()
+    for w in ep_cluster.workers():
+        text = httpx.get(w["metrics_url"], timeout=10).text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        exported |= {s.name for f in fams.values() for s in f.samples}
+        (seconds,) = fams["k2serve_ep_all_to_all_seconds"].samples
+        assert seconds.value > 0 and seconds.labels["engine"] == w["worker_id"]
+        imbalance = fams["k2serve_ep_load_imbalance"].samples
+        assert imbalance and all(s.value >= 1.0 for s in imbalance)
+        assert any(s.value > 1.0 for s in imbalance)  # tiny's random router is not balanced
+    exprs, _ = expressions()
+    queried = {n for n in set().union(*map(metric_names, exprs)) if n.startswith("k2serve_ep_")}
+    assert queried and queried <= exported, queried - exported
 
 
 @pytest.mark.slow

@@ -208,10 +208,17 @@ def test_failed_step_keeps_the_group_in_lockstep(tiny_ckpt: Path) -> None:
         w = EPWorker(comm, tiny_ckpt, torch.float32, engine)
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         if comm.rank == 0:
-            w.add_request("big", list(range(1, 31)), params)  # needs 8 blocks: the pool has 4
-            with pytest.raises(RequestError, match="KV blocks"):
+            w.add_request("doomed", list(range(1, 10)), params)
+            schedule = w.engine.scheduler.schedule
+
+            def fail_once() -> Any:  # an engine error before the forward, once
+                w.engine.scheduler.schedule = schedule
+                raise RequestError("the scheduler failed")
+
+            w.engine.scheduler.schedule = fail_once  # type: ignore[method-assign]
+            with pytest.raises(RequestError, match="the scheduler failed"):
                 w.step()
-            assert w.abort_request("big")
+            assert w.abort_request("doomed")
         else:
             w.add_request("small", [5, 6, 7], params)
         done = w.run_until_idle()

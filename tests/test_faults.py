@@ -35,6 +35,7 @@ def cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         tmp_path_factory.mktemp("faults"),
         port=free_port(),
         grpc_port=free_port(),
+        internal_port=free_port(),  # a restarted router must listen where the workers register
         num_prefill=2,
         use_redis=True,
         heartbeat_timeout_s=3.0,

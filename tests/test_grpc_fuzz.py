@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from k2serve.cluster.local import LocalCluster
 from k2serve.proto import api_pb2, api_pb2_grpc, common_pb2
+from k2serve.rpc.auth import CLUSTER_TOKEN_HEADER
 
 pytestmark = pytest.mark.slow
 OK_CODES = {
@@ -83,10 +84,14 @@ def test_generate_fuzz(cluster: LocalCluster) -> None:
 
 def test_garbage_bytes_on_every_method(cluster: LocalCluster) -> None:
     workers = {w["role"]: w["address"] for w in cluster.workers()}
+    # The internal services are fuzzed as an insider would (with the cluster token): their parsers too
+    # must answer garbage with a status, not a crash. Outsiders never reach them (test_auth_cluster.py).
+    assert cluster.spec.cluster_token_file is not None
+    token = ((CLUSTER_TOKEN_HEADER, Path(cluster.spec.cluster_token_file).read_text().strip()),)
     targets = [
         (f"127.0.0.1:{cluster.grpc_port}", "/k2serve.v1.K2Serve/Generate", "stream"),
         (f"127.0.0.1:{cluster.grpc_port}", "/k2serve.v1.K2Serve/Chat", "stream"),
-        (f"127.0.0.1:{cluster.grpc_port}", "/k2serve.internal.v1.WorkerRegistry/Register", "unary"),
+        (f"127.0.0.1:{cluster.internal_port}", "/k2serve.internal.v1.WorkerRegistry/Register", "unary"),
         (workers["prefill"], "/k2serve.internal.v1.PrefillWorker/Prefill", "unary"),
         (workers["decode"], "/k2serve.internal.v1.DecodeWorker/Reserve", "unary"),
         (workers["decode"], "/k2serve.internal.v1.DecodeWorker/Decode", "stream"),
@@ -98,14 +103,14 @@ def test_garbage_bytes_on_every_method(cluster: LocalCluster) -> None:
                 if kind == "unary":
                     call = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
                     try:
-                        call(blob, timeout=20)
+                        call(blob, timeout=20, metadata=token)
                         code = grpc.StatusCode.OK
                     except grpc.RpcError as e:
                         code = e.code()
                 else:
                     code = _drain(
                         ch.unary_stream(method, request_serializer=None, response_deserializer=None)(
-                            blob, timeout=20
+                            blob, timeout=20, metadata=token
                         )
                     )
                 assert (

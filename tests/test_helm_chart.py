@@ -25,11 +25,12 @@ CHART_DIR = ROOT / "helm" / "k2serve"
 RELEASE, NAMESPACE = "k2", "llm"
 
 # Secret names the value sets refer to; the chart must only ever name them, never read them.
-TLS_SECRET, API_KEY_SECRET, REDIS_SECRET, REDIS_URL_SECRET = (
+TLS_SECRET, API_KEY_SECRET, REDIS_SECRET, REDIS_URL_SECRET, CLUSTER_TOKEN_SECRET = (
     "k2-tls",
     "k2-api-keys",
     "k2-redis-auth",
     "k2-redis-url",
+    "k2-cluster-token",
 )
 
 _PVC = {"persistentVolumeClaim": {"claimName": "k2-weights", "readOnly": True}}
@@ -65,6 +66,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "tls": {"enabled": True, "existingSecret": TLS_SECRET},
         "apiKey": {"existingSecret": API_KEY_SECRET, "key": "key"},
         "redis": {"auth": {"existingSecret": REDIS_SECRET, "key": "password"}},
+        "clusterToken": {"existingSecret": CLUSTER_TOKEN_SECRET, "key": "token"},
         "model": {"servedModelName": "kimi-k2"},
     },
     "monitoring": {
@@ -89,6 +91,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "prefill": {"pdb": {"enabled": False}},
         "decode": {"pdb": {"enabled": False}},
         "serviceAccount": {"create": False},
+    },
+    "redis-tls": {  # mutual TLS everywhere, Redis over TLS with client certificates
+        "tls": {"enabled": True, "existingSecret": TLS_SECRET, "caKey": "ca.crt"},
+        "redis": {"tls": {"enabled": True}, "auth": {"existingSecret": REDIS_SECRET, "key": "password"}},
     },
 }
 

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from test_helm_chart import NAMESPACE, VALUE_SETS, by_name
 from test_helm_objects import FULL, pod_specs
 
 from k2serve.cli import build_parser
+from k2serve.rpc.auth import write_token_file
 
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 # $(POD_NAME) of a pod whose command line is the same on every pod of its workload.
@@ -139,8 +141,22 @@ def test_flags_agree_with_ports_services_and_model(name: str) -> None:
     router_svc = by_name(values, "Service", f"{FULL}-router")["spec"]["ports"]
     (_, router_c, router) = cmds["router"][0]
     ports = {p["name"]: p["containerPort"] for p in router_c["ports"]}
-    assert (router.port, router.grpc_port) == (ports["http"], ports["grpc"])
-    assert {p["name"]: p["port"] for p in router_svc} == {"http": router.port, "grpc": router.grpc_port}
+    assert (router.port, router.grpc_port, router.internal_port) == (
+        ports["http"],
+        ports["grpc"],
+        ports["internal"],
+    )
+    assert {p["name"]: p["port"] for p in router_svc} == {
+        "http": router.port,
+        "grpc": router.grpc_port,
+        "internal": router.internal_port,
+    }
+    # Every router and worker reads the cluster token from the Secret mounted where its flag points.
+    for command in ("router", "prefill", "decode"):
+        for owner, c, ns in cmds[command]:
+            mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+            assert ns.cluster_token_file == f"{mounts['cluster-token']}/token", owner
+            assert not ns.insecure_internal, owner
     model_dirs = {ns.model for runs in cmds.values() for _, _, ns in runs if getattr(ns, "model", None)}
     assert len(model_dirs) == 1, model_dirs
     for ns in (ns for _, _, ns in cmds.get("init-model", [])):
@@ -156,7 +172,7 @@ def test_flags_agree_with_ports_services_and_model(name: str) -> None:
                 assert ns.transfer_port == next(
                     p["containerPort"] for p in c["ports"] if p["name"] == "transfer"
                 )
-            assert ns.router == f"{FULL}-router.{NAMESPACE}.svc:{router.grpc_port}", owner
+            assert ns.router == f"{FULL}-router.{NAMESPACE}.svc:{router.internal_port}", owner
             assert ns.advertise_host == f"{pod}.{FULL}-{role}-headless.{NAMESPACE}.svc", owner
             if ns.ep > 1:
                 assert ns.ep_init.endswith(
@@ -164,7 +180,7 @@ def test_flags_agree_with_ports_services_and_model(name: str) -> None:
                 ), owner
 
 
-def test_ep_ranks_follow_pod_ordinals() -> None:
+def test_ep_ranks_follow_pod_ordinals(tmp_path: Path) -> None:
     """Pod i of an expert-parallel StatefulSet is rank i % size of group i // size and joins its
     group at the group's rank-0 pod; the flags pass the worker's own checks (WorkerSettings, via the CLI's worker_settings)."""
     from k2serve.cli.settings import worker_settings
@@ -186,7 +202,12 @@ def test_ep_ranks_follow_pod_ordinals() -> None:
                 f"tcp://{rank0}:{port}",
                 timeout,
             )
-            settings = worker_settings(role, ns)
+            token = tmp_path / "token"  # the Secret's file, as mounted in the pod
+            write_token_file(token, "t" * 32)
+            settings = worker_settings(
+                role, argparse.Namespace(**{**vars(ns), "cluster_token_file": str(token)})
+            )
+            assert settings.internal.token == "t" * 32
             assert settings.worker_id == f"{sts}-{i}-ep{rank}"  # each rank registers as its own worker
             assert parse_init_method(settings.ep_init) == (rank0, port)
     single = _by_command(VALUE_SETS["defaults"])["decode"]

@@ -162,15 +162,14 @@ def test_k2serve_probes_use_grpc_health(name: str) -> None:
             if "k2serve" not in c["command"] or c["name"] == "planner":  # the planner serves no port
                 continue
             grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-            if c["name"] == "router":
-                ready = c["readinessProbe"]["httpGet"]
-                assert ready["path"] == "/health" and ready["port"] == "http"
-                assert ready["scheme"] == ("HTTPS" if tls else "HTTP")
-                # kubelet's gRPC probe cannot do TLS: with TLS on, liveness falls back to a TCP check
-                live = c["livenessProbe"]
-                assert (
-                    (live["tcpSocket"] == {"port": "grpc"}) if tls else (live["grpc"] == {"port": grpc_port})
-                )
+            if c["name"] == "router":  # liveness: the process serves; readiness: it can serve a request
+                scheme = "HTTPS" if tls else "HTTP"
+                for probe, path in (
+                    ("startupProbe", "/health/live"),
+                    ("livenessProbe", "/health/live"),
+                    ("readinessProbe", "/health/ready"),
+                ):
+                    assert c[probe]["httpGet"] == {"path": path, "port": "http", "scheme": scheme}, probe
             else:  # workers: the gRPC health service, or with TLS (every hop) a TCP check of that port
                 for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                     want = {"tcpSocket": {"port": grpc_port}} if tls else {"grpc": {"port": grpc_port}}
@@ -191,10 +190,7 @@ def test_no_secret_in_plain_env_or_args(name: str) -> None:
         for c in containers(spec):
             for e in c.get("env", []):
                 if any(w in e["name"] for w in SECRETISH):
-                    if "value" in e:  # only a composition of secret-backed variables is allowed
-                        assert e["name"] == "REDIS_URL" and "$(REDIS_PASSWORD)" in e["value"], (owner, e)
-                    else:
-                        assert set(e["valueFrom"]) == {"secretKeyRef"}, (owner, e)
+                    assert "value" not in e and set(e["valueFrom"]) == {"secretKeyRef"}, (owner, e)
             text = json.dumps(c)
             for v in generated_values:
                 assert v not in text, f"{owner}: a generated secret value leaked into {c['name']}"
@@ -231,7 +227,9 @@ def test_network_policies_isolate_workers_and_redis(name: str) -> None:
     for role in ("prefill", "decode"):
         np = nps[f"{FULL}-{role}"]
         assert np["podSelector"]["matchLabels"] == {**release, "app.kubernetes.io/component": role}
-        (rule,) = np["ingress"]
+        rule, metrics = np["ingress"]
+        # the metrics port alone, from monitoring.allowFrom (anyone when empty, as in every value set)
+        assert metrics == {"ports": [{"port": "metrics", "protocol": "TCP"}]}
         (peer,) = rule["from"]
         assert set(peer) == {"podSelector"}  # same namespace, this release only
         assert peer["podSelector"]["matchLabels"] == release
@@ -242,7 +240,15 @@ def test_network_policies_isolate_workers_and_redis(name: str) -> None:
             "decode",
         }
     router = nps[f"{FULL}-router"]
-    assert all(p["port"] in ("http", "grpc") for r in router["ingress"] for p in r["ports"])
+    internal, public = router["ingress"]
+    # The internal listener (worker registry): this release's workers only.
+    assert internal["ports"] == [{"port": "internal", "protocol": "TCP"}]
+    (peer,) = internal["from"]
+    assert set(peer) == {"podSelector"} and peer["podSelector"]["matchLabels"] == release
+    assert set(peer["podSelector"]["matchExpressions"][0]["values"]) == {"prefill", "decode"}
+    # The public ports: router.allowFrom (absent: anyone).
+    assert [p["port"] for p in public["ports"]] == ["http", "grpc"]
+    assert public.get("from") == (values.get("router", {}).get("allowFrom") or None)
     if values.get("redis", {}).get("enabled", True):
         redis = nps[f"{FULL}-redis"]
         (rule,) = redis["ingress"]

@@ -3,12 +3,23 @@ workloads, GPUs follow expert parallelism, Services reach named ports, Redis per
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
 
 import pytest
 import yaml
-from test_helm_chart import REDIS_SECRET, REDIS_URL_SECRET, ROOT, VALUE_SETS, by_name, objects
+from test_helm_chart import (
+    CLUSTER_TOKEN_SECRET,
+    REDIS_SECRET,
+    REDIS_URL_SECRET,
+    ROOT,
+    TLS_SECRET,
+    VALUE_SETS,
+    by_name,
+    objects,
+    render_manifests,
+)
 from test_helm_objects import FULL, pod_specs
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
@@ -131,7 +142,11 @@ def test_services_reach_named_container_ports(name: str) -> None:
 
 def test_router_service_exposes_http_and_grpc() -> None:
     svc = by_name(VALUE_SETS["defaults"], "Service", f"{FULL}-router")["spec"]
-    assert {(p["name"], p["port"]) for p in svc["ports"]} == {("http", 8000), ("grpc", 50051)}
+    assert {(p["name"], p["port"]) for p in svc["ports"]} == {
+        ("http", 8000),
+        ("grpc", 50051),
+        ("internal", 50052),
+    }
     assert svc["type"] == "ClusterIP"
 
 
@@ -180,23 +195,100 @@ def _router_env(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in spec["containers"][0]["env"]}
 
 
-def test_router_redis_url() -> None:
-    env = _router_env(VALUE_SETS["defaults"])
-    names = list(env)
-    assert names.index("REDIS_PASSWORD") < names.index(
-        "REDIS_URL"
-    )  # $(REDIS_PASSWORD) expands only if defined first
-    assert env["REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@k2-k2serve-redis.llm.svc:6379/0"
+def _router(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The router's pod spec and its container."""
+    spec = by_name(values, "Deployment", f"{FULL}-router")["spec"]["template"]["spec"]
+    return spec, spec["containers"][0]
+
+
+def _flag(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_router_redis_password_is_a_mounted_secret_file() -> None:
+    """The chart's Redis: the router dials it by a plain URL and reads the password from the Secret,
+    mounted as a file (--redis-password-file): not in its args, not in its environment."""
+    spec, c = _router(VALUE_SETS["defaults"])
+    assert _flag(c["args"], "--redis-url") == f"redis://{FULL}-redis.llm.svc:6379/0"
+    path = _flag(c["args"], "--redis-password-file")
+    (vol,) = [v for v in spec["volumes"] if v["name"] == "redis-auth"]
+    assert vol["secret"]["secretName"] == f"{FULL}-redis-auth"
+    assert vol["secret"]["items"] == [{"key": "redis-password", "path": "password"}]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "redis-auth"]
+    assert path == f"{mount['mountPath']}/password" and mount["readOnly"] is True
+    assert not [e for e in c["env"] if e["name"].startswith("REDIS")]
+    spec, _ = _router(VALUE_SETS["tls-apikey-secrets"])  # an existing Secret, its own key
+    (vol,) = [v for v in spec["volumes"] if v["name"] == "redis-auth"]
+    assert vol["secret"]["secretName"] == REDIS_SECRET
+    assert vol["secret"]["items"] == [{"key": "password", "path": "password"}]
     external = _router_env(VALUE_SETS["keda-external-redis"])
     assert external["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": REDIS_URL_SECRET, "key": "url"}
-    assert "REDIS_PASSWORD" not in external
+    spec, c = _router(VALUE_SETS["keda-external-redis"])
+    assert "--redis-url" not in c["args"] and "redis-auth" not in {v["name"] for v in spec["volumes"]}
     assert f"{FULL}-redis" not in workloads(VALUE_SETS["keda-external-redis"])
     assert "REDIS_URL" not in _router_env(VALUE_SETS["minimal"])
+
+
+REDIS_TLS = VALUE_SETS["redis-tls"]
+
+
+def test_redis_over_tls_with_client_certificates() -> None:
+    """redis.tls.enabled: Redis serves TLS only and requires client certificates of the chart's CA;
+    the router dials rediss:// presenting its certificate and trusting that CA; probes speak TLS."""
+    c = _redis_container(REDIS_TLS)
+    script = " ".join(c["args"])
+    assert "--port 0 --tls-port 6379" in script and "--tls-auth-clients yes" in script
+    files = {"cert-file": "tls.crt", "key-file": "tls.key", "ca-cert-file": "ca.crt"}
+    for flag, name in files.items():
+        assert f"--tls-{flag} /etc/redis/tls/{name}" in script
+    pod = by_name(REDIS_TLS, "StatefulSet", f"{FULL}-redis")["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert vol["secret"]["secretName"] == TLS_SECRET
+    assert {i["path"] for i in vol["secret"]["items"]} == set(files.values())
+    assert {"name": "tls", "mountPath": "/etc/redis/tls", "readOnly": True} in c["volumeMounts"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        command = c[probe]["exec"]["command"]
+        assert command[:4] == ["redis-cli", "-p", "6379", "--tls"] and "--cert" in command, command
+    _, router = _router(REDIS_TLS)
+    assert _flag(router["args"], "--redis-url") == f"rediss://{FULL}-redis.llm.svc:6379/0"
+    assert [_flag(router["args"], f) for f in ("--redis-ca", "--redis-cert", "--redis-key")] == [
+        "/etc/k2serve/tls/ca.crt",
+        "/etc/k2serve/tls/tls.crt",
+        "/etc/k2serve/tls/tls.key",
+    ]
+    plain = " ".join(_redis_container(VALUE_SETS["defaults"])["args"])
+    assert "--port 6379" in plain and "tls" not in plain
+    _, router = _router(VALUE_SETS["defaults"])
+    assert "--redis-ca" not in router["args"]
+
+
+def test_external_redis_over_tls() -> None:
+    values = {
+        "tls": REDIS_TLS["tls"],
+        "redis": {"enabled": False, "external": {"tls": True, "urlSecretRef": {"name": REDIS_URL_SECRET}}},
+    }
+    _, router = _router(values)
+    assert _flag(router["args"], "--redis-ca") == "/etc/k2serve/tls/ca.crt"
+    assert _flag(router["args"], "--redis-cert") == "/etc/k2serve/tls/tls.crt"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"redis": {"tls": {"enabled": True}}},
+        {"tls": {"enabled": True, "existingSecret": TLS_SECRET}, "redis": {"tls": {"enabled": True}}},
+        {"redis": {"enabled": False, "external": {"tls": True, "urlSecretRef": {"name": REDIS_URL_SECRET}}}},
+    ],
+)
+def test_redis_tls_needs_the_chart_certificate_and_ca(values: dict[str, Any]) -> None:
+    with pytest.raises(Exception, match="set tls.enabled and tls.caKey"):
+        render_manifests(values)
 
 
 def test_only_router_talks_to_redis() -> None:
     for owner, spec in pod_specs(VALUE_SETS["defaults"]):
         uses = any(e["name"].startswith("REDIS") for c in spec["containers"] for e in c.get("env", []))
+        uses |= any("--redis-url" in c.get("args", []) for c in spec["containers"])
         assert uses == (owner.endswith("-router") or owner.endswith("-redis")), owner
 
 
@@ -209,3 +301,29 @@ def test_pods_roll_on_config_change() -> None:
         "metadata"
     ]
     assert a["checksum/config"] != b["annotations"]["checksum/config"]
+
+
+def test_cluster_token_secret_is_generated_once_or_named() -> None:
+    """Without clusterToken.existingSecret the chart makes a random token Secret (kept on uninstall, read
+    back by lookup on upgrades) and mounts it 0440 into the router and every worker; with it, it only
+    names that Secret."""
+    (secret,) = [
+        s for s in objects(VALUE_SETS["defaults"], "Secret") if s["metadata"]["name"].endswith("-token")
+    ]
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(secret["data"]["cluster-token"])) == 48
+    for values, name, key in (
+        (VALUE_SETS["defaults"], secret["metadata"]["name"], "cluster-token"),
+        (VALUE_SETS["tls-apikey-secrets"], CLUSTER_TOKEN_SECRET, "token"),
+    ):
+        specs = [
+            s for _, s in pod_specs(values) if s["containers"][0]["name"] in ("router", "prefill", "decode")
+        ]
+        assert len(specs) == 3
+        for spec in specs:
+            (vol,) = [v for v in spec["volumes"] if v["name"] == "cluster-token"]
+            assert vol["secret"] == {
+                "secretName": name,
+                "defaultMode": 0o440,
+                "items": [{"key": key, "path": "token"}],
+            }

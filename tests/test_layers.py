@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "k2serve"
 # its own layer only through SAME_LAYER; the units in ONLY_FROM may be imported by the units listed
 # there alone. ARCHITECTURE.md draws the same table.
 LAYERS: list[tuple[str, ...]] = [
-    ("proto", "testing", "config", "extras"),  # import nothing of k2serve
-    ("kvcache", "chat"),
+    ("proto", "testing", "config", "extras", "capacity"),  # import nothing of k2serve (but capacity: config)
+    ("kvcache", "chat", "tracing"),  # tracing: spans and their propagation, off unless configured
     ("model",),
     ("engine",),  # with its serving contract (engine/protocol.py, engine/validation.py)
     ("transfer", "experts", "rpc"),
@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("__init__", "__main__"),  # the package itself: `k2serve.LLM` and `python -m k2serve`
 ]
 SAME_LAYER = {
+    ("capacity", "config"),  # the memory model reads a ModelConfig
     ("api", "sessions"),  # /v1/sessions and chat turns with a session_id
     ("planner", "cluster"),  # the local connector scales a LocalCluster
     ("planner", "loadgen"),  # the dry run replays loadgen's traces

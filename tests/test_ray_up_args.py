@@ -13,7 +13,7 @@ import pytest
 from k2serve.cli import build_parser, main
 from k2serve.cli.settings import cluster_spec, ray_options
 from k2serve.cluster.local import LocalCluster, Proc
-from k2serve.cluster.ray_actor import NODE_IP, REDIS_URL
+from k2serve.cluster.ray_actor import NODE_IP, REDIS_PASSWORD_FILE, REDIS_URL
 from k2serve.cluster.ray_plan import GroupPlan, RayOptions
 from k2serve.cluster.ray_runtime import RayCluster, RayUnavailableError
 
@@ -56,32 +56,46 @@ def tls_flags(pki: PKI) -> list[str]:
 
 def test_ray_router_gets_router_flags_and_tls(pki: PKI) -> None:
     """The router actor's command line is the shared one: --max-ttft-ms, the API key and the TLS files
-    reach it, and the embedded Redis's URL is filled in by its actor."""
+    reach it, and the embedded Redis's URL and password file are filled in by its actor."""
     flags = [*UP, "--max-ttft-ms", "2000", "--api-key", "sk-1", *tls_flags(pki), "--tls-server-name", "k2"]
     spec = cluster_spec(build_parser().parse_args(flags))
     child = RayCluster(spec, "auto").router_child()
     assert child.name == "router" and child.embedded_redis
     assert list(child.argv) == [
         *("router", "--model", "/models/k2", "--host", NODE_IP, "--port", "8000", "--grpc-port", "50051"),
-        *("--heartbeat-timeout", "5.0", "--redis-url", REDIS_URL, *tls_flags(pki), "--tls-server-name", "k2"),
+        *(
+            "--internal-port",
+            "0",
+            "--heartbeat-timeout",
+            "5.0",
+            "--redis-url",
+            REDIS_URL,
+            "--redis-password-file",
+            REDIS_PASSWORD_FILE,
+        ),
+        *(*tls_flags(pki), "--tls-server-name", "k2"),
         *("--max-ttft-ms", "2000.0", "--api-key", "sk-1"),
     ]
     parsed = build_parser().parse_args(list(child.argv))  # what the router process will see
     assert (parsed.max_ttft_ms, parsed.tls_ca, parsed.tls_server_name) == (2000.0, str(pki.ca), "k2")
+    # The cluster token travels beside the argv (each actor writes its own 0600 file), never the API key.
+    assert child.cluster_token is not None and len(child.cluster_token) >= 32
+    assert child.cluster_token not in child.argv and "sk-1" not in child.cluster_token
 
 
 def test_ray_workers_get_tls_and_the_grpc_kv_backend(pki: PKI) -> None:
     spec = cluster_spec(build_parser().parse_args([*UP, *tls_flags(pki)]))
     assert spec.transfer_backend == "grpc"  # "auto" under TLS: torch.distributed has no TLS
     cluster = RayCluster(spec, "auto")
-    cluster.router_ip, cluster.grpc_port = "10.0.0.1", 50051
+    cluster.router_ip, cluster.grpc_port, cluster.internal_port = "10.0.0.1", 50051, 50052
     group = GroupPlan("decode-1", "decode", 1, tuple({"CPU": 1.0} for _ in range(4)), "STRICT_PACK")
     children = cluster.worker_children(group, "tcp://10.0.0.2:4000")
     assert [c.name for c in children] == [f"decode-1-ep{r}" for r in range(4)]
     for r, c in enumerate(children):
-        assert list(c.argv) == spec.worker_args(
-            "decode", "decode-1", NODE_IP, "10.0.0.1:50051", r, "tcp://10.0.0.2:4000"
+        assert list(c.argv) == spec.worker_args(  # registering on the router's internal listener
+            "decode", "decode-1", NODE_IP, "10.0.0.1:50052", r, "tcp://10.0.0.2:4000"
         )
+        assert c.cluster_token == cluster.token
         parsed = build_parser().parse_args(list(c.argv))
         assert (parsed.tls_cert, parsed.tls_key, parsed.tls_ca) == (str(pki.cert), str(pki.key), str(pki.ca))
         assert (parsed.transfer_backend, parsed.ep_rank) == ("grpc", r)
@@ -102,7 +116,8 @@ def test_plaintext_ray_cluster_has_no_tls_flags() -> None:
 def test_local_launcher_uses_the_same_router_and_worker_args(
     pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """LocalCluster.start() spawns the shared command lines plus its ready files (processes faked)."""
+    """LocalCluster.start() spawns the shared command lines plus its ready files (processes faked); the
+    password of a --redis-url moves into a 0600 file, off the router's command line."""
     flags = [
         "up",
         "--model",
@@ -113,7 +128,7 @@ def test_local_launcher_uses_the_same_router_and_worker_args(
         "--workdir",
         str(tmp_path),
     ]
-    spec = cluster_spec(build_parser().parse_args([*flags, "--redis-url", "redis://r:6379/0"]))
+    spec = cluster_spec(build_parser().parse_args([*flags, "--redis-url", "redis://:s%40cret@r:6379/0"]))
     cluster = LocalCluster(spec)
     spawned: dict[str, list[str]] = {}
 
@@ -122,15 +137,23 @@ def test_local_launcher_uses_the_same_router_and_worker_args(
         return Proc(name, None, tmp_path / f"{name}.log")  # type: ignore[arg-type]
 
     monkeypatch.setattr(cluster, "_spawn", spawn)
-    monkeypatch.setattr(cluster, "_wait_file", lambda proc, path, deadline: "8001 50052")
+    monkeypatch.setattr(cluster, "_wait_file", lambda proc, path, deadline: "8001 50052 50053")
     monkeypatch.setattr(cluster, "_wait_registered", lambda n, deadline: None)
     cluster.start()
-    router = spec.router_args_for("127.0.0.1", 8000, 50051, "redis://r:6379/0")
+    spec = cluster.spec  # with the cluster token file the launcher generated
+    token_file = tmp_path / "cluster-token"
+    assert spec.cluster_token_file == str(token_file) and token_file.stat().st_mode & 0o777 == 0o600
+    password_file = tmp_path / "redis-password"
+    redis = ["--redis-url", "redis://r:6379/0", "--redis-password-file", str(password_file)]
+    router = spec.router_args_for("127.0.0.1", 8000, 50051, redis)
     assert spawned["router"] == [*router, "--ready-file", str(tmp_path / "router.ready")]
+    assert password_file.read_text() == "s@cret" and password_file.stat().st_mode & 0o777 == 0o600
+    assert not [a for a in spawned["router"] if "cret" in a]
     assert router[router.index("--max-ttft-ms") + 1] == "1500.0" and "--tls-ca" in router
-    worker = spec.worker_args("decode", "decode-0", "127.0.0.1", "127.0.0.1:50052")
+    worker = spec.worker_args("decode", "decode-0", "127.0.0.1", "127.0.0.1:50053")
     assert spawned["decode-0"] == [*worker, "--ready-file", str(tmp_path / "decode-0.ready")]
-    assert worker[-6:] == tls_flags(pki)
+    assert worker[-8:] == [*tls_flags(pki), "--cluster-token-file", str(token_file)]
+    assert router[router.index("--cluster-token-file") + 1] == str(token_file)
 
 
 def test_options_default_without_ray_flags() -> None:

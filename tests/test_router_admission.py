@@ -24,7 +24,9 @@ def _table(n_prefill: int, n_decode: int) -> WorkerTable:
     ):
         for i in range(n):
             table.add(
-                registry_pb2.WorkerInfo(worker_id=f"{role}-{i}", role=code, grpc_address=f"127.0.0.1:{1 + i}")
+                registry_pb2.WorkerInfo(
+                    worker_id=f"{role}-{i}", role=code, grpc_address=f"127.0.0.1:{1 + i}", ready=True
+                )
             )
     return table
 

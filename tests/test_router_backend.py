@@ -51,12 +51,18 @@ def test_client_hanging_up_on_a_session_turn_settles_the_books_at_once(tiny_ckpt
         table = WorkerTable(5.0, grpc.aio.insecure_channel)
         table.add(
             registry_pb2.WorkerInfo(
-                worker_id="decode-0", role=registry_pb2.WORKER_ROLE_DECODE, grpc_address=f"127.0.0.1:{port}"
+                worker_id="decode-0",
+                role=registry_pb2.WORKER_ROLE_DECODE,
+                grpc_address=f"127.0.0.1:{port}",
+                ready=True,
             )
         )
         table.add(  # never called: the turn goes to its holder
             registry_pb2.WorkerInfo(
-                worker_id="prefill-0", role=registry_pb2.WORKER_ROLE_PREFILL, grpc_address="127.0.0.1:1"
+                worker_id="prefill-0",
+                role=registry_pb2.WORKER_ROLE_PREFILL,
+                grpc_address="127.0.0.1:1",
+                ready=True,
             )
         )
         backend = ClusterBackend(tiny_ckpt, table)

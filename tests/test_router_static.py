@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.proto import api_pb2_grpc
+from k2serve.rpc.auth import write_token_file
 
 ENGINE_ARGS = ("--kv-cache-mb", "32", "--block-size", "8", "--max-num-batched-tokens", "256")
 STARTUP_TIMEOUT_S = 120.0
@@ -83,11 +85,15 @@ class Processes:
 def static_router(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A prefill and a decode worker that register nowhere (no --router), and a router that knows them
     only from --worker. Yields the router's URLs and the workers' addresses."""
-    procs = Processes(tmp_path_factory.mktemp("static"))
+    workdir = tmp_path_factory.mktemp("static")
+    procs = Processes(workdir)
+    token = ["--cluster-token-file", str(workdir / "cluster-token")]
+    write_token_file(token[1], secrets.token_urlsafe(32))  # hand-run processes share one credential
     try:
         workers = {}
         for role in ("prefill", "decode"):
             common = ["--model", str(tiny_ckpt), "--dtype", "float32", "--host", "127.0.0.1", "--port", "0"]
+            common += token
             workers[role] = procs.start(role, [role, *common, *ENGINE_ARGS])
         ports = procs.start(
             "router",
@@ -105,9 +111,10 @@ def static_router(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                 f"prefill={workers['prefill']}",
                 "--worker",
                 f"decode={workers['decode']}",
+                *token,
             ],
         )
-        http_port, grpc_port = ports.split()
+        http_port, grpc_port, _ = ports.split()
         yield {
             "http": f"http://127.0.0.1:{http_port}",
             "grpc": f"127.0.0.1:{grpc_port}",
@@ -167,7 +174,7 @@ def test_greedy_requests_through_static_workers_match_offline_engine(
 )
 def test_malformed_worker_value_is_refused_naming_it(value: str) -> None:
     args = build_parser().parse_args(
-        ["router", "--model", "unused", "--worker", "decode=h:1", "--worker", value]
+        ["router", "--model", "unused", "--insecure-internal", "--worker", "decode=h:1", "--worker", value]
     )
     message = f"--worker {value}: expected prefill=HOST:PORT or decode=HOST:PORT"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
@@ -177,7 +184,7 @@ def test_malformed_worker_value_is_refused_naming_it(value: str) -> None:
 def test_router_cli_exits_with_an_error_naming_the_malformed_worker(tiny_ckpt: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "k2serve", "router", "--model", str(tiny_ckpt), "--port", "0"]
-        + ["--grpc-port", "0", "--worker", "decode=127.0.0.1"],
+        + ["--grpc-port", "0", "--insecure-internal", "--worker", "decode=127.0.0.1"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from conftest import local_cluster_spec
 
 from k2serve.chat.prompt import PromptEncoder
@@ -62,6 +63,27 @@ def expected_reply(ckpt: Path, messages: list[dict]) -> str:
     return out.text
 
 
+def test_embedded_redis_password_stays_off_command_lines(cluster: LocalCluster) -> None:
+    """`up`'s own Redis listens on 127.0.0.1 and wants the password generated for this cluster, which
+    reaches the router by file: no process's command line or environment holds it."""
+    assert cluster.redis is not None and cluster.redis_connection is not None
+    assert cluster.redis_connection.url == f"redis://127.0.0.1:{cluster.redis.port}/0"
+    password = cluster.redis_connection.password()
+    assert password
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=cluster.redis.port, socket_timeout=5).ping()
+    assert cluster.redis.client().config_get("bind") == {"bind": "127.0.0.1"}
+    for pid in [cluster.redis.pid, *(p.popen.pid for p in cluster.procs)]:
+        for part in ("cmdline", "environ"):
+            assert password.encode() not in Path(f"/proc/{pid}/{part}").read_bytes(), (pid, part)
+    router = next(p for p in cluster.procs if p.name == "router")
+    cmdline = Path(f"/proc/{router.popen.pid}/cmdline").read_bytes().split(b"\0")
+    assert (
+        cmdline[cmdline.index(b"--redis-password-file") + 1]
+        == str(cluster.dir / "redis" / "password").encode()
+    )
+
+
 def test_session_crud_and_owner_isolation(cluster: LocalCluster) -> None:
     a, b = client(cluster, KEY_A), client(cluster, KEY_B)
     r = a.post("/v1/sessions", json={"messages": [{"role": "system", "content": "You are terse."}]})
@@ -93,9 +115,10 @@ def test_turns_reuse_the_holder_and_survive_its_death(cluster: LocalCluster, tin
     holder = s["holder"]["worker_id"]
     assert holder.startswith("decode") and s["holder"]["cached_tokens"] > 0 and s["num_messages"] == 3
 
-    before = httpx.get(f"{cluster.http_url}/cluster/workers").json()["local_prefills"]
+    auth = {"authorization": f"Bearer {KEY_A}"}  # the operators' view needs a key too
+    before = httpx.get(f"{cluster.http_url}/cluster/workers", headers=auth).json()["local_prefills"]
     r2 = chat(a, sid, "second question")
-    after = httpx.get(f"{cluster.http_url}/cluster/workers").json()["local_prefills"]
+    after = httpx.get(f"{cluster.http_url}/cluster/workers", headers=auth).json()["local_prefills"]
     assert after == before + 1  # served by the holder itself: no prefill worker, no KV transfer
     assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # its prefix cache was hit
     history = [

@@ -190,6 +190,11 @@ def test_cluster_over_mutual_tls(tls_cluster: LocalCluster, pki: PKI, tiny_ckpt:
     # both workers registered over mTLS, and the KV went prefill -> decode (over mTLS too)
     assert sorted(w["worker_id"] for w in view["workers"]) == ["decode-0", "prefill-0"]
     assert view["kv_bytes_transferred"] > 0
+    for w in view["workers"]:  # each worker's metrics over HTTPS with its certificate (the gRPC KV backend)
+        assert w["metrics_url"].startswith("https://127.0.0.1:")
+        metrics = httpx.get(w["metrics_url"], verify=verify, timeout=10).text
+        assert f'vllm:request_success_total{{engine="{w["worker_id"]}"' in metrics
+        assert 'k2serve_kv_transfer_bytes_total{backend="grpc"' in metrics
 
     router = f"127.0.0.1:{tls_cluster.grpc_port}"
     mtls = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.key.read_bytes(), pki.cert.read_bytes())

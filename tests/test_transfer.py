@@ -589,3 +589,35 @@ def test_prefill_senders_replace_a_broken_torch_sender() -> None:
     finally:
         senders.shutdown()
         receiver.shutdown()
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_transfers_carry_the_senders_span_and_time_the_checksums() -> None:
+    """The sender's traceparent reaches the receiver's TransferStats through the chunk headers (gRPC
+    backend between a real sender and receiver); the stats time the verification and the arrival."""
+    receiver = make_receiver("grpc")
+    sender = make_sender("grpc", receiver.endpoint)
+    kv = make_kv(5, 2, 6, 8, torch.float32)
+    try:
+        for tid, traceparent in (("traced", TRACEPARENT), ("plain", "")):
+            receiver.expect(tid, 2, 6, 8, torch.float32, lambda layer, t: None)
+            before = time.perf_counter()
+            sender.open(tid, 2, 6, 8, torch.float32, traceparent)
+            for layer in range(2):
+                sender.send_layer(tid, layer, kv[layer])
+            sender.close(tid, 10)
+            stats = receiver.wait(tid, 10)
+            assert stats.traceparent == traceparent
+            assert before < stats.finished_at < time.perf_counter()
+            assert 0 < stats.verify_seconds <= stats.seconds
+    finally:
+        sender.shutdown()
+        receiver.shutdown()
+    # the torch backend's fixed control frame holds a header with the longest id and a traceparent
+    spec = TransferSpec("x" * 64, 61, 4096, 576, torch.bfloat16, TRACEPARENT)
+    header, _ = next(outbox.split_layer(spec, 60, torch.zeros(4096, 576, dtype=torch.bfloat16), 16 << 20))
+    assert header.traceparent == TRACEPARENT
+    frame = torch_wire.decode_frame(torch_wire.encode_frame(KVControlFrame(chunk=header)))
+    assert frame.chunk.traceparent == TRACEPARENT

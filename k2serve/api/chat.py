@@ -21,13 +21,14 @@ from starlette.responses import JSONResponse, Response
 from k2serve.api.errors import APIError, bad_request, from_backend_error
 from k2serve.api.metrics import RequestTracker
 from k2serve.api.outputs import chat_logprobs, usage
-from k2serve.api.params import sampling_params
+from k2serve.api.params import per_choice, sampling_params
 from k2serve.api.runner import (
     CLIENT_CLOSED,
     DONE,
     AppState,
     SSEResponse,
     events,
+    merged,
     sse,
     start,
     unless_disconnected,
@@ -41,6 +42,7 @@ from k2serve.engine.protocol import BackendError, GenerateRequest, TokenEvent
 from k2serve.sessions.service import TurnRecorder
 
 ENDPOINT = "chat"
+MAX_CHOICES = 16
 
 
 async def chat_completion(state: AppState, body: ChatCompletionRequest, http: Request) -> Response:
@@ -58,8 +60,10 @@ async def _chat_completion(
     model = state.check_model(body.model)
     state.admit()
     backend, tok = state.backend, state.backend.tokenizer
-    if body.n not in (None, 1):
-        raise bad_request(f"n={body.n} is not supported: only n=1", "n")
+    if body.n is not None and not isinstance(body.n, bool) and body.n > MAX_CHOICES:
+        raise bad_request(f"n={body.n} is too large: at most {MAX_CHOICES} choices per request", "n")
+    if body.n not in (None, 1) and body.session_id is not None:
+        raise bad_request("n > 1 cannot continue a session: a session records one reply per turn", "n")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     try:
@@ -101,28 +105,50 @@ async def _chat_completion(
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     names = {"prompt_token_ids": "messages", "logprobs": "top_logprobs", "max_tokens": max_param}
-    stream = await start(state, GenerateRequest(rid, prompt, params, plan.structured, hint), names)
+    streams: list[AsyncGenerator[TokenEvent, None]] = []
+    choices: list[_Choice] = []
+    started: list[str] = []
+    for j, choice_params in enumerate(per_choice(params)):  # n requests, one per choice
+        choice_id = rid if j == 0 else f"{rid}-{j}"
+        request = GenerateRequest(choice_id, prompt, choice_params, plan.structured, hint)
+        try:
+            stream = await start(state, request, names)
+        except APIError:
+            for earlier in started:  # the choices admitted before this one was refused
+                await backend.abort(earlier)
+            raise
+        started.append(choice_id)
+        streams.append(
+            events(state, choice_id, stream, tracker if j == 0 else state.metrics.tracker(ENDPOINT))
+        )
+        text = plan.output_text(
+            tok,
+            stop=params.stop,
+            stop_token_ids=params.stop_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+        )
+        choices.append(_Choice(text, plan.parser()))
     on_finish = None
     if hint is not None and owner is not None:
         on_finish = state.sessions.turn_recorder(hint.session_id, owner, plan.messages, prompt)
-    text = plan.output_text(
-        tok,
-        stop=params.stop,
-        stop_token_ids=params.stop_token_ids,
-        skip_special_tokens=params.skip_special_tokens,
-    )
-    evs = events(state, rid, stream, tracker)
     head = {"id": rid, "created": int(time.time()), "model": model}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, head, evs, text, plan.parser(), tracker, include_usage, on_finish))
+        return SSEResponse(_stream(state, head, streams, choices, tracker, include_usage, on_finish))
     ok, result = await unless_disconnected(
-        http, _collect(state, head, evs, text, plan.parser(), tracker, body.return_token_ids, on_finish)
+        http, _collect(state, head, streams, choices, tracker, body.return_token_ids, on_finish)
     )
     if not ok:
         tracker.finish(CLIENT_CLOSED, None)
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result)
+
+
+def _with_reasoning_alias(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with `reasoning` next to `reasoning_content` (the name vLLM now emits), when it has one."""
+    if "reasoning_content" not in message:
+        return message
+    return {**message, "reasoning": message["reasoning_content"]}
 
 
 def _deltas(parsed: list[DeltaEvent]) -> list[dict[str, Any]]:
@@ -153,12 +179,42 @@ def _deltas(parsed: list[DeltaEvent]) -> list[dict[str, Any]]:
     return out
 
 
+class _Choice:
+    """Output state of one choice."""
+
+    def __init__(self, text: OutputText, parser: OutputParser | ReasoningParser) -> None:
+        self.text, self.parser = text, parser
+        self.parsed: list[DeltaEvent] = []
+        self.ids: list[int] = []
+        self.lps: list[Any] = []
+        self.reason: str | None = None
+        self.n_prompt = self.n_cached = 0
+        self.served_by: str | None = None
+        self.made_calls = False
+
+    def add(self, ev: TokenEvent) -> list[DeltaEvent]:
+        """Take one event; the parser events it made final."""
+        done = ev.finish_reason is not None
+        self.ids += ev.token_ids
+        self.lps += ev.logprobs or []
+        self.n_prompt, self.n_cached = ev.num_prompt_tokens, ev.num_cached_tokens
+        self.served_by = ev.served_by or self.served_by
+        self.reason = ev.finish_reason if done else self.reason
+        pieces = self.parser.feed(self.text.add(ev.token_ids, done)) + (self.parser.finish() if done else [])
+        self.parsed += pieces
+        return pieces
+
+
+def _usage(choices: list[_Choice]) -> dict[str, Any]:
+    """The prompt counted once, the completions of every choice."""
+    return usage(choices[0].n_prompt, sum(len(c.ids) for c in choices), choices[0].n_cached)
+
+
 async def _stream(
     state: AppState,
     head: dict[str, Any],
-    evs: AsyncGenerator[TokenEvent, None],
-    text: OutputText,
-    parser: OutputParser | ReasoningParser,
+    streams: list[AsyncGenerator[TokenEvent, None]],
+    choices: list[_Choice],
     tracker: RequestTracker,
     include_usage: bool,
     on_finish: TurnRecorder | None = None,
@@ -166,99 +222,76 @@ async def _stream(
     tok = state.backend.tokenizer
     base = {**head, "object": "chat.completion.chunk"}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
         obj: dict[str, Any] = {
             **base,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
         if include_usage:
             obj["usage"] = None
         return sse(obj)
 
-    status, reason, made_calls = CLIENT_CLOSED, None, False
-    n_out = n_prompt = n_cached = 0
-    parsed_all: list[DeltaEvent] = []
-    served_by = None
+    status = CLIENT_CLOSED
     try:
-        async with aclosing(evs):
-            yield chunk({"role": "assistant", "content": ""})
-            async for ev in evs:
-                done = ev.finish_reason is not None
-                n_out, n_prompt, n_cached = (
-                    n_out + len(ev.token_ids),
-                    ev.num_prompt_tokens,
-                    ev.num_cached_tokens,
-                )
-                pieces = parser.feed(text.add(ev.token_ids, done)) + (parser.finish() if done else [])
-                parsed_all += pieces
-                served_by = ev.served_by or served_by
-                deltas = _deltas(pieces)
-                made_calls = made_calls or any("tool_calls" in d for d in deltas)
+        async with aclosing(merged(streams)) as evs:
+            for i in range(len(choices)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for i, ev in evs:
+                c = choices[i]
+                deltas = _deltas(c.add(ev))
+                c.made_calls = c.made_calls or any("tool_calls" in d for d in deltas)
                 lp = chat_logprobs(tok, ev.logprobs) if ev.logprobs else None
-                for i, delta in enumerate(deltas or ([{}] if lp else [])):
-                    yield chunk(delta, logprobs=lp if i == 0 else None)
-                reason = ev.finish_reason if done else reason
-            yield chunk({}, finish_reason(reason, made_calls))
-            if on_finish is not None and reason in ("stop", "length"):
-                await on_finish(reply_message(collect(parsed_all)), served_by)
+                for k, delta in enumerate(deltas or ([{}] if lp else [])):
+                    yield chunk(i, _with_reasoning_alias(delta), logprobs=lp if k == 0 else None)
+                if ev.finish_reason is not None:
+                    yield chunk(i, {}, finish_reason(c.reason, c.made_calls))
+            first = choices[0]
+            if on_finish is not None and first.reason in ("stop", "length"):
+                await on_finish(reply_message(collect(first.parsed)), first.served_by)
             if include_usage:
-                yield sse({**base, "choices": [], "usage": usage(n_prompt, n_out, n_cached)})
+                yield sse({**base, "choices": [], "usage": _usage(choices)})
             status = 200
     except BackendError as e:
         err = from_backend_error(e)
         status = err.status
         yield sse(err.body())
     finally:
-        tracker.finish(status, reason)
+        tracker.finish(status, choices[0].reason)
     yield DONE
 
 
 async def _collect(
     state: AppState,
     head: dict[str, Any],
-    evs: AsyncGenerator[TokenEvent, None],
-    text: OutputText,
-    parser: OutputParser | ReasoningParser,
+    streams: list[AsyncGenerator[TokenEvent, None]],
+    choices: list[_Choice],
     tracker: RequestTracker,
     return_token_ids: bool,
     on_finish: TurnRecorder | None = None,
 ) -> dict[str, Any]:
     tok = state.backend.tokenizer
-    parsed: list[DeltaEvent] = []
-    ids: list[int] = []
-    lps: list[Any] = []
-    reason, n_prompt, n_cached = None, 0, 0
-    served_by = None
     try:
-        async with aclosing(evs):
-            async for ev in evs:
-                served_by = ev.served_by or served_by
-                done = ev.finish_reason is not None
-                ids += ev.token_ids
-                lps += ev.logprobs or []
-                n_prompt, n_cached, reason = ev.num_prompt_tokens, ev.num_cached_tokens, ev.finish_reason
-                parsed += parser.feed(text.add(ev.token_ids, done)) + (parser.finish() if done else [])
+        async with aclosing(merged(streams)) as evs:
+            async for i, ev in evs:
+                choices[i].add(ev)
     except BackendError as e:
         err = from_backend_error(e)
         tracker.finish(err.status, None)
         raise err from e
-    out = collect(parsed)
-    message = reply_message(out)
-    calls = message.get("tool_calls", [])
-    if on_finish is not None and reason in ("stop", "length"):
-        await on_finish({k: v for k, v in message.items() if v is not None}, served_by)
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": message,
-        "logprobs": chat_logprobs(tok, lps) if lps else None,
-        "finish_reason": finish_reason(reason, bool(calls)),
-    }
-    if return_token_ids:
-        choice["token_ids"] = ids
-    tracker.finish(200, reason)
-    return {
-        **head,
-        "object": "chat.completion",
-        "choices": [choice],
-        "usage": usage(n_prompt, len(ids), n_cached),
-    }
+    out = []
+    for i, c in enumerate(choices):
+        message = reply_message(collect(c.parsed))
+        calls = message.get("tool_calls", [])
+        if i == 0 and on_finish is not None and c.reason in ("stop", "length"):
+            await on_finish({k: v for k, v in message.items() if v is not None}, c.served_by)
+        choice: dict[str, Any] = {
+            "index": i,
+            "message": _with_reasoning_alias(message),
+            "logprobs": chat_logprobs(tok, c.lps) if c.lps else None,
+            "finish_reason": finish_reason(c.reason, bool(calls)),
+        }
+        if return_token_ids:
+            choice["token_ids"] = c.ids
+        out.append(choice)
+    tracker.finish(200, choices[0].reason)
+    return {**head, "object": "chat.completion", "choices": out, "usage": _usage(choices)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -19,13 +19,14 @@ from starlette.responses import JSONResponse, Response
 from k2serve.api.errors import APIError, bad_request, from_backend_error
 from k2serve.api.metrics import RequestTracker
 from k2serve.api.outputs import CompletionLogprobs, merge_completion_logprobs, usage
-from k2serve.api.params import sampling_params
+from k2serve.api.params import per_choice, sampling_params
 from k2serve.api.runner import (
     CLIENT_CLOSED,
     DONE,
     AppState,
     SSEResponse,
     events,
+    merged,
     sse,
     start,
     unless_disconnected,
@@ -81,6 +82,7 @@ class _Choice:
         self.lp_parts: list[dict[str, Any]] = []
         self.reason: str | None = None
         self.n_prompt = self.n_cached = 0
+        self.counts_prompt = True  # False for a prompt's 2nd..nth choice: usage counts a prompt once
 
     def add(self, ev: TokenEvent) -> tuple[str, dict[str, Any] | None]:
         self.ids += ev.token_ids
@@ -100,17 +102,19 @@ async def _completion(
     model = state.check_model(body.model)
     state.admit()
     for name, bad in (
-        ("n", body.n not in (None, 1)),
-        ("best_of", body.best_of not in (None, 1)),
+        ("best_of", body.best_of not in (None, 1, body.n)),
         ("echo", body.echo),
         ("suffix", body.suffix is not None),
     ):
         if bad:
             raise bad_request(f"{name} is not supported by this server", name)
     prompts = await asyncio.to_thread(_prompts, state, body)
+    n = body.n or 1
+    if len(prompts) * n > MAX_PROMPTS:
+        raise bad_request(f"{len(prompts)} prompts x n={n} choices: at most {MAX_PROMPTS} per request", "n")
     base = f"cmpl-{uuid.uuid4().hex}"
     streams, choices = [], []
-    for i, ids in enumerate(prompts):
+    for p, ids in enumerate(prompts):
         params = sampling_params(
             body,
             prompt_len=len(ids),
@@ -122,11 +126,15 @@ async def _completion(
             logprobs_param="logprobs",
             skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
         )
-        rid = f"{base}-{i}"
-        stream = await start(state, GenerateRequest(rid, ids, params, None), {"prompt_token_ids": "prompt"})
-        started.append(rid)
-        streams.append(events(state, rid, stream, tracker if i == 0 else state.metrics.tracker(ENDPOINT)))
-        choices.append(_Choice(state, params.stop, set(params.stop_token_ids), body.logprobs is not None))
+        for j, choice_params in enumerate(per_choice(params)):  # choice index p * n + j, as OpenAI's
+            i = p * n + j
+            rid = f"{base}-{i}"
+            request = GenerateRequest(rid, ids, choice_params, None)
+            stream = await start(state, request, {"prompt_token_ids": "prompt"})
+            started.append(rid)
+            streams.append(events(state, rid, stream, tracker if i == 0 else state.metrics.tracker(ENDPOINT)))
+            choices.append(_Choice(state, params.stop, set(params.stop_token_ids), body.logprobs is not None))
+            choices[-1].counts_prompt = j == 0
     head = {"id": base, "object": "text_completion", "created": int(time.time()), "model": model}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -140,41 +148,10 @@ async def _completion(
     return JSONResponse(result)
 
 
-async def _merged(
-    streams: Sequence[AsyncIterator[TokenEvent]],
-) -> AsyncGenerator[tuple[int, TokenEvent], None]:
-    """(prompt index, event) from all streams as they come; closing this closes (aborts) them all."""
-    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, s: AsyncIterator[TokenEvent]) -> None:
-        try:
-            async with aclosing(s):  # type: ignore[type-var]
-                async for ev in s:
-                    await queue.put((i, ev))
-            await queue.put((i, None))
-        except BackendError as e:
-            await queue.put((i, e))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def _total_usage(choices: list[_Choice]) -> dict[str, Any]:
+    prompts = [c for c in choices if c.counts_prompt]
     return usage(
-        sum(c.n_prompt for c in choices), sum(len(c.ids) for c in choices), sum(c.n_cached for c in choices)
+        sum(c.n_prompt for c in prompts), sum(len(c.ids) for c in choices), sum(c.n_cached for c in prompts)
     )
 
 
@@ -187,8 +164,8 @@ async def _stream(
 ) -> AsyncIterator[str]:
     status = CLIENT_CLOSED
     try:
-        async with aclosing(_merged(streams)) as merged:
-            async for i, ev in merged:
+        async with aclosing(merged(streams)) as evs:
+            async for i, ev in evs:
                 delta, lp = choices[i].add(ev)
                 if delta or lp or ev.finish_reason:
                     obj: dict[str, Any] = {
@@ -220,8 +197,8 @@ async def _collect(
     return_token_ids: bool,
 ) -> dict[str, Any]:
     try:
-        async with aclosing(_merged(streams)) as merged:
-            async for i, ev in merged:
+        async with aclosing(merged(streams)) as evs:
+            async for i, ev in evs:
                 choices[i].add(ev)
     except BackendError as e:
         err = from_backend_error(e)

@@ -20,6 +20,7 @@ from k2serve.engine.protocol import (
     DrainingError,
     InvalidRequestError,
     QueueFullError,
+    UnavailableError,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ def from_backend_error(e: BackendError, param_names: Mapping[str, str] | None = 
         return APIError(429, str(e), "rate_limit_error", None, "queue_full", {"Retry-After": retry})
     if isinstance(e, DrainingError):
         return APIError(503, str(e), "service_unavailable", None, "draining", {"Retry-After": "5"})
+    if isinstance(e, UnavailableError):
+        retry = str(max(1, round(e.retry_after_s)))
+        return APIError(503, str(e), "service_unavailable", None, "no_worker", {"Retry-After": retry})
     if isinstance(e, BackendFailure):
         return APIError(500, str(e), "internal_error", None, "backend_failure")
     return APIError(500, f"{type(e).__name__}: {e}", "internal_error", None, None)

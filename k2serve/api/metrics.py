@@ -1,7 +1,8 @@
 """Prometheus metrics of one API app, in a registry of its own (several apps can share a process).
 
 Latencies are measured where the client sees them (the HTTP layer); queue and KV-cache gauges are
-read from `GenerationBackend.stats()` at scrape time.
+read from `GenerationBackend.stats()` at scrape time. Over a local AsyncEngine (`k2serve serve`) the
+engine's vLLM-named metrics (`k2serve.engine.metrics`) are served beside them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.protocol import GenerationBackend
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -99,6 +101,8 @@ class APIMetrics:
         )
         self.generation_tokens = Counter("k2serve_generation_tokens", "Generated tokens.", registry=r)
         r.register(_BackendCollector(backend))
+        if isinstance(backend, AsyncEngine):
+            r.register(backend.metrics.registry)
         if sessions is not None:
             r.register(_SessionCollector(sessions))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from k2serve.api.errors import APIError, bad_request
@@ -72,3 +73,12 @@ def sampling_params(
         raise bad_request(f"{param}={e.value!r} is invalid: must be {e.allowed}", param) from e
     except (TypeError, ValueError) as e:
         raise APIError(400, f"invalid sampling parameters: {e}", param=None) from e
+
+
+def per_choice(params: SamplingParams) -> list[SamplingParams]:
+    """The `params.n` requests that give a request's n choices: each n=1, and with a seed, choice j
+    seeded `seed + j` (reproducible, and the choices differ from each other)."""
+    return [
+        dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + j)
+        for j in range(params.n)
+    ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -132,3 +133,41 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[boo
         watcher.cancel()
         if not task.done():
             task.cancel()
+
+
+async def merged(
+    streams: Sequence[AsyncIterator[TokenEvent]],
+) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+    """(stream index, event) from all streams as they come; closing this closes (aborts) them all. One
+    stream is iterated directly."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]):  # type: ignore[type-var]
+            async for ev in streams[0]:
+                yield 0, ev
+        return
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async with aclosing(s):  # type: ignore[type-var]
+                async for ev in s:
+                    await queue.put((i, ev))
+            await queue.put((i, None))
+        except BackendError as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Body(BaseModel):
@@ -67,6 +67,27 @@ class ChatMessage(_Body):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name of reasoning_content: taken as it, then dropped
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(
+                    f"content part {j} is of type {kind!r}: this server takes text parts only "
+                    "(no images, audio or files)"
+                )
+        return content
+
+    @model_validator(mode="after")
+    def _reasoning_alias(self) -> ChatMessage:
+        if self.reasoning is not None:
+            if self.reasoning_content is None:
+                self.reasoning_content = self.reasoning
+            self.reasoning = None
+        return self
 
 
 class FunctionSpec(_Body):

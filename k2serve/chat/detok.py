@@ -59,6 +59,7 @@ class OutputText:
         self._text = ""
         self._sent = 0
         self._stopped = False
+        self.stopped_by: str | None = None  # the stop string the text was cut at, if any
 
     def add(self, token_ids: list[int], finished: bool) -> str:
         if self._stopped:
@@ -74,9 +75,10 @@ class OutputText:
             self._text += self._dec.finish()
         if self._stop:
             begin = max(0, self._sent - self._hold)
-            hits = [i for i in (self._text.find(s, begin) for s in self._stop) if i >= 0]
+            hits = [(i, s) for s in self._stop if (i := self._text.find(s, begin)) >= 0]
             if hits:
-                self._text = self._text[: min(hits)]
+                cut, self.stopped_by = min(hits, key=lambda hit: hit[0])
+                self._text = self._text[:cut]
                 self._stopped = True
         end = (
             len(self._text) if (finished or self._stopped) else max(self._sent, len(self._text) - self._hold)

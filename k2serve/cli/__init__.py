@@ -8,11 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from k2serve.cli.parser import build_parser
+from k2serve.cluster.lifeline import arm_from_env
 
 __all__ = ["build_parser", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arm_from_env()  # started by `k2serve up`: stop when it is gone
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

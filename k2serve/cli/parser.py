@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from k2serve.cli import commands
+from k2serve.cli import commands, plan
 from k2serve.model.presets import PRESETS
 from k2serve.planner.cli import add_arguments as add_planner_arguments
 
@@ -41,7 +41,18 @@ def add_model_args(s: argparse.ArgumentParser) -> None:
 def add_engine_args(s: argparse.ArgumentParser) -> None:
     """Sizes of the engine a serving process runs (see k2serve.engine.config.EngineConfig)."""
     s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--kv-cache-mb", type=int, default=1024, help="memory for the latent KV pool, MiB")
+    kv = s.add_mutually_exclusive_group()
+    kv.add_argument(
+        "--kv-cache-mb", type=int, default=None, help="memory for the latent KV pool, MiB (default 1024)"
+    )
+    kv.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        default=None,
+        help="memory of this rank for weights + activations + KV, MiB: the KV pool gets what is left "
+        "after the loaded weights and the activation peak of a profiled max-batch forward; startup "
+        "refuses when one --max-model-len sequence does not fit (see `k2serve plan`)",
+    )
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--max-model-len", type=int, default=None)
@@ -64,12 +75,22 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind")
     s.add_argument("--port", type=int, default=default_port, help="gRPC port (0 = pick a free one)")
     s.add_argument("--advertise-host", default=None, help="address others use to reach this worker")
-    s.add_argument("--router", default=None, help="router's gRPC address host:port to register with")
+    s.add_argument(
+        "--router",
+        default=None,
+        help="router's internal gRPC address host:port (--internal-port) to register with",
+    )
     s.add_argument("--worker-id", default=None)
     add_transfer_backend_arg(
         s, "how this worker receives KV (a prefill worker sends with what each decode worker names)"
     )
     s.add_argument("--transfer-port", type=int, default=0, help="torch.distributed transfer port (0 = free)")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="Prometheus /metrics port, vLLM names (0 = a free one; the router lists its URL)",
+    )
     s.add_argument(
         "--ep",
         type=int,
@@ -93,6 +114,7 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
     )
     s.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds")
     add_tls_args(s)
+    add_cluster_auth_args(s)
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: the bound address
 
 
@@ -127,6 +149,46 @@ def add_tls_args(s: argparse.ArgumentParser, peers: bool = True) -> None:
     )
 
 
+def add_redis_args(s: argparse.ArgumentParser, help_url: str) -> None:
+    """The session store's Redis (see k2serve.sessions.connection)."""
+    g = s.add_argument_group("Redis (session store)")
+    g.add_argument("--redis-url", default=None, metavar="URL", help=help_url)
+    g.add_argument(
+        "--redis-password-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the Redis password (default: $REDIS_PASSWORD_FILE); keeps it out of the "
+        "URL and the process list",
+    )
+    g.add_argument(
+        "--redis-ca",
+        default=None,
+        metavar="PEM",
+        help="CA that signs the Redis server's certificate (rediss:// URLs; default: the system roots)",
+    )
+    g.add_argument(
+        "--redis-cert", default=None, metavar="PEM", help="client certificate for Redis (rediss://)"
+    )
+    g.add_argument("--redis-key", default=None, metavar="PEM", help="private key of --redis-cert")
+
+
+def add_cluster_auth_args(s: argparse.ArgumentParser) -> None:
+    """The cluster credential of a router or worker (see k2serve.rpc.auth)."""
+    g = s.add_argument_group("cluster credential (internal calls; one of these is required)")
+    g.add_argument(
+        "--cluster-token-file",
+        default=None,
+        metavar="FILE",
+        help="file (0600) holding the cluster token every internal call carries and every internal "
+        "server requires (default: $K2SERVE_CLUSTER_TOKEN_FILE); `k2serve up` generates one per cluster",
+    )
+    g.add_argument(
+        "--insecure-internal",
+        action="store_true",
+        help="serve and dial internal services without a token or mutual TLS (tests and development only)",
+    )
+
+
 def add_api_args(s: argparse.ArgumentParser, port: int = 8000, tls_peers: bool = False) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=port, help="HTTP port of the OpenAI-compatible API")
@@ -134,6 +196,18 @@ def add_api_args(s: argparse.ArgumentParser, port: int = 8000, tls_peers: bool =
         "--api-key", default=None, help="required bearer key (default: $K2SERVE_API_KEY, else none)"
     )
     add_tls_args(s, peers=tls_peers)
+
+
+def add_tracing_arg(s: argparse.ArgumentParser) -> None:
+    """OpenTelemetry tracing (off unless this or the OTEL_EXPORTER_OTLP_* variables name an endpoint)."""
+    s.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        metavar="URL",
+        help="send spans here over OTLP (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT; protocol $OTEL_EXPORTER_OTLP_PROTOCOL, http/protobuf or grpc); "
+        "none: no tracing",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
         "router", help="public gRPC + OpenAI HTTP API; dispatches to prefill and decode workers"
     )
     add_api_args(s, tls_peers=True)
-    s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--grpc-port", type=int, default=50051, help="public gRPC API (clients)")
+    s.add_argument(
+        "--internal-port",
+        type=int,
+        default=50052,
+        help="internal gRPC listener: the worker registry, for holders of the cluster credential only",
+    )
+    add_cluster_auth_args(s)
     s.add_argument("--model", required=True, help="checkpoint directory (tokenizer, chat template, config)")
     s.add_argument("--served-model-name", default=None)
     s.add_argument(
@@ -185,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--heartbeat-timeout", type=float, default=5.0, help="seconds without heartbeat before removal"
     )
-    s.add_argument("--redis-url", default=None, help="session store (default: $REDIS_URL)")
+    add_redis_args(
+        s, "session store: redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS (default: $REDIS_URL)"
+    )
     s.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429")
     s.add_argument(
         "--max-ttft-ms",
@@ -193,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="answer 429 (Retry-After) at once when the predicted time to first token exceeds this",
     )
-    s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: "HTTP_PORT GRPC_PORT"
+    s.add_argument(  # launchers: "HTTP_PORT GRPC_PORT INTERNAL_PORT"
+        "--ready-file", default=None, help=argparse.SUPPRESS
+    )
+    add_tracing_arg(s)
     s.set_defaults(handler=commands.router)
 
     for role, port in (("prefill", 50060), ("decode", 50070)):
@@ -201,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_args(s)
         add_engine_args(s)
         add_worker_args(s, port)
+        add_tracing_arg(s)
         s.set_defaults(handler=commands.prefill if role == "prefill" else commands.decode)
 
     s = sub.add_parser("up", help="start a whole local cluster: Redis, router, prefill and decode workers")
@@ -209,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="HTTP port of the router")
     s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument(
+        "--internal-port", type=int, default=0, help="router's internal listener for the workers (0 = free)"
+    )
+    s.add_argument(
+        "--cluster-token-file",
+        default=None,
+        metavar="FILE",
+        help="the cluster token (0600 file) every process gets (default: a fresh one per cluster)",
+    )
     s.add_argument("--prefill", type=int, default=1, help="prefill workers")
     s.add_argument("--decode", type=int, default=1, help="decode workers")
     s.add_argument(
@@ -220,8 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_transfer_backend_arg(s, "KV transfer between the workers")
     add_tls_args(s)
-    s.add_argument(
-        "--redis-url", default=None, help="use this Redis instead of the embedded one ($REDIS_URL)"
+    add_redis_args(
+        s,
+        "use this Redis instead of the embedded one ($REDIS_URL); the embedded one listens on "
+        "127.0.0.1 with a password generated per cluster",
     )
     s.add_argument("--api-key", default=None)
     s.add_argument(
@@ -251,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--ray: placement of one EP group's ranks (STRICT_PACK)",
     )
     s.add_argument("--ray-max-restarts", type=int, default=None, help="--ray: restarts of a failed actor (3)")
+    add_tracing_arg(s)
     s.set_defaults(handler=commands.up)
 
     s = sub.add_parser(
@@ -258,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_planner_arguments(s)
     s.set_defaults(handler=commands.planner)
+
+    s = sub.add_parser(
+        "plan", help="memory per rank of a model on a device and layout; refuses layouts that do not fit"
+    )
+    plan.add_arguments(s)
+    s.set_defaults(handler=commands.plan)
 
     s = sub.add_parser(
         "bench", help="benchmarks (each prints its figures beside a baseline from the same run)"

@@ -19,10 +19,14 @@ from k2serve.cluster.ray_plan import RayOptions
 from k2serve.engine.config import EngineConfig
 from k2serve.model.checkpoint import preset_checkpoint
 from k2serve.router.settings import RouterSettings
+from k2serve.rpc.auth import InternalAuth, read_token_file
 from k2serve.rpc.tls import TLSConfigError, TLSFiles
+from k2serve.sessions.connection import RedisConnection
+from k2serve.tracing.settings import TracingSettings
 from k2serve.worker.settings import WorkerSettings
 
 API_KEY_ENV = "K2SERVE_API_KEY"
+CLUSTER_TOKEN_FILE_ENV = "K2SERVE_CLUSTER_TOKEN_FILE"  # noqa: S105 - names a file, holds no secret
 HOME_ENV = "K2SERVE_HOME"  # where --preset checkpoints are kept (default ~/.cache/k2serve)
 
 
@@ -39,7 +43,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the engine flags (`add_engine_args`) describe."""
     return EngineConfig(
         block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_mb << 20,
+        kv_cache_bytes=None if args.kv_cache_mb is None else args.kv_cache_mb << 20,
+        memory_budget_bytes=None if args.memory_budget_mb is None else args.memory_budget_mb << 20,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
@@ -67,6 +72,38 @@ def tls_files(args: argparse.Namespace) -> TLSFiles | None:
     return TLSFiles(cert, key, ca, name)
 
 
+def redis_connection(args: argparse.Namespace) -> RedisConnection | None:
+    """The session store from --redis-url ($REDIS_URL) and --redis-password-file
+    ($REDIS_PASSWORD_FILE), --redis-ca, --redis-cert, --redis-key; None without a URL."""
+    url = args.redis_url or os.environ.get("REDIS_URL") or None
+    password_file = args.redis_password_file or os.environ.get("REDIS_PASSWORD_FILE") or None
+    tls = (args.redis_ca, args.redis_cert, args.redis_key)
+    if url is None:
+        if args.redis_password_file or any(tls):
+            raise ValueError(
+                "--redis-password-file / --redis-ca / --redis-cert / --redis-key need --redis-url"
+            )
+        return None
+    return RedisConnection(url, password_file, *tls)
+
+
+def tracing_settings(role: str, args: argparse.Namespace) -> TracingSettings | None:
+    """Where a `role` process sends spans: --otlp-traces-endpoint, else the OTEL_* variables; None: off."""
+    return TracingSettings.resolve(role, getattr(args, "otlp_traces_endpoint", None), os.environ)
+
+
+def internal_auth(args: argparse.Namespace, tls: TLSFiles | None) -> InternalAuth:
+    """The cluster credential of a router or worker: the token in --cluster-token-file (default
+    $K2SERVE_CLUSTER_TOKEN_FILE), mutual TLS when --tls-ca is given, or --insecure-internal; with
+    none of them AuthConfigError says what to pass."""
+    path = getattr(args, "cluster_token_file", None) or os.environ.get(CLUSTER_TOKEN_FILE_ENV) or None
+    return InternalAuth(
+        token=read_token_file(path) if path else None,
+        mtls=tls is not None and tls.mutual,
+        insecure=bool(getattr(args, "insecure_internal", False)),
+    )
+
+
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """`k2serve serve`: model, engine and API flags; the API key defaults to $K2SERVE_API_KEY."""
     return ServeSettings(
@@ -86,6 +123,7 @@ def worker_settings(role: str, args: argparse.Namespace) -> WorkerSettings:
     """`k2serve prefill|decode`: model, engine and worker flags. The worker id defaults to
     <role>-<host>-<pid>; a rank of an expert-parallel group appends -ep<rank>."""
     directory = model_dir(args)
+    tls = tls_files(args)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
     if args.ep > 1:
         worker_id += f"-ep{args.ep_rank}"
@@ -102,13 +140,16 @@ def worker_settings(role: str, args: argparse.Namespace) -> WorkerSettings:
         worker_id=worker_id,
         transfer_backend=args.transfer_backend,
         transfer_port=args.transfer_port,
+        metrics_port=args.metrics_port,
         heartbeat_interval_s=args.heartbeat_interval,
         ready_file=args.ready_file,
         ep_size=args.ep,
         ep_rank=args.ep_rank,
         ep_init=args.ep_init,
         ep_timeout_s=args.ep_timeout,
-        tls=tls_files(args),
+        tls=tls,
+        tracing=tracing_settings(role, args),
+        internal=internal_auth(args, tls),
     )
 
 
@@ -119,20 +160,24 @@ def router_settings(args: argparse.Namespace) -> RouterSettings:
         if "=" not in w:
             raise ValueError(f"--worker {w}: expected prefill=HOST:PORT or decode=HOST:PORT")
     workers = tuple((role, address) for role, address in (w.split("=", 1) for w in args.worker))
+    tls = tls_files(args)
     return RouterSettings(
         model_dir=args.model,
         model_name=args.served_model_name,
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,
+        internal_port=args.internal_port,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         static_workers=workers,
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_queue=args.max_queue,
         max_ttft_s=args.max_ttft_ms / 1e3 if args.max_ttft_ms else None,
-        tls=tls_files(args),
-        redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+        tls=tls,
+        redis=redis_connection(args),
         ready_file=getattr(args, "ready_file", None),
+        tracing=tracing_settings("router", args),
+        internal=internal_auth(args, tls),
     )
 
 
@@ -141,8 +186,6 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
     out = [
         "--block-size",
         str(args.block_size),
-        "--kv-cache-mb",
-        str(args.kv_cache_mb),
         "--max-num-seqs",
         str(args.max_num_seqs),
         "--max-num-batched-tokens",
@@ -150,6 +193,10 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         "--max-waiting",
         str(args.max_waiting),
     ]
+    if args.kv_cache_mb is not None:
+        out += ["--kv-cache-mb", str(args.kv_cache_mb)]
+    if args.memory_budget_mb is not None:
+        out += ["--memory-budget-mb", str(args.memory_budget_mb)]
     if args.max_model_len:
         out += ["--max-model-len", str(args.max_model_len)]
     if args.no_prefix_caching:
@@ -164,18 +211,21 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,
+        internal_port=args.internal_port,
         num_prefill=args.prefill,
         num_decode=args.decode,
         ep_size=args.ep,
         transfer_backend=args.transfer_backend,
         dtype=args.dtype,
         engine_args=engine_args_from_up(args),
-        redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+        redis=redis_connection(args),
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         workdir=args.workdir,
         router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if getattr(args, "max_ttft_ms", None) else (),
         tls=tls_files(args),
+        otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
+        cluster_token_file=args.cluster_token_file,
     )
 
 

@@ -1,11 +1,13 @@
 """`k2serve up`: a whole cluster on this machine as separate processes, started in order and always stopped.
 
 Order: Redis (embedded unless a URL is given), the router, then the prefill and decode workers, which
-register with the router. `LocalCluster` waits until every worker is registered, prints where to send
-requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
+register with the router. `LocalCluster` waits until every worker is registered and ready and the
+router's `/health/ready` answers 200, prints where to send requests, and on stop (Ctrl-C, SIGTERM, or `stop()`) drains the router, then stops the workers and Redis.
 With `ep_size` R > 1 each worker is a group of R rank processes (`<role>-<i>-ep<r>`) meeting at a free
 port of their own; each rank registers as its own worker. With `tls`, every process gets the same
-certificate flags: all gRPC hops use (mutual) TLS and the router serves HTTPS.
+certificate flags: all gRPC hops use (mutual) TLS and the router serves HTTPS. Every internal call
+carries the cluster token: `LocalCluster` generates one per cluster (`secrets.token_urlsafe`) into a 0600
+file of its workdir unless `cluster_token_file` names one, and hands every process that file.
 
 `ClusterSpec.router_args_for` and `ClusterSpec.worker_args` build every process's command line, so the
 launchers (this one, `ray_runtime.RayCluster`) start the same processes with the same flags.
@@ -14,7 +16,9 @@ launchers (this one, `ray_runtime.RayCluster`) start the same processes with the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -27,8 +31,11 @@ from pathlib import Path
 
 import httpx
 
+from k2serve.cluster.lifeline import Lifeline
 from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
+from k2serve.rpc.auth import write_token_file
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
+from k2serve.sessions.connection import RedisConnection
 
 
 class ClusterError(RuntimeError):
@@ -40,14 +47,15 @@ class ClusterSpec:
     model_dir: str
     host: str = "127.0.0.1"
     port: int = 8000  # router HTTP (0 = any free port)
-    grpc_port: int = 50051  # router gRPC (0 = any free port)
+    grpc_port: int = 50051  # router gRPC, the public API (0 = any free port)
+    internal_port: int = 0  # router's internal listener, the worker registry (0 = any free port)
     num_prefill: int = 1
     num_decode: int = 1
     ep_size: int = 1  # expert-parallel ranks (processes) per worker
     transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
     dtype: str = "float32"
     engine_args: tuple[str, ...] = ()  # engine flags passed to every worker
-    redis_url: str | None = None
+    redis: RedisConnection | None = None  # an external Redis; None: the embedded one (if use_redis)
     use_redis: bool = True
     api_key: str | None = None
     served_model_name: str | None = None
@@ -57,6 +65,8 @@ class ClusterSpec:
     startup_timeout_s: float = 180.0
     env: dict[str, str] = field(default_factory=dict)
     tls: TLSFiles | None = None  # one certificate for every process (SANs of `host`), CA for mutual TLS
+    otlp_traces_endpoint: str | None = None  # every process's --otlp-traces-endpoint (OTEL_* env: `env`)
+    cluster_token_file: str | None = None  # the cluster credential (None: the launcher generates one)
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -72,16 +82,19 @@ class ClusterSpec:
     def num_worker_processes(self) -> int:
         return (self.num_prefill + self.num_decode) * self.ep_size
 
-    def router_args_for(self, host: str, port: int, grpc_port: int, redis_url: str | None) -> list[str]:
+    def router_args_for(
+        self, host: str, port: int, grpc_port: int, redis_args: list[str], internal_port: int = 0
+    ) -> list[str]:
         """`k2serve router ...` arguments, the same under every launcher (LocalCluster, RayCluster): it
-        binds `host` with HTTP on `port` and gRPC on `grpc_port` (0: a free one) and keeps sessions in
-        `redis_url` (None: none); then the TLS files, the extra `router_args`, the API key and the served
-        model name. The ready file is the launcher's."""
+        binds `host` with HTTP on `port`, the public gRPC API on `grpc_port` and the worker registry on
+        `internal_port` (0: a free one) and keeps sessions in the Redis `redis_args` names
+        (`RedisConnection.argv()`; empty: none); then the TLS files and cluster token, tracing, the extra
+        `router_args`, the API key and the served model name. The ready file is the launcher's."""
         args = ["router", "--model", self.model_dir, "--host", host, "--port", str(port)]
-        args += ["--grpc-port", str(grpc_port), "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
-        if redis_url:
-            args += ["--redis-url", redis_url]
-        args += self.tls_args()
+        args += ["--grpc-port", str(grpc_port), "--internal-port", str(internal_port)]
+        args += ["--heartbeat-timeout", str(self.heartbeat_timeout_s)]
+        args += redis_args
+        args += self.tls_args() + self.tracing_args()
         args += self.router_args
         if self.api_key:
             args += ["--api-key", self.api_key]
@@ -93,9 +106,10 @@ class ClusterSpec:
         self, role: str, worker_id: str, host: str, router: str, ep_rank: int = 0, ep_init: str | None = None
     ) -> list[str]:
         """`k2serve <role> ...` arguments of one worker process, the same under every launcher
-        (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router at
-        `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group meeting at `ep_init`
-        (tcp://HOST:PORT). The TLS files are included; the ready file is the launcher's."""
+        (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router's
+        internal listener at `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group
+        meeting at `ep_init` (tcp://HOST:PORT). The TLS files and cluster token are included; the ready
+        file is the launcher's."""
         args = [role, "--model", self.model_dir, "--dtype", self.dtype, "--host", host, "--port", "0"]
         args += ["--router", router, "--worker-id", worker_id]
         args += ["--transfer-backend", self.transfer_backend, *self.engine_args]
@@ -105,11 +119,33 @@ class ClusterSpec:
             if ep_init is None:
                 raise ValueError(f"worker {worker_id} of an EP group of {self.ep_size} needs ep_init")
             args += ["--ep", str(self.ep_size), "--ep-rank", str(ep_rank), "--ep-init", ep_init]
-        return [*args, *self.tls_args()]
+        return [*args, *self.tls_args(), *self.tracing_args()]
+
+    def tracing_args(self) -> list[str]:
+        """--otlp-traces-endpoint for every process (none without it: the OTEL_* variables still apply)."""
+        return ["--otlp-traces-endpoint", self.otlp_traces_endpoint] if self.otlp_traces_endpoint else []
 
     def tls_args(self) -> list[str]:
-        """The certificate flags every process gets (none without TLS)."""
-        return self.tls.argv() if self.tls is not None else []
+        """The credential flags every process gets: the certificate (none without TLS) and the cluster
+        token file (none without one)."""
+        args = self.tls.argv() if self.tls is not None else []
+        if self.cluster_token_file is not None:
+            args += ["--cluster-token-file", self.cluster_token_file]
+        return args
+
+
+def start_embedded_redis(data_dir: Path) -> tuple[EmbeddedRedis, RedisConnection]:
+    """The cluster's own Redis in `data_dir` (AOF on): on 127.0.0.1 only, with a password generated
+    for this cluster that reaches the router in a 0600 file (`--redis-password-file`), never on a
+    command line or in the environment. Returns the running server and how to connect to it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(32)
+    password_file = data_dir / "password"
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password)
+    server = EmbeddedRedis(RedisServerConfig(data_dir=data_dir, password=password)).start()
+    return server, RedisConnection(f"redis://127.0.0.1:{server.port}/0", password_file=str(password_file))
 
 
 @dataclass
@@ -126,30 +162,40 @@ class Proc:
 
 class LocalCluster:
     def __init__(self, spec: ClusterSpec) -> None:
-        self.spec = spec
         self.dir = Path(spec.workdir or tempfile.mkdtemp(prefix="k2serve-up-"))
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        if spec.cluster_token_file is None:  # a fresh credential per cluster, readable by this user only
+            token_file = self.dir / "cluster-token"
+            write_token_file(token_file, secrets.token_urlsafe(32))
+            spec = dataclasses.replace(spec, cluster_token_file=str(token_file))
+        self.spec = spec
         self.procs: list[Proc] = []
         self.redis: EmbeddedRedis | None = None
-        self.redis_url: str | None = spec.redis_url
+        self.redis_connection: RedisConnection | None = spec.redis
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
+        self.internal_port = spec.internal_port
+        self._lifeline: Lifeline | None = None  # the processes die with this one (cluster.lifeline)
 
     # ---- processes -------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> Proc:
         log = self.dir / "logs" / f"{name}.log"
         env = dict(os.environ) | self.spec.env | {"PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as f:
-            popen = subprocess.Popen(  # noqa: S603 - our own CLI
+            popen = subprocess.Popen(  # noqa: S603, PLW1509 - our own CLI; preexec_fn: one prctl call
                 [sys.executable, "-m", "k2serve", *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
+                **self._line().popen_kwargs(env),
             )
         p = Proc(name, popen, log)
         self.procs.append(p)
         return p
+
+    def _line(self) -> Lifeline:
+        if self._lifeline is None:
+            self._lifeline = Lifeline()
+        return self._lifeline
 
     def _wait_file(self, proc: Proc, path: Path, deadline: float) -> str:
         while time.monotonic() < deadline:
@@ -166,16 +212,17 @@ class LocalCluster:
         s = self.spec
         deadline = time.monotonic() + s.startup_timeout_s
         try:
-            if s.use_redis and not self.redis_url:
-                (self.dir / "redis").mkdir(exist_ok=True)
-                self.redis = EmbeddedRedis(RedisServerConfig(data_dir=self.dir / "redis")).start()
-                self.redis_url = self.redis.url
+            if s.use_redis and self.redis_connection is None:
+                self.redis, self.redis_connection = start_embedded_redis(self.dir / "redis")
+            elif self.redis_connection is not None:  # keep a password in the URL out of `ps`
+                self.redis_connection = self.redis_connection.password_moved_to(self.dir / "redis-password")
             for stale in self.dir.glob("*.ready"):  # a reused workdir must not point at an old process
                 stale.unlink()
             ready = self.dir / "router.ready"
-            args = s.router_args_for(s.host, s.port, s.grpc_port, self.redis_url)
+            redis_args = self.redis_connection.argv() if self.redis_connection else []
+            args = s.router_args_for(s.host, s.port, s.grpc_port, redis_args, s.internal_port)
             router = self._spawn("router", [*args, "--ready-file", str(ready)])
-            self.http_port, self.grpc_port = (
+            self.http_port, self.grpc_port, self.internal_port = (
                 int(x) for x in self._wait_file(router, ready, deadline).split()
             )
             for role, n in (("prefill", s.num_prefill), ("decode", s.num_decode)):
@@ -193,7 +240,7 @@ class LocalCluster:
         """Start worker i of `role` (the planner's local connector adds workers to a running cluster
         this way): one process, or ep_size rank processes with a rendezvous of their own."""
         s = self.spec
-        router = f"{s.host}:{self.grpc_port}"
+        router = f"{s.host}:{self.internal_port}"
         if s.ep_size == 1:
             name = f"{role}-{i}"
             args = s.worker_args(role, name, s.host, router)
@@ -206,32 +253,37 @@ class LocalCluster:
             self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")])
 
     def _wait_registered(self, n: int, deadline: float) -> None:
+        """Until `n` workers are registered and ready and the router says it is ready."""
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError, OSError, ValueError):
-                if len(self.workers()) >= n:
+                if sum(w["ready"] for w in self.workers()) >= n and router_ready(
+                    self.http_url, self.spec.tls
+                ):
                     return
             for p in self.procs:
                 if p.popen.poll() is not None:
                     raise ClusterError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
             time.sleep(0.1)
-        raise ClusterError(f"workers did not all register in time; router log:\n{self.procs[0].tail()}")
+        raise ClusterError(f"workers did not all get ready in time; router log:\n{self.procs[0].tail()}")
 
     def workers(self) -> list[dict]:
-        return registered_workers(self.http_url, self.spec.tls)
+        return registered_workers(self.http_url, self.spec.tls, self.spec.api_key)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         for p in self.procs:
             if p.name == name:
                 p.popen.send_signal(sig)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the router first (it drains), then the workers; SIGKILL what is left after `timeout`."""
-        for group in (self.procs[:1], self.procs[1:]):
+    def stop(self, timeout: float = 24.0) -> None:
+        """SIGTERM the router first (it drains: at most half of `timeout`), then the workers; SIGKILL
+        what is left `timeout` seconds after the start (Kubernetes' default grace is 30 s). Then the
+        lifeline is cut, so no child of this cluster outlives the call."""
+        start = time.monotonic()
+        for group, end in ((self.procs[:1], start + timeout / 2), (self.procs[1:], start + timeout)):
             for p in group:
                 if p.popen.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
                         p.popen.send_signal(signal.SIGTERM)
-            end = time.monotonic() + timeout
             for p in group:
                 try:
                     p.popen.wait(timeout=max(0.1, end - time.monotonic()))
@@ -242,6 +294,10 @@ class LocalCluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+            self.redis_connection = self.spec.redis
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
 
     @property
     def http_url(self) -> str:
@@ -255,39 +311,62 @@ class LocalCluster:
         self.stop()
 
     def status_table(self) -> str:
-        rows = [("process", "pid", "address / role", "log")]
+        """One row per process: pid, state, metrics URL (the router's own /metrics; each worker's as
+        registered, "-" while it is not), log."""
+        metrics = {"router": f"{self.http_url}/metrics"}
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            metrics |= {w["worker_id"]: w["metrics_url"] for w in self.workers()}
+        rows = [("process", "pid", "state", "metrics", "log")]
         for p in self.procs:
             rows.append(
                 (
                     p.name,
                     str(p.popen.pid),
                     "running" if p.popen.poll() is None else f"exit {p.popen.returncode}",
+                    metrics.get(p.name) or "-",
                     str(p.log),
                 )
             )
-        if self.redis_url:
+        if self.redis_connection:
             rows.append(
-                ("redis", str(self.redis.pid) if self.redis else "-", self.redis_url.split("@")[-1], "-")
+                ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-", "-")
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def registered_workers(http_url: str, tls: TLSFiles | None) -> list[dict]:
-    """The router's registered workers (`GET /cluster/workers`, open without the API key). Over HTTPS
+def _verify(tls: TLSFiles | None) -> tuple[ssl.SSLContext | bool, dict[str, str]]:
+    """httpx's `verify` and request extensions for the router's certificate (see registered_workers)."""
+    if tls is None:
+        return True, {}
+    verify = ssl.create_default_context(cafile=tls.ca)
+    return verify, {"sni_hostname": tls.server_name} if tls.server_name else {}
+
+
+def router_ready(http_url: str, tls: TLSFiles | None) -> bool:
+    """Whether the router's `GET /health/ready` answers 200 (it can serve a request); False when it
+    answers otherwise or not at all."""
+    verify, extensions = _verify(tls)
+    try:
+        with httpx.Client(verify=verify, timeout=5) as client:
+            return client.get(f"{http_url}/health/ready", extensions=extensions).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def registered_workers(http_url: str, tls: TLSFiles | None, api_key: str | None = None) -> list[dict]:
+    """The router's registered workers (`GET /cluster/workers`, with the first of the router's
+    comma-separated `api_key`s when it has any). Over HTTPS
     the router's certificate is checked against `tls.ca` (the system roots without it) for the name
     `tls.server_name`, or the host of `http_url` when that is unset (as the processes check each
     other). Raises ConnectionError (an OSError) when the router does not answer with 200, ValueError on
     bad JSON."""
-    if tls is None:
-        verify: ssl.SSLContext | bool = True
-        extensions = {}
-    else:
-        verify = ssl.create_default_context(cafile=tls.ca)
-        extensions = {"sni_hostname": tls.server_name} if tls.server_name else {}
+    verify, extensions = _verify(tls)
     try:
         with httpx.Client(verify=verify, timeout=5) as client:
-            r = client.get(f"{http_url}/cluster/workers", extensions=extensions)
+            key = (api_key or "").split(",")[0].strip()
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            r = client.get(f"{http_url}/cluster/workers", headers=headers, extensions=extensions)
             r.raise_for_status()
             return r.json()["workers"]
     except httpx.HTTPError as e:  # callers poll a router that may be (re)starting: one OSError type
@@ -301,13 +380,21 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM arrived while `k2serve up` was starting the cluster."""
+
+
 def run_local(spec: ClusterSpec) -> int:
     """`k2serve up`: start the cluster, print where to send requests, run until SIGINT/SIGTERM or until a
-    process exits, then stop everything; the exit status (0)."""
-    stop = {"now": False}
+    process exits, then stop everything; the exit status (0). A signal while the cluster starts stops
+    what was started at once (a load script may give up on a start that takes long)."""
+    stop = {"now": False, "starting": True}
 
     def on_signal(signum: int, frame: object) -> None:
         stop["now"] = True
+        if stop["starting"]:
+            stop["starting"] = False  # once: a second signal must not interrupt the stopping
+            raise _StopRequested(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -317,7 +404,13 @@ def run_local(spec: ClusterSpec) -> int:
         f"{f' of {spec.ep_size} EP ranks each' if spec.ep_size > 1 else ''} on {spec.model_dir} ...",
         flush=True,
     )
-    cluster.start()
+    try:
+        cluster.start()
+        stop["starting"] = False
+    except _StopRequested:  # start() stopped what it had started (or it had just finished: stop it)
+        cluster.stop()
+        print("stopped before the cluster was ready.", flush=True)
+        return 0
     try:
         print(cluster.status_table())
         print(f"\nready: OpenAI API {cluster.http_url}/v1  (e.g. curl {cluster.http_url}/v1/models)")

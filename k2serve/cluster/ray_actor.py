@@ -35,8 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from k2serve.rpc.auth import write_token_file
+
 NODE_IP = "{node_ip}"  # in ChildSpec.argv: the IP Ray knows for the actor's node
 REDIS_URL = "{redis_url}"  # in ChildSpec.argv: the embedded Redis the actor started (embedded_redis)
+REDIS_PASSWORD_FILE = "{redis_password_file}"  # noqa: S105 - a placeholder in ChildSpec.argv: that Redis's password file
 _PR_SET_PDEATHSIG = 1
 
 
@@ -54,10 +57,12 @@ class ChildError(RuntimeError):
 class ChildSpec:
     """One k2serve process: `python -m k2serve <argv> --ready-file <workdir>/<name>.ready`.
 
-    argv may hold NODE_IP and REDIS_URL, substituted in the actor. workdir: a directory path valid on
+    argv may hold NODE_IP, REDIS_URL and REDIS_PASSWORD_FILE, substituted in the actor. workdir: a directory path valid on
     every node (created there); the log is `<workdir>/logs/<name>.log`, appended across restarts.
     env: added to the actor's environment. embedded_redis: start an EmbeddedRedis (data in
-    `<workdir>/redis-<name>`, AOF on) before the child, stopped after it.
+    `<workdir>/redis-<name>`, AOF on, 127.0.0.1 only, a generated password) before the child,
+    stopped after it. cluster_token: written to a
+    0600 file `<workdir>/<name>.cluster-token` on the actor's node, passed as --cluster-token-file.
     """
 
     name: str
@@ -65,6 +70,7 @@ class ChildSpec:
     workdir: str
     env: dict[str, str] = field(default_factory=dict)
     embedded_redis: bool = False
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -131,13 +137,16 @@ class ProcessActor:
         self.redis = None
         subst = {NODE_IP: self.node_ip}
         if spec.embedded_redis:
-            from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
+            from k2serve.cluster.local import start_embedded_redis
 
-            data = self.dir / f"redis-{spec.name}"
-            data.mkdir(exist_ok=True)
-            self.redis = EmbeddedRedis(RedisServerConfig(data_dir=data)).start()
-            subst[REDIS_URL] = self.redis.url
+            self.redis, connection = start_embedded_redis(self.dir / f"redis-{spec.name}")
+            subst[REDIS_URL] = connection.url
+            subst[REDIS_PASSWORD_FILE] = str(connection.password_file)
         argv = [subst.get(a, a) for a in spec.argv]
+        if spec.cluster_token is not None:
+            token_file = self.dir / f"{spec.name}.cluster-token"
+            write_token_file(token_file, spec.cluster_token)
+            argv += ["--cluster-token-file", str(token_file)]
         env = dict(os.environ) | spec.env | {"PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as f:
             f.write(f"==== {spec.name} on {self.node_ip} (restarted: {self.restarted})\n".encode())

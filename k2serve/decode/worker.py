@@ -24,7 +24,10 @@ from k2serve.proto import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from k2serve.proto.messages import finish_to_proto
 from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
 from k2serve.rpc.status import status_of
-from k2serve.transfer.base import KVReceiver, TransferError
+from k2serve.tracing.propagation import of_call
+from k2serve.tracing.tracer import NOOP, Attr, Span, Tracer, epoch_ns
+from k2serve.transfer.base import KVReceiver, TransferError, TransferStats
+from k2serve.transfer.metrics import KVTransferMetrics
 
 logger = logging.getLogger(__name__)
 TRANSFER_TIMEOUT_S = 60.0
@@ -41,23 +44,38 @@ class Reservation:
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(
-        self, engine: AsyncEngine, receiver: KVReceiver, backend: str, address: str | None = None
+        self,
+        engine: AsyncEngine,
+        receiver: KVReceiver,
+        backend: str,
+        address: str | None = None,
+        tracer: Tracer = NOOP,
     ) -> None:
         """address: the KV endpoint ("host:port") prefill workers are told to send to; default the
         receiver's bound one, which peers on other hosts cannot use when it binds 0.0.0.0."""
         self.engine = engine
+        self.tracer = tracer
         self.receiver = receiver
         self.backend = backend
         self.address = address or receiver.endpoint
         self.reservations: dict[str, Reservation] = {}
         self.bytes_received = 0
         self.local_prefills = 0  # requests whose prompt this worker computed itself
+        self.transfer_metrics = KVTransferMetrics(engine.metrics.registry, engine.metrics.labels)
+        self.transfer_metrics.declare(backend)
 
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
         return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
 
     @override
     async def Reserve(
+        self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReserveResponse:
+        attributes = {"k2serve.request_id": request.request_id}
+        with self.tracer.start("decode.reserve", of_call(context), kind="server", attributes=attributes):
+            return await self._reserve(request, context)
+
+    async def _reserve(
         self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReserveResponse:
         n = request.num_prompt_tokens
@@ -70,6 +88,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             reservation = await self.engine.reserve_kv(n)
         except NoFreeBlocksError as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for {n} tokens: {err}")
+        remaining = context.time_remaining()
+        if context.cancelled() or (remaining is not None and remaining <= 0):
+            # the caller gave up while the engine was busy: nobody will claim or release these blocks
+            await self.engine.free_kv(reservation.block_table)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the reservation outlived its caller")
         tid = f"kv-{uuid.uuid4().hex[:16]}"
         kv = self.engine.kv_geometry
         # Consecutive blocks (the usual case) are one span per layer: the backend may receive into it.
@@ -91,8 +114,22 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        """Spans: kv.receive (first chunk to last layer, a child of the sender's span) with kv.verify
+        (the checksumming, summed, drawn ending at the last layer), decode.queue (until the engine took the
+        request: waiting for the KV included), decode.first_token, decode.stream."""
+        attributes = {"k2serve.request_id": request.request_id}
+        with self.tracer.start(
+            "decode.request", of_call(context), kind="server", attributes=attributes
+        ) as span:
+            async for chunk in self._decode(request, context, span):
+                yield chunk
+
+    async def _decode(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext, span: Span
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        t0 = time.perf_counter()
         if not request.transfer_id:  # conditional disaggregation: compute the prompt here (prefix cache)
-            async for chunk in self._local(request, context):
+            async for chunk in self._local(request, context, span, t0):
                 yield chunk
             return
         res = self.reservations.pop(request.transfer_id, None)
@@ -101,7 +138,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             stats = await asyncio.to_thread(self.receiver.wait, request.transfer_id, TRANSFER_TIMEOUT_S)
             self.bytes_received += stats.bytes
+            self.transfer_metrics.done(self.backend, stats)
+            if self.tracer.enabled:
+                self._trace_transfer(stats, span)
         except TransferError as err:
+            self.transfer_metrics.failed(self.backend)
             await self.engine.free_kv(res.block_table)
             await context.abort(grpc.StatusCode.DATA_LOSS, f"KV transfer failed: {err}")
         if len(request.prompt_token_ids) != res.num_tokens:
@@ -124,11 +165,26 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             )
         except BackendError as err:
             await context.abort(status_of(err), str(err))
-        async for chunk in self._stream(request.request_id, events, 1, context):
+        span.child("decode.queue", start_ns=epoch_ns(t0)).end()
+        async for chunk in self._stream(request.request_id, events, 1, context, span):
             yield chunk
 
+    def _trace_transfer(self, stats: TransferStats, span: Span) -> None:
+        """kv.receive and kv.verify, drawn from the receiver's measurements."""
+        end = epoch_ns(stats.finished_at)
+        attributes: dict[str, Attr] = {"k2serve.kv.bytes": stats.bytes, "k2serve.kv.backend": self.backend}
+        start = end - round(stats.seconds * 1e9)
+        if stats.traceparent:  # the prefill worker's span: the transfer continues it
+            receive = self.tracer.start(
+                "kv.receive", stats.traceparent, start_ns=start, attributes=attributes
+            )
+        else:
+            receive = span.child("kv.receive", start_ns=start, attributes=attributes)
+        receive.child("kv.verify", start_ns=end - round(stats.verify_seconds * 1e9)).end(end)
+        receive.end(end)
+
     async def _local(
-        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext, span: Span, t0: float
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         """The whole request here: prompt (reusing this worker's cached prefix) and decode; the first
         token is the first streamed one."""
@@ -143,15 +199,27 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         except BackendError as err:
             await context.abort(status_of(err), str(err))
         self.local_prefills += 1
-        async for chunk in self._stream(request.request_id, events, 0, context):
+        span.child("decode.queue", start_ns=epoch_ns(t0)).end()
+        async for chunk in self._stream(request.request_id, events, 0, context, span):
             yield chunk
 
     async def _stream(
-        self, request_id: str, events: AsyncIterator[TokenEvent], done: int, context: grpc.aio.ServicerContext
+        self,
+        request_id: str,
+        events: AsyncIterator[TokenEvent],
+        done: int,
+        context: grpc.aio.ServicerContext,
+        span: Span,
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         finished = False
+        phase = span.child("decode.first_token")
+        first = True
         try:
             async for ev in events:
+                if first:
+                    phase.end()
+                    phase = span.child("decode.stream")
+                    first = False
                 done += len(ev.token_ids)
                 finished = ev.finish_reason is not None
                 yield worker_pb2.DecodeChunk(
@@ -163,8 +231,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     completion_tokens=done,
                 )
         except BackendError as err:
+            phase.fail(err)
             await context.abort(status_of(err), str(err))
         finally:
+            phase.set("k2serve.completion_tokens", done)
+            phase.end()
             if not finished:  # the router went away (cancelled stream): free the request's blocks
                 await asyncio.shield(self.engine.abort(request_id))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.engine.group import GroupLostError, LockstepGroup
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
+from k2serve.engine.metrics import EngineMetrics, RequestTimes
 from k2serve.engine.protocol import (
     BackendError,
     BackendFailure,
@@ -59,6 +61,24 @@ class _Client:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent | BackendError]
     num_prompt_tokens: int
+    times: RequestTimes
+    observed: bool = True  # counted in the metrics (a worker's warm-up request is not traffic)
+
+
+class _Unobserved:
+    """EngineMetrics' per-request calls, doing nothing: for requests kept out of the metrics."""
+
+    def prompt_computed(self, num_tokens: int) -> None:
+        pass
+
+    def tokens(self, times: RequestTimes, num_new: int) -> None:
+        pass
+
+    def finished(self, times: RequestTimes, reason: str, queue_time: float | None) -> None:
+        pass
+
+
+_UNOBSERVED = _Unobserved()
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,8 @@ class AsyncEngine:
     docstring); stepping stops for every rank of the group when one rank's thread stops, so shutting one rank down makes
     the others lose the group. `on_fatal(error)` is called on the engine thread once the group is lost
     and every in-flight request has been failed; `fatal_error` keeps the error.
+
+    `metrics` (an EngineMetrics labelled `role`, `engine_id`) is observed as tokens are delivered.
     """
 
     def __init__(
@@ -115,6 +137,8 @@ class AsyncEngine:
         model_name: str,
         group: LockstepGroup | None = None,
         on_fatal: Callable[[GroupLostError], None] | None = None,
+        role: str = "serve",
+        engine_id: str = "0",
     ) -> None:
         if engine.tokenizer is None:
             raise ValueError("AsyncEngine needs a model directory with a tokenizer (tiktoken.model)")
@@ -137,6 +161,7 @@ class AsyncEngine:
         self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.metrics = EngineMetrics(model_name, role, engine_id, self.stats)
 
     @classmethod
     def from_pretrained(
@@ -145,17 +170,24 @@ class AsyncEngine:
         dtype: torch.dtype = torch.float32,
         config: EngineConfig | None = None,
         model_name: str | None = None,
+        role: str = "serve",
+        engine_id: str = "0",
     ) -> AsyncEngine:
         """Load a checkpoint directory; the model name defaults to the directory's name."""
         engine = LLMEngine.from_pretrained(model_dir, dtype, config)
-        return cls(engine, model_name or Path(model_dir).resolve().name)
+        return cls(engine, model_name or Path(model_dir).resolve().name, role=role, engine_id=engine_id)
 
     @classmethod
     def for_group(
-        cls, worker: LockstepGroup, model_name: str, on_fatal: Callable[[GroupLostError], None] | None = None
+        cls,
+        worker: LockstepGroup,
+        model_name: str,
+        on_fatal: Callable[[GroupLostError], None] | None = None,
+        role: str = "serve",
+        engine_id: str = "0",
     ) -> AsyncEngine:
         """Serve one expert-parallel rank: its own requests on `worker.engine`, lockstep with its group."""
-        return cls(worker.engine, model_name, worker, on_fatal)
+        return cls(worker.engine, model_name, worker, on_fatal, role, engine_id)
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -168,10 +200,9 @@ class AsyncEngine:
 
     @property
     def max_model_len(self) -> int:
-        """The engine's max_model_len, or less when the KV pool holds fewer tokens: a longer
-        sequence could never run, even alone."""
-        blocks = self._engine.blocks
-        return min(self._engine.max_model_len, blocks.num_blocks * blocks.block_size)
+        """The engine's max_model_len (never more than its KV pool holds: a longer sequence could
+        never run, even alone)."""
+        return self._engine.max_model_len
 
     @property
     def vocab_size(self) -> int:
@@ -205,17 +236,25 @@ class AsyncEngine:
         request: GenerateRequest,
         kv_sink: KVSink | None = None,
         prefilled: Prefilled | None = None,
+        observed: bool = True,
     ) -> AsyncIterator[TokenEvent]:
         """The GenerationBackend call, plus two hooks for disaggregated serving (k2serve.prefill/decode):
         `kv_sink(layer, kv)` receives each layer's whole-prompt latent as it is computed; `prefilled`
         continues a request whose prompt KV is already in blocks this engine reserved (`reserve_kv`) and
-        whose first token was sampled elsewhere (that token is the first event)."""
+        whose first token was sampled elsewhere (that token is the first event). `observed` False keeps
+        the request out of the metrics (a worker's warm-up)."""
         self.check_admission()
         self._validate(request)
         constraint = None
         if request.structured is not None:
             constraint = await asyncio.to_thread(self._compile, request.structured)
-        client = _Client(asyncio.get_running_loop(), asyncio.Queue(), len(request.prompt_token_ids))
+        client = _Client(
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            len(request.prompt_token_ids),
+            RequestTimes(time.monotonic()),
+            observed,
+        )
         with self._cond:
             self._check_admission_locked()
             if self._thread is None or not self._thread.is_alive():
@@ -234,24 +273,44 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread between steps and return its result (or raise its error).
-        The only way for other threads to touch the engine."""
+        The only way for other threads to touch the engine. A caller cancelled before the engine thread
+        took the call up cancels it (`fn` never runs); once it runs, it completes and its result is
+        dropped (see `reserve_kv` for a result that must not be dropped)."""
+        return await asyncio.wrap_future(self._submit(fn))
+
+    def _submit(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cond:
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 raise BackendFailure("the engine thread is not running", "")
             self._commands.append(_Call(fn, fut))
             self._cond.notify()
-        return await asyncio.wrap_future(fut)
+        return fut
 
     async def reserve_kv(self, num_tokens: int) -> KVReservation:
         """Blocks for `num_tokens` positions whose KV comes from elsewhere (see LLMEngine.reserve_kv;
         NoFreeBlocksError when the pool is short). Hand the table back through `generate(...,
-        prefilled=Prefilled(first_token_id, reservation.block_table))` or `free_kv`."""
-        return await self.call(lambda engine: engine.reserve_kv(num_tokens))
+        prefilled=Prefilled(first_token_id, reservation.block_table))` or `free_kv`. A caller cancelled
+        while the engine thread reserves (an RPC past its deadline) leaks nothing: the blocks go back."""
+        fut = self._submit(lambda engine: engine.reserve_kv(num_tokens))
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(self._free_unclaimed)
+            raise
+
+    def _free_unclaimed(self, fut: concurrent.futures.Future[KVReservation]) -> None:
+        """A reservation whose caller was cancelled: return its blocks (on the engine thread)."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        table = fut.result().block_table
+        with contextlib.suppress(BackendFailure):  # a stopped engine has freed its pool anyway
+            self._submit(lambda engine: engine.free_kv(table))
 
     async def free_kv(self, block_table: list[int]) -> None:
-        """Return a reserved block table that no request adopted."""
-        await self.call(lambda engine: engine.free_kv(block_table))
+        """Return a reserved block table that no request adopted; once asked, the blocks go back even
+        when the caller is cancelled while it waits."""
+        await asyncio.shield(asyncio.wrap_future(self._submit(lambda engine: engine.free_kv(block_table))))
 
     async def abort(self, request_id: str) -> None:
         with self._cond:
@@ -402,10 +461,16 @@ class AsyncEngine:
                 case _Abort(request_id):
                     self._abort_locked(request_id)
                 case _Call(fn, future):
+                    # a caller cancelled before now (an RPC's deadline) wants nothing run; once running,
+                    # the future cannot be cancelled, so settling it below cannot raise InvalidStateError
+                    if not future.set_running_or_notify_cancel():
+                        continue
                     try:
-                        future.set_result(fn(self._engine))
+                        result = fn(self._engine)
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         future.set_exception(e)
+                    else:
+                        future.set_result(result)
                 case _Add():
                     self._add(command)
 
@@ -424,6 +489,7 @@ class AsyncEngine:
         try:
             if command.prefilled is not None:
                 p = command.prefilled
+                client.times.last_token = time.monotonic()  # its first token came with it
                 done = self._engine.add_prefilled_request(
                     rid,
                     request.prompt_token_ids,
@@ -447,6 +513,7 @@ class AsyncEngine:
         self._engine.abort_request(request_id)
         client = self._clients.pop(request_id, None)
         if client is not None:
+            self._metrics(client).finished(client.times, "abort", None)
             self._send(client, TokenEvent([], "abort", client.num_prompt_tokens, 0))
 
     def _step(self) -> None:
@@ -464,11 +531,17 @@ class AsyncEngine:
                 self._deliver(out)
             self._publish_stats()
 
+    def _metrics(self, client: _Client) -> EngineMetrics | _Unobserved:
+        return self.metrics if client.observed else _UNOBSERVED
+
     def _deliver(self, out: RequestOutput) -> None:
         client = self._clients.get(out.request_id)
         if client is None:
             return
         new = list(out.new_token_ids)
+        if new and client.times.last_token is None:  # the prompt was computed here
+            self._metrics(client).prompt_computed(len(out.prompt_token_ids))
+        self._metrics(client).tokens(client.times, len(new))
         tail = out.logprobs[len(out.logprobs) - len(new) :] if out.logprobs else []
         logprobs = tail if tail and all(lp is not None for lp in tail) else None
         event = TokenEvent(
@@ -480,9 +553,12 @@ class AsyncEngine:
         )
         if out.finished:
             del self._clients[out.request_id]
+            queue_time = out.metrics.queue_time if out.metrics is not None else None
+            self._metrics(client).finished(client.times, out.finish_reason or "abort", queue_time)
         if not self._send(client, event) and not out.finished:
             self._engine.abort_request(out.request_id)  # nobody is listening any more
             del self._clients[out.request_id]
+            self._metrics(client).finished(client.times, "abort", None)
 
     def _recover(self, exc: Exception) -> None:
         """End the requests a failed step can be blamed on: the unschedulable head of the queue for

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
+
 
 class EngineConfigError(ValueError):
     pass
@@ -13,15 +15,20 @@ class EngineConfigError(ValueError):
 class EngineConfig:
     """Sizes of the single-node engine.
 
-    block_size: token positions per KV block. kv_cache_bytes: memory for the latent pool (bytes);
-    num_kv_blocks overrides it when set. max_num_seqs: running sequences at most.
+    block_size: token positions per KV block. The latent pool is sized by one of: num_kv_blocks;
+    kv_cache_bytes (bytes; default DEFAULT_KV_CACHE_BYTES); memory_budget_bytes, the memory of this
+    rank for weights + activations + KV: the pool gets what is left after the loaded weights and a
+    profiled activation peak (engine/kv_sizing.py). max_num_seqs: running sequences at most.
     max_num_batched_tokens: tokens computed per step (chunked prefill splits prompts to fit).
-    max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings).
+    max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
+    less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
+    max_model_len sequence.
     """
 
     block_size: int = 16
-    kv_cache_bytes: int = 1 << 30
+    kv_cache_bytes: int | None = None
     num_kv_blocks: int | None = None
+    memory_budget_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -29,10 +36,16 @@ class EngineConfig:
     max_waiting: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise EngineConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        for name in ("kv_cache_bytes", "num_kv_blocks", "memory_budget_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise EngineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        given = [n for n in ("kv_cache_bytes", "num_kv_blocks", "memory_budget_bytes") if getattr(self, n)]
+        if len(given) > 1:
+            raise EngineConfigError(
+                f"give one of kv_cache_bytes, num_kv_blocks, memory_budget_bytes, got {given}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")

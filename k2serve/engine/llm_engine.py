@@ -20,6 +20,7 @@ from k2serve.chat.tokenizer import IncrementalDecoder, KimiTokenizer, load_token
 from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
+from k2serve.engine.kv_sizing import size_kv
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
@@ -41,6 +42,12 @@ class RequestMetrics:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_output_tokens: int = 0
+    first_scheduled_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to first scheduled (seconds); None while never scheduled."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def ttft(self) -> float:
@@ -97,29 +104,20 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
         mc = model.config
-        self.max_model_len = self.config.max_model_len or mc.max_position_embeddings
-        if self.max_model_len > mc.max_position_embeddings:
-            raise RequestError(
-                f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
-                f"{mc.max_position_embeddings}"
-            )
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
+        self.kv_sizing = size_kv(model, self.config)
+        self.max_model_len = self.kv_sizing.max_model_len
+        num_blocks = self.kv_sizing.num_blocks
+        dt = model.dtype
         # The pool gets one block more than the block manager hands out: the scratch block where padding
         # rows of a step write their (unused) latent.
-        dt = model.dtype
-        if self.config.num_kv_blocks is not None:
-            num_blocks = self.config.num_kv_blocks
-        else:
-            per_block = KVCachePool.block_bytes(
-                mc.num_hidden_layers, self.config.block_size, mc.kv_cache_dim, dt
-            )
-            num_blocks = self.config.kv_cache_bytes // per_block - 1
-            if num_blocks < 1:
-                raise RequestError(
-                    f"kv_cache_bytes={self.config.kv_cache_bytes} holds no KV block: one block takes {per_block} bytes"
-                )
         self.pool = KVCachePool(
-            mc.num_hidden_layers, num_blocks + 1, self.config.block_size, mc.kv_cache_dim, dt
+            mc.num_hidden_layers,
+            num_blocks + 1,
+            self.config.block_size,
+            mc.kv_cache_dim,
+            dt,
+            model.embed_tokens.weight.device,
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
@@ -397,7 +395,11 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, new: list[int], new_text: str) -> RequestOutput:
         metrics = RequestMetrics(
-            seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids)
+            seq.arrival_time,
+            seq.first_token_time,
+            seq.finish_time,
+            len(seq.output_token_ids),
+            seq.first_scheduled_time,
         )
         return RequestOutput(
             request_id=seq.request_id,

@@ -29,6 +29,7 @@ __all__ = [
     "QueueFullError",
     "TokenEvent",
     "TokenLogprobs",
+    "UnavailableError",
 ]
 
 FINISH_REASONS = ("stop", "length", "abort")  # the values of TokenEvent.finish_reason
@@ -132,6 +133,19 @@ class DrainingError(BackendError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down and accepts no new requests")
+
+
+class UnavailableError(BackendError):
+    """Nothing can serve the request now (a cluster with no ready worker of a role it needs); `missing`
+    names what lacks, e.g. ["decode worker"]. Retrying after `retry_after_s` seconds is reasonable
+    (HTTP 503 with Retry-After, gRPC UNAVAILABLE)."""
+
+    def __init__(self, missing: list[str], request_id: str = "", retry_after_s: float = 2.0) -> None:
+        what = " and ".join(f"no ready {m}" for m in missing) or "no worker can take it"
+        super().__init__(f"request {request_id!r} cannot be served now: {what}; retry shortly")
+        self.missing = missing
+        self.request_id = request_id
+        self.retry_after_s = retry_after_s
 
 
 class BackendFailure(BackendError):

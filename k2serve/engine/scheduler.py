@@ -9,6 +9,7 @@ recompute: its blocks are freed and it waits again, keeping the tokens it genera
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -121,6 +122,8 @@ class Scheduler:
                 self.blocks.append_slot(seq.block_table, seq.num_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))

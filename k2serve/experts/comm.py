@@ -76,6 +76,8 @@ class EPComm:
         self._store = store
         self._pg: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         self._failure: EPError | None = None
+        self.all_to_all_count = 0  # since start, read by the metrics endpoint
+        self.all_to_all_seconds = 0.0
 
     @classmethod
     def connect(
@@ -124,10 +126,13 @@ class EPComm:
         """Rows inp[sum(in_splits[:p]) :][: in_splits[p]] go to rank p; out receives rank p's rows at
         out_splits' offsets. Both contiguous, split along dim 0. Empty splits are allowed."""
         pg = self._check()
+        t0 = time.perf_counter()
         try:
             pg.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()  # type: ignore[attr-defined]  # a gloo Backend has it at run time; torch's stubs omit it
         except RuntimeError as e:
             raise self._fail(where, layer, e) from e
+        self.all_to_all_seconds += time.perf_counter() - t0
+        self.all_to_all_count += 1
 
     def all_reduce(self, t: torch.Tensor, op: str, where: str) -> None:
         """In place over the group; op is "sum" or "max"."""

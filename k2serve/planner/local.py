@@ -108,7 +108,7 @@ class LocalConnector(Connector):
     # ---- waiting (tests, the CLI) ----------------------------------------------------------------
     def wait_settled(self, timeout_s: float) -> None:
         """Block until every draining worker has exited and the router lists exactly the workers this
-        connector counts; ConnectorError (role "cluster") after `timeout_s` seconds."""
+        connector counts, all ready; ConnectorError (role "cluster") after `timeout_s` seconds."""
         end = time.monotonic() + timeout_s
         while True:
             self.reap()
@@ -116,7 +116,7 @@ class LocalConnector(Connector):
                 p.name for role in ("prefill", "decode") for ps in self._groups(role).values() for p in ps
             }
             with contextlib.suppress(OSError, ValueError):
-                have = {w["worker_id"] for w in self.cluster.workers()}
+                have = {w["worker_id"] for w in self.cluster.workers() if w["ready"]}
                 if not self.draining and have == want:
                     return
             if time.monotonic() > end:

@@ -1,5 +1,6 @@
 """`RouterScraper`: one Observation per call, read over HTTP from the router (`GET /metrics`,
-`GET /cluster/workers`; both are open, no API key) plus the connector's replica counts."""
+`GET /cluster/workers`, which needs the API key when the router has keys: the client sends it) plus
+the connector's replica counts."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import grpc
 from k2serve.prefill.worker import PrefillServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.rpc.safety import add_servicer
+from k2serve.tracing.tracer import make_tracer
 from k2serve.worker.runtime import load_engine, serve_worker
 from k2serve.worker.settings import WorkerSettings
 
@@ -19,7 +20,8 @@ async def run(settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     engine = load_engine(settings, stop)
     engine.start()
-    servicer = PrefillServicer(engine, settings.tls)
+    tracer = make_tracer(settings.tracing)
+    servicer = PrefillServicer(engine, settings.tls, tracer, settings.internal.metadata())
 
     def add(server: grpc.aio.Server) -> list[str]:
         add_servicer(server, worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer)
@@ -27,6 +29,7 @@ async def run(settings: WorkerSettings) -> int:
 
     async def on_stop() -> None:
         servicer.senders.shutdown()
+        await asyncio.to_thread(tracer.shutdown)
 
     return await serve_worker(settings, engine, add, lambda: [], on_stop, stop)
 

@@ -22,7 +22,10 @@ from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
 from k2serve.rpc.status import status_of
 from k2serve.rpc.tls import TLSFiles
+from k2serve.tracing.propagation import of_call
+from k2serve.tracing.tracer import NOOP, Attr, Span, Tracer, epoch_ns
 from k2serve.transfer.base import KVSender, TransferError
+from k2serve.transfer.metrics import KVTransferMetrics
 from k2serve.transfer.registry import make_sender
 
 logger = logging.getLogger(__name__)
@@ -31,12 +34,14 @@ TRANSFER_TIMEOUT_S = 60.0
 
 class _Senders:
     """One KVSender per decode endpoint, created on first use and shared by all requests; over TLS
-    (presenting this worker's certificate) when `tls` is given."""
+    (presenting this worker's certificate) when `tls` is given; gRPC senders send `metadata` (the
+    cluster token) with every transfer."""
 
-    def __init__(self, tls: TLSFiles | None = None) -> None:
+    def __init__(self, tls: TLSFiles | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._lock = threading.Lock()
         self._senders: dict[tuple[str, str], KVSender] = {}
         self._options: dict[str, object] = {}
+        self._metadata = metadata
         if tls is not None:
             self._options = {"credentials": tls.channel_credentials(), "server_name": tls.server_name}
 
@@ -56,7 +61,8 @@ class _Senders:
                     raise ValueError(
                         f"{address} offers the plaintext {backend!r} KV backend; this worker uses TLS"
                     )
-                self._senders[key] = make_sender(backend, address, **self._options)
+                grpc_only = {"metadata": self._metadata} if backend == "grpc" else {}
+                self._senders[key] = make_sender(backend, address, **self._options, **grpc_only)
             return self._senders[key]
 
     def shutdown(self) -> None:
@@ -67,15 +73,39 @@ class _Senders:
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, engine: AsyncEngine, tls: TLSFiles | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tls: TLSFiles | None = None,
+        tracer: Tracer = NOOP,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """tls / metadata: how KV senders reach decode workers (TLS files, the cluster token)."""
         self.engine = engine
-        self.senders = _Senders(tls)
+        self.tracer = tracer
+        self.senders = _Senders(tls, metadata)
         self.bytes_sent = 0
+        self.transfer_metrics = KVTransferMetrics(engine.metrics.registry, engine.metrics.labels)
 
     @override
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
+        attributes: dict[str, Attr] = {
+            "k2serve.request_id": request.request_id,
+            "k2serve.prompt_tokens": len(request.prompt_token_ids),
+        }
+        with self.tracer.start(
+            "prefill.request", of_call(context), kind="server", attributes=attributes
+        ) as span:
+            return await self._prefill(request, context, span)
+
+    async def _prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext, span: Span
+    ) -> worker_pb2.PrefillResponse:
+        """Spans: prefill.queue (until the engine hands over the first layer's latent: with chunked
+        prefill, that of the last chunk), prefill.compute with a kv.send_layer per layer (until its bytes
+        are out), kv.flush (until the decode worker verified every layer)."""
         t0 = time.perf_counter()
         target = request.decode_target
         if not request.prompt_token_ids:
@@ -96,11 +126,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         prompt = list(request.prompt_token_ids)
         kv = self.engine.kv_geometry
         tid = target.transfer_id
+        compute: list[Span] = []  # prefill.compute, opened by the first layer
+        traced = self.tracer.enabled
         try:
             backend = target.endpoint.backend or "grpc"
             sender = await asyncio.to_thread(self.senders.get, backend, target.endpoint.address)
-            sender.open(tid, kv.num_layers, len(prompt), kv.kv_dim, kv.dtype)
+            sender.open(tid, kv.num_layers, len(prompt), kv.kv_dim, kv.dtype, span.traceparent)
         except (RuntimeError, ValueError, OSError) as err:  # TransferError, DistStoreError, bad endpoint
+            self.transfer_metrics.failed(backend)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode endpoint: {err}")
         t_compute_end = 0.0
         send_errors: list[Exception] = []
@@ -109,10 +142,19 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             # Never raises: an exception here would fail the whole engine step (every request in it).
             if send_errors:
                 return
+            if traced and not compute:
+                span.child("prefill.queue", start_ns=epoch_ns(t0)).end()
+                compute.append(span.child("prefill.compute"))
+            send = compute[0].child("kv.send_layer", attributes={"k2serve.layer": layer}) if traced else None
             try:
-                sender.send_layer(tid, layer, latent)  # close() then waits for the receiver's verdict
+                sent = sender.send_layer(tid, layer, latent)  # close() then waits for the receiver's verdict
+                if send is not None:
+                    sent.add_done_callback(lambda _: send.end())
             except Exception as err:  # noqa: BLE001 - the transfer is gone (closed, timed out): this request fails
                 send_errors.append(err)
+                if send is not None:
+                    send.fail(err)
+                    send.end()
 
         last = None
         try:
@@ -121,26 +163,34 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             )
             async for ev in events:
                 last = ev
-            t_compute_end = time.perf_counter()
         except BackendError as err:
+            span.fail(err)
             with contextlib.suppress(
                 TransferError
             ):  # drop the half-open transfer (it raises: layers missing)
                 await asyncio.to_thread(sender.close, tid, 0.1)
             await context.abort(status_of(err), str(err))
+        finally:
+            t_compute_end = time.perf_counter()
+            for c in compute:  # prefill.compute, also when the engine failed
+                c.end()
         if last is None or not last.token_ids or last.finish_reason == "abort":
             await context.abort(grpc.StatusCode.CANCELLED, f"prefill of {request.request_id!r} was aborted")
         if send_errors:
+            self.transfer_metrics.failed(backend)
             with contextlib.suppress(TransferError):
                 await asyncio.to_thread(sender.close, tid, 0.1)
             await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {send_errors[0]}")
         try:
             # The sender is shared by every transfer to that decode endpoint: one failed transfer must not
             # tear it down for the others (gRPC channels reconnect by themselves).
-            await asyncio.to_thread(sender.close, tid, TRANSFER_TIMEOUT_S)
+            with span.child("kv.flush"):
+                stats = await asyncio.to_thread(sender.close, tid, TRANSFER_TIMEOUT_S)
         except TransferError as err:
+            self.transfer_metrics.failed(backend)
             await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {err}")
         t_end = time.perf_counter()
+        self.transfer_metrics.done(backend, stats)
         nbytes = len(prompt) * kv.bytes_per_token
         self.bytes_sent += nbytes
         resp = worker_pb2.PrefillResponse(

@@ -24,7 +24,7 @@ class KVEndpoint(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class KVChunkHeader(_message.Message):
-    __slots__ = ("transfer_id", "layer", "token_offset", "num_tokens", "kv_dim", "dtype", "byte_length", "checksum_kind", "checksum_lo", "checksum_hi")
+    __slots__ = ("transfer_id", "layer", "token_offset", "num_tokens", "kv_dim", "dtype", "byte_length", "checksum_kind", "checksum_lo", "checksum_hi", "traceparent")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class KVChunkHeader(_message.Message):
     CHECKSUM_KIND_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_LO_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_HI_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     layer: int
     token_offset: int
@@ -45,7 +46,8 @@ class KVChunkHeader(_message.Message):
     checksum_kind: ChecksumKind
     checksum_lo: int
     checksum_hi: int
-    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ..., token_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., byte_length: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum_lo: _Optional[int] = ..., checksum_hi: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ..., token_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., byte_length: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum_lo: _Optional[int] = ..., checksum_hi: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload")

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ from k2serve.engine.protocol import (
     InvalidRequestError,
     QueueFullError,
     TokenEvent,
+    UnavailableError,
 )
 from k2serve.engine.validation import validate_request
 from k2serve.proto import common_pb2, worker_pb2
@@ -35,6 +36,8 @@ from k2serve.router.policy import LeastLoaded, NoWorkerError, RoutingPolicy
 from k2serve.router.registry import Worker, WorkerTable
 from k2serve.rpc.convert import logprob_from_proto, sampling_to_proto
 from k2serve.rpc.status import error_of
+from k2serve.tracing.propagation import incoming
+from k2serve.tracing.tracer import NOOP, Attr, Span, Tracer
 
 logger = logging.getLogger(__name__)
 _TRANSPORT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS}
@@ -50,8 +53,10 @@ class ClusterBackend:
         max_in_flight: int = 1024,
         local_prefill_threshold: float = 0.5,
         max_predicted_ttft_s: float | None = None,
+        tracer: Tracer = NOOP,
     ) -> None:
         self.table = table
+        self.tracer = tracer
         self.policy = policy or LeastLoaded()
         self._tokenizer = load_tokenizer(model_dir)
         self._config = ModelConfig.from_file(model_dir)
@@ -68,10 +73,12 @@ class ClusterBackend:
         self.max_predicted_ttft_s = max_predicted_ttft_s
         self.prefill_tok_s: float | None = None
         self.pending_prefill_tokens = 0
-        self.rejected = 0
+        self.rejected = 0  # refused for their predicted TTFT
+        self.rejected_queue_full = 0  # refused at --max-queue requests in flight
         # Overlap of KV sending with compute: the transfer time left after the prefill's compute ended.
         self.prefill_compute_ms = 0.0
         self.exposed_transfer_ms = 0.0
+        self._cleanups: set[asyncio.Future[None]] = set()
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -98,6 +105,7 @@ class ClusterBackend:
         if self.draining:
             raise DrainingError()
         if len(self.in_flight) >= self.max_in_flight:
+            self.rejected_queue_full += 1
             raise QueueFullError(len(self.in_flight), self.max_in_flight)
 
     def stats(self) -> BackendStats:
@@ -132,6 +140,20 @@ class ClusterBackend:
         self.prefill_tok_s = rate if self.prefill_tok_s is None else 0.8 * self.prefill_tok_s + 0.2 * rate
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Admit `request` and return its events; its span continues the caller's trace (`incoming()`)."""
+        n = len(request.prompt_token_ids)
+        attributes: dict[str, Attr] = {"k2serve.request_id": request.request_id, "k2serve.prompt_tokens": n}
+        span = self.tracer.start("router.request", incoming(), kind="server", attributes=attributes)
+        try:
+            with span.child("router.admission"):
+                self._admit(request)
+        except BaseException as e:
+            span.fail(e)
+            span.end()
+            raise
+        return self._run(request, span)
+
+    def _admit(self, request: GenerateRequest) -> None:
         self.check_admission()
         validate_request(
             request.prompt_token_ids,
@@ -148,10 +170,10 @@ class ClusterBackend:
             )
         if request.request_id in self.in_flight:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in flight", "request_id")
-        if not self.table.of_role("prefill") or not self.table.of_role("decode"):
-            raise BackendFailure("no prefill or no decode worker is registered", request.request_id)
+        missing = self.table.missing()
+        if missing:
+            raise UnavailableError(missing, request.request_id)
         self.in_flight[request.request_id] = (None, None)
-        return self._run(request)
 
     async def abort(self, request_id: str) -> None:
         pair = self.in_flight.get(request_id)
@@ -162,8 +184,22 @@ class ClusterBackend:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await getattr(w, stub_of).Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5)
 
+    def _background(self, call: Awaitable[object]) -> None:
+        """A best-effort cleanup call nobody waits for (its failure is logged, not raised)."""
+
+        async def run() -> None:
+            try:
+                await call
+            except grpc.aio.AioRpcError as e:
+                logger.info("cleanup call failed: %s", e.code().name)
+
+        task = asyncio.ensure_future(run())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     # ---- one request ---------------------------------------------------------------------------
-    async def _run(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    async def _run(self, req: GenerateRequest, span: Span) -> AsyncIterator[TokenEvent]:
+        """The request's events; ends `span` (router.request)."""
         rid = req.request_id
         n = len(req.prompt_token_ids)
         structured = json.dumps(req.structured) if req.structured is not None else ""
@@ -175,7 +211,7 @@ class ClusterBackend:
                 try:
                     # closed here, before the finally below: its own finally settles the holder's books
                     async with contextlib.aclosing(
-                        self._run_direct(req, direct, sampling, structured)
+                        self._run_direct(req, direct, sampling, structured, span)
                     ) as evs:
                         async for ev in evs:
                             yield ev
@@ -188,7 +224,7 @@ class ClusterBackend:
                 for attempt in range(2):
                     try:
                         pre, dec, reservation, first = await self._prefill(
-                            req, sampling, structured, frozenset(tried)
+                            req, sampling, structured, frozenset(tried), span
                         )
                         compute_ms = first.timings.compute_ms
                         self.prefill_compute_ms += compute_ms
@@ -197,6 +233,8 @@ class ClusterBackend:
                         break
                     except _Retryable as r:
                         tried.update(r.worker_ids)
+                        if attempt == 1 and r.no_worker is not None:
+                            raise UnavailableError([f"{r.no_worker} worker"], rid) from r
                         if attempt == 1:
                             raise BackendFailure(str(r), rid) from r
                         self.prefill_retries += 1
@@ -217,11 +255,17 @@ class ClusterBackend:
                 sampling=sampling,
                 structured_json=structured,
             )
-            events = self._stream_decode(req, dec, decode, cached_tokens=cached, retry_if_no_tokens=False)
+            events = self._stream_decode(
+                req, dec, decode, span, cached_tokens=cached, retry_if_no_tokens=False
+            )
             async with contextlib.aclosing(events):
                 async for ev in events:
                     yield ev
+        except Exception as e:
+            span.fail(e)
+            raise
         finally:
+            span.end()
             pre_w, dec_w = self.in_flight.pop(rid, (None, None))
             for w in (pre_w, dec_w):
                 if w is not None:
@@ -243,7 +287,12 @@ class ClusterBackend:
         return w
 
     async def _run_direct(
-        self, req: GenerateRequest, dec: Worker, sampling: common_pb2.SamplingParams, structured: str
+        self,
+        req: GenerateRequest,
+        dec: Worker,
+        sampling: common_pb2.SamplingParams,
+        structured: str,
+        span: Span,
     ) -> AsyncGenerator[TokenEvent, None]:
         rid = req.request_id
         dec.in_flight += 1
@@ -254,7 +303,8 @@ class ClusterBackend:
             sampling=sampling,
             structured_json=structured,
         )
-        events = self._stream_decode(req, dec, decode, cached_tokens=None, retry_if_no_tokens=True)
+        span.set("k2serve.decode_worker", dec.worker_id)
+        events = self._stream_decode(req, dec, decode, span, cached_tokens=None, retry_if_no_tokens=True)
         try:
             async with contextlib.aclosing(events):
                 async for ev in events:
@@ -268,6 +318,7 @@ class ClusterBackend:
         req: GenerateRequest,
         dec: Worker,
         decode: worker_pb2.DecodeRequest,
+        parent: Span,
         *,
         cached_tokens: int | None,
         retry_if_no_tokens: bool,
@@ -281,7 +332,8 @@ class ClusterBackend:
         such failures end the stream (BackendFailure or the worker's error)."""
         rid = req.request_id
         n = len(req.prompt_token_ids)
-        stream = dec.decode_stub.Decode(decode)
+        span = parent.child("router.decode", kind="client", attributes={"k2serve.worker": dec.worker_id})
+        stream = dec.decode_stub.Decode(decode, metadata=span.metadata())
         produced = 0
         try:
             async for chunk in stream:
@@ -293,8 +345,10 @@ class ClusterBackend:
                 yield TokenEvent(list(chunk.token_ids), reason, n, cached, lps, by)
                 if reason is not None:
                     self.table.call_succeeded(dec)
+                    span.set("k2serve.completion_tokens", produced)
                     return
         except grpc.aio.AioRpcError as e:
+            span.fail(e)
             if e.code() in _TRANSPORT:
                 self.table.call_failed(dec)
                 if retry_if_no_tokens and produced == 0:
@@ -308,6 +362,7 @@ class ClusterBackend:
             raise BackendFailure(f"decode worker {dec.worker_id} was removed mid-stream", rid) from e
         finally:
             stream.cancel()
+            span.end()
         raise BackendFailure(f"decode stream from {dec.worker_id} ended without a finish", rid)
 
     async def _prefill(
@@ -316,8 +371,10 @@ class ClusterBackend:
         sampling: common_pb2.SamplingParams,
         structured: str,
         exclude: frozenset[str],
+        parent: Span,
     ) -> tuple[Worker, Worker, worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
         rid = req.request_id
+        route = parent.child("router.route")
         try:
             holder = (
                 self.table.workers.get(req.session.holder) if req.session and req.session.holder else None
@@ -328,8 +385,13 @@ class ClusterBackend:
             else:
                 dec = self.policy.pick(self.table.of_role("decode"), "decode", exclude)
             pre = self.policy.pick(self.table.of_role("prefill"), "prefill", exclude)
+            route.set("k2serve.prefill_worker", pre.worker_id)
+            route.set("k2serve.decode_worker", dec.worker_id)
         except NoWorkerError as e:
-            raise _Retryable(str(e), []) from e
+            route.fail(e)
+            raise _Retryable(str(e), [], no_worker=e.role) from e
+        finally:
+            route.end()
         pre.in_flight += 1
         dec.in_flight += 1
         old = self.in_flight.get(rid, (None, None))
@@ -337,20 +399,25 @@ class ClusterBackend:
             if w is not None:
                 w.in_flight -= 1
         self.in_flight[rid] = (pre, dec)
+        reserve = parent.child("router.reserve", kind="client", attributes={"k2serve.worker": dec.worker_id})
         try:
-            res = await dec.decode_stub.Reserve(
-                worker_pb2.ReserveRequest(
-                    request_id=rid,
-                    num_prompt_tokens=len(req.prompt_token_ids),
-                    max_tokens=req.params.max_tokens,
-                ),
-                timeout=30,
-            )
+            with reserve:
+                res = await dec.decode_stub.Reserve(
+                    worker_pb2.ReserveRequest(
+                        request_id=rid,
+                        num_prompt_tokens=len(req.prompt_token_ids),
+                        max_tokens=req.params.max_tokens,
+                    ),
+                    timeout=30,
+                    metadata=reserve.metadata(),
+                )
         except asyncio.CancelledError as e:
             if _cancelled_by_caller():
                 raise
             raise _Retryable(f"reserve on {dec.worker_id}: the worker was removed", [dec.worker_id]) from e
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the worker may reserve after all: free it
+                self._background(dec.decode_stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5))
             if e.code() in _TRANSPORT:
                 self.table.call_failed(dec)
                 raise _Retryable(f"reserve on {dec.worker_id}: {e.code().name}", [dec.worker_id]) from e
@@ -365,16 +432,19 @@ class ClusterBackend:
             block_size=res.block_size,
         )
         pre.prefilling += 1
+        prefill = parent.child("router.prefill", kind="client", attributes={"k2serve.worker": pre.worker_id})
         try:
-            first = await pre.prefill_stub.Prefill(
-                worker_pb2.PrefillRequest(
-                    request_id=rid,
-                    prompt_token_ids=req.prompt_token_ids,
-                    sampling=sampling,
-                    decode_target=target,
-                    structured_json=structured,
+            with prefill:
+                first = await pre.prefill_stub.Prefill(
+                    worker_pb2.PrefillRequest(
+                        request_id=rid,
+                        prompt_token_ids=req.prompt_token_ids,
+                        sampling=sampling,
+                        decode_target=target,
+                        structured_json=structured,
+                    ),
+                    metadata=prefill.metadata(),
                 )
-            )
             self.table.call_succeeded(pre)
             self.bytes_transferred += first.bytes_sent
             return pre, dec, res, first
@@ -409,6 +479,10 @@ def _cancelled_by_caller() -> bool:
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, worker_ids: list[str]) -> None:
+    """A failure before the first token that another worker may not have; `no_worker` is the role of
+    which no (other) ready worker was left to try."""
+
+    def __init__(self, message: str, worker_ids: list[str], no_worker: str | None = None) -> None:
         super().__init__(message)
         self.worker_ids = worker_ids
+        self.no_worker = no_worker

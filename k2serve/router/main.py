@@ -1,5 +1,7 @@
-"""`k2serve router ...`: the public gRPC API, the OpenAI-compatible HTTP API and the worker registry,
-in one asyncio process (settings: `k2serve.router.settings.RouterSettings`, built by the CLI)."""
+"""`k2serve router ...`: the public gRPC API, the OpenAI-compatible HTTP API and, on an internal listener
+of its own, the worker registry, in one asyncio process (settings: `k2serve.router.settings.RouterSettings`,
+built by the CLI). The public port checks API keys, the internal one the cluster credential
+(k2serve.rpc.auth); the router dials its workers with the cluster credential."""
 
 from __future__ import annotations
 
@@ -20,11 +22,15 @@ from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.router.backend import ClusterBackend
 from k2serve.router.grpc_api import K2ServeServicer
+from k2serve.router.metrics import RouterCollector
 from k2serve.router.registry import RegistryServicer, Worker, WorkerTable
 from k2serve.router.settings import ROLE_OF, RouterSettings
+from k2serve.rpc.auth import ServerAuth
 from k2serve.rpc.safety import add_servicer
 from k2serve.rpc.tls import add_port, aio_channel
 from k2serve.sessions.service import SessionService
+from k2serve.tracing.propagation import TraceparentInterceptor, TraceparentMiddleware
+from k2serve.tracing.tracer import make_tracer
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +51,22 @@ class Router:
         self.settings = settings
         self.table = WorkerTable(
             settings.heartbeat_timeout_s,
-            lambda addr: aio_channel(addr, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls),
+            lambda addr: aio_channel(
+                addr, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls, settings.internal
+            ),
         )
+        self.tracer = make_tracer(settings.tracing)
         self.backend = ClusterBackend(
             settings.model_dir,
             self.table,
             settings.model_name,
             max_in_flight=settings.max_queue,
             max_predicted_ttft_s=settings.max_ttft_s,
+            tracer=self.tracer,
         )
         self.stop = asyncio.Event()
         self.grpc_port = settings.grpc_port
+        self.internal_port = settings.internal_port
         self.http_port = settings.port
         self.sessions: SessionService | None = None
 
@@ -67,14 +78,17 @@ class Router:
             self.table.add(info, static=True)
 
     async def _workers_view(self) -> dict:
-        """Operators' view of the registry (no secrets): id, role, address, load, in-flight requests."""
+        """Operators' view of the registry (no secrets): id, role, address, where Prometheus scrapes it,
+        load, in-flight requests."""
         return {
             "workers": [
                 {
                     "worker_id": w.worker_id,
                     "role": w.role,
                     "address": w.address,
+                    "metrics_url": w.info.metrics_url,
                     "static": w.static,
+                    "ready": w.ready,
                     "in_flight": w.in_flight,
                     "prefilling": w.prefilling,
                     "running": w.load.running,
@@ -93,37 +107,75 @@ class Router:
             "prefill_tokens_per_s": self.backend.prefill_tok_s,
         }
 
+    async def _follow_readiness(self, health_servicer: health.aio.HealthServicer, names: list[str]) -> None:
+        """The gRPC health of `names` ("" and the public API) follows readiness (`/health/ready`):
+        SERVING while at least one ready worker of every role is registered and the router does not
+        drain; NOT_SERVING otherwise (also once stopping)."""
+        serving: bool | None = None
+        while True:
+            now = not self.stop.is_set() and not self.table.missing()
+            if now != serving:
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if now
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in names:
+                    await health_servicer.set(name, status)
+                serving = now
+            if self.stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=0.25)
+
     async def run(self) -> None:
         s = self.settings
         self._add_static()
-        if s.redis_url:
-            self.sessions = SessionService.connect(s.redis_url)
+        if s.redis:
+            self.sessions = SessionService.connect(s.redis)
+            await self.sessions.check()
             sessions = self.sessions
 
             def forget(worker: Worker) -> None:
                 asyncio.ensure_future(sessions.forget_worker(worker.worker_id))
 
             self.table.on_remove.append(forget)
-        server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES))
+        options = grpc_options(CONTROL_MAX_MESSAGE_BYTES)
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [TraceparentInterceptor()] if self.tracer.enabled else []
+        )
+        interceptors += ServerAuth.api_keys(s.api_key)
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         add_servicer(
             server, api_pb2_grpc.add_K2ServeServicer_to_server, K2ServeServicer(self.backend, self.sessions)
         )
+        internal = grpc.aio.server(options=options, interceptors=s.internal.server_interceptors())
         add_servicer(
-            server, registry_pb2_grpc.add_WorkerRegistryServicer_to_server, RegistryServicer(self.table)
+            internal, registry_pb2_grpc.add_WorkerRegistryServicer_to_server, RegistryServicer(self.table)
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        names = [
-            api_pb2.DESCRIPTOR.services_by_name["K2Serve"].full_name,
-            registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
-        ]
-        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, internal)
+        public_name = api_pb2.DESCRIPTOR.services_by_name["K2Serve"].full_name
+        registry_name = registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
+        names = [public_name, registry_name]
+        reflection.enable_server_reflection(
+            [public_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
         self.grpc_port = add_port(server, f"{s.host}:{s.grpc_port}", s.tls)
+        self.internal_port = add_port(internal, f"{s.host}:{s.internal_port}", s.tls)
         await server.start()
-        for name in ["", *names]:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        app = build_app(self.backend, s.api_key, self.sessions)
-        app.add_api_route("/cluster/workers", self._workers_view, methods=["GET"])
+        await internal.start()
+        # the registry serves from the start (workers must reach it); the API once a request can be served
+        await health_servicer.set(registry_name, health_pb2.HealthCheckResponse.SERVING)
+        readiness = asyncio.create_task(self._follow_readiness(health_servicer, ["", public_name]))
+        app = build_app(self.backend, s.api_key, self.sessions, self.table.missing)
+        app.state.k2.metrics.registry.register(RouterCollector(self.backend, self.table))
+        app.add_api_route(
+            "/cluster/workers", self._workers_view, methods=["GET"], dependencies=app.state.k2_auth
+        )
+        if self.tracer.enabled:
+            app.add_middleware(TraceparentMiddleware)
         config = uvicorn.Config(
             app,
             host=s.host,
@@ -145,11 +197,11 @@ class Router:
         grpc_tls = "" if s.tls is None else " (mutual TLS)" if s.tls.mutual else " (TLS)"
         print(
             f"k2serve router: HTTP {scheme}://{s.host}:{self.http_port}/v1  "
-            f"gRPC{grpc_tls} {s.host}:{self.grpc_port}",
+            f"gRPC{grpc_tls} {s.host}:{self.grpc_port}  internal (workers) {s.host}:{self.internal_port}",
             flush=True,
         )
         if s.ready_file:
-            Path(s.ready_file).write_text(f"{self.http_port} {self.grpc_port}")
+            Path(s.ready_file).write_text(f"{self.http_port} {self.grpc_port} {self.internal_port}")
         await self.stop.wait()
         # Drain: refuse new requests, give in-flight ones time to finish, then stop everything.
         self.backend.draining = True
@@ -163,9 +215,12 @@ class Router:
         with contextlib.suppress(Exception):
             await http_task
         await server.stop(grace=2)
+        await internal.stop(grace=2)
         await monitor
+        await readiness
         if self.sessions is not None:
             self.sessions.close()
+        await asyncio.to_thread(self.tracer.shutdown)  # exports the spans still buffered
 
 
 def main(settings: RouterSettings) -> int:

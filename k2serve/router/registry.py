@@ -1,8 +1,9 @@
 """The router's view of its workers: who is there, how loaded, and whether they are still alive.
 
 Workers register (WorkerRegistry.Register) and heartbeat; one that misses heartbeats for longer than
-the timeout is removed and gets no new requests. Static workers (`--worker role=host:port`) never
-expire by heartbeat but are dropped after repeated call failures, like any other.
+the timeout is removed and gets no new requests. A worker gets requests only once it reports itself
+ready (model loaded, warm-up step run). Static workers (`--worker role=host:port`) count as ready,
+never expire by heartbeat but are dropped after repeated call failures, like any other.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Worker:
     prefilling: int = 0  # Prefill calls to this worker under way now
     failures: int = 0
     draining_since: float | None = None  # deregistered: no new requests; removed once idle
+    ready: bool = False  # reported by the worker (static ones: assumed); no requests before
 
     @property
     def prefill_stub(self) -> worker_pb2_grpc.PrefillWorkerStub:
@@ -64,6 +66,7 @@ class WorkerTable:
         old = self.workers.get(info.worker_id)
         if old is not None and old.address == info.grpc_address:
             old.info, old.last_seen, old.failures = info, time.monotonic(), 0
+            old.ready = static or info.ready
             return old
         if old is not None:
             self.remove(info.worker_id, "re-registered at a new address")
@@ -71,8 +74,11 @@ class WorkerTable:
         if role is None:
             raise ValueError(f"worker {info.worker_id!r} has unsupported role {info.role}")
         w = Worker(info.worker_id, role, info.grpc_address, info, self._channel(info.grpc_address), static)
+        w.ready = static or info.ready
         self.workers[info.worker_id] = w
-        logger.info("worker %s (%s) joined at %s", w.worker_id, role, w.address)
+        logger.info(
+            "worker %s (%s) joined at %s%s", w.worker_id, role, w.address, "" if w.ready else " (warming up)"
+        )
         return w
 
     def remove(self, worker_id: str, why: str) -> None:
@@ -85,17 +91,24 @@ class WorkerTable:
         task = asyncio.get_event_loop().create_task(w.channel.close())
         task.add_done_callback(lambda _: None)
 
-    def heartbeat(self, worker_id: str, load: registry_pb2.WorkerLoad) -> bool:
+    def heartbeat(self, worker_id: str, load: registry_pb2.WorkerLoad, ready: bool = True) -> bool:
         w = self.workers.get(worker_id)
         if w is None or w.draining_since is not None:
             return False
         w.last_seen = time.monotonic()
         w.load = load
+        if ready and not w.ready:
+            logger.info("worker %s is ready", worker_id)
+        w.ready = w.static or ready
         return True
 
     def of_role(self, role: str) -> list[Worker]:
-        """Workers of `role` that take new requests (draining ones do not)."""
-        return [w for w in self.workers.values() if w.role == role and w.draining_since is None]
+        """Workers of `role` that take new requests: ready ones (draining ones are not)."""
+        return [w for w in self.workers.values() if w.role == role and w.ready and w.draining_since is None]
+
+    def missing(self) -> list[str]:
+        """What the cluster lacks to serve a request ([] when it can): "prefill worker", "decode worker"."""
+        return [f"{role} worker" for role in ("prefill", "decode") if not self.of_role(role)]
 
     def drain(self, worker_id: str) -> None:
         """The worker is stopping: route nothing new to it, keep its channel until its requests finish."""
@@ -161,7 +174,8 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
     async def Heartbeat(
         self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.HeartbeatResponse:
-        return registry_pb2.HeartbeatResponse(known=self.table.heartbeat(request.worker_id, request.load))
+        known = self.table.heartbeat(request.worker_id, request.load, request.ready)
+        return registry_pb2.HeartbeatResponse(known=known)
 
     @override
     async def Deregister(

@@ -2,32 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from k2serve.proto import registry_pb2
+from k2serve.rpc.auth import InternalAuth
 from k2serve.rpc.tls import TLSFiles
+from k2serve.sessions.connection import RedisConnection
+from k2serve.tracing.settings import TracingSettings
 
 ROLE_OF = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
 
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """tls: HTTPS and TLS gRPC (clients and worker registry on one port; with `tls.ca` they must
-    present a certificate it signed), and TLS channels to the workers; None: all plaintext."""
+    """tls: HTTPS and TLS gRPC (with `tls.ca` gRPC callers must present a certificate it signed), and
+    TLS channels to the workers; None: all plaintext.
+
+    grpc_port serves the public K2Serve API (`api_key` enforced there as over HTTP); internal_port the
+    worker registry, which only callers with the cluster credential `internal` reach (the default,
+    `InternalAuth()`, refuses to exist: a router needs a token, mutual TLS or an explicit opt-out).
+    `internal` also authenticates the router's calls to its workers.
+    redis: the session store (None: sessions off); checked at startup (bad password or TLS: exit).
+    tracing: where the router's spans go (OTLP); a caller's `traceparent` is continued."""
 
     model_dir: str
     model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
+    internal_port: int = 50052
     api_key: str | None = None
     static_workers: tuple[tuple[str, str], ...] = ()
     heartbeat_timeout_s: float = 5.0
     max_queue: int = 1024
     max_ttft_s: float | None = None
     tls: TLSFiles | None = None
-    redis_url: str | None = None
+    redis: RedisConnection | None = None
     ready_file: str | None = None
+    tracing: TracingSettings | None = None  # None: no spans
+    internal: InternalAuth = field(default_factory=InternalAuth)
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 0:

@@ -10,6 +10,7 @@ from k2serve.engine.protocol import (
     DrainingError,
     InvalidRequestError,
     QueueFullError,
+    UnavailableError,
 )
 
 
@@ -18,7 +19,7 @@ def status_of(err: BackendError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(err, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(err, DrainingError):
+    if isinstance(err, DrainingError | UnavailableError):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 

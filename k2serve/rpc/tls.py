@@ -7,8 +7,9 @@ servers then require a client certificate signed by it (mutual TLS) and clients 
 it has one, so the same files serve both directions. `--tls-server-name` overrides the name a client
 checks in the server certificate (default: the host of the address it dials, DNS or IP SAN).
 
-Hops: clients -> router (public gRPC and the worker registry share one server), workers -> router
-(registration), router -> workers, prefill -> decode (KV over the gRPC transfer backend). The HTTP API
+Hops: clients -> router (public gRPC), workers -> router (registration, on the router's internal
+listener), router -> workers, prefill -> decode (KV over the gRPC transfer backend). Who may call
+(API keys, the cluster token) is k2serve.rpc.auth's. The HTTP API
 gets server TLS from the same certificate (clients authenticate there with the API key).
 """
 
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from k2serve.proto.limits import RECONNECT_OPTIONS
+from k2serve.rpc.auth import InternalAuth
 
 TARGET_NAME_OPTION = "grpc.ssl_target_name_override"
 
@@ -128,10 +132,19 @@ def add_port(server: grpc.Server | grpc.aio.Server, address: str, tls: TLSFiles 
     return port
 
 
-def aio_channel(target: str, options: list[tuple[str, int]], tls: TLSFiles | None) -> grpc.aio.Channel:
-    """An asyncio channel to `target`: secure with this process's files, else plaintext."""
+def aio_channel(
+    target: str, options: list[tuple[str, int]], tls: TLSFiles | None, auth: InternalAuth | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to `target`: secure with this process's files, else plaintext; with `auth`,
+    every call carries the cluster token (an internal channel). It reconnects within 2 s of its peer
+    coming back (RECONNECT_OPTIONS)."""
+    interceptors = auth.client_interceptors() if auth is not None else []
+    options = [*options, *RECONNECT_OPTIONS]
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(
-        target, tls.channel_credentials(), options=[*options, *tls.channel_options()]
+        target,
+        tls.channel_credentials(),
+        options=[*options, *tls.channel_options()],
+        interceptors=interceptors,
     )

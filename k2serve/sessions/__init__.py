@@ -4,6 +4,7 @@
 durable one and `InMemorySessionStore` the single-process reference it is tested against.
 """
 
+from k2serve.sessions.connection import RedisConnection
 from k2serve.sessions.errors import (
     InvalidSessionArgument,
     InvalidSessionId,
@@ -11,6 +12,7 @@ from k2serve.sessions.errors import (
     SessionError,
     SessionLimitError,
     SessionNotFound,
+    SessionStoreRefused,
     SessionStoreUnavailable,
 )
 from k2serve.sessions.memory import InMemorySessionStore
@@ -22,6 +24,7 @@ __all__ = [
     "InMemorySessionStore",
     "InvalidSessionArgument",
     "InvalidSessionId",
+    "RedisConnection",
     "RedisSessionStore",
     "Session",
     "SessionConflict",
@@ -32,5 +35,6 @@ __all__ = [
     "SessionNotFound",
     "SessionStore",
     "SessionStoreConfig",
+    "SessionStoreRefused",
     "SessionStoreUnavailable",
 ]

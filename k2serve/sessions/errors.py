@@ -3,6 +3,7 @@
 The router maps them to API status codes: SessionNotFound -> NOT_FOUND, InvalidSessionId and
 InvalidSessionArgument -> INVALID_ARGUMENT, SessionLimitError -> RESOURCE_EXHAUSTED or
 INVALID_ARGUMENT, SessionConflict -> ABORTED, SessionStoreUnavailable -> UNAVAILABLE.
+SessionStoreRefused (bad Redis password or TLS) stops the router at startup.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __all__ = [
     "SessionError",
     "SessionLimitError",
     "SessionNotFound",
+    "SessionStoreRefused",
     "SessionStoreUnavailable",
 ]
 
@@ -88,3 +90,15 @@ class SessionStoreUnavailable(SessionError):
         self.where = where
         self.cause = cause
         super().__init__(f"session store at {where} unavailable: {cause}")
+
+
+class SessionStoreRefused(SessionError, ValueError):
+    """Redis answered but refused this process: wrong or missing password, or a TLS handshake that
+    failed (certificate not trusted, client certificate missing or refused). A configuration error,
+    raised at startup (`RedisSessionStore.check`); `reason` says which."""
+
+    def __init__(self, where: str, reason: str, cause: BaseException) -> None:
+        self.where = where
+        self.reason = reason
+        self.cause = cause
+        super().__init__(f"Redis at {where}: {reason} ({cause})")

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from k2serve.sessions.codec import (
@@ -27,10 +28,12 @@ from k2serve.sessions.codec import (
     new_session_id,
     unpack_hashes,
 )
+from k2serve.sessions.connection import RedisConnection
 from k2serve.sessions.errors import (
     SessionConflict,
     SessionLimitError,
     SessionNotFound,
+    SessionStoreRefused,
     SessionStoreUnavailable,
 )
 from k2serve.sessions.redis_lua import SCRIPTS
@@ -44,16 +47,19 @@ _SOCKET_TIMEOUT_S = 30.0  # a 256K-token history is ~1 MiB of tokens plus its me
 _CONNECT_TIMEOUT_S = 5.0
 
 
-def _redacted(url: str) -> str:
-    """The URL without its password, for error messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+def _tls_failure(e: BaseException) -> bool:
+    """Whether a redis-py ConnectionError came from the TLS handshake."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "SSL" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class RedisSessionStore(SessionStore):
-    """Sessions in the Redis at `url` (redis://[:password@]host:port/db), under `key_prefix`.
+    """Sessions in the Redis at `url` (a `RedisConnection`, or a URL such as
+    redis://[:password@]host:port/db or rediss://... for TLS), under `key_prefix`.
 
     Thread-safe (one redis-py connection pool). Several stores (processes) may share one Redis
     and prefix; their clocks should agree to within a second (they stamp last_used_ms), while
@@ -62,7 +68,7 @@ class RedisSessionStore(SessionStore):
 
     def __init__(
         self,
-        url: str,
+        url: str | RedisConnection,
         config: SessionStoreConfig | None = None,
         *,
         key_prefix: str = "k2s:",
@@ -73,10 +79,11 @@ class RedisSessionStore(SessionStore):
         retries with backoff, several seconds in all), Retry(NoBackoff(), 0) fails at once."""
         super().__init__(config, clock)
         self.key_prefix = key_prefix
-        self._where = _redacted(url)
+        self.connection = url if isinstance(url, RedisConnection) else RedisConnection(url)
+        self._where = self.connection.where
         options: dict[str, Any] = {"retry": retry} if retry is not None else {}
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_CONNECT_TIMEOUT_S, **options
+        self._redis = self.connection.client(
+            socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_CONNECT_TIMEOUT_S, **options
         )
         self._scripts = {name: self._redis.register_script(src) for name, src in SCRIPTS.items()}
 
@@ -94,6 +101,35 @@ class RedisSessionStore(SessionStore):
 
     def close(self) -> None:
         self._redis.close()
+
+    def check(self) -> None:
+        """One PING on a fresh connection, without retries: raises SessionStoreRefused when Redis
+        refuses the password (or needs one) or the TLS handshake fails, SessionStoreUnavailable when
+        it cannot be reached. Entry points call it at startup so that a misconfiguration stops them."""
+        client = self.connection.client(
+            socket_timeout=_CONNECT_TIMEOUT_S,
+            socket_connect_timeout=_CONNECT_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            client.ping()
+        except redis.AuthenticationError as e:
+            reason = (
+                "it requires a password and none was given (--redis-url redis://:PASSWORD@... or "
+                "--redis-password-file)"
+                if "must be called with the client already authenticated" in str(e) or "NOAUTH" in str(e)
+                else "it refused the password (check --redis-url / --redis-password-file)"
+            )
+            raise SessionStoreRefused(self._where, reason, e) from e
+        except redis.ResponseError as e:  # a server without requirepass answers AUTH with an error
+            raise SessionStoreRefused(self._where, "it refused AUTH", e) from e
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if _tls_failure(e):
+                hint = "--redis-ca / --redis-cert / --redis-key" if self.connection.tls else "rediss://"
+                raise SessionStoreRefused(self._where, f"the TLS handshake failed (check {hint})", e) from e
+            raise SessionStoreUnavailable(self._where, e) from e
+        finally:
+            client.close()
 
     # --- plumbing --------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -19,7 +19,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from k2serve.engine.protocol import SessionHint
+from k2serve.sessions.connection import RedisConnection
+from k2serve.sessions.errors import SessionStoreUnavailable
 from k2serve.sessions.redis_store import RedisSessionStore
+from k2serve.sessions.responses import InMemoryResponseStore, RedisResponseStore, ResponseStore
 from k2serve.sessions.session import Session, SessionStoreConfig
 from k2serve.sessions.store import SessionStore
 
@@ -31,8 +34,9 @@ TurnRecorder = Callable[[dict[str, Any], str | None], Awaitable[None]]
 
 
 class SessionService:
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, responses: ResponseStore | None = None) -> None:
         self.store = store
+        self.responses = responses or InMemoryResponseStore()  # the Responses API's records
         # KV accounting for /metrics: session -> (holder, cached tokens), as recorded by this process.
         self.held: dict[str, tuple[str, int]] = {}
 
@@ -42,8 +46,20 @@ class SessionService:
         return len(self.held), sum(-(-tokens // bs) for _, tokens in self.held.values())
 
     @classmethod
-    def connect(cls, url: str, config: SessionStoreConfig | None = None) -> SessionService:
-        return cls(RedisSessionStore(url, config))
+    def connect(
+        cls, redis: RedisConnection | str, config: SessionStoreConfig | None = None
+    ) -> SessionService:
+        return cls(RedisSessionStore(redis, config), RedisResponseStore(redis))
+
+    async def check(self) -> None:
+        """At startup: stop on a Redis that refuses us (SessionStoreRefused: password, TLS); only
+        log one that cannot be reached yet (sessions answer UNAVAILABLE until it can)."""
+        if not isinstance(self.store, RedisSessionStore):
+            return
+        try:
+            await asyncio.to_thread(self.store.check)
+        except SessionStoreUnavailable as e:
+            logger.warning("%s; sessions answer UNAVAILABLE until it is reachable", e)
 
     @staticmethod
     def owner(api_key: str | None) -> str:
@@ -146,3 +162,4 @@ class SessionService:
 
     def close(self) -> None:
         self.store.close()
+        self.responses.close()

@@ -84,6 +84,7 @@ class TransferSpec:
     num_tokens: int
     kv_dim: int
     dtype: torch.dtype
+    traceparent: str = ""  # the sender's span (W3C), carried in the chunk headers; "" when not traced
 
     def __post_init__(self) -> None:
         tid = self.transfer_id
@@ -115,10 +116,15 @@ class TransferSpec:
 
 @dataclass(frozen=True)
 class TransferStats:
-    """bytes: payload bytes moved (headers excluded); seconds: wall time of the transfer (see each method)."""
+    """bytes: payload bytes moved (headers excluded); seconds: wall time of the transfer (see each method).
+    Receivers also give: finished_at, the `time.perf_counter()` of the last layer's arrival;
+    verify_seconds, the time spent checksumming; traceparent, the sender's span."""
 
     bytes: int
     seconds: float
+    finished_at: float = 0.0
+    verify_seconds: float = 0.0
+    traceparent: str = ""
 
     @property
     def gbps(self) -> float:
@@ -143,9 +149,16 @@ class KVSender(ABC):
 
     @abstractmethod
     def open(
-        self, transfer_id: str, num_layers: int, num_tokens: int, kv_dim: int, dtype: torch.dtype
+        self,
+        transfer_id: str,
+        num_layers: int,
+        num_tokens: int,
+        kv_dim: int,
+        dtype: torch.dtype,
+        traceparent: str = "",
     ) -> None:
-        """Start a transfer; raises ValueError for a bad description or a transfer_id already open."""
+        """Start a transfer; raises ValueError for a bad description or a transfer_id already open.
+        traceparent: the sender's span, handed to the receiver in the chunk headers."""
 
     @abstractmethod
     def send_layer(self, transfer_id: str, layer: int, kv: torch.Tensor) -> Future[None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future
 
@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from k2serve.proto import kv_transfer_pb2
-from k2serve.proto.limits import KV_CHUNK_MAX_BYTES, KV_MAX_MESSAGE_BYTES, grpc_options
+from k2serve.proto.limits import KV_CHUNK_MAX_BYTES, KV_MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, grpc_options
 from k2serve.transfer.base import (
     ChunkError,
     KVReceiver,
@@ -42,13 +42,19 @@ _PUSH = f"/{_SERVICE}/Push"
 class _Stream:
     """One Push call: layers queued by send_layer, turned into chunks on gRPC's request thread."""
 
-    def __init__(self, push: grpc.StreamUnaryMultiCallable, spec: TransferSpec, max_chunk_bytes: int) -> None:
+    def __init__(
+        self,
+        push: grpc.StreamUnaryMultiCallable,
+        spec: TransferSpec,
+        max_chunk_bytes: int,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.spec = spec
         self.max_chunk_bytes = max_chunk_bytes
         self.queue: queue.SimpleQueue[_LayerItem | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.pending: list[Future[None]] = []
-        self.call: grpc.Future = push.future(self._chunks())
+        self.call: grpc.Future = push.future(self._chunks(), metadata=metadata or None)
         self.call.add_done_callback(self._on_call_done)
 
     def _chunks(self) -> Iterator[tuple[kv_transfer_pb2.KVChunkHeader, torch.Tensor]]:
@@ -98,9 +104,11 @@ class GrpcKVSender(SenderBase):
         max_chunk_bytes: int = KV_CHUNK_MAX_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """credentials: TLS (None: plaintext); server_name: the name to check in the receiver's
-        certificate instead of the endpoint's host (TLS only)."""
+        certificate instead of the endpoint's host (TLS only); metadata: sent with every transfer
+        (the cluster token)."""
         super().__init__()
         if not 0 < max_chunk_bytes <= KV_CHUNK_MAX_BYTES:
             raise ValueError(f"max_chunk_bytes {max_chunk_bytes} not in (0, {KV_CHUNK_MAX_BYTES}]")
@@ -108,7 +116,8 @@ class GrpcKVSender(SenderBase):
             raise ValueError(f"server_name {server_name!r} needs TLS credentials")
         self.endpoint = endpoint
         self._max_chunk_bytes = max_chunk_bytes
-        options: list[tuple[str, int | str]] = list(grpc_options(KV_MAX_MESSAGE_BYTES))
+        self._metadata = metadata
+        options: list[tuple[str, int | str]] = [*grpc_options(KV_MAX_MESSAGE_BYTES), *RECONNECT_OPTIONS]
         if credentials is None:
             self._channel = grpc.insecure_channel(endpoint, options=options)
         else:
@@ -122,7 +131,7 @@ class GrpcKVSender(SenderBase):
         self._closed = False
 
     def _start(self, spec: TransferSpec) -> None:
-        self._streams[spec.transfer_id] = _Stream(self._push, spec, self._max_chunk_bytes)
+        self._streams[spec.transfer_id] = _Stream(self._push, spec, self._max_chunk_bytes, self._metadata)
 
     def _send(self, spec: TransferSpec, layer: int, kv: torch.Tensor) -> Future[None]:
         return self._streams[spec.transfer_id].put(layer, kv)
@@ -206,7 +215,8 @@ class GrpcKVReceiver(KVReceiver):
     With `server`, the servicer is added to it (call before server.start(); the server must have
     the KV message limits) and `endpoint` must be the address it listens on. Without, the
     receiver starts its own server bound to `endpoint` ("host:0" picks a free port), with TLS when
-    `credentials` are given (they must be None with `server`, which has its own ports).
+    `credentials` are given (they must be None with `server`, which has its own ports) and the
+    server `interceptors` (e.g. the cluster-token check; likewise only for its own server).
     """
 
     def __init__(
@@ -215,15 +225,19 @@ class GrpcKVReceiver(KVReceiver):
         server: grpc.Server | None = None,
         max_workers: int = 16,
         credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
-        if server is not None and credentials is not None:
-            raise ValueError("credentials apply to the receiver's own server; add ports to `server` instead")
+        if server is not None and (credentials is not None or interceptors):
+            raise ValueError(
+                "credentials and interceptors apply to the receiver's own server; configure `server` instead"
+            )
         self._inbox = Inbox()
         self._own_server = server is None
         if server is None:
             server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc"),
                 options=grpc_options(KV_MAX_MESSAGE_BYTES),
+                interceptors=list(interceptors),
             )
             host = endpoint.rsplit(":", 1)[0]
             if credentials is None:

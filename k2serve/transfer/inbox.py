@@ -52,6 +52,8 @@ class _Transfer:
     busy: threading.Lock = field(default_factory=threading.Lock)  # one chunk of this transfer at a time
     place: Place | None = None
     landing: int = 0  # landing sites handed out whose payload was not accepted or ended yet
+    verify_seconds: float = 0.0  # checksumming, summed over chunks
+    traceparent: str = ""  # the sender's span, from the first chunk
 
     @property
     def complete(self) -> bool:
@@ -144,6 +146,7 @@ class Inbox:
                 if t.first_chunk_at is None:
                     t.first_chunk_at = arrived
                     t.source = source
+                    t.traceparent = header.traceparent
                 layer_done = t.rows_in[header.layer] == t.spec.num_tokens
                 if layer_view is not None:
                     t.on_layer(header.layer, layer_view)
@@ -199,7 +202,9 @@ class Inbox:
         size = payload.numel() if isinstance(payload, torch.Tensor) else memoryview(payload).nbytes
         if size != h.byte_length:
             raise ChunkError(tid, "payload size", size, f"byte_length {h.byte_length}")
+        started = time.perf_counter()
         got = checksum(payload)
+        t.verify_seconds += time.perf_counter() - started
         if h.checksum_kind != got.kind:
             raise ChunkError(tid, "checksum_kind", h.checksum_kind, f"{got.kind} ({KIND_NAMES[got.kind]})")
         if (h.checksum_lo, h.checksum_hi) != (got.lo, got.hi):
@@ -258,7 +263,13 @@ class Inbox:
         if t.error is not None:
             raise t.error
         assert t.first_chunk_at is not None and t.finished_at is not None
-        return TransferStats(bytes=t.bytes, seconds=t.finished_at - t.first_chunk_at)
+        return TransferStats(
+            bytes=t.bytes,
+            seconds=t.finished_at - t.first_chunk_at,
+            finished_at=t.finished_at,
+            verify_seconds=t.verify_seconds,
+            traceparent=t.traceparent,
+        )
 
     def _settle(self, t: _Transfer) -> None:
         """Wait until no payload can still land in t's placed memory. t is done or failed, so no

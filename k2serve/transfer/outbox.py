@@ -58,6 +58,8 @@ def split_layer(
             byte_length=payload.numel(),
         )
         header.checksum_kind, header.checksum_lo, header.checksum_hi = checksum(payload)
+        if spec.traceparent:
+            header.traceparent = spec.traceparent
         yield header, payload
 
 
@@ -87,9 +89,15 @@ class SenderBase(KVSender):
         """
 
     def open(
-        self, transfer_id: str, num_layers: int, num_tokens: int, kv_dim: int, dtype: torch.dtype
+        self,
+        transfer_id: str,
+        num_layers: int,
+        num_tokens: int,
+        kv_dim: int,
+        dtype: torch.dtype,
+        traceparent: str = "",
     ) -> None:
-        spec = TransferSpec(transfer_id, num_layers, num_tokens, kv_dim, dtype)
+        spec = TransferSpec(transfer_id, num_layers, num_tokens, kv_dim, dtype, traceparent)
         with self._lock:
             if transfer_id in self._open:
                 raise ValueError(f"transfer_id {transfer_id!r} is already open")

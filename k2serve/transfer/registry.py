@@ -25,7 +25,8 @@ class UnknownBackendError(ValueError):
 def make_sender(backend: str, endpoint: str, **options: Any) -> KVSender:
     """A sender connected to the receiver at endpoint.
 
-    options: "grpc": max_chunk_bytes, credentials (grpc.ChannelCredentials: TLS), server_name;
+    options: "grpc": max_chunk_bytes, credentials (grpc.ChannelCredentials: TLS), server_name, metadata
+    (sent with every transfer: the cluster token);
     "torch": local_host, device, connect_timeout (seconds). The torch backend is plaintext only.
     """
     if backend == "grpc":
@@ -43,7 +44,8 @@ def make_receiver(backend: str, endpoint: str = "127.0.0.1:0", **options: Any) -
     """A receiver listening at endpoint ("host:0" picks a free port).
 
     options: "grpc": server (an existing grpc.Server to join; endpoint is then its address),
-    max_workers, credentials (grpc.ServerCredentials: TLS, possibly requiring client certificates);
+    max_workers, credentials (grpc.ServerCredentials: TLS, possibly requiring client certificates),
+    interceptors (grpc.ServerInterceptor: the cluster-token check);
     "torch": device, connect_timeout (seconds), max_chunk_bytes. The torch backend is plaintext only.
     """
     if backend == "grpc":

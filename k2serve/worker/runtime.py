@@ -1,6 +1,7 @@
 """What prefill and decode workers share at run time: the engine (alone or one rank of an expert-parallel
-group), the gRPC server (with health and reflection), registration with the router and heartbeats,
-and graceful shutdown on SIGINT/SIGTERM (or, exiting non-zero, when the EP group is lost)."""
+group), the gRPC server (with health and reflection), a warm-up step before the worker reports itself
+ready, registration with the router and heartbeats, and graceful shutdown on SIGINT/SIGTERM (or,
+exiting non-zero, when the EP group is lost or the warm-up fails)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,19 @@ from grpc_reflection.v1alpha import reflection
 
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.group import GroupLostError
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.protocol import GenerateRequest
+from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts import EPConfig, EPWorker
+from k2serve.experts.metrics import EPCollector
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.rpc.tls import add_port, aio_channel
+from k2serve.worker.metrics_server import MetricsServer
 from k2serve.worker.settings import ROLES, WorkerSettings
 
 logger = logging.getLogger(__name__)
+WARMUP_TIMEOUT_S = 300.0
 
 
 def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
@@ -37,7 +44,9 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
 
     dtype = getattr(torch, settings.dtype)
     if settings.ep_size == 1:
-        return AsyncEngine.from_pretrained(settings.model_dir, dtype, settings.engine, settings.model_name)
+        return AsyncEngine.from_pretrained(
+            settings.model_dir, dtype, settings.engine, settings.model_name, settings.role, settings.worker_id
+        )
     assert settings.ep_init is not None  # checked in __post_init__
     worker = EPWorker.connect(
         settings.ep_rank,
@@ -48,7 +57,24 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
         settings.ep_init,
         EPConfig(timeout_s=settings.ep_timeout_s),
     )
-    return AsyncEngine.for_group(worker, settings.model_name, on_fatal)
+    engine = AsyncEngine.for_group(worker, settings.model_name, on_fatal, settings.role, settings.worker_id)
+    engine.metrics.registry.register(EPCollector(worker, engine.metrics.labels))
+    return engine
+
+
+async def warm_up(engine: AsyncEngine, worker_id: str) -> None:
+    """One request of one prompt token and one generated token through the running engine: the first
+    step's one-time costs (allocations, kernels) are paid before any user request. The prefix-cache
+    counters are reset after it and its tokens stay out of the metrics (the warm-up is not traffic). Raises what the request raises."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    events = await engine.generate(GenerateRequest(f"warmup-{worker_id}", [0], params), observed=False)
+    async for _ in events:
+        pass
+
+    def reset(llm: LLMEngine) -> None:
+        llm.blocks.prefix_query_tokens = llm.blocks.prefix_hit_tokens = 0
+
+    await engine.call(reset)
 
 
 def worker_info(
@@ -56,6 +82,8 @@ def worker_info(
     engine: AsyncEngine,
     address: str,
     kv_endpoints: list[kv_transfer_pb2.KVEndpoint],
+    ready: bool = True,
+    metrics_url: str = "",
 ) -> registry_pb2.WorkerInfo:
     kv, stats = engine.kv_geometry, engine.stats()
     return registry_pb2.WorkerInfo(
@@ -74,6 +102,8 @@ def worker_info(
             max_batch=engine.config.max_num_seqs,
         ),
         ep_size=settings.ep_size,
+        ready=ready,
+        metrics_url=metrics_url,
     )
 
 
@@ -94,11 +124,14 @@ async def heartbeat_loop(
     info: Callable[[], registry_pb2.WorkerInfo],
     engine: AsyncEngine,
     stop: asyncio.Event,
+    ready: asyncio.Event,
 ) -> None:
     """Register with the router, then heartbeat; re-register whenever the router does not know us
-    (it restarted or dropped us). Never gives up while the worker runs; deregisters on the way out."""
+    (it restarted or dropped us). Every message says whether the worker is `ready`; the heartbeat after
+    it becomes ready goes at once. Never gives up while the worker runs; deregisters on the way out."""
     assert settings.router is not None
-    async with aio_channel(settings.router, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls) as channel:
+    options = grpc_options(CONTROL_MAX_MESSAGE_BYTES)
+    async with aio_channel(settings.router, options, settings.tls, settings.internal) as channel:
         stub = registry_pb2_grpc.WorkerRegistryStub(channel)
         registered = False
         interval = settings.heartbeat_interval_s
@@ -113,17 +146,40 @@ async def heartbeat_loop(
                     logger.info("registered %s with router %s", settings.worker_id, settings.router)
                 else:
                     hb = await stub.Heartbeat(
-                        registry_pb2.HeartbeatRequest(worker_id=settings.worker_id, load=worker_load(engine)),
+                        registry_pb2.HeartbeatRequest(
+                            worker_id=settings.worker_id, load=worker_load(engine), ready=ready.is_set()
+                        ),
                         timeout=5,
                     )
                     registered = hb.known
             except grpc.aio.AioRpcError as e:
                 registered = False
                 logger.warning("router %s unreachable (%s); retrying", settings.router, e.code().name)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+            told_ready = ready.is_set()
+            waits = [asyncio.ensure_future(stop.wait())]
+            if not told_ready:
+                waits.append(asyncio.ensure_future(ready.wait()))
+            _, pending = await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.Deregister(registry_pb2.DeregisterRequest(worker_id=settings.worker_id), timeout=2)
+
+
+async def _warm_up_or_stop(engine: AsyncEngine, worker_id: str, stop: asyncio.Event) -> bool:
+    """Run the warm-up unless `stop` is set first; False when the warm-up failed (then `stop` is set)."""
+    warm = asyncio.ensure_future(asyncio.wait_for(warm_up(engine, worker_id), WARMUP_TIMEOUT_S))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({warm, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not warm.done():
+        warm.cancel()
+        return True
+    if warm.exception() is not None:
+        logger.error("%s: the warm-up step failed: %r; stopping", worker_id, warm.exception())
+        stop.set()
+        return False
+    return True
 
 
 async def serve_worker(
@@ -139,7 +195,9 @@ async def serve_worker(
     the engine stopped by itself (`engine.fatal_error`: the EP group was lost) before a stop was asked
     for, else 0. A group loses all its ranks once one of them stops, so a rank's in-flight requests
     fail if a peer finishes stopping first."""
-    server = grpc.aio.server(options=grpc_options(CONTROL_MAX_MESSAGE_BYTES))
+    server = grpc.aio.server(
+        options=grpc_options(CONTROL_MAX_MESSAGE_BYTES), interceptors=settings.internal.server_interceptors()
+    )
     names = add_services(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -147,28 +205,44 @@ async def serve_worker(
     port = add_port(server, f"{settings.host}:{settings.port}", settings.tls)
     await server.start()
     address = settings.advertised(port)
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics = MetricsServer(settings, engine.metrics.registry)
+    for name in ["", *names]:  # SERVING once warmed up: the probes and the router wait for it
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tls = "" if settings.tls is None else " (mutual TLS)" if settings.tls.mutual else " (TLS)"
-    print(f"k2serve {settings.role} worker {settings.worker_id} serving gRPC{tls} on {address}", flush=True)
+    print(
+        f"k2serve {settings.role} worker {settings.worker_id} serving gRPC{tls} on {address}, "
+        f"metrics on {metrics.url}",
+        flush=True,
+    )
     if settings.tls is not None and settings.ep_size > 1:
         logger.warning(
             "%s: the --ep group's collectives (torch.distributed) are not encrypted", settings.worker_id
         )
-    if settings.ready_file:
-        with open(settings.ready_file, "w") as f:
-            f.write(address)
+    ready = asyncio.Event()
     beat = None
-    if settings.router:
+    if settings.router:  # registers at once, not ready: the router lists it, sends it nothing yet
         beat = asyncio.create_task(
             heartbeat_loop(
-                settings, lambda: worker_info(settings, engine, address, kv_endpoints()), engine, stop
+                settings,
+                lambda: worker_info(settings, engine, address, kv_endpoints(), ready.is_set(), metrics.url),
+                engine,
+                stop,
+                ready,
             )
         )
+    warm_failed = not await _warm_up_or_stop(engine, settings.worker_id, stop)
+    if not warm_failed and not stop.is_set():
+        for name in ["", *names]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        ready.set()
+        print(f"k2serve {settings.role} worker {settings.worker_id} ready", flush=True)
+        if settings.ready_file:
+            with open(settings.ready_file, "w") as f:
+                f.write(address)
     await stop.wait()
     requested = engine.fatal_error is None  # a signal, not the loss of the EP group
     logger.info("stopping %s", settings.worker_id)
@@ -188,9 +262,12 @@ async def serve_worker(
                 settings.drain_timeout_s,
             )
     await server.stop(grace=5)
+    await asyncio.to_thread(metrics.close)
     if on_stop is not None:
         await on_stop()
     engine.shutdown()
+    if warm_failed:
+        return 1
     if engine.fatal_error is None:
         return 0
     if requested:  # the other ranks were stopped too and left the group first

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from k2serve.engine.config import EngineConfig
 from k2serve.experts.comm import parse_init_method
 from k2serve.proto import registry_pb2
+from k2serve.rpc.auth import InternalAuth
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
+from k2serve.tracing.settings import TracingSettings
 
 ROLES = {"prefill": registry_pb2.WORKER_ROLE_PREFILL, "decode": registry_pb2.WORKER_ROLE_DECODE}
 
@@ -19,6 +21,10 @@ class WorkerSettings:
 
     tls: serve and dial every gRPC hop (router, peers, KV transfer) over TLS, mutual with `tls.ca`;
     the torch transfer backend has no TLS and is refused with it.
+
+    internal: the cluster credential its servers require (PrefillWorker/DecodeWorker, the gRPC KV
+    receiver) and its calls carry (to the router, to decode workers); the default, `InternalAuth()`,
+    refuses to exist without a token or mutual TLS (k2serve.rpc.auth).
 
     ep_size > 1: this process is rank `ep_rank` of an expert-parallel group that meets at `ep_init`
     ('tcp://host:port', hosted by rank 0); it loads only its own experts, serves and registers as its
@@ -37,6 +43,7 @@ class WorkerSettings:
     worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:8]}")
     transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
     transfer_port: int = 0
+    metrics_port: int = 0  # Prometheus endpoint (0 = a free port); its URL is registered as metrics_url
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 60.0  # on SIGTERM: how long running requests may take to finish
     ready_file: str | None = None
@@ -45,10 +52,14 @@ class WorkerSettings:
     ep_init: str | None = None
     ep_timeout_s: float = 60.0
     tls: TLSFiles | None = None
+    tracing: TracingSettings | None = None  # where spans go (OTLP); None: none
+    internal: InternalAuth = field(default_factory=InternalAuth)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat interval must be > 0 s, got {self.heartbeat_interval_s}")
         if self.ep_size < 1:

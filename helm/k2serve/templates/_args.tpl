@@ -22,12 +22,11 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{/* Engine sizes of a worker (add_engine_args). */}}
 {{- define "k2serve.args.engine" -}}
 {{- $e := .Values.engine -}}
-{{- $args := list
-  "--block-size" (printf "%d" (int $e.blockSize))
-  "--kv-cache-mb" (printf "%d" (int $e.kvCacheMb))
+{{- $pool := ternary (list "--memory-budget-mb" (printf "%d" (int $e.memoryBudgetMb))) (list "--kv-cache-mb" (printf "%d" (int $e.kvCacheMb))) (gt (int $e.memoryBudgetMb) 0) -}}
+{{- $args := concat (list "--block-size" (printf "%d" (int $e.blockSize))) $pool (list
   "--max-num-seqs" (printf "%d" (int $e.maxNumSeqs))
   "--max-num-batched-tokens" (printf "%d" (int $e.maxNumBatchedTokens))
-  "--max-waiting" (printf "%d" (int $e.maxWaiting)) -}}
+  "--max-waiting" (printf "%d" (int $e.maxWaiting))) -}}
 {{- if gt (int $e.maxModelLen) 0 -}}
 {{- $args = concat $args (list "--max-model-len" (printf "%d" (int $e.maxModelLen))) -}}
 {{- end -}}
@@ -37,25 +36,35 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{- $args | toJson -}}
 {{- end -}}
 
-{{/* `k2serve router`. The API key comes from $K2SERVE_API_KEY and Redis from $REDIS_URL (both Secret refs). */}}
+{{/* `k2serve router`. The API key comes from $K2SERVE_API_KEY (a Secret ref); the chart's Redis by
+--redis-url with its password in a mounted Secret file, an external one from $REDIS_URL (a Secret
+ref); over TLS with the chart's certificate and CA. */}}
 {{- define "k2serve.args.router" -}}
 {{- $r := .Values.router -}}
 {{- $args := list "router" "--host" "0.0.0.0"
   "--port" (printf "%d" (int $r.httpPort))
-  "--grpc-port" (printf "%d" (int $r.grpcPort)) -}}
+  "--grpc-port" (printf "%d" (int $r.grpcPort))
+  "--internal-port" (printf "%d" (int $r.internalPort)) -}}
 {{- $args = concat $args (include "k2serve.args.model" . | fromJsonArray) -}}
 {{- $args = concat $args (list
   "--heartbeat-timeout" (toString $r.heartbeatTimeout)
   "--max-queue" (printf "%d" (int $r.maxQueue))) -}}
 {{- $args = concat $args (include "k2serve.args.tls" . | fromJsonArray) -}}
+{{- if .Values.redis.enabled -}}
+{{- $args = concat $args (list "--redis-url" (include "k2serve.redis.url" .) "--redis-password-file" "/etc/k2serve/redis/password") -}}
+{{- end -}}
+{{- if eq (include "k2serve.redis.tls" .) "true" -}}
+{{- $args = concat $args (list "--redis-ca" "/etc/k2serve/tls/ca.crt" "--redis-cert" "/etc/k2serve/tls/tls.crt" "--redis-key" "/etc/k2serve/tls/tls.key") -}}
+{{- end -}}
 {{- $args | toJson -}}
 {{- end -}}
 
-{{/* TLS flags of every process: its certificate, and with tls.caKey the CA for mutual TLS on every hop. */}}
+{{/* Credential flags of every router and worker process: the cluster token (the Secret mounted by
+k2serve.volumes), its certificate, and with tls.caKey the CA for mutual TLS on every hop. */}}
 {{- define "k2serve.args.tls" -}}
-{{- $args := list -}}
+{{- $args := list "--cluster-token-file" "/etc/k2serve/cluster-token/token" -}}
 {{- if .Values.tls.enabled -}}
-{{- $args = list "--tls-cert" "/etc/k2serve/tls/tls.crt" "--tls-key" "/etc/k2serve/tls/tls.key" -}}
+{{- $args = concat $args (list "--tls-cert" "/etc/k2serve/tls/tls.crt" "--tls-key" "/etc/k2serve/tls/tls.key") -}}
 {{- if .Values.tls.caKey -}}
 {{- $args = concat $args (list "--tls-ca" "/etc/k2serve/tls/ca.crt") -}}
 {{- end -}}
@@ -77,6 +86,7 @@ ordinal, so k2serve.worker.command appends them at start; the flags here are the
 {{- $args = concat $args (include "k2serve.args.model" $root | fromJsonArray) (list "--dtype" $root.Values.model.dtype) -}}
 {{- $args = concat $args (include "k2serve.args.engine" $root | fromJsonArray) -}}
 {{- $args = concat $args (list "--host" "0.0.0.0" "--port" (printf "%d" (int $w.port))) -}}
+{{- $args = concat $args (list "--metrics-port" (printf "%d" (int $w.metricsPort))) -}}
 {{- $args = concat $args (list "--advertise-host" (printf "$(POD_NAME).%s-headless.%s.svc" $name $root.Release.Namespace)) -}}
 {{- $args = concat $args (list "--router" (include "k2serve.routerAddress" $root)) -}}
 {{- $args = concat $args (list "--worker-id" "$(POD_NAME)" "--transfer-backend" $w.transfer.backend) -}}

@@ -78,8 +78,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* The router's gRPC address workers register with. */}}
+{{/* Where workers register: the router's internal listener. */}}
 {{- define "k2serve.routerAddress" -}}
-{{- printf "%s.%s.svc:%d" (include "k2serve.componentName" (dict "root" . "component" "router")) .Release.Namespace (int .Values.router.grpcPort) -}}
+{{- printf "%s.%s.svc:%d" (include "k2serve.componentName" (dict "root" . "component" "router")) .Release.Namespace (int .Values.router.internalPort) -}}
+{{- end -}}
+
+{{- define "k2serve.clusterToken.secretName" -}}
+{{- default (printf "%s-cluster-token" (include "k2serve.fullname" .)) .Values.clusterToken.existingSecret -}}
+{{- end -}}
+
+{{/* Whether the router talks to Redis over TLS with the chart's certificate and CA. */}}
+{{- define "k2serve.redis.tls" -}}
+{{- if .Values.redis.enabled -}}{{ .Values.redis.tls.enabled }}{{- else -}}{{ .Values.redis.external.tls }}{{- end -}}
+{{- end -}}
+
+{{/* The chart's Redis as the router dials it (no password: that comes from a mounted Secret file). */}}
+{{- define "k2serve.redis.url" -}}
+{{- printf "%s://%s.%s.svc:%d/0" (ternary "rediss" "redis" .Values.redis.tls.enabled) (include "k2serve.componentName" (dict "root" . "component" "redis")) .Release.Namespace (int .Values.redis.port) -}}
 {{- end -}}
 
 {{- define "k2serve.redis.secretName" -}}
@@ -100,6 +115,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "k2serve.validate" -}}
 {{- if and .Values.redis.enabled .Values.redis.external.urlSecretRef.name -}}
 {{- fail "redis: set either redis.enabled or redis.external.urlSecretRef.name, not both" -}}
+{{- end -}}
+{{- $redisTLS := or (and .Values.redis.enabled .Values.redis.tls.enabled) (and (not .Values.redis.enabled) .Values.redis.external.tls) -}}
+{{- if and $redisTLS (not (and .Values.tls.enabled .Values.tls.caKey)) -}}
+{{- fail "redis.tls.enabled / redis.external.tls: Redis over TLS uses the chart's certificate and CA; set tls.enabled and tls.caKey" -}}
 {{- end -}}
 {{- range $role := list "prefill" "decode" -}}
 {{- $w := index $.Values $role -}}

@@ -38,6 +38,13 @@ seccompProfile:
     medium: Memory
     sizeLimit: {{ (index $v .component).shmSize }}
 {{- end }}
+- name: cluster-token
+  secret:
+    secretName: {{ include "k2serve.clusterToken.secretName" .root }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.clusterToken.key }}
+        path: token
 {{- if $v.tls.enabled }}
 - name: tls
   secret:
@@ -52,6 +59,15 @@ seccompProfile:
       - key: {{ $v.tls.caKey }}
         path: ca.crt
       {{- end }}
+{{- end }}
+{{- if and (eq .component "router") $v.redis.enabled }}
+- name: redis-auth
+  secret:
+    secretName: {{ include "k2serve.redis.secretName" .root }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.redis.auth.key }}
+        path: password
 {{- end }}
 {{- end -}}
 
@@ -68,9 +84,17 @@ seccompProfile:
 - name: dshm
   mountPath: /dev/shm
 {{- end }}
+- name: cluster-token
+  mountPath: /etc/k2serve/cluster-token
+  readOnly: true
 {{- if $v.tls.enabled }}
 - name: tls
   mountPath: /etc/k2serve/tls
+  readOnly: true
+{{- end }}
+{{- if and (eq .component "router") $v.redis.enabled }}
+- name: redis-auth
+  mountPath: /etc/k2serve/redis
   readOnly: true
 {{- end }}
 {{- end -}}

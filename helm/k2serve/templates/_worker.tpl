@@ -37,6 +37,9 @@ containers:
       - name: grpc
         containerPort: {{ int $w.port }}
         protocol: TCP
+      - name: metrics
+        containerPort: {{ int $w.metricsPort }}
+        protocol: TCP
       {{- if eq $w.transfer.backend "torch" }}
       - name: transfer
         containerPort: {{ int $w.transfer.port }}
@@ -163,7 +166,7 @@ spec:
     {{- end }}
 {{- end -}}
 
-{{/* Workers accept traffic only from the router and from the release's other workers (any port: KV transfer, EP collectives). */}}
+{{/* Workers accept traffic only from the router and from the release's other workers (any port: KV transfer, EP collectives), and on the metrics port from monitoring.allowFrom (empty: anyone). */}}
 {{- define "k2serve.worker.networkPolicy" -}}
 {{- if .root.Values.networkPolicy.enabled -}}
 apiVersion: networking.k8s.io/v1
@@ -186,6 +189,13 @@ spec:
               - key: app.kubernetes.io/component
                 operator: In
                 values: ["router", "prefill", "decode"]
+    - ports:
+        - port: metrics
+          protocol: TCP
+      {{- with .root.Values.monitoring.allowFrom }}
+      from:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
 {{- end -}}
 {{- end -}}
 
