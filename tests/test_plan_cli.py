@@ -70,4 +70,4 @@ def test_the_cli_offers_every_preset() -> None:
     from k2serve.cli.parser import PRESET_NAMES
     from k2serve.model.presets import PRESETS
 
-    assert PRESET_NAMES == tuple(sorted(PRESETS))
+    assert tuple(sorted(PRESETS)) == PRESET_NAMES
