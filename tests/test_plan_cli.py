@@ -63,3 +63,11 @@ def test_command_line_process() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "sessions per group of 8" in proc.stdout
+
+
+def test_the_cli_offers_every_preset() -> None:
+    """The parser spells the preset names out (so that `plan` loads no torch): they are the presets'."""
+    from k2serve.cli.parser import PRESET_NAMES
+    from k2serve.model.presets import PRESETS
+
+    assert tuple(sorted(PRESETS)) == PRESET_NAMES

@@ -27,6 +27,7 @@ import httpx
 
 from k2serve.agent import AgentLoop, HTTPTransport, StepRecord, ToolRegistry, Turn
 from k2serve.agent.transport import SamplingOptions
+from k2serve.model.presets import PRESETS
 
 USER = "Add 2 and 3, then keep adding the results to new digits."
 Digit = Annotated[int, {"minimum": 0, "maximum": 9}]
@@ -140,7 +141,7 @@ def report(on: list[StepRecord], off: list[Turn], moved_on: int, moved_off: int,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve bench sessions", description=__doc__)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: write the preset)")
-    ap.add_argument("--preset", default="tiny", choices=("tiny", "small"))
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--turns", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=64)

@@ -12,6 +12,8 @@ from k2serve.cli import commands, plan
 from k2serve.planner.cli import add_arguments as add_planner_arguments
 
 DTYPES = ("bfloat16", "float32", "float16")
+# k2serve.model.presets.PRESETS' names (importing k2serve.model loads torch; `plan` must not)
+PRESET_NAMES = ("long", "small", "tiny")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -28,7 +30,7 @@ def add_model_args(s: argparse.ArgumentParser) -> None:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
     g.add_argument(
-        "--preset", choices=("tiny", "small"), help="write a random checkpoint of this preset and use it"
+        "--preset", choices=PRESET_NAMES, help="write a random checkpoint of this preset and use it"
     )
     s.add_argument("--seed", type=int, default=0, help="seed of the --preset weights")
     s.add_argument(
@@ -217,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init-model", help="write a random-weight checkpoint of a preset architecture")
     s.add_argument("dir")
-    s.add_argument("--preset", choices=("tiny", "small"), default="tiny")
+    s.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quant", choices=("none", "int4", "fp8"), default="none")
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the unquantised weights")

@@ -120,6 +120,10 @@ class KVCachePool:
             )
         return self.kv[layer].view(self.num_slots, self.kv_dim)[start : start + num_tokens]
 
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """All slots of `layer` as one [num_slots, kv_dim] view (slot-addressed reads by the attention)."""
+        return self.kv[layer].view(self.num_slots, self.kv_dim)
+
     def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Store `values` [T, kv_dim] of `layer` at `slots` [T] (cast to the pool dtype)."""
         if values.dim() != 2 or values.shape[1] != self.kv_dim or values.shape[0] != slots.numel():

@@ -76,7 +76,8 @@ class MLA(nn.Module):
         return self.o_proj(out.flatten(-2))
 
     # ---- attention over a latent context ---------------------------------------------------------
-    def _uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, dn, C] and W_UV [H, dv, C]: views of kv_b_proj's weight."""
         w = self.kv_b_proj.weight.view(
             self.n_heads, self.nope_dim + self.v_dim, self.kv_rank
         )  # [H, dn+dv, C]
@@ -104,7 +105,7 @@ class MLA(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Same contract as `attend_expanded`, computed over the latent without expanding it."""
-        w_uk, w_uv = self._uk_uv()
+        w_uk, w_uv = self.absorb_weights()
         c_kv, k_pe = kv.split([self.kv_rank, self.rope_dim], dim=-1)
         q_lat = torch.einsum("bqhd,hdc->bqhc", q_nope, w_uk)  # [B, Q, H, C]
         scores = torch.einsum("bqhc,bkc->bhqk", q_lat, c_kv) + torch.einsum("bqhr,bkr->bhqk", q_pe, k_pe)

@@ -1,6 +1,6 @@
 """Architectures of the random-weight models `k2serve init-model` writes, in Hugging Face config form.
 
-Both keep K2's proportions: first layer dense, many routed experts with top-k > 4, one shared
+All keep K2's proportions: first layer dense, many routed experts with top-k > 4, one shared
 expert, MLA with a latent much smaller than the expanded heads, YaRN RoPE, sigmoid noaux_tc routing.
 The vocabulary is a BPE ranks table plus 256 special ids, laid out as K2's is.
 """
@@ -40,6 +40,21 @@ def _base(num_ranks: int) -> dict[str, Any]:
     }
 
 
+# K2's positions, as Kimi-K2's config.json: YaRN factor 64 over an original 4,096 = 262,144 positions.
+K2_POSITIONS: dict[str, Any] = {
+    "max_position_embeddings": 262144,
+    "rope_theta": 50000.0,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 64.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 1.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: a forward pass in milliseconds on one CPU core.
     "tiny": _base(1024)
@@ -74,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "mscale_all_dim": 1.0,
         },
     },
-    # Benchmarks: ~0.4B parameters (~32M active per token), K2's shape at 1/7 width.
+    # Benchmarks: ~0.4B parameters (~32M active per token), K2's shape at 1/7 width and K2's positions.
     "small": _base(32000)
     | {
         "hidden_size": 1024,
@@ -95,16 +110,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_group": 1,
         "topk_group": 1,
         "routed_scaling_factor": 2.827,
-        "max_position_embeddings": 32768,
-        "rope_theta": 50000.0,
-        "rope_scaling": {
-            "type": "yarn",
-            "factor": 8.0,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 1.0,
-            "beta_slow": 1.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        },
-    },
+    }
+    | K2_POSITIONS,
 }
+
+# Tests and demos of K2's full length: tiny's dimensions with K2's 262,144 positions.
+PRESETS["long"] = PRESETS["tiny"] | K2_POSITIONS
