@@ -190,7 +190,7 @@ def test_tool_result_errors_are_marked(client: anthropic.Anthropic, backend: Scr
         },
     ]
     client.messages.create(model="scripted", max_tokens=200, messages=history, tools=TOOLS)
-    assert "## Return of t1\nError: no city" in prompt_text(backend)
+    assert "## Return of functions.get_weather:0\nError: no city" in prompt_text(backend)  # K2 ids
 
 
 @pytest.mark.parametrize(

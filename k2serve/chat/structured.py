@@ -108,10 +108,11 @@ def tool_choice_grammar(
     tools: Sequence[Mapping[str, Any]] | None,
     tool_choice: str | Mapping[str, Any] | None,
     allow_reasoning: bool = False,
+    parallel_tool_calls: bool = True,
 ) -> str | None:
     """Lark grammar forcing a Kimi tool-call section; None when `tool_choice` forces nothing.
 
-    `"required"`: one or more calls, each to any declared tool; `{"type": "function",
+    `"required"`: one or more calls (exactly one without `parallel_tool_calls`), each to any declared tool; `{"type": "function",
     "function": {"name": N}}`: exactly one call to N. Each call is
     `<|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>ARGS<|tool_call_end|>`
     with ARGS matching the tool's `parameters` schema (any object when absent). `"auto"`,
@@ -127,7 +128,7 @@ def tool_choice_grammar(
             raise StructuredOutputError("a tool needs function.name matching [A-Za-z0-9_.-]{1,64}", tool)
         by_name[name] = fn.get("parameters") or {"type": "object"}
     if tool_choice == "required":
-        names, repeat = list(by_name), "+"
+        names, repeat = list(by_name), "+" if parallel_tool_calls else ""
     elif isinstance(tool_choice, Mapping) and isinstance(tool_choice.get("function"), Mapping):
         chosen = tool_choice["function"].get("name")
         if chosen not in by_name:
@@ -235,6 +236,7 @@ class GrammarCompiler:
         tools: Sequence[Mapping[str, Any]] | None,
         tool_choice: str | Mapping[str, Any] | None,
         allow_reasoning: bool = False,
+        parallel_tool_calls: bool = True,
     ) -> GrammarConstraint | None:
-        lark = tool_choice_grammar(tools, tool_choice, allow_reasoning)
+        lark = tool_choice_grammar(tools, tool_choice, allow_reasoning, parallel_tool_calls)
         return None if lark is None else self.from_lark(lark)
