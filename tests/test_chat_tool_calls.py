@@ -223,3 +223,60 @@ def test_the_forced_grammar_allows_one_call_without_parallel(tok: KimiTokenizer)
         TWO_CALLS.split("<|tool_call_begin|>functions.get_weather:1")[0] + "<|tool_calls_section_end|>"
     )
     assert _accepts(compiler, single, one)
+
+
+# ----- 4. the grammar under tool_choice "auto", and strict -----
+
+SECTION = "<|tool_calls_section_begin|><|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>"
+
+
+def _call(args: str, name: str = "get_weather") -> str:
+    return SECTION.format(name=name) + args + "<|tool_call_end|><|tool_calls_section_end|>"
+
+
+def _auto_accepts(tok: KimiTokenizer, text: str, tools: list[Any] = TOOLS, **kw: Any) -> bool:
+    structured = plan_chat(MSGS, tools, **kw).structured
+    assert structured is not None and structured["tool_choice"] == "auto"
+    return _accepts(GrammarCompiler(tok), structured, [*tok.encode(text), tok.eos_id])
+
+
+def test_auto_lets_text_and_reasoning_through(tok: KimiTokenizer) -> None:
+    assert _auto_accepts(tok, "<think>Hmm, no tool needed.</think>It is sunny.\nBye.")
+    assert _auto_accepts(tok, OUTPUT.removesuffix("<|im_end|>"))
+
+
+def test_auto_binds_the_schema_once_the_section_opens(tok: KimiTokenizer) -> None:
+    assert _auto_accepts(tok, "Checking." + _call('{"city": "Paris"}'))
+    assert not _auto_accepts(tok, "Checking." + _call('{"city": 5}'))  # wrong type
+    assert not _auto_accepts(tok, "Checking." + _call("{}"))  # required key missing
+    assert not _auto_accepts(tok, "Checking." + _call('{"city": "Paris"}', name="delete_all"))  # undeclared
+    assert not _auto_accepts(tok, "Checking." + _call('{"city": "Paris"'))  # not JSON
+
+
+def test_auto_without_parallel_allows_one_call(tok: KimiTokenizer) -> None:
+    assert _auto_accepts(tok, TWO_CALLS)
+    assert not _auto_accepts(tok, TWO_CALLS, parallel_tool_calls=False)
+
+
+def test_strict_closes_the_schema(tok: KimiTokenizer) -> None:
+    extra = _call('{"city": "Paris", "units": "C"}')
+    strict: list[Any] = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER, "strict": True}}
+    ]
+    assert _auto_accepts(tok, extra)  # not strict: the schema as written (extra keys allowed)
+    assert not _auto_accepts(tok, extra, tools=strict)
+    assert _auto_accepts(tok, _call('{"city": "Paris"}'), tools=strict)
+
+
+def test_auto_reaches_the_backend_as_a_grammar(client: openai.OpenAI, backend: ScriptedBackend) -> None:
+    client.chat.completions.create(model="scripted", messages=MSGS, tools=TOOLS, max_tokens=200)
+    assert backend.requests[-1].structured == {"tools": TOOLS, "tool_choice": "auto", "allow_reasoning": True}
+    fmt = {"type": "json_object"}
+    client.chat.completions.create(
+        model="scripted",
+        messages=MSGS,
+        tools=TOOLS,
+        response_format=fmt,
+        max_tokens=200,  # type: ignore[arg-type]
+    )
+    assert backend.requests[-1].structured == {"response_format": fmt}

@@ -17,7 +17,9 @@ The rules (`ChatRequestError` names the offending field for each):
 - response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}; a
   json_schema format needs its json_schema object; a JSON format and a forced tool (required or
   named) exclude each other;
-- a forced tool or a JSON format becomes the grammar spec (the backend compiles it);
+- a forced tool or a JSON format becomes the grammar spec (the backend compiles it); so does "auto"
+  with tools (without a JSON format): free text, and once the model opens a tool-call section its calls
+  must name a declared tool and their arguments match its schema (closed when the tool is `strict`);
 - parallel_tool_calls false: at most one tool call per turn (a forced tool's grammar allows one call;
   under "auto" the parser keeps the first);
 - a turn without tools in the prompt never returns tool calls or their text: a section the model
@@ -140,8 +142,10 @@ def plan_chat(
             "response_format cannot be combined with a forced tool_choice", "response_format", response_format
         )
     structured: dict[str, Any] | None = None
-    if forced:
+    if forced or (choice == "auto" and json_format is None):
         structured = {"tools": list(tools or []), "tool_choice": choice}
+        if choice == "auto":  # free text and reasoning; the grammar binds at the tool-call section
+            structured["allow_reasoning"] = True
         if not parallel_tool_calls:
             structured["parallel_tool_calls"] = False
     elif json_format is not None:
