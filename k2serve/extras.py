@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plot": ("matplotlib",),
     "kube": ("kubernetes",),
     "hf": ("transformers",),
+    "bench": ("jsonschema",),  # `k2serve bench tool-schemas` validates emitted calls
     # the opentelemetry namespace itself is in the base install (FastAPI requires opentelemetry-api)
     "tracing": (
         "opentelemetry.sdk",

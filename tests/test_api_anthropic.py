@@ -77,7 +77,8 @@ def test_thinking_text_and_tool_use_blocks(client: anthropic.Anthropic, backend:
     n_prompt = len(backend.requests[-1].prompt_token_ids)
     assert (r.usage.input_tokens, r.usage.output_tokens) == (n_prompt, len(backend.script))
     assert r.usage.cache_read_input_tokens == 0
-    assert backend.requests[-1].structured is None  # tool_choice auto: no grammar
+    structured = backend.requests[-1].structured  # tool_choice auto: the grammar binds at a tool-call section
+    assert structured is not None and structured["tool_choice"] == "auto"
     assert "tool_declare" in prompt_text(backend) and "input_schema" not in prompt_text(backend)
 
 
@@ -190,7 +191,7 @@ def test_tool_result_errors_are_marked(client: anthropic.Anthropic, backend: Scr
         },
     ]
     client.messages.create(model="scripted", max_tokens=200, messages=history, tools=TOOLS)
-    assert "## Return of t1\nError: no city" in prompt_text(backend)
+    assert "## Return of functions.get_weather:0\nError: no city" in prompt_text(backend)  # K2 ids
 
 
 @pytest.mark.parametrize(
@@ -198,7 +199,7 @@ def test_tool_result_errors_are_marked(client: anthropic.Anthropic, backend: Scr
     [
         ({"type": "any"}, "required"),
         ({"type": "tool", "name": "get_weather"}, {"type": "function", "function": {"name": "get_weather"}}),
-        ({"type": "auto"}, None),
+        ({"type": "auto"}, "auto"),
         ({"type": "none"}, None),
     ],
 )

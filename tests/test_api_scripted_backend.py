@@ -73,7 +73,7 @@ def test_reasoning_content_and_tool_calls_are_parsed(client: openai.OpenAI, back
         "get_weather",
         {"city": "Paris"},
     )
-    assert backend.requests[-1].structured is None  # tool_choice auto: no grammar
+    assert backend.requests[-1].structured == {"tools": TOOLS, "tool_choice": "auto", "allow_reasoning": True}
     prompt = backend.tokenizer.decode(backend.requests[-1].prompt_token_ids)
     assert "tool_declare" in prompt and "get_weather" in prompt
 

@@ -159,7 +159,6 @@ def test_forbidden_token_raises(tok: KimiTokenizer, compiler: GrammarCompiler) -
 
 
 def test_requests_without_constraint_and_bad_requests(compiler: GrammarCompiler) -> None:
-    assert tool_choice_grammar(TOOLS, "auto") is None
     assert tool_choice_grammar(TOOLS, "none") is None
     assert tool_choice_grammar(TOOLS, None) is None
     assert response_format_grammar(None) is None

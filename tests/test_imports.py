@@ -155,7 +155,11 @@ def test_base_install_imports_every_module_or_names_the_extra() -> None:
         assert r["module"] in EXTRAS[r["extra"]], (name, r)
     # today only the plots and the tracing SDK's backend (imported only when tracing is configured) need
     # an extra at import time; a new one must be a conscious choice
-    assert set(needing_extras) == {"k2serve.loadgen.plots", "k2serve.tracing.otel"}
+    assert set(needing_extras) == {
+        "k2serve.bench.tool_schemas",
+        "k2serve.loadgen.plots",
+        "k2serve.tracing.otel",
+    }
 
 
 def test_extras_match_pyproject() -> None:

@@ -108,7 +108,9 @@ async def _plan(state: AppState, req: CountTokensRequest) -> tuple[ChatPlan, lis
         )
     inputs = chat_inputs(req)
     try:
-        plan = plan_chat(inputs.messages, inputs.tools, inputs.tool_choice)
+        plan = plan_chat(
+            inputs.messages, inputs.tools, inputs.tool_choice, parallel_tool_calls=inputs.parallel_tool_calls
+        )
         return plan, await asyncio.to_thread(plan.prompt, state.encoder)
     except ChatRequestError as e:
         raise invalid(str(e) if e.param in str(e) else f"{e.param}: {e}") from e

@@ -93,6 +93,7 @@ class ChatInputs:
     messages: list[Message]
     tools: list[dict[str, Any]] | None
     tool_choice: str | dict[str, Any] | None
+    parallel_tool_calls: bool = True  # False: tool_choice.disable_parallel_tool_use
 
 
 def chat_inputs(req: CountTokensRequest) -> ChatInputs:
@@ -109,7 +110,8 @@ def chat_inputs(req: CountTokensRequest) -> ChatInputs:
         else:
             messages.append(_assistant(m.content, where))
     tools = [_tool(t, f"tools.{i}") for i, t in enumerate(req.tools)] if req.tools else None
-    return ChatInputs(messages, tools, _tool_choice(req.tool_choice))
+    parallel = req.tool_choice is None or not req.tool_choice.disable_parallel_tool_use
+    return ChatInputs(messages, tools, _tool_choice(req.tool_choice), parallel)
 
 
 def sampling_fields(req: MessagesRequest, model: str) -> SamplingFields:

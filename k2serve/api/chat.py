@@ -74,6 +74,7 @@ async def _chat_completion(
             None
             if body.response_format is None
             else body.response_format.model_dump(by_alias=True, exclude_none=True),
+            parallel_tool_calls=body.parallel_tool_calls is not False,
         )
     except ChatRequestError as e:
         raise bad_request(str(e), e.param) from e

@@ -113,7 +113,11 @@ async def create_response(
     lead = [inputs.instructions] if inputs.instructions is not None else []
     try:
         plan = plan_chat(
-            [*lead, *history, *inputs.messages], inputs.tools, inputs.tool_choice, inputs.response_format
+            [*lead, *history, *inputs.messages],
+            inputs.tools,
+            inputs.tool_choice,
+            inputs.response_format,
+            parallel_tool_calls=body.parallel_tool_calls is not False,
         )
         prompt = await asyncio.to_thread(plan.prompt, state.encoder)
     except ChatRequestError as e:

@@ -172,7 +172,9 @@ class ToolCallParser:
     the id runs to `<|tool_call_argument_begin|>`, the arguments to `<|tool_call_end|>`. A new
     `<|tool_call_begin|>` or `<|tool_calls_section_end|>` closes an unfinished call. Section
     markers are dropped; any other text, including stray text inside a section, is content.
-    `tool_names`, when given, marks calls to other functions `known=False`.
+    `tool_names`, when given, marks calls to other functions `known=False`. `max_calls`, when given,
+    keeps only the first `max_calls` calls: the events of later ones are dropped (0 drops every call,
+    for a turn without tools; 1 for `parallel_tool_calls: false`), their text never becomes content.
     """
 
     _TEXT, _SECTION, _CALL_ID, _CALL_ARGS = range(4)
@@ -183,8 +185,9 @@ class ToolCallParser:
         _CALL_ARGS: (TOOL_CALL_END, TOOL_CALL_BEGIN, TOOL_CALLS_SECTION_END),
     }
 
-    def __init__(self, tool_names: Collection[str] | None = None) -> None:
+    def __init__(self, tool_names: Collection[str] | None = None, max_calls: int | None = None) -> None:
         self._tool_names = None if tool_names is None else frozenset(tool_names)
+        self._max_calls = max_calls
         self._state = self._TEXT
         self._buf = ""
         self._id = ""  # id text of the open call
@@ -198,7 +201,7 @@ class ToolCallParser:
             before, marker, self._buf = _next_marker(self._buf, self._MARKERS[self._state])
             self._text(events, before)
             if marker is None:
-                return events
+                return self._kept(events)
             self._marker(events, marker)
 
     def finish(self) -> list[DeltaEvent]:
@@ -210,12 +213,18 @@ class ToolCallParser:
         if self._state == self._CALL_ARGS:
             self._end_call(events, complete=False)
         self._state = self._TEXT
-        return events
+        return self._kept(events)
 
     def parse(self, text: str) -> ParsedOutput:
         """One-shot parse with a fresh parser of the same configuration."""
-        p = ToolCallParser(self._tool_names)
+        p = ToolCallParser(self._tool_names, self._max_calls)
         return collect(p.feed(text) + p.finish())
+
+    def _kept(self, events: list[DeltaEvent]) -> list[DeltaEvent]:
+        """`events` less those of calls past `max_calls`."""
+        if self._max_calls is None:
+            return events
+        return [ev for ev in events if ev.kind is EventKind.CONTENT or ev.tool_index < self._max_calls]
 
     def _text(self, events: list[DeltaEvent], text: str) -> None:
         if self._state == self._CALL_ID:
@@ -280,10 +289,15 @@ def _is_json_object(text: str) -> bool:
 class OutputParser:
     """Reasoning parser followed by the tool-call parser on its content: the full K2 output."""
 
-    def __init__(self, starts_in_reasoning: bool = False, tool_names: Collection[str] | None = None) -> None:
-        self._config = (starts_in_reasoning, None if tool_names is None else frozenset(tool_names))
+    def __init__(
+        self,
+        starts_in_reasoning: bool = False,
+        tool_names: Collection[str] | None = None,
+        max_calls: int | None = None,
+    ) -> None:
+        self._config = (starts_in_reasoning, None if tool_names is None else frozenset(tool_names), max_calls)
         self._reasoning = ReasoningParser(starts_in_reasoning)
-        self._tools = ToolCallParser(tool_names)
+        self._tools = ToolCallParser(tool_names, max_calls)
 
     def feed(self, delta: str) -> list[DeltaEvent]:
         return self._route(self._reasoning.feed(delta))

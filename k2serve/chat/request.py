@@ -17,7 +17,15 @@ The rules (`ChatRequestError` names the offending field for each):
 - response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}; a
   json_schema format needs its json_schema object; a JSON format and a forced tool (required or
   named) exclude each other;
-- a forced tool or a JSON format becomes the grammar spec (the backend compiles it);
+- a forced tool or a JSON format becomes the grammar spec (the backend compiles it); so does "auto"
+  with tools (without a JSON format): free text, and once the model opens a tool-call section its calls
+  must name a declared tool and their arguments match its schema (closed when the tool is `strict`);
+- parallel_tool_calls false: at most one tool call per turn (a forced tool's grammar allows one call;
+  under "auto" the parser keeps the first);
+- a turn without tools in the prompt never returns tool calls or their text: a section the model
+  opens anyway is dropped;
+- historical tool-call ids are rendered as K2's `functions.{name}:{index}`, tool results' ids mapped
+  to match (`k2serve.chat.tool_ids`), whatever ids the client sent;
 - the prompt is rendered with the tokenizer's own chat template when it has one, else the native K2
   renderer, and message text never becomes special tokens (`PromptEncoder`); messages the template
   refuses are a ChatRequestError on "messages"; any other failure of the renderer propagates as it is
@@ -33,10 +41,11 @@ from typing import Any
 import jinja2
 
 from k2serve.chat.detok import REASONING_MARKERS, TOOL_MARKERS, OutputText
-from k2serve.chat.parsers import OutputParser, ParsedOutput, ReasoningParser
+from k2serve.chat.parsers import OutputParser, ParsedOutput
 from k2serve.chat.prompt import PromptEncoder
 from k2serve.chat.template import ChatTemplateError
 from k2serve.chat.tokenizer import KimiTokenizer
+from k2serve.chat.tool_ids import k2_tool_call_ids
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_CHOICE_MODES = ("none", "auto", "required")
@@ -63,12 +72,15 @@ class ChatPlan:
     tools: the tools rendered into the prompt (None: none, or tool_choice "none").
     tool_names: the names of every declared tool (what the tool-call parser accepts).
     structured: the grammar spec for GenerateRequest.structured (None: unconstrained).
+    parallel_tool_calls: False keeps a turn to one tool call (the grammar's when a tool is forced, the
+        parser's otherwise: calls after the first are dropped).
     """
 
     messages: list[Message]
     tools: list[dict[str, Any]] | None
     tool_names: list[str]
     structured: dict[str, Any] | None
+    parallel_tool_calls: bool = True
 
     @property
     def use_tools(self) -> bool:
@@ -79,15 +91,19 @@ class ChatPlan:
         """The prompt ids of `history` (earlier messages, e.g. a session's, as stored) followed by this
         request's messages, with the generation prompt; ChatRequestError("messages") when the chat
         template cannot render them."""
-        messages = [*history, *self.messages]
+        messages = k2_tool_call_ids([*history, *self.messages])
         try:
             return encoder.encode_chat(messages, self.tools, encoder.tokenizer.chat_template)
         except (ChatTemplateError, jinja2.TemplateError) as e:
             raise ChatRequestError(f"the messages cannot be rendered: {e}", "messages") from e
 
-    def parser(self) -> OutputParser | ReasoningParser:
-        """A fresh parser for the output text: reasoning, content, and tool calls when tools are in play."""
-        return OutputParser(tool_names=self.tool_names) if self.use_tools else ReasoningParser()
+    def parser(self) -> OutputParser:
+        """A fresh parser for the output text: reasoning, content, and tool calls when tools are in play.
+        Without tools in the prompt a tool-call section the model opens anyway is dropped (never content);
+        with `parallel_tool_calls` false only the first call is kept."""
+        if not self.use_tools:
+            return OutputParser(tool_names=(), max_calls=0)
+        return OutputParser(tool_names=self.tool_names, max_calls=None if self.parallel_tool_calls else 1)
 
     def output_text(
         self,
@@ -98,11 +114,11 @@ class ChatPlan:
         skip_special_tokens: bool = True,
     ) -> OutputText:
         """The output text of one request with these sampling settings: the markers the parser needs
-        are kept, the token that ended generation and anything from a stop string on are not."""
+        are kept (the tool-call markers also without tools, so that the parser can drop a section), the token that ended generation and anything from a stop string on are not."""
         return OutputText(
             tokenizer,
             skip_special_tokens=skip_special_tokens,
-            keep=REASONING_MARKERS + (TOOL_MARKERS if self.use_tools else ()),
+            keep=REASONING_MARKERS + TOOL_MARKERS,
             final_stop_ids=tokenizer.stop_ids | set(stop_token_ids),
             stop=stop,
         )
@@ -113,6 +129,7 @@ def plan_chat(
     tools: Sequence[dict[str, Any]] | None = None,
     tool_choice: str | dict[str, Any] | None = None,
     response_format: dict[str, Any] | None = None,
+    parallel_tool_calls: bool = True,
 ) -> ChatPlan:
     """Check a chat request (see the module docstring for the rules); raises ChatRequestError."""
     checked = _messages(messages)
@@ -125,12 +142,16 @@ def plan_chat(
             "response_format cannot be combined with a forced tool_choice", "response_format", response_format
         )
     structured: dict[str, Any] | None = None
-    if forced:
+    if forced or (choice == "auto" and json_format is None):
         structured = {"tools": list(tools or []), "tool_choice": choice}
+        if choice == "auto":  # free text and reasoning; the grammar binds at the tool-call section
+            structured["allow_reasoning"] = True
+        if not parallel_tool_calls:
+            structured["parallel_tool_calls"] = False
     elif json_format is not None:
         structured = {"response_format": json_format}
     prompt_tools = list(tools) if tools and choice != "none" else None
-    return ChatPlan(checked, prompt_tools, names, structured)
+    return ChatPlan(checked, prompt_tools, names, structured, parallel_tool_calls)
 
 
 def _messages(messages: Sequence[Message]) -> list[Message]:

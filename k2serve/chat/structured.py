@@ -108,16 +108,20 @@ def tool_choice_grammar(
     tools: Sequence[Mapping[str, Any]] | None,
     tool_choice: str | Mapping[str, Any] | None,
     allow_reasoning: bool = False,
+    parallel_tool_calls: bool = True,
 ) -> str | None:
-    """Lark grammar forcing a Kimi tool-call section; None when `tool_choice` forces nothing.
+    """Lark grammar for a Kimi tool-call section; None when `tool_choice` constrains nothing.
 
-    `"required"`: one or more calls, each to any declared tool; `{"type": "function",
-    "function": {"name": N}}`: exactly one call to N. Each call is
+    `"required"`: one or more calls (exactly one without `parallel_tool_calls`), each to any declared
+    tool; `{"type": "function", "function": {"name": N}}`: exactly one call to N; `"auto"`: free text
+    (no special tokens) with an optional tool-call section at its end, so the grammar only binds once
+    the model opens the section (its calls as under "required"). Each call is
     `<|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>ARGS<|tool_call_end|>`
-    with ARGS matching the tool's `parameters` schema (any object when absent). `"auto"`,
-    `"none"` and None give None (the server keeps tools out of the prompt for `"none"`).
+    with ARGS matching the tool's `parameters` schema (any object when absent); a tool with
+    `"strict": true` has its schema closed (`tool_schema`). `"none"` and None give None (the server
+    keeps tools out of the prompt for `"none"`).
     """
-    if tool_choice in (None, "auto", "none"):
+    if tool_choice in (None, "none"):
         return None
     by_name: dict[str, object] = {}
     for tool in tools or []:
@@ -125,9 +129,10 @@ def tool_choice_grammar(
         name = fn.get("name") if isinstance(fn, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
             raise StructuredOutputError("a tool needs function.name matching [A-Za-z0-9_.-]{1,64}", tool)
-        by_name[name] = fn.get("parameters") or {"type": "object"}
-    if tool_choice == "required":
-        names, repeat = list(by_name), "+"
+        by_name[name] = tool_schema(fn)
+    lazy = tool_choice == "auto"
+    if tool_choice in ("required", "auto"):
+        names, repeat = list(by_name), "+" if parallel_tool_calls else ""
     elif isinstance(tool_choice, Mapping) and isinstance(tool_choice.get("function"), Mapping):
         chosen = tool_choice["function"].get("name")
         if chosen not in by_name:
@@ -136,7 +141,7 @@ def tool_choice_grammar(
     else:
         raise StructuredOutputError("unsupported tool_choice", tool_choice)
     if not names:
-        raise StructuredOutputError("tool_choice 'required' without tools", tools)
+        raise StructuredOutputError(f"tool_choice {tool_choice!r} without tools", tools)
 
     rules = [f"calls: {TOOL_CALLS_SECTION_BEGIN} call{repeat} {TOOL_CALLS_SECTION_END}"]
     rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(names))))
@@ -147,7 +152,31 @@ def tool_choice_grammar(
         )
         rules.append(f"args_{i}: {_json_rule(by_name[name])}")
     rules.append("IDX: /0|[1-9][0-9]{0,3}/")
-    return _finish_grammar("calls\n" + "\n".join(rules), allow_reasoning)
+    if lazy:
+        rules.append(r"TEXT: /(.|\n)+/")
+    head = "TEXT? calls?" if lazy else "calls"
+    return _finish_grammar(head + "\n" + "\n".join(rules), allow_reasoning)
+
+
+def tool_schema(function: Mapping[str, Any]) -> object:
+    """The schema a call's arguments must match: `parameters` (any object when absent); with
+    `"strict": true` (OpenAI's strict function calling) every object that does not say otherwise
+    gets `additionalProperties: false`, so no undeclared key can be generated."""
+    schema = function.get("parameters") or {"type": "object"}
+    return _closed(schema) if function.get("strict") is True else schema
+
+
+def _closed(schema: object) -> object:
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {
+        k: _closed(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()
+    }
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 # ----- running a grammar -----
@@ -235,6 +264,7 @@ class GrammarCompiler:
         tools: Sequence[Mapping[str, Any]] | None,
         tool_choice: str | Mapping[str, Any] | None,
         allow_reasoning: bool = False,
+        parallel_tool_calls: bool = True,
     ) -> GrammarConstraint | None:
-        lark = tool_choice_grammar(tools, tool_choice, allow_reasoning)
+        lark = tool_choice_grammar(tools, tool_choice, allow_reasoning, parallel_tool_calls)
         return None if lark is None else self.from_lark(lark)

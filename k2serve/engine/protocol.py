@@ -40,9 +40,9 @@ class GenerateRequest:
     """One generation. `request_id` is unique among the backend's in-flight requests.
 
     `structured` is None or exactly one of `{"response_format": <OpenAI response_format>}` or
-    `{"tools": [<OpenAI tool>...], "tool_choice": "required" | {"type": "function", "function":
+    `{"tools": [<OpenAI tool>...], "tool_choice": "required" | "auto" | {"type": "function", "function":
     {"name": N}}}`, optionally with `"allow_reasoning": bool` (an optional `<think>` block may precede
-    the constrained output; default False). The backend compiles it with
+    the constrained output; default False) and `"parallel_tool_calls": false` (one call at most). The backend compiles it with
     `k2serve.chat.structured.GrammarCompiler` against its own tokenizer.
 
     `session` (agent sessions): the session this turn belongs to and where its prefix is cached; a

@@ -78,6 +78,9 @@ def compile_structured(compiler: GrammarCompiler, structured: dict[str, Any]) ->
     try:
         if param == "response_format":
             return compiler.for_response_format(structured["response_format"], allow_reasoning)
-        return compiler.for_tool_choice(structured.get("tools"), structured["tool_choice"], allow_reasoning)
+        parallel = structured.get("parallel_tool_calls", True) is not False
+        return compiler.for_tool_choice(
+            structured.get("tools"), structured["tool_choice"], allow_reasoning, parallel
+        )
     except (StructuredOutputError, ValueError, TypeError, AttributeError, KeyError) as e:
         raise InvalidRequestError(f"cannot build a grammar for {param}: {e}", param, structured[param]) from e
