@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from k2serve.cli import commands, plan
+from k2serve.kvcache.fp8 import CACHE_DTYPES
 from k2serve.model.presets import PRESETS
 from k2serve.planner.cli import add_arguments as add_planner_arguments
 
@@ -58,6 +59,14 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 429")
     s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument(
+        "--kv-cache-dtype",
+        choices=CACHE_DTYPES,
+        default="auto",
+        help="what the latent KV pool stores: auto = the model's --dtype; fp8 = e4m3 latent with a "
+        "per-token fp32 scale and bf16 RoPE keys (656 bytes/token/layer for K2, vLLM's fp8_ds_mla "
+        "row); prefill and decode workers must use the same",
+    )
 
 
 def add_transfer_backend_arg(s: argparse.ArgumentParser, what: str) -> None:
