@@ -192,3 +192,23 @@ def test_fp8_cluster_handoff_equals_single_process_fp8_engine(
         moved = httpx.get(f"{c.http_url}/cluster/workers").json()["kv_bytes_transferred"]
         row = Fp8Layout(mc.kv_lora_rank, mc.qk_rope_head_dim).row_bytes
         assert moved == sum(len(p) for p in ps) * mc.num_hidden_layers * row
+
+
+def test_capacity_model_counts_the_same_fp8_row() -> None:
+    from k2serve.capacity.memory import fp8_row_bytes
+
+    for rank, rope in ((512, 64), (256, 32), (64, 16), (8, 4)):
+        assert fp8_row_bytes(rank, rope) == Fp8Layout(rank, rope).row_bytes
+
+
+def test_cli_flag_reaches_the_engine_config() -> None:
+    from k2serve.cli.parser import KV_CACHE_DTYPES, build_parser
+    from k2serve.cli.settings import engine_args_from_up, engine_config
+    from k2serve.kvcache.fp8 import CACHE_DTYPES
+
+    assert KV_CACHE_DTYPES == CACHE_DTYPES
+    args = build_parser().parse_args(["serve", "--preset", "tiny", "--kv-cache-dtype", "fp8"])
+    assert engine_config(args).kv_cache_dtype == "fp8"
+    up = build_parser().parse_args(["up", "--preset", "tiny", "--kv-cache-dtype", "fp8"])
+    passed = engine_args_from_up(up)
+    assert passed[passed.index("--kv-cache-dtype") + 1] == "fp8"

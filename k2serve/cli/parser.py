@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 
 from k2serve.cli import commands, plan
-from k2serve.kvcache.fp8 import CACHE_DTYPES
 from k2serve.model.presets import PRESETS
 from k2serve.planner.cli import add_arguments as add_planner_arguments
 
 DTYPES = ("bfloat16", "float32", "float16")
+KV_CACHE_DTYPES = (
+    "auto",
+    "bf16",
+    "fp32",
+    "fp8",
+)  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -61,7 +66,7 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument(
         "--kv-cache-dtype",
-        choices=CACHE_DTYPES,
+        choices=KV_CACHE_DTYPES,
         default="auto",
         help="what the latent KV pool stores: auto = the model's --dtype; fp8 = e4m3 latent with a "
         "per-token fp32 scale and bf16 RoPE keys (656 bytes/token/layer for K2, vLLM's fp8_ds_mla "
