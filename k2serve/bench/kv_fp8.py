@@ -6,6 +6,8 @@ over an fp8 pool (kvcache/fp8.py), then `--new-tokens` greedy decode steps:
   the same context: max |logit error|, its ratio to the logits' std, and top-1 agreement;
 - free-running: each pool decodes its own greedy tokens; agreement is the share of equal positions
   and the length of the common prefix.
+- calibration: the first token's logits after the prompt over an fp32 pool, against those over a
+  bf16 pool and over an fp8 pool (how much the model amplifies any cache rounding).
 Also the decode time per token of each (the fp8 one pays the per-tile dequantization on CPU).
 """
 
@@ -25,11 +27,13 @@ from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.model import K2Model
 
 
-def _pool(model: K2Model, tokens: int, block_size: int, fp8: bool) -> tuple[KVCachePool, list[int]]:
+def _pool(
+    model: K2Model, tokens: int, block_size: int, fp8: bool, dtype: torch.dtype = torch.bfloat16
+) -> tuple[KVCachePool, list[int]]:
     mc = model.config
     blocks = -(-tokens // block_size)
     layout = Fp8Layout(mc.kv_lora_rank, mc.qk_rope_head_dim) if fp8 else None
-    dtype = model.dtype if fp8 else torch.bfloat16
+    dtype = model.dtype if fp8 else dtype
     pool = KVCachePool(mc.num_hidden_layers, blocks + 1, block_size, mc.kv_cache_dim, dtype, "cpu", layout)
     return pool, list(range(blocks))
 
@@ -55,6 +59,24 @@ def decode(
     return tokens, all_logits, per_step
 
 
+@torch.inference_mode()
+def calibrate(model: K2Model, prompt: list[int]) -> dict[str, float]:
+    """Mean |error| of the first token's logits over a bf16 and an fp8 pool against an fp32 pool."""
+    logits = {}
+    for name, fp8, dtype in (
+        ("fp32", False, torch.float32),
+        ("bf16", False, torch.bfloat16),
+        ("fp8", True, None),
+    ):
+        pool, table = _pool(model, len(prompt), 16, fp8, dtype or torch.float32)
+        runner = ModelRunner(model, pool, pad_slot=(pool.num_blocks - 1) * 16)
+        logits[name] = runner.run([RowSpec(prompt, 0, table, True)])[0]
+    return {
+        f"prefill_mean_abs_logit_error_{k}_vs_fp32": float((logits[k] - logits["fp32"]).abs().mean())
+        for k in ("bf16", "fp8")
+    }
+
+
 def compare(model: K2Model, prompt: list[int], new_tokens: int) -> dict[str, Any]:
     """The figures of the module docstring for one prompt."""
     ref, ref_logits, t_bf16 = decode(model, prompt, new_tokens, fp8=False)
@@ -74,6 +96,7 @@ def compare(model: K2Model, prompt: list[int], new_tokens: int) -> dict[str, Any
         "free_running_common_prefix": common,
         "decode_s_per_token_bf16": t_bf16,
         "decode_s_per_token_fp8": t_fp8,
+        **calibrate(model, prompt),
     }
 
 
