@@ -167,13 +167,17 @@ def test_registry_refuses_to_pair_different_cache_dtypes() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "grpc"])
 def test_fp8_cluster_handoff_equals_single_process_fp8_engine(
-    tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, backend: str
 ) -> None:
     """1P1D with --kv-cache-dtype fp8 on both workers: the KV transfer ships the fp8 rows (bytes
-    moved = tokens x layers x the fp8 row), and the tokens equal the single-process fp8 engine's."""
+    moved = tokens x layers x the fp8 row), and the tokens equal the single-process fp8 engine's;
+    torch.distributed receives in place into the decode pool, gRPC through KVReservation.write."""
     engine_args = ("--kv-cache-mb", "32", "--block-size", "8", "--kv-cache-dtype", "fp8")
-    spec = local_cluster_spec(tiny_ckpt, tmp_path_factory.mktemp("up-fp8"), engine_args=engine_args)
+    spec = local_cluster_spec(
+        tiny_ckpt, tmp_path_factory.mktemp("up-fp8"), engine_args=engine_args, transfer_backend=backend
+    )
     ps = prompts(6, seed=5)
     max_tokens = [4 + i % 5 for i in range(6)]
     llm = LLM(tiny_ckpt, engine_config=EngineConfig(num_kv_blocks=512, block_size=8, kv_cache_dtype="fp8"))
