@@ -42,7 +42,8 @@ def test_bundled_config_is_the_reference_one() -> None:
 
 def test_kv_per_token_and_per_256k_session() -> None:
     assert kv_bytes_per_token(K2) == 576 * 2 * 61 == 70_272
-    assert kv_bytes_per_token(K2, kv_bytes=1) == 35_136  # an fp8 latent halves it
+    # the fp8 cache: 512 fp8 + 16 B of scales + 64 bf16 RoPE values = 656 B per layer (57% of bf16)
+    assert kv_bytes_per_token(K2, kv_bytes=1) == 656 * 61 == 40_016
     p = plan(K2, "h200", GPUS["h200"].memory_bytes, Layout(ep=16), Workload())
     assert p.session_bytes == 262_144 * 70_272 == 18_421_383_168
     assert round(p.session_bytes / GiB, 2) == 17.16

@@ -136,8 +136,19 @@ def _fp8(config: ModelConfig) -> bool:
     return config.quant is not None and config.quant.method == "fp8"
 
 
+def fp8_row_bytes(kv_rank: int, rope_dim: int) -> int:
+    """Bytes of one token of one layer in the fp8 latent cache (k2serve/kvcache/fp8.py, vLLM's
+    fp8_ds_mla row): kv_rank fp8 values, fp32 scale slots (one per 128 values, padded to 16 bytes)
+    and rope_dim bf16 values: 512 + 16 + 128 = 656 for K2."""
+    return kv_rank + -(-4 * math.ceil(kv_rank / 128) // 16) * 16 + 2 * rope_dim
+
+
 def kv_bytes_per_token(config: ModelConfig, kv_bytes: int = 2) -> int:
-    """The latent one token caches over all layers: (kv_lora_rank + qk_rope_head_dim) values per layer."""
+    """The latent one token caches over all layers: (kv_lora_rank + qk_rope_head_dim) values per layer
+    of `kv_bytes` each; kv_bytes 1 is the fp8 cache, whose rows also hold the scales and keep the
+    RoPE part in bf16 (`fp8_row_bytes`)."""
+    if kv_bytes == 1:
+        return config.num_hidden_layers * fp8_row_bytes(config.kv_lora_rank, config.qk_rope_head_dim)
     return config.num_hidden_layers * config.kv_cache_dim * kv_bytes
 
 

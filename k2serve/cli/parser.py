@@ -14,6 +14,12 @@ from k2serve.planner.cli import add_arguments as add_planner_arguments
 DTYPES = ("bfloat16", "float32", "float16")
 # k2serve.model.presets.PRESETS' names (importing k2serve.model loads torch; `plan` must not)
 PRESET_NAMES = ("long", "small", "tiny")
+KV_CACHE_DTYPES = (
+    "auto",
+    "bf16",
+    "fp32",
+    "fp8",
+)  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -59,6 +65,14 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 429")
     s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="what the latent KV pool stores: auto = the model's --dtype; fp8 = e4m3 latent with a "
+        "per-token fp32 scale and bf16 RoPE keys (656 bytes/token/layer for K2, vLLM's fp8_ds_mla "
+        "row); prefill and decode workers must use the same",
+    )
 
 
 def add_transfer_backend_arg(s: argparse.ArgumentParser, what: str) -> None:

@@ -50,6 +50,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -192,6 +193,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         str(args.max_num_batched_tokens),
         "--max-waiting",
         str(args.max_waiting),
+        "--kv-cache-dtype",
+        args.kv_cache_dtype,
     ]
     if args.kv_cache_mb is not None:
         out += ["--kv-cache-mb", str(args.kv_cache_mb)]

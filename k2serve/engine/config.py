@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from k2serve.kvcache.fp8 import CACHE_DTYPES
+
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
 
 
@@ -20,6 +22,8 @@ class EngineConfig:
     rank for weights + activations + KV: the pool gets what is left after the loaded weights and a
     profiled activation peak (engine/kv_sizing.py). max_num_seqs: running sequences at most.
     max_num_batched_tokens: tokens computed per step (chunked prefill splits prompts to fit).
+    kv_cache_dtype: what the pool stores, one of CACHE_DTYPES: "auto" (the model's dtype), "bf16",
+    "fp32", or "fp8" (e4m3 c_kv with a per-token scale + bf16 RoPE keys, kvcache/fp8.py).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -34,6 +38,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     max_waiting: int = 4096
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
@@ -46,6 +51,10 @@ class EngineConfig:
         if len(given) > 1:
             raise EngineConfigError(
                 f"give one of kv_cache_bytes, num_kv_blocks, memory_budget_bytes, got {given}"
+            )
+        if self.kv_cache_dtype not in CACHE_DTYPES:
+            raise EngineConfigError(
+                f"kv_cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")

@@ -18,14 +18,17 @@ from k2serve.kvcache.pool import KVCachePool
 
 @dataclass(frozen=True)
 class KVGeometry:
-    """One engine's latent KV: `num_layers` layers of `kv_dim` values per token (576 for K2: the
-    512-value compressed KV and the 64-value RoPE key) in `dtype`, paged in blocks of `block_size`
-    tokens. A sender and a receiver of KV must agree on all but `block_size`."""
+    """One engine's latent KV as its pool stores it: `num_layers` layers of rows of `kv_dim` elements
+    of `dtype` per token (576 values for K2: the 512-value compressed KV and the 64-value RoPE key;
+    with an fp8 cache the 656 raw uint8 bytes of kvcache/fp8.py), paged in blocks of `block_size`
+    tokens; `cache_dtype` names the format ("bfloat16", "float32", "fp8"). A sender and a receiver
+    of KV must agree on all but `block_size` (the transfer ships the rows as they are)."""
 
     num_layers: int
     kv_dim: int
     block_size: int
     dtype: torch.dtype
+    cache_dtype: str = ""
 
     @property
     def bytes_per_token(self) -> int:
@@ -51,11 +54,12 @@ class KVReservation:
         return self._start is not None
 
     def write(self, layer: int, kv: torch.Tensor) -> None:
-        """Store `layer`'s latent of the prompt, kv [num_tokens, kv_dim] (cast to the pool's dtype)."""
-        self._pool.write(layer, self._slots, kv)
+        """Store `layer`'s rows of the prompt as another engine's pool holds them, kv [num_tokens,
+        row_width] in the pool's storage dtype (the geometry's kv_dim and dtype)."""
+        self._pool.write_rows(layer, self._slots, kv)
 
     def rows(self, layer: int) -> torch.Tensor:
-        """The pool's own memory of `layer` for these positions, [num_tokens, kv_dim] (writing it writes
+        """The pool's own memory of `layer` for these positions, [num_tokens, row_width] (writing it writes
         the cache); only when `contiguous`."""
         if self._start is None:
             raise ValueError(f"the blocks {self.block_table} are not consecutive: write() layers instead")

@@ -27,6 +27,7 @@ import torch
 from k2serve.capacity.memory import Layout, Workload, activation_bytes, gib
 from k2serve.engine.config import DEFAULT_KV_CACHE_BYTES, EngineConfig, EngineConfigError
 from k2serve.engine.model_runner import ModelRunner, RowSpec
+from k2serve.kvcache.fp8 import Fp8Layout, resolve_cache_dtype
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.model import K2Model
 
@@ -52,6 +53,17 @@ def model_bytes(model: K2Model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def pool_format(model: K2Model, config: EngineConfig) -> tuple[torch.dtype, Fp8Layout | None]:
+    """(value dtype, fp8 layout or None) of the pool `config.kv_cache_dtype` asks for: the pool's
+    storage dtype is the value dtype, or uint8 rows of the fp8 layout (values come back in the
+    model's dtype)."""
+    mc = model.config
+    dtype = resolve_cache_dtype(config.kv_cache_dtype, model.dtype)
+    if dtype is None:
+        return model.dtype, Fp8Layout(mc.kv_lora_rank, mc.qk_rope_head_dim)
+    return dtype, None
+
+
 def _device(model: K2Model) -> torch.device:
     return model.embed_tokens.weight.device
 
@@ -72,7 +84,8 @@ def profile_activations(model: K2Model, config: EngineConfig) -> tuple[int, str]
     lengths = [tokens // rows_n + (1 if i < tokens % rows_n else 0) for i in range(rows_n)]
     blocks = [math.ceil(n / bs) for n in lengths]
     device = _device(model)
-    pool = KVCachePool(mc.num_hidden_layers, sum(blocks) + 1, bs, mc.kv_cache_dim, model.dtype, device)
+    dtype, fp8 = pool_format(model, config)
+    pool = KVCachePool(mc.num_hidden_layers, sum(blocks) + 1, bs, mc.kv_cache_dim, dtype, device, fp8)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(mc.vocab_size, (tokens,), generator=gen).tolist()
     rows, first, at = [], 0, 0
@@ -87,8 +100,8 @@ def profile_activations(model: K2Model, config: EngineConfig) -> tuple[int, str]
             max_model_len=max(tokens, 1),
             max_num_batched_tokens=tokens,
             max_num_seqs=rows_n,
-            kv_bytes=pool.kv.element_size(),
-            act_bytes=pool.kv.element_size(),
+            kv_bytes=1 if fp8 else pool.kv.element_size(),
+            act_bytes=model.embed_tokens.weight.element_size(),
         ),
     )
     if device.type == "cuda":
@@ -117,7 +130,9 @@ def size_kv(model: K2Model, config: EngineConfig) -> KVSizing:
         raise EngineConfigError(
             f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {positions}"
         )
-    per_block = KVCachePool.block_bytes(mc.num_hidden_layers, bs, mc.kv_cache_dim, model.dtype)
+    per_block = KVCachePool.block_bytes(
+        mc.num_hidden_layers, bs, mc.kv_cache_dim, *pool_format(model, config)
+    )
     weights = activations = 0
     how = ""
     if config.num_kv_blocks is not None:

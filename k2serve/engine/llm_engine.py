@@ -20,7 +20,7 @@ from k2serve.chat.tokenizer import IncrementalDecoder, KimiTokenizer, load_token
 from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
-from k2serve.engine.kv_sizing import size_kv
+from k2serve.engine.kv_sizing import pool_format, size_kv
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
@@ -108,7 +108,7 @@ class LLMEngine:
         self.kv_sizing = size_kv(model, self.config)
         self.max_model_len = self.kv_sizing.max_model_len
         num_blocks = self.kv_sizing.num_blocks
-        dt = model.dtype
+        dt, fp8 = pool_format(model, self.config)
         # The pool gets one block more than the block manager hands out: the scratch block where padding
         # rows of a step write their (unused) latent.
         self.pool = KVCachePool(
@@ -118,6 +118,7 @@ class LLMEngine:
             mc.kv_cache_dim,
             dt,
             model.embed_tokens.weight.device,
+            fp8,
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
@@ -249,7 +250,13 @@ class LLMEngine:
     @property
     def kv_geometry(self) -> KVGeometry:
         mc = self.model.config
-        return KVGeometry(mc.num_hidden_layers, mc.kv_cache_dim, self.blocks.block_size, self.pool.kv.dtype)
+        return KVGeometry(
+            mc.num_hidden_layers,
+            self.pool.row_width,
+            self.blocks.block_size,
+            self.pool.kv.dtype,
+            self.pool.cache_dtype,
+        )
 
     def reserve_kv(self, num_tokens: int) -> KVReservation:
         """Fresh blocks (never shared with the prefix cache) for `num_tokens` positions whose KV comes
@@ -306,7 +313,7 @@ class LLMEngine:
         slots = [self.pool.slot_mapping(s.block_table, 0, s.num_tokens) for s in sinks]
 
         def on_layer(layer: int) -> None:
-            flat = self.pool.kv[layer].view(-1, self.pool.kv_dim)  # [slots, D]
+            flat = self.pool.layer_rows(layer)  # [slots, row_width]: raw rows (fp8 rows as stored)
             for seq, sl in zip(sinks, slots, strict=True):
                 if seq.kv_sink is None:
                     continue

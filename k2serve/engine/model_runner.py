@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -89,11 +90,12 @@ class PagedBackend:
         self.pool.write(layer, self.inputs.slots, latent)
         if self.on_layer is not None:
             self.on_layer(layer)
-        rows = self.pool.layer_rows(layer)  # [S, C + dr]
+        rows = self.pool.layer_rows(layer)  # [S, C + dr], or raw fp8 rows [S, W]
+        dequantize = None if self.pool.fp8 is None else partial(self.pool.dequantize, dtype=q_nope.dtype)
         out = q_nope.new_zeros(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv] (padding rows stay 0)
         for w in self.inputs.work:
             index = w.token.clamp_min(0)
-            tiles = paged_tiles(rows, w.key_slots, w.key_pos, self.tiles.tile_tokens)
+            tiles = paged_tiles(rows, w.key_slots, w.key_pos, self.tiles.tile_tokens, dequantize)
             if w.absorbed:
                 w_uk, w_uv = mla.absorb_weights()
                 q_lat = torch.einsum("nqhd,hdc->nqhc", q_nope[index], w_uk)  # [N, Q, H, C]

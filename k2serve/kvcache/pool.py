@@ -5,6 +5,10 @@ values (512 normalised c_kv + 64 rotated k_pe = 576 for K2), never expanded per-
 A *block* is `block_size` consecutive token positions of one sequence, across all layers;
 a *slot* is one token position inside the pool, `slot = block_id * block_size + offset`.
 
+With an fp8 cache (`fp8=Fp8Layout(...)`, see kvcache/fp8.py) each row is the raw uint8 fp8 row
+(656 bytes for K2) instead: `write` quantises, `rows`/`layer_rows` give the raw rows (what the KV
+transfer ships), `dequantize` turns rows read by the attention (one tile at a time) back into values.
+
 This module only moves data; which block belongs to which sequence is `BlockManager`'s job.
 """
 
@@ -14,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from k2serve.kvcache.fp8 import Fp8Layout
+
 __all__ = ["KVCachePool", "KVCachePoolError"]
 
 
@@ -22,7 +28,9 @@ class KVCachePoolError(ValueError):
 
 
 class KVCachePool:
-    """Holds `kv`: [num_layers, num_blocks, block_size, kv_dim] in `dtype` on `device` (zero-filled)."""
+    """Holds `kv`: [num_layers, num_blocks, block_size, row_width] on `device` (zero-filled): rows of
+    kv_dim values in `dtype`, or with `fp8` rows of fp8.row_bytes uint8 (then `dtype` is what
+    `dequantize` returns by default)."""
 
     def __init__(
         self,
@@ -32,6 +40,7 @@ class KVCachePool:
         kv_dim: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        fp8: Fp8Layout | None = None,
     ) -> None:
         for name, value in (
             ("num_layers", num_layers),
@@ -45,13 +54,35 @@ class KVCachePool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_dim = kv_dim
-        self.kv = torch.zeros(num_layers, num_blocks, block_size, kv_dim, dtype=dtype, device=device)
+        if fp8 is not None and fp8.kv_dim != kv_dim:
+            raise KVCachePoolError(f"fp8 layout of {fp8.kv_dim} values does not match kv_dim {kv_dim}")
+        self.fp8 = fp8
+        self.value_dtype = dtype
+        self.row_width = kv_dim if fp8 is None else fp8.row_bytes
+        store = dtype if fp8 is None else torch.uint8
+        self.kv = torch.zeros(num_layers, num_blocks, block_size, self.row_width, dtype=store, device=device)
 
     @staticmethod
-    def block_bytes(num_layers: int, block_size: int, kv_dim: int, dtype: torch.dtype) -> int:
-        """Bytes one block takes over all layers: num_layers * block_size * kv_dim * itemsize."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return num_layers * block_size * kv_dim * itemsize
+    def block_bytes(
+        num_layers: int, block_size: int, kv_dim: int, dtype: torch.dtype, fp8: Fp8Layout | None = None
+    ) -> int:
+        """Bytes one block takes over all layers: num_layers * block_size * row bytes (kv_dim *
+        itemsize, or the fp8 row's bytes)."""
+        row = fp8.row_bytes if fp8 is not None else kv_dim * torch.empty((), dtype=dtype).element_size()
+        return num_layers * block_size * row
+
+    @property
+    def cache_dtype(self) -> str:
+        """The cache's format name: "fp8" or the torch dtype's name ("bfloat16", "float32")."""
+        return "fp8" if self.fp8 is not None else str(self.kv.dtype).removeprefix("torch.")
+
+    def dequantize(self, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows read from the pool [..., row_width] as values [..., kv_dim] in `dtype` (default: the
+        pool's value dtype); without fp8 only a cast."""
+        dtype = dtype or self.value_dtype
+        if self.fp8 is None:
+            return rows.to(dtype)
+        return self.fp8.dequantize(rows, dtype)
 
     @classmethod
     def from_budget(
@@ -62,21 +93,22 @@ class KVCachePool:
         kv_dim: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        fp8: Fp8Layout | None = None,
     ) -> KVCachePool:
         """The largest pool whose `kv` tensor fits in `memory_bytes` (bytes, not GiB)."""
-        per_block = cls.block_bytes(num_layers, block_size, kv_dim, dtype)
+        per_block = cls.block_bytes(num_layers, block_size, kv_dim, dtype, fp8)
         num_blocks = memory_bytes // per_block
         if num_blocks < 1:
             raise KVCachePoolError(
                 f"KV cache budget of {memory_bytes} bytes holds no block: one block of {block_size} tokens "
-                f"x {num_layers} layers x {kv_dim} values in {dtype} needs {per_block} bytes"
+                f"x {num_layers} layers x {kv_dim} values in {'fp8' if fp8 else dtype} needs {per_block} bytes"
             )
-        return cls(num_layers, num_blocks, block_size, kv_dim, dtype, device)
+        return cls(num_layers, num_blocks, block_size, kv_dim, dtype, device, fp8)
 
     @property
     def bytes_per_block(self) -> int:
         """Bytes one block takes over all layers."""
-        return self.block_bytes(self.num_layers, self.block_size, self.kv_dim, self.kv.dtype)
+        return self.block_bytes(self.num_layers, self.block_size, self.kv_dim, self.kv.dtype, self.fp8)
 
     @property
     def num_slots(self) -> int:
@@ -113,28 +145,41 @@ class KVCachePool:
 
     def rows(self, layer: int, start: int, num_tokens: int) -> torch.Tensor:
         """The pool's own memory of slots [start, start + num_tokens) of `layer`: a contiguous
-        [num_tokens, kv_dim] view (writing it writes the cache)."""
+        [num_tokens, row_width] view of raw rows (writing it writes the cache)."""
         if not 0 <= start <= start + num_tokens <= self.num_slots:
             raise KVCachePoolError(
                 f"slots [{start}, {start + num_tokens}) outside the pool's {self.num_slots}"
             )
-        return self.kv[layer].view(self.num_slots, self.kv_dim)[start : start + num_tokens]
+        return self.layer_rows(layer)[start : start + num_tokens]
 
     def layer_rows(self, layer: int) -> torch.Tensor:
-        """All slots of `layer` as one [num_slots, kv_dim] view (slot-addressed reads by the attention)."""
-        return self.kv[layer].view(self.num_slots, self.kv_dim)
+        """All slots of `layer` as one [num_slots, row_width] view of raw rows (slot-addressed reads by
+        the attention, which dequantizes what it reads)."""
+        return self.kv[layer].view(self.num_slots, self.row_width)
 
     def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
-        """Store `values` [T, kv_dim] of `layer` at `slots` [T] (cast to the pool dtype)."""
+        """Store `values` [T, kv_dim] of `layer` at `slots` [T] (cast to the pool dtype, or quantised
+        to fp8 rows)."""
         if values.dim() != 2 or values.shape[1] != self.kv_dim or values.shape[0] != slots.numel():
             raise KVCachePoolError(
                 f"values of shape {tuple(values.shape)} do not match {slots.numel()} slots x kv_dim {self.kv_dim}"
             )
-        flat = self.kv[layer].view(self.num_slots, self.kv_dim)  # [S, D]
-        flat.index_copy_(0, slots.to(self.kv.device), values.to(self.kv.device, self.kv.dtype))
+        rows = values.to(self.kv.device, self.kv.dtype) if self.fp8 is None else self.fp8.quantize(values)
+        self.write_rows(layer, slots, rows)
+
+    def write_rows(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store raw rows [T, row_width] in the pool's storage dtype (as `rows` reads them: KV received
+        from another engine with the same cache format) at `slots` [T]."""
+        if tuple(rows.shape) != (slots.numel(), self.row_width) or rows.dtype != self.kv.dtype:
+            raise KVCachePoolError(
+                f"rows {tuple(rows.shape)} {rows.dtype} do not match {slots.numel()} slots x "
+                f"{self.row_width} {self.kv.dtype} ({self.cache_dtype} cache)"
+            )
+        self.layer_rows(layer).index_copy_(0, slots.to(self.kv.device), rows.to(self.kv.device))
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> torch.Tensor:
-        """The cache of `layer` for a batch of sequences, as [B, max_blocks * block_size, kv_dim].
+        """The cache of `layer` for a batch of sequences, as [B, max_blocks * block_size, kv_dim] values
+        (dequantized from an fp8 cache).
 
         `block_tables` is a LongTensor [B, max_blocks]; rows shorter than max_blocks are padded
         with -1. Row b's position p is gathered from block `block_tables[b, p // block_size]`;
@@ -147,5 +192,6 @@ class KVCachePool:
             )
         batch, max_blocks = block_tables.shape
         ids = block_tables.to(self.kv.device, torch.long).clamp_min(0).reshape(-1)  # [B * M]
-        blocks = self.kv[layer].index_select(0, ids)  # [B * M, block_size, D]
-        return blocks.view(batch, max_blocks * self.block_size, self.kv_dim)
+        blocks = self.kv[layer].index_select(0, ids)  # [B * M, block_size, W]
+        rows = blocks.view(batch, max_blocks * self.block_size, self.row_width)
+        return rows if self.fp8 is None else self.dequantize(rows)

@@ -22,7 +22,7 @@ by query q iff key_pos[n, k] <= q_pos[n, q]; padding keys carry `PAD_KEY_POS`, p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -108,16 +108,23 @@ class OnlineSoftmax:
 
 
 def paged_tiles(
-    rows: torch.Tensor, key_slots: torch.Tensor, key_pos: torch.Tensor, tile_tokens: int
+    rows: torch.Tensor,
+    key_slots: torch.Tensor,
+    key_pos: torch.Tensor,
+    tile_tokens: int,
+    dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[KeyTile]:
     """Read N items' keys tile by tile from one layer's flat latent rows [S, C + dr].
 
     key_slots, key_pos [N, K]: slot and position of key k of item n (padding: any valid slot and
-    `PAD_KEY_POS`). Only one tile [N, tile_tokens, C + dr] is gathered at a time.
+    `PAD_KEY_POS`). Only one tile [N, tile_tokens, C + dr] is gathered at a time. With a quantised
+    cache `rows` are its raw rows [S, W] and `dequantize` turns one gathered tile [N, T, W] into
+    values [N, T, C + dr] (an fp8 cache is dequantized per tile, never as a whole).
     """
     for t0 in range(0, key_slots.shape[1], tile_tokens):
         t1 = min(t0 + tile_tokens, key_slots.shape[1])
-        yield KeyTile(rows[key_slots[:, t0:t1]], key_pos[:, t0:t1])
+        tile = rows[key_slots[:, t0:t1]]
+        yield KeyTile(tile if dequantize is None else dequantize(tile), key_pos[:, t0:t1])
 
 
 def _mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,7 @@ class WorkerTable:
         role = ROLE_NAMES.get(info.role)
         if role is None:
             raise ValueError(f"worker {info.worker_id!r} has unsupported role {info.role}")
+        self._check_pairable(info, role)
         w = Worker(info.worker_id, role, info.grpc_address, info, self._channel(info.grpc_address), static)
         w.ready = static or info.ready
         self.workers[info.worker_id] = w
@@ -80,6 +81,25 @@ class WorkerTable:
             "worker %s (%s) joined at %s%s", w.worker_id, role, w.address, "" if w.ready else " (warming up)"
         )
         return w
+
+    def _check_pairable(self, info: registry_pb2.WorkerInfo, role: str) -> None:
+        """Refuse a prefill (decode) worker whose KV cache format differs from a registered decode
+        (prefill) worker's: the KV transfer ships the pool's rows as they are, so a bf16 prefill
+        cannot hand its cache to an fp8 decode. Workers that report no geometry (static) pass."""
+        if not info.kv_dtype:
+            return
+        mine = (info.kv_dtype, info.kv_dim, info.num_layers)
+        for w in self.workers.values():
+            theirs = (w.info.kv_dtype, w.info.kv_dim, w.info.num_layers)
+            if w.worker_id == info.worker_id or not w.info.kv_dtype or theirs == mine:
+                continue
+            if {role, w.role} == {"prefill", "decode"}:
+                raise ValueError(
+                    f"{role} worker {info.worker_id!r} cannot be paired with {w.role} worker {w.worker_id!r}: "
+                    f"its KV cache is {info.kv_dtype} ({info.num_layers} layers x {info.kv_dim}) but "
+                    f"{w.worker_id!r}'s is {w.info.kv_dtype} ({w.info.num_layers} layers x {w.info.kv_dim}); "
+                    "start every prefill and decode worker with the same --kv-cache-dtype"
+                )
 
     def remove(self, worker_id: str, why: str) -> None:
         w = self.workers.pop(worker_id, None)

@@ -23,6 +23,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "float32": torch.float32,
     "float8_e4m3fn": torch.float8_e4m3fn,
+    "uint8": torch.uint8,  # raw rows of a quantised cache (the fp8 latent rows of kvcache/fp8.py)
 }
 """Wire dtype names (KVChunkHeader.dtype) and the dtypes they stand for; nothing else is accepted."""
 

@@ -95,7 +95,7 @@ def worker_info(
         num_layers=kv.num_layers,
         kv_dim=kv.kv_dim,
         block_size=kv.block_size,
-        kv_dtype=str(kv.dtype).removeprefix("torch."),
+        kv_dtype=kv.cache_dtype or str(kv.dtype).removeprefix("torch."),
         capacity=registry_pb2.WorkerCapacity(
             free_blocks=stats.kv_blocks_total - stats.kv_blocks_used,
             total_blocks=stats.kv_blocks_total,

@@ -26,7 +26,8 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{- $args := concat (list "--block-size" (printf "%d" (int $e.blockSize))) $pool (list
   "--max-num-seqs" (printf "%d" (int $e.maxNumSeqs))
   "--max-num-batched-tokens" (printf "%d" (int $e.maxNumBatchedTokens))
-  "--max-waiting" (printf "%d" (int $e.maxWaiting))) -}}
+  "--max-waiting" (printf "%d" (int $e.maxWaiting))
+  "--kv-cache-dtype" $e.kvCacheDtype) -}}
 {{- if gt (int $e.maxModelLen) 0 -}}
 {{- $args = concat $args (list "--max-model-len" (printf "%d" (int $e.maxModelLen))) -}}
 {{- end -}}
