@@ -26,6 +26,7 @@ BENCHMARKS = {
     "interference": "k2serve.bench.interference",
     "int4-experts": "k2serve.bench.int4_experts",
     "tracing": "k2serve.bench.tracing",
+    "long-context": "k2serve.bench.long_context",
 }
 
 
