@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from k2serve.bench.long_context import LONG_BENCH_DIMS
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.sampling_params import SamplingParams
@@ -16,6 +17,7 @@ from k2serve.engine.scheduler import Scheduler
 from k2serve.engine.sequence import Sequence, SequenceStatus
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.model.checkpoint import write_checkpoint
+from k2serve.model.presets import PRESETS
 
 LONG_PROMPT = 262144 - 64  # K2's full length, less the room for its output
 BUDGET = 2048
@@ -88,8 +90,10 @@ def test_256k_prefill_never_stalls_running_decodes() -> None:
 
 @pytest.fixture(scope="module")
 def long_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The `long` preset (tiny dims, K2's 262,144 YaRN positions), fp32 weights."""
-    return write_checkpoint(tmp_path_factory.mktemp("long"), "long", seed=0, dtype=torch.float32)
+    """The `long` preset (K2's 262,144 YaRN positions) cut to 2 layers (dense + MoE) and hidden 64, as
+    tests/test_long_context.py and `k2serve bench long-context` use it: fp32 weights."""
+    config = PRESETS["long"] | LONG_BENCH_DIMS
+    return write_checkpoint(tmp_path_factory.mktemp("long"), config, seed=0, dtype=torch.float32)
 
 
 def make_engine(ckpt: Path, **kw: int) -> LLMEngine:
@@ -150,7 +154,7 @@ def test_preempted_long_sequence_resumes_with_identical_tokens(long_ckpt: Path) 
     blocks (5 free once it is admitted): the decodes' growth preempts the long sequence (the newest), it waits, is readmitted and
     recomputed (its cached prefix blocks reused where they survived) and finishes with the greedy
     tokens of an unpreempted run; so do the decodes."""
-    params = SamplingParams(temperature=0.0, max_tokens=160, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     shorts = {f"d{i}": long_prompt(30 + i, seed=10 + i) for i in range(4)}
     long_p = long_prompt(2000, seed=7)
     roomy = make_engine(long_ckpt)
