@@ -27,6 +27,7 @@ BENCHMARKS = {
     "int4-experts": "k2serve.bench.int4_experts",
     "tracing": "k2serve.bench.tracing",
     "tool-schemas": "k2serve.bench.tool_schemas",
+    "long-context": "k2serve.bench.long_context",
 }
 
 

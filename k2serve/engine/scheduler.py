@@ -3,8 +3,10 @@
 Each step: running sequences first (decodes and unfinished prefill chunks, oldest first), then
 waiting ones are admitted while the token budget, the sequence limit and the block pool allow.
 Prompts longer than the remaining budget are prefilled in chunks over several steps, mixed with
-decodes. When the pool runs dry the most recently admitted running sequence is preempted by
-recompute: its blocks are freed and it waits again, keeping the tokens it generated.
+decodes. Running sequences come first, so a long prompt's chunk takes only what the running decodes
+leave of the budget and never stalls them (tests/test_long_scheduling.py). When the pool runs dry the
+most recently admitted running sequence is preempted by recompute: its blocks are freed and it waits
+again, keeping the tokens it generated.
 """
 
 from __future__ import annotations
