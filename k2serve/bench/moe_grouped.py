@@ -18,6 +18,7 @@ in the path (and by one token of context per round).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -85,8 +86,8 @@ def bench_layer(config: ModelConfig, dtype: torch.dtype, batches: Sequence[int],
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, config.hidden_size).to(dtype)
-            grouped = with_threshold(0, lambda x=x: layer(x))
-            loop = with_threshold(LOOP, lambda x=x: layer(x))
+            step = functools.partial(layer, x)
+            grouped, loop = with_threshold(0, step), with_threshold(LOOP, step)
             time_paired(grouped, loop, 3)  # warm-up
             out.append({"batch": b} | time_paired(grouped, loop, rounds))
     return out
