@@ -25,6 +25,7 @@ BENCHMARKS = {
     "sessions": "k2serve.bench.sessions",
     "interference": "k2serve.bench.interference",
     "int4-experts": "k2serve.bench.int4_experts",
+    "moe-grouped": "k2serve.bench.moe_grouped",
     "tracing": "k2serve.bench.tracing",
     "tool-schemas": "k2serve.bench.tool_schemas",
     "long-context": "k2serve.bench.long_context",
