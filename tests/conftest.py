@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from k2serve.api.openai_app import build_app
-from k2serve.chat.tokenizer import KimiTokenizer
+from k2serve.chat.bpe_train import write_tokenizer
+from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
 from k2serve.cluster.local import ClusterSpec
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
@@ -331,6 +332,14 @@ class ScriptedBackend:
 
     def stats(self) -> BackendStats:
         return BackendStats(0, 0, 0, 1, 0.0, 0)
+
+
+def scripted_backend(tmp_path_factory: pytest.TempPathFactory, output: str) -> ScriptedBackend:
+    """A ScriptedBackend replaying `output` over a fresh 1,024-rank tokenizer (the API tests' backend)."""
+    out = tmp_path_factory.mktemp("tok")
+    write_tokenizer(out, 1024)
+    tok = load_tokenizer(out)
+    return ScriptedBackend(tok, tok.encode(output))
 
 
 @dataclass

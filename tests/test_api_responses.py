@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import ScriptedBackend
+from conftest import ScriptedBackend, scripted_backend
 
 from k2serve.api.openai_app import build_app
-from k2serve.chat.bpe_train import write_tokenizer
-from k2serve.chat.tokenizer import load_tokenizer
 from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,10 +34,7 @@ CHAT_TOOLS: list[Any] = [
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> ScriptedBackend:
-    out: Path = tmp_path_factory.mktemp("tok")
-    write_tokenizer(out, 1024)
-    tok = load_tokenizer(out)
-    return ScriptedBackend(tok, tok.encode(OUTPUT))
+    return scripted_backend(tmp_path_factory, OUTPUT)
 
 
 @pytest.fixture(scope="module")

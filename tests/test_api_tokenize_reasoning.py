@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import ScriptedBackend
+from conftest import ScriptedBackend, scripted_backend
 
 from k2serve.api.openai_app import build_app
-from k2serve.chat.bpe_train import write_tokenizer
-from k2serve.chat.tokenizer import load_tokenizer
 from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,10 +29,7 @@ MSGS: list[Any] = [
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> ScriptedBackend:
-    out: Path = tmp_path_factory.mktemp("tok")
-    write_tokenizer(out, 1024)
-    tok = load_tokenizer(out)
-    return ScriptedBackend(tok, tok.encode(OUTPUT))
+    return scripted_backend(tmp_path_factory, OUTPUT)
 
 
 @pytest.fixture(scope="module")
