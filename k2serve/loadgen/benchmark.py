@@ -22,10 +22,10 @@ SCHEMA_VERSION = 1
 
 
 class EmptyTraceError(ValueError):
-    """The trace file holds no entries; `path` is it."""
+    """The trace or dataset file holds no (usable) entries; `path` is it."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(f"trace {path} holds no entries")
+        super().__init__(f"{path} holds no usable entries")
         self.path = path
 
 
@@ -34,6 +34,8 @@ def build_requests(config: BenchConfig) -> tuple[Iterable[BenchRequest], int | N
     if config.dataset == "random":
         reqs = random_requests(config.seed, config.input_len, config.output_len, config.vocab_size)
         return reqs, config.num_prompts, None
+    if config.dataset in ("sharegpt", "custom"):
+        return _text_requests(config)
     assert config.trace is not None
     entries = read_trace(config.trace, config.block_size, config.num_prompts)
     if not entries:
@@ -48,6 +50,30 @@ def build_requests(config: BenchConfig) -> tuple[Iterable[BenchRequest], int | N
         "scaled_block_size": scaling.scaled_block_size,
     }
     return trace_requests(entries, scaling, config.seed), len(entries), info
+
+
+def _text_requests(config: BenchConfig) -> tuple[list[BenchRequest], int, None]:
+    """ShareGPT / custom requests, tokenized with the checkpoint's tokenizer."""
+    from k2serve.chat.tokenizer import load_tokenizer
+    from k2serve.loadgen.text_datasets import custom_requests, sharegpt_requests
+
+    assert config.dataset_path is not None and config.tokenizer is not None
+    tok = load_tokenizer(config.tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, allow_special=False)
+
+    if config.dataset == "sharegpt":
+        reqs = sharegpt_requests(
+            config.dataset_path, encode, config.seed, config.num_prompts, config.sharegpt_output_len
+        )
+    else:
+        reqs = custom_requests(
+            config.dataset_path, encode, config.seed, config.num_prompts, config.custom_output_len
+        )
+    if not reqs:
+        raise EmptyTraceError(config.dataset_path)
+    return reqs, len(reqs), None
 
 
 def make_client(config: BenchConfig) -> Client:

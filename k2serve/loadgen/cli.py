@@ -45,7 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--model", default=None, help="model name to send (default: none, the server's model)")
     a("--api-key", default=None, help="bearer key (default: $K2SERVE_API_KEY, else none)")
-    a("--dataset", choices=DATASETS, default=None, help="default: trace when --trace is given, else random")
+    a(
+        "--dataset",
+        "--dataset-name",
+        dest="dataset",
+        choices=DATASETS,
+        default=None,
+        help="default: trace when --trace is given, else random",
+    )
+    a("--dataset-path", default=None, help='sharegpt: ShareGPT JSON; custom: JSONL of {"prompt": ...}')
+    a(
+        "--tokenizer",
+        default=None,
+        help="sharegpt/custom: checkpoint directory whose tokenizer encodes the prompts",
+    )
+    a("--sharegpt-output-len", type=int, default=None, help="sharegpt: output tokens (default: the reply's)")
+    a(
+        "--custom-output-len",
+        type=int,
+        default=None,
+        help="custom: output tokens (default: the line's output_tokens, else 256)",
+    )
     a("--num-prompts", type=int, default=None, help="requests to send at most (trace: default all lines)")
     a("--duration", type=float, default=None, help="seconds after which no request is sent")
     a(
@@ -106,6 +126,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         output_len=args.output_len,
         vocab_size=args.vocab_size,
         trace=args.trace,
+        dataset_path=args.dataset_path,
+        tokenizer=args.tokenizer,
+        sharegpt_output_len=args.sharegpt_output_len,
+        custom_output_len=args.custom_output_len,
         time_scale=args.time_scale,
         length_scale=args.length_scale,
         block_size=args.block_size,
@@ -138,6 +162,10 @@ def reproduce_command(config: BenchConfig) -> str:
     optional = {
         "--model": config.model,
         "--trace": config.trace,
+        "--dataset-path": config.dataset_path,
+        "--tokenizer": config.tokenizer,
+        "--sharegpt-output-len": config.sharegpt_output_len,
+        "--custom-output-len": config.custom_output_len,
         "--num-prompts": config.num_prompts,
         "--duration": config.duration_s,
         "--request-rate": None if config.request_rate is None else num(config.request_rate),
@@ -159,7 +187,7 @@ def reproduce_command(config: BenchConfig) -> str:
             "--output-len",
             f"{config.output_len[0]}:{config.output_len[1]}",
         ]
-    else:
+    elif config.dataset == "trace":
         parts += [
             "--time-scale",
             repr(config.time_scale),
@@ -184,9 +212,11 @@ def reproduce_command(config: BenchConfig) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print progress on stderr and the report on stdout. Exit status: 0 when at least
-    one request completed, 1 when none did, 2 for bad arguments or an invalid trace."""
+    one request completed, 1 when none did, 2 for bad arguments or an invalid trace or dataset."""
+    from k2serve.chat.tokenizer import TokenizerError
     from k2serve.loadgen.benchmark import EmptyTraceError, run_benchmark
     from k2serve.loadgen.report import format_report
+    from k2serve.loadgen.text_datasets import DatasetFormatError
     from k2serve.loadgen.trace import TraceFormatError
 
     parser = build_parser()
@@ -199,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PROG}: {command}", file=sys.stderr)
     try:
         result = run_benchmark(config, command)
-    except (TraceFormatError, EmptyTraceError, OSError) as e:
+    except (TraceFormatError, DatasetFormatError, TokenizerError, EmptyTraceError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(format_report(result))

@@ -8,7 +8,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 BACKENDS = ("http", "grpc")
-DATASETS = ("random", "trace")
+DATASETS = ("random", "trace", "sharegpt", "custom")
+TEXT_DATASETS = ("sharegpt", "custom")
 DEFAULT_URLS = {"http": "http://127.0.0.1:8000", "grpc": "grpc://127.0.0.1:50051"}
 
 
@@ -55,6 +56,8 @@ class BenchConfig:
     within `request_timeout_s`). Requests that end before `warmup_s` are left out of the statistics.
     Random dataset: lengths (tokens) uniform in the inclusive ranges `input_len`, `output_len`.
     Trace dataset: see k2serve.loadgen.trace.TraceScaling for the scales and `block_size`.
+    ShareGPT / custom datasets (vLLM's formats): `dataset_path`, prompts tokenized with the checkpoint's
+    tokenizer in `tokenizer`; see k2serve.loadgen.text_datasets for the output lengths.
     Token ids are drawn from [0, vocab_size). SLOs in ms. `api_key` is never written out.
     """
 
@@ -73,6 +76,10 @@ class BenchConfig:
     output_len: tuple[int, int] = (32, 32)
     vocab_size: int = 1024
     trace: str | None = None
+    dataset_path: str | None = None
+    tokenizer: str | None = None
+    sharegpt_output_len: int | None = None
+    custom_output_len: int | None = None
     time_scale: float = 1.0
     length_scale: float = 1.0
     block_size: int = 512
@@ -103,7 +110,15 @@ class BenchConfig:
                 raise bad("url", str(e)) from e
         if (self.dataset == "trace") != (self.trace is not None):
             raise bad("trace", "a trace file is needed for, and only for, the trace dataset")
-        for name in ("num_prompts", "max_concurrency"):
+        if (self.dataset in TEXT_DATASETS) != (self.dataset_path is not None):
+            raise bad(
+                "dataset_path", "a dataset file is needed for, and only for, the sharegpt and custom datasets"
+            )
+        if self.dataset in TEXT_DATASETS and self.tokenizer is None:
+            raise bad(
+                "tokenizer", f"the {self.dataset} dataset needs the served model's checkpoint directory"
+            )
+        for name in ("num_prompts", "max_concurrency", "sharegpt_output_len", "custom_output_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
         for name in (
