@@ -17,6 +17,7 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from k2serve.bench.long_context import LONG_BENCH_DIMS
 from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine
@@ -30,17 +31,7 @@ from k2serve.model.loader import load_model
 from k2serve.model.presets import PRESETS
 
 # The `long` preset cut to what a loaded CPU prefills at 64K context in seconds: 2 layers (dense + MoE).
-LONG_TEST = PRESETS["long"] | {
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "hidden_size": 64,
-    "q_lora_rank": 32,
-    "kv_lora_rank": 16,
-    "qk_nope_head_dim": 8,
-    "qk_rope_head_dim": 8,
-    "v_head_dim": 8,
-}
+LONG_TEST = PRESETS["long"] | LONG_BENCH_DIMS
 
 TRANSIENT_BOUND = 256 << 20  # bytes above weights + KV a 64K prefill chunk may take (1024 tokens, tile 512)
 

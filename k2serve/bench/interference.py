@@ -119,12 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     from k2serve.bench.serve_process import serve_process
     from k2serve.cluster.local import ClusterSpec, LocalCluster
     from k2serve.config import ModelConfig
+    from k2serve.model.checkpoint import preset_checkpoint
 
-    model = Path(args.model) if args.model else Path(tempfile.gettempdir()) / "k2serve-bench/small-none"
-    if not (model / "config.json").exists():
-        from k2serve.model.checkpoint import write_checkpoint
-
-        write_checkpoint(model, "small", seed=0)
+    bench_dir = Path(tempfile.gettempdir()) / "k2serve-bench"
+    model = Path(args.model) if args.model else preset_checkpoint(bench_dir, "small")
     vocab = ModelConfig.from_file(model).vocab_size - 256
     results: dict[str, dict[str, float]] = {}
     colocated_args = ["--kv-cache-mb", "1024", "--no-prefix-caching"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-# tests/test_long_context.py's LONG_TEST: the `long` preset cut to 2 layers (one dense, one MoE), 2 heads.
+# The `long` preset cut to 2 layers (one dense, one MoE), 2 heads: this bench's model and the long-context tests'.
 LONG_BENCH_DIMS: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 2,

@@ -42,14 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     from k2serve.bench.serve_process import serve_process
     from k2serve.cluster.local import ClusterSpec, LocalCluster
     from k2serve.config import ModelConfig
+    from k2serve.model.checkpoint import preset_checkpoint
 
-    model = (
-        Path(args.model) if args.model else Path(tempfile.gettempdir()) / f"k2serve-bench/{args.preset}-none"
-    )
-    if not (model / "config.json").exists():
-        from k2serve.model.checkpoint import write_checkpoint
-
-        write_checkpoint(model, args.preset, seed=0)
+    bench_dir = Path(tempfile.gettempdir()) / "k2serve-bench"
+    model = Path(args.model) if args.model else preset_checkpoint(bench_dir, args.preset)
     cfg = ModelConfig.from_file(model)
     nbytes = (
         args.prompt_len
