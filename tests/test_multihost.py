@@ -100,12 +100,13 @@ class Fleet:
         for p in workers:
             address = self.wait_file(p, self.logs / f"{p.name}.ready", deadline)
             assert address.startswith(f"{self.net[p.name].address}:"), address
+        # Registered is not enough: a worker serves once it reports ready (after its warm-up).
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if self.worker_ids() == {"prefill", "decode"}:
+                if self.ready_worker_ids() == {"prefill", "decode"}:
                     return
             time.sleep(0.1)
-        raise AssertionError(f"workers did not register; router log:\n{router.tail()}")
+        raise AssertionError(f"workers did not become ready; router log:\n{router.tail()}")
 
     def stop(self, timeout: float = 10.0) -> None:
         for p in self.procs:
@@ -128,6 +129,9 @@ class Fleet:
 
     def worker_ids(self) -> set[str]:
         return {w["worker_id"] for w in self.get("/cluster/workers").json()["workers"]}
+
+    def ready_worker_ids(self) -> set[str]:
+        return {w["worker_id"] for w in self.get("/cluster/workers").json()["workers"] if w["ready"]}
 
     def complete(self, prompt: list[int], max_tokens: int, timeout: float = 30.0) -> httpx.Response:
         url = f"http://{self.net['router'].address}:{self.http_port}/v1/completions"
