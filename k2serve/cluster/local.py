@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,9 +314,7 @@ class LocalCluster:
     def status_table(self) -> str:
         """One row per process: pid, state, metrics URL (the router's own /metrics; each worker's as
         registered, "-" while it is not), log."""
-        metrics = {"router": f"{self.http_url}/metrics"}
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            metrics |= {w["worker_id"]: w["metrics_url"] for w in self.workers()}
+        metrics = metrics_urls(self.http_url, self.workers)
         rows = [("process", "pid", "state", "metrics", "log")]
         for p in self.procs:
             rows.append(
@@ -331,8 +330,7 @@ class LocalCluster:
             rows.append(
                 ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-", "-")
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+        return text_table(rows)
 
 
 def _verify(tls: TLSFiles | None) -> tuple[ssl.SSLContext | bool, dict[str, str]]:
@@ -352,6 +350,22 @@ def router_ready(http_url: str, tls: TLSFiles | None) -> bool:
             return client.get(f"{http_url}/health/ready", extensions=extensions).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as left-aligned columns two spaces apart (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def metrics_urls(http_url: str, workers: Callable[[], list[dict]]) -> dict[str, str]:
+    """Process name -> its Prometheus URL for a status table: the router's own /metrics, and each
+    registered worker's `metrics_url` as `/cluster/workers` lists it (keyed by worker id, which is the
+    process name). A router that does not answer yet leaves only its own row."""
+    urls = {"router": f"{http_url}/metrics"}
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        urls |= {w["worker_id"]: w["metrics_url"] for w in workers()}
+    return urls
 
 
 def registered_workers(http_url: str, tls: TLSFiles | None, api_key: str | None = None) -> list[dict]:
