@@ -53,6 +53,7 @@ class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     ep_size: int = 1  # expert-parallel ranks (processes) per worker
+    eplb_config: str | None = None  # with ep_size > 1: EPLB on, this --eplb-config JSON; None: off
     transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
     dtype: str = "float32"
     engine_args: tuple[str, ...] = ()  # engine flags passed to every worker
@@ -76,6 +77,8 @@ class ClusterSpec:
             )
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.eplb_config is not None and self.ep_size == 1:
+            raise ValueError("EPLB (eplb_config) needs ep_size > 1")
         backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
         object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
 
@@ -109,7 +112,7 @@ class ClusterSpec:
         """`k2serve <role> ...` arguments of one worker process, the same under every launcher
         (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router's
         internal listener at `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group
-        meeting at `ep_init` (tcp://HOST:PORT). The TLS files and cluster token are included; the ready
+        meeting at `ep_init` (tcp://HOST:PORT), with EPLB when `eplb_config` says. The TLS files and cluster token are included; the ready
         file is the launcher's."""
         args = [role, "--model", self.model_dir, "--dtype", self.dtype, "--host", host, "--port", "0"]
         args += ["--router", router, "--worker-id", worker_id]
@@ -120,6 +123,8 @@ class ClusterSpec:
             if ep_init is None:
                 raise ValueError(f"worker {worker_id} of an EP group of {self.ep_size} needs ep_init")
             args += ["--ep", str(self.ep_size), "--ep-rank", str(ep_rank), "--ep-init", ep_init]
+            if self.eplb_config is not None:
+                args += ["--enable-eplb", "--eplb-config", self.eplb_config]
         return [*args, *self.tls_args(), *self.tracing_args()]
 
     def tracing_args(self) -> list[str]:
