@@ -56,9 +56,9 @@ class EPCollector(Collector):
             gauge = GaugeMetricFamily(
                 f"k2serve_ep_eplb_imbalance_{when}",
                 f"Max / mean load per rank of the group's windowed routed load {when} the last EPLB "
-                "re-placement, per MoE layer (1 = balanced; absent until one happened).",
+                "re-placement of each MoE layer (1 = balanced; absent until the layer moved once).",
                 labels=[*LABELS, "moe_layer"],
             )
-            for layer, value in enumerate(values):
+            for layer, value in sorted(values.items()):
                 gauge.add_metric([*self._labels, str(layer)], value)
             yield gauge

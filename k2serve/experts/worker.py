@@ -55,6 +55,9 @@ from k2serve.model.model import K2Model
 from k2serve.model.moe import MoE
 
 logger = logging.getLogger(__name__)
+# A scheduled re-placement moves a layer only when it lowers the layer's imbalance (max / mean load per
+# rank) by at least this fraction: smaller gains are within the window's noise and not worth a pause.
+EPLB_MIN_GAIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -144,10 +147,10 @@ class EPWorker:
         self.any_work = False  # whether any rank had work in the last step
         self.steps = 0  # group steps in which some rank had work: the same count on every rank
         self.rebalances = 0  # re-placements applied (EPLB), read by the metrics endpoint
-        # per MoE layer, the group's windowed load's imbalance (max / mean per rank) under the
-        # placement before and after the last re-placement (empty until one happened)
-        self.imbalance_before: list[float] = []
-        self.imbalance_after: list[float] = []
+        # MoE layer index -> the imbalance (max / mean load per rank) of the group's windowed load
+        # under its placement before and after its last re-placement (absent until it moved once)
+        self.imbalance_before: dict[int, float] = {}
+        self.imbalance_after: dict[int, float] = {}
         self._rebalanced_at = 0
         self._rebalance_wanted = False
         self._owns_comm = False
@@ -205,7 +208,7 @@ class EPWorker:
         self.comm.all_reduce(flags, "max", "step agreement")
         self.any_work = bool(flags[0])
         if flags[1] or (self.any_work and self._rebalance_due()):
-            self._rebalance()
+            self._rebalance(forced=bool(flags[1]))
         if not self.any_work:
             return []
         before = self._forwards()
@@ -254,33 +257,42 @@ class EPWorker:
         empty = torch.zeros(0, dtype=torch.long)
         self.model.forward_hidden(empty, empty, _NoAttention())
 
-    def _rebalance(self) -> None:
-        """Plan from the group's windowed load (the same on every rank), move the weights of the layers
-        whose placement changed, swap. Requests in flight are untouched: only which rank computes an
-        expert changes. A window without any load (nothing routed yet) changes nothing."""
+    def _rebalance(self, forced: bool) -> None:
+        """Plan from the group's windowed load (the same on every rank, so every rank takes the same
+        decisions without a message), move the weights of the layers whose placement changes, swap.
+        On EPLB's schedule a layer moves only when the plan lowers its imbalance for that load by at
+        least EPLB_MIN_GAIN (moving weights costs a pause of the whole group); a rank's `request_rebalance` (`forced`) moves every layer the
+        plan changes. Requests in flight are untouched: only which rank computes an expert changes.
+        A window without any load (nothing routed yet) changes nothing."""
         self._rebalance_wanted = False
         self._rebalanced_at = self.steps
         counts = self.load.global_window(self.comm)  # [L, E]
         if not bool(counts.any()):
             return
-        new = tuple(  # each rank keeps its slot count per layer
-            plan_placement(counts[j], [len(s) for s in old.slots]) for j, old in enumerate(self.placement)
-        )
-        for (i, moe), old, p in zip(moe_layers(self.model), self.placement, new, strict=True):
-            if p != old:  # the same decision on every rank: the collectives still line up
-                reshard_layer(self.comm, moe.experts, old, p, i)
-        self.imbalance_before = [imbalance(p, c) for p, c in zip(self.placement, counts, strict=True)]
-        self.imbalance_after = [imbalance(p, c) for p, c in zip(new, counts, strict=True)]
-        self.state.set_placement(new)
+        placement = list(self.placement)
+        moved: list[int] = []
+        for j, ((i, moe), old) in enumerate(zip(moe_layers(self.model), self.placement, strict=True)):
+            new = plan_placement(counts[j], [len(s) for s in old.slots])  # each rank keeps its slot count
+            before, after = imbalance(old, counts[j]), imbalance(new, counts[j])
+            if new == old or not (forced or after < before * (1 - EPLB_MIN_GAIN)):
+                continue
+            reshard_layer(self.comm, moe.experts, old, new, i)
+            placement[j] = new
+            self.imbalance_before[j], self.imbalance_after[j] = before, after
+            moved.append(j)
+        if not moved:
+            return
+        self.state.set_placement(placement)
         self.load.reset()
         self.rebalances += 1
         logger.info(
-            "EPLB re-placement %d at step %d on rank %d: imbalance per MoE layer %s -> %s",
+            "EPLB re-placement %d at step %d on rank %d: imbalance of MoE layers %s: %s -> %s",
             self.rebalances,
             self.steps,
             self.comm.rank,
-            [round(v, 3) for v in self.imbalance_before],
-            [round(v, 3) for v in self.imbalance_after],
+            moved,
+            [round(self.imbalance_before[j], 3) for j in moved],
+            [round(self.imbalance_after[j], 3) for j in moved],
         )
 
     @property
