@@ -15,16 +15,18 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import torch
+from cluster_calls import http_greedy
 from conftest import local_cluster_spec
 from monitoring_queries import expressions, metric_names
 from prometheus_client.parser import text_string_to_metric_families
 
-from k2serve.cluster.local import LocalCluster
+from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
@@ -65,6 +67,19 @@ async def collect(engine: AsyncEngine, rid: str, prompt: list[int], m: int) -> l
     async for ev in await engine.generate(GenerateRequest(rid, prompt, greedy(m))):
         out += ev.token_ids
     return out
+
+
+def ep_cluster_spec(ckpt: Path, workdir: Path, **overrides: Any) -> ClusterSpec:
+    """`k2serve up --ep 2`: a prefill and a decode group of two ranks each, small KV, one thread each."""
+    return local_cluster_spec(
+        ckpt,
+        workdir,
+        ep_size=2,
+        engine_args=ENGINE_ARGS,
+        heartbeat_timeout_s=3.0,
+        env={"OMP_NUM_THREADS": "1"},
+        **overrides,
+    )
 
 
 # ---- AsyncEngine over a lockstep group (in process) -------------------------------------------------
@@ -198,15 +213,7 @@ RANKS = ["prefill-0-ep0", "prefill-0-ep1", "decode-0-ep0", "decode-0-ep1"]
 
 @pytest.fixture(scope="module")
 def ep_cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    spec = local_cluster_spec(
-        tiny_ckpt,
-        tmp_path_factory.mktemp("up-ep"),
-        ep_size=2,
-        engine_args=ENGINE_ARGS,
-        heartbeat_timeout_s=3.0,
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    with LocalCluster(spec) as c:
+    with LocalCluster(ep_cluster_spec(tiny_ckpt, tmp_path_factory.mktemp("up-ep"))) as c:
         yield c
 
 
@@ -233,18 +240,12 @@ def test_concurrent_requests_match_offline_engine(ep_cluster: LocalCluster, tiny
     watcher.start()
     client = openai.AsyncOpenAI(base_url=f"{ep_cluster.http_url}/v1", api_key="unused", max_retries=0)
 
-    async def one(p: list[int], m: int) -> list[int]:
-        r = await client.completions.create(
-            model=tiny_ckpt.name,
-            prompt=p,
-            max_tokens=m,
-            temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True},
-        )
-        return list(r.choices[0].token_ids)  # type: ignore[attr-defined]  # k2serve's return_token_ids
-
     async def run_all() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(p, m) for p, m in zip(ps, max_tokens, strict=True))))
+        return list(
+            await asyncio.gather(
+                *(http_greedy(client, tiny_ckpt.name, p, m) for p, m in zip(ps, max_tokens, strict=True))
+            )
+        )
 
     try:
         got = asyncio.run(run_all())
@@ -317,15 +318,7 @@ def skewed_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def eplb_cluster(skewed_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Starts after the tests above stopped `ep_cluster` (they run first, in file order)."""
-    spec = local_cluster_spec(
-        skewed_ckpt,
-        tmp_path_factory.mktemp("up-eplb"),
-        ep_size=2,
-        eplb_config=EPLB.to_json(),
-        engine_args=ENGINE_ARGS,
-        heartbeat_timeout_s=3.0,
-        env={"OMP_NUM_THREADS": "1"},
-    )
+    spec = ep_cluster_spec(skewed_ckpt, tmp_path_factory.mktemp("up-eplb"), eplb_config=EPLB.to_json())
     with LocalCluster(spec) as c:
         yield c
 
@@ -355,20 +348,12 @@ def test_eplb_re_places_skewed_experts_while_serving_with_the_same_tokens(
     expected = offline(skewed_ckpt, ps, max_tokens)
     client = openai.AsyncOpenAI(base_url=f"{eplb_cluster.http_url}/v1", api_key="unused", max_retries=0)
 
-    async def one(p: list[int], m: int) -> list[int]:
-        r = await client.completions.create(
-            model=skewed_ckpt.name,
-            prompt=p,
-            max_tokens=m,
-            temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True},
-        )
-        return list(r.choices[0].token_ids)  # type: ignore[attr-defined]  # k2serve's return_token_ids
-
     async def waves() -> list[list[int]]:
         out: list[list[int]] = []
         for lo in range(0, 12, 2):
-            out += await asyncio.gather(*(one(ps[i], max_tokens[i]) for i in range(lo, lo + 2)))
+            out += await asyncio.gather(
+                *(http_greedy(client, skewed_ckpt.name, ps[i], max_tokens[i]) for i in range(lo, lo + 2))
+            )
         return out
 
     got = asyncio.run(waves())
