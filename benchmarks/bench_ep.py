@@ -181,10 +181,12 @@ def skew_main(args: argparse.Namespace) -> None:
         f"{args.rounds} paired rounds"
     )
     print(
-        f"# load imbalance (max/mean per rank): contiguous {before:.3f}, EPLB {after:.3f}; reshard {reshard_s * 1e3:.0f} ms"
+        f"# load imbalance (max/mean per rank): contiguous {before:.3f}, EPLB {after:.3f}; "
+        f"reshard {reshard_s * 1e3:.0f} ms"
     )
     print(
-        "| tokens/rank T | contiguous median (min-max) ms | EPLB median (min-max) ms | throughput EPLB / contiguous |"
+        "| tokens/rank T | contiguous median (min-max) ms | EPLB median (min-max) ms "
+        "| throughput EPLB / contiguous |"
     )
     print("| ---: | ---: | ---: | ---: |")
     for t in args.tokens:

@@ -2,8 +2,8 @@
 on; a lost group fails every in-flight request and calls on_fatal; a real one-rank EPWorker gives the
 offline engine's tokens). Slow: `k2serve up --ep 2` (a prefill and a decode group of two rank processes
 each, every rank its own registered worker) answers concurrent requests token for token as the offline
-engine, every rank exports its EP metrics, a killed rank takes its group down (the survivor exits non-zero), and every process stops.
-Then `k2serve up --ep 2 --enable-eplb` on a checkpoint with skewed routing re-places the experts while
+engine, every rank exports its EP metrics, a killed rank takes its group down (the survivor exits
+non-zero), and every process stops. Then `k2serve up --ep 2 --enable-eplb` on a checkpoint with skewed routing re-places the experts while
 serving, with the same tokens and the imbalance down."""
 
 from __future__ import annotations

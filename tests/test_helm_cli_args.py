@@ -182,8 +182,8 @@ def test_flags_agree_with_ports_services_and_model(name: str) -> None:
 
 def test_ep_ranks_follow_pod_ordinals(tmp_path: Path) -> None:
     """Pod i of an expert-parallel StatefulSet is rank i % size of group i // size and joins its
-    group at the group's rank-0 pod; the flags pass the worker's own checks (WorkerSettings, via the CLI's worker_settings);
-    ep.eplb reaches the worker as its EPLB config (redundant slots split over the group)."""
+    group at the group's rank-0 pod; the flags pass the worker's own checks (WorkerSettings, via the CLI's
+    worker_settings); ep.eplb reaches the worker as its EPLB config (redundant slots split over the group)."""
     from k2serve.cli.settings import worker_settings
     from k2serve.experts.comm import parse_init_method
     from k2serve.experts.eplb import EPLBConfig

@@ -112,8 +112,8 @@ class ClusterSpec:
         """`k2serve <role> ...` arguments of one worker process, the same under every launcher
         (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router's
         internal listener at `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group
-        meeting at `ep_init` (tcp://HOST:PORT), with EPLB when `eplb_config` says. The TLS files and cluster token are included; the ready
-        file is the launcher's."""
+        meeting at `ep_init` (tcp://HOST:PORT), with EPLB when `eplb_config` says. The TLS files and
+        cluster token are included; the ready file is the launcher's."""
         args = [role, "--model", self.model_dir, "--dtype", self.dtype, "--host", host, "--port", "0"]
         args += ["--router", router, "--worker-id", worker_id]
         args += ["--transfer-backend", self.transfer_backend, *self.engine_args]

@@ -261,9 +261,10 @@ class EPWorker:
         """Plan from the group's windowed load (the same on every rank, so every rank takes the same
         decisions without a message), move the weights of the layers whose placement changes, swap.
         On EPLB's schedule a layer moves only when the plan lowers its imbalance for that load by at
-        least EPLB_MIN_GAIN (moving weights costs a pause of the whole group); a rank's `request_rebalance` (`forced`) moves every layer the
-        plan changes. Requests in flight are untouched: only which rank computes an expert changes.
-        A window without any load (nothing routed yet) changes nothing."""
+        least EPLB_MIN_GAIN (moving weights costs a pause of the whole group); a rank's
+        `request_rebalance` (`forced`) moves every layer the plan changes. Requests in flight are
+        untouched: only which rank computes an expert changes. A window without any load (nothing
+        routed yet) changes nothing."""
         self._rebalance_wanted = False
         self._rebalanced_at = self.steps
         counts = self.load.global_window(self.comm)  # [L, E]
