@@ -20,7 +20,9 @@ and with the EPLB placement planned from the group's measured load (`ExpertLoad`
 forwards, `plan_placement`) and moved there by `reshard_layer`, as a serving group does. Paired
 rounds alternate the two (ABBA) on the same inputs; reported per T: the group's load imbalance
 (max / mean expert load per rank) under each, the median (and min-max) of the slowest rank's layer
-time, and the group's routed-token throughput ratio. --redundant gives both placements that many
+time, and the group's routed-token throughput ratio; and the slowest rank's time in the grouped
+expert compute alone, the critical path EPLB shortens when every rank has a device of its own (here
+the ranks share the machine's cores, so one rank's lighter share does not make the other faster). --redundant gives both placements that many
 replica slots per rank.
 """
 
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 
 from k2serve.config import ModelConfig
-from k2serve.experts import EPComm, EPDispatcher, EPState, ExpertPlacement, plan_placement
+from k2serve.experts import EPComm, EPDispatcher, EPState, ExpertPlacement, dispatch, plan_placement
 from k2serve.experts.eplb import ExpertLoad, imbalance
 from k2serve.experts.reshard import reshard_layer
 from k2serve.model.moe import MoE
@@ -119,6 +121,16 @@ def _skew_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: 
         state = EPState(comm, (start,), load if name == "contiguous" else None)
         moe.dispatch = EPDispatcher(state, 1, 0)
         layers[name] = (moe, state)
+    computing = [0.0]  # this rank's seconds in the grouped expert compute (its share of the routed work)
+    inner = dispatch.run_sorted
+
+    def timed(*a: Any) -> torch.Tensor:
+        t0 = time.perf_counter()
+        y = inner(*a)
+        computing[0] += time.perf_counter() - t0
+        return y
+
+    dispatch.run_sorted = timed  # type: ignore[assignment]  # the dispatcher looks it up per call
     g = torch.Generator().manual_seed(rank)
     inputs = {t: torch.randn(t, config.hidden_size, generator=g).to(dtype) for t in args.tokens}
     with torch.inference_mode():
@@ -133,13 +145,15 @@ def _skew_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: 
         state.set_placement((planned,))
         results: dict[int, dict[str, list[float]]] = {}
         for t, x in inputs.items():
-            times: dict[str, list[float]] = {"contiguous": [], "eplb": []}
-            for name in times:
+            names = ("contiguous", "eplb")
+            times: dict[str, list[float]] = {n: [] for n in (*names, *(f"{n} compute" for n in names))}
+            for name in names:
                 layers[name][0](x)  # warm-up of this size
             for i in range(args.rounds):
-                order = ("contiguous", "eplb") if i % 2 == 0 else ("eplb", "contiguous")
-                for name in order:
+                for name in names if i % 2 == 0 else names[::-1]:
+                    computing[0] = 0.0
                     times[name] += _time(functools.partial(layers[name][0], x), 1)
+                    times[f"{name} compute"].append(computing[0])
             results[t] = times
     out.put((rank, results, (imbalance(start, counts), imbalance(planned, counts), reshard_s)))
     comm.close()
@@ -185,17 +199,23 @@ def skew_main(args: argparse.Namespace) -> None:
         f"reshard {reshard_s * 1e3:.0f} ms"
     )
     print(
-        "| tokens/rank T | contiguous median (min-max) ms | EPLB median (min-max) ms "
-        "| throughput EPLB / contiguous |"
+        "| tokens/rank T | layer, contiguous: median (min-max) ms | layer, EPLB | throughput EPLB / contiguous "
+        "| slowest rank's expert compute, contiguous ms | same, EPLB | ratio |"
     )
-    print("| ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in args.tokens:
-        slowest = {
+        slowest = {  # per round, the slowest rank's figure
             name: [max(per_rank[r][0][t][name][i] for r in per_rank) for i in range(args.rounds)]
-            for name in ("contiguous", "eplb")
+            for name in per_rank[0][0][t]
         }
         ratio = statistics.median(slowest["contiguous"]) / statistics.median(slowest["eplb"])
-        print(f"| {t} | {_spread(slowest['contiguous'])} | {_spread(slowest['eplb'])} | {ratio:.2f}x |")
+        compute = statistics.median(slowest["contiguous compute"]) / statistics.median(
+            slowest["eplb compute"]
+        )
+        print(
+            f"| {t} | {_spread(slowest['contiguous'])} | {_spread(slowest['eplb'])} | {ratio:.2f}x "
+            f"| {_spread(slowest['contiguous compute'])} | {_spread(slowest['eplb compute'])} | {compute:.2f}x |"
+        )
 
 
 def main() -> None:
