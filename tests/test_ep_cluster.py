@@ -270,9 +270,17 @@ def test_ranks_export_the_ep_metrics_the_dashboard_queries(ep_cluster: LocalClus
         imbalance = fams["k2serve_ep_load_imbalance"].samples
         assert imbalance and all(s.value >= 1.0 for s in imbalance)
         assert any(s.value > 1.0 for s in imbalance)  # tiny's random router is not balanced
-    exprs, _ = expressions()
-    queried = {n for n in set().union(*map(metric_names, exprs)) if n.startswith("k2serve_ep_")}
+    queried = dashboard_ep_metrics() - EPLB_ONLY  # these two appear once EPLB moved a layer (below)
     assert queried and queried <= exported, queried - exported
+
+
+EPLB_ONLY = {"k2serve_ep_eplb_imbalance_before", "k2serve_ep_eplb_imbalance_after"}
+
+
+def dashboard_ep_metrics() -> set[str]:
+    """The k2serve_ep_* metric names the chart's dashboard and alerts query."""
+    exprs, _ = expressions()
+    return {n for n in set().union(*map(metric_names, exprs)) if n.startswith("k2serve_ep_")}
 
 
 @pytest.mark.slow
@@ -323,15 +331,16 @@ def eplb_cluster(skewed_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield c
 
 
-def eplb_metrics(url: str) -> tuple[float, dict[str, float], dict[str, float]]:
-    """(re-placements, imbalance before and after per MoE layer) from one rank's /metrics."""
+def eplb_metrics(url: str) -> tuple[float, dict[str, float], dict[str, float], set[str]]:
+    """(re-placements, imbalance before and after per MoE layer, every sample name) from one rank's
+    /metrics."""
     fams = {f.name: f for f in text_string_to_metric_families(httpx.get(url, timeout=10).text)}
     (count,) = fams["k2serve_ep_eplb_rebalances"].samples
     before, after = (
         {s.labels["moe_layer"]: s.value for s in fams[f"k2serve_ep_eplb_imbalance_{when}"].samples}
         for when in ("before", "after")
     )
-    return count.value, before, after
+    return count.value, before, after, {s.name for f in fams.values() for s in f.samples}
 
 
 @pytest.mark.slow
@@ -342,7 +351,8 @@ def test_eplb_re_places_skewed_experts_while_serving_with_the_same_tokens(
     decode group moves experts while requests are decoding (a re-placement only runs in a step in
     which some rank has work). Every rank: greedy tokens equal the single-process engine's, at least
     one re-placement, and each re-placed layer's imbalance after it below before it (the contiguous
-    start put every hot expert on rank 0: about 2x)."""
+    start put every hot expert on rank 0: about 2x); every k2serve_ep_* name the dashboard queries is
+    exported."""
     ps = prompts(12, seed=3)
     max_tokens = [6 + 3 * (i % 4) for i in range(12)]
     expected = offline(skewed_ckpt, ps, max_tokens)
@@ -361,7 +371,8 @@ def test_eplb_re_places_skewed_experts_while_serving_with_the_same_tokens(
     workers = eplb_cluster.workers()
     assert sorted(w["worker_id"] for w in workers) == sorted(RANKS)
     for w in workers:
-        count, before, after = eplb_metrics(w["metrics_url"])
+        count, before, after, exported = eplb_metrics(w["metrics_url"])
+        assert dashboard_ep_metrics() <= exported, dashboard_ep_metrics() - exported
         assert count >= 1, w["worker_id"]
         assert before and before.keys() == after.keys(), (w["worker_id"], before, after)
         assert all(after[k] < before[k] for k in before), (w["worker_id"], before, after)
