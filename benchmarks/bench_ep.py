@@ -20,9 +20,10 @@ and with the EPLB placement planned from the group's measured load (`ExpertLoad`
 forwards, `plan_placement`) and moved there by `reshard_layer`, as a serving group does. Paired
 rounds alternate the two (ABBA) on the same inputs; reported per T: the group's load imbalance
 (max / mean expert load per rank) under each, the median (and min-max) of the slowest rank's layer
-time, and the group's routed-token throughput ratio; and the slowest rank's time in the grouped
-expert compute alone, the critical path EPLB shortens when every rank has a device of its own (here
-the ranks share the machine's cores, so one rank's lighter share does not make the other faster). --redundant gives both placements that many
+time, and the group's routed-token throughput ratio; and the slowest rank's CPU time (thread time,
+--threads 1) in the grouped expert compute alone: the critical path EPLB shortens when every rank
+has a device of its own. Wall times on a machine whose ranks share cores (and with other load) do
+not show that: the group's total work is the same, only its split between ranks changes. --redundant gives both placements that many
 replica slots per rank.
 """
 
@@ -121,13 +122,15 @@ def _skew_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: 
         state = EPState(comm, (start,), load if name == "contiguous" else None)
         moe.dispatch = EPDispatcher(state, 1, 0)
         layers[name] = (moe, state)
-    computing = [0.0]  # this rank's seconds in the grouped expert compute (its share of the routed work)
+    # this rank's CPU seconds in the grouped expert compute (its share of the routed work): thread
+    # time, not wall time, so the other rank and other processes on the same cores do not count
+    computing = [0.0]
     inner = dispatch.run_sorted
 
     def timed(*a: Any) -> torch.Tensor:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         y = inner(*a)
-        computing[0] += time.perf_counter() - t0
+        computing[0] += time.thread_time() - t0
         return y
 
     dispatch.run_sorted = timed  # type: ignore[assignment]  # the dispatcher looks it up per call
@@ -200,7 +203,7 @@ def skew_main(args: argparse.Namespace) -> None:
     )
     print(
         "| tokens/rank T | layer, contiguous: median (min-max) ms | layer, EPLB | throughput EPLB / contiguous "
-        "| slowest rank's expert compute, contiguous ms | same, EPLB | ratio |"
+        "| slowest rank's expert compute CPU, contiguous ms | same, EPLB | ratio |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in args.tokens:
