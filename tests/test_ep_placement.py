@@ -211,5 +211,5 @@ def test_eplb_flags_reach_the_worker_and_the_launcher() -> None:
     assert argv[i - 1] == "--enable-eplb" and EPLBConfig.from_json(argv[i + 1]) == settings.eplb
     plain = cluster_spec(parser.parse_args(["up", "--model", "/m", "--ep", "2"]))
     assert "--enable-eplb" not in plain.worker_args("decode", "d", "h", "r", 0, "tcp://h:1")
-    with pytest.raises(ValueError, match="needs ep_size > 1"):
+    with pytest.raises(ValueError, match="--enable-eplb needs --ep > 1"):
         cluster_spec(parser.parse_args(["up", "--model", "/m", "--enable-eplb"]))

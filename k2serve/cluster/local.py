@@ -78,7 +78,7 @@ class ClusterSpec:
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
         if self.eplb_config is not None and self.ep_size == 1:
-            raise ValueError("EPLB (eplb_config) needs ep_size > 1")
+            raise ValueError("--enable-eplb needs --ep > 1 (ClusterSpec: eplb_config needs ep_size > 1)")
         backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
         object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
 
