@@ -16,6 +16,8 @@ class RequestRecord:
     error: None on success, else the HTTP status ("500"), gRPC code ("UNAVAILABLE") or failure kind
     ("timeout", "connect_error", "stream_error:<code>", ...); rejected: refused for load (429 /
     RESOURCE_EXHAUSTED). best_cached_tokens: what an infinite prefix cache would hold (trace requests).
+    Tool-loop runs (`--agent-turns`): `conversation` and `turn` (from 0) place the request, `tool_calls`
+    counts the complete tool calls of its reply and `body_bytes` is the size of the JSON body sent.
     """
 
     index: int
@@ -32,6 +34,10 @@ class RequestRecord:
     error: str | None = None
     rejected: bool = False
     error_detail: str = ""
+    conversation: int | None = None
+    turn: int | None = None
+    tool_calls: int | None = None
+    body_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,4 +86,14 @@ class RequestRecord:
             "error": self.error,
             "rejected": self.rejected,
             "error_detail": self.error_detail,
+            **(
+                {}
+                if self.turn is None
+                else {
+                    "conversation": self.conversation,
+                    "turn": self.turn,
+                    "tool_calls": self.tool_calls,
+                    "body_bytes": self.body_bytes,
+                }
+            ),
         }
