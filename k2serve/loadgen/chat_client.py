@@ -410,7 +410,8 @@ class ChatClient(HTTPClient):
             if not rec.ok:
                 return
             history += new + reply.history_items
-            previous = reply.response_id
+            if self._history == "previous_response_id":
+                previous = reply.response_id
             result = random_words(rng, self._tool_result_len)
             text = random_words(rng, int(rng.integers(self._input_len[0], self._input_len[1] + 1)))
             new = (

@@ -80,6 +80,7 @@ class RequestRecord:
             "prompt_len": self.prompt_len,
             "requested_output_len": self.requested_output_len,
             "output_tokens": self.output_tokens,
+            "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "best_cached_tokens": self.best_cached_tokens,
             "num_chunks": len(self.chunk_s),
