@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import numpy as np
 
 from k2serve.loadgen.dataset import BenchRequest, random_words
@@ -122,6 +123,7 @@ class ChatCompletions(Dialect):
             if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
                 _output(rec, now)
             state["content"] = state.get("content", "") + (delta.get("content") or "")
+            state["reasoning"] = state.get("reasoning", "") + (delta.get("reasoning_content") or "")
             calls = state.setdefault("calls", {})
             for tc in delta.get("tool_calls") or []:
                 call = calls.setdefault(tc.get("index", 0), {"id": "", "name": "", "arguments": ""})
@@ -143,6 +145,8 @@ class ChatCompletions(Dialect):
         if state.get("finish_reason") == "length":
             complete = []  # cut by max_tokens: the server dropped the unfinished call
         message: dict[str, Any] = {"role": "assistant", "content": state.get("content") or None}
+        if state.get("reasoning"):  # K2's reasoning goes back with the turn, as a session keeps it
+            message["reasoning_content"] = state["reasoning"]
         if complete:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -330,7 +334,12 @@ class ChatClient(HTTPClient):
                 if self._model is None:
                     models = await self._http.get("/v1/models")
                     models.raise_for_status()
-                    self._model = str(models.json()["data"][0]["id"])
+                    listed = models.json().get("data") or [{}]
+                    if not isinstance(listed[0].get("id"), str):
+                        raise httpx.HTTPError(
+                            f"GET /v1/models names no model: give one ({models.text[:200]})"
+                        )
+                    self._model = listed[0]["id"]
         if self._model is not None:
             body["model"] = self._model
         return body
@@ -374,7 +383,9 @@ class ChatClient(HTTPClient):
                     return [rec]
             await self._conversation(req, t0, records, session_id)
         except asyncio.CancelledError:
-            if records and records[-1].finish_s is None:
+            if not records:  # cancelled while creating the session
+                records.append(self._turn_record(req, t0, 0))
+            if records[-1].finish_s is None:
                 records[-1].error, records[-1].error_detail = "cancelled", "still running when the run ended"
                 records[-1].finish_s = time.perf_counter() - t0
             return records

@@ -60,8 +60,9 @@ def random_requests(
         index += 1
 
 
-# Common English words: each is about one token for BPE tokenizers (K2's tiktoken included), so N words
-# make a prompt of about N tokens without the client needing the server's tokenizer.
+# Common English words: one token each for a large BPE vocabulary (K2's), so N words make a prompt of about
+# N tokens without the client needing the server's tokenizer (a small vocabulary, e.g. the tiny preset's,
+# splits them into ~2.3 tokens each).
 _WORD_LIST = (
     "the of and to in is that it for on with as was at by be this from or have an are not but had his they"
     " you were her she there been one all we their has would when which who will more no if out so said what"
@@ -82,7 +83,7 @@ def random_text_requests(
     seed: int, input_len: tuple[int, int], output_len: tuple[int, int]
 ) -> Iterator[BenchRequest]:
     """The random dataset for the chat endpoints: like `random_requests` but each prompt is `text` of
-    input-length random words (about that many tokens) and `prompt` is empty; endless, seeded."""
+    input-length random words (see WORDS) and `prompt` is empty; endless, seeded."""
     check_ranges(input_len, output_len)
     rng = np.random.default_rng([seed, 2])
     index = 0
