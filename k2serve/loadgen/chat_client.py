@@ -433,24 +433,21 @@ class ChatClient(HTTPClient):
 
     async def _create_session(self, rec: RequestRecord, t0: float) -> str | None:
         """POST /v1/sessions; its id, or None with the failure recorded in `rec` (as a failed first turn)."""
-        created: dict[str, Any] = {}
 
-        async def create() -> None:
-            resp = await self._http.post(
-                "/v1/sessions", json={} if self._model is None else {"model": self._model}
-            )
+        async def create() -> str | None:
+            body = {} if self._model is None else {"model": self._model}
+            resp = await self._http.post("/v1/sessions", json=body)
             if resp.status_code != 200:
                 rec.error, rec.error_detail = f"session_create:{resp.status_code}", resp.text[:500]
-            else:
-                created.update(resp.json())
+                return None
+            return str(resp.json()["id"])
 
-        await self.guarded(rec, t0, create())
-        return created.get("id")
+        return await self.guarded(rec, t0, create())
 
     async def _delete_session(self, session_id: str) -> None:
         """DELETE the conversation's session (best effort: it expires anyway)."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._http.delete(f"/v1/sessions/{session_id}")
-        except (TimeoutError, Exception):  # noqa: BLE001 - cleanup only; the run's results stand
+        except Exception:  # noqa: BLE001 - cleanup only; the run's results stand
             return
