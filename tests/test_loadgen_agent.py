@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import serve_process
+from conftest import local_cluster_spec, serve_process
 
+from k2serve.cluster.local import LocalCluster
 from k2serve.loadgen.benchmark import run_benchmark
 from k2serve.loadgen.cli import build_parser, config_from_args, main
 from k2serve.loadgen.config import BenchConfig
@@ -134,6 +135,18 @@ def test_a_failed_turn_ends_its_conversation(url: str) -> None:
     )  # fmt: skip
     result = run_benchmark(config, "cmd")
     assert [(r["turn"], r["error"]) for r in result["requests"]] == [(0, "session_create:401")]
+
+
+@pytest.mark.slow
+def test_session_mode_on_a_cluster(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """Sessions in Redis behind the router (prefill + decode workers): every turn calls the tool, and the
+    turns after the first are served from the cached prefix of the session's holder."""
+    with LocalCluster(local_cluster_spec(tiny_ckpt, tmp_path, use_redis=True)) as cluster:
+        result = agent_run(cluster.http_url, "/v1/chat/completions", "session", seed=21)
+    assert_every_turn_called_the_tool(result)
+    for turns in conversations(result).values():
+        assert all(r["cached_tokens"] > 0 for r in turns[1:])
+        assert all(r["cached_tokens"] < r["prompt_tokens"] for r in turns)
 
 
 @pytest.mark.parametrize(
