@@ -19,7 +19,7 @@ import pytest
 from conftest import ScriptedBackend, scripted_backend
 
 from k2serve.api.openai_app import build_app
-from k2serve.api.thinking import THINKING_KEY_ENV
+from k2serve.api.thinking import THINKING_KEY_ENV, ThinkingSigner
 from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
@@ -490,3 +490,17 @@ def test_signatures_follow_the_configured_key(
                 clients[2].messages.create(
                     model="scripted", max_tokens=200, messages=turn_after(first), tools=TOOLS
                 )
+
+
+def test_the_signing_key_is_configured_then_shared_then_random() -> None:
+    """$K2SERVE_THINKING_KEY wins; a router without it uses its cluster token (every replica holds it);
+    without either the key is random, so two processes disagree."""
+    configured = ThinkingSigner.from_env({THINKING_KEY_ENV: "configured"}, "cluster-token-0123456789")
+    assert configured.sign("t") == ThinkingSigner(b"configured").sign("t")
+    token = ThinkingSigner.from_env({}, "cluster-token-0123456789")
+    assert token.sign("t") == ThinkingSigner.from_env(
+        {THINKING_KEY_ENV: ""}, "cluster-token-0123456789"
+    ).sign("t")
+    assert token.sign("t") == ThinkingSigner(b"cluster-token-0123456789").sign("t") != configured.sign("t")
+    assert ThinkingSigner.from_env({}).sign("t") != ThinkingSigner.from_env({}).sign("t")
+    assert token.verify("t", token.sign("t")) and not token.verify("u", token.sign("t"))

@@ -3,8 +3,10 @@
 Anthropic clients (Claude Code) send a reply's thinking blocks back in the next request with their
 `signature`; the signature lets the server refuse thinking it did not write (or that was edited) before
 the text re-enters the prompt as K2's reasoning. The key is `$K2SERVE_THINKING_KEY` when set, so that
-every router replica (and a restarted server) signs and verifies alike; otherwise 32 random bytes made at
-startup, so signatures from before a restart no longer verify. A block with an empty or absent signature
+every router replica (and a restarted server) signs and verifies alike; else, on a router, its cluster
+token (every replica of a cluster holds the same one; the signed message is domain-separated, so a
+signature reveals nothing usable about the token); else 32 random bytes made at startup (`k2serve serve`,
+a router authenticated by mutual TLS alone), so signatures from before a restart no longer verify. A block with an empty or absent signature
 is accepted (a client that never saw one); a non-empty one must verify.
 """
 
@@ -29,9 +31,10 @@ class ThinkingSigner:
         self._key = key
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> ThinkingSigner:
-        """The signer of `$K2SERVE_THINKING_KEY` (UTF-8), or of a random key when it is unset or empty."""
-        configured = environ.get(THINKING_KEY_ENV, "")
+    def from_env(cls, environ: Mapping[str, str], shared_secret: str | None = None) -> ThinkingSigner:
+        """The signer of `$K2SERVE_THINKING_KEY` (UTF-8); when it is unset or empty, of `shared_secret` (the
+        router's cluster token, which every replica holds), else of a random key."""
+        configured = environ.get(THINKING_KEY_ENV, "") or shared_secret or ""
         return cls(configured.encode("utf-8") if configured else secrets.token_bytes(32))
 
     def sign(self, thinking: str) -> str:
