@@ -1,5 +1,5 @@
-"""The HTTP clients against a scripted test server (a Starlette app whose /v1/completions and /v1/messages stream a fixed
-script per model name): SSE timing, usage, and every failure kind the client records."""
+"""The HTTP clients against a scripted test server (a Starlette app whose /v1/completions and /v1/messages
+stream a fixed script per model name): SSE timing, usage, and every failure kind the clients record."""
 
 from __future__ import annotations
 
