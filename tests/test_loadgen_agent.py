@@ -27,8 +27,14 @@ TURNS, CONVERSATIONS = 3, 2
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve_process(tmp_path_factory.mktemp("agentbench"), KEY) as served:
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's K2SERVE_HOME: its tiny checkpoint (and tokenizer) is models/tiny-seed0 there."""
+    return tmp_path_factory.mktemp("agentbench")
+
+
+@pytest.fixture(scope="module")
+def url(home: Path) -> Iterator[str]:
+    with serve_process(home, KEY) as served:
         yield served
 
 
@@ -126,6 +132,21 @@ def test_single_requests_on_each_chat_endpoint(url: str, endpoint: str, tmp_path
     assert result["latency_ms"]["ttft"]["n"] == 3
     if endpoint == "/v1/chat/completions":  # the only one of the three that takes ignore_eos
         assert [r["output_tokens"] for r in result["requests"]] == [6, 6, 6]
+
+
+def test_a_text_dataset_on_a_chat_endpoint(url: str, home: Path, tmp_path: Path) -> None:
+    """A custom dataset's prompts go as the user message (their token count from the server's tokenizer)."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "Name three colours."}\n{"prompt": "Count from one to five, please."}\n')
+    config = BenchConfig(
+        url=url, api_key=KEY, endpoint="/v1/chat/completions", dataset="custom", dataset_path=str(data),
+        tokenizer=str(home / "models" / "tiny-seed0"), custom_output_len=5, progress_interval_s=60,
+    )  # fmt: skip
+    result = run_benchmark(config, "cmd")
+    assert result["counts"]["completed"] == 2 and result["stopped_by"] == "dataset_end"
+    for r in result["requests"]:
+        assert 0 < r["prompt_len"] < r["prompt_tokens"]  # the chat template wraps the prompt
+        assert r["output_tokens"] == r["requested_output_len"] == 5 and 0 < r["ttft_ms"] <= r["e2e_ms"]
 
 
 def test_a_failed_turn_ends_its_conversation(url: str) -> None:
