@@ -68,6 +68,7 @@ class Dialect:
 
     path = ""
     needs_model = False  # the API refuses a request without "model"
+    takes_ignore_eos = False  # a vLLM extension of the API (k2serve's too): output of exactly max_tokens
 
     def user(self, text: str) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -97,6 +98,7 @@ def _output(rec: RequestRecord, now: float) -> None:
 
 class ChatCompletions(Dialect):
     path = "/v1/chat/completions"
+    takes_ignore_eos = True
 
     def user(self, text: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": text}]
@@ -292,7 +294,8 @@ DIALECTS: dict[str, type[Dialect]] = {
 
 class ChatClient(HTTPClient):
     """Streams each request to `endpoint` (one of DIALECTS) as one user message of the request's text,
-    asking for `output_len` tokens (with `ignore_eos`, where the API takes it); or, with `agent_turns`,
+    asking for `output_len` tokens (exactly, with `ignore_eos`, on /v1/chat/completions; at most on the
+    other two, whose APIs have no such field); or, with `agent_turns`,
     runs each request as a tool-loop conversation (see the module doc). The API key goes as
     `Authorization: Bearer`, which k2serve's Anthropic API accepts too."""
 
@@ -349,7 +352,8 @@ class ChatClient(HTTPClient):
         if req.text is None:  # config validation keeps token-id datasets off the chat endpoints
             raise ValueError(f"request {req.index} has no text for {self.dialect.path}")
         body = self.dialect.body(self.dialect.user(req.text), req.output_len, tools=False)
-        body["ignore_eos"] = True
+        if self.dialect.takes_ignore_eos:
+            body["ignore_eos"] = True
         await self.guarded(rec, t0, self._turn(body, rec, t0))
         return rec
 
