@@ -272,9 +272,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_process(tmp: Path, api_key: str | None = None, max_model_len: int = 512) -> Iterator[str]:
+def serve_popen(
+    tmp: Path, api_key: str | None = None, max_model_len: int = 512
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real `k2serve serve --preset tiny` process (served model "tiny", keys `api_key` from the
-    environment, logs in tmp/serve.log); yields its URL once /health answers, killed on exit."""
+    environment, logs in tmp/serve.log); yields its URL and the process once /health answers, killed
+    on exit unless it already ended."""
     port = free_port()
     env = {**os.environ, "K2SERVE_HOME": str(tmp), "OMP_NUM_THREADS": "1"}
     env.pop("K2SERVE_API_KEY", None)
@@ -295,11 +298,19 @@ def serve_process(tmp: Path, api_key: str | None = None, max_model_len: int = 51
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(timeout=30)
         log.close()
+
+
+@contextmanager
+def serve_process(tmp: Path, api_key: str | None = None, max_model_len: int = 512) -> Iterator[str]:
+    """`serve_popen`, yielding only the URL."""
+    with serve_popen(tmp, api_key, max_model_len) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
