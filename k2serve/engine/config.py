@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from k2serve.kvcache.fp8 import CACHE_DTYPES
 
@@ -11,6 +14,68 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor mem
 
 class EngineConfigError(ValueError):
     pass
+
+
+SPEC_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Model-free speculative decoding (vLLM's `speculative_config`): each decode step proposes up to
+    `num_speculative_tokens` draft tokens and verifies them in one forward pass; the output is the
+    same as without it (greedy: token for token; sampled: in distribution, by rejection sampling).
+
+    method "ngram" (prompt lookup): the longest suffix of the sequence so far, between
+    `prompt_lookup_min` and `prompt_lookup_max` tokens, that occurred earlier in it proposes the tokens
+    that followed that earlier occurrence (engine/spec_decode.py).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise EngineConfigError(
+                f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineConfigError(f"speculative_config.{name} must be an integer >= 1, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise EngineConfigError(
+                f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | Mapping[str, Any] | str | None) -> SpeculativeConfig | None:
+        """A SpeculativeConfig from a dict (vLLM's `speculative_config`), its JSON text (the
+        --speculative-config flag) or None (off); raises EngineConfigError naming the bad field."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise EngineConfigError(f"speculative_config is not valid JSON: {e}") from e
+        if not isinstance(value, Mapping):
+            raise EngineConfigError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise EngineConfigError(
+                f"speculative_config has unknown field(s) {unknown}; known: {', '.join(sorted(known))}"
+            )
+        if "method" not in value:
+            raise EngineConfigError("speculative_config.method is required (one of: ngram)")
+        return cls(**value)
+
+    def to_json(self) -> str:
+        """The JSON text `parse` reads back (what `up` passes on to its workers)."""
+        return json.dumps({name: getattr(self, name) for name in self.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -24,6 +89,8 @@ class EngineConfig:
     max_num_batched_tokens: tokens computed per step (chunked prefill splits prompts to fit).
     kv_cache_dtype: what the pool stores, one of CACHE_DTYPES: "auto" (the model's dtype), "bf16",
     "fp32", or "fp8" (e4m3 c_kv with a per-token scale + bf16 RoPE keys, kvcache/fp8.py).
+    speculative_config: a SpeculativeConfig (or the dict / JSON text `SpeculativeConfig.parse`
+    reads), or None: no speculative decoding.
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -39,8 +106,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting: int = 4096
     kv_cache_dtype: str = "auto"
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -73,17 +73,20 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] flat pool slots of the new tokens
     work: list[AttentionWork]
-    sample_index: torch.Tensor  # [S] flat index of the last token of each sampling row
+    sample_index: torch.Tensor  # [S] flat indices of the last `num_logits` tokens of each sampling row
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One sequence's part of a step: compute `token_ids` at positions start.. with `block_table`."""
+    """One sequence's part of a step: compute `token_ids` at positions start.. with `block_table`.
+    A sampling row returns the logits of its last `num_logits` tokens (more than one: a speculative
+    row verifying its drafts)."""
 
     token_ids: Seq[int]
     start: int
     block_table: Seq[int]
     sample: bool
+    num_logits: int = 1
 
 
 LayerHook = Callable[[int], None]
@@ -273,7 +276,7 @@ def build_step_inputs(
         slots.append(pool.slot_mapping(r.block_table, r.start, r.start + n))
         (decode_rows if n == 1 else prefill_rows).append((r, offset))
         if r.sample:
-            sample_index.append(offset + n - 1)
+            sample_index.extend(range(offset + n - r.num_logits, offset + n))
     work = [_prefill_work(r, offset, pool, config) for r, offset in prefill_rows]
     if decode_rows:
         work.append(_decode_work(decode_rows, pool, config, tiles))
@@ -308,7 +311,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, rows: Seq[RowSpec], on_layer: LayerHook | None = None) -> torch.Tensor:
-        """Compute the rows' tokens into the cache; return fp32 logits [S, V] for the sampling rows."""
+        """Compute the rows' tokens into the cache; return fp32 logits [S, V]: `num_logits` rows per
+        sampling row, in row order."""
         inputs = build_step_inputs(rows, self.pool, self.model.config, self.tiles, self.pad_slot)
         backend = PagedBackend(self.pool, inputs, self.tiles, on_layer)
         hidden = self.model.forward_hidden(inputs.input_ids, inputs.positions, backend)
