@@ -52,7 +52,8 @@ class LLM:
         wins when both are given)."""
         engine_config = engine_config or EngineConfig()
         if speculative_config is not None:
-            engine_config = dataclasses.replace(engine_config, speculative_config=speculative_config)
+            spec = SpeculativeConfig.parse(speculative_config)
+            engine_config = dataclasses.replace(engine_config, speculative_config=spec)
         self.engine = LLMEngine.from_pretrained(model, _dtype(dtype), engine_config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
