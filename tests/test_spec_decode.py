@@ -4,6 +4,7 @@ tokens are distributed as without it (rejection sampling), and rejected drafts l
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import Any
@@ -374,3 +375,39 @@ def test_sampled_requests_with_speculation_finish_without_leaks(tiny_ckpt: Path)
     got = generate(spec, ps, params)
     assert all(len(t) == 30 for t in got.values())
     assert spec.spec_stats.num_draft_tokens > 0
+
+
+def test_metrics_count_drafts_and_accepted_tokens(tiny_ckpt: Path) -> None:
+    """vLLM's spec_decode counters on the AsyncEngine's registry equal the engine's totals; the
+    generation counter counts every emitted token once, however many a step brought."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from k2serve.engine.async_engine import AsyncEngine
+    from k2serve.engine.protocol import GenerateRequest
+
+    engine = make_engine(tiny_ckpt, SPEC)
+    be = AsyncEngine(engine, "tiny", engine_id="e0")
+    be.start()
+    try:
+
+        async def main() -> int:
+            reqs = [GenerateRequest(f"r{i}", p, greedy(24)) for i, p in enumerate(workload()[:3])]
+            counts = await asyncio.gather(*(drain(be, r) for r in reqs))
+            return sum(counts)
+
+        generated = asyncio.run(main())
+        text = generate_latest(be.metrics.registry).decode()
+    finally:
+        be.shutdown()
+    got = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    st = engine.spec_stats
+    assert generated == 3 * 24 == got["vllm:generation_tokens_total"]
+    assert st.num_accepted_tokens > 0
+    assert got["vllm:spec_decode_num_drafts_total"] == st.num_drafts
+    assert got["vllm:spec_decode_num_draft_tokens_total"] == st.num_draft_tokens
+    assert got["vllm:spec_decode_num_accepted_tokens_total"] == st.num_accepted_tokens
+
+
+async def drain(be: Any, req: Any) -> int:
+    return sum([len(ev.token_ids) async for ev in await be.generate(req)])

@@ -96,6 +96,9 @@ class BackendStats:
     num_preemptions: int
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
+    spec_num_drafts: int = 0  # speculative decoding: rows that verified drafts (since start)
+    spec_num_draft_tokens: int = 0  # draft tokens verified
+    spec_num_accepted_tokens: int = 0  # draft tokens accepted
 
 
 class BackendError(Exception):
