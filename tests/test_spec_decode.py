@@ -174,6 +174,7 @@ def test_greedy_equal_with_and_without_speculation(tiny_ckpt: Path) -> None:
     assert spec.num_computed_tokens_total > sum(len(p) for p in ps)
 
 
+@pytest.mark.slow
 def test_greedy_equal_one_at_a_time_and_mixed_with_plain_rows(tiny_ckpt: Path) -> None:
     """Speculative rows batched with prefill chunks, sampled rows and a request too near max_tokens to
     draft; then each request alone: the greedy tokens are the same."""
@@ -193,6 +194,7 @@ def test_greedy_equal_one_at_a_time_and_mixed_with_plain_rows(tiny_ckpt: Path) -
         assert generate(alone, [ps[i]], [params[i]])["r0"] == expected[f"r{i}"]
 
 
+@pytest.mark.slow
 def test_prefix_cache_hits_on_blocks_computed_with_drafts(tiny_ckpt: Path) -> None:
     """A second request whose prompt is the first one's prompt + output reuses blocks that accepted
     drafts filled: its tokens equal the no-speculation engine's, and it hit the cache."""
@@ -209,6 +211,7 @@ def test_prefix_cache_hits_on_blocks_computed_with_drafts(tiny_ckpt: Path) -> No
     assert engines["spec"].spec_stats.num_accepted_tokens > 0
 
 
+@pytest.mark.slow
 def test_preemption_with_speculation(tiny_ckpt: Path) -> None:
     ps = workload()
     params = [greedy(32) for _ in ps]
@@ -220,6 +223,7 @@ def test_preemption_with_speculation(tiny_ckpt: Path) -> None:
     assert got == expected
 
 
+@pytest.mark.slow
 def test_stops_inside_accepted_runs(tiny_ckpt: Path) -> None:
     """Stop tokens, EOS and max_tokens cut a run of accepted drafts exactly where the plain engine
     stops; nothing after the stop is emitted."""
@@ -276,6 +280,7 @@ def test_stop_on_an_accepted_draft_drops_the_rest(tiny_ckpt: Path) -> None:
     assert free == ref[:9]
 
 
+@pytest.mark.slow
 def test_all_drafts_accepted_and_a_wrong_one_rejected(tiny_ckpt: Path) -> None:
     """Drafts from the right continuation with every 7th token wrong: the output is still the greedy
     one, and the step after a wrong draft emits the model's token in its place."""
@@ -294,6 +299,7 @@ def test_all_drafts_accepted_and_a_wrong_one_rejected(tiny_ckpt: Path) -> None:
     assert s.num_draft_tokens > s.num_accepted_tokens > s.num_draft_tokens // 2
 
 
+@pytest.mark.slow
 def test_eos_honoured_inside_a_run_unless_ignore_eos(tiny_ckpt: Path) -> None:
     ps = workload()
     ref = generate(make_engine(tiny_ckpt, None), ps[:2], [greedy(32)] * 2)
@@ -411,3 +417,43 @@ def test_metrics_count_drafts_and_accepted_tokens(tiny_ckpt: Path) -> None:
 
 async def drain(be: Any, req: Any) -> int:
     return sum([len(ev.token_ids) async for ev in await be.generate(req)])
+
+
+@pytest.mark.slow
+def test_cluster_decode_worker_with_speculative_config(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """1P1D with --speculative-config on the workers: greedy tokens through the router's gRPC API equal
+    the single-process engine's without speculation, and the decode worker accepted drafts."""
+    import json
+
+    import grpc
+    import httpx
+    from cluster_calls import grpc_greedy
+    from conftest import SMALL_KV, local_cluster_spec
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from k2serve.cluster.local import LocalCluster
+    from k2serve.proto import api_pb2_grpc
+
+    ps = workload()
+    expected = generate(make_engine(tiny_ckpt, None), ps, [greedy(32) for _ in ps])
+    spec = local_cluster_spec(
+        tiny_ckpt, tmp_path, engine_args=(*SMALL_KV, "--speculative-config", json.dumps(SPEC))
+    )
+    with LocalCluster(spec) as cluster:
+
+        async def run() -> list[list[int]]:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.grpc_port}") as ch:
+                stub = api_pb2_grpc.K2ServeStub(ch)
+                return list(await asyncio.gather(*(grpc_greedy(stub, p, 32) for p in ps)))
+
+        got = asyncio.run(run())
+        accepted = 0.0
+        for w in cluster.workers():
+            if w["role"] == "decode":
+                text = httpx.get(w["metrics_url"], timeout=10).text
+                for fam in text_string_to_metric_families(text):
+                    for s in fam.samples:
+                        if s.name == "vllm:spec_decode_num_accepted_tokens_total":
+                            accepted += s.value
+    assert got == [expected[f"r{i}"] for i in range(len(ps))]
+    assert accepted > 0
