@@ -30,6 +30,7 @@ BENCHMARKS = {
     "tool-schemas": "k2serve.bench.tool_schemas",
     "long-context": "k2serve.bench.long_context",
     "long-neighbour": "k2serve.bench.long_neighbour",
+    "spec-decode": "k2serve.bench.spec_decode",
 }
 
 
