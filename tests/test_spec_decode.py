@@ -17,7 +17,7 @@ from k2serve.engine.llm import LLM
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.sampler import Sampler
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.engine.spec_decode import ngram_propose
+from k2serve.engine.spec_decode import Proposer, ngram_propose
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
 
@@ -457,3 +457,39 @@ def test_cluster_decode_worker_with_speculative_config(tiny_ckpt: Path, tmp_path
                             accepted += s.value
     assert got == [expected[f"r{i}"] for i in range(len(ps))]
     assert accepted > 0
+
+
+def test_suffix_proposer_searches_recent_outputs() -> None:
+    cfg = SpeculativeConfig("suffix", 3, 4, 1, suffix_decoding_max_cached_requests=2)
+    proposer = Proposer(cfg)
+    assert proposer.propose([1, 2, 6, 7], 8) == []  # nothing remembered, no self-match
+    proposer.remember([5, 6, 7, 8, 9])
+    assert proposer.propose([1, 2, 6, 7], 8) == [8, 9]  # "6 7" in the remembered output
+    assert proposer.propose([1, 2, 6, 7], 1) == [8]  # the caller's limit
+    assert proposer.propose([7, 3, 1, 7], 8) == [3, 1, 7]  # a tie (1-gram): the sequence itself first
+    proposer.remember([0, 6, 7, 4])
+    assert proposer.propose([1, 2, 6, 7], 8) == [4]  # equally long: the most recent output
+    proposer.remember([1, 1])
+    proposer.remember([2, 2])  # the cache keeps the last 2: [5, 6, 7, 8, 9] is forgotten
+    assert proposer.propose([3, 9, 8], 8) == []
+    ngram = Proposer(SpeculativeConfig("ngram", 3, 4, 1))
+    ngram.remember([5, 6, 7, 8, 9])  # ngram remembers nothing
+    assert ngram.propose([1, 2, 6, 7], 8) == []
+    with pytest.raises(EngineConfigError, match="suffix_decoding_max_cached_requests"):
+        SpeculativeConfig("suffix", suffix_decoding_max_cached_requests=0)
+
+
+def test_suffix_method_drafts_a_repeated_request_greedy_equal(tiny_ckpt: Path) -> None:
+    """An agent-loop pattern: the second request repeats the first one's prompt (a retry), so "suffix"
+    drafts the first one's output and nearly every draft is accepted; the tokens equal the plain
+    engine's (which "ngram" could not draft: the prompt has no repetition)."""
+    p = workload()[3]
+    plain = make_engine(tiny_ckpt, None)
+    expected = [generate(plain, [p], [greedy(32)])["r0"], generate(plain, [p], [greedy(32)])["r0"]]
+    engine = make_engine(tiny_ckpt, SPEC | {"method": "suffix"})
+    first = generate(engine, [p], [greedy(32)])["r0"]
+    before = engine.spec_stats.num_accepted_tokens
+    second = generate(engine, [p], [greedy(32)])["r0"]
+    assert [first, second] == expected
+    s = engine.spec_stats
+    assert s.num_accepted_tokens - before >= 24  # of the second request's 31 tokens after its first

@@ -16,7 +16,7 @@ class EngineConfigError(ValueError):
     pass
 
 
-SPEC_METHODS = ("ngram",)
+SPEC_METHODS = ("ngram", "suffix")
 
 
 @dataclass(frozen=True)
@@ -28,19 +28,30 @@ class SpeculativeConfig:
     method "ngram" (prompt lookup): the longest suffix of the sequence so far, between
     `prompt_lookup_min` and `prompt_lookup_max` tokens, that occurred earlier in it proposes the tokens
     that followed that earlier occurrence (engine/spec_decode.py).
+
+    method "suffix": the same longest-suffix match, searched also in the outputs of the last
+    `suffix_decoding_max_cached_requests` finished requests of this engine (an agent loop re-emits
+    what earlier turns produced); the longest match wins, the sequence itself first on a tie, then the
+    most recent output. A linear scan, not vLLM's suffix tree: same drafts, more CPU per step.
     """
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    suffix_decoding_max_cached_requests: int = 32
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
             raise EngineConfigError(
                 f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}"
             )
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        for name in (
+            "num_speculative_tokens",
+            "prompt_lookup_max",
+            "prompt_lookup_min",
+            "suffix_decoding_max_cached_requests",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EngineConfigError(f"speculative_config.{name} must be an integer >= 1, got {value!r}")
@@ -70,7 +81,9 @@ class SpeculativeConfig:
                 f"speculative_config has unknown field(s) {unknown}; known: {', '.join(sorted(known))}"
             )
         if "method" not in value:
-            raise EngineConfigError("speculative_config.method is required (one of: ngram)")
+            raise EngineConfigError(
+                f"speculative_config.method is required (one of: {', '.join(SPEC_METHODS)})"
+            )
         return cls(**value)
 
     def to_json(self) -> str:

@@ -27,7 +27,7 @@ from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.scheduler import ScheduledChunk, Scheduler
 from k2serve.engine.sequence import KVSink, RequestError, Sequence, SequenceStatus
-from k2serve.engine.spec_decode import propose
+from k2serve.engine.spec_decode import Proposer
 from k2serve.engine.validation import validate_request
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
@@ -143,6 +143,7 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         spec = self.config.speculative_config
+        self.proposer = None if spec is None else Proposer(spec)
         self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
         self.runner = ModelRunner(model, self.pool, pad_slot=num_blocks * self.config.block_size)
         self.sampler = Sampler()
@@ -425,6 +426,8 @@ class LLMEngine:
         if reason is not None:
             seq.finish_time = now
             self.scheduler.finish(seq, reason)
+            if self.proposer is not None:
+                self.proposer.remember(seq.output_token_ids)
             self.seqs.pop(seq.request_id, None)
             new_text += self._finish_text(seq, reason)
         return new_text
@@ -433,12 +436,11 @@ class LLMEngine:
     def _propose(self, seq: Sequence, limit: int) -> list[int]:
         """Drafts for `seq` (the scheduler's proposer): none for grammar-constrained requests; never
         past max_model_len, nor more than max_tokens leaves room for (the step adds one token more)."""
-        spec = self.config.speculative_config
-        if spec is None or seq.constraint is not None:
+        if self.proposer is None or seq.constraint is not None:
             return []
         room = min(self.max_model_len - seq.num_tokens, seq.params.max_tokens - len(seq.output_token_ids)) - 1
         limit = min(limit, room)
-        return propose(spec, seq.token_ids, limit) if limit > 0 else []
+        return self.proposer.propose(seq.token_ids, limit) if limit > 0 else []
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
         """Verify a speculative row: logits [1 + d, V] at its last token and its d drafts. Drafts are
