@@ -493,3 +493,37 @@ def test_suffix_method_drafts_a_repeated_request_greedy_equal(tiny_ckpt: Path) -
     assert [first, second] == expected
     s = engine.spec_stats
     assert s.num_accepted_tokens - before >= 24  # of the second request's 31 tokens after its first
+
+
+def test_cli_flag_reaches_engine_config_and_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    """--speculative-config on serve / decode / up / generate: parsed into EngineConfig, passed on by
+    `up` to its workers; bad JSON or a bad field is a usage error (exit 2) naming the field."""
+    import json
+
+    from k2serve.cli.parser import build_parser
+    from k2serve.cli.settings import engine_args_from_up, engine_config
+
+    text = json.dumps(SPEC)
+    for cmd in (["serve", "--preset", "tiny"], ["decode", "--preset", "tiny"]):
+        args = build_parser().parse_args([*cmd, "--speculative-config", text])
+        assert engine_config(args).speculative_config == SpeculativeConfig("ngram", 4, 4, 1)
+    assert engine_config(build_parser().parse_args(["serve", "--preset", "tiny"])).speculative_config is None
+    up = build_parser().parse_args(["up", "--preset", "tiny", "--speculative-config", text])
+    passed = engine_args_from_up(up)
+    assert SpeculativeConfig.parse(
+        passed[passed.index("--speculative-config") + 1]
+    ) == SpeculativeConfig.parse(SPEC)
+    gen = build_parser().parse_args(
+        ["generate", "--model", "x", "--prompt", "hi", "--speculative-config", text]
+    )
+    assert gen.speculative_config == text
+    for bad, field in (
+        ('{"method": "ngram", "num_speculative_tokens": -2}', "speculative_config.num_speculative_tokens"),
+        ('{"method": "eagle3"}', "speculative_config.method"),
+        ("{oops", "not valid JSON"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["serve", "--preset", "tiny", "--speculative-config", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--speculative-config" in err and field in err
