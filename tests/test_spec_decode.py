@@ -527,3 +527,25 @@ def test_cli_flag_reaches_engine_config_and_workers(capsys: pytest.CaptureFixtur
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "--speculative-config" in err and field in err
+
+
+def test_stop_string_inside_a_run(tiny_ckpt: Path) -> None:
+    """A stop string completed by an accepted draft: tokens and text equal the plain engine's (the text
+    cut before the stop string, no token after the one that completed it)."""
+    p = workload()[3]
+    plain = make_engine(tiny_ckpt, None)
+    ref = run_all_one(plain, p, greedy(24))
+    mid = len(ref.text) // 2
+    stop = ref.text[mid : mid + 3]
+    assert stop and len(ref.text) > 6
+    expected = run_all_one(plain, p, greedy(24, stop=[stop]))
+    engine = make_engine(tiny_ckpt, SPEC)
+    oracle(engine, ref.token_ids)  # every draft right: 5 tokens a step
+    got = run_all_one(engine, p, greedy(24, stop=[stop]))
+    assert (got.token_ids, got.text, got.finish_reason) == (expected.token_ids, expected.text, "stop")
+    assert len(got.token_ids) < 24 and engine.spec_stats.num_accepted_tokens > 0
+
+
+def run_all_one(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> RequestOutput:
+    engine.add_request("one", prompt, params)
+    return run_all(engine)["one"]
