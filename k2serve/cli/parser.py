@@ -10,6 +10,8 @@ import argparse
 
 from k2serve.cli import commands, plan
 from k2serve.planner.cli import add_arguments as add_planner_arguments
+from k2serve.router.kv_index import DEFAULT_MAX_BLOCKS
+from k2serve.router.policy import POLICIES
 
 DTYPES = ("bfloat16", "float32", "float16")
 # k2serve.model.presets.PRESETS' names (importing k2serve.model loads torch; `plan` must not)
@@ -310,6 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="answer 429 (Retry-After) at once when the predicted time to first token exceeds this",
+    )
+    s.add_argument(
+        "--routing-policy",
+        choices=POLICIES,
+        default="kv",
+        help="kv: the prefill worker with the least predicted TTFT, counting the prompt's prefix its cache "
+        "holds (KV events); least-loaded: fewest outstanding requests; round-robin: in turn",
+    )
+    s.add_argument(
+        "--kv-index-max-blocks",
+        type=int,
+        default=DEFAULT_MAX_BLOCKS,
+        help="block hashes the KV index keeps (about 400 bytes each); past it the least recently stored "
+        "is forgotten",
     )
     s.add_argument(  # launchers: "HTTP_PORT GRPC_PORT INTERNAL_PORT"
         "--ready-file", default=None, help=argparse.SUPPRESS

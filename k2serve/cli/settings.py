@@ -192,6 +192,8 @@ def router_settings(args: argparse.Namespace) -> RouterSettings:
         ready_file=getattr(args, "ready_file", None),
         tracing=tracing_settings("router", args),
         internal=internal_auth(args, tls),
+        routing_policy=args.routing_policy,
+        kv_index_max_blocks=args.kv_index_max_blocks,
     )
 
 

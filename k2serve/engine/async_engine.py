@@ -591,6 +591,8 @@ class AsyncEngine:
             num_preemptions=sched.num_preemptions,
             prefix_query_tokens=blocks.prefix_query_tokens,
             prefix_hit_tokens=blocks.prefix_hit_tokens,
+            queued_prefill_tokens=self._engine.queued_prefill_tokens(),
+            prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
         )
 
     @staticmethod

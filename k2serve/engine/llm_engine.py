@@ -127,6 +127,9 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, Any] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
+        # Measured prefill speed for the router's predicted TTFT: an EWMA of prompt tokens per second of
+        # the steps that computed prompt tokens (the whole step's time); 0.0 before the first such step.
+        self.prefill_tokens_per_s = 0.0
 
     @classmethod
     def from_pretrained(
@@ -295,15 +298,36 @@ class LLMEngine:
             RowSpec(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.samples)
             for c in sched.chunks
         ]
+        t0 = time.perf_counter()
         logits = self.runner.run(
             rows, self._kv_sink_hook([c.seq for c in sched.chunks if c.samples])
         )  # [S, V]
+        self._observe_prefill(
+            sum(c.num_tokens for c in sched.chunks if c.start < len(c.seq.prompt_token_ids)),
+            time.perf_counter() - t0,
+        )
         self.num_computed_tokens_total += sched.num_tokens
         for c in sched.chunks:
             c.seq.num_computed_tokens += c.num_tokens
             self.blocks.mark_computed(c.seq.block_table, c.seq.token_ids, c.seq.num_computed_tokens)
         sampling = [c.seq for c in sched.chunks if c.samples]
         return self._postprocess(sampling, logits)
+
+    def _observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
+        """Fold one step's prompt tokens per second into `prefill_tokens_per_s` (weight 0.2 on the new one)."""
+        if prompt_tokens <= 0 or seconds <= 0:
+            return
+        rate = prompt_tokens / seconds
+        old = self.prefill_tokens_per_s
+        self.prefill_tokens_per_s = rate if old == 0.0 else 0.8 * old + 0.2 * rate
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens not computed yet: whole waiting sequences (a preempted one recomputes its output
+        too) and the rest of running sequences' prompts (chunked prefill). Prefix hits not yet allocated
+        are counted: the router subtracts the cached part of its own prompts."""
+        sched = self.scheduler
+        waiting = sum(s.num_uncomputed for s in sched.waiting)
+        return waiting + sum(max(0, len(s.prompt_token_ids) - s.num_computed_tokens) for s in sched.running)
 
     def _kv_sink_hook(self, finishing: list[Sequence]) -> Callable[[int], None] | None:
         """A layer hook that hands each prompt-completing sequence with a kv_sink its whole latent."""

@@ -96,6 +96,8 @@ class BackendStats:
     num_preemptions: int
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
+    queued_prefill_tokens: int = 0  # prompt tokens still to compute (LLMEngine.queued_prefill_tokens)
+    prefill_tokens_per_s: float = 0.0  # measured prefill speed (EWMA); 0.0 before the first prefill step
 
 
 class BackendError(Exception):
