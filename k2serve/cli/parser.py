@@ -209,6 +209,26 @@ def add_redis_args(s: argparse.ArgumentParser, help_url: str) -> None:
     g.add_argument("--redis-key", default=None, metavar="PEM", help="private key of --redis-cert")
 
 
+def add_routing_args(p: argparse.ArgumentParser, index: bool = False) -> None:
+    """--routing-policy (router, up): how the router picks workers (k2serve.router.policy); with
+    `index` (router) also the KV index's bound."""
+    p.add_argument(
+        "--routing-policy",
+        choices=POLICIES,
+        default="kv",
+        help="kv: the prefill worker with the least predicted TTFT, counting the prompt's prefix its cache "
+        "holds (KV events); least-loaded: fewest outstanding requests; round-robin: in turn",
+    )
+    if index:
+        p.add_argument(
+            "--kv-index-max-blocks",
+            type=int,
+            default=DEFAULT_MAX_BLOCKS,
+            help="block hashes the KV index keeps (about 360 bytes each); past it the least recently "
+            "stored is forgotten",
+        )
+
+
 def add_cluster_auth_args(s: argparse.ArgumentParser) -> None:
     """The cluster credential of a router or worker (see k2serve.rpc.auth)."""
     g = s.add_argument_group("cluster credential (internal calls; one of these is required)")
@@ -313,20 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="answer 429 (Retry-After) at once when the predicted time to first token exceeds this",
     )
-    s.add_argument(
-        "--routing-policy",
-        choices=POLICIES,
-        default="kv",
-        help="kv: the prefill worker with the least predicted TTFT, counting the prompt's prefix its cache "
-        "holds (KV events); least-loaded: fewest outstanding requests; round-robin: in turn",
-    )
-    s.add_argument(
-        "--kv-index-max-blocks",
-        type=int,
-        default=DEFAULT_MAX_BLOCKS,
-        help="block hashes the KV index keeps (about 400 bytes each); past it the least recently stored "
-        "is forgotten",
-    )
+    add_routing_args(s, index=True)
     s.add_argument(  # launchers: "HTTP_PORT GRPC_PORT INTERNAL_PORT"
         "--ready-file", default=None, help=argparse.SUPPRESS
     )
@@ -401,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--ray: placement of one EP group's ranks (STRICT_PACK)",
     )
     s.add_argument("--ray-max-restarts", type=int, default=None, help="--ray: restarts of a failed actor (3)")
+    add_routing_args(s)
     add_tracing_arg(s)
     s.set_defaults(handler=commands.up)
 

@@ -222,6 +222,17 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(out)
 
 
+def router_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
+    """The router flags `up` passes on: --max-ttft-ms and a --routing-policy other than the default."""
+    out: tuple[str, ...] = ()
+    if getattr(args, "max_ttft_ms", None):
+        out += ("--max-ttft-ms", str(args.max_ttft_ms))
+    policy = getattr(args, "routing_policy", None)
+    if policy is not None and policy != "kv":
+        out += ("--routing-policy", policy)
+    return out
+
+
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     """The cluster `k2serve up` describes (resolves --preset into a checkpoint under --workdir)."""
     return ClusterSpec(
@@ -241,7 +252,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         workdir=args.workdir,
-        router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if getattr(args, "max_ttft_ms", None) else (),
+        router_args=router_args_from_up(args),
         tls=tls_files(args),
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         cluster_token_file=args.cluster_token_file,
