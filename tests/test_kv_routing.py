@@ -257,6 +257,22 @@ def test_ties_unmeasured_rates_and_workers_without_events() -> None:
     assert (only.worker.worker_id, only.reason, only.cached_tokens) == ("d", "only_worker", 0)
 
 
+def test_a_prefilled_prompt_is_indexed_at_once() -> None:
+    """After a prefill the router places the prompt's cacheable blocks on its worker without waiting for
+    the heartbeat: the next turn of a fast loop already goes there."""
+    idx = KVIndex()
+    policy = KVAware(idx)
+    a, b = _worker("a"), _worker("b")
+    turn1 = list(range(1, 14))
+    policy.prefilled(b, PromptBlocks(turn1))
+    policy.prefilled(_worker("c", events=False), PromptBlocks(turn1))  # no events: nothing assumed
+    assert idx.blocks_of("b") == 3 and idx.blocks_of("c") == 0  # (13 - 1) // 4 blocks
+    c = policy.choose([a, b], "prefill", prompt=PromptBlocks(turn1 + [20, 21, 22]))
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("b", "prefix_hit", 12)
+    LeastLoaded().prefilled(a, PromptBlocks(turn1))  # other policies keep no index
+    assert idx.blocks_of("a") == 0
+
+
 def test_no_worker_and_other_policies() -> None:
     idx = KVIndex()
     a, b = _worker("a"), _worker("b")

@@ -462,6 +462,8 @@ class ClusterBackend:
                 )
             self.table.call_succeeded(pre)
             self.bytes_transferred += first.bytes_sent
+            if self.table.workers.get(pre.worker_id) is pre:  # not removed meanwhile (its index is gone)
+                self.policy.prefilled(pre, blocks)
             return pre, dec, res, first
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
             with contextlib.suppress(grpc.aio.AioRpcError):

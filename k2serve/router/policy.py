@@ -95,6 +95,9 @@ class RoutingPolicy:
         live = live_workers(workers, role, exclude)
         return Choice(self.pick(live, role), "only_worker" if len(live) == 1 else self.reason)
 
+    def prefilled(self, worker: Worker, prompt: PromptBlocks) -> None:
+        """`worker` (still registered) has just prefilled `prompt`: a policy may learn from it."""
+
 
 class LeastLoaded(RoutingPolicy):
     """The least loaded worker (`load_key`)."""
@@ -162,6 +165,15 @@ class KVAware(LeastLoaded):
         ttft, minus_cached, _, best = min(scored, key=lambda s: s[:3])
         reason = "only_worker" if len(live) == 1 else "prefix_hit" if minus_cached < 0 else "load"
         return Choice(best, reason, -minus_cached, ttft)
+
+    def prefilled(self, worker: Worker, prompt: PromptBlocks) -> None:
+        """The worker's prefix cache now holds the prompt's blocks: place them in the index at once, not a
+        heartbeat later, so the next turn of a fast agent loop finds them. Its KV events still follow
+        (and remove what it evicts); a block evicted before this runs misleads at most one request,
+        whose prefill computes and caches it again."""
+        if worker.info.publishes_kv_events and worker.info.block_size > 0:
+            hashes = prompt.hashes(worker.info.block_size)
+            self.index.apply(worker.worker_id, hashes, [False] * len(hashes))
 
     def _cached_tokens(self, workers: Sequence[Worker], prompt: PromptBlocks) -> dict[str, int]:
         """worker id -> prompt tokens the index places in its cache (0 for workers without KV events)."""
