@@ -15,6 +15,7 @@ import torch
 
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.protocol import GenerateRequest
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.kvcache.block_manager import BlockManager, KVEventLog, NoFreeBlocksError
@@ -302,6 +303,28 @@ def test_prompt_blocks_leave_the_last_token_to_compute() -> None:
     bm.mark_computed(alloc.block_table, prompt, 8)
     bm.free(alloc.block_table)
     assert bm.allocate(prompt).num_cached_tokens == len(blocks.hashes(BS)) * BS
+
+
+# ---- what the heartbeat reports ------------------------------------------------------------------------
+def test_engine_reports_queued_prefill_tokens_and_prefill_speed(tiny_ckpt: Path) -> None:
+    """Chunked prefill (8 tokens a step): the queue counts the prompt tokens not computed yet, and the
+    speed is measured from the steps that computed prompt tokens only (decode steps leave it alone)."""
+    llm = LLMEngine.from_pretrained(
+        tiny_ckpt, torch.float32, EngineConfig(num_kv_blocks=64, block_size=BS, max_num_batched_tokens=8)
+    )
+    assert llm.prefill_tokens_per_s == 0.0 and llm.queued_prefill_tokens() == 0
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    llm.add_request("a", list(range(1, 21)), params)
+    llm.add_request("b", list(range(30, 35)), params)
+    assert llm.queued_prefill_tokens() == 25
+    llm.step()  # a's first 8 tokens
+    assert llm.queued_prefill_tokens() == 17 and llm.prefill_tokens_per_s > 0
+    while llm.queued_prefill_tokens():
+        llm.step()
+    rate = llm.prefill_tokens_per_s
+    while llm.has_unfinished_requests():  # decode steps only
+        llm.step()
+    assert llm.prefill_tokens_per_s == rate
 
 
 # ---- a real engine's publisher ------------------------------------------------------------------------
