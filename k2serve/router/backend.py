@@ -413,6 +413,25 @@ class ClusterBackend:
             if w is not None:
                 w.in_flight -= 1
         self.in_flight[rid] = (pre, dec)
+        pre.prefill_tokens += uncached  # its queue as the router knows it, at once (a burst sees it)
+        try:
+            res, first = await self._reserve_and_prefill(req, sampling, structured, parent, blocks, pre, dec)
+        finally:
+            pre.prefill_tokens -= uncached
+        return pre, dec, res, first
+
+    async def _reserve_and_prefill(
+        self,
+        req: GenerateRequest,
+        sampling: common_pb2.SamplingParams,
+        structured: str,
+        parent: Span,
+        blocks: PromptBlocks,
+        pre: Worker,
+        dec: Worker,
+    ) -> tuple[worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
+        """Reserve blocks on `dec`, then prefill on `pre` into them (see `_prefill`)."""
+        rid = req.request_id
         reserve = parent.child("router.reserve", kind="client", attributes={"k2serve.worker": dec.worker_id})
         try:
             with reserve:
@@ -446,7 +465,6 @@ class ClusterBackend:
             block_size=res.block_size,
         )
         pre.prefilling += 1
-        pre.prefill_tokens += uncached
         prefill = parent.child("router.prefill", kind="client", attributes={"k2serve.worker": pre.worker_id})
         try:
             with prefill:
@@ -464,7 +482,7 @@ class ClusterBackend:
             self.bytes_transferred += first.bytes_sent
             if self.table.workers.get(pre.worker_id) is pre:  # not removed meanwhile (its index is gone)
                 self.policy.prefilled(pre, blocks)
-            return pre, dec, res, first
+            return res, first
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await dec.decode_stub.Release(
@@ -486,7 +504,6 @@ class ClusterBackend:
             raise error_of(e, rid, f"prefill on {pre.worker_id}") from e
         finally:
             pre.prefilling -= 1
-            pre.prefill_tokens -= uncached
 
     def _count_decision(self, role: str, choice: Choice) -> None:
         """Count a routing decision by role and reason (and a prefill worker's predicted cached tokens)."""
