@@ -30,6 +30,7 @@ BENCHMARKS = {
     "tool-schemas": "k2serve.bench.tool_schemas",
     "long-context": "k2serve.bench.long_context",
     "long-neighbour": "k2serve.bench.long_neighbour",
+    "kv-routing": "k2serve.bench.kv_routing",
 }
 
 
