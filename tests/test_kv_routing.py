@@ -359,3 +359,26 @@ def test_publisher_snapshot_and_events_of_a_real_engine(tiny_ckpt: Path) -> None
         asyncio.run(run())
     finally:
         engine.shutdown()
+
+
+def test_bench_report_reuse_against_the_best_possible() -> None:
+    """`k2serve bench kv-routing`'s summary: computed = prompt - cached; reuse = cached / best possible
+    (turn 1 has none); TTFT from turn 2 on."""
+    from k2serve.bench.kv_routing import TurnResult, report
+
+    ms = 1e-3
+    runs = {
+        "kv": [
+            TurnResult(100, 0, 0, 50 * ms),
+            TurnResult(200, 96, 96, 10 * ms),
+            TurnResult(300, 192, 192, 30 * ms),
+        ],
+        "least-loaded": [
+            TurnResult(100, 0, 0, 50 * ms),
+            TurnResult(200, 0, 96, 40 * ms),
+            TurnResult(300, 96, 192, 60 * ms),
+        ],
+    }
+    lines = report(runs, conversations=1)
+    assert lines[1].split()[:3] == ["kv", "312", "100.0%"] and lines[1].split()[3] == "20.0"
+    assert lines[2].split()[:3] == ["least-loaded", "504", "33.3%"] and lines[2].split()[3] == "50.0"
