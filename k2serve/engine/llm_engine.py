@@ -122,7 +122,12 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
-        self.runner = ModelRunner(model, self.pool, pad_slot=num_blocks * self.config.block_size)
+        self.runner = ModelRunner(
+            model,
+            self.pool,
+            pad_slot=num_blocks * self.config.block_size,
+            attention_backend=self.config.attention_backend,
+        )
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, Any] = {}

@@ -54,7 +54,9 @@ def check_backend(backend: str, device: torch.device) -> None:
     """Raise AttentionBackendError when `backend` cannot run on tensors on `device`: an unknown name,
     triton not importable, or CPU tensors without TRITON_INTERPRET=1 (the kernel needs CUDA)."""
     if backend not in ATTENTION_BACKENDS:
-        raise AttentionBackendError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+        raise AttentionBackendError(
+            f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}"
+        )
     if backend == "torch":
         return
     if importlib.util.find_spec("triton") is None:
@@ -110,10 +112,14 @@ def _kernel(interpret: bool) -> Any:  # a triton JITFunction: kernel[grid](...)
         for t0 in range(0, num_keys, bt):
             j = t0 + tl.arange(0, bt)  # [bt] the item's keys
             j_ok = j < num_keys
-            block = tl.load(blocks_ptr + n * num_block_cols + j // block_size, mask=j_ok, other=0).to(tl.int64)
+            block = tl.load(blocks_ptr + n * num_block_cols + j // block_size, mask=j_ok, other=0).to(
+                tl.int64
+            )
             key_row = pages_ptr + block * stride_block + (j % block_size).to(tl.int64) * stride_row  # [bt]
             kv = tl.load(key_row[:, None] + c[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
-            k_pe = tl.load(key_row[:, None] + c_dim + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+            k_pe = tl.load(
+                key_row[:, None] + c_dim + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0
+            )
             kv = kv.to(q_dtype)  # the latent in the query's dtype, as the torch path casts it
             k_pe = k_pe.to(q_dtype)
             if widen:
@@ -133,7 +139,7 @@ def _kernel(interpret: bool) -> Any:  # a triton JITFunction: kernel[grid](...)
             p = tl.exp(s - base[:, None])  # [br, bt]
             l_sum = l_sum * alpha + tl.sum(p, 1)
             p_v = p.to(q_dtype)  # P in the values' dtype for P.V, as the torch path casts it
-            if ieee:
+            if ieee:  # noqa: SIM108 - a constexpr branch: each spelling compiles to its own dot
                 pv = tl.dot(p_v.to(tl.float32), kv, input_precision="ieee")
             else:
                 pv = tl.dot(p_v, kv)  # bf16 P . bf16 c_kv, fp32 accumulation
@@ -184,11 +190,13 @@ def paged_absorbed(
     if pages.stride(2) != 1:
         pages = pages.contiguous()
     query = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1).contiguous()  # [N, Q, H, C + dr]
+    device = q_lat.device  # the step's work items are built on the host: moved once per call
+    key_blocks, key_pos, q_pos = (t.to(device).contiguous() for t in (key_blocks, key_pos, q_pos))
     interpret = interpreting()
     widen = interpret and q_lat.dtype != torch.float32
     grid = (n, -(-(q * h) // BLOCK_R))
     _kernel(interpret)[grid](
-        query, pages, key_blocks.contiguous(), key_pos.contiguous(), q_pos.contiguous(), out, lse,
+        query, pages, key_blocks, key_pos, q_pos, out, lse,
         q * h, h, q, key_pos.shape[1], key_blocks.shape[1], block_size, pages.stride(0), pages.stride(1),
         float(scale), c_dim=c, dr=dr, bc=_pow2(c), bdr=_pow2(dr), br=BLOCK_R, bt=BLOCK_T,
         widen=widen, ieee=widen or q_lat.dtype == torch.float32,
