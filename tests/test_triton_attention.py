@@ -25,9 +25,21 @@ from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.model_runner import ModelRunner, RowSpec, build_step_inputs
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.kvcache.pool import KVCachePool
-from k2serve.model.attention import PAD_KEY_POS, Partial, attend_absorbed, merge_partials, paged_tiles
+from k2serve.model.attention import (
+    PAD_KEY_POS,
+    Partial,
+    attend_absorbed,
+    attend_expanded,
+    merge_partials,
+    paged_tiles,
+)
 from k2serve.model.loader import load_model
-from k2serve.model.triton_attention import ATTENTION_BACKENDS, AttentionBackendError, paged_absorbed
+from k2serve.model.triton_attention import (
+    ATTENTION_BACKENDS,
+    AttentionBackendError,
+    paged_absorbed,
+    paged_expanded,
+)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton==3.9.0)"
@@ -120,6 +132,23 @@ def test_prefill_rows_and_small_dims(c: int, dr: int, block_size: int) -> None:
     assert_partials_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_expanded_prefill_partials_equal_attend_expanded_at_k2_dims(dtype: torch.dtype, tol: float) -> None:
+    """The expanded kernel at K2's heads (C = 512, dn = 128, dv = 128, dr = 64; two heads), five
+    queries per item (a prefill chunk, one padding query): the Partials of `attend_expanded`. bf16:
+    k_nope, v and the scores rounded to bf16 by the torch path, kept in fp32 in the kernel where the
+    torch path keeps them in fp32 (observed ~8e-3 of the largest out)."""
+    q_lat, q_pe, q_pos, pages, key_blocks, key_pos = ragged_items(512, 64, 2, 5, 16, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    q_nope = (torch.randn(4, 5, 2, 128, generator=g) * 128**-0.5).to(dtype)
+    weight = (torch.randn(2 * 256, 512, generator=g) * 512**-0.5).to(dtype)
+    got = paged_expanded(q_nope, q_pe, q_pos, pages, key_blocks, key_pos, weight, 128, 0.07)
+    tiles = paged_tiles(pages, key_blocks, key_pos, 32)
+    want = attend_expanded(q_nope, q_pe, q_pos, tiles, weight, 128, 0.07)
+    assert got.out.shape == (4, 5, 2, 128)
+    assert_partials_close(got, want, tol)
+
+
 def test_bad_inputs_are_named() -> None:
     q_lat, q_pe, q_pos, pages, key_blocks, key_pos = ragged_items(64, 16, 4, 1, 8, torch.float32, seed=2)
     with pytest.raises(AttentionBackendError, match="pages must be"):
@@ -129,9 +158,9 @@ def test_bad_inputs_are_named() -> None:
 
 
 def step_logits(ckpt: Path, backend: str) -> torch.Tensor:
-    """One runner step over a prefilled pool: an absorbed prefill chunk (4 queries over 44 keys), a
-    decode row over 70 consecutive blocks' keys (KeyRuns: 8-key splits), a short decode row in
-    scattered blocks. Returns the sampling rows' logits."""
+    """One runner step over a prefilled pool: an absorbed prefill chunk (4 queries over 44 keys), an
+    expanded one (a fresh 8-token prompt), a decode row over 70 consecutive blocks' keys (KeyRuns:
+    8-key splits), a short decode row in scattered blocks. Returns the sampling rows' logits."""
     model = load_model(ckpt, torch.float32)
     c = model.config
     pool = KVCachePool(c.num_hidden_layers, 24, 8, c.kv_cache_dim, torch.float32)
@@ -140,30 +169,35 @@ def step_logits(ckpt: Path, backend: str) -> torch.Tensor:
         RowSpec([1, 2, 3, 4], 40, [20, 3, 17, 5, 9, 1], True),
         RowSpec([5], 69, list(range(9)), True),
         RowSpec([6], 12, [22, 11], True),
+        RowSpec([7, 8, 9, 10, 11, 12, 13, 14], 0, [14], True),
     ]
     tiles = model_runner.TileConfig(tile_tokens=16, split_tokens=8)
     work = build_step_inputs(rows, pool, c, tiles).work
-    assert work[0].absorbed and work[1].absorbed and work[1].runs  # the paths this step must cover
+    # the paths this step must cover: absorbed and expanded chunks, decode splits, in-place runs
+    assert [w.absorbed for w in work] == [True, False, True] and work[2].runs
     return ModelRunner(model, pool, tiles=tiles, attention_backend=backend).run(rows)
 
 
 def test_runner_step_logits_equal_torch(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every absorbed work item of the step goes through the kernel (counted), and the logits equal
-    the torch path's up to fp32 summation order."""
-    calls: list[tuple[int, ...]] = []
-    kernel = model_runner.paged_absorbed
+    """Every work item of the step goes through the kernels (counted), and the logits equal the
+    torch path's up to fp32 summation order."""
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    for name in ("paged_absorbed", "paged_expanded"):
+        kernel = getattr(model_runner, name)
 
-    def counted(q_lat: torch.Tensor, *args: object) -> Partial:
-        calls.append(tuple(q_lat.shape))
-        return kernel(q_lat, *args)  # type: ignore[arg-type]
+        def counted(q: torch.Tensor, *args: object, kernel: object = kernel, name: str = name) -> Partial:
+            calls.append((name, tuple(q.shape)))
+            return kernel(q, *args)  # type: ignore[operator, no-any-return]
 
-    monkeypatch.setattr(model_runner, "paged_absorbed", counted)
+        monkeypatch.setattr(model_runner, name, counted)
     want = step_logits(tiny_ckpt, "torch")
     assert calls == []
     got = step_logits(tiny_ckpt, "triton")
-    layers = 3
-    # per layer: the prefill chunk [1, 4, H, C], the gathered decode splits, the run's splits [8, 1, H, C]
-    assert len(calls) == 3 * layers and (1, 4, 4, 64) in calls and (8, 1, 4, 64) in calls
+    # per layer (3): the absorbed chunk [1, 4, H, C], the expanded one [1, 8, H, dn], the gathered
+    # decode splits, the run's splits [8, 1, H, C]
+    assert len(calls) == 4 * 3
+    assert {("paged_absorbed", (1, 4, 4, 64)), ("paged_expanded", (1, 8, 4, 32))} <= set(calls)
+    assert ("paged_absorbed", (8, 1, 4, 64)) in calls
     torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)  # logits of order 1..10: fp32 sum order
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 

@@ -10,9 +10,9 @@ new tokens' latent into the pool, then attends with the tiled online-softmax alg
 - each prefill chunk is its own work item over its whole context, tile by tile (extra memory
   O(chunk x tile x heads)).
 Each work group takes the expanded or the weight-absorbed path, whichever costs fewer FLOPs. With the
-"triton" attention backend the absorbed work (decode splits, in-place runs, absorbed prefill chunks) runs
-the Triton kernel of `model/triton_attention.py` on the same work items; expanded work and an fp8 pool
-stay on the torch path.
+"triton" attention backend every work item (decode splits, in-place runs as block ranges, prefill
+chunks, absorbed or expanded) runs the Triton kernels of `model/triton_attention.py` on the same items;
+an fp8 pool stays on the torch path.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from k2serve.model.attention import (
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
 from k2serve.model.shapes import bucket
-from k2serve.model.triton_attention import check_backend, paged_absorbed
+from k2serve.model.triton_attention import check_backend, paged_absorbed, paged_expanded
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _run_keys(r: KeyRun, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class PagedBackend:
     """The attention backend the model calls in each layer during an engine step. `attention_backend`:
-    "torch" (the tiled reference), or "triton" (absorbed work through the Triton kernel)."""
+    "torch" (the tiled reference), or "triton" (the Triton kernels; an fp8 pool stays torch)."""
 
     def __init__(
         self,
@@ -136,16 +136,14 @@ class PagedBackend:
         out = q_nope.new_zeros(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv] (padding rows stay 0)
         for w in self.inputs.work:
             w_uk, w_uv = mla.absorb_weights() if w.absorbed else (None, None)
-            # W_UK when this work goes through the Triton kernel (absorbed, not fp8), else None
-            kernel_uk = w_uk if self.attention_backend == "triton" and self.pool.fp8 is None else None
+            kernel = self.attention_backend == "triton" and self.pool.fp8 is None
 
             parts: list[Partial] = []
             tokens: list[torch.Tensor] = []
             if w.token.numel():
-                if kernel_uk is not None:
-                    q_lat, pe = self._absorbed_query(q_nope, q_pe, kernel_uk, w.token)
-                    part = paged_absorbed(
-                        q_lat, pe, w.q_pos, pages, w.key_blocks, w.key_pos, mla.softmax_scale
+                if kernel:
+                    part = self._attend_kernel(
+                        mla, q_nope, q_pe, w_uk, w.token, w.q_pos, pages, w.key_blocks, w.key_pos
                     )
                 else:
                     tiles = paged_tiles(pages, w.key_blocks, w.key_pos, tile, dequantize)
@@ -155,10 +153,11 @@ class PagedBackend:
             for r in w.runs:
                 token = torch.full((r.items, 1), r.token, dtype=torch.long)
                 q_pos = torch.full_like(token, r.q_pos)
-                if kernel_uk is not None:
-                    q_lat, pe = self._absorbed_query(q_nope, q_pe, kernel_uk, token)
+                if kernel:
                     blocks, positions = _run_keys(r, self.pool.block_size)
-                    part = paged_absorbed(q_lat, pe, q_pos, pages, blocks, positions, mla.softmax_scale)
+                    part = self._attend_kernel(
+                        mla, q_nope, q_pe, w_uk, token, q_pos, pages, blocks, positions
+                    )
                 else:
                     tiles = run_tiles(rows, r.first_slot, r.items, r.width, r.first_pos, tile, dequantize)
                     part = self._attend(mla, q_nope, q_pe, w_uk, token, q_pos, tiles)
@@ -181,6 +180,36 @@ class PagedBackend:
         (rows `token`; padding rows read row 0 and are masked by their position -1)."""
         index = token.clamp_min(0)
         return torch.einsum("nqhd,hdc->nqhc", q_nope[index], w_uk), q_pe[index]
+
+    @staticmethod
+    def _attend_kernel(
+        mla: MLA,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        w_uk: torch.Tensor | None,
+        token: torch.Tensor,
+        q_pos: torch.Tensor,
+        pages: torch.Tensor,
+        key_blocks: torch.Tensor,
+        key_pos: torch.Tensor,
+    ) -> Partial:
+        """`_attend` through the Triton kernels, reading the items' keys from `pages` by block id."""
+        if w_uk is not None:
+            q_lat, pe = PagedBackend._absorbed_query(q_nope, q_pe, w_uk, token)
+            return paged_absorbed(q_lat, pe, q_pos, pages, key_blocks, key_pos, mla.softmax_scale)
+        index = token.clamp_min(0)
+        weight = mla.kv_b_proj.weight
+        return paged_expanded(
+            q_nope[index],
+            q_pe[index],
+            q_pos,
+            pages,
+            key_blocks,
+            key_pos,
+            weight,
+            mla.v_dim,
+            mla.softmax_scale,
+        )
 
     @staticmethod
     def _attend(

@@ -76,83 +76,47 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 @functools.cache
-def _kernel(interpret: bool) -> Any:  # a triton JITFunction: kernel[grid](...)
-    """Build the kernel (once per interpreter setting: triton decides at decoration time)."""
+def _kernels(interpret: bool) -> tuple[Any, Any]:  # triton JITFunctions: kernel[grid](...)
+    """The kernels (absorbed, expanded), imported on first use: triton decides whether to interpret
+    when it decorates them, so TRITON_INTERPRET must be set before (the module is imported once)."""
     del interpret  # part of the cache key only
-    import triton
-    import triton.language as tl
+    from k2serve.model import triton_attention_kernels as k
 
-    @triton.jit
-    def absorbed_paged(
-        q_ptr, pages_ptr, blocks_ptr, key_pos_ptr, q_pos_ptr, out_ptr, lse_ptr,
-        rows, heads, queries, num_keys, num_block_cols, block_size, stride_block, stride_row, scale,
-        c_dim: tl.constexpr, dr: tl.constexpr, bc: tl.constexpr, bdr: tl.constexpr,
-        br: tl.constexpr, bt: tl.constexpr, widen: tl.constexpr, ieee: tl.constexpr,
-    ):  # fmt: skip
-        n = tl.program_id(0).to(tl.int64)
-        r = tl.program_id(1) * br + tl.arange(0, br)  # [br] rows: query r // heads, head r % heads
-        r_ok = r < rows
-        q_pos = tl.load(q_pos_ptr + n * queries + r // heads, mask=r_ok, other=-1)  # [br]
-        c = tl.arange(0, bc)
-        c_ok = c < c_dim
-        d = tl.arange(0, bdr)
-        d_ok = d < dr
-        q_row = q_ptr + (n * rows + r)[:, None] * (c_dim + dr)  # query rows [q_lat | q_pe], contiguous
-        q_lat = tl.load(q_row + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)  # [br, bc]
-        q_pe = tl.load(q_row + c_dim + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [br, bdr]
-        if widen:  # interpreter, bf16: the same bf16 values as fp32 operands
-            q_lat = q_lat.to(tl.float32)
-            q_pe = q_pe.to(tl.float32)
-        q_dtype = q_ptr.dtype.element_ty
-        # not tl.zeros: a jit helper, which breaks the interpreter when triton.language was imported
-        # before TRITON_INTERPRET was set (see experts/triton_moe.py)
-        m = tl.full((br,), float("-inf"), dtype=tl.float32)
-        l_sum = tl.full((br,), 0.0, dtype=tl.float32)
-        acc = tl.full((br, bc), 0.0, dtype=tl.float32)
-        for t0 in range(0, num_keys, bt):
-            j = t0 + tl.arange(0, bt)  # [bt] the item's keys
-            j_ok = j < num_keys
-            block = tl.load(blocks_ptr + n * num_block_cols + j // block_size, mask=j_ok, other=0).to(
-                tl.int64
-            )
-            key_row = pages_ptr + block * stride_block + (j % block_size).to(tl.int64) * stride_row  # [bt]
-            kv = tl.load(key_row[:, None] + c[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
-            k_pe = tl.load(
-                key_row[:, None] + c_dim + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            kv = kv.to(q_dtype)  # the latent in the query's dtype, as the torch path casts it
-            k_pe = k_pe.to(q_dtype)
-            if widen:
-                kv = kv.to(tl.float32)
-                k_pe = k_pe.to(tl.float32)
-            if ieee:
-                s = tl.dot(q_lat, tl.trans(kv), input_precision="ieee")
-                s += tl.dot(q_pe, tl.trans(k_pe), input_precision="ieee")
-            else:
-                s = tl.dot(q_lat, tl.trans(kv)) + tl.dot(q_pe, tl.trans(k_pe))  # [br, bt] fp32
-            k_pos = tl.load(key_pos_ptr + n * num_keys + j, mask=j_ok, other=0)  # [bt]
-            seen = (k_pos[None, :] <= q_pos[:, None]) & j_ok[None, :] & r_ok[:, None]
-            s = tl.where(seen, s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen stay all-zero
-            alpha = tl.exp(m - base)
-            p = tl.exp(s - base[:, None])  # [br, bt]
-            l_sum = l_sum * alpha + tl.sum(p, 1)
-            p_v = p.to(q_dtype)  # P in the values' dtype for P.V, as the torch path casts it
-            if ieee:  # noqa: SIM108 - a constexpr branch: each spelling compiles to its own dot
-                pv = tl.dot(p_v.to(tl.float32), kv, input_precision="ieee")
-            else:
-                pv = tl.dot(p_v, kv)  # bf16 P . bf16 c_kv, fp32 accumulation
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-        seen_any = l_sum > 0
-        out = acc / tl.where(seen_any, l_sum, 1.0)[:, None]
-        lse = tl.where(seen_any, m + tl.log(tl.where(seen_any, l_sum, 1.0)), float("-inf"))
-        o_row = out_ptr + (n * rows + r)[:, None] * c_dim
-        tl.store(o_row + c[None, :], out, mask=r_ok[:, None] & c_ok[None, :])
-        tl.store(lse_ptr + n * rows + r, lse, mask=r_ok)
+    return k.absorbed_paged, k.expanded_paged
 
-    return absorbed_paged
+
+def _check_keys(
+    pages: torch.Tensor,
+    width: int,
+    n: int,
+    key_blocks: torch.Tensor,
+    key_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Validate the items' key addressing; returns pages (rows contiguous), key_blocks, key_pos and
+    q_pos on the pages' device (the step's work items are built on the host: moved once per call)."""
+    if pages.dim() != 3 or pages.shape[-1] != width or pages.dtype in (torch.uint8, torch.int8):
+        raise AttentionBackendError(
+            f"pages must be a latent [num_blocks, block_size, {width}] in fp32/bf16, got "
+            f"{pages.dtype} {tuple(pages.shape)}"
+        )
+    block_size = pages.shape[1]
+    if key_blocks.shape[0] != n or key_pos.shape != (n, key_blocks.shape[1] * block_size):
+        raise AttentionBackendError(
+            f"key_blocks [{n}, B] and key_pos [{n}, B * {block_size}] expected, got "
+            f"{tuple(key_blocks.shape)} and {tuple(key_pos.shape)}"
+        )
+    if q_pos.dim() != 2 or q_pos.shape[0] != n:
+        raise AttentionBackendError(f"q_pos [{n}, Q] expected, got {tuple(q_pos.shape)}")
+    if pages.stride(2) != 1:
+        pages = pages.contiguous()
+    device = pages.device
+    return pages, *(t.to(device).contiguous() for t in (key_blocks, key_pos, q_pos))
+
+
+def _paging_args(pages: torch.Tensor, key_blocks: torch.Tensor, key_pos: torch.Tensor) -> tuple[int, ...]:
+    """num_keys, num_block_cols, block_size, stride_block, stride_row: how the kernels find a key."""
+    return key_pos.shape[1], key_blocks.shape[1], pages.shape[1], pages.stride(0), pages.stride(1)
 
 
 def paged_absorbed(
@@ -167,38 +131,65 @@ def paged_absorbed(
     """q_lat [N, Q, H, C], q_pe [N, Q, H, dr], q_pos [N, Q] long (-1: padding query); pages: one
     layer's latent [num_blocks, block_size, C + dr] (fp32 / bf16, not fp8); key_blocks [N, B] long,
     key_pos [N, B * block_size] long (PAD_KEY_POS for padding). Returns the items' Partial, as
-    `attend_absorbed` over `paged_tiles` of the same blocks."""
+    `attend_absorbed` over `paged_tiles` of the same blocks (out [N, Q, H, C])."""
     n, q, h, c = q_lat.shape
     dr = q_pe.shape[-1]
-    if pages.dim() != 3 or pages.shape[-1] != c + dr or pages.dtype in (torch.uint8, torch.int8):
-        raise AttentionBackendError(
-            f"pages must be a latent [num_blocks, block_size, {c + dr}] in fp32/bf16, got "
-            f"{pages.dtype} {tuple(pages.shape)}"
-        )
-    block_size = pages.shape[1]
-    if key_blocks.shape[0] != n or key_pos.shape != (n, key_blocks.shape[1] * block_size):
-        raise AttentionBackendError(
-            f"key_blocks [{n}, B] and key_pos [{n}, B * {block_size}] expected, got "
-            f"{tuple(key_blocks.shape)} and {tuple(key_pos.shape)}"
-        )
-    if q_pos.shape != (n, q) or q_pe.shape[:3] != (n, q, h):
-        raise AttentionBackendError(f"q_pe [{n}, {q}, {h}, dr], q_pos [{n}, {q}] expected")
+    if q_pe.shape[:3] != (n, q, h):
+        raise AttentionBackendError(f"q_pe [{n}, {q}, {h}, dr] expected, got {tuple(q_pe.shape)}")
+    pages, key_blocks, key_pos, q_pos = _check_keys(pages, c + dr, n, key_blocks, key_pos, q_pos)
     out = torch.empty(n, q, h, c, dtype=torch.float32, device=q_lat.device)
     lse = torch.empty(n, q, h, dtype=torch.float32, device=q_lat.device)
     if n == 0 or q * h == 0:
         return Partial(out, lse)
-    if pages.stride(2) != 1:
-        pages = pages.contiguous()
     query = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1).contiguous()  # [N, Q, H, C + dr]
-    device = q_lat.device  # the step's work items are built on the host: moved once per call
-    key_blocks, key_pos, q_pos = (t.to(device).contiguous() for t in (key_blocks, key_pos, q_pos))
     interpret = interpreting()
     widen = interpret and q_lat.dtype != torch.float32
     grid = (n, -(-(q * h) // BLOCK_R))
-    _kernel(interpret)[grid](
-        query, pages, key_blocks, key_pos, q_pos, out, lse,
-        q * h, h, q, key_pos.shape[1], key_blocks.shape[1], block_size, pages.stride(0), pages.stride(1),
-        float(scale), c_dim=c, dr=dr, bc=_pow2(c), bdr=_pow2(dr), br=BLOCK_R, bt=BLOCK_T,
+    _kernels(interpret)[0][grid](
+        query, pages, key_blocks, key_pos, q_pos, out, lse, q * h, h, q,
+        *_paging_args(pages, key_blocks, key_pos), float(scale),
+        c_dim=c, dr=dr, bc=_pow2(c), bdr=_pow2(dr), br=BLOCK_R, bt=BLOCK_T,
         widen=widen, ieee=widen or q_lat.dtype == torch.float32,
+    )  # fmt: skip
+    return Partial(out, lse)
+
+
+def paged_expanded(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    q_pos: torch.Tensor,
+    pages: torch.Tensor,
+    key_blocks: torch.Tensor,
+    key_pos: torch.Tensor,
+    kv_b_weight: torch.Tensor,
+    v_dim: int,
+    scale: float,
+) -> Partial:
+    """q_nope [N, Q, H, dn], q_pe [N, Q, H, dr], q_pos [N, Q]; kv_b_weight [H * (dn + dv), C]; keys
+    as in `paged_absorbed`. One program per (item, head, 16 queries) expands each key tile for its
+    head in registers (k_nope, v = c_kv . W^T over 64-wide chunks of C: K2's 128 + 64 / 128 heads),
+    so no expanded K/V is written. Returns the Partial of `attend_expanded` (out [N, Q, H, dv])."""
+    n, q, h, dn = q_nope.shape
+    dr = q_pe.shape[-1]
+    c = kv_b_weight.shape[1]
+    if q_pe.shape[:3] != (n, q, h) or kv_b_weight.shape[0] != h * (dn + v_dim):
+        raise AttentionBackendError(
+            f"q_pe [{n}, {q}, {h}, dr] and kv_b_weight [{h} * ({dn} + {v_dim}), C] expected, got "
+            f"{tuple(q_pe.shape)} and {tuple(kv_b_weight.shape)}"
+        )
+    pages, key_blocks, key_pos, q_pos = _check_keys(pages, c + dr, n, key_blocks, key_pos, q_pos)
+    out = torch.empty(n, q, h, v_dim, dtype=torch.float32, device=q_nope.device)
+    lse = torch.empty(n, q, h, dtype=torch.float32, device=q_nope.device)
+    if n == 0 or q * h == 0:
+        return Partial(out, lse)
+    dtype = q_nope.dtype
+    interpret = interpreting()
+    widen = interpret and dtype != torch.float32
+    grid = (n, h, -(-q // BLOCK_R))
+    _kernels(interpret)[1][grid](
+        q_nope.contiguous(), q_pe.to(dtype).contiguous(), kv_b_weight.to(dtype).contiguous(), pages,
+        key_blocks, key_pos, q_pos, out, lse, h, q, *_paging_args(pages, key_blocks, key_pos), float(scale),
+        c_dim=c, dn=dn, dv=v_dim, dr=dr, bck=min(64, _pow2(c)), bdn=_pow2(dn), bdv=_pow2(v_dim),
+        bdr=_pow2(dr), bq=BLOCK_R, bt=BLOCK_T, widen=widen, ieee=widen or dtype == torch.float32,
     )  # fmt: skip
     return Partial(out, lse)
