@@ -24,6 +24,7 @@ from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.model_runner import ModelRunner, RowSpec, build_step_inputs
 from k2serve.engine.sampling_params import SamplingParams
+from k2serve.kvcache.fp8 import Fp8Layout
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.attention import (
     PAD_KEY_POS,
@@ -157,14 +158,19 @@ def test_bad_inputs_are_named() -> None:
         paged_absorbed(q_lat, q_pe, q_pos, pages, key_blocks, key_pos[:, :-1], 0.1)
 
 
-def step_logits(ckpt: Path, backend: str) -> torch.Tensor:
+def step_logits(ckpt: Path, backend: str, fp8: bool = False) -> torch.Tensor:
     """One runner step over a prefilled pool: an absorbed prefill chunk (4 queries over 44 keys), an
     expanded one (a fresh 8-token prompt), a decode row over 70 consecutive blocks' keys (KeyRuns:
     8-key splits), a short decode row in scattered blocks. Returns the sampling rows' logits."""
     model = load_model(ckpt, torch.float32)
     c = model.config
-    pool = KVCachePool(c.num_hidden_layers, 24, 8, c.kv_cache_dim, torch.float32)
-    pool.kv.normal_(generator=torch.Generator().manual_seed(4))
+    layout = Fp8Layout(c.kv_lora_rank, c.qk_rope_head_dim) if fp8 else None
+    pool = KVCachePool(c.num_hidden_layers, 24, 8, c.kv_cache_dim, torch.float32, fp8=layout)
+    g = torch.Generator().manual_seed(4)
+    for layer in range(c.num_hidden_layers):
+        pool.write(
+            layer, torch.arange(pool.num_slots), torch.randn(pool.num_slots, c.kv_cache_dim, generator=g)
+        )
     rows = [
         RowSpec([1, 2, 3, 4], 40, [20, 3, 17, 5, 9, 1], True),
         RowSpec([5], 69, list(range(9)), True),
@@ -198,6 +204,10 @@ def test_runner_step_logits_equal_torch(tiny_ckpt: Path, monkeypatch: pytest.Mon
     assert len(calls) == 4 * 3
     assert {("paged_absorbed", (1, 4, 4, 64)), ("paged_expanded", (1, 8, 4, 32))} <= set(calls)
     assert ("paged_absorbed", (8, 1, 4, 64)) in calls
+    calls.clear()
+    fp8 = step_logits(tiny_ckpt, "triton", fp8=True)  # an fp8 cache stays on the torch path
+    assert calls == []
+    assert torch.equal(fp8, step_logits(tiny_ckpt, "torch", fp8=True))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)  # logits of order 1..10: fp32 sum order
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 

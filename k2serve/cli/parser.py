@@ -83,9 +83,9 @@ def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
         "--attention-backend",
         choices=ATTENTION_BACKENDS,
         default="torch",
-        help="paged MLA attention: torch (tiled reference) or triton (absorbed decode and absorbed prefill "
-        "chunks through the Triton kernel; needs CUDA, or TRITON_INTERPRET=1 on CPU; expanded prefill "
-        "and an fp8 cache stay torch)",
+        help="paged MLA attention: torch (tiled reference) or triton (the Triton kernels: absorbed decode "
+        "splits and prefill chunks, absorbed or expanded; needs CUDA, or TRITON_INTERPRET=1 on CPU; an fp8 "
+        "cache stays torch)",
     )
 
 

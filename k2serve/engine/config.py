@@ -25,9 +25,9 @@ class EngineConfig:
     max_num_batched_tokens: tokens computed per step (chunked prefill splits prompts to fit).
     kv_cache_dtype: what the pool stores, one of CACHE_DTYPES: "auto" (the model's dtype), "bf16",
     "fp32", or "fp8" (e4m3 c_kv with a per-token scale + bf16 RoPE keys, kvcache/fp8.py).
-    attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (absorbed
-    paged attention through the Triton kernel, model/triton_attention.py: needs CUDA or TRITON_INTERPRET=1,
-    checked when the engine is built; expanded prefill and an fp8 pool stay torch).
+    attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
+    attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
+    TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.

@@ -1,29 +1,39 @@
-"""Paged MLA attention over the latent, absorbed, as a Triton kernel: `attend_absorbed` on the GPU.
+"""Paged MLA attention over the latent as Triton kernels: `attend_absorbed` and `attend_expanded` on the GPU.
 
-`paged_absorbed(q_lat, q_pe, q_pos, pages, key_blocks, key_pos, scale)` computes exactly what
-`attend_absorbed(q_lat, q_pe, q_pos, paged_tiles(pages, key_blocks, key_pos, ...), scale)` does (the
-contract of `model/attention.py`): N work items, item n its Q query rows over the keys its blocks hold,
-and returns the same `Partial` (out [N, Q, H, C] fp32 normalised, lse [N, Q, H] fp32), so split-K
-items are merged by the existing `merge_partials`.
+`paged_absorbed(q_lat, q_pe, q_pos, pages, key_blocks, key_pos, scale)` computes what
+`attend_absorbed(q_lat, q_pe, q_pos, paged_tiles(pages, key_blocks, key_pos, ...), scale)` does, and
+`paged_expanded(q_nope, q_pe, q_pos, pages, key_blocks, key_pos, kv_b_weight, v_dim, scale)` what
+`attend_expanded` does over the same tiles (the contract of `model/attention.py`): N work items, item
+n its Q query rows over the keys its blocks hold; both return the same `Partial` (out normalised,
+lse, fp32), so split-K items are merged by the existing `merge_partials`.
 
-One program per (item, block of BLOCK_R query rows): rows are (query, head) pairs, so a decode item's
-rows are its heads (heads per rank) and an absorbed prefill chunk's rows are all its queries' heads,
-each row masked by its own query position. The program reads the item's keys BLOCK_T at a time straight
-from the pool through `key_blocks` (key j of the item is slot j % block_size of block key_blocks[n, j //
-block_size]: no gathered copy), scores [q_lat | q_pe] . [c_kv | k_pe] (two tl.dot: C and dr padded to
-powers of two with masks, K2's 512 + 64 as they are), masks keys by position (key_pos > q_pos, padding
-keys carry PAD_KEY_POS) and keeps an online softmax (running max, sum, fp32 accumulator [BLOCK_R, C])
-with the torch path's -inf conventions: a row that sees no key gets out 0, lse -inf.
+Both read an item's keys BLOCK_T at a time straight from the pool through `key_blocks` (key j of the
+item is slot j % block_size of block key_blocks[n, j // block_size]: no gathered copy, any block size),
+mask keys by position (key_pos > q_pos; padding keys carry PAD_KEY_POS, padding queries -1) and keep
+an online softmax (running max, sum, fp32 accumulator) with the torch path's -inf conventions: a row
+that sees no key gets out 0, lse -inf. Dims are padded to powers of two (at least 16, tl.dot's
+minimum) with masks; K2's 512 + 64 latent and 128 + 64 / 128 heads are powers of two already.
+- absorbed (decode splits, in-place runs, absorbed prefill chunks): one program per (item, BLOCK_R
+  (query, head) rows), so a decode item's rows are its heads per rank; scores [q_lat | q_pe] .
+  [c_kv | k_pe], values c_kv, out [N, Q, H, C].
+- expanded (prefill chunks over a short context): one program per (item, head, BLOCK_R queries);
+  each key tile is expanded for the head in registers (k_nope, v = c_kv . W^T, over 64-wide chunks of
+  C), so no expanded K/V is ever written; out [N, Q, H, dv].
 
-Precision: the latent is cast to the query's dtype (as the torch path does); products accumulate in
-fp32. fp32 operands use tl.dot without TF32 (`input_precision="ieee"`); bf16 operands use tl.dot on
-bf16 natively on GPU (P cast to bf16 for P.V, as the torch path casts P to the values' dtype). Under
+Precision mirrors the torch path: the latent (and W) in the query's dtype, the expanded k_nope / v and
+P rounded to it before their products, every product accumulated in fp32. fp32 operands use tl.dot
+without TF32 (`input_precision="ieee"`); bf16 operands use tl.dot on bf16 natively on GPU. Under
 TRITON_INTERPRET=1 bf16 operands are widened to fp32 before tl.dot, as `experts/triton_moe.py` does
-(the interpreter's dot mishandles bf16): the same bf16 values, so results match up to summation order.
-An fp8 pool (raw rows with scales) is not read by this kernel: the engine keeps the torch path for it.
+(the interpreter's dot mishandles bf16: checked with triton 3.9, it returns garbage): the same bf16
+values, so results match up to summation order. The bf16 tl.dot path itself therefore only runs on a
+GPU. The torch path rounds bf16 scores (its GEMM output) before the softmax, the kernels keep them in
+fp32: bf16 results agree to ~1e-2 relative. An fp8 pool (raw rows with scales) is not read by these
+kernels: the engine keeps the torch path for it. Block sizes (16 rows x 16 keys) are the ones the
+interpreter tests; tuning for a GPU (and checking register use at C = 512) is open: no GPU was available.
 
-Triton is imported lazily and the kernel built on first use, so TRITON_INTERPRET set before that takes
-effect. `check_backend` tells a caller up front whether the kernel can run on a device.
+Triton is imported lazily and the kernels built on first use (`triton_attention_kernels`), so
+TRITON_INTERPRET set before that takes effect. `check_backend` tells a caller up front whether the
+kernels can run on a device.
 """
 
 from __future__ import annotations
