@@ -46,10 +46,13 @@ def init_model(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm import LLM
     from k2serve.engine.sampling_params import SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(
+        args.model, dtype=args.dtype, engine_config=EngineConfig(attention_backend=args.attention_backend)
+    )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompts: list[str | list[int]] = [args.prompt] if args.prompt is not None else [args.prompt_ids]
     for out in llm.generate(prompts, params):

@@ -22,6 +22,7 @@ KV_CACHE_DTYPES = (
     "fp32",
     "fp8",
 )  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
+ATTENTION_BACKENDS = ("torch", "triton")  # model.triton_attention.ATTENTION_BACKENDS, spelled out
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -74,6 +75,19 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         help="what the latent KV pool stores: auto = the model's --dtype; fp8 = e4m3 latent with a "
         "per-token fp32 scale and bf16 RoPE keys (656 bytes/token/layer for K2, vLLM's fp8_ds_mla "
         "row); prefill and decode workers must use the same",
+    )
+    add_attention_backend_arg(s)
+
+
+def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
+    """--attention-backend (EngineConfig.attention_backend): the engine flags have it, so has `generate`."""
+    s.add_argument(
+        "--attention-backend",
+        choices=ATTENTION_BACKENDS,
+        default="torch",
+        help="paged MLA attention: torch (tiled reference) or triton (the Triton kernels: absorbed decode "
+        "splits and prefill chunks, absorbed or expanded; needs CUDA, or TRITON_INTERPRET=1 on CPU; an fp8 "
+        "cache stays torch)",
     )
 
 
@@ -291,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    add_attention_backend_arg(s)
     s.set_defaults(handler=commands.generate)
 
     s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")

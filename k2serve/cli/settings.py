@@ -53,6 +53,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting,
         kv_cache_dtype=args.kv_cache_dtype,
+        attention_backend=args.attention_backend,
     )
 
 
@@ -210,6 +211,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         str(args.max_waiting),
         "--kv-cache-dtype",
         args.kv_cache_dtype,
+        "--attention-backend",
+        args.attention_backend,
     ]
     if args.kv_cache_mb is not None:
         out += ["--kv-cache-mb", str(args.kv_cache_mb)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from k2serve.kvcache.fp8 import CACHE_DTYPES
+from k2serve.model.triton_attention import ATTENTION_BACKENDS
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
 
@@ -24,6 +25,9 @@ class EngineConfig:
     max_num_batched_tokens: tokens computed per step (chunked prefill splits prompts to fit).
     kv_cache_dtype: what the pool stores, one of CACHE_DTYPES: "auto" (the model's dtype), "bf16",
     "fp32", or "fp8" (e4m3 c_kv with a per-token scale + bf16 RoPE keys, kvcache/fp8.py).
+    attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
+    attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
+    TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -39,6 +43,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting: int = 4096
     kv_cache_dtype: str = "auto"
+    attention_backend: str = "torch"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
@@ -55,6 +60,10 @@ class EngineConfig:
         if self.kv_cache_dtype not in CACHE_DTYPES:
             raise EngineConfigError(
                 f"kv_cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise EngineConfigError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")

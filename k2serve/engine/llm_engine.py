@@ -32,6 +32,7 @@ from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.loader import load_model
 from k2serve.model.model import K2Model
+from k2serve.model.triton_attention import check_backend
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class LLMEngine:
     ) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        # before sizing and allocating the pool: the runner checks it again for its own callers
+        check_backend(self.config.attention_backend, model.embed_tokens.weight.device)
         self.tokenizer = tokenizer
         mc = model.config
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
@@ -122,7 +125,12 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
-        self.runner = ModelRunner(model, self.pool, pad_slot=num_blocks * self.config.block_size)
+        self.runner = ModelRunner(
+            model,
+            self.pool,
+            pad_slot=num_blocks * self.config.block_size,
+            attention_backend=self.config.attention_backend,
+        )
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, Any] = {}

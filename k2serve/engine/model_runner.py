@@ -9,7 +9,10 @@ new tokens' latent into the pool, then attends with the tiled online-softmax alg
   splits are attended in one pass and merged by log-sum-exp;
 - each prefill chunk is its own work item over its whole context, tile by tile (extra memory
   O(chunk x tile x heads)).
-Each work group takes the expanded or the weight-absorbed path, whichever costs fewer FLOPs.
+Each work group takes the expanded or the weight-absorbed path, whichever costs fewer FLOPs. With the
+"triton" attention backend every work item (decode splits, in-place runs as block ranges, prefill
+chunks, absorbed or expanded) runs the Triton kernels of `model/triton_attention.py` on the same items;
+an fp8 pool stays on the torch path.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from k2serve.model.attention import (
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
 from k2serve.model.shapes import bucket
+from k2serve.model.triton_attention import check_backend, paged_absorbed, paged_expanded
 
 
 @dataclass(frozen=True)
@@ -90,16 +94,33 @@ LayerHook = Callable[[int], None]
 """Called with a layer index right after that layer's new latent is in the pool (before its attention)."""
 
 
+def _run_keys(r: KeyRun, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's items as gathered items: key_blocks [items, width / block_size] (a run is consecutive
+    pool blocks from its first slot's block) and key_pos [items, width]."""
+    per_item = r.width // block_size
+    first = r.first_slot // block_size
+    blocks = first + torch.arange(r.items * per_item, dtype=torch.long).view(r.items, per_item)
+    positions = r.first_pos + torch.arange(r.items * r.width, dtype=torch.long).view(r.items, r.width)
+    return blocks, positions
+
+
 class PagedBackend:
-    """The attention backend the model calls in each layer during an engine step."""
+    """The attention backend the model calls in each layer during an engine step. `attention_backend`:
+    "torch" (the tiled reference), or "triton" (the Triton kernels; an fp8 pool stays torch)."""
 
     def __init__(
-        self, pool: KVCachePool, inputs: StepInputs, tiles: TileConfig, on_layer: LayerHook | None = None
+        self,
+        pool: KVCachePool,
+        inputs: StepInputs,
+        tiles: TileConfig,
+        on_layer: LayerHook | None = None,
+        attention_backend: str = "torch",
     ) -> None:
         self.pool = pool
         self.inputs = inputs
         self.tiles = tiles
         self.on_layer = on_layer
+        self.attention_backend = attention_backend
 
     def __call__(
         self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
@@ -115,19 +136,32 @@ class PagedBackend:
         out = q_nope.new_zeros(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv] (padding rows stay 0)
         for w in self.inputs.work:
             w_uk, w_uv = mla.absorb_weights() if w.absorbed else (None, None)
+            kernel = self.attention_backend == "triton" and self.pool.fp8 is None
 
             parts: list[Partial] = []
             tokens: list[torch.Tensor] = []
             if w.token.numel():
-                tiles = paged_tiles(pages, w.key_blocks, w.key_pos, tile, dequantize)
-                parts.append(self._attend(mla, q_nope, q_pe, w_uk, w.token, w.q_pos, tiles))
+                if kernel:
+                    part = self._attend_kernel(
+                        mla, q_nope, q_pe, w_uk, w.token, w.q_pos, pages, w.key_blocks, w.key_pos
+                    )
+                else:
+                    tiles = paged_tiles(pages, w.key_blocks, w.key_pos, tile, dequantize)
+                    part = self._attend(mla, q_nope, q_pe, w_uk, w.token, w.q_pos, tiles)
+                parts.append(part)
                 tokens.append(w.token)
             for r in w.runs:
                 token = torch.full((r.items, 1), r.token, dtype=torch.long)
-                tiles = run_tiles(rows, r.first_slot, r.items, r.width, r.first_pos, tile, dequantize)
-                parts.append(
-                    self._attend(mla, q_nope, q_pe, w_uk, token, torch.full_like(token, r.q_pos), tiles)
-                )
+                q_pos = torch.full_like(token, r.q_pos)
+                if kernel:
+                    blocks, positions = _run_keys(r, self.pool.block_size)
+                    part = self._attend_kernel(
+                        mla, q_nope, q_pe, w_uk, token, q_pos, pages, blocks, positions
+                    )
+                else:
+                    tiles = run_tiles(rows, r.first_slot, r.items, r.width, r.first_pos, tile, dequantize)
+                    part = self._attend(mla, q_nope, q_pe, w_uk, token, q_pos, tiles)
+                parts.append(part)
                 tokens.append(token)
             part = Partial(torch.cat([p.out for p in parts]), torch.cat([p.lse for p in parts]))
             token = torch.cat(tokens)
@@ -137,6 +171,45 @@ class PagedBackend:
             queries = token[token >= 0]
             out[queries] = merged[queries]
         return out
+
+    @staticmethod
+    def _absorbed_query(
+        q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, token: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The items' absorbed queries: q_lat = q_nope . W_UK [N, Q, H, C] and q_pe [N, Q, H, dr]
+        (rows `token`; padding rows read row 0 and are masked by their position -1)."""
+        index = token.clamp_min(0)
+        return torch.einsum("nqhd,hdc->nqhc", q_nope[index], w_uk), q_pe[index]
+
+    @staticmethod
+    def _attend_kernel(
+        mla: MLA,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        w_uk: torch.Tensor | None,
+        token: torch.Tensor,
+        q_pos: torch.Tensor,
+        pages: torch.Tensor,
+        key_blocks: torch.Tensor,
+        key_pos: torch.Tensor,
+    ) -> Partial:
+        """`_attend` through the Triton kernels, reading the items' keys from `pages` by block id."""
+        if w_uk is not None:
+            q_lat, pe = PagedBackend._absorbed_query(q_nope, q_pe, w_uk, token)
+            return paged_absorbed(q_lat, pe, q_pos, pages, key_blocks, key_pos, mla.softmax_scale)
+        index = token.clamp_min(0)
+        weight = mla.kv_b_proj.weight
+        return paged_expanded(
+            q_nope[index],
+            q_pe[index],
+            q_pos,
+            pages,
+            key_blocks,
+            key_pos,
+            weight,
+            mla.v_dim,
+            mla.softmax_scale,
+        )
 
     @staticmethod
     def _attend(
@@ -150,10 +223,10 @@ class PagedBackend:
     ) -> Partial:
         """Items' queries (rows `token` of q_nope / q_pe) over their tiles: absorbed when `w_uk` is
         given (out in latent space), else expanded."""
-        index = token.clamp_min(0)
         if w_uk is not None:
-            q_lat = torch.einsum("nqhd,hdc->nqhc", q_nope[index], w_uk)  # [N, Q, H, C]
-            return attend_absorbed(q_lat, q_pe[index], q_pos, tiles, mla.softmax_scale)
+            q_lat, pe = PagedBackend._absorbed_query(q_nope, q_pe, w_uk, token)
+            return attend_absorbed(q_lat, pe, q_pos, tiles, mla.softmax_scale)
+        index = token.clamp_min(0)
         weight = mla.kv_b_proj.weight
         return attend_expanded(q_nope[index], q_pe[index], q_pos, tiles, weight, mla.v_dim, mla.softmax_scale)
 
@@ -298,18 +371,22 @@ class ModelRunner:
         pool: KVCachePool,
         pad_slot: int | None = None,
         tiles: TileConfig = DEFAULT_TILES,
+        attention_backend: str = "torch",
     ) -> None:
         """`pad_slot`: a pool slot no sequence owns; when given, steps are padded to row buckets.
-        `tiles`: the attention's tile and split sizes."""
+        `tiles`: the attention's tile and split sizes. `attention_backend`: "torch" or "triton"
+        (checked here: triton needs CUDA tensors or TRITON_INTERPRET=1, AttentionBackendError if not)."""
+        check_backend(attention_backend, pool.kv.device)
         self.model = model
         self.pool = pool
         self.pad_slot = pad_slot
         self.tiles = tiles
+        self.attention_backend = attention_backend
 
     @torch.inference_mode()
     def run(self, rows: Seq[RowSpec], on_layer: LayerHook | None = None) -> torch.Tensor:
         """Compute the rows' tokens into the cache; return fp32 logits [S, V] for the sampling rows."""
         inputs = build_step_inputs(rows, self.pool, self.model.config, self.tiles, self.pad_slot)
-        backend = PagedBackend(self.pool, inputs, self.tiles, on_layer)
+        backend = PagedBackend(self.pool, inputs, self.tiles, on_layer, self.attention_backend)
         hidden = self.model.forward_hidden(inputs.input_ids, inputs.positions, backend)
         return self.model.logits(hidden[inputs.sample_index])
