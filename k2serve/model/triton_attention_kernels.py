@@ -12,8 +12,13 @@ before TRITON_INTERPRET was set (see experts/triton_moe.py).
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+from k2serve.extras import MissingExtraError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # the base install has no triton: say which extra brings it
+    raise MissingExtraError("triton", "gpu", "--attention-backend triton") from e
 
 
 @triton.jit
