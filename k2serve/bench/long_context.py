@@ -39,6 +39,18 @@ LONG_BENCH_DIMS: dict[str, Any] = {
     "v_head_dim": 8,
 }
 
+
+def write_long_bench_checkpoint(path: Path, **overrides: Any) -> Path:
+    """Write this bench's model (the `long` preset with LONG_BENCH_DIMS, `overrides` on top; random fp32
+    weights, seed 0) to `path`; returns the checkpoint directory."""
+    from k2serve.model.checkpoint import write_checkpoint
+    from k2serve.model.presets import PRESETS
+
+    return Path(
+        write_checkpoint(path, PRESETS["long"] | LONG_BENCH_DIMS | overrides, seed=0, dtype=torch.float32)
+    )
+
+
 _CHILD = r"""
 import json, statistics, sys, time
 from pathlib import Path
@@ -107,13 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--contexts: {n} must be a multiple of 16 and >= --chunk ({args.chunk})")
         if n > 262144:
             ap.error(f"--contexts: {n} is past the `long` preset's 262,144 positions")
-    from k2serve.model.checkpoint import write_checkpoint
-    from k2serve.model.presets import PRESETS
-
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(
-            Path(tmp) / "ckpt", PRESETS["long"] | LONG_BENCH_DIMS, seed=0, dtype=torch.float32
-        )
+        ckpt = write_long_bench_checkpoint(Path(tmp) / "ckpt")
         if not args.json:
             print(
                 "| context | prefill tok/s (last chunk) | prefill chunk s | decode ms/token "
