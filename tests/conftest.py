@@ -1,6 +1,7 @@
 """Shared fixtures: small random checkpoints written once per session (and an INT4 one's dequantised
 twin), which path INT4 experts took, a test PKI (TLS), the repo's sibling ../shared, the spec of a
-test cluster, the tiny preset behind the OpenAI HTTP app (and an `openai` client of it), a scripted
+test cluster, the tiny preset behind the OpenAI HTTP app (and an `openai` client of it) or in a real
+`k2serve serve` process, a scripted
 GenerationBackend, and a gRPC server on a background event loop."""
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import openai
 import pytest
 import torch
@@ -256,6 +263,54 @@ def tiny_api_server(
     finally:
         engine.shutdown()
         torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve_popen(
+    tmp: Path, api_key: str | None = None, max_model_len: int = 512
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `k2serve serve --preset tiny` process (served model "tiny", keys `api_key` from the
+    environment, logs in tmp/serve.log); yields its URL and the process once /health answers, killed
+    on exit unless it already ended."""
+    port = free_port()
+    env = {**os.environ, "K2SERVE_HOME": str(tmp), "OMP_NUM_THREADS": "1"}
+    env.pop("K2SERVE_API_KEY", None)
+    if api_key is not None:
+        env["K2SERVE_API_KEY"] = api_key
+    cmd = [sys.executable, "-m", "k2serve.cli", "serve", "--preset", "tiny", "--port", str(port)]
+    cmd += ["--max-model-len", str(max_model_len), "--kv-cache-mb", "16", "--served-model-name", "tiny"]
+    log = (tmp / "serve.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp / "serve.log").read_text()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@contextmanager
+def serve_process(tmp: Path, api_key: str | None = None, max_model_len: int = 512) -> Iterator[str]:
+    """`serve_popen`, yielding only the URL."""
+    with serve_popen(tmp, api_key, max_model_len) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,9 @@ errors in Anthropic's shape. The real engine behind `k2serve serve` and the clus
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 from conftest import ScriptedBackend, scripted_backend
 
 from k2serve.api.openai_app import build_app
+from k2serve.api.thinking import THINKING_KEY_ENV, ThinkingSigner
 from k2serve.testing.app_server import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,7 +92,7 @@ def test_stream_sends_every_event_type_and_the_same_message(client: anthropic.An
         final = stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert {"content_block_start", "content_block_delta", "content_block_stop", "message_delta"} <= set(kinds)
-    assert deltas == {"thinking_delta", "text_delta", "input_json_delta"}
+    assert deltas == {"thinking_delta", "signature_delta", "text_delta", "input_json_delta"}
     assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 3
     assert final.model_dump(exclude={"id"}) == plain.model_dump(exclude={"id"})
 
@@ -410,3 +414,93 @@ def test_a_claude_code_shaped_request(
         assert "message_stop" in r.read().decode()
     prompt = prompt_text(backend)
     assert "You are Claude Code. Be careful." in prompt and "cache_control" not in prompt
+
+
+def turn_after(first: Any, thinking: dict[str, Any] | None = None) -> list[Any]:
+    """The next turn's messages: ASK, `first`'s blocks as the assistant turn (its thinking block replaced
+    by `thinking` when given) and the tool result."""
+    blocks = [b.model_dump() for b in first.content]
+    if thinking is not None:
+        blocks[0] = thinking
+    result = {"type": "tool_result", "tool_use_id": first.content[2].id, "content": "18C"}
+    return [*ASK, {"role": "assistant", "content": blocks}, {"role": "user", "content": [result]}]
+
+
+def test_thinking_is_signed_and_tampering_is_refused(client: anthropic.Anthropic, url: str) -> None:
+    first = client.messages.create(model="scripted", max_tokens=200, messages=ASK, tools=TOOLS)
+    thinking = first.content[0]
+    assert thinking.type == "thinking" and len(base64.b64decode(thinking.signature, validate=True)) == 32
+    with client.messages.stream(model="scripted", max_tokens=200, messages=ASK, tools=TOOLS) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.content[0].type == "thinking" and streamed.content[0].signature == thinking.signature
+    body = {"model": "scripted", "max_tokens": 200, "messages": ASK, "tools": TOOLS, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/messages", json=body, headers={"x-api-key": KEY}) as r:
+        frames = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    on_block0 = [(f["type"], f.get("delta", {}).get("type")) for f in frames if f.get("index") == 0]
+    assert on_block0[-2:] == [("content_block_delta", "signature_delta"), ("content_block_stop", None)]
+    assert frames[0]["type"] == "message_start"
+    start = next(f for f in frames if f["type"] == "content_block_start" and f["index"] == 0)
+    assert start["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
+
+    client.messages.create(model="scripted", max_tokens=200, messages=turn_after(first), tools=TOOLS)
+    unsigned = {"type": "thinking", "thinking": "Let me think."}  # a client that never saw a signature
+    client.messages.create(
+        model="scripted", max_tokens=200, messages=turn_after(first, unsigned), tools=TOOLS
+    )
+    for forged in (
+        {"type": "thinking", "thinking": "Let me think harder.", "signature": thinking.signature},
+        {"type": "thinking", "thinking": "Let me think.", "signature": base64.b64encode(bytes(32)).decode()},
+        {"type": "thinking", "thinking": "Let me think.", "signature": "not base64 at all"},
+    ):
+        with pytest.raises(anthropic.BadRequestError) as e:
+            client.messages.create(
+                model="scripted", max_tokens=200, messages=turn_after(first, forged), tools=TOOLS
+            )
+        assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+        assert "messages.1.content.0.signature: invalid signature" in e.value.message
+        with pytest.raises(anthropic.BadRequestError):  # count_tokens reads the same messages
+            client.messages.count_tokens(model="scripted", messages=turn_after(first, forged), tools=TOOLS)
+
+
+def test_signatures_follow_the_configured_key(
+    backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas configured with one $K2SERVE_THINKING_KEY accept each other's thinking blocks; a server
+    with another key refuses them. The signature is HMAC-SHA256 of the thinking text under the key."""
+    monkeypatch.setenv(THINKING_KEY_ENV, "replica-shared-key")
+    with (
+        serve_in_thread(build_app(backend, api_key=KEY)) as one,
+        serve_in_thread(build_app(backend, api_key=KEY)) as two,
+    ):
+        monkeypatch.setenv(THINKING_KEY_ENV, "another-key")
+        with serve_in_thread(build_app(backend, api_key=KEY)) as other:
+            clients = [
+                anthropic.Anthropic(base_url=u, api_key=KEY, max_retries=0, timeout=30)
+                for u in (one, two, other)
+            ]
+            first = clients[0].messages.create(model="scripted", max_tokens=200, messages=ASK, tools=TOOLS)
+            digest = hmac.new(
+                b"replica-shared-key", b"k2serve thinking signature v1\x00Let me think.", hashlib.sha256
+            ).digest()
+            assert first.content[0].signature == base64.b64encode(digest).decode()  # type: ignore[union-attr]
+            clients[1].messages.create(
+                model="scripted", max_tokens=200, messages=turn_after(first), tools=TOOLS
+            )
+            with pytest.raises(anthropic.BadRequestError, match="invalid signature"):
+                clients[2].messages.create(
+                    model="scripted", max_tokens=200, messages=turn_after(first), tools=TOOLS
+                )
+
+
+def test_the_signing_key_is_configured_then_shared_then_random() -> None:
+    """$K2SERVE_THINKING_KEY wins; a router without it uses its cluster token (every replica holds it);
+    without either the key is random, so two processes disagree."""
+    configured = ThinkingSigner.from_env({THINKING_KEY_ENV: "configured"}, "cluster-token-0123456789")
+    assert configured.sign("t") == ThinkingSigner(b"configured").sign("t")
+    token = ThinkingSigner.from_env({}, "cluster-token-0123456789")
+    assert token.sign("t") == ThinkingSigner.from_env(
+        {THINKING_KEY_ENV: ""}, "cluster-token-0123456789"
+    ).sign("t")
+    assert token.sign("t") == ThinkingSigner(b"cluster-token-0123456789").sign("t") != configured.sign("t")
+    assert ThinkingSigner.from_env({}).sign("t") != ThinkingSigner.from_env({}).sign("t")
+    assert token.verify("t", token.sign("t")) and not token.verify("u", token.sign("t"))

@@ -7,11 +7,6 @@ arguments validate, previous_response_id reuses the cached prefix, and keys are 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +16,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import local_cluster_spec
+from conftest import local_cluster_spec, serve_process
 
 from k2serve.cluster.local import LocalCluster
 
@@ -40,50 +35,14 @@ GREEDY = {"temperature": 0}  # the anthropic SDK 2.x has no temperature argument
 TOOLS: list[Any] = [{"name": "get_weather", "description": "Weather of a city", "input_schema": SCHEMA}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_process(tmp: Path) -> Iterator[str]:
-    """`k2serve serve --preset tiny` with the key from the environment; yields its URL, killed on exit."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "K2SERVE_HOME": str(tmp),
-        "K2SERVE_API_KEY": f"{KEY},{OTHER_KEY}",
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [sys.executable, "-m", "k2serve.cli", "serve", "--preset", "tiny", "--port", str(port)]
-    cmd += ["--max-model-len", "512", "--kv-cache-mb", "16", "--served-model-name", "tiny"]
-    log = (tmp / "serve.log").open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp / "serve.log").read_text()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        log.close()
-
-
 @pytest.fixture(scope="module", params=["serve", "cluster"])
 def url(
     request: pytest.FixtureRequest, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "serve":
-        yield from serve_process(tmp)
+        with serve_process(tmp, f"{KEY},{OTHER_KEY}") as served:
+            yield served
     else:
         with LocalCluster(
             local_cluster_spec(tiny_ckpt, tmp, api_key=f"{KEY},{OTHER_KEY}", use_redis=True)

@@ -4,11 +4,8 @@ requests while the in-flight stream finishes) before a clean exit."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,56 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import serve_popen
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "env-secret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = {**os.environ, "K2SERVE_HOME": str(tmp_path), "K2SERVE_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "k2serve.cli",
-        "serve",
-        "--preset",
-        "tiny",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "512",
-        "--kv-cache-mb",
-        "16",
-        "--served-model-name",
-        "tiny",
-    ]
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        log.close()
+    with serve_popen(tmp_path, KEY) as served:
+        yield served
 
 
 def test_sigterm_drains_then_exits_cleanly(server: tuple[str, subprocess.Popen[bytes]]) -> None:

@@ -68,7 +68,7 @@ def tiled(
         key_pos[i, : b - a] = torch.arange(a, b)
     q_pos = (start + torch.arange(q)).expand(splits, q)
     qn, qp = q_nope.expand(splits, *q_nope.shape), q_pe.expand(splits, *q_pe.shape)
-    tiles = paged_tiles(rows, key_slots, key_pos, tile)
+    tiles = paged_tiles(rows[:, None, :], key_slots, key_pos, tile)  # block size 1: blocks are slots
     part: Partial
     if absorbed:
         w_uk, w_uv = mla.absorb_weights()

@@ -89,10 +89,14 @@ def over_grpc(
     tools: list[dict[str, Any]] | None = None,
     tool_choice: str | dict[str, Any] | None = None,
     response_format: dict[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
+    max_tokens: int = 30,
 ) -> tuple[grpc.StatusCode, str, list[api_pb2.ChatResponse]]:
     """The same request as K2Serve.Chat (tool_choice and response_format in their proto form)."""
     req = api_pb2.ChatRequest(messages=[chat_message_to_proto(m) for m in messages])
-    req.sampling.max_tokens = 30
+    if parallel_tool_calls is not None:
+        req.parallel_tool_calls = parallel_tool_calls
+    req.sampling.max_tokens = max_tokens
     for t in tools or []:
         fn = t["function"]
         req.tools.append(
@@ -234,3 +238,42 @@ def test_the_reply_is_parsed_alike(doors: Doors) -> None:
     assert (message["reasoning_content"], message["content"]) == ("ok", '{"city": "Paris"}')
     assert "".join(c.delta.reasoning_content for c in chunks) == message["reasoning_content"]
     assert "".join(c.delta.content for c in chunks) == message["content"]
+
+
+TWO_CALLS = (
+    "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+    '{"city": "Paris"}<|tool_call_end|><|tool_call_begin|>functions.get_weather:1'
+    '<|tool_call_argument_begin|>{"city": "Rome"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'
+)
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_parallel_tool_calls_alike(doors: Doors, tok: KimiTokenizer, parallel: bool | None) -> None:
+    """parallel_tool_calls false keeps a turn to one call over both doors: the forced grammar's spec says
+    so, and under auto the parser drops the second call of a reply that makes two; unset or true keeps both."""
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        http, grpc_ = sent_over_both(
+            doors, messages=[USER], tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel
+        )
+        assert http == grpc_
+        assert http[1].get("parallel_tool_calls", True) is (parallel is not False)
+    script = doors.backend.script
+    doors.backend.script = tok.encode(TWO_CALLS, allow_special=True)
+    try:
+        body = {"parallel_tool_calls": parallel} if parallel is not None else {}
+        status, reply = over_http(doors, messages=[USER], tools=TOOLS, max_tokens=200, **body)
+        code, details, chunks = over_grpc(doors, [USER], TOOLS, parallel_tool_calls=parallel, max_tokens=200)
+    finally:
+        doors.backend.script = script
+    assert status == 200 and code == grpc.StatusCode.OK, details
+    http_calls = [(c["id"], c["function"]["arguments"]) for c in reply["choices"][0]["message"]["tool_calls"]]
+    streamed: dict[int, tuple[str, str]] = {}  # index -> (id, arguments so far): deltas may split them
+    for chunk in chunks:
+        for c in chunk.delta.tool_calls:
+            call_id, args = streamed.get(c.index, ("", ""))
+            streamed[c.index] = (c.id or call_id, args + c.function.arguments)
+    grpc_calls = [streamed[i] for i in sorted(streamed)]
+    expected = [("functions.get_weather:0", '{"city": "Paris"}')]
+    if parallel is not False:
+        expected.append(("functions.get_weather:1", '{"city": "Rome"}'))
+    assert http_calls == grpc_calls == expected

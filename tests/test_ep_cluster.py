@@ -2,7 +2,9 @@
 on; a lost group fails every in-flight request and calls on_fatal; a real one-rank EPWorker gives the
 offline engine's tokens). Slow: `k2serve up --ep 2` (a prefill and a decode group of two rank processes
 each, every rank its own registered worker) answers concurrent requests token for token as the offline
-engine, every rank exports its EP metrics, a killed rank takes its group down (the survivor exits non-zero), and every process stops."""
+engine, every rank exports its EP metrics, a killed rank takes its group down (the survivor exits
+non-zero), and every process stops. Then `k2serve up --ep 2 --enable-eplb` on a checkpoint with skewed routing re-places the experts while
+serving, with the same tokens and the imbalance down."""
 
 from __future__ import annotations
 
@@ -13,23 +15,26 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import torch
+from cluster_calls import http_greedy
 from conftest import local_cluster_spec
 from monitoring_queries import expressions, metric_names
 from prometheus_client.parser import text_string_to_metric_families
 
-from k2serve.cluster.local import LocalCluster
+from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.protocol import BackendFailure, DrainingError, GenerateRequest
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.experts import EPError, EPWorker
+from k2serve.experts import EPError, EPLBConfig, EPWorker
+from k2serve.model.checkpoint import skew_routing, write_checkpoint
 from k2serve.model.loader import load_model
 
 ENGINE_ARGS = ("--kv-cache-mb", "32", "--block-size", "8", "--max-num-batched-tokens", "256")
@@ -62,6 +67,19 @@ async def collect(engine: AsyncEngine, rid: str, prompt: list[int], m: int) -> l
     async for ev in await engine.generate(GenerateRequest(rid, prompt, greedy(m))):
         out += ev.token_ids
     return out
+
+
+def ep_cluster_spec(ckpt: Path, workdir: Path, **overrides: Any) -> ClusterSpec:
+    """`k2serve up --ep 2`: a prefill and a decode group of two ranks each, small KV, one thread each."""
+    return local_cluster_spec(
+        ckpt,
+        workdir,
+        ep_size=2,
+        engine_args=ENGINE_ARGS,
+        heartbeat_timeout_s=3.0,
+        env={"OMP_NUM_THREADS": "1"},
+        **overrides,
+    )
 
 
 # ---- AsyncEngine over a lockstep group (in process) -------------------------------------------------
@@ -195,15 +213,7 @@ RANKS = ["prefill-0-ep0", "prefill-0-ep1", "decode-0-ep0", "decode-0-ep1"]
 
 @pytest.fixture(scope="module")
 def ep_cluster(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    spec = local_cluster_spec(
-        tiny_ckpt,
-        tmp_path_factory.mktemp("up-ep"),
-        ep_size=2,
-        engine_args=ENGINE_ARGS,
-        heartbeat_timeout_s=3.0,
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    with LocalCluster(spec) as c:
+    with LocalCluster(ep_cluster_spec(tiny_ckpt, tmp_path_factory.mktemp("up-ep"))) as c:
         yield c
 
 
@@ -230,18 +240,12 @@ def test_concurrent_requests_match_offline_engine(ep_cluster: LocalCluster, tiny
     watcher.start()
     client = openai.AsyncOpenAI(base_url=f"{ep_cluster.http_url}/v1", api_key="unused", max_retries=0)
 
-    async def one(p: list[int], m: int) -> list[int]:
-        r = await client.completions.create(
-            model=tiny_ckpt.name,
-            prompt=p,
-            max_tokens=m,
-            temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True},
-        )
-        return list(r.choices[0].token_ids)  # type: ignore[attr-defined]  # k2serve's return_token_ids
-
     async def run_all() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(p, m) for p, m in zip(ps, max_tokens, strict=True))))
+        return list(
+            await asyncio.gather(
+                *(http_greedy(client, tiny_ckpt.name, p, m) for p, m in zip(ps, max_tokens, strict=True))
+            )
+        )
 
     try:
         got = asyncio.run(run_all())
@@ -266,9 +270,17 @@ def test_ranks_export_the_ep_metrics_the_dashboard_queries(ep_cluster: LocalClus
         imbalance = fams["k2serve_ep_load_imbalance"].samples
         assert imbalance and all(s.value >= 1.0 for s in imbalance)
         assert any(s.value > 1.0 for s in imbalance)  # tiny's random router is not balanced
-    exprs, _ = expressions()
-    queried = {n for n in set().union(*map(metric_names, exprs)) if n.startswith("k2serve_ep_")}
+    queried = dashboard_ep_metrics() - EPLB_ONLY  # these two appear once EPLB moved a layer (below)
     assert queried and queried <= exported, queried - exported
+
+
+EPLB_ONLY = {"k2serve_ep_eplb_imbalance_before", "k2serve_ep_eplb_imbalance_after"}
+
+
+def dashboard_ep_metrics() -> set[str]:
+    """The k2serve_ep_* metric names the chart's dashboard and alerts query."""
+    exprs, _ = expressions()
+    return {n for n in set().union(*map(metric_names, exprs)) if n.startswith("k2serve_ep_")}
 
 
 @pytest.mark.slow
@@ -297,3 +309,71 @@ def test_killed_rank_takes_its_group_down_and_everything_stops(ep_cluster: Local
     assert all(p.popen.poll() is not None for p in ep_cluster.procs), ep_cluster.status_table()
     clean = {p.name: p.popen.returncode for p in ep_cluster.procs if p.name.startswith(("router", "prefill"))}
     assert clean == {"router": 0, "prefill-0-ep0": 0, "prefill-0-ep1": 0}, ep_cluster.status_table()
+
+
+# ---- EPLB while serving: skewed routing, k2serve up --ep 2 --enable-eplb ------------------------------
+HOT_EXPERTS = range(6)  # tiny has 16 experts: with --ep 2 all six live on rank 0 at the start
+EPLB = EPLBConfig(window_size=1000, step_interval=6, num_redundant_experts=2)
+
+
+@pytest.fixture(scope="module")
+def skewed_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny with K2's router bias (e_score_correction_bias) raised on experts 0-5: they take most tokens."""
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("skewed"), "tiny", seed=0, dtype=torch.float32)
+    return skew_routing(ckpt, HOT_EXPERTS, 0.4)
+
+
+@pytest.fixture(scope="module")
+def eplb_cluster(skewed_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Starts after the tests above stopped `ep_cluster` (they run first, in file order)."""
+    spec = ep_cluster_spec(skewed_ckpt, tmp_path_factory.mktemp("up-eplb"), eplb_config=EPLB.to_json())
+    with LocalCluster(spec) as c:
+        yield c
+
+
+def eplb_metrics(url: str) -> tuple[float, dict[str, float], dict[str, float], set[str]]:
+    """(re-placements, imbalance before and after per MoE layer, every sample name) from one rank's
+    /metrics."""
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(url, timeout=10).text)}
+    (count,) = fams["k2serve_ep_eplb_rebalances"].samples
+    before, after = (
+        {s.labels["moe_layer"]: s.value for s in fams[f"k2serve_ep_eplb_imbalance_{when}"].samples}
+        for when in ("before", "after")
+    )
+    return count.value, before, after, {s.name for f in fams.values() for s in f.samples}
+
+
+@pytest.mark.slow
+def test_eplb_re_places_skewed_experts_while_serving_with_the_same_tokens(
+    eplb_cluster: LocalCluster, skewed_ckpt: Path
+) -> None:
+    """Requests in waves (so both groups take many steps); EPLB re-places every 3 working steps, so the
+    decode group moves experts while requests are decoding (a re-placement only runs in a step in
+    which some rank has work). Every rank: greedy tokens equal the single-process engine's, at least
+    one re-placement, and each re-placed layer's imbalance after it below before it (the contiguous
+    start put every hot expert on rank 0: about 2x); every k2serve_ep_* name the dashboard queries is
+    exported."""
+    ps = prompts(12, seed=3)
+    max_tokens = [6 + 3 * (i % 4) for i in range(12)]
+    expected = offline(skewed_ckpt, ps, max_tokens)
+    client = openai.AsyncOpenAI(base_url=f"{eplb_cluster.http_url}/v1", api_key="unused", max_retries=0)
+
+    async def waves() -> list[list[int]]:
+        out: list[list[int]] = []
+        for lo in range(0, 12, 2):
+            out += await asyncio.gather(
+                *(http_greedy(client, skewed_ckpt.name, ps[i], max_tokens[i]) for i in range(lo, lo + 2))
+            )
+        return out
+
+    got = asyncio.run(waves())
+    assert got == expected
+    workers = eplb_cluster.workers()
+    assert sorted(w["worker_id"] for w in workers) == sorted(RANKS)
+    for w in workers:
+        count, before, after, exported = eplb_metrics(w["metrics_url"])
+        assert dashboard_ep_metrics() <= exported, dashboard_ep_metrics() - exported
+        assert count >= 1, w["worker_id"]
+        assert before and before.keys() == after.keys(), (w["worker_id"], before, after)
+        assert all(after[k] < before[k] for k in before), (w["worker_id"], before, after)
+        assert max(before.values()) > 1.3, (w["worker_id"], before)  # the skew was real

@@ -22,7 +22,7 @@ import torch
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.model.checkpoint import write_checkpoint
+from k2serve.model.checkpoint import skew_routing, write_checkpoint
 from k2serve.model.loader import load_model
 
 PROMPTS = [
@@ -54,6 +54,7 @@ class Case:
     ckpt: str
     redundant: int
     rebalance_at: int | None  # step at which the last rank asks for an EPLB re-placement
+    eplb_interval: int | None = None  # EPLB on its schedule: every this many steps, no rank asking
 
 
 def free_port() -> int:
@@ -65,12 +66,13 @@ def free_port() -> int:
 def run_rank(rank: int, world: int, port: int, cases: list[Case], out: Any) -> None:
     """One rank: one group, one EPWorker per case in turn; results (or the error) go to `out`."""
     torch.set_num_threads(1)
-    from k2serve.experts import EPComm, EPConfig, EPWorker
+    from k2serve.experts import EPComm, EPConfig, EPLBConfig, EPWorker
 
     comm = EPComm.connect(f"tcp://127.0.0.1:{port}", rank, world, timedelta(seconds=30))
     try:
         for case in cases:
-            w = EPWorker(comm, case.ckpt, torch.float32, ENGINE, EPConfig(case.redundant))
+            eplb = None if case.eplb_interval is None else EPLBConfig(8, case.eplb_interval)
+            w = EPWorker(comm, case.ckpt, torch.float32, ENGINE, EPConfig(case.redundant, eplb=eplb))
             before = w.placement
             logits = w.causal_logits(logit_batch(rank, world))
             for i, r in enumerate(ASSIGN[world]):
@@ -120,18 +122,22 @@ def reference(ckpt: str, world: int) -> tuple[dict[str, list[int]], list[torch.T
 @pytest.fixture(scope="module")
 def ckpts(tiny_ckpt: Path, tiny_int4_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     bf16 = write_checkpoint(tmp_path_factory.mktemp("tiny_bf16"), "tiny", seed=1, dtype=torch.bfloat16)
-    return {"fp32": str(tiny_ckpt), "bf16": str(bf16), "int4": str(tiny_int4_ckpt)}
+    skewed = write_checkpoint(tmp_path_factory.mktemp("tiny_skewed"), "tiny", seed=2, dtype=torch.float32)
+    skew_routing(skewed, range(6), 0.4)  # experts 0-5 (all on rank 0 of 2 at the start) take most tokens
+    return {"fp32": str(tiny_ckpt), "bf16": str(bf16), "int4": str(tiny_int4_ckpt), "skewed": str(skewed)}
 
 
 def cases_for(world: int, ckpts: dict[str, str]) -> list[Case]:
     """Every R runs fp32 and INT4; bf16-stored, redundant experts and EPLB are spread over R = 2 and 4
-    (R = 1 cannot hold a second copy of an expert; its EPLB only permutes the local order)."""
+    (R = 1 cannot hold a second copy of an expert; its EPLB only permutes the local order). R = 2 also
+    runs EPLB on its schedule (every 4 steps, mid-generation) over skewed routing."""
     return {
         1: [Case("fp32", ckpts["fp32"], 0, None), Case("int4-eplb", ckpts["int4"], 0, 5)],
         2: [
             Case("fp32", ckpts["fp32"], 0, None),
             Case("bf16-redundant", ckpts["bf16"], 2, None),
             Case("int4-redundant-eplb", ckpts["int4"], 1, 3),
+            Case("skewed-redundant-eplb-scheduled", ckpts["skewed"], 1, None, eplb_interval=4),
         ],
         4: [Case("fp32-redundant-eplb", ckpts["fp32"], 1, 6), Case("int4", ckpts["int4"], 0, None)],
     }[world]
@@ -190,7 +196,7 @@ def test_ep_engine_matches_single_process(world: int, ckpts: dict[str, str]) -> 
         for rid, toks in done.items():
             assert toks == ref_tokens[rid], (name, rank, rid)
         seen.setdefault(name, {}).update(done)
-        assert moved == (case.rebalance_at is not None), (name, rank)
+        assert moved == (case.rebalance_at is not None or case.eplb_interval is not None), (name, rank)
     for case in cases:  # every request finished, on the rank it was given to
         assert sorted(seen[case.name]) == sorted(str(i) for i in range(len(PROMPTS)))
     print(f"R={world} max |logit diff| per case: {worst}")

@@ -1,4 +1,5 @@
-"""Expert placement, the EPLB planner and the reshard transfer plan: pure functions, no processes."""
+"""Expert placement, the EPLB planner, load window and config (flags -> settings -> launcher), and the
+reshard transfer plan: pure functions, no processes."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ import itertools
 import pytest
 import torch
 
-from k2serve.experts import ExpertPlacement, PlacementError, plan_placement, rank_loads
-from k2serve.experts.eplb import ExpertLoad, replicate
+from k2serve.experts import (
+    EPConfigError,
+    EPLBConfig,
+    ExpertPlacement,
+    PlacementError,
+    plan_placement,
+    rank_loads,
+)
+from k2serve.experts.eplb import ExpertLoad, imbalance, replicate
 from k2serve.experts.reshard import transfer_plan
 
 
@@ -118,3 +126,90 @@ def test_expert_load_counts_per_layer() -> None:
     assert load.counts.tolist() == [[0, 0, 0, 0], [1, 0, 1, 2]]
     load.reset()
     assert int(load.counts.sum()) == 0
+
+
+def test_expert_load_window_keeps_the_last_steps() -> None:
+    """end_step moves a step's counts into the window; a full window drops its oldest step; reset
+    zeroes only the since-re-placement counts (the window is history EPLB keeps planning from)."""
+    load = ExpertLoad(1, 3, window_size=2)
+    for step_ids in ([0, 0], [1], [2, 2, 2]):
+        load.record(0, torch.tensor(step_ids))
+        load.end_step()
+    assert load.window.tolist() == [[0, 1, 3]]  # the first step left the window
+    assert load.counts.tolist() == [[2, 1, 3]]
+    load.reset()
+    load.end_step()  # a step without tokens still counts as a step
+    assert load.window.tolist() == [[0, 0, 3]] and int(load.counts.sum()) == 0
+    unbounded = ExpertLoad(1, 2)
+    for _ in range(5):
+        unbounded.record(0, torch.tensor([1]))
+        unbounded.end_step()
+    assert unbounded.window.tolist() == [[0, 5]]
+
+
+def test_imbalance_is_max_over_mean_rank_load() -> None:
+    p = ExpertPlacement.contiguous(4, 2)
+    assert imbalance(p, torch.tensor([3, 1, 0, 0])) == 2.0
+    assert imbalance(p, torch.tensor([1, 1, 1, 1])) == 1.0
+    assert imbalance(p, torch.zeros(4)) == 1.0
+    spread = ExpertPlacement(4, ((0, 1, 2), (0, 3)))  # expert 0's load halves over its two replicas
+    assert imbalance(spread, torch.tensor([4, 0, 0, 0])) == 1.0
+
+
+def test_eplb_config_parses_vllm_keys_and_names_bad_ones() -> None:
+    cfg = EPLBConfig.from_json('{"window_size": 10, "step_interval": 20, "num_redundant_experts": 4}')
+    assert (cfg.window_size, cfg.step_interval, cfg.num_redundant_experts) == (10, 20, 4)
+    assert EPLBConfig.from_json(cfg.to_json()) == cfg
+    assert EPLBConfig.from_json("{}") == EPLBConfig(1000, 3000, 0)  # vLLM's defaults
+    assert cfg.redundant_per_rank(2) == 2 and cfg.redundant_per_rank(4) == 1
+    with pytest.raises(EPConfigError, match="multiple of the EP size 3"):
+        cfg.redundant_per_rank(3)
+    for text, match in [
+        ("{", "not JSON"),
+        ("[1]", "JSON object"),
+        ('{"window": 3}', "unknown.*'window'"),
+        ('{"step_interval": "5"}', "integers"),
+        ('{"step_interval": true}', "integers"),
+        ('{"step_interval": 0}', "step_interval must be >= 1"),
+        ('{"window_size": -1}', "window_size must be >= 1"),
+        ('{"num_redundant_experts": -2}', "num_redundant_experts must be >= 0"),
+    ]:
+        with pytest.raises(EPConfigError, match=match):
+            EPLBConfig.from_json(text)
+
+
+def test_eplb_flags_reach_the_worker_and_the_launcher() -> None:
+    """--enable-eplb/--eplb-config -> WorkerSettings.eplb -> EPConfig (redundant slots per rank);
+    `k2serve up` passes them to every rank; misuse is refused naming the flag."""
+    from k2serve.cli import build_parser
+    from k2serve.cli.settings import cluster_spec, worker_settings
+    from k2serve.worker.runtime import ep_config
+
+    parser = build_parser()
+    ep = ["--model", "/m", "--ep", "2", "--ep-init", "tcp://127.0.0.1:29500", "--insecure-internal"]
+    eplb = ["--enable-eplb", "--eplb-config", '{"step_interval": 50, "num_redundant_experts": 4}']
+    settings = worker_settings("decode", parser.parse_args(["decode", *ep, *eplb]))
+    assert settings.eplb == EPLBConfig(step_interval=50, num_redundant_experts=4)
+    cfg = ep_config(settings)
+    assert (cfg.redundant_per_rank, cfg.eplb) == (2, settings.eplb)
+    assert worker_settings("decode", parser.parse_args(["decode", *ep])).eplb is None
+    assert ep_config(worker_settings("decode", parser.parse_args(["decode", *ep]))).redundant_per_rank == 0
+    assert worker_settings("decode", parser.parse_args(["decode", *ep, "--enable-eplb"])).eplb == EPLBConfig()
+    with pytest.raises(EPConfigError, match="needs --enable-eplb"):
+        worker_settings("decode", parser.parse_args(["decode", *ep, "--eplb-config", "{}"]))
+    with pytest.raises(ValueError, match="--enable-eplb needs --ep > 1"):
+        worker_settings(
+            "decode", parser.parse_args(["decode", "--model", "/m", "--enable-eplb", "--insecure-internal"])
+        )
+    odd = ["--enable-eplb", "--eplb-config", '{"num_redundant_experts": 3}']
+    with pytest.raises(EPConfigError, match="multiple of the EP size 2"):
+        worker_settings("decode", parser.parse_args(["decode", *ep, *odd]))
+
+    spec = cluster_spec(parser.parse_args(["up", "--model", "/m", "--ep", "2", *eplb]))
+    argv = spec.worker_args("decode", "decode-0", "127.0.0.1", "127.0.0.1:1", 1, "tcp://127.0.0.1:29500")
+    i = argv.index("--eplb-config")
+    assert argv[i - 1] == "--enable-eplb" and EPLBConfig.from_json(argv[i + 1]) == settings.eplb
+    plain = cluster_spec(parser.parse_args(["up", "--model", "/m", "--ep", "2"]))
+    assert "--enable-eplb" not in plain.worker_args("decode", "d", "h", "r", 0, "tcp://h:1")
+    with pytest.raises(ValueError, match="--enable-eplb needs --ep > 1"):
+        cluster_spec(parser.parse_args(["up", "--model", "/m", "--enable-eplb"]))

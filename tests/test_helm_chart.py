@@ -60,7 +60,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "gpu": {"enabled": True},
         "model": _GPU_MODEL,
         "prefill": {"replicas": 2, "ep": {"size": 4}, "transfer": {"backend": "torch"}},
-        "decode": {"replicas": 3, "ep": {"size": 8, "port": 29500, "timeoutSeconds": 900}},
+        "decode": {
+            "replicas": 3,
+            "ep": {
+                "size": 8,
+                "port": 29500,
+                "timeoutSeconds": 900,
+                "eplb": {"enabled": True, "windowSize": 500, "stepInterval": 2000, "numRedundantExperts": 16},
+            },
+        },
     },
     "tls-apikey-secrets": {
         "tls": {"enabled": True, "existingSecret": TLS_SECRET},
@@ -248,6 +256,14 @@ TEMPLATE_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
     "ep port is the torch transfer port": (
         {"prefill": {"ep": {"size": 2, "port": 50061}, "transfer": {"backend": "torch"}}},
         "already the worker's gRPC or transfer port",
+    ),
+    "eplb without expert parallelism": (
+        {"decode": {"ep": {"eplb": {"enabled": True}}}},
+        "decode.ep.eplb.enabled needs decode.ep.size > 1",
+    ),
+    "eplb replicas not a multiple of the group": (
+        {"prefill": {"ep": {"size": 4, "eplb": {"enabled": True, "numRedundantExperts": 6}}}},
+        r"prefill.ep.eplb.numRedundantExperts \(6\) must be a multiple of prefill.ep.size \(4\)",
     ),
     "min above max": (
         {"decode": {"autoscaling": {"enabled": True, "minReplicas": 9, "maxReplicas": 2}}},

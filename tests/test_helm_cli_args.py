@@ -182,9 +182,12 @@ def test_flags_agree_with_ports_services_and_model(name: str) -> None:
 
 def test_ep_ranks_follow_pod_ordinals(tmp_path: Path) -> None:
     """Pod i of an expert-parallel StatefulSet is rank i % size of group i // size and joins its
-    group at the group's rank-0 pod; the flags pass the worker's own checks (WorkerSettings, via the CLI's worker_settings)."""
+    group at the group's rank-0 pod; the flags pass the worker's own checks (WorkerSettings, via the CLI's
+    worker_settings); ep.eplb reaches the worker as its EPLB config (redundant slots split over the group)."""
     from k2serve.cli.settings import worker_settings
     from k2serve.experts.comm import parse_init_method
+    from k2serve.experts.eplb import EPLBConfig
+    from k2serve.worker.runtime import ep_config
 
     values = VALUE_SETS["ep-groups"]
     cmds = _by_command(values)
@@ -210,6 +213,8 @@ def test_ep_ranks_follow_pod_ordinals(tmp_path: Path) -> None:
             assert settings.internal.token == "t" * 32
             assert settings.worker_id == f"{sts}-{i}-ep{rank}"  # each rank registers as its own worker
             assert parse_init_method(settings.ep_init) == (rank0, port)
+            eplb = EPLBConfig(500, 2000, 16) if role == "decode" else None  # EPLB on for decode only
+            assert settings.eplb == eplb and ep_config(settings).redundant_per_rank == (2 if eplb else 0)
     single = _by_command(VALUE_SETS["defaults"])["decode"]
     assert [(ns.ep, ns.ep_rank, ns.ep_init) for _, _, ns in single] == [(1, 0, None)]
 

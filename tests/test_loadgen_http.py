@@ -1,5 +1,5 @@
-"""The HTTP client against a scripted test server (a Starlette app whose /v1/completions streams a fixed
-script per model name): SSE timing, usage, and every failure kind the client records."""
+"""The HTTP clients against a scripted test server (a Starlette app whose /v1/completions and /v1/messages
+stream a fixed script per model name): SSE timing, usage, and every failure kind the clients record."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from k2serve.loadgen.chat_client import ChatClient
 from k2serve.loadgen.dataset import BenchRequest
 from k2serve.loadgen.http_client import HTTPClient
 from k2serve.loadgen.record import RequestRecord
@@ -62,9 +63,41 @@ async def completions(request: Request) -> Response:
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
+def event(kind: str, obj: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **obj})}\n\n"
+
+
+MESSAGE_START = event(
+    "message_start", {"message": {"usage": {"input_tokens": 9, "cache_read_input_tokens": 0}}}
+)
+DELTA = event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "hi"}})
+MESSAGES: dict[str, list[str]] = {
+    "overloaded": [MESSAGE_START, DELTA, event("error", {"error": {"type": "overloaded_error", "message": "busy"}})],
+    "cut": [MESSAGE_START, DELTA],
+    "slow": [MESSAGE_START, DELTA],
+}  # fmt: skip
+
+
+async def messages(request: Request) -> Response:
+    """Anthropic's /v1/messages, scripted per model name ("slow": nothing for 5 s)."""
+    model = (await request.json())["model"]
+
+    async def stream() -> AsyncIterator[str]:
+        if model == "slow":
+            await asyncio.sleep(5)
+        for part in MESSAGES[model]:
+            yield part
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    with serve_in_thread(Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])) as base:
+    routes = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+    ]
+    with serve_in_thread(Starlette(routes=routes)) as base:
         yield base
 
 
@@ -114,4 +147,34 @@ def test_missing_usage_falls_back_to_chunks_and_timeouts_end_requests(url: str) 
     r = send(url, "nousage")
     assert r.ok and r.output_tokens == 2 and r.cached_tokens is None
     slow = send(url, "slow", timeout_s=0.3)
+    assert slow.error == "timeout" and slow.e2e_s is not None and slow.e2e_s < 2.0
+
+
+def converse(url: str, model: str, timeout_s: float = 10.0) -> list[RequestRecord]:
+    """A 3-turn tool-loop conversation on /v1/messages (ChatClient), its records."""
+
+    async def go() -> list[RequestRecord]:
+        client = ChatClient(url, "/v1/messages", model, None, timeout_s, agent_turns=3)
+        try:
+            return await client.send_all(BenchRequest(0, (), 8, text="hello"), 0.0)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def test_chat_client_failures_end_the_conversation(url: str) -> None:
+    """An Anthropic error event is a rejection when the server is overloaded; a body without message_stop
+    is incomplete; a turn past the timeout times out; each ends its conversation at that turn."""
+    (over,) = converse(url, "overloaded")
+    assert (over.error, over.rejected, over.turn, over.error_detail) == (
+        "stream_error:overloaded_error",
+        True,
+        0,
+        "busy",
+    )
+    assert over.first_token_s is not None and over.prompt_tokens == 9  # what came before the error counts
+    (cut,) = converse(url, "cut")
+    assert cut.error == "incomplete_stream" and not cut.rejected
+    (slow,) = converse(url, "slow", timeout_s=0.3)
     assert slow.error == "timeout" and slow.e2e_s is not None and slow.e2e_s < 2.0

@@ -8,7 +8,6 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,12 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from k2serve.bench.long_context import LONG_BENCH_DIMS
+from k2serve.bench.long_neighbour import gathered, neighbour_batches, paired_rounds
 from k2serve.config import ModelConfig
+from k2serve.engine import model_runner
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine
-from k2serve.engine.model_runner import ModelRunner, RowSpec
+from k2serve.engine.model_runner import ModelRunner, RowSpec, build_step_inputs
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.attention import TileConfig
@@ -68,7 +69,9 @@ from pathlib import Path
 import torch
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine
-from k2serve.engine.model_runner import ModelRunner, RowSpec
+from k2serve.bench.long_neighbour import gathered, neighbour_batches, paired_rounds
+from k2serve.engine import model_runner
+from k2serve.engine.model_runner import ModelRunner, RowSpec, build_step_inputs
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.checkpoint import write_checkpoint
@@ -119,43 +122,49 @@ def test_prefill_64k_tokens_in_bounded_memory(tmp_path: Path) -> None:
     assert transient < TRANSIENT_BOUND, f"transient {transient / 2**20:.0f} MiB"
 
 
-def decode_step_seconds(runner: ModelRunner, batches: list[list[RowSpec]], repeats: int) -> list[float]:
-    """Median step time of each batch, the batches interleaved so that load on the machine hits all alike."""
-    for rows in batches:
-        runner.run(rows)  # warm-up
-    times: list[list[float]] = [[] for _ in batches]
-    for _ in range(repeats):
-        for rows, spent in zip(batches, times, strict=True):
-            t0 = time.perf_counter()
-            runner.run(rows)
-            spent.append(time.perf_counter() - t0)
-    return [statistics.median(spent) for spent in times]
-
-
 def test_long_neighbour_does_not_slow_short_decodes(tmp_path: Path) -> None:
     """16 short sequences (256-token contexts) decode one token each, alone and beside one 64K-token
-    sequence in the same step: the short ones' speed (their tokens per second of step) keeps at least
-    half. The padded path gathered and attended 64K keys for every short row (about 1/20 here)."""
+    sequence in the same step: the short ones' speed (their tokens per second of step) keeps a good
+    share. The padded path gathered and attended 64K keys for every short row (about 1/20 here); the
+    long row's splits are now read in place. The 0.5 of issue 15 is a benchmark figure
+    (`k2serve bench long-neighbour`, BENCHMARKS.md); this asserts a bound a loaded CI machine keeps."""
+    write_checkpoint(tmp_path / "ckpt", LONG_TEST, seed=0, dtype=torch.float32)
+    b = neighbour_batches(load_model(tmp_path / "ckpt", torch.float32), 65536, 256, 16)
+    r = paired_rounds(b, rounds=6, steps=3)
+    alone, beside = statistics.median(r["alone"]), statistics.median(r["in_place"])
+    print(f"short decode speed beside a 64K sequence / alone: {alone / beside:.2f}")
+    assert alone / beside >= 0.25
+
+
+@pytest.mark.parametrize("run_blocks", [0, 40, 100, 130])
+def test_in_place_runs_give_the_gathered_logits(tmp_path: Path, run_blocks: int) -> None:
+    """A long decode row whose first `run_blocks` blocks are consecutive in the pool and the rest
+    scattered: the splits inside the run are read in place (a KeyRun; none when the run is shorter
+    than RUN_MIN_SPLITS splits), the rest gathered; logits equal the all-gathered step's, and the
+    short row beside it keeps its logits too."""
     write_checkpoint(tmp_path / "ckpt", LONG_TEST, seed=0, dtype=torch.float32)
     model = load_model(tmp_path / "ckpt", torch.float32)
-    c, long_len, short_len, shorts = model.config, 65536, 256, 16
-    pool = KVCachePool(
-        c.num_hidden_layers, (long_len + shorts * short_len) // 16, 16, c.kv_cache_dim, torch.float32
-    )
-    pool.kv.normal_(generator=torch.Generator().manual_seed(0))  # every context already cached
-    runner = ModelRunner(model, pool)
-    per_short = short_len // 16
-    short_rows = [
-        RowSpec([7 + i], short_len - 1, list(range(i * per_short, (i + 1) * per_short)), True)
-        for i in range(shorts)
+    c = model.config
+    pool = KVCachePool(c.num_hidden_layers, 400, 16, c.kv_cache_dim, torch.float32)
+    pool.kv.normal_(generator=torch.Generator().manual_seed(1))
+    scattered = torch.randperm(400 - 130, generator=torch.Generator().manual_seed(2)) + 130
+    table = list(range(run_blocks)) + scattered[: 130 - run_blocks].tolist()
+    rows = [
+        RowSpec([5], 130 * 16 - 7, table, True),  # 2,073 keys: 8 full splits of 256 and a partial one
+        RowSpec([9], 40, scattered[-3:].tolist(), True),
     ]
-    long_row = RowSpec([5], long_len - 1, list(range(shorts * per_short, pool.num_blocks)), True)
-    alone, beside = decode_step_seconds(runner, [short_rows, [*short_rows, long_row]], 9)
-    ratio = alone / beside
-    print(
-        f"short decode speed beside a 64K sequence / alone: {ratio:.2f} ({alone * 1e3:.1f} vs {beside * 1e3:.1f} ms)"
-    )
-    assert ratio >= 0.2  # see BENCHMARKS.md: the 0.5 of issue 15 is not met on this CPU yet
+    tiles = TileConfig(tile_tokens=128, split_tokens=256)
+    runner = ModelRunner(model, pool, tiles=tiles)
+    decode = build_step_inputs(rows, pool, c, tiles).work[-1]
+    in_run = min(run_blocks * 16, 130 * 16 - 6) // 256
+    assert [r.items for r in decode.runs] == ([in_run] if in_run >= model_runner.RUN_MIN_SPLITS else [])
+    got = runner.run(rows)
+    with gathered():
+        assert build_step_inputs(rows, pool, c, tiles).work[-1].runs == []
+        want = runner.run(rows)
+    # The same partials, merged in another order and batched differently: fp32 summation order only.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_engine_tiles_and_splits_equal_the_full_softmax_model(tiny_ckpt: Path) -> None:

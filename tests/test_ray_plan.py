@@ -8,6 +8,7 @@ from conftest import local_cluster_spec
 
 from k2serve.cluster.local import ClusterSpec
 from k2serve.cluster.ray_plan import NodeInfo, RayOptions, plan_groups
+from k2serve.cluster.ray_runtime import RayCluster
 
 GPU_NODE = {"CPU": 16.0, "GPU": 8.0}
 
@@ -96,3 +97,35 @@ def test_options_are_frozen_copies() -> None:
     assert opts.rank_resources["CPU"] == 1.0
     with pytest.raises(TypeError):
         opts.rank_resources["CPU"] = 2.0  # type: ignore[index]
+
+
+def test_status_table_lists_each_workers_metrics_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`k2serve up --ray` prints each process's metrics URL as the router's /cluster/workers lists it
+    ("-" for one not registered yet); no Ray needed: the actors' info and the router's answer are faked."""
+    cluster = RayCluster(spec(prefill=1, decode=1), "auto")
+    cluster.router_ip, cluster.http_port = "10.0.0.1", 8000
+    infos = [
+        {"name": "router", "node_ip": "10.0.0.1", "pid": 11, "log": "/w/router.log"},
+        {"name": "prefill-0", "node_ip": "10.0.0.2", "pid": 12, "log": "/w/prefill-0.log"},
+        {"name": "decode-0", "node_ip": "10.0.0.3", "pid": 13, "log": "/w/decode-0.log"},
+    ]
+    registered = [{"worker_id": "prefill-0", "metrics_url": "http://10.0.0.2:9100/metrics"}]
+    monkeypatch.setattr(cluster, "info", lambda: infos)
+    monkeypatch.setattr(cluster, "workers", lambda: registered)
+    rows = [line.split() for line in cluster.status_table().splitlines()]
+    assert rows == [
+        ["process", "node", "pid", "metrics", "log"],
+        ["router", "10.0.0.1", "11", "http://10.0.0.1:8000/metrics", "/w/router.log"],
+        ["prefill-0", "10.0.0.2", "12", "http://10.0.0.2:9100/metrics", "/w/prefill-0.log"],
+        ["decode-0", "10.0.0.3", "13", "-", "/w/decode-0.log"],
+    ]
+
+    def down() -> list[dict]:
+        raise ConnectionError("router not up")
+
+    monkeypatch.setattr(cluster, "workers", down)
+    assert [line.split()[3] for line in cluster.status_table().splitlines()[1:]] == [
+        "http://10.0.0.1:8000/metrics",
+        "-",
+        "-",
+    ]

@@ -30,7 +30,7 @@ from k2serve.api.anthropic_convert import (
     sampling_fields,
 )
 from k2serve.api.anthropic_errors import AnthropicError, from_api_error, invalid
-from k2serve.api.anthropic_stream import BlockStream, content_blocks, event, stop_reason, usage
+from k2serve.api.anthropic_stream import BlockStream, Sign, content_blocks, event, stop_reason, usage
 from k2serve.api.errors import APIError, from_backend_error
 from k2serve.api.metrics import RequestTracker
 from k2serve.api.params import sampling_params
@@ -106,7 +106,7 @@ async def _plan(state: AppState, req: CountTokensRequest) -> tuple[ChatPlan, lis
             f"messages.{len(req.messages) - 1}.role: the last message must be a user message "
             "(continuing an assistant message, 'prefill', is not supported)"
         )
-    inputs = chat_inputs(req)
+    inputs = chat_inputs(req, state.thinking_signer.verify)
     try:
         plan = plan_chat(
             inputs.messages, inputs.tools, inputs.tool_choice, parallel_tool_calls=inputs.parallel_tool_calls
@@ -141,10 +141,14 @@ async def messages(state: AppState, raw: Any, http: Request, tracker: RequestTra
     head = {"id": rid, "type": "message", "role": "assistant", "model": model}
     headers = {"request-id": rid}
     if req.stream:
-        response = SSEResponse(_stream(head, len(prompt), evs, text, plan.parser(), tracker))
+        stream_events = _stream(
+            head, len(prompt), evs, text, plan.parser(), tracker, state.thinking_signer.sign
+        )
+        response = SSEResponse(stream_events)
         response.headers.update(headers)
         return response
-    ok, result = await unless_disconnected(http, _collect(head, evs, text, plan.parser(), tracker))
+    collected = _collect(head, evs, text, plan.parser(), tracker, state.thinking_signer.sign)
+    ok, result = await unless_disconnected(http, collected)
     if not ok:
         tracker.finish(CLIENT_CLOSED, None)
         return Response(status_code=CLIENT_CLOSED)
@@ -157,6 +161,7 @@ async def _collect(
     text: OutputText,
     parser: OutputParser | ReasoningParser,
     tracker: RequestTracker,
+    sign: Sign,
 ) -> dict[str, Any]:
     parsed: list[DeltaEvent] = []
     reason, n_out, n_prompt, n_cached = None, 0, 0, 0
@@ -173,7 +178,7 @@ async def _collect(
     tracker.finish(200, reason)
     return {
         **head,
-        "content": content_blocks(out),
+        "content": content_blocks(out, sign),
         "stop_reason": stop_reason(reason, bool(out.tool_calls), text.stopped_by),
         "stop_sequence": text.stopped_by,
         "usage": usage(n_prompt, n_cached, n_out),
@@ -187,13 +192,14 @@ async def _stream(
     text: OutputText,
     parser: OutputParser | ReasoningParser,
     tracker: RequestTracker,
+    sign: Sign,
 ) -> AsyncIterator[str]:
     """message_start carries the prompt length as input_tokens (the cache hit is not known yet);
     message_delta carries the final usage, which clients take over."""
     start_message = {**head, "content": [], "stop_reason": None, "stop_sequence": None}
     yield event("message_start", {"message": start_message | {"usage": usage(prompt_len, 0, 0)}})
     yield event("ping", {})
-    blocks = BlockStream()
+    blocks = BlockStream(sign)
     status, reason = CLIENT_CLOSED, None
     n_out = n_prompt = n_cached = 0
     try:

@@ -5,7 +5,8 @@ What maps to what:
 - a user message's `text` blocks -> a user message; each `tool_result` block -> a tool message
   (`tool_call_id` = `tool_use_id`; its content a string or text blocks; `is_error` prefixes "Error: ");
   their order is kept;
-- an assistant message's `thinking` blocks -> `reasoning_content` (K2's reasoning round-trips),
+- an assistant message's `thinking` blocks -> `reasoning_content` (K2's reasoning round-trips) once
+  their `signature`, when not empty, verifies (k2serve.api.thinking; else a 400 naming the block),
   `redacted_thinking` is dropped, `text` -> content, `tool_use` -> `tool_calls` (arguments: the
   input as JSON);
 - `tools` ({name, description, input_schema}) -> function tools; server tools (any other `type`) are
@@ -20,6 +21,7 @@ block in the wrong role (a `tool_use` from the user), as an `AnthropicError`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,7 +98,10 @@ class ChatInputs:
     parallel_tool_calls: bool = True  # False: tool_choice.disable_parallel_tool_use
 
 
-def chat_inputs(req: CountTokensRequest) -> ChatInputs:
+Verify = Callable[[str, str], bool]  # (thinking, signature) -> whether this server signed it
+
+
+def chat_inputs(req: CountTokensRequest, verify: Verify) -> ChatInputs:
     messages: list[Message] = []
     if req.system is not None:
         system = req.system if isinstance(req.system, str) else _text_of(req.system, "system", "system")
@@ -108,7 +113,7 @@ def chat_inputs(req: CountTokensRequest) -> ChatInputs:
         elif m.role == "user":
             messages += _user(m.content, where)
         else:
-            messages.append(_assistant(m.content, where))
+            messages.append(_assistant(m.content, where, verify))
     tools = [_tool(t, f"tools.{i}") for i, t in enumerate(req.tools)] if req.tools else None
     parallel = req.tool_choice is None or not req.tool_choice.disable_parallel_tool_use
     return ChatInputs(messages, tools, _tool_choice(req.tool_choice), parallel)
@@ -184,7 +189,7 @@ def _tool_result(block: dict[str, Any], where: str) -> Message:
     return {"role": "tool", "tool_call_id": tool_use_id, "content": content}
 
 
-def _assistant(blocks: list[dict[str, Any]], where: str) -> Message:
+def _assistant(blocks: list[dict[str, Any]], where: str, verify: Verify) -> Message:
     reasoning: list[str] = []
     text: list[str] = []
     calls: list[dict[str, Any]] = []
@@ -195,6 +200,14 @@ def _assistant(blocks: list[dict[str, Any]], where: str) -> Message:
             thinking = block.get("thinking")
             if not isinstance(thinking, str):
                 raise invalid(f"{at}.thinking: a thinking block needs a string thinking")
+            signature = block.get("signature") or ""
+            if not isinstance(signature, str):
+                raise invalid(f"{at}.signature: must be a string")
+            if signature and not verify(thinking, signature):
+                raise invalid(
+                    f"{at}.signature: invalid signature in thinking block {at}: the thinking was changed, "
+                    "or was signed by another server (send the block back as the server returned it)"
+                )
             reasoning.append(thinking)
         elif kind == "redacted_thinking":
             continue

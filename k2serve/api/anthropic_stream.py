@@ -4,7 +4,10 @@ A parsed output becomes, in order, a `thinking` block (K2's reasoning), `text` b
 blocks ({id, name, input}); a stream opens a block when the kind of output changes and closes it when
 the next one opens (`content_block_start` / `content_block_delta` with `thinking_delta`, `text_delta`
 or `input_json_delta` / `content_block_stop`), framed by `message_start`, a `ping`, and
-`message_delta` (stop_reason, stop_sequence, usage) + `message_stop`.
+`message_delta` (stop_reason, stop_sequence, usage) + `message_stop`. A thinking block carries its
+`signature` (`sign(thinking)`, see k2serve.api.thinking): in the block itself when not streamed; streamed,
+the block starts with an empty one and a `signature_delta` with the whole signature comes just before its
+`content_block_stop`, as Anthropic sends it.
 
 Usage follows Anthropic's accounting: `input_tokens` are the prompt tokens computed for this request,
 `cache_read_input_tokens` the ones served by the prefix cache; their sum is the prompt length, which
@@ -14,7 +17,7 @@ is what /v1/messages/count_tokens returns for the same request.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from k2serve.chat.parsers import DeltaEvent, EventKind, ParsedOutput, ToolCall
@@ -47,10 +50,13 @@ def tool_input(call: ToolCall) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def content_blocks(out: ParsedOutput) -> list[dict[str, Any]]:
+Sign = Callable[[str], str]  # thinking text -> its signature
+
+
+def content_blocks(out: ParsedOutput, sign: Sign) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     if out.reasoning:
-        blocks.append({"type": "thinking", "thinking": out.reasoning, "signature": ""})
+        blocks.append({"type": "thinking", "thinking": out.reasoning, "signature": sign(out.reasoning)})
     if out.content:
         blocks.append({"type": "text", "text": out.content})
     for call in out.tool_calls:
@@ -70,9 +76,11 @@ class BlockStream:
         EventKind.CONTENT: ("text", "text_delta", "text"),
     }
 
-    def __init__(self) -> None:
+    def __init__(self, sign: Sign) -> None:
+        self._sign = sign
         self._index = -1
         self._open: str | None = None  # "thinking", "text" or "tool_use"
+        self._thinking: list[str] = []  # the open thinking block's text so far
         self.made_calls = False
 
     def feed(self, events: list[DeltaEvent]) -> Iterator[str]:
@@ -81,6 +89,8 @@ class BlockStream:
                 block, delta_type, field = self._DELTAS[ev.kind]
                 if self._open != block:
                     yield from self._start({"type": block, field: ""} | self._signature(block))
+                if block == "thinking":
+                    self._thinking.append(ev.text)
                 delta = {"type": delta_type, field: ev.text}
                 yield event("content_block_delta", {"index": self._index, "delta": delta})
             elif ev.kind is EventKind.TOOL_CALL_BEGIN and ev.tool_call is not None:
@@ -94,7 +104,11 @@ class BlockStream:
                 yield from self.close()
 
     def close(self) -> Iterator[str]:
-        """Close the open block, if any."""
+        """Close the open block, if any (a thinking block's signature first)."""
+        if self._open == "thinking":
+            delta = {"type": "signature_delta", "signature": self._sign("".join(self._thinking))}
+            yield event("content_block_delta", {"index": self._index, "delta": delta})
+            self._thinking = []
         if self._open is not None:
             yield event("content_block_stop", {"index": self._index})
             self._open = None

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -17,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from k2serve.api.errors import APIError, from_backend_error
 from k2serve.api.metrics import APIMetrics, RequestTracker
+from k2serve.api.thinking import ThinkingSigner
 from k2serve.chat.prompt import PromptEncoder
 from k2serve.engine.protocol import BackendError, GenerateRequest, GenerationBackend, TokenEvent
 
@@ -32,6 +34,8 @@ class AppState:
     metrics: APIMetrics
     api_key: str | None
     sessions: Any = None  # k2serve.sessions.service.SessionService when sessions are enabled
+    # signs the Anthropic API's thinking blocks (key: $K2SERVE_THINKING_KEY, else random; see api/thinking.py)
+    thinking_signer: ThinkingSigner = field(default_factory=lambda: ThinkingSigner.from_env(os.environ))
 
     def owner(self, request: Request) -> str:
         """The session owner: the API key the client presented (checked by the auth dependency)."""

@@ -1,4 +1,5 @@
-"""`k2serve serve`: one process running the engine behind the OpenAI-compatible API.
+"""`k2serve serve`: one process running the engine behind the OpenAI-compatible API, with agent sessions
+(`/v1/sessions`, chat `session_id`, Responses `previous_response_id`) in the process's memory.
 
 The first SIGTERM or SIGINT starts a drain: new requests get 503 while in-flight ones finish (for at
 most DRAIN_TIMEOUT_S seconds), then uvicorn shuts down as usual and the process exits with status 0.
@@ -16,6 +17,8 @@ import uvicorn
 from k2serve.api.openai_app import build_app
 from k2serve.api.settings import ServeSettings
 from k2serve.engine.async_engine import AsyncEngine
+from k2serve.sessions.memory import InMemorySessionStore
+from k2serve.sessions.service import SessionService
 
 DRAIN_TIMEOUT_S = 60.0
 
@@ -60,7 +63,7 @@ def serve(settings: ServeSettings) -> int:
         model_name=settings.model_name,
     )
     config = uvicorn.Config(
-        build_app(backend, settings.api_key),
+        build_app(backend, settings.api_key, sessions=SessionService(InMemorySessionStore())),
         host=settings.host,
         port=settings.port,
         ssl_certfile=settings.tls_cert,

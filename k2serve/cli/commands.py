@@ -29,6 +29,7 @@ BENCHMARKS = {
     "tracing": "k2serve.bench.tracing",
     "tool-schemas": "k2serve.bench.tool_schemas",
     "long-context": "k2serve.bench.long_context",
+    "long-neighbour": "k2serve.bench.long_neighbour",
 }
 
 

@@ -127,10 +127,30 @@ def add_worker_args(s: argparse.ArgumentParser, default_port: int) -> None:
         help="seconds: bound on joining the --ep group and on every collective step; a rank that "
         "loses its group exits non-zero",
     )
+    add_eplb_args(s)
     s.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds")
     add_tls_args(s)
     add_cluster_auth_args(s)
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # launchers: the bound address
+
+
+def add_eplb_args(s: argparse.ArgumentParser) -> None:
+    """EPLB while serving, with vLLM's flag names (`k2serve.experts.EPLBConfig`)."""
+    s.add_argument(
+        "--enable-eplb",
+        action="store_true",
+        help="with --ep > 1: re-place the routed experts while serving from the load measured per expert "
+        "(EPLB), as vLLM's --enable-eplb; requests in flight keep going with the same tokens",
+    )
+    s.add_argument(
+        "--eplb-config",
+        default=None,
+        metavar="JSON",
+        help='EPLB settings, vLLM\'s keys: {"window_size": 1000, "step_interval": 3000, '
+        '"num_redundant_experts": 0}: re-place every step_interval group steps from the load of the '
+        "last window_size steps; num_redundant_experts extra replica slots over the group (a multiple "
+        "of --ep; each rank gets its share). Needs --enable-eplb",
+    )
 
 
 def add_tls_args(s: argparse.ArgumentParser, peers: bool = True) -> None:
@@ -329,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert-parallel ranks per worker: each prefill and decode worker is a group of --ep "
         "processes (each its own endpoint)",
     )
+    add_eplb_args(s)
     add_transfer_backend_arg(s, "KV transfer between the workers")
     add_tls_args(s)
     add_redis_args(

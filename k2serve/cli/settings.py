@@ -17,6 +17,8 @@ from k2serve.api.settings import ServeSettings
 from k2serve.cluster.local import ClusterSpec
 from k2serve.cluster.ray_plan import RayOptions
 from k2serve.engine.config import EngineConfig
+from k2serve.experts.comm import EPConfigError
+from k2serve.experts.eplb import EPLBConfig
 from k2serve.model.checkpoint import preset_checkpoint
 from k2serve.router.settings import RouterSettings
 from k2serve.rpc.auth import InternalAuth, read_token_file
@@ -120,6 +122,16 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     )
 
 
+def eplb_config(args: argparse.Namespace) -> EPLBConfig | None:
+    """--enable-eplb [--eplb-config JSON] -> the EPLB settings (None: off). EPConfigError (a ValueError)
+    names a bad JSON key or value, or --eplb-config without --enable-eplb."""
+    if not args.enable_eplb:
+        if args.eplb_config is not None:
+            raise EPConfigError("--eplb-config needs --enable-eplb", args.eplb_config)
+        return None
+    return EPLBConfig() if args.eplb_config is None else EPLBConfig.from_json(args.eplb_config)
+
+
 def worker_settings(role: str, args: argparse.Namespace) -> WorkerSettings:
     """`k2serve prefill|decode`: model, engine and worker flags. The worker id defaults to
     <role>-<host>-<pid>; a rank of an expert-parallel group appends -ep<rank>."""
@@ -148,6 +160,7 @@ def worker_settings(role: str, args: argparse.Namespace) -> WorkerSettings:
         ep_rank=args.ep_rank,
         ep_init=args.ep_init,
         ep_timeout_s=args.ep_timeout,
+        eplb=eplb_config(args),
         tls=tls,
         tracing=tracing_settings(role, args),
         internal=internal_auth(args, tls),
@@ -218,6 +231,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         num_prefill=args.prefill,
         num_decode=args.decode,
         ep_size=args.ep,
+        eplb_config=None if (eplb := eplb_config(args)) is None else eplb.to_json(),
         transfer_backend=args.transfer_backend,
         dtype=args.dtype,
         engine_args=engine_args_from_up(args),

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     ep_size: int = 1  # expert-parallel ranks (processes) per worker
+    eplb_config: str | None = None  # with ep_size > 1: EPLB on, this --eplb-config JSON; None: off
     transfer_backend: str = "auto"  # "auto": torch, or grpc with TLS (torch.distributed has no TLS)
     dtype: str = "float32"
     engine_args: tuple[str, ...] = ()  # engine flags passed to every worker
@@ -75,6 +77,8 @@ class ClusterSpec:
             )
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.eplb_config is not None and self.ep_size == 1:
+            raise ValueError("--enable-eplb needs --ep > 1 (ClusterSpec: eplb_config needs ep_size > 1)")
         backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
         object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
 
@@ -108,8 +112,8 @@ class ClusterSpec:
         """`k2serve <role> ...` arguments of one worker process, the same under every launcher
         (LocalCluster, RayCluster): it binds `host` on a free port and registers with the router's
         internal listener at `router` as `worker_id`; with ep_size > 1 it is rank `ep_rank` of the group
-        meeting at `ep_init` (tcp://HOST:PORT). The TLS files and cluster token are included; the ready
-        file is the launcher's."""
+        meeting at `ep_init` (tcp://HOST:PORT), with EPLB when `eplb_config` says. The TLS files and
+        cluster token are included; the ready file is the launcher's."""
         args = [role, "--model", self.model_dir, "--dtype", self.dtype, "--host", host, "--port", "0"]
         args += ["--router", router, "--worker-id", worker_id]
         args += ["--transfer-backend", self.transfer_backend, *self.engine_args]
@@ -119,6 +123,8 @@ class ClusterSpec:
             if ep_init is None:
                 raise ValueError(f"worker {worker_id} of an EP group of {self.ep_size} needs ep_init")
             args += ["--ep", str(self.ep_size), "--ep-rank", str(ep_rank), "--ep-init", ep_init]
+            if self.eplb_config is not None:
+                args += ["--enable-eplb", "--eplb-config", self.eplb_config]
         return [*args, *self.tls_args(), *self.tracing_args()]
 
     def tracing_args(self) -> list[str]:
@@ -313,9 +319,7 @@ class LocalCluster:
     def status_table(self) -> str:
         """One row per process: pid, state, metrics URL (the router's own /metrics; each worker's as
         registered, "-" while it is not), log."""
-        metrics = {"router": f"{self.http_url}/metrics"}
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            metrics |= {w["worker_id"]: w["metrics_url"] for w in self.workers()}
+        metrics = metrics_urls(self.http_url, self.workers)
         rows = [("process", "pid", "state", "metrics", "log")]
         for p in self.procs:
             rows.append(
@@ -331,8 +335,7 @@ class LocalCluster:
             rows.append(
                 ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-", "-")
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+        return text_table(rows)
 
 
 def _verify(tls: TLSFiles | None) -> tuple[ssl.SSLContext | bool, dict[str, str]]:
@@ -352,6 +355,22 @@ def router_ready(http_url: str, tls: TLSFiles | None) -> bool:
             return client.get(f"{http_url}/health/ready", extensions=extensions).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as left-aligned columns two spaces apart (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def metrics_urls(http_url: str, workers: Callable[[], list[dict]]) -> dict[str, str]:
+    """Process name -> its Prometheus URL for a status table: the router's own /metrics, and each
+    registered worker's `metrics_url` as `/cluster/workers` lists it (keyed by worker id, which is the
+    process name). A router that does not answer yet leaves only its own row."""
+    urls = {"router": f"{http_url}/metrics"}
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        urls |= {w["worker_id"]: w["metrics_url"] for w in workers()}
+    return urls
 
 
 def registered_workers(http_url: str, tls: TLSFiles | None, api_key: str | None = None) -> list[dict]:

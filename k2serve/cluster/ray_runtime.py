@@ -40,7 +40,14 @@ from typing import Any
 
 import httpx
 
-from k2serve.cluster.local import ClusterError, ClusterSpec, registered_workers, router_ready
+from k2serve.cluster.local import (
+    ClusterError,
+    ClusterSpec,
+    metrics_urls,
+    registered_workers,
+    router_ready,
+    text_table,
+)
 from k2serve.cluster.ray_actor import NODE_IP, REDIS_PASSWORD_FILE, REDIS_URL, ChildSpec
 from k2serve.cluster.ray_plan import GroupPlan, NodeInfo, RayOptions, plan_groups
 from k2serve.rpc.auth import read_token_file
@@ -317,11 +324,14 @@ class RayCluster:
         return [p.name for p in died(maybe)] if maybe else []
 
     def status_table(self) -> str:
-        rows = [("process", "node", "pid", "log")]
+        """One row per process: node, pid, metrics URL (the router's own /metrics; each worker's as it
+        registered it, "-" while it is not registered), log."""
+        metrics = metrics_urls(self.http_url, self.workers)
+        rows = [("process", "node", "pid", "metrics", "log")]
         for i in self.info():
-            rows.append((str(i["name"]), str(i["node_ip"]), str(i["pid"]), str(i["log"])))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+            name = str(i["name"])
+            rows.append((name, str(i["node_ip"]), str(i["pid"]), metrics.get(name) or "-", str(i["log"])))
+        return text_table(rows)
 
     # ---- stop ------------------------------------------------------------------------------------
     def stop(self, timeout: float = 20.0) -> None:

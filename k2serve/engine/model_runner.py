@@ -2,7 +2,7 @@
 
 All scheduled tokens of the step are flattened into one ragged batch [T]. Each layer writes the
 new tokens' latent into the pool, then attends with the tiled online-softmax algorithm of
-`model/attention.py`, reading each sequence's keys through its own block table one tile at a time:
+`model/attention.py`, reading each sequence's keys through its own block table a tile of whole blocks at a time:
 
 - decode rows (one token each) form one batch of split-K work items: each row's context is cut into
   splits of at most `split_tokens` keys (so no row is padded to the batch's longest context), the
@@ -14,39 +14,57 @@ Each work group takes the expanded or the weight-absorbed path, whichever costs 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
 from k2serve.config import ModelConfig
-from k2serve.kvcache.pool import KVCachePool
+from k2serve.kvcache.pool import KVCachePool, KVCachePoolError
 from k2serve.model.attention import (
     DEFAULT_TILES,
     PAD_KEY_POS,
+    KeyTile,
+    Partial,
     TileConfig,
     absorbed_is_cheaper,
     attend_absorbed,
     attend_expanded,
     merge_partials,
     paged_tiles,
+    run_tiles,
 )
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
 from k2serve.model.shapes import bucket
 
 
+@dataclass(frozen=True)
+class KeyRun:
+    """`items` decode splits of one row read in place: `width` keys each, at consecutive pool slots
+    from `first_slot` (positions from `first_pos`), all before the query."""
+
+    token: int  # flat step index of the row's query
+    q_pos: int
+    first_slot: int
+    first_pos: int
+    items: int
+    width: int
+
+
 @dataclass
 class AttentionWork:
-    """Work items attended the same way; item n is query rows of one sequence over a range of its keys."""
+    """Work items attended the same way; item n is query rows of one sequence over a range of its keys.
+    The gathered items (token .. key_pos; N may be 0) and the `runs` are merged together per query."""
 
     absorbed: bool
     token: torch.Tensor  # [N, Q] long: flat step index of each query, -1 for padding
     q_pos: torch.Tensor  # [N, Q] long: absolute positions of the queries, -1 for padding
-    key_slots: torch.Tensor  # [N, K] long: pool slots of the item's keys (padding: slot 0)
-    key_pos: torch.Tensor  # [N, K] long: their positions (padding: PAD_KEY_POS)
+    key_blocks: torch.Tensor  # [N, B] long: pool blocks holding the item's keys (padding: block 0)
+    key_pos: torch.Tensor  # [N, B * block_size] long: positions of the keys they hold (else PAD_KEY_POS)
+    runs: list[KeyRun] = field(default_factory=list)
 
 
 @dataclass
@@ -90,32 +108,54 @@ class PagedBackend:
         self.pool.write(layer, self.inputs.slots, latent)
         if self.on_layer is not None:
             self.on_layer(layer)
-        rows = self.pool.layer_rows(layer)  # [S, C + dr], or raw fp8 rows [S, W]
+        pages = self.pool.kv[layer]  # [num_blocks, block_size, C + dr], or raw fp8 rows [..., W]
+        rows = self.pool.layer_rows(layer)  # the same memory as flat slots [S, W]
         dequantize = None if self.pool.fp8 is None else partial(self.pool.dequantize, dtype=q_nope.dtype)
+        tile = self.tiles.tile_tokens
         out = q_nope.new_zeros(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv] (padding rows stay 0)
         for w in self.inputs.work:
-            index = w.token.clamp_min(0)
-            tiles = paged_tiles(rows, w.key_slots, w.key_pos, self.tiles.tile_tokens, dequantize)
-            if w.absorbed:
-                w_uk, w_uv = mla.absorb_weights()
-                q_lat = torch.einsum("nqhd,hdc->nqhc", q_nope[index], w_uk)  # [N, Q, H, C]
-                part = attend_absorbed(q_lat, q_pe[index], w.q_pos, tiles, mla.softmax_scale)
-            else:
-                part = attend_expanded(
-                    q_nope[index],
-                    q_pe[index],
-                    w.q_pos,
-                    tiles,
-                    mla.kv_b_proj.weight,
-                    mla.v_dim,
-                    mla.softmax_scale,
+            w_uk, w_uv = mla.absorb_weights() if w.absorbed else (None, None)
+
+            parts: list[Partial] = []
+            tokens: list[torch.Tensor] = []
+            if w.token.numel():
+                tiles = paged_tiles(pages, w.key_blocks, w.key_pos, tile, dequantize)
+                parts.append(self._attend(mla, q_nope, q_pe, w_uk, w.token, w.q_pos, tiles))
+                tokens.append(w.token)
+            for r in w.runs:
+                token = torch.full((r.items, 1), r.token, dtype=torch.long)
+                tiles = run_tiles(rows, r.first_slot, r.items, r.width, r.first_pos, tile, dequantize)
+                parts.append(
+                    self._attend(mla, q_nope, q_pe, w_uk, token, torch.full_like(token, r.q_pos), tiles)
                 )
-            merged = merge_partials(part, w.token, out.shape[0]).to(out.dtype)  # [T, H, C or dv]
-            if w.absorbed:
+                tokens.append(token)
+            part = Partial(torch.cat([p.out for p in parts]), torch.cat([p.lse for p in parts]))
+            token = torch.cat(tokens)
+            merged = merge_partials(part, token, out.shape[0]).to(out.dtype)  # [T, H, C or dv]
+            if w_uv is not None:
                 merged = torch.einsum("thc,hdc->thd", merged, w_uv)
-            queries = w.token[w.token >= 0]
+            queries = token[token >= 0]
             out[queries] = merged[queries]
         return out
+
+    @staticmethod
+    def _attend(
+        mla: MLA,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        w_uk: torch.Tensor | None,
+        token: torch.Tensor,
+        q_pos: torch.Tensor,
+        tiles: Iterator[KeyTile],
+    ) -> Partial:
+        """Items' queries (rows `token` of q_nope / q_pe) over their tiles: absorbed when `w_uk` is
+        given (out in latent space), else expanded."""
+        index = token.clamp_min(0)
+        if w_uk is not None:
+            q_lat = torch.einsum("nqhd,hdc->nqhc", q_nope[index], w_uk)  # [N, Q, H, C]
+            return attend_absorbed(q_lat, q_pe[index], q_pos, tiles, mla.softmax_scale)
+        weight = mla.kv_b_proj.weight
+        return attend_expanded(q_nope[index], q_pe[index], q_pos, tiles, weight, mla.v_dim, mla.softmax_scale)
 
 
 def _absorbed(config: ModelConfig, num_queries: int, num_keys: int) -> bool:
@@ -125,33 +165,74 @@ def _absorbed(config: ModelConfig, num_queries: int, num_keys: int) -> bool:
     )
 
 
+def _key_range(
+    block_table: Seq[int], begin: int, length: int, width: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks and key positions of a context's keys [begin, length) (`begin` a multiple of the
+    block size), padded to a multiple of `width` keys (a multiple of the block size): blocks
+    [padded / block_size] (padding: block 0), positions [padded] (PAD_KEY_POS from `length` on)."""
+    needed = -(-length // block_size)
+    if needed > len(block_table):
+        raise KVCachePoolError(f"{length} positions need {needed} blocks, the table has {len(block_table)}")
+    padded = -(-(length - begin) // width) * width
+    first = begin // block_size
+    blocks = torch.zeros(padded // block_size, dtype=torch.long)
+    blocks[: needed - first] = torch.as_tensor(block_table[first:needed], dtype=torch.long)
+    positions = torch.arange(begin, begin + padded)
+    positions[length - begin :] = PAD_KEY_POS
+    return blocks, positions
+
+
+def _consecutive_blocks(block_table: Seq[int], needed: int) -> int:
+    """How many of the first `needed` blocks of the table are consecutive pool blocks (b, b + 1, ...)."""
+    table = torch.as_tensor(block_table[:needed], dtype=torch.long)
+    breaks = torch.nonzero(table[1:] - table[:-1] != 1)
+    return needed if breaks.numel() == 0 else int(breaks[0, 0]) + 1
+
+
+RUN_MIN_SPLITS = 8
+"""A decode row is read in place (its own batched GEMMs) only from this many splits on: below, the
+extra calls cost more than gathering its keys into the shared batch."""
+
+
 def _decode_work(
     rows: list[tuple[RowSpec, int]], pool: KVCachePool, config: ModelConfig, tiles: TileConfig
 ) -> AttentionWork:
-    """rows: (spec, flat index of its token). Each row's context [0, start + 1) in splits of width S."""
-    width = min(tiles.split_tokens, max(r.start + 1 for r, _ in rows))
+    """rows: (spec, flat index of its token). Each row's context [0, start + 1) in splits of width S
+    (whole blocks: `split_tokens`, or the longest context if shorter, rounded up to the block size).
+    The splits that lie in the leading run of consecutive pool blocks of a row of at least
+    `RUN_MIN_SPLITS` splits are read in place (a `KeyRun`); the rest are gathered block by block."""
+    bs = pool.block_size
+    width = -(-min(tiles.split_tokens, max(r.start + 1 for r, _ in rows)) // bs) * bs
     tokens: list[int] = []
     q_pos: list[int] = []
-    key_slots: list[torch.Tensor] = []
-    key_pos: list[torch.Tensor] = []
+    key_blocks: list[torch.Tensor] = [torch.zeros(0, width // bs, dtype=torch.long)]
+    key_pos: list[torch.Tensor] = [torch.zeros(0, width, dtype=torch.long)]
+    runs: list[KeyRun] = []
     for r, offset in rows:
         length = r.start + 1
-        splits = -(-length // width)
-        mapping = pool.slot_mapping(r.block_table, 0, length)  # [L]
-        slots = mapping.new_zeros(splits * width)
-        slots[:length] = mapping
-        positions = torch.full((splits * width,), PAD_KEY_POS, dtype=torch.long)
-        positions[:length] = torch.arange(length)
-        key_slots.append(slots.view(splits, width))
+        in_run = 0
+        if length >= RUN_MIN_SPLITS * width:
+            run_tokens = _consecutive_blocks(r.block_table, -(-length // bs)) * bs
+            in_run = min(run_tokens, length) // width
+            in_run = in_run if in_run >= RUN_MIN_SPLITS else 0
+        if in_run:
+            runs.append(KeyRun(offset, r.start, r.block_table[0] * bs, 0, in_run, width))
+        if in_run * width == length:
+            continue
+        blocks, positions = _key_range(r.block_table, in_run * width, length, width, bs)
+        splits = positions.numel() // width
+        key_blocks.append(blocks.view(splits, width // bs))
         key_pos.append(positions.view(splits, width))
         tokens.extend([offset] * splits)
         q_pos.extend([r.start] * splits)
     return AttentionWork(
         absorbed=_absorbed(config, 1, width),
-        token=torch.tensor(tokens, dtype=torch.long)[:, None],
-        q_pos=torch.tensor(q_pos, dtype=torch.long)[:, None],
-        key_slots=torch.cat(key_slots),
+        token=torch.tensor(tokens, dtype=torch.long).view(-1, 1),
+        q_pos=torch.tensor(q_pos, dtype=torch.long).view(-1, 1),
+        key_blocks=torch.cat(key_blocks),
         key_pos=torch.cat(key_pos),
+        runs=runs,
     )
 
 
@@ -159,12 +240,13 @@ def _prefill_work(r: RowSpec, offset: int, pool: KVCachePool, config: ModelConfi
     """One chunk: its n queries at positions start.. over the keys [0, start + n)."""
     n = len(r.token_ids)
     length = r.start + n
+    blocks, positions = _key_range(r.block_table, 0, length, pool.block_size, pool.block_size)
     return AttentionWork(
         absorbed=_absorbed(config, n, length),
         token=(offset + torch.arange(n))[None, :],
         q_pos=(r.start + torch.arange(n))[None, :],
-        key_slots=pool.slot_mapping(r.block_table, 0, length)[None, :],
-        key_pos=torch.arange(length)[None, :],
+        key_blocks=blocks[None, :],
+        key_pos=positions[None, :],
     )
 
 

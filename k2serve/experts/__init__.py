@@ -4,7 +4,7 @@ and the fused INT4 grouped-GEMM kernel (Triton)."""
 
 from k2serve.experts.comm import EPComm, EPConfigError, EPError
 from k2serve.experts.dispatch import EPDispatcher
-from k2serve.experts.eplb import ExpertLoad, plan_placement, rank_loads
+from k2serve.experts.eplb import EPLBConfig, ExpertLoad, plan_placement, rank_loads
 from k2serve.experts.placement import ExpertPlacement, PlacementError
 from k2serve.experts.state import EPState
 from k2serve.experts.triton_moe import grouped_gemm_int4
@@ -16,6 +16,7 @@ __all__ = [
     "EPConfigError",
     "EPDispatcher",
     "EPError",
+    "EPLBConfig",
     "EPState",
     "EPWorker",
     "ExpertLoad",

@@ -1,6 +1,7 @@
 """An expert-parallel rank's metrics (k2serve_ep_*), read at scrape time from its EPWorker: time in
 all-to-all collectives, and per MoE layer the load imbalance its own tokens' routing implies under the
-current placement (max / mean of the per-rank loads, 1 = balanced) since the last re-placement."""
+current placement (max / mean of the per-rank loads, 1 = balanced) since the last re-placement; the
+count of EPLB re-placements, and the group's imbalance per MoE layer before and after the last one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from k2serve.engine.metrics import LABELS
-from k2serve.experts.eplb import rank_loads
+from k2serve.experts.eplb import imbalance as load_imbalance
 from k2serve.experts.worker import EPWorker
 
 
@@ -41,7 +42,23 @@ class EPCollector(Collector):
         )
         counts = self._worker.load.counts.clone()  # [L, E]
         for layer, placement in enumerate(self._worker.placement):
-            loads = rank_loads(placement, counts[layer])
-            mean = float(loads.mean())
-            imbalance.add_metric([*self._labels, str(layer)], float(loads.max()) / mean if mean else 1.0)
+            imbalance.add_metric([*self._labels, str(layer)], load_imbalance(placement, counts[layer]))
         yield imbalance
+        rebalances = CounterMetricFamily(
+            "k2serve_ep_eplb_rebalances", "EPLB re-placements of the routed experts applied.", labels=LABELS
+        )
+        rebalances.add_metric(self._labels, self._worker.rebalances)
+        yield rebalances
+        for when, values in (
+            ("before", self._worker.imbalance_before),
+            ("after", self._worker.imbalance_after),
+        ):
+            gauge = GaugeMetricFamily(
+                f"k2serve_ep_eplb_imbalance_{when}",
+                f"Max / mean load per rank of the group's windowed routed load {when} the last EPLB "
+                "re-placement of each MoE layer (1 = balanced; absent until the layer moved once).",
+                labels=[*LABELS, "moe_layer"],
+            )
+            for layer, value in sorted(values.items()):
+                gauge.add_metric([*self._labels, str(layer)], value)
+            yield gauge

@@ -31,6 +31,7 @@ router, which retries them elsewhere.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,7 +45,7 @@ from k2serve.engine.llm_engine import LLMEngine, RequestOutput, tokenizer_and_eo
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts.comm import EPComm, EPConfigError, EPError
 from k2serve.experts.dispatch import EPDispatcher
-from k2serve.experts.eplb import ExpertLoad, plan_placement
+from k2serve.experts.eplb import EPLBConfig, ExpertLoad, imbalance, plan_placement
 from k2serve.experts.placement import ExpertPlacement
 from k2serve.experts.reshard import expert_tensors, install, reshard_layer
 from k2serve.experts.state import EPState
@@ -53,16 +54,24 @@ from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
 from k2serve.model.moe import MoE
 
+logger = logging.getLogger(__name__)
+# A scheduled re-placement moves a layer only when it lowers the layer's imbalance (max / mean load per
+# rank) by at least this fraction: smaller gains are within the window's noise and not worth a pause.
+EPLB_MIN_GAIN = 0.05
+
 
 @dataclass(frozen=True)
 class EPConfig:
     """redundant_per_rank: replica slots per rank in the initial (contiguous) placement.
     timeout_s: bound on any collective, so also on the longest step of any rank (seconds).
-    roll_call_s: how long a failing rank waits for the others to report before naming suspects."""
+    roll_call_s: how long a failing rank waits for the others to report before naming suspects.
+    eplb: re-place the experts while serving, every `eplb.step_interval` group steps, from the load
+    of the last `eplb.window_size` steps; None: only when a rank asks (`request_rebalance`)."""
 
     redundant_per_rank: int = 0
     timeout_s: float = 60.0
     roll_call_s: float = 2.0
+    eplb: EPLBConfig | None = None
 
     def __post_init__(self) -> None:
         if self.redundant_per_rank < 0:
@@ -123,7 +132,11 @@ class EPWorker:
                 mc.n_routed_experts, comm.world_size, self.ep_config.redundant_per_rank
             )
             placement = [one] * mc.num_moe_layers
-        self.state = EPState(comm, tuple(placement), ExpertLoad(mc.num_moe_layers, mc.n_routed_experts))
+        eplb = self.ep_config.eplb
+        window = eplb.window_size if eplb is not None else None
+        self.state = EPState(
+            comm, tuple(placement), ExpertLoad(mc.num_moe_layers, mc.n_routed_experts, window)
+        )
         self.model = load_ep_model(model_dir, dtype, placement, comm.rank)
         self.dispatchers: list[EPDispatcher] = []
         for j, (i, moe) in enumerate(moe_layers(self.model)):
@@ -132,6 +145,13 @@ class EPWorker:
         tokenizer, eos = tokenizer_and_eos(model_dir, self.model.config)
         self.engine = LLMEngine(self.model, engine_config, tokenizer, eos)
         self.any_work = False  # whether any rank had work in the last step
+        self.steps = 0  # group steps in which some rank had work: the same count on every rank
+        self.rebalances = 0  # re-placements applied (EPLB), read by the metrics endpoint
+        # MoE layer index -> the imbalance (max / mean load per rank) of the group's windowed load
+        # under its placement before and after its last re-placement (absent until it moved once)
+        self.imbalance_before: dict[int, float] = {}
+        self.imbalance_after: dict[int, float] = {}
+        self._rebalanced_at = 0
         self._rebalance_wanted = False
         self._owns_comm = False
 
@@ -187,8 +207,8 @@ class EPWorker:
         flags = torch.tensor([int(self.engine.has_unfinished_requests()), int(self._rebalance_wanted)])
         self.comm.all_reduce(flags, "max", "step agreement")
         self.any_work = bool(flags[0])
-        if flags[1]:
-            self._rebalance()
+        if flags[1] or (self.any_work and self._rebalance_due()):
+            self._rebalance(forced=bool(flags[1]))
         if not self.any_work:
             return []
         before = self._forwards()
@@ -200,9 +220,19 @@ class EPWorker:
             if self.dispatchers and self._forwards() == before:  # failed before the forward:
                 self._empty_forward()  # keep the others' collectives whole, then report
             raise
-        if self.dispatchers and self._forwards() == before:
-            self._empty_forward()  # nothing scheduled here: still take part in every MoE collective
+        else:
+            if self.dispatchers and self._forwards() == before:
+                self._empty_forward()  # nothing scheduled here: still take part in every MoE collective
+        finally:  # counted on every rank whatever happened here, so the ranks' EPLB schedules agree
+            self.steps += 1
+            self.load.end_step()
         return outputs
+
+    def _rebalance_due(self) -> bool:
+        """EPLB's schedule: every `step_interval` working steps. Every rank agrees without a message:
+        `steps` counts the steps the agreement all_reduce said some rank had work, the same on all."""
+        eplb = self.ep_config.eplb
+        return eplb is not None and self.steps > self._rebalanced_at and self.steps % eplb.step_interval == 0
 
     def run_until_idle(self) -> dict[str, RequestOutput]:
         """Step until no rank has work; returns this rank's finished requests by id."""
@@ -227,18 +257,44 @@ class EPWorker:
         empty = torch.zeros(0, dtype=torch.long)
         self.model.forward_hidden(empty, empty, _NoAttention())
 
-    def _rebalance(self) -> None:
-        """Plan from the group's counts (same on every rank), move the weights layer by layer, swap."""
-        load = self.load
-        counts = load.global_counts(self.comm)  # [L, E]
-        new = tuple(  # each rank keeps its slot count per layer
-            plan_placement(counts[j], [len(s) for s in old.slots]) for j, old in enumerate(self.placement)
-        )
-        for (i, moe), old, p in zip(moe_layers(self.model), self.placement, new, strict=True):
-            reshard_layer(self.comm, moe.experts, old, p, i)
-        self.state.set_placement(new)
-        load.reset()
+    def _rebalance(self, forced: bool) -> None:
+        """Plan from the group's windowed load (the same on every rank, so every rank takes the same
+        decisions without a message), move the weights of the layers whose placement changes, swap.
+        On EPLB's schedule a layer moves only when the plan lowers its imbalance for that load by at
+        least EPLB_MIN_GAIN (moving weights costs a pause of the whole group); a rank's
+        `request_rebalance` (`forced`) moves every layer the plan changes. Requests in flight are
+        untouched: only which rank computes an expert changes. A window without any load (nothing
+        routed yet) changes nothing."""
         self._rebalance_wanted = False
+        self._rebalanced_at = self.steps
+        counts = self.load.global_window(self.comm)  # [L, E]
+        if not bool(counts.any()):
+            return
+        placement = list(self.placement)
+        moved: list[int] = []
+        for j, ((i, moe), old) in enumerate(zip(moe_layers(self.model), self.placement, strict=True)):
+            new = plan_placement(counts[j], [len(s) for s in old.slots])  # each rank keeps its slot count
+            before, after = imbalance(old, counts[j]), imbalance(new, counts[j])
+            if new == old or not (forced or after < before * (1 - EPLB_MIN_GAIN)):
+                continue
+            reshard_layer(self.comm, moe.experts, old, new, i)
+            placement[j] = new
+            self.imbalance_before[j], self.imbalance_after[j] = before, after
+            moved.append(j)
+        if not moved:
+            return
+        self.state.set_placement(placement)
+        self.load.reset()
+        self.rebalances += 1
+        logger.info(
+            "EPLB re-placement %d at step %d on rank %d: imbalance of MoE layers %s: %s -> %s",
+            self.rebalances,
+            self.steps,
+            self.comm.rank,
+            moved,
+            [round(self.imbalance_before[j], 3) for j in moved],
+            [round(self.imbalance_after[j], 3) for j in moved],
+        )
 
     @property
     def placement(self) -> tuple[ExpertPlacement, ...]:

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from k2serve.loadgen.client import Client
-from k2serve.loadgen.config import BenchConfig
-from k2serve.loadgen.dataset import BenchRequest, random_requests
+from k2serve.loadgen.config import CHAT_ENDPOINTS, BenchConfig
+from k2serve.loadgen.dataset import BenchRequest, random_requests, random_text_requests
 from k2serve.loadgen.progress import Progress
 from k2serve.loadgen.record import RequestRecord
 from k2serve.loadgen.runner import RunResult, run_load
-from k2serve.loadgen.stats import SLO, summarize
+from k2serve.loadgen.stats import SLO, summarize, turn_summary
 from k2serve.loadgen.trace import TraceScaling, best_hit_ratio, read_trace, trace_requests
 
 SCHEMA_VERSION = 1
@@ -31,6 +31,12 @@ class EmptyTraceError(ValueError):
 
 def build_requests(config: BenchConfig) -> tuple[Iterable[BenchRequest], int | None, dict[str, Any] | None]:
     """(requests, count bound, trace facts). Trace runs are bounded by the trace's length."""
+    if config.dataset == "random" and config.endpoint in CHAT_ENDPOINTS:
+        return (
+            random_text_requests(config.seed, config.input_len, config.output_len),
+            config.num_prompts,
+            None,
+        )
     if config.dataset == "random":
         reqs = random_requests(config.seed, config.input_len, config.output_len, config.vocab_size)
         return reqs, config.num_prompts, None
@@ -83,6 +89,23 @@ def make_client(config: BenchConfig) -> Client:
         return GRPCClient(
             config.url, config.model, config.api_key, config.request_timeout_s, config.temperature
         )
+    if config.endpoint in CHAT_ENDPOINTS:
+        from k2serve.loadgen.chat_client import ChatClient
+
+        return ChatClient(
+            config.url,
+            config.endpoint,
+            config.model,
+            config.api_key,
+            config.request_timeout_s,
+            config.temperature,
+            max_connections=config.max_concurrency,
+            agent_turns=config.agent_turns,
+            history=config.history,
+            tool_result_len=config.tool_result_len,
+            input_len=config.input_len,
+            seed=config.seed,
+        )
     from k2serve.loadgen.http_client import HTTPClient
 
     return HTTPClient(
@@ -130,7 +153,7 @@ def run_benchmark(config: BenchConfig, command: str, progress_stream: TextIO | N
     write_plots = _plot_writer() if config.plot_dir is not None else None  # fails before the run
     started = time.time()
     result, trace_info = asyncio.run(_run(config, progress_stream))
-    records = sorted(result.records, key=lambda r: r.index)
+    records = sorted(result.records, key=lambda r: (r.index, r.turn or 0))
     summary = summarize(
         records, config.warmup_s, SLO(config.slo_ttft_ms, config.slo_tpot_ms), trace_info is not None
     )
@@ -143,6 +166,7 @@ def run_benchmark(config: BenchConfig, command: str, progress_stream: TextIO | N
         "stopped_by": result.stopped_by,
         "trace": trace_info,
         **summary,
+        "turns": turn_summary(records) if config.agent_turns is not None else None,
         "plots": [],
     }
     if write_plots is not None and config.plot_dir is not None:

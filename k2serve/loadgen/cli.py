@@ -9,9 +9,20 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from k2serve.loadgen.config import BACKENDS, DATASETS, DEFAULT_URLS, BenchConfig, BenchConfigError
+from k2serve.loadgen.config import (
+    BACKENDS,
+    COMPLETIONS,
+    DATASETS,
+    DEFAULT_URLS,
+    ENDPOINTS,
+    HISTORY_MODES,
+    BenchConfig,
+    BenchConfigError,
+)
 
 PROG = "k2serve bench serve"
+# vLLM's `bench serve` backend names: both are the http backend, openai-chat on /v1/chat/completions.
+BACKEND_ALIASES = {"openai": ("http", COMPLETIONS), "openai-chat": ("http", "/v1/chat/completions")}
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -33,11 +44,40 @@ def _rate(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Load generator for the OpenAI-compatible HTTP API (/v1/completions, streamed) or the "
-        "gRPC K2Serve.Generate API: Poisson / fixed-concurrency load, random or Mooncake-trace prompts.",
+        description="Load generator for the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "Anthropic /v1/messages, /v1/responses; streamed) or the gRPC K2Serve.Generate API: Poisson / "
+        "fixed-concurrency load, random, Mooncake-trace or text prompts, or tool-loop agent conversations.",
     )
     a = p.add_argument
-    a("--backend", choices=BACKENDS, default="http")
+    a(
+        "--backend",
+        choices=(*BACKENDS, *BACKEND_ALIASES),
+        default="http",
+        help="openai / openai-chat (vLLM's names) are http on /v1/completions / /v1/chat/completions",
+    )
+    a(
+        "--endpoint",
+        choices=ENDPOINTS,
+        default=None,
+        help=f"http: the API driven (default {COMPLETIONS}; openai-chat: /v1/chat/completions); the chat "
+        "endpoints send text: random words (--input-len of them) or a sharegpt/custom dataset",
+    )
+    a(
+        "--agent-turns",
+        type=int,
+        default=None,
+        help="tool-loop mode: each of --num-prompts conversations runs T turns, each forcing a call of a "
+        "declared tool and answered with a tool result and a new user turn (chat endpoints, random dataset)",
+    )
+    a(
+        "--agent-history",
+        dest="history",
+        choices=tuple(HISTORY_MODES),
+        default="resend",
+        help="tool-loop mode: resend the whole history each turn (default), or a k2serve session "
+        "(/v1/chat/completions), or previous_response_id (/v1/responses)",
+    )
+    a("--tool-result-len", type=int, default=64, help="tool-loop mode: words in each synthetic tool result")
     a(
         "--url",
         default=None,
@@ -110,9 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     dataset = args.dataset or ("trace" if args.trace is not None else "random")
+    backend, endpoint = BACKEND_ALIASES.get(args.backend, (args.backend, COMPLETIONS))
     return BenchConfig(
-        backend=args.backend,
-        url=args.url or DEFAULT_URLS[args.backend],
+        backend=backend,
+        endpoint=args.endpoint or endpoint,
+        agent_turns=args.agent_turns,
+        history=args.history,
+        tool_result_len=args.tool_result_len,
+        url=args.url or DEFAULT_URLS[backend],
         model=args.model,
         api_key=args.api_key if args.api_key is not None else os.environ.get("K2SERVE_API_KEY") or None,
         dataset=dataset,
@@ -178,6 +223,11 @@ def reproduce_command(config: BenchConfig) -> str:
     for flag, value in optional.items():
         if value is not None:
             parts += [flag, str(value)]
+    if config.endpoint != COMPLETIONS:
+        parts += ["--endpoint", config.endpoint]
+    if config.agent_turns is not None:
+        parts += ["--agent-turns", str(config.agent_turns), "--agent-history", config.history]
+        parts += ["--tool-result-len", str(config.tool_result_len)]
     if config.warmup_s:
         parts += ["--warmup", repr(config.warmup_s)]
     if config.dataset == "random":

@@ -16,7 +16,9 @@ class Client:
     Contract: `send(req, t0)` returns a finished RequestRecord (times in seconds from `t0`, a
     `time.perf_counter()` value) and does not raise for a failed request: the record's `error` names
     the failure. It raises only when cancelled (the run loop then records the request as cancelled).
-    Every request ends within `timeout_s`. `aclose()` releases connections.
+    Every request ends within `timeout_s`. `aclose()` releases connections. `send_all(req, t0)` is what
+    the run loop calls: the records of everything `req` stands for (one request; a whole conversation
+    for the tool-loop client, whose turns each end within `timeout_s`).
     """
 
     def __init__(self, timeout_s: float) -> None:
@@ -26,6 +28,14 @@ class Client:
 
     async def send(self, req: BenchRequest, t0: float) -> RequestRecord:
         raise NotImplementedError
+
+    async def send_all(self, req: BenchRequest, t0: float) -> list[RequestRecord]:
+        return [await self.send(req, t0)]
+
+    @property
+    def span_timeout_s(self) -> float:
+        """How long one `send_all` may take at most (the run loop's drain waits that long)."""
+        return self.timeout_s
 
     async def aclose(self) -> None:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,6 +12,15 @@ BACKENDS = ("http", "grpc")
 DATASETS = ("random", "trace", "sharegpt", "custom")
 TEXT_DATASETS = ("sharegpt", "custom")
 DEFAULT_URLS = {"http": "http://127.0.0.1:8000", "grpc": "grpc://127.0.0.1:50051"}
+COMPLETIONS = "/v1/completions"
+CHAT_ENDPOINTS = ("/v1/chat/completions", "/v1/messages", "/v1/responses")
+ENDPOINTS = (COMPLETIONS, *CHAT_ENDPOINTS)
+# How a tool-loop conversation's history reaches the server, and the one endpoint each needs (None: any).
+HISTORY_MODES: dict[str, str | None] = {
+    "resend": None,
+    "session": "/v1/chat/completions",
+    "previous_response_id": "/v1/responses",
+}
 
 
 class BenchConfigError(ValueError):
@@ -59,6 +69,11 @@ class BenchConfig:
     ShareGPT / custom datasets (vLLM's formats): `dataset_path`, prompts tokenized with the checkpoint's
     tokenizer in `tokenizer`; see k2serve.loadgen.text_datasets for the output lengths.
     Token ids are drawn from [0, vocab_size). SLOs in ms. `api_key` is never written out.
+    Endpoint (http backend): `/v1/completions` sends token ids; the chat endpoints (CHAT_ENDPOINTS)
+    send text, so they take the random dataset (as random words, `input_len` of them) or a text dataset.
+    Tool-loop mode: `agent_turns` turns per conversation, `num_prompts` conversations, the history
+    carried as `history` says (HISTORY_MODES), tool results of `tool_result_len` words; see
+    k2serve.loadgen.chat_client.
     """
 
     backend: str = "http"
@@ -90,6 +105,10 @@ class BenchConfig:
     result_json: str | None = None
     plot_dir: str | None = None
     progress_interval_s: float | None = None
+    endpoint: str = COMPLETIONS
+    agent_turns: int | None = None
+    history: str = "resend"
+    tool_result_len: int = 64
 
     def __post_init__(self) -> None:
         def bad(name: str, reason: str) -> BenchConfigError:
@@ -150,6 +169,7 @@ class BenchConfig:
                 raise bad(name, "must be >= 1")
         if not self.temperature >= 0:
             raise bad("temperature", "must be >= 0")
+        self._check_endpoint(bad)
         if self.dataset == "random" and self.num_prompts is None and self.duration_s is None:
             raise bad("num_prompts", "the random dataset is endless: give num_prompts and/or duration_s")
         if (
@@ -159,6 +179,34 @@ class BenchConfig:
             and self.num_prompts is None
         ):
             raise bad("num_prompts", "an infinite rate without max_concurrency needs num_prompts")
+
+    def _check_endpoint(self, bad: Callable[[str, str], BenchConfigError]) -> None:
+        """The endpoint and tool-loop settings, and how they combine with the backend and dataset."""
+        if self.endpoint not in ENDPOINTS:
+            raise bad("endpoint", f"must be one of {', '.join(ENDPOINTS)}")
+        if self.backend == "grpc" and self.endpoint != COMPLETIONS:
+            raise bad("endpoint", "is for the http backend (the grpc backend calls K2Serve.Generate)")
+        if self.endpoint in CHAT_ENDPOINTS and self.dataset == "trace":
+            raise bad("endpoint", "the chat endpoints send text: use the random, sharegpt or custom dataset")
+        if self.history not in HISTORY_MODES:
+            raise bad("history", f"must be one of {', '.join(HISTORY_MODES)}")
+        if self.agent_turns is None:
+            if self.history != "resend":
+                raise bad("history", "carries a tool-loop conversation: give agent_turns too")
+            return
+        if self.agent_turns < 1:
+            raise bad("agent_turns", "must be >= 1")
+        if self.tool_result_len < 1:
+            raise bad("tool_result_len", "must be >= 1")
+        if self.endpoint not in CHAT_ENDPOINTS:
+            raise bad(
+                "agent_turns", f"tool-loop conversations need a chat endpoint ({', '.join(CHAT_ENDPOINTS)})"
+            )
+        if self.dataset != "random":
+            raise bad("agent_turns", "tool-loop conversations write their own turns: use the random dataset")
+        needed = HISTORY_MODES[self.history]
+        if needed is not None and self.endpoint != needed:
+            raise bad("history", f"{self.history} needs endpoint {needed}, not {self.endpoint}")
 
     @property
     def arrival_rate(self) -> float | None:

@@ -16,6 +16,8 @@ class RequestRecord:
     error: None on success, else the HTTP status ("500"), gRPC code ("UNAVAILABLE") or failure kind
     ("timeout", "connect_error", "stream_error:<code>", ...); rejected: refused for load (429 /
     RESOURCE_EXHAUSTED). best_cached_tokens: what an infinite prefix cache would hold (trace requests).
+    Tool-loop runs (`--agent-turns`): `conversation` and `turn` (from 0) place the request, `tool_calls`
+    counts the complete tool calls of its reply and `body_bytes` is the size of the JSON body sent.
     """
 
     index: int
@@ -32,6 +34,10 @@ class RequestRecord:
     error: str | None = None
     rejected: bool = False
     error_detail: str = ""
+    conversation: int | None = None
+    turn: int | None = None
+    tool_calls: int | None = None
+    body_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -74,10 +80,21 @@ class RequestRecord:
             "prompt_len": self.prompt_len,
             "requested_output_len": self.requested_output_len,
             "output_tokens": self.output_tokens,
+            "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "best_cached_tokens": self.best_cached_tokens,
             "num_chunks": len(self.chunk_s),
             "error": self.error,
             "rejected": self.rejected,
             "error_detail": self.error_detail,
+            **(
+                {}
+                if self.turn is None
+                else {
+                    "conversation": self.conversation,
+                    "turn": self.turn,
+                    "tool_calls": self.tool_calls,
+                    "body_bytes": self.body_bytes,
+                }
+            ),
         }

@@ -19,7 +19,12 @@ def format_report(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [
         "=" * 21 + " k2serve bench serve " + "=" * 21,
-        f"target             {cfg['backend']} {cfg['url']}   dataset {cfg['dataset']}",
+        f"target             {cfg['backend']} {cfg['url']}{cfg.get('endpoint', '') if cfg['backend'] == 'http' else ''}   dataset {cfg['dataset']}"
+        + (
+            f"   tool loop: {cfg['agent_turns']} turns, history {cfg['history']}"
+            if cfg.get("agent_turns")
+            else ""
+        ),
         f"requests           sent {c['sent']}  completed {c['completed']}  failed {c['failed']}  "
         f"rejected {c['rejected']}  excluded (warm-up) {c['excluded_warmup']}",
         f"stopped by         {result['stopped_by']}   wall {result['wall_s']:.2f} s   "
@@ -64,7 +69,19 @@ def format_report(result: dict[str, Any]) -> str:
             f"{tr['replayed_span_s']:.1f} s; blocks of {tr['scaled_block_size']} tokens; best hit "
             f"(unscaled) {_pct(tr['best_hit_ratio_unscaled'])}"
         )
-    if c["output_len_mismatch"]:
+    if result.get("turns"):
+        lines.append(
+            f"{'per turn':<10} {'done':>9} {'TTFT p50':>10} {'mean':>10} {'prompt':>8} {'cached':>8} "
+            f"{'hit':>7} {'body B':>9} {'tools':>6}"
+        )
+        for t in result["turns"]:
+            lines.append(
+                f"  turn {t['turn']:<3} {t['completed']:>4}/{t['sent']:<4} {_f(t['ttft']['p50']):>10} "
+                f"{_f(t['ttft']['mean']):>10} {_f(t['prompt_tokens_mean'], '.1f'):>8} "
+                f"{_f(t['cached_tokens_mean'], '.1f'):>8} {_pct(t['hit_ratio']):>7} "
+                f"{_f(t['body_bytes_mean'], '.0f'):>9} {t['tool_calls']:>6}"
+            )
+    if c["output_len_mismatch"] and not result.get("turns"):
         lines.append(
             f"output length      {c['output_len_mismatch']} completed requests differ from the requested length"
         )

@@ -63,18 +63,23 @@ async def run_load(
     async def one(req: BenchRequest) -> None:
         start = time.perf_counter() - t0
         try:
-            rec = await client.send(req, t0)
+            done = await client.send_all(req, t0)
         except asyncio.CancelledError:
             rec = Client.new_record(req, t0)
             rec.start_s = start
             rec.error, rec.error_detail = "cancelled", "still running when the run ended"
             rec.finish_s = time.perf_counter() - t0
+            done = [rec]
         finally:
             if sem is not None:
                 sem.release()
-        records.append(rec)
+        records.extend(done)
         if progress is not None:
-            progress.on_done(rec.ok, rec.rejected, rec.output_tokens or 0)
+            progress.on_done(
+                all(r.ok for r in done),
+                any(r.rejected for r in done),
+                sum(r.output_tokens or 0 for r in done),
+            )
 
     async def send_all() -> str:
         """Send until a bound; returns what stopped it."""
@@ -113,7 +118,7 @@ async def run_load(
     try:
         stopped_by = await send_all()
         if tasks:
-            await asyncio.wait(set(tasks), timeout=client.timeout_s + drain_grace_s)
+            await asyncio.wait(set(tasks), timeout=client.span_timeout_s + drain_grace_s)
     finally:  # past the drain, or on an error or cancellation: cancel what is left (recorded as cancelled)
         left = [t for t in tasks if not t.done()]
         for task in left:

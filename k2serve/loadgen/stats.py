@@ -147,3 +147,34 @@ def summarize(records: Sequence[RequestRecord], warmup_s: float, slo: SLO, trace
             "best_hit_ratio": round(best / usage_prompt, 4) if trace and usage_prompt else None,
         },
     }
+
+
+def turn_summary(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
+    """Tool-loop runs: per turn index (from 0), over the conversations that reached it: how many
+    completed, TTFT (ms), mean prompt and cached tokens, cached / prompt tokens, mean body size and
+    tool calls. What sessions and previous_response_id save shows here, turn by turn."""
+    turns = sorted({r.turn for r in records if r.turn is not None})
+    out = []
+    for k in turns:
+        at = [r for r in records if r.turn == k]
+        ok = [r for r in at if r.ok]
+        prompt = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+        cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
+
+        def mean(xs: Sequence[int]) -> float | None:
+            return round(float(np.mean(xs)), 2) if xs else None
+
+        out.append(
+            {
+                "turn": k,
+                "sent": len(at),
+                "completed": len(ok),
+                "ttft": latency_summary([x for r in ok if (x := r.ttft_s) is not None]),
+                "prompt_tokens_mean": mean(prompt),
+                "cached_tokens_mean": mean(cached),
+                "hit_ratio": round(sum(cached) / sum(prompt), 4) if sum(prompt) and cached else None,
+                "body_bytes_mean": mean([r.body_bytes for r in ok if r.body_bytes is not None]),
+                "tool_calls": sum(r.tool_calls or 0 for r in ok),
+            }
+        )
+    return out

@@ -116,7 +116,7 @@ def sharegpt_requests(
         ids = tuple(encode(prompt))
         n_out = len(encode(completion)) if output_len is None else output_len
         if is_valid_sequence(len(ids), n_out, check_output=output_len is None):
-            reqs.append(BenchRequest(len(reqs), ids, n_out))
+            reqs.append(BenchRequest(len(reqs), ids, n_out, text=prompt))
     return reqs
 
 
@@ -132,5 +132,5 @@ def custom_requests(
         if not ids:
             raise DatasetFormatError(str(path), None, f"prompt {prompt!r} encodes to no tokens")
         n_out = output_len if output_len is not None else n if n is not None else CUSTOM_DEFAULT_OUTPUT_LEN
-        reqs.append(BenchRequest(len(reqs), ids, n_out))
+        reqs.append(BenchRequest(len(reqs), ids, n_out, text=prompt))
     return reqs

@@ -3,7 +3,7 @@
 This is the FlashAttention / FlashMLA algorithm written in plain torch, and the contract a GPU kernel
 is checked against tile for tile. Work comes as *items*: the query rows of one sequence (a prefill
 chunk, or one decode token) against a range of that sequence's cached keys. An item's keys are read
-`tile_tokens` at a time straight from the pool through their slots; per tile the item keeps only
+a tile of whole cache blocks at a time straight from the pool through its block ids; per tile the item keeps only
 
     m [N, Q, H]   running max of the scaled scores      l [N, Q, H]   running sum of exp(s - m)
     acc [N, Q, H, Dv] running sum of exp(s - m) * v     (all fp32)
@@ -39,6 +39,7 @@ __all__ = [
     "attend_expanded",
     "merge_partials",
     "paged_tiles",
+    "run_tiles",
 ]
 
 PAD_KEY_POS = 2**62
@@ -95,8 +96,10 @@ class OnlineSoftmax:
         alpha = torch.exp(self.m - base)  # rescales what was accumulated under the old max
         p = torch.exp(scores - base[..., None])  # [N, Q, H, T]
         self.l = self.l * alpha + p.sum(-1)
-        eq = "nqht,ntd->nqhd" if values.dim() == 3 else "nqht,nthd->nqhd"
-        pv = torch.einsum(eq, p.to(values.dtype), values).float()  # [N, Q, H, Dv]
+        if values.dim() == 3:  # shared by the heads: one batched GEMM [N, Q*H, T] x [N, T, Dv]
+            pv = torch.bmm(p.to(values.dtype).flatten(1, 2), values).view(*p.shape[:3], -1).float()
+        else:
+            pv = torch.einsum("nqht,nthd->nqhd", p.to(values.dtype), values).float()  # [N, Q, H, Dv]
         self.acc = self.acc * alpha[..., None] + pv
         self.m = m_new
 
@@ -108,29 +111,59 @@ class OnlineSoftmax:
 
 
 def paged_tiles(
-    rows: torch.Tensor,
-    key_slots: torch.Tensor,
+    pages: torch.Tensor,
+    key_blocks: torch.Tensor,
     key_pos: torch.Tensor,
     tile_tokens: int,
     dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[KeyTile]:
-    """Read N items' keys tile by tile from one layer's flat latent rows [S, C + dr].
+    """Read N items' keys tile by tile from one layer's paged latent [num_blocks, block_size, C + dr].
 
-    key_slots, key_pos [N, K]: slot and position of key k of item n (padding: any valid slot and
-    `PAD_KEY_POS`). Only one tile [N, tile_tokens, C + dr] is gathered at a time. With a quantised
-    cache `rows` are its raw rows [S, W] and `dequantize` turns one gathered tile [N, T, W] into
-    values [N, T, C + dr] (an fp8 cache is dequantized per tile, never as a whole).
+    key_blocks [N, B]: the pool blocks holding item n's keys, in order (padding: any valid block);
+    key_pos [N, B * block_size]: the position of every key those blocks hold (keys outside the item's
+    range, padding included: `PAD_KEY_POS`). A tile is whole blocks, `tile_tokens // block_size` of
+    them (at least one), gathered as contiguous block copies: one index per block, not per key, so
+    a long context costs block_size times fewer gather indices. Only one tile [N, T, C + dr] is
+    gathered at a time. With a quantised cache `pages` are its raw rows [num_blocks, block_size, W] and
+    `dequantize` turns one gathered tile [N, T, W] into values [N, T, C + dr] (an fp8 cache is
+    dequantized per tile, never as a whole). Flat slot addressing is the case block_size = 1
+    (`rows[:, None, :]`, key_blocks = the slots).
     """
-    for t0 in range(0, key_slots.shape[1], tile_tokens):
-        t1 = min(t0 + tile_tokens, key_slots.shape[1])
-        tile = rows[key_slots[:, t0:t1]]
-        yield KeyTile(tile if dequantize is None else dequantize(tile), key_pos[:, t0:t1])
+    block_size = pages.shape[1]
+    per_tile = max(1, tile_tokens // block_size)
+    for b0 in range(0, key_blocks.shape[1], per_tile):
+        b1 = min(b0 + per_tile, key_blocks.shape[1])
+        tile = pages[key_blocks[:, b0:b1]].flatten(1, 2)  # [N, T, W]
+        positions = key_pos[:, b0 * block_size : b1 * block_size]
+        yield KeyTile(tile if dequantize is None else dequantize(tile), positions)
+
+
+def run_tiles(
+    rows: torch.Tensor,
+    first_slot: int,
+    items: int,
+    width: int,
+    first_pos: int,
+    tile_tokens: int,
+    dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[KeyTile]:
+    """Keys held by consecutive slots, read in place: item n is the `width` keys at slots
+    first_slot + n * width .. (positions first_pos + n * width ..) of one layer's flat rows [S, W].
+    A long context whose blocks are consecutive in the pool (what one allocation for a whole prompt
+    gives) is attended through views of the pool, with no gathered copy; every key is a real one."""
+    keys = rows[first_slot : first_slot + items * width].view(items, width, rows.shape[-1])
+    positions = (first_pos + torch.arange(items * width, device=rows.device)).view(items, width)
+    for t0 in range(0, width, tile_tokens):
+        tile = keys[:, t0 : t0 + tile_tokens]
+        yield KeyTile(tile if dequantize is None else dequantize(tile), positions[:, t0 : t0 + tile_tokens])
 
 
 def _mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     """-inf where key position > query position; scores [N, Q, H, T], q_pos [N, Q], k_pos [N, T].
-    A tile whose keys all precede every query (most tiles of a long context) needs no mask."""
-    if bool(k_pos.max() <= q_pos.min()):
+    A tile whose keys all precede every query (most tiles of a long context) needs no mask. Key
+    positions never decrease along an item's keys (padding, PAD_KEY_POS, comes last), so the tile's
+    latest key is in its last column."""
+    if bool(k_pos[:, -1].max() <= q_pos.min()):
         return scores
     allowed = k_pos[:, None, :] <= q_pos[:, :, None]  # [N, Q, T]
     return scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
@@ -164,14 +197,17 @@ def attend_absorbed(
     q_lat: torch.Tensor, q_pe: torch.Tensor, q_pos: torch.Tensor, tiles: Iterator[KeyTile], scale: float
 ) -> Partial:
     """q_lat [N, Q, H, C] (q_nope . W_UK), q_pe [N, Q, H, dr], q_pos [N, Q]. Keys are the latent
-    [c_kv | k_pe], values c_kv, shared by all heads; returns out in latent space [N, Q, H, C]."""
+    [c_kv | k_pe], values c_kv, shared by all heads; returns out in latent space [N, Q, H, C].
+
+    The query is [q_lat | q_pe] against the whole latent row, so a tile is read by one batched GEMM for
+    the scores and one for P.V (over its c_kv columns, a strided view: no copy)."""
     n, q, h, c = q_lat.shape
     state = OnlineSoftmax((n, q, h), c, q_lat.device)
+    query = torch.cat((q_lat, q_pe), dim=-1).reshape(n, q * h, -1)  # [N, Q*H, C + dr]
     for tile in tiles:
-        latent = tile.latent.to(q_lat.dtype)
-        c_kv, k_pe = latent.split([c, latent.shape[-1] - c], dim=-1)  # [N, T, C], [N, T, dr]
-        scores = torch.einsum("nqhc,ntc->nqht", q_lat, c_kv) + torch.einsum("nqhr,ntr->nqht", q_pe, k_pe)
-        state.update(_mask((scores * scale).float(), q_pos, tile.positions), c_kv)
+        latent = tile.latent.to(q_lat.dtype)  # [N, T, C + dr]
+        scores = torch.bmm(query, latent.transpose(1, 2)).view(n, q, h, -1)  # [N, Q, H, T]
+        state.update(_mask((scores * scale).float(), q_pos, tile.positions), latent[..., :c])
     return state.finish()
 
 

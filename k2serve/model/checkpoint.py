@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from k2serve.chat.bpe_train import write_tokenizer
@@ -228,4 +229,28 @@ def preset_checkpoint(root: str | Path, preset: str, seed: int = 0) -> Path:
             shutil.rmtree(tmp)  # another process got there first
             if not (out / "config.json").exists():
                 raise
+    return out
+
+
+def skew_routing(ckpt_dir: str | Path, hot_experts: Sequence[int], bias: float) -> Path:
+    """Add `bias` to the router's `e_score_correction_bias` of `hot_experts` in every MoE layer of the
+    checkpoint at `ckpt_dir`, in place; returns the directory. K2's noaux_tc routing picks top-k on
+    score + bias, so a positive bias makes those experts take most of the tokens: the skewed routing
+    EPLB's tests and benchmarks balance. Only the bias changes, so the model stays a valid K2 model."""
+    out = Path(ckpt_dir)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards: dict[str, list[str]] = {}
+    for name, fname in index.items():
+        if name.endswith(".mlp.gate.e_score_correction_bias"):
+            shards.setdefault(fname, []).append(name)
+    if not shards:
+        raise ValueError(f"{out} has no MoE router bias (e_score_correction_bias) to skew")
+    hot = torch.tensor(list(hot_experts), dtype=torch.long)
+    for fname, names in shards.items():
+        with safe_open(str(out / fname), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        for name in names:
+            tensors[name][hot] += bias
+        save_file(tensors, str(out / fname), metadata=metadata)
     return out

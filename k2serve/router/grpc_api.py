@@ -129,6 +129,8 @@ class K2ServeServicer(api_pb2_grpc.K2ServeServicer):
                 [_tool(t) for t in request.tools] or None,
                 _tool_choice(request.tool_choice),
                 _response_format(request.response_format),
+                parallel_tool_calls=not request.HasField("parallel_tool_calls")
+                or request.parallel_tool_calls,
             )
         except (ChatRequestError, _ProtoFieldError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

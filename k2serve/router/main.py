@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from k2serve.api.openai_app import build_app
+from k2serve.api.thinking import ThinkingSigner
 from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.router.backend import ClusterBackend
@@ -170,6 +172,8 @@ class Router:
         await health_servicer.set(registry_name, health_pb2.HealthCheckResponse.SERVING)
         readiness = asyncio.create_task(self._follow_readiness(health_servicer, ["", public_name]))
         app = build_app(self.backend, s.api_key, self.sessions, self.table.missing)
+        # thinking signatures every replica verifies: $K2SERVE_THINKING_KEY, else the shared cluster token
+        app.state.k2.thinking_signer = ThinkingSigner.from_env(os.environ, s.internal.token)
         app.state.k2.metrics.registry.register(RouterCollector(self.backend, self.table))
         app.add_api_route(
             "/cluster/workers", self._workers_view, methods=["GET"], dependencies=app.state.k2_auth

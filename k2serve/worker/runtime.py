@@ -55,11 +55,22 @@ def load_engine(settings: WorkerSettings, stop: asyncio.Event) -> AsyncEngine:
         dtype,
         settings.engine,
         settings.ep_init,
-        EPConfig(timeout_s=settings.ep_timeout_s),
+        ep_config(settings),
     )
     engine = AsyncEngine.for_group(worker, settings.model_name, on_fatal, settings.role, settings.worker_id)
     engine.metrics.registry.register(EPCollector(worker, engine.metrics.labels))
     return engine
+
+
+def ep_config(settings: WorkerSettings) -> EPConfig:
+    """The EP group's config from the worker's flags: the collective timeout, and with EPLB its
+    schedule and this rank's share of the redundant expert slots."""
+    eplb = settings.eplb
+    return EPConfig(
+        redundant_per_rank=0 if eplb is None else eplb.redundant_per_rank(settings.ep_size),
+        timeout_s=settings.ep_timeout_s,
+        eplb=eplb,
+    )
 
 
 async def warm_up(engine: AsyncEngine, worker_id: str) -> None:

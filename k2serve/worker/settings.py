@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from k2serve.engine.config import EngineConfig
 from k2serve.experts.comm import parse_init_method
+from k2serve.experts.eplb import EPLBConfig
 from k2serve.proto import registry_pb2
 from k2serve.rpc.auth import InternalAuth
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
@@ -29,6 +30,7 @@ class WorkerSettings:
     ep_size > 1: this process is rank `ep_rank` of an expert-parallel group that meets at `ep_init`
     ('tcp://host:port', hosted by rank 0); it loads only its own experts, serves and registers as its
     own worker (`worker_id` ends in `-ep<rank>`). ep_timeout_s bounds every collective of the group.
+    eplb: re-place the group's experts while serving (--enable-eplb / --eplb-config); None: off.
     """
 
     role: str
@@ -51,6 +53,7 @@ class WorkerSettings:
     ep_rank: int = 0
     ep_init: str | None = None
     ep_timeout_s: float = 60.0
+    eplb: EPLBConfig | None = None
     tls: TLSFiles | None = None
     tracing: TracingSettings | None = None  # where spans go (OTLP); None: none
     internal: InternalAuth = field(default_factory=InternalAuth)
@@ -72,6 +75,10 @@ class WorkerSettings:
             parse_init_method(self.ep_init)  # EPConfigError (a ValueError) names a malformed one
         if self.ep_timeout_s <= 0:
             raise ValueError(f"--ep-timeout must be > 0 s, got {self.ep_timeout_s}")
+        if self.eplb is not None:
+            if self.ep_size == 1:
+                raise ValueError("--enable-eplb needs --ep > 1 (one rank holds every expert)")
+            self.eplb.redundant_per_rank(self.ep_size)  # EPConfigError unless --ep divides the replicas
         backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
         object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
 

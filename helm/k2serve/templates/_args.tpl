@@ -97,6 +97,10 @@ ordinal, so k2serve.worker.command appends them at start; the flags here are the
 {{- $args = concat $args (list "--ep" (printf "%d" (int $w.ep.size))) -}}
 {{- if gt (int $w.ep.size) 1 -}}
 {{- $args = concat $args (list "--ep-timeout" (toString $w.ep.timeoutSeconds)) -}}
+{{- if $w.ep.eplb.enabled -}}
+{{- $eplb := dict "window_size" (int $w.ep.eplb.windowSize) "step_interval" (int $w.ep.eplb.stepInterval) "num_redundant_experts" (int $w.ep.eplb.numRedundantExperts) -}}
+{{- $args = concat $args (list "--enable-eplb" "--eplb-config" ($eplb | toJson)) -}}
+{{- end -}}
 {{- end -}}
 {{- $args = concat $args (list "--heartbeat-interval" (toString $w.heartbeatInterval)) -}}
 {{- $args = concat $args (include "k2serve.args.tls" $root | fromJsonArray) -}}

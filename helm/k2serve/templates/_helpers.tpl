@@ -128,6 +128,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (gt (int $w.ep.size) 1) $w.autoscaling.enabled -}}
 {{- fail (printf "%s: autoscaling adds and removes single pods, which would split expert-parallel groups of ep.size (%d); set %s.replicas (groups) instead" $role (int $w.ep.size) $role) -}}
 {{- end -}}
+{{- if and $w.ep.eplb.enabled (eq (int $w.ep.size) 1) -}}
+{{- fail (printf "%s.ep.eplb.enabled needs %s.ep.size > 1: one rank holds every expert" $role $role) -}}
+{{- end -}}
+{{- if and $w.ep.eplb.enabled (mod (int $w.ep.eplb.numRedundantExperts) (int $w.ep.size)) -}}
+{{- fail (printf "%s.ep.eplb.numRedundantExperts (%d) must be a multiple of %s.ep.size (%d): each rank gets an equal share" $role (int $w.ep.eplb.numRedundantExperts) $role (int $w.ep.size)) -}}
+{{- end -}}
 {{- $taken := list (int $w.port) -}}
 {{- if eq $w.transfer.backend "torch" -}}
 {{- $taken = append $taken (int $w.transfer.port) -}}
