@@ -110,7 +110,25 @@ def test_sessions_survive_a_redis_restart(cluster: LocalCluster) -> None:
     assert status == 200 and got.json()["num_messages"] == 1
 
 
+def _kv_index_blocks(c: LocalCluster) -> dict[str, int]:
+    return {w["worker_id"]: w["kv_index_blocks"] for w in c.workers() if w["role"] == "prefill"}
+
+
 def test_router_restart_workers_re_register(cluster: LocalCluster) -> None:
+    """The workers register with a restarted router, and their KV snapshots rebuild its KV index exactly
+    as their KV events had built it before."""
+    assert complete(cluster, list(range(1, 100))).status_code == 200  # 12 full blocks on some prefill worker
+    before: dict[str, int] = {}
+    deadline = time.monotonic() + 15
+    while (
+        time.monotonic() < deadline
+    ):  # its events arrive on the next heartbeat (1 s): wait for a still index
+        now = _kv_index_blocks(cluster)
+        if now == before:
+            break
+        before = now
+        time.sleep(1.5)
+    assert max(before.values()) >= 12
     router = cluster.procs[0]
     args = list(router.popen.args)  # type: ignore[arg-type]
     os.killpg(router.popen.pid, signal.SIGKILL)
@@ -133,4 +151,8 @@ def test_router_restart_workers_re_register(cluster: LocalCluster) -> None:
         time.sleep(0.2)
     assert {"decode-0"} <= {w["worker_id"] for w in workers}
     assert any(w["role"] == "prefill" for w in workers)
+    deadline = time.monotonic() + 10
+    while _kv_index_blocks(cluster) != before and time.monotonic() < deadline:
+        time.sleep(0.2)  # every prefill worker re-registered with its snapshot
+    assert _kv_index_blocks(cluster) == before
     assert complete(cluster, [5, 6, 7]).status_code == 200

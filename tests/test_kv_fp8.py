@@ -234,3 +234,22 @@ def test_fp8_against_bf16_cache_on_tiny(tiny_ckpt: Path) -> None:
     assert r["mean_abs_logit_error"] < 0.5, r
     ratio = r["prefill_mean_abs_logit_error_fp8_vs_fp32"] / r["prefill_mean_abs_logit_error_bf16_vs_fp32"]
     assert 4 < ratio < 64, r
+
+
+def test_speed_mode_times_both_pools_over_the_same_latent(tmp_path: Path) -> None:
+    """`kv_fp8 --speed` at a 256-token context, 4 rounds: both pools are timed every round and read the
+    same cached latent (their first-step logits differ only by the fp8 rounding: not at all would mean
+    one pool was not read, far would mean they held different latents)."""
+    from k2serve.bench.kv_fp8 import speed
+    from k2serve.bench.long_context import write_long_bench_checkpoint
+    from k2serve.model.loader import load_model
+
+    model = load_model(write_long_bench_checkpoint(tmp_path), torch.float32)
+    r = speed(model, 256, 4)
+    assert r["context"] == 256 and r["rounds"] == 4
+    for name in ("bf16", "fp8"):
+        lo, hi = r[f"{name}_ms_min_max"]
+        assert 0 < lo <= r[f"{name}_ms"] <= hi
+    q1, q3 = r["fp8_over_bf16_iqr"]
+    assert 0 < q1 <= r["fp8_over_bf16"] <= q3
+    assert 0 < r["max_abs_logit_diff"] < 1.0, r

@@ -189,3 +189,19 @@ def test_engine_tiles_and_splits_equal_the_full_softmax_model(tiny_ckpt: Path) -
         for _ in range(params.max_tokens):
             ids = torch.cat((ids, model(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
         assert got[name] == ids[0, len(p) :].tolist(), name
+
+
+def test_session_bench_grows_one_session_through_the_prefix_cache(tmp_path: Path) -> None:
+    """`k2serve bench long-context --session` in small: 64-token turns, 4 generated tokens each, up to
+    256 positions. Each turn's context is the whole history plus its new tokens, and the prefix cache
+    serves every full block the previous turns computed (their prompt and all but the last generated
+    token), so a turn prefills only its new part."""
+    from k2serve.bench.long_context import grow_session, write_long_bench_checkpoint
+
+    turns = list(grow_session(write_long_bench_checkpoint(tmp_path), 64, 256, 4, 32))
+    assert [t["context"] for t in turns] == [64, 132, 200]  # a 4th turn (268 + 4) would pass 256
+    computed = [0] + [t["context"] + 4 - 1 for t in turns[:-1]]  # KV positions the previous turns wrote
+    assert [t["cached"] for t in turns] == [n // 16 * 16 for n in computed]
+    for t in turns:
+        assert t["prefill_s"] > 0 and t["decode_ms"] > 0
+        assert t["peak_rss"] >= t["rss"] > t["kv_bytes"] > 0

@@ -1,4 +1,5 @@
-"""Acceptance of the model core: logits and greedy continuations equal transformers' DeepseekV3ForCausalLM."""
+"""Acceptance of the model core: logits and greedy continuations equal transformers' DeepseekV3ForCausalLM,
+at short prompts through the model and at a 4,500-token prompt through the engine (issue 15)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import pytest
 import torch
 import transformers
 
+from k2serve.bench.long_context import LONG_BENCH_DIMS
 from k2serve.config import ModelConfig
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.sampling_params import SamplingParams
 from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.loader import load_model
 from k2serve.model.presets import PRESETS
@@ -111,6 +116,62 @@ def test_logits_and_greedy_match_transformers(
         our_out = greedy(ours, prompt, 64)
     assert our_out == hf_out
     assert len(set(our_out)) > 4, "greedy output is degenerate"
+
+
+LONG_PROMPT = 4500  # past K2's YaRN original_max_position_embeddings (4,096)
+LONG_NEW_TOKENS = 16
+LONG_CHUNK = 512  # max_num_batched_tokens: the prompt is prefilled in 9 chunks
+
+
+@pytest.mark.slow
+def test_long_prompt_through_engine_matches_transformers(tmp_path: Path) -> None:
+    """A 4,500-token prompt on the `long` preset's positions (K2's YaRN: factor 64 over an original
+    4,096, so positions past 4,096 are in the region YaRN extends to) and its dims cut as in the long-
+    context tests (2 layers, dense + MoE), through k2serve's engine: chunked prefill (512-token chunks,
+    each over a growing paged context), tiled attention (512-key tiles), decode splits merged by
+    log-sum-exp. Against transformers' one full forward over prompt + the engine's tokens (sdpa, one
+    softmax over the whole context):
+    - greedy: at every step the engine's token is transformers' argmax given the same prefix, which by
+      induction is the statement "transformers' greedy continuation equals the engine's";
+    - logits: the engine's log-probabilities of every vocabulary entry (log_softmax of its logits, so
+      the same up to each row's constant) within 1e-3 of transformers'. Both run in fp32; what differs
+      is only the order of sums (chunks, tiles, splits, the absorbed decode), ~1e-5 here, while a
+      wrong position, a wrong YaRN frequency or a lost chunk moves log-probabilities by O(1)."""
+    config = PRESETS["long"] | LONG_BENCH_DIMS
+    ckpt = write_checkpoint(tmp_path, config, seed=0, dtype=torch.float32, tokenizer=False)
+    vocab = config["vocab_size"]
+    prompt = torch.randint(0, vocab, (LONG_PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine = LLMEngine.from_pretrained(
+        ckpt,
+        torch.float32,
+        EngineConfig(
+            num_kv_blocks=(LONG_PROMPT + LONG_NEW_TOKENS) // 16 + 1, max_num_batched_tokens=LONG_CHUNK
+        ),
+    )
+    assert 8 * engine.runner.tiles.tile_tokens < LONG_PROMPT, "the prompt must span several attention tiles"
+    params = SamplingParams(temperature=0.0, max_tokens=LONG_NEW_TOKENS, ignore_eos=True, logprobs=vocab)
+    engine.add_request("long", prompt, params)
+    steps, outs = 0, []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+        steps += 1
+    assert steps == -(-LONG_PROMPT // LONG_CHUNK) + LONG_NEW_TOKENS - 1, "prefill was not chunked as asked"
+    (out,) = outs
+    got = torch.full((LONG_NEW_TOKENS, vocab), float("nan"))
+    for i, lp in enumerate(out.logprobs):
+        ids, values = zip(*lp.top, strict=True)
+        got[i, list(ids)] = torch.tensor(values)
+
+    hf = load_hf(ckpt)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + out.token_ids[:-1]])
+        ref = hf(ids).logits[0, LONG_PROMPT - 1 :].float().log_softmax(-1)  # [new tokens, V]
+    assert ref.argmax(-1).tolist() == out.token_ids
+    assert len(set(out.token_ids)) > 4, "greedy output is degenerate"
+    assert ref.std(-1).min() > 0.5, "logits are degenerate; the parity check would be meaningless"
+    err = (got - ref).abs().max().item()  # a NaN (a token the engine did not report) fails too
+    print(f"{LONG_PROMPT}-token prompt: max |log-prob error| vs transformers {err:.2e}")
+    assert err < 1e-3, f"max |log-prob error| {err:.2e}"
 
 
 def test_absorbed_equals_expanded_attention() -> None:

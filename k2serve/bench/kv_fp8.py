@@ -9,14 +9,24 @@ over an fp8 pool (kvcache/fp8.py), then `--new-tokens` greedy decode steps:
 - calibration: the first token's logits after the prompt over an fp32 pool, against those over a
   bf16 pool and over an fp8 pool (how much the model amplifies any cache rounding).
 Also the decode time per token of each (the fp8 one pays the per-tile dequantization on CPU).
+
+`--speed`: the decode speed of the two caches, measured as a comparison: one process, one model (the
+long-context bench's: the `long` preset cut to LONG_BENCH_DIMS; `--k2-latent` gives it K2's 512 + 64
+latent row), and per context length a bf16 pool and an fp8 pool holding the same random latent (as after
+a prefill of that length). Each round times one decode step (one token at the full context) over each
+pool, the order alternating round by round (bf16 first, then fp8 first), so that the machine's load
+hits both alike; reported: the median ms per step of each with its min-max, and the median of the
+per-round fp8 / bf16 ratios with their interquartile range.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,15 +110,97 @@ def compare(model: K2Model, prompt: list[int], new_tokens: int) -> dict[str, Any
     }
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles (inclusive method), the spread a median is reported with."""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+@torch.inference_mode()
+def speed(model: K2Model, context: int, rounds: int) -> dict[str, Any]:
+    """Paired decode timing of a bf16 and an fp8 pool at `context` cached positions (module docstring)."""
+    block_size = 16
+    runners: dict[str, ModelRunner] = {}
+    values = torch.randn(context, model.config.kv_cache_dim, generator=torch.Generator().manual_seed(0))
+    for name in ("bf16", "fp8"):
+        pool, table = _pool(model, context, block_size, fp8=name == "fp8")
+        slots = pool.slot_mapping(table, 0, context)
+        for layer in range(pool.num_layers):
+            pool.write(layer, slots, values)  # the same latent in both (rounded to each format)
+        runners[name] = ModelRunner(model, pool, pad_slot=(pool.num_blocks - 1) * block_size)
+    row = RowSpec([7], context - 1, table, True)  # both pools' tables are range(blocks)
+
+    def step(name: str) -> float:
+        t0 = time.perf_counter()
+        runners[name].run([row])
+        return time.perf_counter() - t0
+
+    warm = {name: runner.run([row])[0] for name, runner in runners.items()}  # warm-up
+    times: dict[str, list[float]] = {"bf16": [], "fp8": []}
+    for r in range(rounds):
+        for name in ("bf16", "fp8") if r % 2 == 0 else ("fp8", "bf16"):
+            times[name].append(step(name))
+    ratios = [f / b for f, b in zip(times["fp8"], times["bf16"], strict=True)]
+    out: dict[str, Any] = {"context": context, "rounds": rounds}
+    for name, spent in times.items():
+        out[f"{name}_ms"] = statistics.median(spent) * 1e3
+        out[f"{name}_ms_min_max"] = [min(spent) * 1e3, max(spent) * 1e3]
+    out["fp8_over_bf16"] = statistics.median(ratios)
+    out["fp8_over_bf16_iqr"] = list(_quartiles(ratios))
+    out["max_abs_logit_diff"] = float((warm["fp8"] - warm["bf16"]).abs().max())  # both read the same latent
+    return out
+
+
+def run_speed(contexts: list[int], rounds: int, k2_latent: bool) -> None:
+    """`--speed`: print one markdown row (or JSON object) per context length."""
+    from k2serve.bench.long_context import write_long_bench_checkpoint
+    from k2serve.model.loader import load_model
+
+    latent = {"kv_lora_rank": 512, "qk_rope_head_dim": 64} if k2_latent else {}
+    with tempfile.TemporaryDirectory() as d:
+        model = load_model(write_long_bench_checkpoint(Path(d), **latent), torch.float32)
+    c = model.config
+    print(
+        f"model: long bench dims, latent {c.kv_lora_rank} + {c.qk_rope_head_dim}, fp32 weights, {rounds} rounds"
+    )
+    print("| context | bf16 ms/step (min-max) | fp8 ms/step (min-max) | fp8 / bf16 per round, median (IQR) |")
+    print("|---:|---:|---:|---:|")
+    for n in contexts:
+        r = speed(model, n, rounds)
+        (b0, b1), (f0, f1), (q1, q3) = r["bf16_ms_min_max"], r["fp8_ms_min_max"], r["fp8_over_bf16_iqr"]
+        print(
+            f"| {n:,} | {r['bf16_ms']:.2f} ({b0:.2f}-{b1:.2f}) | {r['fp8_ms']:.2f} ({f0:.2f}-{f1:.2f}) "
+            f"| {r['fp8_over_bf16']:.2f} ({q1:.2f}-{q3:.2f}) |",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     from k2serve.model.checkpoint import write_checkpoint
     from k2serve.model.loader import load_model
 
-    ap = argparse.ArgumentParser(prog="python -m k2serve.bench.kv_fp8", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m k2serve.bench.kv_fp8",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     ap.add_argument("--preset", default="small")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--speed", action="store_true", help="paired decode timing of bf16 and fp8 pools instead")
+    ap.add_argument("--contexts", default="1024,8192,32768", help="--speed: comma-separated context lengths")
+    ap.add_argument("--rounds", type=int, default=15, help="--speed: paired rounds per context")
+    ap.add_argument("--k2-latent", action="store_true", help="--speed: K2's 512 + 64 latent row")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.speed:
+        contexts = [int(x) for x in args.contexts.split(",")]
+        if args.rounds < 2 or any(n < 1 for n in contexts):
+            ap.error("--speed needs --rounds >= 2 and positive --contexts")
+        run_speed(contexts, args.rounds, args.k2_latent)
+        return 0
     with tempfile.TemporaryDirectory() as d:
         model = load_model(write_checkpoint(d, args.preset, seed=0, dtype=torch.float32), torch.float32)
     gen = torch.Generator().manual_seed(0)

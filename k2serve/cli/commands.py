@@ -31,6 +31,7 @@ BENCHMARKS = {
     "long-context": "k2serve.bench.long_context",
     "long-neighbour": "k2serve.bench.long_neighbour",
     "spec-decode": "k2serve.bench.spec_decode",
+    "kv-routing": "k2serve.bench.kv_routing",
 }
 
 
@@ -46,10 +47,16 @@ def init_model(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm import LLM
     from k2serve.engine.sampling_params import SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, speculative_config=args.speculative_config)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        engine_config=EngineConfig(attention_backend=args.attention_backend),
+        speculative_config=args.speculative_config,
+    )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompts: list[str | list[int]] = [args.prompt] if args.prompt is not None else [args.prompt_ids]
     for out in llm.generate(prompts, params):

@@ -10,6 +10,8 @@ import argparse
 
 from k2serve.cli import commands, plan
 from k2serve.planner.cli import add_arguments as add_planner_arguments
+from k2serve.router.kv_index import DEFAULT_MAX_BLOCKS
+from k2serve.router.policy import POLICIES
 
 DTYPES = ("bfloat16", "float32", "float16")
 # k2serve.model.presets.PRESETS' names (importing k2serve.model loads torch; `plan` must not)
@@ -20,6 +22,7 @@ KV_CACHE_DTYPES = (
     "fp32",
     "fp8",
 )  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
+ATTENTION_BACKENDS = ("torch", "triton")  # model.triton_attention.ATTENTION_BACKENDS, spelled out
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -97,6 +100,19 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         help="what the latent KV pool stores: auto = the model's --dtype; fp8 = e4m3 latent with a "
         "per-token fp32 scale and bf16 RoPE keys (656 bytes/token/layer for K2, vLLM's fp8_ds_mla "
         "row); prefill and decode workers must use the same",
+    )
+    add_attention_backend_arg(s)
+
+
+def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
+    """--attention-backend (EngineConfig.attention_backend): the engine flags have it, so has `generate`."""
+    s.add_argument(
+        "--attention-backend",
+        choices=ATTENTION_BACKENDS,
+        default="torch",
+        help="paged MLA attention: torch (tiled reference) or triton (the Triton kernels: absorbed decode "
+        "splits and prefill chunks, absorbed or expanded; needs CUDA, or TRITON_INTERPRET=1 on CPU; an fp8 "
+        "cache stays torch)",
     )
 
 
@@ -232,6 +248,26 @@ def add_redis_args(s: argparse.ArgumentParser, help_url: str) -> None:
     g.add_argument("--redis-key", default=None, metavar="PEM", help="private key of --redis-cert")
 
 
+def add_routing_args(p: argparse.ArgumentParser, index: bool = False) -> None:
+    """--routing-policy (router, up): how the router picks workers (k2serve.router.policy); with
+    `index` (router) also the KV index's bound."""
+    p.add_argument(
+        "--routing-policy",
+        choices=POLICIES,
+        default="kv",
+        help="kv: the prefill worker with the least predicted TTFT, counting the prompt's prefix its cache "
+        "holds (KV events); least-loaded: fewest outstanding requests; round-robin: in turn",
+    )
+    if index:
+        p.add_argument(
+            "--kv-index-max-blocks",
+            type=int,
+            default=DEFAULT_MAX_BLOCKS,
+            help="block hashes the KV index keeps (about 360 bytes each); past it the least recently "
+            "stored is forgotten",
+        )
+
+
 def add_cluster_auth_args(s: argparse.ArgumentParser) -> None:
     """The cluster credential of a router or worker (see k2serve.rpc.auth)."""
     g = s.add_argument_group("cluster credential (internal calls; one of these is required)")
@@ -295,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_speculative_arg(s)
+    add_attention_backend_arg(s)
     s.set_defaults(handler=commands.generate)
 
     s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")
@@ -337,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="answer 429 (Retry-After) at once when the predicted time to first token exceeds this",
     )
+    add_routing_args(s, index=True)
     s.add_argument(  # launchers: "HTTP_PORT GRPC_PORT INTERNAL_PORT"
         "--ready-file", default=None, help=argparse.SUPPRESS
     )
@@ -411,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--ray: placement of one EP group's ranks (STRICT_PACK)",
     )
     s.add_argument("--ray-max-restarts", type=int, default=None, help="--ray: restarts of a failed actor (3)")
+    add_routing_args(s)
     add_tracing_arg(s)
     s.set_defaults(handler=commands.up)
 

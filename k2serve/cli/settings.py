@@ -54,6 +54,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_waiting=args.max_waiting,
         kv_cache_dtype=args.kv_cache_dtype,
         speculative_config=SpeculativeConfig.parse(getattr(args, "speculative_config", None)),
+        attention_backend=args.attention_backend,
     )
 
 
@@ -193,6 +194,8 @@ def router_settings(args: argparse.Namespace) -> RouterSettings:
         ready_file=getattr(args, "ready_file", None),
         tracing=tracing_settings("router", args),
         internal=internal_auth(args, tls),
+        routing_policy=args.routing_policy,
+        kv_index_max_blocks=args.kv_index_max_blocks,
     )
 
 
@@ -209,6 +212,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         str(args.max_waiting),
         "--kv-cache-dtype",
         args.kv_cache_dtype,
+        "--attention-backend",
+        args.attention_backend,
     ]
     if args.kv_cache_mb is not None:
         out += ["--kv-cache-mb", str(args.kv_cache_mb)]
@@ -221,6 +226,17 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
     if getattr(args, "speculative_config", None):
         out += ["--speculative-config", args.speculative_config]
     return tuple(out)
+
+
+def router_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
+    """The router flags `up` passes on: --max-ttft-ms and a --routing-policy other than the default."""
+    out: tuple[str, ...] = ()
+    if getattr(args, "max_ttft_ms", None):
+        out += ("--max-ttft-ms", str(args.max_ttft_ms))
+    policy = getattr(args, "routing_policy", None)
+    if policy is not None and policy != "kv":
+        out += ("--routing-policy", policy)
+    return out
 
 
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
@@ -242,7 +258,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         workdir=args.workdir,
-        router_args=("--max-ttft-ms", str(args.max_ttft_ms)) if getattr(args, "max_ttft_ms", None) else (),
+        router_args=router_args_from_up(args),
         tls=tls_files(args),
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         cluster_token_file=args.cluster_token_file,

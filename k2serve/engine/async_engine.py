@@ -594,6 +594,8 @@ class AsyncEngine:
             spec_num_drafts=self._engine.spec_stats.num_drafts,
             spec_num_draft_tokens=self._engine.spec_stats.num_draft_tokens,
             spec_num_accepted_tokens=self._engine.spec_stats.num_accepted_tokens,
+            queued_prefill_tokens=self._engine.queued_prefill_tokens(),
+            prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
         )
 
     @staticmethod

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from k2serve.kvcache.fp8 import CACHE_DTYPES
+from k2serve.model.triton_attention import ATTENTION_BACKENDS
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
 
@@ -104,6 +105,9 @@ class EngineConfig:
     "fp32", or "fp8" (e4m3 c_kv with a per-token scale + bf16 RoPE keys, kvcache/fp8.py).
     speculative_config: a SpeculativeConfig (or the dict / JSON text `SpeculativeConfig.parse`
     reads), or None: no speculative decoding.
+    attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
+    attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
+    TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -120,6 +124,7 @@ class EngineConfig:
     max_waiting: int = 4096
     kv_cache_dtype: str = "auto"
     speculative_config: SpeculativeConfig | None = None
+    attention_backend: str = "torch"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
@@ -137,6 +142,10 @@ class EngineConfig:
         if self.kv_cache_dtype not in CACHE_DTYPES:
             raise EngineConfigError(
                 f"kv_cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise EngineConfigError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")

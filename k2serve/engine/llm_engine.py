@@ -33,6 +33,7 @@ from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.loader import load_model
 from k2serve.model.model import K2Model
+from k2serve.model.triton_attention import check_backend
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class LLMEngine:
     ) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        # before sizing and allocating the pool: the runner checks it again for its own callers
+        check_backend(self.config.attention_backend, model.embed_tokens.weight.device)
         self.tokenizer = tokenizer
         mc = model.config
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
@@ -145,12 +148,20 @@ class LLMEngine:
         spec = self.config.speculative_config
         self.proposer = None if spec is None else Proposer(spec)
         self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
-        self.runner = ModelRunner(model, self.pool, pad_slot=num_blocks * self.config.block_size)
+        self.runner = ModelRunner(
+            model,
+            self.pool,
+            pad_slot=num_blocks * self.config.block_size,
+            attention_backend=self.config.attention_backend,
+        )
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, Any] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
         self.spec_stats = SpecDecodeStats()
+        # Measured prefill speed for the router's predicted TTFT: an EWMA of prompt tokens per second of
+        # the steps that computed prompt tokens (the whole step's time); 0.0 before the first such step.
+        self.prefill_tokens_per_s = 0.0
 
     @classmethod
     def from_pretrained(
@@ -325,9 +336,14 @@ class LLMEngine:
             )
             for c in sched.chunks
         ]
+        t0 = time.perf_counter()
         logits = self.runner.run(
             rows, self._kv_sink_hook([c.seq for c in sched.chunks if c.samples])
         )  # [S, V]: 1 + len(drafts) rows per sampling chunk
+        self._observe_prefill(
+            sum(c.num_tokens for c in sched.chunks if c.start < len(c.seq.prompt_token_ids)),
+            time.perf_counter() - t0,
+        )
         self.num_computed_tokens_total += sched.num_tokens
         for c in sched.chunks:
             c.seq.num_computed_tokens += c.num_tokens
@@ -348,6 +364,22 @@ class LLMEngine:
         results = self._postprocess(plain, logits[plain_rows])
         results.extend(self._verify(c, logits[row : row + 1 + len(c.drafts)]) for c, row in speculative)
         return results
+
+    def _observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
+        """Fold one step's prompt tokens per second into `prefill_tokens_per_s` (weight 0.2 on the new one)."""
+        if prompt_tokens <= 0 or seconds <= 0:
+            return
+        rate = prompt_tokens / seconds
+        old = self.prefill_tokens_per_s
+        self.prefill_tokens_per_s = rate if old == 0.0 else 0.8 * old + 0.2 * rate
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens not computed yet: whole waiting sequences (a preempted one recomputes its output
+        too) and the rest of running sequences' prompts (chunked prefill). Prefix hits not yet allocated
+        are counted: the router subtracts the cached part of its own prompts."""
+        sched = self.scheduler
+        waiting = sum(s.num_uncomputed for s in sched.waiting)
+        return waiting + sum(max(0, len(s.prompt_token_ids) - s.num_computed_tokens) for s in sched.running)
 
     def _kv_sink_hook(self, finishing: list[Sequence]) -> Callable[[int], None] | None:
         """A layer hook that hands each prompt-completing sequence with a kv_sink its whole latent."""

@@ -9,11 +9,15 @@ new tokens' latent into the pool, then attends with the tiled online-softmax alg
   splits are attended in one pass and merged by log-sum-exp;
 - each prefill chunk is its own work item over its whole context, tile by tile (extra memory
   O(chunk x tile x heads)).
-Each work group takes the expanded or the weight-absorbed path, whichever costs fewer FLOPs.
+Each work group takes the expanded or the weight-absorbed path, whichever costs fewer FLOPs. With the
+"triton" attention backend every work item (decode splits, in-place runs as block ranges, prefill
+chunks, absorbed or expanded) runs the Triton kernels of `model/triton_attention.py` on the same items;
+an fp8 pool stays on the torch path.
 """
 
 from __future__ import annotations
 
+import array
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -39,6 +43,7 @@ from k2serve.model.attention import (
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
 from k2serve.model.shapes import bucket
+from k2serve.model.triton_attention import check_backend, paged_absorbed, paged_expanded
 
 
 @dataclass(frozen=True)
@@ -93,16 +98,33 @@ LayerHook = Callable[[int], None]
 """Called with a layer index right after that layer's new latent is in the pool (before its attention)."""
 
 
+def _run_keys(r: KeyRun, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's items as gathered items: key_blocks [items, width / block_size] (a run is consecutive
+    pool blocks from its first slot's block) and key_pos [items, width]."""
+    per_item = r.width // block_size
+    first = r.first_slot // block_size
+    blocks = first + torch.arange(r.items * per_item, dtype=torch.long).view(r.items, per_item)
+    positions = r.first_pos + torch.arange(r.items * r.width, dtype=torch.long).view(r.items, r.width)
+    return blocks, positions
+
+
 class PagedBackend:
-    """The attention backend the model calls in each layer during an engine step."""
+    """The attention backend the model calls in each layer during an engine step. `attention_backend`:
+    "torch" (the tiled reference), or "triton" (the Triton kernels; an fp8 pool stays torch)."""
 
     def __init__(
-        self, pool: KVCachePool, inputs: StepInputs, tiles: TileConfig, on_layer: LayerHook | None = None
+        self,
+        pool: KVCachePool,
+        inputs: StepInputs,
+        tiles: TileConfig,
+        on_layer: LayerHook | None = None,
+        attention_backend: str = "torch",
     ) -> None:
         self.pool = pool
         self.inputs = inputs
         self.tiles = tiles
         self.on_layer = on_layer
+        self.attention_backend = attention_backend
 
     def __call__(
         self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
@@ -118,19 +140,32 @@ class PagedBackend:
         out = q_nope.new_zeros(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, H, dv] (padding rows stay 0)
         for w in self.inputs.work:
             w_uk, w_uv = mla.absorb_weights() if w.absorbed else (None, None)
+            kernel = self.attention_backend == "triton" and self.pool.fp8 is None
 
             parts: list[Partial] = []
             tokens: list[torch.Tensor] = []
             if w.token.numel():
-                tiles = paged_tiles(pages, w.key_blocks, w.key_pos, tile, dequantize)
-                parts.append(self._attend(mla, q_nope, q_pe, w_uk, w.token, w.q_pos, tiles))
+                if kernel:
+                    part = self._attend_kernel(
+                        mla, q_nope, q_pe, w_uk, w.token, w.q_pos, pages, w.key_blocks, w.key_pos
+                    )
+                else:
+                    tiles = paged_tiles(pages, w.key_blocks, w.key_pos, tile, dequantize)
+                    part = self._attend(mla, q_nope, q_pe, w_uk, w.token, w.q_pos, tiles)
+                parts.append(part)
                 tokens.append(w.token)
             for r in w.runs:
                 token = torch.full((r.items, 1), r.token, dtype=torch.long)
-                tiles = run_tiles(rows, r.first_slot, r.items, r.width, r.first_pos, tile, dequantize)
-                parts.append(
-                    self._attend(mla, q_nope, q_pe, w_uk, token, torch.full_like(token, r.q_pos), tiles)
-                )
+                q_pos = torch.full_like(token, r.q_pos)
+                if kernel:
+                    blocks, positions = _run_keys(r, self.pool.block_size)
+                    part = self._attend_kernel(
+                        mla, q_nope, q_pe, w_uk, token, q_pos, pages, blocks, positions
+                    )
+                else:
+                    tiles = run_tiles(rows, r.first_slot, r.items, r.width, r.first_pos, tile, dequantize)
+                    part = self._attend(mla, q_nope, q_pe, w_uk, token, q_pos, tiles)
+                parts.append(part)
                 tokens.append(token)
             part = Partial(torch.cat([p.out for p in parts]), torch.cat([p.lse for p in parts]))
             token = torch.cat(tokens)
@@ -140,6 +175,45 @@ class PagedBackend:
             queries = token[token >= 0]
             out[queries] = merged[queries]
         return out
+
+    @staticmethod
+    def _absorbed_query(
+        q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, token: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The items' absorbed queries: q_lat = q_nope . W_UK [N, Q, H, C] and q_pe [N, Q, H, dr]
+        (rows `token`; padding rows read row 0 and are masked by their position -1)."""
+        index = token.clamp_min(0)
+        return torch.einsum("nqhd,hdc->nqhc", q_nope[index], w_uk), q_pe[index]
+
+    @staticmethod
+    def _attend_kernel(
+        mla: MLA,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        w_uk: torch.Tensor | None,
+        token: torch.Tensor,
+        q_pos: torch.Tensor,
+        pages: torch.Tensor,
+        key_blocks: torch.Tensor,
+        key_pos: torch.Tensor,
+    ) -> Partial:
+        """`_attend` through the Triton kernels, reading the items' keys from `pages` by block id."""
+        if w_uk is not None:
+            q_lat, pe = PagedBackend._absorbed_query(q_nope, q_pe, w_uk, token)
+            return paged_absorbed(q_lat, pe, q_pos, pages, key_blocks, key_pos, mla.softmax_scale)
+        index = token.clamp_min(0)
+        weight = mla.kv_b_proj.weight
+        return paged_expanded(
+            q_nope[index],
+            q_pe[index],
+            q_pos,
+            pages,
+            key_blocks,
+            key_pos,
+            weight,
+            mla.v_dim,
+            mla.softmax_scale,
+        )
 
     @staticmethod
     def _attend(
@@ -153,10 +227,10 @@ class PagedBackend:
     ) -> Partial:
         """Items' queries (rows `token` of q_nope / q_pe) over their tiles: absorbed when `w_uk` is
         given (out in latent space), else expanded."""
-        index = token.clamp_min(0)
         if w_uk is not None:
-            q_lat = torch.einsum("nqhd,hdc->nqhc", q_nope[index], w_uk)  # [N, Q, H, C]
-            return attend_absorbed(q_lat, q_pe[index], q_pos, tiles, mla.softmax_scale)
+            q_lat, pe = PagedBackend._absorbed_query(q_nope, q_pe, w_uk, token)
+            return attend_absorbed(q_lat, pe, q_pos, tiles, mla.softmax_scale)
+        index = token.clamp_min(0)
         weight = mla.kv_b_proj.weight
         return attend_expanded(q_nope[index], q_pe[index], q_pos, tiles, weight, mla.v_dim, mla.softmax_scale)
 
@@ -165,6 +239,18 @@ def _absorbed(config: ModelConfig, num_queries: int, num_keys: int) -> bool:
     c = config
     return absorbed_is_cheaper(
         num_queries, num_keys, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    )
+
+
+def long_tensor(ids: Seq[int] | torch.Tensor) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of block ids. A Python list goes through an `array` buffer: ~4x faster
+    than torch.as_tensor on thousands of ints (a long row's block table, every step)."""
+    if isinstance(ids, torch.Tensor):
+        return ids.to(torch.long)
+    return (
+        torch.frombuffer(array.array("q", ids), dtype=torch.long)
+        if len(ids)
+        else torch.zeros(0, dtype=torch.long)
     )
 
 
@@ -180,7 +266,7 @@ def _key_range(
     padded = -(-(length - begin) // width) * width
     first = begin // block_size
     blocks = torch.zeros(padded // block_size, dtype=torch.long)
-    blocks[: needed - first] = torch.as_tensor(block_table[first:needed], dtype=torch.long)
+    blocks[: needed - first] = long_tensor(block_table[first:needed])
     positions = torch.arange(begin, begin + padded)
     positions[length - begin :] = PAD_KEY_POS
     return blocks, positions
@@ -188,7 +274,7 @@ def _key_range(
 
 def _consecutive_blocks(block_table: Seq[int], needed: int) -> int:
     """How many of the first `needed` blocks of the table are consecutive pool blocks (b, b + 1, ...)."""
-    table = torch.as_tensor(block_table[:needed], dtype=torch.long)
+    table = long_tensor(block_table[:needed])
     breaks = torch.nonzero(table[1:] - table[:-1] != 1)
     return needed if breaks.numel() == 0 else int(breaks[0, 0]) + 1
 
@@ -201,36 +287,42 @@ extra calls cost more than gathering its keys into the shared batch."""
 def _decode_work(
     rows: list[tuple[RowSpec, int]], pool: KVCachePool, config: ModelConfig, tiles: TileConfig
 ) -> AttentionWork:
-    """rows: (spec, flat index of its token). Each row's context [0, start + 1) in splits of width S
-    (whole blocks: `split_tokens`, or the longest context if shorter, rounded up to the block size).
-    The splits that lie in the leading run of consecutive pool blocks of a row of at least
-    `RUN_MIN_SPLITS` splits are read in place (a `KeyRun`); the rest are gathered block by block."""
+    """rows: (spec, flat index of its token). A row whose context [0, start + 1) spans at least
+    `RUN_MIN_SPLITS` splits of `split_tokens` (whole blocks) inside its leading run of consecutive pool
+    blocks has those splits read in place (a `KeyRun`). Every other key range (short rows whole, a long
+    row's keys past its run) is gathered block by block into one batch of splits of width W: the
+    longest such range if shorter than `split_tokens`, rounded up to the block size, so that short rows
+    beside a long one are not padded to a full split."""
     bs = pool.block_size
-    width = -(-min(tiles.split_tokens, max(r.start + 1 for r, _ in rows)) // bs) * bs
+    split = -(-tiles.split_tokens // bs) * bs
+    runs: list[KeyRun] = []
+    gathered: list[tuple[RowSpec, int, int]] = []  # (row, its token's flat index, first gathered key)
+    for r, offset in rows:
+        length = r.start + 1
+        in_run = 0
+        if length >= RUN_MIN_SPLITS * split:
+            run_tokens = _consecutive_blocks(r.block_table, -(-length // bs)) * bs
+            in_run = min(run_tokens, length) // split
+            in_run = in_run if in_run >= RUN_MIN_SPLITS else 0
+        if in_run:
+            runs.append(KeyRun(offset, r.start, r.block_table[0] * bs, 0, in_run, split))
+        if in_run * split < length:
+            gathered.append((r, offset, in_run * split))
+    longest = max((r.start + 1 - begin for r, _, begin in gathered), default=split)
+    width = -(-min(split, longest) // bs) * bs
     tokens: list[int] = []
     q_pos: list[int] = []
     key_blocks: list[torch.Tensor] = [torch.zeros(0, width // bs, dtype=torch.long)]
     key_pos: list[torch.Tensor] = [torch.zeros(0, width, dtype=torch.long)]
-    runs: list[KeyRun] = []
-    for r, offset in rows:
-        length = r.start + 1
-        in_run = 0
-        if length >= RUN_MIN_SPLITS * width:
-            run_tokens = _consecutive_blocks(r.block_table, -(-length // bs)) * bs
-            in_run = min(run_tokens, length) // width
-            in_run = in_run if in_run >= RUN_MIN_SPLITS else 0
-        if in_run:
-            runs.append(KeyRun(offset, r.start, r.block_table[0] * bs, 0, in_run, width))
-        if in_run * width == length:
-            continue
-        blocks, positions = _key_range(r.block_table, in_run * width, length, width, bs)
+    for r, offset, begin in gathered:
+        blocks, positions = _key_range(r.block_table, begin, r.start + 1, width, bs)
         splits = positions.numel() // width
         key_blocks.append(blocks.view(splits, width // bs))
         key_pos.append(positions.view(splits, width))
         tokens.extend([offset] * splits)
         q_pos.extend([r.start] * splits)
     return AttentionWork(
-        absorbed=_absorbed(config, 1, width),
+        absorbed=_absorbed(config, 1, split if runs else width),
         token=torch.tensor(tokens, dtype=torch.long).view(-1, 1),
         q_pos=torch.tensor(q_pos, dtype=torch.long).view(-1, 1),
         key_blocks=torch.cat(key_blocks),
@@ -301,19 +393,23 @@ class ModelRunner:
         pool: KVCachePool,
         pad_slot: int | None = None,
         tiles: TileConfig = DEFAULT_TILES,
+        attention_backend: str = "torch",
     ) -> None:
         """`pad_slot`: a pool slot no sequence owns; when given, steps are padded to row buckets.
-        `tiles`: the attention's tile and split sizes."""
+        `tiles`: the attention's tile and split sizes. `attention_backend`: "torch" or "triton"
+        (checked here: triton needs CUDA tensors or TRITON_INTERPRET=1, AttentionBackendError if not)."""
+        check_backend(attention_backend, pool.kv.device)
         self.model = model
         self.pool = pool
         self.pad_slot = pad_slot
         self.tiles = tiles
+        self.attention_backend = attention_backend
 
     @torch.inference_mode()
     def run(self, rows: Seq[RowSpec], on_layer: LayerHook | None = None) -> torch.Tensor:
         """Compute the rows' tokens into the cache; return fp32 logits [S, V]: `num_logits` rows per
         sampling row, in row order."""
         inputs = build_step_inputs(rows, self.pool, self.model.config, self.tiles, self.pad_slot)
-        backend = PagedBackend(self.pool, inputs, self.tiles, on_layer)
+        backend = PagedBackend(self.pool, inputs, self.tiles, on_layer, self.attention_backend)
         hidden = self.model.forward_hidden(inputs.input_ids, inputs.positions, backend)
         return self.model.logits(hidden[inputs.sample_index])

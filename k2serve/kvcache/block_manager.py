@@ -14,6 +14,7 @@ state: callers own their block tables and pass them back. No CUDA, no tensors.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "BlockManager",
     "BlockManagerError",
     "InvariantViolation",
+    "KVEventLog",
     "NoFreeBlocksError",
 ]
 
@@ -44,6 +46,47 @@ class NoFreeBlocksError(BlockManagerError):
 
 class InvariantViolation(AssertionError):
     """`check_invariants` found the manager's state inconsistent (a bug, never a user error)."""
+
+
+class KVEventLog:
+    """Block stored / removed events of one BlockManager, in the order they happened, for a reader on
+    another thread (the worker's heartbeat, which ships them to the router's KV index).
+
+    An event is (chain hash, removed): stored when a computed full block is registered under its hash
+    (only the block the hash map points at: a duplicate computed at the same time is private and never
+    reported), removed when that block is evicted and its hash forgotten. These are the hashes vLLM's
+    and Dynamo's KV events carry. The log holds at most `max_events`; past that it forgets them all and
+    says so (`drain` returns overflowed=True): the reader must then resynchronise from a full snapshot
+    (`BlockManager.stored_hashes`), so a reader that stops reading never costs more than the bound."""
+
+    def __init__(self, max_events: int = 1 << 18) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {max_events}")
+        self.max_events = max_events
+        self._lock = threading.Lock()
+        self._events: list[tuple[int, bool]] = []
+        self._overflowed = False
+
+    def record(self, block_hash: int, removed: bool) -> None:
+        with self._lock:
+            if self._overflowed:
+                return
+            if len(self._events) >= self.max_events:
+                self._events = []
+                self._overflowed = True
+                return
+            self._events.append((block_hash, removed))
+
+    def drain(self) -> tuple[list[tuple[int, bool]], bool]:
+        """(the events since the last drain or reset, oldest first; whether some were lost: resync)."""
+        with self._lock:
+            events, overflowed = self._events, self._overflowed
+            self._events, self._overflowed = [], False
+        return events, overflowed
+
+    def reset(self) -> None:
+        """Forget every event (a snapshot was taken: what came before is in it)."""
+        self.drain()
 
 
 @dataclass(frozen=True)
@@ -76,6 +119,8 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest-freed first
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
+        # Block stored / removed events for the router's KV index; None (the default) costs nothing.
+        self.events: KVEventLog | None = None
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -101,6 +146,11 @@ class BlockManager:
     def cached_hash(self, block_id: int) -> int | None:
         """The chained hash `block_id` is registered under, or None."""
         return self._hash[self._check_id(block_id)]
+
+    def stored_hashes(self) -> list[int]:
+        """Every chain hash a new request can hit now (referenced or evictable registered blocks): the
+        full snapshot that `events` are deltas to."""
+        return list(self._hash_to_block)
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that cover `num_tokens` positions."""
@@ -185,7 +235,8 @@ class BlockManager:
             block = block_table[k]
             parent = block_hash(parent, token_ids[k * self.block_size : (k + 1) * self.block_size])
             self._hash[block] = parent
-            self._hash_to_block.setdefault(parent, block)
+            if self._hash_to_block.setdefault(parent, block) == block and self.events is not None:
+                self.events.record(parent, False)
 
     def free(self, block_table: Sequence[int]) -> None:
         """Drop one reference to each block of `block_table` (the caller must not use it again).
@@ -243,8 +294,12 @@ class BlockManager:
             block = self._free.popleft()
         else:
             block, _ = self._evictable.popitem(last=False)
-            del self._hash_to_block[self._hash[block]]  # type: ignore[arg-type]
+            h = self._hash[block]
+            assert h is not None  # evictable blocks carry the hash the map sends to them
+            del self._hash_to_block[h]
             self._hash[block] = None
+            if self.events is not None:
+                self.events.record(h, True)
         self._ref_count[block] = 1
         return block
 

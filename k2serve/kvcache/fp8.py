@@ -99,8 +99,15 @@ class Fp8Layout:
                 f"fp8 rows must be uint8 [..., {self.row_bytes}], got {rows.dtype} {tuple(rows.shape)}"
             )
         c = self.kv_rank
-        q = rows[..., :c].contiguous().view(torch.float8_e4m3fn)  # [..., C]
-        scale = rows[..., c : c + 4].contiguous().view(torch.float32)  # [..., 1]
-        k_pe = rows[..., self.rope_offset :].contiguous().view(torch.bfloat16)  # [..., dr]
-        c_kv = q.float() * scale
-        return torch.cat([c_kv.to(dtype), k_pe.to(dtype)], dim=-1)
+        # Views of the raw bytes, no copies (each field's byte offset and the row's 656 bytes are
+        # multiples of its element size); the result is written field by field, not concatenated.
+        q = rows[..., :c].view(torch.float8_e4m3fn)  # [..., C]
+        scale = rows[..., c : c + 4].view(torch.float32)  # [..., 1]
+        k_pe = rows[..., self.rope_offset :].view(torch.bfloat16)  # [..., dr]
+        out = torch.empty(*rows.shape[:-1], c + self.rope_dim, dtype=dtype, device=rows.device)
+        if dtype == torch.float32:
+            torch.mul(q.float(), scale, out=out[..., :c])
+        else:
+            out[..., :c] = q.float() * scale
+        out[..., c:] = k_pe
+        return out

@@ -121,14 +121,16 @@ class KVCachePool:
         Position p of the sequence lives in block `block_table[p // block_size]` at offset
         `p % block_size`; the table must cover position end - 1.
         """
-        table = torch.as_tensor(block_table, dtype=torch.long, device=self.kv.device)
-        if not 0 <= start <= end <= table.numel() * self.block_size:
+        if not 0 <= start <= end <= len(block_table) * self.block_size:
             raise KVCachePoolError(
-                f"positions [{start}, {end}) are outside a block table of {table.numel()} blocks "
+                f"positions [{start}, {end}) are outside a block table of {len(block_table)} blocks "
                 f"x {self.block_size} tokens"
             )
+        first = start // self.block_size  # only the blocks [start, end) touches (a decode row: one)
+        used = block_table[first : -(-end // self.block_size)]
+        table = torch.as_tensor(used, dtype=torch.long, device=self.kv.device)
         positions = torch.arange(start, end, device=self.kv.device)  # [T]
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        return table[positions // self.block_size - first] * self.block_size + positions % self.block_size
 
     def contiguous_start(self, block_table: Sequence[int], num_tokens: int) -> int | None:
         """The first slot of positions [0, num_tokens) when they occupy consecutive slots (the

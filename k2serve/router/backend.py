@@ -32,7 +32,7 @@ from k2serve.engine.protocol import (
 from k2serve.engine.validation import validate_request
 from k2serve.proto import common_pb2, worker_pb2
 from k2serve.proto.messages import finish_from_proto
-from k2serve.router.policy import LeastLoaded, NoWorkerError, RoutingPolicy
+from k2serve.router.policy import Choice, KVAware, NoWorkerError, PromptBlocks, RoutingPolicy
 from k2serve.router.registry import Worker, WorkerTable
 from k2serve.rpc.convert import logprob_from_proto, sampling_to_proto
 from k2serve.rpc.status import error_of
@@ -57,7 +57,7 @@ class ClusterBackend:
     ) -> None:
         self.table = table
         self.tracer = tracer
-        self.policy = policy or LeastLoaded()
+        self.policy = policy or KVAware(table.kv_index)
         self._tokenizer = load_tokenizer(model_dir)
         self._config = ModelConfig.from_file(model_dir)
         self._model_name = model_name or Path(model_dir).resolve().name
@@ -79,6 +79,11 @@ class ClusterBackend:
         self.prefill_compute_ms = 0.0
         self.exposed_transfer_ms = 0.0
         self._cleanups: set[asyncio.Future[None]] = set()
+        # Routing: decisions by (role, reason), and the prefill workers' cached prompt tokens as the KV
+        # index predicted them at the choice and as the workers reported them after the prefill.
+        self.routing_decisions: dict[tuple[str, str], int] = {}
+        self.predicted_hit_tokens = 0
+        self.prefill_cached_tokens = 0
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -220,11 +225,12 @@ class ClusterBackend:
                     logger.warning("session turn %s: %s; re-prefilling", rid, r)
                     tried.update(r.worker_ids)
             self.pending_prefill_tokens += n
+            blocks = PromptBlocks(req.prompt_token_ids)  # its chain hashes: computed once, on first use
             try:
                 for attempt in range(2):
                     try:
                         pre, dec, reservation, first = await self._prefill(
-                            req, sampling, structured, frozenset(tried), span
+                            req, sampling, structured, frozenset(tried), span, blocks
                         )
                         compute_ms = first.timings.compute_ms
                         self.prefill_compute_ms += compute_ms
@@ -241,6 +247,7 @@ class ClusterBackend:
             finally:
                 self.pending_prefill_tokens -= n
             cached = first.num_cached_tokens
+            self.prefill_cached_tokens += cached
             lps = (
                 [logprob_from_proto(first.first_token_logprobs)]
                 if first.HasField("first_token_logprobs")
@@ -372,6 +379,7 @@ class ClusterBackend:
         structured: str,
         exclude: frozenset[str],
         parent: Span,
+        blocks: PromptBlocks,
     ) -> tuple[Worker, Worker, worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
         rid = req.request_id
         route = parent.child("router.route")
@@ -381,17 +389,23 @@ class ClusterBackend:
             )
             usable = holder is not None and holder.role == "decode" and holder.draining_since is None
             if holder is not None and usable and holder.worker_id not in exclude:
-                dec = holder  # keep a session's context on one decode worker
+                to_dec = Choice(holder, "session")  # keep a session's context on one decode worker
             else:
-                dec = self.policy.pick(self.table.of_role("decode"), "decode", exclude)
-            pre = self.policy.pick(self.table.of_role("prefill"), "prefill", exclude)
+                to_dec = self.policy.choose(self.table.of_role("decode"), "decode", exclude)
+            to_pre = self.policy.choose(self.table.of_role("prefill"), "prefill", exclude, blocks)
+            pre, dec = to_pre.worker, to_dec.worker
             route.set("k2serve.prefill_worker", pre.worker_id)
             route.set("k2serve.decode_worker", dec.worker_id)
+            route.set("k2serve.routing_reason", to_pre.reason)
+            route.set("k2serve.predicted_cached_tokens", to_pre.cached_tokens)
         except NoWorkerError as e:
             route.fail(e)
             raise _Retryable(str(e), [], no_worker=e.role) from e
         finally:
             route.end()
+        self._count_decision("decode", to_dec)
+        self._count_decision("prefill", to_pre)
+        uncached = len(req.prompt_token_ids) - to_pre.cached_tokens
         pre.in_flight += 1
         dec.in_flight += 1
         old = self.in_flight.get(rid, (None, None))
@@ -399,6 +413,25 @@ class ClusterBackend:
             if w is not None:
                 w.in_flight -= 1
         self.in_flight[rid] = (pre, dec)
+        pre.prefill_tokens += uncached  # its queue as the router knows it, at once (a burst sees it)
+        try:
+            res, first = await self._reserve_and_prefill(req, sampling, structured, parent, blocks, pre, dec)
+        finally:
+            pre.prefill_tokens -= uncached
+        return pre, dec, res, first
+
+    async def _reserve_and_prefill(
+        self,
+        req: GenerateRequest,
+        sampling: common_pb2.SamplingParams,
+        structured: str,
+        parent: Span,
+        blocks: PromptBlocks,
+        pre: Worker,
+        dec: Worker,
+    ) -> tuple[worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
+        """Reserve blocks on `dec`, then prefill on `pre` into them (see `_prefill`)."""
+        rid = req.request_id
         reserve = parent.child("router.reserve", kind="client", attributes={"k2serve.worker": dec.worker_id})
         try:
             with reserve:
@@ -447,7 +480,9 @@ class ClusterBackend:
                 )
             self.table.call_succeeded(pre)
             self.bytes_transferred += first.bytes_sent
-            return pre, dec, res, first
+            if self.table.workers.get(pre.worker_id) is pre:  # not removed meanwhile (its index is gone)
+                self.policy.prefilled(pre, blocks)
+            return res, first
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await dec.decode_stub.Release(
@@ -469,6 +504,14 @@ class ClusterBackend:
             raise error_of(e, rid, f"prefill on {pre.worker_id}") from e
         finally:
             pre.prefilling -= 1
+
+    def _count_decision(self, role: str, choice: Choice) -> None:
+        """Count a routing decision by role and reason (and a prefill worker's predicted cached tokens)."""
+        choice.worker.routed += 1
+        key = (role, choice.reason)
+        self.routing_decisions[key] = self.routing_decisions.get(key, 0) + 1
+        if role == "prefill":
+            self.predicted_hit_tokens += choice.cached_tokens
 
 
 def _cancelled_by_caller() -> bool:

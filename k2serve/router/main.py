@@ -24,7 +24,9 @@ from k2serve.proto import api_pb2, api_pb2_grpc, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.router.backend import ClusterBackend
 from k2serve.router.grpc_api import K2ServeServicer
+from k2serve.router.kv_index import KVIndex
 from k2serve.router.metrics import RouterCollector
+from k2serve.router.policy import make_policy
 from k2serve.router.registry import RegistryServicer, Worker, WorkerTable
 from k2serve.router.settings import ROLE_OF, RouterSettings
 from k2serve.rpc.auth import ServerAuth
@@ -56,12 +58,14 @@ class Router:
             lambda addr: aio_channel(
                 addr, grpc_options(CONTROL_MAX_MESSAGE_BYTES), settings.tls, settings.internal
             ),
+            KVIndex(settings.kv_index_max_blocks),
         )
         self.tracer = make_tracer(settings.tracing)
         self.backend = ClusterBackend(
             settings.model_dir,
             self.table,
             settings.model_name,
+            policy=make_policy(settings.routing_policy, self.table.kv_index),
             max_in_flight=settings.max_queue,
             max_predicted_ttft_s=settings.max_ttft_s,
             tracer=self.tracer,
@@ -97,6 +101,9 @@ class Router:
                     "waiting": w.load.waiting,
                     "free_blocks": w.load.free_blocks,
                     "total_blocks": w.load.total_blocks,
+                    "kv_index_blocks": self.table.kv_index.blocks_of(w.worker_id),
+                    "queued_prefill_tokens": w.load.queued_prefill_tokens,
+                    "prefill_tokens_per_s": w.load.prefill_tokens_per_s,
                 }
                 for w in self.table.workers.values()
             ],

@@ -1,5 +1,6 @@
-"""The router's own k2serve_* metrics, read at scrape time: registered workers by role and state, and
-requests refused at admission by reason. Added to the router's /metrics beside the API app's."""
+"""The router's own k2serve_* metrics, read at scrape time: registered workers by role and state,
+requests refused at admission by reason, routing decisions by reason with the prefix-cache tokens they
+predicted and got, and the KV index's size. Added to the router's /metrics beside the API app's."""
 
 from __future__ import annotations
 
@@ -38,3 +39,49 @@ class RouterCollector(Collector):
         rejections.add_metric([model, "queue_full"], self._backend.rejected_queue_full)
         rejections.add_metric([model, "predicted_ttft"], self._backend.rejected)
         yield rejections
+        yield from self._routing(model)
+
+    def _routing(self, model: str) -> Iterator[Metric]:
+        b = self._backend
+        decisions = CounterMetricFamily(
+            "k2serve_router_routing_decisions",
+            "Workers chosen, by role and reason: prefix_hit (the prompt's prefix is cached there), load "
+            "(least predicted TTFT or load, nothing cached), round_robin, only_worker, session (its holder).",
+            labels=["model_name", "role", "reason"],
+        )
+        for (role, reason), n in sorted(b.routing_decisions.items()):
+            decisions.add_metric([model, role, reason], n)
+        yield decisions
+        yield _counter(
+            "k2serve_router_predicted_hit_tokens",
+            "Prompt tokens the KV index predicted cached on the chosen prefill workers.",
+            model,
+            b.predicted_hit_tokens,
+        )
+        yield _counter(
+            "k2serve_router_prefill_cached_tokens",
+            "Prompt tokens the chosen prefill workers found in their prefix caches (as they reported).",
+            model,
+            b.prefill_cached_tokens,
+        )
+        index = self._table.kv_index
+        blocks = GaugeMetricFamily(
+            "k2serve_router_kv_index_blocks",
+            "Prefix-cache blocks the router's KV index places on each worker (from its KV events).",
+            labels=["model_name", "worker_id"],
+        )
+        for worker_id in sorted(index.workers()):
+            blocks.add_metric([model, worker_id], index.blocks_of(worker_id))
+        yield blocks
+        yield _counter(
+            "k2serve_router_kv_index_forgotten_blocks",
+            f"Hashes the KV index forgot to stay within --kv-index-max-blocks ({index.max_blocks}).",
+            model,
+            index.forgotten,
+        )
+
+
+def _counter(name: str, documentation: str, model: str, value: float) -> CounterMetricFamily:
+    counter = CounterMetricFamily(name, documentation, labels=["model_name"])
+    counter.add_metric([model], value)
+    return counter

@@ -1,10 +1,24 @@
-"""Which worker gets a request. Decision logic only: it sees workers' numbers, never calls them."""
+"""Which worker gets a request. Decision logic only: it sees workers' numbers and the KV index, never
+calls them.
+
+Policies (`--routing-policy`): `kv` (KVAware, the default) sends a prompt to the prefill worker with
+the least predicted time to first token, counting the prefix its cache already holds; `least-loaded`
+(LeastLoaded) to the worker with the fewest outstanding requests; `round-robin` (RoundRobin) in turn.
+Decode workers are picked least-loaded by `kv` too; a session's holder is kept by the backend."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from k2serve.kvcache.hashing import chain_hashes
+from k2serve.router.kv_index import KVIndex
 from k2serve.router.registry import Worker
+
+POLICIES = ("kv", "least-loaded", "round-robin")
+# Prefill speed assumed for a worker that has not measured one yet (and no other worker has either):
+# any positive value gives the same choice when no worker has a measurement (it scales every score).
+DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
 
 
 class NoWorkerError(LookupError):
@@ -15,19 +29,171 @@ class NoWorkerError(LookupError):
         self.role = role
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A routing decision. reason (the label of k2serve_router_routing_decisions_total): prefix_hit
+    (chosen for, or with, cached blocks of the prompt), load (by load or predicted TTFT, no cached
+    block), round_robin, only_worker (one candidate), session (the session's holder, kept).
+    cached_tokens: the prompt tokens the index predicts the worker's cache holds."""
+
+    worker: Worker
+    reason: str
+    cached_tokens: int = 0
+    predicted_ttft_s: float | None = None
+
+
+class PromptBlocks:
+    """A prompt's chain hashes (k2serve.kvcache.hashing), computed at most once per block size per request.
+    Only the blocks a worker can serve from its cache count: at most (len - 1) // block_size, as
+    BlockManager.allocate always computes the last token."""
+
+    def __init__(self, token_ids: Sequence[int]) -> None:
+        self.token_ids = token_ids
+        self._hashes: dict[int, list[int]] = {}
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def hashes(self, block_size: int) -> list[int]:
+        if block_size not in self._hashes:
+            self._hashes[block_size] = chain_hashes(self.token_ids[: len(self.token_ids) - 1], block_size)
+        return self._hashes[block_size]
+
+
+def live_workers(workers: Sequence[Worker], role: str, exclude: frozenset[str]) -> list[Worker]:
+    """`workers` not in `exclude`; NoWorkerError(role) when none is left."""
+    live = [w for w in workers if w.worker_id not in exclude]
+    if not live:
+        raise NoWorkerError(role)
+    return live
+
+
+def load_key(w: Worker) -> tuple[int, int, int, str]:
+    """Least loaded first: fewest outstanding requests (the router's in-flight count plus the worker's
+    last reported queue), then most free KV blocks, then fewest requests routed to it so far (idle
+    workers take turns), then id (deterministic)."""
+    return (w.in_flight + w.load.waiting, -w.load.free_blocks, w.routed, w.worker_id)
+
+
 class RoutingPolicy:
-    """Base: `pick(workers, role, exclude)` returns one of `workers` (all of `role`), never one in `exclude`."""
+    """Base: `choose(workers, role, exclude, prompt)` returns one of `workers` (all of `role`), never one
+    in `exclude`, with the reason; `pick` the worker alone."""
+
+    reason = "load"
 
     def pick(self, workers: Sequence[Worker], role: str, exclude: frozenset[str] = frozenset()) -> Worker:
         raise NotImplementedError
 
+    def choose(
+        self,
+        workers: Sequence[Worker],
+        role: str,
+        exclude: frozenset[str] = frozenset(),
+        prompt: PromptBlocks | None = None,
+    ) -> Choice:
+        live = live_workers(workers, role, exclude)
+        return Choice(self.pick(live, role), "only_worker" if len(live) == 1 else self.reason)
+
+    def prefilled(self, worker: Worker, prompt: PromptBlocks) -> None:
+        """`worker` (still registered) has just prefilled `prompt`: a policy may learn from it."""
+
 
 class LeastLoaded(RoutingPolicy):
-    """Fewest outstanding requests (the router's own in-flight count plus the worker's last reported queue),
-    then most free KV blocks, then id (deterministic)."""
+    """The least loaded worker (`load_key`)."""
 
     def pick(self, workers: Sequence[Worker], role: str, exclude: frozenset[str] = frozenset()) -> Worker:
-        live = [w for w in workers if w.worker_id not in exclude]
-        if not live:
-            raise NoWorkerError(role)
-        return min(live, key=lambda w: (w.in_flight + w.load.waiting, -w.load.free_blocks, w.worker_id))
+        return min(live_workers(workers, role, exclude), key=load_key)
+
+
+class RoundRobin(RoutingPolicy):
+    """Each role's live workers in turn (by id), whatever their load or cache."""
+
+    reason = "round_robin"
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def pick(self, workers: Sequence[Worker], role: str, exclude: frozenset[str] = frozenset()) -> Worker:
+        live = sorted(live_workers(workers, role, exclude), key=lambda w: w.worker_id)
+        i = self._next.get(role, 0)
+        self._next[role] = i + 1
+        return live[i % len(live)]
+
+
+def predicted_ttft_s(
+    queued_tokens: int, prompt_tokens: int, cached_tokens: int, tokens_per_s: float
+) -> float:
+    """Seconds until a prompt's first token on a prefill worker: its queued prefill work, then this
+    prompt's uncached tokens, both at the worker's prefill speed."""
+    return (queued_tokens + prompt_tokens - cached_tokens) / tokens_per_s
+
+
+class KVAware(LeastLoaded):
+    """Prefill worker = argmin over the candidates of predicted TTFT (`predicted_ttft_s`):
+
+        (queued prefill tokens + prompt tokens - tokens of the prompt's prefix cached there) / its speed
+
+    queued: the larger of what the worker last reported and the uncached tokens the router has sent it
+    and not seen answered (fresher between heartbeats). speed: the worker's measured prefill tokens/s;
+    before it has one, the mean of the candidates' measured speeds (DEFAULT_PREFILL_TOKENS_PER_S when
+    none has). Cached tokens come from `index` (only for workers that publish KV events). Ties go to more
+    cached tokens, then `load_key`. Decode workers (and prefill without a prompt) are least loaded."""
+
+    def __init__(self, index: KVIndex) -> None:
+        self.index = index
+
+    def choose(
+        self,
+        workers: Sequence[Worker],
+        role: str,
+        exclude: frozenset[str] = frozenset(),
+        prompt: PromptBlocks | None = None,
+    ) -> Choice:
+        if role != "prefill" or prompt is None:
+            return super().choose(workers, role, exclude, prompt)
+        live = live_workers(workers, role, exclude)
+        cached = self._cached_tokens(live, prompt)
+        measured = [w.load.prefill_tokens_per_s for w in live if w.load.prefill_tokens_per_s > 0]
+        fallback = sum(measured) / len(measured) if measured else DEFAULT_PREFILL_TOKENS_PER_S
+        scored = []
+        for w in live:
+            queued = max(w.load.queued_prefill_tokens, w.prefill_tokens)
+            speed = w.load.prefill_tokens_per_s if w.load.prefill_tokens_per_s > 0 else fallback
+            ttft = predicted_ttft_s(queued, prompt.num_tokens, cached[w.worker_id], speed)
+            scored.append((ttft, -cached[w.worker_id], load_key(w), w))
+        ttft, minus_cached, _, best = min(scored, key=lambda s: s[:3])
+        reason = "only_worker" if len(live) == 1 else "prefix_hit" if minus_cached < 0 else "load"
+        return Choice(best, reason, -minus_cached, ttft)
+
+    def prefilled(self, worker: Worker, prompt: PromptBlocks) -> None:
+        """The worker's prefix cache now holds the prompt's blocks: place them in the index at once, not a
+        heartbeat later, so the next turn of a fast agent loop finds them. Its KV events still follow
+        (and remove what it evicts); a block evicted before this runs misleads at most one request,
+        whose prefill computes and caches it again."""
+        if worker.info.publishes_kv_events and worker.info.block_size > 0:
+            hashes = prompt.hashes(worker.info.block_size)
+            self.index.apply(worker.worker_id, hashes, [False] * len(hashes))
+
+    def _cached_tokens(self, workers: Sequence[Worker], prompt: PromptBlocks) -> dict[str, int]:
+        """worker id -> prompt tokens the index places in its cache (0 for workers without KV events)."""
+        out = dict.fromkeys((w.worker_id for w in workers), 0)
+        by_size: dict[int, list[str]] = {}
+        for w in workers:
+            if w.info.publishes_kv_events and w.info.block_size > 0:
+                by_size.setdefault(w.info.block_size, []).append(w.worker_id)
+        for size, ids in by_size.items():
+            for wid, blocks in self.index.cached_blocks(prompt.hashes(size), ids).items():
+                out[wid] = blocks * size
+        return out
+
+
+def make_policy(name: str, index: KVIndex) -> RoutingPolicy:
+    """The policy `--routing-policy name` selects (POLICIES)."""
+    if name == "kv":
+        return KVAware(index)
+    if name == "least-loaded":
+        return LeastLoaded()
+    if name == "round-robin":
+        return RoundRobin()
+    raise ValueError(f"--routing-policy must be one of {', '.join(POLICIES)}, got {name!r}")

@@ -19,6 +19,7 @@ import grpc
 from typing_extensions import override
 
 from k2serve.proto import registry_pb2, registry_pb2_grpc, worker_pb2_grpc
+from k2serve.router.kv_index import KVIndex
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class Worker:
     load: registry_pb2.WorkerLoad = field(default_factory=registry_pb2.WorkerLoad)
     in_flight: int = 0  # requests the router has sent and not seen finish
     prefilling: int = 0  # Prefill calls to this worker under way now
+    prefill_tokens: int = 0  # uncached prompt tokens of those calls (predicted): its queue between heartbeats
+    routed: int = 0  # requests routed to it since it joined (idle workers take turns)
     failures: int = 0
     draining_since: float | None = None  # deregistered: no new requests; removed once idle
     ready: bool = False  # reported by the worker (static ones: assumed); no requests before
@@ -51,12 +54,17 @@ class Worker:
 
 
 class WorkerTable:
-    """All known workers. Touched only from the router's event loop (no locks needed)."""
+    """All known workers, and the KV index of their prefix caches (a worker's entries leave with it).
+    Touched only from the router's event loop (no locks needed)."""
 
     def __init__(
-        self, heartbeat_timeout_s: float, channel_factory: Callable[[str], grpc.aio.Channel]
+        self,
+        heartbeat_timeout_s: float,
+        channel_factory: Callable[[str], grpc.aio.Channel],
+        kv_index: KVIndex | None = None,
     ) -> None:
         self.timeout = heartbeat_timeout_s
+        self.kv_index = kv_index if kv_index is not None else KVIndex()
         self._channel = channel_factory
         self.workers: dict[str, Worker] = {}
         self.drain_timeout_s = 180.0
@@ -106,6 +114,7 @@ class WorkerTable:
         if w is None:
             return
         logger.warning("worker %s removed: %s", worker_id, why)
+        self.kv_index.drop(worker_id)
         for cb in self.on_remove:
             cb(w)
         task = asyncio.get_event_loop().create_task(w.channel.close())
@@ -186,6 +195,10 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             self.table.add(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.publishes_kv_events:  # its snapshot: the index's view of it starts over
+            self.table.kv_index.replace(request.worker_id, request.kv_block_hashes)
+        else:
+            self.table.kv_index.drop(request.worker_id)
         return registry_pb2.RegisterResponse(
             heartbeat_interval_ms=self.interval_ms, lease_ms=int(self.table.timeout * 1000)
         )
@@ -195,6 +208,14 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.HeartbeatResponse:
         known = self.table.heartbeat(request.worker_id, request.load, request.ready)
+        if known and request.HasField("kv_events"):
+            ev = request.kv_events
+            if len(ev.block_hashes) != len(ev.removed):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"kv_events: {len(ev.block_hashes)} block_hashes but {len(ev.removed)} removed flags",
+                )
+            self.table.kv_index.apply(request.worker_id, ev.block_hashes, ev.removed)
         return registry_pb2.HeartbeatResponse(known=known)
 
     @override

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from k2serve.proto import registry_pb2
+from k2serve.router.kv_index import DEFAULT_MAX_BLOCKS
+from k2serve.router.policy import POLICIES
 from k2serve.rpc.auth import InternalAuth
 from k2serve.rpc.tls import TLSFiles
 from k2serve.sessions.connection import RedisConnection
@@ -23,7 +25,9 @@ class RouterSettings:
     `InternalAuth()`, refuses to exist: a router needs a token, mutual TLS or an explicit opt-out).
     `internal` also authenticates the router's calls to its workers.
     redis: the session store (None: sessions off); checked at startup (bad password or TLS: exit).
-    tracing: where the router's spans go (OTLP); a caller's `traceparent` is continued."""
+    tracing: where the router's spans go (OTLP); a caller's `traceparent` is continued.
+    routing_policy: how workers are chosen (k2serve.router.policy.POLICIES; "kv": by predicted TTFT with
+    the prefill workers' cached prefixes); kv_index_max_blocks bounds the KV index (hashes kept)."""
 
     model_dir: str
     model_name: str | None = None
@@ -41,8 +45,16 @@ class RouterSettings:
     ready_file: str | None = None
     tracing: TracingSettings | None = None  # None: no spans
     internal: InternalAuth = field(default_factory=InternalAuth)
+    routing_policy: str = "kv"
+    kv_index_max_blocks: int = DEFAULT_MAX_BLOCKS
 
     def __post_init__(self) -> None:
+        if self.routing_policy not in POLICIES:
+            raise ValueError(
+                f"--routing-policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}"
+            )
+        if self.kv_index_max_blocks < 1:
+            raise ValueError(f"--kv-index-max-blocks must be >= 1, got {self.kv_index_max_blocks}")
         if self.heartbeat_timeout_s <= 0:
             raise ValueError(f"--heartbeat-timeout must be > 0, got {self.heartbeat_timeout_s}")
         for role, addr in self.static_workers:

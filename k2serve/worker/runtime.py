@@ -19,10 +19,11 @@ from grpc_reflection.v1alpha import reflection
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.group import GroupLostError
 from k2serve.engine.llm_engine import LLMEngine
-from k2serve.engine.protocol import GenerateRequest
+from k2serve.engine.protocol import BackendFailure, GenerateRequest
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts import EPConfig, EPWorker
 from k2serve.experts.metrics import EPCollector
+from k2serve.kvcache.block_manager import KVEventLog
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.rpc.tls import add_port, aio_channel
@@ -84,6 +85,7 @@ async def warm_up(engine: AsyncEngine, worker_id: str) -> None:
 
     def reset(llm: LLMEngine) -> None:
         llm.blocks.prefix_query_tokens = llm.blocks.prefix_hit_tokens = 0
+        llm.prefill_tokens_per_s = 0.0  # a one-token step measures overheads, not the prefill speed
 
     await engine.call(reset)
 
@@ -127,7 +129,38 @@ def worker_load(engine: AsyncEngine) -> registry_pb2.WorkerLoad:
         total_blocks=s.kv_blocks_total,
         prefix_query_tokens=s.prefix_query_tokens,
         prefix_hit_tokens=s.prefix_hit_tokens,
+        queued_prefill_tokens=s.queued_prefill_tokens,
+        prefill_tokens_per_s=s.prefill_tokens_per_s,
     )
+
+
+class KVEventPublisher:
+    """A worker's side of the router's KV index: the block manager's stored / removed events (a
+    KVEventLog it installs) go out batched on every heartbeat, after a full snapshot of the stored
+    hashes on every (re)registration. Order is kept (one log, drained in order); anything a failed
+    heartbeat carried, or a log that overflowed while the router was away, is covered by the snapshot
+    of the registration that follows (a failed heartbeat always leads to one)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self.log = KVEventLog()
+        engine.engine.blocks.events = self.log  # before any traffic; the snapshot covers any step before
+
+    async def snapshot(self) -> list[int]:
+        """The hashes stored now, the log emptied at the same moment (on the engine thread, between steps)."""
+
+        def take(llm: LLMEngine) -> list[int]:
+            self.log.reset()
+            return llm.blocks.stored_hashes()
+
+        return await self._engine.call(take)
+
+    def events(self) -> registry_pb2.KVEvents | None:
+        """The events since the last call, or None when some were lost (the caller re-registers)."""
+        events, overflowed = self.log.drain()
+        if overflowed:
+            return None
+        return registry_pb2.KVEvents(block_hashes=[h for h, _ in events], removed=[r for _, r in events])
 
 
 async def heartbeat_loop(
@@ -139,8 +172,11 @@ async def heartbeat_loop(
 ) -> None:
     """Register with the router, then heartbeat; re-register whenever the router does not know us
     (it restarted or dropped us). Every message says whether the worker is `ready`; the heartbeat after
-    it becomes ready goes at once. Never gives up while the worker runs; deregisters on the way out."""
+    it becomes ready goes at once. Never gives up while the worker runs; deregisters on the way out.
+    A prefill worker publishes its prefix cache's KV events (KVEventPublisher) for the router's
+    KV-aware routing."""
     assert settings.router is not None
+    kv = KVEventPublisher(engine) if settings.role == "prefill" else None
     options = grpc_options(CONTROL_MAX_MESSAGE_BYTES)
     async with aio_channel(settings.router, options, settings.tls, settings.internal) as channel:
         stub = registry_pb2_grpc.WorkerRegistryStub(channel)
@@ -148,8 +184,15 @@ async def heartbeat_loop(
         interval = settings.heartbeat_interval_s
         while not stop.is_set():
             try:
+                events = kv.events() if kv is not None and registered else None
+                if kv is not None and registered and events is None:
+                    registered = False  # the log overflowed: resynchronise with a snapshot
                 if not registered:
-                    resp = await stub.Register(info(), timeout=5)
+                    msg = info()
+                    if kv is not None:
+                        msg.publishes_kv_events = True
+                        msg.kv_block_hashes.extend(await kv.snapshot())
+                    resp = await stub.Register(msg, timeout=5)
                     interval = min(
                         settings.heartbeat_interval_s, resp.heartbeat_interval_ms / 1000 or interval
                     )
@@ -158,7 +201,10 @@ async def heartbeat_loop(
                 else:
                     hb = await stub.Heartbeat(
                         registry_pb2.HeartbeatRequest(
-                            worker_id=settings.worker_id, load=worker_load(engine), ready=ready.is_set()
+                            worker_id=settings.worker_id,
+                            load=worker_load(engine),
+                            ready=ready.is_set(),
+                            kv_events=events,
                         ),
                         timeout=5,
                     )
@@ -166,6 +212,9 @@ async def heartbeat_loop(
             except grpc.aio.AioRpcError as e:
                 registered = False
                 logger.warning("router %s unreachable (%s); retrying", settings.router, e.code().name)
+            except BackendFailure as e:  # the engine thread stopped (the worker is stopping): no snapshot
+                registered = False
+                logger.warning("no KV snapshot for the router: %s", e)
             told_ready = ready.is_set()
             waits = [asyncio.ensure_future(stop.wait())]
             if not told_ready:

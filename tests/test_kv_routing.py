@@ -1,0 +1,384 @@
+"""KV-aware routing: the block manager's stored / removed events, the router's KV index built from them
+(snapshots, worker removal, the memory cap), the registry that feeds it, and the pure decision logic
+(predicted TTFT = queued prefill tokens / rate + uncached prompt tokens / rate)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from k2serve.engine.async_engine import AsyncEngine
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.protocol import GenerateRequest
+from k2serve.engine.sampling_params import SamplingParams
+from k2serve.kvcache.block_manager import BlockManager, KVEventLog, NoFreeBlocksError
+from k2serve.kvcache.hashing import chain_hashes
+from k2serve.proto import registry_pb2
+from k2serve.router.kv_index import KVIndex
+from k2serve.router.policy import (
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    KVAware,
+    LeastLoaded,
+    NoWorkerError,
+    PromptBlocks,
+    RoundRobin,
+    make_policy,
+    predicted_ttft_s,
+)
+from k2serve.router.registry import RegistryServicer, Worker, WorkerTable
+from k2serve.worker.runtime import KVEventPublisher
+
+BS = 4
+
+
+# ---- events from a real BlockManager -----------------------------------------------------------------
+def test_block_manager_events_track_its_prefix_cache() -> None:
+    """Random allocate / compute / free traffic on a small pool (evictions included): after every
+    operation, the snapshot plus the events replayed in order equal what the manager can serve."""
+    rng = random.Random(7)  # noqa: S311 (test traffic, not secrets)
+    bm = BlockManager(num_blocks=24, block_size=BS)
+    bm.events = KVEventLog()
+    index = KVIndex()
+    index.replace("w", bm.stored_hashes())  # empty: the snapshot a registering worker sends
+    live: list[tuple[list[int], list[int]]] = []
+    prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
+    removed_seen = 0
+    for _ in range(300):
+        if live and (rng.random() < 0.45 or bm.num_free_blocks < 8):
+            table, _ = live.pop(rng.randrange(len(live)))
+            bm.free(table)
+        else:
+            tokens = rng.choice(prefixes)[: rng.randrange(1, 13)] + [rng.randrange(50) for _ in range(6)]
+            try:
+                alloc = bm.allocate(tokens)
+            except NoFreeBlocksError:
+                continue
+            bm.mark_computed(alloc.block_table, tokens, len(tokens))
+            live.append((alloc.block_table, tokens))
+        events, overflowed = bm.events.drain()
+        removed_seen += sum(r for _, r in events)
+        index.apply("w", [h for h, _ in events], [r for _, r in events])
+        assert not overflowed
+        assert all(index.holds("w", h) for h in bm.stored_hashes())
+        assert index.blocks_of("w") == len(bm.stored_hashes()) == len(index)
+        bm.check_invariants([t for t, _ in live])
+    assert removed_seen > 0  # evictions happened and were reported
+
+
+def test_duplicate_block_is_not_reported_and_unused_log_costs_nothing() -> None:
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    tokens = list(range(9))
+    a, b = bm.allocate(tokens), bm.allocate(tokens)  # computed at the same time: b's blocks stay private
+    bm.events = KVEventLog()
+    bm.mark_computed(a.block_table, tokens, 9)
+    bm.mark_computed(b.block_table, tokens, 9)
+    events, _ = bm.events.drain()
+    assert events == [(h, False) for h in chain_hashes(tokens, BS)]  # once each, in prefix order
+    bm.events = None  # the default: no log, the manager works as before
+    bm.free(a.block_table)
+    bm.free(b.block_table)
+    bm.check_invariants([])
+
+
+def test_event_log_overflow_asks_for_a_snapshot() -> None:
+    log = KVEventLog(max_events=3)
+    for h in range(5):
+        log.record(h, False)
+    assert log.drain() == ([], True)
+    log.record(9, True)
+    assert log.drain() == ([(9, True)], False)
+    with pytest.raises(ValueError, match="max_events"):
+        KVEventLog(0)
+
+
+# ---- the index ---------------------------------------------------------------------------------------
+def test_index_add_remove_drop_and_prefix_match() -> None:
+    idx = KVIndex()
+    idx.replace("a", [1, 2, 3])
+    idx.apply("b", [1, 2, 7, 3], [False, False, False, False])
+    assert idx.cached_blocks([1, 2, 3, 4], ["a", "b", "c"]) == {"a": 3, "b": 3, "c": 0}
+    idx.apply("b", [2], [True])  # b lost block 2: its block 3 no longer counts (a prefix has no gap)
+    assert idx.cached_blocks([1, 2, 3], ["a", "b"]) == {"a": 3, "b": 1}
+    assert idx.cached_blocks([9, 1], ["a", "b"]) == {"a": 0, "b": 0}
+    idx.drop("a")
+    assert idx.cached_blocks([1, 2, 3], ["a", "b"]) == {"a": 0, "b": 1}
+    assert idx.blocks_of("a") == 0 and idx.blocks_of("b") == 3 and len(idx) == 3  # 1, 7, 3
+    idx.replace("b", [5])  # a new snapshot replaces everything it had
+    assert len(idx) == 1 and idx.holds("b", 5) and not idx.holds("b", 1)
+    idx.apply("b", [5, 5], [True, False])  # order matters: removed, then stored again
+    assert idx.holds("b", 5)
+    with pytest.raises(ValueError, match="2 hashes but 1 removed"):
+        idx.apply("b", [1, 2], [False])
+
+
+def test_index_cap_forgets_least_recently_stored() -> None:
+    idx = KVIndex(max_blocks=3)
+    idx.apply("a", [1, 2, 3], [False] * 3)
+    idx.apply("b", [1], [False])  # 1 stored again: now the most recent
+    idx.apply("a", [4], [False])  # over the cap: 2 goes
+    assert len(idx) == 3 and idx.forgotten == 1
+    assert not idx.holds("a", 2) and idx.holds("a", 1) and idx.holds("b", 1)
+    assert idx.blocks_of("a") == 3  # 1, 3, 4
+    with pytest.raises(ValueError, match="kv-index-max-blocks"):
+        KVIndex(0)
+
+
+# ---- the registry feeds the index --------------------------------------------------------------------
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+def _info(worker_id: str, hashes: list[int] | None, block_size: int = BS) -> registry_pb2.WorkerInfo:
+    return registry_pb2.WorkerInfo(
+        worker_id=worker_id,
+        role=registry_pb2.WORKER_ROLE_PREFILL,
+        grpc_address=f"127.0.0.1:{10 + len(worker_id)}{worker_id[-1]}",
+        block_size=block_size,
+        ready=True,
+        publishes_kv_events=hashes is not None,
+        kv_block_hashes=hashes or [],
+    )
+
+
+def _beat(worker_id: str, hashes: list[int], removed: list[bool]) -> registry_pb2.HeartbeatRequest:
+    return registry_pb2.HeartbeatRequest(
+        worker_id=worker_id,
+        ready=True,
+        kv_events=registry_pb2.KVEvents(block_hashes=hashes, removed=removed),
+    )
+
+
+def test_registry_snapshot_events_removal_and_router_restart() -> None:
+    async def run() -> None:
+        ctx: Any = _Context()
+        table = WorkerTable(5.0, grpc.aio.insecure_channel)
+        reg = RegistryServicer(table)
+        await reg.Register(_info("p0", [11, 12]), ctx)
+        await reg.Heartbeat(_beat("p0", [13, 11], [False, True]), ctx)
+        assert [h for h in (11, 12, 13) if table.kv_index.holds("p0", h)] == [12, 13]
+        with pytest.raises(_Aborted, match="2 block_hashes but 1 removed"):
+            await reg.Heartbeat(_beat("p0", [1, 2], [False]), ctx)
+        unknown = await reg.Heartbeat(_beat("ghost", [1], [False]), ctx)
+        assert not unknown.known and table.kv_index.blocks_of("ghost") == 0  # it must register first
+        await reg.Register(_info("p0", [12, 13, 14]), ctx)  # re-registration: the snapshot is the truth
+        assert table.kv_index.blocks_of("p0") == 3
+        table.remove("p0", "test")
+        assert table.kv_index.blocks_of("p0") == 0 and len(table.kv_index) == 0
+
+        restarted = WorkerTable(5.0, grpc.aio.insecure_channel)  # a new router: rebuilt from snapshots
+        reg2 = RegistryServicer(restarted)
+        await reg2.Register(_info("p0", [12, 13]), ctx)
+        await reg2.Register(_info("p1", [12]), ctx)
+        assert restarted.kv_index.cached_blocks([12, 13], ["p0", "p1"]) == {"p0": 2, "p1": 1}
+        await reg2.Register(_info("p1", None), ctx)  # no longer publishing: nothing is assumed of it
+        assert restarted.kv_index.blocks_of("p1") == 0
+
+    asyncio.run(run())
+
+
+# ---- the decision ------------------------------------------------------------------------------------
+def _worker(
+    worker_id: str,
+    queued: int = 0,
+    rate: float = 0.0,
+    events: bool = True,
+    block_size: int = BS,
+    role: int = registry_pb2.WORKER_ROLE_PREFILL,
+) -> Worker:
+    info = registry_pb2.WorkerInfo(
+        worker_id=worker_id, role=role, block_size=block_size, publishes_kv_events=events
+    )
+    load = registry_pb2.WorkerLoad(queued_prefill_tokens=queued, prefill_tokens_per_s=rate, free_blocks=100)
+    return Worker(worker_id, "prefill", "-", info, channel=None, load=load, ready=True)  # type: ignore[arg-type]
+
+
+def _cached_on(index: KVIndex, worker_id: str, prompt: list[int], blocks: int) -> None:
+    index.apply(worker_id, chain_hashes(prompt, BS)[:blocks], [False] * blocks)
+
+
+def test_argmin_trades_queue_against_cache() -> None:
+    prompt = list(range(100, 141))  # 41 tokens: at most 10 blocks (40 tokens) can come from a cache
+    idx = KVIndex()
+    _cached_on(idx, "a", prompt, 10)
+    policy = KVAware(idx)
+    blocks = PromptBlocks(prompt)
+    a, b = _worker("a", queued=30, rate=1000.0), _worker("b", queued=0, rate=1000.0)
+    # a: (30 + 41 - 40) / 1000 = 31 ms; b: 41 ms -> the cache wins
+    c = policy.choose([a, b], "prefill", prompt=blocks)
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("a", "prefix_hit", 40)
+    assert c.predicted_ttft_s == pytest.approx(0.031)
+    a.load.queued_prefill_tokens = 60  # a: 61 ms, b: 41 ms -> the queue wins
+    c = policy.choose([a, b], "prefill", prompt=blocks)
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("b", "load", 0)
+    a.prefill_tokens = 0
+    a.load.queued_prefill_tokens = 0
+    b.load.prefill_tokens_per_s = 4000.0  # b: 41 / 4000 = 10.25 ms; a: 1 / 1000 = 1 ms
+    assert policy.choose([a, b], "prefill", prompt=blocks).worker.worker_id == "a"
+    a.prefill_tokens = 20  # the router's own in-flight tokens count when above the reported queue: 21 ms
+    assert policy.choose([a, b], "prefill", prompt=blocks).worker.worker_id == "b"
+    assert predicted_ttft_s(20, 41, 40, 1000.0) == pytest.approx(0.021)
+
+
+def test_ties_unmeasured_rates_and_workers_without_events() -> None:
+    prompt = list(range(9))
+    idx = KVIndex()
+    policy = KVAware(idx)
+    a, b = _worker("a"), _worker("b")
+    c = policy.choose([b, a], "prefill", prompt=PromptBlocks(prompt))
+    assert (c.worker.worker_id, c.reason) == ("a", "load")  # a tie: by load, then id
+    assert c.predicted_ttft_s == pytest.approx(9 / DEFAULT_PREFILL_TOKENS_PER_S)
+    a.routed = 1  # idle workers take turns
+    assert policy.choose([a, b], "prefill", prompt=PromptBlocks(prompt)).worker.worker_id == "b"
+    # a measured worker lends its speed to an unmeasured one: equal speed, equal queue -> the cache
+    a.load.prefill_tokens_per_s = 500.0
+    _cached_on(idx, "b", prompt, 2)
+    c = policy.choose([a, b], "prefill", prompt=PromptBlocks(prompt))
+    assert (c.worker.worker_id, c.cached_tokens, c.predicted_ttft_s) == ("b", 8, pytest.approx(1 / 500))
+    # the same hashes on a worker that does not publish events (or another block size) count for nothing
+    _cached_on(idx, "c", prompt, 2)
+    assert (
+        KVAware(idx)
+        .choose([_worker("c", events=False)], "prefill", prompt=PromptBlocks(prompt))
+        .cached_tokens
+        == 0
+    )
+    only = policy.choose([_worker("d", block_size=8), a], "prefill", frozenset({"a"}), PromptBlocks(prompt))
+    assert (only.worker.worker_id, only.reason, only.cached_tokens) == ("d", "only_worker", 0)
+
+
+def test_a_prefilled_prompt_is_indexed_at_once() -> None:
+    """After a prefill the router places the prompt's cacheable blocks on its worker without waiting for
+    the heartbeat: the next turn of a fast loop already goes there."""
+    idx = KVIndex()
+    policy = KVAware(idx)
+    a, b = _worker("a"), _worker("b")
+    turn1 = list(range(1, 14))
+    policy.prefilled(b, PromptBlocks(turn1))
+    policy.prefilled(_worker("c", events=False), PromptBlocks(turn1))  # no events: nothing assumed
+    assert idx.blocks_of("b") == 3 and idx.blocks_of("c") == 0  # (13 - 1) // 4 blocks
+    c = policy.choose([a, b], "prefill", prompt=PromptBlocks(turn1 + [20, 21, 22]))
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("b", "prefix_hit", 12)
+    LeastLoaded().prefilled(a, PromptBlocks(turn1))  # other policies keep no index
+    assert idx.blocks_of("a") == 0
+
+
+def test_no_worker_and_other_policies() -> None:
+    idx = KVIndex()
+    a, b = _worker("a"), _worker("b")
+    for policy in (KVAware(idx), LeastLoaded(), RoundRobin()):
+        with pytest.raises(NoWorkerError, match="no prefill worker"):
+            policy.choose([], "prefill", prompt=PromptBlocks([1, 2]))
+        with pytest.raises(NoWorkerError):
+            policy.choose([a, b], "prefill", frozenset({"a", "b"}), PromptBlocks([1, 2]))
+    rr = RoundRobin()
+    picks = [rr.choose([b, a], "prefill").worker.worker_id for _ in range(4)]
+    assert picks == ["a", "b", "a", "b"] and rr.choose([a, b], "prefill").reason == "round_robin"
+    decode = KVAware(idx).choose([a, b], "decode")  # decode workers: least loaded
+    assert (decode.worker.worker_id, decode.reason) == ("a", "load")
+    assert isinstance(make_policy("least-loaded", idx), LeastLoaded)
+    with pytest.raises(ValueError, match="kv, least-loaded, round-robin"):
+        make_policy("random", idx)
+
+
+def test_prompt_blocks_leave_the_last_token_to_compute() -> None:
+    """A worker always computes the prompt's last token (BlockManager.allocate), so an 8-token prompt of
+    4-token blocks can hit one block, not two: the router predicts exactly what the worker will find."""
+    prompt = list(range(8))
+    blocks = PromptBlocks(prompt)
+    assert blocks.hashes(BS) == chain_hashes(prompt, BS)[:1]
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    alloc = bm.allocate(prompt)
+    bm.mark_computed(alloc.block_table, prompt, 8)
+    bm.free(alloc.block_table)
+    assert bm.allocate(prompt).num_cached_tokens == len(blocks.hashes(BS)) * BS
+
+
+# ---- what the heartbeat reports ------------------------------------------------------------------------
+def test_engine_reports_queued_prefill_tokens_and_prefill_speed(tiny_ckpt: Path) -> None:
+    """Chunked prefill (8 tokens a step): the queue counts the prompt tokens not computed yet, and the
+    speed is measured from the steps that computed prompt tokens only (decode steps leave it alone)."""
+    llm = LLMEngine.from_pretrained(
+        tiny_ckpt, torch.float32, EngineConfig(num_kv_blocks=64, block_size=BS, max_num_batched_tokens=8)
+    )
+    assert llm.prefill_tokens_per_s == 0.0 and llm.queued_prefill_tokens() == 0
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    llm.add_request("a", list(range(1, 21)), params)
+    llm.add_request("b", list(range(30, 35)), params)
+    assert llm.queued_prefill_tokens() == 25
+    llm.step()  # a's first 8 tokens
+    assert llm.queued_prefill_tokens() == 17 and llm.prefill_tokens_per_s > 0
+    while llm.queued_prefill_tokens():
+        llm.step()
+    rate = llm.prefill_tokens_per_s
+    while llm.has_unfinished_requests():  # decode steps only
+        llm.step()
+    assert llm.prefill_tokens_per_s == rate
+
+
+# ---- a real engine's publisher ------------------------------------------------------------------------
+def test_publisher_snapshot_and_events_of_a_real_engine(tiny_ckpt: Path) -> None:
+    """A worker's KVEventPublisher on a running engine: the snapshot at registration plus the events of
+    later requests give the router exactly the hashes of the prompts' computed full blocks."""
+    engine = AsyncEngine.from_pretrained(
+        tiny_ckpt, torch.float32, EngineConfig(num_kv_blocks=64, block_size=BS)
+    )
+    engine.start()
+
+    async def run() -> None:
+        async def generate(rid: str, prompt: list[int]) -> None:
+            params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+            async for _ in await engine.generate(GenerateRequest(rid, prompt, params)):
+                pass
+
+        first, second = list(range(1, 11)), list(range(1, 9)) + [50, 51, 52, 53, 54]
+        await generate("before", first)  # computed before the publisher: must come with the snapshot
+        pub = KVEventPublisher(engine)
+        idx = KVIndex()
+        idx.replace("p", await pub.snapshot())
+        await generate("after", second)
+        events = pub.events()
+        assert events is not None
+        idx.apply("p", events.block_hashes, events.removed)
+        expected = set(chain_hashes(first, BS)) | set(chain_hashes(second, BS))
+        assert {h for h in expected if idx.holds("p", h)} == expected and len(idx) == len(expected)
+        assert idx.cached_blocks(PromptBlocks(second + [7]).hashes(BS), ["p"]) == {"p": 3}
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
+def test_bench_report_reuse_against_the_best_possible() -> None:
+    """`k2serve bench kv-routing`'s summary: computed = prompt - cached; reuse = cached / best possible
+    (turn 1 has none); TTFT from turn 2 on."""
+    from k2serve.bench.kv_routing import TurnResult, report
+
+    ms = 1e-3
+    runs = {
+        "kv": [
+            TurnResult(100, 0, 0, 50 * ms),
+            TurnResult(200, 96, 96, 10 * ms),
+            TurnResult(300, 192, 192, 30 * ms),
+        ],
+        "least-loaded": [
+            TurnResult(100, 0, 0, 50 * ms),
+            TurnResult(200, 0, 96, 40 * ms),
+            TurnResult(300, 96, 192, 60 * ms),
+        ],
+    }
+    lines = report(runs, conversations=1)
+    assert lines[1].split()[:3] == ["kv", "312", "100.0%"] and lines[1].split()[3] == "20.0"
+    assert lines[2].split()[:3] == ["least-loaded", "504", "33.3%"] and lines[2].split()[3] == "50.0"
