@@ -120,7 +120,7 @@ def test_argument_parsing(bench: ModuleType, tmp_path: Path, capsys: pytest.Capt
         2,
         tmp_path,
     )
-    assert bench.parse_args(["convert", "--kinds", "bf16"]).kinds == ["bf16"]
+    assert bench.parse_args(["convert", "--kinds", "bf16,q4_0-experts"]).kinds == ["bf16", "q4_0-experts"]
     for bad, message in [
         (["run", "--batch-sizes", "1,x"], "comma-separated integers"),
         (["run", "--batch-sizes", "0"], "must be >= 1"),
