@@ -1,10 +1,13 @@
 // Greedy decoding from a prompt of token ids, for checking a GGUF against k2serve on the same weights.
 //
-//   llama-k2serve-greedy MODEL.gguf N_PREDICT THREADS LOGITS_OUT ID,ID,ID,...
+//   llama-k2serve-greedy MODEL.gguf N_PREDICT THREADS LOGITS_OUT ID,ID,ID,... [KV_TYPE]
 //
 // Evaluates the prompt (token ids, no tokenizer involved), writes the float32 logits of its last
 // position to LOGITS_OUT (n_vocab floats, native endianness), then decodes N_PREDICT tokens greedily
-// and prints them on one line: "greedy: ID ID ...". Built by benchmarks/bench_llamacpp.py against the
+// and prints them on one line: "greedy: ID ID ...". KV_TYPE is the KV cache's type, f16 (llama.cpp's
+// default, flash attention as llama.cpp decides) or f32 (KV cache f32 and flash attention off: the CPU
+// flash-attention kernel rounds K and V to f16, so an f32 GGUF is compared with an fp32 reference
+// without any f16 rounding). Built by benchmarks/bench_llamacpp.py against the
 // llama.cpp build (it follows examples/simple/simple.cpp of the same source tree).
 
 #include "llama.h"
@@ -38,8 +41,8 @@ static int argmax(const float * logits, int n_vocab) {
 
 int main(int argc, char ** argv) {
     std::setlocale(LC_NUMERIC, "C");
-    if (argc != 6) {
-        fprintf(stderr, "usage: %s MODEL.gguf N_PREDICT THREADS LOGITS_OUT ID,ID,...\n", argv[0]);
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: %s MODEL.gguf N_PREDICT THREADS LOGITS_OUT ID,ID,... [f16|f32]\n", argv[0]);
         return 2;
     }
     const std::string model_path = argv[1];
@@ -53,6 +56,11 @@ int main(int argc, char ** argv) {
         while (std::getline(ss, item, ',')) {
             prompt.push_back(std::atoi(item.c_str()));
         }
+    }
+    const std::string kv_type = argc == 7 ? argv[6] : "f16";
+    if (kv_type != "f16" && kv_type != "f32") {
+        fprintf(stderr, "error: KV_TYPE must be f16 or f32, got %s\n", kv_type.c_str());
+        return 2;
     }
     if (prompt.empty() || n_predict < 1 || n_threads < 1) {
         fprintf(stderr, "error: need a non-empty prompt, N_PREDICT >= 1 and THREADS >= 1\n");
@@ -75,6 +83,11 @@ int main(int argc, char ** argv) {
     ctx_params.n_batch = prompt.size();
     ctx_params.n_threads = n_threads;
     ctx_params.n_threads_batch = n_threads;
+    ctx_params.type_k = kv_type == "f32" ? GGML_TYPE_F32 : GGML_TYPE_F16;
+    ctx_params.type_v = ctx_params.type_k;
+    if (kv_type == "f32") {
+        ctx_params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    }
     llama_context * ctx = llama_init_from_model(model, ctx_params);
     if (ctx == NULL) {
         fprintf(stderr, "error: failed to create the llama_context\n");
