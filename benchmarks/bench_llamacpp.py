@@ -3,6 +3,7 @@
     python benchmarks/bench_llamacpp.py build      # once: fetch llama.cpp (from the llama-cpp-python sdist), build it
     python benchmarks/bench_llamacpp.py convert    # the `small` checkpoint -> tokenizer.json -> GGUF bf16/f32/Q4_0
     python benchmarks/bench_llamacpp.py verify     # same prompt of token ids: logits and greedy tokens agree?
+    python benchmarks/bench_llamacpp.py rope-check # fp32 logits on tiny models: plain RoPE, DeepSeek-V3 YaRN, K2 YaRN
     python benchmarks/bench_llamacpp.py run        # decode and prefill tok/s, alternating rounds, medians
 
 Everything lives in a cache directory outside the repository (--cache, default $K2SERVE_BENCH_CACHE or
@@ -414,7 +415,9 @@ def verify(paths: Paths, prompt_len: int, n: int, threads: int) -> list[dict[str
             print(f"verify: {paths.gguf(kind)} is missing (run `convert --kinds {kind}`); skipped")
             continue
         ours, ours_logits = k2serve_greedy(paths.checkpoint, prompt, n, dtype_name)
-        theirs, their_logits = llama_greedy(paths, paths.gguf(kind), prompt, n, threads, "f32" if kind == "f32" else "f16")
+        theirs, their_logits = llama_greedy(
+            paths, paths.gguf(kind), prompt, n, threads, "f32" if kind == "f32" else "f16"
+        )
         diff = np.abs(ours_logits.astype(np.float64) - their_logits.astype(np.float64))
         row = {
             "gguf": kind,
@@ -435,6 +438,63 @@ def verify(paths: Paths, prompt_len: int, n: int, threads: int) -> list[dict[str
             flush=True,
         )
     return rows
+
+
+def rope_variants() -> dict[str, dict[str, Any]]:
+    """`tiny` with every routed expert active (no top-k choice, so no near-tie can flip a routing) and
+    three position schemes: plain RoPE, DeepSeek-V3's YaRN (theta 1e4, factor 40, beta 32/1) and K2's
+    YaRN (theta 5e4, factor 64, beta 1/1, as `small` has)."""
+    from k2serve.model.presets import K2_POSITIONS, PRESETS
+
+    all_experts = {"num_experts_per_tok": 16, "n_group": 1, "topk_group": 1}
+    tiny = {k: v for k, v in PRESETS["tiny"].items() if k != "rope_scaling"} | all_experts
+    dsv3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0}
+    dsv3 |= {"beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    return {
+        "plain-rope": tiny | {"max_position_embeddings": 4096},
+        "deepseek-v3-yarn": tiny
+        | {"max_position_embeddings": 163840, "rope_theta": 10000.0, "rope_scaling": dsv3},
+        "k2-yarn": tiny | K2_POSITIONS,
+    }
+
+
+def rope_check(paths: Paths, lengths: Sequence[int], threads: int) -> dict[str, list[float]]:
+    """Max |logit difference| between llama.cpp (f32 GGUF, f32 KV, no flash attention) and k2serve (fp32)
+    at the last position of prompts of `lengths` tokens, for each of `rope_variants`. Position 0 checks
+    everything but attention scores (one key: softmax is 1); later positions add the scores and RoPE."""
+    import numpy as np
+    import torch
+
+    from k2serve.model.checkpoint import write_checkpoint
+    from k2serve.model.loader import load_model
+
+    torch.set_num_threads(threads)
+    src = llama_source(paths.cache)
+    prompt = list(range(100, 100 + 60 * max(lengths), 60))
+    out: dict[str, list[float]] = {}
+    for name, cfg in rope_variants().items():
+        ckpt, gguf = paths.cache / "rope-check" / name, paths.cache / "rope-check" / f"{name}.gguf"
+        if not (ckpt / "config.json").exists():
+            write_checkpoint(ckpt, cfg, seed=0)
+        if not gguf.exists():
+            hf = hf_dir_for_convert(ckpt, paths.cache / "rope-check" / f"{name}-hf")
+            sh(
+                NICE
+                + [sys.executable, __file__, "_convert", "--src", str(src), "--"]
+                + [str(hf), "--outtype", "f32", "--outfile", str(gguf)],
+                capture=True,
+            )
+        ours = load_model(ckpt, torch.float32)(torch.tensor([prompt]))[0].numpy()
+        out[name] = []
+        for n in lengths:
+            _, theirs = llama_greedy(paths, gguf, prompt[:n], 1, threads, "f32")
+            out[name].append(float(np.abs(ours[n - 1] - theirs).max()))
+        print(
+            f"{name}: max |logit diff| at "
+            + ", ".join(f"{n} tokens {d:.2g}" for n, d in zip(lengths, out[name], strict=True)),
+            flush=True,
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -630,6 +690,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     v = sub.add_parser("verify", help="logits and greedy tokens of both engines on one prompt of ids")
     v.add_argument("--prompt-len", type=int, default=32)
     v.add_argument("--n", type=int, default=16)
+    rc = sub.add_parser(
+        "rope-check", help="fp32 logits of both engines on tiny models with three RoPE schemes"
+    )
+    rc.add_argument("--lengths", type=batch_list, default=[1, 2, 4, 8, 12])
     r = sub.add_parser("run", help="the timed comparison")
     r.add_argument("--batch-sizes", type=batch_list, default=[1, 8, 32])
     r.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence for decode")
@@ -666,6 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "build": lambda: print(f"built: {build(args.cache, args.jobs, args.version)}"),
         "convert": lambda: convert(paths, args.kinds),
         "verify": lambda: verify(paths, args.prompt_len, args.n, args.threads),
+        "rope-check": lambda: rope_check(paths, args.lengths, args.threads),
         "_convert": lambda: _convert_in_process(args.src, [a for a in args.rest if a != "--"]),
     }
     if args.cmd in commands:
