@@ -127,6 +127,7 @@ def test_argument_parsing(bench: ModuleType, tmp_path: Path, capsys: pytest.Capt
         (["convert", "--kinds", "q8"], "unknown ['q8']"),
         (["--threads", "0", "run"], "--threads must be >= 1"),
         (["run", "--rounds", "0"], "--rounds"),
+        (["run", "--skip-bf16"], "nothing to run without --q4"),
     ]:
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
