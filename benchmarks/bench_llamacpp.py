@@ -324,6 +324,10 @@ QUANTIZE_ARGS: dict[str, list[str]] = {
     ],
 }
 GGUF_KINDS = ("bf16", "f32", *QUANTIZE_ARGS)
+# GGUF kinds timed without llama.cpp's CPU weight repacking: with it, plain Q4_0 of `small` (every matrix,
+# the token embedding too) aborts in the backend scheduler (ggml-backend.cpp: GGML_ASSERT(*cur_backend_id
+# != -1), llama-cpp-python 0.3.36's llama.cpp); Q4_0 on the experts only runs with it.
+NO_REPACK = {"q4_0"}
 
 
 def convert(paths: Paths, kinds: Sequence[str]) -> None:
@@ -550,14 +554,21 @@ class K2Round:
 
 
 def llama_decode(
-    bindir: Path, gguf: Path, batches: Sequence[int], prompt: int, n: int, threads: int
+    bindir: Path,
+    gguf: Path,
+    batches: Sequence[int],
+    prompt: int,
+    n: int,
+    threads: int,
+    no_repack: bool = False,
 ) -> dict[int, float]:
     """llama-batched-bench's S_TG (generation tok/s) per batch size, one run over all of them."""
     ctx = max(batches) * (prompt + n) + 64
     out = sh(
         [str(bindir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-tb", str(threads)]
         + ["-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(n)]
-        + ["-npl", ",".join(map(str, batches)), "--output-format", "jsonl"],
+        + ["-npl", ",".join(map(str, batches)), "--output-format", "jsonl"]
+        + (["--no-repack"] if no_repack else []),
         capture=True,
     )
     rows = parse_jsonl(out)
@@ -567,11 +578,11 @@ def llama_decode(
     return got
 
 
-def llama_prefill(bindir: Path, gguf: Path, prompt: int, threads: int) -> float:
+def llama_prefill(bindir: Path, gguf: Path, prompt: int, threads: int, no_repack: bool = False) -> float:
     """llama-bench's prompt-processing tok/s (pp`prompt`, one repetition)."""
     out = sh(
         [str(bindir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", "0"]
-        + ["-r", "1", "-o", "json"],
+        + ["-r", "1", "-o", "json", "--repack", "0" if no_repack else "1"],
         capture=True,
     )
     return float(json.loads(out)[0]["avg_ts"])
@@ -619,9 +630,11 @@ def run(
             ours.setdefault(f"prefill {prefill}", []).append(ours_engine.prefill(long_prompt))
             for kind in kinds:
                 gguf = paths.gguf(kind)
-                for b, v in llama_decode(paths.bindir, gguf, batches, prompt, n, threads).items():
+                for b, v in llama_decode(
+                    paths.bindir, gguf, batches, prompt, n, threads, kind in NO_REPACK
+                ).items():
                     theirs.setdefault((kind, f"decode batch {b}"), []).append(v)
-                pp = llama_prefill(paths.bindir, gguf, prefill, threads)
+                pp = llama_prefill(paths.bindir, gguf, prefill, threads, kind in NO_REPACK)
                 theirs.setdefault((kind, f"prefill {prefill}"), []).append(pp)
             print(
                 f"[k2serve {label}] round {r + 1}/{rounds}: "
