@@ -51,7 +51,9 @@ def generate(args: argparse.Namespace) -> int:
     from k2serve.engine.sampling_params import SamplingParams
 
     llm = LLM(
-        args.model, dtype=args.dtype, engine_config=EngineConfig(attention_backend=args.attention_backend)
+        args.model,
+        dtype=args.dtype,
+        engine_config=EngineConfig(attention_backend=args.attention_backend, device=args.device),
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompts: list[str | list[int]] = [args.prompt] if args.prompt is not None else [args.prompt_ids]

@@ -77,6 +77,17 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         "row); prefill and decode workers must use the same",
     )
     add_attention_backend_arg(s)
+    add_device_arg(s)
+
+
+def add_device_arg(s: argparse.ArgumentParser) -> None:
+    """--device (EngineConfig.device): where the weights, KV pool, step inputs and sampler live."""
+    s.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N: where the weights are loaded and the KV pool, step inputs and sampler "
+        "live (default: cuda when torch sees a GPU, else cpu); a worker passes it to its KV transfer",
+    )
 
 
 def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
@@ -306,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_attention_backend_arg(s)
+    add_device_arg(s)
     s.set_defaults(handler=commands.generate)
 
     s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")

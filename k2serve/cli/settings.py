@@ -54,6 +54,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_waiting=args.max_waiting,
         kv_cache_dtype=args.kv_cache_dtype,
         attention_backend=args.attention_backend,
+        device=args.device,
     )
 
 
@@ -214,6 +215,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         "--attention-backend",
         args.attention_backend,
     ]
+    if args.device is not None:
+        out += ["--device", args.device]
     if args.kv_cache_mb is not None:
         out += ["--kv-cache-mb", str(args.kv_cache_mb)]
     if args.memory_budget_mb is not None:

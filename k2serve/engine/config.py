@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from k2serve.kvcache.fp8 import CACHE_DTYPES
 from k2serve.model.triton_attention import ATTENTION_BACKENDS
 
@@ -12,6 +14,34 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor mem
 
 class EngineConfigError(ValueError):
     pass
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """The device `--device` names: "cpu", "cuda" or "cuda:N"; None: cuda when torch sees a GPU, else cpu.
+
+    EngineConfigError (naming the flag) for anything else, for cuda on a machine where torch sees no
+    GPU, and for an index past the GPUs present; checked before any weight is read.
+    """
+    if spec is None or spec == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise EngineConfigError(f"--device must be cpu, cuda or cuda:N, got {spec!r}") from e
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise EngineConfigError(f"--device must be cpu, cuda or cuda:N, got {spec!r}")
+    if not torch.cuda.is_available():
+        raise EngineConfigError(
+            f"--device {spec}: torch sees no CUDA device on this machine (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use --device cpu"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise EngineConfigError(
+            f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return device
 
 
 @dataclass(frozen=True)
@@ -28,6 +58,8 @@ class EngineConfig:
     attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
     attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
     TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
+    device: where weights, the KV pool, the step inputs and the sampler live: "cpu", "cuda" or "cuda:N";
+    None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`, checked here).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -44,6 +76,7 @@ class EngineConfig:
     max_waiting: int = 4096
     kv_cache_dtype: str = "auto"
     attention_backend: str = "torch"
+    device: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
@@ -65,5 +98,11 @@ class EngineConfig:
             raise EngineConfigError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        resolve_device(self.device)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """`device` resolved (the default picked): where `LLMEngine.from_pretrained` loads the weights."""
+        return resolve_device(self.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,8 +45,13 @@ class LLM:
         model: str | Path,
         dtype: str | torch.dtype = "float32",
         engine_config: EngineConfig | None = None,
+        device: str | None = None,
     ) -> None:
-        self.engine = LLMEngine.from_pretrained(model, _dtype(dtype), engine_config)
+        """`device` ("cpu", "cuda", "cuda:N"): overrides `engine_config.device` when given."""
+        config = engine_config or EngineConfig()
+        if device is not None:
+            config = dataclasses.replace(config, device=device)
+        self.engine = LLMEngine.from_pretrained(model, _dtype(dtype), config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
