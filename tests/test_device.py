@@ -114,3 +114,61 @@ def test_cli_generate_on_cpu(tiny_ckpt: Path) -> None:
     )
     want = LLM(tiny_ckpt).generate([3, 14, 15], SamplingParams(temperature=0.0, max_tokens=3))[0].token_ids
     assert json.loads(got.stdout.strip().splitlines()[-1])["token_ids"] == want
+
+
+def test_workers_pass_their_device_to_the_kv_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from k2serve.cli.parser import build_parser
+    from k2serve.cli.settings import worker_settings
+
+    parser = build_parser()
+    for role in ("prefill", "decode"):
+        args = parser.parse_args(
+            [
+                role,
+                "--preset",
+                "tiny",
+                "--insecure-internal",
+                "--device",
+                "cpu",
+                "--transfer-backend",
+                "torch",
+            ]
+        )
+        assert worker_settings(role, args).kv_transfer_options() == {"device": torch.device("cpu")}
+        args = parser.parse_args(
+            [role, "--preset", "tiny", "--insecure-internal", "--device", "cpu", "--transfer-backend", "grpc"]
+        )
+        assert worker_settings(role, args).kv_transfer_options() == {}
+    # a CUDA machine, as torch would report it: the torch transfer gets the CUDA device (NCCL) ...
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = parser.parse_args(
+        [
+            "decode",
+            "--preset",
+            "tiny",
+            "--insecure-internal",
+            "--device",
+            "cuda:1",
+            "--transfer-backend",
+            "torch",
+        ]
+    )
+    assert worker_settings("decode", args).kv_transfer_options() == {"device": torch.device("cuda:1")}
+    # ... and an expert-parallel group on CUDA is refused by name (its collectives are gloo only)
+    args = parser.parse_args(
+        [
+            "decode",
+            "--preset",
+            "tiny",
+            "--insecure-internal",
+            "--device",
+            "cuda",
+            "--ep",
+            "2",
+            "--ep-init",
+            "tcp://127.0.0.1:1",
+        ]
+    )
+    with pytest.raises(ValueError, match="--device cuda with --ep 2: expert parallelism runs on CPU"):
+        worker_settings("decode", args)
