@@ -53,7 +53,9 @@ def generate(args: argparse.Namespace) -> int:
     llm = LLM(
         args.model,
         dtype=args.dtype,
-        engine_config=EngineConfig(attention_backend=args.attention_backend, device=args.device),
+        engine_config=EngineConfig(
+            attention_backend=args.attention_backend, moe_backend=args.moe_backend, device=args.device
+        ),
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompts: list[str | list[int]] = [args.prompt] if args.prompt is not None else [args.prompt_ids]

@@ -23,6 +23,7 @@ KV_CACHE_DTYPES = (
     "fp8",
 )  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
 ATTENTION_BACKENDS = ("torch", "triton")  # model.triton_attention.ATTENTION_BACKENDS, spelled out
+MOE_BACKENDS = ("torch", "triton")  # model.triton_moe.MOE_BACKENDS, spelled out
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -91,7 +92,15 @@ def add_device_arg(s: argparse.ArgumentParser) -> None:
 
 
 def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
-    """--attention-backend (EngineConfig.attention_backend): the engine flags have it, so has `generate`."""
+    """--attention-backend and --moe-backend (EngineConfig's): the engine flags have them, so has `generate`."""
+    s.add_argument(
+        "--moe-backend",
+        choices=MOE_BACKENDS,
+        default="torch",
+        help="routed experts: torch (per-expert GEMMs) or triton (the Triton grouped GEMM over the "
+        "experts: INT4 group-32 experts dequantised in registers, or bf16/fp32 dense experts; needs "
+        "CUDA, or TRITON_INTERPRET=1 on CPU)",
+    )
     s.add_argument(
         "--attention-backend",
         choices=ATTENTION_BACKENDS,

@@ -55,6 +55,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_dtype=args.kv_cache_dtype,
         attention_backend=args.attention_backend,
         device=args.device,
+        moe_backend=args.moe_backend,
     )
 
 
@@ -214,6 +215,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         args.kv_cache_dtype,
         "--attention-backend",
         args.attention_backend,
+        "--moe-backend",
+        args.moe_backend,
     ]
     if args.device is not None:
         out += ["--device", args.device]

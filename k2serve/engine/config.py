@@ -8,6 +8,7 @@ import torch
 
 from k2serve.kvcache.fp8 import CACHE_DTYPES
 from k2serve.model.triton_attention import ATTENTION_BACKENDS
+from k2serve.model.triton_moe import MOE_BACKENDS
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
 
@@ -58,6 +59,9 @@ class EngineConfig:
     attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
     attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
     TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
+    moe_backend: one of MOE_BACKENDS: "torch" (per-expert loops / torch grouped GEMMs) or "triton" (the
+    routed experts through the Triton grouped GEMM, model/triton_moe.py: INT4 experts in the
+    compressed-tensors layout, bf16/fp32 dense experts; same CUDA-or-TRITON_INTERPRET=1 check).
     device: where weights, the KV pool, the step inputs and the sampler live: "cpu", "cuda" or "cuda:N";
     None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`, checked here).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
@@ -76,6 +80,7 @@ class EngineConfig:
     max_waiting: int = 4096
     kv_cache_dtype: str = "auto"
     attention_backend: str = "torch"
+    moe_backend: str = "torch"
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +102,10 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise EngineConfigError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if self.moe_backend not in MOE_BACKENDS:
+            raise EngineConfigError(
+                f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
             )
         resolve_device(self.device)
         if self.max_model_len is not None and self.max_model_len < 1:

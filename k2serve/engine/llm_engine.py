@@ -32,7 +32,9 @@ from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.loader import load_model
 from k2serve.model.model import K2Model
+from k2serve.model.moe import MoE
 from k2serve.model.triton_attention import check_backend
+from k2serve.model.triton_moe import check_moe_backend
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,10 @@ class LLMEngine:
             )
         # before sizing and allocating the pool: the runner checks it again for its own callers
         check_backend(self.config.attention_backend, model.embed_tokens.weight.device)
+        check_moe_backend(self.config.moe_backend, self.device)
+        for layer in model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.experts.set_moe_backend(self.config.moe_backend)
         self.tokenizer = tokenizer
         mc = model.config
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
@@ -151,7 +157,9 @@ class LLMEngine:
         cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, config: EngineConfig | None = None
     ) -> LLMEngine:
         config = config or EngineConfig()
-        model = load_model(model_dir, dtype, device=config.torch_device)
+        check_moe_backend(config.moe_backend, config.torch_device)  # before reading any weight
+        layout = "ct" if config.moe_backend == "triton" else None  # the kernel reads the disk layout
+        model = load_model(model_dir, dtype, device=config.torch_device, int4_layout=layout)
         tokenizer, eos = tokenizer_and_eos(model_dir, model.config)
         return cls(model, config, tokenizer, eos)
 

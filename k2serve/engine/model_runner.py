@@ -17,6 +17,7 @@ an fp8 pool stays on the torch path.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -72,13 +73,12 @@ class AttentionWork:
 
     def to(self, device: torch.device) -> AttentionWork:
         """This work's index tensors on `device` (built on the host from Python lists, then one copy)."""
-        return AttentionWork(
-            self.absorbed,
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.token, self.q_pos, self.key_blocks, self.key_pos)
-            ),
-            runs=self.runs,
+        return dataclasses.replace(
+            self,
+            token=self.token.to(device, non_blocking=True),
+            q_pos=self.q_pos.to(device, non_blocking=True),
+            key_blocks=self.key_blocks.to(device, non_blocking=True),
+            key_pos=self.key_pos.to(device, non_blocking=True),
         )
 
 

@@ -67,7 +67,7 @@ class _Senders:
                     raise ValueError(
                         f"{address} offers the plaintext {backend!r} KV backend; this worker uses TLS"
                     )
-                per_backend = {"metadata": self._metadata} if backend == "grpc" else {}
+                per_backend: dict[str, object] = {"metadata": self._metadata} if backend == "grpc" else {}
                 if backend == "torch":
                     per_backend = self._torch_options
                 self._senders[key] = make_sender(backend, address, **self._options, **per_backend)
