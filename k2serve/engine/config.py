@@ -17,11 +17,12 @@ class EngineConfigError(ValueError):
     pass
 
 
-def resolve_device(spec: str | torch.device | None) -> torch.device:
+def resolve_device(spec: str | torch.device | None, check_available: bool = True) -> torch.device:
     """The device `--device` names: "cpu", "cuda" or "cuda:N"; None: cuda when torch sees a GPU, else cpu.
 
-    EngineConfigError (naming the flag) for anything else, for cuda on a machine where torch sees no
-    GPU, and for an index past the GPUs present; checked before any weight is read.
+    EngineConfigError (naming the flag) for anything else and, with `check_available`, for cuda on a
+    machine where torch sees no GPU and for an index past the GPUs present (checked before any weight
+    is read; a config alone, e.g. one a chart renders, is checked for its spelling only).
     """
     if spec is None or spec == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,6 +34,8 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
         return torch.device("cpu")
     if device.type != "cuda":
         raise EngineConfigError(f"--device must be cpu, cuda or cuda:N, got {spec!r}")
+    if not check_available:
+        return device
     if not torch.cuda.is_available():
         raise EngineConfigError(
             f"--device {spec}: torch sees no CUDA device on this machine (torch {torch.__version__}, "
@@ -63,7 +66,8 @@ class EngineConfig:
     routed experts through the Triton grouped GEMM, model/triton_moe.py: INT4 experts in the
     compressed-tensors layout, bf16/fp32 dense experts; same CUDA-or-TRITON_INTERPRET=1 check).
     device: where weights, the KV pool, the step inputs and the sampler live: "cpu", "cuda" or "cuda:N";
-    None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`, checked here).
+    None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`: spelled right, checked
+    here; present on this machine, checked by `torch_device` when the engine loads).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -107,7 +111,7 @@ class EngineConfig:
             raise EngineConfigError(
                 f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
             )
-        resolve_device(self.device)
+        resolve_device(self.device, check_available=False)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from k2serve.engine.config import EngineConfig
+from k2serve.engine.config import EngineConfig, resolve_device
 from k2serve.experts.comm import parse_init_method
 from k2serve.experts.eplb import EPLBConfig
 from k2serve.proto import registry_pb2
@@ -81,7 +81,8 @@ class WorkerSettings:
             if self.ep_size == 1:
                 raise ValueError("--enable-eplb needs --ep > 1 (one rank holds every expert)")
             self.eplb.redundant_per_rank(self.ep_size)  # EPConfigError unless --ep divides the replicas
-        if self.ep_size > 1 and self.engine.device is not None and self.engine.torch_device.type != "cpu":
+        device = resolve_device(self.engine.device, check_available=False) if self.engine.device else None
+        if self.ep_size > 1 and device is not None and device.type != "cpu":
             raise ValueError(
                 f"--device {self.engine.device} with --ep {self.ep_size}: expert parallelism runs on CPU "
                 "(gloo) only; NCCL expert parallelism is not built"
