@@ -435,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-cpus-per-rank", type=float, default=None, help="--ray: CPUs each rank's actor reserves (1)"
     )
     s.add_argument(
-        "--ray-gpus-per-rank", type=float, default=None, help="--ray: GPUs each rank's actor reserves (0)"
+        "--ray-gpus-per-rank",
+        type=float,
+        default=None,
+        help="--ray: GPUs each rank's actor reserves (default: 1 with --device cuda, else 0)",
     )
     s.add_argument(
         "--ray-group-strategy",

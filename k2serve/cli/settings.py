@@ -15,7 +15,7 @@ from typing import Any
 
 from k2serve.api.settings import ServeSettings
 from k2serve.cluster.local import ClusterSpec
-from k2serve.cluster.ray_plan import RayOptions
+from k2serve.cluster.ray_plan import RayOptions, gpus_per_rank
 from k2serve.engine.config import EngineConfig
 from k2serve.experts.comm import EPConfigError
 from k2serve.experts.eplb import EPLBConfig
@@ -270,7 +270,8 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
 
 def ray_options(args: argparse.Namespace) -> RayOptions:
     """RayOptions from `k2serve up` flags; each flag is optional (its default when the CLI lacks it):
-    --ray-cpus-per-rank (1), --ray-gpus-per-rank (0: Ray then leaves CUDA_VISIBLE_DEVICES alone),
+    --ray-cpus-per-rank (1), --ray-gpus-per-rank (default 1 with --device cuda, else 0: Ray then leaves
+    CUDA_VISIBLE_DEVICES alone),
     --ray-group-strategy (STRICT_PACK), --ray-max-restarts (3)."""
 
     def flag(name: str, default: Any) -> Any:
@@ -278,7 +279,7 @@ def ray_options(args: argparse.Namespace) -> RayOptions:
         return default if value is None else value
 
     rank = {"CPU": float(flag("ray_cpus_per_rank", 1.0))}
-    if gpus := float(flag("ray_gpus_per_rank", 0.0)):
+    if gpus := gpus_per_rank(getattr(args, "device", None), getattr(args, "ray_gpus_per_rank", None)):
         rank["GPU"] = gpus
     return RayOptions(
         rank_resources=rank,
