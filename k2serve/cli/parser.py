@@ -35,6 +35,30 @@ def _parse_ids(text: str) -> list[int]:
         ) from e
 
 
+def _parse_speculative_config(text: str) -> str:
+    """Check --speculative-config's JSON now (a clear usage error naming the field); the JSON text is
+    what EngineConfig takes (and what `up` hands its workers)."""
+    from k2serve.engine.config import EngineConfigError, SpeculativeConfig  # only when the flag is given
+
+    try:
+        SpeculativeConfig.parse(text)
+    except EngineConfigError as e:
+        raise argparse.ArgumentTypeError(f"--speculative-config: {e}") from e
+    return text
+
+
+def add_speculative_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--speculative-config",
+        type=_parse_speculative_config,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, vLLM\'s speculative_config: e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (prompt lookup: '
+        "drafts verified in one forward pass; greedy output unchanged, sampled output distributed as without)",
+    )
+
+
 def add_model_args(s: argparse.ArgumentParser) -> None:
     """Where the model comes from: a checkpoint directory, or a preset initialised on the fly."""
     g = s.add_mutually_exclusive_group(required=True)
@@ -69,6 +93,7 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 429")
     s.add_argument("--no-prefix-caching", action="store_true")
+    add_speculative_arg(s)
     s.add_argument(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
@@ -325,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    add_speculative_arg(s)
     add_attention_backend_arg(s)
     add_device_arg(s)
     s.set_defaults(handler=commands.generate)

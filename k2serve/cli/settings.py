@@ -16,7 +16,7 @@ from typing import Any
 from k2serve.api.settings import ServeSettings
 from k2serve.cluster.local import ClusterSpec
 from k2serve.cluster.ray_plan import RayOptions, gpus_per_rank
-from k2serve.engine.config import EngineConfig
+from k2serve.engine.config import EngineConfig, SpeculativeConfig
 from k2serve.experts.comm import EPConfigError
 from k2serve.experts.eplb import EPLBConfig
 from k2serve.model.checkpoint import preset_checkpoint
@@ -53,6 +53,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting,
         kv_cache_dtype=args.kv_cache_dtype,
+        speculative_config=SpeculativeConfig.parse(getattr(args, "speculative_config", None)),
         attention_backend=args.attention_backend,
         device=args.device,
         moe_backend=args.moe_backend,
@@ -228,6 +229,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--max-model-len", str(args.max_model_len)]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
+    if getattr(args, "speculative_config", None):
+        out += ["--speculative-config", args.speculative_config]
     return tuple(out)
 
 

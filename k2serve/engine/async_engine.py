@@ -591,6 +591,9 @@ class AsyncEngine:
             num_preemptions=sched.num_preemptions,
             prefix_query_tokens=blocks.prefix_query_tokens,
             prefix_hit_tokens=blocks.prefix_hit_tokens,
+            spec_num_drafts=self._engine.spec_stats.num_drafts,
+            spec_num_draft_tokens=self._engine.spec_stats.num_draft_tokens,
+            spec_num_accepted_tokens=self._engine.spec_stats.num_accepted_tokens,
             queued_prefill_tokens=self._engine.queued_prefill_tokens(),
             prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
         )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +51,81 @@ def resolve_device(spec: str | torch.device | None, check_available: bool = True
     return device
 
 
+SPEC_METHODS = ("ngram", "suffix")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Model-free speculative decoding (vLLM's `speculative_config`): each decode step proposes up to
+    `num_speculative_tokens` draft tokens and verifies them in one forward pass; the output is the
+    same as without it (greedy: token for token; sampled: in distribution, by rejection sampling).
+
+    method "ngram" (prompt lookup): the longest suffix of the sequence so far, between
+    `prompt_lookup_min` and `prompt_lookup_max` tokens, that occurred earlier in it proposes the tokens
+    that followed that earlier occurrence (engine/spec_decode.py).
+
+    method "suffix": the same longest-suffix match, searched also in the outputs of the last
+    `suffix_decoding_max_cached_requests` finished requests of this engine (an agent loop re-emits
+    what earlier turns produced); the longest match wins, the sequence itself first on a tie, then the
+    most recent output. A linear scan, not vLLM's suffix tree: same drafts, more CPU per step.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    suffix_decoding_max_cached_requests: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise EngineConfigError(
+                f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}"
+            )
+        for name in (
+            "num_speculative_tokens",
+            "prompt_lookup_max",
+            "prompt_lookup_min",
+            "suffix_decoding_max_cached_requests",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineConfigError(f"speculative_config.{name} must be an integer >= 1, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise EngineConfigError(
+                f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | Mapping[str, Any] | str | None) -> SpeculativeConfig | None:
+        """A SpeculativeConfig from a dict (vLLM's `speculative_config`), its JSON text (the
+        --speculative-config flag) or None (off); raises EngineConfigError naming the bad field."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise EngineConfigError(f"speculative_config is not valid JSON: {e}") from e
+        if not isinstance(value, Mapping):
+            raise EngineConfigError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise EngineConfigError(
+                f"speculative_config has unknown field(s) {unknown}; known: {', '.join(sorted(known))}"
+            )
+        if "method" not in value:
+            raise EngineConfigError(
+                f"speculative_config.method is required (one of: {', '.join(SPEC_METHODS)})"
+            )
+        return cls(**value)
+
+    def to_json(self) -> str:
+        """The JSON text `parse` reads back (what `up` passes on to its workers)."""
+        return json.dumps({name: getattr(self, name) for name in self.__dataclass_fields__})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Sizes of the single-node engine.
@@ -59,6 +137,8 @@ class EngineConfig:
     max_num_batched_tokens: tokens computed per step (chunked prefill splits prompts to fit).
     kv_cache_dtype: what the pool stores, one of CACHE_DTYPES: "auto" (the model's dtype), "bf16",
     "fp32", or "fp8" (e4m3 c_kv with a per-token scale + bf16 RoPE keys, kvcache/fp8.py).
+    speculative_config: a SpeculativeConfig (or the dict / JSON text `SpeculativeConfig.parse`
+    reads), or None: no speculative decoding.
     attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
     attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
     TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
@@ -83,11 +163,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting: int = 4096
     kv_cache_dtype: str = "auto"
+    speculative_config: SpeculativeConfig | None = None
     attention_backend: str = "torch"
     moe_backend: str = "torch"
     device: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
