@@ -32,6 +32,7 @@ BENCHMARKS = {
     "long-neighbour": "k2serve.bench.long_neighbour",
     "spec-decode": "k2serve.bench.spec_decode",
     "kv-routing": "k2serve.bench.kv_routing",
+    "device": "k2serve.bench.device",
 }
 
 
@@ -54,7 +55,9 @@ def generate(args: argparse.Namespace) -> int:
     llm = LLM(
         args.model,
         dtype=args.dtype,
-        engine_config=EngineConfig(attention_backend=args.attention_backend),
+        engine_config=EngineConfig(
+            attention_backend=args.attention_backend, moe_backend=args.moe_backend, device=args.device
+        ),
         speculative_config=args.speculative_config,
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)

@@ -23,6 +23,7 @@ KV_CACHE_DTYPES = (
     "fp8",
 )  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
 ATTENTION_BACKENDS = ("torch", "triton")  # model.triton_attention.ATTENTION_BACKENDS, spelled out
+MOE_BACKENDS = ("torch", "triton")  # model.triton_moe.MOE_BACKENDS, spelled out
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -102,10 +103,29 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         "row); prefill and decode workers must use the same",
     )
     add_attention_backend_arg(s)
+    add_device_arg(s)
+
+
+def add_device_arg(s: argparse.ArgumentParser) -> None:
+    """--device (EngineConfig.device): where the weights, KV pool, step inputs and sampler live."""
+    s.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N: where the weights are loaded and the KV pool, step inputs and sampler "
+        "live (default: cuda when torch sees a GPU, else cpu); a worker passes it to its KV transfer",
+    )
 
 
 def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
-    """--attention-backend (EngineConfig.attention_backend): the engine flags have it, so has `generate`."""
+    """--attention-backend and --moe-backend (EngineConfig's): the engine flags have them, so has `generate`."""
+    s.add_argument(
+        "--moe-backend",
+        choices=MOE_BACKENDS,
+        default="torch",
+        help="routed experts: torch (per-expert GEMMs) or triton (the Triton grouped GEMM over the "
+        "experts: INT4 group-32 experts dequantised in registers, or bf16/fp32 dense experts; needs "
+        "CUDA, or TRITON_INTERPRET=1 on CPU)",
+    )
     s.add_argument(
         "--attention-backend",
         choices=ATTENTION_BACKENDS,
@@ -332,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_speculative_arg(s)
     add_attention_backend_arg(s)
+    add_device_arg(s)
     s.set_defaults(handler=commands.generate)
 
     s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")
@@ -440,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-cpus-per-rank", type=float, default=None, help="--ray: CPUs each rank's actor reserves (1)"
     )
     s.add_argument(
-        "--ray-gpus-per-rank", type=float, default=None, help="--ray: GPUs each rank's actor reserves (0)"
+        "--ray-gpus-per-rank",
+        type=float,
+        default=None,
+        help="--ray: GPUs each rank's actor reserves (default: 1 with --device cuda, else 0)",
     )
     s.add_argument(
         "--ray-group-strategy",

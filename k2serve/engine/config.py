@@ -7,14 +7,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from k2serve.kvcache.fp8 import CACHE_DTYPES
 from k2serve.model.triton_attention import ATTENTION_BACKENDS
+from k2serve.model.triton_moe import MOE_BACKENDS
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
 
 
 class EngineConfigError(ValueError):
     pass
+
+
+def resolve_device(spec: str | torch.device | None, check_available: bool = True) -> torch.device:
+    """The device `--device` names: "cpu", "cuda" or "cuda:N"; None: cuda when torch sees a GPU, else cpu.
+
+    EngineConfigError (naming the flag) for anything else and, with `check_available`, for cuda on a
+    machine where torch sees no GPU and for an index past the GPUs present (checked before any weight
+    is read; a config alone, e.g. one a chart renders, is checked for its spelling only).
+    """
+    if spec is None or spec == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise EngineConfigError(f"--device must be cpu, cuda or cuda:N, got {spec!r}") from e
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise EngineConfigError(f"--device must be cpu, cuda or cuda:N, got {spec!r}")
+    if not check_available:
+        return device
+    if not torch.cuda.is_available():
+        raise EngineConfigError(
+            f"--device {spec}: torch sees no CUDA device on this machine (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use --device cpu"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise EngineConfigError(
+            f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return device
 
 
 SPEC_METHODS = ("ngram", "suffix")
@@ -108,6 +142,12 @@ class EngineConfig:
     attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
     attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
     TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
+    moe_backend: one of MOE_BACKENDS: "torch" (per-expert loops / torch grouped GEMMs) or "triton" (the
+    routed experts through the Triton grouped GEMM, model/triton_moe.py: INT4 experts in the
+    compressed-tensors layout, bf16/fp32 dense experts; same CUDA-or-TRITON_INTERPRET=1 check).
+    device: where weights, the KV pool, the step inputs and the sampler live: "cpu", "cuda" or "cuda:N";
+    None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`: spelled right, checked
+    here; present on this machine, checked by `torch_device` when the engine loads).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -125,6 +165,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     speculative_config: SpeculativeConfig | None = None
     attention_backend: str = "torch"
+    moe_backend: str = "torch"
+    device: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
@@ -147,5 +189,15 @@ class EngineConfig:
             raise EngineConfigError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        if self.moe_backend not in MOE_BACKENDS:
+            raise EngineConfigError(
+                f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
+            )
+        resolve_device(self.device, check_available=False)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """`device` resolved (the default picked): where `LLMEngine.from_pretrained` loads the weights."""
+        return resolve_device(self.device)

@@ -46,14 +46,18 @@ class LLM:
         dtype: str | torch.dtype = "float32",
         engine_config: EngineConfig | None = None,
         speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
+        device: str | None = None,
     ) -> None:
         """`speculative_config`: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4,
         "prompt_lookup_max": 4, "prompt_lookup_min": 1} (EngineConfig.speculative_config; this one
-        wins when both are given)."""
+        wins when both are given). `device` ("cpu", "cuda", "cuda:N"): overrides `engine_config.device`
+        when given."""
         engine_config = engine_config or EngineConfig()
         if speculative_config is not None:
             spec = SpeculativeConfig.parse(speculative_config)
             engine_config = dataclasses.replace(engine_config, speculative_config=spec)
+        if device is not None:
+            engine_config = dataclasses.replace(engine_config, device=device)
         self.engine = LLMEngine.from_pretrained(model, _dtype(dtype), engine_config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -18,7 +18,7 @@ import torch
 
 from k2serve.chat.tokenizer import IncrementalDecoder, KimiTokenizer, load_tokenizer
 from k2serve.config import ModelConfig
-from k2serve.engine.config import EngineConfig
+from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
 from k2serve.engine.model_runner import ModelRunner, RowSpec
@@ -33,7 +33,9 @@ from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.loader import load_model
 from k2serve.model.model import K2Model
+from k2serve.model.moe import MoE
 from k2serve.model.triton_attention import check_backend
+from k2serve.model.triton_moe import check_moe_backend
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +126,19 @@ class LLMEngine:
     ) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        # the engine's tensors (pool, step inputs, sampler generators) live where the weights are
+        self.device = model.embed_tokens.weight.device
+        want = self.config.torch_device if self.config.device is not None else self.device
+        if want.type != self.device.type or want.index not in (None, self.device.index):
+            raise EngineConfigError(
+                f"--device {self.config.device}: the model's weights are on {self.device}"
+            )
         # before sizing and allocating the pool: the runner checks it again for its own callers
         check_backend(self.config.attention_backend, model.embed_tokens.weight.device)
+        check_moe_backend(self.config.moe_backend, self.device)
+        for layer in model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.experts.set_moe_backend(self.config.moe_backend)
         self.tokenizer = tokenizer
         mc = model.config
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
@@ -141,7 +154,7 @@ class LLMEngine:
             self.config.block_size,
             mc.kv_cache_dim,
             dt,
-            model.embed_tokens.weight.device,
+            self.device,
             fp8,
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
@@ -167,7 +180,10 @@ class LLMEngine:
     def from_pretrained(
         cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, config: EngineConfig | None = None
     ) -> LLMEngine:
-        model = load_model(model_dir, dtype)
+        config = config or EngineConfig()
+        check_moe_backend(config.moe_backend, config.torch_device)  # before reading any weight
+        layout = "ct" if config.moe_backend == "triton" else None  # the kernel reads the disk layout
+        model = load_model(model_dir, dtype, device=config.torch_device, int4_layout=layout)
         tokenizer, eos = tokenizer_and_eos(model_dir, model.config)
         return cls(model, config, tokenizer, eos)
 
@@ -205,7 +221,7 @@ class LLMEngine:
             request_id,
             list(prompt_token_ids),
             params,
-            generator=make_generator(params),
+            generator=make_generator(params, self.device),
             constraint=constraint,
             kv_sink=kv_sink,
         )
@@ -237,7 +253,7 @@ class LLMEngine:
             request_id,
             list(prompt_token_ids),
             params,
-            generator=make_generator(params),
+            generator=make_generator(params, self.device),
             constraint=constraint,
         )
         skip_draw(params, seq.generator, self.model.config.vocab_size)  # the prefill side sampled it

@@ -18,6 +18,7 @@ an fp8 pool stays on the torch path.
 from __future__ import annotations
 
 import array
+import dataclasses
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -70,6 +71,16 @@ class AttentionWork:
     key_blocks: torch.Tensor  # [N, B] long: pool blocks holding the item's keys (padding: block 0)
     key_pos: torch.Tensor  # [N, B * block_size] long: positions of the keys they hold (else PAD_KEY_POS)
     runs: list[KeyRun] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> AttentionWork:
+        """This work's index tensors on `device` (built on the host from Python lists, then one copy)."""
+        return dataclasses.replace(
+            self,
+            token=self.token.to(device, non_blocking=True),
+            q_pos=self.q_pos.to(device, non_blocking=True),
+            key_blocks=self.key_blocks.to(device, non_blocking=True),
+            key_pos=self.key_pos.to(device, non_blocking=True),
+        )
 
 
 @dataclass
@@ -376,13 +387,14 @@ def build_step_inputs(
         pad = bucket(len(ids)) - len(ids)
         ids.extend([0] * pad)
         positions.extend([0] * pad)
-        slots.append(torch.full((pad,), pad_slot, dtype=torch.long))
+        slots.append(torch.full((pad,), pad_slot, dtype=torch.long, device=pool.kv.device))
+    device = pool.kv.device  # every index tensor of the step goes where the pool is (one copy each)
     return StepInputs(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
         slots=torch.cat(slots),
-        work=work,
-        sample_index=torch.tensor(sample_index, dtype=torch.long),
+        work=[w.to(device) for w in work],
+        sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
     )
 
 
