@@ -6,6 +6,14 @@ GenerationBackend, and a gRPC server on a background event loop."""
 
 from __future__ import annotations
 
+import os
+
+# The Triton kernels run here (no GPU) under triton's interpreter, as a process started with
+# TRITON_INTERPRET=1 runs them. Set before anything imports triton: torch's own ops import it lazily, and
+# triton.language's @jit helpers (tl.max, tl.sum) decorated before the variable is set cannot be called
+# from an interpreted kernel later in the same process. Tests that need it unset delete it themselves.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import asyncio
 import datetime
 import ipaddress
