@@ -21,6 +21,7 @@ from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
+from k2serve.engine.kv_tiers import attach_tiers
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
@@ -124,6 +125,7 @@ class LLMEngine:
             fp8,
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.tiers = attach_tiers(self.blocks, self.pool, self.config)  # None without host / disk tiers
         self.scheduler = Scheduler(self.config, self.blocks)
         self.runner = ModelRunner(
             model,
