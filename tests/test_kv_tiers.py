@@ -188,3 +188,28 @@ def test_config_rejects_disk_size_without_directory() -> None:
         EngineConfig(kv_offload_disk_bytes=1 << 20)
     with pytest.raises(EngineConfigError, match="kv_offload_host_bytes must be >= 0"):
         EngineConfig(kv_offload_host_bytes=-1)
+
+
+def test_cli_flags_reach_the_engine_config_and_up_passes_them_on() -> None:
+    from k2serve.cli.parser import build_parser
+    from k2serve.cli.settings import engine_args_from_up, engine_config
+
+    flags = ["--kv-offload-host-mb", "64", "--kv-offload-dir", "/tmp/t", "--kv-offload-disk-mb", "256"]
+    flags += ["--kv-session-lease-s", "2.5"]
+    cfg = engine_config(build_parser().parse_args(["serve", "--preset", "tiny", *flags]))
+    assert (
+        cfg.kv_offload_host_bytes,
+        cfg.kv_offload_dir,
+        cfg.kv_offload_disk_bytes,
+        cfg.kv_session_lease_s,
+    ) == (
+        64 << 20,
+        "/tmp/t",
+        256 << 20,
+        2.5,
+    )
+    passed = engine_args_from_up(build_parser().parse_args(["up", "--preset", "tiny", *flags]))
+    assert list(passed[-len(flags) :]) == flags
+    assert "--kv-offload-host-mb" not in engine_args_from_up(
+        build_parser().parse_args(["up", "--preset", "tiny"])
+    )
