@@ -213,3 +213,67 @@ def test_cli_flags_reach_the_engine_config_and_up_passes_them_on() -> None:
     assert "--kv-offload-host-mb" not in engine_args_from_up(
         build_parser().parse_args(["up", "--preset", "tiny"])
     )
+
+
+# ---- session leases ----------------------------------------------------------------------------
+
+
+def test_lease_keeps_blocks_until_expiry_or_next_turn_or_pressure() -> None:
+    from k2serve.kvcache.block_manager import NoFreeBlocksError
+    from k2serve.kvcache.leases import SessionLeases
+
+    now = [100.0]
+    bm = BlockManager(6, 4)
+    leases = SessionLeases(bm, 10.0, clock=lambda: now[0])
+    turn = list(range(10))  # 2 full blocks + a partial one
+    a = bm.allocate(turn)
+    bm.mark_computed(a.block_table, turn, 10)
+    bm.free(a.block_table)
+    assert leases.hold("s", turn) == 2 and leases.num_leased_blocks == 2
+    with pytest.raises(NoFreeBlocksError):  # 4 left: the leased blocks are not evictable
+        bm.allocate(list(range(100, 120)))
+    other = list(range(100, 116))
+    filler = bm.allocate(other)
+    bm.mark_computed(filler.block_table, other, 16)
+    bm.free(filler.block_table)
+    again = bm.allocate(turn + [7])
+    assert again.num_cached_tokens == 8  # still cached after the filler
+    bm.free(again.block_table)
+    now[0] = 109.0
+    assert leases.expire() == 0
+    now[0] = 110.0
+    assert leases.expire() == 1 and leases.num_leased_blocks == 0 and leases.expired_total == 1
+    # pressure: a new lease ends early when a request needs its blocks
+    assert leases.hold("t", other) == 3  # 4 cached blocks, the 4th since evicted for `again`
+    assert leases.relieve(lambda: bm.can_allocate(list(range(200, 224)))) == 1 and len(leases) == 0
+    # the next turn ends the lease
+    assert leases.hold("u", turn) == 2
+    assert leases.release("u") and not leases.release("u")
+    with pytest.raises(ValueError, match="lease_s"):
+        SessionLeases(bm, 0)
+
+
+@pytest.mark.parametrize("lease_s", [0.0, 3600.0])
+def test_engine_lease_keeps_session_prefix_on_device(tiny_ckpt: Path, lease_s: float) -> None:
+    engine = make_engine(tiny_ckpt, kv_session_lease_s=lease_s)
+    engine.add_request("t1", prompt(1), GREEDY, session_id="sess")
+    first: list[int] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            first = o.token_ids if o.finished else first
+    leased = engine.leases.leases.num_leased_blocks if engine.leases is not None else 0
+    assert leased == (5 if lease_s else 0)  # 40 prompt + 7 computed output tokens: 5 full blocks
+    for s in (2, 3, 4):  # other traffic that would evict them
+        generate(engine, f"x{s}", prompt(s))
+    turn2 = prompt(1) + first + [5, 6, 7]
+    engine.add_request("t2", turn2, GREEDY, session_id="sess")
+    if engine.leases is not None:
+        assert engine.leases.leases.num_leased_blocks == 0  # the next turn ended the lease
+    cached = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            cached = o.num_cached_tokens if o.finished else cached
+    assert cached == (40 if lease_s else 0)
+    engine.blocks.check_invariants(
+        [t for t, _ in engine.leases.leases._leases.values()] if engine.leases is not None else []
+    )

@@ -21,7 +21,7 @@ from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
-from k2serve.engine.kv_tiers import attach_tiers
+from k2serve.engine.kv_tiers import EngineLeases, attach_tiers
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
@@ -126,6 +126,7 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.tiers = attach_tiers(self.blocks, self.pool, self.config)  # None without host / disk tiers
+        self.leases = EngineLeases.build(self.blocks, self.config)  # None without kv_session_lease_s
         self.scheduler = Scheduler(self.config, self.blocks)
         self.runner = ModelRunner(
             model,
@@ -170,10 +171,13 @@ class LLMEngine:
         params: SamplingParams,
         constraint: Any = None,
         kv_sink: KVSink | None = None,
+        session_id: str | None = None,
     ) -> None:
         """Queue a request. `constraint` (a GrammarConstraint) restricts every sampled token; the
         request then also finishes ("stop") when the grammar terminates. `kv_sink(layer, kv)` receives
-        every layer's latent of the whole prompt as soon as it is computed (disaggregated prefill)."""
+        every layer's latent of the whole prompt as soon as it is computed (disaggregated prefill).
+        `session_id`: the agent session of this turn (with kv_session_lease_s its blocks are leased
+        when it finishes, and this turn ends the session's previous lease)."""
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -190,6 +194,8 @@ class LLMEngine:
         self.seqs[request_id] = seq
         self._attach_decoder(seq)
         self.scheduler.add(seq)
+        if self.leases is not None:
+            self.leases.added(request_id, session_id)
 
     def add_prefilled_request(
         self,
@@ -284,6 +290,8 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
         self._decoders.pop(request_id, None)
+        if self.leases is not None:
+            self.leases.dropped(request_id)
         if seq is None or seq.is_finished:
             return False
         self.scheduler.finish(seq, "abort")
@@ -295,6 +303,9 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        if self.leases is not None:
+            waiting = self.scheduler.waiting
+            self.leases.before_schedule(self.blocks, waiting[0].token_ids if waiting else None)
         sched = self.scheduler.schedule()
         if not sched.chunks:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -321,7 +332,10 @@ class LLMEngine:
             c.seq.num_computed_tokens += c.num_tokens
             self.blocks.mark_computed(c.seq.block_table, c.seq.token_ids, c.seq.num_computed_tokens)
         sampling = [c.seq for c in sched.chunks if c.samples]
-        return self._postprocess(sampling, logits)
+        outputs = self._postprocess(sampling, logits)
+        if self.leases is not None:
+            self.leases.after_step(outputs)
+        return outputs
 
     def _observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
         """Fold one step's prompt tokens per second into `prefill_tokens_per_s` (weight 0.2 on the new one)."""

@@ -233,6 +233,25 @@ class BlockManager:
         self.prefix_query_tokens += len(token_ids)
         return Allocation(block_table=table, num_cached_tokens=len(hits) * self.block_size)
 
+    def pin_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Take one more reference to each device block of the cached full-block prefix of `token_ids`
+        (stopping at the first block not in the pool) and return them: a session lease keeps them from
+        eviction until `free` of the returned table. Takes nothing from the tiers."""
+        table: list[int] = []
+        if not self.enable_prefix_caching:
+            return table
+        parent: int | None = None
+        for k in range(len(token_ids) // self.block_size):
+            parent = block_hash(parent, token_ids[k * self.block_size : (k + 1) * self.block_size])
+            block = self._hash_to_block.get(parent)
+            if block is None:
+                break
+            if self._ref_count[block] == 0:
+                del self._evictable[block]
+            self._ref_count[block] += 1
+            table.append(block)
+        return table
+
     def allocate_fresh(self, num_tokens: int) -> list[int]:
         """Unshared blocks covering `num_tokens` positions, for KV that will be written from elsewhere
         (a decode worker receiving a prompt's latent). No prefix matching: a received block is never
