@@ -277,3 +277,46 @@ def test_engine_lease_keeps_session_prefix_on_device(tiny_ckpt: Path, lease_s: f
     engine.blocks.check_invariants(
         [t for t, _ in engine.leases.leases._leases.values()] if engine.leases is not None else []
     )
+
+
+def test_worker_metrics_count_tier_hits_bytes_and_leases(tiny_ckpt: Path) -> None:
+    import asyncio
+
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from k2serve.chat.tokenizer import load_tokenizer
+    from k2serve.engine.async_engine import AsyncEngine
+    from k2serve.engine.protocol import GenerateRequest, SessionHint
+
+    engine = make_engine(tiny_ckpt, kv_offload_host_bytes=1 << 30, kv_session_lease_s=3600.0)
+    engine.tokenizer = load_tokenizer(tiny_ckpt)
+    be = AsyncEngine(engine, "tiny", engine_id="e0")
+    be.start()
+
+    async def run(rid: str, seed: int, session: str | None = None) -> None:
+        hint = SessionHint(session) if session else None
+        async for _ in await be.generate(GenerateRequest(rid, prompt(seed), GREEDY, None, hint)):
+            pass
+
+    try:
+        asyncio.run(run("s1", 1, "sess"))  # leased: 5 blocks stay on the device
+        for i, s in enumerate((2, 3, 2)):  # prompt 3 evicts prompt 2 into the host tier; 2 reloads
+            asyncio.run(run(f"r{i}", s))
+        got = {}
+        for fam in text_string_to_metric_families(generate_latest(be.metrics.registry).decode()):
+            for smp in fam.samples:
+                got[(smp.name, smp.labels.get("tier"))] = smp.value
+    finally:
+        be.shutdown()
+    bb = engine.pool.bytes_per_block
+    assert got[("k2serve_kv_leased_blocks", None)] == 5
+    # 7 unleased blocks: prompt 3 takes the 2 free ones and evicts 4 of prompt 2's 5 cached blocks
+    # (freed tail first), so prompt 2's 4-block prefix comes back as 1 device + 3 host blocks
+    assert got[("k2serve_kv_tier_hit_tokens_total", "host")] == 24
+    assert got[("k2serve_kv_tier_hit_tokens_total", "disk")] == 0
+    assert got[("k2serve_kv_tier_hit_tokens_total", "device")] == 8 == engine.blocks.prefix_hit_tokens - 24
+    assert got[("k2serve_kv_reload_bytes_total", "host")] == 3 * bb
+    assert got[("k2serve_kv_offload_bytes_total", "host")] >= 4 * bb
+    assert got[("k2serve_kv_tier_blocks", "host")] >= 4
+    assert got[("k2serve_kv_tier_corrupt_blocks_total", None)] == 0

@@ -34,6 +34,7 @@ from k2serve.chat.tokenizer import KimiTokenizer
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.group import GroupLostError, LockstepGroup
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
+from k2serve.engine.kv_tiers import tier_stats
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.metrics import EngineMetrics, RequestTimes
 from k2serve.engine.protocol import (
@@ -604,6 +605,7 @@ class AsyncEngine:
             prefix_hit_tokens=blocks.prefix_hit_tokens,
             queued_prefill_tokens=self._engine.queued_prefill_tokens(),
             prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
+            kv_tiers=tier_stats(self._engine.tiers, self._engine.leases),
         )
 
     @staticmethod

@@ -8,12 +8,13 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from k2serve.engine.config import EngineConfig
+from k2serve.engine.protocol import KVTierStats
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.leases import SessionLeases
 from k2serve.kvcache.pool import KVCachePool
-from k2serve.kvcache.tiers import KVTiers
+from k2serve.kvcache.tiers import TIERS, KVTiers
 
-__all__ = ["EngineLeases", "attach_tiers"]
+__all__ = ["EngineLeases", "attach_tiers", "tier_stats"]
 
 
 def attach_tiers(blocks: BlockManager, pool: KVCachePool, config: EngineConfig) -> KVTiers | None:
@@ -81,3 +82,26 @@ class EngineLeases:
                 session_id = self._session_of.pop(o.request_id, None)
                 if session_id is not None:
                     self.leases.hold(session_id, o.prompt_token_ids + o.token_ids)
+
+
+def tier_stats(tiers: KVTiers | None, leases: EngineLeases | None) -> KVTierStats | None:
+    """A snapshot of the tiers' counters and the leased blocks for metrics; None with neither."""
+    if tiers is None and leases is None:
+        return None
+    leased = leases.leases.num_leased_blocks if leases is not None else 0
+    if tiers is None:
+        zero = dict.fromkeys(TIERS, 0)
+        return KVTierStats(
+            zero, zero, dict.fromkeys(TIERS, 0.0), zero, dict.fromkeys(TIERS, 0.0), zero, 0, leased
+        )
+    st = tiers.stats
+    return KVTierStats(
+        hit_tokens=dict(st.hit_tokens),
+        offload_bytes=dict(st.offload_bytes),
+        offload_seconds=dict(st.offload_seconds),
+        reload_bytes=dict(st.reload_bytes),
+        reload_seconds=dict(st.reload_seconds),
+        blocks={"host": len(tiers.host or ()), "disk": len(tiers.disk or ())},
+        corrupt_blocks=st.corrupt_blocks,
+        leased_blocks=leased,
+    )

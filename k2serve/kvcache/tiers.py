@@ -33,7 +33,7 @@ import xxhash
 
 from k2serve.kvcache.pool import KVCachePool
 
-__all__ = ["DiskTier", "HostTier", "KVTiers", "TierStats"]
+__all__ = ["TIERS", "DiskTier", "HostTier", "KVTiers", "TierStats"]
 
 TIERS = ("host", "disk")
 _MAGIC = b"K2KVBLK1"
