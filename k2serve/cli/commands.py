@@ -31,6 +31,7 @@ BENCHMARKS = {
     "long-context": "k2serve.bench.long_context",
     "long-neighbour": "k2serve.bench.long_neighbour",
     "kv-routing": "k2serve.bench.kv_routing",
+    "kv-tiers": "k2serve.bench.kv_tiers",
 }
 
 
