@@ -71,7 +71,9 @@ class KVEventLog:
 
     An event is (chain hash, removed): stored when a computed full block is registered under its hash
     (only the block the hash map points at: a duplicate computed at the same time is private and never
-    reported), removed when that block is evicted and its hash forgotten. These are the hashes vLLM's
+    reported), removed when that block is evicted and its hash forgotten (with tiers attached: when it
+    leaves the last tier; a block offloaded to a tier stays "stored", the worker still has it, and its
+    reload publishes stored again, which the index takes as a no-op). These are the hashes vLLM's
     and Dynamo's KV events carry. The log holds at most `max_events`; past that it forgets them all and
     says so (`drain` returns overflowed=True): the reader must then resynchronise from a full snapshot
     (`BlockManager.stored_hashes`), so a reader that stops reading never costs more than the bound."""
