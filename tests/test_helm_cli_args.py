@@ -22,6 +22,7 @@ from test_helm_chart import NAMESPACE, VALUE_SETS, by_name
 from test_helm_objects import FULL, pod_specs
 
 from k2serve.cli import build_parser
+from k2serve.cli.settings import engine_config
 from k2serve.rpc.auth import write_token_file
 
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -245,3 +246,30 @@ def test_router_tls_and_api_key_flags() -> None:
     assert ns.tls_cert == f"{mounts['tls']}/tls.crt" and ns.tls_key == f"{mounts['tls']}/tls.key"
     assert ns.api_key is None  # the key reaches the router as $K2SERVE_API_KEY, never as a flag
     assert ns.served_model_name == "kimi-k2"
+
+
+def test_gpu_workers_run_on_cuda_with_nccl_settings() -> None:
+    """gpu.enabled: a worker with ep.size 1 gets --device cuda (an expert-parallel rank --device cpu:
+    its collectives are gloo), /dev/shm sized by gpu.shmSize, and gpu.nccl.env in its environment;
+    without GPUs no --device flag, the role's shmSize and no NCCL variables."""
+    values = {**VALUE_SETS["gpu-hpa"], "gpu": {"enabled": True, "shmSize": "24Gi", "nccl": {"env": _NCCL}}}
+    for role in ("prefill", "decode"):
+        for _, c, ns in _by_command(values)[role]:
+            assert ns.device == "cuda"
+            assert engine_config(ns).device == "cuda"
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert {k: env[k] for k in _NCCL} == _NCCL
+            assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["dshm"] == "/dev/shm"
+        spec = by_name(values, "StatefulSet", f"{FULL}-{role}")["spec"]["template"]["spec"]
+        dshm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+        assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "24Gi"}
+    for role in ("prefill", "decode"):  # expert-parallel ranks: one GPU each, engine on CPU
+        assert {ns.device for _, _, ns in _by_command(VALUE_SETS["ep-groups"])[role]} == {"cpu"}
+    for role in ("prefill", "decode"):
+        for _, c, ns in _by_command(VALUE_SETS["defaults"])[role]:
+            assert ns.device is None and not any(e["name"].startswith("NCCL_") for e in c["env"])
+        spec = by_name(VALUE_SETS["defaults"], "StatefulSet", f"{FULL}-{role}")["spec"]["template"]["spec"]
+        assert next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "1Gi"
+
+
+_NCCL = {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_DISABLE": "1"}

@@ -3,6 +3,7 @@ naming the numbers, and requests longer than the pool can ever hold refused up f
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import grpc
@@ -140,3 +141,35 @@ def test_command_line_budget() -> None:
         build_parser().parse_args(
             ["serve", "--preset", "tiny", "--memory-budget-mb", "512", "--kv-cache-mb", "8"]
         )
+
+
+def test_device_free_memory_caps_the_budget() -> None:
+    """On CUDA the KV bytes are min(budget - weights - activations, free after the weights - activations)."""
+    from k2serve.engine.kv_sizing import budget_kv_bytes
+
+    kv, how = budget_kv_bytes(100, 30, 10, None)
+    assert kv == 60 and how.startswith("memory budget")
+    assert budget_kv_bytes(100, 30, 10, 1000)[0] == 60  # the device has room: the budget decides
+    kv, how = budget_kv_bytes(100, 30, 10, 40)  # 40 free after the weights: 30 for KV
+    assert kv == 30 and how.startswith("device free")
+
+
+def test_size_kv_asks_the_device_for_free_memory(model: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA code path with the numbers passed in: a device with less free memory than the budget
+    leaves gets a smaller pool, and the refusal names the device's free memory."""
+    import k2serve.engine.kv_sizing as kv_sizing
+
+    asked: list[torch.device] = []
+
+    def free(device: torch.device) -> int:
+        asked.append(device)
+        return 40 * MiB
+
+    monkeypatch.setattr(kv_sizing, "free_device_bytes", free)
+    cfg = EngineConfig(block_size=8, memory_budget_bytes=1 << 40, max_num_batched_tokens=64, max_num_seqs=4)
+    s = kv_sizing.size_kv(model, cfg)  # type: ignore[arg-type]
+    assert asked == [torch.device("cpu")]
+    assert s.num_blocks == (40 * MiB - s.activations) // per_block(model) - 1
+    monkeypatch.setattr(kv_sizing, "free_device_bytes", lambda device: 1 * MiB)
+    with pytest.raises(EngineConfigError, match="device free"):
+        kv_sizing.size_kv(model, dataclasses.replace(cfg, max_model_len=4096))  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from k2serve.cli import build_parser, main
 from k2serve.cli.settings import cluster_spec, ray_options
 from k2serve.cluster.local import LocalCluster, Proc
 from k2serve.cluster.ray_actor import NODE_IP, REDIS_PASSWORD_FILE, REDIS_URL
-from k2serve.cluster.ray_plan import GroupPlan, RayOptions
+from k2serve.cluster.ray_plan import GroupPlan, RayOptions, plan_groups
 from k2serve.cluster.ray_runtime import RayCluster, RayUnavailableError
 
 if TYPE_CHECKING:
@@ -179,3 +179,24 @@ def test_without_the_ray_package_up_says_how_to_install_it(
         RayCluster(cluster_spec(build_parser().parse_args(UP)), "auto").start()
     assert main(list(UP)) == 2  # the CLI sends --ray to the Ray launcher
     assert "k2serve[ray]" in capsys.readouterr().err
+
+
+def test_ranks_ask_ray_for_a_gpu_when_the_workers_run_on_cuda() -> None:
+    from k2serve.cluster.ray_plan import gpus_per_rank
+
+    assert (gpus_per_rank(None, None), gpus_per_rank("cpu", None), gpus_per_rank("cuda", None)) == (0, 0, 1)
+    assert (gpus_per_rank("cuda:0", 2), gpus_per_rank("cpu", 0.5)) == (2, 0.5)
+    with pytest.raises(ValueError, match="--device cuda needs --ray-gpus-per-rank > 0"):
+        gpus_per_rank("cuda", 0)
+    base = [a for a in UP if a not in ("--ep", "4")]
+    opts = ray_options(build_parser().parse_args([*base, "--device", "cuda"]))
+    assert dict(opts.rank_resources) == {"CPU": 1.0, "GPU": 1.0}
+    spec = cluster_spec(build_parser().parse_args([*base, "--device", "cuda"]))
+    assert spec.engine_args[spec.engine_args.index("--device") + 1] == "cuda"  # every worker gets it
+    plan = plan_groups(spec, opts, [])
+    workers = [g for g in plan if g.role != "router"]
+    assert len(workers) == 5 and all(b == {"CPU": 1.0, "GPU": 1.0} for g in workers for b in g.bundles)
+    assert plan[0].bundles == ({"CPU": 1.0},)  # the router asks for no GPU
+    assert dict(ray_options(build_parser().parse_args([*base, "--device", "cpu"])).rank_resources) == {
+        "CPU": 1.0
+    }

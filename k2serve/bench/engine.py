@@ -15,12 +15,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from k2serve.config import ModelConfig
 from k2serve.extras import MissingExtraError
+
+if TYPE_CHECKING:
+    from k2serve.engine.llm import LLM
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -53,22 +56,29 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def run_engine(
-    model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
-) -> dict[str, Any]:
+def make_llm(model_dir: Path, max_num_seqs: int, max_prompt_len: int, dtype: torch.dtype) -> LLM:
+    """The engine as the benchmarks run it: up to `max_num_seqs` sequences per step, a whole prompt of
+    `max_prompt_len` tokens in one prefill chunk, and no prefix caching (a repeated prompt is recomputed,
+    so rounds over the same prompts time the same work)."""
     from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm import LLM
-    from k2serve.engine.sampling_params import SamplingParams
 
-    n = len(prompts)
     cfg = EngineConfig(
         block_size=16,
         kv_cache_bytes=2 << 30,
-        max_num_seqs=max(n, 1),
-        max_num_batched_tokens=max(2048, len(prompts[0]) + 1),
+        max_num_seqs=max(max_num_seqs, 1),
+        max_num_batched_tokens=max(2048, max_prompt_len + 1),
         enable_prefix_caching=False,
     )
-    llm = LLM(model_dir, dtype=dtype, engine_config=cfg)
+    return LLM(model_dir, dtype=dtype, engine_config=cfg)
+
+
+def run_engine(
+    model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    from k2serve.engine.sampling_params import SamplingParams
+
+    llm = make_llm(model_dir, len(prompts), len(prompts[0]), dtype)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
     t = time.perf_counter()

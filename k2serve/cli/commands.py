@@ -30,8 +30,10 @@ BENCHMARKS = {
     "tool-schemas": "k2serve.bench.tool_schemas",
     "long-context": "k2serve.bench.long_context",
     "long-neighbour": "k2serve.bench.long_neighbour",
+    "spec-decode": "k2serve.bench.spec_decode",
     "kv-routing": "k2serve.bench.kv_routing",
     "kv-tiers": "k2serve.bench.kv_tiers",
+    "device": "k2serve.bench.device",
 }
 
 
@@ -52,7 +54,12 @@ def generate(args: argparse.Namespace) -> int:
     from k2serve.engine.sampling_params import SamplingParams
 
     llm = LLM(
-        args.model, dtype=args.dtype, engine_config=EngineConfig(attention_backend=args.attention_backend)
+        args.model,
+        dtype=args.dtype,
+        engine_config=EngineConfig(
+            attention_backend=args.attention_backend, moe_backend=args.moe_backend, device=args.device
+        ),
+        speculative_config=args.speculative_config,
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompts: list[str | list[int]] = [args.prompt] if args.prompt is not None else [args.prompt_ids]

@@ -23,6 +23,7 @@ KV_CACHE_DTYPES = (
     "fp8",
 )  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
 ATTENTION_BACKENDS = ("torch", "triton")  # model.triton_attention.ATTENTION_BACKENDS, spelled out
+MOE_BACKENDS = ("torch", "triton")  # model.triton_moe.MOE_BACKENDS, spelled out
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -32,6 +33,30 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"--prompt-ids must be comma-separated integers, got {text!r}"
         ) from e
+
+
+def _parse_speculative_config(text: str) -> str:
+    """Check --speculative-config's JSON now (a clear usage error naming the field); the JSON text is
+    what EngineConfig takes (and what `up` hands its workers)."""
+    from k2serve.engine.config import EngineConfigError, SpeculativeConfig  # only when the flag is given
+
+    try:
+        SpeculativeConfig.parse(text)
+    except EngineConfigError as e:
+        raise argparse.ArgumentTypeError(f"--speculative-config: {e}") from e
+    return text
+
+
+def add_speculative_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--speculative-config",
+        type=_parse_speculative_config,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, vLLM\'s speculative_config: e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (prompt lookup: '
+        "drafts verified in one forward pass; greedy output unchanged, sampled output distributed as without)",
+    )
 
 
 def add_model_args(s: argparse.ArgumentParser) -> None:
@@ -68,6 +93,7 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 429")
     s.add_argument("--no-prefix-caching", action="store_true")
+    add_speculative_arg(s)
     s.add_argument(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
@@ -100,10 +126,29 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         "until its next turn arrives (an agent's tool call); 0 = off",
     )
     add_attention_backend_arg(s)
+    add_device_arg(s)
+
+
+def add_device_arg(s: argparse.ArgumentParser) -> None:
+    """--device (EngineConfig.device): where the weights, KV pool, step inputs and sampler live."""
+    s.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N: where the weights are loaded and the KV pool, step inputs and sampler "
+        "live (default: cuda when torch sees a GPU, else cpu); a worker passes it to its KV transfer",
+    )
 
 
 def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
-    """--attention-backend (EngineConfig.attention_backend): the engine flags have it, so has `generate`."""
+    """--attention-backend and --moe-backend (EngineConfig's): the engine flags have them, so has `generate`."""
+    s.add_argument(
+        "--moe-backend",
+        choices=MOE_BACKENDS,
+        default="torch",
+        help="routed experts: torch (per-expert GEMMs) or triton (the Triton grouped GEMM over the "
+        "experts: INT4 group-32 experts dequantised in registers, or bf16/fp32 dense experts; needs "
+        "CUDA, or TRITON_INTERPRET=1 on CPU)",
+    )
     s.add_argument(
         "--attention-backend",
         choices=ATTENTION_BACKENDS,
@@ -328,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    add_speculative_arg(s)
     add_attention_backend_arg(s)
+    add_device_arg(s)
     s.set_defaults(handler=commands.generate)
 
     s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")
@@ -437,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-cpus-per-rank", type=float, default=None, help="--ray: CPUs each rank's actor reserves (1)"
     )
     s.add_argument(
-        "--ray-gpus-per-rank", type=float, default=None, help="--ray: GPUs each rank's actor reserves (0)"
+        "--ray-gpus-per-rank",
+        type=float,
+        default=None,
+        help="--ray: GPUs each rank's actor reserves (default: 1 with --device cuda, else 0)",
     )
     s.add_argument(
         "--ray-group-strategy",

@@ -15,8 +15,8 @@ from typing import Any
 
 from k2serve.api.settings import ServeSettings
 from k2serve.cluster.local import ClusterSpec
-from k2serve.cluster.ray_plan import RayOptions
-from k2serve.engine.config import EngineConfig
+from k2serve.cluster.ray_plan import RayOptions, gpus_per_rank
+from k2serve.engine.config import EngineConfig, SpeculativeConfig
 from k2serve.experts.comm import EPConfigError
 from k2serve.experts.eplb import EPLBConfig
 from k2serve.model.checkpoint import preset_checkpoint
@@ -53,11 +53,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting,
         kv_cache_dtype=args.kv_cache_dtype,
+        speculative_config=SpeculativeConfig.parse(getattr(args, "speculative_config", None)),
         attention_backend=args.attention_backend,
         kv_offload_host_bytes=args.kv_offload_host_mb << 20,
         kv_offload_dir=args.kv_offload_dir,
         kv_offload_disk_bytes=args.kv_offload_disk_mb << 20,
         kv_session_lease_s=args.kv_session_lease_s,
+        device=args.device,
+        moe_backend=args.moe_backend,
     )
 
 
@@ -217,7 +220,11 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         args.kv_cache_dtype,
         "--attention-backend",
         args.attention_backend,
+        "--moe-backend",
+        args.moe_backend,
     ]
+    if args.device is not None:
+        out += ["--device", args.device]
     if args.kv_cache_mb is not None:
         out += ["--kv-cache-mb", str(args.kv_cache_mb)]
     if args.memory_budget_mb is not None:
@@ -234,6 +241,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--kv-offload-disk-mb", str(args.kv_offload_disk_mb)]
     if args.kv_session_lease_s:
         out += ["--kv-session-lease-s", str(args.kv_session_lease_s)]
+    if getattr(args, "speculative_config", None):
+        out += ["--speculative-config", args.speculative_config]
     return tuple(out)
 
 
@@ -276,7 +285,8 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
 
 def ray_options(args: argparse.Namespace) -> RayOptions:
     """RayOptions from `k2serve up` flags; each flag is optional (its default when the CLI lacks it):
-    --ray-cpus-per-rank (1), --ray-gpus-per-rank (0: Ray then leaves CUDA_VISIBLE_DEVICES alone),
+    --ray-cpus-per-rank (1), --ray-gpus-per-rank (default 1 with --device cuda, else 0: Ray then leaves
+    CUDA_VISIBLE_DEVICES alone),
     --ray-group-strategy (STRICT_PACK), --ray-max-restarts (3)."""
 
     def flag(name: str, default: Any) -> Any:
@@ -284,7 +294,7 @@ def ray_options(args: argparse.Namespace) -> RayOptions:
         return default if value is None else value
 
     rank = {"CPU": float(flag("ray_cpus_per_rank", 1.0))}
-    if gpus := float(flag("ray_gpus_per_rank", 0.0)):
+    if gpus := gpus_per_rank(getattr(args, "device", None), getattr(args, "ray_gpus_per_rank", None)):
         rank["GPU"] = gpus
     return RayOptions(
         rank_resources=rank,

@@ -108,6 +108,19 @@ class GroupPlan:
         return out
 
 
+def gpus_per_rank(device: str | None, requested: float | None) -> float:
+    """The GPUs a worker process's bundle asks for: `requested` (--ray-gpus-per-rank) when given, else
+    one per rank when the workers run with --device cuda / cuda:N (each rank then sees the one GPU Ray
+    assigned it as cuda:0 through CUDA_VISIBLE_DEVICES), else none. --device cuda with 0 GPUs is
+    refused: the workers would find no device."""
+    cuda = device is not None and device.startswith("cuda")
+    if requested is None:
+        return 1.0 if cuda else 0.0
+    if cuda and requested <= 0:
+        raise ValueError(f"--device {device} needs --ray-gpus-per-rank > 0 (got {requested:g})")
+    return float(requested)
+
+
 def fits(need: Mapping[str, float], have: Mapping[str, float]) -> bool:
     return all(have.get(k, 0.0) >= v for k, v in need.items() if v > 0)
 

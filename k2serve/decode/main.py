@@ -21,7 +21,7 @@ async def run(settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     engine = load_engine(settings, stop)
     engine.start()
-    options: dict[str, object] = {}
+    options: dict[str, object] = settings.kv_transfer_options()
     if settings.transfer_backend == "grpc":  # torch.distributed carries no credential (see README)
         options["interceptors"] = settings.internal.thread_server_interceptors()
     if settings.tls is not None:

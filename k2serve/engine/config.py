@@ -2,16 +2,128 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from k2serve.kvcache.fp8 import CACHE_DTYPES
 from k2serve.model.triton_attention import ATTENTION_BACKENDS
+from k2serve.model.triton_moe import MOE_BACKENDS
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
 
 
 class EngineConfigError(ValueError):
     pass
+
+
+def resolve_device(spec: str | torch.device | None, check_available: bool = True) -> torch.device:
+    """The device `--device` names: "cpu", "cuda" or "cuda:N"; None: cuda when torch sees a GPU, else cpu.
+
+    EngineConfigError (naming the flag) for anything else and, with `check_available`, for cuda on a
+    machine where torch sees no GPU and for an index past the GPUs present (checked before any weight
+    is read; a config alone, e.g. one a chart renders, is checked for its spelling only).
+    """
+    if spec is None or spec == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise EngineConfigError(f"--device must be cpu, cuda or cuda:N, got {spec!r}") from e
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise EngineConfigError(f"--device must be cpu, cuda or cuda:N, got {spec!r}")
+    if not check_available:
+        return device
+    if not torch.cuda.is_available():
+        raise EngineConfigError(
+            f"--device {spec}: torch sees no CUDA device on this machine (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use --device cpu"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise EngineConfigError(
+            f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return device
+
+
+SPEC_METHODS = ("ngram", "suffix")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Model-free speculative decoding (vLLM's `speculative_config`): each decode step proposes up to
+    `num_speculative_tokens` draft tokens and verifies them in one forward pass; the output is the
+    same as without it (greedy: token for token; sampled: in distribution, by rejection sampling).
+
+    method "ngram" (prompt lookup): the longest suffix of the sequence so far, between
+    `prompt_lookup_min` and `prompt_lookup_max` tokens, that occurred earlier in it proposes the tokens
+    that followed that earlier occurrence (engine/spec_decode.py).
+
+    method "suffix": the same longest-suffix match, searched also in the outputs of the last
+    `suffix_decoding_max_cached_requests` finished requests of this engine (an agent loop re-emits
+    what earlier turns produced); the longest match wins, the sequence itself first on a tie, then the
+    most recent output. A linear scan, not vLLM's suffix tree: same drafts, more CPU per step.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    suffix_decoding_max_cached_requests: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise EngineConfigError(
+                f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}"
+            )
+        for name in (
+            "num_speculative_tokens",
+            "prompt_lookup_max",
+            "prompt_lookup_min",
+            "suffix_decoding_max_cached_requests",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineConfigError(f"speculative_config.{name} must be an integer >= 1, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise EngineConfigError(
+                f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | Mapping[str, Any] | str | None) -> SpeculativeConfig | None:
+        """A SpeculativeConfig from a dict (vLLM's `speculative_config`), its JSON text (the
+        --speculative-config flag) or None (off); raises EngineConfigError naming the bad field."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise EngineConfigError(f"speculative_config is not valid JSON: {e}") from e
+        if not isinstance(value, Mapping):
+            raise EngineConfigError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise EngineConfigError(
+                f"speculative_config has unknown field(s) {unknown}; known: {', '.join(sorted(known))}"
+            )
+        if "method" not in value:
+            raise EngineConfigError(
+                f"speculative_config.method is required (one of: {', '.join(SPEC_METHODS)})"
+            )
+        return cls(**value)
+
+    def to_json(self) -> str:
+        """The JSON text `parse` reads back (what `up` passes on to its workers)."""
+        return json.dumps({name: getattr(self, name) for name in self.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -25,6 +137,8 @@ class EngineConfig:
     max_num_batched_tokens: tokens computed per step (chunked prefill splits prompts to fit).
     kv_cache_dtype: what the pool stores, one of CACHE_DTYPES: "auto" (the model's dtype), "bf16",
     "fp32", or "fp8" (e4m3 c_kv with a per-token scale + bf16 RoPE keys, kvcache/fp8.py).
+    speculative_config: a SpeculativeConfig (or the dict / JSON text `SpeculativeConfig.parse`
+    reads), or None: no speculative decoding.
     attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
     attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
     TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
@@ -35,6 +149,12 @@ class EngineConfig:
     kv_session_lease_s: after a turn of a request with a session_id finishes, its blocks stay
     referenced (not evictable) until this many seconds pass or the session's next turn arrives
     (an agent's tool call between turns); 0 disables leases.
+    moe_backend: one of MOE_BACKENDS: "torch" (per-expert loops / torch grouped GEMMs) or "triton" (the
+    routed experts through the Triton grouped GEMM, model/triton_moe.py: INT4 experts in the
+    compressed-tensors layout, bf16/fp32 dense experts; same CUDA-or-TRITON_INTERPRET=1 check).
+    device: where weights, the KV pool, the step inputs and the sampler live: "cpu", "cuda" or "cuda:N";
+    None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`: spelled right, checked
+    here; present on this machine, checked by `torch_device` when the engine loads).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -50,13 +170,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting: int = 4096
     kv_cache_dtype: str = "auto"
+    speculative_config: SpeculativeConfig | None = None
     attention_backend: str = "torch"
     kv_offload_host_bytes: int = 0
     kv_offload_dir: str | None = None
     kv_offload_disk_bytes: int = 0
     kv_session_lease_s: float = 0.0
+    moe_backend: str = "torch"
+    device: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -81,5 +205,15 @@ class EngineConfig:
                 raise EngineConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kv_offload_disk_bytes and not self.kv_offload_dir:
             raise EngineConfigError("kv_offload_disk_bytes needs kv_offload_dir (the disk tier's directory)")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise EngineConfigError(
+                f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
+            )
+        resolve_device(self.device, check_available=False)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """`device` resolved (the default picked): where `LLMEngine.from_pretrained` loads the weights."""
+        return resolve_device(self.device)

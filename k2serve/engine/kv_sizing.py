@@ -8,7 +8,10 @@ the peak is the allocator's (`max_memory_allocated` during the forward, less the
 On CPU torch keeps no allocator statistics, so the peak is the larger of the capacity model's estimate
 (`k2serve.capacity.memory.activation_bytes`, which assumes attention tiled over the context as
 `Workload.attention_tile` says) and the growth of the process's peak RSS during the profile forward
-(a lower bound of the true transient).
+(a lower bound of the true transient). On CUDA the budget is also capped by the device: the KV bytes
+are at most what `torch.cuda.mem_get_info` reports free after the weights are loaded and the profile
+ran, less the activation peak (`budget_kv_bytes`), so a budget larger than the GPU is refused, not
+allocated past the device.
 
 Startup refuses (EngineConfigError naming the numbers) when one max_model_len sequence does not fit
 the pool. When max_model_len is not given and the pool was sized by bytes or blocks, it becomes the
@@ -121,6 +124,25 @@ def profile_activations(model: K2Model, config: EngineConfig) -> tuple[int, str]
     return max(estimate, grown), how
 
 
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free bytes on a CUDA `device` (`torch.cuda.mem_get_info`: other processes' use counts too);
+    None on CPU, where the budget is the only bound."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def budget_kv_bytes(budget: int, weights: int, activations: int, free: int | None) -> tuple[int, str]:
+    """(KV bytes, how they were found) of a memory budget: budget - weights - activations, and on a
+    device with `free` bytes left after the weights (CUDA), no more than free - activations."""
+    kv = budget - weights - activations
+    how = f"memory budget {gib(budget)} - weights {gib(weights)} - activations {gib(activations)}"
+    if free is not None and free - activations < kv:
+        kv = free - activations
+        how = f"device free {gib(free)} (after the weights) - activations {gib(activations)}"
+    return kv, f"{how} = KV {gib(max(kv, 0))}"
+
+
 def size_kv(model: K2Model, config: EngineConfig) -> KVSizing:
     """The pool's blocks and the max_model_len the engine serves; raises EngineConfigError when one
     max_model_len sequence cannot fit."""
@@ -140,12 +162,10 @@ def size_kv(model: K2Model, config: EngineConfig) -> KVSizing:
     elif config.memory_budget_bytes is not None:
         weights = model_bytes(model)
         activations, how = profile_activations(model, config)
-        kv_bytes = config.memory_budget_bytes - weights - activations
-        num_blocks = max(kv_bytes, 0) // per_block - 1
-        source = (
-            f"memory budget {gib(config.memory_budget_bytes)} - weights {gib(weights)} - activations "
-            f"{gib(activations)} = KV {gib(max(kv_bytes, 0))}"
+        kv_bytes, source = budget_kv_bytes(
+            config.memory_budget_bytes, weights, activations, free_device_bytes(_device(model))
         )
+        num_blocks = max(kv_bytes, 0) // per_block - 1
     else:
         kv_bytes = config.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
         num_blocks, source = kv_bytes // per_block - 1, f"kv_cache_bytes={kv_bytes}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from k2serve.engine.config import EngineConfig
+from k2serve.engine.config import EngineConfig, SpeculativeConfig
 from k2serve.engine.llm_engine import LLMEngine, RequestMetrics
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.sequence import RequestError
@@ -44,7 +45,19 @@ class LLM:
         model: str | Path,
         dtype: str | torch.dtype = "float32",
         engine_config: EngineConfig | None = None,
+        speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
+        device: str | None = None,
     ) -> None:
+        """`speculative_config`: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+        "prompt_lookup_max": 4, "prompt_lookup_min": 1} (EngineConfig.speculative_config; this one
+        wins when both are given). `device` ("cpu", "cuda", "cuda:N"): overrides `engine_config.device`
+        when given."""
+        engine_config = engine_config or EngineConfig()
+        if speculative_config is not None:
+            spec = SpeculativeConfig.parse(speculative_config)
+            engine_config = dataclasses.replace(engine_config, speculative_config=spec)
+        if device is not None:
+            engine_config = dataclasses.replace(engine_config, device=device)
         self.engine = LLMEngine.from_pretrained(model, _dtype(dtype), engine_config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -18,7 +18,7 @@ import torch
 
 from k2serve.chat.tokenizer import IncrementalDecoder, KimiTokenizer, load_tokenizer
 from k2serve.config import ModelConfig
-from k2serve.engine.config import EngineConfig
+from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
 from k2serve.engine.kv_tiers import EngineLeases, attach_tiers
@@ -26,14 +26,17 @@ from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.engine.scheduler import Scheduler
+from k2serve.engine.scheduler import ScheduledChunk, Scheduler
 from k2serve.engine.sequence import KVSink, RequestError, Sequence, SequenceStatus
+from k2serve.engine.spec_decode import Proposer
 from k2serve.engine.validation import validate_request
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.loader import load_model
 from k2serve.model.model import K2Model
+from k2serve.model.moe import MoE
 from k2serve.model.triton_attention import check_backend
+from k2serve.model.triton_moe import check_moe_backend
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,26 @@ def tokenizer_and_eos(model_dir: str | Path, config: ModelConfig) -> tuple[KimiT
     return tokenizer, eos
 
 
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding totals since start (vLLM's spec_decode_* counters): rows that verified
+    drafts, draft tokens verified, drafts accepted."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / verified draft tokens (0.0 before any)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Tokens a verifying row emits per step on average: accepted drafts + the one sampled token."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -104,8 +127,19 @@ class LLMEngine:
     ) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        # the engine's tensors (pool, step inputs, sampler generators) live where the weights are
+        self.device = model.embed_tokens.weight.device
+        want = self.config.torch_device if self.config.device is not None else self.device
+        if want.type != self.device.type or want.index not in (None, self.device.index):
+            raise EngineConfigError(
+                f"--device {self.config.device}: the model's weights are on {self.device}"
+            )
         # before sizing and allocating the pool: the runner checks it again for its own callers
         check_backend(self.config.attention_backend, model.embed_tokens.weight.device)
+        check_moe_backend(self.config.moe_backend, self.device)
+        for layer in model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.experts.set_moe_backend(self.config.moe_backend)
         self.tokenizer = tokenizer
         mc = model.config
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids)
@@ -121,13 +155,15 @@ class LLMEngine:
             self.config.block_size,
             mc.kv_cache_dim,
             dt,
-            model.embed_tokens.weight.device,
+            self.device,
             fp8,
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.tiers = attach_tiers(self.blocks, self.pool, self.config)  # None without host / disk tiers
         self.leases = EngineLeases.build(self.blocks, self.config)  # None without kv_session_lease_s
-        self.scheduler = Scheduler(self.config, self.blocks)
+        spec = self.config.speculative_config
+        self.proposer = None if spec is None else Proposer(spec)
+        self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
         self.runner = ModelRunner(
             model,
             self.pool,
@@ -138,6 +174,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, Any] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
+        self.spec_stats = SpecDecodeStats()
         # Measured prefill speed for the router's predicted TTFT: an EWMA of prompt tokens per second of
         # the steps that computed prompt tokens (the whole step's time); 0.0 before the first such step.
         self.prefill_tokens_per_s = 0.0
@@ -146,7 +183,10 @@ class LLMEngine:
     def from_pretrained(
         cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, config: EngineConfig | None = None
     ) -> LLMEngine:
-        model = load_model(model_dir, dtype)
+        config = config or EngineConfig()
+        check_moe_backend(config.moe_backend, config.torch_device)  # before reading any weight
+        layout = "ct" if config.moe_backend == "triton" else None  # the kernel reads the disk layout
+        model = load_model(model_dir, dtype, device=config.torch_device, int4_layout=layout)
         tokenizer, eos = tokenizer_and_eos(model_dir, model.config)
         return cls(model, config, tokenizer, eos)
 
@@ -187,7 +227,7 @@ class LLMEngine:
             request_id,
             list(prompt_token_ids),
             params,
-            generator=make_generator(params),
+            generator=make_generator(params, self.device),
             constraint=constraint,
             kv_sink=kv_sink,
         )
@@ -221,7 +261,7 @@ class LLMEngine:
             request_id,
             list(prompt_token_ids),
             params,
-            generator=make_generator(params),
+            generator=make_generator(params, self.device),
             constraint=constraint,
         )
         skip_draw(params, seq.generator, self.model.config.vocab_size)  # the prefill side sampled it
@@ -316,13 +356,19 @@ class LLMEngine:
                 )
             return []
         rows = [
-            RowSpec(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.samples)
+            RowSpec(
+                c.seq.token_ids[c.start : c.start + c.num_tokens] + list(c.drafts),
+                c.start,
+                c.seq.block_table,
+                c.samples,
+                1 + len(c.drafts),
+            )
             for c in sched.chunks
         ]
         t0 = time.perf_counter()
         logits = self.runner.run(
             rows, self._kv_sink_hook([c.seq for c in sched.chunks if c.samples])
-        )  # [S, V]
+        )  # [S, V]: 1 + len(drafts) rows per sampling chunk
         self._observe_prefill(
             sum(c.num_tokens for c in sched.chunks if c.start < len(c.seq.prompt_token_ids)),
             time.perf_counter() - t0,
@@ -331,11 +377,25 @@ class LLMEngine:
         for c in sched.chunks:
             c.seq.num_computed_tokens += c.num_tokens
             self.blocks.mark_computed(c.seq.block_table, c.seq.token_ids, c.seq.num_computed_tokens)
-        sampling = [c.seq for c in sched.chunks if c.samples]
-        outputs = self._postprocess(sampling, logits)
+        plain: list[Sequence] = []
+        plain_rows: list[int] = []
+        speculative: list[tuple[ScheduledChunk, int]] = []
+        at = 0
+        for c in (c for c in sched.chunks if c.samples):
+            if c.drafts:
+                speculative.append((c, at))
+            else:
+                plain.append(c.seq)
+                plain_rows.append(at)
+            at += 1 + len(c.drafts)
+        if not speculative:
+            results = self._postprocess(plain, logits)
+        else:
+            results = self._postprocess(plain, logits[plain_rows])
+            results.extend(self._verify(c, logits[row : row + 1 + len(c.drafts)]) for c, row in speculative)
         if self.leases is not None:
-            self.leases.after_step(outputs)
-        return outputs
+            self.leases.after_step(results)
+        return results
 
     def _observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
         """Fold one step's prompt tokens per second into `prefill_tokens_per_s` (weight 0.2 on the new one)."""
@@ -378,19 +438,7 @@ class LLMEngine:
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         if not seqs:
             return []
-        early = [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
-        if early:
-            for i in early:
-                banned = ([] if seqs[i].params.ignore_eos else self.eos_token_ids) + seqs[
-                    i
-                ].params.stop_token_ids
-                logits = suppress_tokens(logits, [i], banned)
-        allowed = None
-        if any(s.constraint is not None for s in seqs):
-            allowed = torch.ones_like(logits, dtype=torch.bool)
-            for i, s in enumerate(seqs):
-                if s.constraint is not None:
-                    allowed[i] = s.constraint.allowed_mask(logits.shape[1])
+        logits, allowed = self._restrict(seqs, logits)
         out = self.sampler.sample(
             logits,
             [s.params for s in seqs],
@@ -402,26 +450,103 @@ class LLMEngine:
         results = []
         for i, seq in enumerate(seqs):
             tok = int(out.token_ids[i])
-            seq.output_token_ids.append(tok)
-            if seq.constraint is not None:
-                seq.constraint.accept(tok)
-            if out.logprobs is not None:
-                seq.logprobs.append(out.logprobs[i])
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            new_text = ""
-            dec = self._decoders.get(seq.request_id)
-            if dec is not None:
-                new_text = dec.add(tok)
-                seq.output_text += new_text
-            reason = self._stop_reason(seq, tok)
-            if reason is not None:
-                seq.finish_time = now
-                self.scheduler.finish(seq, reason)
-                self.seqs.pop(seq.request_id, None)
-                new_text += self._finish_text(seq, reason)
+            new_text = self._emit(seq, tok, None if out.logprobs is None else out.logprobs[i], now)
             results.append(self._output(seq, [tok], new_text))
         return results
+
+    def _restrict(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows' logits with EOS / stop tokens suppressed before min_tokens, and the grammar
+        constraints' allowed mask (None when no row has one)."""
+        early = [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
+        for i in early:
+            banned = ([] if seqs[i].params.ignore_eos else self.eos_token_ids) + seqs[i].params.stop_token_ids
+            logits = suppress_tokens(logits, [i], banned)
+        allowed = None
+        if any(s.constraint is not None for s in seqs):
+            allowed = torch.ones_like(logits, dtype=torch.bool)
+            for i, s in enumerate(seqs):
+                if s.constraint is not None:
+                    allowed[i] = s.constraint.allowed_mask(logits.shape[1])
+        return logits, allowed
+
+    def _emit(self, seq: Sequence, tok: int, logprobs: Any, now: float) -> str:
+        """Append one sampled token to `seq` (grammar, log-probabilities, text, stop checks; finishes
+        the request on a stop or the length limit); returns the new text."""
+        seq.output_token_ids.append(tok)
+        if seq.constraint is not None:
+            seq.constraint.accept(tok)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        new_text = ""
+        dec = self._decoders.get(seq.request_id)
+        if dec is not None:
+            new_text = dec.add(tok)
+            seq.output_text += new_text
+        reason = self._stop_reason(seq, tok)
+        if reason is not None:
+            seq.finish_time = now
+            self.scheduler.finish(seq, reason)
+            if self.proposer is not None:
+                self.proposer.remember(seq.output_token_ids)
+            self.seqs.pop(seq.request_id, None)
+            new_text += self._finish_text(seq, reason)
+        return new_text
+
+    # ---- speculative decoding ------------------------------------------------------------------
+    def _propose(self, seq: Sequence, limit: int) -> list[int]:
+        """Drafts for `seq` (the scheduler's proposer): none for grammar-constrained requests; never
+        past max_model_len, nor more than max_tokens leaves room for (the step adds one token more)."""
+        if self.proposer is None or seq.constraint is not None:
+            return []
+        room = min(self.max_model_len - seq.num_tokens, seq.params.max_tokens - len(seq.output_token_ids)) - 1
+        limit = min(limit, room)
+        return self.proposer.propose(seq.token_ids, limit) if limit > 0 else []
+
+    def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
+        """Verify a speculative row: logits [1 + d, V] at its last token and its d drafts. Drafts are
+        accepted while the sampler agrees (`Sampler.verify_draft`); the first rejection's token, or the
+        bonus token after all d, ends the run. Every token goes through the stop checks; tokens after
+        a stop are dropped. The accepted drafts' KV stays; the slots past them are rolled back (a
+        block holding only drafts is freed; the rest are overwritten later; none is ever hashed)."""
+        seq, drafts = chunk.seq, chunk.drafts
+        now = time.monotonic()
+        new: list[int] = []
+        new_text = ""
+        accepted = 0
+        for j in range(len(drafts) + 1):
+            row, _ = self._restrict([seq], logits[j : j + 1].clone())
+            if j < len(drafts):
+                out, ok = self.sampler.verify_draft(
+                    row, seq.params, seq.output_token_ids, seq.generator, drafts[j]
+                )
+            else:
+                out, ok = (
+                    self.sampler.sample(row, [seq.params], [seq.output_token_ids], [seq.generator]),
+                    False,
+                )
+            tok = int(out.token_ids[0])
+            new.append(tok)
+            new_text += self._emit(seq, tok, None if out.logprobs is None else out.logprobs[0], now)
+            if not ok:
+                break
+            accepted += 1
+            if seq.is_finished:
+                break
+        self.spec_stats.num_drafts += 1
+        self.spec_stats.num_draft_tokens += len(drafts)
+        self.spec_stats.num_accepted_tokens += accepted
+        if not seq.is_finished:
+            seq.num_computed_tokens += accepted  # the accepted drafts' KV is the real tokens'
+            self.blocks.mark_computed(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+            keep = self.blocks.blocks_needed(seq.num_tokens)
+            if len(seq.block_table) > keep:
+                self.blocks.free(seq.block_table[keep:])
+                del seq.block_table[keep:]
+        return self._output(seq, new, new_text)
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params

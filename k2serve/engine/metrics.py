@@ -70,6 +70,9 @@ class _SchedulerCollector(Collector):
             ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_query_tokens, "c"),
             ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hit_tokens, "c"),
             ("vllm:num_preemptions", "Sequences preempted by recompute.", s.num_preemptions, "c"),
+            ("vllm:spec_decode_num_drafts", "Speculative rows that verified drafts.", s.spec_num_drafts, "c"),
+            ("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", s.spec_num_draft_tokens, "c"),
+            ("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_num_accepted_tokens, "c"),
         ):  # fmt: skip
             family: GaugeMetricFamily | CounterMetricFamily
             if kind == "gauge":

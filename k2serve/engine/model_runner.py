@@ -17,6 +17,8 @@ an fp8 pool stays on the torch path.
 
 from __future__ import annotations
 
+import array
+import dataclasses
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -70,6 +72,16 @@ class AttentionWork:
     key_pos: torch.Tensor  # [N, B * block_size] long: positions of the keys they hold (else PAD_KEY_POS)
     runs: list[KeyRun] = field(default_factory=list)
 
+    def to(self, device: torch.device) -> AttentionWork:
+        """This work's index tensors on `device` (built on the host from Python lists, then one copy)."""
+        return dataclasses.replace(
+            self,
+            token=self.token.to(device, non_blocking=True),
+            q_pos=self.q_pos.to(device, non_blocking=True),
+            key_blocks=self.key_blocks.to(device, non_blocking=True),
+            key_pos=self.key_pos.to(device, non_blocking=True),
+        )
+
 
 @dataclass
 class StepInputs:
@@ -77,17 +89,20 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] flat pool slots of the new tokens
     work: list[AttentionWork]
-    sample_index: torch.Tensor  # [S] flat index of the last token of each sampling row
+    sample_index: torch.Tensor  # [S] flat indices of the last `num_logits` tokens of each sampling row
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One sequence's part of a step: compute `token_ids` at positions start.. with `block_table`."""
+    """One sequence's part of a step: compute `token_ids` at positions start.. with `block_table`.
+    A sampling row returns the logits of its last `num_logits` tokens (more than one: a speculative
+    row verifying its drafts)."""
 
     token_ids: Seq[int]
     start: int
     block_table: Seq[int]
     sample: bool
+    num_logits: int = 1
 
 
 LayerHook = Callable[[int], None]
@@ -238,6 +253,18 @@ def _absorbed(config: ModelConfig, num_queries: int, num_keys: int) -> bool:
     )
 
 
+def long_tensor(ids: Seq[int] | torch.Tensor) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of block ids. A Python list goes through an `array` buffer: ~4x faster
+    than torch.as_tensor on thousands of ints (a long row's block table, every step)."""
+    if isinstance(ids, torch.Tensor):
+        return ids.to(torch.long)
+    return (
+        torch.frombuffer(array.array("q", ids), dtype=torch.long)
+        if len(ids)
+        else torch.zeros(0, dtype=torch.long)
+    )
+
+
 def _key_range(
     block_table: Seq[int], begin: int, length: int, width: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +277,7 @@ def _key_range(
     padded = -(-(length - begin) // width) * width
     first = begin // block_size
     blocks = torch.zeros(padded // block_size, dtype=torch.long)
-    blocks[: needed - first] = torch.as_tensor(block_table[first:needed], dtype=torch.long)
+    blocks[: needed - first] = long_tensor(block_table[first:needed])
     positions = torch.arange(begin, begin + padded)
     positions[length - begin :] = PAD_KEY_POS
     return blocks, positions
@@ -258,7 +285,7 @@ def _key_range(
 
 def _consecutive_blocks(block_table: Seq[int], needed: int) -> int:
     """How many of the first `needed` blocks of the table are consecutive pool blocks (b, b + 1, ...)."""
-    table = torch.as_tensor(block_table[:needed], dtype=torch.long)
+    table = long_tensor(block_table[:needed])
     breaks = torch.nonzero(table[1:] - table[:-1] != 1)
     return needed if breaks.numel() == 0 else int(breaks[0, 0]) + 1
 
@@ -271,36 +298,42 @@ extra calls cost more than gathering its keys into the shared batch."""
 def _decode_work(
     rows: list[tuple[RowSpec, int]], pool: KVCachePool, config: ModelConfig, tiles: TileConfig
 ) -> AttentionWork:
-    """rows: (spec, flat index of its token). Each row's context [0, start + 1) in splits of width S
-    (whole blocks: `split_tokens`, or the longest context if shorter, rounded up to the block size).
-    The splits that lie in the leading run of consecutive pool blocks of a row of at least
-    `RUN_MIN_SPLITS` splits are read in place (a `KeyRun`); the rest are gathered block by block."""
+    """rows: (spec, flat index of its token). A row whose context [0, start + 1) spans at least
+    `RUN_MIN_SPLITS` splits of `split_tokens` (whole blocks) inside its leading run of consecutive pool
+    blocks has those splits read in place (a `KeyRun`). Every other key range (short rows whole, a long
+    row's keys past its run) is gathered block by block into one batch of splits of width W: the
+    longest such range if shorter than `split_tokens`, rounded up to the block size, so that short rows
+    beside a long one are not padded to a full split."""
     bs = pool.block_size
-    width = -(-min(tiles.split_tokens, max(r.start + 1 for r, _ in rows)) // bs) * bs
+    split = -(-tiles.split_tokens // bs) * bs
+    runs: list[KeyRun] = []
+    gathered: list[tuple[RowSpec, int, int]] = []  # (row, its token's flat index, first gathered key)
+    for r, offset in rows:
+        length = r.start + 1
+        in_run = 0
+        if length >= RUN_MIN_SPLITS * split:
+            run_tokens = _consecutive_blocks(r.block_table, -(-length // bs)) * bs
+            in_run = min(run_tokens, length) // split
+            in_run = in_run if in_run >= RUN_MIN_SPLITS else 0
+        if in_run:
+            runs.append(KeyRun(offset, r.start, r.block_table[0] * bs, 0, in_run, split))
+        if in_run * split < length:
+            gathered.append((r, offset, in_run * split))
+    longest = max((r.start + 1 - begin for r, _, begin in gathered), default=split)
+    width = -(-min(split, longest) // bs) * bs
     tokens: list[int] = []
     q_pos: list[int] = []
     key_blocks: list[torch.Tensor] = [torch.zeros(0, width // bs, dtype=torch.long)]
     key_pos: list[torch.Tensor] = [torch.zeros(0, width, dtype=torch.long)]
-    runs: list[KeyRun] = []
-    for r, offset in rows:
-        length = r.start + 1
-        in_run = 0
-        if length >= RUN_MIN_SPLITS * width:
-            run_tokens = _consecutive_blocks(r.block_table, -(-length // bs)) * bs
-            in_run = min(run_tokens, length) // width
-            in_run = in_run if in_run >= RUN_MIN_SPLITS else 0
-        if in_run:
-            runs.append(KeyRun(offset, r.start, r.block_table[0] * bs, 0, in_run, width))
-        if in_run * width == length:
-            continue
-        blocks, positions = _key_range(r.block_table, in_run * width, length, width, bs)
+    for r, offset, begin in gathered:
+        blocks, positions = _key_range(r.block_table, begin, r.start + 1, width, bs)
         splits = positions.numel() // width
         key_blocks.append(blocks.view(splits, width // bs))
         key_pos.append(positions.view(splits, width))
         tokens.extend([offset] * splits)
         q_pos.extend([r.start] * splits)
     return AttentionWork(
-        absorbed=_absorbed(config, 1, width),
+        absorbed=_absorbed(config, 1, split if runs else width),
         token=torch.tensor(tokens, dtype=torch.long).view(-1, 1),
         q_pos=torch.tensor(q_pos, dtype=torch.long).view(-1, 1),
         key_blocks=torch.cat(key_blocks),
@@ -346,7 +379,7 @@ def build_step_inputs(
         slots.append(pool.slot_mapping(r.block_table, r.start, r.start + n))
         (decode_rows if n == 1 else prefill_rows).append((r, offset))
         if r.sample:
-            sample_index.append(offset + n - 1)
+            sample_index.extend(range(offset + n - r.num_logits, offset + n))
     work = [_prefill_work(r, offset, pool, config) for r, offset in prefill_rows]
     if decode_rows:
         work.append(_decode_work(decode_rows, pool, config, tiles))
@@ -354,13 +387,14 @@ def build_step_inputs(
         pad = bucket(len(ids)) - len(ids)
         ids.extend([0] * pad)
         positions.extend([0] * pad)
-        slots.append(torch.full((pad,), pad_slot, dtype=torch.long))
+        slots.append(torch.full((pad,), pad_slot, dtype=torch.long, device=pool.kv.device))
+    device = pool.kv.device  # every index tensor of the step goes where the pool is (one copy each)
     return StepInputs(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
         slots=torch.cat(slots),
-        work=work,
-        sample_index=torch.tensor(sample_index, dtype=torch.long),
+        work=[w.to(device) for w in work],
+        sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
     )
 
 
@@ -385,7 +419,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, rows: Seq[RowSpec], on_layer: LayerHook | None = None) -> torch.Tensor:
-        """Compute the rows' tokens into the cache; return fp32 logits [S, V] for the sampling rows."""
+        """Compute the rows' tokens into the cache; return fp32 logits [S, V]: `num_logits` rows per
+        sampling row, in row order."""
         inputs = build_step_inputs(rows, self.pool, self.model.config, self.tiles, self.pad_slot)
         backend = PagedBackend(self.pool, inputs, self.tiles, on_layer, self.attention_backend)
         hidden = self.model.forward_hidden(inputs.input_ids, inputs.positions, backend)

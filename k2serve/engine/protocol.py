@@ -112,6 +112,9 @@ class BackendStats:
     num_preemptions: int
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
+    spec_num_drafts: int = 0  # speculative decoding: rows that verified drafts (since start)
+    spec_num_draft_tokens: int = 0  # draft tokens verified
+    spec_num_accepted_tokens: int = 0  # draft tokens accepted
     queued_prefill_tokens: int = 0  # prompt tokens still to compute (LLMEngine.queued_prefill_tokens)
     prefill_tokens_per_s: float = 0.0  # measured prefill speed (EWMA); 0.0 before the first prefill step
     kv_tiers: KVTierStats | None = None  # None: no tiers and no leases configured

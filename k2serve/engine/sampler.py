@@ -96,16 +96,7 @@ class Sampler:
             )
         device = logits.device
         raw = logits.float()  # [B, V]
-        x = _apply_penalties(raw, params, output_token_ids)
-        if allowed_mask is not None:
-            if allowed_mask.shape != (batch, vocab):
-                raise SamplerError(
-                    f"allowed_mask shape {tuple(allowed_mask.shape)} != logits {(batch, vocab)}"
-                )
-            empty = (~allowed_mask.any(dim=1)).nonzero().flatten().tolist()
-            if empty:
-                raise SamplerError(f"allowed_mask allows no token in rows {empty}")
-            x = x.masked_fill(~allowed_mask, float("-inf"))
+        x = _masked(_apply_penalties(raw, params, output_token_ids), allowed_mask)
 
         greedy = torch.tensor([p.is_greedy for p in params], device=device)  # [B]
         token_ids = x.argmax(dim=-1)  # [B]
@@ -113,6 +104,52 @@ class Sampler:
             sampled = _draw(_filter(x, params), params, generators)
             token_ids = torch.where(greedy, token_ids, sampled)
         return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(raw, token_ids, params))
+
+    def verify_draft(
+        self,
+        logits: torch.Tensor,
+        params: SamplingParams,
+        output_token_ids: Sequence[int],
+        generator: torch.Generator | None,
+        draft: int,
+    ) -> tuple[SamplerOutput, bool]:
+        """Speculative decoding: the token at a position whose draft is `draft`, and whether the draft
+        was accepted. logits: [1, V] at that position; the rest as in `sample` for one row.
+
+        Greedy: accepted iff the draft is the argmax, and the token is the argmax either way.
+        Sampled (rejection sampling with a point-mass draft distribution q = 1[draft]): with p the
+        distribution `sample` would draw from (penalties, temperature, min_p, top_k, top_p), accept
+        with probability min(1, p(draft) / q(draft)) = p(draft); on rejection draw from p with the
+        draft removed and renormalised, so the token is distributed exactly as p.
+        """
+        if params.is_greedy:
+            out = self.sample(logits, [params], [output_token_ids], [generator])
+            return out, int(out.token_ids[0]) == draft
+        raw = logits.float()
+        probs = _filter(_apply_penalties(raw, [params], [output_token_ids]), [params]).softmax(dim=-1)[0]
+        probs = probs.cpu()
+        u = torch.rand(1, generator=generator, device=generator.device if generator is not None else "cpu")
+        if float(u) < float(probs[draft]):
+            token, accepted = draft, True
+        else:
+            residual = probs.clone()
+            residual[draft] = 0.0
+            token = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+            accepted = False
+        token_ids = torch.tensor([token], device=logits.device)
+        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(raw, token_ids, [params])), accepted
+
+
+def _masked(logits: torch.Tensor, allowed_mask: torch.Tensor | None) -> torch.Tensor:
+    """-inf where `allowed_mask` is False (checked against the logits' shape; no row may be empty)."""
+    if allowed_mask is None:
+        return logits
+    if allowed_mask.shape != logits.shape:
+        raise SamplerError(f"allowed_mask shape {tuple(allowed_mask.shape)} != logits {tuple(logits.shape)}")
+    empty = (~allowed_mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise SamplerError(f"allowed_mask allows no token in rows {empty}")
+    return logits.masked_fill(~allowed_mask, float("-inf"))
 
 
 def _row_tensor(values: list[float], device: torch.device) -> torch.Tensor:

@@ -7,12 +7,18 @@ decodes. Running sequences come first, so a long prompt's chunk takes only what 
 leave of the budget and never stalls them (tests/test_long_scheduling.py). When the pool runs dry the
 most recently admitted running sequence is preempted by recompute: its blocks are freed and it waits
 again, keeping the tokens it generated.
+
+With a `proposer` (speculative decoding), a decoding sequence may also verify draft tokens: its row
+is its last token + d drafts at positions start..start + d. The drafts count against the token
+budget and get KV slots like any token; when the pool is short, fewer drafts are proposed (never a
+preemption for drafts). The engine rolls back the slots of rejected drafts after the step.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from k2serve.engine.config import EngineConfig
@@ -27,6 +33,7 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
+    drafts: tuple[int, ...] = ()  # draft tokens verified after the chunk (positions start + num_tokens..)
 
     @property
     def samples(self) -> bool:
@@ -41,13 +48,20 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_tokens + len(c.drafts) for c in self.chunks)
+
+
+Proposer = Callable[[Sequence, int], list[int]]
+"""proposer(seq, limit): at most `limit` draft tokens to verify after `seq`'s last token."""
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, proposer: Proposer | None = None
+    ) -> None:
         self.config = config
         self.blocks = block_manager
+        self.proposer = proposer
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # total since start (a metric)
@@ -82,6 +96,12 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
+    def _drafts(self, seq: Sequence, limit: int) -> list[int]:
+        """Drafts for a decoding sequence (one uncomputed token, some output already), at most `limit`."""
+        if self.proposer is None or limit < 1 or not seq.output_token_ids:
+            return []
+        return self.proposer(seq, limit)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -91,6 +111,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
+            drafts = self._drafts(seq, budget - 1) if n == seq.num_uncomputed == 1 else []
+            while drafts and not self.blocks.can_append(
+                seq.block_table, seq.num_computed_tokens + 1 + len(drafts)
+            ):
+                drafts.pop()  # fewer drafts rather than a preemption
             while not self.blocks.can_append(seq.block_table, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -99,9 +124,9 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq itself was the newest and got preempted; nothing newer remains
-            self.blocks.append_slot(seq.block_table, seq.num_computed_tokens + n)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
-            budget -= n
+            self.blocks.append_slot(seq.block_table, seq.num_computed_tokens + n + len(drafts))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, tuple(drafts)))
+            budget -= n + len(drafts)
             i += 1
 
         # 2. Admit waiting sequences (not in a step that had to preempt: the pool is full).

@@ -24,6 +24,7 @@ from k2serve.model.quant import (
     unpack_int4,
 )
 from k2serve.model.shapes import bucket
+from k2serve.model.triton_moe import grouped_swiglu
 
 # INT4 experts in torch's CPU tiles, per compute dtype: an expert with at least this many rows in a call
 # is dequantised (that expert only, for that call) and run through dense GEMMs; fewer rows go through
@@ -157,6 +158,24 @@ class RoutedExperts(nn.Module):
             self.register_buffer("w2_i4", torch.empty(e, d, i // 2, dtype=torch.uint8))
             self.register_buffer("w2_sz", torch.empty(e, i // g, d, 2, dtype=dtype))
         self.compute_dtype = dtype
+        self.moe_backend = "torch"  # "triton": `run_sorted` goes through the Triton grouped GEMMs
+
+    def set_moe_backend(self, backend: str) -> None:
+        """Route `run_sorted` through backend "torch" (the loops and grouped GEMMs here) or "triton"
+        (model/triton_moe.py: dense or compressed-tensors INT4 experts; CPU int4 tiles cannot)."""
+        if backend == "triton" and self.int4_group_size is not None and self.int4_layout != "ct":
+            raise ValueError(
+                "moe backend 'triton' reads INT4 experts in the compressed-tensors layout; these were "
+                f"loaded in the {self.int4_layout!r} layout (load with int4_layout='ct')"
+            )
+        self.moe_backend = backend
+
+    def run_triton(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """`run_sorted` through the Triton kernel (`grouped_swiglu`), whatever `moe_backend` says."""
+        if self.int4_group_size is None:
+            return grouped_swiglu(x, counts, self.inter, (self.w13, None), (self.w2, None))
+        w13, w2 = (self.w13_packed, self.w13_scale), (self.w2_packed, self.w2_scale)
+        return grouped_swiglu(x, counts, self.inter, w13, w2)
 
     @torch.no_grad()
     def set_int4_expert(
@@ -265,7 +284,10 @@ class RoutedExperts(nn.Module):
 
     def run_sorted(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """x [N, D] sorted by local expert with `counts[e]` rows for expert e -> SwiGLU outputs [N, D].
-        Grouped GEMMs (`run_grouped`) where `grouped_applies`, else the loop over experts."""
+        The Triton kernel under moe_backend "triton"; grouped GEMMs (`run_grouped`) where
+        `grouped_applies`, else the loop over experts."""
+        if self.moe_backend == "triton":
+            return self.run_triton(x, counts)
         if self.grouped_applies(x):
             return self.run_grouped(x, counts)
         return self.run_loop(x, counts)

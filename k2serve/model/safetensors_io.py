@@ -80,12 +80,21 @@ class SafetensorsReader:
             self.entries[name] = Entry(dtype, shape, 8 + n + begin, end - begin)
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read tensor `name` into `out`, which must be contiguous with the same dtype and numel."""
+        """Read tensor `name` into `out`, which must be contiguous with the same dtype and numel.
+
+        `out` on another device than the CPU (a CUDA parameter): the file's bytes are read into a host
+        buffer of this one tensor (pinned when `out` is on CUDA) and copied over, so a checkpoint never
+        has more than one tensor in host memory at a time."""
         e = self.entries[name]
         if not out.is_contiguous() or out.dtype != e.dtype or out.numel() * out.element_size() != e.nbytes:
             raise SafetensorsError(
                 f"{self.path}: cannot read {name!r} into a {out.dtype} {tuple(out.shape)} view"
             )
+        if out.device.type != "cpu":
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=out.is_cuda)
+            self.read_into(name, host)
+            out.copy_(host, non_blocking=out.is_cuda)
+            return
         self._f.seek(e.begin)
         buf = out.view(torch.uint8).reshape(-1).numpy().data if e.nbytes else memoryview(b"")
         got = self._f.readinto(buf) if e.nbytes else 0

@@ -60,6 +60,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_refusal(what: str, flag: str, device: torch.device) -> str | None:
+    """Why a Triton kernel (`what`, chosen by `flag`) cannot run on tensors on `device`: triton not
+    importable, or CPU tensors without TRITON_INTERPRET=1; None when it can. Shared by the attention
+    and MoE backends."""
+    if importlib.util.find_spec("triton") is None:
+        return (
+            f"{what} 'triton' needs the triton package (pip install triton) and CUDA tensors, "
+            "or TRITON_INTERPRET=1 on CPU"
+        )
+    if device.type != "cuda" and not interpreting():
+        return (
+            f"{what} 'triton' needs CUDA or TRITON_INTERPRET=1: the model is on {device.type}; "
+            f"set TRITON_INTERPRET=1 to run the kernel in the (slow) interpreter, or use {flag} torch"
+        )
+    return None
+
+
 def check_backend(backend: str, device: torch.device) -> None:
     """Raise AttentionBackendError when `backend` cannot run on tensors on `device`: an unknown name,
     triton not importable, or CPU tensors without TRITON_INTERPRET=1 (the kernel needs CUDA)."""
@@ -67,18 +84,11 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise AttentionBackendError(
             f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}"
         )
-    if backend == "torch":
-        return
-    if importlib.util.find_spec("triton") is None:
-        raise AttentionBackendError(
-            "attention backend 'triton' needs the triton package (pip install triton) and CUDA tensors, "
-            "or TRITON_INTERPRET=1 on CPU"
-        )
-    if device.type != "cuda" and not interpreting():
-        raise AttentionBackendError(
-            f"attention backend 'triton' needs CUDA or TRITON_INTERPRET=1: the model is on {device.type}; "
-            "set TRITON_INTERPRET=1 to run the kernel in the (slow) interpreter, or use --attention-backend torch"
-        )
+    reason = (
+        None if backend == "torch" else triton_refusal("attention backend", "--attention-backend", device)
+    )
+    if reason is not None:
+        raise AttentionBackendError(reason)
 
 
 def _pow2(n: int, floor: int = 16) -> int:

@@ -21,7 +21,9 @@ async def run(settings: WorkerSettings) -> int:
     engine = load_engine(settings, stop)
     engine.start()
     tracer = make_tracer(settings.tracing)
-    servicer = PrefillServicer(engine, settings.tls, tracer, settings.internal.metadata())
+    servicer = PrefillServicer(
+        engine, settings.tls, tracer, settings.internal.metadata(), settings.kv_transfer_options()
+    )
 
     def add(server: grpc.aio.Server) -> list[str]:
         add_servicer(server, worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer)

@@ -35,13 +35,19 @@ TRANSFER_TIMEOUT_S = 60.0
 class _Senders:
     """One KVSender per decode endpoint, created on first use and shared by all requests; over TLS
     (presenting this worker's certificate) when `tls` is given; gRPC senders send `metadata` (the
-    cluster token) with every transfer."""
+    cluster token) with every transfer; torch senders get `torch_options` (their device)."""
 
-    def __init__(self, tls: TLSFiles | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        tls: TLSFiles | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+        torch_options: dict[str, object] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._senders: dict[tuple[str, str], KVSender] = {}
         self._options: dict[str, object] = {}
         self._metadata = metadata
+        self._torch_options = dict(torch_options or {})
         if tls is not None:
             self._options = {"credentials": tls.channel_credentials(), "server_name": tls.server_name}
 
@@ -61,8 +67,10 @@ class _Senders:
                     raise ValueError(
                         f"{address} offers the plaintext {backend!r} KV backend; this worker uses TLS"
                     )
-                grpc_only = {"metadata": self._metadata} if backend == "grpc" else {}
-                self._senders[key] = make_sender(backend, address, **self._options, **grpc_only)
+                per_backend: dict[str, object] = {"metadata": self._metadata} if backend == "grpc" else {}
+                if backend == "torch":
+                    per_backend = self._torch_options
+                self._senders[key] = make_sender(backend, address, **self._options, **per_backend)
             return self._senders[key]
 
     def shutdown(self) -> None:
@@ -79,11 +87,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         tls: TLSFiles | None = None,
         tracer: Tracer = NOOP,
         metadata: tuple[tuple[str, str], ...] = (),
+        transfer_options: dict[str, object] | None = None,
     ) -> None:
-        """tls / metadata: how KV senders reach decode workers (TLS files, the cluster token)."""
+        """tls / metadata: how KV senders reach decode workers (TLS files, the cluster token);
+        transfer_options: the torch senders' options (`WorkerSettings.kv_transfer_options`: the device)."""
         self.engine = engine
         self.tracer = tracer
-        self.senders = _Senders(tls, metadata)
+        self.senders = _Senders(tls, metadata, transfer_options)
         self.bytes_sent = 0
         self.transfer_metrics = KVTransferMetrics(engine.metrics.registry, engine.metrics.labels)
 

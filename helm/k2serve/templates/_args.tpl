@@ -95,6 +95,9 @@ ordinal, so k2serve.worker.command appends them at start; the flags here are the
 {{- $args := list .role -}}
 {{- $args = concat $args (include "k2serve.args.model" $root | fromJsonArray) (list "--dtype" $root.Values.model.dtype) -}}
 {{- $args = concat $args (include "k2serve.args.engine" $root | fromJsonArray) -}}
+{{- if $root.Values.gpu.enabled -}}
+{{- $args = concat $args (list "--device" (ternary "cuda" "cpu" (eq (int $w.ep.size) 1))) -}}
+{{- end -}}
 {{- $args = concat $args (list "--host" "0.0.0.0" "--port" (printf "%d" (int $w.port))) -}}
 {{- $args = concat $args (list "--metrics-port" (printf "%d" (int $w.metricsPort))) -}}
 {{- $args = concat $args (list "--advertise-host" (printf "$(POD_NAME).%s-headless.%s.svc" $name $root.Release.Namespace)) -}}

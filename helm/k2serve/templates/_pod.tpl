@@ -36,7 +36,7 @@ seccompProfile:
 - name: dshm
   emptyDir:
     medium: Memory
-    sizeLimit: {{ (index $v .component).shmSize }}
+    sizeLimit: {{ ternary $v.gpu.shmSize (index $v .component).shmSize $v.gpu.enabled }}
 {{- end }}
 - name: cluster-token
   secret:

@@ -52,6 +52,12 @@ containers:
       {{- end }}
     env:
       {{- include "k2serve.podEnv" $root | nindent 6 }}
+      {{- if $v.gpu.enabled }}
+      {{- range $name, $value := $v.gpu.nccl.env }}
+      - name: {{ $name }}
+        value: {{ $value | quote }}
+      {{- end }}
+      {{- end }}
     envFrom:
       - configMapRef:
           name: {{ include "k2serve.fullname" $root }}

@@ -1,0 +1,175 @@
+"""Device placement (`--device`): the engine's tensors live on the device it is given, bad devices are
+named, and `--device cpu` gives the same tokens as the default. CUDA itself is checked by
+`k2serve bench device` on a GPU machine; here the CPU path runs with the device given explicitly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from k2serve.engine.config import EngineConfig, EngineConfigError, resolve_device
+from k2serve.engine.llm import LLM
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.model_runner import build_step_inputs
+from k2serve.engine.sampling_params import SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_engine_tensors_are_on_the_given_device(tiny_ckpt: Path) -> None:
+    cfg = EngineConfig(num_kv_blocks=64, block_size=8, device="cpu")
+    engine = LLMEngine.from_pretrained(tiny_ckpt, torch.float32, cfg)
+    cpu = torch.device("cpu")
+    assert engine.device == cpu and engine.pool.kv.device == cpu
+    assert {p.device for p in engine.model.parameters()} == {cpu}
+    engine.add_request(
+        "a", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], SamplingParams(temperature=1.0, seed=3, max_tokens=2)
+    )
+    assert engine.seqs["a"].generator is not None and engine.seqs["a"].generator.device == cpu
+    engine.add_request("b", [4, 5, 6], SamplingParams(temperature=0.0, max_tokens=2))
+    seen: list[torch.Tensor] = []
+    real = build_step_inputs
+
+    def spy(*a: object, **k: object) -> object:
+        inputs = real(*a, **k)  # type: ignore[arg-type]
+        seen.extend([inputs.input_ids, inputs.positions, inputs.slots, inputs.sample_index])
+        for w in inputs.work:
+            seen.extend([w.token, w.q_pos, w.key_blocks, w.key_pos])
+        return inputs
+
+    import k2serve.engine.model_runner as mr
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mr, "build_step_inputs", spy)
+    try:
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        mp.undo()
+    assert len(seen) >= 8 and {t.device for t in seen} == {cpu}
+
+
+def test_explicit_cpu_gives_the_default_tokens(tiny_ckpt: Path) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=6, ignore_eos=True)
+    prompt = [3, 14, 15, 92, 65, 35]
+    cfg = EngineConfig(num_kv_blocks=64, block_size=8)
+    default = LLM(tiny_ckpt, engine_config=cfg).generate([prompt, prompt], [params, seeded])
+    cpu = LLM(tiny_ckpt, engine_config=cfg, device="cpu").generate([prompt, prompt], [params, seeded])
+    assert [o.token_ids for o in cpu] == [o.token_ids for o in default]
+    assert all(len(o.token_ids) == 6 for o in cpu)
+
+
+def test_bad_devices_are_named() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("gpu", "meta", "cuda:x", "tpu:0"):
+        with pytest.raises(EngineConfigError, match="--device must be cpu, cuda or cuda:N"):
+            EngineConfig(device=bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_ckpt: Path) -> None:
+    with pytest.raises(EngineConfigError, match="--device cuda:1: torch sees no CUDA device"):
+        EngineConfig(device="cuda:1").torch_device  # noqa: B018 - the property resolves (and checks) it
+    assert EngineConfig(device="cuda:1").device == "cuda:1"  # spelled right: a config alone is fine
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "k2serve", "generate", "--model", str(tiny_ckpt), "--prompt-ids", "1,2"]
+        + ["--device", "cuda"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "--device cuda: torch sees no CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_device_flag_flows() -> None:
+    from k2serve.cli.parser import build_parser
+    from k2serve.cli.settings import engine_args_from_up, engine_config
+
+    parser = build_parser()
+    for command in ("serve", "prefill", "decode"):
+        args = parser.parse_args([command, "--preset", "tiny", "--device", "cpu"])
+        assert engine_config(args).device == "cpu"
+    assert engine_config(parser.parse_args(["serve", "--preset", "tiny"])).device is None
+    passed = engine_args_from_up(parser.parse_args(["up", "--preset", "tiny", "--device", "cpu"]))
+    assert passed[passed.index("--device") + 1] == "cpu"
+    assert "--device" not in engine_args_from_up(parser.parse_args(["up", "--preset", "tiny"]))
+
+
+def test_cli_generate_on_cpu(tiny_ckpt: Path) -> None:
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "k2serve", "generate", "--model", str(tiny_ckpt), "--prompt-ids", "3,14,15"]
+    base += ["--max-tokens", "3", "--json"]
+    got = subprocess.run(
+        base + ["--device", "cpu"], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    want = LLM(tiny_ckpt).generate([3, 14, 15], SamplingParams(temperature=0.0, max_tokens=3))[0].token_ids
+    assert json.loads(got.stdout.strip().splitlines()[-1])["token_ids"] == want
+
+
+def test_workers_pass_their_device_to_the_kv_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from k2serve.cli.parser import build_parser
+    from k2serve.cli.settings import worker_settings
+
+    parser = build_parser()
+    for role in ("prefill", "decode"):
+        args = parser.parse_args(
+            [
+                role,
+                "--preset",
+                "tiny",
+                "--insecure-internal",
+                "--device",
+                "cpu",
+                "--transfer-backend",
+                "torch",
+            ]
+        )
+        assert worker_settings(role, args).kv_transfer_options() == {"device": torch.device("cpu")}
+        args = parser.parse_args(
+            [role, "--preset", "tiny", "--insecure-internal", "--device", "cpu", "--transfer-backend", "grpc"]
+        )
+        assert worker_settings(role, args).kv_transfer_options() == {}
+    # a CUDA machine, as torch would report it: the torch transfer gets the CUDA device (NCCL) ...
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = parser.parse_args(
+        [
+            "decode",
+            "--preset",
+            "tiny",
+            "--insecure-internal",
+            "--device",
+            "cuda:1",
+            "--transfer-backend",
+            "torch",
+        ]
+    )
+    assert worker_settings("decode", args).kv_transfer_options() == {"device": torch.device("cuda:1")}
+    # ... and an expert-parallel group on CUDA is refused by name (its collectives are gloo only)
+    args = parser.parse_args(
+        [
+            "decode",
+            "--preset",
+            "tiny",
+            "--insecure-internal",
+            "--device",
+            "cuda",
+            "--ep",
+            "2",
+            "--ep-init",
+            "tcp://127.0.0.1:1",
+        ]
+    )
+    with pytest.raises(ValueError, match="--device cuda with --ep 2: expert parallelism runs on CPU"):
+        worker_settings("decode", args)
