@@ -43,7 +43,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "gpu-hpa": {
         "gpu": {"enabled": True},
         "model": _GPU_MODEL,
-        "engine": {"maxModelLen": 131072, "kvCacheMb": 1000000, "prefixCaching": False},
+        "engine": {
+            "maxModelLen": 131072,
+            "kvCacheMb": 1000000,
+            "prefixCaching": False,
+            "kvOffloadHostMb": 2048,
+            "kvOffloadDir": "/kv-tier",
+            "kvOffloadDiskMb": 8192,
+            "kvSessionLeaseS": 30,
+        },
         "router": {**_HPA, "replicas": 1},
         "prefill": {**_HPA, "transfer": {"backend": "torch"}},
         "decode": {**_HPA, "transfer": {"backend": "torch"}},

@@ -224,8 +224,20 @@ def test_engine_flags_carry_values() -> None:
     (_, _, ns) = _by_command(VALUE_SETS["gpu-hpa"])["decode"][0]
     assert (ns.kv_cache_mb, ns.max_model_len, ns.no_prefix_caching) == (1000000, 131072, True)
     assert (ns.dtype, ns.transfer_backend, ns.transfer_port) == ("bfloat16", "torch", 50071)
+    assert (ns.kv_offload_host_mb, ns.kv_offload_dir, ns.kv_offload_disk_mb, ns.kv_session_lease_s) == (
+        2048,
+        "/kv-tier",
+        8192,
+        30.0,
+    )
     (_, _, ns) = _by_command(VALUE_SETS["defaults"])["decode"][0]
     assert (ns.max_model_len, ns.no_prefix_caching, ns.dtype) == (None, False, "float32")
+    assert (ns.kv_offload_host_mb, ns.kv_offload_dir, ns.kv_offload_disk_mb, ns.kv_session_lease_s) == (
+        0,
+        None,
+        0,
+        0.0,
+    )
 
 
 def test_router_tls_and_api_key_flags() -> None:

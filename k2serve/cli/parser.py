@@ -102,6 +102,29 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         "per-token fp32 scale and bf16 RoPE keys (656 bytes/token/layer for K2, vLLM's fp8_ds_mla "
         "row); prefill and decode workers must use the same",
     )
+    s.add_argument(
+        "--kv-offload-host-mb",
+        type=int,
+        default=0,
+        help="host-memory tier below the KV pool, MiB: prefix-cache blocks evicted from the pool are kept "
+        "here (LRU) and reloaded on a prefix hit instead of recomputed (0 = off)",
+    )
+    s.add_argument(
+        "--kv-offload-dir",
+        default=None,
+        help="disk tier directory (e.g. on NVMe): blocks pushed out of the host tier go here, one "
+        "checksummed file per block; needs --kv-offload-disk-mb",
+    )
+    s.add_argument(
+        "--kv-offload-disk-mb", type=int, default=0, help="size cap of the disk tier, MiB (0 = off)"
+    )
+    s.add_argument(
+        "--kv-session-lease-s",
+        type=float,
+        default=0.0,
+        help="after a turn of a session finishes, keep its KV blocks from eviction this many seconds or "
+        "until its next turn arrives (an agent's tool call); 0 = off",
+    )
     add_attention_backend_arg(s)
     add_device_arg(s)
 

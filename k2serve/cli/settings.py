@@ -55,6 +55,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_dtype=args.kv_cache_dtype,
         speculative_config=SpeculativeConfig.parse(getattr(args, "speculative_config", None)),
         attention_backend=args.attention_backend,
+        kv_offload_host_bytes=args.kv_offload_host_mb << 20,
+        kv_offload_dir=args.kv_offload_dir,
+        kv_offload_disk_bytes=args.kv_offload_disk_mb << 20,
+        kv_session_lease_s=args.kv_session_lease_s,
         device=args.device,
         moe_backend=args.moe_backend,
     )
@@ -229,6 +233,14 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--max-model-len", str(args.max_model_len)]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
+    if args.kv_offload_host_mb:
+        out += ["--kv-offload-host-mb", str(args.kv_offload_host_mb)]
+    if args.kv_offload_dir:
+        out += ["--kv-offload-dir", args.kv_offload_dir]
+    if args.kv_offload_disk_mb:
+        out += ["--kv-offload-disk-mb", str(args.kv_offload_disk_mb)]
+    if args.kv_session_lease_s:
+        out += ["--kv-session-lease-s", str(args.kv_session_lease_s)]
     if getattr(args, "speculative_config", None):
         out += ["--speculative-config", args.speculative_config]
     return tuple(out)

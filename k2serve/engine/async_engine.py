@@ -34,6 +34,7 @@ from k2serve.chat.tokenizer import KimiTokenizer
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.group import GroupLostError, LockstepGroup
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
+from k2serve.engine.kv_tiers import tier_stats
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.metrics import EngineMetrics, RequestTimes
 from k2serve.engine.protocol import (
@@ -144,6 +145,12 @@ class AsyncEngine:
             raise ValueError("AsyncEngine needs a model directory with a tokenizer (tiktoken.model)")
         if group is not None and group.engine is not engine:
             raise ValueError("AsyncEngine: `engine` must be the engine of `group`")
+        if group is not None and (engine.leases is not None or engine.tiers is not None):
+            # leases expire by each rank's clock and the tiers' files are per process: the ranks'
+            # schedules (which must stay in lockstep) could diverge
+            raise ValueError(
+                "kv_session_lease_s and the kv_offload_* tiers are not supported in an expert-parallel group yet"
+            )
         self._engine = engine
         self._group = group
         self._on_fatal = on_fatal
@@ -503,7 +510,12 @@ class AsyncEngine:
                     self._deliver(done)
             else:
                 self._engine.add_request(
-                    rid, request.prompt_token_ids, request.params, command.constraint, command.kv_sink
+                    rid,
+                    request.prompt_token_ids,
+                    request.params,
+                    command.constraint,
+                    command.kv_sink,
+                    session_id=request.session.session_id if request.session is not None else None,
                 )
         except (RequestError, ValueError, TypeError) as e:
             del self._clients[rid]
@@ -596,6 +608,7 @@ class AsyncEngine:
             spec_num_accepted_tokens=self._engine.spec_stats.num_accepted_tokens,
             queued_prefill_tokens=self._engine.queued_prefill_tokens(),
             prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
+            kv_tiers=tier_stats(self._engine.tiers, self._engine.leases),
         )
 
     @staticmethod

@@ -142,6 +142,13 @@ class EngineConfig:
     attention_backend: one of ATTENTION_BACKENDS: "torch" (the tiled reference) or "triton" (the paged
     attention's work items through the Triton kernels, model/triton_attention.py: needs CUDA or
     TRITON_INTERPRET=1, checked when the engine is built; an fp8 pool stays torch).
+    kv_offload_host_bytes / kv_offload_dir / kv_offload_disk_bytes: the local tiers below the pool
+    (kvcache/tiers.py): evicted prefix-cache blocks go to a host-memory LRU of that many bytes, blocks
+    pushed out of it to one checksummed file per block in kv_offload_dir (at most kv_offload_disk_bytes),
+    and a prefix hit there is reloaded instead of recomputed. 0 / None: no such tier.
+    kv_session_lease_s: after a turn of a request with a session_id finishes, its blocks stay
+    referenced (not evictable) until this many seconds pass or the session's next turn arrives
+    (an agent's tool call between turns); 0 disables leases.
     moe_backend: one of MOE_BACKENDS: "torch" (per-expert loops / torch grouped GEMMs) or "triton" (the
     routed experts through the Triton grouped GEMM, model/triton_moe.py: INT4 experts in the
     compressed-tensors layout, bf16/fp32 dense experts; same CUDA-or-TRITON_INTERPRET=1 check).
@@ -165,6 +172,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     speculative_config: SpeculativeConfig | None = None
     attention_backend: str = "torch"
+    kv_offload_host_bytes: int = 0
+    kv_offload_dir: str | None = None
+    kv_offload_disk_bytes: int = 0
+    kv_session_lease_s: float = 0.0
     moe_backend: str = "torch"
     device: str | None = None
 
@@ -189,6 +200,11 @@ class EngineConfig:
             raise EngineConfigError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        for name in ("kv_offload_host_bytes", "kv_offload_disk_bytes", "kv_session_lease_s"):
+            if getattr(self, name) < 0:
+                raise EngineConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kv_offload_disk_bytes and not self.kv_offload_dir:
+            raise EngineConfigError("kv_offload_disk_bytes needs kv_offload_dir (the disk tier's directory)")
         if self.moe_backend not in MOE_BACKENDS:
             raise EngineConfigError(
                 f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"

@@ -21,6 +21,7 @@ from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
+from k2serve.engine.kv_tiers import EngineLeases, attach_tiers
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
@@ -158,6 +159,8 @@ class LLMEngine:
             fp8,
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.tiers = attach_tiers(self.blocks, self.pool, self.config)  # None without host / disk tiers
+        self.leases = EngineLeases.build(self.blocks, self.config)  # None without kv_session_lease_s
         spec = self.config.speculative_config
         self.proposer = None if spec is None else Proposer(spec)
         self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
@@ -208,10 +211,13 @@ class LLMEngine:
         params: SamplingParams,
         constraint: Any = None,
         kv_sink: KVSink | None = None,
+        session_id: str | None = None,
     ) -> None:
         """Queue a request. `constraint` (a GrammarConstraint) restricts every sampled token; the
         request then also finishes ("stop") when the grammar terminates. `kv_sink(layer, kv)` receives
-        every layer's latent of the whole prompt as soon as it is computed (disaggregated prefill)."""
+        every layer's latent of the whole prompt as soon as it is computed (disaggregated prefill).
+        `session_id`: the agent session of this turn (with kv_session_lease_s its blocks are leased
+        when it finishes, and this turn ends the session's previous lease)."""
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -228,6 +234,8 @@ class LLMEngine:
         self.seqs[request_id] = seq
         self._attach_decoder(seq)
         self.scheduler.add(seq)
+        if self.leases is not None:
+            self.leases.added(request_id, session_id)
 
     def add_prefilled_request(
         self,
@@ -322,6 +330,8 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
         self._decoders.pop(request_id, None)
+        if self.leases is not None:
+            self.leases.dropped(request_id)
         if seq is None or seq.is_finished:
             return False
         self.scheduler.finish(seq, "abort")
@@ -333,6 +343,9 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        if self.leases is not None:
+            waiting = self.scheduler.waiting
+            self.leases.before_schedule(self.blocks, waiting[0].token_ids if waiting else None)
         sched = self.scheduler.schedule()
         if not sched.chunks:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -376,9 +389,12 @@ class LLMEngine:
                 plain_rows.append(at)
             at += 1 + len(c.drafts)
         if not speculative:
-            return self._postprocess(plain, logits)
-        results = self._postprocess(plain, logits[plain_rows])
-        results.extend(self._verify(c, logits[row : row + 1 + len(c.drafts)]) for c, row in speculative)
+            results = self._postprocess(plain, logits)
+        else:
+            results = self._postprocess(plain, logits[plain_rows])
+            results.extend(self._verify(c, logits[row : row + 1 + len(c.drafts)]) for c, row in speculative)
+        if self.leases is not None:
+            self.leases.after_step(results)
         return results
 
     def _observe_prefill(self, prompt_tokens: int, seconds: float) -> None:

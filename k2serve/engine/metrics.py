@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from k2serve.engine.protocol import BackendStats
+from k2serve.engine.protocol import BackendStats, KVTierStats
 
 ROLES = ("serve", "prefill", "decode")
 LABELS = ("model_name", "engine", "role")
@@ -81,6 +81,47 @@ class _SchedulerCollector(Collector):
                 family = CounterMetricFamily(name, doc, labels=LABELS)
             family.add_metric(self._labels, value)
             yield family
+        if s.kv_tiers is not None:
+            yield from self._tier_metrics(s.kv_tiers, s.prefix_hit_tokens)
+
+    def _tier_metrics(self, t: KVTierStats, prefix_hit_tokens: int) -> Iterator[Metric]:
+        """k2serve_kv_* families of the local tiers and session leases (per tier: label `tier`)."""
+        tier_labels = [*LABELS, "tier"]
+        hits = CounterMetricFamily(
+            "k2serve_kv_tier_hit_tokens",
+            "Prefix-cache hit tokens by where the KV was found.",
+            labels=tier_labels,
+        )
+        hits.add_metric([*self._labels, "device"], prefix_hit_tokens - sum(t.hit_tokens.values()))
+        for tier, n in t.hit_tokens.items():
+            hits.add_metric([*self._labels, tier], n)
+        yield hits
+        for name, doc, values in (
+            ("k2serve_kv_offload_bytes", "Bytes of evicted KV blocks copied into a tier.", t.offload_bytes),
+            ("k2serve_kv_offload_seconds", "Seconds spent copying KV blocks into a tier.", t.offload_seconds),
+            ("k2serve_kv_reload_bytes", "Bytes of KV blocks reloaded from a tier.", t.reload_bytes),
+            ("k2serve_kv_reload_seconds", "Seconds spent reloading KV blocks from a tier.", t.reload_seconds),
+        ):
+            family = CounterMetricFamily(name, doc, labels=tier_labels)
+            for tier, v in values.items():
+                family.add_metric([*self._labels, tier], v)
+            yield family
+        blocks = GaugeMetricFamily(
+            "k2serve_kv_tier_blocks", "KV blocks a tier holds now.", labels=tier_labels
+        )
+        for tier, n in t.blocks.items():
+            blocks.add_metric([*self._labels, tier], n)
+        yield blocks
+        corrupt = CounterMetricFamily(
+            "k2serve_kv_tier_corrupt_blocks", "Tier entries dropped as corrupt or missing.", labels=LABELS
+        )
+        corrupt.add_metric(self._labels, t.corrupt_blocks)
+        yield corrupt
+        leased = GaugeMetricFamily(
+            "k2serve_kv_leased_blocks", "KV blocks held by session leases (agent pauses).", labels=LABELS
+        )
+        leased.add_metric(self._labels, t.leased_blocks)
+        yield leased
 
 
 class EngineMetrics:

@@ -83,6 +83,22 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class KVTierStats:
+    """The local KV tiers and session leases of an engine, counted since start (per tier: "host",
+    "disk"): prefix-hit tokens reloaded from the tier, bytes and seconds of offloads into it and
+    reloads out of it, blocks it holds now; entries dropped as corrupt or missing; blocks leased now."""
+
+    hit_tokens: dict[str, int]
+    offload_bytes: dict[str, int]
+    offload_seconds: dict[str, float]
+    reload_bytes: dict[str, int]
+    reload_seconds: dict[str, float]
+    blocks: dict[str, int]
+    corrupt_blocks: int = 0
+    leased_blocks: int = 0
+
+
+@dataclass(frozen=True)
 class BackendStats:
     """A snapshot for metrics and load balancing. kv blocks are counts of blocks, summed over the
     backend's pools; prefix_hit_rate is cached prompt tokens / prompt tokens looked up, in [0, 1]
@@ -101,6 +117,7 @@ class BackendStats:
     spec_num_accepted_tokens: int = 0  # draft tokens accepted
     queued_prefill_tokens: int = 0  # prompt tokens still to compute (LLMEngine.queued_prefill_tokens)
     prefill_tokens_per_s: float = 0.0  # measured prefill speed (EWMA); 0.0 before the first prefill step
+    kv_tiers: KVTierStats | None = None  # None: no tiers and no leases configured
 
 
 class BackendError(Exception):

@@ -18,12 +18,14 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from k2serve.kvcache.hashing import block_hash
 
 __all__ = [
     "Allocation",
     "BlockManager",
+    "BlockTiers",
     "BlockManagerError",
     "InvariantViolation",
     "KVEventLog",
@@ -44,6 +46,21 @@ class NoFreeBlocksError(BlockManagerError):
         self.available = available
 
 
+class BlockTiers(Protocol):
+    """Where evicted blocks go and come back from (k2serve.kvcache.tiers.KVTiers; a protocol so that the
+    manager stays free of tensors)."""
+
+    def contains(self, h: int) -> bool: ...
+
+    def hashes(self) -> list[int]: ...
+
+    def offload(self, h: int, block: int) -> bool: ...
+
+    def load(self, h: int) -> tuple[Any, str] | None: ...
+
+    def write(self, block: int, payload: Any, tier: str) -> None: ...
+
+
 class InvariantViolation(AssertionError):
     """`check_invariants` found the manager's state inconsistent (a bug, never a user error)."""
 
@@ -54,7 +71,9 @@ class KVEventLog:
 
     An event is (chain hash, removed): stored when a computed full block is registered under its hash
     (only the block the hash map points at: a duplicate computed at the same time is private and never
-    reported), removed when that block is evicted and its hash forgotten. These are the hashes vLLM's
+    reported), removed when that block is evicted and its hash forgotten (with tiers attached: when it
+    leaves the last tier; a block offloaded to a tier stays "stored", the worker still has it, and its
+    reload publishes stored again, which the index takes as a no-op). These are the hashes vLLM's
     and Dynamo's KV events carry. The log holds at most `max_events`; past that it forgets them all and
     says so (`drain` returns overflowed=True): the reader must then resynchronise from a full snapshot
     (`BlockManager.stored_hashes`), so a reader that stops reading never costs more than the bound."""
@@ -121,6 +140,20 @@ class BlockManager:
         self.prefix_query_tokens = 0
         # Block stored / removed events for the router's KV index; None (the default) costs nothing.
         self.events: KVEventLog | None = None
+        # Host / disk tiers below the pool (attach_tiers); None: an evicted block is simply lost.
+        self.tiers: BlockTiers | None = None
+        self.tier_hit_tokens = 0  # prefix hits reloaded from a tier (also counted in prefix_hit_tokens)
+
+    def attach_tiers(self, tiers: BlockTiers) -> None:
+        """Offload evicted hashed blocks to `tiers` and reload them on a prefix hit. While a tier holds
+        an evicted block no "removed" event is published (the worker still has it: the router keeps
+        routing its prefix here); `tier_dropped` publishes it when the block leaves the last tier."""
+        self.tiers = tiers
+
+    def tier_dropped(self, h: int) -> None:
+        """Chain hash `h` left the last tier: publish "removed" unless the device holds it again."""
+        if h not in self._hash_to_block and self.events is not None:
+            self.events.record(h, True)
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -149,8 +182,10 @@ class BlockManager:
 
     def stored_hashes(self) -> list[int]:
         """Every chain hash a new request can hit now (referenced or evictable registered blocks): the
-        full snapshot that `events` are deltas to."""
-        return list(self._hash_to_block)
+        full snapshot that `events` are deltas to), those held by a tier included."""
+        if self.tiers is None:
+            return list(self._hash_to_block)
+        return list(dict.fromkeys([*self._hash_to_block, *self.tiers.hashes()]))
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that cover `num_tokens` positions."""
@@ -160,28 +195,64 @@ class BlockManager:
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         """Whether `allocate(token_ids)` would succeed now."""
-        hits, num_new = self._plan(token_ids)
-        return num_new <= self._available_excluding(hits)
+        hits, _ = self._plan(token_ids)
+        num_new, pinned = self._budget(hits, len(token_ids))
+        return num_new <= self._available_excluding(pinned)
 
     def allocate(self, token_ids: Sequence[int]) -> Allocation:
-        """Blocks for a new sequence of `token_ids`, reusing cached full blocks of its prefix.
+        """Blocks for a new sequence of `token_ids`, reusing cached full blocks of its prefix (device
+        blocks, or blocks reloaded from a tier into fresh device blocks).
 
         At most (len - 1) // block_size leading blocks come from the cache, so at least the last
         token is always computed (its logits are needed). Raises NoFreeBlocksError, with no state
-        changed, when the remaining blocks cannot be found.
+        changed, when the remaining blocks cannot be found. A tier entry that fails to load (corrupt or
+        missing) ends the cached prefix there: the rest is computed.
         """
-        hits, num_new = self._plan(token_ids)
-        available = self._available_excluding(hits)
+        hits, hashes = self._plan(token_ids)
+        num_new, pinned = self._budget(hits, len(token_ids))
+        available = self._available_excluding(pinned)
         if num_new > available:
             raise NoFreeBlocksError(num_new, available)
+        payloads: dict[int, tuple[Any, str]] = {}
+        for k, block in enumerate(hits):
+            if block is None:
+                assert self.tiers is not None
+                loaded = self.tiers.load(hashes[k])
+                if loaded is None:
+                    hits = hits[:k]
+                    break
+                payloads[k] = loaded
         for block in hits:
-            if self._ref_count[block] == 0:
-                del self._evictable[block]
-            self._ref_count[block] += 1
-        table = hits + [self._take_fresh_block() for _ in range(num_new)]
+            if block is not None:
+                if self._ref_count[block] == 0:
+                    del self._evictable[block]
+                self._ref_count[block] += 1
+        table: list[int] = []
+        for k, hit in enumerate(hits):
+            table.append(hit if hit is not None else self._reload(hashes[k], *payloads[k]))
+        table += [self._take_fresh_block() for _ in range(self.blocks_needed(len(token_ids)) - len(hits))]
         self.prefix_hit_tokens += len(hits) * self.block_size
         self.prefix_query_tokens += len(token_ids)
         return Allocation(block_table=table, num_cached_tokens=len(hits) * self.block_size)
+
+    def pin_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Take one more reference to each device block of the cached full-block prefix of `token_ids`
+        (stopping at the first block not in the pool) and return them: a session lease keeps them from
+        eviction until `free` of the returned table. Takes nothing from the tiers."""
+        table: list[int] = []
+        if not self.enable_prefix_caching:
+            return table
+        parent: int | None = None
+        for k in range(len(token_ids) // self.block_size):
+            parent = block_hash(parent, token_ids[k * self.block_size : (k + 1) * self.block_size])
+            block = self._hash_to_block.get(parent)
+            if block is None:
+                break
+            if self._ref_count[block] == 0:
+                del self._evictable[block]
+            self._ref_count[block] += 1
+            table.append(block)
+        return table
 
     def allocate_fresh(self, num_tokens: int) -> list[int]:
         """Unshared blocks covering `num_tokens` positions, for KV that will be written from elsewhere
@@ -234,9 +305,7 @@ class BlockManager:
         for k in range(first, num_full):
             block = block_table[k]
             parent = block_hash(parent, token_ids[k * self.block_size : (k + 1) * self.block_size])
-            self._hash[block] = parent
-            if self._hash_to_block.setdefault(parent, block) == block and self.events is not None:
-                self.events.record(parent, False)
+            self._register(block, parent)
 
     def free(self, block_table: Sequence[int]) -> None:
         """Drop one reference to each block of `block_table` (the caller must not use it again).
@@ -268,20 +337,48 @@ class BlockManager:
             raise BlockManagerError(f"block id {block_id} is outside [0, {self.num_blocks})")
         return block_id
 
-    def _plan(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
-        """(cached blocks usable as this prompt's prefix, number of fresh blocks still needed)."""
+    def _reload(self, h: int, payload: Any, tier: str) -> int:
+        """A fresh block holding `payload` (loaded from `tier`), registered under `h`."""
+        assert self.tiers is not None
+        block = self._take_fresh_block()
+        self.tiers.write(block, payload, tier)
+        self._register(block, h)
+        self.tier_hit_tokens += self.block_size
+        return block
+
+    def _register(self, block: int, h: int) -> None:
+        """Give `block` hash `h`; the map keeps an existing entry (then `block` stays private)."""
+        self._hash[block] = h
+        if self._hash_to_block.setdefault(h, block) == block and self.events is not None:
+            self.events.record(h, False)
+
+    def _plan(self, token_ids: Sequence[int]) -> tuple[list[int | None], list[int]]:
+        """(the cached prefix: per leading block its device block, or None when a tier holds it; the
+        chain hashes of those blocks)."""
         if len(token_ids) == 0:
             raise BlockManagerError("cannot allocate blocks for an empty prompt")
-        hits: list[int] = []
+        hits: list[int | None] = []
+        hashes: list[int] = []
         if self.enable_prefix_caching:
             parent: int | None = None
             for k in range((len(token_ids) - 1) // self.block_size):
                 parent = block_hash(parent, token_ids[k * self.block_size : (k + 1) * self.block_size])
                 block = self._hash_to_block.get(parent)
-                if block is None:
+                if block is None and (self.tiers is None or not self.tiers.contains(parent)):
                     break
                 hits.append(block)
-        return hits, self.blocks_needed(len(token_ids)) - len(hits)
+                hashes.append(parent)
+        return hits, hashes
+
+    def _budget(self, hits: Sequence[int | None], num_tokens: int) -> tuple[int, list[int]]:
+        """(fresh blocks to reserve, device hits surely reused): every block after the first tier entry
+        is budgeted as fresh, since a tier entry that fails to load ends the cached prefix there."""
+        pinned: list[int] = []
+        for block in hits:
+            if block is None:
+                break
+            pinned.append(block)
+        return self.blocks_needed(num_tokens) - len(pinned), pinned
 
     def _available_excluding(self, hits: Sequence[int]) -> int:
         """Blocks free for new content once `hits` (some possibly evictable) are taken back."""
@@ -298,7 +395,8 @@ class BlockManager:
             assert h is not None  # evictable blocks carry the hash the map sends to them
             del self._hash_to_block[h]
             self._hash[block] = None
-            if self.events is not None:
+            offloaded = self.tiers is not None and self.tiers.offload(h, block)
+            if self.events is not None and not offloaded:
                 self.events.record(h, True)
         self._ref_count[block] = 1
         return block

@@ -34,6 +34,15 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{- if not $e.prefixCaching -}}
 {{- $args = append $args "--no-prefix-caching" -}}
 {{- end -}}
+{{- if gt (int $e.kvOffloadHostMb) 0 -}}
+{{- $args = concat $args (list "--kv-offload-host-mb" (printf "%d" (int $e.kvOffloadHostMb))) -}}
+{{- end -}}
+{{- if $e.kvOffloadDir -}}
+{{- $args = concat $args (list "--kv-offload-dir" $e.kvOffloadDir "--kv-offload-disk-mb" (printf "%d" (int $e.kvOffloadDiskMb))) -}}
+{{- end -}}
+{{- if $e.kvSessionLeaseS -}}
+{{- $args = concat $args (list "--kv-session-lease-s" (toString $e.kvSessionLeaseS)) -}}
+{{- end -}}
 {{- $args | toJson -}}
 {{- end -}}
 

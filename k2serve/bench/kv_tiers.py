@@ -1,0 +1,124 @@
+"""`k2serve bench kv-tiers`: time to first token of a long-context turn whose KV blocks were evicted from
+the device pool: reloaded from the host tier, from the disk tier, or recomputed (no tier).
+
+One process, three engines of the same model (the `long` preset with LONG_BENCH_DIMS, 2 layers; with
+`--k2-latent` its latent is K2's 512 + 64 values per token and layer, so a block's bytes per layer are
+K2's): `none` (prefix caching, no tiers), `host` (--kv-offload-host-mb), `disk` (host tier off, a disk
+tier in a temporary directory). Each engine's pool holds one context and a bit. Per round and engine, in
+alternating order (paired rounds): prefill context A (one token), prefill a different context B of the
+same length (evicts A's blocks: into the tier where there is one), then time context A + one new
+block of tokens to its first token: the reload (or the recompute) of A's blocks plus that block's prefill.
+A warm-up round is not recorded. Reported: median and min-max of the TTFT per mode, the tier hit tokens of the last round, and the reload
+bytes per second. The reload is synchronous (the engine step waits for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2serve.bench.long_context import write_long_bench_checkpoint
+
+MODES = ("none", "host", "disk")
+
+
+def _engine(ckpt: Path, mode: str, context: int, tmp: Path) -> Any:
+    from k2serve.engine.config import EngineConfig
+    from k2serve.engine.llm_engine import LLMEngine
+
+    bs = 16
+    tier_mb = max(1, 4 * context * 2**10 // 2**20)  # generous: a tier never drops A here
+    kw: dict[str, Any] = {}
+    if mode == "host":
+        kw["kv_offload_host_bytes"] = tier_mb << 20 << 4
+    elif mode == "disk":
+        kw |= {"kv_offload_dir": str(tmp / "disk"), "kv_offload_disk_bytes": tier_mb << 20 << 4}
+    cfg = EngineConfig(
+        block_size=bs,
+        num_kv_blocks=context // bs,  # one context: B evicts all of A's blocks but the last two
+        max_num_batched_tokens=4096,
+        max_model_len=context,
+        **kw,
+    )
+    return LLMEngine.from_pretrained(ckpt, torch.float32, cfg)
+
+
+def _ttft(engine: Any, rid: str, tokens: list[int]) -> float:
+    from k2serve.engine.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    engine.add_request(rid, tokens, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def run(context: int, rounds: int, k2_latent: bool) -> dict[str, Any]:
+    """The figures of `rounds` paired rounds at `context` tokens."""
+    over = {"kv_lora_rank": 512, "qk_rope_head_dim": 64} if k2_latent else {}
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_long_bench_checkpoint(Path(tmp) / "ckpt", **over)
+        engines = {m: _engine(ckpt, m, context, Path(tmp) / m) for m in MODES}
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        hits: dict[str, dict[str, int]] = {}
+        for r in range(-1, rounds):  # round -1: a warm-up, not recorded
+            a = torch.randint(0, 1000, (context - 32,), generator=g).tolist()
+            b = torch.randint(0, 1000, (context - 16,), generator=g).tolist()
+            turn = a + torch.randint(0, 1000, (16,), generator=g).tolist()
+            order = MODES if r % 2 == 0 else MODES[::-1]  # alternate who goes first
+            for m in order:
+                e = engines[m]
+                _ttft(e, f"a{r}", a)
+                _ttft(e, f"b{r}", b)
+                before = dict(e.tiers.stats.hit_tokens) if e.tiers is not None else {}
+                hit0 = e.blocks.prefix_hit_tokens
+                t = _ttft(e, f"t{r}", turn)
+                if r >= 0:
+                    times[m].append(t)
+                hits[m] = {"all": e.blocks.prefix_hit_tokens - hit0}
+                if e.tiers is not None:
+                    hits[m] |= {t: e.tiers.stats.hit_tokens[t] - before[t] for t in before}
+        out: dict[str, Any] = {"context": context, "rounds": rounds, "k2_latent": k2_latent}
+        for m in MODES:
+            ts = times[m]
+            out[m] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts)}
+            e = engines[m]
+            out[m]["hit_tokens_last_round"] = hits[m]
+            if e.tiers is not None:
+                st = e.tiers.stats
+                secs = st.reload_seconds[m]
+                out[m]["reload_GBps"] = st.reload_bytes[m] / secs / 1e9 if secs else 0.0
+                out[m]["block_bytes"] = e.pool.bytes_per_block
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="k2serve bench kv-tiers", description=__doc__)
+    ap.add_argument("--contexts", default="8192", help="comma-separated context lengths (multiples of 16)")
+    ap.add_argument("--rounds", type=int, default=5, help="paired rounds per context")
+    ap.add_argument("--k2-latent", action="store_true", help="K2's 512 + 64 latent per token and layer")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    contexts = [int(x) for x in args.contexts.split(",")]
+    for n in contexts:
+        if n % 16 or not 256 <= n <= 262144:
+            ap.error(f"--contexts: {n} must be a multiple of 16 in [256, 262144]")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for n in contexts:
+        print(json.dumps(run(n, args.rounds, args.k2_latent)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
