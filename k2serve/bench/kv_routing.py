@@ -141,17 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.turns < 2 or args.conversations < 1 or args.prefill < 1:
         ap.error("--turns must be >= 2, --conversations and --prefill >= 1")
-    model = (
-        Path(args.model)
-        if args.model
-        else Path(tempfile.gettempdir()) / f"k2serve-bench/{args.preset}-{args.dtype}"
-    )
-    if not (model / "config.json").exists():
+    if args.model:
+        model = Path(args.model)
+    else:
         import torch
 
-        from k2serve.model.checkpoint import write_checkpoint
+        from k2serve.model.checkpoint import preset_checkpoint
 
-        write_checkpoint(model, args.preset, seed=0, dtype=getattr(torch, args.dtype))
+        bench_dir = Path(tempfile.gettempdir()) / "k2serve-bench"
+        model = preset_checkpoint(bench_dir, args.preset, dtype=getattr(torch, args.dtype))
     load = os.getloadavg()
     print(
         f"{model.name}: {args.conversations} whole-history conversations x {args.turns} turns, "

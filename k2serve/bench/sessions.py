@@ -151,17 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.turns < 2:
         ap.error(f"--turns must be >= 2, got {args.turns}")
-    model = (
-        Path(args.model)
-        if args.model
-        else Path(tempfile.gettempdir()) / f"k2serve-bench/{args.preset}-{args.dtype}"
-    )
-    if not (model / "config.json").exists():
+    if args.model:
+        model = Path(args.model)
+    else:
         import torch
 
-        from k2serve.model.checkpoint import write_checkpoint
+        from k2serve.model.checkpoint import preset_checkpoint
 
-        write_checkpoint(model, args.preset, seed=0, dtype=getattr(torch, args.dtype))
+        bench_dir = Path(tempfile.gettempdir()) / "k2serve-bench"
+        model = preset_checkpoint(bench_dir, args.preset, dtype=getattr(torch, args.dtype))
     print(f"{model.name}: {args.turns} tool-call turns, session routing ON and OFF alternating", flush=True)
     on, off, moved_on, moved_off, local = run(model, args)
     print("\n".join(report(on, off, moved_on, moved_off, local)))

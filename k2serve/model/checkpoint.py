@@ -215,14 +215,16 @@ def write_checkpoint(
     return out
 
 
-def preset_checkpoint(root: str | Path, preset: str, seed: int = 0) -> Path:
-    """The random checkpoint of `preset` with `seed` under `root` (`root/models/<preset>-seed<seed>`),
-    written on first use and reused afterwards. Processes starting at once each write a directory of
-    their own and rename it into place: the first rename wins, the others discard theirs."""
-    out = Path(root) / "models" / f"{preset}-seed{seed}"
+def preset_checkpoint(root: str | Path, preset: str, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """The random checkpoint of `preset` with `seed` (in `dtype`, default bf16 as write_checkpoint's) under
+    `root` (`root/models/<preset>-seed<seed>[-<dtype>]`), written on first use and reused afterwards.
+    Processes starting at once each write a directory of their own and rename it into place: the first
+    rename wins, the others discard theirs."""
+    suffix = "" if dtype is None else "-" + str(dtype).removeprefix("torch.")
+    out = Path(root) / "models" / f"{preset}-seed{seed}{suffix}"
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        write_checkpoint(tmp, preset, seed=seed)
+        write_checkpoint(tmp, preset, seed=seed, dtype=torch.bfloat16 if dtype is None else dtype)
         try:
             tmp.rename(out)  # atomic: concurrent starters either see the whole checkpoint or none
         except OSError:
