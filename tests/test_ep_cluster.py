@@ -370,10 +370,17 @@ def test_eplb_re_places_skewed_experts_while_serving_with_the_same_tokens(
     assert got == expected
     workers = eplb_cluster.workers()
     assert sorted(w["worker_id"] for w in workers) == sorted(RANKS)
+    first_skews = []
     for w in workers:
         count, before, after, exported = eplb_metrics(w["metrics_url"])
         assert dashboard_ep_metrics() <= exported, dashboard_ep_metrics() - exported
         assert count >= 1, w["worker_id"]
         assert before and before.keys() == after.keys(), (w["worker_id"], before, after)
         assert all(after[k] < before[k] for k in before), (w["worker_id"], before, after)
-        assert max(before.values()) > 1.3, (w["worker_id"], before)  # the skew was real
+        # The gauges are the last re-placement's: after a second one, "before" is the load under the
+        # first EPLB placement (about 1.05 here), so the skew of the contiguous start shows only where
+        # a group moved once.
+        if count == 1:
+            assert max(before.values()) > 1.3, (w["worker_id"], before)  # the skew was real
+            first_skews.append(max(before.values()))
+    assert first_skews, "every group re-placed more than once: no gauge shows the starting skew"
