@@ -46,7 +46,9 @@ from k2serve.chat.tokenizer import KimiTokenizer, load_tokenizer
 from k2serve.cluster.local import ClusterSpec
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.protocol import BackendFailure, BackendStats, GenerateRequest, TokenEvent
+from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.validation import validate_request
 from k2serve.rpc.tls import TLSFiles
 from k2serve.testing.app_server import serve_in_thread
@@ -271,6 +273,23 @@ def tiny_api_server(
     finally:
         engine.shutdown()
         torch.set_num_threads(threads)
+
+
+def run_all(engine: LLMEngine) -> dict[str, list[int]]:
+    """Step `engine` until it is idle; the tokens of every request that finished, by request id."""
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        out |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
+    return out
+
+
+def greedy_all(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The greedy tokens (EOS ignored) of `prompts`, all added at once and run to the end, in order."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    got = run_all(engine)
+    return [got[str(i)] for i in range(len(prompts))]
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from conftest import run_all
 
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
@@ -23,15 +24,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 def make_engine(ckpt: Path, **kw: Any) -> LLMEngine:
     cfg = EngineConfig(**({"num_kv_blocks": 512, "block_size": 8, "max_num_batched_tokens": 96} | kw))
     return LLMEngine.from_pretrained(ckpt, torch.float32, cfg)
-
-
-def run_all(engine: LLMEngine) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-    return out
 
 
 def assert_no_leak(engine: LLMEngine) -> None:

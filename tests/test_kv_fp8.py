@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from cluster_calls import http_greedy
-from conftest import local_cluster_spec
+from conftest import local_cluster_spec, run_all
 
 from k2serve.cluster.local import LocalCluster
 from k2serve.config import ModelConfig
@@ -82,15 +82,6 @@ def tiny_engine(ckpt: Path, kv_cache_dtype: str, **kw: Any) -> LLMEngine:
     return LLMEngine.from_pretrained(
         ckpt, torch.float32, EngineConfig(kv_cache_dtype=kv_cache_dtype, **(base | kw))
     )
-
-
-def run_all(engine: LLMEngine) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-    return out
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from conftest import run_all
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from k2serve.bench.long_context import LONG_BENCH_DIMS
@@ -181,9 +182,7 @@ def test_engine_tiles_and_splits_equal_the_full_softmax_model(tiny_ckpt: Path) -
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     for name, p in prompts.items():
         engine.add_request(name, p, params)
-    got: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        got |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
+    got = run_all(engine)
     for name, p in prompts.items():
         ids = torch.tensor([p])
         for _ in range(params.max_tokens):

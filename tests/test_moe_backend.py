@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy_all
 
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.llm_engine import LLMEngine
-from k2serve.engine.sampling_params import SamplingParams
 from k2serve.model import triton_moe
 from k2serve.model.moe import MoE
 from k2serve.model.triton_moe import MoEBackendError, grouped_gemm_dense
@@ -57,13 +57,7 @@ def greedy(ckpt: Path, moe_backend: str, attention_backend: str = "torch") -> li
     engine = LLMEngine.from_pretrained(ckpt, torch.float32, cfg)
     moes = [layer.mlp for layer in engine.model.layers if isinstance(layer.mlp, MoE)]
     assert moes and all(m.experts.moe_backend == moe_backend for m in moes)
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, params)
-    got: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        got |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
-    return [got[str(i)] for i in range(len(PROMPTS))]
+    return greedy_all(engine, PROMPTS, max_tokens=4)
 
 
 @pytest.mark.parametrize("ckpt", ["tiny_int4_ckpt", "tiny_ckpt"])

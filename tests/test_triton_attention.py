@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy_all
 
 from k2serve.engine import model_runner
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.model_runner import ModelRunner, RowSpec, build_step_inputs
-from k2serve.engine.sampling_params import SamplingParams
 from k2serve.kvcache.fp8 import Fp8Layout
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.attention import (
@@ -219,13 +219,7 @@ def greedy(ckpt: Path, backend: str, prompts: list[list[int]]) -> list[list[int]
         EngineConfig(num_kv_blocks=64, block_size=8, max_num_batched_tokens=32, attention_backend=backend),
     )
     engine.runner.tiles = model_runner.TileConfig(tile_tokens=16, split_tokens=16)
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    got: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        got |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
-    return [got[str(i)] for i in range(len(prompts))]
+    return greedy_all(engine, prompts, max_tokens=4)
 
 
 def test_engine_greedy_tokens_equal_torch(tiny_ckpt: Path) -> None:
