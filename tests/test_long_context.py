@@ -17,7 +17,7 @@ import transformers
 from conftest import run_all
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from k2serve.bench.long_context import LONG_BENCH_DIMS
+from k2serve.bench.long_context import LONG_BENCH_DIMS, write_long_bench_checkpoint
 from k2serve.bench.long_neighbour import gathered, neighbour_batches, paired_rounds
 from k2serve.config import ModelConfig
 from k2serve.engine import model_runner
@@ -27,7 +27,6 @@ from k2serve.engine.model_runner import ModelRunner, RowSpec, build_step_inputs
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.attention import TileConfig
-from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.layers import RotaryEmbedding, rope_inv_freq
 from k2serve.model.loader import load_model
 from k2serve.model.presets import PRESETS
@@ -129,8 +128,9 @@ def test_long_neighbour_does_not_slow_short_decodes(tmp_path: Path) -> None:
     share. The padded path gathered and attended 64K keys for every short row (about 1/20 here); the
     long row's splits are now read in place. The 0.5 of issue 15 is a benchmark figure
     (`k2serve bench long-neighbour`, BENCHMARKS.md); this asserts a bound a loaded CI machine keeps."""
-    write_checkpoint(tmp_path / "ckpt", LONG_TEST, seed=0, dtype=torch.float32)
-    b = neighbour_batches(load_model(tmp_path / "ckpt", torch.float32), 65536, 256, 16)
+    b = neighbour_batches(
+        load_model(write_long_bench_checkpoint(tmp_path / "ckpt"), torch.float32), 65536, 256, 16
+    )
     r = paired_rounds(b, rounds=6, steps=3)
     alone, beside = statistics.median(r["alone"]), statistics.median(r["in_place"])
     print(f"short decode speed beside a 64K sequence / alone: {alone / beside:.2f}")
@@ -143,8 +143,7 @@ def test_in_place_runs_give_the_gathered_logits(tmp_path: Path, run_blocks: int)
     scattered: the splits inside the run are read in place (a KeyRun; none when the run is shorter
     than RUN_MIN_SPLITS splits), the rest gathered; logits equal the all-gathered step's, and the
     short row beside it keeps its logits too."""
-    write_checkpoint(tmp_path / "ckpt", LONG_TEST, seed=0, dtype=torch.float32)
-    model = load_model(tmp_path / "ckpt", torch.float32)
+    model = load_model(write_long_bench_checkpoint(tmp_path / "ckpt"), torch.float32)
     c = model.config
     pool = KVCachePool(c.num_hidden_layers, 400, 16, c.kv_cache_dim, torch.float32)
     pool.kv.normal_(generator=torch.Generator().manual_seed(1))

@@ -13,7 +13,7 @@ Bytes the long row adds per layer (fp32 latent of C + dr values a key): the scor
 P.V reads L x C x 4; gathering first copies L x (C + dr) x 4 (read + write) more. For the `long` bench
 dims (16 + 8) at L = 65,536: 6.3 + 4.2 MB in place, + 12.6 MB gathered, per layer.
 
-Model: the `long` preset cut to `LONG_BENCH_DIMS` (2 layers, hidden 64, a 16+8 latent), fp32, pool filled
+Model: `write_long_bench_checkpoint`'s, the `long` preset cut to `LONG_BENCH_DIMS` (2 layers, hidden 64, a 16+8 latent), fp32, pool filled
 with random latent (every context already cached).
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from k2serve.bench.long_context import LONG_BENCH_DIMS
+from k2serve.bench.long_context import write_long_bench_checkpoint
 from k2serve.engine import model_runner
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.kvcache.pool import KVCachePool
@@ -126,15 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from k2serve.model.checkpoint import write_checkpoint
     from k2serve.model.loader import load_model
-    from k2serve.model.presets import PRESETS
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(
-            Path(tmp) / "ckpt", PRESETS["long"] | LONG_BENCH_DIMS, seed=0, dtype=torch.float32
-        )
-        model = load_model(ckpt, torch.float32)
+        model = load_model(write_long_bench_checkpoint(Path(tmp) / "ckpt"), torch.float32)
     print(
         f"threads {torch.get_num_threads()}, {args.clock} clock, {args.shorts} short rows of {args.short_len} tokens"
     )
