@@ -27,7 +27,13 @@ from k2serve.model import triton_moe
 from k2serve.model.moe import MoE, RoutedExperts
 from k2serve.model.presets import PRESETS
 from k2serve.model.quant import pack_int4, quantize_int4
-from k2serve.model.triton_moe import GroupedGemmError, MoEBackendError, fused_moe, grouped_gemm_dense, moe_align
+from k2serve.model.triton_moe import (
+    GroupedGemmError,
+    MoEBackendError,
+    fused_moe,
+    grouped_gemm_dense,
+    moe_align,
+)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 REPO = Path(__file__).resolve().parents[1]

@@ -57,6 +57,8 @@ def _blocks(n_out: int, k: int) -> tuple[int, int]:
         return GPU_BLOCKS_NK
     bn, bk = (min(INTERPRETER_MAX_BLOCK, max(16, 1 << (n - 1).bit_length())) for n in (n_out, k))
     return bn, bk
+
+
 MOE_BACKENDS = ("torch", "triton")
 
 # An expert weight for the kernel: (packed INT4 int32 [E, O, K/8], scales [E, O, K/group]) or
@@ -121,9 +123,7 @@ def moe_align(expert_of_row: torch.Tensor, n_experts: int, block_m: int = BLOCK_
     sorted_ids[dest] = order.to(torch.int32)  # skipped rows land on the extra last slot, dropped
     block_start = torch.arange(0, bound, block_m, device=dev)
     block_expert = torch.searchsorted(ends, block_start, right=True).clamp(max=n_experts - 1)
-    return Alignment(
-        sorted_ids[:bound], block_expert.to(torch.int32), ends[-1:].to(torch.int32), n, block_m
-    )
+    return Alignment(sorted_ids[:bound], block_expert.to(torch.int32), ends[-1:].to(torch.int32), n, block_m)
 
 
 @functools.cache
@@ -172,7 +172,9 @@ def _check_weight(name: str, weight: ExpertWeight, rows: int, k: int) -> None:
             raise GroupedGemmError(f"{name} must be a float [E, {rows}, {k}]", (w.dtype, tuple(w.shape)))
         return
     if w.dtype != torch.int32 or w.dim() != 3 or tuple(w.shape[1:]) != (rows, k // 8):
-        raise GroupedGemmError(f"{name} packed must be int32 [E, {rows}, {k // 8}]", (w.dtype, tuple(w.shape)))
+        raise GroupedGemmError(
+            f"{name} packed must be int32 [E, {rows}, {k // 8}]", (w.dtype, tuple(w.shape))
+        )
     if scale.shape[:2] != w.shape[:2] or scale.dim() != 3 or k % scale.shape[2]:
         raise GroupedGemmError(f"{name} scale must be [E, {rows}, K/group]", tuple(scale.shape))
 

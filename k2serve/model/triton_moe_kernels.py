@@ -61,7 +61,9 @@ def fused_moe(
             words = tl.load(w_base + (ks // 8)[None, :], mask=w_mask, other=0)  # [bn * pair, bk] int32,
             # each word read for its 8 values
             q = ((words >> ((ks % 8) * 4)[None, :]) & 0xF) - 8
-            w = q.to(tl.float32) * tl.load(s_base + (ks // group)[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            w = q.to(tl.float32) * tl.load(s_base + (ks // group)[None, :], mask=w_mask, other=0.0).to(
+                tl.float32
+            )
         else:  # dense [E, O, K]: read as it is
             w = tl.load(w_base + ks[None, :], mask=w_mask, other=0.0)
         acc += dot(as_operand(a, a.dtype, widen), tl.trans(as_operand(w, a.dtype, widen)), ieee)
