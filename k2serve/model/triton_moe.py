@@ -26,8 +26,12 @@ Numerics: weights are dequantised to the activations' dtype (as the torch path d
 accumulate in fp32: fp32 operands without TF32; bf16 operands natively on GPU, and widened to fp32 under
 the interpreter (whose bf16 dot returns garbage in triton 3.9: same bf16 values, so results match up to
 summation order). Triton is imported lazily and the kernel built on first use, so TRITON_INTERPRET set
-before that first use takes effect. Blocks: BLOCK_M x BLOCK_N x BLOCK_K = 16 x 64 x 64 everywhere; 16
-rows is the decode case (T*k rows spread over many experts); tuning for GPUs is open.
+before that first use takes effect. Blocks: BLOCK_M = 16 rows (the decode case: T*k rows spread over
+many experts); BLOCK_N x BLOCK_K = 64 x 64 on a GPU (untuned: no GPU was at hand), and under the
+interpreter as wide as the dims up to 256 (fewer, larger ops: see `_blocks`). SiLU-and-mul is fused
+into the gate_up pass rather than a separate op: a separate one would write [T*k, 2I], read it back
+and write [T*k, I] (`k2serve bench moe-traffic` counts the bytes); the fused pass reads no more weight
+bytes (gate and up rows of the same columns share one interleaved tile).
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ def moe_align(expert_of_row: torch.Tensor, n_experts: int, block_m: int = BLOCK_
     n = expert_of_row.numel()
     dev = expert_of_row.device
     key = torch.where(expert_of_row >= 0, expert_of_row, n_experts).long()  # skipped rows sort last
-    counts = torch.bincount(key, minlength=n_experts + 1)[:n_experts]  # [E]
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=dev)  # not bincount: on CUDA it syncs
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:n_experts]  # [E] (for its output size)
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)  # [E] padded end of each expert's run
     order = torch.argsort(key, stable=True)  # [N]
