@@ -163,8 +163,9 @@ def _launch(
     grid = (align.sorted_ids.numel() // align.block_m, -(-n_out // bn))
     _kernel(interpreting())[grid](
         a.contiguous(), w, scale, out, align.sorted_ids if route is None else route, align.sorted_ids,
-        align.block_expert, align.n_padded, align.n_rows, n_out, k, w.stride(0), scale.stride(0), a_div,
-        group=k // scale.shape[2] if int4 else 1, swiglu=swiglu, weighted=route is not None, int4=int4,
+        align.block_expert, align.n_padded, align.n_rows, n_out, k, w.stride(0), w.stride(1), scale.stride(0),
+        scale.stride(1), a_div, group=k // scale.shape[2] if int4 else 1, pair=2 if swiglu else 1,
+        weighted=route is not None, int4=int4,
         widen=interpreting(), ieee=interpreting() or a.dtype == torch.float32, bm=align.block_m, bn=bn, bk=bk,
     )  # fmt: skip
 

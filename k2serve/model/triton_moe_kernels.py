@@ -25,15 +25,15 @@ from k2serve.model.triton_attention_kernels import as_operand, dot
 @triton.jit
 def fused_moe(
     a_ptr, w_ptr, scale_ptr, out_ptr, route_ptr, sorted_ids_ptr, block_expert_ptr, n_padded_ptr,
-    n_rows, n_out, k_dim, stride_we, stride_se, a_div,
-    group: tl.constexpr, swiglu: tl.constexpr, weighted: tl.constexpr, int4: tl.constexpr,
+    n_rows, n_out, k_dim, stride_we, stride_wr, stride_se, stride_sr, a_div,
+    group: tl.constexpr, pair: tl.constexpr, weighted: tl.constexpr, int4: tl.constexpr,
     widen: tl.constexpr, ieee: tl.constexpr, bm: tl.constexpr, bn: tl.constexpr, bk: tl.constexpr,
 ):  # fmt: skip
     """out[id, cols] = act(A[id // a_div] @ W_e^T) (* route[id]) for the row ids of M block
     program_id(0) (expert e = block_expert[block]) and output columns program_id(1).
-    swiglu: W_e holds gate rows then up rows (n_out each); the weight tile interleaves gate and up
+    pair 2 (SwiGLU): W_e holds gate rows then up rows (n_out each); the weight tile interleaves gate and up
     rows of the same columns (2 * bn rows: one load, one dot per K step) and act = silu(gate) * up
-    from the fp32 accumulators; else act is the identity. INT4 weights: the packed words and scales
+    from the fp32 accumulators; pair 1: act is the identity. INT4 weights: the packed words and scales
     are read and dequantised in registers, (q - 8) * scale in fp32 rounded to A's dtype as the torch
     path rounds. Padding ids (>= n_rows) load zeros and store nothing; blocks past n_padded return."""
     pid_m = tl.program_id(0)
@@ -43,15 +43,14 @@ def fused_moe(
     row_ok = ids < n_rows
     a_rows = (ids // a_div).to(tl.int64)  # int64: rows * K may pass 2**31
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    pair: tl.constexpr = 2 if swiglu else 1
     r = tl.arange(0, bn * pair)  # weight tile rows: column r // pair, gate (r % 2 = 0) or up (1)
     cols = tl.program_id(1) * bn + r // pair
     w_rows = cols + (r % pair) * n_out  # [bn * pair] rows of W_e
     col_ok = cols < n_out
     acc = tl.full((bm, bn * pair), 0.0, dtype=tl.float32)
     a_base = a_ptr + a_rows[:, None] * k_dim  # [bm, 1] row pointers, hoisted out of the K loop
-    w_base = w_ptr + e * stride_we + w_rows[:, None] * (k_dim // 8 if int4 else k_dim)
-    s_base = scale_ptr + e * stride_se + w_rows[:, None] * (k_dim // group)
+    w_base = w_ptr + e * stride_we + w_rows[:, None] * stride_wr
+    s_base = scale_ptr + e * stride_se + w_rows[:, None] * stride_sr
     for k0 in range(0, k_dim, bk):
         ks = k0 + tl.arange(0, bk)  # [bk]
         k_ok = ks[None, :] < k_dim
@@ -67,7 +66,7 @@ def fused_moe(
         else:  # dense [E, O, K]: read as it is
             w = tl.load(w_base + ks[None, :], mask=w_mask, other=0.0)
         acc += dot(as_operand(a, a.dtype, widen), tl.trans(as_operand(w, a.dtype, widen)), ieee)
-    if swiglu:
+    if pair == 2:
         gate, up = tl.split(tl.reshape(acc, (bm, bn, 2)))
         z = tl.exp(-tl.abs(gate))  # silu without overflow: sigmoid from exp(-|g|) in (0, 1]
         acc = gate * tl.where(gate >= 0, 1.0 / (1.0 + z), z / (1.0 + z)) * up
