@@ -7,11 +7,11 @@ registers) and dense (bf16/fp32) weights, with the routing's gather and weighted
    can capture it): `sorted_ids` [P] lists row ids t*k+j grouped by expert, each expert's run padded to
    a multiple of BLOCK_M with the sentinel T*k; `block_expert` [P/BLOCK_M] names each M block's expert;
    `n_padded` [1] is the padded length actually used (P is its bound: T*k + min(E, T*k)*(BLOCK_M-1)).
-2. gate_up (`_kernel` with swiglu): each M block loads its A rows straight from x by sorted_id // k
-   (no gathered copy of x), multiplies by the expert's gate and up rows of w13 in one pass (two fp32
-   accumulators) and writes silu(gate) * up, [T*k, I], at row sorted_id: the SwiGLU is fused, so the
+2. gate_up (the kernel with pair 2): each M block loads its A rows straight from x by sorted_id // k
+   (no gathered copy of x), multiplies by the expert's gate and up rows of w13 in one pass (a tile
+   interleaving gate and up rows of the same columns, one fp32 accumulator split at the end) and writes silu(gate) * up, [T*k, I], at row sorted_id: the SwiGLU is fused, so the
    [T*k, 2I] pre-activation never reaches memory.
-3. down (`_kernel` weighted): rows of that intermediate by sorted_id times w2, times the row's routing
+3. down (the kernel, weighted): rows of that intermediate by sorted_id times w2, times the row's routing
    weight (fp32, before rounding), stored at row sorted_id of a [T, k, D] output; the sum over k is a
    torch `sum(1)` after (deterministic: no atomics).
 INT4 experts are compressed-tensors `pack-quantized` (int32 [E, O, K/8], nibble j of a word = value + 8
