@@ -164,7 +164,7 @@ def test_ideal_cache_evicts_least_recently_used_tail_first() -> None:
 
 
 def test_ideal_cache_is_never_above_unbounded_and_grows_with_capacity() -> None:
-    entries = parse_trace(HAND * 3, block_size=4)
+    entries = parse_trace(HAND, block_size=4) * 3
     blocks = [TraceScaling(block_size=4).scaled_blocks(e) for e in entries]
     totals = [sum(ideal_cache_hits(blocks, 4, cap)) for cap in (0, 1, 2, 3, 5, 8, None)]
     assert totals == sorted(totals) and totals[0] == 0 and totals[-1] > 0
