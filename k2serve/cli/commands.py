@@ -33,6 +33,7 @@ BENCHMARKS = {
     "spec-decode": "k2serve.bench.spec_decode",
     "kv-routing": "k2serve.bench.kv_routing",
     "kv-trace": "k2serve.bench.kv_trace",
+    "kv-history": "k2serve.bench.kv_history",
     "kv-tiers": "k2serve.bench.kv_tiers",
     "device": "k2serve.bench.device",
 }
