@@ -167,3 +167,23 @@ def test_lease_keys_are_bounded() -> None:
     assert a is not None and keys.key_for([2, 5], matched=False) == "kv-0000000000000002"
     with pytest.raises(ValueError, match="max_conversations"):
         LeaseKeys(0)
+
+
+def test_a_prefilled_request_does_not_end_leases_it_leaves_room_for(tiny_ckpt: Path) -> None:
+    """On a decode worker a request arrives with its blocks already reserved (prefilled elsewhere): it
+    waits for the scheduler holding them, so it must not count as a request that cannot get blocks and
+    end a session's lease (before the fix, every large enough transfer ended the decode worker's leases)."""
+    config = EngineConfig(num_kv_blocks=16, block_size=BS, kv_session_lease_s=60.0)
+    llm = LLMEngine.from_pretrained(tiny_ckpt, torch.float32, config)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    llm.add_request("turn1", list(range(1, 18)), params, session_id="s")
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.leases is not None and llm.leases.leases.num_leased_blocks == 4  # (17 + 2 - 1) // 4 full
+    prompt = list(range(100, 140))  # 40 tokens: 10 of the 12 blocks the lease leaves free
+    table = llm.blocks.allocate_fresh(len(prompt))
+    assert llm.add_prefilled_request("big", prompt, 7, params, table) is None
+    llm.step()
+    assert llm.leases.leases.num_leased_blocks == 4 and "s" in llm.leases.leases
+    while llm.has_unfinished_requests():
+        llm.step()

@@ -355,8 +355,11 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         if self.leases is not None:
+            # a waiting head that already holds its blocks (a request prefilled elsewhere: the decode
+            # worker's) needs no room for its tokens: only one without blocks may end leases early
             waiting = self.scheduler.waiting
-            self.leases.before_schedule(self.blocks, waiting[0].token_ids if waiting else None)
+            head = waiting[0] if waiting and not waiting[0].block_table else None
+            self.leases.before_schedule(self.blocks, head.token_ids if head is not None else None)
         sched = self.scheduler.schedule()
         if not sched.chunks:
             if self.scheduler.waiting and not self.scheduler.running:
