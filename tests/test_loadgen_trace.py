@@ -183,3 +183,9 @@ def test_sample_conversations_keeps_whole_conversations_in_order() -> None:
     assert {e.hash_ids[1] for e in sample_conversations(entries, 3, seed=5)} == {1, 2, 4}
     with pytest.raises(ValueError, match="3 conversations of >= 3 requests"):
         sample_conversations(entries, 4, seed=0)
+    # a conversation with one request that does not fit is left out whole
+    too_long = {entries[6].timestamp_ms}  # a request of conversation 2
+    kept = sample_conversations(entries, 2, seed=0, fits=lambda e: e.timestamp_ms not in too_long)
+    assert {e.hash_ids[1] for e in kept} == {1, 4}
+    with pytest.raises(ValueError, match="2 conversations of >= 3 requests that fit"):
+        sample_conversations(entries, 3, seed=0, fits=lambda e: e.timestamp_ms not in too_long)

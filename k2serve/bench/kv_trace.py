@@ -75,11 +75,16 @@ def _spec(model: Path, args: argparse.Namespace, policy: str, prefill: int) -> C
     )
 
 
-def load_entries(args: argparse.Namespace) -> list[TraceEntry]:
-    """The replayed entries: `--conversations` sampled conversations of the first `--limit` lines."""
+def load_entries(args: argparse.Namespace, scaling: TraceScaling) -> list[TraceEntry]:
+    """The replayed entries: `--conversations` sampled conversations of the first `--limit` lines, of
+    those whose every request (scaled prompt + output) fits `--max-context` tokens (a worker's pool)."""
     entries = read_trace(args.trace, limit=args.limit)
     if args.conversations:
-        entries = sample_conversations(entries, args.conversations, args.seed)
+
+        def fits(e: TraceEntry) -> bool:
+            return sum(n for _, n in scaling.scaled_blocks(e)) + scaling.output_len(e) <= args.max_context
+
+        entries = sample_conversations(entries, args.conversations, args.seed, fits=fits)
     return entries[: args.num_prompts] if args.num_prompts else entries
 
 
@@ -202,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         "--conversations", type=int, default=12, help="sampled conversations (0: the leading requests)"
     )
     ap.add_argument("--num-prompts", type=int, default=None, help="replay at most N requests")
+    ap.add_argument(
+        "--max-context",
+        type=int,
+        default=1000,
+        help="sample only conversations whose every request (scaled prompt + output tokens) fits this: "
+        "a worker's KV pool holds a request whole (1 MiB of the tiny fp32 model: 1072 tokens)",
+    )
     ap.add_argument("--trace-scale", type=float, default=1 / 32, help="lengths and hash block times X")
     ap.add_argument("--time-scale", type=float, default=0.02, help="arrivals at timestamp * X")
     ap.add_argument("--prefill", default="2,4", help="prefill workers per cluster, comma-separated")
@@ -227,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     prefills = [int(x) for x in args.prefill.split(",")]
     if args.rounds < 1 or min(prefills) < 1:
         ap.error("--rounds and every --prefill count must be >= 1")
-    entries = load_entries(args)
+    entries = load_entries(args, scaling)
     requests = list(trace_requests(entries, scaling, args.seed))
     blocks = [scaling.scaled_blocks(e) for e in entries]
     if args.model:

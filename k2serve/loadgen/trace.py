@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,27 +264,34 @@ def sample_conversations(
     seed: int,
     group_blocks: int = 2,
     min_requests: int = 3,
+    fits: Callable[[TraceEntry], bool] | None = None,
 ) -> list[TraceEntry]:
     """The requests of `conversations` conversations of the trace, in trace order with their own
     timestamps: a smaller replay that keeps the trace's reuse between a conversation's turns.
 
     A conversation is the requests sharing their first `group_blocks` hash ids (in the Mooncake
     conversation trace every prompt starts with block 0, a shared system prompt, so the second block
-    tells conversations apart); only those with at least `min_requests` requests are drawn, uniformly
-    with `seed`. ValueError when fewer than `conversations` qualify."""
+    tells conversations apart); only those with at least `min_requests` requests, all of which `fits`
+    (when given: e.g. a replayed request must fit a worker's KV pool), are drawn, uniformly with
+    `seed`. ValueError when fewer than `conversations` qualify."""
     if conversations < 1 or group_blocks < 1 or min_requests < 1:
         raise ValueError(
             f"conversations, group_blocks and min_requests must be >= 1, got {conversations}, "
             f"{group_blocks}, {min_requests}"
         )
     groups: dict[tuple[int, ...], int] = {}
+    unfit: set[tuple[int, ...]] = set()
     for e in entries:
         key = e.hash_ids[:group_blocks]
         groups[key] = groups.get(key, 0) + 1
-    eligible = sorted(k for k, n in groups.items() if n >= min_requests and len(k) == group_blocks)
+        if fits is not None and not fits(e):
+            unfit.add(key)
+    eligible = sorted(
+        k for k, n in groups.items() if n >= min_requests and len(k) == group_blocks and k not in unfit
+    )
     if len(eligible) < conversations:
         raise ValueError(
-            f"the trace has {len(eligible)} conversations of >= {min_requests} requests "
+            f"the trace has {len(eligible)} conversations of >= {min_requests} requests{' that fit' if fits else ''} "
             f"(by their first {group_blocks} hash ids), fewer than the {conversations} asked for"
         )
     rng = np.random.default_rng([seed, 3])
