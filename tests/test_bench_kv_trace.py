@@ -39,6 +39,7 @@ def test_summarize_compares_hits_with_the_ideal_caches_over_completed_requests()
     assert (out["requests"], out["failed"], out["prompt_tokens"]) == (3, 1, 16)
     assert out["goodput_fraction"] == pytest.approx(1 / 3) and out["goodput_per_s"] == 0.5  # only 0 met
     assert out["ttft_p50_ms"] == pytest.approx(150.0) and out["ttft_p99_ms"] == pytest.approx(199.0)
+    assert out["errors"] == {"500": 1}
 
 
 def test_history_reuse_counts_later_successful_turns() -> None:

@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,8 +61,20 @@ class PolicyResult:
     wall_s: float
 
 
+@dataclass(frozen=True)
+class _Spec(ClusterSpec):
+    """A ClusterSpec whose decode worker gets a KV pool of its own size (`decode_kv_cache_mb`): the
+    prefill pools are what the replay measures, the decode pool only has to hold the requests in flight."""
+
+    decode_kv_cache_mb: int = 16
+
+    def worker_args(self, role: str, *args: Any, **kwargs: Any) -> list[str]:
+        out = super().worker_args(role, *args, **kwargs)
+        return [*out, "--kv-cache-mb", str(self.decode_kv_cache_mb)] if role == "decode" else out
+
+
 def _spec(model: Path, args: argparse.Namespace, policy: str, prefill: int) -> ClusterSpec:
-    return ClusterSpec(
+    return _Spec(
         model_dir=str(model),
         port=0,
         grpc_port=0,
@@ -72,6 +85,7 @@ def _spec(model: Path, args: argparse.Namespace, policy: str, prefill: int) -> C
         engine_args=("--kv-cache-mb", str(args.kv_cache_mb), "--block-size", str(args.block_size)),
         router_args=("--routing-policy", policy),
         workdir=tempfile.mkdtemp(prefix=f"k2serve-bench-kv-trace-{policy}-{prefill}-"),
+        decode_kv_cache_mb=args.decode_kv_cache_mb,
     )
 
 
@@ -177,6 +191,7 @@ def summarize(
         "goodput_per_s": good / result.wall_s if result.wall_s else None,
         "ttft_p50_ms": p50,
         "ttft_p99_ms": p99,
+        "errors": dict(Counter(r.error or "unfinished" for r in result.records if not r.ok)),
     }
 
 
@@ -191,6 +206,7 @@ def report(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"({r['capacity_blocks']:5d})   {_pct(r['of_best_lru']):>7} {r['best_unbounded_tokens']:10d}  "
             f"{_pct(r['of_unbounded']):>6}  {_pct(r['goodput_fraction']):>6} "
             f"{r['goodput_per_s']:.2f}/s  {r['ttft_p50_ms']:8.1f} / {r['ttft_p99_ms']:8.1f}  {r['failed']}"
+            + (f" {r['errors']}" if r["errors"] else "")
         )
     return lines
 
@@ -223,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint dir (default: write the preset)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--kv-cache-mb", type=int, default=1, help="KV pool of each worker, MiB")
+    ap.add_argument("--kv-cache-mb", type=int, default=1, help="KV pool of each prefill worker, MiB")
+    ap.add_argument("--decode-kv-cache-mb", type=int, default=16, help="KV pool of the decode worker, MiB")
     ap.add_argument("--block-size", type=int, default=16, help="server block size = 512 * --trace-scale")
     ap.add_argument("--vocab-size", type=int, default=1000, help="prompt token ids in [0, N)")
     ap.add_argument("--request-timeout", type=float, default=300.0)
