@@ -5,6 +5,8 @@ A conversation's key is made when one of its requests matched a live prefix in t
 continues something cached) and is kept, by the chain hash of that request's last full block, for the
 next turn: a later prompt that contains that hash continues the same conversation, so it carries the
 same key and the worker ends the earlier turn's lease when it arrives (as a session's next turn does).
+A turn routed to another prefill worker than the previous one (its queue outweighed the cached prefix)
+leaves the previous worker's lease to run out by itself (or give way under pressure).
 Pure bookkeeping: hashes in, keys out; bounded (least recently used conversations are forgotten, which
 only costs the forgotten conversation its early lease release: its lease still runs out).
 """
