@@ -7,7 +7,7 @@ import pytest
 
 from k2serve.bench.kv_history import report as history_report
 from k2serve.bench.kv_history import reuse
-from k2serve.bench.kv_trace import PolicyResult, summarize, windows
+from k2serve.bench.kv_trace import PolicyResult, prefill_decisions, summarize, windows
 from k2serve.loadgen.dataset import BenchRequest
 from k2serve.loadgen.record import RequestRecord
 from k2serve.loadgen.stats import SLO
@@ -52,3 +52,12 @@ def test_history_reuse_counts_later_successful_turns() -> None:
     assert reuse(reqs) == (350, 240)
     lines = history_report({"session": [(350, 240)], "resend": [(350, 228)]})
     assert lines[-1] == "whole-history reuse / session reuse: 95.0%"
+
+
+def test_prefill_decisions_from_the_router_metrics() -> None:
+    text = """# TYPE k2serve_router_routing_decisions counter
+k2serve_router_routing_decisions_total{model_name="m",role="decode",reason="tpot"} 7.0
+k2serve_router_routing_decisions_total{model_name="m",role="prefill",reason="load"} 3.0
+k2serve_router_routing_decisions_total{model_name="m",role="prefill",reason="prefix_hit"} 40.0
+"""
+    assert prefill_decisions(text) == {"load": 3, "prefix_hit": 40}

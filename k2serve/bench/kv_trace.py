@@ -28,9 +28,12 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from k2serve.cluster.local import ClusterSpec, LocalCluster, registered_workers
 from k2serve.loadgen.dataset import BenchRequest
@@ -59,6 +62,7 @@ class PolicyResult:
     records: list[RequestRecord]
     capacity_blocks: int
     wall_s: float
+    decisions: dict[str, int] = field(default_factory=dict)  # the router's prefill decisions by reason
 
 
 @dataclass(frozen=True)
@@ -148,17 +152,35 @@ def run(
 ) -> list[PolicyResult]:
     """Replay `requests` on one cluster per policy with `prefill` prefill workers (see the module doc)."""
     parts = windows(requests, args.rounds)
-    records: dict[str, list[RequestRecord]] = {p: [] for p in POLICIES}
-    walls = dict.fromkeys(POLICIES, 0.0)
+    policies = args.policies
+    records: dict[str, list[RequestRecord]] = {p: [] for p in policies}
+    walls = dict.fromkeys(policies, 0.0)
     with contextlib.ExitStack() as stack:
-        clusters = {p: stack.enter_context(LocalCluster(_spec(model, args, p, prefill))) for p in POLICIES}
+        clusters = {p: stack.enter_context(LocalCluster(_spec(model, args, p, prefill))) for p in policies}
         capacity = {p: prefill_capacity_blocks(c) for p, c in clusters.items()}
         for w, part in enumerate(parts):
-            for policy in POLICIES[w % 3 :] + POLICIES[: w % 3]:
+            for policy in policies[w % len(policies) :] + policies[: w % len(policies)]:
                 recs, wall = asyncio.run(_replay(clusters[policy].http_url, part, args.request_timeout))
                 records[policy] += recs
                 walls[policy] += wall
-    return [PolicyResult(p, records[p], capacity[p], walls[p]) for p in POLICIES]
+        decisions = {
+            p: prefill_decisions(httpx.get(f"{c.http_url}/metrics", timeout=10).text)
+            for p, c in clusters.items()
+        }
+    return [PolicyResult(p, records[p], capacity[p], walls[p], decisions[p]) for p in policies]
+
+
+def prefill_decisions(metrics: str) -> dict[str, int]:
+    """The router's prefill routing decisions by reason, from its Prometheus text."""
+    out: dict[str, int] = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if (
+                sample.name == "k2serve_router_routing_decisions_total"
+                and sample.labels.get("role") == "prefill"
+            ):
+                out[sample.labels["reason"]] = int(sample.value)
+    return out
 
 
 def summarize(
@@ -192,6 +214,7 @@ def summarize(
         "ttft_p50_ms": p50,
         "ttft_p99_ms": p99,
         "errors": dict(Counter(r.error or "unfinished" for r in result.records if not r.ok)),
+        "prefill_decisions": result.decisions,
     }
 
 
@@ -207,6 +230,7 @@ def report(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{_pct(r['of_unbounded']):>6}  {_pct(r['goodput_fraction']):>6} "
             f"{r['goodput_per_s']:.2f}/s  {r['ttft_p50_ms']:8.1f} / {r['ttft_p99_ms']:8.1f}  {r['failed']}"
             + (f" {r['errors']}" if r["errors"] else "")
+            + f"  decisions {r['prefill_decisions']}"
         )
     return lines
 
@@ -234,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-scale", type=float, default=0.02, help="arrivals at timestamp * X")
     ap.add_argument("--prefill", default="2,4", help="prefill workers per cluster, comma-separated")
     ap.add_argument("--rounds", type=int, default=2, help="trace windows, alternating the policies")
+    ap.add_argument(
+        "--policies",
+        type=lambda x: tuple(x.split(",")),
+        default=POLICIES,
+        help=f"routing policies compared, comma-separated (default {','.join(POLICIES)})",
+    )
     ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=200.0)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: write the preset)")
@@ -256,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     prefills = [int(x) for x in args.prefill.split(",")]
     if args.rounds < 1 or min(prefills) < 1:
         ap.error("--rounds and every --prefill count must be >= 1")
+    if not args.policies or not set(args.policies) <= set(POLICIES):
+        ap.error(f"--policies must name some of {', '.join(POLICIES)}, got {','.join(args.policies)}")
     entries = load_entries(args, scaling)
     requests = list(trace_requests(entries, scaling, args.seed))
     blocks = [scaling.scaled_blocks(e) for e in entries]
@@ -282,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in prefills:
         for result in run(model, args, requests, n):
             rows.append({"prefill": n, **summarize(result, blocks, args.block_size, slo)})
-        print("\n".join(report(rows[-len(POLICIES) :])), flush=True)
+        print("\n".join(report(rows[-len(args.policies) :])), flush=True)
     print("\n".join(report(rows)))
     print(f"load average after {os.getloadavg()[0]:.2f}")
     print("reproduce: k2serve bench kv-trace " + " ".join(argv if argv is not None else sys.argv[1:]))
