@@ -99,6 +99,11 @@ def _scenario(tiny_ckpt: Path, workdir: Path, lease_s: int) -> dict[str, int]:
         turn3 = turn2 + reply + _tokens(5, 20)
         _, out["turn3_cached"] = _complete(client, turn3)
         out["expected"] = len(turn2) // BS * BS
+        # the decode worker measured its decode steps and reports them on the heartbeat (TPOT routing)
+        deadline = time.monotonic() + 10
+        while not _prefill_view(cluster, "decode")["decode_step_ms"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out["decode_step_ms"] = _prefill_view(cluster, "decode")["decode_step_ms"]
     return out
 
 
@@ -113,6 +118,7 @@ def test_a_lease_keeps_a_paused_conversation_through_eviction(tiny_ckpt: Path, t
     # without: nothing leased, and the fillers evicted the whole conversation
     assert plain["leased"] == 0
     assert plain["turn3_cached"] == 0
+    assert leased["decode_step_ms"] > 0 and plain["decode_step_ms"] > 0
 
 
 def _chat(client: httpx.Client, sid: str, text: str) -> dict:
