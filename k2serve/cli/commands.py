@@ -37,6 +37,7 @@ BENCHMARKS = {
     "kv-tiers": "k2serve.bench.kv_tiers",
     "device": "k2serve.bench.device",
     "moe-traffic": "k2serve.bench.moe_traffic",
+    "cpu-gemv": "k2serve.bench.cpu_gemv",
 }
 
 

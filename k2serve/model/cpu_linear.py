@@ -1,0 +1,103 @@
+"""bf16 linear layers on CPU through oneDNN with the weight prepacked once.
+
+`F.linear` on a bf16 weight re-lays the weight out (or runs a slow GEMV) on every call; oneDNN with
+the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, then
+`mkldnn._linear_pointwise`, what Inductor's freezing does) reads it 1.3-1.9x faster at batch 1 to 32
+on this repo's host (`k2serve bench cpu-gemv`, BENCHMARKS.md "CPU linear kernels") and computes the
+same function: the same bf16 products accumulated in fp32 (tests/test_cpu_linear.py compares it with
+`F.linear` bitwise on the model's shapes).
+
+`prepack_linears(model)` switches a model's bf16 CPU `nn.Linear` modules to `PrepackedLinear` (the same
+module, parameters and state dict; only `forward` differs). The packed copy is made on the first call
+(so a layer never run this way, e.g. `kv_b_proj` of a decode-only worker whose attention reads the
+weight directly, costs nothing) and remade whenever the weight changes in place. It is held beside
+the dense weight, which the state dict, weight absorption and tied embeddings keep reading: a packed
+layer holds its weight twice. fp32 models keep `F.linear` (MKL's sgemv is already the faster path
+there, and the parity tests run in fp32), as do inputs of another dtype or device, autograd, and
+torch.compile tracing (Inductor prepacks the plain weight itself under freezing), so the switch
+composes with a captured step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# K2SERVE_CPU_PREPACK=0, read at import, keeps every linear layer on F.linear (the path before this one).
+ENABLED = os.environ.get("K2SERVE_CPU_PREPACK", "1") != "0"
+
+_MKLDNN = torch.ops.mkldnn  # the ops Inductor's CPU lowering calls; underscored in torch, public in aten
+
+
+def prepack_supported() -> bool:
+    """Whether this torch build and CPU run oneDNN bf16 linear layers with prepacked weights."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(_MKLDNN, "_reorder_linear_weight")
+        and hasattr(_MKLDNN, "_linear_pointwise")
+        and bool(_MKLDNN._is_mkldnn_bf16_supported())  # noqa: SLF001
+    )
+
+
+class PrepackedLinear(nn.Linear):
+    """An `nn.Linear` whose bf16 CPU forward runs oneDNN on a weight packed once (see the module doc)."""
+
+    packed: torch.Tensor | None
+    packed_version: int
+
+    def forget_packed(self) -> None:
+        """Drop the packed copy (the next bf16 call packs the weight again)."""
+        self.packed = None
+        self.packed_version = -1
+
+    def packed_weight(self) -> torch.Tensor:
+        """The weight in oneDNN's layout, packed now if it never was or the weight changed since."""
+        version = self.weight._version  # noqa: SLF001 (torch's in-place write counter)
+        if self.packed is None or self.packed_version != version:
+            with torch.no_grad():
+                self.packed = _MKLDNN._reorder_linear_weight(self.weight.detach(), 1)  # noqa: SLF001
+            self.packed_version = version
+        return self.packed
+
+    def uses_packed(self, x: torch.Tensor) -> bool:
+        """Whether `forward(x)` takes the prepacked path: bf16 input and weight on the CPU, no autograd,
+        not being traced by torch.compile."""
+        w = self.weight
+        return (
+            x.dtype == torch.bfloat16
+            and w.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and w.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and not torch.compiler.is_compiling()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_packed(x):
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        bias = None if self.bias is None else self.bias.detach()
+        y = _MKLDNN._linear_pointwise(flat, self.packed_weight(), bias, "none", [None], "")  # noqa: SLF001
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Switch `model`'s bf16 CPU `nn.Linear` modules to `PrepackedLinear` (in place; packing happens on
+    first use). Returns how many were switched: 0 when disabled (K2SERVE_CPU_PREPACK=0) or unsupported."""
+    if not ENABLED or not prepack_supported():
+        return 0
+    switched = 0
+    for module in model.modules():
+        if (
+            type(module) is nn.Linear
+            and module.weight.dtype == torch.bfloat16
+            and module.weight.device.type == "cpu"
+        ):
+            module.__class__ = PrepackedLinear
+            cast(PrepackedLinear, module).forget_packed()
+            switched += 1
+    return switched

@@ -1,0 +1,138 @@
+"""bf16 linear layers through oneDNN on prepacked weights (model/cpu_linear.py): the same outputs as
+`F.linear`, the same greedy tokens as the model without them, a repack when the weight changes, the plain
+path where it must stay; and the INT4 fused kernel against the dequantised reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2serve.bench.cpu_gemv import K2_SHAPES, layer_shapes, path_calls, weight_bytes
+from k2serve.config import ModelConfig
+from k2serve.model import cpu_linear
+from k2serve.model.checkpoint import write_checkpoint
+from k2serve.model.cpu_linear import PrepackedLinear, prepack_linears, prepack_supported
+from k2serve.model.loader import load_model
+from k2serve.model.presets import PRESETS
+
+needs_prepack = pytest.mark.skipif(not prepack_supported(), reason="no oneDNN bf16 on this CPU/torch")
+SMALL = ModelConfig.from_dict(PRESETS["small"])
+
+
+def packed_linear(out_f: int, in_f: int, bias: bool = False, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias).to(torch.bfloat16)
+    assert prepack_linears(lin) == 1
+    return lin
+
+
+@needs_prepack
+@pytest.mark.parametrize("name", ["q_a_proj", "q_b_proj", "kv_a_proj", "o_proj", "expert_w13", "expert_w2"])
+@pytest.mark.parametrize("batch", [1, 3, 8, 32])
+def test_prepacked_equals_f_linear_on_small_shapes(name: str, batch: int) -> None:
+    out_f, in_f = layer_shapes(SMALL)[name]
+    lin = packed_linear(out_f, in_f)
+    x = torch.randn(batch, in_f, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = lin(x)
+        ref = F.linear(x, lin.weight)
+    assert isinstance(lin, PrepackedLinear) and lin.packed is not None  # the packed path ran
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+@needs_prepack
+def test_prepacked_keeps_leading_dims_and_bias() -> None:
+    lin = packed_linear(48, 64, bias=True)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = lin(x)
+    ref = F.linear(x, lin.weight, lin.bias)
+    assert y.shape == (2, 5, 48)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    assert (y.float() - F.linear(x.float(), lin.weight.float(), lin.bias.float())).abs().max() < 0.05
+
+
+@needs_prepack
+def test_weight_change_repacks() -> None:
+    lin = packed_linear(32, 64)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        before = lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(-2)
+    with torch.inference_mode():
+        after = lin(x)
+    torch.testing.assert_close(after, F.linear(x, lin.weight.detach()), rtol=0, atol=0)
+    assert not torch.equal(after, before)
+
+
+@needs_prepack
+def test_plain_path_for_fp32_input_and_autograd() -> None:
+    lin = packed_linear(16, 32)
+    x32 = torch.randn(2, 32)
+    with pytest.raises(RuntimeError, match="dtype"):
+        lin(x32)  # a bf16 weight with an fp32 input: F.linear's own error, not a silent cast
+    lin.weight.requires_grad_(True)
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    y = lin(x)
+    y.float().sum().backward()
+    assert lin.weight.grad is not None and lin.packed is None  # autograd never took the packed path
+
+
+def test_fp32_and_disabled_models_are_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert prepack_linears(nn.Sequential(nn.Linear(8, 8))) == 0  # fp32 stays on F.linear
+    monkeypatch.setattr(cpu_linear, "ENABLED", False)
+    assert prepack_linears(nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16))) == 0
+
+
+@needs_prepack
+def test_bf16_model_same_greedy_tokens_with_and_without_prepacking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_model prepacks a bf16 model's linears; its logits equal those of the same model on F.linear."""
+    ckpt = write_checkpoint(tmp_path / "m", "tiny", seed=3, dtype=torch.bfloat16)
+    packed = load_model(ckpt, torch.bfloat16)
+    monkeypatch.setattr(cpu_linear, "ENABLED", False)
+    plain = load_model(ckpt, torch.bfloat16)
+    n_packed = sum(isinstance(m, PrepackedLinear) for m in packed.modules())
+    assert n_packed > 0 and not any(isinstance(m, PrepackedLinear) for m in plain.modules())
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = packed(ids), plain(ids)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert all(isinstance(m, PrepackedLinear) and m.packed is not None for m in [packed.lm_head])
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU int4 kernel")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_bench_paths_compute_their_stated_weights(batch: int) -> None:
+    """Each path of `bench cpu-gemv` computes x @ W.T for the dense weight it reports (int8/int4: the
+    quantised weights; int4 is the INT4 experts' fused kernel against the dequantised group-32
+    reference) within bf16 rounding of the output, and the quantised weights stay near the original."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, 512, generator=g) * 0.02).to(torch.bfloat16)
+    x = torch.randn(batch, 512, generator=g).to(torch.bfloat16)
+    paths = ("bf16", "fp32", "int8", "int4") + (("mkldnn",) if prepack_supported() else ())
+    calls = path_calls(w, x, paths)
+    assert set(calls) == set(paths)
+    for path, (call, dense) in calls.items():
+        ref = x.float() @ dense.t()
+        y = call().float()
+        assert y.shape == (batch, 256), path
+        err = (y - ref).abs().max() / ref.abs().max()
+        assert err < 1e-2, (path, float(err))  # bf16 output rounding: 2**-8 relative
+        rel_w = (dense - w.float()).norm() / w.float().norm()
+        assert rel_w < {"int8": 0.01, "int4": 0.2}.get(path, 1e-6), (path, float(rel_w))
+
+
+def test_weight_bytes_and_shapes() -> None:
+    assert weight_bytes("bf16", 512, 1024) == 2 * 512 * 1024
+    assert weight_bytes("int4", 512, 1024) == 512 * 512 + 4 * 512 * 32
+    assert layer_shapes(SMALL)["expert_w13"] == (512, 1024)
+    assert K2_SHAPES["expert_w2"] == (7168, 2048)
