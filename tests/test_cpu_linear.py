@@ -136,3 +136,19 @@ def test_weight_bytes_and_shapes() -> None:
     assert weight_bytes("int4", 512, 1024) == 512 * 512 + 4 * 512 * 32
     assert layer_shapes(SMALL)["expert_w13"] == (512, 1024)
     assert K2_SHAPES["expert_w2"] == (7168, 2048)
+
+
+@needs_prepack
+def test_set_prepacked_switches_both_ways_and_keeps_outputs() -> None:
+    from k2serve.model.cpu_linear import set_prepacked
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16)).to(torch.bfloat16)
+    assert prepack_linears(model) == 2
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        on = model(x)
+        assert set_prepacked(model, False) == 2 and all(type(m) is nn.Linear for m in model)
+        off = model(x)
+        assert set_prepacked(model, True) == 2 and all(type(m) is PrepackedLinear for m in model)
+    torch.testing.assert_close(on, off, rtol=0, atol=0)
+    assert set_prepacked(nn.Sequential(nn.Linear(4, 4)), True) == 0  # never prepacked: left alone

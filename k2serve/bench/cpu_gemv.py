@@ -27,14 +27,18 @@ import argparse
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from k2serve.bench.engine import make_llm
 from k2serve.bench.int4_experts import time_paired
 from k2serve.config import ModelConfig
+from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.presets import PRESETS
 
 GROUP = 32
@@ -215,6 +219,54 @@ def markdown(rows: list[dict], roof: dict[str, float], load: float) -> str:
     return "\n".join(lines)
 
 
+def decode_paired(
+    model_dir: Path, batches: list[int], output_len: int, rounds: int, input_len: int = 32
+) -> list[dict]:
+    """Engine generation tok/s of a bf16 checkpoint per batch size, with the linears prepacked and on
+    `F.linear` (`set_prepacked`) in alternating rounds on the same loaded model; also whether the two
+    gave the same greedy tokens (they must)."""
+    from k2serve.engine.sampling_params import SamplingParams
+    from k2serve.model.cpu_linear import set_prepacked
+
+    results = []
+    g = torch.Generator().manual_seed(0)
+    llm = make_llm(model_dir, max(batches), input_len, torch.bfloat16)
+    model = llm.engine.model
+    vocab = model.config.vocab_size - 256
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for batch in batches:
+        prompts = torch.randint(0, vocab, (batch, input_len), generator=g).tolist()
+        times: dict[bool, list[float]] = {True: [], False: []}
+        tokens: dict[bool, list[list[int]]] = {}
+        for r in range(rounds + 1):  # round 0 warms both paths up (and packs the weights)
+            for on in (True, False) if r % 2 == 0 else (False, True):
+                set_prepacked(model, on)
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, params)
+                if r > 0:
+                    times[on].append(time.perf_counter() - t0)
+                tokens[on] = [list(o.token_ids) for o in outs]
+        set_prepacked(model, True)
+        row: dict[str, Any] = {
+            "batch": batch,
+            "output_len": output_len,
+            "same_tokens": tokens[True] == tokens[False],
+        }
+        for on, label in ((True, "prepacked"), (False, "f_linear")):
+            med, q1, q3 = spread(times[on])
+            row |= {
+                f"{label}_tok_s": batch * output_len / med,
+                f"{label}_tok_s_iqr": (batch * output_len / q3, batch * output_len / q1),
+            }
+        print(
+            f"decode b={batch}: prepacked {row['prepacked_tok_s']:.1f} tok/s, F.linear "
+            f"{row['f_linear_tok_s']:.1f} tok/s, same tokens {row['same_tokens']}",
+            flush=True,
+        )
+        results.append(row)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve bench cpu-gemv", description=__doc__)
     ap.add_argument("--shapes", default="small,k2", help="comma list: preset names and/or k2")
@@ -223,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument(
+        "--decode-model",
+        help="also time engine generation on this bf16 checkpoint (written as `small` if absent), "
+        "prepacked linears against F.linear in alternating rounds",
+    )
+    ap.add_argument("--decode-batches", default="1,8")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-rounds", type=int, default=4)
+    ap.add_argument("--skip-gemv", action="store_true", help="only the decode comparison")
     ap.add_argument("--json", help="write the rows and the roofline here")
     args = ap.parse_args(argv)
     shapes = shape_sets(args.shapes.split(","))
@@ -238,10 +299,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(threads))
     roof = roofline()
     print(f"roofline: read {roof['read_gbps']:.1f} GB/s, copy {roof['copy_gbps']:.1f} GB/s; load {load:.1f}")
-    rows = measure(shapes, [int(b) for b in args.batches.split(",")], threads, args.repeats, paths)
-    print(markdown(rows, roof, load))
+    rows = []
+    if not args.skip_gemv:
+        rows = measure(shapes, [int(b) for b in args.batches.split(",")], threads, args.repeats, paths)
+        print(markdown(rows, roof, load))
+    decode = []
+    if args.decode_model:
+        model_dir = Path(args.decode_model)
+        if not (model_dir / "config.json").exists():
+            write_checkpoint(model_dir, "small", seed=0, dtype=torch.bfloat16)
+        torch.set_num_threads(max(threads))
+        batches = [int(b) for b in args.decode_batches.split(",")]
+        decode = decode_paired(model_dir, batches, args.decode_tokens, args.decode_rounds)
     if args.json:
-        Path(args.json).write_text(json.dumps({"roofline": roof, "load": load, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"roofline": roof, "load": load, "rows": rows, "decode": decode}, indent=1)
+        )
     return 0
 
 

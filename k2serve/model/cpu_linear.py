@@ -101,3 +101,17 @@ def prepack_linears(model: nn.Module) -> int:
             cast(PrepackedLinear, module).forget_packed()
             switched += 1
     return switched
+
+
+def set_prepacked(model: nn.Module, on: bool) -> int:
+    """Switch the linears `prepack_linears` switched between `PrepackedLinear` (on) and plain `nn.Linear`
+    (off), keeping their packed copies (benchmarks alternate the two paths on one model). Returns how
+    many modules it switched."""
+    target: type[nn.Linear] = PrepackedLinear if on else nn.Linear
+    switched = 0
+    for module in model.modules():
+        was_packed = isinstance(getattr(module, "packed_version", None), int)
+        if type(module) in (nn.Linear, PrepackedLinear) and was_packed and type(module) is not target:
+            module.__class__ = target
+            switched += 1
+    return switched
