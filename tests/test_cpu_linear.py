@@ -152,3 +152,18 @@ def test_set_prepacked_switches_both_ways_and_keeps_outputs() -> None:
         assert set_prepacked(model, True) == 2 and all(type(m) is PrepackedLinear for m in model)
     torch.testing.assert_close(on, off, rtol=0, atol=0)
     assert set_prepacked(nn.Sequential(nn.Linear(4, 4)), True) == 0  # never prepacked: left alone
+
+
+@needs_prepack
+def test_compiles_as_a_plain_linear() -> None:
+    """Under torch.compile (a captured step) the layer traces as `F.linear` on its dense weight, whole graph,
+    and gives the eager prepacked output (Inductor then prepacks by itself under freezing; the Inductor
+    backend gave the same bitwise result by hand, 3 minutes of compiling on the loaded host)."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 32)).to(torch.bfloat16)
+    prepack_linears(model)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = model(x)
+        torch._dynamo.reset()
+        y = torch.compile(model, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
