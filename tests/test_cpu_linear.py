@@ -30,19 +30,51 @@ def packed_linear(out_f: int, in_f: int, bias: bool = False, seed: int = 0) -> n
     return lin
 
 
+K2_NARROW = {
+    "k2.q_b_proj": (12288, 1536),
+    "k2.kv_b_proj": (16384, 512),
+    "k2.expert_w2": K2_SHAPES["expert_w2"],
+}
+ALL_SHAPES = {f"small.{k}": v for k, v in layer_shapes(SMALL).items()} | K2_NARROW | {"k_4096": (1024, 4096)}
+
+
 @needs_prepack
-@pytest.mark.parametrize("name", ["q_a_proj", "q_b_proj", "kv_a_proj", "o_proj", "expert_w13", "expert_w2"])
-@pytest.mark.parametrize("batch", [1, 3, 8, 32])
-def test_prepacked_equals_f_linear_on_small_shapes(name: str, batch: int) -> None:
-    out_f, in_f = layer_shapes(SMALL)[name]
+@pytest.mark.parametrize("name", sorted(ALL_SHAPES))
+def test_prepacked_equals_f_linear_bitwise_up_to_max_rows(name: str) -> None:
+    """The packed path on every linear shape of `small` and K2's with at most PREPACK_MAX_IN inputs, at 1 to
+    PREPACK_MAX_ROWS rows: F.linear's outputs bit for bit (what keeps a bf16 model's tokens unchanged)."""
+    out_f, in_f = ALL_SHAPES[name]
     lin = packed_linear(out_f, in_f)
-    x = torch.randn(batch, in_f, dtype=torch.bfloat16)
+    for batch in (1, 3, 8, cpu_linear.PREPACK_MAX_ROWS):
+        x = torch.randn(batch, in_f, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            assert lin.uses_packed(x)
+            y = lin(x)
+            ref = F.linear(x, lin.weight)
+        assert isinstance(lin, PrepackedLinear) and lin.packed is not None  # the packed path ran
+        assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+        assert torch.equal(y, ref), (name, batch, float((y.float() - ref.float()).abs().max()))
+
+
+@pytest.mark.parametrize("name", ["q_a_proj", "kv_a_proj", "expert_w13"])
+def test_k2_hidden_size_inputs_stay_on_f_linear(name: str) -> None:
+    """K2's 7168-input layers, where oneDNN's packed sum is a bf16 ulp off F.linear's, are not switched."""
+    out_f, in_f = K2_SHAPES[name]
+    assert in_f > cpu_linear.PREPACK_MAX_IN
+    lin = nn.Linear(in_f, out_f, bias=False, device="meta", dtype=torch.bfloat16).to_empty(device="cpu")
+    assert prepack_linears(lin) == 0 and type(lin) is nn.Linear
+
+
+@needs_prepack
+def test_more_rows_than_the_limit_keep_f_linear() -> None:
+    """From 48 rows oneDNN's packed kernel sums in another order (a bf16 ulp apart on some outputs):
+    those calls (prefill chunks) stay on F.linear and never pack."""
+    lin = packed_linear(384, 1024)
+    x = torch.randn(cpu_linear.PREPACK_MAX_ROWS + 1, 1024, dtype=torch.bfloat16)
     with torch.inference_mode():
+        assert not lin.uses_packed(x)
         y = lin(x)
-        ref = F.linear(x, lin.weight)
-    assert isinstance(lin, PrepackedLinear) and lin.packed is not None  # the packed path ran
-    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    assert lin.packed is None and torch.equal(y, F.linear(x, lin.weight))
 
 
 @needs_prepack

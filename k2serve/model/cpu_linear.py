@@ -2,10 +2,10 @@
 
 `F.linear` on a bf16 weight re-lays the weight out (or runs a slow GEMV) on every call; oneDNN with
 the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, then
-`mkldnn._linear_pointwise`, what Inductor's freezing does) reads it 1.3-1.9x faster at batch 1 to 32
-on this repo's host (`k2serve bench cpu-gemv`, BENCHMARKS.md "CPU linear kernels") and computes the
-same function: the same bf16 products accumulated in fp32 (tests/test_cpu_linear.py compares it with
-`F.linear` bitwise on the model's shapes).
+`mkldnn._linear_pointwise`, what Inductor's freezing does) reads it 1.1-1.8x faster at batch 1 on
+this repo's host (`k2serve bench cpu-gemv`, BENCHMARKS.md "CPU linear kernels") and, up to
+PREPACK_MAX_ROWS rows and PREPACK_MAX_IN inputs, gives F.linear's outputs bitwise
+(tests/test_cpu_linear.py, on the model's shapes); larger calls and layers keep F.linear.
 
 `prepack_linears(model)` switches a model's bf16 CPU `nn.Linear` modules to `PrepackedLinear` (the same
 module, parameters and state dict; only `forward` differs). The packed copy is made on the first call
@@ -29,6 +29,19 @@ from torch import nn
 
 # K2SERVE_CPU_PREPACK=0, read at import, keeps every linear layer on F.linear (the path before this one).
 ENABLED = os.environ.get("K2SERVE_CPU_PREPACK", "1") != "0"
+
+# Rows (tokens) up to which a call takes the packed path. Up to 32 rows oneDNN's packed kernel gave
+# bitwise F.linear's outputs on every shape of `small` and K2's tested (tests/test_cpu_linear.py); from
+# 48 rows on it blocks the sum differently and differs by a bf16 ulp on some outputs, which would change
+# a bf16 model's greedy tokens after prefill. Larger calls (prefill chunks, big decode batches) keep
+# F.linear, where the packed kernel gained little anyway (0.95-1.2x at 32 rows, BENCHMARKS.md).
+PREPACK_MAX_ROWS = 32
+# Input features up to which layers are switched at all: with 7168 or 8192 inputs (K2's hidden size
+# and o_proj) oneDNN splits the sum differently from F.linear and 1-32 row calls differ by a bf16 ulp
+# on some outputs; up to 4096 (every layer of `small`, K2's q_b_proj, kv_b_proj and expert down_proj)
+# every tested shape and row count was bitwise equal. Measured on this torch (2.13) and CPU (AVX512,
+# AMX); the tests re-check it on the machine at hand.
+PREPACK_MAX_IN = 4096
 
 _MKLDNN = torch.ops.mkldnn  # the ops Inductor's CPU lowering calls; underscored in torch, public in aten
 
@@ -64,11 +77,12 @@ class PrepackedLinear(nn.Linear):
         return self.packed
 
     def uses_packed(self, x: torch.Tensor) -> bool:
-        """Whether `forward(x)` takes the prepacked path: bf16 input and weight on the CPU, no autograd,
-        not being traced by torch.compile."""
+        """Whether `forward(x)` takes the prepacked path: bf16 input and weight on the CPU, at most
+        PREPACK_MAX_ROWS rows, no autograd, not being traced by torch.compile."""
         w = self.weight
         return (
             x.dtype == torch.bfloat16
+            and x.numel() <= PREPACK_MAX_ROWS * x.shape[-1]
             and w.dtype == torch.bfloat16
             and x.device.type == "cpu"
             and w.device.type == "cpu"
@@ -86,8 +100,9 @@ class PrepackedLinear(nn.Linear):
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Switch `model`'s bf16 CPU `nn.Linear` modules to `PrepackedLinear` (in place; packing happens on
-    first use). Returns how many were switched: 0 when disabled (K2SERVE_CPU_PREPACK=0) or unsupported."""
+    """Switch `model`'s bf16 CPU `nn.Linear` modules of at most PREPACK_MAX_IN inputs to `PrepackedLinear`
+    (in place; packing happens on first use). Returns how many were switched: 0 when disabled
+    (K2SERVE_CPU_PREPACK=0) or unsupported."""
     if not ENABLED or not prepack_supported():
         return 0
     switched = 0
@@ -96,6 +111,7 @@ def prepack_linears(model: nn.Module) -> int:
             type(module) is nn.Linear
             and module.weight.dtype == torch.bfloat16
             and module.weight.device.type == "cpu"
+            and module.in_features <= PREPACK_MAX_IN
         ):
             module.__class__ = PrepackedLinear
             cast(PrepackedLinear, module).forget_packed()
