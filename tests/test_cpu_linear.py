@@ -45,12 +45,15 @@ def test_prepacked_equals_f_linear_bitwise_up_to_max_rows(name: str) -> None:
     PREPACK_MAX_ROWS rows: F.linear's outputs bit for bit (what keeps a bf16 model's tokens unchanged)."""
     out_f, in_f = ALL_SHAPES[name]
     lin = packed_linear(out_f, in_f)
-    for batch in (1, 3, 8, cpu_linear.PREPACK_MAX_ROWS):
+    for batch in (1, 3, 8, 32):  # 32: the most rows PREPACK_MAX_ROWS may be raised to
+        assert cpu_linear.PREPACK_MAX_ROWS <= 32
         x = torch.randn(batch, in_f, dtype=torch.bfloat16)
         with torch.inference_mode():
-            assert lin.uses_packed(x)
-            y = lin(x)
             ref = F.linear(x, lin.weight)
+            y = torch.ops.mkldnn._linear_pointwise(x, lin.packed_weight(), None, "none", [None], "")
+            if batch <= cpu_linear.PREPACK_MAX_ROWS:
+                assert lin.uses_packed(x)
+                torch.testing.assert_close(lin(x), y, rtol=0, atol=0)
         assert isinstance(lin, PrepackedLinear) and lin.packed is not None  # the packed path ran
         assert y.dtype == torch.bfloat16 and y.shape == ref.shape
         assert torch.equal(y, ref), (name, batch, float((y.float() - ref.float()).abs().max()))
@@ -67,8 +70,8 @@ def test_k2_hidden_size_inputs_stay_on_f_linear(name: str) -> None:
 
 @needs_prepack
 def test_more_rows_than_the_limit_keep_f_linear() -> None:
-    """From 48 rows oneDNN's packed kernel sums in another order (a bf16 ulp apart on some outputs):
-    those calls (prefill chunks) stay on F.linear and never pack."""
+    """Calls of more than PREPACK_MAX_ROWS rows (prefill chunks, big decode batches) stay on F.linear and
+    never pack (from 48 rows oneDNN's packed kernel sums in another order: a bf16 ulp apart)."""
     lin = packed_linear(384, 1024)
     x = torch.randn(cpu_linear.PREPACK_MAX_ROWS + 1, 1024, dtype=torch.bfloat16)
     with torch.inference_mode():

@@ -30,12 +30,12 @@ from torch import nn
 # K2SERVE_CPU_PREPACK=0, read at import, keeps every linear layer on F.linear (the path before this one).
 ENABLED = os.environ.get("K2SERVE_CPU_PREPACK", "1") != "0"
 
-# Rows (tokens) up to which a call takes the packed path. Up to 32 rows oneDNN's packed kernel gave
-# bitwise F.linear's outputs on every shape of `small` and K2's tested (tests/test_cpu_linear.py); from
-# 48 rows on it blocks the sum differently and differs by a bf16 ulp on some outputs, which would change
-# a bf16 model's greedy tokens after prefill. Larger calls (prefill chunks, big decode batches) keep
-# F.linear, where the packed kernel gained little anyway (0.95-1.2x at 32 rows, BENCHMARKS.md).
-PREPACK_MAX_ROWS = 32
+# Rows (tokens) up to which a call takes the packed path: where it was faster in both runs of
+# `k2serve bench cpu-gemv` (1.0-1.4x at 8 rows on `small`'s layers; at 32 rows 0.95-1.2x in one run and
+# 0.8-0.9x in the other, BENCHMARKS.md "CPU linear kernels"). Up to 32 rows oneDNN's packed kernel gave
+# F.linear's outputs bit for bit on every tested shape (tests/test_cpu_linear.py); from 48 rows it sums
+# in another order and some outputs move by a bf16 ulp, so this must stay <= 32 to keep tokens.
+PREPACK_MAX_ROWS = 8
 # Input features up to which layers are switched at all: with 7168 or 8192 inputs (K2's hidden size
 # and o_proj) oneDNN splits the sum differently from F.linear and 1-32 row calls differ by a bf16 ulp
 # on some outputs; up to 4096 (every layer of `small`, K2's q_b_proj, kv_b_proj and expert down_proj)
