@@ -136,12 +136,15 @@ def test_bf16_model_same_greedy_tokens_with_and_without_prepacking(
     plain = load_model(ckpt, torch.bfloat16)
     n_packed = sum(isinstance(m, PrepackedLinear) for m in packed.modules())
     assert n_packed > 0 and not any(isinstance(m, PrepackedLinear) for m in plain.modules())
-    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        a, b = packed(ids), plain(ids)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
-    assert all(isinstance(m, PrepackedLinear) and m.packed is not None for m in [packed.lm_head])
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((1, 6), (2, 12)):  # 6 rows: the packed path; 24: above PREPACK_MAX_ROWS, F.linear
+        ids = torch.randint(0, 1000, shape, generator=gen)
+        with torch.inference_mode():
+            a, b = packed(ids), plain(ids)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        if shape == (1, 6):
+            assert isinstance(packed.lm_head, PrepackedLinear) and packed.lm_head.packed is not None
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU int4 kernel")
