@@ -621,3 +621,76 @@ def test_transfers_carry_the_senders_span_and_time_the_checksums() -> None:
     assert header.traceparent == TRACEPARENT
     frame = torch_wire.decode_frame(torch_wire.encode_frame(KVControlFrame(chunk=header)))
     assert frame.chunk.traceparent == TRACEPARENT
+
+
+TOKEN = "cluster-token-0123456789"
+
+
+def _torch_roundtrip(receiver: Any, tid: str, **sender_options: Any) -> None:
+    """One 2-layer transfer from a new torch sender (given sender_options) into receiver, bits checked."""
+    kv = make_kv(11, 2, 16, 8, torch.bfloat16)
+    got: dict[int, torch.Tensor] = {}
+    receiver.expect(tid, 2, 16, 8, torch.bfloat16, lambda layer, t: got.__setitem__(layer, t.clone()))
+    sender = make_sender("torch", receiver.endpoint, **sender_options)
+    try:
+        sender.open(tid, 2, 16, 8, torch.bfloat16)
+        for layer in range(2):
+            sender.send_layer(tid, layer, kv[layer])
+        sender.close(tid, timeout=10)
+        receiver.wait(tid, timeout=10)
+        assert all(same_bits(got[i], kv[i]) for i in range(2))
+    finally:
+        sender.shutdown()
+
+
+def test_torch_handshake_refuses_a_sender_without_the_cluster_token() -> None:
+    """Every pair connection proves the cluster token both ways before any KV flows: a sender with
+    another token or none is refused at once (and learns nothing), the receiver keeps serving."""
+    from k2serve.transfer.handshake import HandshakeError
+
+    receiver = make_receiver("torch", token=TOKEN, connect_timeout=10)
+    try:
+        landed: list[int] = []
+        receiver.expect("target", 1, 4, 8, torch.float32, lambda layer, t: landed.append(layer))
+        for wrong in ("another-token-0123456789", None):
+            start = time.monotonic()
+            with pytest.raises(HandshakeError, match="'control' refused: the other side does not hold"):
+                make_sender("torch", receiver.endpoint, token=wrong, connect_timeout=10)
+            assert time.monotonic() - start < 8  # refused by the check, not by a timeout
+        assert receiver.cancel("target") and landed == []
+        _torch_roundtrip(receiver, "right-token", token=TOKEN)
+    finally:
+        receiver.shutdown()
+    # and a sender refuses a receiver without the token (no KV goes to an impostor)
+    receiver = make_receiver("torch", connect_timeout=10)
+    try:
+        with pytest.raises(HandshakeError, match="refused"):
+            make_sender("torch", receiver.endpoint, token=TOKEN, connect_timeout=10)
+    finally:
+        receiver.shutdown()
+
+
+def test_torch_handshake_covers_the_values_the_open_store_publishes() -> None:
+    """The rendezvous TCPStore serves any client: one that rewrites the receiver's published chunk
+    size makes the next handshake fail (the proofs cover it), and one that writes a would-be stop
+    value does not stop the receiver (its stop value is a secret); restored, transfers run again."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from k2serve.transfer.handshake import HandshakeError
+
+    receiver = make_receiver("torch", token=TOKEN, connect_timeout=10)
+    host, port = torch_wire.split_endpoint(receiver.endpoint)
+    outsider = dist.TCPStore(host, port, None, False, timedelta(seconds=10))
+    try:
+        stop = outsider.add("joins", 1) - 1
+        outsider.set(f"join/{stop}", "__stop__")  # the old fixed stop value
+        outsider.set("max_chunk_bytes", "4096")
+        with pytest.raises(HandshakeError, match="rewritten"):
+            make_sender("torch", receiver.endpoint, token=TOKEN, connect_timeout=10)
+        outsider.set("max_chunk_bytes", str(torch_wire.MAX_CHUNK_BYTES))
+        _torch_roundtrip(receiver, "after-restore", token=TOKEN)
+    finally:
+        del outsider
+        receiver.shutdown()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from k2serve.proto.kv_transfer_pb2 import KVControlFrame, KVPushAck
 from k2serve.transfer import torch_wire as wire
 from k2serve.transfer.base import TransferError, TransferSpec, TransferTimeout
+from k2serve.transfer.handshake import pair_key
 from k2serve.transfer.outbox import SenderBase, split_layer
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ class TorchKVSender(SenderBase):
 
     local_host: the address gloo binds here (default: the interface that routes to the receiver).
     device: where the sent tensors live; must match the receiver's ("cuda" sends over NCCL).
-    connect_timeout: seconds to reach the store and build the process group.
+    token: the cluster token, proved to the receiver and required of it (handshake.py), so no KV
+    goes to a receiver without it; None only with --insecure-internal.
+    connect_timeout: seconds to reach the store, build the process groups and authenticate.
+    Raises HandshakeError (a ConnectionError) when the receiver fails the handshake.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class TorchKVSender(SenderBase):
         local_host: str | None = None,
         device: torch.device | str = "cpu",
         connect_timeout: float = 30.0,
+        token: str | None = None,
     ) -> None:
         super().__init__()
         host, port = wire.split_endpoint(endpoint)
@@ -59,7 +64,10 @@ class TorchKVSender(SenderBase):
         peer = store.add("joins", 1) - 1
         store.set(f"join/{peer}", "sender")
         local_host = local_host or wire.local_address_towards(host, port)
-        self._pg, self._payload_pg = wire.pair_groups(store, peer, 1, local_host, self._device)
+        published = (remote, self._max_chunk_bytes)  # the handshake proves them the receiver's
+        self._pg, self._payload_pg = wire.pair_groups(
+            store, peer, 1, local_host, self._device, pair_key(token), published, connect_timeout
+        )
         self._store = store
         self._verdicts: dict[str, Future[KVPushAck]] = {}
         self._broken: str | None = None  # why the connection is unusable

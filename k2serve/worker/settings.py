@@ -97,9 +97,12 @@ class WorkerSettings:
         return self.engine.torch_device if self.ep_size == 1 else torch.device("cpu")
 
     def kv_transfer_options(self) -> dict[str, object]:
-        """The KV transfer options that depend on the device: the torch backend's `device` (gRPC
-        always moves host bytes, its outbox copies a CUDA layer to the host itself)."""
-        return {"device": self.kv_device} if self.transfer_backend == "torch" else {}
+        """The torch backend's options: its `device` (gRPC always moves host bytes, its outbox copies a
+        CUDA layer to the host itself) and the cluster `token` every pair connection proves
+        (transfer/handshake.py; gRPC carries it as call metadata instead)."""
+        if self.transfer_backend != "torch":
+            return {}
+        return {"device": self.kv_device, "token": self.internal.token}
 
     def advertised(self, port: int) -> str:
         return f"{self.advertise_host or self.host}:{port}"
