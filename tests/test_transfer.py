@@ -623,7 +623,7 @@ def test_transfers_carry_the_senders_span_and_time_the_checksums() -> None:
     assert frame.chunk.traceparent == TRACEPARENT
 
 
-TOKEN = "cluster-token-0123456789"
+TOKEN = "cluster-token-0123456789"  # noqa: S105 - a test credential
 
 
 def _torch_roundtrip(receiver: Any, tid: str, **sender_options: Any) -> None:

@@ -205,7 +205,7 @@ class TorchKVReceiver(KVReceiver):
         self.device = torch.device(device)
         self.connect_timeout = connect_timeout
         self.key = pair_key(token)
-        self._stop_value = secrets.token_hex(16).encode()  # the store's clients cannot stop the accept loop
+        self._stop_value = secrets.token_hex(16)  # the store's clients cannot stop the accept loop
         self.inbox = Inbox()
         self.stopping = threading.Event()
         self._store: dist.TCPStore | None
@@ -228,7 +228,7 @@ class TorchKVReceiver(KVReceiver):
         while True:
             key = f"join/{number}"
             waiter.wait([key])
-            if hmac.compare_digest(waiter.get(key), self._stop_value):
+            if hmac.compare_digest(waiter.get(key), self._stop_value.encode()):
                 return
             peer = _Peer(self, number)
             with self._peers_lock:
