@@ -142,7 +142,10 @@ def test_workers_pass_their_device_to_the_kv_transfer(monkeypatch: pytest.Monkey
         args = parser.parse_args(
             [role, "--preset", "tiny", "--insecure-internal", "--device", "cpu", "--transfer-backend", "grpc"]
         )
-        assert worker_settings(role, args).kv_transfer_options() == {}
+        # a decode worker receiving over gRPC needs none; a prefill worker's senders follow each
+        # decode worker's backend, so they always have them
+        want = {"device": torch.device("cpu"), "token": None} if role == "prefill" else {}
+        assert worker_settings(role, args).kv_transfer_options() == want
     # a CUDA machine, as torch would report it: the torch transfer gets the CUDA device (NCCL) ...
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

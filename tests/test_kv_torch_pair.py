@@ -26,12 +26,15 @@ from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.prefill.worker import PrefillServicer
-from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.prefill.worker import PrefillServicer, route
+from k2serve.proto import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from k2serve.rpc.auth import InternalAuth
 from k2serve.rpc.convert import sampling_to_proto
 from k2serve.transfer import outbox
+from k2serve.transfer.grpc_backend import GrpcKVReceiver
 from k2serve.transfer.handshake import HandshakeError
 from k2serve.transfer.registry import make_receiver, make_sender
+from k2serve.transfer.torch_receiver import TorchKVReceiver
 
 pytestmark = pytest.mark.timeout(180)
 TOKEN = "pair-test-token-0123456789"  # noqa: S105 - a test credential
@@ -44,6 +47,7 @@ class Pair:
     decode_servicer: DecodeServicer
     prefill_stub: worker_pb2_grpc.PrefillWorkerStub
     decode_stub: worker_pb2_grpc.DecodeWorkerStub
+    other_prefill_stub: worker_pb2_grpc.PrefillWorkerStub  # its KV "on cuda": it cannot pair over gloo
 
 
 def _engine(ckpt: Path) -> AsyncEngine:
@@ -56,13 +60,27 @@ def _engine(ckpt: Path) -> AsyncEngine:
 def pair(tiny_ckpt: Path) -> Iterator[Pair]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    prefill, decode = _engine(tiny_ckpt), _engine(tiny_ckpt)
+    prefill, decode, gpu_prefill = _engine(tiny_ckpt), _engine(tiny_ckpt), _engine(tiny_ckpt)
     receiver = make_receiver("torch", token=TOKEN, connect_timeout=10)
-    d = DecodeServicer(decode, receiver, "torch")
+    assert isinstance(receiver, TorchKVReceiver)
+    # as the decode worker runs it: a gRPC receiver of the same transfers, for senders that cannot pair
+    fallback = GrpcKVReceiver(
+        interceptors=InternalAuth(TOKEN).thread_server_interceptors(), inbox=receiver.inbox
+    )
+    d = DecodeServicer(decode, receiver, "torch", payload_device="cpu", fallback=fallback.endpoint)
     p = PrefillServicer(prefill, transfer_options={"device": torch.device("cpu"), "token": TOKEN})
+    # a prefill worker whose KV would be on a GPU (only the routing reads its device)
+    other = PrefillServicer(
+        gpu_prefill,
+        metadata=InternalAuth(TOKEN).metadata(),
+        transfer_options={"device": torch.device("cuda"), "token": TOKEN},
+    )
 
     def add_prefill(server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(p, server)
+
+    def add_other(server: grpc.aio.Server) -> None:
+        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(other, server)
 
     def add_decode(server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(d, server)
@@ -71,14 +89,25 @@ def pair(tiny_ckpt: Path) -> Iterator[Pair]:
         with (
             grpc_server_in_thread(add_prefill) as ps,
             grpc_server_in_thread(add_decode) as ds,
+            grpc_server_in_thread(add_other) as os_,
             grpc.insecure_channel(ps.target) as pc,
             grpc.insecure_channel(ds.target) as dc,
+            grpc.insecure_channel(os_.target) as oc,
         ):
-            yield Pair(decode, d, worker_pb2_grpc.PrefillWorkerStub(pc), worker_pb2_grpc.DecodeWorkerStub(dc))
+            yield Pair(
+                decode,
+                d,
+                worker_pb2_grpc.PrefillWorkerStub(pc),
+                worker_pb2_grpc.DecodeWorkerStub(dc),
+                worker_pb2_grpc.PrefillWorkerStub(oc),
+            )
     finally:
         p.senders.shutdown()
+        other.senders.shutdown()
+        fallback.shutdown()
         receiver.shutdown()
         prefill.shutdown()
+        gpu_prefill.shutdown()
         decode.shutdown()
         torch.set_num_threads(threads)
 
@@ -95,7 +124,9 @@ def wait_free(engine: AsyncEngine, want: int) -> int:
     return got
 
 
-def disaggregated(pair: Pair, rid: str, prompt: list[int], max_tokens: int) -> list[int]:
+def disaggregated(
+    pair: Pair, rid: str, prompt: list[int], max_tokens: int, via_other_prefill: bool = False
+) -> list[int]:
     """What the router does: Reserve on decode, Prefill (KV sent to the reservation), Decode."""
     sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     res = pair.decode_stub.Reserve(
@@ -104,7 +135,8 @@ def disaggregated(pair: Pair, rid: str, prompt: list[int], max_tokens: int) -> l
     )
     assert res.endpoint.backend == "torch"
     target = worker_pb2.DecodeTarget(endpoint=res.endpoint, transfer_id=res.transfer_id)
-    pre = pair.prefill_stub.Prefill(
+    prefill = pair.other_prefill_stub if via_other_prefill else pair.prefill_stub
+    pre = prefill.Prefill(
         worker_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=prompt, sampling=sampling, decode_target=target
         ),
@@ -207,3 +239,39 @@ def test_the_decode_receiver_refuses_a_sender_without_the_token(pair: Pair) -> N
         worker_pb2.ReleaseRequest(transfer_id=res.transfer_id), timeout=30
     ).released
     assert wait_free(pair.decode, before) == before
+
+
+def test_a_prefill_worker_that_cannot_pair_sends_over_the_grpc_fallback(pair: Pair, tiny_ckpt: Path) -> None:
+    """The decode worker's torch endpoint names its payload device and a gRPC fallback sharing its
+    transfers: a prefill worker whose KV is on another device type sends there (with the cluster
+    token), and the tokens are the offline engine's; the torch pair is not touched."""
+    endpoint = pair.decode_servicer.endpoint()
+    assert (endpoint.backend, endpoint.payload_device, endpoint.fallback.backend) == ("torch", "cpu", "grpc")
+    before = free_blocks(pair.decode)
+    received = pair.decode_servicer.bytes_received
+    want = LLM(tiny_ckpt, engine_config=CFG).generate(
+        PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    )
+    got = [disaggregated(pair, f"fb-{i}", p, 5, via_other_prefill=True) for i, p in enumerate(PROMPTS[:2])]
+    assert got == [o.token_ids for o in want]
+    assert pair.decode_servicer.bytes_received > received
+    assert wait_free(pair.decode, before) == before
+
+
+def test_route_picks_the_pair_or_the_fallback_and_says_why_not() -> None:
+    """Pure: which backend a prefill worker uses for a decode worker's endpoint."""
+    grpc_ep = kv_transfer_pb2.KVEndpoint(backend="grpc", address="d:1")
+    fb = kv_transfer_pb2.KVEndpoint(backend="grpc", address="d:2")
+    torch_ep = kv_transfer_pb2.KVEndpoint(backend="torch", address="d:3", payload_device="cuda", fallback=fb)
+    bare = kv_transfer_pb2.KVEndpoint(backend="torch", address="d:4", payload_device="cuda")
+    assert route(grpc_ep, tls=True, device_type="cuda") == ("grpc", "d:1")
+    assert route(kv_transfer_pb2.KVEndpoint(address="d:5"), tls=False, device_type="cpu") == ("grpc", "d:5")
+    assert route(torch_ep, tls=False, device_type="cuda") == ("torch", "d:3")  # NCCL pair
+    assert route(torch_ep, tls=False, device_type="cpu") == ("grpc", "d:2")  # another device type
+    assert route(torch_ep, tls=True, device_type="cuda") == ("grpc", "d:2")  # TLS: never plaintext
+    old = kv_transfer_pb2.KVEndpoint(backend="torch", address="d:6")  # a worker that predates the fields
+    assert route(old, tls=False, device_type="cuda") == ("torch", "d:6")
+    with pytest.raises(ValueError, match="d:4 offers the torch KV backend only, and it takes cuda payloads"):
+        route(bare, tls=False, device_type="cpu")
+    with pytest.raises(ValueError, match="uses TLS"):
+        route(bare, tls=True, device_type="cuda")

@@ -50,14 +50,21 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         backend: str,
         address: str | None = None,
         tracer: Tracer = NOOP,
+        payload_device: str = "",
+        fallback: str | None = None,
     ) -> None:
         """address: the KV endpoint ("host:port") prefill workers are told to send to; default the
-        receiver's bound one, which peers on other hosts cannot use when it binds 0.0.0.0."""
+        receiver's bound one, which peers on other hosts cannot use when it binds 0.0.0.0.
+        payload_device ("cpu" | "cuda") and fallback (the advertised "host:port" of a gRPC receiver
+        sharing the torch receiver's transfers): what a torch endpoint tells senders, so that those
+        that cannot pair with it send over gRPC instead."""
         self.engine = engine
         self.tracer = tracer
         self.receiver = receiver
         self.backend = backend
         self.address = address or receiver.endpoint
+        self.payload_device = payload_device
+        self.fallback = fallback
         self.reservations: dict[str, Reservation] = {}
         self.bytes_received = 0
         self.local_prefills = 0  # requests whose prompt this worker computed itself
@@ -65,7 +72,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.transfer_metrics.declare(backend)
 
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
-        return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
+        ep = kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
+        if self.backend == "torch":
+            ep.payload_device = self.payload_device
+            if self.fallback:
+                ep.fallback.CopyFrom(kv_transfer_pb2.KVEndpoint(backend="grpc", address=self.fallback))
+        return ep
 
     @override
     async def Reserve(

@@ -99,8 +99,11 @@ class WorkerSettings:
     def kv_transfer_options(self) -> dict[str, object]:
         """The torch backend's options: its `device` (gRPC always moves host bytes, its outbox copies a
         CUDA layer to the host itself) and the cluster `token` every pair connection proves
-        (transfer/handshake.py; gRPC carries it as call metadata instead)."""
-        if self.transfer_backend != "torch":
+        (transfer/handshake.py; gRPC carries it as call metadata instead). A decode worker's receiver
+        gets them when it receives over torch; a prefill worker's senders always (they use the backend
+        each decode worker names), unless under TLS (then no torch sender is made)."""
+        receives_torch = self.role == "decode" and self.transfer_backend == "torch"
+        if not (receives_torch or (self.role == "prefill" and self.tls is None)):
             return {}
         return {"device": self.kv_device, "token": self.internal.token}
 
