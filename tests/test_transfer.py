@@ -547,11 +547,15 @@ def test_transfer_bench_runs_paired_rounds_and_verifies(capsys: pytest.CaptureFi
     """`k2serve bench transfer` end to end at a small size: every method, the received bytes checked."""
     from k2serve.bench import transfer as bench
 
-    assert bench.main(["--layers", "2", "--tokens", "64", "--kv-dim", "48", "--repeats", "2"]) == 0
+    assert bench.main(["--layers", "2", "--tokens", "64,200", "--kv-dim", "48", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     for label in ("raw TCP socket", "grpc", "torch (in place)", "torch (staged)"):
         assert f"{label}:" in out, out
-    assert out.count("ratio to socket median") == 3 and "reproduce: k2serve bench transfer" in out
+    assert "2 layers x 64 tokens" in out and "2 layers x 200 tokens" in out  # one table per size
+    assert out.count("ratio to socket median") == 6 and "reproduce: k2serve bench transfer" in out
+    assert out.count("sender connect (torch: rendezvous + authenticated handshakes): grpc") == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--tokens", "64,x"])
 
 
 def test_prefill_senders_replace_a_broken_torch_sender() -> None:
