@@ -234,3 +234,16 @@ def test_expert_parallel_collectives_stage_host_tensors_on_a_device_group() -> N
     assert comm._on_device(staged) is staged  # already on the group's device: no copy  # noqa: SLF001
     comm.device = torch.device("meta")
     assert comm._on_device(staged).device.type == "meta"  # noqa: SLF001
+
+
+def test_kv_transfer_backend_flag_names_the_transfer_backend() -> None:
+    """--kv-transfer-backend is --transfer-backend by its issue's name, on the workers and on `up`."""
+    from k2serve.cli.parser import build_parser
+
+    parser = build_parser()
+    for cmd in ("prefill", "decode", "up"):
+        for backend in ("grpc", "torch", "auto"):
+            args = parser.parse_args([cmd, "--preset", "tiny", "--kv-transfer-backend", backend])
+            assert args.transfer_backend == backend
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--preset", "tiny", "--kv-transfer-backend", "nccl"])
