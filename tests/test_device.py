@@ -247,3 +247,31 @@ def test_kv_transfer_backend_flag_names_the_transfer_backend() -> None:
             assert args.transfer_backend == backend
         with pytest.raises(SystemExit):
             parser.parse_args([cmd, "--preset", "tiny", "--kv-transfer-backend", "nccl"])
+
+
+def test_expert_parallel_group_on_cuda_is_nccl_bound_to_the_ranks_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CUDA rank's EPComm builds a ProcessGroupNCCL (with the group's timeout) after selecting the
+    rank's GPU, and a CPU rank a gloo group: NCCL itself stands in here as a recorder (no GPU)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from k2serve.experts.comm import EPComm
+
+    made: list[tuple[str, object]] = []
+
+    class FakeNCCL:
+        class Options:
+            _timeout = timedelta(0)
+
+        def __init__(self, store: object, rank: int, size: int, opts: FakeNCCL.Options) -> None:
+            made.append(("nccl", (rank, size, opts._timeout)))
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made.append(("set_device", torch.device(d))))
+    comm = EPComm(dist.HashStore(), 1, 4, timedelta(seconds=42), timedelta(seconds=1), "cuda:1")
+    assert (comm.backend, comm.device) == ("nccl", torch.device("cuda:1"))
+    assert made == [("set_device", torch.device("cuda:1")), ("nccl", (1, 4, timedelta(seconds=42)))]
+    assert EPComm(dist.HashStore(), 0, 1, timedelta(seconds=5), timedelta(seconds=1)).backend == "gloo"
