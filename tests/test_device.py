@@ -275,3 +275,16 @@ def test_expert_parallel_group_on_cuda_is_nccl_bound_to_the_ranks_gpu(
     assert (comm.backend, comm.device) == ("nccl", torch.device("cuda:1"))
     assert made == [("set_device", torch.device("cuda:1")), ("nccl", (1, 4, timedelta(seconds=42)))]
     assert EPComm(dist.HashStore(), 0, 1, timedelta(seconds=5), timedelta(seconds=1)).backend == "gloo"
+
+
+def test_a_bare_cuda_device_is_indexed_for_nccl_and_in_place_receives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tensors made on "cuda" report cuda:N (the current device): the torch KV transfer and the EP
+    group use that index, so NCCL binds to a GPU and a receive lands in a pool on the same device."""
+    from k2serve.engine.config import indexed_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert indexed_device(torch.device("cuda")) == torch.device("cuda:2")
+    assert indexed_device(torch.device("cuda:0")) == torch.device("cuda:0")
+    assert indexed_device(torch.device("cpu")) == torch.device("cpu")

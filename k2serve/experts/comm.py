@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
+from k2serve.engine.config import indexed_device
 from k2serve.engine.group import GroupLostError
 
 
@@ -123,7 +124,7 @@ class EPComm:
         self.world_size = world_size
         self.timeout = timeout
         self.roll_call = roll_call
-        self.device = torch.device(device)
+        self.device = indexed_device(torch.device(device))
         self.backend = ep_backend(self.device)
         self._store = store
         self._pg: dist.ProcessGroup | None = _make_group(store, rank, world_size, timeout, self.device)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from k2serve.engine.config import indexed_device
 from k2serve.proto.kv_transfer_pb2 import KVChunkHeader, KVControlFrame, KVPushAck
 from k2serve.transfer import torch_wire as wire
 from k2serve.transfer.base import KVReceiver, OnLayer, Place, TransferError, TransferSpec, TransferStats
@@ -202,7 +203,7 @@ class TorchKVReceiver(KVReceiver):
             raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
         self.host = host
         self.max_chunk_bytes = max_chunk_bytes
-        self.device = torch.device(device)
+        self.device = indexed_device(torch.device(device))
         self.connect_timeout = connect_timeout
         self.key = pair_key(token)
         self._stop_value = secrets.token_hex(16)  # the store's clients cannot stop the accept loop

@@ -17,6 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import torch
 import torch.distributed as dist
 
+from k2serve.engine.config import indexed_device
 from k2serve.proto.kv_transfer_pb2 import KVControlFrame, KVPushAck
 from k2serve.transfer import torch_wire as wire
 from k2serve.transfer.base import TransferError, TransferSpec, TransferTimeout
@@ -52,7 +53,7 @@ class TorchKVSender(SenderBase):
         super().__init__()
         host, port = wire.split_endpoint(endpoint)
         self.endpoint = endpoint
-        self._device = torch.device(device)
+        self._device = indexed_device(torch.device(device))
         self.payload_device = self._device
         store = wire.store_client(host, port, connect_timeout)
         remote = store.get("device").decode()
