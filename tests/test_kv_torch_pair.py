@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import torch
 from conftest import grpc_server_in_thread
@@ -275,3 +276,52 @@ def test_route_picks_the_pair_or_the_fallback_and_says_why_not() -> None:
         route(bare, tls=False, device_type="cpu")
     with pytest.raises(ValueError, match="uses TLS"):
         route(bare, tls=True, device_type="cuda")
+
+
+@pytest.mark.slow
+def test_a_1p1d_cluster_over_the_torch_backend_matches_the_offline_engine(
+    tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """`k2serve up` processes, one prefill and one decode worker, KV over torch.distributed (gloo) with
+    the cluster's generated token: the tokens are the offline engine's, the decode worker's endpoint
+    names its payload device and its gRPC fallback, a client without the token is refused by the
+    transfer handshake, and every decode block is free afterwards."""
+    from cluster_calls import http_greedy
+    from conftest import local_cluster_spec
+
+    from k2serve.cluster.local import LocalCluster
+
+    prompts = [PROMPTS[0], PROMPTS[1], [5, 4, 3, 2, 1] * 7]
+    want = LLM(tiny_ckpt, engine_config=CFG).generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    )
+    with LocalCluster(local_cluster_spec(tiny_ckpt, tmp_path, transfer_backend="torch")) as c:
+        client = openai.AsyncOpenAI(base_url=f"{c.http_url}/v1", api_key="unused", max_retries=0)
+
+        async def run() -> list[list[int]]:
+            return await asyncio.gather(*(http_greedy(client, tiny_ckpt.name, p, 6) for p in prompts))
+
+        assert asyncio.run(run()) == [o.token_ids for o in want]
+        decode = next(w for w in c.workers() if w["worker_id"].startswith("decode"))
+        assert c.spec.cluster_token_file is not None
+        auth = InternalAuth(Path(c.spec.cluster_token_file).read_text().strip())
+        with grpc.insecure_channel(decode["address"]) as channel:
+            stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+            res = stub.Reserve(
+                worker_pb2.ReserveRequest(request_id="probe", num_prompt_tokens=8, max_tokens=2),
+                metadata=auth.metadata(),
+                timeout=30,
+            )
+            ep = res.endpoint
+            assert (ep.backend, ep.payload_device, ep.fallback.backend) == ("torch", "cpu", "grpc")
+            with pytest.raises(HandshakeError, match="refused"):
+                make_sender("torch", ep.address, token="not-the-cluster-token-000", connect_timeout=10)
+            release = worker_pb2.ReleaseRequest(transfer_id=res.transfer_id)
+            assert stub.Release(release, metadata=auth.metadata(), timeout=30).released
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            d = next(w for w in c.workers() if w["worker_id"].startswith("decode"))
+            if d["free_blocks"] == d["total_blocks"]:
+                break
+            time.sleep(0.2)
+        assert d["free_blocks"] == d["total_blocks"] > 0, d
