@@ -698,3 +698,43 @@ def test_torch_handshake_covers_the_values_the_open_store_publishes() -> None:
     finally:
         del outsider
         receiver.shutdown()
+
+
+def test_a_grpc_receiver_can_serve_a_torch_receivers_transfers() -> None:
+    """The decode worker's fallback: a gRPC receiver on the torch receiver's inbox completes a
+    transfer the torch receiver expects (through on_layer: gRPC cannot land in place); shutting the
+    fallback down leaves the torch receiver serving."""
+    from k2serve.transfer.grpc_backend import GrpcKVReceiver
+    from k2serve.transfer.torch_receiver import TorchKVReceiver
+
+    receiver = make_receiver("torch", token=TOKEN, connect_timeout=10)
+    assert isinstance(receiver, TorchKVReceiver)
+    fallback = GrpcKVReceiver(inbox=receiver.inbox)
+    kv = make_kv(13, 2, 16, 8, torch.bfloat16)
+    try:
+        got: dict[int, torch.Tensor] = {}
+        dest = torch.zeros(2, 16, 8, dtype=torch.bfloat16)
+        receiver.expect(
+            "via-grpc",
+            2,
+            16,
+            8,
+            torch.bfloat16,
+            lambda layer, t: got.__setitem__(layer, t.clone()),
+            place=lambda layer: dest[layer],
+        )
+        sender = make_sender("grpc", fallback.endpoint)
+        try:
+            sender.open("via-grpc", 2, 16, 8, torch.bfloat16)
+            for layer in range(2):
+                sender.send_layer("via-grpc", layer, kv[layer])
+            sender.close("via-grpc", timeout=10)
+        finally:
+            sender.shutdown()
+        assert receiver.wait("via-grpc", timeout=10).bytes == kv.numel() * 2
+        assert all(same_bits(got[i], kv[i]) for i in range(2)) and not dest.any()
+        fallback.shutdown()
+        _torch_roundtrip(receiver, "after-fallback-shutdown", token=TOKEN)
+    finally:
+        fallback.shutdown()
+        receiver.shutdown()
