@@ -26,6 +26,7 @@ from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm import LLM
 from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.metrics import LABELS
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.prefill.worker import PrefillServicer, route
 from k2serve.proto import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
@@ -257,6 +258,10 @@ def test_a_prefill_worker_that_cannot_pair_sends_over_the_grpc_fallback(pair: Pa
     assert got == [o.token_ids for o in want]
     assert pair.decode_servicer.bytes_received > received
     assert wait_free(pair.decode, before) == before
+    labels = dict(zip(LABELS, pair.decode.metrics.labels, strict=True))
+    registry = pair.decode.metrics.registry  # the fallback's transfers are counted as gRPC ones
+    grpc_bytes = registry.get_sample_value("k2serve_kv_transfer_bytes_total", {**labels, "backend": "grpc"})
+    assert grpc_bytes == pair.decode_servicer.bytes_received - received
 
 
 def test_route_picks_the_pair_or_the_fallback_and_says_why_not() -> None:

@@ -70,6 +70,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.local_prefills = 0  # requests whose prompt this worker computed itself
         self.transfer_metrics = KVTransferMetrics(engine.metrics.registry, engine.metrics.labels)
         self.transfer_metrics.declare(backend)
+        if fallback:
+            self.transfer_metrics.declare("grpc")
 
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
         ep = kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
@@ -150,7 +152,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             stats = await asyncio.to_thread(self.receiver.wait, request.transfer_id, TRANSFER_TIMEOUT_S)
             self.bytes_received += stats.bytes
-            self.transfer_metrics.done(self.backend, stats)
+            self.transfer_metrics.done("grpc" if stats.via_grpc else self.backend, stats)
             if self.tracer.enabled:
                 self._trace_transfer(stats, span)
         except TransferError as err:
@@ -184,7 +186,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def _trace_transfer(self, stats: TransferStats, span: Span) -> None:
         """kv.receive and kv.verify, drawn from the receiver's measurements."""
         end = epoch_ns(stats.finished_at)
-        attributes: dict[str, Attr] = {"k2serve.kv.bytes": stats.bytes, "k2serve.kv.backend": self.backend}
+        backend = "grpc" if stats.via_grpc else self.backend
+        attributes: dict[str, Attr] = {"k2serve.kv.bytes": stats.bytes, "k2serve.kv.backend": backend}
         start = end - round(stats.seconds * 1e9)
         if stats.traceparent:  # the prefill worker's span: the transfer continues it
             receive = self.tracer.start(

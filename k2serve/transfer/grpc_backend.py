@@ -31,7 +31,7 @@ from k2serve.transfer.base import (
     TransferTimeout,
 )
 from k2serve.transfer.grpc_codec import decode_chunk, encode_chunk
-from k2serve.transfer.inbox import Inbox
+from k2serve.transfer.inbox import GRPC_SOURCE_PREFIX, Inbox
 from k2serve.transfer.outbox import SenderBase, split_layer
 
 _LayerItem = tuple[int, torch.Tensor, "Future[None]"]
@@ -180,7 +180,7 @@ class _Servicer:
         context: grpc.ServicerContext,
     ) -> kv_transfer_pb2.KVPushAck:
         transfer_id, complete, received = "", False, 0
-        source = f"grpc:{context.peer()}:{id(context)}"
+        source = f"{GRPC_SOURCE_PREFIX}{context.peer()}:{id(context)}"
         try:
             for header, payload in request_iterator:
                 transfer_id = header.transfer_id
