@@ -249,9 +249,9 @@ def test_router_tls_and_api_key_flags() -> None:
 
 
 def test_gpu_workers_run_on_cuda_with_nccl_settings() -> None:
-    """gpu.enabled: a worker with ep.size 1 gets --device cuda (an expert-parallel rank --device cpu:
-    its collectives are gloo), /dev/shm sized by gpu.shmSize, and gpu.nccl.env in its environment;
-    without GPUs no --device flag, the role's shmSize and no NCCL variables."""
+    """gpu.enabled: every worker gets --device cuda (an expert-parallel rank too: NCCL collectives,
+    one GPU per pod), /dev/shm sized by gpu.shmSize, and gpu.nccl.env in its environment; without
+    GPUs no --device flag, the role's shmSize and no NCCL variables."""
     values = {**VALUE_SETS["gpu-hpa"], "gpu": {"enabled": True, "shmSize": "24Gi", "nccl": {"env": _NCCL}}}
     for role in ("prefill", "decode"):
         for _, c, ns in _by_command(values)[role]:
@@ -263,8 +263,8 @@ def test_gpu_workers_run_on_cuda_with_nccl_settings() -> None:
         spec = by_name(values, "StatefulSet", f"{FULL}-{role}")["spec"]["template"]["spec"]
         dshm = next(v for v in spec["volumes"] if v["name"] == "dshm")
         assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "24Gi"}
-    for role in ("prefill", "decode"):  # expert-parallel ranks: one GPU each, engine on CPU
-        assert {ns.device for _, _, ns in _by_command(VALUE_SETS["ep-groups"])[role]} == {"cpu"}
+    for role in ("prefill", "decode"):  # expert-parallel ranks: one GPU each, the engine on it
+        assert {ns.device for _, _, ns in _by_command(VALUE_SETS["ep-groups"])[role]} == {"cuda"}
     for role in ("prefill", "decode"):
         for _, c, ns in _by_command(VALUE_SETS["defaults"])[role]:
             assert ns.device is None and not any(e["name"].startswith("NCCL_") for e in c["env"])
@@ -273,3 +273,31 @@ def test_gpu_workers_run_on_cuda_with_nccl_settings() -> None:
 
 
 _NCCL = {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_DISABLE": "1"}
+
+
+def test_gpu_workers_move_kv_over_torch_distributed_by_default() -> None:
+    """transfer.backend auto (the default): torch (NCCL point to point between the GPUs) with
+    gpu.enabled, its port fixed and exposed; grpc without GPUs and under tls.enabled (torch has no
+    TLS); an explicit grpc is kept on GPUs."""
+
+    def backends(values: dict[str, Any]) -> set[tuple[str, str, int]]:
+        cmds = _by_command(values)
+        return {
+            (role, ns.transfer_backend, ns.transfer_port)
+            for role in ("prefill", "decode")
+            for _, _, ns in cmds[role]
+        }
+
+    gpu = {"gpu": {"enabled": True}}
+    assert backends(gpu) == {("prefill", "torch", 50061), ("decode", "torch", 50071)}
+    for role, port in (("prefill", 50061), ("decode", 50071)):
+        sts = by_name(gpu, "StatefulSet", f"{FULL}-{role}")["spec"]["template"]["spec"]
+        ports = {p["name"]: p["containerPort"] for p in sts["containers"][0]["ports"]}
+        assert ports["transfer"] == port
+        svc = by_name(gpu, "Service", f"{FULL}-{role}-headless")["spec"]["ports"]
+        assert {p["name"]: p["port"] for p in svc}["transfer"] == port
+    assert {b for _, b, _ in backends(VALUE_SETS["defaults"])} == {"grpc"}
+    tls_gpu = {**VALUE_SETS["tls-apikey-secrets"], **gpu}
+    assert {b for _, b, _ in backends(tls_gpu)} == {"grpc"}
+    explicit = {**gpu, "decode": {"transfer": {"backend": "grpc"}}}
+    assert {(r, b) for r, b, _ in backends(explicit)} == {("prefill", "torch"), ("decode", "grpc")}

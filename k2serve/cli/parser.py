@@ -162,10 +162,14 @@ def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
 def add_transfer_backend_arg(s: argparse.ArgumentParser, what: str) -> None:
     s.add_argument(
         "--transfer-backend",
+        "--kv-transfer-backend",
+        dest="transfer_backend",
         choices=("auto", "grpc", "torch"),
         default="auto",
-        help=f"{what}: torch = torch.distributed (gloo on CPU, NCCL on GPU), received straight into "
-        "the decode pool; grpc = gRPC streams (TLS-capable); auto = torch, or grpc with --tls-*",
+        help=f"{what}: torch = torch.distributed point to point (gloo on CPU, NCCL between GPUs with "
+        "--device cuda: no host staging), received straight into the decode pool, each pair connection "
+        "authenticated with the cluster token; grpc = gRPC streams (TLS-capable); auto = torch, or grpc "
+        "with --tls-*",
     )
 
 

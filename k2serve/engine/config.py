@@ -51,6 +51,15 @@ def resolve_device(spec: str | torch.device | None, check_available: bool = True
     return device
 
 
+def indexed_device(device: torch.device) -> torch.device:
+    """device with its index, as tensors report theirs: a bare "cuda" is the current CUDA device (where
+    tensors made on "cuda" land). NCCL binds to an indexed device, and a receive lands in place only
+    when its destination's device equals the receiver's."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 SPEC_METHODS = ("ngram", "suffix")
 
 

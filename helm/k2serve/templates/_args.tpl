@@ -96,14 +96,15 @@ ordinal, so k2serve.worker.command appends them at start; the flags here are the
 {{- $args = concat $args (include "k2serve.args.model" $root | fromJsonArray) (list "--dtype" $root.Values.model.dtype) -}}
 {{- $args = concat $args (include "k2serve.args.engine" $root | fromJsonArray) -}}
 {{- if $root.Values.gpu.enabled -}}
-{{- $args = concat $args (list "--device" (ternary "cuda" "cpu" (eq (int $w.ep.size) 1))) -}}
+{{- $args = concat $args (list "--device" "cuda") -}}
 {{- end -}}
 {{- $args = concat $args (list "--host" "0.0.0.0" "--port" (printf "%d" (int $w.port))) -}}
 {{- $args = concat $args (list "--metrics-port" (printf "%d" (int $w.metricsPort))) -}}
 {{- $args = concat $args (list "--advertise-host" (printf "$(POD_NAME).%s-headless.%s.svc" $name $root.Release.Namespace)) -}}
 {{- $args = concat $args (list "--router" (include "k2serve.routerAddress" $root)) -}}
-{{- $args = concat $args (list "--worker-id" "$(POD_NAME)" "--transfer-backend" $w.transfer.backend) -}}
-{{- if eq $w.transfer.backend "torch" -}}
+{{- $transfer := include "k2serve.transferBackend" . -}}
+{{- $args = concat $args (list "--worker-id" "$(POD_NAME)" "--transfer-backend" $transfer) -}}
+{{- if eq $transfer "torch" -}}
 {{- $args = concat $args (list "--transfer-port" (printf "%d" (int $w.transfer.port))) -}}
 {{- end -}}
 {{- $args = concat $args (list "--ep" (printf "%d" (int $w.ep.size))) -}}
