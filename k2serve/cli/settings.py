@@ -280,7 +280,20 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         tls=tls_files(args),
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         cluster_token_file=args.cluster_token_file,
+        gpu_count=gpus_to_spread(args.device),
     )
+
+
+def gpus_to_spread(device: str | None) -> int:
+    """How many GPUs `up` spreads its worker processes over: all the GPUs torch sees when the workers
+    run on CUDA without a fixed index (`--device cuda`, or the default on a GPU host) and there are
+    several; 0 (no pinning) on CPU, on one GPU, or for an explicit `cuda:N`, which the user chose."""
+    if device not in (None, "cuda"):
+        return 0
+    import torch
+
+    count = torch.cuda.device_count()
+    return count if count > 1 else 0
 
 
 def ray_options(args: argparse.Namespace) -> RayOptions:
