@@ -49,6 +49,7 @@ def init_model(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    from k2serve.cli.settings import compile_mode
     from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm import LLM
     from k2serve.engine.sampling_params import SamplingParams
@@ -57,7 +58,10 @@ def generate(args: argparse.Namespace) -> int:
         args.model,
         dtype=args.dtype,
         engine_config=EngineConfig(
-            attention_backend=args.attention_backend, moe_backend=args.moe_backend, device=args.device
+            attention_backend=args.attention_backend,
+            moe_backend=args.moe_backend,
+            device=args.device,
+            compile=compile_mode(args),
         ),
         speculative_config=args.speculative_config,
     )

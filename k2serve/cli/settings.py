@@ -61,7 +61,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_session_lease_s=args.kv_session_lease_s,
         device=args.device,
         moe_backend=args.moe_backend,
+        compile=compile_mode(args),
     )
+
+
+def compile_mode(args: argparse.Namespace) -> str:
+    """EngineConfig.compile from --compile / --enforce-eager (vLLM's alias for none)."""
+    return "none" if getattr(args, "enforce_eager", False) else getattr(args, "compile", "none")
 
 
 def tls_files(args: argparse.Namespace) -> TLSFiles | None:
@@ -222,6 +228,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         args.attention_backend,
         "--moe-backend",
         args.moe_backend,
+        "--compile",
+        compile_mode(args),
     ]
     if args.device is not None:
         out += ["--device", args.device]

@@ -191,7 +191,11 @@ class CapturedDecode:
         pad_slot: int,
         max_num_seqs: int,
         max_blocks_per_seq: int,
+        compile: bool = True,
     ) -> None:
+        """`pad_slot`: the scratch slot padding rows write (its block is never a sequence's).
+        `compile`: False runs the CPU buckets' static forward eagerly (the tests' way to check the
+        padding and static inputs without paying for Inductor); CUDA always captures."""
         self.model = model
         self.pool = pool
         self.pad_slot = pad_slot
@@ -207,7 +211,9 @@ class CapturedDecode:
             dyn.recompile_limit = max(dyn.recompile_limit, len(self.sizes) * 16)
             # static shapes but for the blocks-per-row dimension (marked dynamic on each bucket's
             # block table): one compile per batch bucket serves every context length
-            self._compiled = torch.compile(self._forward, dynamic=None, fullgraph=True)
+            self._compiled = (
+                torch.compile(self._forward, dynamic=None, fullgraph=True) if compile else self._forward
+            )
 
     def bucket_key(self, rows: Seq[DecodeRow]) -> tuple[int, int]:
         """(rows bucket, blocks bucket) of a batch."""
