@@ -22,6 +22,16 @@ from k2serve.model.presets import PRESETS
 GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """One torch thread: these tiny steps are dispatch-bound, and on a loaded 2-core host two
+    spinning OpenMP threads make them ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_engine(ckpt: Path, compile: str = "none", **kw: Any) -> LLMEngine:
     cfg = EngineConfig(
         **({"num_kv_blocks": 96, "block_size": 8, "max_num_batched_tokens": 96, "max_num_seqs": 4} | kw),
