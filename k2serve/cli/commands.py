@@ -34,6 +34,7 @@ BENCHMARKS = {
     "kv-routing": "k2serve.bench.kv_routing",
     "kv-tiers": "k2serve.bench.kv_tiers",
     "device": "k2serve.bench.device",
+    "captured": "k2serve.bench.captured",
 }
 
 

@@ -142,9 +142,7 @@ def add_compile_arg(s: argparse.ArgumentParser) -> None:
         "(1, 2, 4, ... max-num-seqs): torch.compile on CPU (compiled on a bucket's first use, cached "
         "under ~/.cache/k2serve/inductor), CUDA graphs on CUDA; none = every step eager (default)",
     )
-    g.add_argument(
-        "--enforce-eager", action="store_true", help="vLLM's spelling of --compile none"
-    )
+    g.add_argument("--enforce-eager", action="store_true", help="vLLM's spelling of --compile none")
 
 
 def add_device_arg(s: argparse.ArgumentParser) -> None:

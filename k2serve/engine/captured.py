@@ -37,6 +37,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -267,7 +268,7 @@ class CapturedDecode:
 
         return replay
 
-    def _graph_pool(self) -> object:
+    def _graph_pool(self) -> Any:  # torch's graph-pool handle (an opaque tuple)
         if not hasattr(self, "_mempool"):
             self._mempool = torch.cuda.graph_pool_handle()
         return self._mempool

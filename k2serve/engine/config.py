@@ -218,7 +218,9 @@ class EngineConfig:
             )
         resolve_device(self.device, check_available=False)
         if self.compile not in COMPILE_MODES:
-            raise EngineConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+            raise EngineConfigError(
+                f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -323,7 +323,6 @@ class RoutedExperts(nn.Module):
         y = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
-
     def forward_static(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """`forward` with every shape fixed by x's (the captured decode step, engine/captured.py): dense
         experts, all of them held here. Which way is fixed by the shapes too:
