@@ -179,11 +179,17 @@ def test_unsupported_models_fall_back(tiny_int4_ckpt: Path, caplog: pytest.LogCa
 
 
 @pytest.mark.parametrize(
-    ("tokens", "dtype"),
-    [(1, torch.float32), (9, torch.float32)] + ([(5, torch.bfloat16)] if HAS_GROUPED_MM else []),
+    ("tokens", "dtype", "grouped"),
+    [(1, torch.float32, False), (9, torch.float32, False)]
+    + ([(5, torch.float32, True), (5, torch.bfloat16, True)] if HAS_GROUPED_MM else []),
 )
-def test_moe_forward_static_matches_eager(tokens: int, dtype: torch.dtype) -> None:
-    """All three static ways (gathered GEMVs: T*k < E; dense loop; bf16 grouped GEMM) against eager."""
+def test_moe_forward_static_matches_eager(
+    tokens: int, dtype: torch.dtype, grouped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The three static ways against eager: the grouped GEMM (compiled in the slow engine test), and
+    without it gathered GEMVs (T*k < E) and the dense expert loop."""
+    import k2serve.model.moe as moe_module
+
     config = ModelConfig.from_dict(dict(PRESETS["tiny"]))
     torch.manual_seed(0)
     moe = MoE(config, dtype=dtype).to(dtype)
@@ -193,10 +199,11 @@ def test_moe_forward_static_matches_eager(tokens: int, dtype: torch.dtype) -> No
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
     x = torch.randn(tokens, config.hidden_size).to(dtype)
     weights, ids = moe.gate(x)
-    got = moe.experts.forward_static(x, weights, ids)
     want = moe.experts(x, weights, ids)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if not grouped:
+        monkeypatch.setattr(moe_module, "_grouped_mm", None)
+    torch.testing.assert_close(moe.experts.forward_static(x, weights, ids), want, rtol=tol, atol=tol)
 
 
 @pytest.mark.slow
