@@ -243,7 +243,10 @@ class CapturedDecode:
             def run() -> torch.Tensor:
                 return self._compiled(inputs)
 
-            run()  # compiles this batch bucket's graph (on its first blocks bucket)
+            # compiles this batch bucket's graph (on its first blocks bucket); without dynamo's
+            # automatic dynamic shapes, which would make the batch dimension symbolic on the 2nd bucket
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # noqa: SLF001
+                run()
         seconds = time.perf_counter() - t0
         what = "capturing" if self.device.type == "cuda" else "compiling"
         logger.info("%s decode step for batch %d x %d blocks ... %.1f s", what, batch, blocks, seconds)
