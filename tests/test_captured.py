@@ -142,6 +142,21 @@ def test_mixed_steps_and_draft_rows_run_eager() -> None:
     assert captured_rows([RowSpec([3], 10, [0, 1], False)]) is None
 
 
+def test_long_batches_run_eager(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_GATHER_BYTES of gathered keys (or the largest bucket of rows) a step runs eager."""
+    import k2serve.engine.captured as captured_module
+    from k2serve.engine.captured import DecodeRow
+
+    engine = make_engine(tiny_ckpt, "decode")
+    captured = static_eager(engine)
+    rows = [DecodeRow(1, 30, [0, 1, 2, 3])]  # 4 blocks of 8: bucket 1 x 4 blocks
+    assert captured.accepts(rows)
+    assert not captured.accepts(rows * 5)  # more rows than max_num_seqs' bucket (4)
+    row_bytes = engine.pool.row_width * engine.pool.kv.element_size()
+    monkeypatch.setattr(captured_module, "MAX_GATHER_BYTES", 4 * 8 * row_bytes - 1)
+    assert not captured.accepts(rows)
+
+
 def test_buckets() -> None:
     assert capture_sizes(1) == [1]
     assert capture_sizes(6) == [1, 2, 4, 8]

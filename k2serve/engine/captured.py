@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
+MAX_GATHER_BYTES = 256 << 20
+"""A captured step gathers every row's whole context per layer; above this many bytes it runs eager."""
+
 
 def default_inductor_cache() -> Path:
     """Where Inductor's caches go unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
@@ -222,8 +225,15 @@ class CapturedDecode:
         blocks = blocks_bucket(max(r.position // self.pool.block_size + 1 for r in rows))
         return batch, blocks
 
-    def accepts(self, num_rows: int) -> bool:
-        return 0 < num_rows <= self.sizes[-1]
+    def accepts(self, rows: Seq[DecodeRow]) -> bool:
+        """Whether this step can run captured: at most the largest bucket of rows, and keys gathered per
+        layer (bucket rows x bucket blocks, whole contexts: no split-K here) within MAX_GATHER_BYTES;
+        a longer batch runs eager, whose tiles bound its memory."""
+        if not 0 < len(rows) <= self.sizes[-1]:
+            return False
+        batch, blocks = self.bucket_key(rows)
+        row_bytes = self.pool.row_width * self.pool.kv.element_size()
+        return batch * blocks * self.pool.block_size * row_bytes <= MAX_GATHER_BYTES
 
     def _forward(self, inputs: StaticInputs) -> torch.Tensor:
         """The static forward: logits [B, V] fp32 of every (padded) row."""

@@ -435,7 +435,7 @@ class ModelRunner:
         sampling row, in row order."""
         if self.captured is not None and on_layer is None:
             decode = captured_rows(rows)
-            if decode is not None and self.captured.accepts(len(decode)):
+            if decode is not None and self.captured.accepts(decode):
                 return self.captured.run(decode)
         inputs = build_step_inputs(rows, self.pool, self.model.config, self.tiles, self.pad_slot)
         backend = PagedBackend(self.pool, inputs, self.tiles, on_layer, self.attention_backend)
