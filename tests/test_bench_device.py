@@ -35,10 +35,10 @@ def test_cpu_mode_runs_every_check() -> None:
     checks = {c["check"]: c for c in map(json.loads, done.stdout.strip().splitlines())}
     assert set(checks) == {
         "logits",
-        "grouped-gemm-int4-float32",
-        "grouped-gemm-dense-float32",
-        "grouped-gemm-int4-bfloat16",
-        "grouped-gemm-dense-bfloat16",
+        "fused-moe-int4-float32",
+        "fused-moe-dense-float32",
+        "fused-moe-int4-bfloat16",
+        "fused-moe-dense-bfloat16",
         "paged-attention",
         "cuda-graph",
         "decode-b1",
@@ -46,7 +46,7 @@ def test_cpu_mode_runs_every_check() -> None:
     }
     assert all(c["ok"] for c in checks.values())
     assert checks["logits"]["max_rel_err"] == 0.0  # CPU against CPU: the same computation
-    assert checks["grouped-gemm-int4-float32"]["max_rel_err"] < 1e-4
+    assert checks["fused-moe-int4-float32"]["max_rel_err"] < 1e-4
     assert "compiled (Inductor)" in checks["cuda-graph"]["detail"]  # CPU mode: compiled == eager
     assert checks["cuda-graph"]["captured_steps"] > 0 and checks["cuda-graph"]["max_rel_err"] < 1e-4
     for b in (1, 8):

@@ -35,6 +35,7 @@ SAME_LAYER = {
     ("planner", "loadgen"),  # the dry run replays loadgen's traces
     ("bench", "cluster"),
     ("bench", "agent"),
+    ("bench", "loadgen"),  # kv-trace / kv-history drive the load generator against local clusters
 }
 ONLY_FROM = {
     "testing": {"bench"},  # test and benchmark harnesses: never the server

@@ -15,8 +15,11 @@ from k2serve.loadgen.trace import (
     best_cached_tokens,
     best_hit_ratio,
     block_token_ids,
+    cacheable_blocks,
+    ideal_cache_hits,
     parse_trace,
     read_trace,
+    sample_conversations,
     trace_requests,
 )
 
@@ -126,3 +129,63 @@ def test_the_shared_conversation_trace_has_its_documented_best_hit_ratio() -> No
     assert len(entries) == 12031
     # SOURCE.md: 36.6% of blocks; in tokens (partial last blocks rarely hit) a little more
     assert best_hit_ratio(entries) == pytest.approx(0.3736, abs=1e-4)
+
+
+def test_cacheable_blocks_are_full_blocks_before_the_last_token() -> None:
+    assert cacheable_blocks([(1, 4), (2, 4), (3, 2)], 4) == [1, 2]
+    # 8 tokens: the last token is always computed, so only (8 - 1) // 4 = 1 block can be served
+    assert cacheable_blocks([(1, 4), (2, 4)], 4) == [1]
+    assert cacheable_blocks([(1, 3)], 4) == []
+    assert cacheable_blocks([(1, 4), (2, 3), (3, 4), (4, 1)], 4) == [1]  # nothing after a partial block
+
+
+def test_ideal_cache_unbounded_counts_leading_seen_blocks() -> None:
+    prompts = [
+        [(1, 4), (2, 4), (3, 2)],  # nothing seen; caches 1, 2
+        [(1, 4), (2, 4), (4, 4), (5, 1)],  # 1, 2 hit (8); caches 1, 2, 4
+        [(1, 4), (9, 4), (4, 4), (6, 4), (7, 1)],  # 1 hits; 9 misses, so 4 after it does not count
+        [(7, 4), (1, 4), (8, 1)],  # 7 was only a partial block: never cached
+    ]
+    assert ideal_cache_hits(prompts, 4, None) == [0, 8, 4, 0]
+
+
+def test_ideal_cache_evicts_least_recently_used_tail_first() -> None:
+    a = [(1, 4), (2, 4), (3, 4), (0, 1)]  # 3 cacheable blocks
+    b = [(5, 4), (6, 4), (0, 1)]  # 2
+    # capacity 4: after b, the oldest of a's blocks goes: its tail (3) first, since 1 was touched last
+    assert ideal_cache_hits([a, b, a], 4, 4) == [0, 0, 8]
+    assert ideal_cache_hits([a, b, a], 4, 5) == [0, 0, 12]
+    assert ideal_cache_hits([a, b, a], 4, 0) == [0, 0, 0]
+    # after a, b, a, c the cache is [3, 2, 1, 7] (LRU first); b misses and, stored, pushes out 3 and 2
+    c = [(7, 4), (0, 1)]
+    assert ideal_cache_hits([a, b, a, c, b, a], 4, 4) == [0, 0, 8, 0, 0, 4]
+    with pytest.raises(ValueError, match="capacity_blocks"):
+        ideal_cache_hits([a], 4, -1)
+
+
+def test_ideal_cache_is_never_above_unbounded_and_grows_with_capacity() -> None:
+    entries = parse_trace(HAND, block_size=4) * 3
+    blocks = [TraceScaling(block_size=4).scaled_blocks(e) for e in entries]
+    totals = [sum(ideal_cache_hits(blocks, 4, cap)) for cap in (0, 1, 2, 3, 5, 8, None)]
+    assert totals == sorted(totals) and totals[0] == 0 and totals[-1] > 0
+
+
+def test_sample_conversations_keeps_whole_conversations_in_order() -> None:
+    entries = [
+        TraceEntry(float(t), 8, 1, (0, conv, 100 + t))
+        for t, conv in enumerate([1, 2, 1, 3, 2, 1, 2, 4, 4, 4, 5])
+    ]  # conversation 1: 3 requests, 2: 3, 4: 3, 3 and 5: one each
+    picked = sample_conversations(entries, 2, seed=0, group_blocks=2, min_requests=3)
+    convs = {e.hash_ids[1] for e in picked}
+    assert len(convs) == 2 and convs <= {1, 2, 4}
+    assert picked == [e for e in entries if e.hash_ids[1] in convs]  # every request of each, in order
+    assert sample_conversations(entries, 2, seed=0) == picked  # seeded
+    assert {e.hash_ids[1] for e in sample_conversations(entries, 3, seed=5)} == {1, 2, 4}
+    with pytest.raises(ValueError, match="3 conversations of >= 3 requests"):
+        sample_conversations(entries, 4, seed=0)
+    # a conversation with one request that does not fit is left out whole
+    too_long = {entries[6].timestamp_ms}  # a request of conversation 2
+    kept = sample_conversations(entries, 2, seed=0, fits=lambda e: e.timestamp_ms not in too_long)
+    assert {e.hash_ids[1] for e in kept} == {1, 4}
+    with pytest.raises(ValueError, match="2 conversations of >= 3 requests that fit"):
+        sample_conversations(entries, 3, seed=0, fits=lambda e: e.timestamp_ms not in too_long)

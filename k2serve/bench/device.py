@@ -9,8 +9,8 @@ and within ~60 s on CPU (what CI runs, tests/test_bench_device.py).
 Checks, each printed as one line (and one JSON object per check with --json):
 1. logits: one engine step (a prefill of two prompts) of the tiny preset's checkpoint on --device
    against the same step on the CPU (fp32; on CPU mode both sides are the CPU).
-2. kernels: the Triton grouped GEMMs (INT4 group-32 and dense) against their torch references, in
-   fp32 and bf16, and the Triton paged MLA attention through one engine step's logits against the
+2. kernels: the fused Triton MoE (`--moe-backend triton`: the routing's gather and weighted sum in the
+   kernels; INT4 group-32 and dense experts) against the torch path, in fp32 and bf16, and the Triton paged MLA attention through one engine step's logits against the
    torch backend (K2's head dims on CUDA; small ones under the interpreter).
 3. cuda-graph: the captured decode step (EngineConfig.compile "decode": CUDA graphs on CUDA, Inductor
    on CPU) against eager on the tiny checkpoint: same greedy tokens, every step's logits within 1e-4.
@@ -159,30 +159,55 @@ def check_captured(ckpt: Path, device: torch.device) -> Check:
     return Check("cuda-graph", ok, detail, {"max_rel_err": err, "captured_steps": steps})
 
 
-def check_grouped_gemms(device: torch.device, k2: bool) -> list[Check]:
-    from k2serve.model.quant import pack_int4, quantize_int4
-    from k2serve.model.triton_moe import grouped_gemm_dense, grouped_gemm_int4
+def check_fused_moe(device: torch.device, k2: bool) -> list[Check]:
+    """The fused MoE kernels (`--moe-backend triton`: gather, gate_up with SwiGLU, weighted down, sum
+    over top-k) against the torch path of the same RoutedExperts, INT4 group-32 and dense, fp32 and
+    bf16: K2's expert dims (7168 -> 2048) with 16 experts, top-8 of 64 tokens on CUDA (where the fused
+    forward must also run without a host sync); 256 -> 128, 8 experts, top-4 of 8 tokens under the
+    interpreter."""
+    from k2serve.config import ModelConfig
+    from k2serve.model.moe import RoutedExperts
+    from k2serve.model.presets import PRESETS
 
-    d, i = (7168, 2048) if k2 else (256, 128)
-    counts = [1, 0, 37, 5] if k2 else [1, 0, 19, 5]
-    g = torch.Generator().manual_seed(0)
-    quant = [quantize_int4(torch.randn(i, d, generator=g), 32) for _ in counts]
-    packed = torch.stack([pack_int4(q) for q, _ in quant]).to(device)
+    d, i, e, k, t = (7168, 2048, 16, 8, 64) if k2 else (256, 128, 8, 4, 8)
+    config = ModelConfig.from_dict(PRESETS["tiny"] | {"hidden_size": d, "moe_intermediate_size": i,
+                                   "n_routed_experts": e, "num_experts_per_tok": k, "n_group": 1, "topk_group": 1})  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(0)
     out = []
     for dtype in (torch.float32, torch.bfloat16):
-        scale = torch.stack([s for _, s in quant]).to(device, dtype)
-        x = torch.randn(sum(counts), d, generator=g).to(device, dtype)
-        w = (torch.randn(len(counts), i, d, generator=g) / d**0.5).to(device, dtype)
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
-        for name, run in (
-            ("int4", lambda b: grouped_gemm_int4(x, packed, scale, counts, b)),  # noqa: B023 - run at once
-            ("dense", lambda b: grouped_gemm_dense(x, w, counts, b)),  # noqa: B023
-        ):
-            err = _max_rel(run("triton"), run("torch"))
-            label = f"grouped-gemm-{name}-{str(dtype).removeprefix('torch.')}"
-            out.append(Check(label, err < tol, f"triton vs torch [{d}->{i}]: max rel err {err:.2e}",
-                             {"max_rel_err": err}))  # fmt: skip
+        x = torch.randn(t, d, generator=g, device=device).to(dtype)
+        ids = torch.rand(t, e, generator=g, device=device).topk(k, dim=-1).indices  # k distinct experts
+        weights = torch.rand(t, k, generator=g, device=device)
+        for kind in ("int4", "dense"):
+            experts = RoutedExperts(config, int4_group_size=32 if kind == "int4" else None, dtype=dtype).to(
+                device
+            )
+            fill_random(experts, g)
+            want = experts(x, weights, ids)
+            experts.set_moe_backend("triton")
+            err = _max_rel(experts(x, weights, ids), want)
+            sync = _host_sync(lambda: experts(x, weights, ids)) if device.type == "cuda" else None  # noqa: B023
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            label = f"fused-moe-{kind}-{str(dtype).removeprefix('torch.')}"
+            detail = f"triton vs torch [{t} tokens, top-{k} of {e}, {d}->{i}]: max rel err {err:.2e}"
+            if device.type == "cuda":
+                detail += f"; host sync: {sync or 'none'}"
+            out.append(Check(label, err < tol and sync is None, detail, {"max_rel_err": err}))
     return out
+
+
+def _host_sync(run: Callable[[], object]) -> str | None:
+    """What `run` (already run once: compiled) does that syncs the host with the GPU, as torch's sync
+    debug mode reports it, or None: the fused MoE must not, so that a CUDA graph can capture it."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return None
 
 
 def check_attention(ckpt: Path, device: torch.device) -> Check:
@@ -209,6 +234,23 @@ def slice_config(k2: bool) -> dict[str, Any]:
     return out | {"quantization_config": INT4_QUANT_CONFIG} if k2 else out
 
 
+def fill_random(module: torch.nn.Module, g: torch.Generator) -> None:
+    """Random weights in place: packed INT4 words uniform, scales in [0.001, 0.01], norms 1 (activations
+    keep their scale: no denormals on CPU), the rest normal(0, 0.02); index buffers untouched."""
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if name.endswith(("inv_freq", "global_to_local")):
+                continue
+            if t.dtype in (torch.int32, torch.uint8):
+                t.random_(0, 2**31 - 1 if t.dtype == torch.int32 else 256, generator=g)
+            elif name.endswith(("_scale", "_sz")):
+                t.uniform_(0.001, 0.01, generator=g)
+            elif "norm" in name:
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.02, generator=g)
+
+
 def random_slice(config: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """The slice's model with random weights made on the device (no checkpoint: K2's INT4 experts
     are ~9.5 GB a layer)."""
@@ -217,19 +259,7 @@ def random_slice(config: Any, device: torch.device, dtype: torch.dtype) -> Any:
     layout = default_int4_layout(device)  # CPU: torch's int4 tiles (fast); CUDA: the disk layout
     group = config.quant.group_size if config.quant else None
     model = build_empty_model(config, dtype, None, group, device, layout)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if name.endswith(("inv_freq", "global_to_local")):
-                continue
-            if t.dtype in (torch.int32, torch.uint8):
-                t.random_(0, 2**31 - 1 if t.dtype == torch.int32 else 256, generator=g)
-            elif name.endswith(("_scale", "_sz")):
-                t.uniform_(0.001, 0.01, generator=g)
-            elif "norm" in name:  # unit gains: activations keep their scale (no denormals on CPU)
-                t.fill_(1.0)
-            else:
-                t.normal_(0.0, 0.02, generator=g)
+    fill_random(model, torch.Generator(device=device).manual_seed(0))
     return model.eval()
 
 
@@ -313,7 +343,7 @@ def run(args: argparse.Namespace) -> list[Check]:
         ckpt = write_checkpoint(Path(d) / "tiny", "tiny", seed=0, dtype=torch.float32)
         timed = [
             ("logits", lambda: [check_logits(ckpt, device)]),
-            ("kernels", lambda: [*check_grouped_gemms(device, k2), check_attention(ckpt, device)]),
+            ("kernels", lambda: [*check_fused_moe(device, k2), check_attention(ckpt, device)]),
             ("cuda-graph", lambda: [check_captured(ckpt, device)]),
             ("decode", lambda: check_decode(device, k2, batches, steps, peak_bandwidth(device, args.bandwidth_gbs),
                                             args.attention_backend or ("triton" if device.type == "cuda" else "torch"),

@@ -32,9 +32,12 @@ BENCHMARKS = {
     "long-neighbour": "k2serve.bench.long_neighbour",
     "spec-decode": "k2serve.bench.spec_decode",
     "kv-routing": "k2serve.bench.kv_routing",
+    "kv-trace": "k2serve.bench.kv_trace",
+    "kv-history": "k2serve.bench.kv_history",
     "kv-tiers": "k2serve.bench.kv_tiers",
     "device": "k2serve.bench.device",
     "captured": "k2serve.bench.captured",
+    "moe-traffic": "k2serve.bench.moe_traffic",
 }
 
 

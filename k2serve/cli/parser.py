@@ -161,9 +161,9 @@ def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
         "--moe-backend",
         choices=MOE_BACKENDS,
         default="torch",
-        help="routed experts: torch (per-expert GEMMs) or triton (the Triton grouped GEMM over the "
-        "experts: INT4 group-32 experts dequantised in registers, or bf16/fp32 dense experts; needs "
-        "CUDA, or TRITON_INTERPRET=1 on CPU)",
+        help="routed experts: torch (per-expert GEMMs) or triton (fused Triton MoE kernels, the routing's "
+        "gather and weighted sum inside them: INT4 group-32 experts dequantised in registers, or bf16/fp32 "
+        "dense experts; needs CUDA, or TRITON_INTERPRET=1 on CPU)",
     )
     s.add_argument(
         "--attention-backend",

@@ -12,13 +12,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from typing_extensions import override
 
 from k2serve.engine.async_engine import AsyncEngine, Prefilled
-from k2serve.engine.protocol import BackendError, GenerateRequest, TokenEvent
-from k2serve.engine.sampling_params import SamplingParamsError
+from k2serve.engine.protocol import BackendError, GenerateRequest, SessionHint, TokenEvent
+from k2serve.engine.sampling_params import SamplingParams, SamplingParamsError
 from k2serve.kvcache.block_manager import NoFreeBlocksError
 from k2serve.proto import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from k2serve.proto.messages import finish_to_proto
@@ -157,7 +158,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             await self.engine.free_kv(res.block_table)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         structured = json.loads(request.structured_json) if request.structured_json else None
-        gen = GenerateRequest(request.request_id, list(request.prompt_token_ids), params, structured)
+        gen = _generate_request(request, params, structured)
         try:
             # From here the engine owns the blocks (also when it refuses the request).
             events = await self.engine.generate(
@@ -193,7 +194,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         except SamplingParamsError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         structured = json.loads(request.structured_json) if request.structured_json else None
-        gen = GenerateRequest(request.request_id, list(request.prompt_token_ids), params, structured)
+        gen = _generate_request(request, params, structured)
         try:
             events = await self.engine.generate(gen)
         except BackendError as err:
@@ -274,3 +275,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     await self.engine.free_kv(res.block_table)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=5)
+
+
+def _generate_request(
+    request: worker_pb2.DecodeRequest, params: SamplingParams, structured: dict[str, Any] | None
+) -> GenerateRequest:
+    """The engine request of a Decode call; with a session_id (and --kv-session-lease-s) the finished
+    turn's blocks are leased under it."""
+    session = SessionHint(request.session_id) if request.session_id else None
+    return GenerateRequest(request.request_id, list(request.prompt_token_ids), params, structured, session)

@@ -504,6 +504,7 @@ class AsyncEngine:
                     request.params,
                     p.block_table,
                     command.constraint,
+                    session_id=request.session.session_id if request.session is not None else None,
                 )
                 if done is not None:  # the first token ended it; that token was emitted elsewhere
                     done.new_token_ids = []
@@ -608,6 +609,8 @@ class AsyncEngine:
             spec_num_accepted_tokens=self._engine.spec_stats.num_accepted_tokens,
             queued_prefill_tokens=self._engine.queued_prefill_tokens(),
             prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
+            decode_step_ms=self._engine.decode_step_ms,
+            decode_step_batch=self._engine.decode_step_batch,
             kv_tiers=tier_stats(self._engine.tiers, self._engine.leases),
         )
 

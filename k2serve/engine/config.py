@@ -153,8 +153,9 @@ class EngineConfig:
     referenced (not evictable) until this many seconds pass or the session's next turn arrives
     (an agent's tool call between turns); 0 disables leases.
     moe_backend: one of MOE_BACKENDS: "torch" (per-expert loops / torch grouped GEMMs) or "triton" (the
-    routed experts through the Triton grouped GEMM, model/triton_moe.py: INT4 experts in the
-    compressed-tensors layout, bf16/fp32 dense experts; same CUDA-or-TRITON_INTERPRET=1 check).
+    routed experts through the fused Triton MoE kernels, model/triton_moe.py, the routing's gather and
+    weighted sum inside them: INT4 experts in the compressed-tensors layout, bf16/fp32 dense experts;
+    same CUDA-or-TRITON_INTERPRET=1 check).
     device: where weights, the KV pool, the step inputs and the sampler live: "cpu", "cuda" or "cuda:N";
     None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`: spelled right, checked
     here; present on this machine, checked by `torch_device` when the engine loads).

@@ -181,6 +181,10 @@ class LLMEngine:
         # Measured prefill speed for the router's predicted TTFT: an EWMA of prompt tokens per second of
         # the steps that computed prompt tokens (the whole step's time); 0.0 before the first such step.
         self.prefill_tokens_per_s = 0.0
+        # Measured decode step for the router's predicted TPOT: EWMAs (weight 0.2 on the new one) of the
+        # time (ms) and batch (sequences) of the steps that computed no prompt token; 0.0 before one.
+        self.decode_step_ms = 0.0
+        self.decode_step_batch = 0.0
 
     def _captured_decode(self, pad_slot: int) -> CapturedDecode | None:
         """The captured decode step when EngineConfig.compile is "decode" and the model and pool allow
@@ -260,11 +264,13 @@ class LLMEngine:
         params: SamplingParams,
         block_table: list[int],
         constraint: Any = None,
+        session_id: str | None = None,
     ) -> RequestOutput | None:
         """Continue a request whose prompt KV was computed elsewhere and written into `block_table`
         (blocks this engine's block manager allocated for it; the engine now owns them) and whose
         first token was sampled there. Returns the finished output when the first token already ends
-        the request (the blocks are then freed), else None and the request joins the batch."""
+        the request (the blocks are then freed), else None and the request joins the batch.
+        `session_id`: as in `add_request` (its blocks are leased when it finishes)."""
         try:  # the engine owns `block_table` from here on, also when the request is refused
             if request_id in self.seqs:
                 raise RequestError(f"request id {request_id!r} is already in use")
@@ -291,6 +297,8 @@ class LLMEngine:
         if dec is not None:
             seq.output_text = dec.add(first_token_id)
         reason = self._stop_reason(seq, first_token_id)
+        if self.leases is not None:
+            self.leases.added(request_id, session_id)
         if reason is None:
             self.scheduler.add(seq)
             return None
@@ -298,7 +306,10 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         self.seqs.pop(request_id, None)
         self._finish_text(seq, reason)
-        return self._output(seq, [first_token_id], seq.output_text)
+        out = self._output(seq, [first_token_id], seq.output_text)
+        if self.leases is not None:
+            self.leases.after_step([out])
+        return out
 
     def _attach_decoder(self, seq: Sequence) -> IncrementalDecoder | None:
         """Start detokenizing `seq`'s output incrementally (an IncrementalDecoder kept until the request
@@ -359,8 +370,11 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         if self.leases is not None:
+            # a waiting head that already holds its blocks (a request prefilled elsewhere: the decode
+            # worker's) needs no room for its tokens: only one without blocks may end leases early
             waiting = self.scheduler.waiting
-            self.leases.before_schedule(self.blocks, waiting[0].token_ids if waiting else None)
+            head = waiting[0] if waiting and not waiting[0].block_table else None
+            self.leases.before_schedule(self.blocks, head.token_ids if head is not None else None)
         sched = self.scheduler.schedule()
         if not sched.chunks:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -384,10 +398,10 @@ class LLMEngine:
         logits = self.runner.run(
             rows, self._kv_sink_hook([c.seq for c in sched.chunks if c.samples])
         )  # [S, V]: 1 + len(drafts) rows per sampling chunk
-        self._observe_prefill(
-            sum(c.num_tokens for c in sched.chunks if c.start < len(c.seq.prompt_token_ids)),
-            time.perf_counter() - t0,
-        )
+        prompt_tokens = sum(c.num_tokens for c in sched.chunks if c.start < len(c.seq.prompt_token_ids))
+        self._observe_prefill(prompt_tokens, time.perf_counter() - t0)
+        if prompt_tokens == 0:
+            self._observe_decode(len(sched.chunks), time.perf_counter() - t0)
         self.num_computed_tokens_total += sched.num_tokens
         for c in sched.chunks:
             c.seq.num_computed_tokens += c.num_tokens
@@ -419,6 +433,16 @@ class LLMEngine:
         rate = prompt_tokens / seconds
         old = self.prefill_tokens_per_s
         self.prefill_tokens_per_s = rate if old == 0.0 else 0.8 * old + 0.2 * rate
+
+    def _observe_decode(self, batch: int, seconds: float) -> None:
+        """Fold one decode-only step (its time and batch) into `decode_step_ms` / `decode_step_batch`."""
+        if batch <= 0 or seconds <= 0:
+            return
+        if self.decode_step_ms == 0.0:
+            self.decode_step_ms, self.decode_step_batch = seconds * 1e3, float(batch)
+        else:
+            self.decode_step_ms = 0.8 * self.decode_step_ms + 0.2 * seconds * 1e3
+            self.decode_step_batch = 0.8 * self.decode_step_batch + 0.2 * batch
 
     def queued_prefill_tokens(self) -> int:
         """Prompt tokens not computed yet: whole waiting sequences (a preempted one recomputes its output

@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         "--dataset-name",
         dest="dataset",
-        choices=DATASETS,
+        choices=(*DATASETS, "mooncake-trace"),
         default=None,
-        help="default: trace when --trace is given, else random",
+        help="default: trace when --trace is given, else random (mooncake-trace is another name of trace)",
     )
     a("--dataset-path", default=None, help='sharegpt: ShareGPT JSON; custom: JSONL of {"prompt": ...}')
     a(
@@ -131,7 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Mooncake trace (JSONL: timestamp ms, input_length, output_length, hash_ids)",
     )
     a("--time-scale", type=float, default=1.0, help="trace arrivals at timestamp * X (0.1 = 10x faster)")
-    a("--length-scale", type=float, default=1.0, help="trace input/output lengths and block size times X")
+    a(
+        "--length-scale",
+        "--trace-scale",
+        dest="length_scale",
+        type=float,
+        default=1.0,
+        help="trace input/output lengths and block size times X (1/32 turns Mooncake's 512-token hash "
+        "blocks into 16-token blocks: give the server --block-size 16 so shared hash ids hit its cache)",
+    )
     a("--block-size", type=int, default=512, help="tokens per trace hash block (Mooncake: 512)")
     a("--temperature", type=float, default=0.0)
     a("--request-timeout", type=float, default=600.0, help="seconds one request may take")
@@ -150,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     dataset = args.dataset or ("trace" if args.trace is not None else "random")
+    dataset = "trace" if dataset == "mooncake-trace" else dataset
     backend, endpoint = BACKEND_ALIASES.get(args.backend, (args.backend, COMPLETIONS))
     return BenchConfig(
         backend=backend,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,3 +211,89 @@ def trace_requests(entries: Sequence[TraceEntry], scaling: TraceScaling, seed: i
         ids = block_token_ids(seed, [h for h, _ in bl], [n for _, n in bl], scaling.vocab_size)
         arrival = (entry.timestamp_ms - t0) / 1000.0 * scaling.time_scale
         yield BenchRequest(i, tuple(ids.tolist()), scaling.output_len(entry), arrival, best[i])
+
+
+def cacheable_blocks(blocks: Sequence[tuple[int, int]], block_size: int) -> list[int]:
+    """The hash ids of a prompt's blocks (`(hash_id, tokens)`, scaled) that a server's prefix cache can
+    serve: full blocks only, and at most (prompt tokens - 1) // block_size of them, because the last
+    prompt token is always computed (as k2serve's BlockManager.allocate does)."""
+    n = sum(tokens for _, tokens in blocks)
+    out = []
+    for hash_id, tokens in blocks[: max(0, (n - 1) // block_size)]:
+        if tokens != block_size:
+            break
+        out.append(hash_id)
+    return out
+
+
+def ideal_cache_hits(
+    prompts: Iterable[Sequence[tuple[int, int]]], block_size: int, capacity_blocks: int | None
+) -> list[int]:
+    """Per prompt (its scaled blocks `(hash_id, tokens)`, in arrival order), the prefix-hit tokens of one
+    ideal cache shared by every worker, holding `capacity_blocks` blocks (None: unbounded).
+
+    The best a cluster whose prefill workers hold that many blocks together could do without sharing
+    blocks between workers: a hit is a leading run of cacheable blocks (`cacheable_blocks`) present
+    in the cache; after each prompt all its cacheable blocks are in the cache, most recently used, its
+    first block most recent of all (a prefix cache frees a sequence's blocks tail first); when over
+    capacity the least recently used blocks go. Arrivals only: requests do not overlap in time, so no
+    block is pinned by a running request."""
+    if capacity_blocks is not None and capacity_blocks < 0:
+        raise ValueError(f"capacity_blocks must be >= 0 or None, got {capacity_blocks}")
+    lru: OrderedDict[int, None] = OrderedDict()  # least recently used first
+    out = []
+    for blocks in prompts:
+        ids = cacheable_blocks(blocks, block_size)
+        hit = 0
+        for h in ids:
+            if h not in lru:
+                break
+            hit += 1
+        out.append(hit * block_size)
+        for h in reversed(ids):
+            lru[h] = None
+            lru.move_to_end(h)
+        while capacity_blocks is not None and len(lru) > capacity_blocks:
+            lru.popitem(last=False)
+    return out
+
+
+def sample_conversations(
+    entries: Sequence[TraceEntry],
+    conversations: int,
+    seed: int,
+    group_blocks: int = 2,
+    min_requests: int = 3,
+    fits: Callable[[TraceEntry], bool] | None = None,
+) -> list[TraceEntry]:
+    """The requests of `conversations` conversations of the trace, in trace order with their own
+    timestamps: a smaller replay that keeps the trace's reuse between a conversation's turns.
+
+    A conversation is the requests sharing their first `group_blocks` hash ids (in the Mooncake
+    conversation trace every prompt starts with block 0, a shared system prompt, so the second block
+    tells conversations apart); only those with at least `min_requests` requests, all of which `fits`
+    (when given: e.g. a replayed request must fit a worker's KV pool), are drawn, uniformly with
+    `seed`. ValueError when fewer than `conversations` qualify."""
+    if conversations < 1 or group_blocks < 1 or min_requests < 1:
+        raise ValueError(
+            f"conversations, group_blocks and min_requests must be >= 1, got {conversations}, "
+            f"{group_blocks}, {min_requests}"
+        )
+    groups: dict[tuple[int, ...], int] = {}
+    unfit: set[tuple[int, ...]] = set()
+    for e in entries:
+        key = e.hash_ids[:group_blocks]
+        groups[key] = groups.get(key, 0) + 1
+        if fits is not None and not fits(e):
+            unfit.add(key)
+    eligible = sorted(
+        k for k, n in groups.items() if n >= min_requests and len(k) == group_blocks and k not in unfit
+    )
+    if len(eligible) < conversations:
+        raise ValueError(
+            f"the trace has {len(eligible)} conversations of >= {min_requests} requests{' that fit' if fits else ''} "
+            f"(by their first {group_blocks} hash ids), fewer than the {conversations} asked for"
+        )
+    rng = np.random.default_rng([seed, 3])
+    picked = {eligible[i] for i in rng.choice(len(eligible), size=conversations, replace=False)}
+    return [e for e in entries if e.hash_ids[:group_blocks] in picked]

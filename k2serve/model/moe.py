@@ -24,7 +24,7 @@ from k2serve.model.quant import (
     unpack_int4,
 )
 from k2serve.model.shapes import bucket
-from k2serve.model.triton_moe import grouped_swiglu
+from k2serve.model.triton_moe import ExpertWeight, fused_moe, sorted_expert_ids
 
 # INT4 experts in torch's CPU tiles, per compute dtype: an expert with at least this many rows in a call
 # is dequantised (that expert only, for that call) and run through dense GEMMs; fewer rows go through
@@ -158,10 +158,10 @@ class RoutedExperts(nn.Module):
             self.register_buffer("w2_i4", torch.empty(e, d, i // 2, dtype=torch.uint8))
             self.register_buffer("w2_sz", torch.empty(e, i // g, d, 2, dtype=dtype))
         self.compute_dtype = dtype
-        self.moe_backend = "torch"  # "triton": `run_sorted` goes through the Triton grouped GEMMs
+        self.moe_backend = "torch"  # "triton": `forward` and `run_sorted` go through the Triton kernels
 
     def set_moe_backend(self, backend: str) -> None:
-        """Route `run_sorted` through backend "torch" (the loops and grouped GEMMs here) or "triton"
+        """Route `forward` and `run_sorted` through backend "torch" (the loops and grouped GEMMs here) or "triton"
         (model/triton_moe.py: dense or compressed-tensors INT4 experts; CPU int4 tiles cannot)."""
         if backend == "triton" and self.int4_group_size is not None and self.int4_layout != "ct":
             raise ValueError(
@@ -170,12 +170,17 @@ class RoutedExperts(nn.Module):
             )
         self.moe_backend = backend
 
-    def run_triton(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """`run_sorted` through the Triton kernel (`grouped_swiglu`), whatever `moe_backend` says."""
+    def triton_weights(self) -> tuple[ExpertWeight, ExpertWeight]:
+        """w13 and w2 as the Triton kernels read them: (packed INT4, scales) or (dense, None)."""
         if self.int4_group_size is None:
-            return grouped_swiglu(x, counts, self.inter, (self.w13, None), (self.w2, None))
-        w13, w2 = (self.w13_packed, self.w13_scale), (self.w2_packed, self.w2_scale)
-        return grouped_swiglu(x, counts, self.inter, w13, w2)
+            return (self.w13, None), (self.w2, None)
+        return (self.w13_packed, self.w13_scale), (self.w2_packed, self.w2_scale)
+
+    def run_triton(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """`run_sorted` through the Triton kernels (`fused_moe` with top-k 1 and no routing weights),
+        whatever `moe_backend` says."""
+        w13, w2 = self.triton_weights()
+        return fused_moe(x, None, sorted_expert_ids(counts, x.device), w13, w2, self.inter)
 
     @torch.no_grad()
     def set_int4_expert(
@@ -311,9 +316,15 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, D], routing weights/ids [T, k] (global ids; ids this process does not hold are skipped).
-        Under torch.compile or a CUDA graph capture: `forward_static` (no host sync, static shapes)."""
+        Under torch.compile or a CUDA graph capture: `forward_static` (no host sync, static shapes).
+        Else under moe_backend "triton" the gather of rows per expert and the weighted sum back run inside
+        the kernels (`fused_moe`), without a host sync; otherwise in torch around `run_sorted`."""
         if _capturing(x):
             return self.forward_static(x, weights, ids)
+        if self.moe_backend == "triton":
+            w13, w2 = self.triton_weights()
+            local = self.global_to_local[ids]
+            return fused_moe(x, weights, local, w13, w2, self.inter, skipped=self.num_local < self.n_global)
         k = ids.shape[1]
         local = self.global_to_local[ids.flatten()]  # [T*k]
         held = (local >= 0).nonzero().squeeze(1)

@@ -16,7 +16,7 @@ import torch
 from typing_extensions import override
 
 from k2serve.engine.async_engine import AsyncEngine
-from k2serve.engine.protocol import BackendError, GenerateRequest
+from k2serve.engine.protocol import BackendError, GenerateRequest, SessionHint
 from k2serve.engine.sampling_params import SamplingParamsError
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
@@ -168,8 +168,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
         last = None
         try:
+            # with --kv-session-lease-s, the prompt's blocks are leased under the session (lease) key
+            session = SessionHint(request.session_id) if request.session_id else None
             events = await self.engine.generate(
-                GenerateRequest(request.request_id, prompt, first_params, structured), kv_sink=sink
+                GenerateRequest(request.request_id, prompt, first_params, structured, session), kv_sink=sink
             )
             async for ev in events:
                 last = ev

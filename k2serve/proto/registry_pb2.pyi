@@ -72,7 +72,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "prefix_query_tokens", "prefix_hit_tokens", "queued_prefill_tokens", "prefill_tokens_per_s")
+    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "prefix_query_tokens", "prefix_hit_tokens", "queued_prefill_tokens", "prefill_tokens_per_s", "decode_step_ms", "decode_step_batch", "leased_blocks")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,9 @@ class WorkerLoad(_message.Message):
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LEASED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_blocks: int
@@ -89,7 +92,10 @@ class WorkerLoad(_message.Message):
     prefix_hit_tokens: int
     queued_prefill_tokens: int
     prefill_tokens_per_s: float
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ...) -> None: ...
+    decode_step_ms: float
+    decode_step_batch: float
+    leased_blocks: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_ms: _Optional[float] = ..., decode_step_batch: _Optional[float] = ..., leased_blocks: _Optional[int] = ...) -> None: ...
 
 class KVEvents(_message.Message):
     __slots__ = ("block_hashes", "removed")

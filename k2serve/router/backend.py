@@ -32,7 +32,8 @@ from k2serve.engine.protocol import (
 from k2serve.engine.validation import validate_request
 from k2serve.proto import common_pb2, worker_pb2
 from k2serve.proto.messages import finish_from_proto
-from k2serve.router.policy import Choice, KVAware, NoWorkerError, PromptBlocks, RoutingPolicy
+from k2serve.router.lease_keys import LeaseKeys
+from k2serve.router.policy import Choice, KVAware, NoWorkerError, PromptBlocks, RoutingPolicy, kv_fits
 from k2serve.router.registry import Worker, WorkerTable
 from k2serve.rpc.convert import logprob_from_proto, sampling_to_proto
 from k2serve.rpc.status import error_of
@@ -84,6 +85,8 @@ class ClusterBackend:
         self.routing_decisions: dict[tuple[str, str], int] = {}
         self.predicted_hit_tokens = 0
         self.prefill_cached_tokens = 0
+        # Session leases on the workers (their --kv-session-lease-s): the key each request carries.
+        self.lease_keys = LeaseKeys()
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -261,6 +264,7 @@ class ClusterBackend:
                 first_token_id=first.first_token_id,
                 sampling=sampling,
                 structured_json=structured,
+                session_id=_session_id(req),
             )
             events = self._stream_decode(
                 req, dec, decode, span, cached_tokens=cached, retry_if_no_tokens=False
@@ -309,6 +313,7 @@ class ClusterBackend:
             prompt_token_ids=req.prompt_token_ids,
             sampling=sampling,
             structured_json=structured,
+            session_id=_session_id(req),
         )
         span.set("k2serve.decode_worker", dec.worker_id)
         events = self._stream_decode(req, dec, decode, span, cached_tokens=None, retry_if_no_tokens=True)
@@ -388,10 +393,13 @@ class ClusterBackend:
                 self.table.workers.get(req.session.holder) if req.session and req.session.holder else None
             )
             usable = holder is not None and holder.role == "decode" and holder.draining_since is None
-            if holder is not None and usable and holder.worker_id not in exclude:
+            context = len(req.prompt_token_ids) + req.params.max_tokens
+            if holder is not None and usable and holder.worker_id not in exclude and kv_fits(holder, context):
                 to_dec = Choice(holder, "session")  # keep a session's context on one decode worker
             else:
-                to_dec = self.policy.choose(self.table.of_role("decode"), "decode", exclude)
+                to_dec = self.policy.choose(
+                    self.table.of_role("decode"), "decode", exclude, blocks, req.params.max_tokens
+                )
             to_pre = self.policy.choose(self.table.of_role("prefill"), "prefill", exclude, blocks)
             pre, dec = to_pre.worker, to_dec.worker
             route.set("k2serve.prefill_worker", pre.worker_id)
@@ -414,8 +422,11 @@ class ClusterBackend:
                 w.in_flight -= 1
         self.in_flight[rid] = (pre, dec)
         pre.prefill_tokens += uncached  # its queue as the router knows it, at once (a burst sees it)
+        lease = _session_id(req) or self._lease_key(pre, blocks)
         try:
-            res, first = await self._reserve_and_prefill(req, sampling, structured, parent, blocks, pre, dec)
+            res, first = await self._reserve_and_prefill(
+                req, sampling, structured, parent, blocks, pre, dec, lease
+            )
         finally:
             pre.prefill_tokens -= uncached
         return pre, dec, res, first
@@ -429,8 +440,10 @@ class ClusterBackend:
         blocks: PromptBlocks,
         pre: Worker,
         dec: Worker,
+        lease: str,
     ) -> tuple[worker_pb2.ReserveResponse, worker_pb2.PrefillResponse]:
-        """Reserve blocks on `dec`, then prefill on `pre` into them (see `_prefill`)."""
+        """Reserve blocks on `dec`, then prefill on `pre` into them (see `_prefill`); `lease`: the
+        session lease key `pre` leases the prompt's blocks under ("" for none)."""
         rid = req.request_id
         reserve = parent.child("router.reserve", kind="client", attributes={"k2serve.worker": dec.worker_id})
         try:
@@ -475,6 +488,7 @@ class ClusterBackend:
                         sampling=sampling,
                         decode_target=target,
                         structured_json=structured,
+                        session_id=lease,
                     ),
                     metadata=prefill.metadata(),
                 )
@@ -505,6 +519,19 @@ class ClusterBackend:
         finally:
             pre.prefilling -= 1
 
+    def _lease_key(self, pre: Worker, blocks: PromptBlocks) -> str:
+        """The lease key of a request without a session id (`LeaseKeys`): its whole-history
+        conversation's, when it continues one or its prompt's leading block is live in the KV index on
+        any worker; "" otherwise (and for a worker that publishes no KV events or block size)."""
+        size = pre.info.block_size
+        if size <= 0 or not pre.info.publishes_kv_events:
+            return ""
+        hashes = blocks.hashes(size)
+        matched = bool(hashes) and any(
+            self.table.kv_index.holds(w, hashes[0]) for w in self.table.kv_index.workers()
+        )
+        return self.lease_keys.key_for(hashes, matched) or ""
+
     def _count_decision(self, role: str, choice: Choice) -> None:
         """Count a routing decision by role and reason (and a prefill worker's predicted cached tokens)."""
         choice.worker.routed += 1
@@ -512,6 +539,11 @@ class ClusterBackend:
         self.routing_decisions[key] = self.routing_decisions.get(key, 0) + 1
         if role == "prefill":
             self.predicted_hit_tokens += choice.cached_tokens
+
+
+def _session_id(req: GenerateRequest) -> str:
+    """The request's chat session id ("" without one): the lease key its workers use."""
+    return req.session.session_id if req.session is not None else ""
 
 
 def _cancelled_by_caller() -> bool:

@@ -104,6 +104,8 @@ class Router:
                     "kv_index_blocks": self.table.kv_index.blocks_of(w.worker_id),
                     "queued_prefill_tokens": w.load.queued_prefill_tokens,
                     "prefill_tokens_per_s": w.load.prefill_tokens_per_s,
+                    "decode_step_ms": w.load.decode_step_ms,
+                    "leased_blocks": w.load.leased_blocks,
                 }
                 for w in self.table.workers.values()
             ],

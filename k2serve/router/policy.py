@@ -2,12 +2,14 @@
 calls them.
 
 Policies (`--routing-policy`): `kv` (KVAware, the default) sends a prompt to the prefill worker with
-the least predicted time to first token, counting the prefix its cache already holds; `least-loaded`
-(LeastLoaded) to the worker with the fewest outstanding requests; `round-robin` (RoundRobin) in turn.
-Decode workers are picked least-loaded by `kv` too; a session's holder is kept by the backend."""
+the least predicted time to first token, counting the prefix its cache already holds, and a request to
+the decode worker with the least predicted time per output token among those whose free KV can hold
+its context; `least-loaded` (LeastLoaded) to the worker with the fewest outstanding requests;
+`round-robin` (RoundRobin) in turn. A session's holder is kept by the backend."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +21,9 @@ POLICIES = ("kv", "least-loaded", "round-robin")
 # Prefill speed assumed for a worker that has not measured one yet (and no other worker has either):
 # any positive value gives the same choice when no worker has a measurement (it scales every score).
 DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
+# Decode step time assumed for a worker that has not measured one (and no other worker has either): as
+# above, any positive value gives the same choice when none has a measurement.
+DEFAULT_DECODE_STEP_MS = 10.0
 
 
 class NoWorkerError(LookupError):
@@ -33,13 +38,17 @@ class NoWorkerError(LookupError):
 class Choice:
     """A routing decision. reason (the label of k2serve_router_routing_decisions_total): prefix_hit
     (chosen for, or with, cached blocks of the prompt), load (by load or predicted TTFT, no cached
-    block), round_robin, only_worker (one candidate), session (the session's holder, kept).
+    block), round_robin, only_worker (one candidate), session (the session's holder, kept); decode
+    workers by `kv`: tpot (least predicted TPOT, every candidate's free KV could hold the request),
+    kv_pressure (least predicted TPOT among those that can, some could not), no_kv_fit (none could
+    by its last report: the one with the most free blocks, whose reservation decides).
     cached_tokens: the prompt tokens the index predicts the worker's cache holds."""
 
     worker: Worker
     reason: str
     cached_tokens: int = 0
     predicted_ttft_s: float | None = None
+    predicted_tpot_ms: float | None = None
 
 
 class PromptBlocks:
@@ -91,7 +100,9 @@ class RoutingPolicy:
         role: str,
         exclude: frozenset[str] = frozenset(),
         prompt: PromptBlocks | None = None,
+        max_tokens: int = 0,
     ) -> Choice:
+        """max_tokens: the request's output budget (its decode worker must hold prompt + that)."""
         live = live_workers(workers, role, exclude)
         return Choice(self.pick(live, role), "only_worker" if len(live) == 1 else self.reason)
 
@@ -138,7 +149,10 @@ class KVAware(LeastLoaded):
     and not seen answered (fresher between heartbeats). speed: the worker's measured prefill tokens/s;
     before it has one, the mean of the candidates' measured speeds (DEFAULT_PREFILL_TOKENS_PER_S when
     none has). Cached tokens come from `index` (only for workers that publish KV events). Ties go to more
-    cached tokens, then `load_key`. Decode workers (and prefill without a prompt) are least loaded."""
+    cached tokens, then `load_key`. Prefill without a prompt is least loaded.
+
+    Decode worker (with a prompt) = `choose_decode`: argmin of predicted TPOT over the workers whose
+    free KV can hold the request's context (prompt + max_tokens)."""
 
     def __init__(self, index: KVIndex) -> None:
         self.index = index
@@ -149,7 +163,10 @@ class KVAware(LeastLoaded):
         role: str,
         exclude: frozenset[str] = frozenset(),
         prompt: PromptBlocks | None = None,
+        max_tokens: int = 0,
     ) -> Choice:
+        if role == "decode" and prompt is not None:
+            return choose_decode(live_workers(workers, role, exclude), prompt.num_tokens + max_tokens)
         if role != "prefill" or prompt is None:
             return super().choose(workers, role, exclude, prompt)
         live = live_workers(workers, role, exclude)
@@ -186,6 +203,53 @@ class KVAware(LeastLoaded):
             for wid, blocks in self.index.cached_blocks(prompt.hashes(size), ids).items():
                 out[wid] = blocks * size
         return out
+
+
+def kv_fits(w: Worker, tokens: int) -> bool:
+    """Whether `w`'s KV pool, as it last reported, can hold a request of `tokens` tokens of context:
+    its free blocks plus those session leases hold (a lease gives way to a request that needs its
+    blocks) cover ceil(tokens / block size). A worker that reports no pool (static) fits."""
+    if w.load.total_blocks == 0 or w.info.block_size <= 0:
+        return True
+    return w.load.free_blocks + w.load.leased_blocks >= math.ceil(tokens / w.info.block_size)
+
+
+def predicted_tpot_ms(step_ms: float, step_batch: float, running: int) -> float:
+    """ms per output token on a decode worker once one more sequence joins its `running` ones: the
+    measured step time (`step_ms` at a batch of `step_batch` sequences), scaled in proportion to the
+    batch when the new batch is larger than the measured one and never below the measured time (a
+    decode step has a fixed part: fewer sequences do not make it proportionally faster)."""
+    return step_ms * max(1.0, (running + 1) / max(step_batch, 1.0))
+
+
+def choose_decode(live: Sequence[Worker], tokens: int) -> Choice:
+    """The decode worker for a request of `tokens` tokens of context (prompt + max_tokens) among `live`:
+    argmin of `predicted_tpot_ms` over those `kv_fits` admits (ties to `load_key`); when none fits, the
+    one with the most free (and leased) blocks. The batch a request joins is the larger of the worker's
+    reported running sequences and the router's in-flight requests to it (fresher between heartbeats);
+    a worker without a measured step gets the candidates' mean (DEFAULT_DECODE_STEP_MS when none has one)."""
+    if len(live) == 1:
+        return Choice(live[0], "only_worker")
+    fit = [w for w in live if kv_fits(w, tokens)]
+    if not fit:
+        best = min(live, key=lambda w: (-w.load.free_blocks - w.load.leased_blocks, load_key(w)))
+        return Choice(best, "no_kv_fit")
+    measured = [w for w in fit if w.load.decode_step_ms > 0]
+    fallback_ms = (
+        sum(w.load.decode_step_ms for w in measured) / len(measured) if measured else DEFAULT_DECODE_STEP_MS
+    )
+    fallback_batch = sum(w.load.decode_step_batch for w in measured) / len(measured) if measured else 1.0
+    scored = []
+    for w in fit:
+        step_ms, batch = (
+            (w.load.decode_step_ms, w.load.decode_step_batch)
+            if w.load.decode_step_ms > 0
+            else (fallback_ms, fallback_batch)
+        )
+        tpot = predicted_tpot_ms(step_ms, batch, max(w.load.running, w.in_flight))
+        scored.append((tpot, load_key(w), w))
+    tpot, _, best = min(scored, key=lambda s: s[:2])
+    return Choice(best, "tpot" if len(fit) == len(live) else "kv_pressure", predicted_tpot_ms=tpot)
 
 
 def make_policy(name: str, index: KVIndex) -> RoutingPolicy:
