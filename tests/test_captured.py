@@ -4,6 +4,7 @@ the static MoE paths, and the engine's tokens and logits against eager (fp32).""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,22 @@ def test_long_batches_run_eager(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
     row_bytes = engine.pool.row_width * engine.pool.kv.element_size()
     monkeypatch.setattr(captured_module, "MAX_GATHER_BYTES", 4 * 8 * row_bytes - 1)
     assert not captured.accepts(rows)
+
+
+def test_inductor_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Inductor's caches go under ~/.cache/k2serve/inductor unless the user named a directory; the
+    default torch writes into the variable itself counts as unnamed."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from k2serve.engine.captured import INDUCTOR_CACHE_ENV, use_inductor_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, default_cache_dir())
+    use_inductor_cache()
+    assert Path(os.environ[INDUCTOR_CACHE_ENV]) == tmp_path / "k2serve" / "inductor"
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "mine"))
+    use_inductor_cache()
+    assert os.environ[INDUCTOR_CACHE_ENV] == str(tmp_path / "mine")
 
 
 def test_buckets() -> None:

@@ -59,6 +59,18 @@ def default_inductor_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "k2serve" / "inductor"
 
 
+def use_inductor_cache() -> None:
+    """Point Inductor's caches at `default_inductor_cache()` unless the user chose a directory. Torch
+    writes its own default (/tmp/torchinductor_$USER) into TORCHINDUCTOR_CACHE_DIR the first time any
+    of its code asks (loading a checkpoint may), so that value counts as unset; Inductor reads the
+    variable on every use, so setting it before the first compile is enough."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get(INDUCTOR_CACHE_ENV)
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ[INDUCTOR_CACHE_ENV] = str(default_inductor_cache())
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """The batch buckets: powers of two from 1 up to the first that holds max_num_seqs rows."""
     sizes = [1]
@@ -209,7 +221,7 @@ class CapturedDecode:
         self.buckets: dict[tuple[int, int], Bucket] = {}
         self.steps = 0  # steps served captured (tests and metrics read it)
         if self.device.type == "cpu":
-            os.environ.setdefault(INDUCTOR_CACHE_ENV, str(default_inductor_cache()))
+            use_inductor_cache()
             # one compiled graph per bucket: more than dynamo's default 8 recompiles of the same code
             dyn = torch._dynamo.config  # noqa: SLF001
             dyn.recompile_limit = max(dyn.recompile_limit, len(self.sizes) * 16)
