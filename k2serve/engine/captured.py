@@ -256,6 +256,9 @@ class CapturedDecode:
     def _build(self, batch: int, blocks: int, rows: Seq[DecodeRow]) -> Bucket:
         inputs = StaticInputs.empty(batch, blocks, self.device)
         inputs.fill(rows, self.pool, self.pad_slot)
+        if self.device.type == "cuda" or not any(b == batch for b, _ in self.buckets):
+            what = "capturing" if self.device.type == "cuda" else "compiling"
+            logger.info("%s decode step for batch %d x %d blocks ...", what, batch, blocks)
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             run = self._capture_cuda(inputs)
@@ -270,8 +273,7 @@ class CapturedDecode:
             with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # noqa: SLF001
                 run()
         seconds = time.perf_counter() - t0
-        what = "capturing" if self.device.type == "cuda" else "compiling"
-        logger.info("%s decode step for batch %d x %d blocks ... %.1f s", what, batch, blocks, seconds)
+        logger.info("decode step for batch %d x %d blocks ready: %.1f s", batch, blocks, seconds)
         return Bucket(inputs, run, seconds)
 
     def _capture_cuda(self, inputs: StaticInputs) -> StepFn:
