@@ -36,6 +36,7 @@ BENCHMARKS = {
     "kv-history": "k2serve.bench.kv_history",
     "kv-tiers": "k2serve.bench.kv_tiers",
     "device": "k2serve.bench.device",
+    "captured": "k2serve.bench.captured",
     "moe-traffic": "k2serve.bench.moe_traffic",
 }
 
@@ -52,6 +53,7 @@ def init_model(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    from k2serve.cli.settings import compile_mode
     from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm import LLM
     from k2serve.engine.sampling_params import SamplingParams
@@ -60,7 +62,10 @@ def generate(args: argparse.Namespace) -> int:
         args.model,
         dtype=args.dtype,
         engine_config=EngineConfig(
-            attention_backend=args.attention_backend, moe_backend=args.moe_backend, device=args.device
+            attention_backend=args.attention_backend,
+            moe_backend=args.moe_backend,
+            device=args.device,
+            compile=compile_mode(args),
         ),
         speculative_config=args.speculative_config,
     )

@@ -24,6 +24,7 @@ KV_CACHE_DTYPES = (
 )  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
 ATTENTION_BACKENDS = ("torch", "triton")  # model.triton_attention.ATTENTION_BACKENDS, spelled out
 MOE_BACKENDS = ("torch", "triton")  # model.triton_moe.MOE_BACKENDS, spelled out
+COMPILE_MODES = ("none", "decode")  # engine.config.COMPILE_MODES, spelled out
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -127,6 +128,21 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     )
     add_attention_backend_arg(s)
     add_device_arg(s)
+    add_compile_arg(s)
+
+
+def add_compile_arg(s: argparse.ArgumentParser) -> None:
+    """--compile / --enforce-eager (EngineConfig.compile): the captured decode step."""
+    g = s.add_mutually_exclusive_group()
+    g.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="none",
+        help="decode = steps of only 1-token decode rows run a static-shape forward per batch bucket "
+        "(1, 2, 4, ... max-num-seqs): torch.compile on CPU (compiled on a bucket's first use, cached "
+        "under ~/.cache/k2serve/inductor), CUDA graphs on CUDA; none = every step eager (default)",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="vLLM's spelling of --compile none")
 
 
 def add_device_arg(s: argparse.ArgumentParser) -> None:
@@ -380,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_speculative_arg(s)
     add_attention_backend_arg(s)
     add_device_arg(s)
+    add_compile_arg(s)
     s.set_defaults(handler=commands.generate)
 
     s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")

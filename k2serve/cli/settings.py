@@ -8,6 +8,7 @@ The flags are `k2serve.cli.parser`'s; each function names the flags it reads. `c
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 from pathlib import Path
@@ -61,7 +62,20 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_session_lease_s=args.kv_session_lease_s,
         device=args.device,
         moe_backend=args.moe_backend,
+        compile=compile_mode(args),
     )
+
+
+def compile_mode(args: argparse.Namespace) -> str:
+    """EngineConfig.compile from --compile / --enforce-eager (vLLM's alias for none); with "decode" the
+    captured step's compile progress ("compiling decode step for batch 8 ... 12.3 s") goes to stderr
+    also in commands that configure no logging (generate, serve)."""
+    mode = "none" if getattr(args, "enforce_eager", False) else getattr(args, "compile", "none")
+    progress = logging.getLogger("k2serve.engine.captured")
+    if mode == "decode" and not progress.handlers and not logging.getLogger().handlers:
+        progress.addHandler(logging.StreamHandler())
+        progress.setLevel(logging.INFO)
+    return mode
 
 
 def tls_files(args: argparse.Namespace) -> TLSFiles | None:
@@ -222,6 +236,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         args.attention_backend,
         "--moe-backend",
         args.moe_backend,
+        "--compile",
+        compile_mode(args),
     ]
     if args.device is not None:
         out += ["--device", args.device]

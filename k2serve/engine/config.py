@@ -13,6 +13,9 @@ from k2serve.kvcache.fp8 import CACHE_DTYPES
 from k2serve.model.triton_attention import ATTENTION_BACKENDS
 from k2serve.model.triton_moe import MOE_BACKENDS
 
+COMPILE_MODES = ("none", "decode")
+"""EngineConfig.compile: "none" (eager every step) or "decode" (the captured decode step)."""
+
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
 
 
@@ -165,6 +168,9 @@ class EngineConfig:
     device: where weights, the KV pool, the step inputs and the sampler live: "cpu", "cuda" or "cuda:N";
     None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`: spelled right, checked
     here; present on this machine, checked by `torch_device` when the engine loads).
+    compile: one of COMPILE_MODES: "none" (every step eager) or "decode" (steps of only 1-token decode
+    rows run a static-shape forward per batch bucket: torch.compile on CPU, CUDA graphs on CUDA;
+    engine/captured.py; other steps stay eager).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -188,6 +194,7 @@ class EngineConfig:
     kv_session_lease_s: float = 0.0
     moe_backend: str = "torch"
     device: str | None = None
+    compile: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
@@ -220,6 +227,10 @@ class EngineConfig:
                 f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
             )
         resolve_device(self.device, check_available=False)
+        if self.compile not in COMPILE_MODES:
+            raise EngineConfigError(
+                f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

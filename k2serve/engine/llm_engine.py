@@ -18,6 +18,7 @@ import torch
 
 from k2serve.chat.tokenizer import IncrementalDecoder, KimiTokenizer, load_tokenizer
 from k2serve.config import ModelConfig
+from k2serve.engine.captured import CapturedDecode, unsupported_reason
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
@@ -164,11 +165,13 @@ class LLMEngine:
         spec = self.config.speculative_config
         self.proposer = None if spec is None else Proposer(spec)
         self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
+        pad_slot = num_blocks * self.config.block_size
         self.runner = ModelRunner(
             model,
             self.pool,
-            pad_slot=num_blocks * self.config.block_size,
+            pad_slot=pad_slot,
             attention_backend=self.config.attention_backend,
+            captured=self._captured_decode(pad_slot),
         )
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
@@ -182,6 +185,18 @@ class LLMEngine:
         # time (ms) and batch (sequences) of the steps that computed no prompt token; 0.0 before one.
         self.decode_step_ms = 0.0
         self.decode_step_batch = 0.0
+
+    def _captured_decode(self, pad_slot: int) -> CapturedDecode | None:
+        """The captured decode step when EngineConfig.compile is "decode" and the model and pool allow
+        it (else a warning naming why, and every step eager)."""
+        if self.config.compile != "decode":
+            return None
+        reason = unsupported_reason(self.model, self.pool)
+        if reason is not None:
+            logger.warning("--compile decode: %s; decode steps run eager", reason)
+            return None
+        blocks = -(-self.max_model_len // self.config.block_size)
+        return CapturedDecode(self.model, self.pool, pad_slot, self.config.max_num_seqs, blocks)
 
     @classmethod
     def from_pretrained(
