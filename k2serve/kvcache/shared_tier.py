@@ -271,7 +271,7 @@ class MooncakeStore:
     def remove(self, key: str) -> None:
         """Delete `key` in the background (a corrupt entry, so other workers do not fetch it too)."""
         if self._ready():
-            self._submit(self._puts, lambda: self._store.remove(key))
+            self._submit(self._puts, lambda: self._store.remove(key, True))  # force: past a read lease
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued put has run (at most `timeout_s`); returns whether they all did."""
