@@ -164,3 +164,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* "true" when the chart runs its own Mooncake Store master (kvStore.backend mooncake, no
+kvStore.master); empty otherwise. */}}
+{{- define "k2serve.kvStore.ownMaster" -}}
+{{- if and (eq .Values.kvStore.backend "mooncake") (not .Values.kvStore.master) -}}true{{- end -}}
+{{- end -}}
