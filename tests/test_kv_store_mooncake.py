@@ -313,3 +313,54 @@ def test_metrics_label_the_store_tier(
     assert got[("k2serve_kv_store_errors_total", None)] == 0
     for e in (a, b):
         shared(e).close()
+
+
+def test_cli_flags_reach_the_engine_config_and_up(tmp_path: Path) -> None:
+    from k2serve.cli import build_parser
+    from k2serve.cli.settings import cluster_spec, engine_config
+
+    parser = build_parser()
+    ns = parser.parse_args(
+        ["prefill", "--model", str(tmp_path), "--kv-store", "mooncake", "--kv-store-master", "m:7"]
+        + ["--kv-store-segment-mb", "64", "--no-kv-store-put-on-compute"]
+    )
+    cfg = engine_config(ns)
+    assert (cfg.kv_store, cfg.kv_store_master, cfg.kv_store_segment_bytes) == ("mooncake", "m:7", 64 << 20)
+    assert not cfg.kv_store_put_on_compute and cfg.kv_store_metadata_url == "http://m:8080/metadata"
+    assert engine_config(parser.parse_args(["prefill", "--model", str(tmp_path)])).kv_store == "none"
+    up = parser.parse_args(
+        ["up", "--model", str(tmp_path), "--kv-store", "mooncake", "--kv-store-segment-mb", "64"]
+    )
+    spec = cluster_spec(up)
+    assert spec.mooncake_master  # no --kv-store-master: `up` runs one
+    assert spec.engine_args[-4:] == ("--kv-store", "mooncake", "--kv-store-segment-mb", "64")
+    given = parser.parse_args(
+        ["up", "--model", str(tmp_path), "--kv-store", "mooncake", "--kv-store-master", "m:7"]
+    )
+    assert not cluster_spec(given).mooncake_master
+    assert "--kv-store-master" in cluster_spec(given).engine_args
+
+
+@needs_mooncake
+def test_up_starts_a_local_master_and_always_stops_it(tmp_path: Path) -> None:
+    from k2serve.cli import build_parser
+    from k2serve.cli.settings import cluster_spec
+    from k2serve.cluster.local import LocalCluster
+
+    up = build_parser().parse_args(
+        ["up", "--model", str(tmp_path), "--workdir", str(tmp_path / "w"), "--kv-store", "mooncake"]
+    )
+    cluster = LocalCluster(cluster_spec(up))
+    try:
+        cluster.start_mooncake_master()
+        master = cluster.mooncake
+        assert master is not None and master.running
+        args = cluster.spec.worker_args("prefill", "prefill-0", "127.0.0.1", "127.0.0.1:1")
+        at = args.index("--kv-store-master")
+        assert args[at + 1] == master.address and args[at + 3] == master.metadata_url
+        store = MooncakeStore(MooncakeSettings(master.address, master.metadata_url, 16 << 20, 16 << 20))
+        assert store.connected  # the workers' client reaches it
+        store.close()
+    finally:
+        cluster.stop()
+    assert cluster.mooncake is None and not master.running
