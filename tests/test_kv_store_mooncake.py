@@ -15,18 +15,16 @@ from typing import Any
 
 import pytest
 import torch
+from test_kv_tiers import BS, GREEDY, generate, prompt
 
 from k2serve.cluster.mooncake_master import MooncakeMaster, find_mooncake_master
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.llm_engine import LLMEngine
-from k2serve.engine.sampling_params import SamplingParams
 from k2serve.extras import MissingExtraError
 from k2serve.kvcache.hashing import chain_hashes
 from k2serve.kvcache.shared_tier import STORE_TIER, MooncakeSettings, MooncakeStore, SharedTiers
 from k2serve.kvcache.tiers import pack_block, unpack_block
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-BS = 8
 PREFIX_TOKENS = 32  # (40 - 1) // 8 = 4 full blocks of a 40-token prompt can come from a cache
 
 HAVE_MOONCAKE = importlib.util.find_spec("mooncake") is not None
@@ -35,20 +33,6 @@ needs_mooncake = pytest.mark.skipif(
     reason="the mooncake extra is not installed (pip install 'k2serve[mooncake]' + Debian's libibverbs1 "
     "librdmacm1 libnuma1): no mooncake module or no mooncake_master on PATH",
 )
-
-
-def prompt(seed: int, n: int = 40) -> list[int]:
-    return torch.randint(0, 1024, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def generate(engine: LLMEngine, rid: str, tokens: list[int]) -> list[int]:
-    engine.add_request(rid, tokens, GREEDY)
-    out: list[int] = []
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out = o.token_ids
-    return out
 
 
 def store_engine(ckpt: Path, master: MooncakeMaster | str, **kw: Any) -> LLMEngine:

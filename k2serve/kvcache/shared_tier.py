@@ -190,8 +190,14 @@ class MooncakeStore:
         except OSError as e:
             self._failed(f"cannot connect to the Mooncake master {s.master} (metadata {s.metadata}): {e}")
         else:
-            self._store = store
-            logger.info("KV store: connected to the Mooncake master %s", s.master)
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._store = store
+            if closed:  # closed while connecting: nobody will use it
+                store.close()
+            else:
+                logger.info("KV store: connected to the Mooncake master %s", s.master)
         finally:
             self._connecting = None
 
@@ -289,14 +295,26 @@ class MooncakeStore:
             f.set_exception(RuntimeError("the KV store client is closed"))
             return f
 
-    def close(self) -> None:
-        """Stop the threads (queued puts are dropped) and close the client. Idempotent."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the threads (queued puts are dropped; the calls running are waited for, at most
+        `timeout_s`) and close the client. The client is never closed under a running call (that
+        crashes it): when one outlives the wait, the client is left open. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._puts.shutdown(wait=False, cancel_futures=True)
-        self._calls.shutdown(wait=False, cancel_futures=True)
-        store, self._store = self._store, None
+        drained = threading.Event()
+
+        def drain() -> None:
+            self._puts.shutdown(wait=True, cancel_futures=True)
+            self._calls.shutdown(wait=True, cancel_futures=True)
+            drained.set()
+
+        threading.Thread(target=drain, name="k2kv-store-close", daemon=True).start()
+        if not drained.wait(timeout_s):
+            logger.warning("KV store: a call still runs after %.1f s; the client is left open", timeout_s)
+            return
+        with self._lock:
+            store, self._store = self._store, None
         if store is not None:
             try:
                 store.close()
