@@ -348,3 +348,21 @@ def test_up_starts_a_local_master_and_always_stops_it(tmp_path: Path) -> None:
     finally:
         cluster.stop()
     assert cluster.mooncake is None and not master.running
+
+
+def test_block_manager_reports_each_computed_block_once() -> None:
+    """The put-on-compute hook: every block `mark_computed` registers, once, and never a private
+    duplicate of a block another sequence computed at the same time."""
+    from k2serve.kvcache.block_manager import BlockManager
+
+    bm = BlockManager(8, BS)
+    seen: list[tuple[int, int]] = []
+    bm.on_computed = lambda h, block: seen.append((h, block))
+    tokens = prompt(7, 24)
+    a = bm.allocate(tokens).block_table
+    b = bm.allocate(tokens).block_table  # computed concurrently: nothing cached yet
+    bm.mark_computed(a, tokens, 16)
+    bm.mark_computed(a, tokens, 24)
+    bm.mark_computed(b, tokens, 24)  # b's blocks stay private: the map keeps a's
+    hashes = chain_hashes(tokens, BS)
+    assert seen == list(zip(hashes, a, strict=True))
