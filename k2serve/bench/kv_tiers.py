@@ -5,8 +5,9 @@ One process, three engines of the same model (the `long` preset with LONG_BENCH_
 `--k2-latent` its latent is K2's 512 + 64 values per token and layer, so a block's bytes per layer are
 K2's): `none` (prefix caching, no tiers), `host` (--kv-offload-host-mb), `disk` (host tier off, a disk
 tier in a temporary directory), `mooncake` (no local tier, the shared Mooncake Store tier on a local
-mooncake_master this command starts, blocks put on compute: the reload is a get over TCP from this
-process's own segment through the master; needs the `mooncake` extra; `--modes` leaves it out). Each engine's pool holds one context and a bit. Per round and engine, in
+mooncake_master this command starts, blocks put on compute, a segment that holds every context of the
+run: the reload is a get over TCP from this process's own segment through the master; needs the
+`mooncake` extra; `--modes` leaves it out). Each engine's pool holds one context and a bit. Per round and engine, in
 alternating order (paired rounds): prefill context A (one token), prefill a different context B of the
 same length (evicts A's blocks: into the tier where there is one), then time context A + one new
 block of tokens to its first token: the reload (or the recompute) of A's blocks plus that block's prefill.
@@ -34,7 +35,15 @@ from k2serve.kvcache.shared_tier import SharedTiers
 MODES = ("none", "host", "disk", "mooncake")
 
 
-def _engine(ckpt: Path, mode: str, context: int, tmp: Path, master: Any = None) -> Any:
+def _store_segment_bytes(ckpt: Path, context: int, rounds: int) -> int:
+    """A store segment that holds every context a run puts (3 per round, warm-up included) half again
+    over: Mooncake evicts at 90% full, not in LRU order, and an evicted block of A ends its reload."""
+    c = json.loads((ckpt / "config.json").read_text())
+    token_bytes = c["num_hidden_layers"] * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 4  # fp32 rows
+    return max(64 << 20, 3 * (rounds + 1) * context * token_bytes * 3 // 2)
+
+
+def _engine(ckpt: Path, mode: str, context: int, tmp: Path, master: Any = None, rounds: int = 0) -> Any:
     from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm_engine import LLMEngine
 
@@ -50,7 +59,7 @@ def _engine(ckpt: Path, mode: str, context: int, tmp: Path, master: Any = None) 
             "kv_store": "mooncake",
             "kv_store_master": master.address,
             "kv_store_metadata": master.metadata_url,
-            "kv_store_segment_bytes": tier_mb << 20 << 4,
+            "kv_store_segment_bytes": _store_segment_bytes(ckpt, context, rounds),
             "kv_store_local_hostname": "127.0.0.1",
         }
     cfg = EngineConfig(
@@ -80,7 +89,7 @@ def run(context: int, rounds: int, k2_latent: bool, modes: tuple[str, ...] = MOD
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         ckpt = write_long_bench_checkpoint(Path(tmp) / "ckpt", **over)
         master = stack.enter_context(MooncakeMaster()) if "mooncake" in modes else None
-        engines = {m: _engine(ckpt, m, context, Path(tmp) / m, master) for m in modes}
+        engines = {m: _engine(ckpt, m, context, Path(tmp) / m, master, rounds) for m in modes}
         for e in engines.values():
             if isinstance(e.tiers, SharedTiers):
                 stack.callback(e.tiers.close)
