@@ -7,6 +7,7 @@ or mooncake_master is not on PATH (CI installs both)."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -342,6 +343,7 @@ def test_up_starts_a_local_master_and_always_stops_it(tmp_path: Path) -> None:
         args = cluster.spec.worker_args("prefill", "prefill-0", "127.0.0.1", "127.0.0.1:1")
         at = args.index("--kv-store-master")
         assert args[at + 1] == master.address and args[at + 3] == master.metadata_url
+        assert re.search(rf"mooncake_master +{master.pid} +{master.address}", cluster.status_table())
         store = MooncakeStore(MooncakeSettings(master.address, master.metadata_url, 16 << 20, 16 << 20))
         assert store.connected  # the workers' client reaches it
         store.close()

@@ -355,6 +355,8 @@ class LocalCluster:
             rows.append(
                 ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-", "-")
             )
+        if self.mooncake is not None:
+            rows.append(("mooncake_master", str(self.mooncake.pid), self.mooncake.address, "-", "-"))
         return text_table(rows)
 
 

@@ -90,6 +90,12 @@ class MooncakeMaster:
         return f"http://127.0.0.1:{self.metadata_port}/metadata"
 
     @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise MooncakeMasterError(f"{EXECUTABLE} is not started")
+        return self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
