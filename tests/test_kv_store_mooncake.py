@@ -368,3 +368,65 @@ def test_block_manager_reports_each_computed_block_once() -> None:
     bm.mark_computed(b, tokens, 24)  # b's blocks stay private: the map keeps a's
     hashes = chain_hashes(tokens, BS)
     assert seen == list(zip(hashes, a, strict=True))
+
+
+@needs_mooncake
+@pytest.mark.slow
+def test_two_prefill_workers_share_blocks_through_the_store(
+    tiny_ckpt: Path, tmp_path: Path, reference: dict[int, list[int]]
+) -> None:
+    """A real `up` cluster: 2 prefill workers, round-robin routing, its own mooncake_master. The same
+    prompt twice: the first worker computes it (and puts its blocks), the second prefills it from the
+    store (hit tokens under tier="mooncake" on its /metrics) with the same greedy tokens."""
+    import httpx
+    from conftest import local_cluster_spec
+    from test_kv_cluster import _metric
+
+    from k2serve.cluster.local import LocalCluster
+    from k2serve.engine.kv_tiers import store_namespace
+    from k2serve.kvcache.shared_tier import KEY_PREFIX
+
+    engine_args = ("--kv-cache-mb", "32", "--block-size", str(BS), "--kv-store", "mooncake")
+    engine_args += ("--kv-store-segment-mb", "32", "--kv-store-local-hostname", "127.0.0.1")
+    spec = local_cluster_spec(
+        tiny_ckpt,
+        tmp_path,
+        num_prefill=2,
+        engine_args=engine_args,
+        router_args=("--routing-policy", "round-robin"),
+        mooncake_master=True,
+    )
+    # the key of the prompt's last cached block, in the namespace the workers compute (same model,
+    # dtype and pool layout), to see the first worker's puts land
+    local = LLMEngine.from_pretrained(tiny_ckpt, torch.float32, EngineConfig(num_kv_blocks=8, block_size=BS))
+    namespace = store_namespace(local.model, local.pool, local.config)
+    last_key = f"{KEY_PREFIX}/{namespace}/{chain_hashes(prompt(10), BS)[PREFIX_TOKENS // BS - 1]:016x}"
+    with LocalCluster(spec) as cluster:
+        assert cluster.mooncake is not None and cluster.mooncake.running
+        m = cluster.mooncake
+        store = MooncakeStore(MooncakeSettings(m.address, m.metadata_url, 16 << 20, 16 << 20))
+
+        def prefill_metric(name: str) -> list[float]:
+            urls = [w["metrics_url"] for w in cluster.workers() if w["role"] == "prefill"]
+            return sorted(_metric(httpx.get(u, timeout=10).text, name, tier=STORE_TIER) for u in urls)
+
+        outs = []
+        with httpx.Client(base_url=cluster.http_url, timeout=120) as client:
+            for i in range(2):
+                body = {"model": tiny_ckpt.name, "prompt": prompt(10), "max_tokens": GREEDY.max_tokens}
+                body |= {"temperature": 0, "ignore_eos": True, "return_token_ids": True}
+                r = client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                outs.append(list(r.json()["choices"][0]["token_ids"]))
+                deadline = time.monotonic() + 30  # the first prefill's background puts are done
+                while i == 0 and not store.exists(last_key):
+                    assert time.monotonic() < deadline, (
+                        "the first prefill worker's blocks are not in the store"
+                    )
+                    time.sleep(0.1)
+        store.close()
+        hits = prefill_metric("k2serve_kv_tier_hit_tokens_total")
+        master = cluster.mooncake
+    assert outs == [reference[10], reference[10]]
+    assert hits == [0.0, PREFIX_TOKENS]
+    assert not master.running  # stopped with the cluster
