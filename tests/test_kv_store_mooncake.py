@@ -317,6 +317,9 @@ def test_cli_flags_reach_the_engine_config_and_up(tmp_path: Path) -> None:
     )
     assert not cluster_spec(given).mooncake_master
     assert "--kv-store-master" in cluster_spec(given).engine_args
+    ray = parser.parse_args(["up", "--model", str(tmp_path), "--ray", "auto", "--kv-store", "mooncake"])
+    with pytest.raises(ValueError, match="--ray with --kv-store mooncake needs --kv-store-master"):
+        ray.handler(ray)
 
 
 @needs_mooncake
