@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_helm_chart import NAMESPACE, VALUE_SETS, by_name
+from test_helm_chart import NAMESPACE, VALUE_SETS, by_name, objects
 from test_helm_objects import FULL, pod_specs
 
 from k2serve.cli import build_parser
@@ -238,6 +238,38 @@ def test_engine_flags_carry_values() -> None:
         0,
         0.0,
     )
+
+
+def test_kv_store_flags_point_at_the_charts_master() -> None:
+    """kvStore: every worker gets --kv-store mooncake with the chart's master Service (RPC and metadata
+    ports) and its pod IP; an existing master is named instead, and no master of the chart's is run."""
+    values = VALUE_SETS["kvstore"]
+    svc = by_name(values, "Service", f"{FULL}-kvstore")
+    host = f"{FULL}-kvstore.{NAMESPACE}.svc"
+    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    assert ports == {"rpc": 50088, "metadata": 8080}
+    master = by_name(values, "Deployment", f"{FULL}-kvstore")["spec"]["template"]["spec"]["containers"][0]
+    assert master["command"] == ["mooncake_master"] and "-rpc_port=50088" in master["args"]
+    for role in ("prefill", "decode"):
+        for owner, _, ns in _by_command(values)[role]:
+            assert (ns.kv_store, ns.kv_store_master) == ("mooncake", f"{host}:50088"), owner
+            assert ns.kv_store_metadata == f"http://{host}:8080/metadata", owner
+            assert (ns.kv_store_segment_mb, ns.kv_store_put_on_compute) == (2048, False), owner
+            assert ns.kv_store_local_hostname == "<POD_IP>", owner  # $(POD_IP): the downward API
+            cfg = engine_config(ns)
+            assert (cfg.kv_store, cfg.kv_store_segment_bytes) == ("mooncake", 2048 << 20)
+    external = {"kvStore": {"backend": "mooncake", "master": "store.infra:50051"}}
+    (_, _, ns) = _by_command(external)["prefill"][0]
+    assert (ns.kv_store_master, ns.kv_store_metadata, ns.kv_store_put_on_compute) == (
+        "store.infra:50051",
+        None,
+        True,
+    )
+    assert engine_config(ns).kv_store_metadata_url == "http://store.infra:8080/metadata"
+    assert not [o for o in objects(external, "Deployment") if o["metadata"]["name"].endswith("-kvstore")]
+    (_, _, ns) = _by_command(VALUE_SETS["defaults"])["prefill"][0]
+    assert ns.kv_store == "none"
+    assert not [o for o in objects(VALUE_SETS["defaults"]) if o["metadata"]["name"] == f"{FULL}-kvstore"]
 
 
 def test_router_tls_and_api_key_flags() -> None:

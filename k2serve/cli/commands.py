@@ -129,6 +129,10 @@ def up(args: argparse.Namespace) -> int:
 
     spec = cluster_spec(args)
     if args.ray:
+        if spec.mooncake_master:
+            raise ValueError(
+                "--ray with --kv-store mooncake needs --kv-store-master: `up --ray` runs no master"
+            )
         from k2serve.cluster.ray_runtime import run_on_ray
 
         return run_on_ray(spec, args.ray, ray_options(args))

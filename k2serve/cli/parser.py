@@ -26,6 +26,9 @@ ATTENTION_BACKENDS = ("torch", "triton")  # model.triton_attention.ATTENTION_BAC
 MOE_BACKENDS = ("torch", "triton")  # model.triton_moe.MOE_BACKENDS, spelled out
 COMPILE_MODES = ("none", "decode")  # engine.config.COMPILE_MODES, spelled out
 
+KV_STORES = ("none", "mooncake")  # engine.config.KV_STORES, spelled out
+KV_STORE_SEGMENT_MB = 512  # engine.config.DEFAULT_KV_STORE_SEGMENT_BYTES in MiB
+
 
 def _parse_ids(text: str) -> list[int]:
     try:
@@ -126,6 +129,7 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         help="after a turn of a session finishes, keep its KV blocks from eviction this many seconds or "
         "until its next turn arrives (an agent's tool call); 0 = off",
     )
+    add_kv_store_args(s)
     add_attention_backend_arg(s)
     add_device_arg(s)
     add_compile_arg(s)
@@ -143,6 +147,47 @@ def add_compile_arg(s: argparse.ArgumentParser) -> None:
         "under ~/.cache/k2serve/inductor), CUDA graphs on CUDA; none = every step eager (default)",
     )
     g.add_argument("--enforce-eager", action="store_true", help="vLLM's spelling of --compile none")
+
+
+def add_kv_store_args(s: argparse.ArgumentParser) -> None:
+    """The shared KV tier (EngineConfig.kv_store_*): prefix-cache blocks in a Mooncake Store."""
+    s.add_argument(
+        "--kv-store",
+        choices=KV_STORES,
+        default="none",
+        help="shared KV tier below the local ones: mooncake = prefix-cache blocks in a Mooncake Store "
+        "every worker reaches, so a block computed on one worker is fetched, not recomputed, by another "
+        "(needs pip install 'k2serve[mooncake]'; `up` starts a local mooncake_master unless "
+        "--kv-store-master is given)",
+    )
+    s.add_argument(
+        "--kv-store-master", default=None, metavar="HOST:PORT", help="mooncake_master's RPC address"
+    )
+    s.add_argument(
+        "--kv-store-metadata",
+        default=None,
+        metavar="URL",
+        help="the transfer engine's metadata server (default http://MASTER_HOST:8080/metadata, which "
+        "mooncake_master -enable_http_metadata_server=true serves)",
+    )
+    s.add_argument(
+        "--kv-store-segment-mb",
+        type=int,
+        default=KV_STORE_SEGMENT_MB,
+        help="memory this worker contributes to the store, MiB",
+    )
+    s.add_argument(
+        "--kv-store-put-on-compute",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="put a block into the store as soon as it is computed (default), so other workers hit it "
+        "before this one evicts it; --no-kv-store-put-on-compute: only on eviction",
+    )
+    s.add_argument(
+        "--kv-store-local-hostname",
+        default=None,
+        help="the address other store clients reach this worker at (default: this host's address)",
+    )
 
 
 def add_device_arg(s: argparse.ArgumentParser) -> None:

@@ -60,6 +60,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_offload_dir=args.kv_offload_dir,
         kv_offload_disk_bytes=args.kv_offload_disk_mb << 20,
         kv_session_lease_s=args.kv_session_lease_s,
+        kv_store=args.kv_store,
+        kv_store_master=args.kv_store_master,
+        kv_store_metadata=args.kv_store_metadata,
+        kv_store_segment_bytes=args.kv_store_segment_mb << 20,
+        kv_store_put_on_compute=args.kv_store_put_on_compute,
+        kv_store_local_hostname=args.kv_store_local_hostname,
         device=args.device,
         moe_backend=args.moe_backend,
         compile=compile_mode(args),
@@ -257,9 +263,28 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--kv-offload-disk-mb", str(args.kv_offload_disk_mb)]
     if args.kv_session_lease_s:
         out += ["--kv-session-lease-s", str(args.kv_session_lease_s)]
+    out += kv_store_args_from_up(args)
     if getattr(args, "speculative_config", None):
         out += ["--speculative-config", args.speculative_config]
     return tuple(out)
+
+
+def kv_store_args_from_up(args: argparse.Namespace) -> list[str]:
+    """The --kv-store* flags `up` passes on (without --kv-store-master, LocalCluster starts a local
+    mooncake_master and adds its address)."""
+    if args.kv_store == "none":
+        return []
+    out = ["--kv-store", args.kv_store, "--kv-store-segment-mb", str(args.kv_store_segment_mb)]
+    for flag, value in (
+        ("--kv-store-master", args.kv_store_master),
+        ("--kv-store-metadata", args.kv_store_metadata),
+        ("--kv-store-local-hostname", args.kv_store_local_hostname),
+    ):
+        if value:
+            out += [flag, value]
+    if not args.kv_store_put_on_compute:
+        out.append("--no-kv-store-put-on-compute")
+    return out
 
 
 def router_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
@@ -297,6 +322,8 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         cluster_token_file=args.cluster_token_file,
         gpu_count=gpus_to_spread(args.device),
+
+        mooncake_master=args.kv_store == "mooncake" and not args.kv_store_master,
     )
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from k2serve.cluster.lifeline import Lifeline
+from k2serve.cluster.mooncake_master import MooncakeMaster
 from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
 from k2serve.rpc.auth import write_token_file
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
@@ -70,6 +71,7 @@ class ClusterSpec:
     otlp_traces_endpoint: str | None = None  # every process's --otlp-traces-endpoint (OTEL_* env: `env`)
     cluster_token_file: str | None = None  # the cluster credential (None: the launcher generates one)
     gpu_count: int = 0  # > 0: worker processes take GPUs 0..gpu_count-1 in turn (CUDA_VISIBLE_DEVICES)
+    mooncake_master: bool = False  # start a local mooncake_master for the workers' --kv-store mooncake
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -192,6 +194,7 @@ class LocalCluster:
         self.procs: list[Proc] = []
         self.redis: EmbeddedRedis | None = None
         self.redis_connection: RedisConnection | None = spec.redis
+        self.mooncake: MooncakeMaster | None = None  # the local Mooncake Store master (spec.mooncake_master)
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
         self.internal_port = spec.internal_port
@@ -237,6 +240,8 @@ class LocalCluster:
                 self.redis, self.redis_connection = start_embedded_redis(self.dir / "redis")
             elif self.redis_connection is not None:  # keep a password in the URL out of `ps`
                 self.redis_connection = self.redis_connection.password_moved_to(self.dir / "redis-password")
+            if s.mooncake_master and self.mooncake is None:
+                self.start_mooncake_master()
             for stale in self.dir.glob("*.ready"):  # a reused workdir must not point at an old process
                 stale.unlink()
             ready = self.dir / "router.ready"
@@ -262,6 +267,18 @@ class LocalCluster:
         env = gpu_env(self._workers_spawned, self.spec.gpu_count)
         self._workers_spawned += 1
         self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")], env)
+
+    def start_mooncake_master(self) -> None:
+        """Start the cluster's mooncake_master (stopped by `stop`, after the workers) and hand its
+        address to every worker from now on."""
+        self.mooncake = MooncakeMaster().start()
+        store = (
+            "--kv-store-master",
+            self.mooncake.address,
+            "--kv-store-metadata",
+            self.mooncake.metadata_url,
+        )
+        self.spec = dataclasses.replace(self.spec, engine_args=(*self.spec.engine_args, *store))
 
     def spawn_worker(self, role: str, i: int) -> None:
         """Start worker i of `role` (the planner's local connector adds workers to a running cluster
@@ -320,6 +337,9 @@ class LocalCluster:
             self.redis.stop()
             self.redis = None
             self.redis_connection = self.spec.redis
+        if self.mooncake is not None:
+            self.mooncake.stop()
+            self.mooncake = None
         if self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None
@@ -354,6 +374,8 @@ class LocalCluster:
             rows.append(
                 ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-", "-")
             )
+        if self.mooncake is not None:
+            rows.append(("mooncake_master", str(self.mooncake.pid), self.mooncake.address, "-", "-"))
         return text_table(rows)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from k2serve.kvcache.fp8 import CACHE_DTYPES
+from k2serve.kvcache.shared_tier import parse_host_port
 from k2serve.model.triton_attention import ATTENTION_BACKENDS
 from k2serve.model.triton_moe import MOE_BACKENDS
 
@@ -17,6 +18,8 @@ COMPILE_MODES = ("none", "decode")
 """EngineConfig.compile: "none" (eager every step) or "decode" (the captured decode step)."""
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
+KV_STORES = ("none", "mooncake")  # the shared KV tier (kvcache/shared_tier.py)
+DEFAULT_KV_STORE_SEGMENT_BYTES = 512 << 20
 
 
 class EngineConfigError(ValueError):
@@ -158,6 +161,15 @@ class EngineConfig:
     (kvcache/tiers.py): evicted prefix-cache blocks go to a host-memory LRU of that many bytes, blocks
     pushed out of it to one checksummed file per block in kv_offload_dir (at most kv_offload_disk_bytes),
     and a prefix hit there is reloaded instead of recomputed. 0 / None: no such tier.
+    kv_store / kv_store_master / kv_store_metadata / kv_store_segment_bytes / kv_store_put_on_compute /
+    kv_store_local_hostname / kv_store_timeout_s: the shared tier below the local ones
+    (kvcache/shared_tier.py): "mooncake" puts prefix-cache blocks into a Mooncake Store whose master is
+    at kv_store_master (HOST:PORT; metadata server kv_store_metadata, default
+    http://MASTER_HOST:8080/metadata), to which this engine gives kv_store_segment_bytes of memory and
+    is reachable at kv_store_local_hostname (default: this host's address); a prefix miss in the local
+    tiers is fetched from it. With kv_store_put_on_compute (the default) a block is put as soon as it is
+    computed, so other workers hit it before this one evicts it; else only on eviction. No store call
+    stalls a step longer than kv_store_timeout_s. "none": no shared tier.
     kv_session_lease_s: after a turn of a request with a session_id finishes, its blocks stay
     referenced (not evictable) until this many seconds pass or the session's next turn arrives
     (an agent's tool call between turns); 0 disables leases.
@@ -192,6 +204,13 @@ class EngineConfig:
     kv_offload_dir: str | None = None
     kv_offload_disk_bytes: int = 0
     kv_session_lease_s: float = 0.0
+    kv_store: str = "none"
+    kv_store_master: str | None = None
+    kv_store_metadata: str | None = None
+    kv_store_segment_bytes: int = DEFAULT_KV_STORE_SEGMENT_BYTES
+    kv_store_put_on_compute: bool = True
+    kv_store_local_hostname: str | None = None
+    kv_store_timeout_s: float = 1.0
     moe_backend: str = "torch"
     device: str | None = None
     compile: str = "none"
@@ -222,6 +241,7 @@ class EngineConfig:
                 raise EngineConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kv_offload_disk_bytes and not self.kv_offload_dir:
             raise EngineConfigError("kv_offload_disk_bytes needs kv_offload_dir (the disk tier's directory)")
+        self._check_kv_store()
         if self.moe_backend not in MOE_BACKENDS:
             raise EngineConfigError(
                 f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
@@ -233,6 +253,32 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    def _check_kv_store(self) -> None:
+        if self.kv_store not in KV_STORES:
+            raise EngineConfigError(f"kv_store must be one of {', '.join(KV_STORES)}, got {self.kv_store!r}")
+        if self.kv_store == "none":
+            return
+        if not self.kv_store_master:
+            raise EngineConfigError("kv_store mooncake needs kv_store_master (--kv-store-master HOST:PORT)")
+        try:
+            parse_host_port(self.kv_store_master, "kv_store_master (--kv-store-master)")
+        except ValueError as e:
+            raise EngineConfigError(str(e)) from e
+        if self.kv_store_segment_bytes < 1:
+            raise EngineConfigError(f"kv_store_segment_bytes must be >= 1, got {self.kv_store_segment_bytes}")
+        if self.kv_store_timeout_s <= 0:
+            raise EngineConfigError(f"kv_store_timeout_s must be > 0, got {self.kv_store_timeout_s}")
+        if not self.enable_prefix_caching:
+            raise EngineConfigError("kv_store needs prefix caching (its blocks are keyed by prefix hash)")
+
+    @property
+    def kv_store_metadata_url(self) -> str:
+        """kv_store_metadata, or the HTTP metadata server mooncake_master runs next to its RPC port."""
+        if self.kv_store_metadata:
+            return self.kv_store_metadata
+        host, _ = parse_host_port(self.kv_store_master or "", "kv_store_master")
+        return f"http://{f'[{host}]' if ':' in host else host}:8080/metadata"
 
     @property
     def torch_device(self) -> torch.device:

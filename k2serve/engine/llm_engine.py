@@ -160,7 +160,7 @@ class LLMEngine:
             fp8,
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.tiers = attach_tiers(self.blocks, self.pool, self.config)  # None without host / disk tiers
+        self.tiers = attach_tiers(self.blocks, self.pool, self.config, model)  # None without any tier
         self.leases = EngineLeases.build(self.blocks, self.config)  # None without kv_session_lease_s
         spec = self.config.speculative_config
         self.proposer = None if spec is None else Proposer(spec)

@@ -178,3 +178,9 @@ gpu.enabled and not tls.enabled (torch.distributed has no TLS), else grpc. "grpc
 {{- $w.transfer.backend -}}
 {{- end -}}
 {{- end -}}
+
+{{/* "true" when the chart runs its own Mooncake Store master (kvStore.backend mooncake, no
+kvStore.master); empty otherwise. */}}
+{{- define "k2serve.kvStore.ownMaster" -}}
+{{- if and (eq .Values.kvStore.backend "mooncake") (not .Values.kvStore.master) -}}true{{- end -}}
+{{- end -}}
