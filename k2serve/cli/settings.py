@@ -322,7 +322,6 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         cluster_token_file=args.cluster_token_file,
         gpu_count=gpus_to_spread(args.device),
-
         mooncake_master=args.kv_store == "mooncake" and not args.kv_store_master,
     )
 
