@@ -4,6 +4,7 @@ batches, prefix hits, preemption, a retried request, drafts that keep failing)."
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -346,3 +347,50 @@ def test_backoff_changes_no_tokens(tiny_ckpt: Path) -> None:
     assert s.num_accepted_tokens == 0 and proposer.num_skipped > 0
     assert s.num_drafts + proposer.num_skipped <= len(ps) * 29
     assert s.num_drafts < len(ps) * 29 // 2  # most decode steps drafted nothing
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+
+def test_agent_conversation_holds_tool_results_and_replies(tiny_ckpt: Path) -> None:
+    """The agent workload's prompts: chat template, declared tools, the model's reply, the tool call it
+    made (or the scripted one), and the JSON tool result, all in the next turn's prompt."""
+    from k2serve.bench.spec_decode import Conversation
+    from k2serve.chat.prompt import PromptEncoder
+    from k2serve.chat.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_ckpt)
+    enc = PromptEncoder(tok)
+    conv = Conversation(enc, random.Random(0))  # noqa: S311 (test data, not secrets)
+    first = tok.decode(conv.prompt())
+    assert "read_file" in first and conv.repo.task in first
+    conv.answer(tok.encode("I will look at the files."))  # no tool call: the scripted list_files
+    second = tok.decode(conv.prompt())
+    assert second.startswith(first[: len(first) - 20])
+    assert "I will look at the files." in second and "## Return of functions.list_files:0" in second
+    assert all(p in second for p in conv.repo.paths)
+    call = "<|tool_calls_section_begin|><|tool_call_begin|>functions.read_file:7<|tool_call_argument_begin|>"
+    path = conv.repo.paths[1]
+    reply = enc.encode_rendered(
+        call + json.dumps({"path": path}) + "<|tool_call_end|><|tool_calls_section_end|>"
+    )
+    conv.answer(reply)  # the model's own call is the one answered
+    third = tok.decode(conv.prompt())
+    assert "## Return of functions.read_file:7" in third and conv.repo.code[path].splitlines()[2] in third
+
+
+def test_bench_runs_at_toy_size(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`k2serve bench spec-decode` on the tiny checkpoint, every workload, one round: it checks the
+    three methods' greedy tokens equal (else it fails) and reports rates and acceptance."""
+    from k2serve.bench.spec_decode import main
+
+    argv = ["--model", str(tiny_ckpt), "--rounds", "1", "--output-len", "8", "--turns", "2", "--json"]
+    assert main([*argv, "--conversations", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["workloads"]) == {"agent", "repeat", "random"}
+    for name, w in report["workloads"].items():
+        assert w["none"]["median_tok_s"] > 0 and w["tokens_per_round"] > 0, name
+        for m in ("ngram", "suffix"):
+            assert 0.0 <= w[m]["acceptance_rate"] <= 1.0 and w[m]["median_speedup"] > 0
+    assert report["workloads"]["repeat"]["suffix"]["accepted_tokens"] > 0
+    assert report["workloads"]["agent"]["requests_per_round"] == 2

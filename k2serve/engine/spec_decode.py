@@ -93,28 +93,31 @@ class SuffixTree:
         return self._tails.get(key, [])
 
     def extend(self, key: Hashable, tokens: Iterable[int]) -> None:
-        """`append` each token of `tokens` to sequence `key` (created when new)."""
-        for t in tokens:
-            self.append(key, t)
+        """Append each token of `tokens` to sequence `key` (created when new): each token extends the
+        suffixes of lengths 1..max_depth that end at it by one node, O(max_depth) node visits."""
+        seq = self._seqs.setdefault(key, [])
+        tail = self._tails.get(key, [])
+        root, keep = self.root, self.max_depth - 1
+        created = 0
+        for token in tokens:  # the hot loop of the trees: plain locals, no calls
+            seq.append(token)
+            new = []
+            for node in [root, *tail[:keep]]:
+                children = node.children
+                child = children.get(token)
+                if child is None:
+                    child = children[token] = _Node()
+                    created += 1
+                child.count += 1
+                new.append(child)
+            tail = new
+            root.count += 1
+        self._tails[key] = tail
+        self.num_nodes += created
 
     def append(self, key: Hashable, token: int) -> None:
-        """Append `token` to sequence `key`: O(max_depth) node visits."""
-        seq = self._seqs.setdefault(key, [])
-        seq.append(token)
-        old = self._tails.get(key, [])
-        new = [self._step(self.root, token)]
-        for node in old[: self.max_depth - 1]:
-            new.append(self._step(node, token))
-        self._tails[key] = new
-        self.root.count += 1
-
-    def _step(self, node: _Node, token: int) -> _Node:
-        child = node.children.get(token)
-        if child is None:
-            child = node.children[token] = _Node()
-            self.num_nodes += 1
-        child.count += 1
-        return child
+        """Append one token to sequence `key` (see `extend`)."""
+        self.extend(key, (token,))
 
     def remove(self, key: Hashable) -> None:
         """Forget sequence `key` (no-op if absent): O(len x max_depth)."""
