@@ -168,6 +168,7 @@ class Runner:
         self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
         self.decode_tokens = 0
         self.decode_s = 0.0
+        self.decode_cpu_s = 0.0
         self.outputs: list[list[int]] = []
         self._n = 0
 
@@ -175,7 +176,7 @@ class Runner:
         """Clear the timing and the proposer's memory (a new round)."""
         from k2serve.engine.spec_decode import Proposer
 
-        self.decode_tokens, self.decode_s, self.outputs = 0, 0.0, []
+        self.decode_tokens, self.decode_s, self.decode_cpu_s, self.outputs = 0, 0.0, 0.0, []
         if self.engine.proposer is not None:
             self.engine.proposer = Proposer(self.engine.proposer.config)
 
@@ -186,17 +187,18 @@ class Runner:
             self._n += 1
             ids.append(f"b{self._n}")
             self.engine.add_request(ids[-1], p, self.params)
-        first: dict[str, float] = {}
+        first: dict[str, tuple[float, float]] = {}
         done: dict[str, list[int]] = {}
         while self.engine.has_unfinished_requests():
             outs = self.engine.step()
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             for o in outs:
-                first.setdefault(o.request_id, now)
+                first.setdefault(o.request_id, (now, cpu))
                 if o.finished:
                     done[o.request_id] = o.token_ids
                     self.decode_tokens += len(o.token_ids) - 1
-                    self.decode_s += now - first[o.request_id]
+                    self.decode_s += now - first[o.request_id][0]
+                    self.decode_cpu_s += cpu - first[o.request_id][1]
         replies = [done[i] for i in ids]
         self.outputs += replies
         return replies
@@ -204,6 +206,12 @@ class Runner:
     @property
     def tok_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def tok_cpu_s(self) -> float:
+        """Decode tokens per CPU-second of this process (all its threads): on a shared, loaded host
+        the wall-clock rate swings with the other load; this one counts only this process's work."""
+        return self.decode_tokens / self.decode_cpu_s if self.decode_cpu_s else 0.0
 
 
 def run_round(runner: Runner, workload: str, args: argparse.Namespace, encoder: Any, rnd: int) -> None:
@@ -271,25 +279,31 @@ class Conversation:
         self.turn += 1
 
 
-def summarize(rates: dict[str, list[float]], counters: dict[str, list[int]]) -> dict[str, Any]:
-    """Per method: tok/s per round, median, min..max; for ngram / suffix the speedup over "none"
-    per round (median, min..max) and the acceptance from the spec-decode counters' deltas."""
+def summarize(rates: dict[str, list[float]]) -> dict[str, Any]:
+    """Per method: the rate per round, its median and min..max; for ngram / suffix also the speedup
+    over "none" per round (paired), its median and min..max."""
     out: dict[str, Any] = {}
     for m in METHODS:
         w: dict[str, Any] = {"tok_s": rates[m], "median_tok_s": statistics.median(rates[m])}
         if m != "none":
             speedups = [a / b for a, b in zip(rates[m], rates["none"], strict=True)]
-            drafts, draft_tokens, accepted = counters[m]
             w |= {
                 "median_speedup": statistics.median(speedups),
                 "speedup_range": [min(speedups), max(speedups)],
-                "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
-                "tokens_per_verify_step": 1 + accepted / drafts if drafts else 0.0,
-                "draft_tokens": draft_tokens,
-                "accepted_tokens": accepted,
             }
         out[m] = w
     return out
+
+
+def acceptance(drafts: int, draft_tokens: int, accepted: int) -> dict[str, Any]:
+    """The spec-decode counters' deltas over a workload's rounds, as rates."""
+    return {
+        "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+        "tokens_per_verify_step": 1 + accepted / drafts if drafts else 0.0,
+        "verify_steps": drafts,
+        "draft_tokens": draft_tokens,
+        "accepted_tokens": accepted,
+    }
 
 
 def spec_counters(engine: Any) -> tuple[int, int, int]:
@@ -322,22 +336,27 @@ def bench(model: Path, args: argparse.Namespace, spec: dict[str, dict[str, Any]]
         r.run([[1, 2, 3, 1, 2, 3]])
     results: dict[str, Any] = {}
     for name in workloads:
-        rates: dict[str, list[float]] = {m: [] for m in METHODS}
+        rates: dict[str, dict[str, list[float]]] = {
+            kind: {m: [] for m in METHODS} for kind in ("cpu", "wall")
+        }
         before = {m: spec_counters(r.engine) for m, r in runners.items()}
         for rnd in range(args.rounds):
             order = METHODS[rnd % 3 :] + METHODS[: rnd % 3]
             for m in order:
                 run_round(runners[m], name, args, encoder, rnd)
-                rates[m].append(runners[m].tok_s)
+                rates["wall"][m].append(runners[m].tok_s)
+                rates["cpu"][m].append(runners[m].tok_cpu_s)
             ref = runners["none"].outputs
             for m in METHODS[1:]:
                 if runners[m].outputs != ref:
                     raise SystemExit(f"{name}, round {rnd}: {m}'s greedy tokens differ from those without")
-        counters = {
-            m: [a - b for a, b in zip(spec_counters(r.engine), before[m], strict=True)]
-            for m, r in runners.items()
-        }
-        results[name] = summarize(rates, counters) | {
+        after = {m: spec_counters(r.engine) for m, r in runners.items()}
+        results[name] = {
+            "cpu": summarize(rates["cpu"]),
+            "wall": summarize(rates["wall"]),
+            "spec": {
+                m: acceptance(*(a - b for a, b in zip(after[m], before[m], strict=True))) for m in METHODS[1:]
+            },
             "requests_per_round": len(runners["none"].outputs),
             "tokens_per_round": sum(len(o) for o in runners["none"].outputs),
         }
@@ -396,19 +415,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     for m, s in spec.items():
         print(f"{m}: {json.dumps(s)}")
-    print(
-        "workload  tokens  none tok/s            method  tok/s                 speedup             accept  tok/verify"
-    )
-    for name, w in results.items():
-        none = w["none"]
-        for m in METHODS[1:]:
-            x = w[m]
-            print(
-                f"{name:8s}  {w['tokens_per_round']:6d}  {_spread(none['median_tok_s'], none['tok_s'])}"
-                f"  {m:6s}  {_spread(x['median_tok_s'], x['tok_s'])}"
-                f"  {x['median_speedup']:.2f}x ({x['speedup_range'][0]:.2f}..{x['speedup_range'][1]:.2f})"
-                f"  {x['acceptance_rate']:.2f}    {x['tokens_per_verify_step']:.2f}"
-            )
+    for kind, title in (
+        ("cpu", "decode tokens per CPU-second of the process"),
+        ("wall", "decode tokens per wall-clock second"),
+    ):
+        print(f"{title}: median (min..max) over rounds; speedup over none, paired by round")
+        print(
+            "workload  tokens  none                   method  rate                   speedup              accept  tok/verify"
+        )
+        for name, w in results.items():
+            none = w[kind]["none"]
+            for m in METHODS[1:]:
+                x, a = w[kind][m], w["spec"][m]
+                print(
+                    f"{name:8s}  {w['tokens_per_round']:6d}  {_spread(none['median_tok_s'], none['tok_s'])}"
+                    f"  {m:6s}  {_spread(x['median_tok_s'], x['tok_s'])}"
+                    f"  {x['median_speedup']:.2f}x ({x['speedup_range'][0]:.2f}..{x['speedup_range'][1]:.2f})"
+                    f"  {a['acceptance_rate']:.2f}    {a['tokens_per_verify_step']:.2f}"
+                )
     return 0
 
 
