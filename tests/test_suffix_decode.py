@@ -92,7 +92,7 @@ def brute_strings(seqs: list[list[int]], depth: int) -> dict[tuple[int, ...], in
 # ---- the tree -------------------------------------------------------------------------------------
 
 
-def test_tree_counts_are_occurrences_and_removal_frees_every_node() -> None:
+def test_tree_counts_are_occurrences_and_truncation_and_removal_free_nodes() -> None:
     rng = random.Random(0)  # noqa: S311 (test data, not secrets)
     for trial in range(40):
         depth = 1 + trial % 6
@@ -106,9 +106,26 @@ def test_tree_counts_are_occurrences_and_removal_frees_every_node() -> None:
             assert tree_strings(tree) == expected
             assert tree.num_nodes == len(expected)
             assert tree.root.count == sum(len(s) for s in live.values())
+            cut = rng.randrange(len(live[k]) + 1)
+            tree.truncate(k, cut)
+            live[k] = live[k][:cut]
+            assert tree_strings(tree) == brute_strings(list(live.values()), depth)
             tree.remove(k)
             del live[k]
         assert tree.num_nodes == 0 and not tree.root.children and tree.root.count == 0 and len(tree) == 0
+
+
+def test_common_prefix_len() -> None:
+    from k2serve.engine.spec_decode import common_prefix_len
+
+    rng = random.Random(3)  # noqa: S311 (test data, not secrets)
+    for _ in range(300):
+        a = [rng.randrange(2) for _ in range(rng.randrange(0, 12))]
+        b = a[: rng.randrange(len(a) + 1)] + [rng.randrange(2) for _ in range(rng.randrange(0, 5))]
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        assert common_prefix_len(a, b) == common_prefix_len(b, a) == n
 
 
 def test_tree_tail_is_the_suffix_nodes() -> None:
@@ -145,9 +162,10 @@ def test_suffix_proposer_equals_brute_force_over_random_requests() -> None:
     random times (so the trees catch up several tokens at once): every proposal equals brute force
     over the request's own prompt + output and over the cached outputs (the last N requests that
     have output, live ones included as far as they last asked), the request's own on a tie; at
-    most N outputs stay cached."""
+    most N outputs stay cached. Most prompts start with an earlier request's prompt + output (agent
+    turns), so own trees are adopted from finished requests and cut back."""
     rng = random.Random(1)  # noqa: S311 (test data, not secrets)
-    checked = drafted = 0
+    checked = drafted = reused = 0
     for trial in range(12):
         depth, cached = 2 + trial % 5, 1 + trial % 3
         factor, min_prob = (1.0, 0.5, 2.0)[trial % 3], (0.1, 0.0, 0.3, 1.0)[trial % 4]
@@ -164,8 +182,15 @@ def test_suffix_proposer_equals_brute_force_over_random_requests() -> None:
         outputs: dict[str, list[int]] = {}
         seen: dict[str, int] = {}  # output tokens the proposer has seen of each request
         live: dict[str, list[int]] = {}
+        prompts: dict[str, list[int]] = {}
         for n in range(10):
-            live[f"r{trial}-{n}"] = [rng.randrange(3) for _ in range(rng.randrange(1, 12))]
+            prompt = [rng.randrange(3) for _ in range(rng.randrange(1, 12))]
+            done = [r for r in prompts if r not in live]
+            if done and rng.random() < 0.6:  # a next turn: an earlier request's prompt + output, cut
+                earlier = rng.choice(done)
+                whole = prompts[earlier] + outputs[earlier]
+                prompt = whole[: rng.randrange(len(whole) // 2, len(whole) + 1)] + prompt[:3]
+            live[f"r{trial}-{n}"] = prompts[f"r{trial}-{n}"] = prompt
             outputs[f"r{trial}-{n}"] = []
             while len(live) > 2 or (n == 9 and live):
                 rid = rng.choice(sorted(live))
@@ -194,10 +219,12 @@ def test_suffix_proposer_equals_brute_force_over_random_requests() -> None:
                     del live[rid]
         suffix = proposer.suffix
         assert suffix is not None and not suffix.local
-        assert len(suffix.global_tree) == cached
+        assert len(suffix.global_tree) == cached and len(suffix._parked) <= suffix.PARKED
+        reused += suffix.num_reused
         window = [outputs[r] for r in order[-cached:]]
         assert tree_strings(suffix.global_tree) == brute_strings(window, depth)
     assert checked > 300 and 0.2 * checked < drafted < checked
+    assert reused > 5  # later turns adopted (and cut back) an earlier request's own tree
 
 
 def test_global_tree_memory_stays_bounded() -> None:

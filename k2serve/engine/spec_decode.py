@@ -88,6 +88,10 @@ class SuffixTree:
         seq = self._seqs.get(key)
         return 0 if seq is None else len(seq)
 
+    def tokens(self, key: Hashable) -> list[int]:
+        """The tokens stored for sequence `key` ([] if absent; do not modify)."""
+        return self._seqs.get(key, [])
+
     def tail(self, key: Hashable) -> list[_Node]:
         """The nodes of sequence `key`'s suffixes of lengths 1..min(len, max_depth), shortest first."""
         return self._tails.get(key, [])
@@ -136,6 +140,27 @@ class SuffixTree:
                     self.num_nodes -= child.size()
                     break
                 node = child
+
+    def truncate(self, key: Hashable, n: int) -> None:
+        """Keep only the first `n` tokens of sequence `key`: each dropped token takes its occurrence
+        out of the nodes of the suffixes that end at it (O(max_depth^2) per dropped token)."""
+        seq = self._seqs.get(key)
+        if seq is None or n >= len(seq):
+            return
+        tail = self._tails[key]
+        while len(seq) > max(n, 0):
+            token = seq.pop()
+            new_tail = [
+                self.find(seq[len(seq) - size :]) for size in range(1, min(len(seq), self.max_depth) + 1)
+            ]
+            for parent, node in zip([self.root, *new_tail], tail, strict=False):
+                node.count -= 1
+                if node.count == 0:  # its only occurrence ended at the dropped token: a leaf
+                    del parent.children[token]  # type: ignore[union-attr]
+                    self.num_nodes -= 1
+            self.root.count -= 1
+            tail = [node for node in new_tail if node is not None]  # all exist: seq holds them
+        self._tails[key] = tail
 
     def find(self, pattern: Sequence[int]) -> _Node | None:
         """The node of `pattern` (None if it does not occur or is longer than max_depth)."""
@@ -223,13 +248,19 @@ class SuffixCache:
     and a global one over the outputs of the last `suffix_decoding_max_cached_requests` requests
     (live ones included, as they are generated; the oldest request is evicted first; 0: no global
     tree). Trees catch up with a sequence's new tokens when it next asks for drafts (O(depth) per
-    token); a request's own tree is dropped when it finishes."""
+    token); a request's own tree is parked when it finishes, and a later request whose prompt starts
+    with most of it adopts it (cut back to the common prefix) instead of building its prompt's tree
+    anew: an agent loop's next turn repeats the previous turn's prompt."""
+
+    PARKED = 4  # finished requests' own trees kept for a later prompt that starts the same way
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self.depth = config.suffix_decoding_max_tree_depth
         self.global_tree = SuffixTree(self.depth)
         self.local: dict[str, SuffixTree] = {}
+        self._parked: OrderedDict[int, SuffixTree] = OrderedDict()  # oldest first
+        self.num_reused = 0  # own trees adopted from a finished request (tests, bench)
         self._keys: dict[str, int] = {}  # live request id -> its key in the global tree
         self._cached: OrderedDict[int, None] = OrderedDict()  # global keys, oldest first
         self._next_key = 0
@@ -237,7 +268,7 @@ class SuffixCache:
     def _sync(self, request_id: str, prompt: Sequence[int], output: Sequence[int]) -> SuffixTree:
         local = self.local.get(request_id)
         if local is None:
-            local = self.local[request_id] = SuffixTree(self.depth)
+            local = self.local[request_id] = self._adopt(prompt) or SuffixTree(self.depth)
         n = local.length(0)
         if n < len(prompt):
             local.extend(0, prompt[n:])
@@ -245,6 +276,25 @@ class SuffixCache:
         local.extend(0, output[n - len(prompt) :])
         self._sync_global(request_id, output)
         return local
+
+    def _adopt(self, prompt: Sequence[int]) -> SuffixTree | None:
+        """A parked tree whose sequence shares a long prefix with `prompt` (an agent loop's next turn
+        starts with the previous turn's prompt), cut back to that prefix; None when cutting would cost
+        more than building anew (dropped x depth / 2 > kept)."""
+        best, best_len = None, 0
+        for key, tree in self._parked.items():
+            n = common_prefix_len(tree.tokens(0), prompt)
+            if n > best_len:
+                best, best_len = key, n
+        if best is None:
+            return None
+        tree = self._parked[best]
+        if (tree.length(0) - best_len) * self.depth > 2 * best_len:
+            return None
+        del self._parked[best]
+        tree.truncate(0, best_len)
+        self.num_reused += 1
+        return tree
 
     def _sync_global(self, request_id: str, output: Sequence[int]) -> None:
         limit = self.config.suffix_decoding_max_cached_requests
@@ -281,8 +331,27 @@ class SuffixCache:
         """The request ended: its whole output stays in the global tree, its own tree goes."""
         if output:
             self._sync_global(request_id, output)
-        self.local.pop(request_id, None)
+        local = self.local.pop(request_id, None)
+        if local is not None and local.length(0):
+            self._parked[self._next_key] = local  # any unique key: _next_key only grows
+            self._next_key += 1
+            while len(self._parked) > self.PARKED:
+                self._parked.popitem(last=False)
         self._keys.pop(request_id, None)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of `a` and `b` (slice compares: binary search in C speed)."""
+    lo, hi = 0, min(len(a), len(b))
+    if list(a[:hi]) == list(b[:hi]):
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo] and a[:hi + 1] != b[:hi + 1]
+        mid = (lo + hi + 1) // 2
+        if list(a[lo:mid]) == list(b[lo:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class Proposer:
