@@ -348,6 +348,9 @@ def test_suffix_prefix_hits_and_preemption(tiny_ckpt: Path) -> None:
         second = run_all(engine, check_blocks=True)["again"]
         assert second.num_cached_tokens >= len(p) + 24
         outs[name] = [first, second.token_ids]
+        if spec is not None:  # the follow-up adopted the first request's own tree, cut back
+            assert engine.proposer is not None and engine.proposer.suffix is not None
+            assert engine.proposer.suffix.num_reused == 1
     assert outs["suffix"] == outs["plain"]
     expected = generate(make_engine(tiny_ckpt, None), ps, [greedy(32) for _ in ps])
     tight = make_engine(tiny_ckpt, SUFFIX, num_kv_blocks=20)
