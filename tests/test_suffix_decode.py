@@ -286,39 +286,24 @@ def test_suffix_config_round_trip_and_unknown_key() -> None:
 # ---- the backoff ----------------------------------------------------------------------------------
 
 
-def test_draft_length_adapts() -> None:
-    """The cap: accepted + 1 after a rejection, doubled after a full acceptance, at most k."""
-    p = Proposer(SpeculativeConfig("ngram", 8))
-    prompt = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1]  # drafts up to 8 tokens
-    assert len(p.propose("r", prompt, [2], 8)) == 8
-    p.record("r", 8, 2)
-    assert len(p.propose("r", prompt, [2], 8)) == 3
-    p.record("r", 3, 3)
-    assert len(p.propose("r", prompt, [2], 8)) == 6
-    p.record("r", 6, 6)
-    assert len(p.propose("r", prompt, [2], 8)) == 8 and len(p.propose("r", prompt, [2], 5)) == 5
-    p.finish("r", [2])
-    assert len(p.propose("r", prompt, [2], 8)) == 8
-
-
 def test_backoff_schedule() -> None:
     """No draft accepted twice in a row: skip 1 step, then 2, 4, 8, 8; an accepted draft resets."""
     p = Proposer(SpeculativeConfig("ngram", 4))
     prompt = [1, 2, 1, 2, 1, 2]  # always drafts
 
     def skipped_after_miss() -> int:
-        p.record("r", 1, 0)
+        p.record("r", 0)
         n = 0
         while not p.propose("r", prompt, [1], 4):
             n += 1
         return n
 
     assert [skipped_after_miss() for _ in range(6)] == [0, 1, 2, 4, 8, 8]
-    p.record("r", 1, 1)
+    p.record("r", 2)
     assert skipped_after_miss() == 0 and skipped_after_miss() == 1
     assert p.num_skipped == 1 + 2 + 4 + 8 + 8 + 1
     p.finish("r", [1])
-    assert not p._skip and not p._misses and not p._cap
+    assert not p._skip and not p._misses
 
 
 # ---- the engine: greedy exactness -----------------------------------------------------------------

@@ -544,7 +544,7 @@ class LLMEngine:
         self.spec_stats.num_draft_tokens += len(drafts)
         self.spec_stats.num_accepted_tokens += accepted
         if self.proposer is not None:
-            self.proposer.record(seq.request_id, len(drafts), accepted)
+            self.proposer.record(seq.request_id, accepted)
         if not seq.is_finished:
             seq.num_computed_tokens += accepted  # the accepted drafts' KV is the real tokens'
             self.blocks.mark_computed(seq.block_table, seq.token_ids, seq.num_computed_tokens)

@@ -357,14 +357,11 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 class Proposer:
     """The drafts of one engine's speculative config, by request id.
 
-    Two standard remedies for drafts that cost time when they fail (a row's cost grows with its
-    tokens, steeply on CPU): an adaptive draft length per sequence, and a backoff. The length cap
-    starts at num_speculative_tokens; after a verification that rejected a draft it becomes
-    accepted + 1, after one that accepted every draft it doubles (up to num_speculative_tokens).
-    After `BACKOFF_AFTER` verifications in a row of one sequence that accepted no draft, that
-    sequence skips drafting for 1, 2, 4, .. (at most `BACKOFF_MAX`) decode steps, doubling with each
-    further failure; one accepted draft resets it. Both decide only how much to draft, never what the
-    model outputs: the tokens are the same with or without them (tests)."""
+    Backoff (the standard remedy for drafts that cost time when they fail): after `BACKOFF_AFTER`
+    verifications in a row of one sequence that accepted no draft, that sequence skips drafting for
+    1, 2, 4, .. (at most `BACKOFF_MAX`) decode steps, doubling with each further failure; one accepted
+    draft resets it. It only decides whether to draft, never what the model outputs: the tokens are
+    the same with or without it (tests)."""
 
     BACKOFF_AFTER = 2
     BACKOFF_MAX = 8
@@ -374,13 +371,12 @@ class Proposer:
         self.suffix = SuffixCache(config) if config.method == "suffix" else None
         self._misses: dict[str, int] = {}
         self._skip: dict[str, int] = {}
-        self._cap: dict[str, int] = {}
         self.num_skipped = 0  # decode steps the backoff left without drafts (tests, bench)
 
     def propose(self, request_id: str, prompt: Sequence[int], output: Sequence[int], limit: int) -> list[int]:
         """At most `limit` (and num_speculative_tokens) drafts after prompt + output."""
         c = self.config
-        k = min(limit, self._cap.get(request_id, c.num_speculative_tokens))
+        k = min(limit, c.num_speculative_tokens)
         if k < 1:
             return []
         skip = self._skip.get(request_id, 0)
@@ -392,14 +388,8 @@ class Proposer:
             return self.suffix.propose(request_id, prompt, output, k)
         return ngram_propose([*prompt, *output], k, c.prompt_lookup_max, c.prompt_lookup_min)
 
-    def record(self, request_id: str, drafted: int, accepted: int) -> None:
-        """A verification of `request_id`'s `drafted` drafts accepted `accepted` of them (drives the
-        draft length cap and the backoff)."""
-        cap = self._cap.get(request_id, self.config.num_speculative_tokens)
-        if accepted < drafted:
-            self._cap[request_id] = accepted + 1
-        else:
-            self._cap[request_id] = min(self.config.num_speculative_tokens, max(cap, 2 * drafted))
+    def record(self, request_id: str, accepted: int) -> None:
+        """A verification of `request_id`'s drafts accepted `accepted` of them (drives the backoff)."""
         if accepted:
             self._misses.pop(request_id, None)
             return
@@ -412,6 +402,5 @@ class Proposer:
         in the global tree)."""
         self._misses.pop(request_id, None)
         self._skip.pop(request_id, None)
-        self._cap.pop(request_id, None)
         if self.suffix is not None:
             self.suffix.finish(request_id, output)
