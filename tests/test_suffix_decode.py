@@ -287,7 +287,8 @@ def test_suffix_config_round_trip_and_unknown_key() -> None:
 
 
 def test_backoff_schedule() -> None:
-    """No draft accepted twice in a row: skip 1 step, then 2, 4, 8, 8; an accepted draft resets."""
+    """No draft accepted: skip 1 step, then 2, 4, 8, 16, 16 after further misses; an accepted draft
+    resets it."""
     p = Proposer(SpeculativeConfig("ngram", 4))
     prompt = [1, 2, 1, 2, 1, 2]  # always drafts
 
@@ -298,10 +299,10 @@ def test_backoff_schedule() -> None:
             n += 1
         return n
 
-    assert [skipped_after_miss() for _ in range(6)] == [0, 1, 2, 4, 8, 8]
+    assert [skipped_after_miss() for _ in range(6)] == [1, 2, 4, 8, 16, 16]
     p.record("r", 2)
-    assert skipped_after_miss() == 0 and skipped_after_miss() == 1
-    assert p.num_skipped == 1 + 2 + 4 + 8 + 8 + 1
+    assert skipped_after_miss() == 1 and skipped_after_miss() == 2
+    assert p.num_skipped == 1 + 2 + 4 + 8 + 16 + 16 + 1 + 2
     p.finish("r", [1])
     assert not p._skip and not p._misses
 

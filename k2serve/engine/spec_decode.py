@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import takewhile
 
 from k2serve.engine.config import SpeculativeConfig
 
@@ -319,7 +320,9 @@ class SuffixCache:
         c = self.config
         local = self._sync(request_id, prompt, output)
         factor, min_prob = c.suffix_decoding_max_spec_factor, c.suffix_decoding_min_token_prob
-        best = speculate(enumerate(local.tail(0), 1), limit, factor, min_prob)
+        # a suffix seen once is only the current occurrence (no continuation), nor is any longer one
+        own = takewhile(lambda match: match[1].count > 1, enumerate(local.tail(0), 1))
+        best = speculate(own, limit, factor, min_prob)
         if len(self.global_tree):
             context = (list(prompt[-self.depth :]) + list(output))[-self.depth :]
             other = speculate(self.global_tree.matches(context), limit, factor, min_prob)
@@ -363,8 +366,8 @@ class Proposer:
     draft resets it. It only decides whether to draft, never what the model outputs: the tokens are
     the same with or without it (tests)."""
 
-    BACKOFF_AFTER = 2
-    BACKOFF_MAX = 8
+    BACKOFF_AFTER = 1
+    BACKOFF_MAX = 16
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
