@@ -79,10 +79,13 @@ class SpeculativeConfig:
     `prompt_lookup_min` and `prompt_lookup_max` tokens, that occurred earlier in it proposes the tokens
     that followed that earlier occurrence (engine/spec_decode.py).
 
-    method "suffix": the same longest-suffix match, searched also in the outputs of the last
-    `suffix_decoding_max_cached_requests` finished requests of this engine (an agent loop re-emits
-    what earlier turns produced); the longest match wins, the sequence itself first on a tie, then the
-    most recent output. A linear scan, not vLLM's suffix tree: same drafts, more CPU per step.
+    method "suffix" (suffix decoding, vLLM's keys): suffix trees with occurrence counts over the
+    request's prompt + output and over the outputs of the last `suffix_decoding_max_cached_requests`
+    requests (0: only the request's own tree), at most `suffix_decoding_max_tree_depth` tokens deep
+    (match + draft). The draft follows the most frequent continuation of a matching suffix of length
+    L, at most `suffix_decoding_max_spec_factor` x L tokens (and num_speculative_tokens), while the
+    counts give each token a probability >= `suffix_decoding_min_token_prob`; the match with the
+    highest expected accepted count wins (engine/spec_decode.py). prompt_lookup_* are ngram's only.
     """
 
     method: str = "ngram"
@@ -90,6 +93,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     suffix_decoding_max_cached_requests: int = 32
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -100,11 +106,25 @@ class SpeculativeConfig:
             "num_speculative_tokens",
             "prompt_lookup_max",
             "prompt_lookup_min",
-            "suffix_decoding_max_cached_requests",
+            "suffix_decoding_max_tree_depth",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EngineConfigError(f"speculative_config.{name} must be an integer >= 1, got {value!r}")
+        cached = self.suffix_decoding_max_cached_requests
+        if not isinstance(cached, int) or isinstance(cached, bool) or cached < 0:
+            raise EngineConfigError(
+                f"speculative_config.suffix_decoding_max_cached_requests must be an integer >= 0, got {cached!r}"
+            )
+        for name, low, high in (
+            ("suffix_decoding_max_spec_factor", 0.0, 1024.0),
+            ("suffix_decoding_min_token_prob", 0.0, 1.0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise EngineConfigError(
+                    f"speculative_config.{name} must be a number in [{low}, {high}], got {value!r}"
+                )
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise EngineConfigError(
                 f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "

@@ -358,6 +358,8 @@ class LLMEngine:
         self._decoders.pop(request_id, None)
         if self.leases is not None:
             self.leases.dropped(request_id)
+        if seq is not None and self.proposer is not None:
+            self.proposer.finish(request_id, seq.output_token_ids)
         if seq is None or seq.is_finished:
             return False
         self.scheduler.finish(seq, "abort")
@@ -530,7 +532,7 @@ class LLMEngine:
             seq.finish_time = now
             self.scheduler.finish(seq, reason)
             if self.proposer is not None:
-                self.proposer.remember(seq.output_token_ids)
+                self.proposer.finish(seq.request_id, seq.output_token_ids)
             self.seqs.pop(seq.request_id, None)
             new_text += self._finish_text(seq, reason)
         return new_text
@@ -543,7 +545,9 @@ class LLMEngine:
             return []
         room = min(self.max_model_len - seq.num_tokens, seq.params.max_tokens - len(seq.output_token_ids)) - 1
         limit = min(limit, room)
-        return self.proposer.propose(seq.token_ids, limit) if limit > 0 else []
+        if limit < 1:
+            return []
+        return self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
         """Verify a speculative row: logits [1 + d, V] at its last token and its d drafts. Drafts are
@@ -578,6 +582,8 @@ class LLMEngine:
         self.spec_stats.num_drafts += 1
         self.spec_stats.num_draft_tokens += len(drafts)
         self.spec_stats.num_accepted_tokens += accepted
+        if self.proposer is not None:
+            self.proposer.record(seq.request_id, accepted)
         if not seq.is_finished:
             seq.num_computed_tokens += accepted  # the accepted drafts' KV is the real tokens'
             self.blocks.mark_computed(seq.block_table, seq.token_ids, seq.num_computed_tokens)
