@@ -34,6 +34,7 @@ BENCHMARKS = {
     "kv-routing": "k2serve.bench.kv_routing",
     "kv-tiers": "k2serve.bench.kv_tiers",
     "device": "k2serve.bench.device",
+    "demo": "k2serve.bench.demo_eval",
 }
 
 
@@ -45,6 +46,24 @@ def init_model(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     out = write_checkpoint(args.dir, args.preset, seed=args.seed, quant=args.quant, dtype=dtype)
     print(f"wrote {args.preset} checkpoint (quant={args.quant}, seed={args.seed}) to {out}")
+    return 0
+
+
+def train_demo(args: argparse.Namespace) -> int:
+    from k2serve.model.demo_train import TrainConfig
+    from k2serve.model.demo_train import train_demo as train
+
+    cfg = TrainConfig(
+        out_dir=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        num_samples=args.samples,
+        seed=args.seed,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
+    )
+    train(cfg, log=lambda line: print(line, flush=True))
     return 0
 
 
