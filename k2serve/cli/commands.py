@@ -50,6 +50,7 @@ def init_model(args: argparse.Namespace) -> int:
 
 
 def train_demo(args: argparse.Namespace) -> int:
+    from k2serve.model.demo_data import COPY_HEAVY_WEIGHTS
     from k2serve.model.demo_train import TrainConfig
     from k2serve.model.demo_train import train_demo as train
 
@@ -62,6 +63,10 @@ def train_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         max_minutes=args.max_minutes,
+        warmup=args.warmup,
+        keep_fp32=True,
+        init_from=args.init_from,
+        kind_weights=COPY_HEAVY_WEIGHTS if args.copy_heavy else None,
     )
     train(cfg, log=lambda line: print(line, flush=True))
     return 0

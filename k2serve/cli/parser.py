@@ -382,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core host)"
     )
     s.add_argument("--max-minutes", type=float, default=None, help="stop early (checkpoint still written)")
+    s.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine to 10%%")
+    s.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from an earlier run's DIR (its fp32 weights and tokenizer)",
+    )
+    s.add_argument(
+        "--copy-heavy", action="store_true", help="the second stage's corpus mix (more number-copying kinds)"
+    )
     s.set_defaults(handler=commands.train_demo)
 
     s = sub.add_parser("generate", help="offline generation with the single-node engine")

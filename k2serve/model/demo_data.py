@@ -28,6 +28,8 @@ from k2serve.chat.tokenizer import KimiTokenizer
 
 KINDS = ("arith", "convert", "table", "two_step", "refuse", "chat")
 KIND_WEIGHTS = (0.36, 0.14, 0.14, 0.14, 0.11, 0.11)
+# The second training stage's mix (see demo_train): more of the kinds whose answers copy numbers.
+COPY_HEAVY_WEIGHTS = (0.42, 0.16, 0.16, 0.18, 0.04, 0.04)
 
 ARITH_TOOLS = ("add", "subtract", "multiply", "divide")
 _ARITH_DOC = {
@@ -534,17 +536,21 @@ class _Gen:
         return s
 
 
-def _samples(n: int, seed: int, split: int, kinds: Sequence[str] | None) -> list[Sample]:
+def _samples(
+    n: int, seed: int, split: int, kinds: Sequence[str] | None, kind_weights: Sequence[float] | None = None
+) -> list[Sample]:
     rng = random.Random(seed)  # noqa: S311 - a reproducible corpus, not a secret
     gen = _Gen(rng, split)
     pool = list(kinds) if kinds else list(KINDS)
-    weights = [KIND_WEIGHTS[KINDS.index(k)] for k in pool]
+    table = kind_weights or KIND_WEIGHTS
+    weights = [table[KINDS.index(k)] for k in pool]
     return [gen.sample(rng.choices(pool, weights)[0]) for _ in range(n)]
 
 
-def training_samples(n: int, seed: int = 0) -> list[Sample]:
-    """`n` training conversations from the training phrasings (deterministic in `seed`)."""
-    return _samples(n, seed, 0, None)
+def training_samples(n: int, seed: int = 0, kind_weights: Sequence[float] | None = None) -> list[Sample]:
+    """`n` training conversations from the training phrasings (deterministic in `seed`); `kind_weights`
+    (per KINDS) changes the mix, default KIND_WEIGHTS."""
+    return _samples(n, seed, 0, None, kind_weights)
 
 
 HELDOUT_SEED = 20261207

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ class TrainConfig:
     max_minutes: float | None = None  # stop early (and still write the checkpoint) after this long
     arch: dict[str, Any] | None = None
     keep_fp32: bool = False  # also write the fp32 weights (train_state_fp32.pt; not shipped)
+    # Continue from an earlier run's directory (its train_state_fp32.pt and its tokenizer, reused as is).
+    init_from: str | None = None
+    kind_weights: tuple[float, ...] | None = None  # per demo_data.KINDS; None: demo_data.KIND_WEIGHTS
 
 
 def _init_weights(model: K2Model, seed: int) -> None:
@@ -219,8 +223,13 @@ def train_demo(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     hf = demo_config(arch=cfg.arch)
     t0 = time.perf_counter()
-    samples = training_samples(cfg.num_samples, cfg.seed)
-    tok = write_demo_tokenizer(out, samples[: min(len(samples), 4000)], hf["vocab_size"] - 256)
+    samples = training_samples(cfg.num_samples, cfg.seed, cfg.kind_weights)
+    if cfg.init_from is None:
+        tok = write_demo_tokenizer(out, samples[: min(len(samples), 4000)], hf["vocab_size"] - 256)
+    else:
+        for name in ("tiktoken.model", "tokenizer_config.json"):
+            shutil.copyfile(Path(cfg.init_from) / name, out / name)
+        tok = load_tokenizer(out)
     data = [render_sample(tok, s) for s in samples]
     lengths = [len(d[0]) for d in data]
     log(
@@ -229,6 +238,10 @@ def train_demo(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     )
     config = ModelConfig.from_dict(hf)
     model = build_model(config, cfg.seed)
+    if cfg.init_from is not None:
+        state = torch.load(Path(cfg.init_from) / "train_state_fp32.pt", weights_only=True)
+        model.load_state_dict(state)
+        log(f"continuing from {cfg.init_from}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
