@@ -38,6 +38,7 @@ BENCHMARKS = {
     "device": "k2serve.bench.device",
     "captured": "k2serve.bench.captured",
     "moe-traffic": "k2serve.bench.moe_traffic",
+    "demo": "k2serve.bench.demo_eval",
 }
 
 
@@ -49,6 +50,29 @@ def init_model(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     out = write_checkpoint(args.dir, args.preset, seed=args.seed, quant=args.quant, dtype=dtype)
     print(f"wrote {args.preset} checkpoint (quant={args.quant}, seed={args.seed}) to {out}")
+    return 0
+
+
+def train_demo(args: argparse.Namespace) -> int:
+    from k2serve.model.demo_data import COPY_HEAVY_WEIGHTS
+    from k2serve.model.demo_train import TrainConfig
+    from k2serve.model.demo_train import train_demo as train
+
+    cfg = TrainConfig(
+        out_dir=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        num_samples=args.samples,
+        seed=args.seed,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
+        warmup=args.warmup,
+        keep_fp32=True,
+        init_from=args.init_from,
+        kind_weights=COPY_HEAVY_WEIGHTS if args.copy_heavy else None,
+    )
+    train(cfg, log=lambda line: print(line, flush=True))
     return 0
 
 

@@ -15,7 +15,7 @@ from k2serve.router.policy import POLICIES
 
 DTYPES = ("bfloat16", "float32", "float16")
 # k2serve.model.presets.PRESETS' names (importing k2serve.model loads torch; `plan` must not)
-PRESET_NAMES = ("long", "small", "tiny")
+PRESET_NAMES = ("demo", "long", "small", "tiny")
 KV_CACHE_DTYPES = (
     "auto",
     "bf16",
@@ -68,7 +68,9 @@ def add_model_args(s: argparse.ArgumentParser) -> None:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
     g.add_argument(
-        "--preset", choices=PRESET_NAMES, help="write a random checkpoint of this preset and use it"
+        "--preset",
+        choices=PRESET_NAMES,
+        help="write a random checkpoint of this preset and use it (demo: the trained model the package ships)",
     )
     s.add_argument("--seed", type=int, default=0, help="seed of the --preset weights")
     s.add_argument(
@@ -420,13 +422,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("init-model", help="write a random-weight checkpoint of a preset architecture")
+    s = sub.add_parser(
+        "init-model",
+        help="write a random-weight checkpoint of a preset architecture (demo: copy the shipped trained model)",
+    )
     s.add_argument("dir")
     s.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quant", choices=("none", "int4", "fp8"), default="none")
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the unquantised weights")
     s.set_defaults(handler=commands.init_model)
+
+    s = sub.add_parser(
+        "train-demo",
+        help="train the demo preset on CPU: corpus generation, tokenizer, AdamW loop (writes a checkpoint)",
+    )
+    s.add_argument("out", help="directory the checkpoint goes to (the shipped one is k2serve/model/demo)")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--samples", type=int, default=40000, help="generated training conversations")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core host)"
+    )
+    s.add_argument("--max-minutes", type=float, default=None, help="stop early (checkpoint still written)")
+    s.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine to 10%%")
+    s.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from an earlier run's DIR (its fp32 weights and tokenizer)",
+    )
+    s.add_argument(
+        "--copy-heavy", action="store_true", help="the second stage's corpus mix (more number-copying kinds)"
+    )
+    s.set_defaults(handler=commands.train_demo)
 
     s = sub.add_parser("generate", help="offline generation with the single-node engine")
     s.add_argument("--model", required=True)
