@@ -308,7 +308,7 @@ def add_routing_args(p: argparse.ArgumentParser, index: bool = False) -> None:
             "--kv-index-max-blocks",
             type=int,
             default=DEFAULT_MAX_BLOCKS,
-            help="block hashes the KV index keeps (about 360 bytes each); past it the least recently "
+            help="block hashes the KV index keeps (about 460 bytes each); past it the least recently "
             "stored is forgotten",
         )
 

@@ -8,8 +8,10 @@ router rebuilds the index from the snapshots of the workers re-registering with 
 Memory is bounded: at most `max_blocks` distinct hashes are kept; when a new hash would exceed that,
 the least recently stored hash is forgotten (for every worker holding it). Forgetting loses only a
 prediction (a request may miss a cache it could have hit), never correctness: the worker's own prefix
-cache decides what is reused. A hash costs about 360 bytes with one holder and 40 more per further
-holder (measured with tracemalloc, CPython 3), so the default 2^19 hashes bound the index near 190 MiB.
+cache decides what is reused. A hash costs about 460 bytes with one holder and 140 more per further
+holder (measured with tracemalloc, CPython 3.11: each worker's hashes are kept in recency order with a
+store sequence number, for `eviction_cost`), so the default 2^19 hashes bound the index near 240 MiB
+(with one holder each).
 """
 
 from __future__ import annotations
