@@ -174,11 +174,20 @@ def run(
 
 
 def prefill_decisions(metrics: str) -> dict[str, int]:
-    """The router's prefill routing decisions by reason, from its Prometheus text."""
+    """The router's prefill routing decisions by reason, from its Prometheus text, and under
+    "predicted_hit_tokens" / "found_hit_tokens" the cached tokens its KV index predicted on the chosen
+    prefill workers against those the workers found (a prediction above what was found: a stale index,
+    or blocks evicted between the decision and the prefill)."""
     out: dict[str, int] = {}
+    totals = {
+        "k2serve_router_predicted_hit_tokens_total": "predicted_hit_tokens",
+        "k2serve_router_prefill_cached_tokens_total": "found_hit_tokens",
+    }
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
-            if (
+            if sample.name in totals:
+                out[totals[sample.name]] = int(sample.value)
+            elif (
                 sample.name == "k2serve_router_routing_decisions_total"
                 and sample.labels.get("role") == "prefill"
             ):
