@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import math
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -84,6 +84,7 @@ class SimRecord:
     holder_tokens: int  # the most any worker's cache held at decision time
     ideal: int  # the shared LRU of all workers' blocks
     ttft_s: float
+    reason: str = ""  # the policy's Choice.reason
 
 
 def sim_workers(n: int, capacity: int, block_size: int, tokens_per_s: float) -> list[SimWorker]:
@@ -120,7 +121,7 @@ def simulate(
     ideal = ideal_cache_hits(
         [[(h, block_size) for h in hs] + [(0, 1)] for hs in hashes_of], block_size, capacity * workers
     )
-    queues: dict[str, deque[tuple[int, int, int]]] = {s.worker.worker_id: deque() for s in sims}
+    queues: dict[str, deque[tuple[int, int, int, str]]] = {s.worker.worker_id: deque() for s in sims}
     ends: list[tuple[float, str, int]] = []  # (prefill end, worker, uncached predicted)
     records: dict[int, SimRecord] = {}
 
@@ -144,12 +145,14 @@ def simulate(
                 return
             st, wid = nxt
             s = by_id[wid]
-            i, predicted, holder = queues[wid].popleft()
+            i, predicted, holder, reason = queues[wid].popleft()
             actual = s.hit_blocks(hashes_of[i]) * block_size
             s.insert(hashes_of[i], index)
             s.free_at = st + (len(prompts[i][1]) - actual) / tokens_per_s
             heapq.heappush(ends, (s.free_at, wid, len(prompts[i][1]) - predicted))
-            records[i] = SimRecord(i, wid, predicted, actual, holder, ideal[i], s.free_at - prompts[i][0])
+            records[i] = SimRecord(
+                i, wid, predicted, actual, holder, ideal[i], s.free_at - prompts[i][0], reason
+            )
 
     for i, (arrival, tokens) in enumerate(prompts):
         advance(arrival)
@@ -160,7 +163,7 @@ def simulate(
         w.routed += 1
         w.in_flight += 1
         w.prefill_tokens += len(tokens) - choice.cached_tokens
-        queues[w.worker_id].append((i, choice.cached_tokens, holder))
+        queues[w.worker_id].append((i, choice.cached_tokens, holder, choice.reason))
     advance(math.inf)
     return [records[i] for i in range(len(prompts))]
 
@@ -203,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                 recs = simulate(p, prompts, n, args.capacity_blocks, bs, speed)
                 actual = sum(r.actual for r in recs)
                 best = sum(r.ideal for r in recs)
+                reasons = Counter(r.reason for r in recs)
                 print(
                     f"{speed:7.0f} tok/s {n} {p:13s} {actual:6d} of {best:6d} = {actual / best:6.1%}  lost {losses(recs)}"
+                    f"  decisions {dict(reasons)}"
                 )
     return 0
 
