@@ -11,8 +11,9 @@ BS = 4
 
 
 def _conversation(tag: int, turns: int, arrival: float) -> list[tuple[float, list[int]]]:
-    """`turns` prompts of one conversation, each the previous plus 8 tokens (a shared first block)."""
-    history = [1, 1, 1, 1] + [tag] * 8
+    """`turns` prompts of one conversation, each the previous plus 8 tokens (a shared first block: 4 of
+    the first prompt's 41 tokens, under KVAware's 10% share for a new conversation)."""
+    history = [1, 1, 1, 1] + [tag] * 36
     out = []
     for t in range(turns):
         out.append((arrival + t, list(history) + [tag + 1]))
@@ -28,17 +29,17 @@ def test_one_worker_is_the_ideal_lru_and_kv_keeps_conversations_apart() -> None:
         recs = simulate("kv", prompts, 1, capacity, BS, 1e6)
         assert [r.actual for r in recs] == ideal
         assert all(r.ideal == r.actual and r.worker == "prefill-0" for r in recs)
-    # two workers of 12 blocks: kv places the two conversations apart (cache balance) and each turn with
+    # two workers of 20 blocks: kv places the two conversations apart (cache balance) and each turn with
     # its holder, so every later turn hits its whole history
-    kv = simulate("kv", prompts, 2, 12, BS, 1e6)
-    assert [r.actual for r in kv] == [0, 0, 12, 12, 20, 20, 28, 28]  # the 2nd starts on the empty worker
+    kv = simulate("kv", prompts, 2, 20, BS, 1e6)
+    assert [r.actual for r in kv] == [0, 0, 40, 40, 48, 48, 56, 56]  # the 2nd starts on the empty worker
     assert len({r.worker for r in kv[0::2]}) == 1 and {r.worker for r in kv[0::2]} != {
         r.worker for r in kv[1::2]
     }
     # by TTFT alone (kv-ttft) the second conversation joins the first for its cached shared block, and
     # the two evict each other's history on one worker while the other's cache stays empty
-    ttft = simulate("kv-ttft", prompts, 2, 12, BS, 1e6)
-    assert [r.actual for r in ttft] == [0, 4, 12, 12, 20, 20, 24, 16]
+    ttft = simulate("kv-ttft", prompts, 2, 20, BS, 1e6)
+    assert [r.actual for r in ttft] == [0, 4, 40, 36, 36, 28, 28, 20]
     assert {r.worker for r in ttft} == {"prefill-0"}
 
 

@@ -350,6 +350,12 @@ def test_new_conversation_goes_where_it_evicts_the_coldest_blocks() -> None:
     # the live conversation's next turn stays with its holder however hot its cache
     c = policy.choose([a, b], "prefill", prompt=PromptBlocks(hot + [1, 2, 3]))
     assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("a", "prefix_hit", 16)
+    # a short conversation's own first block (more than 10% of its prompt) is a prefix hit, not balanced
+    short = [5, 6, 7, 8, 9]
+    b.load.queued_prefill_tokens = 0
+    idx.apply("b", chain_hashes(short, BS), [False])
+    c = policy.choose([a, b], "prefill", prompt=PromptBlocks(short + [10, 11, 12, 13]))
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("b", "prefix_hit", 4)
     # with room in both caches: the worker holding fewer blocks
     e, f = _full_worker("e", 100), _full_worker("f", 100)
     idx.apply("e", chain_hashes(system, BS), [False])

@@ -153,7 +153,8 @@ class KVAware(LeastLoaded):
     cached tokens, then `load_key`. Prefill without a prompt is least loaded.
 
     Cache balance (reason `cache_balance`): a prompt no worker holds more than one block more of than
-    another (a new conversation; every prompt may share a system prompt's block) goes, among the workers
+    another, nor more than `balance_max_share` of the prompt more (a new conversation; every prompt may
+    share a system prompt's block: `_new_conversation`) goes, among the workers
     whose predicted TTFT is within `balance_slack` times its own uncached prefill time of the best, to
     the one whose prefix cache loses the least recently used blocks by taking it
     (`KVIndex.eviction_cost`), then the one holding fewest blocks, then as above. Measured on the
@@ -164,9 +165,16 @@ class KVAware(LeastLoaded):
     Decode worker (with a prompt) = `choose_decode`: argmin of predicted TPOT over the workers whose
     free KV can hold the request's context (prompt + max_tokens)."""
 
-    def __init__(self, index: KVIndex, balance_slack: float = 1.0, cache_balance: bool = True) -> None:
+    def __init__(
+        self,
+        index: KVIndex,
+        balance_slack: float = 1.0,
+        cache_balance: bool = True,
+        balance_max_share: float = 0.1,
+    ) -> None:
         self.index = index
         self.balance_slack = balance_slack
+        self.balance_max_share = balance_max_share
         self.cache_balance = cache_balance
 
     def choose(
@@ -195,10 +203,9 @@ class KVAware(LeastLoaded):
         if (
             self.cache_balance
             and len(live) > 1
-            and max(cached.values()) - min(cached.values()) <= max(w.info.block_size for w in live)
+            and self._new_conversation(cached, prompt, max(w.info.block_size for w in live))
         ):
-            # a new conversation (no worker holds more than a block more of it than another): among the
-            # workers whose predicted TTFT is within the slack of the best, the one where it evicts least
+            # a new conversation: among the workers whose predicted TTFT is within the slack of the best, the one where it evicts least
             slack = (prompt.num_tokens + minus_cached) / fallback * self.balance_slack
             near = [s for s in scored if s[0] <= ttft + slack]
             ttft, minus_cached, _, best = min(
@@ -207,6 +214,14 @@ class KVAware(LeastLoaded):
             return Choice(best, "cache_balance", -minus_cached, ttft)
         reason = "only_worker" if len(live) == 1 else "prefix_hit" if minus_cached < 0 else "load"
         return Choice(best, reason, -minus_cached, ttft)
+
+    def _new_conversation(self, cached: dict[str, int], prompt: PromptBlocks, block_size: int) -> bool:
+        """Whether no worker holds more of `prompt` than another beyond one block (`block_size` tokens) and
+        `balance_max_share` of the prompt: what one worker holds more of is then a prefix every prompt
+        shares (a system prompt), worth less than where the conversation's own blocks will go. A short
+        conversation's own first block stays a prefix hit (the share bound)."""
+        spread = max(cached.values()) - min(cached.values())
+        return spread <= block_size and spread <= self.balance_max_share * prompt.num_tokens
 
     def _eviction_cost(self, w: Worker, prompt: PromptBlocks, cached_tokens: int) -> tuple[int, int]:
         """What prefilling `prompt` on `w` costs other conversations: (`KVIndex.eviction_cost`, the
