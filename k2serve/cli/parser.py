@@ -366,14 +366,16 @@ def add_routing_args(p: argparse.ArgumentParser, index: bool = False) -> None:
         choices=POLICIES,
         default="kv",
         help="kv: the prefill worker with the least predicted TTFT, counting the prompt's prefix its cache "
-        "holds (KV events); least-loaded: fewest outstanding requests; round-robin: in turn",
+        "holds (KV events), a new conversation where it evicts the coldest cached blocks; kv-ttft: kv "
+        "without that cache balance (by predicted TTFT alone); least-loaded: fewest outstanding requests; "
+        "round-robin: in turn",
     )
     if index:
         p.add_argument(
             "--kv-index-max-blocks",
             type=int,
             default=DEFAULT_MAX_BLOCKS,
-            help="block hashes the KV index keeps (about 360 bytes each); past it the least recently "
+            help="block hashes the KV index keeps (about 460 bytes each); past it the least recently "
             "stored is forgotten",
         )
 
