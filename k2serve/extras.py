@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "kube": ("kubernetes",),
     "hf": ("transformers",),
     "bench": ("jsonschema",),  # `k2serve bench tool-schemas` validates emitted calls
+    "mooncake": ("mooncake",),  # --kv-store mooncake: the shared KV tier's Mooncake Store client
     # the opentelemetry namespace itself is in the base install (FastAPI requires opentelemetry-api)
     "tracing": (
         "opentelemetry.sdk",

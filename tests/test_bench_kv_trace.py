@@ -40,6 +40,9 @@ def test_summarize_compares_hits_with_the_ideal_caches_over_completed_requests()
     assert out["goodput_fraction"] == pytest.approx(1 / 3) and out["goodput_per_s"] == 0.5  # only 0 met
     assert out["ttft_p50_ms"] == pytest.approx(150.0) and out["ttft_p99_ms"] == pytest.approx(199.0)
     assert out["errors"] == {"500": 1}
+    # per window (request index ranges): window 0 = request 0 (best 0: no figure), window 1 = 1 and 2
+    windowed = PolicyResult("kv", records, capacity_blocks=1, wall_s=2.0, windows=[(0, 1), (1, 3)])
+    assert summarize(windowed, blocks, 4, SLO(150.0, None))["of_best_lru_by_window"] == [2.0]
 
 
 def test_history_reuse_counts_later_successful_turns() -> None:
@@ -59,5 +62,14 @@ def test_prefill_decisions_from_the_router_metrics() -> None:
 k2serve_router_routing_decisions_total{model_name="m",role="decode",reason="tpot"} 7.0
 k2serve_router_routing_decisions_total{model_name="m",role="prefill",reason="load"} 3.0
 k2serve_router_routing_decisions_total{model_name="m",role="prefill",reason="prefix_hit"} 40.0
+# TYPE k2serve_router_predicted_hit_tokens counter
+k2serve_router_predicted_hit_tokens_total{model_name="m"} 640.0
+# TYPE k2serve_router_prefill_cached_tokens counter
+k2serve_router_prefill_cached_tokens_total{model_name="m"} 608.0
 """
-    assert prefill_decisions(text) == {"load": 3, "prefix_hit": 40}
+    assert prefill_decisions(text) == {
+        "load": 3,
+        "prefix_hit": 40,
+        "predicted_hit_tokens": 640,
+        "found_hit_tokens": 608,
+    }

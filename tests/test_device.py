@@ -135,11 +135,17 @@ def test_workers_pass_their_device_to_the_kv_transfer(monkeypatch: pytest.Monkey
                 "torch",
             ]
         )
-        assert worker_settings(role, args).kv_transfer_options() == {"device": torch.device("cpu")}
+        assert worker_settings(role, args).kv_transfer_options() == {
+            "device": torch.device("cpu"),
+            "token": None,
+        }
         args = parser.parse_args(
             [role, "--preset", "tiny", "--insecure-internal", "--device", "cpu", "--transfer-backend", "grpc"]
         )
-        assert worker_settings(role, args).kv_transfer_options() == {}
+        # a decode worker receiving over gRPC needs none; a prefill worker's senders follow each
+        # decode worker's backend, so they always have them
+        want = {"device": torch.device("cpu"), "token": None} if role == "prefill" else {}
+        assert worker_settings(role, args).kv_transfer_options() == want
     # a CUDA machine, as torch would report it: the torch transfer gets the CUDA device (NCCL) ...
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -155,21 +161,130 @@ def test_workers_pass_their_device_to_the_kv_transfer(monkeypatch: pytest.Monkey
             "torch",
         ]
     )
-    assert worker_settings("decode", args).kv_transfer_options() == {"device": torch.device("cuda:1")}
-    # ... and an expert-parallel group on CUDA is refused by name (its collectives are gloo only)
-    args = parser.parse_args(
-        [
-            "decode",
-            "--preset",
-            "tiny",
-            "--insecure-internal",
-            "--device",
-            "cuda",
-            "--ep",
-            "2",
-            "--ep-init",
-            "tcp://127.0.0.1:1",
-        ]
-    )
-    with pytest.raises(ValueError, match="--device cuda with --ep 2: expert parallelism runs on CPU"):
-        worker_settings("decode", args)
+    assert worker_settings("decode", args).kv_transfer_options() == {
+        "device": torch.device("cuda:1"),
+        "token": None,  # --insecure-internal; with --cluster-token-file, the token the handshake proves
+    }
+    # ... and each rank of an expert-parallel group on CUDA gets its own GPU (NCCL collectives, its KV
+    # pool there too: the torch KV transfer sends from / receives into that GPU)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for rank, want in ((0, "cuda:0"), (1, "cuda:1"), (3, "cuda:1")):
+        args = parser.parse_args(
+            [
+                "decode",
+                "--preset",
+                "tiny",
+                "--insecure-internal",
+                "--device",
+                "cuda",
+                "--ep",
+                "4",
+                "--ep-rank",
+                str(rank),
+                "--ep-init",
+                "tcp://127.0.0.1:1",
+            ]
+        )
+        settings = worker_settings("decode", args)
+        assert settings.engine.device == want
+        assert settings.kv_transfer_options()["device"] == torch.device(want)
+
+
+def test_expert_parallel_backend_and_device_choice() -> None:
+    """Pure: NCCL for CUDA ranks, gloo for CPU ones; a bare "cuda" becomes the rank's own GPU
+    (LOCAL_RANK first, else the rank modulo the host's GPUs), an explicit cuda:N is kept."""
+    from k2serve.experts.comm import EPConfigError, ep_backend, ep_rank_device
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ep_backend(cuda) == ep_backend(torch.device("cuda:3")) == "nccl"
+    assert ep_backend(cpu) == "gloo"
+    assert [ep_rank_device(cuda, r, 8) for r in range(8)] == [torch.device("cuda", r) for r in range(8)]
+    assert [ep_rank_device(cuda, r, 4) for r in (4, 5, 7)] == [torch.device("cuda", r) for r in (0, 1, 3)]
+    assert ep_rank_device(cuda, 5, 1) == torch.device("cuda:0")  # one GPU per pod
+    assert ep_rank_device(cuda, 5, 8, local_rank=2) == torch.device("cuda:2")  # the launcher's LOCAL_RANK
+    assert ep_rank_device(torch.device("cuda:6"), 1, 8) == torch.device("cuda:6")  # placed by hand
+    assert ep_rank_device(cpu, 3, 8) == cpu
+    assert ep_rank_device(cuda, 3, 0) == cuda  # no GPU visible (a config checked elsewhere)
+    with pytest.raises(EPConfigError, match="LOCAL_RANK"):
+        ep_rank_device(cuda, 0, 8, local_rank=-1)
+
+
+def test_expert_parallel_collectives_stage_host_tensors_on_a_device_group() -> None:
+    """An NCCL group takes device tensors only: the comm copies a host tensor (the step flags, the
+    EPLB counts) to its device and copies the result back. A real one-rank gloo group runs the
+    collectives; then, told it is NCCL on "meta" (a device no host tensor is on), it stages."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from k2serve.experts.comm import EPComm
+
+    store = dist.HashStore()
+    comm = EPComm(store, 0, 1, timedelta(seconds=10), timedelta(seconds=1))
+    assert (comm.backend, comm.device) == ("gloo", torch.device("cpu"))
+    flags = torch.tensor([1, 0])
+    comm.all_reduce(flags, "max", "flags")
+    assert flags.tolist() == [1, 0]
+    out = torch.empty(3, 2)
+    inp = torch.arange(6, dtype=torch.float32).view(3, 2)
+    comm.all_to_all(out, inp, [3], [3], "rows")
+    assert torch.equal(out, inp)
+    comm.backend = "nccl"  # as a CUDA group sees a host tensor: staged through comm.device and back
+    staged = torch.tensor([4, 2])
+    assert comm._on_device(staged) is staged  # already on the group's device: no copy  # noqa: SLF001
+    comm.device = torch.device("meta")
+    assert comm._on_device(staged).device.type == "meta"  # noqa: SLF001
+
+
+def test_kv_transfer_backend_flag_names_the_transfer_backend() -> None:
+    """--kv-transfer-backend is --transfer-backend by its issue's name, on the workers and on `up`."""
+    from k2serve.cli.parser import build_parser
+
+    parser = build_parser()
+    for cmd in ("prefill", "decode", "up"):
+        for backend in ("grpc", "torch", "auto"):
+            args = parser.parse_args([cmd, "--preset", "tiny", "--kv-transfer-backend", backend])
+            assert args.transfer_backend == backend
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--preset", "tiny", "--kv-transfer-backend", "nccl"])
+
+
+def test_expert_parallel_group_on_cuda_is_nccl_bound_to_the_ranks_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CUDA rank's EPComm builds a ProcessGroupNCCL (with the group's timeout) after selecting the
+    rank's GPU, and a CPU rank a gloo group: NCCL itself stands in here as a recorder (no GPU)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from k2serve.experts.comm import EPComm
+
+    made: list[tuple[str, object]] = []
+
+    class FakeNCCL:
+        class Options:
+            _timeout = timedelta(0)
+
+        def __init__(self, store: object, rank: int, size: int, opts: FakeNCCL.Options) -> None:
+            made.append(("nccl", (rank, size, opts._timeout)))
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made.append(("set_device", torch.device(d))))
+    comm = EPComm(dist.HashStore(), 1, 4, timedelta(seconds=42), timedelta(seconds=1), "cuda:1")
+    assert (comm.backend, comm.device) == ("nccl", torch.device("cuda:1"))
+    assert made == [("set_device", torch.device("cuda:1")), ("nccl", (1, 4, timedelta(seconds=42)))]
+    assert EPComm(dist.HashStore(), 0, 1, timedelta(seconds=5), timedelta(seconds=1)).backend == "gloo"
+
+
+def test_a_bare_cuda_device_is_indexed_for_nccl_and_in_place_receives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tensors made on "cuda" report cuda:N (the current device): the torch KV transfer and the EP
+    group use that index, so NCCL binds to a GPU and a receive lands in a pool on the same device."""
+    from k2serve.engine.config import indexed_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert indexed_device(torch.device("cuda")) == torch.device("cuda:2")
+    assert indexed_device(torch.device("cuda:0")) == torch.device("cuda:0")
+    assert indexed_device(torch.device("cpu")) == torch.device("cpu")

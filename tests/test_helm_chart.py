@@ -108,6 +108,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "decode": {"pdb": {"enabled": False}},
         "serviceAccount": {"create": False},
     },
+    "kvstore": {  # the shared KV tier on the chart's own Mooncake Store master
+        "kvStore": {"backend": "mooncake", "segmentMb": 2048, "putOnCompute": False},
+    },
     "redis-tls": {  # mutual TLS everywhere, Redis over TLS with client certificates
         "tls": {"enabled": True, "existingSecret": TLS_SECRET, "caKey": "ca.crt"},
         "redis": {"tls": {"enabled": True}, "auth": {"existingSecret": REDIS_SECRET, "key": "password"}},

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_helm_chart import NAMESPACE, VALUE_SETS, by_name
+from test_helm_chart import NAMESPACE, VALUE_SETS, by_name, objects
 from test_helm_objects import FULL, pod_specs
 
 from k2serve.cli import build_parser
@@ -240,6 +240,38 @@ def test_engine_flags_carry_values() -> None:
     )
 
 
+def test_kv_store_flags_point_at_the_charts_master() -> None:
+    """kvStore: every worker gets --kv-store mooncake with the chart's master Service (RPC and metadata
+    ports) and its pod IP; an existing master is named instead, and no master of the chart's is run."""
+    values = VALUE_SETS["kvstore"]
+    svc = by_name(values, "Service", f"{FULL}-kvstore")
+    host = f"{FULL}-kvstore.{NAMESPACE}.svc"
+    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    assert ports == {"rpc": 50088, "metadata": 8080}
+    master = by_name(values, "Deployment", f"{FULL}-kvstore")["spec"]["template"]["spec"]["containers"][0]
+    assert master["command"] == ["mooncake_master"] and "-rpc_port=50088" in master["args"]
+    for role in ("prefill", "decode"):
+        for owner, _, ns in _by_command(values)[role]:
+            assert (ns.kv_store, ns.kv_store_master) == ("mooncake", f"{host}:50088"), owner
+            assert ns.kv_store_metadata == f"http://{host}:8080/metadata", owner
+            assert (ns.kv_store_segment_mb, ns.kv_store_put_on_compute) == (2048, False), owner
+            assert ns.kv_store_local_hostname == "<POD_IP>", owner  # $(POD_IP): the downward API
+            cfg = engine_config(ns)
+            assert (cfg.kv_store, cfg.kv_store_segment_bytes) == ("mooncake", 2048 << 20)
+    external = {"kvStore": {"backend": "mooncake", "master": "store.infra:50051"}}
+    (_, _, ns) = _by_command(external)["prefill"][0]
+    assert (ns.kv_store_master, ns.kv_store_metadata, ns.kv_store_put_on_compute) == (
+        "store.infra:50051",
+        None,
+        True,
+    )
+    assert engine_config(ns).kv_store_metadata_url == "http://store.infra:8080/metadata"
+    assert not [o for o in objects(external, "Deployment") if o["metadata"]["name"].endswith("-kvstore")]
+    (_, _, ns) = _by_command(VALUE_SETS["defaults"])["prefill"][0]
+    assert ns.kv_store == "none"
+    assert not [o for o in objects(VALUE_SETS["defaults"]) if o["metadata"]["name"] == f"{FULL}-kvstore"]
+
+
 def test_router_tls_and_api_key_flags() -> None:
     (_, c, ns) = _by_command(VALUE_SETS["tls-apikey-secrets"])["router"][0]
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
@@ -249,9 +281,9 @@ def test_router_tls_and_api_key_flags() -> None:
 
 
 def test_gpu_workers_run_on_cuda_with_nccl_settings() -> None:
-    """gpu.enabled: a worker with ep.size 1 gets --device cuda (an expert-parallel rank --device cpu:
-    its collectives are gloo), /dev/shm sized by gpu.shmSize, and gpu.nccl.env in its environment;
-    without GPUs no --device flag, the role's shmSize and no NCCL variables."""
+    """gpu.enabled: every worker gets --device cuda (an expert-parallel rank too: NCCL collectives,
+    one GPU per pod), /dev/shm sized by gpu.shmSize, and gpu.nccl.env in its environment; without
+    GPUs no --device flag, the role's shmSize and no NCCL variables."""
     values = {**VALUE_SETS["gpu-hpa"], "gpu": {"enabled": True, "shmSize": "24Gi", "nccl": {"env": _NCCL}}}
     for role in ("prefill", "decode"):
         for _, c, ns in _by_command(values)[role]:
@@ -263,8 +295,8 @@ def test_gpu_workers_run_on_cuda_with_nccl_settings() -> None:
         spec = by_name(values, "StatefulSet", f"{FULL}-{role}")["spec"]["template"]["spec"]
         dshm = next(v for v in spec["volumes"] if v["name"] == "dshm")
         assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "24Gi"}
-    for role in ("prefill", "decode"):  # expert-parallel ranks: one GPU each, engine on CPU
-        assert {ns.device for _, _, ns in _by_command(VALUE_SETS["ep-groups"])[role]} == {"cpu"}
+    for role in ("prefill", "decode"):  # expert-parallel ranks: one GPU each, the engine on it
+        assert {ns.device for _, _, ns in _by_command(VALUE_SETS["ep-groups"])[role]} == {"cuda"}
     for role in ("prefill", "decode"):
         for _, c, ns in _by_command(VALUE_SETS["defaults"])[role]:
             assert ns.device is None and not any(e["name"].startswith("NCCL_") for e in c["env"])
@@ -273,3 +305,31 @@ def test_gpu_workers_run_on_cuda_with_nccl_settings() -> None:
 
 
 _NCCL = {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_DISABLE": "1"}
+
+
+def test_gpu_workers_move_kv_over_torch_distributed_by_default() -> None:
+    """transfer.backend auto (the default): torch (NCCL point to point between the GPUs) with
+    gpu.enabled, its port fixed and exposed; grpc without GPUs and under tls.enabled (torch has no
+    TLS); an explicit grpc is kept on GPUs."""
+
+    def backends(values: dict[str, Any]) -> set[tuple[str, str, int]]:
+        cmds = _by_command(values)
+        return {
+            (role, ns.transfer_backend, ns.transfer_port)
+            for role in ("prefill", "decode")
+            for _, _, ns in cmds[role]
+        }
+
+    gpu = {"gpu": {"enabled": True}}
+    assert backends(gpu) == {("prefill", "torch", 50061), ("decode", "torch", 50071)}
+    for role, port in (("prefill", 50061), ("decode", 50071)):
+        sts = by_name(gpu, "StatefulSet", f"{FULL}-{role}")["spec"]["template"]["spec"]
+        ports = {p["name"]: p["containerPort"] for p in sts["containers"][0]["ports"]}
+        assert ports["transfer"] == port
+        svc = by_name(gpu, "Service", f"{FULL}-{role}-headless")["spec"]["ports"]
+        assert {p["name"]: p["port"] for p in svc}["transfer"] == port
+    assert {b for _, b, _ in backends(VALUE_SETS["defaults"])} == {"grpc"}
+    tls_gpu = {**VALUE_SETS["tls-apikey-secrets"], **gpu}
+    assert {b for _, b, _ in backends(tls_gpu)} == {"grpc"}
+    explicit = {**gpu, "decode": {"transfer": {"backend": "grpc"}}}
+    assert {(r, b) for r, b, _ in backends(explicit)} == {("prefill", "torch"), ("decode", "grpc")}

@@ -154,12 +154,13 @@ def test_base_install_imports_every_module_or_names_the_extra() -> None:
         assert r is not None and f"pip install 'k2serve[{r['extra']}]'" in r["message"], name
         assert r["module"] in EXTRAS[r["extra"]], (name, r)
     # today only the plots, the tracing SDK's backend (imported only when tracing is configured) and the
-    # Triton attention kernels (imported only for `--attention-backend triton`) need an extra at import
-    # time; a new one must be a conscious choice
+    # Triton attention and MoE kernels (imported only for `--attention-backend triton` / `--moe-backend
+    # triton`) need an extra at import time; a new one must be a conscious choice
     assert set(needing_extras) == {
         "k2serve.bench.tool_schemas",
         "k2serve.loadgen.plots",
         "k2serve.model.triton_attention_kernels",
+        "k2serve.model.triton_moe_kernels",
         "k2serve.tracing.otel",
     }
 

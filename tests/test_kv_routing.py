@@ -234,7 +234,7 @@ def test_argmin_trades_queue_against_cache() -> None:
 def test_ties_unmeasured_rates_and_workers_without_events() -> None:
     prompt = list(range(9))
     idx = KVIndex()
-    policy = KVAware(idx)
+    policy = KVAware(idx, cache_balance=False)  # by predicted TTFT alone (`kv-ttft`)
     a, b = _worker("a"), _worker("b")
     c = policy.choose([b, a], "prefill", prompt=PromptBlocks(prompt))
     assert (c.worker.worker_id, c.reason) == ("a", "load")  # a tie: by load, then id
@@ -288,8 +288,80 @@ def test_no_worker_and_other_policies() -> None:
     decode = KVAware(idx).choose([a, b], "decode")  # decode workers: least loaded
     assert (decode.worker.worker_id, decode.reason) == ("a", "load")
     assert isinstance(make_policy("least-loaded", idx), LeastLoaded)
-    with pytest.raises(ValueError, match="kv, least-loaded, round-robin"):
+    kv_ttft = make_policy("kv-ttft", idx)
+    assert isinstance(kv_ttft, KVAware) and not kv_ttft.cache_balance
+    with pytest.raises(ValueError, match="kv, kv-ttft, least-loaded, round-robin"):
         make_policy("random", idx)
+
+
+def _full_worker(worker_id: str, total_blocks: int, queued: int = 0) -> Worker:
+    w = _worker(worker_id, queued=queued, rate=1000.0)
+    w.load.total_blocks = total_blocks
+    return w
+
+
+def test_index_eviction_cost_is_the_recency_of_what_would_be_evicted() -> None:
+    """KVIndex.eviction_cost: the store sequence number of the newest block among those a worker's LRU
+    would evict for `blocks` new ones; 0 while it has room. Re-storing a block (a hit, prefilled) makes it
+    recent again; removed and dropped blocks leave the count."""
+    idx = KVIndex()
+    idx.apply("a", [1, 2, 3], [False] * 3)  # seq 1, 2, 3
+    idx.apply("b", [4, 5, 6], [False] * 3)  # seq 4, 5, 6
+    assert idx.clock == 6
+    assert idx.eviction_cost("a", 1, capacity=4) == 0  # one free block
+    assert idx.eviction_cost("a", 2, capacity=4) == 1  # evicts block 1 (seq 1)
+    assert idx.eviction_cost("a", 3, capacity=4) == 2
+    assert idx.eviction_cost("b", 2, capacity=4) == 4
+    assert idx.eviction_cost("a", 10, capacity=4) == 3  # everything goes: the newest is seq 3
+    idx.apply("a", [1], [False])  # block 1 used again: seq 7, now a's most recent
+    assert idx.eviction_cost("a", 2, capacity=4) == 2
+    idx.apply("a", [2], [True])
+    assert idx.eviction_cost("a", 2, capacity=4) == 0  # two free blocks now
+    assert idx.eviction_cost("nobody", 5, capacity=4) == 0
+    idx.drop("b")
+    assert idx.eviction_cost("b", 5, capacity=1) == 0 and idx.blocks_of("b") == 0
+
+
+def test_new_conversation_goes_where_it_evicts_the_coldest_blocks() -> None:
+    """Cache balance: a prompt no worker holds more than a block more of goes to the worker whose LRU
+    blocks are oldest, not the least loaded one, while its predicted TTFT stays within the slack; a
+    continuing conversation still goes to its holder."""
+    idx = KVIndex()
+    system = [7, 7, 7, 7]  # a shared first block, cached everywhere
+    hot = system + list(range(100, 112))  # 4 blocks: a live conversation on a
+    cold = system + list(range(200, 212))
+    idx.apply("b", chain_hashes(cold, BS), [False] * 4)  # b's cache: an old conversation
+    idx.apply("a", chain_hashes(hot, BS), [False] * 4)  # a's: used just now
+    a, b = _full_worker("a", 4), _full_worker("b", 4)
+    b.routed = 5  # b has taken more requests: least-loaded order prefers a
+    new = PromptBlocks(system + list(range(300, 313)))  # 17 tokens, 4 blocks cacheable; 1 cached anywhere
+    policy = KVAware(idx)
+    c = policy.choose([a, b], "prefill", prompt=new)
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("b", "cache_balance", 4)
+    assert c.predicted_ttft_s == pytest.approx(13 / 1000)
+    # by TTFT alone (kv-ttft) the tie goes to the less loaded a, evicting the live conversation
+    assert KVAware(idx, cache_balance=False).choose([a, b], "prefill", prompt=new).worker.worker_id == "a"
+    # b's queue puts it past the slack (its TTFT > best + the prompt's own 13 ms): the TTFT wins
+    b.load.queued_prefill_tokens = 14
+    c = policy.choose([a, b], "prefill", prompt=new)
+    assert (c.worker.worker_id, c.reason) == ("a", "cache_balance")
+    b.load.queued_prefill_tokens = 13  # exactly within the slack: b again
+    assert policy.choose([a, b], "prefill", prompt=new).worker.worker_id == "b"
+    # the live conversation's next turn stays with its holder however hot its cache
+    c = policy.choose([a, b], "prefill", prompt=PromptBlocks(hot + [1, 2, 3]))
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("a", "prefix_hit", 16)
+    # a short conversation's own first block (more than 10% of its prompt) is a prefix hit, not balanced
+    short = [5, 6, 7, 8, 9]
+    b.load.queued_prefill_tokens = 0
+    idx.apply("b", chain_hashes(short, BS), [False])
+    c = policy.choose([a, b], "prefill", prompt=PromptBlocks(short + [10, 11, 12, 13]))
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("b", "prefix_hit", 4)
+    # with room in both caches: the worker holding fewer blocks
+    e, f = _full_worker("e", 100), _full_worker("f", 100)
+    idx.apply("e", chain_hashes(system, BS), [False])
+    idx.apply("f", chain_hashes(cold, BS), [False] * 4)
+    c = policy.choose([f, e], "prefill", prompt=new)
+    assert (c.worker.worker_id, c.reason) == ("e", "cache_balance")
 
 
 def test_prompt_blocks_leave_the_last_token_to_compute() -> None:

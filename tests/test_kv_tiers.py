@@ -279,11 +279,20 @@ def test_engine_lease_keeps_session_prefix_on_device(tiny_ckpt: Path, lease_s: f
     )
 
 
-def test_worker_metrics_count_tier_hits_bytes_and_leases(tiny_ckpt: Path) -> None:
-    import asyncio
-
+def tier_samples(registry: Any) -> dict[tuple[str, str | None], float]:
+    """(sample name, its `tier` label or None) -> value of every sample a metrics registry exposes."""
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
+
+    got = {}
+    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+        for smp in fam.samples:
+            got[(smp.name, smp.labels.get("tier"))] = smp.value
+    return got
+
+
+def test_worker_metrics_count_tier_hits_bytes_and_leases(tiny_ckpt: Path) -> None:
+    import asyncio
 
     from k2serve.chat.tokenizer import load_tokenizer
     from k2serve.engine.async_engine import AsyncEngine
@@ -303,10 +312,7 @@ def test_worker_metrics_count_tier_hits_bytes_and_leases(tiny_ckpt: Path) -> Non
         asyncio.run(run("s1", 1, "sess"))  # leased: 5 blocks stay on the device
         for i, s in enumerate((2, 3, 2)):  # prompt 3 evicts prompt 2 into the host tier; 2 reloads
             asyncio.run(run(f"r{i}", s))
-        got = {}
-        for fam in text_string_to_metric_families(generate_latest(be.metrics.registry).decode()):
-            for smp in fam.samples:
-                got[(smp.name, smp.labels.get("tier"))] = smp.value
+        got = tier_samples(be.metrics.registry)
     finally:
         be.shutdown()
     bb = engine.pool.bytes_per_block

@@ -4,6 +4,7 @@ both launchers give the router and the workers (TLS and router flags included), 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,8 +12,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from k2serve.cli import build_parser, main
-from k2serve.cli.settings import cluster_spec, ray_options
-from k2serve.cluster.local import LocalCluster, Proc
+from k2serve.cli.settings import cluster_spec, gpus_to_spread, ray_options
+from k2serve.cluster.local import LocalCluster, Proc, gpu_env
 from k2serve.cluster.ray_actor import NODE_IP, REDIS_PASSWORD_FILE, REDIS_URL
 from k2serve.cluster.ray_plan import GroupPlan, RayOptions, plan_groups
 from k2serve.cluster.ray_runtime import RayCluster, RayUnavailableError
@@ -132,8 +133,9 @@ def test_local_launcher_uses_the_same_router_and_worker_args(
     cluster = LocalCluster(spec)
     spawned: dict[str, list[str]] = {}
 
-    def spawn(name: str, args: list[str]) -> Proc:
+    def spawn(name: str, args: list[str], extra_env: dict[str, str] | None = None) -> Proc:
         spawned[name] = args
+        assert not extra_env  # no GPUs to spread over
         return Proc(name, None, tmp_path / f"{name}.log")  # type: ignore[arg-type]
 
     monkeypatch.setattr(cluster, "_spawn", spawn)
@@ -200,3 +202,45 @@ def test_ranks_ask_ray_for_a_gpu_when_the_workers_run_on_cuda() -> None:
     assert dict(ray_options(build_parser().parse_args([*base, "--device", "cpu"])).rank_resources) == {
         "CPU": 1.0
     }
+
+
+def test_up_spreads_its_workers_over_the_hosts_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a host with several GPUs and `--device cuda` (or no --device), each worker process gets one
+    GPU in turn through CUDA_VISIBLE_DEVICES, so the ranks of an EP group sit on distinct GPUs and the
+    workers do not all open cuda:0; an explicit cuda:N, one GPU or CPU pins nothing."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert gpus_to_spread("cuda") == 4 and gpus_to_spread(None) == 4
+    assert gpus_to_spread("cuda:1") == 0 and gpus_to_spread("cpu") == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert gpus_to_spread("cuda") == 0
+    assert gpu_env(5, 4) == {"CUDA_VISIBLE_DEVICES": "1", "LOCAL_RANK": "0"} and gpu_env(5, 0) == {}
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    flags = ["up", "--model", "/m", "--prefill", "2", "--decode", "1", "--ep", "2", "--device", "cuda"]
+    spec = cluster_spec(build_parser().parse_args([*flags, "--workdir", str(tmp_path)]))
+    assert spec.gpu_count == 4
+    cluster = LocalCluster(spec)
+    envs: dict[str, dict[str, str]] = {}
+
+    def spawn(name: str, args: list[str], extra_env: dict[str, str] | None = None) -> Proc:
+        envs[name] = extra_env or {}
+        return Proc(name, None, tmp_path / f"{name}.log")  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cluster, "_spawn", spawn)
+    monkeypatch.setattr(cluster, "_wait_file", lambda proc, path, deadline: "8001 50052 50053")
+    monkeypatch.setattr(cluster, "_wait_registered", lambda n, deadline: None)
+    cluster.start()
+    gpus = {name: env.get("CUDA_VISIBLE_DEVICES") for name, env in envs.items()}
+    assert gpus == {
+        "router": None,
+        "prefill-0-ep0": "0",
+        "prefill-0-ep1": "1",
+        "prefill-1-ep0": "2",
+        "prefill-1-ep1": "3",
+        "decode-0-ep0": "0",
+        "decode-0-ep1": "1",
+    }
+    with pytest.raises(ValueError, match="gpu_count"):
+        dataclasses.replace(spec, gpu_count=-1)

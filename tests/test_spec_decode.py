@@ -462,21 +462,22 @@ def test_cluster_decode_worker_with_speculative_config(tiny_ckpt: Path, tmp_path
 def test_suffix_proposer_searches_recent_outputs() -> None:
     cfg = SpeculativeConfig("suffix", 3, 4, 1, suffix_decoding_max_cached_requests=2)
     proposer = Proposer(cfg)
-    assert proposer.propose([1, 2, 6, 7], 8) == []  # nothing remembered, no self-match
-    proposer.remember([5, 6, 7, 8, 9])
-    assert proposer.propose([1, 2, 6, 7], 8) == [8, 9]  # "6 7" in the remembered output
-    assert proposer.propose([1, 2, 6, 7], 1) == [8]  # the caller's limit
-    assert proposer.propose([7, 3, 1, 7], 8) == [3, 1, 7]  # a tie (1-gram): the sequence itself first
-    proposer.remember([0, 6, 7, 4])
-    assert proposer.propose([1, 2, 6, 7], 8) == [4]  # equally long: the most recent output
-    proposer.remember([1, 1])
-    proposer.remember([2, 2])  # the cache keeps the last 2: [5, 6, 7, 8, 9] is forgotten
-    assert proposer.propose([3, 9, 8], 8) == []
+    assert proposer.propose("a", [1, 2], [6, 7], 8) == []  # nothing cached, no self-match
+    proposer.finish("a", [6, 7])
+    proposer.finish("b", [5, 6, 7, 8, 9])
+    # "6 7" occurs in a's and b's outputs; only b's continues (8, then 9): probabilities 1/2, 1/2
+    assert proposer.propose("c", [1, 2, 6, 7], [], 8) == [8, 9]
+    assert proposer.propose("c", [1, 2, 6, 7], [], 1) == [8]  # the caller's limit
+    proposer.finish("c", [])
+    proposer.finish("d", [1, 1])
+    proposer.finish("e", [2, 2])  # the cache keeps the last 2: b's [5, 6, 7, 8, 9] is forgotten
+    assert proposer.propose("f", [3, 9, 8], [], 8) == []
+    assert proposer.suffix is not None and len(proposer.suffix.global_tree) == 2
     ngram = Proposer(SpeculativeConfig("ngram", 3, 4, 1))
-    ngram.remember([5, 6, 7, 8, 9])  # ngram remembers nothing
-    assert ngram.propose([1, 2, 6, 7], 8) == []
+    ngram.finish("a", [5, 6, 7, 8, 9])  # ngram remembers nothing
+    assert ngram.propose("b", [1, 2, 6, 7], [], 8) == []
     with pytest.raises(EngineConfigError, match="suffix_decoding_max_cached_requests"):
-        SpeculativeConfig("suffix", suffix_decoding_max_cached_requests=0)
+        SpeculativeConfig("suffix", suffix_decoding_max_cached_requests=-1)
 
 
 def test_suffix_method_drafts_a_repeated_request_greedy_equal(tiny_ckpt: Path) -> None:

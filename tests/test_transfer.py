@@ -547,11 +547,15 @@ def test_transfer_bench_runs_paired_rounds_and_verifies(capsys: pytest.CaptureFi
     """`k2serve bench transfer` end to end at a small size: every method, the received bytes checked."""
     from k2serve.bench import transfer as bench
 
-    assert bench.main(["--layers", "2", "--tokens", "64", "--kv-dim", "48", "--repeats", "2"]) == 0
+    assert bench.main(["--layers", "2", "--tokens", "64,200", "--kv-dim", "48", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     for label in ("raw TCP socket", "grpc", "torch (in place)", "torch (staged)"):
         assert f"{label}:" in out, out
-    assert out.count("ratio to socket median") == 3 and "reproduce: k2serve bench transfer" in out
+    assert "2 layers x 64 tokens" in out and "2 layers x 200 tokens" in out  # one table per size
+    assert out.count("ratio to socket median") == 6 and "reproduce: k2serve bench transfer" in out
+    assert out.count("sender connect (torch: rendezvous + authenticated handshakes): grpc") == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--tokens", "64,x"])
 
 
 def test_prefill_senders_replace_a_broken_torch_sender() -> None:
@@ -621,3 +625,116 @@ def test_transfers_carry_the_senders_span_and_time_the_checksums() -> None:
     assert header.traceparent == TRACEPARENT
     frame = torch_wire.decode_frame(torch_wire.encode_frame(KVControlFrame(chunk=header)))
     assert frame.chunk.traceparent == TRACEPARENT
+
+
+TOKEN = "cluster-token-0123456789"  # noqa: S105 - a test credential
+
+
+def _torch_roundtrip(receiver: Any, tid: str, **sender_options: Any) -> None:
+    """One 2-layer transfer from a new torch sender (given sender_options) into receiver, bits checked."""
+    kv = make_kv(11, 2, 16, 8, torch.bfloat16)
+    got: dict[int, torch.Tensor] = {}
+    receiver.expect(tid, 2, 16, 8, torch.bfloat16, lambda layer, t: got.__setitem__(layer, t.clone()))
+    sender = make_sender("torch", receiver.endpoint, **sender_options)
+    try:
+        sender.open(tid, 2, 16, 8, torch.bfloat16)
+        for layer in range(2):
+            sender.send_layer(tid, layer, kv[layer])
+        sender.close(tid, timeout=10)
+        receiver.wait(tid, timeout=10)
+        assert all(same_bits(got[i], kv[i]) for i in range(2))
+    finally:
+        sender.shutdown()
+
+
+def test_torch_handshake_refuses_a_sender_without_the_cluster_token() -> None:
+    """Every pair connection proves the cluster token both ways before any KV flows: a sender with
+    another token or none is refused at once (and learns nothing), the receiver keeps serving."""
+    from k2serve.transfer.handshake import HandshakeError
+
+    receiver = make_receiver("torch", token=TOKEN, connect_timeout=10)
+    try:
+        landed: list[int] = []
+        receiver.expect("target", 1, 4, 8, torch.float32, lambda layer, t: landed.append(layer))
+        for wrong in ("another-token-0123456789", None):
+            start = time.monotonic()
+            with pytest.raises(HandshakeError, match="'control' refused: the other side does not hold"):
+                make_sender("torch", receiver.endpoint, token=wrong, connect_timeout=10)
+            assert time.monotonic() - start < 8  # refused by the check, not by a timeout
+        assert receiver.cancel("target") and landed == []
+        _torch_roundtrip(receiver, "right-token", token=TOKEN)
+    finally:
+        receiver.shutdown()
+    # and a sender refuses a receiver without the token (no KV goes to an impostor)
+    receiver = make_receiver("torch", connect_timeout=10)
+    try:
+        with pytest.raises(HandshakeError, match="refused"):
+            make_sender("torch", receiver.endpoint, token=TOKEN, connect_timeout=10)
+    finally:
+        receiver.shutdown()
+
+
+def test_torch_handshake_covers_the_values_the_open_store_publishes() -> None:
+    """The rendezvous TCPStore serves any client: one that rewrites the receiver's published chunk
+    size makes the next handshake fail (the proofs cover it), and one that writes a would-be stop
+    value does not stop the receiver (its stop value is a secret); restored, transfers run again."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from k2serve.transfer.handshake import HandshakeError
+
+    receiver = make_receiver("torch", token=TOKEN, connect_timeout=10)
+    host, port = torch_wire.split_endpoint(receiver.endpoint)
+    outsider = dist.TCPStore(host, port, None, False, timedelta(seconds=10))
+    try:
+        stop = outsider.add("joins", 1) - 1
+        outsider.set(f"join/{stop}", "__stop__")  # the old fixed stop value
+        outsider.set("max_chunk_bytes", "4096")
+        with pytest.raises(HandshakeError, match="rewritten"):
+            make_sender("torch", receiver.endpoint, token=TOKEN, connect_timeout=10)
+        outsider.set("max_chunk_bytes", str(torch_wire.MAX_CHUNK_BYTES))
+        _torch_roundtrip(receiver, "after-restore", token=TOKEN)
+    finally:
+        del outsider
+        receiver.shutdown()
+
+
+def test_a_grpc_receiver_can_serve_a_torch_receivers_transfers() -> None:
+    """The decode worker's fallback: a gRPC receiver on the torch receiver's inbox completes a
+    transfer the torch receiver expects (through on_layer: gRPC cannot land in place); shutting the
+    fallback down leaves the torch receiver serving."""
+    from k2serve.transfer.grpc_backend import GrpcKVReceiver
+    from k2serve.transfer.torch_receiver import TorchKVReceiver
+
+    receiver = make_receiver("torch", token=TOKEN, connect_timeout=10)
+    assert isinstance(receiver, TorchKVReceiver)
+    fallback = GrpcKVReceiver(inbox=receiver.inbox)
+    kv = make_kv(13, 2, 16, 8, torch.bfloat16)
+    try:
+        got: dict[int, torch.Tensor] = {}
+        dest = torch.zeros(2, 16, 8, dtype=torch.bfloat16)
+        receiver.expect(
+            "via-grpc",
+            2,
+            16,
+            8,
+            torch.bfloat16,
+            lambda layer, t: got.__setitem__(layer, t.clone()),
+            place=lambda layer: dest[layer],
+        )
+        sender = make_sender("grpc", fallback.endpoint)
+        try:
+            sender.open("via-grpc", 2, 16, 8, torch.bfloat16)
+            for layer in range(2):
+                sender.send_layer("via-grpc", layer, kv[layer])
+            sender.close("via-grpc", timeout=10)
+        finally:
+            sender.shutdown()
+        assert receiver.wait("via-grpc", timeout=10).bytes == kv.numel() * 2
+        assert all(same_bits(got[i], kv[i]) for i in range(2)) and not dest.any()
+        fallback.shutdown()
+        _torch_roundtrip(receiver, "after-fallback-shutdown", token=TOKEN)
+    finally:
+        fallback.shutdown()
+        receiver.shutdown()

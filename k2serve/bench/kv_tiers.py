@@ -4,7 +4,10 @@ the device pool: reloaded from the host tier, from the disk tier, or recomputed 
 One process, three engines of the same model (the `long` preset with LONG_BENCH_DIMS, 2 layers; with
 `--k2-latent` its latent is K2's 512 + 64 values per token and layer, so a block's bytes per layer are
 K2's): `none` (prefix caching, no tiers), `host` (--kv-offload-host-mb), `disk` (host tier off, a disk
-tier in a temporary directory). Each engine's pool holds one context and a bit. Per round and engine, in
+tier in a temporary directory), `mooncake` (no local tier, the shared Mooncake Store tier on a local
+mooncake_master this command starts, blocks put on compute, a segment that holds every context of the
+run: the reload is a get over TCP from this process's own segment through the master; needs the
+`mooncake` extra; `--modes` leaves it out). Each engine's pool holds one context and a bit. Per round and engine, in
 alternating order (paired rounds): prefill context A (one token), prefill a different context B of the
 same length (evicts A's blocks: into the tier where there is one), then time context A + one new
 block of tokens to its first token: the reload (or the recompute) of A's blocks plus that block's prefill.
@@ -15,6 +18,7 @@ bytes per second. The reload is synchronous (the engine step waits for it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -25,11 +29,21 @@ from typing import Any
 import torch
 
 from k2serve.bench.long_context import write_long_bench_checkpoint
+from k2serve.cluster.mooncake_master import MooncakeMaster
+from k2serve.kvcache.shared_tier import SharedTiers
 
-MODES = ("none", "host", "disk")
+MODES = ("none", "host", "disk", "mooncake")
 
 
-def _engine(ckpt: Path, mode: str, context: int, tmp: Path) -> Any:
+def _store_segment_bytes(ckpt: Path, context: int, rounds: int) -> int:
+    """A store segment that holds every context a run puts (3 per round, warm-up included) half again
+    over: Mooncake evicts at 90% full, not in LRU order, and an evicted block of A ends its reload."""
+    c = json.loads((ckpt / "config.json").read_text())
+    token_bytes = c["num_hidden_layers"] * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 4  # fp32 rows
+    return max(64 << 20, 3 * (rounds + 1) * context * token_bytes * 3 // 2)
+
+
+def _engine(ckpt: Path, mode: str, context: int, tmp: Path, master: Any = None, rounds: int = 0) -> Any:
     from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm_engine import LLMEngine
 
@@ -40,6 +54,14 @@ def _engine(ckpt: Path, mode: str, context: int, tmp: Path) -> Any:
         kw["kv_offload_host_bytes"] = tier_mb << 20 << 4
     elif mode == "disk":
         kw |= {"kv_offload_dir": str(tmp / "disk"), "kv_offload_disk_bytes": tier_mb << 20 << 4}
+    elif mode == "mooncake":
+        kw |= {
+            "kv_store": "mooncake",
+            "kv_store_master": master.address,
+            "kv_store_metadata": master.metadata_url,
+            "kv_store_segment_bytes": _store_segment_bytes(ckpt, context, rounds),
+            "kv_store_local_hostname": "127.0.0.1",
+        }
     cfg = EngineConfig(
         block_size=bs,
         num_kv_blocks=context // bs,  # one context: B evicts all of A's blocks but the last two
@@ -60,24 +82,30 @@ def _ttft(engine: Any, rid: str, tokens: list[int]) -> float:
     return time.perf_counter() - t0
 
 
-def run(context: int, rounds: int, k2_latent: bool) -> dict[str, Any]:
+def run(context: int, rounds: int, k2_latent: bool, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     """The figures of `rounds` paired rounds at `context` tokens."""
     over = {"kv_lora_rank": 512, "qk_rope_head_dim": 64} if k2_latent else {}
     g = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         ckpt = write_long_bench_checkpoint(Path(tmp) / "ckpt", **over)
-        engines = {m: _engine(ckpt, m, context, Path(tmp) / m) for m in MODES}
-        times: dict[str, list[float]] = {m: [] for m in MODES}
+        master = stack.enter_context(MooncakeMaster()) if "mooncake" in modes else None
+        engines = {m: _engine(ckpt, m, context, Path(tmp) / m, master, rounds) for m in modes}
+        for e in engines.values():
+            if isinstance(e.tiers, SharedTiers):
+                stack.callback(e.tiers.close)
+        times: dict[str, list[float]] = {m: [] for m in modes}
         hits: dict[str, dict[str, int]] = {}
         for r in range(-1, rounds):  # round -1: a warm-up, not recorded
             a = torch.randint(0, 1000, (context - 32,), generator=g).tolist()
             b = torch.randint(0, 1000, (context - 16,), generator=g).tolist()
             turn = a + torch.randint(0, 1000, (16,), generator=g).tolist()
-            order = MODES if r % 2 == 0 else MODES[::-1]  # alternate who goes first
+            order = modes if r % 2 == 0 else modes[::-1]  # alternate who goes first
             for m in order:
                 e = engines[m]
                 _ttft(e, f"a{r}", a)
                 _ttft(e, f"b{r}", b)
+                if isinstance(e.tiers, SharedTiers):  # the store's puts of A's and B's blocks are done
+                    e.tiers.flush()
                 before = dict(e.tiers.stats.hit_tokens) if e.tiers is not None else {}
                 hit0 = e.blocks.prefix_hit_tokens
                 t = _ttft(e, f"t{r}", turn)
@@ -87,7 +115,7 @@ def run(context: int, rounds: int, k2_latent: bool) -> dict[str, Any]:
                 if e.tiers is not None:
                     hits[m] |= {t: e.tiers.stats.hit_tokens[t] - before[t] for t in before}
         out: dict[str, Any] = {"context": context, "rounds": rounds, "k2_latent": k2_latent}
-        for m in MODES:
+        for m in modes:
             ts = times[m]
             out[m] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts)}
             e = engines[m]
@@ -106,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="paired rounds per context")
     ap.add_argument("--k2-latent", action="store_true", help="K2's 512 + 64 latent per token and layer")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     args = ap.parse_args(argv)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or not set(modes) <= set(MODES):
+        ap.error(f"--modes must name some of {', '.join(MODES)}, got {args.modes!r}")
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     contexts = [int(x) for x in args.contexts.split(",")]
@@ -116,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     for n in contexts:
-        print(json.dumps(run(n, args.rounds, args.k2_latent)), flush=True)
+        print(json.dumps(run(n, args.rounds, args.k2_latent, modes)), flush=True)
     return 0
 
 

@@ -50,8 +50,9 @@ from k2serve.loadgen.trace import (
     trace_requests,
 )
 from k2serve.model.presets import PRESETS
+from k2serve.router.policy import POLICIES as ROUTER_POLICIES
 
-POLICIES = ("kv", "least-loaded", "round-robin")
+POLICIES = ("kv", "least-loaded", "round-robin")  # compared by default (any of the router's may be named)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class PolicyResult:
     capacity_blocks: int
     wall_s: float
     decisions: dict[str, int] = field(default_factory=dict)  # the router's prefill decisions by reason
+    windows: list[tuple[int, int]] = field(default_factory=list)  # request index ranges of the windows
 
 
 @dataclass(frozen=True)
@@ -167,15 +169,25 @@ def run(
             p: prefill_decisions(httpx.get(f"{c.http_url}/metrics", timeout=10).text)
             for p, c in clusters.items()
         }
-    return [PolicyResult(p, records[p], capacity[p], walls[p], decisions[p]) for p in policies]
+    spans = [(part[0].index, part[-1].index + 1) for part in parts]
+    return [PolicyResult(p, records[p], capacity[p], walls[p], decisions[p], spans) for p in policies]
 
 
 def prefill_decisions(metrics: str) -> dict[str, int]:
-    """The router's prefill routing decisions by reason, from its Prometheus text."""
+    """The router's prefill routing decisions by reason, from its Prometheus text, and under
+    "predicted_hit_tokens" / "found_hit_tokens" the cached tokens its KV index predicted on the chosen
+    prefill workers against those the workers found (a prediction above what was found: a stale index,
+    or blocks evicted between the decision and the prefill)."""
     out: dict[str, int] = {}
+    totals = {
+        "k2serve_router_predicted_hit_tokens_total": "predicted_hit_tokens",
+        "k2serve_router_prefill_cached_tokens_total": "found_hit_tokens",
+    }
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
-            if (
+            if sample.name in totals:
+                out[totals[sample.name]] = int(sample.value)
+            elif (
                 sample.name == "k2serve_router_routing_decisions_total"
                 and sample.labels.get("role") == "prefill"
             ):
@@ -195,6 +207,11 @@ def summarize(
     unbounded = ideal_cache_hits(blocks, block_size, None)
     best_lru = sum(h for i, h in enumerate(lru) if i in done)
     best_inf = sum(h for i, h in enumerate(unbounded) if i in done)
+    per_window = []
+    for lo, hi in result.windows:
+        best_w = sum(lru[i] for i in range(lo, hi) if i in done)
+        if best_w:
+            per_window.append(sum(r.cached_tokens or 0 for r in ok if lo <= r.index < hi) / best_w)
     ttfts = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
     good = sum(slo.met(r) for r in ok)
     p50, p99 = percentiles(ttfts, (50, 99)) if ttfts else (float("nan"), float("nan"))
@@ -209,6 +226,7 @@ def summarize(
         "best_unbounded_tokens": best_inf,
         "of_best_lru": cached / best_lru if best_lru else None,
         "of_unbounded": cached / best_inf if best_inf else None,
+        "of_best_lru_by_window": per_window,  # caches carry over, so windows are not independent
         "goodput_fraction": good / len(result.records) if result.records else None,
         "goodput_per_s": good / result.wall_s if result.wall_s else None,
         "ttft_p50_ms": p50,
@@ -231,6 +249,7 @@ def report(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{r['goodput_per_s']:.2f}/s  {r['ttft_p50_ms']:8.1f} / {r['ttft_p99_ms']:8.1f}  {r['failed']}"
             + (f" {r['errors']}" if r["errors"] else "")
             + f"  decisions {r['prefill_decisions']}"
+            + f"  of best by window {[_pct(x) for x in r['of_best_lru_by_window']]}"
         )
     return lines
 
@@ -286,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     prefills = [int(x) for x in args.prefill.split(",")]
     if args.rounds < 1 or min(prefills) < 1:
         ap.error("--rounds and every --prefill count must be >= 1")
-    if not args.policies or not set(args.policies) <= set(POLICIES):
-        ap.error(f"--policies must name some of {', '.join(POLICIES)}, got {','.join(args.policies)}")
+    if not args.policies or not set(args.policies) <= set(ROUTER_POLICIES):
+        ap.error(f"--policies must name some of {', '.join(ROUTER_POLICIES)}, got {','.join(args.policies)}")
     entries = load_entries(args, scaling)
     requests = list(trace_requests(entries, scaling, args.seed))
     blocks = [scaling.scaled_blocks(e) for e in entries]

@@ -2,6 +2,7 @@
 
     k2serve bench transfer                          # K2 defaults: 61 layers x 4096 tokens x 576, bf16
     k2serve bench transfer --tokens 1024 --backends torch --repeats 5
+    k2serve bench transfer --tokens 256,1024,4096   # one table per size (prompt length)
 
 The receiver runs in this process and puts every layer into a preallocated [layers, tokens, kv_dim]
 tensor, as a decode worker puts it into its paged pool: the torch backend receives into it in place
@@ -13,7 +14,10 @@ destination. Seconds = receiver time from the first bytes to the last layer.
 Paired rounds: each of --repeats rounds runs one transfer of every method, the socket first, one
 after the other, so a method and its baseline see the same moment of a shared machine (this host's
 loopback speed drifts by 2x over minutes). Reported per method: GB/s of its best round, and the
-ratio to the socket in the same round (median, with min and max over the rounds).
+ratio to the socket in the same round (median, with min and max over the rounds). Both backends run
+as the cluster runs them, with a cluster token (a fresh random one): gRPC sends it with every
+transfer, the torch pair proves it in its handshake. The time each sender took to connect (torch: the
+TCPStore rendezvous, two gloo groups and their two handshakes) is reported once per backend.
 Torch runs with --torch-threads intra-op threads (default 1): on a 2-core machine OpenMP workers that
 spin after the on_layer copy steal the cores the transfer needs.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import secrets
 import shlex
 import socket
 import statistics
@@ -32,6 +37,7 @@ from typing import Any
 
 import torch
 
+from k2serve.rpc.auth import InternalAuth
 from k2serve.transfer import BACKENDS, make_receiver, make_sender
 from k2serve.transfer.base import DTYPES
 
@@ -53,12 +59,20 @@ def _socket_sender(port: int, args: argparse.Namespace) -> None:
                 sock.sendall(kv[layer].view(torch.uint8).numpy().data)
 
 
+def _credentials(backend: str, token: str) -> dict[str, Any]:
+    """The cluster token as each backend carries it (gRPC: call metadata; torch: the handshake)."""
+    if backend == "grpc":
+        return {"metadata": InternalAuth(token).metadata()}
+    return {"token": token}
+
+
 def _backend_sender(backend: str, endpoint: str, args: argparse.Namespace, go: Any, done: Any) -> None:
     """Child: one transfer per transfer id put on `go` (None ends it)."""
     torch.set_num_threads(args.torch_threads)
     kv = _layers(args)
-    sender = make_sender(backend, endpoint)
-    done.put("ready")
+    t0 = time.perf_counter()
+    sender = make_sender(backend, endpoint, **_credentials(backend, args.token))
+    done.put(time.perf_counter() - t0)  # connected (and, torch, authenticated)
     try:
         while (tid := go.get()) is not None:
             sender.open(tid, args.layers, args.tokens, args.kv_dim, kv.dtype)
@@ -112,7 +126,11 @@ class _BackendLink:
 
     def __init__(self, backend: str, in_place: bool, args: argparse.Namespace, dest: torch.Tensor) -> None:
         self.args, self.dest, self.in_place = args, dest, in_place
-        self.receiver = make_receiver(backend)
+        if backend == "grpc":
+            interceptors = InternalAuth(args.token).thread_server_interceptors()
+            self.receiver = make_receiver(backend, interceptors=interceptors)
+        else:
+            self.receiver = make_receiver(backend, token=args.token)
         ctx = mp.get_context("spawn")
         self.go, self.done = ctx.Queue(), ctx.Queue()
         self.child = ctx.Process(
@@ -121,8 +139,7 @@ class _BackendLink:
             daemon=True,
         )
         self.child.start()
-        if self.done.get(timeout=_CHILD_START_S) != "ready":
-            raise RuntimeError(f"{backend} sender did not start")
+        self.connect_s = float(self.done.get(timeout=_CHILD_START_S))
         self.rounds = 0
 
     def transfer(self) -> float:
@@ -158,7 +175,9 @@ class _BackendLink:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=61)
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument(
+        "--tokens", default="4096", help="tokens per transfer; comma-separated for one table per size"
+    )
     parser.add_argument("--kv-dim", type=int, default=576)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument(
@@ -169,9 +188,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--torch-threads", type=int, default=1, help="torch intra-op threads in both processes"
     )
     args = parser.parse_args(argv)
+    try:
+        sizes = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        parser.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
+    if any(t < 1 for t in sizes):
+        parser.error(f"--tokens must be positive, got {args.tokens!r}")
     torch.set_num_threads(args.torch_threads)
     argv_used = list(argv) if argv is not None else sys.argv[1:]
+    token = secrets.token_urlsafe(24)  # this run's cluster token
+    for tokens in sizes:
+        _bench_size(argparse.Namespace(**{**vars(args), "tokens": tokens, "token": token}))
+    print("reproduce: k2serve bench transfer " + shlex.join(argv_used))
+    return 0
 
+
+def _bench_size(args: argparse.Namespace) -> None:
+    """Paired rounds of every method at args.tokens tokens; prints the table."""
     layer_bytes = args.tokens * args.kv_dim * DTYPES[args.dtype].itemsize
     total = args.layers * layer_bytes
     print(f"moving {args.layers} layers x {args.tokens} tokens x {args.kv_dim} {args.dtype}")
@@ -210,8 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{label:>17}: {total / min(secs) / 1e9:6.2f} GB/s  ratio to socket median {statistics.median(ratios):.2f}"
             f" (min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 0.70)"
         )
-    print("reproduce: k2serve bench transfer " + shlex.join(argv_used))
-    return 0
+    connects = ", ".join(f"{label} {link.connect_s * 1e3:.0f} ms" for label, link in links.items())
+    print(f"sender connect (torch: rendezvous + authenticated handshakes): {connects}")
 
 
 if __name__ == "__main__":

@@ -141,9 +141,15 @@ def write_tokenizer(out_dir: str | Path, num_ranks: int) -> None:
     The config lists all 256 special tokens in Hugging Face's `added_tokens_decoder` form with
     the Kimi names at the Kimi offsets; it has no `chat_template` key.
     """
+    write_tokenizer_files(out_dir, train_bpe_ranks(CORPUS, num_ranks))
+
+
+def write_tokenizer_files(out_dir: str | Path, ranks: dict[bytes, int]) -> None:
+    """Write `ranks` as `tiktoken.model` and a `tokenizer_config.json` naming the 256 special tokens
+    (Kimi's names at Kimi's offsets after the ranks) in Hugging Face's `added_tokens_decoder` form."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ranks = train_bpe_ranks(CORPUS, num_ranks)
+    num_ranks = len(ranks)
     lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in ranks.items()]
     (out / "tiktoken.model").write_text("".join(lines), encoding="ascii")
     added = {

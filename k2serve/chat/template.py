@@ -89,13 +89,15 @@ def apply_chat_template(
     if not messages or messages[0]["role"] != "system":
         out.append(f"{IM_SYSTEM}system{IM_MIDDLE}{DEFAULT_SYSTEM_PROMPT}{IM_END}")
     for idx, msg in enumerate(messages):
-        out.append(_render_message(msg, keep_reasoning=idx > last_plain_assistant))
+        out.append(render_message(msg, keep_reasoning=idx > last_plain_assistant))
     if add_generation_prompt:
         out.append(GENERATION_PROMPT)
     return "".join(out)
 
 
-def _render_message(msg: Message, keep_reasoning: bool) -> str:
+def render_message(msg: Message, keep_reasoning: bool) -> str:
+    """One message in the K2 format, `<|im_end|>` included; an assistant's reasoning only when
+    `keep_reasoning` (the template drops it for turns before the last plain assistant turn)."""
     role = msg["role"]
     role_name = _jstr(msg.get("name") or role)
     opener = {"user": IM_USER, "assistant": IM_ASSISTANT}.get(role, IM_SYSTEM)

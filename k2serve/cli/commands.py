@@ -36,7 +36,9 @@ BENCHMARKS = {
     "kv-history": "k2serve.bench.kv_history",
     "kv-tiers": "k2serve.bench.kv_tiers",
     "device": "k2serve.bench.device",
+    "captured": "k2serve.bench.captured",
     "moe-traffic": "k2serve.bench.moe_traffic",
+    "demo": "k2serve.bench.demo_eval",
     "cpu-gemv": "k2serve.bench.cpu_gemv",
 }
 
@@ -52,7 +54,31 @@ def init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_demo(args: argparse.Namespace) -> int:
+    from k2serve.model.demo_data import COPY_HEAVY_WEIGHTS
+    from k2serve.model.demo_train import TrainConfig
+    from k2serve.model.demo_train import train_demo as train
+
+    cfg = TrainConfig(
+        out_dir=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        num_samples=args.samples,
+        seed=args.seed,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
+        warmup=args.warmup,
+        keep_fp32=True,
+        init_from=args.init_from,
+        kind_weights=COPY_HEAVY_WEIGHTS if args.copy_heavy else None,
+    )
+    train(cfg, log=lambda line: print(line, flush=True))
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
+    from k2serve.cli.settings import compile_mode
     from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm import LLM
     from k2serve.engine.sampling_params import SamplingParams
@@ -61,7 +87,10 @@ def generate(args: argparse.Namespace) -> int:
         args.model,
         dtype=args.dtype,
         engine_config=EngineConfig(
-            attention_backend=args.attention_backend, moe_backend=args.moe_backend, device=args.device
+            attention_backend=args.attention_backend,
+            moe_backend=args.moe_backend,
+            device=args.device,
+            compile=compile_mode(args),
         ),
         speculative_config=args.speculative_config,
     )
@@ -125,6 +154,10 @@ def up(args: argparse.Namespace) -> int:
 
     spec = cluster_spec(args)
     if args.ray:
+        if spec.mooncake_master:
+            raise ValueError(
+                "--ray with --kv-store mooncake needs --kv-store-master: `up --ray` runs no master"
+            )
         from k2serve.cluster.ray_runtime import run_on_ray
 
         return run_on_ray(spec, args.ray, ray_options(args))

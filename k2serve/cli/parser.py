@@ -15,7 +15,7 @@ from k2serve.router.policy import POLICIES
 
 DTYPES = ("bfloat16", "float32", "float16")
 # k2serve.model.presets.PRESETS' names (importing k2serve.model loads torch; `plan` must not)
-PRESET_NAMES = ("long", "small", "tiny")
+PRESET_NAMES = ("demo", "long", "small", "tiny")
 KV_CACHE_DTYPES = (
     "auto",
     "bf16",
@@ -24,6 +24,10 @@ KV_CACHE_DTYPES = (
 )  # kvcache.fp8.CACHE_DTYPES, spelled out: the CLI loads no torch
 ATTENTION_BACKENDS = ("torch", "triton")  # model.triton_attention.ATTENTION_BACKENDS, spelled out
 MOE_BACKENDS = ("torch", "triton")  # model.triton_moe.MOE_BACKENDS, spelled out
+COMPILE_MODES = ("none", "decode")  # engine.config.COMPILE_MODES, spelled out
+
+KV_STORES = ("none", "mooncake")  # engine.config.KV_STORES, spelled out
+KV_STORE_SEGMENT_MB = 512  # engine.config.DEFAULT_KV_STORE_SEGMENT_BYTES in MiB
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -64,7 +68,9 @@ def add_model_args(s: argparse.ArgumentParser) -> None:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
     g.add_argument(
-        "--preset", choices=PRESET_NAMES, help="write a random checkpoint of this preset and use it"
+        "--preset",
+        choices=PRESET_NAMES,
+        help="write a random checkpoint of this preset and use it (demo: the trained model the package ships)",
     )
     s.add_argument("--seed", type=int, default=0, help="seed of the --preset weights")
     s.add_argument(
@@ -125,8 +131,65 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         help="after a turn of a session finishes, keep its KV blocks from eviction this many seconds or "
         "until its next turn arrives (an agent's tool call); 0 = off",
     )
+    add_kv_store_args(s)
     add_attention_backend_arg(s)
     add_device_arg(s)
+    add_compile_arg(s)
+
+
+def add_compile_arg(s: argparse.ArgumentParser) -> None:
+    """--compile / --enforce-eager (EngineConfig.compile): the captured decode step."""
+    g = s.add_mutually_exclusive_group()
+    g.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="none",
+        help="decode = steps of only 1-token decode rows run a static-shape forward per batch bucket "
+        "(1, 2, 4, ... max-num-seqs): torch.compile on CPU (compiled on a bucket's first use, cached "
+        "under ~/.cache/k2serve/inductor), CUDA graphs on CUDA; none = every step eager (default)",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="vLLM's spelling of --compile none")
+
+
+def add_kv_store_args(s: argparse.ArgumentParser) -> None:
+    """The shared KV tier (EngineConfig.kv_store_*): prefix-cache blocks in a Mooncake Store."""
+    s.add_argument(
+        "--kv-store",
+        choices=KV_STORES,
+        default="none",
+        help="shared KV tier below the local ones: mooncake = prefix-cache blocks in a Mooncake Store "
+        "every worker reaches, so a block computed on one worker is fetched, not recomputed, by another "
+        "(needs pip install 'k2serve[mooncake]'; `up` starts a local mooncake_master unless "
+        "--kv-store-master is given)",
+    )
+    s.add_argument(
+        "--kv-store-master", default=None, metavar="HOST:PORT", help="mooncake_master's RPC address"
+    )
+    s.add_argument(
+        "--kv-store-metadata",
+        default=None,
+        metavar="URL",
+        help="the transfer engine's metadata server (default http://MASTER_HOST:8080/metadata, which "
+        "mooncake_master -enable_http_metadata_server=true serves)",
+    )
+    s.add_argument(
+        "--kv-store-segment-mb",
+        type=int,
+        default=KV_STORE_SEGMENT_MB,
+        help="memory this worker contributes to the store, MiB",
+    )
+    s.add_argument(
+        "--kv-store-put-on-compute",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="put a block into the store as soon as it is computed (default), so other workers hit it "
+        "before this one evicts it; --no-kv-store-put-on-compute: only on eviction",
+    )
+    s.add_argument(
+        "--kv-store-local-hostname",
+        default=None,
+        help="the address other store clients reach this worker at (default: this host's address)",
+    )
 
 
 def add_device_arg(s: argparse.ArgumentParser) -> None:
@@ -162,10 +225,14 @@ def add_attention_backend_arg(s: argparse.ArgumentParser) -> None:
 def add_transfer_backend_arg(s: argparse.ArgumentParser, what: str) -> None:
     s.add_argument(
         "--transfer-backend",
+        "--kv-transfer-backend",
+        dest="transfer_backend",
         choices=("auto", "grpc", "torch"),
         default="auto",
-        help=f"{what}: torch = torch.distributed (gloo on CPU, NCCL on GPU), received straight into "
-        "the decode pool; grpc = gRPC streams (TLS-capable); auto = torch, or grpc with --tls-*",
+        help=f"{what}: torch = torch.distributed point to point (gloo on CPU, NCCL between GPUs with "
+        "--device cuda: no host staging), received straight into the decode pool, each pair connection "
+        "authenticated with the cluster token; grpc = gRPC streams (TLS-capable); auto = torch, or grpc "
+        "with --tls-*",
     )
 
 
@@ -299,14 +366,16 @@ def add_routing_args(p: argparse.ArgumentParser, index: bool = False) -> None:
         choices=POLICIES,
         default="kv",
         help="kv: the prefill worker with the least predicted TTFT, counting the prompt's prefix its cache "
-        "holds (KV events); least-loaded: fewest outstanding requests; round-robin: in turn",
+        "holds (KV events), a new conversation where it evicts the coldest cached blocks; kv-ttft: kv "
+        "without that cache balance (by predicted TTFT alone); least-loaded: fewest outstanding requests; "
+        "round-robin: in turn",
     )
     if index:
         p.add_argument(
             "--kv-index-max-blocks",
             type=int,
             default=DEFAULT_MAX_BLOCKS,
-            help="block hashes the KV index keeps (about 360 bytes each); past it the least recently "
+            help="block hashes the KV index keeps (about 460 bytes each); past it the least recently "
             "stored is forgotten",
         )
 
@@ -355,13 +424,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("init-model", help="write a random-weight checkpoint of a preset architecture")
+    s = sub.add_parser(
+        "init-model",
+        help="write a random-weight checkpoint of a preset architecture (demo: copy the shipped trained model)",
+    )
     s.add_argument("dir")
     s.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quant", choices=("none", "int4", "fp8"), default="none")
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the unquantised weights")
     s.set_defaults(handler=commands.init_model)
+
+    s = sub.add_parser(
+        "train-demo",
+        help="train the demo preset on CPU: corpus generation, tokenizer, AdamW loop (writes a checkpoint)",
+    )
+    s.add_argument("out", help="directory the checkpoint goes to (the shipped one is k2serve/model/demo)")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--samples", type=int, default=40000, help="generated training conversations")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core host)"
+    )
+    s.add_argument("--max-minutes", type=float, default=None, help="stop early (checkpoint still written)")
+    s.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine to 10%%")
+    s.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from an earlier run's DIR (its fp32 weights and tokenizer)",
+    )
+    s.add_argument(
+        "--copy-heavy", action="store_true", help="the second stage's corpus mix (more number-copying kinds)"
+    )
+    s.set_defaults(handler=commands.train_demo)
 
     s = sub.add_parser("generate", help="offline generation with the single-node engine")
     s.add_argument("--model", required=True)
@@ -376,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_speculative_arg(s)
     add_attention_backend_arg(s)
     add_device_arg(s)
+    add_compile_arg(s)
     s.set_defaults(handler=commands.generate)
 
     s = sub.add_parser("serve", help="one process: the engine behind the OpenAI-compatible HTTP API")

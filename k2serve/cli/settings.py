@@ -8,6 +8,7 @@ The flags are `k2serve.cli.parser`'s; each function names the flags it reads. `c
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 from pathlib import Path
@@ -59,9 +60,28 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_offload_dir=args.kv_offload_dir,
         kv_offload_disk_bytes=args.kv_offload_disk_mb << 20,
         kv_session_lease_s=args.kv_session_lease_s,
+        kv_store=args.kv_store,
+        kv_store_master=args.kv_store_master,
+        kv_store_metadata=args.kv_store_metadata,
+        kv_store_segment_bytes=args.kv_store_segment_mb << 20,
+        kv_store_put_on_compute=args.kv_store_put_on_compute,
+        kv_store_local_hostname=args.kv_store_local_hostname,
         device=args.device,
         moe_backend=args.moe_backend,
+        compile=compile_mode(args),
     )
+
+
+def compile_mode(args: argparse.Namespace) -> str:
+    """EngineConfig.compile from --compile / --enforce-eager (vLLM's alias for none); with "decode" the
+    captured step's compile progress ("compiling decode step for batch 8 ... 12.3 s") goes to stderr
+    also in commands that configure no logging (generate, serve)."""
+    mode = "none" if getattr(args, "enforce_eager", False) else getattr(args, "compile", "none")
+    progress = logging.getLogger("k2serve.engine.captured")
+    if mode == "decode" and not progress.handlers and not logging.getLogger().handlers:
+        progress.addHandler(logging.StreamHandler())
+        progress.setLevel(logging.INFO)
+    return mode
 
 
 def tls_files(args: argparse.Namespace) -> TLSFiles | None:
@@ -222,6 +242,8 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         args.attention_backend,
         "--moe-backend",
         args.moe_backend,
+        "--compile",
+        compile_mode(args),
     ]
     if args.device is not None:
         out += ["--device", args.device]
@@ -241,9 +263,28 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--kv-offload-disk-mb", str(args.kv_offload_disk_mb)]
     if args.kv_session_lease_s:
         out += ["--kv-session-lease-s", str(args.kv_session_lease_s)]
+    out += kv_store_args_from_up(args)
     if getattr(args, "speculative_config", None):
         out += ["--speculative-config", args.speculative_config]
     return tuple(out)
+
+
+def kv_store_args_from_up(args: argparse.Namespace) -> list[str]:
+    """The --kv-store* flags `up` passes on (without --kv-store-master, LocalCluster starts a local
+    mooncake_master and adds its address)."""
+    if args.kv_store == "none":
+        return []
+    out = ["--kv-store", args.kv_store, "--kv-store-segment-mb", str(args.kv_store_segment_mb)]
+    for flag, value in (
+        ("--kv-store-master", args.kv_store_master),
+        ("--kv-store-metadata", args.kv_store_metadata),
+        ("--kv-store-local-hostname", args.kv_store_local_hostname),
+    ):
+        if value:
+            out += [flag, value]
+    if not args.kv_store_put_on_compute:
+        out.append("--no-kv-store-put-on-compute")
+    return out
 
 
 def router_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
@@ -280,7 +321,21 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         tls=tls_files(args),
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         cluster_token_file=args.cluster_token_file,
+        gpu_count=gpus_to_spread(args.device),
+        mooncake_master=args.kv_store == "mooncake" and not args.kv_store_master,
     )
+
+
+def gpus_to_spread(device: str | None) -> int:
+    """How many GPUs `up` spreads its worker processes over: all the GPUs torch sees when the workers
+    run on CUDA without a fixed index (`--device cuda`, or the default on a GPU host) and there are
+    several; 0 (no pinning) on CPU, on one GPU, or for an explicit `cuda:N`, which the user chose."""
+    if device not in (None, "cuda"):
+        return 0
+    import torch
+
+    count = torch.cuda.device_count()
+    return count if count > 1 else 0
 
 
 def ray_options(args: argparse.Namespace) -> RayOptions:

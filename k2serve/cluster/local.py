@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from k2serve.cluster.lifeline import Lifeline
+from k2serve.cluster.mooncake_master import MooncakeMaster
 from k2serve.cluster.redis_server import EmbeddedRedis, RedisServerConfig
 from k2serve.rpc.auth import write_token_file
 from k2serve.rpc.tls import TLSFiles, transfer_backend_for
@@ -69,6 +70,8 @@ class ClusterSpec:
     tls: TLSFiles | None = None  # one certificate for every process (SANs of `host`), CA for mutual TLS
     otlp_traces_endpoint: str | None = None  # every process's --otlp-traces-endpoint (OTEL_* env: `env`)
     cluster_token_file: str | None = None  # the cluster credential (None: the launcher generates one)
+    gpu_count: int = 0  # > 0: worker processes take GPUs 0..gpu_count-1 in turn (CUDA_VISIBLE_DEVICES)
+    mooncake_master: bool = False  # start a local mooncake_master for the workers' --kv-store mooncake
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -77,6 +80,8 @@ class ClusterSpec:
             )
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.gpu_count < 0:
+            raise ValueError(f"gpu_count must be >= 0, got {self.gpu_count}")
         if self.eplb_config is not None and self.ep_size == 1:
             raise ValueError("--enable-eplb needs --ep > 1 (ClusterSpec: eplb_config needs ep_size > 1)")
         backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
@@ -166,6 +171,17 @@ class Proc:
         return ""
 
 
+def gpu_env(process_index: int, gpu_count: int) -> dict[str, str]:
+    """The environment that pins worker process `process_index` (in spawn order) to one GPU of
+    `gpu_count`: GPUs are taken in turn, so the ranks of an expert-parallel group (spawned one after the
+    other) land on distinct GPUs while there are at least as many GPUs as ranks, and the prefill and
+    decode workers spread over the host instead of all opening cuda:0. Inside the process the GPU is
+    cuda:0 (LOCAL_RANK 0). gpu_count 0: nothing set (CPU, or the user's own CUDA_VISIBLE_DEVICES)."""
+    if gpu_count <= 0:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": str(process_index % gpu_count), "LOCAL_RANK": "0"}
+
+
 class LocalCluster:
     def __init__(self, spec: ClusterSpec) -> None:
         self.dir = Path(spec.workdir or tempfile.mkdtemp(prefix="k2serve-up-"))
@@ -178,15 +194,17 @@ class LocalCluster:
         self.procs: list[Proc] = []
         self.redis: EmbeddedRedis | None = None
         self.redis_connection: RedisConnection | None = spec.redis
+        self.mooncake: MooncakeMaster | None = None  # the local Mooncake Store master (spec.mooncake_master)
         self.http_port = spec.port
         self.grpc_port = spec.grpc_port
         self.internal_port = spec.internal_port
         self._lifeline: Lifeline | None = None  # the processes die with this one (cluster.lifeline)
+        self._workers_spawned = 0  # worker processes started so far: the next one's GPU (gpu_env)
 
     # ---- processes -------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> Proc:
         log = self.dir / "logs" / f"{name}.log"
-        env = dict(os.environ) | self.spec.env | {"PYTHONUNBUFFERED": "1"}
+        env = dict(os.environ) | self.spec.env | (extra_env or {}) | {"PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as f:
             popen = subprocess.Popen(  # noqa: S603, PLW1509 - our own CLI; preexec_fn: one prctl call
                 [sys.executable, "-m", "k2serve", *args],
@@ -222,6 +240,8 @@ class LocalCluster:
                 self.redis, self.redis_connection = start_embedded_redis(self.dir / "redis")
             elif self.redis_connection is not None:  # keep a password in the URL out of `ps`
                 self.redis_connection = self.redis_connection.password_moved_to(self.dir / "redis-password")
+            if s.mooncake_master and self.mooncake is None:
+                self.start_mooncake_master()
             for stale in self.dir.glob("*.ready"):  # a reused workdir must not point at an old process
                 stale.unlink()
             ready = self.dir / "router.ready"
@@ -242,6 +262,24 @@ class LocalCluster:
             raise
         return self
 
+    def _spawn_worker_process(self, name: str, args: list[str]) -> None:
+        """One worker process, pinned to its GPU when the spec spreads workers over GPUs."""
+        env = gpu_env(self._workers_spawned, self.spec.gpu_count)
+        self._workers_spawned += 1
+        self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")], env)
+
+    def start_mooncake_master(self) -> None:
+        """Start the cluster's mooncake_master (stopped by `stop`, after the workers) and hand its
+        address to every worker from now on."""
+        self.mooncake = MooncakeMaster().start()
+        store = (
+            "--kv-store-master",
+            self.mooncake.address,
+            "--kv-store-metadata",
+            self.mooncake.metadata_url,
+        )
+        self.spec = dataclasses.replace(self.spec, engine_args=(*self.spec.engine_args, *store))
+
     def spawn_worker(self, role: str, i: int) -> None:
         """Start worker i of `role` (the planner's local connector adds workers to a running cluster
         this way): one process, or ep_size rank processes with a rendezvous of their own."""
@@ -249,14 +287,12 @@ class LocalCluster:
         router = f"{s.host}:{self.internal_port}"
         if s.ep_size == 1:
             name = f"{role}-{i}"
-            args = s.worker_args(role, name, s.host, router)
-            self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")])
+            self._spawn_worker_process(name, s.worker_args(role, name, s.host, router))
             return
         init = f"tcp://{s.host}:{free_port(s.host)}"
         for r in range(s.ep_size):
             name = f"{role}-{i}-ep{r}"  # the worker id the rank registers under
-            args = s.worker_args(role, f"{role}-{i}", s.host, router, r, init)
-            self._spawn(name, [*args, "--ready-file", str(self.dir / f"{name}.ready")])
+            self._spawn_worker_process(name, s.worker_args(role, f"{role}-{i}", s.host, router, r, init))
 
     def _wait_registered(self, n: int, deadline: float) -> None:
         """Until `n` workers are registered and ready and the router says it is ready."""
@@ -301,6 +337,9 @@ class LocalCluster:
             self.redis.stop()
             self.redis = None
             self.redis_connection = self.spec.redis
+        if self.mooncake is not None:
+            self.mooncake.stop()
+            self.mooncake = None
         if self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None
@@ -335,6 +374,8 @@ class LocalCluster:
             rows.append(
                 ("redis", str(self.redis.pid) if self.redis else "-", self.redis_connection.where, "-", "-")
             )
+        if self.mooncake is not None:
+            rows.append(("mooncake_master", str(self.mooncake.pid), self.mooncake.address, "-", "-"))
         return text_table(rows)
 
 

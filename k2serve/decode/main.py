@@ -11,7 +11,9 @@ from k2serve.decode.worker import DecodeServicer
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.rpc.safety import add_servicer
 from k2serve.tracing.tracer import make_tracer
+from k2serve.transfer.grpc_backend import GrpcKVReceiver
 from k2serve.transfer.registry import make_receiver
+from k2serve.transfer.torch_receiver import TorchKVReceiver
 from k2serve.worker.runtime import load_engine, serve_worker
 from k2serve.worker.settings import WorkerSettings
 
@@ -30,9 +32,25 @@ async def run(settings: WorkerSettings) -> int:
         settings.transfer_backend, f"{settings.host}:{settings.transfer_port}", **options
     )
     kv_port = int(receiver.endpoint.rsplit(":", 1)[1])
+    fallback: GrpcKVReceiver | None = None
+    payload_device, fallback_address = "", None
+    if isinstance(receiver, TorchKVReceiver):  # senders that cannot pair over torch send over gRPC
+        fallback = GrpcKVReceiver(
+            f"{settings.host}:0",
+            interceptors=settings.internal.thread_server_interceptors(),
+            inbox=receiver.inbox,
+        )
+        payload_device = receiver.device.type
+        fallback_address = settings.advertised(int(fallback.endpoint.rsplit(":", 1)[1]))
     tracer = make_tracer(settings.tracing)
     servicer = DecodeServicer(
-        engine, receiver, settings.transfer_backend, settings.advertised(kv_port), tracer
+        engine,
+        receiver,
+        settings.transfer_backend,
+        settings.advertised(kv_port),
+        tracer,
+        payload_device,
+        fallback_address,
     )
     stop_expiry = asyncio.Event()
     expiry = asyncio.create_task(servicer.expire_reservations(stop_expiry))
@@ -44,6 +62,8 @@ async def run(settings: WorkerSettings) -> int:
     async def on_stop() -> None:
         stop_expiry.set()
         await expiry
+        if fallback is not None:
+            fallback.shutdown()
         receiver.shutdown()
         await asyncio.to_thread(tracer.shutdown)
 

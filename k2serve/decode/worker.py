@@ -51,22 +51,36 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         backend: str,
         address: str | None = None,
         tracer: Tracer = NOOP,
+        payload_device: str = "",
+        fallback: str | None = None,
     ) -> None:
         """address: the KV endpoint ("host:port") prefill workers are told to send to; default the
-        receiver's bound one, which peers on other hosts cannot use when it binds 0.0.0.0."""
+        receiver's bound one, which peers on other hosts cannot use when it binds 0.0.0.0.
+        payload_device ("cpu" | "cuda") and fallback (the advertised "host:port" of a gRPC receiver
+        sharing the torch receiver's transfers): what a torch endpoint tells senders, so that those
+        that cannot pair with it send over gRPC instead."""
         self.engine = engine
         self.tracer = tracer
         self.receiver = receiver
         self.backend = backend
         self.address = address or receiver.endpoint
+        self.payload_device = payload_device
+        self.fallback = fallback
         self.reservations: dict[str, Reservation] = {}
         self.bytes_received = 0
         self.local_prefills = 0  # requests whose prompt this worker computed itself
         self.transfer_metrics = KVTransferMetrics(engine.metrics.registry, engine.metrics.labels)
         self.transfer_metrics.declare(backend)
+        if fallback:
+            self.transfer_metrics.declare("grpc")
 
     def endpoint(self) -> kv_transfer_pb2.KVEndpoint:
-        return kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
+        ep = kv_transfer_pb2.KVEndpoint(backend=self.backend, address=self.address)
+        if self.backend == "torch":
+            ep.payload_device = self.payload_device
+            if self.fallback:
+                ep.fallback.CopyFrom(kv_transfer_pb2.KVEndpoint(backend="grpc", address=self.fallback))
+        return ep
 
     @override
     async def Reserve(
@@ -139,7 +153,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             stats = await asyncio.to_thread(self.receiver.wait, request.transfer_id, TRANSFER_TIMEOUT_S)
             self.bytes_received += stats.bytes
-            self.transfer_metrics.done(self.backend, stats)
+            self.transfer_metrics.done("grpc" if stats.via_grpc else self.backend, stats)
             if self.tracer.enabled:
                 self._trace_transfer(stats, span)
         except TransferError as err:
@@ -173,7 +187,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def _trace_transfer(self, stats: TransferStats, span: Span) -> None:
         """kv.receive and kv.verify, drawn from the receiver's measurements."""
         end = epoch_ns(stats.finished_at)
-        attributes: dict[str, Attr] = {"k2serve.kv.bytes": stats.bytes, "k2serve.kv.backend": self.backend}
+        backend = "grpc" if stats.via_grpc else self.backend
+        attributes: dict[str, Attr] = {"k2serve.kv.bytes": stats.bytes, "k2serve.kv.backend": backend}
         start = end - round(stats.seconds * 1e9)
         if stats.traceparent:  # the prefill worker's span: the transfer continues it
             receive = self.tracer.start(

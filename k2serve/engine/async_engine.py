@@ -149,7 +149,8 @@ class AsyncEngine:
             # leases expire by each rank's clock and the tiers' files are per process: the ranks'
             # schedules (which must stay in lockstep) could diverge
             raise ValueError(
-                "kv_session_lease_s and the kv_offload_* tiers are not supported in an expert-parallel group yet"
+                "kv_session_lease_s, the kv_offload_* tiers and kv_store are not supported in an expert-parallel "
+                "group yet"
             )
         self._engine = engine
         self._group = group

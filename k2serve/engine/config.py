@@ -10,10 +10,16 @@ from typing import Any
 import torch
 
 from k2serve.kvcache.fp8 import CACHE_DTYPES
+from k2serve.kvcache.shared_tier import parse_host_port
 from k2serve.model.triton_attention import ATTENTION_BACKENDS
 from k2serve.model.triton_moe import MOE_BACKENDS
 
+COMPILE_MODES = ("none", "decode")
+"""EngineConfig.compile: "none" (eager every step) or "decode" (the captured decode step)."""
+
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the pool when neither kv_cache_bytes nor memory_budget_bytes is given
+KV_STORES = ("none", "mooncake")  # the shared KV tier (kvcache/shared_tier.py)
+DEFAULT_KV_STORE_SEGMENT_BYTES = 512 << 20
 
 
 class EngineConfigError(ValueError):
@@ -51,6 +57,15 @@ def resolve_device(spec: str | torch.device | None, check_available: bool = True
     return device
 
 
+def indexed_device(device: torch.device) -> torch.device:
+    """device with its index, as tensors report theirs: a bare "cuda" is the current CUDA device (where
+    tensors made on "cuda" land). NCCL binds to an indexed device, and a receive lands in place only
+    when its destination's device equals the receiver's."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 SPEC_METHODS = ("ngram", "suffix")
 
 
@@ -64,10 +79,13 @@ class SpeculativeConfig:
     `prompt_lookup_min` and `prompt_lookup_max` tokens, that occurred earlier in it proposes the tokens
     that followed that earlier occurrence (engine/spec_decode.py).
 
-    method "suffix": the same longest-suffix match, searched also in the outputs of the last
-    `suffix_decoding_max_cached_requests` finished requests of this engine (an agent loop re-emits
-    what earlier turns produced); the longest match wins, the sequence itself first on a tie, then the
-    most recent output. A linear scan, not vLLM's suffix tree: same drafts, more CPU per step.
+    method "suffix" (suffix decoding, vLLM's keys): suffix trees with occurrence counts over the
+    request's prompt + output and over the outputs of the last `suffix_decoding_max_cached_requests`
+    requests (0: only the request's own tree), at most `suffix_decoding_max_tree_depth` tokens deep
+    (match + draft). The draft follows the most frequent continuation of a matching suffix of length
+    L, at most `suffix_decoding_max_spec_factor` x L tokens (and num_speculative_tokens), while the
+    counts give each token a probability >= `suffix_decoding_min_token_prob`; the match with the
+    highest expected accepted count wins (engine/spec_decode.py). prompt_lookup_* are ngram's only.
     """
 
     method: str = "ngram"
@@ -75,6 +93,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     suffix_decoding_max_cached_requests: int = 32
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -85,11 +106,25 @@ class SpeculativeConfig:
             "num_speculative_tokens",
             "prompt_lookup_max",
             "prompt_lookup_min",
-            "suffix_decoding_max_cached_requests",
+            "suffix_decoding_max_tree_depth",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EngineConfigError(f"speculative_config.{name} must be an integer >= 1, got {value!r}")
+        cached = self.suffix_decoding_max_cached_requests
+        if not isinstance(cached, int) or isinstance(cached, bool) or cached < 0:
+            raise EngineConfigError(
+                f"speculative_config.suffix_decoding_max_cached_requests must be an integer >= 0, got {cached!r}"
+            )
+        for name, low, high in (
+            ("suffix_decoding_max_spec_factor", 0.0, 1024.0),
+            ("suffix_decoding_min_token_prob", 0.0, 1.0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise EngineConfigError(
+                    f"speculative_config.{name} must be a number in [{low}, {high}], got {value!r}"
+                )
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise EngineConfigError(
                 f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
@@ -146,6 +181,15 @@ class EngineConfig:
     (kvcache/tiers.py): evicted prefix-cache blocks go to a host-memory LRU of that many bytes, blocks
     pushed out of it to one checksummed file per block in kv_offload_dir (at most kv_offload_disk_bytes),
     and a prefix hit there is reloaded instead of recomputed. 0 / None: no such tier.
+    kv_store / kv_store_master / kv_store_metadata / kv_store_segment_bytes / kv_store_put_on_compute /
+    kv_store_local_hostname / kv_store_timeout_s: the shared tier below the local ones
+    (kvcache/shared_tier.py): "mooncake" puts prefix-cache blocks into a Mooncake Store whose master is
+    at kv_store_master (HOST:PORT; metadata server kv_store_metadata, default
+    http://MASTER_HOST:8080/metadata), to which this engine gives kv_store_segment_bytes of memory and
+    is reachable at kv_store_local_hostname (default: this host's address); a prefix miss in the local
+    tiers is fetched from it. With kv_store_put_on_compute (the default) a block is put as soon as it is
+    computed, so other workers hit it before this one evicts it; else only on eviction. No store call
+    stalls a step longer than kv_store_timeout_s. "none": no shared tier.
     kv_session_lease_s: after a turn of a request with a session_id finishes, its blocks stay
     referenced (not evictable) until this many seconds pass or the session's next turn arrives
     (an agent's tool call between turns); 0 disables leases.
@@ -156,6 +200,9 @@ class EngineConfig:
     device: where weights, the KV pool, the step inputs and the sampler live: "cpu", "cuda" or "cuda:N";
     None (the default): cuda when torch sees a GPU, else cpu (`resolve_device`: spelled right, checked
     here; present on this machine, checked by `torch_device` when the engine loads).
+    compile: one of COMPILE_MODES: "none" (every step eager) or "decode" (steps of only 1-token decode
+    rows run a static-shape forward per batch bucket: torch.compile on CPU, CUDA graphs on CUDA;
+    engine/captured.py; other steps stay eager).
     max_model_len: prompt + output tokens at most (default: the model's max_position_embeddings, or
     less when a pool sized by bytes or blocks holds less). Startup refuses a pool that cannot hold one
     max_model_len sequence.
@@ -177,8 +224,16 @@ class EngineConfig:
     kv_offload_dir: str | None = None
     kv_offload_disk_bytes: int = 0
     kv_session_lease_s: float = 0.0
+    kv_store: str = "none"
+    kv_store_master: str | None = None
+    kv_store_metadata: str | None = None
+    kv_store_segment_bytes: int = DEFAULT_KV_STORE_SEGMENT_BYTES
+    kv_store_put_on_compute: bool = True
+    kv_store_local_hostname: str | None = None
+    kv_store_timeout_s: float = 1.0
     moe_backend: str = "torch"
     device: str | None = None
+    compile: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
@@ -206,13 +261,44 @@ class EngineConfig:
                 raise EngineConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kv_offload_disk_bytes and not self.kv_offload_dir:
             raise EngineConfigError("kv_offload_disk_bytes needs kv_offload_dir (the disk tier's directory)")
+        self._check_kv_store()
         if self.moe_backend not in MOE_BACKENDS:
             raise EngineConfigError(
                 f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
             )
         resolve_device(self.device, check_available=False)
+        if self.compile not in COMPILE_MODES:
+            raise EngineConfigError(
+                f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    def _check_kv_store(self) -> None:
+        if self.kv_store not in KV_STORES:
+            raise EngineConfigError(f"kv_store must be one of {', '.join(KV_STORES)}, got {self.kv_store!r}")
+        if self.kv_store == "none":
+            return
+        if not self.kv_store_master:
+            raise EngineConfigError("kv_store mooncake needs kv_store_master (--kv-store-master HOST:PORT)")
+        try:
+            parse_host_port(self.kv_store_master, "kv_store_master (--kv-store-master)")
+        except ValueError as e:
+            raise EngineConfigError(str(e)) from e
+        if self.kv_store_segment_bytes < 1:
+            raise EngineConfigError(f"kv_store_segment_bytes must be >= 1, got {self.kv_store_segment_bytes}")
+        if self.kv_store_timeout_s <= 0:
+            raise EngineConfigError(f"kv_store_timeout_s must be > 0, got {self.kv_store_timeout_s}")
+        if not self.enable_prefix_caching:
+            raise EngineConfigError("kv_store needs prefix caching (its blocks are keyed by prefix hash)")
+
+    @property
+    def kv_store_metadata_url(self) -> str:
+        """kv_store_metadata, or the HTTP metadata server mooncake_master runs next to its RPC port."""
+        if self.kv_store_metadata:
+            return self.kv_store_metadata
+        host, _ = parse_host_port(self.kv_store_master or "", "kv_store_master")
+        return f"http://{f'[{host}]' if ':' in host else host}:8080/metadata"
 
     @property
     def torch_device(self) -> torch.device:

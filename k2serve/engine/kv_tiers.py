@@ -1,25 +1,36 @@
-"""The engine's glue to the local KV tiers (kvcache/tiers.py): built from EngineConfig and attached to
-the block manager, so that evicted prefix blocks are offloaded and reloaded on a hit; and to session
-leases (kvcache/leases.py), fed by the engine's requests that carry a session id."""
+"""The engine's glue to the local KV tiers (kvcache/tiers.py) and the shared one (kvcache/shared_tier.py):
+built from EngineConfig and attached to the block manager, so that evicted prefix blocks are offloaded
+and reloaded on a hit (and, with a shared store, put when computed); and to session leases
+(kvcache/leases.py), fed by the engine's requests that carry a session id."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from typing import Protocol
+
+import torch
+import xxhash
 
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.protocol import KVTierStats
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.leases import SessionLeases
 from k2serve.kvcache.pool import KVCachePool
+from k2serve.kvcache.shared_tier import MooncakeSettings, MooncakeStore, SharedTiers
 from k2serve.kvcache.tiers import TIERS, KVTiers
 
-__all__ = ["EngineLeases", "attach_tiers", "tier_stats"]
+__all__ = ["EngineLeases", "attach_tiers", "store_namespace", "tier_stats"]
+
+_STORE_FORMAT = b"k2kv-block-v1"  # bump when the payload layout of a block changes
 
 
-def attach_tiers(blocks: BlockManager, pool: KVCachePool, config: EngineConfig) -> KVTiers | None:
-    """The host / disk tiers the config asks for, attached to `blocks`; None when it asks for none
-    (or sizes them below one block) or prefix caching is off (nothing would ever hit them)."""
+def attach_tiers(
+    blocks: BlockManager, pool: KVCachePool, config: EngineConfig, model: torch.nn.Module | None = None
+) -> KVTiers | SharedTiers | None:
+    """The host / disk tiers the config asks for, and the shared store below them (`model` names its
+    namespace: see `store_namespace`), attached to `blocks`; None when it asks for none (or sizes them
+    below one block) or prefix caching is off (nothing would ever hit them)."""
     if not config.enable_prefix_caching:
         return None
     tiers = KVTiers(
@@ -29,10 +40,60 @@ def attach_tiers(blocks: BlockManager, pool: KVCachePool, config: EngineConfig) 
         disk_bytes=config.kv_offload_disk_bytes,
         on_dropped=blocks.tier_dropped,
     )
+    if config.kv_store == "mooncake":
+        if model is None:
+            raise ValueError("a shared KV store needs the model: its fingerprint namespaces the keys")
+        shared = SharedTiers(
+            tiers,
+            MooncakeStore(mooncake_settings(config, pool)),
+            store_namespace(model, pool, config),
+            put_on_compute=config.kv_store_put_on_compute,
+        )
+        blocks.attach_tiers(shared)
+        blocks.on_computed = shared.computed
+        return shared
     if not tiers.enabled:
         return None
     blocks.attach_tiers(tiers)
     return tiers
+
+
+def mooncake_settings(config: EngineConfig, pool: KVCachePool) -> MooncakeSettings:
+    """The Mooncake client settings of `config`: the local transfer buffer holds 8 framed blocks at
+    least (a get or put goes through it), 64 MiB at least."""
+    assert config.kv_store_master is not None  # EngineConfig checks it with kv_store mooncake
+    return MooncakeSettings(
+        master=config.kv_store_master,
+        metadata=config.kv_store_metadata_url,
+        segment_bytes=config.kv_store_segment_bytes,
+        buffer_bytes=max(64 << 20, 8 * (pool.bytes_per_block + 64)),
+        local_hostname=config.kv_store_local_hostname or _host_address(),
+        timeout_s=config.kv_store_timeout_s,
+    )
+
+
+def _host_address() -> str:
+    """This host's address as its name resolves (a pod's IP in Kubernetes), else loopback."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def store_namespace(model: torch.nn.Module, pool: KVCachePool, config: EngineConfig) -> str:
+    """A fingerprint (XXH3-128, hex) of what a stored block's bytes depend on: the model (its config,
+    every weight's name, shape and dtype, and the first values of each), the KV cache dtype and the
+    pool's row layout (dtype, layers, block size, row width). Workers of the same checkpoint, dtype and
+    cache format share it; any other worker gets another namespace and never reads these blocks."""
+    h = xxhash.xxh3_128(_STORE_FORMAT)
+    h.update(repr(getattr(model, "config", None)).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        head = t.detach().reshape(-1)[:64].to("cpu").contiguous()
+        h.update(head.view(torch.uint8).numpy().tobytes())
+    layout = (config.kv_cache_dtype, str(pool.kv.dtype), pool.num_layers, pool.block_size, pool.row_width)
+    h.update(repr(layout).encode())
+    return h.hexdigest()
 
 
 class _Finished(Protocol):
@@ -84,7 +145,7 @@ class EngineLeases:
                     self.leases.hold(session_id, o.prompt_token_ids + o.token_ids)
 
 
-def tier_stats(tiers: KVTiers | None, leases: EngineLeases | None) -> KVTierStats | None:
+def tier_stats(tiers: KVTiers | SharedTiers | None, leases: EngineLeases | None) -> KVTierStats | None:
     """A snapshot of the tiers' counters and the leased blocks for metrics; None with neither."""
     if tiers is None and leases is None:
         return None
@@ -104,4 +165,5 @@ def tier_stats(tiers: KVTiers | None, leases: EngineLeases | None) -> KVTierStat
         blocks={"host": len(tiers.host or ()), "disk": len(tiers.disk or ())},
         corrupt_blocks=st.corrupt_blocks,
         leased_blocks=leased,
+        store_errors=tiers.store.errors if isinstance(tiers, SharedTiers) else 0,
     )

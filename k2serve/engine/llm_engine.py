@@ -18,6 +18,7 @@ import torch
 
 from k2serve.chat.tokenizer import IncrementalDecoder, KimiTokenizer, load_tokenizer
 from k2serve.config import ModelConfig
+from k2serve.engine.captured import CapturedDecode, unsupported_reason
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
@@ -159,16 +160,18 @@ class LLMEngine:
             fp8,
         )
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.tiers = attach_tiers(self.blocks, self.pool, self.config)  # None without host / disk tiers
+        self.tiers = attach_tiers(self.blocks, self.pool, self.config, model)  # None without any tier
         self.leases = EngineLeases.build(self.blocks, self.config)  # None without kv_session_lease_s
         spec = self.config.speculative_config
         self.proposer = None if spec is None else Proposer(spec)
         self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
+        pad_slot = num_blocks * self.config.block_size
         self.runner = ModelRunner(
             model,
             self.pool,
-            pad_slot=num_blocks * self.config.block_size,
+            pad_slot=pad_slot,
             attention_backend=self.config.attention_backend,
+            captured=self._captured_decode(pad_slot),
         )
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
@@ -182,6 +185,18 @@ class LLMEngine:
         # time (ms) and batch (sequences) of the steps that computed no prompt token; 0.0 before one.
         self.decode_step_ms = 0.0
         self.decode_step_batch = 0.0
+
+    def _captured_decode(self, pad_slot: int) -> CapturedDecode | None:
+        """The captured decode step when EngineConfig.compile is "decode" and the model and pool allow
+        it (else a warning naming why, and every step eager)."""
+        if self.config.compile != "decode":
+            return None
+        reason = unsupported_reason(self.model, self.pool)
+        if reason is not None:
+            logger.warning("--compile decode: %s; decode steps run eager", reason)
+            return None
+        blocks = -(-self.max_model_len // self.config.block_size)
+        return CapturedDecode(self.model, self.pool, pad_slot, self.config.max_num_seqs, blocks)
 
     @classmethod
     def from_pretrained(
@@ -343,6 +358,8 @@ class LLMEngine:
         self._decoders.pop(request_id, None)
         if self.leases is not None:
             self.leases.dropped(request_id)
+        if seq is not None and self.proposer is not None:
+            self.proposer.finish(request_id, seq.output_token_ids)
         if seq is None or seq.is_finished:
             return False
         self.scheduler.finish(seq, "abort")
@@ -515,7 +532,7 @@ class LLMEngine:
             seq.finish_time = now
             self.scheduler.finish(seq, reason)
             if self.proposer is not None:
-                self.proposer.remember(seq.output_token_ids)
+                self.proposer.finish(seq.request_id, seq.output_token_ids)
             self.seqs.pop(seq.request_id, None)
             new_text += self._finish_text(seq, reason)
         return new_text
@@ -528,7 +545,9 @@ class LLMEngine:
             return []
         room = min(self.max_model_len - seq.num_tokens, seq.params.max_tokens - len(seq.output_token_ids)) - 1
         limit = min(limit, room)
-        return self.proposer.propose(seq.token_ids, limit) if limit > 0 else []
+        if limit < 1:
+            return []
+        return self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
         """Verify a speculative row: logits [1 + d, V] at its last token and its d drafts. Drafts are
@@ -563,6 +582,8 @@ class LLMEngine:
         self.spec_stats.num_drafts += 1
         self.spec_stats.num_draft_tokens += len(drafts)
         self.spec_stats.num_accepted_tokens += accepted
+        if self.proposer is not None:
+            self.proposer.record(seq.request_id, accepted)
         if not seq.is_finished:
             seq.num_computed_tokens += accepted  # the accepted drafts' KV is the real tokens'
             self.blocks.mark_computed(seq.block_table, seq.token_ids, seq.num_computed_tokens)

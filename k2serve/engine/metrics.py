@@ -117,6 +117,13 @@ class _SchedulerCollector(Collector):
         )
         corrupt.add_metric(self._labels, t.corrupt_blocks)
         yield corrupt
+        store_errors = CounterMetricFamily(
+            "k2serve_kv_store_errors",
+            "Shared KV store calls that failed or timed out (the blocks were recomputed).",
+            labels=LABELS,
+        )
+        store_errors.add_metric(self._labels, t.store_errors)
+        yield store_errors
         leased = GaugeMetricFamily(
             "k2serve_kv_leased_blocks", "KV blocks held by session leases (agent pauses).", labels=LABELS
         )

@@ -27,6 +27,7 @@ from functools import partial
 import torch
 
 from k2serve.config import ModelConfig
+from k2serve.engine.captured import CapturedDecode, DecodeRow
 from k2serve.kvcache.pool import KVCachePool, KVCachePoolError
 from k2serve.model.attention import (
     DEFAULT_TILES,
@@ -398,6 +399,14 @@ def build_step_inputs(
     )
 
 
+def captured_rows(rows: Seq[RowSpec]) -> list[DecodeRow] | None:
+    """The rows as captured-step rows when every one is a sampling 1-token decode row (no drafts),
+    else None (the step runs eager)."""
+    if not all(len(r.token_ids) == 1 and r.sample and r.num_logits == 1 for r in rows):
+        return None
+    return [DecodeRow(r.token_ids[0], r.start, r.block_table) for r in rows]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -406,21 +415,28 @@ class ModelRunner:
         pad_slot: int | None = None,
         tiles: TileConfig = DEFAULT_TILES,
         attention_backend: str = "torch",
+        captured: CapturedDecode | None = None,
     ) -> None:
         """`pad_slot`: a pool slot no sequence owns; when given, steps are padded to row buckets.
         `tiles`: the attention's tile and split sizes. `attention_backend`: "torch" or "triton"
-        (checked here: triton needs CUDA tensors or TRITON_INTERPRET=1, AttentionBackendError if not)."""
+        (checked here: triton needs CUDA tensors or TRITON_INTERPRET=1, AttentionBackendError if not).
+        `captured`: serves the steps made only of 1-token decode rows (engine/captured.py)."""
         check_backend(attention_backend, pool.kv.device)
         self.model = model
         self.pool = pool
         self.pad_slot = pad_slot
         self.tiles = tiles
         self.attention_backend = attention_backend
+        self.captured = captured
 
     @torch.inference_mode()
     def run(self, rows: Seq[RowSpec], on_layer: LayerHook | None = None) -> torch.Tensor:
         """Compute the rows' tokens into the cache; return fp32 logits [S, V]: `num_logits` rows per
         sampling row, in row order."""
+        if self.captured is not None and on_layer is None:
+            decode = captured_rows(rows)
+            if decode is not None and self.captured.accepts(decode):
+                return self.captured.run(decode)
         inputs = build_step_inputs(rows, self.pool, self.model.config, self.tiles, self.pad_slot)
         backend = PagedBackend(self.pool, inputs, self.tiles, on_layer, self.attention_backend)
         hidden = self.model.forward_hidden(inputs.input_ids, inputs.positions, backend)

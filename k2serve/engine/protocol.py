@@ -85,8 +85,9 @@ class TokenEvent:
 @dataclass(frozen=True)
 class KVTierStats:
     """The local KV tiers and session leases of an engine, counted since start (per tier: "host",
-    "disk"): prefix-hit tokens reloaded from the tier, bytes and seconds of offloads into it and
-    reloads out of it, blocks it holds now; entries dropped as corrupt or missing; blocks leased now."""
+    "disk", and "mooncake" with the shared store): prefix-hit tokens reloaded from the tier, bytes and
+    seconds of offloads into it and reloads out of it, blocks it holds now (local tiers); entries
+    dropped as corrupt or missing; blocks leased now; failed or timed-out shared store calls."""
 
     hit_tokens: dict[str, int]
     offload_bytes: dict[str, int]
@@ -96,6 +97,7 @@ class KVTierStats:
     blocks: dict[str, int]
     corrupt_blocks: int = 0
     leased_blocks: int = 0
+    store_errors: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,21 @@
 """Model-free draft proposals for speculative decoding (the verification is in llm_engine / sampler).
 
 `ngram_propose` is prompt lookup, vLLM's NgramProposer: the drafts are the tokens that followed an
-earlier occurrence of the sequence's own suffix. `Proposer` adds the "suffix" method's memory: the
-same search also runs over recent requests' outputs. No model; the only state is that memory.
+earlier occurrence of the sequence's own suffix. Method "suffix" is suffix decoding (Arctic Inference,
+vLLM's SuffixDecodingProposer): suffix trees with occurrence counts, one per request over its prompt
+and output and one over the outputs of recent requests; a draft follows the most frequent
+continuation of the longest matching suffixes, as long as the match earns and the counts support
+(`SuffixTree`, `speculate`, `SuffixCache`). `Proposer` is what the engine calls: the configured
+method, plus a per-sequence backoff that stops drafting for a sequence whose drafts keep failing.
+No model; the only state is the trees and the backoff counters.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import takewhile
 
 from k2serve.engine.config import SpeculativeConfig
 
@@ -48,33 +55,355 @@ def ngram_propose(tokens: Sequence[int], k: int, max_n: int, min_n: int) -> list
     return list(tokens[end + 1 : end + 1 + k]) if n >= min_n else []
 
 
-class Proposer:
-    """The drafts of one engine's speculative config; for "suffix" it remembers the outputs of the
-    last `suffix_decoding_max_cached_requests` finished requests (`remember`)."""
+class SuffixTree:
+    """A suffix trie over a set of token sequences, cut at depth `max_depth`, with occurrence counts.
+
+    The node of a string w (|w| <= max_depth) exists iff w occurs in a stored sequence, and its
+    `count` is the number of occurrences of w over all stored sequences (overlaps included). The
+    root's count is the number of stored tokens. Sequences grow one token at a time (`append`: the
+    suffixes of lengths 1..max_depth that end at the new token each extend by one node, O(max_depth))
+    and are removed whole (`remove`: every occurrence they contributed is subtracted and nodes that
+    reach count 0 are deleted, so the trie holds exactly what the remaining sequences make).
+
+    This is Arctic Inference's suffix tree (vLLM's method "suffix") without path compression: the
+    counts at the node boundaries a compressed tree has are the same, so the drafts are the same.
+    """
+
+    def __init__(self, max_depth: int) -> None:
+        self.max_depth = max_depth
+        self.root = _Node()
+        self.num_nodes = 0  # nodes besides the root (memory accounting, tests)
+        self._seqs: dict[Hashable, list[int]] = {}
+        # per sequence: the nodes of its suffixes ending at its last token, by length (index L - 1)
+        self._tails: dict[Hashable, list[_Node]] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._seqs
+
+    def __len__(self) -> int:
+        """Number of stored sequences."""
+        return len(self._seqs)
+
+    def length(self, key: Hashable) -> int:
+        """Tokens stored for sequence `key` (0 if absent)."""
+        seq = self._seqs.get(key)
+        return 0 if seq is None else len(seq)
+
+    def tokens(self, key: Hashable) -> list[int]:
+        """The tokens stored for sequence `key` ([] if absent; do not modify)."""
+        return self._seqs.get(key, [])
+
+    def tail(self, key: Hashable) -> list[_Node]:
+        """The nodes of sequence `key`'s suffixes of lengths 1..min(len, max_depth), shortest first."""
+        return self._tails.get(key, [])
+
+    def extend(self, key: Hashable, tokens: Iterable[int]) -> None:
+        """Append each token of `tokens` to sequence `key` (created when new): each token extends the
+        suffixes of lengths 1..max_depth that end at it by one node, O(max_depth) node visits."""
+        seq = self._seqs.setdefault(key, [])
+        tail = self._tails.get(key, [])
+        root, keep = self.root, self.max_depth - 1
+        created = 0
+        for token in tokens:  # the hot loop of the trees: plain locals, no calls
+            seq.append(token)
+            new = []
+            for node in [root, *tail[:keep]]:
+                children = node.children
+                child = children.get(token)
+                if child is None:
+                    child = children[token] = _Node()
+                    created += 1
+                child.count += 1
+                new.append(child)
+            tail = new
+            root.count += 1
+        self._tails[key] = tail
+        self.num_nodes += created
+
+    def append(self, key: Hashable, token: int) -> None:
+        """Append one token to sequence `key` (see `extend`)."""
+        self.extend(key, (token,))
+
+    def remove(self, key: Hashable) -> None:
+        """Forget sequence `key` (no-op if absent): O(len x max_depth)."""
+        seq = self._seqs.pop(key, None)
+        self._tails.pop(key, None)
+        if seq is None:
+            return
+        self.root.count -= len(seq)
+        for start in range(len(seq)):
+            node = self.root
+            for tok in seq[start : start + self.max_depth]:
+                child = node.children[tok]
+                child.count -= 1
+                if child.count == 0:  # its descendants on this path held only this occurrence too
+                    del node.children[tok]
+                    self.num_nodes -= child.size()
+                    break
+                node = child
+
+    def truncate(self, key: Hashable, n: int) -> None:
+        """Keep only the first `n` tokens of sequence `key`: each dropped token takes its occurrence
+        out of the nodes of the suffixes that end at it (O(max_depth^2) per dropped token)."""
+        seq = self._seqs.get(key)
+        if seq is None or n >= len(seq):
+            return
+        tail = self._tails[key]
+        while len(seq) > max(n, 0):
+            token = seq.pop()
+            new_tail = [
+                self.find(seq[len(seq) - size :]) for size in range(1, min(len(seq), self.max_depth) + 1)
+            ]
+            for parent, node in zip([self.root, *new_tail], tail, strict=False):
+                node.count -= 1
+                if node.count == 0:  # its only occurrence ended at the dropped token: a leaf
+                    del parent.children[token]  # type: ignore[union-attr]
+                    self.num_nodes -= 1
+            self.root.count -= 1
+            tail = [node for node in new_tail if node is not None]  # all exist: seq holds them
+        self._tails[key] = tail
+
+    def find(self, pattern: Sequence[int]) -> _Node | None:
+        """The node of `pattern` (None if it does not occur or is longer than max_depth)."""
+        if len(pattern) > self.max_depth:
+            return None
+        node: _Node | None = self.root
+        for tok in pattern:
+            node = node.children.get(tok)  # type: ignore[union-attr]
+            if node is None:
+                return None
+        return node
+
+    def matches(self, context: Sequence[int]) -> Iterator[tuple[int, _Node]]:
+        """(L, node of context[-L:]) for L = 1, 2, ... while that suffix of `context` occurs."""
+        for length in range(1, min(len(context), self.max_depth) + 1):
+            node = self.find(context[len(context) - length :])
+            if node is None:
+                return
+            yield length, node
+
+
+class _Node:
+    """A trie node: occurrences of its string and its children by next token."""
+
+    __slots__ = ("children", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.children: dict[int, _Node] = {}
+
+    def size(self) -> int:
+        """Nodes in the subtree rooted here, itself included."""
+        return 1 + sum(c.size() for c in self.children.values())
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A speculation: the draft tokens, their score (the sum of each token's estimated probability,
+    the expected number accepted) and the suffix match length it extends."""
+
+    tokens: tuple[int, ...] = ()
+    score: float = 0.0
+    match_len: int = 0
+
+
+def draft_from(node: _Node, max_tokens: int, min_token_prob: float) -> tuple[list[int], float]:
+    """Greedy path from `node`: the most frequent child each step (ties: the smaller token id), its
+    estimated probability the product of child.count / parent.count along the path; stops before a
+    token whose probability falls below `min_token_prob`, at a leaf, or at `max_tokens` tokens.
+    Returns (tokens, sum of their probabilities)."""
+    tokens: list[int] = []
+    prob, score = 1.0, 0.0
+    while len(tokens) < max_tokens and node.children:
+        tok, child = min(node.children.items(), key=_most_frequent)
+        prob *= child.count / node.count
+        if prob < min_token_prob:
+            break
+        tokens.append(tok)
+        score += prob
+        node = child
+    return tokens, score
+
+
+def _most_frequent(item: tuple[int, _Node]) -> tuple[int, int]:
+    return -item[1].count, item[0]
+
+
+def speculate(
+    matches: Iterable[tuple[int, _Node]], limit: int, max_spec_factor: float, min_token_prob: float
+) -> Draft:
+    """The best draft over the suffix matches (L, node): from each, `draft_from` with at most
+    min(limit, floor(max_spec_factor x L)) tokens (a longer match earns a longer draft); the highest
+    score wins, the longer match on a tie (Arctic's rule)."""
+    best = Draft()
+    for length, node in matches:
+        cap = min(limit, int(max_spec_factor * length + 1e-6))
+        tokens, score = draft_from(node, cap, min_token_prob)
+        if score >= best.score:
+            best = Draft(tuple(tokens), score, length)
+    return best
+
+
+class SuffixCache:
+    """Method "suffix" state of one engine: a `SuffixTree` per live request over its prompt + output,
+    and a global one over the outputs of the last `suffix_decoding_max_cached_requests` requests
+    (live ones included, as they are generated; the oldest request is evicted first; 0: no global
+    tree). Trees catch up with a sequence's new tokens when it next asks for drafts (O(depth) per
+    token); a request's own tree is parked when it finishes, and a later request whose prompt starts
+    with most of it adopts it (cut back to the common prefix) instead of building its prompt's tree
+    anew: an agent loop's next turn repeats the previous turn's prompt."""
+
+    PARKED = 4  # finished requests' own trees kept for a later prompt that starts the same way
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        self.recent: deque[list[int]] = deque(maxlen=config.suffix_decoding_max_cached_requests)
+        self.depth = config.suffix_decoding_max_tree_depth
+        self.global_tree = SuffixTree(self.depth)
+        self.local: dict[str, SuffixTree] = {}
+        self._parked: OrderedDict[int, SuffixTree] = OrderedDict()  # oldest first
+        self.num_reused = 0  # own trees adopted from a finished request (tests, bench)
+        self._keys: dict[str, int] = {}  # live request id -> its key in the global tree
+        self._cached: OrderedDict[int, None] = OrderedDict()  # global keys, oldest first
+        self._next_key = 0
 
-    def remember(self, output_token_ids: Sequence[int]) -> None:
-        """A finished request's output, searched by later "suffix" proposals (most recent first)."""
-        if self.config.method == "suffix" and len(output_token_ids) > 1:
-            self.recent.append(list(output_token_ids))
+    def _sync(self, request_id: str, prompt: Sequence[int], output: Sequence[int]) -> SuffixTree:
+        local = self.local.get(request_id)
+        if local is None:
+            local = self.local[request_id] = self._adopt(prompt) or SuffixTree(self.depth)
+        n = local.length(0)
+        if n < len(prompt):
+            local.extend(0, prompt[n:])
+            n = len(prompt)
+        local.extend(0, output[n - len(prompt) :])
+        self._sync_global(request_id, output)
+        return local
 
-    def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
-        """At most `limit` (and num_speculative_tokens) drafts for the sequence `tokens`."""
+    def _adopt(self, prompt: Sequence[int]) -> SuffixTree | None:
+        """A parked tree whose sequence shares a long prefix with `prompt` (an agent loop's next turn
+        starts with the previous turn's prompt), cut back to that prefix; None when cutting would cost
+        more than building anew (dropped x depth / 2 > kept)."""
+        best, best_len = None, 0
+        for key, tree in self._parked.items():
+            n = common_prefix_len(tree.tokens(0), prompt)
+            if n > best_len:
+                best, best_len = key, n
+        if best is None:
+            return None
+        tree = self._parked[best]
+        if (tree.length(0) - best_len) * self.depth > 2 * best_len:
+            return None
+        del self._parked[best]
+        tree.truncate(0, best_len)
+        self.num_reused += 1
+        return tree
+
+    def _sync_global(self, request_id: str, output: Sequence[int]) -> None:
+        limit = self.config.suffix_decoding_max_cached_requests
+        if limit < 1:
+            return
+        key = self._keys.get(request_id)
+        if key is None:
+            if not output:  # a slot only for a request with output
+                return
+            key = self._keys[request_id] = self._next_key
+            self._next_key += 1
+            self._cached[key] = None
+            while len(self._cached) > limit:
+                old, _ = self._cached.popitem(last=False)
+                self.global_tree.remove(old)
+        if key in self._cached:  # else evicted while still generating: no longer cached
+            self.global_tree.extend(key, output[self.global_tree.length(key) :])
+
+    def propose(self, request_id: str, prompt: Sequence[int], output: Sequence[int], limit: int) -> list[int]:
+        """At most `limit` drafts after prompt + output: the better of the request's own tree's and the
+        global tree's `speculate` (the request's own on a tie)."""
+        c = self.config
+        local = self._sync(request_id, prompt, output)
+        factor, min_prob = c.suffix_decoding_max_spec_factor, c.suffix_decoding_min_token_prob
+        # a suffix seen once is only the current occurrence (no continuation), nor is any longer one
+        own = takewhile(lambda match: match[1].count > 1, enumerate(local.tail(0), 1))
+        best = speculate(own, limit, factor, min_prob)
+        if len(self.global_tree):
+            context = (list(prompt[-self.depth :]) + list(output))[-self.depth :]
+            other = speculate(self.global_tree.matches(context), limit, factor, min_prob)
+            if other.score > best.score:
+                best = other
+        return list(best.tokens)
+
+    def finish(self, request_id: str, output: Sequence[int]) -> None:
+        """The request ended: its whole output stays in the global tree, its own tree goes."""
+        if output:
+            self._sync_global(request_id, output)
+        local = self.local.pop(request_id, None)
+        if local is not None and local.length(0):
+            self._parked[self._next_key] = local  # any unique key: _next_key only grows
+            self._next_key += 1
+            while len(self._parked) > self.PARKED:
+                self._parked.popitem(last=False)
+        self._keys.pop(request_id, None)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of `a` and `b` (slice compares: binary search in C speed)."""
+    lo, hi = 0, min(len(a), len(b))
+    if list(a[:hi]) == list(b[:hi]):
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo] and a[:hi + 1] != b[:hi + 1]
+        mid = (lo + hi + 1) // 2
+        if list(a[lo:mid]) == list(b[lo:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class Proposer:
+    """The drafts of one engine's speculative config, by request id.
+
+    Backoff (the standard remedy for drafts that cost time when they fail): after `BACKOFF_AFTER`
+    verifications in a row of one sequence that accepted no draft, that sequence skips drafting for
+    1, 2, 4, .. (at most `BACKOFF_MAX`) decode steps, doubling with each further failure; one accepted
+    draft resets it. It only decides whether to draft, never what the model outputs: the tokens are
+    the same with or without it (tests)."""
+
+    BACKOFF_AFTER = 1
+    BACKOFF_MAX = 16
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.suffix = SuffixCache(config) if config.method == "suffix" else None
+        self._misses: dict[str, int] = {}
+        self._skip: dict[str, int] = {}
+        self.num_skipped = 0  # decode steps the backoff left without drafts (tests, bench)
+
+    def propose(self, request_id: str, prompt: Sequence[int], output: Sequence[int], limit: int) -> list[int]:
+        """At most `limit` (and num_speculative_tokens) drafts after prompt + output."""
         c = self.config
         k = min(limit, c.num_speculative_tokens)
-        if k < 1 or len(tokens) < max(c.prompt_lookup_min, 1):
+        if k < 1:
             return []
-        best_len, best = 0, []
-        if len(tokens) >= 2:
-            n, end = longest_match(tokens, tokens, c.prompt_lookup_max, len(tokens) - 2)
-            best_len, best = n, list(tokens[end + 1 : end + 1 + k])
-        for out in reversed(self.recent):  # most recent first: wins ties
-            if best_len == c.prompt_lookup_max:
-                break
-            n, end = longest_match(out, tokens, c.prompt_lookup_max, len(out) - 2)
-            if n > best_len:
-                best_len, best = n, out[end + 1 : end + 1 + k]
-        return best if best_len >= c.prompt_lookup_min else []
+        skip = self._skip.get(request_id, 0)
+        if skip:
+            self._skip[request_id] = skip - 1
+            self.num_skipped += 1
+            return []
+        if self.suffix is not None:
+            return self.suffix.propose(request_id, prompt, output, k)
+        return ngram_propose([*prompt, *output], k, c.prompt_lookup_max, c.prompt_lookup_min)
+
+    def record(self, request_id: str, accepted: int) -> None:
+        """A verification of `request_id`'s drafts accepted `accepted` of them (drives the backoff)."""
+        if accepted:
+            self._misses.pop(request_id, None)
+            return
+        misses = self._misses[request_id] = self._misses.get(request_id, 0) + 1
+        if misses >= self.BACKOFF_AFTER:
+            self._skip[request_id] = min(2 ** (misses - self.BACKOFF_AFTER), self.BACKOFF_MAX)
+
+    def finish(self, request_id: str, output: Sequence[int]) -> None:
+        """`request_id` finished or was aborted with `output`: drop its state (suffix: its output stays
+        in the global tree)."""
+        self._misses.pop(request_id, None)
+        self._skip.pop(request_id, None)
+        if self.suffix is not None:
+            self.suffix.finish(request_id, output)

@@ -87,12 +87,19 @@ class ExpertLoad:
     """Routed (token, slot) counts per MoE layer and global expert id: `counts` int64 [L, E] since the
     last `reset` (what the imbalance metric reads), and the counts of the current step, which
     `end_step` moves into a sliding window of the last `window_size` steps (what EPLB plans from;
-    None: every step since the start, keeping only the sum)."""
+    None: every step since the start, keeping only the sum). The counts live on `device`, the
+    routing's (counting there costs no host sync per layer); the group sums come back on the host."""
 
-    def __init__(self, num_moe_layers: int, n_experts: int, window_size: int | None = None) -> None:
+    def __init__(
+        self,
+        num_moe_layers: int,
+        n_experts: int,
+        window_size: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if window_size is not None and window_size < 1:
             raise EPConfigError("the load window must be >= 1 step", window_size)
-        self.counts = torch.zeros(num_moe_layers, n_experts, dtype=torch.long)
+        self.counts = torch.zeros(num_moe_layers, n_experts, dtype=torch.long, device=device)
         self._step = torch.zeros_like(self.counts)
         self._window: deque[torch.Tensor] = deque()
         self._window_size = window_size
@@ -122,13 +129,13 @@ class ExpertLoad:
         """The group's summed counts [L, E]. A collective: every rank calls it between the same steps."""
         total = self.counts.clone()
         comm.all_reduce(total, "sum", "expert load sum")
-        return total
+        return total.cpu()
 
     def global_window(self, comm: EPComm) -> torch.Tensor:
         """The group's summed window counts [L, E]; a collective, as `global_counts`."""
         total = self.window.clone()
         comm.all_reduce(total, "sum", "expert load window sum")
-        return total
+        return total.cpu()
 
 
 def rank_loads(placement: ExpertPlacement, load: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ class EPCollector(Collector):
             "Max / mean routed load per rank of this rank's tokens, per MoE layer (1 = balanced).",
             labels=[*LABELS, "moe_layer"],
         )
-        counts = self._worker.load.counts.clone()  # [L, E]
+        counts = self._worker.load.counts.cpu().clone()  # [L, E]
         for layer, placement in enumerate(self._worker.placement):
             imbalance.add_metric([*self._labels, str(layer)], load_imbalance(placement, counts[layer]))
         yield imbalance

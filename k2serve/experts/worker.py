@@ -31,6 +31,7 @@ router, which retries them elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from k2serve.config import ModelConfig
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput, tokenizer_and_eos
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.experts.comm import EPComm, EPConfigError, EPError
+from k2serve.experts.comm import EPComm, EPConfigError, EPError, local_ep_device
 from k2serve.experts.dispatch import EPDispatcher
 from k2serve.experts.eplb import EPLBConfig, ExpertLoad, imbalance, plan_placement
 from k2serve.experts.placement import ExpertPlacement
@@ -86,16 +87,21 @@ def moe_layers(model: K2Model) -> list[tuple[int, MoE]]:
 
 
 def load_ep_model(
-    model_dir: str | Path, dtype: torch.dtype, placement: Sequence[ExpertPlacement], rank: int
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    placement: Sequence[ExpertPlacement],
+    rank: int,
+    device: torch.device | str = "cpu",
 ) -> K2Model:
-    """The model with only rank's routed experts (per-layer placement); everything else in full."""
+    """The model with only rank's routed experts (per-layer placement); everything else in full; on
+    `device` (the rank's own GPU, or the CPU)."""
     owned = {p.owned(rank) for p in placement}
     if len(owned) == 1:
-        return load_model(model_dir, dtype, expert_ids=next(iter(owned)))
+        return load_model(model_dir, dtype, expert_ids=next(iter(owned)), device=device)
     union = sorted({e for ids in owned for e in ids})  # layers differ: load the union, keep each layer's
-    model = load_model(model_dir, dtype, expert_ids=union)
+    model = load_model(model_dir, dtype, expert_ids=union, device=device)
     for (_, moe), p in zip(moe_layers(model), placement, strict=True):
-        rows = torch.tensor([union.index(e) for e in p.owned(rank)])
+        rows = torch.tensor([union.index(e) for e in p.owned(rank)], device=model.embed_tokens.weight.device)
         kept = {n: getattr(moe.experts, n)[rows].clone() for n in expert_tensors(moe.experts)}
         install(moe.experts, p.owned(rank), kept)
     return model
@@ -135,9 +141,11 @@ class EPWorker:
         eplb = self.ep_config.eplb
         window = eplb.window_size if eplb is not None else None
         self.state = EPState(
-            comm, tuple(placement), ExpertLoad(mc.num_moe_layers, mc.n_routed_experts, window)
+            comm,
+            tuple(placement),
+            ExpertLoad(mc.num_moe_layers, mc.n_routed_experts, window, comm.device),
         )
-        self.model = load_ep_model(model_dir, dtype, placement, comm.rank)
+        self.model = load_ep_model(model_dir, dtype, placement, comm.rank, comm.device)
         self.dispatchers: list[EPDispatcher] = []
         for j, (i, moe) in enumerate(moe_layers(self.model)):
             moe.dispatch = EPDispatcher(self.state, i, j)
@@ -168,12 +176,16 @@ class EPWorker:
     ) -> EPWorker:
         """Join the group at init_method ('tcp://host:port', hosted by rank 0) and load this rank's share."""
         cfg = ep_config or EPConfig()
+        engine_config = engine_config or EngineConfig()
+        device = local_ep_device(engine_config.torch_device, rank)  # a bare "cuda": this rank's own GPU
+        engine_config = dataclasses.replace(engine_config, device=str(device))
         comm = EPComm.connect(
             init_method,
             rank,
             world_size,
             timedelta(seconds=cfg.timeout_s),
             timedelta(seconds=cfg.roll_call_s),
+            device,
         )
         worker = cls(comm, model_dir, dtype, engine_config, cfg)
         worker._owns_comm = True
@@ -195,7 +207,7 @@ class EPWorker:
 
     def expert_load(self) -> torch.Tensor:
         """This rank's routed (token, slot) counts [num_moe_layers, n_experts] since the last re-placement."""
-        return self.load.counts.clone()
+        return self.load.counts.cpu().clone()
 
     def global_expert_load(self) -> torch.Tensor:
         """The group's counts [L, E]; a collective (call on every rank between the same steps)."""
@@ -254,7 +266,7 @@ class EPWorker:
 
     @torch.inference_mode()
     def _empty_forward(self) -> None:
-        empty = torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long, device=self.comm.device)
         self.model.forward_hidden(empty, empty, _NoAttention())
 
     def _rebalance(self, forced: bool) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -143,6 +143,8 @@ class BlockManager:
         # Host / disk tiers below the pool (attach_tiers); None: an evicted block is simply lost.
         self.tiers: BlockTiers | None = None
         self.tier_hit_tokens = 0  # prefix hits reloaded from a tier (also counted in prefix_hit_tokens)
+        # Called (hash, block) when `mark_computed` registers a block (a shared store puts it at once).
+        self.on_computed: Callable[[int, int], None] | None = None
 
     def attach_tiers(self, tiers: BlockTiers) -> None:
         """Offload evicted hashed blocks to `tiers` and reload them on a prefix hit. While a tier holds
@@ -306,6 +308,8 @@ class BlockManager:
             block = block_table[k]
             parent = block_hash(parent, token_ids[k * self.block_size : (k + 1) * self.block_size])
             self._register(block, parent)
+            if self.on_computed is not None and self._hash_to_block[parent] == block:
+                self.on_computed(parent, block)
 
     def free(self, block_table: Sequence[int]) -> None:
         """Drop one reference to each block of `block_table` (the caller must not use it again).

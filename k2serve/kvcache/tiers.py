@@ -33,7 +33,7 @@ import xxhash
 
 from k2serve.kvcache.pool import KVCachePool
 
-__all__ = ["TIERS", "DiskTier", "HostTier", "KVTiers", "TierStats"]
+__all__ = ["TIERS", "DiskTier", "HostTier", "KVTiers", "TierStats", "pack_block", "unpack_block"]
 
 TIERS = ("host", "disk")
 _MAGIC = b"K2KVBLK1"
@@ -43,6 +43,25 @@ _HEADER = struct.Struct("<8sQQQ")  # magic, payload length, xxh3-128 low, high
 def _digest(data: bytes | memoryview) -> tuple[int, int]:
     d = xxhash.xxh3_128_intdigest(data)
     return d & ((1 << 64) - 1), d >> 64
+
+
+def pack_block(payload: bytes | memoryview) -> bytes:
+    """A block payload framed for storage outside the process (a disk file, a shared store): the
+    fixed header (magic, payload length, XXH3-128 of the payload) followed by the payload."""
+    lo, hi = _digest(payload)
+    return _HEADER.pack(_MAGIC, len(payload), lo, hi) + bytes(payload)
+
+
+def unpack_block(data: bytes) -> bytes | None:
+    """The payload of a `pack_block` frame, or None when the frame is truncated, has another magic or
+    length, or fails its checksum (never trust a payload that does not verify)."""
+    if len(data) < _HEADER.size:
+        return None
+    magic, length, lo, hi = _HEADER.unpack_from(data)
+    body = memoryview(data)[_HEADER.size :]
+    if magic != _MAGIC or length != len(body) or _digest(body) != (lo, hi):
+        return None
+    return data[_HEADER.size :]
 
 
 @dataclass
@@ -116,11 +135,9 @@ class DiskTier:
         if h in self._files:
             self._files.move_to_end(h)
             return []
-        lo, hi = _digest(payload)
         tmp = self.directory / f".{h:016x}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(_MAGIC, len(payload), lo, hi))
-            f.write(payload)
+            f.write(pack_block(payload))
         os.replace(tmp, self.path(h))
         self._files[h] = None
         dropped: list[int] = []
@@ -139,16 +156,12 @@ class DiskTier:
             data = self.path(h).read_bytes()
         except OSError:
             data = b""
-        ok = len(data) >= _HEADER.size
-        if ok:
-            magic, length, lo, hi = _HEADER.unpack_from(data)
-            body = memoryview(data)[_HEADER.size :]
-            ok = magic == _MAGIC and length == len(body) and _digest(body) == (lo, hi)
-        if not ok:
+        payload = unpack_block(data)
+        if payload is None:
             self.discard(h)
             return None
         self._files.move_to_end(h)
-        return data[_HEADER.size :]
+        return payload
 
     def discard(self, h: int) -> None:
         """Forget `h` and delete its file."""
@@ -201,7 +214,7 @@ class KVTiers:
         out = self.host.hashes() if self.host is not None else []
         return out + (self.disk.hashes() if self.disk is not None else [])
 
-    def _block_payload(self, block: int) -> torch.Tensor:
+    def block_payload(self, block: int) -> torch.Tensor:
         """Block `block`'s rows of every layer as a contiguous CPU uint8 tensor (a copy)."""
         rows = self.pool.kv[:, block].contiguous()
         return rows.view(torch.uint8).reshape(-1).to("cpu", copy=True)
@@ -214,7 +227,7 @@ class KVTiers:
                 self.host.get(h)
             return True
         t0 = time.perf_counter()
-        payload = self._block_payload(block)
+        payload = self.block_payload(block)
         if self.host is not None:
             self.stats.offload_bytes["host"] += payload.numel()
             pushed = self.host.put(h, payload)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from k2serve.chat.bpe_train import write_tokenizer
 from k2serve.config import ModelConfig
+from k2serve.model.demo_model import DEMO_PRESET, copy_demo_model, demo_model_dir
 from k2serve.model.presets import PRESETS
 from k2serve.model.quant import pack_int4, quantize_fp8_block, quantize_int4
 
@@ -158,9 +159,14 @@ def write_checkpoint(
     max_shard_bytes: int = 256 << 20,
     tokenizer: bool = True,
 ) -> Path:
-    """Write a random checkpoint; returns the directory. `preset` is a preset name or an HF config dict."""
+    """Write a random checkpoint; returns the directory. `preset` is a preset name or an HF config dict.
+    The `demo` preset is the trained checkpoint the package ships: it is copied, not drawn."""
     if quant not in ("none", "int4", "fp8"):
         raise ValueError(f"quant must be one of none|int4|fp8, got {quant!r}")
+    if preset == DEMO_PRESET:
+        if quant != "none":
+            raise ValueError(f"the demo preset ships unquantised (bf16); quant {quant!r} is not available")
+        return copy_demo_model(out_dir)
     cfg_dict = dict(PRESETS[preset]) if isinstance(preset, str) else dict(preset)
     if quant == "int4":
         cfg_dict["quantization_config"] = INT4_QUANT_CONFIG
@@ -216,10 +222,12 @@ def write_checkpoint(
 
 
 def preset_checkpoint(root: str | Path, preset: str, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
-    """The random checkpoint of `preset` with `seed` (in `dtype`, default bf16 as write_checkpoint's) under
+    """The random checkpoint of `preset` with `seed` (`demo`: the shipped trained one, whatever the seed) (in `dtype`, default bf16 as write_checkpoint's) under
     `root` (`root/models/<preset>-seed<seed>[-<dtype>]`), written on first use and reused afterwards.
     Processes starting at once each write a directory of their own and rename it into place: the first
     rename wins, the others discard theirs."""
+    if preset == DEMO_PRESET:  # the trained checkpoint shipped with the package, used where it lies
+        return demo_model_dir()
     suffix = "" if dtype is None else "-" + str(dtype).removeprefix("torch.")
     out = Path(root) / "models" / f"{preset}-seed{seed}{suffix}"
     if not (out / "config.json").exists():

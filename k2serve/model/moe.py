@@ -7,7 +7,7 @@ the global ids held, in local order.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -280,12 +280,18 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"run_grouped: {len(counts)} counts for {self.num_local} local experts")
         if x.shape[0] == 0:
             return torch.empty_like(x)
+        return self.grouped_swiglu(x, torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32))
+
+    def grouped_swiglu(
+        self, x: torch.Tensor, offs: torch.Tensor, mm: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Two grouped GEMMs: x [N, D] sorted by local expert, offs [E] int32 running row counts ->
+        [N, D]. `mm(x, w, offs)`: the grouped GEMM (default aten's `_grouped_mm`)."""
         if _grouped_mm is None:
             raise RuntimeError(f"torch {torch.__version__} has no aten._grouped_mm; use run_loop")
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        h = _grouped_mm(x, self.w13.transpose(1, 2), offs=offs)  # [N, 2I]
-        gate, up = h.split(self.inter, dim=-1)
-        return _grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)
+        mm = mm or (lambda a, w, o: _grouped_mm(a, w, offs=o))
+        gate, up = mm(x, self.w13.transpose(1, 2), offs).split(self.inter, dim=-1)  # [N, I] each
+        return mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs)
 
     def run_sorted(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """x [N, D] sorted by local expert with `counts[e]` rows for expert e -> SwiGLU outputs [N, D].
@@ -310,8 +316,11 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, D], routing weights/ids [T, k] (global ids; ids this process does not hold are skipped).
-        Under moe_backend "triton" the gather of rows per expert and the weighted sum back run inside
+        Under torch.compile or a CUDA graph capture: `forward_static` (no host sync, static shapes).
+        Else under moe_backend "triton" the gather of rows per expert and the weighted sum back run inside
         the kernels (`fused_moe`), without a host sync; otherwise in torch around `run_sorted`."""
+        if _capturing(x):
+            return self.forward_static(x, weights, ids)
         if self.moe_backend == "triton":
             w13, w2 = self.triton_weights()
             local = self.global_to_local[ids]
@@ -327,6 +336,62 @@ class RoutedExperts(nn.Module):
         y = self.run_sorted(x[tokens], counts)  # [N, D]
         y = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, y)
+
+    def forward_static(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """`forward` with every shape fixed by x's (the captured decode step, engine/captured.py): dense
+        experts, all of them held here. Which way is fixed by the shapes too:
+        - torch's `_grouped_mm` on the CPU (any dtype, through `grouped_mm_op`) or bf16 CUDA: the
+          T * k (token, expert) rows sorted by expert, one grouped GEMM per weight, offsets computed
+          on the device (no host sync);
+        - fewer rows T * k than experts: each row's expert weights gathered ([T * k, 2I, D]) and run
+          as batched GEMVs (reads the routed experts only, as the eager loop does);
+        - else a loop over the static expert count, each expert on every token, weighted by that
+          token's routing weight (0 where not routed)."""
+        if self.int4_group_size is not None or self.num_local != self.n_global:
+            raise ValueError("forward_static needs dense experts, all of them held by this process")
+        t, k = ids.shape
+        flat = ids.flatten()  # [T * k] global = local ids
+        if _grouped_mm is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+            order = torch.argsort(flat, stable=True)
+            counts = torch.zeros(self.num_local, dtype=torch.int32, device=x.device)
+            counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+            tokens = order // k
+            y = self.grouped_swiglu(x[tokens], counts.cumsum(0, dtype=torch.int32), grouped_mm_op)
+            y = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
+            return torch.zeros_like(x).index_add_(0, tokens, y)
+        if t * k < self.num_local:
+            rows = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [T * k, D, 1]
+            gate, up = torch.bmm(self.w13[flat], rows).squeeze(-1).split(self.inter, dim=-1)
+            y = torch.bmm(self.w2[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [T * k, D]
+            return (y.view(t, k, -1) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+        dense = torch.zeros(t, self.num_local, dtype=weights.dtype, device=x.device)
+        dense.scatter_(1, ids, weights)  # [T, E]: each token's weight per expert
+        out = torch.zeros_like(x)
+        for e in range(self.num_local):
+            gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
+            out = out + F.linear(F.silu(gate) * up, self.w2[e]) * dense[:, e : e + 1].to(x.dtype)
+        return out
+
+
+@torch.library.custom_op("k2serve::grouped_mm", mutates_args=())
+def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`aten._grouped_mm(x, w, offs=offs)` as an opaque op: torch.compile calls it as it is (its own
+    fake kernel below), where aten's meta kernel accepts bf16 only though the CPU kernel runs fp32."""
+    if _grouped_mm is None:
+        raise RuntimeError(f"torch {torch.__version__} has no aten._grouped_mm")
+    return _grouped_mm(x, w, offs=offs)
+
+
+@grouped_mm_op.register_fake
+def _grouped_mm_shape(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether this forward is being traced by torch.compile or captured into a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class RoutedDispatch(Protocol):

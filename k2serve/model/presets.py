@@ -116,3 +116,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Tests and demos of K2's full length: tiny's dimensions with K2's 262,144 positions.
 PRESETS["long"] = PRESETS["tiny"] | K2_POSITIONS
+
+# The trained demo model (`k2serve train-demo`, shipped in k2serve/model/demo/): K2's layout at a size
+# that trains on two CPU cores in under an hour; 3,072 BPE ranks (every 1-3 digit string among them).
+PRESETS["demo"] = (
+    _base(3072)
+    | {
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 96,
+        "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.0,
+    }
+    | K2_POSITIONS
+)

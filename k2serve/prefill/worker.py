@@ -18,7 +18,7 @@ from typing_extensions import override
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.engine.protocol import BackendError, GenerateRequest, SessionHint
 from k2serve.engine.sampling_params import SamplingParamsError
-from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.proto import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from k2serve.rpc.convert import logprob_to_proto, sampling_from_proto
 from k2serve.rpc.status import status_of
 from k2serve.rpc.tls import TLSFiles
@@ -30,6 +30,27 @@ from k2serve.transfer.registry import make_sender
 
 logger = logging.getLogger(__name__)
 TRANSFER_TIMEOUT_S = 60.0
+
+
+def route(endpoint: kv_transfer_pb2.KVEndpoint, tls: bool, device_type: str) -> tuple[str, str]:
+    """(backend, address) a sender uses for a decode worker's KV endpoint: its own backend, or, for a
+    torch endpoint this worker cannot pair with (it uses TLS, which torch.distributed lacks, or its
+    tensors are on another device type than the endpoint's payload_device), the endpoint's gRPC
+    `fallback`. Raises ValueError naming why when the endpoint offers none. A handshake that fails is
+    never a reason to fall back: that is a peer without the cluster token."""
+    backend = endpoint.backend or "grpc"
+    if backend != "torch":
+        return backend, endpoint.address
+    why = ""
+    if tls:
+        why = "this worker uses TLS and torch.distributed moves plaintext"
+    elif endpoint.payload_device and endpoint.payload_device != device_type:
+        why = f"it takes {endpoint.payload_device} payloads and this worker's KV is on {device_type}"
+    if not why:
+        return backend, endpoint.address
+    if endpoint.HasField("fallback") and endpoint.fallback.backend == "grpc" and endpoint.fallback.address:
+        return "grpc", endpoint.fallback.address
+    raise ValueError(f"{endpoint.address} offers the torch KV backend only, and {why}")
 
 
 class _Senders:
@@ -50,6 +71,11 @@ class _Senders:
         self._torch_options = dict(torch_options or {})
         if tls is not None:
             self._options = {"credentials": tls.channel_credentials(), "server_name": tls.server_name}
+
+    def route(self, endpoint: kv_transfer_pb2.KVEndpoint) -> tuple[str, str]:
+        """(backend, address) for that endpoint (`route`, with this worker's TLS and KV device)."""
+        device = torch.device(self._torch_options.get("device", "cpu"))  # type: ignore[call-overload]  # a device or its name
+        return route(endpoint, bool(self._options), device.type)
 
     def get(self, backend: str, address: str) -> KVSender:
         """The sender for that endpoint; a broken one (its decode worker restarted at the same
@@ -140,7 +166,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         traced = self.tracer.enabled
         try:
             backend = target.endpoint.backend or "grpc"
-            sender = await asyncio.to_thread(self.senders.get, backend, target.endpoint.address)
+            backend, address = self.senders.route(target.endpoint)
+            sender = await asyncio.to_thread(self.senders.get, backend, address)
             sender.open(tid, kv.num_layers, len(prompt), kv.kv_dim, kv.dtype, span.traceparent)
         except (RuntimeError, ValueError, OSError) as err:  # TransferError, DistStoreError, bad endpoint
             self.transfer_metrics.failed(backend)

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fk2serve/proto/kv_transfer.proto\x12\x13k2serve.internal.v1\".\n\nKVEndpoint\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x8a\x02\n\rKVChunkHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x14\n\x0ctoken_offset\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0e\n\x06kv_dim\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x13\n\x0b\x62yte_length\x18\x07 \x01(\x04\x12\x38\n\rchecksum_kind\x18\n \x01(\x0e\x32!.k2serve.internal.v1.ChecksumKind\x12\x13\n\x0b\x63hecksum_lo\x18\x08 \x01(\x06\x12\x13\n\x0b\x63hecksum_hi\x18\t \x01(\x06\x12\x13\n\x0btraceparent\x18\x37 \x01(\t\"N\n\x07KVChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32\".k2serve.internal.v1.KVChunkHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"l\n\tKVPushAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x17\n\x0flayers_received\x18\x04 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\"\x8f\x01\n\x0eKVControlFrame\x12\x33\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\".k2serve.internal.v1.KVChunkHeaderH\x00\x12-\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1e.k2serve.internal.v1.KVPushAckH\x00\x12\x11\n\x07goodbye\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind*b\n\x0c\x43hecksumKind\x12\x1d\n\x19\x43HECKSUM_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HECKSUM_XXH3_128\x10\x01\x12\x1c\n\x18\x43HECKSUM_FLETCHER64_PAIR\x10\x02\x32T\n\nKVTransfer\x12\x46\n\x04Push\x12\x1c.k2serve.internal.v1.KVChunk\x1a\x1e.k2serve.internal.v1.KVPushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fk2serve/proto/kv_transfer.proto\x12\x13k2serve.internal.v1\"{\n\nKVEndpoint\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0epayload_device\x18\x8c\x01 \x01(\t\x12\x32\n\x08\x66\x61llback\x18\x8d\x01 \x01(\x0b\x32\x1f.k2serve.internal.v1.KVEndpoint\"\x8a\x02\n\rKVChunkHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x14\n\x0ctoken_offset\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0e\n\x06kv_dim\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x13\n\x0b\x62yte_length\x18\x07 \x01(\x04\x12\x38\n\rchecksum_kind\x18\n \x01(\x0e\x32!.k2serve.internal.v1.ChecksumKind\x12\x13\n\x0b\x63hecksum_lo\x18\x08 \x01(\x06\x12\x13\n\x0b\x63hecksum_hi\x18\t \x01(\x06\x12\x13\n\x0btraceparent\x18\x37 \x01(\t\"N\n\x07KVChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32\".k2serve.internal.v1.KVChunkHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"l\n\tKVPushAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x17\n\x0flayers_received\x18\x04 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\"\x8f\x01\n\x0eKVControlFrame\x12\x33\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\".k2serve.internal.v1.KVChunkHeaderH\x00\x12-\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1e.k2serve.internal.v1.KVPushAckH\x00\x12\x11\n\x07goodbye\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind*b\n\x0c\x43hecksumKind\x12\x1d\n\x19\x43HECKSUM_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HECKSUM_XXH3_128\x10\x01\x12\x1c\n\x18\x43HECKSUM_FLETCHER64_PAIR\x10\x02\x32T\n\nKVTransfer\x12\x46\n\x04Push\x12\x1c.k2serve.internal.v1.KVChunk\x1a\x1e.k2serve.internal.v1.KVPushAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'k2serve.proto.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKSUMKIND']._serialized_start=709
-  _globals['_CHECKSUMKIND']._serialized_end=807
+  _globals['_CHECKSUMKIND']._serialized_start=786
+  _globals['_CHECKSUMKIND']._serialized_end=884
   _globals['_KVENDPOINT']._serialized_start=56
-  _globals['_KVENDPOINT']._serialized_end=102
-  _globals['_KVCHUNKHEADER']._serialized_start=105
-  _globals['_KVCHUNKHEADER']._serialized_end=371
-  _globals['_KVCHUNK']._serialized_start=373
-  _globals['_KVCHUNK']._serialized_end=451
-  _globals['_KVPUSHACK']._serialized_start=453
-  _globals['_KVPUSHACK']._serialized_end=561
-  _globals['_KVCONTROLFRAME']._serialized_start=564
-  _globals['_KVCONTROLFRAME']._serialized_end=707
-  _globals['_KVTRANSFER']._serialized_start=809
-  _globals['_KVTRANSFER']._serialized_end=893
+  _globals['_KVENDPOINT']._serialized_end=179
+  _globals['_KVCHUNKHEADER']._serialized_start=182
+  _globals['_KVCHUNKHEADER']._serialized_end=448
+  _globals['_KVCHUNK']._serialized_start=450
+  _globals['_KVCHUNK']._serialized_end=528
+  _globals['_KVPUSHACK']._serialized_start=530
+  _globals['_KVPUSHACK']._serialized_end=638
+  _globals['_KVCONTROLFRAME']._serialized_start=641
+  _globals['_KVCONTROLFRAME']._serialized_end=784
+  _globals['_KVTRANSFER']._serialized_start=886
+  _globals['_KVTRANSFER']._serialized_end=970
 # @@protoc_insertion_point(module_scope)

@@ -16,12 +16,16 @@ CHECKSUM_XXH3_128: ChecksumKind
 CHECKSUM_FLETCHER64_PAIR: ChecksumKind
 
 class KVEndpoint(_message.Message):
-    __slots__ = ("backend", "address")
+    __slots__ = ("backend", "address", "payload_device", "fallback")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
     backend: str
     address: str
-    def __init__(self, backend: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    payload_device: str
+    fallback: KVEndpoint
+    def __init__(self, backend: _Optional[str] = ..., address: _Optional[str] = ..., payload_device: _Optional[str] = ..., fallback: _Optional[_Union[KVEndpoint, _Mapping]] = ...) -> None: ...
 
 class KVChunkHeader(_message.Message):
     __slots__ = ("transfer_id", "layer", "token_offset", "num_tokens", "kv_dim", "dtype", "byte_length", "checksum_kind", "checksum_lo", "checksum_hi", "traceparent")

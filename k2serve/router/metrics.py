@@ -46,7 +46,8 @@ class RouterCollector(Collector):
         decisions = CounterMetricFamily(
             "k2serve_router_routing_decisions",
             "Workers chosen, by role and reason: prefix_hit (the prompt's prefix is cached there), load "
-            "(least predicted TTFT or load, nothing cached), round_robin, only_worker, session (its holder); "
+            "(least predicted TTFT or load, nothing cached), cache_balance (a new conversation: where it evicts "
+            "the coldest cached blocks), round_robin, only_worker, session (its holder); "
             "decode under kv: tpot (least predicted TPOT), kv_pressure (some worker's free KV could not hold "
             "the request), no_kv_fit (none could).",
             labels=["model_name", "role", "reason"],

@@ -5,7 +5,8 @@ Policies (`--routing-policy`): `kv` (KVAware, the default) sends a prompt to the
 the least predicted time to first token, counting the prefix its cache already holds, and a request to
 the decode worker with the least predicted time per output token among those whose free KV can hold
 its context; `least-loaded` (LeastLoaded) to the worker with the fewest outstanding requests;
-`round-robin` (RoundRobin) in turn. A session's holder is kept by the backend."""
+`round-robin` (RoundRobin) in turn; `kv-ttft` is `kv` without its cache balance (new conversations by
+predicted TTFT alone, as `kv` was before it: kept to compare). A session's holder is kept by the backend."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from k2serve.kvcache.hashing import chain_hashes
 from k2serve.router.kv_index import KVIndex
 from k2serve.router.registry import Worker
 
-POLICIES = ("kv", "least-loaded", "round-robin")
+POLICIES = ("kv", "kv-ttft", "least-loaded", "round-robin")
 # Prefill speed assumed for a worker that has not measured one yet (and no other worker has either):
 # any positive value gives the same choice when no worker has a measurement (it scales every score).
 DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
@@ -38,8 +39,8 @@ class NoWorkerError(LookupError):
 class Choice:
     """A routing decision. reason (the label of k2serve_router_routing_decisions_total): prefix_hit
     (chosen for, or with, cached blocks of the prompt), load (by load or predicted TTFT, no cached
-    block), round_robin, only_worker (one candidate), session (the session's holder, kept); decode
-    workers by `kv`: tpot (least predicted TPOT, every candidate's free KV could hold the request),
+    block), cache_balance (a new conversation, where it evicts the coldest blocks), round_robin,
+    only_worker (one candidate), session (the session's holder, kept); decode workers by `kv`: tpot (least predicted TPOT, every candidate's free KV could hold the request),
     kv_pressure (least predicted TPOT among those that can, some could not), no_kv_fit (none could
     by its last report: the one with the most free blocks, whose reservation decides).
     cached_tokens: the prompt tokens the index predicts the worker's cache holds."""
@@ -151,11 +152,30 @@ class KVAware(LeastLoaded):
     none has). Cached tokens come from `index` (only for workers that publish KV events). Ties go to more
     cached tokens, then `load_key`. Prefill without a prompt is least loaded.
 
+    Cache balance (reason `cache_balance`): a prompt no worker holds more than one block more of than
+    another, nor more than `balance_max_share` of the prompt more (a new conversation; every prompt may
+    share a system prompt's block: `_new_conversation`) goes, among the workers
+    whose predicted TTFT is within `balance_slack` times its own uncached prefill time of the best, to
+    the one whose prefix cache loses the least recently used blocks by taking it
+    (`KVIndex.eviction_cost`), then the one holding fewest blocks, then as above. Measured on the
+    Mooncake conversation trace (BENCHMARKS.md): by TTFT (least queued) alone new conversations pile onto
+    a worker whose cache holds live conversations and evict their prefixes while another worker's cache
+    holds cold blocks; that, not turns moved away from their holder, was most of the lost reuse.
+
     Decode worker (with a prompt) = `choose_decode`: argmin of predicted TPOT over the workers whose
     free KV can hold the request's context (prompt + max_tokens)."""
 
-    def __init__(self, index: KVIndex) -> None:
+    def __init__(
+        self,
+        index: KVIndex,
+        balance_slack: float = 1.0,
+        cache_balance: bool = True,
+        balance_max_share: float = 0.1,
+    ) -> None:
         self.index = index
+        self.balance_slack = balance_slack
+        self.balance_max_share = balance_max_share
+        self.cache_balance = cache_balance
 
     def choose(
         self,
@@ -180,8 +200,38 @@ class KVAware(LeastLoaded):
             ttft = predicted_ttft_s(queued, prompt.num_tokens, cached[w.worker_id], speed)
             scored.append((ttft, -cached[w.worker_id], load_key(w), w))
         ttft, minus_cached, _, best = min(scored, key=lambda s: s[:3])
+        if (
+            self.cache_balance
+            and len(live) > 1
+            and self._new_conversation(cached, prompt, max(w.info.block_size for w in live))
+        ):
+            # a new conversation: among the workers whose predicted TTFT is within the slack of the best, the one where it evicts least
+            slack = (prompt.num_tokens + minus_cached) / fallback * self.balance_slack
+            near = [s for s in scored if s[0] <= ttft + slack]
+            ttft, minus_cached, _, best = min(
+                near, key=lambda s: (self._eviction_cost(s[3], prompt, -s[1]), s[2])
+            )
+            return Choice(best, "cache_balance", -minus_cached, ttft)
         reason = "only_worker" if len(live) == 1 else "prefix_hit" if minus_cached < 0 else "load"
         return Choice(best, reason, -minus_cached, ttft)
+
+    def _new_conversation(self, cached: dict[str, int], prompt: PromptBlocks, block_size: int) -> bool:
+        """Whether no worker holds more of `prompt` than another beyond one block (`block_size` tokens) and
+        `balance_max_share` of the prompt: what one worker holds more of is then a prefix every prompt
+        shares (a system prompt), worth less than where the conversation's own blocks will go. A short
+        conversation's own first block stays a prefix hit (the share bound)."""
+        spread = max(cached.values()) - min(cached.values())
+        return spread <= block_size and spread <= self.balance_max_share * prompt.num_tokens
+
+    def _eviction_cost(self, w: Worker, prompt: PromptBlocks, cached_tokens: int) -> tuple[int, int]:
+        """What prefilling `prompt` on `w` costs other conversations: (`KVIndex.eviction_cost`, the
+        blocks the index places there), both 0 for a worker without KV events or a reported pool."""
+        size = w.info.block_size
+        if not w.info.publishes_kv_events or size <= 0 or w.load.total_blocks == 0:
+            return (0, 0)
+        blocks = math.ceil(prompt.num_tokens / size) - cached_tokens // size
+        cost = self.index.eviction_cost(w.worker_id, blocks, w.load.total_blocks)
+        return (cost, self.index.blocks_of(w.worker_id))
 
     def prefilled(self, worker: Worker, prompt: PromptBlocks) -> None:
         """The worker's prefix cache now holds the prompt's blocks: place them in the index at once, not a
@@ -256,6 +306,8 @@ def make_policy(name: str, index: KVIndex) -> RoutingPolicy:
     """The policy `--routing-policy name` selects (POLICIES)."""
     if name == "kv":
         return KVAware(index)
+    if name == "kv-ttft":
+        return KVAware(index, cache_balance=False)
     if name == "least-loaded":
         return LeastLoaded()
     if name == "round-robin":

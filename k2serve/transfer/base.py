@@ -119,13 +119,15 @@ class TransferSpec:
 class TransferStats:
     """bytes: payload bytes moved (headers excluded); seconds: wall time of the transfer (see each method).
     Receivers also give: finished_at, the `time.perf_counter()` of the last layer's arrival;
-    verify_seconds, the time spent checksumming; traceparent, the sender's span."""
+    verify_seconds, the time spent checksumming; traceparent, the sender's span; via_grpc, whether
+    the chunks came over gRPC (a torch receiver's gRPC fallback included)."""
 
     bytes: int
     seconds: float
     finished_at: float = 0.0
     verify_seconds: float = 0.0
     traceparent: str = ""
+    via_grpc: bool = False
 
     @property
     def gbps(self) -> float:

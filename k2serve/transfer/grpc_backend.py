@@ -31,7 +31,7 @@ from k2serve.transfer.base import (
     TransferTimeout,
 )
 from k2serve.transfer.grpc_codec import decode_chunk, encode_chunk
-from k2serve.transfer.inbox import Inbox
+from k2serve.transfer.inbox import GRPC_SOURCE_PREFIX, Inbox
 from k2serve.transfer.outbox import SenderBase, split_layer
 
 _LayerItem = tuple[int, torch.Tensor, "Future[None]"]
@@ -180,7 +180,7 @@ class _Servicer:
         context: grpc.ServicerContext,
     ) -> kv_transfer_pb2.KVPushAck:
         transfer_id, complete, received = "", False, 0
-        source = f"grpc:{context.peer()}:{id(context)}"
+        source = f"{GRPC_SOURCE_PREFIX}{context.peer()}:{id(context)}"
         try:
             for header, payload in request_iterator:
                 transfer_id = header.transfer_id
@@ -217,6 +217,10 @@ class GrpcKVReceiver(KVReceiver):
     receiver starts its own server bound to `endpoint` ("host:0" picks a free port), with TLS when
     `credentials` are given (they must be None with `server`, which has its own ports) and the
     server `interceptors` (e.g. the cluster-token check; likewise only for its own server).
+
+    With `inbox`, it serves the expected transfers of another receiver (a torch receiver's, as the
+    fallback for senders that cannot pair with it): `expect`, `wait` and `cancel` go to that
+    receiver, and shutting this one down leaves its inbox open.
     """
 
     def __init__(
@@ -226,12 +230,14 @@ class GrpcKVReceiver(KVReceiver):
         max_workers: int = 16,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        inbox: Inbox | None = None,
     ) -> None:
         if server is not None and (credentials is not None or interceptors):
             raise ValueError(
                 "credentials and interceptors apply to the receiver's own server; configure `server` instead"
             )
-        self._inbox = Inbox()
+        self._own_inbox = inbox is None
+        self._inbox = Inbox() if inbox is None else inbox
         self._own_server = server is None
         if server is None:
             server = grpc.server(
@@ -278,6 +284,7 @@ class GrpcKVReceiver(KVReceiver):
         return self._inbox.cancel(transfer_id)
 
     def shutdown(self) -> None:
-        self._inbox.close("receiver shut down")
+        if self._own_inbox:
+            self._inbox.close("receiver shut down")
         if self._own_server:
             self._server.stop(grace=None).wait(5)

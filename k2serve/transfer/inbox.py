@@ -32,6 +32,7 @@ from k2serve.transfer.base import (
 )
 from k2serve.transfer.checksum import KIND_NAMES, Checksum, checksum
 
+GRPC_SOURCE_PREFIX = "grpc:"  # the gRPC backend's chunk sources start with it
 Payload = bytes | memoryview | torch.Tensor
 """Chunk bytes: bytes-like, or a flat uint8 tensor (delivered without a copy when it is a whole layer)."""
 
@@ -269,6 +270,7 @@ class Inbox:
             finished_at=t.finished_at,
             verify_seconds=t.verify_seconds,
             traceparent=t.traceparent,
+            via_grpc=(t.source or "").startswith(GRPC_SOURCE_PREFIX),
         )
 
     def _settle(self, t: _Transfer) -> None:

@@ -27,7 +27,8 @@ def make_sender(backend: str, endpoint: str, **options: Any) -> KVSender:
 
     options: "grpc": max_chunk_bytes, credentials (grpc.ChannelCredentials: TLS), server_name, metadata
     (sent with every transfer: the cluster token);
-    "torch": local_host, device, connect_timeout (seconds). The torch backend is plaintext only.
+    "torch": local_host, device, connect_timeout (seconds), token (the cluster token: the pair's
+    handshake proves it both ways). The torch backend is plaintext only.
     """
     if backend == "grpc":
         from k2serve.transfer.grpc_backend import GrpcKVSender
@@ -46,7 +47,8 @@ def make_receiver(backend: str, endpoint: str = "127.0.0.1:0", **options: Any) -
     options: "grpc": server (an existing grpc.Server to join; endpoint is then its address),
     max_workers, credentials (grpc.ServerCredentials: TLS, possibly requiring client certificates),
     interceptors (grpc.ServerInterceptor: the cluster-token check);
-    "torch": device, connect_timeout (seconds), max_chunk_bytes. The torch backend is plaintext only.
+    "torch": device, connect_timeout (seconds), max_chunk_bytes, token (as for make_sender). The torch
+    backend is plaintext only.
     """
     if backend == "grpc":
         from k2serve.transfer.grpc_backend import GrpcKVReceiver

@@ -14,8 +14,10 @@ posted while the previous payload still streams, so the wire never idles). No pi
 
 from __future__ import annotations
 
+import hmac
 import logging
 import queue
+import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from k2serve.engine.config import indexed_device
 from k2serve.proto.kv_transfer_pb2 import KVChunkHeader, KVControlFrame, KVPushAck
 from k2serve.transfer import torch_wire as wire
 from k2serve.transfer.base import KVReceiver, OnLayer, Place, TransferError, TransferSpec, TransferStats
+from k2serve.transfer.handshake import pair_key
 from k2serve.transfer.inbox import Inbox
 
 log = logging.getLogger(__name__)
@@ -65,8 +69,11 @@ class _Peer:
         o = self.owner
         try:
             store = wire.store_client(o.host, o.port, o.connect_timeout)
-            pg, payload_pg = wire.pair_groups(store, self.number, 0, o.host, o.device)
-        except RuntimeError as e:
+            published = (o.device.type, o.max_chunk_bytes)
+            pg, payload_pg = wire.pair_groups(
+                store, self.number, 0, o.host, o.device, o.key, published, o.connect_timeout
+            )
+        except (RuntimeError, ConnectionError) as e:  # ConnectionError: HandshakeError
             log.warning("sender %d never connected: %s", self.number, e)
             return
         self.payload_pg = payload_pg
@@ -175,7 +182,9 @@ class TorchKVReceiver(KVReceiver):
     """Hosts the rendezvous TCPStore at host:port (0 picks a free port) and serves every sender.
 
     device: where payloads land and on_layer tensors live ("cuda" receives over NCCL).
-    connect_timeout: seconds a joining sender may take to build its process group.
+    token: the cluster token every sender must prove it holds (handshake.py); None only with
+    --insecure-internal (then any sender passes).
+    connect_timeout: seconds a joining sender may take to build its process group and authenticate.
     max_chunk_bytes: the largest payload; each sender holds 2 staging buffers of this size (32 MiB
     at the default) for chunks not received in place, and layers larger than this arrive in
     several chunks (one extra copy on assembly when not received in place).
@@ -188,13 +197,16 @@ class TorchKVReceiver(KVReceiver):
         device: torch.device | str = "cpu",
         connect_timeout: float = 30.0,
         max_chunk_bytes: int = wire.MAX_CHUNK_BYTES,
+        token: str | None = None,
     ) -> None:
         if max_chunk_bytes <= 0:
             raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
         self.host = host
         self.max_chunk_bytes = max_chunk_bytes
-        self.device = torch.device(device)
+        self.device = indexed_device(torch.device(device))
         self.connect_timeout = connect_timeout
+        self.key = pair_key(token)
+        self._stop_value = secrets.token_hex(16)  # the store's clients cannot stop the accept loop
         self.inbox = Inbox()
         self.stopping = threading.Event()
         self._store: dist.TCPStore | None
@@ -217,7 +229,7 @@ class TorchKVReceiver(KVReceiver):
         while True:
             key = f"join/{number}"
             waiter.wait([key])
-            if waiter.get(key) == wire.STOP_VALUE.encode():
+            if hmac.compare_digest(waiter.get(key), self._stop_value.encode()):
                 return
             peer = _Peer(self, number)
             with self._peers_lock:
@@ -251,7 +263,7 @@ class TorchKVReceiver(KVReceiver):
         self.inbox.close("receiver shut down")
         assert self._store is not None
         stop = self._store.add("joins", 1) - 1
-        self._store.set(f"join/{stop}", wire.STOP_VALUE)
+        self._store.set(f"join/{stop}", self._stop_value)
         self._accept_thread.join(_JOIN_S)
         with self._peers_lock:
             peers = list(self._peers)

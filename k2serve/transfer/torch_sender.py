@@ -17,9 +17,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import torch
 import torch.distributed as dist
 
+from k2serve.engine.config import indexed_device
 from k2serve.proto.kv_transfer_pb2 import KVControlFrame, KVPushAck
 from k2serve.transfer import torch_wire as wire
 from k2serve.transfer.base import TransferError, TransferSpec, TransferTimeout
+from k2serve.transfer.handshake import pair_key
 from k2serve.transfer.outbox import SenderBase, split_layer
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,10 @@ class TorchKVSender(SenderBase):
 
     local_host: the address gloo binds here (default: the interface that routes to the receiver).
     device: where the sent tensors live; must match the receiver's ("cuda" sends over NCCL).
-    connect_timeout: seconds to reach the store and build the process group.
+    token: the cluster token, proved to the receiver and required of it (handshake.py), so no KV
+    goes to a receiver without it; None only with --insecure-internal.
+    connect_timeout: seconds to reach the store, build the process groups and authenticate.
+    Raises HandshakeError (a ConnectionError) when the receiver fails the handshake.
     """
 
     def __init__(
@@ -43,11 +48,12 @@ class TorchKVSender(SenderBase):
         local_host: str | None = None,
         device: torch.device | str = "cpu",
         connect_timeout: float = 30.0,
+        token: str | None = None,
     ) -> None:
         super().__init__()
         host, port = wire.split_endpoint(endpoint)
         self.endpoint = endpoint
-        self._device = torch.device(device)
+        self._device = indexed_device(torch.device(device))
         self.payload_device = self._device
         store = wire.store_client(host, port, connect_timeout)
         remote = store.get("device").decode()
@@ -59,7 +65,10 @@ class TorchKVSender(SenderBase):
         peer = store.add("joins", 1) - 1
         store.set(f"join/{peer}", "sender")
         local_host = local_host or wire.local_address_towards(host, port)
-        self._pg, self._payload_pg = wire.pair_groups(store, peer, 1, local_host, self._device)
+        published = (remote, self._max_chunk_bytes)  # the handshake proves them the receiver's
+        self._pg, self._payload_pg = wire.pair_groups(
+            store, peer, 1, local_host, self._device, pair_key(token), published, connect_timeout
+        )
         self._store = store
         self._verdicts: dict[str, Future[KVPushAck]] = {}
         self._broken: str | None = None  # why the connection is unusable

@@ -5,9 +5,12 @@ Rendezvous (one TCPStore per receiver, shared by all its senders):
   payload device type ("cpu" | "cuda").
 - A sender connects as a store client, takes a peer number n = add("joins", 1) - 1 and sets
   "join/<n>". The receiver's accept thread waits for "join/0", "join/1", ... in order (the
-  value STOP_VALUE ends it at shutdown).
+  receiver's stop value, a secret it draws at start, ends it at shutdown).
+- The store is open to any client (handshake.py): nothing read from it is trusted until the pair's
+  handshake, which covers the published values, has passed on each connection.
 - Both sides then build two 2-rank groups, receiver rank 0, sender rank 1 (gloo exchanges their
-  addresses through the store): a control group over PrefixStore("peer/<n>/", store) for frames
+  addresses through the store), each authenticated with the cluster token before use
+  (handshake.py): a control group over PrefixStore("peer/<n>/", store) for frames
   and verdicts, and a payload group: gloo over PrefixStore("peer/<n>/payload/", store) for host
   payloads, NCCL over PrefixStore("peer/<n>/nccl/", store) for CUDA payloads. Two connections,
   because one gloo connection writes messages in order: a frame posted while a 4.7 MB payload is
@@ -34,13 +37,13 @@ import torch
 import torch.distributed as dist
 
 from k2serve.proto.kv_transfer_pb2 import KVControlFrame
+from k2serve.transfer.handshake import authenticate
 
 FRAME_TAG = 1  # sender -> receiver: chunk or goodbye frames
 PAYLOAD_TAG = 3  # sender -> receiver: the payload of the preceding chunk frame
 ACK_TAG = 2  # receiver -> sender: verdict or goodbye frames
 FRAME_BYTES = 512
 MAX_CHUNK_BYTES = 16 << 20  # default largest payload; a 4,096-token K2 layer (4.7 MB) fits in one
-STOP_VALUE = "__stop__"  # stored as its UTF-8 bytes
 IDLE_TIMEOUT = timedelta(days=365)
 """Timeout of the pair groups' operations: a gloo timeout closes the pair, and a receiver may wait
 for its next header for a long time, so waits end by a goodbye frame or a closed socket instead."""
@@ -103,21 +106,40 @@ def store_client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
 
 
 def pair_groups(
-    store: dist.Store, peer: int, rank: int, local_host: str, device: torch.device
+    store: dist.Store,
+    peer: int,
+    rank: int,
+    local_host: str,
+    device: torch.device,
+    key: bytes,
+    published: tuple[str, int],
+    timeout_s: float,
 ) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-    """(control group, payload group) of peer connection `peer`; blocks until the other rank joins.
+    """(control group, payload group) of peer connection `peer`, each authenticated (handshake.py)
+    before it is returned; blocks until the other rank joins, raises HandshakeError when it fails
+    the handshake. published: the receiver's (payload device type, max_chunk_bytes) as this rank
+    knows them (the receiver's own, or what the sender read from the store): both proofs cover them.
 
     The control group is gloo on local_host's interface; the payload group is a second gloo group
     (its own TCP connection) on CPU and an NCCL group when device is CUDA (one device per rank, as
-    NCCL requires).
+    NCCL requires). The payload group is built only once the control connection is authenticated.
     """
     opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # public at run time, not in torch's stubs
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
     opts._timeout = IDLE_TIMEOUT
+    device_type, max_chunk_bytes = published
+    cpu = torch.device("cpu")
+
+    def check(pg: dist.ProcessGroup, label: str, on: torch.device) -> None:
+        authenticate(pg, rank, key, label, peer, device_type, max_chunk_bytes, on, timeout_s)
+
     control = dist.ProcessGroupGloo(dist.PrefixStore(f"peer/{peer}/", store), rank, 2, opts)
+    check(control, "control", cpu)  # type: ignore[arg-type]  # backends serve as groups; torch's stubs disagree
     if device.type != "cuda":
         payload = dist.ProcessGroupGloo(dist.PrefixStore(f"peer/{peer}/payload/", store), rank, 2, opts)
-        return control, payload  # type: ignore[return-value]  # backends serve as groups; torch's stubs disagree
+        check(payload, "payload", cpu)  # type: ignore[arg-type]  # as above
+        return control, payload  # type: ignore[return-value]  # as above
     torch.cuda.set_device(device)
     nccl = dist.ProcessGroupNCCL(dist.PrefixStore(f"peer/{peer}/nccl/", store), rank, 2)  # type: ignore[call-arg]  # options default at run time
+    check(nccl, "payload", device)  # type: ignore[arg-type]  # as above
     return control, nccl  # type: ignore[return-value]  # as above

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
 import torch
 
 from k2serve.engine.config import EngineConfig, resolve_device
-from k2serve.experts.comm import parse_init_method
+from k2serve.experts.comm import local_ep_device, parse_init_method
 from k2serve.experts.eplb import EPLBConfig
 from k2serve.proto import registry_pb2
 from k2serve.rpc.auth import InternalAuth
@@ -82,24 +83,29 @@ class WorkerSettings:
                 raise ValueError("--enable-eplb needs --ep > 1 (one rank holds every expert)")
             self.eplb.redundant_per_rank(self.ep_size)  # EPConfigError unless --ep divides the replicas
         device = resolve_device(self.engine.device, check_available=False) if self.engine.device else None
-        if self.ep_size > 1 and device is not None and device.type != "cpu":
-            raise ValueError(
-                f"--device {self.engine.device} with --ep {self.ep_size}: expert parallelism runs on CPU "
-                "(gloo) only; NCCL expert parallelism is not built"
-            )
+        if self.ep_size > 1 and device is not None and device.type == "cuda":
+            # each rank of the group (its attention, KV pool and experts) on its own GPU; NCCL collectives
+            rank_device = str(local_ep_device(device, self.ep_rank))
+            object.__setattr__(self, "engine", dataclasses.replace(self.engine, device=rank_device))
         backend = transfer_backend_for(self.transfer_backend, self.tls is not None)
         object.__setattr__(self, "transfer_backend", backend)  # "auto" resolved
 
     @property
     def kv_device(self) -> torch.device:
         """Where this worker's KV pool is, so where the torch KV transfer sends from or receives into
-        (gloo on CPU, NCCL point to point when CUDA): the engine's device; CPU for an EP group."""
-        return self.engine.torch_device if self.ep_size == 1 else torch.device("cpu")
+        (gloo on CPU, NCCL point to point when CUDA): the engine's device (an EP rank's own GPU)."""
+        return self.engine.torch_device
 
     def kv_transfer_options(self) -> dict[str, object]:
-        """The KV transfer options that depend on the device: the torch backend's `device` (gRPC
-        always moves host bytes, its outbox copies a CUDA layer to the host itself)."""
-        return {"device": self.kv_device} if self.transfer_backend == "torch" else {}
+        """The torch backend's options: its `device` (gRPC always moves host bytes, its outbox copies a
+        CUDA layer to the host itself) and the cluster `token` every pair connection proves
+        (transfer/handshake.py; gRPC carries it as call metadata instead). A decode worker's receiver
+        gets them when it receives over torch; a prefill worker's senders always (they use the backend
+        each decode worker names), unless under TLS (then no torch sender is made)."""
+        receives_torch = self.role == "decode" and self.transfer_backend == "torch"
+        if not (receives_torch or (self.role == "prefill" and self.tls is None)):
+            return {}
+        return {"device": self.kv_device, "token": self.internal.token}
 
     def advertised(self, port: int) -> str:
         return f"{self.advertise_host or self.host}:{port}"

@@ -43,6 +43,31 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{- if $e.kvSessionLeaseS -}}
 {{- $args = concat $args (list "--kv-session-lease-s" (toString $e.kvSessionLeaseS)) -}}
 {{- end -}}
+{{- $args = concat $args (include "k2serve.args.kvStore" . | fromJsonArray) -}}
+{{- $args | toJson -}}
+{{- end -}}
+
+{{/* The shared KV tier's flags (kvStore): the chart's own master unless kvStore.master names one;
+each worker is reached at its pod IP ($(POD_IP), k2serve.podEnv). */}}
+{{- define "k2serve.args.kvStore" -}}
+{{- $k := .Values.kvStore -}}
+{{- $args := list -}}
+{{- if eq $k.backend "mooncake" -}}
+{{- $master := $k.master -}}
+{{- $metadata := $k.metadata -}}
+{{- if not $master -}}
+{{- $host := printf "%s.%s.svc" (include "k2serve.componentName" (dict "root" . "component" "kvstore")) .Release.Namespace -}}
+{{- $master = printf "%s:%d" $host (int $k.masterServer.port) -}}
+{{- $metadata = $metadata | default (printf "http://%s:%d/metadata" $host (int $k.masterServer.metadataPort)) -}}
+{{- end -}}
+{{- $args = list "--kv-store" "mooncake" "--kv-store-master" $master "--kv-store-segment-mb" (printf "%d" (int $k.segmentMb)) "--kv-store-local-hostname" "$(POD_IP)" -}}
+{{- with $metadata -}}
+{{- $args = concat $args (list "--kv-store-metadata" .) -}}
+{{- end -}}
+{{- if not $k.putOnCompute -}}
+{{- $args = append $args "--no-kv-store-put-on-compute" -}}
+{{- end -}}
+{{- end -}}
 {{- $args | toJson -}}
 {{- end -}}
 
@@ -96,14 +121,15 @@ ordinal, so k2serve.worker.command appends them at start; the flags here are the
 {{- $args = concat $args (include "k2serve.args.model" $root | fromJsonArray) (list "--dtype" $root.Values.model.dtype) -}}
 {{- $args = concat $args (include "k2serve.args.engine" $root | fromJsonArray) -}}
 {{- if $root.Values.gpu.enabled -}}
-{{- $args = concat $args (list "--device" (ternary "cuda" "cpu" (eq (int $w.ep.size) 1))) -}}
+{{- $args = concat $args (list "--device" "cuda") -}}
 {{- end -}}
 {{- $args = concat $args (list "--host" "0.0.0.0" "--port" (printf "%d" (int $w.port))) -}}
 {{- $args = concat $args (list "--metrics-port" (printf "%d" (int $w.metricsPort))) -}}
 {{- $args = concat $args (list "--advertise-host" (printf "$(POD_NAME).%s-headless.%s.svc" $name $root.Release.Namespace)) -}}
 {{- $args = concat $args (list "--router" (include "k2serve.routerAddress" $root)) -}}
-{{- $args = concat $args (list "--worker-id" "$(POD_NAME)" "--transfer-backend" $w.transfer.backend) -}}
-{{- if eq $w.transfer.backend "torch" -}}
+{{- $transfer := include "k2serve.transferBackend" . -}}
+{{- $args = concat $args (list "--worker-id" "$(POD_NAME)" "--transfer-backend" $transfer) -}}
+{{- if eq $transfer "torch" -}}
 {{- $args = concat $args (list "--transfer-port" (printf "%d" (int $w.transfer.port))) -}}
 {{- end -}}
 {{- $args = concat $args (list "--ep" (printf "%d" (int $w.ep.size))) -}}

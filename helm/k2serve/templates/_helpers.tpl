@@ -135,7 +135,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail (printf "%s.ep.eplb.numRedundantExperts (%d) must be a multiple of %s.ep.size (%d): each rank gets an equal share" $role (int $w.ep.eplb.numRedundantExperts) $role (int $w.ep.size)) -}}
 {{- end -}}
 {{- $taken := list (int $w.port) -}}
-{{- if eq $w.transfer.backend "torch" -}}
+{{- if eq (include "k2serve.transferBackend" (dict "root" $ "role" $role)) "torch" -}}
 {{- $taken = append $taken (int $w.transfer.port) -}}
 {{- end -}}
 {{- if and (gt (int $w.ep.size) 1) (has (int $w.ep.port) $taken) -}}
@@ -163,4 +163,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail "planner.enabled with tls.enabled needs tls.caKey: the planner verifies the router's certificate against that CA" -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The KV transfer backend a worker role runs (--transfer-backend); args: dict "root" $ "role" "prefill|decode".
+transfer.backend "auto": torch (NCCL point to point between the GPUs, no host staging) when
+gpu.enabled and not tls.enabled (torch.distributed has no TLS), else grpc. "grpc" / "torch": as set.
+*/}}
+{{- define "k2serve.transferBackend" -}}
+{{- $w := index .root.Values .role -}}
+{{- if eq $w.transfer.backend "auto" -}}
+{{- ternary "torch" "grpc" (and .root.Values.gpu.enabled (not .root.Values.tls.enabled)) -}}
+{{- else -}}
+{{- $w.transfer.backend -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the chart runs its own Mooncake Store master (kvStore.backend mooncake, no
+kvStore.master); empty otherwise. */}}
+{{- define "k2serve.kvStore.ownMaster" -}}
+{{- if and (eq .Values.kvStore.backend "mooncake") (not .Values.kvStore.master) -}}true{{- end -}}
 {{- end -}}

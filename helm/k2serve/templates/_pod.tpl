@@ -120,7 +120,7 @@ seccompProfile:
 {{- end }}
 {{- end -}}
 
-{{/* The downward-API variables the worker args refer to as $(POD_NAME). */}}
+{{/* The downward-API variables the worker args refer to as $(POD_NAME) and $(POD_IP). */}}
 {{- define "k2serve.podEnv" -}}
 - name: POD_NAME
   valueFrom:
@@ -130,6 +130,10 @@ seccompProfile:
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 {{- end -}}
 
 {{/* Pod-level fields shared by every k2serve pod spec. */}}

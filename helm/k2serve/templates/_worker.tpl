@@ -40,7 +40,7 @@ containers:
       - name: metrics
         containerPort: {{ int $w.metricsPort }}
         protocol: TCP
-      {{- if eq $w.transfer.backend "torch" }}
+      {{- if eq (include "k2serve.transferBackend" .) "torch" }}
       - name: transfer
         containerPort: {{ int $w.transfer.port }}
         protocol: TCP
@@ -160,7 +160,7 @@ spec:
       port: {{ int $w.port }}
       targetPort: grpc
       appProtocol: grpc
-    {{- if eq $w.transfer.backend "torch" }}
+    {{- if eq (include "k2serve.transferBackend" .) "torch" }}
     - name: transfer
       port: {{ int $w.transfer.port }}
       targetPort: transfer

@@ -1,0 +1,155 @@
+"""`k2serve bench captured`: decode tok/s of the eager step against the captured step (--compile decode).
+
+Run: `k2serve bench captured [--preset tiny|small] [--dtype float32] [--batch-sizes 1,8,32]
+[--context 64] [--steps 8] [--rounds 5] [--threads N] [--profile]`. One model (the preset's
+checkpoint, written once under ~/.cache/k2serve), two engines over it with their own KV pools: eager
+and captured. Each batch size: B greedy requests of --context prompt tokens in both, prefilled; the
+captured engine's first decode step compiles (CPU: Inductor) or captures (CUDA) its bucket, timed and
+reported; then --rounds rounds alternate --steps decode steps of each engine (paired, same process),
+reported as decode tok/s medians with min-max spread, and the greedy tokens of both are compared.
+--profile: torch.profiler over one decode step of each at the first batch size: the number of aten
+ops dispatched and the top ops by self CPU time (where the step's time goes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.sampling_params import SamplingParams
+
+
+def make_engine(model: Any, batch: int, context: int, tokens: int, compile: str) -> LLMEngine:
+    """An engine of `batch` rows of up to context + tokens positions each over `model`."""
+    bs = 16
+    blocks = batch * (-(-(context + tokens + 2) // bs)) + 1
+    cfg = EngineConfig(
+        num_kv_blocks=blocks,
+        block_size=bs,
+        max_num_seqs=batch,
+        max_num_batched_tokens=max(2048, context + 1),
+        max_model_len=context + tokens + 2,
+        enable_prefix_caching=False,
+        compile=compile,
+    )
+    return LLMEngine(model, cfg, eos_token_ids=[])
+
+
+def start(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> None:
+    """Add the prompts and step until every one has its first token (prefilled)."""
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    started: set[str] = set()
+    while len(started) < len(prompts):
+        started |= {o.request_id for o in engine.step() if o.new_token_ids}
+
+
+def timed_steps(engine: LLMEngine, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    return time.perf_counter() - t0
+
+
+def op_profile(engine: LLMEngine, top: int = 6) -> dict[str, Any]:
+    """torch.profiler over one decode step: aten ops dispatched, and the top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.step()
+    events = prof.key_averages()
+    aten = sum(e.count for e in events if e.key.startswith("aten::"))
+    total_us = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "aten_ops": aten,
+        "self_cpu_ms": total_us / 1e3,
+        "top": [(e.key, e.count, round(e.self_cpu_time_total / 1e3, 2)) for e in ranked],
+    }
+
+
+def run_batch(model: Any, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    tokens = args.steps * args.rounds + 4 + (2 if args.profile else 0)
+    g = torch.Generator().manual_seed(batch)
+    vocab = model.config.vocab_size - 256
+    prompts = torch.randint(0, vocab, (batch, args.context), generator=g).tolist()
+    eager = make_engine(model, batch, args.context, tokens, "none")
+    captured = make_engine(model, batch, args.context, tokens, "decode")
+    if captured.runner.captured is None:
+        raise SystemExit("the captured step does not apply to this model (see the warning above)")
+    start(eager, prompts, tokens)
+    start(captured, prompts, tokens)
+    t0 = time.perf_counter()
+    captured.step()  # compiles / captures this batch's bucket
+    first = time.perf_counter() - t0
+    eager.step()
+    compile_s = sum(b.seconds for b in captured.runner.captured.buckets.values())
+    rates: dict[str, list[float]] = {"eager": [], "captured": []}
+    for _ in range(args.rounds):
+        for name, engine in (("eager", eager), ("captured", captured)):
+            rates[name].append(batch * args.steps / timed_steps(engine, args.steps))
+    out: dict[str, Any] = {"batch": batch, "compile_s": round(compile_s, 1), "first_step_s": round(first, 1)}
+    for name, xs in rates.items():
+        out[name] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+    out["speedup"] = out["captured"]["median"] / out["eager"]["median"]
+    if args.profile:
+        out["profile"] = {"eager": op_profile(eager), "captured": op_profile(captured)}
+    got = {k: s.output_token_ids for k, s in captured.seqs.items()}
+    want = {k: s.output_token_ids for k, s in eager.seqs.items()}
+    out["identical_tokens"] = f"{sum(got[k] == want[k] for k in want)}/{len(want)}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="k2serve bench captured", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", choices=("tiny", "small"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--context", type=int, default=64, help="prompt tokens per row")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps per engine per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--profile", action="store_true", help="op counts of one step of each")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "k2serve-bench"))
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    from k2serve.model.checkpoint import preset_checkpoint
+    from k2serve.model.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    root = Path(args.workdir)
+    model = load_model(preset_checkpoint(root, args.preset, 0, dtype), dtype).eval()
+    print(f"{args.preset} {args.dtype}, threads={torch.get_num_threads()}, context {args.context}, "
+          f"{args.rounds} rounds x {args.steps} steps per engine, alternating", flush=True)  # fmt: skip
+    results = []
+    for b in (int(x) for x in args.batch_sizes.split(",")):
+        r = run_batch(model, b, args)
+        results.append(r)
+        e, c = r["eager"], r["captured"]
+        print(f"batch {b:3d}: eager {e['median']:8.1f} tok/s [{e['min']:.1f}-{e['max']:.1f}]  captured "
+              f"{c['median']:8.1f} tok/s [{c['min']:.1f}-{c['max']:.1f}]  = {r['speedup']:.2f}x  compile "
+              f"{r['compile_s']} s  identical greedy tokens {r['identical_tokens']}", flush=True)  # fmt: skip
+        for name, p in r.get("profile", {}).items():
+            print(f"  {name}: {p['aten_ops']} aten ops, {p['self_cpu_ms']:.1f} ms self CPU; top: {p['top']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""The shared KV tier: prefix-cache blocks in a KV store that every worker reaches (Mooncake Store), so
+that a block computed once on any prefill worker is fetched, not recomputed, by another.
+
+`SharedTiers` puts the store below a worker's local tiers (kvcache/tiers.py: host LRU, then disk) behind
+the block manager's `BlockTiers` interface:
+
+- key: `k2kv/<namespace>/<chain hash, 16 hex digits>`. The chain hash is the prefix-cache block hash
+  that the router and every worker share (kvcache/hashing.py); the namespace is a fingerprint of the
+  model, the KV cache dtype and the pool's row layout (engine/kv_tiers.py `store_namespace`), so that a
+  worker serving another model, dtype or layout never reads these blocks;
+- value: the block's latent rows of every layer (raw storage bytes, as the local tiers keep them) framed
+  by `pack_block`: a fixed header with the payload length and its XXH3-128 checksum. Never pickle;
+- put: when the block manager evicts a block (after the local tiers took their copy) and, with
+  `put_on_compute`, as soon as a block's tokens are computed (`computed`), so another worker can hit it
+  before this one evicts it: that is what makes cross-worker reuse work. A hash is put once per process
+  (a bounded memory of what was put). Puts run on a background thread: the engine step pays the copy
+  of the block's rows to host memory, not the network;
+- lookup: on a prefix miss after the local tiers (`contains`, then `load`). A missing, truncated,
+  corrupt or wrong-sized entry, a timeout or a store that is down all end the cached prefix there: the
+  rest is recomputed, never served from wrong KV.
+
+`MooncakeStore` is the client. Every call runs on a worker thread and is waited for at most `timeout_s`
+(a Mooncake call can block for seconds while its master is down); a call that times out or fails with
+an RPC error opens a breaker: for `retry_s` no call is made (lookups miss, puts are dropped), then the
+next call tries again. The client connects in the background and reconnects the same way, so a worker
+whose master is down starts, serves (recomputing) and picks the store up once it answers. Failures are
+logged once per outage and counted (`errors`, the `k2serve_kv_store_errors_total` metric).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from k2serve.extras import MissingExtraError
+from k2serve.kvcache.tiers import KVTiers, pack_block, unpack_block
+
+__all__ = ["STORE_TIER", "BlockStore", "MooncakeSettings", "MooncakeStore", "SharedTiers", "parse_host_port"]
+
+logger = logging.getLogger(__name__)
+
+STORE_TIER = "mooncake"  # the `tier` label of the shared tier's metrics
+KEY_PREFIX = "k2kv"
+_RPC_FAIL = -900  # Mooncake's RPC_FAIL: the master did not answer
+_T = TypeVar("_T")
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """("host", port) of "HOST:PORT"; ValueError naming `what` and the text when it is not that."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must be HOST:PORT with a port in 1..65535, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class BlockStore(Protocol):
+    """What the shared tier needs of a store (MooncakeStore): every method returns at once or within a
+    bounded time, and never raises for the store's own failures (it counts them)."""
+
+    errors: int
+
+    def exists(self, key: str) -> bool: ...
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes, done: Callable[[float], None] | None = None) -> bool: ...
+
+    def remove(self, key: str) -> None: ...
+
+    def flush(self, timeout_s: float = 10.0) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MooncakeSettings:
+    """How to reach a Mooncake Store and what this worker gives it.
+
+    master: the `mooncake_master` RPC address, HOST:PORT. metadata: the transfer engine's metadata
+    server, e.g. "http://HOST:8080/metadata" (mooncake_master -enable_http_metadata_server=true serves
+    it). segment_bytes: the memory this worker contributes to the store's global pool. buffer_bytes: its
+    local transfer buffer (must hold the largest value put or got). local_hostname: the address other
+    clients reach this worker's segment at. timeout_s: the longest any store call may stall the caller.
+    retry_s: how long the store is left alone after a failure. max_pending_puts: puts queued on the
+    background thread at most (more are dropped: the store is a cache)."""
+
+    master: str
+    metadata: str
+    segment_bytes: int
+    buffer_bytes: int
+    local_hostname: str = "127.0.0.1"
+    timeout_s: float = 1.0
+    retry_s: float = 5.0
+    max_pending_puts: int = 256
+
+    def __post_init__(self) -> None:
+        parse_host_port(self.master, "the Mooncake master address")
+        if self.segment_bytes < 1 or self.buffer_bytes < 1:
+            raise ValueError(
+                f"segment and buffer sizes must be >= 1 byte, got {self.segment_bytes}, {self.buffer_bytes}"
+            )
+        if self.timeout_s <= 0 or self.retry_s < 0 or self.max_pending_puts < 1:
+            raise ValueError(
+                f"timeout_s must be > 0, retry_s >= 0, max_pending_puts >= 1; got {self.timeout_s}, "
+                f"{self.retry_s}, {self.max_pending_puts}"
+            )
+
+
+class MooncakeStore:
+    """One Mooncake Store client with bounded calls and a breaker (see the module docstring).
+
+    Raises MissingExtraError naming the `mooncake` extra when its package is not installed.
+    `connect_wait_s`: how long the constructor waits for the first connection (it goes on trying in the
+    background after that)."""
+
+    def __init__(self, settings: MooncakeSettings, connect_wait_s: float = 10.0) -> None:
+        try:
+            from mooncake.store import MooncakeDistributedStore
+        except ImportError as e:
+            raise MissingExtraError("mooncake", "mooncake", "--kv-store mooncake") from e
+        self._factory: Callable[[], Any] = MooncakeDistributedStore
+        self.settings = settings
+        self.errors = 0  # failed connects, calls that failed, timed out or raised
+        self.dropped_puts = 0  # puts not made: store down, or the queue full
+        self._lock = threading.Lock()
+        self._store: Any = None
+        self._connecting: threading.Thread | None = None
+        self._down_until = 0.0
+        self._pending = 0
+        self._closed = False
+        self._calls = ThreadPoolExecutor(1, thread_name_prefix="k2kv-store-get")
+        self._puts = ThreadPoolExecutor(1, thread_name_prefix="k2kv-store-put")
+        self._ready()
+        thread = self._connecting
+        if thread is not None:
+            thread.join(connect_wait_s)
+
+    # ---- state -----------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """Whether a client is set up (the master may still have gone away since)."""
+        return self._store is not None
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a connection (starting an attempt when none is running)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._ready():
+                return True
+            time.sleep(0.02)
+        return self._ready()
+
+    def _ready(self) -> bool:
+        """Whether a call may be made now; starts a connection attempt when one is due."""
+        if self._closed or time.monotonic() < self._down_until:
+            return False
+        if self._store is not None:
+            return True
+        with self._lock:
+            if self._connecting is None and self._store is None:
+                self._connecting = threading.Thread(
+                    target=self._connect, name="k2kv-store-connect", daemon=True
+                )
+                self._connecting.start()
+        return False
+
+    def _connect(self) -> None:
+        s = self.settings
+        try:
+            host, port = parse_host_port(s.master, "the Mooncake master address")
+            # A refused or unreachable master fails here at once: setup() itself would retry for ~90 s.
+            with socket.create_connection((host, port), timeout=s.timeout_s):
+                pass
+            store = self._factory()
+            rc = store.setup(
+                s.local_hostname, s.metadata, s.segment_bytes, s.buffer_bytes, "tcp", "", s.master
+            )
+            if rc != 0:
+                raise OSError(f"MooncakeDistributedStore.setup returned {rc}")
+        except OSError as e:
+            self._failed(f"cannot connect to the Mooncake master {s.master} (metadata {s.metadata}): {e}")
+        else:
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._store = store
+            if closed:  # closed while connecting: nobody will use it
+                store.close()
+            else:
+                logger.info("KV store: connected to the Mooncake master %s", s.master)
+        finally:
+            self._connecting = None
+
+    def _failed(self, why: str) -> None:
+        """Count a failure and leave the store alone for retry_s (logged once per outage)."""
+        with self._lock:
+            self.errors += 1
+            now = time.monotonic()
+            first = now >= self._down_until
+            self._down_until = now + self.settings.retry_s
+        if first:
+            logger.warning("KV store: %s; recomputing, next try in %.1f s", why, self.settings.retry_s)
+
+    def _call(self, what: str, fn: Callable[[], _T]) -> _T | None:
+        """fn() on the call thread, waited for at most timeout_s; None (counted) when it failed."""
+        try:
+            return self._calls.submit(fn).result(timeout=self.settings.timeout_s)
+        except FutureTimeout:
+            self._failed(f"{what} took longer than {self.settings.timeout_s} s")
+        except Exception as e:  # noqa: BLE001 - the store's failure must never reach the engine step
+            self._failed(f"{what} failed: {e!r}")
+        return None
+
+    # ---- calls -----------------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        """Whether the store has `key` (False when it is down or the call fails)."""
+        if not self._ready():
+            return False
+        rc = self._call("is_exist", lambda: int(self._store.is_exist(key)))
+        if rc is not None and rc < 0:
+            self._failed(f"is_exist returned {rc}")
+        return rc == 1
+
+    def get(self, key: str) -> bytes | None:
+        """The value of `key`, or None when it is missing or the store cannot be asked."""
+        if not self._ready():
+            return None
+        data = self._call("get", lambda: bytes(self._store.get(key)))
+        return data or None
+
+    def put(self, key: str, value: bytes, done: Callable[[float], None] | None = None) -> bool:
+        """Queue a put of `value` under `key` (a no-op where the key exists: values are immutable);
+        returns whether it was queued. `done(seconds)` is called on the put thread after a success."""
+        if not self._ready():
+            self.dropped_puts += 1
+            return False
+        with self._lock:
+            if self._pending >= self.settings.max_pending_puts:
+                self.dropped_puts += 1
+                return False
+            self._pending += 1
+
+        def job() -> None:
+            t0 = time.perf_counter()
+            try:
+                if not self._ready():
+                    self.dropped_puts += 1
+                    return
+                rc = int(self._store.put(key, value))
+                if rc == _RPC_FAIL:
+                    self._failed(f"put returned {rc} (master unreachable)")
+                elif rc < 0:
+                    with self._lock:
+                        self.errors += 1
+                    logger.debug("KV store: put of %s returned %d", key, rc)
+                elif done is not None:
+                    done(time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - a background put must never kill its thread
+                self._failed(f"put failed: {e!r}")
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+        self._submit(self._puts, job)
+        return True
+
+    def remove(self, key: str) -> None:
+        """Delete `key` in the background (a corrupt entry, so other workers do not fetch it too)."""
+        if self._ready():
+            self._submit(self._puts, lambda: self._store.remove(key, True))  # force: past a read lease
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every queued put has run (at most `timeout_s`); returns whether they all did."""
+        try:
+            self._submit(self._puts, lambda: None).result(timeout=timeout_s)
+        except (FutureTimeout, RuntimeError):
+            return False
+        return True
+
+    def _submit(self, pool: ThreadPoolExecutor, fn: Callable[[], object]) -> Future[object]:
+        try:
+            return pool.submit(fn)
+        except RuntimeError:  # shut down: closed concurrently
+            f: Future[object] = Future()
+            f.set_exception(RuntimeError("the KV store client is closed"))
+            return f
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the threads (queued puts are dropped; the calls running are waited for, at most
+        `timeout_s`) and close the client. The client is never closed under a running call (that
+        crashes it): when one outlives the wait, the client is left open. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        drained = threading.Event()
+
+        def drain() -> None:
+            self._puts.shutdown(wait=True, cancel_futures=True)
+            self._calls.shutdown(wait=True, cancel_futures=True)
+            drained.set()
+
+        threading.Thread(target=drain, name="k2kv-store-close", daemon=True).start()
+        if not drained.wait(timeout_s):
+            logger.warning("KV store: a call still runs after %.1f s; the client is left open", timeout_s)
+            return
+        with self._lock:
+            store, self._store = self._store, None
+        if store is not None:
+            try:
+                store.close()
+            except Exception as e:  # noqa: BLE001 - closing a client whose master is gone
+                logger.debug("KV store: close failed: %r", e)
+
+
+class SharedTiers:
+    """The local tiers (`local`, possibly holding no tier) with the shared store below them, behind the
+    block manager's BlockTiers interface. `stats` is the local tiers' TierStats, with the `mooncake` tier
+    added to every per-tier counter.
+
+    Lookup results are remembered briefly (`exists_ttl_s` for a hit, `miss_ttl_s` for a miss), since the
+    block manager plans a waiting request again on every step."""
+
+    def __init__(
+        self,
+        local: KVTiers,
+        store: BlockStore,
+        namespace: str,
+        put_on_compute: bool = True,
+        exists_ttl_s: float = 2.0,
+        miss_ttl_s: float = 0.25,
+        max_remembered: int = 1 << 16,
+    ) -> None:
+        self.local = local
+        self.store = store
+        self.prefix = f"{KEY_PREFIX}/{namespace}/"
+        self.put_on_compute = put_on_compute
+        self.stats = local.stats
+        for counts in (self.stats.hit_tokens, self.stats.offload_bytes, self.stats.reload_bytes):
+            counts[STORE_TIER] = 0
+        for seconds in (self.stats.offload_seconds, self.stats.reload_seconds):
+            seconds[STORE_TIER] = 0.0
+        self._exists_ttl_s = exists_ttl_s
+        self._miss_ttl_s = miss_ttl_s
+        self._max_remembered = max_remembered
+        self._known: OrderedDict[int, tuple[bool, float]] = OrderedDict()  # hash -> (in store, until)
+        self._put: OrderedDict[int, None] = OrderedDict()  # hashes this process put (or queued)
+
+    # ---- the local tiers' view (metrics, tests) --------------------------------------------------
+    @property
+    def host(self) -> Any:
+        return self.local.host
+
+    @property
+    def disk(self) -> Any:
+        return self.local.disk
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def key(self, h: int) -> str:
+        """The store key of chain hash `h` in this namespace."""
+        return f"{self.prefix}{h:016x}"
+
+    # ---- BlockTiers ------------------------------------------------------------------------------
+    def contains(self, h: int) -> bool:
+        """Whether a local tier holds `h`, or the store does (the entry may still fail on `load`)."""
+        return self.local.contains(h) or self._in_store(h)
+
+    def hashes(self) -> list[int]:
+        """The hashes the local tiers hold: what the store holds is no more this worker's than any
+        other's, so it is not in this worker's KV events snapshot."""
+        return self.local.hashes()
+
+    def offload(self, h: int, block: int) -> bool:
+        """Copy evicted block `block` into the local tiers and put it in the store (once); returns
+        whether a LOCAL tier holds it (the worker's KV events follow the local tiers)."""
+        held = self.local.enabled and self.local.offload(h, block)
+        self._put_block(h, block)
+        return held
+
+    def computed(self, h: int, block: int) -> None:
+        """Block `block` was just computed and registered under `h`: put it now with put_on_compute."""
+        if self.put_on_compute:
+            self._put_block(h, block)
+
+    def load(self, h: int) -> tuple[torch.Tensor, str] | None:
+        """(payload, tier) of `h` from a local tier, else from the store, verified; None when no good
+        copy was found (a missing, corrupt or wrong-sized store entry is counted in corrupt_blocks)."""
+        got = self.local.load(h) if self.local.contains(h) else None
+        if got is not None:
+            return got
+        t0 = time.perf_counter()
+        data = self.store.get(self.key(h))
+        payload = unpack_block(data) if data is not None else None
+        if payload is None or len(payload) != self.local.block_bytes:
+            self._known.pop(h, None)
+            self.stats.corrupt_blocks += 1
+            if data is not None:  # there but bad: no other worker should fetch it either
+                self.store.remove(self.key(h))
+            return None
+        self.stats.reload_seconds[STORE_TIER] += time.perf_counter() - t0
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8), STORE_TIER
+
+    def write(self, block: int, payload: torch.Tensor, tier: str) -> None:
+        """Copy a payload from `load` into device block `block`, counted for `tier`."""
+        self.local.write(block, payload, tier)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait for the queued puts (tests, benchmarks)."""
+        return self.store.flush(timeout_s)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _remember(self, h: int, found: bool) -> None:
+        ttl = self._exists_ttl_s if found else self._miss_ttl_s
+        self._known[h] = (found, time.monotonic() + ttl)
+        self._known.move_to_end(h)
+        while len(self._known) > self._max_remembered:
+            self._known.popitem(last=False)
+
+    def _in_store(self, h: int) -> bool:
+        known = self._known.get(h)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        found = self.store.exists(self.key(h))
+        self._remember(h, found)
+        return found
+
+    def _put_block(self, h: int, block: int) -> None:
+        if h in self._put:
+            self._put.move_to_end(h)
+            return
+        t0 = time.perf_counter()
+        value = pack_block(self.local.block_payload(block).numpy().data)
+        copy_s = time.perf_counter() - t0
+        stats, nbytes = self.stats, self.local.block_bytes
+
+        def done(seconds: float) -> None:  # on the put thread, the only writer of these two counters
+            stats.offload_bytes[STORE_TIER] += nbytes
+            stats.offload_seconds[STORE_TIER] += copy_s + seconds
+
+        if self.store.put(self.key(h), value, done):
+            self._put[h] = None
+            while len(self._put) > self._max_remembered:
+                self._put.popitem(last=False)

@@ -1,0 +1,428 @@
+"""The shared KV tier on Mooncake Store (kvcache/shared_tier.py) against a real `mooncake_master`: blocks
+reloaded from the store give the same greedy tokens as recomputing them; a second engine prefills a
+prompt the first one computed from the store; corrupt or missing entries and a dead master mean
+recompute, never wrong tokens or a failed step. Skipped only where the `mooncake` extra is not importable
+or mooncake_master is not on PATH (CI installs both)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_kv_tiers import BS, GREEDY, generate, prompt, tier_samples
+
+from k2serve.cluster.mooncake_master import MooncakeMaster, find_mooncake_master
+from k2serve.engine.config import EngineConfig, EngineConfigError
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.extras import MissingExtraError
+from k2serve.kvcache.hashing import chain_hashes
+from k2serve.kvcache.shared_tier import STORE_TIER, MooncakeSettings, MooncakeStore, SharedTiers
+from k2serve.kvcache.tiers import pack_block, unpack_block
+
+PREFIX_TOKENS = 32  # (40 - 1) // 8 = 4 full blocks of a 40-token prompt can come from a cache
+
+HAVE_MOONCAKE = importlib.util.find_spec("mooncake") is not None
+needs_mooncake = pytest.mark.skipif(
+    not HAVE_MOONCAKE or find_mooncake_master() is None,
+    reason="the mooncake extra is not installed (pip install 'k2serve[mooncake]' + Debian's libibverbs1 "
+    "librdmacm1 libnuma1): no mooncake module or no mooncake_master on PATH",
+)
+
+
+def store_engine(ckpt: Path, master: MooncakeMaster | str, **kw: Any) -> LLMEngine:
+    """A 12-block engine with the shared tier on `master` (a MooncakeMaster, or an address)."""
+    address = master if isinstance(master, str) else master.address
+    metadata = None if isinstance(master, str) else master.metadata_url
+    cfg = EngineConfig(
+        **(
+            {
+                "num_kv_blocks": 12,
+                "block_size": BS,
+                "max_num_batched_tokens": 96,
+                "kv_store": "mooncake",
+                "kv_store_master": address,
+                "kv_store_metadata": metadata,
+                "kv_store_segment_bytes": 32 << 20,
+                "kv_store_local_hostname": "127.0.0.1",
+                "kv_store_timeout_s": 1.0,
+            }
+            | kw
+        )
+    )
+    engine = LLMEngine.from_pretrained(ckpt, torch.float32, cfg)
+    assert isinstance(engine.tiers, SharedTiers)
+    return engine
+
+
+def shared(engine: LLMEngine) -> SharedTiers:
+    assert isinstance(engine.tiers, SharedTiers)
+    return engine.tiers
+
+
+def evict(engine: LLMEngine, first: int) -> None:
+    """Prompts first+1..first+3 push prompt `first`'s blocks out of the 12-block pool."""
+    for s in (first + 1, first + 2, first + 3):
+        generate(engine, f"evict{first}-{s}", prompt(s))
+    assert not any(h in engine.blocks._hash_to_block for h in chain_hashes(prompt(first), BS))
+
+
+@pytest.fixture(scope="module")
+def master() -> Iterator[MooncakeMaster]:
+    if not HAVE_MOONCAKE or find_mooncake_master() is None:
+        pytest.skip("the mooncake extra is not installed (no mooncake module or mooncake_master)")
+    with MooncakeMaster() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt: Path) -> dict[int, list[int]]:
+    """Greedy tokens of the prompts without any cache reuse."""
+    cfg = EngineConfig(num_kv_blocks=64, block_size=BS, enable_prefix_caching=False)
+    engine = LLMEngine.from_pretrained(tiny_ckpt, torch.float32, cfg)
+    return {s: generate(engine, f"ref{s}", prompt(s)) for s in (10, 20, 30, 40, 50)}
+
+
+def test_config_names_what_is_wrong() -> None:
+    with pytest.raises(EngineConfigError, match="kv_store must be one of none, mooncake"):
+        EngineConfig(kv_store="redis")
+    with pytest.raises(EngineConfigError, match="needs kv_store_master"):
+        EngineConfig(kv_store="mooncake")
+    with pytest.raises(EngineConfigError, match="HOST:PORT.*'nohost'"):
+        EngineConfig(kv_store="mooncake", kv_store_master="nohost")
+    with pytest.raises(EngineConfigError, match="needs prefix caching"):
+        EngineConfig(kv_store="mooncake", kv_store_master="h:1", enable_prefix_caching=False)
+    cfg = EngineConfig(kv_store="mooncake", kv_store_master="10.0.0.5:50051")
+    assert cfg.kv_store_metadata_url == "http://10.0.0.5:8080/metadata"
+    assert cfg.kv_store_put_on_compute
+
+
+def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the mooncake package the error names the extra that installs it (never a bare import
+    error)."""
+    monkeypatch.setitem(sys.modules, "mooncake", None)
+    monkeypatch.setitem(sys.modules, "mooncake.store", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'k2serve\[mooncake\]'") as e:
+        MooncakeStore(MooncakeSettings("127.0.0.1:1", "http://127.0.0.1:1/metadata", 1 << 20, 1 << 20))
+    assert e.value.extra == "mooncake"
+
+
+@needs_mooncake
+def test_evicted_blocks_reload_from_the_store(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """Put on eviction only: prompt 10's blocks leave the pool into the store and come back from it."""
+    engine = store_engine(tiny_ckpt, master, kv_store_put_on_compute=False)
+    tiers = shared(engine)
+    assert generate(engine, "a", prompt(10)) == reference[10]
+    assert tiers.stats.offload_bytes[STORE_TIER] == 0  # nothing put before an eviction
+    evict(engine, 10)
+    assert tiers.flush()
+    bb = engine.pool.bytes_per_block
+    assert tiers.stats.offload_bytes[STORE_TIER] >= 4 * bb
+    before = engine.num_computed_tokens_total
+    assert generate(engine, "a2", prompt(10)) == reference[10]
+    assert tiers.stats.hit_tokens[STORE_TIER] == PREFIX_TOKENS
+    assert tiers.stats.reload_bytes[STORE_TIER] == 4 * bb
+    assert engine.num_computed_tokens_total - before == 40 - PREFIX_TOKENS + GREEDY.max_tokens - 1
+    assert tiers.store.errors == 0 and tiers.stats.corrupt_blocks == 0
+    engine.blocks.check_invariants([])
+    tiers.close()
+
+
+@needs_mooncake
+def test_second_engine_prefills_from_the_first_ones_blocks(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """Two engines (two workers) on one store: B's prefill of the prompt A computed fetches A's blocks
+    (put on compute, A never evicted them) and gives the same tokens."""
+    a = store_engine(tiny_ckpt, master)
+    b = store_engine(tiny_ckpt, master)
+    assert shared(a).prefix == shared(b).prefix  # same model, dtype and layout: one namespace
+    assert generate(a, "a", prompt(20)) == reference[20]
+    assert shared(a).flush()
+    assert all(h in a.blocks._hash_to_block for h in chain_hashes(prompt(20), BS))  # never evicted
+    before = b.num_computed_tokens_total
+    assert generate(b, "b", prompt(20)) == reference[20]
+    assert shared(b).stats.hit_tokens[STORE_TIER] == PREFIX_TOKENS
+    assert b.num_computed_tokens_total - before == 40 - PREFIX_TOKENS + GREEDY.max_tokens - 1
+    assert shared(a).stats.hit_tokens[STORE_TIER] == 0
+    b.blocks.check_invariants([])
+    for e in (a, b):
+        shared(e).close()
+
+
+@needs_mooncake
+def test_other_model_or_dtype_gets_another_namespace(tiny_ckpt: Path, master: MooncakeMaster) -> None:
+    a = store_engine(tiny_ckpt, master)
+    other_dtype = LLMEngine.from_pretrained(tiny_ckpt, torch.bfloat16, a.config)
+    fp8 = store_engine(tiny_ckpt, master, kv_cache_dtype="fp8")
+    prefixes = {shared(e).prefix for e in (a, other_dtype, fp8)}
+    assert len(prefixes) == 3
+    for e in (a, other_dtype, fp8):
+        shared(e).close()
+
+
+@needs_mooncake
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_bad_store_entry_means_recompute(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]], damage: str
+) -> None:
+    """Block 2 of prompt 30/40 in the store fails its checksum, or vanishes between lookup and get: the
+    cached prefix ends before it (block 1 still comes from the store), the rest is recomputed."""
+    seed = 30 if damage == "corrupt" else 40
+    a = store_engine(tiny_ckpt, master)
+    b = store_engine(tiny_ckpt, master)
+    assert generate(a, "a", prompt(seed)) == reference[seed]
+    assert shared(a).flush()
+    h = chain_hashes(prompt(seed), BS)[1]
+    key = shared(a).key(h)
+    client = shared(a).store._store  # the raw Mooncake client
+    assert client.remove(key, True) == 0
+    if damage == "corrupt":
+        payload = bytearray(a.pool.bytes_per_block)
+        frame = bytearray(pack_block(bytes(payload)))
+        frame[-1] ^= 0xFF  # the checksum no longer matches
+        assert client.put(key, bytes(frame)) == 0
+    else:
+        shared(b)._known[h] = (True, time.monotonic() + 60)  # looked up just before it was evicted
+    assert generate(b, "b", prompt(seed)) == reference[seed]
+    assert shared(b).stats.hit_tokens[STORE_TIER] == BS
+    assert shared(b).stats.corrupt_blocks == 1
+    # the bad entry was removed and b's recomputed block put in its place: the store is healed
+    assert shared(b).flush()
+    healed = shared(a).store.get(key)
+    assert healed is not None and unpack_block(healed) is not None
+    for e in (a, b):
+        shared(e).close()
+
+
+@needs_mooncake
+def test_master_down_means_recompute_and_the_engine_stays_up(
+    tiny_ckpt: Path, reference: dict[int, list[int]]
+) -> None:
+    """A master killed after the blocks were put: lookups fail within the timeout, the engine recomputes
+    with the same tokens, counts the errors, and serves on; an engine started while the master is down
+    serves too, and picks the store up once a master answers."""
+    with MooncakeMaster() as m:
+        a = store_engine(tiny_ckpt, m, kv_store_put_on_compute=False)
+        assert generate(a, "a", prompt(50)) == reference[50]
+        evict(a, 50)
+        assert shared(a).flush()
+        m.kill()
+        shared(a)._known.clear()
+        t0 = time.monotonic()
+        assert generate(a, "a2", prompt(50)) == reference[50]
+        assert time.monotonic() - t0 < 30
+        assert shared(a).stats.hit_tokens[STORE_TIER] == 0
+        assert shared(a).store.errors >= 1
+        assert generate(a, "a3", prompt(10)) == reference[10]
+        shared(a).close()
+
+        b = store_engine(tiny_ckpt, m)  # the master is still down
+        assert not shared(b).store.connected and shared(b).store.errors >= 1
+        assert generate(b, "b", prompt(10)) == reference[10]
+        shared(b).close()
+
+
+@needs_mooncake
+def test_client_connects_once_the_master_answers() -> None:
+    m = MooncakeMaster()
+    store = MooncakeStore(
+        MooncakeSettings(m.address, m.metadata_url, 16 << 20, 16 << 20, timeout_s=0.5, retry_s=0.2),
+        connect_wait_s=2.0,
+    )
+    try:
+        assert not store.connected and store.errors >= 1
+        assert store.get("k") is None and not store.exists("k")
+        m.start()
+        assert store.wait_connected(20.0)
+        assert store.put("k", b"value")
+        assert store.flush()
+        deadline = time.monotonic() + 10  # the master may first refuse a put while the segment mounts
+        while not store.exists("k") and time.monotonic() < deadline:
+            store.put("k", b"value")
+            store.flush()
+            time.sleep(0.1)
+        assert store.get("k") == b"value"
+    finally:
+        store.close()
+        m.stop()
+
+
+@needs_mooncake
+def test_metrics_label_the_store_tier(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """A worker's /metrics: hit tokens and reload bytes under tier="mooncake", store errors counted."""
+    import asyncio
+
+    from k2serve.chat.tokenizer import load_tokenizer
+    from k2serve.engine.async_engine import AsyncEngine
+    from k2serve.engine.protocol import GenerateRequest
+
+    a = store_engine(tiny_ckpt, master)
+    b = store_engine(tiny_ckpt, master)
+    assert generate(a, "a", prompt(20)) == reference[20]
+    assert shared(a).flush()
+    b.tokenizer = load_tokenizer(tiny_ckpt)
+    be = AsyncEngine(b, "tiny", engine_id="e0")
+    be.start()
+
+    async def run() -> list[int]:
+        out: list[int] = []
+        async for ev in await be.generate(GenerateRequest("b", prompt(20), GREEDY, None, None)):
+            out += ev.token_ids
+        return out
+
+    try:
+        assert asyncio.run(run()) == reference[20]
+        got = tier_samples(be.metrics.registry)
+    finally:
+        be.shutdown()
+    assert got[("k2serve_kv_tier_hit_tokens_total", STORE_TIER)] == PREFIX_TOKENS
+    assert got[("k2serve_kv_reload_bytes_total", STORE_TIER)] == 4 * b.pool.bytes_per_block
+    assert got[("k2serve_kv_store_errors_total", None)] == 0
+    for e in (a, b):
+        shared(e).close()
+
+
+def test_cli_flags_reach_the_engine_config_and_up(tmp_path: Path) -> None:
+    from k2serve.cli import build_parser
+    from k2serve.cli.settings import cluster_spec, engine_config
+
+    parser = build_parser()
+    ns = parser.parse_args(
+        ["prefill", "--model", str(tmp_path), "--kv-store", "mooncake", "--kv-store-master", "m:7"]
+        + ["--kv-store-segment-mb", "64", "--no-kv-store-put-on-compute"]
+    )
+    cfg = engine_config(ns)
+    assert (cfg.kv_store, cfg.kv_store_master, cfg.kv_store_segment_bytes) == ("mooncake", "m:7", 64 << 20)
+    assert not cfg.kv_store_put_on_compute and cfg.kv_store_metadata_url == "http://m:8080/metadata"
+    assert engine_config(parser.parse_args(["prefill", "--model", str(tmp_path)])).kv_store == "none"
+    up = parser.parse_args(
+        ["up", "--model", str(tmp_path), "--kv-store", "mooncake", "--kv-store-segment-mb", "64"]
+    )
+    spec = cluster_spec(up)
+    assert spec.mooncake_master  # no --kv-store-master: `up` runs one
+    assert spec.engine_args[-4:] == ("--kv-store", "mooncake", "--kv-store-segment-mb", "64")
+    given = parser.parse_args(
+        ["up", "--model", str(tmp_path), "--kv-store", "mooncake", "--kv-store-master", "m:7"]
+    )
+    assert not cluster_spec(given).mooncake_master
+    assert "--kv-store-master" in cluster_spec(given).engine_args
+    ray = parser.parse_args(["up", "--model", str(tmp_path), "--ray", "auto", "--kv-store", "mooncake"])
+    with pytest.raises(ValueError, match="--ray with --kv-store mooncake needs --kv-store-master"):
+        ray.handler(ray)
+
+
+@needs_mooncake
+def test_up_starts_a_local_master_and_always_stops_it(tmp_path: Path) -> None:
+    from k2serve.cli import build_parser
+    from k2serve.cli.settings import cluster_spec
+    from k2serve.cluster.local import LocalCluster
+
+    up = build_parser().parse_args(
+        ["up", "--model", str(tmp_path), "--workdir", str(tmp_path / "w"), "--kv-store", "mooncake"]
+    )
+    cluster = LocalCluster(cluster_spec(up))
+    try:
+        cluster.start_mooncake_master()
+        master = cluster.mooncake
+        assert master is not None and master.running
+        args = cluster.spec.worker_args("prefill", "prefill-0", "127.0.0.1", "127.0.0.1:1")
+        at = args.index("--kv-store-master")
+        assert args[at + 1] == master.address and args[at + 3] == master.metadata_url
+        assert re.search(rf"mooncake_master +{master.pid} +{master.address}", cluster.status_table())
+        store = MooncakeStore(MooncakeSettings(master.address, master.metadata_url, 16 << 20, 16 << 20))
+        assert store.connected  # the workers' client reaches it
+        store.close()
+    finally:
+        cluster.stop()
+    assert cluster.mooncake is None and not master.running
+
+
+def test_block_manager_reports_each_computed_block_once() -> None:
+    """The put-on-compute hook: every block `mark_computed` registers, once, and never a private
+    duplicate of a block another sequence computed at the same time."""
+    from k2serve.kvcache.block_manager import BlockManager
+
+    bm = BlockManager(8, BS)
+    seen: list[tuple[int, int]] = []
+    bm.on_computed = lambda h, block: seen.append((h, block))
+    tokens = prompt(7, 24)
+    a = bm.allocate(tokens).block_table
+    b = bm.allocate(tokens).block_table  # computed concurrently: nothing cached yet
+    bm.mark_computed(a, tokens, 16)
+    bm.mark_computed(a, tokens, 24)
+    bm.mark_computed(b, tokens, 24)  # b's blocks stay private: the map keeps a's
+    hashes = chain_hashes(tokens, BS)
+    assert seen == list(zip(hashes, a, strict=True))
+
+
+@needs_mooncake
+@pytest.mark.slow
+def test_two_prefill_workers_share_blocks_through_the_store(
+    tiny_ckpt: Path, tmp_path: Path, reference: dict[int, list[int]]
+) -> None:
+    """A real `up` cluster: 2 prefill workers, round-robin routing, its own mooncake_master. The same
+    prompt twice: the first worker computes it (and puts its blocks), the second prefills it from the
+    store (hit tokens under tier="mooncake" on its /metrics) with the same greedy tokens."""
+    import httpx
+    from conftest import local_cluster_spec
+    from test_kv_cluster import _metric
+
+    from k2serve.cluster.local import LocalCluster
+    from k2serve.engine.kv_tiers import store_namespace
+    from k2serve.kvcache.shared_tier import KEY_PREFIX
+
+    engine_args = ("--kv-cache-mb", "32", "--block-size", str(BS), "--kv-store", "mooncake")
+    engine_args += ("--kv-store-segment-mb", "32", "--kv-store-local-hostname", "127.0.0.1")
+    spec = local_cluster_spec(
+        tiny_ckpt,
+        tmp_path,
+        num_prefill=2,
+        engine_args=engine_args,
+        router_args=("--routing-policy", "round-robin"),
+        mooncake_master=True,
+    )
+    # the key of the prompt's last cached block, in the namespace the workers compute (same model,
+    # dtype and pool layout), to see the first worker's puts land
+    local = LLMEngine.from_pretrained(tiny_ckpt, torch.float32, EngineConfig(num_kv_blocks=8, block_size=BS))
+    namespace = store_namespace(local.model, local.pool, local.config)
+    last_key = f"{KEY_PREFIX}/{namespace}/{chain_hashes(prompt(10), BS)[PREFIX_TOKENS // BS - 1]:016x}"
+    with LocalCluster(spec) as cluster:
+        assert cluster.mooncake is not None and cluster.mooncake.running
+        m = cluster.mooncake
+        store = MooncakeStore(MooncakeSettings(m.address, m.metadata_url, 16 << 20, 16 << 20))
+
+        def prefill_metric(name: str) -> list[float]:
+            urls = [w["metrics_url"] for w in cluster.workers() if w["role"] == "prefill"]
+            return sorted(_metric(httpx.get(u, timeout=10).text, name, tier=STORE_TIER) for u in urls)
+
+        outs = []
+        with httpx.Client(base_url=cluster.http_url, timeout=120) as client:
+            for i in range(2):
+                body = {"model": tiny_ckpt.name, "prompt": prompt(10), "max_tokens": GREEDY.max_tokens}
+                body |= {"temperature": 0, "ignore_eos": True, "return_token_ids": True}
+                r = client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                outs.append(list(r.json()["choices"][0]["token_ids"]))
+                deadline = time.monotonic() + 30  # the first prefill's background puts are done
+                while i == 0 and not store.exists(last_key):
+                    assert time.monotonic() < deadline, (
+                        "the first prefill worker's blocks are not in the store"
+                    )
+                    time.sleep(0.1)
+        store.close()
+        hits = prefill_metric("k2serve_kv_tier_hit_tokens_total")
+        master = cluster.mooncake
+    assert outs == [reference[10], reference[10]]
+    assert hits == [0.0, PREFIX_TOKENS]
+    assert not master.running  # stopped with the cluster
