@@ -608,7 +608,7 @@ class AsyncEngine:
             spec_num_accepted_tokens=self._engine.spec_stats.num_accepted_tokens,
             queued_prefill_tokens=self._engine.queued_prefill_tokens(),
             prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
-            kv_tiers=tier_stats(self._engine.tiers, self._engine.leases),
+            kv_tiers=tier_stats(self._engine.tiers, self._engine.leases, self._engine.reloads),
         )
 
     @staticmethod

@@ -146,6 +146,11 @@ class EngineConfig:
     (kvcache/tiers.py): evicted prefix-cache blocks go to a host-memory LRU of that many bytes, blocks
     pushed out of it to one checksummed file per block in kv_offload_dir (at most kv_offload_disk_bytes),
     and a prefix hit there is reloaded instead of recomputed. 0 / None: no such tier.
+    kv_offload_async: disk writes and reloads on background threads, overlapped with the engine's steps
+    (a request whose prefix is being reloaded waits, the others run); False: inside the step.
+    kv_reload_timeout_s: an asynchronous reload not done after this many seconds is given up: the
+    request computes those tokens instead. kv_offload_queue_blocks: disk writes queued at most; an
+    offload that finds the queue full is dropped (counted), never waited for.
     kv_session_lease_s: after a turn of a request with a session_id finishes, its blocks stay
     referenced (not evictable) until this many seconds pass or the session's next turn arrives
     (an agent's tool call between turns); 0 disables leases.
@@ -175,6 +180,9 @@ class EngineConfig:
     kv_offload_host_bytes: int = 0
     kv_offload_dir: str | None = None
     kv_offload_disk_bytes: int = 0
+    kv_offload_async: bool = True
+    kv_reload_timeout_s: float = 10.0
+    kv_offload_queue_blocks: int = 256
     kv_session_lease_s: float = 0.0
     moe_backend: str = "torch"
     device: str | None = None
@@ -203,6 +211,12 @@ class EngineConfig:
         for name in ("kv_offload_host_bytes", "kv_offload_disk_bytes", "kv_session_lease_s"):
             if getattr(self, name) < 0:
                 raise EngineConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kv_reload_timeout_s <= 0:
+            raise EngineConfigError(f"kv_reload_timeout_s must be > 0, got {self.kv_reload_timeout_s}")
+        if self.kv_offload_queue_blocks < 1:
+            raise EngineConfigError(
+                f"kv_offload_queue_blocks must be >= 1, got {self.kv_offload_queue_blocks}"
+            )
         if self.kv_offload_disk_bytes and not self.kv_offload_dir:
             raise EngineConfigError("kv_offload_disk_bytes needs kv_offload_dir (the disk tier's directory)")
         if self.moe_backend not in MOE_BACKENDS:

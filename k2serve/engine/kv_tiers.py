@@ -1,20 +1,29 @@
 """The engine's glue to the local KV tiers (kvcache/tiers.py): built from EngineConfig and attached to
-the block manager, so that evicted prefix blocks are offloaded and reloaded on a hit; and to session
-leases (kvcache/leases.py), fed by the engine's requests that carry a session id."""
+the block manager, so that evicted prefix blocks are offloaded and reloaded on a hit (asynchronously by
+default: AsyncReloads); and to session leases (kvcache/leases.py), fed by the engine's requests that
+carry a session id."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from typing import Protocol
 
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.protocol import KVTierStats
-from k2serve.kvcache.block_manager import BlockManager
+from k2serve.engine.sequence import Sequence
+from k2serve.kvcache.block_manager import Allocation, BlockManager, NoFreeBlocksError, PendingReload
 from k2serve.kvcache.leases import SessionLeases
 from k2serve.kvcache.pool import KVCachePool
-from k2serve.kvcache.tiers import TIERS, KVTiers
+from k2serve.kvcache.tiers import TIERS, KVTiers, Loaded
 
-__all__ = ["EngineLeases", "attach_tiers", "tier_stats"]
+__all__ = ["AsyncReloads", "EngineLeases", "attach_tiers", "tier_stats"]
+
+logger = logging.getLogger(__name__)
 
 
 def attach_tiers(blocks: BlockManager, pool: KVCachePool, config: EngineConfig) -> KVTiers | None:
@@ -28,11 +37,101 @@ def attach_tiers(blocks: BlockManager, pool: KVCachePool, config: EngineConfig) 
         disk_dir=config.kv_offload_dir,
         disk_bytes=config.kv_offload_disk_bytes,
         on_dropped=blocks.tier_dropped,
+        async_io=config.kv_offload_async,
+        write_queue_blocks=config.kv_offload_queue_blocks,
     )
     if not tiers.enabled:
         return None
+    tiers.on_moved = blocks.tier_moved
     blocks.attach_tiers(tiers)
     return tiers
+
+
+@dataclass
+class _Reload:
+    pending: PendingReload
+    future: Future[dict[int, Loaded]]
+    started: float
+
+
+class AsyncReloads:
+    """Tier reloads in flight, by request id, for the scheduler (scheduler.Reloads).
+
+    `admit(seq)` for a waiting sequence without blocks: when its cached prefix has blocks in a tier, the
+    block manager holds its blocks (`begin_reload`: nothing can evict or take them) and the tiers' reader
+    thread reads and verifies the tier blocks; the sequence is skipped until that is done, then its
+    allocation is finished on the engine thread (the copy into the pool). A reload not done within
+    `timeout_s` is given up: the sequence gets its device prefix and computes the rest (the read's
+    result is ignored). `cancel` (an abort) gives every held block back."""
+
+    def __init__(
+        self,
+        blocks: BlockManager,
+        tiers: KVTiers,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.blocks = blocks
+        self.tiers = tiers
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._inflight: dict[str, _Reload] = {}
+        self.started_total = 0
+        self.timeouts_total = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Reloads started and not admitted yet."""
+        return len(self._inflight)
+
+    def admit(self, seq: Sequence) -> Allocation | bool:
+        r = self._inflight.get(seq.request_id)
+        if r is None:
+            try:
+                pending = self.blocks.begin_reload(seq.token_ids)
+            except NoFreeBlocksError:
+                return False  # the pool is short: `can_allocate` says so and admission waits
+            if pending is None:
+                return False
+            self._inflight[seq.request_id] = r = _Reload(
+                pending, self.tiers.start_load(pending.to_load), self.clock()
+            )
+            self.started_total += 1
+        if not r.future.done():
+            if self.clock() - r.started < self.timeout_s:
+                return True
+            self.timeouts_total += 1
+            logger.warning(
+                "KV tier reload of %s timed out after %.1fs: recomputing", seq.request_id, self.timeout_s
+            )
+            loaded: dict[int, Loaded] = {}
+        elif r.future.exception() is not None:
+            logger.warning(
+                "KV tier reload of %s failed (%s): recomputing", seq.request_id, r.future.exception()
+            )
+            loaded = {}
+        else:
+            loaded = r.future.result()
+        del self._inflight[seq.request_id]
+        self.tiers.poll()  # drops the reader found (corrupt entries): "removed" events
+        return self.blocks.finish_reload(r.pending, loaded)
+
+    def cancel(self, seq: Sequence) -> None:
+        r = self._inflight.pop(seq.request_id, None)
+        if r is not None:
+            r.future.cancel()
+            self.blocks.cancel_reload(r.pending)
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a reload is done or `timeout_s` passes (the engine has nothing else to run)."""
+        if self._inflight:
+            wait_futures(
+                [r.future for r in self._inflight.values()], timeout_s, return_when="FIRST_COMPLETED"
+            )
+
+    def held_blocks(self) -> list[list[int]]:
+        """The blocks each reload in flight holds (for invariant checks)."""
+        return [r.pending.blocks for r in self._inflight.values()]
 
 
 class _Finished(Protocol):
@@ -84,8 +183,11 @@ class EngineLeases:
                     self.leases.hold(session_id, o.prompt_token_ids + o.token_ids)
 
 
-def tier_stats(tiers: KVTiers | None, leases: EngineLeases | None) -> KVTierStats | None:
-    """A snapshot of the tiers' counters and the leased blocks for metrics; None with neither."""
+def tier_stats(
+    tiers: KVTiers | None, leases: EngineLeases | None, reloads: AsyncReloads | None = None
+) -> KVTierStats | None:
+    """A snapshot of the tiers' counters, the leased blocks and the reload queue for metrics; None with
+    neither tiers nor leases."""
     if tiers is None and leases is None:
         return None
     leased = leases.leases.num_leased_blocks if leases is not None else 0
@@ -101,7 +203,11 @@ def tier_stats(tiers: KVTiers | None, leases: EngineLeases | None) -> KVTierStat
         offload_seconds=dict(st.offload_seconds),
         reload_bytes=dict(st.reload_bytes),
         reload_seconds=dict(st.reload_seconds),
-        blocks={"host": len(tiers.host or ()), "disk": len(tiers.disk or ())},
+        blocks={"host": len(tiers.host or ()), "disk": len(tiers.disk or ()) + tiers.write_queue_depth},
         corrupt_blocks=st.corrupt_blocks,
         leased_blocks=leased,
+        dropped_offloads=st.dropped_offloads,
+        write_queue_blocks=tiers.write_queue_depth,
+        reloads_in_flight=reloads.in_flight if reloads is not None else 0,
+        reload_timeouts=reloads.timeouts_total if reloads is not None else 0,
     )
