@@ -330,15 +330,17 @@ class KVTiers:
                         if self._to_disk(old, data) and self.on_moved is not None:
                             self.on_moved(old, "disk")
                     held.append(True)
-                else:
-                    held.append(self._to_disk(h, payload))
+                else:  # the caller publishes a block that found no tier
+                    held.append(self._to_disk(h, payload, report=False))
         self.poll()
         return held
 
-    def _to_disk(self, h: int, payload: torch.Tensor) -> bool:
-        """Send `payload` of `h` to the disk tier (queued with async_io); False when it is dropped."""
+    def _to_disk(self, h: int, payload: torch.Tensor, report: bool = True) -> bool:
+        """Send `payload` of `h` to the disk tier (queued with async_io); False when it is dropped (then
+        `on_dropped` hears of it when `report`: a block pushed out of the host tier)."""
         if self.disk is None:
-            self._drops.append(h)
+            if report:
+                self._drops.append(h)
             return False
         if self._writer is not None:
             if h in self._pending or h in self.disk:
@@ -347,7 +349,8 @@ class KVTiers:
                 self._writes.put_nowait((h, payload))
             except queue.Full:
                 self.stats.dropped_offloads += 1
-                self._drops.append(h)
+                if report:
+                    self._drops.append(h)
                 return False
             self._pending[h] = payload
             return True
