@@ -281,3 +281,51 @@ def test_engine_events_and_snapshot_name_the_tier(tiny_ckpt: Path, tmp_path: Pat
     events, _ = log.drain()
     idx.apply("w", [h for h, _, _ in events], [r for _, r, _ in events], [t for _, _, t in events])
     assert [idx.tier_of("w", h) for h in first] == ["device"] * 4
+
+
+@pytest.mark.slow
+def test_offloaded_events_reach_the_router_through_a_real_cluster(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A prefill worker with a 1 MiB pool (136 blocks of 8 tokens) and a host tier: a prompt pushed out
+    of the pool by three others is published as offloaded ("host" in the router's index), its next turn
+    reloads it (usage's cached tokens) with the same greedy tokens, and the index has it on the device
+    again."""
+    import time
+
+    import httpx
+    from conftest import local_cluster_spec
+
+    from k2serve.cluster.local import LocalCluster
+
+    engine_args = ("--kv-cache-mb", "1", "--block-size", str(BS), "--heartbeat-interval", "0.3")
+    engine_args += ("--kv-offload-host-mb", "8")
+    spec = local_cluster_spec(tiny_ckpt, tmp_path, engine_args=engine_args)
+
+    def tiers(cluster: LocalCluster) -> dict[str, int]:
+        return next(w["kv_index_tiers"] for w in cluster.workers() if w["role"] == "prefill")
+
+    def wait_for(cluster: LocalCluster, ok: Any) -> dict[str, int]:
+        deadline = time.monotonic() + 20
+        while not ok(seen := tiers(cluster)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return seen
+
+    prompts = [prompt(10 + k, 480) for k in range(4)]
+    with LocalCluster(spec) as cluster, httpx.Client(base_url=cluster.http_url, timeout=120) as client:
+
+        def complete(tokens: list[int]) -> tuple[list[int], int]:
+            body = {"model": tiny_ckpt.name, "prompt": tokens, "max_tokens": 4, "temperature": 0}
+            r = client.post("/v1/completions", json=body | {"ignore_eos": True, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            return out["choices"][0]["token_ids"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        first, _ = complete(prompts[0])
+        for p in prompts[1:]:
+            complete(p)
+        seen = wait_for(cluster, lambda t: t.get("host", 0) >= 59)
+        assert seen.get("host", 0) >= 59, seen  # prompt 0's 59 full blocks (at least) were offloaded
+        again, cached = complete(prompts[0])
+        assert again == first
+        assert cached == 59 * BS  # (480 - 1) // 8 blocks reloaded from the host tier
+        seen = wait_for(cluster, lambda t: t.get("device", 0) >= 59)
+        assert seen.get("device", 0) >= 59, seen

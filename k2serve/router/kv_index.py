@@ -42,6 +42,14 @@ class KVIndex:
         """How many blocks the index places on `worker_id`."""
         return len(self._of.get(worker_id, ()))
 
+    def tier_counts(self, worker_id: str) -> dict[str, int]:
+        """How many blocks the index places in each tier of `worker_id` (only tiers with any)."""
+        out: dict[str, int] = {}
+        for h in self._of.get(worker_id, ()):
+            tier = self._where[h][worker_id]
+            out[tier] = out.get(tier, 0) + 1
+        return out
+
     def workers(self) -> list[str]:
         """Workers with an entry (a snapshot, possibly empty, or events)."""
         return list(self._of)
