@@ -292,7 +292,9 @@ class KVTiers:
     def _stage(self, blocks: list[int]) -> list[torch.Tensor]:
         """The rows of every layer of each of `blocks`, copied out of the pool into one CPU staging
         tensor (a single gather, whatever the number of blocks: per-block copies cost an operator call
-        each, which a loaded host makes slow); per block a contiguous uint8 view of it."""
+        each, which a loaded host makes slow); per block a contiguous uint8 view of it. The views share
+        the batch's storage, which lives while any of them does (a tier may briefly hold more than its
+        cap, by at most one batch of evictions)."""
         kv = self.pool.kv
         idx = torch.tensor(blocks, dtype=torch.long, device=kv.device)
         staged = kv.index_select(1, idx).transpose(0, 1).contiguous().to("cpu")
