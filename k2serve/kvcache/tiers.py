@@ -240,6 +240,10 @@ class KVTiers:
         self.async_io = async_io
         # Guards the tiers' maps and the stats between the engine thread and the background threads.
         self._lock = threading.RLock()
+        # Reads in progress on the reader thread: the writer waits for them (a read is on a request's
+        # critical path, a write is not; on a loaded host the two threads otherwise slow each other).
+        self._reads = 0
+        self._no_reads = threading.Condition(self._lock)
         self._pending: dict[int, torch.Tensor] = {}  # queued for the disk, not written yet
         self._drops: list[int] = []  # left the last tier, not yet told to on_dropped
         self._writes: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(
@@ -372,6 +376,8 @@ class KVTiers:
                 if item is None:
                     return
                 h, payload = item
+                with self._lock:
+                    self._no_reads.wait_for(lambda: self._reads == 0, timeout=1.0)
                 t0 = time.perf_counter()
                 raw = payload.numpy().tobytes()
                 try:
@@ -458,11 +464,18 @@ class KVTiers:
         """The verified payloads of `hashes`, in order, up to the first that no tier has a good copy of
         (a prefix ends there: what follows would be recomputed anyway). Any thread."""
         out: dict[int, Loaded] = {}
-        for h in hashes:
-            got = self._read(h)
-            if got is None:
-                break
-            out[h] = got
+        with self._lock:
+            self._reads += 1
+        try:
+            for h in hashes:
+                got = self._read(h)
+                if got is None:
+                    break
+                out[h] = got
+        finally:
+            with self._lock:
+                self._reads -= 1
+                self._no_reads.notify_all()
         return out
 
     def start_load(self, hashes: Sequence[int]) -> Future[dict[int, Loaded]]:
