@@ -323,3 +323,8 @@ def test_worker_metrics_count_tier_hits_bytes_and_leases(tiny_ckpt: Path) -> Non
     assert got[("k2serve_kv_offload_bytes_total", "host")] >= 4 * bb
     assert got[("k2serve_kv_tier_blocks", "host")] >= 4
     assert got[("k2serve_kv_tier_corrupt_blocks_total", None)] == 0
+    # asynchronous tiers (the default): no writer (host tier only), nothing in flight once idle
+    assert got[("k2serve_kv_offload_dropped_total", None)] == 0
+    assert got[("k2serve_kv_offload_queue_blocks", None)] == 0
+    assert got[("k2serve_kv_reloads_in_flight", None)] == 0
+    assert got[("k2serve_kv_reload_timeouts_total", None)] == 0
