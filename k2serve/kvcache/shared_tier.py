@@ -527,6 +527,8 @@ class SharedTiers:
                     stats.offload_seconds[STORE_TIER] += pack_s + seconds
 
             if self.store.put(self.key(h), value, done):
+                with lock:  # a miss remembered from before this put must not hide it
+                    self._known.pop(h, None)
                 self._put[h] = None
                 while len(self._put) > self._max_remembered:
                     self._put.popitem(last=False)
