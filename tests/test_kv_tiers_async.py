@@ -329,3 +329,36 @@ def test_offloaded_events_reach_the_router_through_a_real_cluster(tiny_ckpt: Pat
         assert cached == 59 * BS  # (480 - 1) // 8 blocks reloaded from the host tier
         seen = wait_for(cluster, lambda t: t.get("device", 0) >= 59)
         assert seen.get("device", 0) >= 59, seen
+
+
+def test_store_tier_goes_on_the_wire_as_shared_with_its_reload_rate() -> None:
+    """The Mooncake tier ("mooncake" in the worker's stats) is KV_TIER_SHARED on the wire, and its
+    measured reload speed reaches the router under "shared", the name the router's index gives it."""
+    from types import SimpleNamespace
+
+    from k2serve.engine.protocol import BackendStats, KVTierStats
+    from k2serve.kvcache.block_manager import tier_code, tier_name
+    from k2serve.worker.runtime import worker_load
+
+    assert (
+        tier_code("mooncake") == registry_pb2.KV_TIER_SHARED and tier_name(tier_code("mooncake")) == "shared"
+    )
+    tiers = {"host": 0, "disk": 0, "mooncake": 0}
+    kv = KVTierStats(
+        hit_tokens=tiers | {"host": 64, "mooncake": 32},
+        offload_bytes=tiers,
+        offload_seconds=dict.fromkeys(tiers, 0.0),
+        reload_bytes=tiers,
+        reload_seconds={"host": 0.002, "disk": 0.0, "mooncake": 0.016},
+        blocks=tiers,
+        leased_blocks=3,
+    )
+    stats = BackendStats(
+        num_running=0, num_waiting=0, kv_blocks_used=0, kv_blocks_total=10, prefix_hit_rate=0.0,
+        num_preemptions=0, kv_tiers=kv,
+    )  # fmt: skip
+    load = worker_load(SimpleNamespace(stats=lambda: stats))  # type: ignore[arg-type]
+    assert dict(load.reload_tokens_per_s) == pytest.approx({"host": 32000.0, "shared": 2000.0})
+    assert load.leased_blocks == 3
+    # the router charges a block the index holds as "shared" at that rate: 8 tokens at 2,000 tokens/s
+    assert reload_seconds(["shared"], BS, 1000.0, dict(load.reload_tokens_per_s)) == pytest.approx(0.004)
