@@ -18,7 +18,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.protocol import GenerateRequest
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.kvcache.block_manager import BlockManager, KVEventLog, NoFreeBlocksError
+from k2serve.kvcache.block_manager import BlockManager, KVEventLog, NoFreeBlocksError, tier_name
 from k2serve.kvcache.hashing import chain_hashes
 from k2serve.proto import registry_pb2
 from k2serve.router.kv_index import KVIndex
@@ -63,8 +63,8 @@ def test_block_manager_events_track_its_prefix_cache() -> None:
             bm.mark_computed(alloc.block_table, tokens, len(tokens))
             live.append((alloc.block_table, tokens))
         events, overflowed = bm.events.drain()
-        removed_seen += sum(r for _, r in events)
-        index.apply("w", [h for h, _ in events], [r for _, r in events])
+        removed_seen += sum(r for _, r, _ in events)
+        index.apply("w", [h for h, _, _ in events], [r for _, r, _ in events], [t for _, _, t in events])
         assert not overflowed
         assert all(index.holds("w", h) for h in bm.stored_hashes())
         assert index.blocks_of("w") == len(bm.stored_hashes()) == len(index)
@@ -80,7 +80,7 @@ def test_duplicate_block_is_not_reported_and_unused_log_costs_nothing() -> None:
     bm.mark_computed(a.block_table, tokens, 9)
     bm.mark_computed(b.block_table, tokens, 9)
     events, _ = bm.events.drain()
-    assert events == [(h, False) for h in chain_hashes(tokens, BS)]  # once each, in prefix order
+    assert events == [(h, False, "device") for h in chain_hashes(tokens, BS)]  # once each, in prefix order
     bm.events = None  # the default: no log, the manager works as before
     bm.free(a.block_table)
     bm.free(b.block_table)
@@ -93,7 +93,7 @@ def test_event_log_overflow_asks_for_a_snapshot() -> None:
         log.record(h, False)
     assert log.drain() == ([], True)
     log.record(9, True)
-    assert log.drain() == ([(9, True)], False)
+    assert log.drain() == ([(9, True, "device")], False)
     with pytest.raises(ValueError, match="max_events"):
         KVEventLog(0)
 
@@ -418,11 +418,13 @@ def test_publisher_snapshot_and_events_of_a_real_engine(tiny_ckpt: Path) -> None
         await generate("before", first)  # computed before the publisher: must come with the snapshot
         pub = KVEventPublisher(engine)
         idx = KVIndex()
-        idx.replace("p", await pub.snapshot())
+        held = await pub.snapshot()
+        assert {t for _, t in held} == {"device"}
+        idx.replace("p", [h for h, _ in held], [t for _, t in held])
         await generate("after", second)
         events = pub.events()
         assert events is not None
-        idx.apply("p", events.block_hashes, events.removed)
+        idx.apply("p", events.block_hashes, events.removed, [tier_name(t) for t in events.tiers])
         expected = set(chain_hashes(first, BS)) | set(chain_hashes(second, BS))
         assert {h for h in expected if idx.holds("p", h)} == expected and len(idx) == len(expected)
         assert idx.cached_blocks(PromptBlocks(second + [7]).hashes(BS), ["p"]) == {"p": 3}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,14 @@ def evict(engine: LLMEngine, first: int) -> None:
     assert not any(h in engine.blocks._hash_to_block for h in chain_hashes(prompt(first), BS))
 
 
+def computed_then_evicted(engine: LLMEngine, seed: int, reference: dict[int, list[int]]) -> SharedTiers:
+    """Prompt `seed` generated (the reference tokens), then evicted from the pool; the puts done."""
+    assert generate(engine, "a", prompt(seed)) == reference[seed]
+    evict(engine, seed)
+    assert shared(engine).flush()
+    return shared(engine)
+
+
 @pytest.fixture(scope="module")
 def master() -> Iterator[MooncakeMaster]:
     if not HAVE_MOONCAKE or find_mooncake_master() is None:
@@ -86,7 +95,7 @@ def reference(tiny_ckpt: Path) -> dict[int, list[int]]:
     """Greedy tokens of the prompts without any cache reuse."""
     cfg = EngineConfig(num_kv_blocks=64, block_size=BS, enable_prefix_caching=False)
     engine = LLMEngine.from_pretrained(tiny_ckpt, torch.float32, cfg)
-    return {s: generate(engine, f"ref{s}", prompt(s)) for s in (10, 20, 30, 40, 50)}
+    return {s: generate(engine, f"ref{s}", prompt(s)) for s in (10, 20, 30, 40, 50, 60, 70, 80, 90)}
 
 
 def test_config_names_what_is_wrong() -> None:
@@ -132,6 +141,82 @@ def test_evicted_blocks_reload_from_the_store(
     assert tiers.stats.reload_bytes[STORE_TIER] == 4 * bb
     assert engine.num_computed_tokens_total - before == 40 - PREFIX_TOKENS + GREEDY.max_tokens - 1
     assert tiers.store.errors == 0 and tiers.stats.corrupt_blocks == 0
+    engine.blocks.check_invariants([])
+    tiers.close()
+
+
+@needs_mooncake
+def test_store_reload_is_asynchronous_and_decode_runs_meanwhile(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """With the asynchronous tiers (the default) a store hit is read on the reader thread: while the
+    store's gets are held, the decoding request keeps producing a token per step and the reloading one
+    waits; then both give the reference tokens, the reloaded prefix from the store."""
+    engine = store_engine(tiny_ckpt, master)
+    tiers = computed_then_evicted(engine, 60, reference)
+    assert engine.reloads is not None and tiers.async_io  # the store does not turn async off
+    engine.add_request("d", prompt(70), GREEDY)
+    engine.step()  # d's prefill and first token
+    gate, reading = threading.Event(), threading.Event()
+    get = tiers.store.get
+
+    def slow_get(key: str) -> bytes | None:
+        assert threading.current_thread() is not threading.main_thread()  # never on the engine's
+        reading.set()
+        gate.wait(30)
+        return get(key)
+
+    tiers.store.get = slow_get  # type: ignore[method-assign]
+    engine.add_request("a2", prompt(60), GREEDY)
+    got: dict[str, list[int]] = {}
+    for _ in range(3):
+        assert [o.request_id for o in engine.step()] == ["d"]  # d decodes, a2 waits for its reload
+        assert engine.reloads.in_flight == 1
+    assert reading.wait(30) and len(engine.seqs["d"].output_token_ids) == 4
+    gate.set()
+    while engine.has_unfinished_requests():
+        got |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
+    assert got == {"a2": reference[60], "d": reference[70]}
+    assert engine.reloads.started_total == 1 and engine.reloads.timeouts_total == 0
+    assert tiers.stats.hit_tokens[STORE_TIER] == PREFIX_TOKENS
+    engine.blocks.check_invariants([])
+    tiers.close()
+
+
+@needs_mooncake
+def test_synchronous_store_reload_gives_the_same_tokens(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """--no-kv-offload-async: the store's get runs inside the step; same tokens, same hits."""
+    engine = store_engine(tiny_ckpt, master, kv_offload_async=False)
+    tiers = computed_then_evicted(engine, 80, reference)
+    assert engine.reloads is None and not tiers.async_io
+    assert generate(engine, "a2", prompt(80)) == reference[80]
+    assert tiers.stats.hit_tokens[STORE_TIER] == PREFIX_TOKENS
+    engine.blocks.check_invariants([])
+    tiers.close()
+
+
+@needs_mooncake
+def test_store_below_a_host_tier_reloads_from_both(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """Local host tier + store, asynchronous: a prefix whose first blocks are in the host tier and the
+    rest only in the store reloads all of them (host first, the store after) with the reference tokens;
+    the KV events of the host tier's blocks name "host"."""
+    engine = store_engine(tiny_ckpt, master, kv_offload_host_bytes=1 << 30)
+    tiers = computed_then_evicted(engine, 90, reference)
+    assert engine.reloads is not None
+    hashes = chain_hashes(prompt(90), BS)[:4]
+    assert all(tiers.tier_of(h) == "host" for h in hashes)
+    assert dict(tiers.held()).get(hashes[0]) == "host"
+    for h in hashes[2:]:  # only the store has these now
+        assert tiers.host is not None and tiers.host.hashes().count(h) == 1
+        tiers.host._blocks.pop(h)
+    assert [tiers.tier_of(h) for h in hashes] == ["host", "host", None, None]
+    assert generate(engine, "a2", prompt(90)) == reference[90]
+    assert tiers.stats.hit_tokens["host"] == 2 * BS
+    assert tiers.stats.hit_tokens[STORE_TIER] == 2 * BS
     engine.blocks.check_invariants([])
     tiers.close()
 

@@ -55,6 +55,8 @@ def evict_first(engine: LLMEngine) -> list[int]:
         generate(engine, f"x{s}", prompt(s))
     h = chain_hashes(prompt(1), BS)
     assert not any(x in engine.blocks._hash_to_block for x in h), "prompt 1's blocks must have left the pool"
+    if engine.tiers is not None:
+        engine.tiers.flush()  # the asynchronous disk writes are done (the files exist)
     return first
 
 
@@ -151,15 +153,16 @@ def test_events_offloaded_block_stays_held_until_last_tier_drops_it() -> None:
     bm.mark_computed(a.block_table, list(range(9)), 9)
     bm.free(a.block_table)
     stored, _ = bm.events.drain()
-    assert [r for _, r in stored] == [False, False]
+    h0, h1 = chain_hashes(list(range(8)), 4)
+    assert stored == [(h0, False, "device"), (h1, False, "device")]
     b = bm.allocate(list(range(100, 116)))  # 4 fresh blocks: both cached blocks evicted
     events, _ = bm.events.drain()
-    h0, h1 = chain_hashes(list(range(8)), 4)
     # freed tail first, h1 is evicted first into the host tier, then pushed out by h0 (no disk): only h1
-    # is removed; h0 stays held (offloaded) and in the snapshot
-    assert events == [(h1, True)]
+    # is removed; h0 is offloaded (stored in "host") and stays in the snapshot
+    assert events == [(h1, True, "device"), (h0, False, "host")]
     assert tiers.contains(h0) and not tiers.contains(h1)
     assert set(bm.stored_hashes()) == {h0}
+    assert bm.stored_blocks() == [(h0, "host")]
     bm.free(b.block_table)
 
 
@@ -326,3 +329,8 @@ def test_worker_metrics_count_tier_hits_bytes_and_leases(tiny_ckpt: Path) -> Non
     assert got[("k2serve_kv_offload_bytes_total", "host")] >= 4 * bb
     assert got[("k2serve_kv_tier_blocks", "host")] >= 4
     assert got[("k2serve_kv_tier_corrupt_blocks_total", None)] == 0
+    # asynchronous tiers (the default): no writer (host tier only), nothing in flight once idle
+    assert got[("k2serve_kv_offload_dropped_total", None)] == 0
+    assert got[("k2serve_kv_offload_queue_blocks", None)] == 0
+    assert got[("k2serve_kv_reloads_in_flight", None)] == 0
+    assert got[("k2serve_kv_reload_timeouts_total", None)] == 0

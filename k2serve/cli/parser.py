@@ -125,6 +125,19 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
         "--kv-offload-disk-mb", type=int, default=0, help="size cap of the disk tier, MiB (0 = off)"
     )
     s.add_argument(
+        "--kv-offload-async",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="disk writes and tier reloads on background threads, overlapped with the engine's steps "
+        "(a request waits for its reload, the others run); --no-kv-offload-async: inside the step",
+    )
+    s.add_argument(
+        "--kv-reload-timeout-s",
+        type=float,
+        default=10.0,
+        help="an asynchronous reload not done after this long is given up: its tokens are recomputed",
+    )
+    s.add_argument(
         "--kv-session-lease-s",
         type=float,
         default=0.0,

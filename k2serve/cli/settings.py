@@ -59,6 +59,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_offload_host_bytes=args.kv_offload_host_mb << 20,
         kv_offload_dir=args.kv_offload_dir,
         kv_offload_disk_bytes=args.kv_offload_disk_mb << 20,
+        kv_offload_async=args.kv_offload_async,
+        kv_reload_timeout_s=args.kv_reload_timeout_s,
         kv_session_lease_s=args.kv_session_lease_s,
         kv_store=args.kv_store,
         kv_store_master=args.kv_store_master,
@@ -261,6 +263,10 @@ def engine_args_from_up(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--kv-offload-dir", args.kv_offload_dir]
     if args.kv_offload_disk_mb:
         out += ["--kv-offload-disk-mb", str(args.kv_offload_disk_mb)]
+    if not args.kv_offload_async:
+        out.append("--no-kv-offload-async")
+    if args.kv_reload_timeout_s != 10.0:
+        out += ["--kv-reload-timeout-s", str(args.kv_reload_timeout_s)]
     if args.kv_session_lease_s:
         out += ["--kv-session-lease-s", str(args.kv_session_lease_s)]
     out += kv_store_args_from_up(args)

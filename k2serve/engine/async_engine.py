@@ -612,7 +612,7 @@ class AsyncEngine:
             prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
             decode_step_ms=self._engine.decode_step_ms,
             decode_step_batch=self._engine.decode_step_batch,
-            kv_tiers=tier_stats(self._engine.tiers, self._engine.leases),
+            kv_tiers=tier_stats(self._engine.tiers, self._engine.leases, self._engine.reloads),
         )
 
     @staticmethod

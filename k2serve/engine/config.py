@@ -181,6 +181,11 @@ class EngineConfig:
     (kvcache/tiers.py): evicted prefix-cache blocks go to a host-memory LRU of that many bytes, blocks
     pushed out of it to one checksummed file per block in kv_offload_dir (at most kv_offload_disk_bytes),
     and a prefix hit there is reloaded instead of recomputed. 0 / None: no such tier.
+    kv_offload_async: disk writes and reloads on background threads, overlapped with the engine's steps
+    (a request whose prefix is being reloaded waits, the others run); False: inside the step.
+    kv_reload_timeout_s: an asynchronous reload not done after this many seconds is given up: the
+    request computes those tokens instead. kv_offload_queue_blocks: disk writes queued at most; an
+    offload that finds the queue full is dropped (counted), never waited for.
     kv_store / kv_store_master / kv_store_metadata / kv_store_segment_bytes / kv_store_put_on_compute /
     kv_store_local_hostname / kv_store_timeout_s: the shared tier below the local ones
     (kvcache/shared_tier.py): "mooncake" puts prefix-cache blocks into a Mooncake Store whose master is
@@ -223,6 +228,9 @@ class EngineConfig:
     kv_offload_host_bytes: int = 0
     kv_offload_dir: str | None = None
     kv_offload_disk_bytes: int = 0
+    kv_offload_async: bool = True
+    kv_reload_timeout_s: float = 10.0
+    kv_offload_queue_blocks: int = 256
     kv_session_lease_s: float = 0.0
     kv_store: str = "none"
     kv_store_master: str | None = None
@@ -259,6 +267,12 @@ class EngineConfig:
         for name in ("kv_offload_host_bytes", "kv_offload_disk_bytes", "kv_session_lease_s"):
             if getattr(self, name) < 0:
                 raise EngineConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kv_reload_timeout_s <= 0:
+            raise EngineConfigError(f"kv_reload_timeout_s must be > 0, got {self.kv_reload_timeout_s}")
+        if self.kv_offload_queue_blocks < 1:
+            raise EngineConfigError(
+                f"kv_offload_queue_blocks must be >= 1, got {self.kv_offload_queue_blocks}"
+            )
         if self.kv_offload_disk_bytes and not self.kv_offload_dir:
             raise EngineConfigError("kv_offload_disk_bytes needs kv_offload_dir (the disk tier's directory)")
         self._check_kv_store()

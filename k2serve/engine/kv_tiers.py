@@ -1,12 +1,18 @@
 """The engine's glue to the local KV tiers (kvcache/tiers.py) and the shared one (kvcache/shared_tier.py):
 built from EngineConfig and attached to the block manager, so that evicted prefix blocks are offloaded
-and reloaded on a hit (and, with a shared store, put when computed); and to session leases
-(kvcache/leases.py), fed by the engine's requests that carry a session id."""
+and reloaded on a hit (asynchronously by default: AsyncReloads; with a shared store below the local
+tiers a store hit is read on the same reader thread) and, with a shared store, put when computed; and to
+session leases (kvcache/leases.py), fed by the engine's requests that carry a session id."""
 
 from __future__ import annotations
 
+import logging
 import socket
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -14,13 +20,16 @@ import xxhash
 
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.protocol import KVTierStats
-from k2serve.kvcache.block_manager import BlockManager
+from k2serve.engine.sequence import Sequence
+from k2serve.kvcache.block_manager import Allocation, BlockManager, NoFreeBlocksError, PendingReload
 from k2serve.kvcache.leases import SessionLeases
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.kvcache.shared_tier import MooncakeSettings, MooncakeStore, SharedTiers
-from k2serve.kvcache.tiers import TIERS, KVTiers
+from k2serve.kvcache.tiers import TIERS, KVTiers, Loaded
 
-__all__ = ["EngineLeases", "attach_tiers", "store_namespace", "tier_stats"]
+__all__ = ["AsyncReloads", "EngineLeases", "attach_tiers", "store_namespace", "tier_stats"]
+
+logger = logging.getLogger(__name__)
 
 _STORE_FORMAT = b"k2kv-block-v1"  # bump when the payload layout of a block changes
 
@@ -39,7 +48,10 @@ def attach_tiers(
         disk_dir=config.kv_offload_dir,
         disk_bytes=config.kv_offload_disk_bytes,
         on_dropped=blocks.tier_dropped,
+        async_io=config.kv_offload_async,
+        write_queue_blocks=config.kv_offload_queue_blocks,
     )
+    tiers.on_moved = blocks.tier_moved
     if config.kv_store == "mooncake":
         if model is None:
             raise ValueError("a shared KV store needs the model: its fingerprint namespaces the keys")
@@ -96,6 +108,93 @@ def store_namespace(model: torch.nn.Module, pool: KVCachePool, config: EngineCon
     return h.hexdigest()
 
 
+@dataclass
+class _Reload:
+    pending: PendingReload
+    future: Future[dict[int, Loaded]]
+    started: float
+
+
+class AsyncReloads:
+    """Tier reloads in flight, by request id, for the scheduler (scheduler.Reloads).
+
+    `admit(seq)` for a waiting sequence without blocks: when its cached prefix has blocks in a tier, the
+    block manager holds its blocks (`begin_reload`: nothing can evict or take them) and the tiers' reader
+    thread reads and verifies the tier blocks; the sequence is skipped until that is done, then its
+    allocation is finished on the engine thread (the copy into the pool). A reload not done within
+    `timeout_s` is given up: the sequence gets its device prefix and computes the rest (the read's
+    result is ignored). `cancel` (an abort) gives every held block back."""
+
+    def __init__(
+        self,
+        blocks: BlockManager,
+        tiers: KVTiers | SharedTiers,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.blocks = blocks
+        self.tiers = tiers
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._inflight: dict[str, _Reload] = {}
+        self.started_total = 0
+        self.timeouts_total = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Reloads started and not admitted yet."""
+        return len(self._inflight)
+
+    def admit(self, seq: Sequence) -> Allocation | bool:
+        r = self._inflight.get(seq.request_id)
+        if r is None:
+            try:
+                pending = self.blocks.begin_reload(seq.token_ids)
+            except NoFreeBlocksError:
+                return False  # the pool is short: `can_allocate` says so and admission waits
+            if pending is None:
+                return False
+            self._inflight[seq.request_id] = r = _Reload(
+                pending, self.tiers.start_load(pending.to_load), self.clock()
+            )
+            self.started_total += 1
+        if not r.future.done():
+            if self.clock() - r.started < self.timeout_s:
+                return True
+            self.timeouts_total += 1
+            logger.warning(
+                "KV tier reload of %s timed out after %.1fs: recomputing", seq.request_id, self.timeout_s
+            )
+            loaded: dict[int, Loaded] = {}
+        elif r.future.exception() is not None:
+            logger.warning(
+                "KV tier reload of %s failed (%s): recomputing", seq.request_id, r.future.exception()
+            )
+            loaded = {}
+        else:
+            loaded = r.future.result()
+        del self._inflight[seq.request_id]
+        self.tiers.poll()  # drops the reader found (corrupt entries): "removed" events
+        return self.blocks.finish_reload(r.pending, loaded)
+
+    def cancel(self, seq: Sequence) -> None:
+        r = self._inflight.pop(seq.request_id, None)
+        if r is not None:
+            r.future.cancel()
+            self.blocks.cancel_reload(r.pending)
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a reload is done or `timeout_s` passes (the engine has nothing else to run)."""
+        if self._inflight:
+            wait_futures(
+                [r.future for r in self._inflight.values()], timeout_s, return_when="FIRST_COMPLETED"
+            )
+
+    def held_blocks(self) -> list[list[int]]:
+        """The blocks each reload in flight holds (for invariant checks)."""
+        return [r.pending.blocks for r in self._inflight.values()]
+
+
 class _Finished(Protocol):
     request_id: str
     prompt_token_ids: list[int]
@@ -145,8 +244,11 @@ class EngineLeases:
                     self.leases.hold(session_id, o.prompt_token_ids + o.token_ids)
 
 
-def tier_stats(tiers: KVTiers | SharedTiers | None, leases: EngineLeases | None) -> KVTierStats | None:
-    """A snapshot of the tiers' counters and the leased blocks for metrics; None with neither."""
+def tier_stats(
+    tiers: KVTiers | SharedTiers | None, leases: EngineLeases | None, reloads: AsyncReloads | None = None
+) -> KVTierStats | None:
+    """A snapshot of the tiers' counters, the leased blocks and the reload queue for metrics; None with
+    neither tiers nor leases."""
     if tiers is None and leases is None:
         return None
     leased = leases.leases.num_leased_blocks if leases is not None else 0
@@ -162,8 +264,12 @@ def tier_stats(tiers: KVTiers | SharedTiers | None, leases: EngineLeases | None)
         offload_seconds=dict(st.offload_seconds),
         reload_bytes=dict(st.reload_bytes),
         reload_seconds=dict(st.reload_seconds),
-        blocks={"host": len(tiers.host or ()), "disk": len(tiers.disk or ())},
+        blocks={"host": len(tiers.host or ()), "disk": len(tiers.disk or ()) + tiers.write_queue_depth},
         corrupt_blocks=st.corrupt_blocks,
         leased_blocks=leased,
         store_errors=tiers.store.errors if isinstance(tiers, SharedTiers) else 0,
+        dropped_offloads=st.dropped_offloads,
+        write_queue_blocks=tiers.write_queue_depth,
+        reloads_in_flight=reloads.in_flight if reloads is not None else 0,
+        reload_timeouts=reloads.timeouts_total if reloads is not None else 0,
     )

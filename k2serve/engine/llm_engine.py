@@ -22,7 +22,7 @@ from k2serve.engine.captured import CapturedDecode, unsupported_reason
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
-from k2serve.engine.kv_tiers import EngineLeases, attach_tiers
+from k2serve.engine.kv_tiers import AsyncReloads, EngineLeases, attach_tiers
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
@@ -165,6 +165,13 @@ class LLMEngine:
         spec = self.config.speculative_config
         self.proposer = None if spec is None else Proposer(spec)
         self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
+        # Asynchronous tier reloads (None: reloads run inside the step, or no tiers).
+        self.reloads = (
+            AsyncReloads(self.blocks, self.tiers, self.config.kv_reload_timeout_s)
+            if self.tiers is not None and self.config.kv_offload_async
+            else None
+        )
+        self.scheduler.reloads = self.reloads
         pad_slot = num_blocks * self.config.block_size
         self.runner = ModelRunner(
             model,
@@ -377,8 +384,13 @@ class LLMEngine:
             waiting = self.scheduler.waiting
             head = waiting[0] if waiting and not waiting[0].block_table else None
             self.leases.before_schedule(self.blocks, head.token_ids if head is not None else None)
+        if self.tiers is not None:
+            self.tiers.poll()  # blocks the background threads dropped: their "removed" events
         sched = self.scheduler.schedule()
         if not sched.chunks:
+            if self.reloads is not None and self.reloads.in_flight:
+                self.reloads.wait(0.05)  # nothing else to run: wait for a reload rather than spin
+                return []
             if self.scheduler.waiting and not self.scheduler.running:
                 seq = self.scheduler.waiting[0]
                 raise RequestError(

@@ -129,6 +129,35 @@ class _SchedulerCollector(Collector):
         )
         leased.add_metric(self._labels, t.leased_blocks)
         yield leased
+        for name, doc, value, kind in (
+            (
+                "k2serve_kv_offload_dropped",
+                "Offloads dropped: the disk writer's queue was full.",
+                t.dropped_offloads,
+                "c",
+            ),
+            (
+                "k2serve_kv_offload_queue_blocks",
+                "Disk writes of offloaded KV blocks queued now.",
+                t.write_queue_blocks,
+                "g",
+            ),
+            (
+                "k2serve_kv_reloads_in_flight",
+                "Requests waiting for their asynchronous tier reload now.",
+                t.reloads_in_flight,
+                "g",
+            ),
+            (
+                "k2serve_kv_reload_timeouts",
+                "Asynchronous tier reloads given up (tokens recomputed).",
+                t.reload_timeouts,
+                "c",
+            ),
+        ):
+            fam = (CounterMetricFamily if kind == "c" else GaugeMetricFamily)(name, doc, labels=LABELS)
+            fam.add_metric(self._labels, value)
+            yield fam
 
 
 class EngineMetrics:

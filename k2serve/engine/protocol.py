@@ -87,7 +87,8 @@ class KVTierStats:
     """The local KV tiers and session leases of an engine, counted since start (per tier: "host",
     "disk", and "mooncake" with the shared store): prefix-hit tokens reloaded from the tier, bytes and
     seconds of offloads into it and reloads out of it, blocks it holds now (local tiers); entries
-    dropped as corrupt or missing; blocks leased now; failed or timed-out shared store calls."""
+    dropped as corrupt or missing; blocks leased now; failed or timed-out shared store calls; the
+    asynchronous offload / reload queues."""
 
     hit_tokens: dict[str, int]
     offload_bytes: dict[str, int]
@@ -98,6 +99,20 @@ class KVTierStats:
     corrupt_blocks: int = 0
     leased_blocks: int = 0
     store_errors: int = 0
+    dropped_offloads: int = 0  # offloads dropped because the disk writer's queue was full
+    write_queue_blocks: int = 0  # disk writes queued now
+    reloads_in_flight: int = 0  # requests waiting for their asynchronous reload now
+    reload_timeouts: int = 0  # asynchronous reloads given up (recomputed) since start
+
+    @property
+    def reload_tokens_per_s(self) -> dict[str, float]:
+        """Measured reload speed per tier that has reloaded anything: hit tokens per second of reading
+        and copying them back (what the router's predicted TTFT charges a block held there)."""
+        return {
+            t: n / self.reload_seconds[t]
+            for t, n in self.hit_tokens.items()
+            if n and self.reload_seconds.get(t)
+        }
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ With a `proposer` (speculative decoding), a decoding sequence may also verify dr
 is its last token + d drafts at positions start..start + d. The drafts count against the token
 budget and get KV slots like any token; when the pool is short, fewer drafts are proposed (never a
 preemption for drafts). The engine rolls back the slots of rejected drafts after the step.
+
+With `reloads` (asynchronous KV tier reloads, engine/kv_tiers.py:AsyncReloads), a waiting sequence
+whose cached prefix is partly in a host / disk tier starts its reload when admission reaches it and
+stays waiting (skipped, in place) until the reload is done; the sequences behind it are admitted
+meanwhile, and running ones keep running.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.sequence import Sequence, SequenceStatus
-from k2serve.kvcache.block_manager import BlockManager
+from k2serve.kvcache.block_manager import Allocation, BlockManager
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,19 @@ Proposer = Callable[[Sequence, int], list[int]]
 """proposer(seq, limit): at most `limit` draft tokens to verify after `seq`'s last token."""
 
 
+class Reloads(Protocol):
+    """Asynchronous tier reloads as the scheduler sees them (engine/kv_tiers.py:AsyncReloads)."""
+
+    def admit(self, seq: Sequence) -> Allocation | bool:
+        """`seq`'s allocation when its reload is done; True while it is in flight (started now or
+        before: skip it); False when it needs none (allocate as usual)."""
+        ...
+
+    def cancel(self, seq: Sequence) -> None:
+        """`seq` leaves before its reload was admitted: give its blocks back."""
+        ...
+
+
 class Scheduler:
     def __init__(
         self, config: EngineConfig, block_manager: BlockManager, proposer: Proposer | None = None
@@ -62,6 +81,7 @@ class Scheduler:
         self.config = config
         self.blocks = block_manager
         self.proposer = proposer
+        self.reloads: Reloads | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # total since start (a metric)
@@ -85,6 +105,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            if self.reloads is not None:
+                self.reloads.cancel(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
@@ -129,16 +151,28 @@ class Scheduler:
             budget -= n + len(drafts)
             i += 1
 
-        # 2. Admit waiting sequences (not in a step that had to preempt: the pool is full).
+        # 2. Admit waiting sequences (not in a step that had to preempt: the pool is full), in order;
+        #    one whose tier reload is in flight is skipped and stays in place.
+        j = 0
         while (
-            self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
+            j < len(self.waiting)
+            and not out.preempted
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
         ):
-            seq = self.waiting[0]
+            seq = self.waiting[j]
             if not seq.block_table:  # a sequence prefilled elsewhere arrives with its blocks filled
                 tokens = seq.token_ids
-                if not self.blocks.can_allocate(tokens):
+                reload = self.reloads.admit(seq) if self.reloads is not None else False
+                if reload is True:
+                    j += 1
+                    continue
+                if isinstance(reload, Allocation):
+                    alloc = reload
+                elif not self.blocks.can_allocate(tokens):
                     break
-                alloc = self.blocks.allocate(tokens)
+                else:
+                    alloc = self.blocks.allocate(tokens)
                 seq.block_table = alloc.block_table
                 seq.num_computed_tokens = alloc.num_cached_tokens
                 if seq.num_preemptions == 0:
@@ -147,7 +181,7 @@ class Scheduler:
                 break
             else:
                 self.blocks.append_slot(seq.block_table, seq.num_tokens)
-            self.waiting.popleft()
+            del self.waiting[j]
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()

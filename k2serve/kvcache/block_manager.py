@@ -28,9 +28,28 @@ __all__ = [
     "BlockTiers",
     "BlockManagerError",
     "InvariantViolation",
+    "KV_TIER_NAMES",
     "KVEventLog",
     "NoFreeBlocksError",
+    "PendingReload",
+    "tier_code",
+    "tier_name",
 ]
+
+DEVICE = "device"  # the tier name of the device pool in KV events
+# Tier names by their number in the KV events on the wire (registry.proto KVTier): any tier other than
+# these goes out as "shared" (3), a store shared across workers.
+KV_TIER_NAMES = (DEVICE, "host", "disk", "shared")
+
+
+def tier_code(name: str) -> int:
+    """The wire number of tier `name` (KV_TIER_NAMES; an unknown tier is a shared one)."""
+    return KV_TIER_NAMES.index(name) if name in KV_TIER_NAMES else 3
+
+
+def tier_name(code: int) -> str:
+    """The tier name of wire number `code` (an unknown number: "shared")."""
+    return KV_TIER_NAMES[code] if 0 <= code < len(KV_TIER_NAMES) else "shared"
 
 
 class BlockManagerError(RuntimeError):
@@ -48,7 +67,8 @@ class NoFreeBlocksError(BlockManagerError):
 
 class BlockTiers(Protocol):
     """Where evicted blocks go and come back from (k2serve.kvcache.tiers.KVTiers; a protocol so that the
-    manager stays free of tensors)."""
+    manager stays free of tensors). Optional: `tier_of(h) -> str | None`, the tier holding `h`, named in
+    the KV events (without it a held block is published as "host")."""
 
     def contains(self, h: int) -> bool: ...
 
@@ -69,12 +89,14 @@ class KVEventLog:
     """Block stored / removed events of one BlockManager, in the order they happened, for a reader on
     another thread (the worker's heartbeat, which ships them to the router's KV index).
 
-    An event is (chain hash, removed): stored when a computed full block is registered under its hash
-    (only the block the hash map points at: a duplicate computed at the same time is private and never
-    reported), removed when that block is evicted and its hash forgotten (with tiers attached: when it
-    leaves the last tier; a block offloaded to a tier stays "stored", the worker still has it, and its
-    reload publishes stored again, which the index takes as a no-op). These are the hashes vLLM's
-    and Dynamo's KV events carry. The log holds at most `max_events`; past that it forgets them all and
+    An event is (chain hash, removed, tier): stored on "device" when a computed full block is registered
+    under its hash (only the block the hash map points at: a duplicate computed at the same time is
+    private and never reported), removed when that block is evicted and its hash forgotten (with tiers
+    attached: when it leaves the last tier). With tiers a block evicted into a tier is "offloaded":
+    stored with that tier ("host", "disk"), again when it moves to a lower tier, and its reload publishes
+    stored on "device" again; the router's index keeps the latest tier per worker (the cheapest place
+    the worker holds it: a block in the pool is never published with a lower tier). These are the
+    hashes vLLM's and Dynamo's KV events carry. The log holds at most `max_events`; past that it forgets them all and
     says so (`drain` returns overflowed=True): the reader must then resynchronise from a full snapshot
     (`BlockManager.stored_hashes`), so a reader that stops reading never costs more than the bound."""
 
@@ -83,10 +105,10 @@ class KVEventLog:
             raise ValueError(f"max_events must be >= 1, got {max_events}")
         self.max_events = max_events
         self._lock = threading.Lock()
-        self._events: list[tuple[int, bool]] = []
+        self._events: list[tuple[int, bool, str]] = []
         self._overflowed = False
 
-    def record(self, block_hash: int, removed: bool) -> None:
+    def record(self, block_hash: int, removed: bool, tier: str = DEVICE) -> None:
         with self._lock:
             if self._overflowed:
                 return
@@ -94,9 +116,9 @@ class KVEventLog:
                 self._events = []
                 self._overflowed = True
                 return
-            self._events.append((block_hash, removed))
+            self._events.append((block_hash, removed, tier))
 
-    def drain(self) -> tuple[list[tuple[int, bool]], bool]:
+    def drain(self) -> tuple[list[tuple[int, bool, str]], bool]:
         """(the events since the last drain or reset, oldest first; whether some were lost: resync)."""
         with self._lock:
             events, overflowed = self._events, self._overflowed
@@ -106,6 +128,37 @@ class KVEventLog:
     def reset(self) -> None:
         """Forget every event (a snapshot was taken: what came before is in it)."""
         self.drain()
+
+
+@dataclass
+class PendingReload:
+    """Blocks held for a new sequence whose cached prefix is partly in a tier, while its tier blocks are
+    read (`BlockManager.begin_reload`, then `finish_reload` or `cancel_reload`): nothing else can take
+    or evict them, and `cancel_reload` gives every one back.
+
+    device: the leading device hits (one reference each).
+    reserved: fresh blocks (no hash) for every position after them, where the tier blocks are copied
+        and the rest is computed.
+    hashes: chain hashes of the cached blocks after `device`, in order (in a tier or on the device).
+    pinned: of those, the ones on the device at the start: hash -> block (one reference each).
+    num_tokens: the sequence's tokens.
+    """
+
+    device: list[int]
+    reserved: list[int]
+    hashes: list[int]
+    pinned: dict[int, int]
+    num_tokens: int
+
+    @property
+    def to_load(self) -> list[int]:
+        """The chain hashes to read from the tiers."""
+        return [h for h in self.hashes if h not in self.pinned]
+
+    @property
+    def blocks(self) -> list[int]:
+        """Every block this reload holds a reference to."""
+        return [*self.device, *self.pinned.values(), *self.reserved]
 
 
 @dataclass(frozen=True)
@@ -145,6 +198,8 @@ class BlockManager:
         self.tier_hit_tokens = 0  # prefix hits reloaded from a tier (also counted in prefix_hit_tokens)
         # Called (hash, block) when `mark_computed` registers a block (a shared store puts it at once).
         self.on_computed: Callable[[int, int], None] | None = None
+        # Blocks evicted by the running call, offloaded together (one copy) before it returns.
+        self._evicted: list[tuple[int, int]] = []
 
     def attach_tiers(self, tiers: BlockTiers) -> None:
         """Offload evicted hashed blocks to `tiers` and reload them on a prefix hit. While a tier holds
@@ -156,6 +211,11 @@ class BlockManager:
         """Chain hash `h` left the last tier: publish "removed" unless the device holds it again."""
         if h not in self._hash_to_block and self.events is not None:
             self.events.record(h, True)
+
+    def tier_moved(self, h: int, tier: str) -> None:
+        """Chain hash `h` moved to `tier` (host -> disk): publish it unless the device holds it."""
+        if h not in self._hash_to_block and self.events is not None:
+            self.events.record(h, False, tier)
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -189,6 +249,19 @@ class BlockManager:
             return list(self._hash_to_block)
         return list(dict.fromkeys([*self._hash_to_block, *self.tiers.hashes()]))
 
+    def stored_blocks(self) -> list[tuple[int, str]]:
+        """`stored_hashes` with the tier holding each: "device" for the pool's, else the tier's."""
+        out = dict.fromkeys(self._hash_to_block, DEVICE)
+        if self.tiers is not None:
+            for h in self.tiers.hashes():
+                out.setdefault(h, self._tier_name(h))
+        return list(out.items())
+
+    def _tier_name(self, h: int) -> str:
+        """The tier holding `h` for events ("host" for a tier class that does not say)."""
+        tier_of = getattr(self.tiers, "tier_of", None)
+        return (tier_of(h) if tier_of is not None else None) or "host"
+
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that cover `num_tokens` positions."""
         return -(-num_tokens // self.block_size)
@@ -210,32 +283,90 @@ class BlockManager:
         changed, when the remaining blocks cannot be found. A tier entry that fails to load (corrupt or
         missing) ends the cached prefix there: the rest is computed.
         """
-        hits, hashes = self._plan(token_ids)
+        pending = self.begin_reload(token_ids)
+        if pending is not None:
+            assert self.tiers is not None
+            loaded: dict[int, Any] = {}
+            for h in pending.to_load:  # in order; a tier entry that fails to load ends the prefix
+                got = self.tiers.load(h)
+                if got is None:
+                    break
+                loaded[h] = got
+            return self.finish_reload(pending, loaded)
+        hits, _ = self._plan(token_ids)
         num_new, pinned = self._budget(hits, len(token_ids))
         available = self._available_excluding(pinned)
         if num_new > available:
             raise NoFreeBlocksError(num_new, available)
-        payloads: dict[int, tuple[Any, str]] = {}
-        for k, block in enumerate(hits):
-            if block is None:
-                assert self.tiers is not None
-                loaded = self.tiers.load(hashes[k])
-                if loaded is None:
-                    hits = hits[:k]
-                    break
-                payloads[k] = loaded
-        for block in hits:
-            if block is not None:
-                if self._ref_count[block] == 0:
-                    del self._evictable[block]
-                self._ref_count[block] += 1
-        table: list[int] = []
-        for k, hit in enumerate(hits):
-            table.append(hit if hit is not None else self._reload(hashes[k], *payloads[k]))
-        table += [self._take_fresh_block() for _ in range(self.blocks_needed(len(token_ids)) - len(hits))]
-        self.prefix_hit_tokens += len(hits) * self.block_size
+        self._take_refs(pinned)
+        table = pinned + [self._take_fresh_block() for _ in range(num_new)]
+        self._offload_evicted()
+        self.prefix_hit_tokens += len(pinned) * self.block_size
         self.prefix_query_tokens += len(token_ids)
-        return Allocation(block_table=table, num_cached_tokens=len(hits) * self.block_size)
+        return Allocation(block_table=table, num_cached_tokens=len(pinned) * self.block_size)
+
+    def begin_reload(self, token_ids: Sequence[int]) -> PendingReload | None:
+        """When the cached prefix of `token_ids` has a block in a tier: hold its device hits and fresh
+        blocks for everything after the leading ones (see PendingReload), so that the tier blocks can
+        be read meanwhile (`PendingReload.to_load`) and `finish_reload` cannot run short. None when no
+        tier holds a block of the prefix (use `allocate`). Raises NoFreeBlocksError, with no state
+        changed, when the blocks cannot be found (the same budget as `allocate`)."""
+        hits, hashes = self._plan(token_ids)
+        if self.tiers is None or all(b is not None for b in hits):
+            return None
+        _, device = self._budget(hits, len(token_ids))
+        pinned = {hashes[k]: b for k, b in enumerate(hits) if k >= len(device) and b is not None}
+        num_new = self.blocks_needed(len(token_ids)) - len(device)
+        available = self._available_excluding([*device, *pinned.values()])
+        if num_new > available:
+            raise NoFreeBlocksError(num_new, available)
+        self._take_refs([*device, *pinned.values()])
+        reserved = [self._take_fresh_block() for _ in range(num_new)]
+        self._offload_evicted()
+        return PendingReload(device, reserved, hashes[len(device) :], pinned, len(token_ids))
+
+    def finish_reload(self, pending: PendingReload, loaded: dict[int, Any]) -> Allocation:
+        """The allocation of a PendingReload once its tier blocks were read: `loaded` maps chain hashes
+        to (payload, tier) from the tiers (missing: not read, corrupt, or timed out). The cached prefix
+        runs on while each block is on the device (pinned, or in the pool again by now) or loaded, whose
+        payload is copied into a reserved block here (on the caller's thread: the engine's) and
+        registered; the rest of the reserved blocks are computed; those left over are freed."""
+        assert self.tiers is not None
+        table = list(pending.device)
+        spare = list(pending.reserved)
+        unused_pins = dict(pending.pinned)
+        writes: list[tuple[int, int, Any]] = []  # (block, hash, (payload, tier)), copied in one go
+        for h in pending.hashes:
+            block = unused_pins.pop(h, None)
+            if block is None and (block := self._hash_to_block.get(h)) is not None:
+                self._take_refs([block])  # back in the pool since (another request computed it)
+            if block is not None:
+                table.append(block)
+                self.free([spare.pop()])  # one reserved block fewer is needed
+            elif h in loaded:
+                block = spare.pop(0)
+                writes.append((block, h, loaded[h]))
+                table.append(block)
+            else:
+                break
+        many = getattr(self.tiers, "write_many", None)
+        if many is not None:
+            many([b for b, _, _ in writes], [got for _, _, got in writes])
+        for block, h, got in writes:
+            if many is None:
+                self.tiers.write(block, *got)
+            self._register(block, h)
+            self.tier_hit_tokens += self.block_size
+        self.free(list(unused_pins.values()))
+        num_cached = len(table)
+        table += spare
+        self.prefix_hit_tokens += num_cached * self.block_size
+        self.prefix_query_tokens += pending.num_tokens
+        return Allocation(block_table=table, num_cached_tokens=num_cached * self.block_size)
+
+    def cancel_reload(self, pending: PendingReload) -> None:
+        """Give back every block of a PendingReload that will not finish (its request was aborted)."""
+        self.free(pending.blocks)
 
     def pin_prefix(self, token_ids: Sequence[int]) -> list[int]:
         """Take one more reference to each device block of the cached full-block prefix of `token_ids`
@@ -250,10 +381,8 @@ class BlockManager:
             block = self._hash_to_block.get(parent)
             if block is None:
                 break
-            if self._ref_count[block] == 0:
-                del self._evictable[block]
-            self._ref_count[block] += 1
             table.append(block)
+        self._take_refs(table)
         return table
 
     def allocate_fresh(self, num_tokens: int) -> list[int]:
@@ -263,7 +392,9 @@ class BlockManager:
         needed = self.blocks_needed(num_tokens)
         if needed > self.num_free_blocks:
             raise NoFreeBlocksError(needed, self.num_free_blocks)
-        return [self._take_fresh_block() for _ in range(needed)]
+        table = [self._take_fresh_block() for _ in range(needed)]
+        self._offload_evicted()
+        return table
 
     def can_append(self, block_table: Sequence[int], num_tokens_after: int) -> bool:
         """Whether `append_slot(block_table, num_tokens_after)` would succeed now."""
@@ -281,6 +412,7 @@ class BlockManager:
         if num_new > self.num_free_blocks:
             raise NoFreeBlocksError(num_new, self.num_free_blocks)
         block_table.extend(self._take_fresh_block() for _ in range(num_new))
+        self._offload_evicted()
         return True
 
     def mark_computed(
@@ -341,14 +473,12 @@ class BlockManager:
             raise BlockManagerError(f"block id {block_id} is outside [0, {self.num_blocks})")
         return block_id
 
-    def _reload(self, h: int, payload: Any, tier: str) -> int:
-        """A fresh block holding `payload` (loaded from `tier`), registered under `h`."""
-        assert self.tiers is not None
-        block = self._take_fresh_block()
-        self.tiers.write(block, payload, tier)
-        self._register(block, h)
-        self.tier_hit_tokens += self.block_size
-        return block
+    def _take_refs(self, blocks: Iterable[int]) -> None:
+        """One more reference to each of `blocks` (cached ones: taken back from the evictable list)."""
+        for block in blocks:
+            if self._ref_count[block] == 0:
+                del self._evictable[block]
+            self._ref_count[block] += 1
 
     def _register(self, block: int, h: int) -> None:
         """Give `block` hash `h`; the map keeps an existing entry (then `block` stays private)."""
@@ -399,11 +529,29 @@ class BlockManager:
             assert h is not None  # evictable blocks carry the hash the map sends to them
             del self._hash_to_block[h]
             self._hash[block] = None
-            offloaded = self.tiers is not None and self.tiers.offload(h, block)
-            if self.events is not None and not offloaded:
+            if self.tiers is not None:
+                self._evicted.append((h, block))  # offloaded by _offload_evicted before the call returns
+            elif self.events is not None:
                 self.events.record(h, True)
         self._ref_count[block] = 1
         return block
+
+    def _offload_evicted(self) -> None:
+        """Offload the blocks this call evicted (all at once: one copy out of the pool where the tiers
+        can) and publish where each went. Runs before any caller can write the blocks again."""
+        evicted, self._evicted = self._evicted, []
+        if not evicted:
+            return
+        assert self.tiers is not None
+        many = getattr(self.tiers, "offload_many", None)
+        held = many(evicted) if many is not None else [self.tiers.offload(h, b) for h, b in evicted]
+        if self.events is None:
+            return
+        for (h, _), offloaded in zip(evicted, held, strict=True):
+            if not offloaded:
+                self.events.record(h, True)
+            elif self.tiers.contains(h):  # else pushed out of the last tier already, "removed" published
+                self.events.record(h, False, self._tier_name(h))
 
     def check_invariants(self, live_tables: Iterable[Sequence[int]] | None = None) -> None:
         """Raise InvariantViolation if the state is inconsistent.

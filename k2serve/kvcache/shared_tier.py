@@ -17,7 +17,12 @@ the block manager's `BlockTiers` interface:
   of the block's rows to host memory, not the network;
 - lookup: on a prefix miss after the local tiers (`contains`, then `load`). A missing, truncated,
   corrupt or wrong-sized entry, a timeout or a store that is down all end the cached prefix there: the
-  rest is recomputed, never served from wrong KV.
+  rest is recomputed, never served from wrong KV;
+- asynchronous reloads (the local tiers' `async_io`, the engine's default): `SharedTiers` has the local
+  tiers' batched and asynchronous methods too (`offload_many`, `write_many`, `start_load`, `poll`, ...):
+  `start_load` reads each block from the local tiers, else from the store, on the local tiers' reader
+  thread, so a store hit never stalls an engine step either (the engine's AsyncReloads gives up a read
+  that takes longer than kv_reload_timeout_s).
 
 `MooncakeStore` is the client. Every call runs on a worker thread and is waited for at most `timeout_s`
 (a Mooncake call can block for seconds while its master is down); a call that times out or fails with
@@ -34,7 +39,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -43,7 +48,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from k2serve.extras import MissingExtraError
-from k2serve.kvcache.tiers import KVTiers, pack_block, unpack_block
+from k2serve.kvcache.tiers import KVTiers, Loaded, pack_block, unpack_block
 
 __all__ = ["STORE_TIER", "BlockStore", "MooncakeSettings", "MooncakeStore", "SharedTiers", "parse_host_port"]
 
@@ -368,6 +373,14 @@ class SharedTiers:
     def enabled(self) -> bool:
         return True
 
+    @property
+    def async_io(self) -> bool:
+        return self.local.async_io
+
+    @property
+    def write_queue_depth(self) -> int:
+        return self.local.write_queue_depth
+
     def key(self, h: int) -> str:
         """The store key of chain hash `h` in this namespace."""
         return f"{self.prefix}{h:016x}"
@@ -382,54 +395,103 @@ class SharedTiers:
         other's, so it is not in this worker's KV events snapshot."""
         return self.local.hashes()
 
+    def held(self) -> list[tuple[int, str]]:
+        """The local tiers' (hash, tier) pairs (see `hashes`)."""
+        return self.local.held()
+
+    def tier_of(self, h: int) -> str | None:
+        """The local tier holding `h`, or None: the worker's KV events follow the local tiers (a block
+        only the store holds is published removed, see `offload`)."""
+        return self.local.tier_of(h)
+
     def offload(self, h: int, block: int) -> bool:
         """Copy evicted block `block` into the local tiers and put it in the store (once); returns
         whether a LOCAL tier holds it (the worker's KV events follow the local tiers)."""
-        held = self.local.enabled and self.local.offload(h, block)
-        self._put_block(h, block)
+        return self.offload_many([(h, block)])[0]
+
+    def offload_many(self, evicted: Sequence[tuple[int, int]]) -> list[bool]:
+        """`offload` of each (hash, block) of `evicted`, with one copy out of the pool for the local
+        tiers and one for the blocks not put yet."""
+        held = self.local.offload_many(evicted) if self.local.enabled else [False] * len(evicted)
+        self._put_blocks(evicted)
         return held
 
     def computed(self, h: int, block: int) -> None:
         """Block `block` was just computed and registered under `h`: put it now with put_on_compute."""
         if self.put_on_compute:
-            self._put_block(h, block)
+            self._put_blocks([(h, block)])
 
-    def load(self, h: int) -> tuple[torch.Tensor, str] | None:
+    def load(self, h: int) -> Loaded | None:
         """(payload, tier) of `h` from a local tier, else from the store, verified; None when no good
-        copy was found (a missing, corrupt or wrong-sized store entry is counted in corrupt_blocks)."""
+        copy was found (a missing, corrupt or wrong-sized store entry is counted in corrupt_blocks).
+        On the engine thread."""
         got = self.local.load(h) if self.local.contains(h) else None
-        if got is not None:
-            return got
-        t0 = time.perf_counter()
-        data = self.store.get(self.key(h))
-        payload = unpack_block(data) if data is not None else None
-        if payload is None or len(payload) != self.local.block_bytes:
-            self._known.pop(h, None)
-            self.stats.corrupt_blocks += 1
-            if data is not None:  # there but bad: no other worker should fetch it either
-                self.store.remove(self.key(h))
-            return None
-        self.stats.reload_seconds[STORE_TIER] += time.perf_counter() - t0
-        return torch.frombuffer(bytearray(payload), dtype=torch.uint8), STORE_TIER
+        return got if got is not None else self._from_store(h)
+
+    def load_many(self, hashes: Sequence[int]) -> dict[int, Loaded]:
+        """The verified payloads of `hashes`, in order, each from a local tier else from the store, up
+        to the first that none has a good copy of. Any thread (the reader's: `start_load`); the local
+        tiers' drops reach the block manager with the next `poll`."""
+        out: dict[int, Loaded] = {}
+        for h in hashes:
+            got = self.local.load_many([h]).get(h) or self._from_store(h)
+            if got is None:
+                break
+            out[h] = got
+        return out
+
+    def start_load(self, hashes: Sequence[int]) -> Future[dict[int, Loaded]]:
+        """`load_many(hashes)` on the local tiers' reader thread (async_io), else at once."""
+        return self.local.start_load(hashes, self.load_many)
 
     def write(self, block: int, payload: torch.Tensor, tier: str) -> None:
         """Copy a payload from `load` into device block `block`, counted for `tier`."""
         self.local.write(block, payload, tier)
 
+    def write_many(self, blocks: Sequence[int], loaded: Sequence[Loaded]) -> None:
+        """`write` of each payload into the block at the same index, with one copy into the pool."""
+        self.local.write_many(blocks, loaded)
+
+    def poll(self) -> None:
+        """The local tiers' `poll` (drops found on their background threads reach the block manager)."""
+        self.local.poll()
+
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait for the queued puts (tests, benchmarks)."""
+        """Wait for the local tiers' queued disk writes and the store's queued puts (tests,
+        benchmarks); returns whether the puts all ran within `timeout_s`."""
+        self.local.flush()
         return self.store.flush(timeout_s)
 
     def close(self) -> None:
+        """Stop the local tiers' threads and the store client."""
+        self.local.close()
         self.store.close()
 
     # ---- internals -------------------------------------------------------------------------------
+    def _from_store(self, h: int) -> Loaded | None:
+        """`h`'s verified payload from the store, or None (a missing, corrupt or wrong-sized entry is
+        counted in corrupt_blocks; a bad one is removed from the store). Any thread."""
+        t0 = time.perf_counter()
+        data = self.store.get(self.key(h))
+        payload = unpack_block(data) if data is not None else None
+        if payload is None or len(payload) != self.local.block_bytes:
+            with self.local.lock:
+                self._known.pop(h, None)
+                self.stats.corrupt_blocks += 1
+            if data is not None:  # there but bad: no other worker should fetch it either
+                self.store.remove(self.key(h))
+            return None
+        with self.local.lock:
+            self.stats.reload_seconds[STORE_TIER] += time.perf_counter() - t0
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8), STORE_TIER
+
     def _remember(self, h: int, found: bool) -> None:
         ttl = self._exists_ttl_s if found else self._miss_ttl_s
-        self._known[h] = (found, time.monotonic() + ttl)
-        self._known.move_to_end(h)
-        while len(self._known) > self._max_remembered:
-            self._known.popitem(last=False)
+        with self.local.lock:  # the reader thread forgets entries (`_from_store`)
+            self._known[h] = (found, time.monotonic() + ttl)
+            self._known.move_to_end(h)
+            while len(self._known) > self._max_remembered:
+                self._known.popitem(last=False)
 
     def _in_store(self, h: int) -> bool:
         known = self._known.get(h)
@@ -439,20 +501,34 @@ class SharedTiers:
         self._remember(h, found)
         return found
 
-    def _put_block(self, h: int, block: int) -> None:
-        if h in self._put:
-            self._put.move_to_end(h)
+    def _put_blocks(self, blocks: Sequence[tuple[int, int]]) -> None:
+        """Queue a store put of each (hash, device block) of `blocks` not put yet (one copy out of the
+        pool for all of them)."""
+        fresh: dict[int, int] = {}
+        for h, block in blocks:
+            if h in self._put:
+                self._put.move_to_end(h)
+            else:
+                fresh.setdefault(h, block)
+        if not fresh:
             return
         t0 = time.perf_counter()
-        value = pack_block(self.local.block_payload(block).numpy().data)
-        copy_s = time.perf_counter() - t0
-        stats, nbytes = self.stats, self.local.block_bytes
+        payloads = self.local.block_payloads(list(fresh.values()))
+        copy_s = (time.perf_counter() - t0) / len(fresh)
+        stats, nbytes, lock = self.stats, self.local.block_bytes, self.local.lock
+        for h, payload in zip(fresh, payloads, strict=True):
+            t1 = time.perf_counter()
+            value = pack_block(payload.numpy().data)
+            pack_s = copy_s + time.perf_counter() - t1
 
-        def done(seconds: float) -> None:  # on the put thread, the only writer of these two counters
-            stats.offload_bytes[STORE_TIER] += nbytes
-            stats.offload_seconds[STORE_TIER] += copy_s + seconds
+            def done(seconds: float, pack_s: float = pack_s) -> None:  # on the put thread
+                with lock:
+                    stats.offload_bytes[STORE_TIER] += nbytes
+                    stats.offload_seconds[STORE_TIER] += pack_s + seconds
 
-        if self.store.put(self.key(h), value, done):
-            self._put[h] = None
-            while len(self._put) > self._max_remembered:
-                self._put.popitem(last=False)
+            if self.store.put(self.key(h), value, done):
+                with lock:  # a miss remembered from before this put must not hide it
+                    self._known.pop(h, None)
+                self._put[h] = None
+                while len(self._put) > self._max_remembered:
+                    self._put.popitem(last=False)

@@ -14,10 +14,21 @@ class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_ROLE_PREFILL: _ClassVar[WorkerRole]
     WORKER_ROLE_DECODE: _ClassVar[WorkerRole]
     WORKER_ROLE_BOTH: _ClassVar[WorkerRole]
+
+class KVTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TIER_DEVICE: _ClassVar[KVTier]
+    KV_TIER_HOST: _ClassVar[KVTier]
+    KV_TIER_DISK: _ClassVar[KVTier]
+    KV_TIER_SHARED: _ClassVar[KVTier]
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_BOTH: WorkerRole
+KV_TIER_DEVICE: KVTier
+KV_TIER_HOST: KVTier
+KV_TIER_DISK: KVTier
+KV_TIER_SHARED: KVTier
 
 class WorkerCapacity(_message.Message):
     __slots__ = ("free_blocks", "total_blocks", "max_batch")
@@ -30,7 +41,7 @@ class WorkerCapacity(_message.Message):
     def __init__(self, free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "grpc_address", "kv_endpoints", "model", "num_layers", "kv_dim", "block_size", "kv_dtype", "capacity", "ep_size", "ready", "metrics_url", "publishes_kv_events", "kv_block_hashes")
+    __slots__ = ("worker_id", "role", "grpc_address", "kv_endpoints", "model", "num_layers", "kv_dim", "block_size", "kv_dtype", "capacity", "ep_size", "ready", "metrics_url", "publishes_kv_events", "kv_block_hashes", "kv_block_tiers")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +57,7 @@ class WorkerInfo(_message.Message):
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     PUBLISHES_KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_TIERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     grpc_address: str
@@ -61,7 +73,8 @@ class WorkerInfo(_message.Message):
     metrics_url: str
     publishes_kv_events: bool
     kv_block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_kv_transfer_pb2.KVEndpoint, _Mapping]]] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., ep_size: _Optional[int] = ..., ready: _Optional[bool] = ..., metrics_url: _Optional[str] = ..., publishes_kv_events: _Optional[bool] = ..., kv_block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    kv_block_tiers: _containers.RepeatedScalarFieldContainer[KVTier]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_kv_transfer_pb2.KVEndpoint, _Mapping]]] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., ep_size: _Optional[int] = ..., ready: _Optional[bool] = ..., metrics_url: _Optional[str] = ..., publishes_kv_events: _Optional[bool] = ..., kv_block_hashes: _Optional[_Iterable[int]] = ..., kv_block_tiers: _Optional[_Iterable[_Union[KVTier, str]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_ms", "lease_ms")
@@ -72,7 +85,14 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "prefix_query_tokens", "prefix_hit_tokens", "queued_prefill_tokens", "prefill_tokens_per_s", "decode_step_ms", "decode_step_batch", "leased_blocks")
+    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "prefix_query_tokens", "prefix_hit_tokens", "queued_prefill_tokens", "prefill_tokens_per_s", "decode_step_ms", "decode_step_batch", "leased_blocks", "reload_tokens_per_s")
+    class ReloadTokensPerSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +104,7 @@ class WorkerLoad(_message.Message):
     DECODE_STEP_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_BATCH_FIELD_NUMBER: _ClassVar[int]
     LEASED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_blocks: int
@@ -95,15 +116,18 @@ class WorkerLoad(_message.Message):
     decode_step_ms: float
     decode_step_batch: float
     leased_blocks: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_ms: _Optional[float] = ..., decode_step_batch: _Optional[float] = ..., leased_blocks: _Optional[int] = ...) -> None: ...
+    reload_tokens_per_s: _containers.ScalarMap[str, float]
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_ms: _Optional[float] = ..., decode_step_batch: _Optional[float] = ..., leased_blocks: _Optional[int] = ..., reload_tokens_per_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class KVEvents(_message.Message):
-    __slots__ = ("block_hashes", "removed")
+    __slots__ = ("block_hashes", "removed", "tiers")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     removed: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[bool]] = ...) -> None: ...
+    tiers: _containers.RepeatedScalarFieldContainer[KVTier]
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[bool]] = ..., tiers: _Optional[_Iterable[_Union[KVTier, str]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "load", "ready", "kv_events")

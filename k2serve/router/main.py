@@ -102,6 +102,7 @@ class Router:
                     "free_blocks": w.load.free_blocks,
                     "total_blocks": w.load.total_blocks,
                     "kv_index_blocks": self.table.kv_index.blocks_of(w.worker_id),
+                    "kv_index_tiers": self.table.kv_index.tier_counts(w.worker_id),
                     "queued_prefill_tokens": w.load.queued_prefill_tokens,
                     "prefill_tokens_per_s": w.load.prefill_tokens_per_s,
                     "decode_step_ms": w.load.decode_step_ms,

@@ -25,6 +25,10 @@ DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
 # Decode step time assumed for a worker that has not measured one (and no other worker has either): as
 # above, any positive value gives the same choice when none has a measurement.
 DEFAULT_DECODE_STEP_MS = 10.0
+# What reloading a prompt token from a worker's tier costs, as a fraction of computing it there, until
+# the worker reports a measured reload speed for that tier (WorkerLoad.reload_tokens_per_s): cheaper than
+# recomputing, not free. A tier not named here counts as "shared".
+DEFAULT_RELOAD_COST = {"host": 0.05, "disk": 0.2, "shared": 0.3}
 
 
 class NoWorkerError(LookupError):
@@ -134,23 +138,50 @@ class RoundRobin(RoutingPolicy):
 
 
 def predicted_ttft_s(
-    queued_tokens: int, prompt_tokens: int, cached_tokens: int, tokens_per_s: float
+    queued_tokens: int, prompt_tokens: int, cached_tokens: int, tokens_per_s: float, reload_s: float = 0.0
 ) -> float:
     """Seconds until a prompt's first token on a prefill worker: its queued prefill work, then this
-    prompt's uncached tokens, both at the worker's prefill speed."""
-    return (queued_tokens + prompt_tokens - cached_tokens) / tokens_per_s
+    prompt's uncached tokens, both at the worker's prefill speed, plus `reload_s` to bring the cached
+    tokens held in a tier below its pool back (see `reload_seconds`)."""
+    return (queued_tokens + prompt_tokens - cached_tokens) / tokens_per_s + reload_s
+
+
+def reload_seconds(
+    tiers: Sequence[str],
+    block_size: int,
+    prefill_tokens_per_s: float,
+    measured: dict[str, float] | None = None,
+    cost: dict[str, float] | None = None,
+) -> float:
+    """Seconds to reload the cached blocks in `tiers` (one tier name per block; "device" is free): a
+    tier's measured reload speed (tokens/s, `measured`) where the worker reported one, else its `cost`
+    (DEFAULT_RELOAD_COST: a fraction of recomputing at `prefill_tokens_per_s`)."""
+    cost = DEFAULT_RELOAD_COST if cost is None else cost
+    total = 0.0
+    for tier in tiers:
+        if tier == "device":
+            continue
+        rate = (measured or {}).get(tier, 0.0)
+        if rate > 0:
+            total += block_size / rate
+        else:
+            total += block_size * cost.get(tier, cost.get("shared", 1.0)) / prefill_tokens_per_s
+    return total
 
 
 class KVAware(LeastLoaded):
     """Prefill worker = argmin over the candidates of predicted TTFT (`predicted_ttft_s`):
 
         (queued prefill tokens + prompt tokens - tokens of the prompt's prefix cached there) / its speed
+        + the time to reload the cached blocks that are in a tier below its pool (`reload_seconds`)
 
     queued: the larger of what the worker last reported and the uncached tokens the router has sent it
     and not seen answered (fresher between heartbeats). speed: the worker's measured prefill tokens/s;
     before it has one, the mean of the candidates' measured speeds (DEFAULT_PREFILL_TOKENS_PER_S when
-    none has). Cached tokens come from `index` (only for workers that publish KV events). Ties go to more
-    cached tokens, then `load_key`. Prefill without a prompt is least loaded.
+    none has). Cached tokens and their tiers come from `index` (only for workers that publish KV
+    events); a tier's reload speed is the worker's measured one, else `reload_cost` (a fraction of
+    recomputing, DEFAULT_RELOAD_COST). Ties go to more cached tokens, then `load_key`. Prefill without a
+    prompt is least loaded.
 
     Cache balance (reason `cache_balance`): a prompt no worker holds more than one block more of than
     another, nor more than `balance_max_share` of the prompt more (a new conversation; every prompt may
@@ -168,11 +199,13 @@ class KVAware(LeastLoaded):
     def __init__(
         self,
         index: KVIndex,
+        reload_cost: dict[str, float] | None = None,
         balance_slack: float = 1.0,
         cache_balance: bool = True,
         balance_max_share: float = 0.1,
     ) -> None:
         self.index = index
+        self.reload_cost = DEFAULT_RELOAD_COST if reload_cost is None else reload_cost
         self.balance_slack = balance_slack
         self.balance_max_share = balance_max_share
         self.cache_balance = cache_balance
@@ -190,14 +223,20 @@ class KVAware(LeastLoaded):
         if role != "prefill" or prompt is None:
             return super().choose(workers, role, exclude, prompt)
         live = live_workers(workers, role, exclude)
-        cached = self._cached_tokens(live, prompt)
+        tiers = self._cached_tiers(live, prompt)
         measured = [w.load.prefill_tokens_per_s for w in live if w.load.prefill_tokens_per_s > 0]
         fallback = sum(measured) / len(measured) if measured else DEFAULT_PREFILL_TOKENS_PER_S
+        cached: dict[str, int] = {}
         scored = []
         for w in live:
             queued = max(w.load.queued_prefill_tokens, w.prefill_tokens)
             speed = w.load.prefill_tokens_per_s if w.load.prefill_tokens_per_s > 0 else fallback
-            ttft = predicted_ttft_s(queued, prompt.num_tokens, cached[w.worker_id], speed)
+            held = tiers[w.worker_id]
+            cached[w.worker_id] = len(held) * w.info.block_size
+            reload_s = reload_seconds(
+                held, w.info.block_size, speed, dict(w.load.reload_tokens_per_s), self.reload_cost
+            )
+            ttft = predicted_ttft_s(queued, prompt.num_tokens, cached[w.worker_id], speed, reload_s)
             scored.append((ttft, -cached[w.worker_id], load_key(w), w))
         ttft, minus_cached, _, best = min(scored, key=lambda s: s[:3])
         if (
@@ -242,16 +281,16 @@ class KVAware(LeastLoaded):
             hashes = prompt.hashes(worker.info.block_size)
             self.index.apply(worker.worker_id, hashes, [False] * len(hashes))
 
-    def _cached_tokens(self, workers: Sequence[Worker], prompt: PromptBlocks) -> dict[str, int]:
-        """worker id -> prompt tokens the index places in its cache (0 for workers without KV events)."""
-        out = dict.fromkeys((w.worker_id for w in workers), 0)
+    def _cached_tiers(self, workers: Sequence[Worker], prompt: PromptBlocks) -> dict[str, list[str]]:
+        """worker id -> the tier of each leading prompt block the index places in its cache (none for
+        workers without KV events)."""
+        out: dict[str, list[str]] = {w.worker_id: [] for w in workers}
         by_size: dict[int, list[str]] = {}
         for w in workers:
             if w.info.publishes_kv_events and w.info.block_size > 0:
                 by_size.setdefault(w.info.block_size, []).append(w.worker_id)
         for size, ids in by_size.items():
-            for wid, blocks in self.index.cached_blocks(prompt.hashes(size), ids).items():
-                out[wid] = blocks * size
+            out |= self.index.cached_tiers(prompt.hashes(size), ids)
         return out
 
 

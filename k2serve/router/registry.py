@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 from typing_extensions import override
 
+from k2serve.kvcache.block_manager import tier_name
 from k2serve.proto import registry_pb2, registry_pb2_grpc, worker_pb2_grpc
 from k2serve.router.kv_index import KVIndex
 
@@ -196,7 +197,13 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if request.publishes_kv_events:  # its snapshot: the index's view of it starts over
-            self.table.kv_index.replace(request.worker_id, request.kv_block_hashes)
+            tiers = [tier_name(t) for t in request.kv_block_tiers]
+            if tiers and len(tiers) != len(request.kv_block_hashes):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"kv_block_tiers: {len(tiers)} tiers but {len(request.kv_block_hashes)} kv_block_hashes",
+                )
+            self.table.kv_index.replace(request.worker_id, request.kv_block_hashes, tiers)
         else:
             self.table.kv_index.drop(request.worker_id)
         return registry_pb2.RegisterResponse(
@@ -210,12 +217,14 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         known = self.table.heartbeat(request.worker_id, request.load, request.ready)
         if known and request.HasField("kv_events"):
             ev = request.kv_events
-            if len(ev.block_hashes) != len(ev.removed):
+            if len(ev.block_hashes) != len(ev.removed) or len(ev.tiers) not in (0, len(ev.removed)):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"kv_events: {len(ev.block_hashes)} block_hashes but {len(ev.removed)} removed flags",
+                    f"kv_events: {len(ev.block_hashes)} block_hashes but {len(ev.removed)} removed flags "
+                    f"and {len(ev.tiers)} tiers",
                 )
-            self.table.kv_index.apply(request.worker_id, ev.block_hashes, ev.removed)
+            tiers = [tier_name(t) for t in ev.tiers]
+            self.table.kv_index.apply(request.worker_id, ev.block_hashes, ev.removed, tiers)
         return registry_pb2.HeartbeatResponse(known=known)
 
     @override

@@ -23,7 +23,7 @@ from k2serve.engine.protocol import BackendFailure, GenerateRequest
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts import EPConfig, EPWorker
 from k2serve.experts.metrics import EPCollector
-from k2serve.kvcache.block_manager import KVEventLog
+from k2serve.kvcache.block_manager import KVEventLog, tier_code, tier_name
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.rpc.tls import add_port, aio_channel
@@ -122,6 +122,10 @@ def worker_info(
 
 def worker_load(engine: AsyncEngine) -> registry_pb2.WorkerLoad:
     s = engine.stats()
+    # keyed by the tier names the router's index uses: a store tier ("mooncake") is "shared" on the wire
+    rates = {
+        tier_name(tier_code(t)): r for t, r in (s.kv_tiers.reload_tokens_per_s if s.kv_tiers else {}).items()
+    }
     return registry_pb2.WorkerLoad(
         running=s.num_running,
         waiting=s.num_waiting,
@@ -134,7 +138,17 @@ def worker_load(engine: AsyncEngine) -> registry_pb2.WorkerLoad:
         decode_step_ms=s.decode_step_ms,
         decode_step_batch=s.decode_step_batch,
         leased_blocks=s.kv_tiers.leased_blocks if s.kv_tiers is not None else 0,
+        reload_tokens_per_s=rates,
     )
+
+
+# registry.proto's KVTier values by kvcache.block_manager.tier_code
+_WIRE_TIERS = (
+    registry_pb2.KV_TIER_DEVICE,
+    registry_pb2.KV_TIER_HOST,
+    registry_pb2.KV_TIER_DISK,
+    registry_pb2.KV_TIER_SHARED,
+)
 
 
 class KVEventPublisher:
@@ -149,12 +163,13 @@ class KVEventPublisher:
         self.log = KVEventLog()
         engine.engine.blocks.events = self.log  # before any traffic; the snapshot covers any step before
 
-    async def snapshot(self) -> list[int]:
-        """The hashes stored now, the log emptied at the same moment (on the engine thread, between steps)."""
+    async def snapshot(self) -> list[tuple[int, str]]:
+        """The hashes stored now with their tiers, the log emptied at the same moment (on the engine
+        thread, between steps)."""
 
-        def take(llm: LLMEngine) -> list[int]:
+        def take(llm: LLMEngine) -> list[tuple[int, str]]:
             self.log.reset()
-            return llm.blocks.stored_hashes()
+            return llm.blocks.stored_blocks()
 
         return await self._engine.call(take)
 
@@ -163,7 +178,11 @@ class KVEventPublisher:
         events, overflowed = self.log.drain()
         if overflowed:
             return None
-        return registry_pb2.KVEvents(block_hashes=[h for h, _ in events], removed=[r for _, r in events])
+        return registry_pb2.KVEvents(
+            block_hashes=[h for h, _, _ in events],
+            removed=[r for _, r, _ in events],
+            tiers=[_WIRE_TIERS[tier_code(t)] for _, _, t in events],
+        )
 
 
 async def heartbeat_loop(
@@ -194,7 +213,9 @@ async def heartbeat_loop(
                     msg = info()
                     if kv is not None:
                         msg.publishes_kv_events = True
-                        msg.kv_block_hashes.extend(await kv.snapshot())
+                        held = await kv.snapshot()
+                        msg.kv_block_hashes.extend(h for h, _ in held)
+                        msg.kv_block_tiers.extend(_WIRE_TIERS[tier_code(t)] for _, t in held)
                     resp = await stub.Register(msg, timeout=5)
                     interval = min(
                         settings.heartbeat_interval_s, resp.heartbeat_interval_ms / 1000 or interval
