@@ -322,6 +322,25 @@ def test_index_eviction_cost_is_the_recency_of_what_would_be_evicted() -> None:
     assert idx.eviction_cost("b", 5, capacity=1) == 0 and idx.blocks_of("b") == 0
 
 
+def test_offloaded_blocks_take_no_device_room_in_eviction_cost() -> None:
+    """A block offloaded to the host (a stored event with tier "host") leaves the device LRU order: it
+    frees device room and is never the block evicted next; reloaded to the device it is the most recent;
+    removed from its tier it leaves the index."""
+    idx = KVIndex()
+    idx.apply("a", [1, 2, 3], [False] * 3)  # device, seq 1, 2, 3
+    assert idx.eviction_cost("a", 2, capacity=3) == 2  # evicts 1 and 2
+    idx.apply("a", [1], [False], ["host"])  # block 1 offloaded
+    assert idx.tier_of("a", 1) == "host" and idx.blocks_of("a") == 3
+    assert idx.eviction_cost("a", 1, capacity=3) == 0  # room for one now
+    assert idx.eviction_cost("a", 2, capacity=3) == 2  # evicts block 2 (seq 2), not the offloaded one
+    assert idx.eviction_cost("a", 5, capacity=3) == 3  # every device block: the newest is seq 3
+    idx.apply("a", [1], [False], ["device"])  # reloaded: seq 4, the most recent
+    assert idx.eviction_cost("a", 1, capacity=3) == 2 and idx.eviction_cost("a", 3, capacity=3) == 4
+    idx.apply("a", [2], [False], ["disk"])
+    idx.apply("a", [2], [True])  # left its last tier
+    assert idx.blocks_of("a") == 2 and idx.eviction_cost("a", 2, capacity=3) == 3
+
+
 def test_new_conversation_goes_where_it_evicts_the_coldest_blocks() -> None:
     """Cache balance: a prompt no worker holds more than a block more of goes to the worker whose LRU
     blocks are oldest, not the least loaded one, while its predicted TTFT stays within the slack; a
