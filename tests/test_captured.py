@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -206,7 +207,7 @@ def test_unsupported_models_fall_back(tiny_int4_ckpt: Path, caplog: pytest.LogCa
         tiny_int4_ckpt, torch.float32, EngineConfig(num_kv_blocks=32, compile="decode")
     )
     assert engine.runner.captured is None
-    assert "INT4 experts have no static-shape path" in caplog.text
+    assert "INT4 experts are captured only on CUDA with --moe-backend triton" in caplog.text
     assert unsupported_reason(engine.model, engine.pool) is not None
 
 
@@ -248,3 +249,21 @@ def test_compiled_decode_matches_eager(tiny_ckpt: Path) -> None:
     assert_same_as_eager(tiny_ckpt, engine, captured, max_num_seqs=2)
     assert {b for b, _ in captured.buckets} == {1, 2}
     assert all(dataclasses.is_dataclass(b.inputs) for b in captured.buckets.values())
+
+
+def test_int4_fused_experts_run_the_static_step_as_a_cuda_graph_would(tiny_int4_ckpt: Path) -> None:
+    """INT4 experts are captured on CUDA with --moe-backend triton: the fused kernels (no host sync) are
+    recorded in the CUDA graph as they are. Everything but the capture call runs here: the static step
+    (padded buckets, static block tables, scratch-slot padding) with the fused INT4 kernels under the
+    Triton interpreter gives the eager engine's tokens and logits; on CPU (Inductor does not trace the
+    interpreter's kernels) and with the torch MoE the engine keeps INT4 eager."""
+    engine = make_engine(tiny_int4_ckpt, moe_backend="triton")
+    pad, seqs = engine.runner.pad_slot, engine.config.max_num_seqs
+    captured = CapturedDecode(engine.model, engine.pool, pad, seqs, 8, compile=False)
+    engine.runner.captured = captured
+    assert_same_as_eager(tiny_int4_ckpt, engine, captured, moe_backend="triton")
+    cuda_pool = SimpleNamespace(kv=SimpleNamespace(device=torch.device("cuda")), fp8=None)
+    assert unsupported_reason(engine.model, cuda_pool) is None  # type: ignore[arg-type]
+    assert "CUDA with --moe-backend triton" in (unsupported_reason(engine.model, engine.pool) or "")
+    torch_moe = make_engine(tiny_int4_ckpt)
+    assert unsupported_reason(torch_moe.model, cuda_pool) is not None  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ import torch
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
-from k2serve.model.moe import MoE
+from k2serve.model.moe import MoE, RoutedExperts
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,14 @@ def blocks_bucket(n: int) -> int:
     return max(2, 1 << max(0, n - 1).bit_length())
 
 
+def fused_in_capture(experts: RoutedExperts, pool: KVCachePool) -> bool:
+    """Whether a layer's routed experts run their fused Triton kernels inside the captured step: on CUDA
+    with --moe-backend triton (`fused_moe` aligns rows by expert on the device, no host sync, and takes
+    INT4 or dense weights), where a CUDA graph records the kernel launches. On CPU the step is compiled
+    by Inductor, which does not trace the interpreter's kernels: `forward_static` instead."""
+    return experts.moe_backend == "triton" and pool.kv.device.type == "cuda"
+
+
 def unsupported_reason(model: K2Model, pool: KVCachePool) -> str | None:
     """Why the captured step cannot serve this model and pool (None: it can)."""
     for layer in model.layers:
@@ -92,8 +100,11 @@ def unsupported_reason(model: K2Model, pool: KVCachePool) -> str | None:
         if isinstance(mlp, MoE):
             if mlp.dispatch is not None:
                 return "expert-parallel dispatch (collectives per step) is not captured"
-            if mlp.experts.int4_group_size is not None:
-                return "INT4 experts have no static-shape path"
+            if mlp.experts.int4_group_size is not None and not fused_in_capture(mlp.experts, pool):
+                return (
+                    "INT4 experts are captured only on CUDA with --moe-backend triton (the fused kernels, "
+                    "no host sync); here they have no static-shape path"
+                )
             if mlp.experts.num_local != mlp.experts.n_global:
                 return "a subset of the routed experts (expert parallelism) is not captured"
     if pool.fp8 is not None:

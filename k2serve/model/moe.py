@@ -316,10 +316,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, D], routing weights/ids [T, k] (global ids; ids this process does not hold are skipped).
-        Under torch.compile or a CUDA graph capture: `forward_static` (no host sync, static shapes).
-        Else under moe_backend "triton" the gather of rows per expert and the weighted sum back run inside
+        Under torch.compile or a CUDA graph capture: `forward_static` (no host sync, static shapes), but
+        a CUDA graph records the fused Triton kernels as they are (INT4 too). Else under moe_backend "triton" the gather of rows per expert and the weighted sum back run inside
         the kernels (`fused_moe`), without a host sync; otherwise in torch around `run_sorted`."""
-        if _capturing(x):
+        if _capturing(x) and not (self.moe_backend == "triton" and x.is_cuda):
             return self.forward_static(x, weights, ids)
         if self.moe_backend == "triton":
             w13, w2 = self.triton_weights()
