@@ -79,6 +79,12 @@ def test_generator_is_deterministic_and_covers_every_kind() -> None:
 
 def test_heldout_set_has_no_copy_drills() -> None:
     assert "copy" not in {s.kind for s in heldout_samples(300)}
+    # a mix from before the "copy" kind (6 weights) still works and draws no drill; bad mixes are named
+    assert "copy" not in {s.kind for s in training_samples(100, kind_weights=(1, 1, 1, 1, 1, 1))}
+    with pytest.raises(ValueError, match="kind weights"):
+        training_samples(3, kind_weights=(1,) * (len(KINDS) + 1))
+    with pytest.raises(ValueError, match="kind weights"):
+        training_samples(3, kind_weights=(0,) * len(KINDS))
 
 
 def test_heldout_phrasings_never_occur_in_training() -> None:
