@@ -23,6 +23,8 @@ from k2serve.config import ModelConfig
 from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.demo_data import (
     ARITH_PHRASES,
+    COPY_DRILL_WEIGHTS,
+    KIND_WEIGHTS,
     KINDS,
     heldout_samples,
     render_sample,
@@ -35,6 +37,7 @@ from k2serve.model.demo_train import (
     build_model,
     demo_config,
     digit_ranks,
+    digit_token_mask,
     save_checkpoint,
     train_demo,
     train_forward,
@@ -63,7 +66,25 @@ def test_generator_is_deterministic_and_covers_every_kind() -> None:
     a, b = training_samples(120, seed=5), training_samples(120, seed=5)
     assert [(s.messages, s.tools) for s in a] == [(s.messages, s.tools) for s in b]
     assert [s.messages for s in training_samples(20, seed=6)] != [s.messages for s in a[:20]]
-    assert {s.kind for s in a} == set(KINDS)
+    assert {s.kind for s in a} == {k for k, w in zip(KINDS, KIND_WEIGHTS, strict=True) if w > 0}
+    drills = training_samples(40, seed=5, kind_weights=COPY_DRILL_WEIGHTS)
+    assert {s.kind for s in drills} == set(KINDS)
+    for s in drills:
+        if s.kind == "copy":  # the answer's numbers all occur in the question (a copy, nothing else)
+            question, answer = s.messages[-2]["content"], s.messages[-1]["content"]
+            assert re.findall(r"\d+", answer) and set(re.findall(r"\d+", answer)) <= set(
+                re.findall(r"\d+", question)
+            )
+
+
+def test_heldout_set_has_no_copy_drills() -> None:
+    assert "copy" not in {s.kind for s in heldout_samples(300)}
+    # a mix from before the "copy" kind (6 weights) still works and draws no drill; bad mixes are named
+    assert "copy" not in {s.kind for s in training_samples(100, kind_weights=(1, 1, 1, 1, 1, 1))}
+    with pytest.raises(ValueError, match="kind weights"):
+        training_samples(3, kind_weights=(1,) * (len(KINDS) + 1))
+    with pytest.raises(ValueError, match="kind weights"):
+        training_samples(3, kind_weights=(0,) * len(KINDS))
 
 
 def test_heldout_phrasings_never_occur_in_training() -> None:
@@ -124,9 +145,11 @@ def test_train_demo_runs_on_a_toy_size(tmp_path: Path) -> None:
         log=lines.append,
     )
     rows = (out / "train_loss.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,lr,tokens,seconds" and len(rows) == 4
+    assert rows[0] == "step,loss,lr,tokens,seconds,digit_loss" and len(rows) == 4
     losses = [float(r.split(",")[1]) for r in rows[1:]]
     assert all(0 < x < 20 for x in losses)
+    digit = [float(r.split(",")[5]) for r in rows[1:]]  # nan only for a batch without a digit target
+    assert any(0 < x < 20 for x in digit)
     assert any("step 3/3" in line for line in lines)
     for name in DEMO_FILES:
         assert (out / name).exists(), name
@@ -134,6 +157,14 @@ def test_train_demo_runs_on_a_toy_size(tmp_path: Path) -> None:
     assert cfg["hidden_size"] == 32 and cfg["torch_dtype"] == "bfloat16"
     assert load_tokenizer(out).vocab_size == cfg["vocab_size"]
     load_model(out)  # the loader reads the layout (per-expert names, fp32 router bias)
+
+
+def test_digit_token_mask_marks_exactly_the_digit_tokens() -> None:
+    tok = load_tokenizer(demo_model_dir())
+    mask = digit_token_mask(tok, PRESETS["demo"]["vocab_size"])
+    assert int(mask.sum()) == 10 + 100 + 1000  # every 1-3 digit string is one rank, nothing else all-digit
+    assert bool(mask[tok.encode("512")[0]]) and not bool(mask[tok.encode("a")[0]])
+    assert not bool(mask[tok.num_ranks :].any())  # special tokens
 
 
 def test_training_forward_equals_the_loaded_model(tmp_path: Path) -> None:

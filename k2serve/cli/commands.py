@@ -55,7 +55,7 @@ def init_model(args: argparse.Namespace) -> int:
 
 
 def train_demo(args: argparse.Namespace) -> int:
-    from k2serve.model.demo_data import COPY_HEAVY_WEIGHTS
+    from k2serve.model.demo_data import COPY_DRILL_WEIGHTS, COPY_HEAVY_WEIGHTS
     from k2serve.model.demo_train import TrainConfig
     from k2serve.model.demo_train import train_demo as train
 
@@ -71,7 +71,9 @@ def train_demo(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         keep_fp32=True,
         init_from=args.init_from,
-        kind_weights=COPY_HEAVY_WEIGHTS if args.copy_heavy else None,
+        kind_weights=args.kind_weights
+        or (COPY_DRILL_WEIGHTS if args.copy_drill else COPY_HEAVY_WEIGHTS if args.copy_heavy else None),
+        weight_decay=args.weight_decay,
     )
     train(cfg, log=lambda line: print(line, flush=True))
     return 0

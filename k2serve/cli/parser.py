@@ -471,6 +471,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--copy-heavy", action="store_true", help="the second stage's corpus mix (more number-copying kinds)"
     )
+    s.add_argument(
+        "--copy-drill",
+        action="store_true",
+        help="the copy curriculum: half short copy drills (repeat numbers, JSON arguments), half --copy-heavy",
+    )
+    s.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the matrices")
+    s.add_argument(
+        "--kind-weights",
+        type=lambda text: tuple(float(w) for w in text.split(",")),
+        default=None,
+        help="the corpus mix as comma-separated weights per kind (arith,convert,table,two_step,refuse,chat,"
+        "copy); overrides --copy-heavy/--copy-drill",
+    )
     s.set_defaults(handler=commands.train_demo)
 
     s = sub.add_parser("generate", help="offline generation with the single-node engine")

@@ -26,10 +26,17 @@ from typing import Any
 from k2serve.chat.template import GENERATION_PROMPT, apply_chat_template, render_message
 from k2serve.chat.tokenizer import KimiTokenizer
 
-KINDS = ("arith", "convert", "table", "two_step", "refuse", "chat")
-KIND_WEIGHTS = (0.36, 0.14, 0.14, 0.14, 0.11, 0.11)
+KINDS = ("arith", "convert", "table", "two_step", "refuse", "chat", "copy")
+# "copy" (short copy drills, see `_Gen.copy`) is a training-only kind: weight 0 in the default mix and
+# in the held-out set (a trailing 0 weight leaves `random.choices` draws unchanged, so the held-out
+# questions and the original recipe's corpus are the same as before the kind existed).
+KIND_WEIGHTS = (0.36, 0.14, 0.14, 0.14, 0.11, 0.11, 0.0)
 # The second training stage's mix (see demo_train): more of the kinds whose answers copy numbers.
-COPY_HEAVY_WEIGHTS = (0.42, 0.16, 0.16, 0.18, 0.04, 0.04)
+COPY_HEAVY_WEIGHTS = (0.42, 0.16, 0.16, 0.18, 0.04, 0.04, 0.0)
+# The copy curriculum (`train-demo --copy-drill`): half the conversations are short copy drills, whose
+# answers can only be predicted by copying numbers seen earlier (what induction heads do), the rest the
+# copy-heavy mix.
+COPY_DRILL_WEIGHTS = (0.21, 0.08, 0.08, 0.09, 0.02, 0.02, 0.5)
 
 ARITH_TOOLS = ("add", "subtract", "multiply", "divide")
 _ARITH_DOC = {
@@ -387,6 +394,7 @@ class _Gen:
             "two_step": self.two_step,
             "refuse": self.refuse,
             "chat": self.chat,
+            "copy": self.copy,
         }[kind]()
 
     def arith(self) -> Sample:
@@ -535,6 +543,33 @@ class _Gen:
         s.expected = a
         return s
 
+    def copy(self) -> Sample:
+        """A short copy drill without tools: repeat numbers, name the first/last one, write them as the
+        tool-argument JSON, or answer with a result the user quotes (the copies tool use needs)."""
+        nums = [self.number() for _ in range(self.rng.randint(1, 4))]
+        drill = self.rng.randrange(4)
+        if drill == 0:
+            listed = " ".join(map(str, nums))
+            question, answer = f"Repeat after me: {listed}", listed
+        elif drill == 1:
+            nums = nums + [self.number()] if len(nums) == 1 else nums
+            which = self.rng.choice(["first", "last"])
+            pick = nums[0] if which == "first" else nums[-1]
+            question = f"Which number comes {which}: {', '.join(map(str, nums))}?"
+            answer = f"The {which} number is {pick}."
+        elif drill == 2:
+            a, b = self.number(), self.number()
+            question = f"Write a = {a} and b = {b} as JSON."
+            answer = json.dumps({"a": a, "b": b})
+        else:
+            r = fmt_number(nums[0] / self.rng.choice([1, 1, 1, 4, 8]))
+            question = f"The tool returned {r}. What is the answer?"
+            answer = f"The answer is {r}."
+        s = Sample("copy", self.conversation(question, []), [])
+        s.messages.append({"role": "assistant", "reasoning_content": "Copy the numbers.", "content": answer})
+        s.expected = answer
+        return s
+
 
 def _samples(
     n: int, seed: int, split: int, kinds: Sequence[str] | None, kind_weights: Sequence[float] | None = None
@@ -542,7 +577,12 @@ def _samples(
     rng = random.Random(seed)  # noqa: S311 - a reproducible corpus, not a secret
     gen = _Gen(rng, split)
     pool = list(kinds) if kinds else list(KINDS)
-    table = kind_weights or KIND_WEIGHTS
+    table = tuple(kind_weights or KIND_WEIGHTS)
+    if len(table) > len(KINDS) or any(w < 0 for w in table) or not any(table):
+        raise ValueError(
+            f"kind weights {table} must be at most {len(KINDS)} non-negative numbers (per {KINDS})"
+        )
+    table += (0.0,) * (len(KINDS) - len(table))  # kinds left off (e.g. a mix from before "copy"): 0
     weights = [table[KINDS.index(k)] for k in pool]
     return [gen.sample(rng.choices(pool, weights)[0]) for _ in range(n)]
 

@@ -99,6 +99,14 @@ def build_model(config: ModelConfig, seed: int) -> K2Model:
     return model
 
 
+def digit_token_mask(tok: KimiTokenizer, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] bool: True for the tokens that are all digits (what copying a number emits)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(tok.num_ranks):
+        mask[i] = tok.id_to_token_bytes(i).isdigit()
+    return mask
+
+
 def train_forward(model: K2Model, ids: torch.Tensor, targets_at: torch.Tensor) -> torch.Tensor:
     """ids [B, S] -> logits [N, V] at the N positions where `targets_at` [B, S] is True (no cache)."""
     b, s = ids.shape
@@ -259,7 +267,11 @@ def train_demo(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     loads = _RouterLoads(model)
-    rows = ["step,loss,lr,tokens,seconds"]
+    is_digit = digit_token_mask(tok, hf["vocab_size"])
+    # Loss on digit targets alone (the part that needs copying), averaged over the last log_every steps:
+    # the overall loss hides it (most assistant tokens are format tokens the model already predicts).
+    digit_losses: list[float] = []
+    rows = ["step,loss,lr,tokens,seconds,digit_loss"]
     t_start = time.perf_counter()
     tokens = 0
     it = batches(data, cfg.batch_size, tok.pad_id, cfg.seed)
@@ -269,7 +281,12 @@ def train_demo(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         ids, at, targets = next(it)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = F.cross_entropy(train_forward(model, ids, at), targets)
+        per_token = F.cross_entropy(train_forward(model, ids, at), targets, reduction="none")
+        loss = per_token.mean()
+        digits = is_digit[targets]
+        digit_loss = float(per_token[digits].detach().mean()) if bool(digits.any()) else float("nan")
+        if digit_loss == digit_loss:
+            digit_losses.append(digit_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -277,10 +294,12 @@ def train_demo(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         imbalance = loads.update(cfg.bias_rate)
         tokens += ids.numel()
         elapsed = time.perf_counter() - t_start
-        rows.append(f"{step + 1},{loss.item():.5f},{lr_at(step):.6f},{tokens},{elapsed:.1f}")
+        rows.append(f"{step + 1},{loss.item():.5f},{lr_at(step):.6f},{tokens},{elapsed:.1f},{digit_loss:.5f}")
         if (step + 1) % cfg.log_every == 0 or step == 0:
+            recent = digit_losses[-cfg.log_every :]
             log(
-                f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} lr {lr_at(step):.2e} "
+                f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} "
+                f"digit loss {sum(recent) / max(1, len(recent)):.4f} lr {lr_at(step):.2e} "
                 f"{tokens / elapsed:.0f} tok/s max/mean expert load {imbalance:.2f} {elapsed / 60:.1f} min"
             )
         if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60:
