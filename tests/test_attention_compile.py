@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from sm90_compile import compile_sm90, run_uninterpreted
 
-REPO = Path(__file__).resolve().parents[1]
 INTS = ["num_keys", "num_block_cols", "block_size", "stride_block", "stride_row"]
 
 
 def compile_kernel(name: str, act: str) -> dict[str, object]:
     """Compile kernel `name` ("absorbed" or "expanded") with `act` operands (bf16 or fp32) at K2's dims
     (latent 512, RoPE 64, nope 128, v 128) for sm_90; returns what the PTX and cubin hold."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from k2serve.model import triton_attention, triton_attention_kernels
 
     paging = {"pages_ptr": f"*{act}", "blocks_ptr": "*i64", "key_pos_ptr": "*i64", "q_pos_ptr": "*i64"}
@@ -45,20 +37,12 @@ def compile_kernel(name: str, act: str) -> dict[str, object]:
         const |= {"bq": triton_attention.BLOCK_R} | block
     sig = ptrs | dict.fromkeys(ints, "i32") | {"scale": "fp32"} | dict.fromkeys(const, "constexpr")
     assert list(sig) == list(fn.arg_names), (list(sig), fn.arg_names)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    ptx = kernel.asm["ptx"]
-    return {"mma": "mma" in ptx or "wgmma" in ptx, "cubin_bytes": len(kernel.asm["cubin"])}
+    return compile_sm90(fn, sig, const)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_attention_kernels_compile_for_sm90_at_k2_dims() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = run_uninterpreted(__file__)
     assert set(got) == {"absorbed-bf16", "expanded-bf16", "absorbed-fp32"}
     assert all(v["cubin_bytes"] > 1000 for v in got.values())
     assert got["absorbed-bf16"]["mma"] and got["expanded-bf16"]["mma"]  # bf16 operands on tensor cores

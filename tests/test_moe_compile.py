@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from sm90_compile import compile_sm90, run_uninterpreted
 
 
 def compile_variant(act: str, int4: bool, pair: int) -> dict[str, object]:
     """Compile one variant (activations `act`, INT4 or dense weights, gate_up pair 2 or down pair 1)
     for sm_90; returns what the PTX and cubin hold."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from k2serve.model import triton_moe_kernels
 
     fn = triton_moe_kernels.fused_moe
@@ -34,21 +25,13 @@ def compile_variant(act: str, int4: bool, pair: int) -> dict[str, object]:
     const = {"group": 32 if int4 else 1, "pair": pair, "weighted": pair == 1, "int4": int4, "widen": False}
     const |= {"ieee": act == "fp32", "bm": 16, "bn": 64, "bk": 64}
     sig = ptrs | {"n_padded_ptr": "*i32"} | dict.fromkeys(ints, "i32") | dict.fromkeys(const, "constexpr")
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    ptx = kernel.asm["ptx"]
-    return {"mma": "mma" in ptx or "wgmma" in ptx, "cubin_bytes": len(kernel.asm["cubin"])}
+    return compile_sm90(fn, sig, const)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kernel_compiles_for_sm90() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = run_uninterpreted(__file__)
     assert set(got) == {"bf16-int4-2", "bf16-dense-1", "fp32-int4-1"}
     assert all(v["cubin_bytes"] > 1000 for v in got.values())
     assert got["bf16-int4-2"]["mma"] and got["bf16-dense-1"]["mma"]  # bf16 operands on tensor cores
