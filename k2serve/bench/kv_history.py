@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from k2serve.bench import bench_model
 from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.loadgen.benchmark import run_benchmark
 from k2serve.loadgen.config import BenchConfig
@@ -123,16 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.turns < 2 or args.conversations < 1 or args.prefill < 1 or args.rounds < 1:
         ap.error("--turns must be >= 2; --conversations, --prefill and --rounds >= 1")
-    if args.model:
-        model = Path(args.model)
-    else:
-        import torch
-
-        from k2serve.model.checkpoint import preset_checkpoint
-
-        model = preset_checkpoint(
-            Path(tempfile.gettempdir()) / "k2serve-bench", args.preset, dtype=getattr(torch, args.dtype)
-        )
+    model = bench_model(args.model, args.preset, args.dtype)
     print(
         f"{model.name}: {args.rounds} rounds of {args.conversations} tool-loop conversations x {args.turns} "
         f"turns, {args.prefill} prefill workers, kv routing; modes {', '.join(MODES)} alternating; load "

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from k2serve.bench import bench_model
 from k2serve.cluster.local import ClusterSpec, LocalCluster
 from k2serve.model.presets import PRESETS
 
@@ -141,15 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.turns < 2 or args.conversations < 1 or args.prefill < 1:
         ap.error("--turns must be >= 2, --conversations and --prefill >= 1")
-    if args.model:
-        model = Path(args.model)
-    else:
-        import torch
-
-        from k2serve.model.checkpoint import preset_checkpoint
-
-        bench_dir = Path(tempfile.gettempdir()) / "k2serve-bench"
-        model = preset_checkpoint(bench_dir, args.preset, dtype=getattr(torch, args.dtype))
+    model = bench_model(args.model, args.preset, args.dtype)
     load = os.getloadavg()
     print(
         f"{model.name}: {args.conversations} whole-history conversations x {args.turns} turns, "

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from k2serve.bench import bench_model
 from k2serve.cluster.local import ClusterSpec, LocalCluster, registered_workers
 from k2serve.loadgen.dataset import BenchRequest
 from k2serve.loadgen.http_client import HTTPClient
@@ -310,16 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = load_entries(args, scaling)
     requests = list(trace_requests(entries, scaling, args.seed))
     blocks = [scaling.scaled_blocks(e) for e in entries]
-    if args.model:
-        model = Path(args.model)
-    else:
-        import torch
-
-        from k2serve.model.checkpoint import preset_checkpoint
-
-        model = preset_checkpoint(
-            Path(tempfile.gettempdir()) / "k2serve-bench", args.preset, dtype=getattr(torch, args.dtype)
-        )
+    model = bench_model(args.model, args.preset, args.dtype)
     span = requests[-1].arrival_s or 0.0
     print(
         f"{model.name}: {len(requests)} requests of {args.conversations or 'all'} conversations from "

@@ -27,6 +27,7 @@ import httpx
 
 from k2serve.agent import AgentLoop, HTTPTransport, StepRecord, ToolRegistry, Turn
 from k2serve.agent.transport import SamplingOptions
+from k2serve.bench import bench_model
 from k2serve.model.presets import PRESETS
 
 USER = "Add 2 and 3, then keep adding the results to new digits."
@@ -151,15 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.turns < 2:
         ap.error(f"--turns must be >= 2, got {args.turns}")
-    if args.model:
-        model = Path(args.model)
-    else:
-        import torch
-
-        from k2serve.model.checkpoint import preset_checkpoint
-
-        bench_dir = Path(tempfile.gettempdir()) / "k2serve-bench"
-        model = preset_checkpoint(bench_dir, args.preset, dtype=getattr(torch, args.dtype))
+    model = bench_model(args.model, args.preset, args.dtype)
     print(f"{model.name}: {args.turns} tool-call turns, session routing ON and OFF alternating", flush=True)
     on, off, moved_on, moved_off, local = run(model, args)
     print("\n".join(report(on, off, moved_on, moved_off, local)))
