@@ -418,7 +418,7 @@ def test_bench_runs_at_toy_size(tiny_ckpt: Path, capsys: pytest.CaptureFixture[s
     argv = ["--model", str(tiny_ckpt), "--rounds", "1", "--output-len", "8", "--turns", "2", "--json"]
     assert main([*argv, "--conversations", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["workloads"]) == {"agent", "repeat", "random"}
+    assert set(report["workloads"]) == {"agent", "tools", "repeat", "random"}
     for name, w in report["workloads"].items():
         assert w["tokens_per_round"] > 0, name
         for kind in ("cpu", "wall"):
@@ -427,3 +427,4 @@ def test_bench_runs_at_toy_size(tiny_ckpt: Path, capsys: pytest.CaptureFixture[s
             assert 0.0 <= w["spec"][m]["acceptance_rate"] <= 1.0
     assert report["workloads"]["repeat"]["spec"]["suffix"]["accepted_tokens"] > 0
     assert report["workloads"]["agent"]["requests_per_round"] == 2
+    assert report["workloads"]["tools"]["requests_per_round"] >= 1  # one conversation, 1-4 model turns

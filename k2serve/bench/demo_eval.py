@@ -134,11 +134,11 @@ def run_eval(llm: LLM, samples: list[Sample], grammar: bool) -> list[Outcome]:
                 if out.finished:
                     o, plan = plans[out.request_id]
                     ids = [t for t in out.token_ids if t not in tok.stop_ids]
-                    _advance(o, plan, plan.parser().parse(tok.decode(ids)))
+                    advance(o, plan, plan.parser().parse(tok.decode(ids)))
     return outcomes
 
 
-def _advance(o: Outcome, plan: ChatPlan, parsed: ParsedOutput) -> None:
+def advance(o: Outcome, plan: ChatPlan, parsed: ParsedOutput) -> None:
     """Record one model turn: run its tool calls (the conversation goes on) or take its final answer."""
     if not parsed.tool_calls:
         o.final, o.done = parsed.content, True

@@ -9,6 +9,12 @@ Workloads (`--workload`, default all):
   it holds earlier replies and earlier tool results, which files are re-read and re-tested.
   The model's reply tokens are what is measured; what gets accepted depends on what the model
   writes (a random-weight preset writes noise: the figures say what that noise repeats).
+- "tools": the demo model's own tool loops (`--model` a `--preset demo` checkpoint): held-out
+  questions from `demo_data` (arithmetic, units, table look-ups, two-step, refusals, chats), the
+  chat request path (`plan_chat`, no grammar), the tools run in Python and their results sent back,
+  up to `demo_eval.MAX_ROUNDS` model turns, as `k2serve bench demo` runs them. `--conversations`
+  per round, `--batch` of them in lockstep; the suffix tree drafts from the round's earlier replies
+  (a tool call's JSON frame, "The tool returned ..."), the ngram proposer from the conversation.
 - "repeat": prompts a random model continues repetitively (one token repeated, short phrases).
 - "random": random token prompts (little to draft: the cost of speculating for nothing).
 
@@ -35,8 +41,12 @@ from typing import Any
 
 import torch
 
+from k2serve.bench.demo_eval import MAX_ROUNDS, Outcome, advance
+from k2serve.chat.request import ChatPlan, plan_chat
+from k2serve.model.demo_data import Sample
+
 METHODS = ("none", "ngram", "suffix")
-WORKLOADS = ("agent", "repeat", "random")
+WORKLOADS = ("agent", "tools", "repeat", "random")
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -191,7 +201,11 @@ class Runner:
         done: dict[str, list[int]] = {}
         while self.engine.has_unfinished_requests():
             outs = self.engine.step()
-            now, cpu = time.perf_counter(), time.process_time()
+            now = time.perf_counter()
+            # the process's CPU clock only at a request's first and last token: reading it costs ~2 ms
+            # on some hosts (sandboxed kernels), which per step would dilute every speedup
+            if any(o.finished or o.request_id not in first for o in outs):
+                cpu = time.process_time()
             for o in outs:
                 first.setdefault(o.request_id, (now, cpu))
                 if o.finished:
@@ -217,6 +231,9 @@ class Runner:
 def run_round(runner: Runner, workload: str, args: argparse.Namespace, encoder: Any, rnd: int) -> None:
     """One round of `workload` on one engine (`--batch` requests at a time)."""
     runner.reset()
+    if workload == "tools":
+        run_tools_round(runner, args, encoder, rnd)
+        return
     if workload != "agent":
         prompts = fixed_prompts(args.seed)[workload]
         for i in range(0, len(prompts), args.batch):
@@ -229,6 +246,43 @@ def run_round(runner: Runner, workload: str, args: argparse.Namespace, encoder: 
         for _ in range(args.turns):
             for c, reply in zip(convs, runner.run([c.prompt() for c in convs]), strict=True):
                 c.answer(reply)
+
+
+def run_tools_round(runner: Runner, args: argparse.Namespace, encoder: Any, rnd: int) -> None:
+    """The "tools" workload: `--conversations` held-out demo conversations (fresh ones each round),
+    `--batch` at a time, each advanced until it answers or runs out of turns."""
+    from k2serve.model.demo_data import HELDOUT_SEED, heldout_samples
+
+    samples = heldout_samples(args.conversations, seed=HELDOUT_SEED + 1000 + rnd)
+    for start in range(0, len(samples), args.batch):
+        convs = [ToolConversation(encoder, s) for s in samples[start : start + args.batch]]
+        for _ in range(MAX_ROUNDS):
+            live = [c for c in convs if not c.outcome.done]
+            if not live:
+                break
+            for c, reply in zip(live, runner.run([c.prompt() for c in live]), strict=True):
+                c.answer(reply)
+
+
+class ToolConversation:
+    """One demo conversation (`demo_eval.Outcome`) advanced a model turn at a time."""
+
+    def __init__(self, encoder: Any, sample: Sample) -> None:
+        self.encoder = encoder
+        self.outcome = Outcome(
+            sample, [dict(m) for m in sample.messages if m["role"] in ("system", "user")][:2]
+        )
+        self.plan: ChatPlan | None = None
+
+    def prompt(self) -> list[int]:
+        self.plan = plan_chat(self.outcome.messages, self.outcome.sample.tools or None)
+        return list(self.plan.prompt(self.encoder))
+
+    def answer(self, reply: list[int]) -> None:
+        assert self.plan is not None
+        tok = self.encoder.tokenizer
+        text = tok.decode([t for t in reply if t not in tok.stop_ids])
+        advance(self.outcome, self.plan, self.plan.parser().parse(text))
 
 
 class Conversation:
@@ -329,8 +383,8 @@ def bench(model: Path, args: argparse.Namespace, spec: dict[str, dict[str, Any]]
         runners[m] = Runner(LLMEngine.from_pretrained(model, dtype, cfg), args.output_len)
     tokenizer = runners["none"].engine.tokenizer
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
-    if "agent" in workloads and tokenizer is None:
-        raise SystemExit(f"{model}: the agent workload needs the model's tokenizer, and it has none")
+    if {"agent", "tools"} & set(workloads) and tokenizer is None:
+        raise SystemExit(f"{model}: the agent and tools workloads need the model's tokenizer; it has none")
     encoder = PromptEncoder(tokenizer) if tokenizer is not None else None
     for r in runners.values():  # warm-up
         r.run([[1, 2, 3, 1, 2, 3]])
