@@ -212,16 +212,19 @@ def test_unsupported_models_fall_back(tiny_int4_ckpt: Path, caplog: pytest.LogCa
 
 
 @pytest.mark.parametrize(
-    ("tokens", "dtype", "grouped"),
-    [(1, torch.float32, False), (9, torch.float32, False)]
-    + ([(5, torch.float32, True), (5, torch.bfloat16, True)] if HAS_GROUPED_MM else []),
+    ("tokens", "dtype", "way"),
+    [(1, torch.float32, "bmm"), (9, torch.float32, "loop"), (1, torch.float32, "gemv")]
+    + [(2, torch.bfloat16, "gemv"), (5, torch.bfloat16, "gemv")]
+    + ([(5, torch.float32, "grouped"), (5, torch.bfloat16, "grouped")] if HAS_GROUPED_MM else []),
 )
 def test_moe_forward_static_matches_eager(
-    tokens: int, dtype: torch.dtype, grouped: bool, monkeypatch: pytest.MonkeyPatch
+    tokens: int, dtype: torch.dtype, way: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The three static ways against eager: the grouped GEMM (compiled in the slow engine test), and
-    without it gathered GEMVs (T*k < E) and the dense expert loop."""
+    """The static ways against eager: the grouped GEMM (compiled in the slow engine test), the gathered
+    expert GEMVs of the captured CPU step (`compiled_gemv`, on for at most GATHER_MAX_ROWS[dtype] rows),
+    and without the grouped GEMM gathered batched GEMVs (T*k < E) and the dense expert loop."""
     import k2serve.model.moe as moe_module
+    from k2serve.model import compiled_gemv
 
     config = ModelConfig.from_dict(dict(PRESETS["tiny"]))
     torch.manual_seed(0)
@@ -234,9 +237,22 @@ def test_moe_forward_static_matches_eager(
     weights, ids = moe.gate(x)
     want = moe.experts(x, weights, ids)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    if not grouped:
+    if way in ("bmm", "loop"):
         monkeypatch.setattr(moe_module, "_grouped_mm", None)
-    torch.testing.assert_close(moe.experts.forward_static(x, weights, ids), want, rtol=tol, atol=tol)
+    gathered = compiled_gemv.gathered_experts
+    calls: list[int] = []
+
+    def spy(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return gathered(*args)
+
+    monkeypatch.setattr(compiled_gemv, "gathered_experts", spy)
+    before = compiled_gemv.gather_rows(dtype)
+    with compiled_gemv.options(way == "gemv"):
+        got = moe.experts.forward_static(x, weights, ids)
+    assert calls == ([1] if way == "gemv" else [])
+    assert compiled_gemv.gather_rows(dtype) == before  # restored on exit
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.slow
@@ -246,6 +262,7 @@ def test_compiled_decode_matches_eager(tiny_ckpt: Path) -> None:
     engine = make_engine(tiny_ckpt, "decode", max_num_seqs=2)
     captured = engine.runner.captured
     assert captured is not None and captured.sizes == [1, 2]
+    assert captured.gemv  # the small-batch kernels (compiled_gemv) are on: bucket 1 gathers its experts
     assert_same_as_eager(tiny_ckpt, engine, captured, max_num_seqs=2)
     assert {b for b, _ in captured.buckets} == {1, 2}
     assert all(dataclasses.is_dataclass(b.inputs) for b in captured.buckets.values())

@@ -38,30 +38,28 @@ DEFAULT_ON = os.environ.get("K2SERVE_DECODE_GEMV", "1") != "0"
 # per row); fp32 0.78 at T=1, 0.93-1.35 from T=2 on (noisy, loaded host): fp32 keeps 8 rows.
 GATHER_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 32, torch.float32: 8}
 
-_packed_on = False
-_gather_on = False
+_on = False  # a module global on purpose: dynamo guards on the value a traced forward read
 
 
 @contextmanager
 def options(on: bool) -> Iterator[None]:
     """Turn both kernels on (or off) for the forward traced or run inside the block."""
-    global _packed_on, _gather_on
-    saved = _packed_on, _gather_on
-    _packed_on = _gather_on = on
+    global _on  # noqa: PLW0603 (see _on)
+    saved, _on = _on, on
     try:
         yield
     finally:
-        _packed_on, _gather_on = saved
+        _on = saved
 
 
 def packed_on() -> bool:
     """Whether a traced `PrepackedLinear` keeps its packed kernel (read at trace time, guarded)."""
-    return _packed_on
+    return _on
 
 
 def gather_rows(dtype: torch.dtype) -> int:
     """The most (token, expert) rows the gathered expert GEMVs take in `dtype` (0: off)."""
-    return GATHER_MAX_ROWS.get(dtype, 0) if _gather_on else 0
+    return GATHER_MAX_ROWS.get(dtype, 0) if _on else 0
 
 
 @torch.library.custom_op("k2serve::packed_linear", mutates_args=())
