@@ -6,7 +6,8 @@ checkpoint, written once under ~/.cache/k2serve), two engines over it with their
 and captured. Each batch size: B greedy requests of --context prompt tokens in both, prefilled; the
 captured engine's first decode step compiles (CPU: Inductor) or captures (CUDA) its bucket, timed and
 reported; then --rounds rounds alternate --steps decode steps of each engine (paired, same process),
-reported as decode tok/s medians with min-max spread, and the greedy tokens of both are compared. --modes picks the engines (MODES below; e.g.
+reported as decode tok/s medians with min-max spread (and GB/s: `step_weight_bytes` per step over
+the median step time; the streaming read of the host is measured at the start and the end), and the greedy tokens of both are compared. --modes picks the engines (MODES below; e.g.
 `captured-base,captured` is the A/B of the compiled step's small-batch kernels), alternated in
 every round, in reversed order every other round.
 --profile: torch.profiler over one decode step of each at the first batch size: the number of aten
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from k2serve.bench.cpu_gemv import roofline
 from k2serve.engine.captured import CapturedDecode
 from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine
@@ -84,6 +87,32 @@ def op_profile(engine: LLMEngine, top: int = 6) -> dict[str, Any]:
     }
 
 
+def step_weight_bytes(model: Any, batch: int) -> float:
+    """Bytes of weights one decode step of `batch` rows reads: every parameter and buffer but the
+    embedding table (B rows of it) and the routed experts, of which the expected number of distinct
+    experts B rows pick (E * (1 - (1 - k/E)^B), uniform routing: these random-weight presets route
+    near uniformly) are read once each. An estimate for GB/s against the bandwidth, not a measurement."""
+    from k2serve.model.moe import RoutedExperts
+
+    cfg = model.config
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    distinct = e * (1 - (1 - k / e) ** batch)
+    expert_ids = {id(t) for m in model.modules() if isinstance(m, RoutedExperts) for t in m.parameters()}
+    total = 0.0
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        if t is model.embed_tokens.weight and not cfg.tie_word_embeddings:
+            nbytes = batch * t.shape[1] * t.element_size()
+        elif id(t) in expert_ids:
+            nbytes *= distinct / e
+        total += nbytes
+    return total
+
+
 MODES = ("eager", "captured", "captured-base")
 """eager: --compile none; captured: --compile decode as served (its small-batch kernels on unless
 K2SERVE_DECODE_GEMV=0); captured-base: --compile decode without them (model/compiled_gemv.py off)."""
@@ -125,8 +154,11 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace) -> dict[str, Any
         order = list(engines.items()) if r % 2 == 0 else list(engines.items())[::-1]
         for name, engine in order:
             rates[name].append(batch * args.steps / timed_steps(engine, args.steps))
+    step_bytes = step_weight_bytes(model, batch)
+    out["step_weight_mb"] = round(step_bytes / 1e6, 1)
     for name, xs in rates.items():
-        out[name] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+        med = statistics.median(xs)
+        out[name] = {"median": med, "min": min(xs), "max": max(xs), "gbps": step_bytes * med / batch / 1e9}
     first = args.modes[0]
     out["ratio"] = {m: out[m]["median"] / out[first]["median"] for m in args.modes[1:]}
     if args.profile:
@@ -170,16 +202,24 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(preset_checkpoint(root, args.preset, 0, dtype), dtype).eval()
     print(f"{args.preset} {args.dtype}, threads={torch.get_num_threads()}, context {args.context}, "
           f"{args.rounds} rounds x {args.steps} steps per engine, alternating", flush=True)  # fmt: skip
-    results = []
+    results: list[dict[str, Any]] = [{"roofline_start": roofline(256, 5), "load": os.getloadavg()}]
+    print(f"streaming read {results[0]['roofline_start']['read_gbps']:.1f} GB/s, load {os.getloadavg()}")
     for b in (int(x) for x in args.batch_sizes.split(",")):
         r = run_batch(model, b, args)
         results.append(r)
-        parts = [f"{m} {r[m]['median']:8.1f} tok/s [{r[m]['min']:.1f}-{r[m]['max']:.1f}]" for m in args.modes]
+        parts = [
+            f"{m} {r[m]['median']:8.1f} tok/s [{r[m]['min']:.1f}-{r[m]['max']:.1f}] {r[m]['gbps']:.1f} GB/s"
+            for m in args.modes
+        ]
         ratios = ", ".join(f"{m}/{args.modes[0]} {x:.2f}x" for m, x in r["ratio"].items())
         print(f"batch {b:3d}: {'  '.join(parts)}  ({ratios})  compile s {r['compile_s']}  identical greedy "
               f"tokens to {args.modes[0]} {r['identical_tokens']}", flush=True)  # fmt: skip
         for name, p in r.get("profile", {}).items():
             print(f"  {name}: {p['aten_ops']} aten ops, {p['self_cpu_ms']:.1f} ms self CPU; top: {p['top']}")
+    results.append({"roofline_end": roofline(256, 5), "load": os.getloadavg()})
+    print(
+        f"streaming read at the end {results[-1]['roofline_end']['read_gbps']:.1f} GB/s, load {os.getloadavg()}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
