@@ -32,10 +32,11 @@ import torch.nn.functional as F
 DEFAULT_ON = os.environ.get("K2SERVE_DECODE_GEMV", "1") != "0"
 
 # (token, expert) rows up to which `RoutedExperts.forward_static` on the CPU runs the gathered GEMVs
-# instead of the grouped GEMM, per compute dtype. One `small` MoE layer (E=64, k=8, D=1024, I=256)
-# compiled both ways, 1 thread, paired rounds: bf16 gathered / grouped time 0.35 at T=1 (8 rows), 0.42
-# at T=2, 0.56 at T=4, 1.04 at T=8 (64 rows: each row reads its expert, shared experts are read once
-# per row); fp32 0.78 at T=1, 0.93-1.35 from T=2 on (noisy, loaded host): fp32 keeps 8 rows.
+# instead of the grouped GEMM, per compute dtype. `k2serve bench moe-grouped --static` (one `small` MoE
+# layer's experts, E=64, k=8, D=1024, I=256, compiled both ways, 1 thread, 20 paired rounds, loaded
+# host; BENCHMARKS.md): gathered / grouped time bf16 0.36 at B=1 (8 rows), 0.74 at 2, 0.81 at 4, 1.12
+# at 8 (64 rows: each row reads its expert, an expert two tokens share is read twice); fp32 0.33 at
+# B=1, 1.00-1.05 from B=2. So bf16 up to 32 rows, fp32 up to 8.
 GATHER_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 32, torch.float32: 8}
 
 _on = False  # a module global on purpose: dynamo guards on the value a traced forward read
