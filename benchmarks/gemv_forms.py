@@ -7,7 +7,9 @@ round times every form once, order reversed every other round), medians: `F.line
 under torch.compile (Inductor's extern `mm`); the GEMV written as a reduction
 `(x.unsqueeze(-2).float() * w.float()).sum(-1)` compiled (Inductor's vectorised C++ loop); oneDNN on a
 prepacked weight (`mkldnn._linear_pointwise`, what `PrepackedLinear` and the captured step's
-`k2serve::packed_linear` run; bf16 only). GB/s = weight bytes / median time; the streaming read (sum of
+`k2serve::packed_linear` run; bf16 only); with --cpp-template, Inductor's CPP GEMM template (an
+`nn.Linear` compiled with freezing, max_autotune and max_autotune_gemm_backends="CPP": the weight frozen
+into a constant, autotuned per shape; minutes of compiling). GB/s = weight bytes / median time; the streaming read (sum of
 a 128 MiB tensor) is measured first. This is what chose the kernels in k2serve/model/compiled_gemv.py.
 """
 
@@ -33,6 +35,19 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def cpp_template(w: torch.Tensor, x: torch.Tensor) -> Callable[[], object]:
+    """x @ w.T through Inductor's CPP GEMM template: a linear layer holding w, compiled now (frozen weight,
+    max-autotune over the CPP backend) for x's shape."""
+    import torch._inductor.config as inductor_config
+
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    layer.weight.data.copy_(w)
+    step = torch.compile(layer, dynamic=False)
+    with inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP"):
+        step(x)
+    return lambda: step(x)
+
+
 def paired(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds per form over `rounds` paired rounds."""
     ts: dict[str, list[float]] = {k: [] for k in fns}
@@ -50,12 +65,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--cpp-template", action="store_true", help="also Inductor's CPP GEMM template")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dt = getattr(torch, args.dtype)
     big = torch.ones(128 * 2**20 // 4)
     read = big.numel() * 4 / paired({"sum": big.sum}, 9)["sum"] / 1e9
     print(f"{args.dtype}, threads {args.threads}, streaming read {read:.1f} GB/s")
+    torch.set_grad_enabled(False)  # freezing (--cpp-template) needs it; no form uses autograd
     c_linear = torch.compile(linear, dynamic=False)
     c_reduction = torch.compile(reduction, dynamic=False)
     for n, k in SHAPES:
@@ -67,6 +84,8 @@ def main() -> None:
                 "compiled F.linear": lambda x=x, w=w: c_linear(x, w),
                 "compiled reduction": lambda x=x, w=w: c_reduction(x, w),
             }
+            if args.cpp_template:
+                fns["CPP template"] = cpp_template(w, x)
             if dt == torch.bfloat16:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, m)  # noqa: SLF001
                 fns["oneDNN packed"] = lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(  # noqa: SLF001
