@@ -11,9 +11,10 @@ data-dependent Python: static inputs are token ids [B], positions [B], KV slots 
 - attention (`StaticDecodeAttention`): writes the new latent at the rows' slots, gathers each row's
   keys by its padded block table ([B, NB * block_size] keys) and attends absorbed over the latent,
   masking keys past the row's position (a padded block's keys sit past every real position);
-- routed experts (`RoutedExperts.forward_static`): top-k routing, then one grouped GEMM over the
-  rows sorted by expert with device-side offsets (no `.tolist()`), or a dense loop over the static
-  expert count where torch's grouped GEMM does not apply;
+- routed experts (`RoutedExperts.forward_static`): top-k routing, then on CPU at few (token, expert)
+  rows per-row GEMVs over the weights indexed by the ids (model/compiled_gemv.py), else one grouped
+  GEMM over the rows sorted by expert with device-side offsets (no `.tolist()`), or a dense loop over
+  the static expert count where torch's grouped GEMM does not apply;
 - the logits of all B rows; sampling stays outside (it is per-request Python: penalties, grammars,
   generators), on the first n rows.
 
