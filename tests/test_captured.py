@@ -112,6 +112,40 @@ def test_static_forward_matches_eager_with_padding_prefix_hits_and_preemption(ti
     assert tight.scheduler.num_preemptions > 0
 
 
+def test_gemv_kernels_are_the_default_and_can_be_turned_off(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The captured CPU step runs its forward with the small-batch kernels on (`compiled_gemv.options`,
+    what the compiled graph is traced under) by default, and off with `gemv=False` or
+    K2SERVE_DECODE_GEMV=0 (`compiled_gemv.DEFAULT_ON`); the same tokens either way."""
+    from k2serve.model import compiled_gemv
+
+    tokens = {}
+    for default in (True, False):
+        monkeypatch.setattr(compiled_gemv, "DEFAULT_ON", default)
+        engine = make_engine(tiny_ckpt, "decode", max_num_seqs=1)
+        captured = static_eager(engine)
+        assert captured.gemv is default
+        seen: list[int] = []
+        forward = captured._compiled
+
+        def spy(inputs: Any, forward: Any = forward, seen: list[int] = seen) -> torch.Tensor:
+            seen.append(compiled_gemv.gather_rows(torch.float32))
+            return forward(inputs)
+
+        captured._compiled = spy
+        engine.add_request("a", list(range(5, 15)), GREEDY)
+        while engine.has_unfinished_requests():
+            tokens[default] = [o.token_ids for o in engine.step() if o.finished] or tokens.get(default)
+        assert captured.steps > 0 and set(seen) == {
+            compiled_gemv.GATHER_MAX_ROWS[torch.float32] if default else 0
+        }
+        assert compiled_gemv.gather_rows(torch.float32) == 0  # off outside the step
+    assert tokens[True] == tokens[False] and tokens[True]
+    on = CapturedDecode(engine.model, engine.pool, captured.pad_slot, 1, 8, compile=False, gemv=True)
+    assert on.gemv  # the argument wins over the default
+
+
 def test_padding_rows_write_only_the_scratch_block(tiny_ckpt: Path) -> None:
     engine = make_engine(tiny_ckpt, "decode")
     captured = static_eager(engine)
