@@ -318,3 +318,27 @@ def test_int4_fused_experts_run_the_static_step_as_a_cuda_graph_would(tiny_int4_
     assert "CUDA with --moe-backend triton" in (unsupported_reason(engine.model, engine.pool) or "")
     torch_moe = make_engine(tiny_int4_ckpt)
     assert unsupported_reason(torch_moe.model, cuda_pool) is not None  # type: ignore[arg-type]
+
+
+def test_step_weight_bytes(tiny_ckpt: Path) -> None:
+    """`bench captured`'s GB/s numerator: a batch-1 step reads all weights but the unused routed experts
+    (k of E per MoE layer) and all but one embedding row; more rows read more distinct experts."""
+    from k2serve.bench.captured import step_weight_bytes
+    from k2serve.model.moe import RoutedExperts
+
+    model = make_engine(tiny_ckpt).model
+    cfg = model.config
+    everything = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
+    experts = sum(
+        p.numel() * p.element_size()
+        for m in model.modules()
+        if isinstance(m, RoutedExperts)
+        for p in m.parameters()
+    )
+    table = model.embed_tokens.weight
+    row = table.shape[1] * table.element_size()
+    unused = experts * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
+    assert step_weight_bytes(model, 1) == pytest.approx(
+        everything - unused - table.numel() * table.element_size() + row
+    )
+    assert step_weight_bytes(model, 1) < step_weight_bytes(model, 4) < everything
