@@ -112,6 +112,40 @@ def test_static_forward_matches_eager_with_padding_prefix_hits_and_preemption(ti
     assert tight.scheduler.num_preemptions > 0
 
 
+def test_gemv_kernels_are_the_default_and_can_be_turned_off(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The captured CPU step runs its forward with the small-batch kernels on (`compiled_gemv.options`,
+    what the compiled graph is traced under) by default, and off with `gemv=False` or
+    K2SERVE_DECODE_GEMV=0 (`compiled_gemv.DEFAULT_ON`); the same tokens either way."""
+    from k2serve.model import compiled_gemv
+
+    tokens = {}
+    for default in (True, False):
+        monkeypatch.setattr(compiled_gemv, "DEFAULT_ON", default)
+        engine = make_engine(tiny_ckpt, "decode", max_num_seqs=1)
+        captured = static_eager(engine)
+        assert captured.gemv is default
+        seen: list[int] = []
+        forward = captured._compiled
+
+        def spy(inputs: Any, forward: Any = forward, seen: list[int] = seen) -> torch.Tensor:
+            seen.append(compiled_gemv.gather_rows(torch.float32))
+            return forward(inputs)
+
+        captured._compiled = spy
+        engine.add_request("a", list(range(5, 15)), GREEDY)
+        while engine.has_unfinished_requests():
+            tokens[default] = [o.token_ids for o in engine.step() if o.finished] or tokens.get(default)
+        assert captured.steps > 0 and set(seen) == {
+            compiled_gemv.GATHER_MAX_ROWS[torch.float32] if default else 0
+        }
+        assert compiled_gemv.gather_rows(torch.float32) == 0  # off outside the step
+    assert tokens[True] == tokens[False] and tokens[True]
+    on = CapturedDecode(engine.model, engine.pool, captured.pad_slot, 1, 8, compile=False, gemv=True)
+    assert on.gemv  # the argument wins over the default
+
+
 def test_padding_rows_write_only_the_scratch_block(tiny_ckpt: Path) -> None:
     engine = make_engine(tiny_ckpt, "decode")
     captured = static_eager(engine)
@@ -212,16 +246,19 @@ def test_unsupported_models_fall_back(tiny_int4_ckpt: Path, caplog: pytest.LogCa
 
 
 @pytest.mark.parametrize(
-    ("tokens", "dtype", "grouped"),
-    [(1, torch.float32, False), (9, torch.float32, False)]
-    + ([(5, torch.float32, True), (5, torch.bfloat16, True)] if HAS_GROUPED_MM else []),
+    ("tokens", "dtype", "way"),
+    [(1, torch.float32, "bmm"), (9, torch.float32, "loop"), (1, torch.float32, "gemv")]
+    + [(2, torch.bfloat16, "gemv"), (5, torch.bfloat16, "gemv")]
+    + ([(5, torch.float32, "grouped"), (5, torch.bfloat16, "grouped")] if HAS_GROUPED_MM else []),
 )
 def test_moe_forward_static_matches_eager(
-    tokens: int, dtype: torch.dtype, grouped: bool, monkeypatch: pytest.MonkeyPatch
+    tokens: int, dtype: torch.dtype, way: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The three static ways against eager: the grouped GEMM (compiled in the slow engine test), and
-    without it gathered GEMVs (T*k < E) and the dense expert loop."""
+    """The static ways against eager: the grouped GEMM (compiled in the slow engine test), the gathered
+    expert GEMVs of the captured CPU step (`compiled_gemv`, on for at most GATHER_MAX_ROWS[dtype] rows),
+    and without the grouped GEMM gathered batched GEMVs (T*k < E) and the dense expert loop."""
     import k2serve.model.moe as moe_module
+    from k2serve.model import compiled_gemv
 
     config = ModelConfig.from_dict(dict(PRESETS["tiny"]))
     torch.manual_seed(0)
@@ -234,9 +271,22 @@ def test_moe_forward_static_matches_eager(
     weights, ids = moe.gate(x)
     want = moe.experts(x, weights, ids)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    if not grouped:
+    if way in ("bmm", "loop"):
         monkeypatch.setattr(moe_module, "_grouped_mm", None)
-    torch.testing.assert_close(moe.experts.forward_static(x, weights, ids), want, rtol=tol, atol=tol)
+    gathered = compiled_gemv.gathered_experts
+    calls: list[int] = []
+
+    def spy(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return gathered(*args)
+
+    monkeypatch.setattr(compiled_gemv, "gathered_experts", spy)
+    before = compiled_gemv.gather_rows(dtype)
+    with compiled_gemv.options(way == "gemv"):
+        got = moe.experts.forward_static(x, weights, ids)
+    assert calls == ([1] if way == "gemv" else [])
+    assert compiled_gemv.gather_rows(dtype) == before  # restored on exit
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.slow
@@ -246,6 +296,7 @@ def test_compiled_decode_matches_eager(tiny_ckpt: Path) -> None:
     engine = make_engine(tiny_ckpt, "decode", max_num_seqs=2)
     captured = engine.runner.captured
     assert captured is not None and captured.sizes == [1, 2]
+    assert captured.gemv  # the small-batch kernels (compiled_gemv) are on: bucket 1 gathers its experts
     assert_same_as_eager(tiny_ckpt, engine, captured, max_num_seqs=2)
     assert {b for b, _ in captured.buckets} == {1, 2}
     assert all(dataclasses.is_dataclass(b.inputs) for b in captured.buckets.values())
@@ -267,3 +318,27 @@ def test_int4_fused_experts_run_the_static_step_as_a_cuda_graph_would(tiny_int4_
     assert "CUDA with --moe-backend triton" in (unsupported_reason(engine.model, engine.pool) or "")
     torch_moe = make_engine(tiny_int4_ckpt)
     assert unsupported_reason(torch_moe.model, cuda_pool) is not None  # type: ignore[arg-type]
+
+
+def test_step_weight_bytes(tiny_ckpt: Path) -> None:
+    """`bench captured`'s GB/s numerator: a batch-1 step reads all weights but the unused routed experts
+    (k of E per MoE layer) and all but one embedding row; more rows read more distinct experts."""
+    from k2serve.bench.captured import step_weight_bytes
+    from k2serve.model.moe import RoutedExperts
+
+    model = make_engine(tiny_ckpt).model
+    cfg = model.config
+    everything = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
+    experts = sum(
+        p.numel() * p.element_size()
+        for m in model.modules()
+        if isinstance(m, RoutedExperts)
+        for p in m.parameters()
+    )
+    table = model.embed_tokens.weight
+    row = table.shape[1] * table.element_size()
+    unused = experts * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
+    assert step_weight_bytes(model, 1) == pytest.approx(
+        everything - unused - table.numel() * table.element_size() + row
+    )
+    assert step_weight_bytes(model, 1) < step_weight_bytes(model, 4) < everything

@@ -5,6 +5,7 @@ path where it must stay; and the INT4 fused kernel against the dequantised refer
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -205,3 +206,42 @@ def test_compiles_as_a_plain_linear() -> None:
         torch._dynamo.reset()
         y = torch.compile(model, backend="eager", fullgraph=True)(x)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+@needs_prepack
+def test_captured_step_traces_the_packed_kernel_when_asked() -> None:
+    """Inside a captured step (`compiled_gemv.options(True)`) the layer traces as the opaque packed op on
+    the copy packed by an eager call, bit for bit the eager output; the option is guarded (on and off keep
+    their own graphs), and a weight changed in place is read after `packed_weight()` repacks it."""
+    from k2serve.model import compiled_gemv
+    from k2serve.model.cpu_linear import packed_layers
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 32)).to(torch.bfloat16)
+    prepack_linears(model)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    graphs: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, _: Any) -> Any:
+        graphs.append(gm.code)
+        return gm.forward
+
+    with torch.inference_mode():
+        ref = model(x)  # packs both layers
+        assert len(packed_layers(model)) == 2
+        torch._dynamo.reset()
+        step = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
+        with compiled_gemv.options(True):
+            on = step(x)
+        with compiled_gemv.options(False):
+            off = step(x)
+        assert ["packed_linear" in g for g in graphs] == [True, False]
+        torch.testing.assert_close(on, ref, rtol=0, atol=0)
+        torch.testing.assert_close(off, ref, rtol=0, atol=0)  # F.linear: bitwise within the limits
+        model[0].weight.mul_(2)
+        for layer in packed_layers(model):
+            layer.packed_weight()
+        with compiled_gemv.options(True):
+            changed = step(x)
+        assert len(graphs) == 2  # no retrace: the new packed copy is an input of the same graph
+        torch.testing.assert_close(changed, model(x), rtol=0, atol=0)
+        assert not torch.equal(changed, on)

@@ -1,7 +1,10 @@
 """Routed experts as grouped GEMMs against the loop over experts: one MoE layer, and one decode step.
 
 Run: `k2serve bench moe-grouped [--preset small] [--batch-sizes 1,8,32,64,128] [--dtype bfloat16]
-[--rounds 30] [--step-rounds 6] [--no-step]`.
+[--rounds 30] [--step-rounds 6] [--no-step] [--static]`.
+
+--static: the captured decode step's routed experts instead (`bench_static`): gathered GEMVs
+(model/compiled_gemv.py) against the grouped GEMM, both compiled by Inductor.
 
 MoE layer: one `MoE` of the preset's shape (router, 64 routed experts, shared expert; random weights),
 x [B, D] random, so B tokens x top-k rows reach the routed experts; both paths (`RoutedExperts.run_grouped`
@@ -93,6 +96,36 @@ def bench_layer(config: ModelConfig, dtype: torch.dtype, batches: Sequence[int],
     return out
 
 
+def bench_static(config: ModelConfig, dtype: torch.dtype, batches: Sequence[int], rounds: int) -> list[dict]:
+    """The captured step's static routed experts (`RoutedExperts.forward_static`), compiled by Inductor
+    twice: with the gathered expert GEMVs (`compiled_gemv.options(True)`, where B * k rows are within
+    GATHER_MAX_ROWS) and with the grouped GEMM (off); same routing, paired rounds."""
+    from k2serve.model import compiled_gemv
+
+    experts = random_moe(config, dtype).experts
+    step = torch.compile(experts.forward_static, dynamic=False, fullgraph=True)
+    out = []
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, config.hidden_size).to(dtype)
+            weights, ids = random_moe(config, dtype).gate(x)
+
+            def run(
+                on: bool, x: torch.Tensor = x, w: torch.Tensor = weights, i: torch.Tensor = ids
+            ) -> object:
+                with compiled_gemv.options(on):
+                    return step(x, w, i)
+
+            gathered, grouped = functools.partial(run, True), functools.partial(run, False)
+            t = time_paired(gathered, grouped, 3)  # compiles both, then warm-up
+            t = time_paired(gathered, grouped, rounds)
+            out.append(
+                {"batch": b, "gathered_ms": t["grouped_ms"], "grouped_ms": t["loop_ms"]}
+                | {"gathered_over_grouped": t["grouped_over_loop"]}
+            )
+    return out
+
+
 def bench_step(
     root: Path, preset: str, dtype: torch.dtype, batches: Sequence[int], rounds: int
 ) -> list[dict]:
@@ -132,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-rounds", type=int, default=6, help="paired rounds per batch size, decode step")
     ap.add_argument("--no-step", action="store_true", help="time the MoE layer only")
     ap.add_argument(
+        "--static",
+        action="store_true",
+        help="instead: the captured step's static experts compiled, gathered GEMVs vs grouped GEMM",
+    )
+    ap.add_argument(
         "--root",
         default=str(Path(tempfile.gettempdir()) / "k2serve-bench"),
         help="where the random checkpoint is kept",
@@ -146,6 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         f"E={config.n_routed_experts} top-{config.num_experts_per_tok}, {args.dtype}, "
         f"threads={torch.get_num_threads()}, GROUPED_MIN_ROWS in use: {moe_mod.GROUPED_MIN_ROWS}"
     )
+    if args.static:
+        static = bench_static(config, dtype, batches, args.rounds)
+        print(f"static experts compiled, {args.rounds} paired rounds")
+        print(f"{'batch':>6} {'rows':>6} {'grouped ms':>11} {'gathered ms':>12} {'gathered/grouped':>17}")
+        for r in static:
+            rows = r["batch"] * config.num_experts_per_tok
+            print(
+                f"{r['batch']:6d} {rows:6d} {r['grouped_ms']:11.2f} {r['gathered_ms']:12.2f} "
+                f"{r['gathered_over_grouped']:17.2f}"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps({"static": static}, indent=1))
+        return 0
     results: dict[str, Any] = {"layer": bench_layer(config, dtype, batches, args.rounds)}
     print(f"MoE layer, {args.rounds} paired rounds")
     print(f"{'batch':>6} {'rows':>6} {'loop ms':>9} {'grouped ms':>11} {'grouped/loop':>13}")

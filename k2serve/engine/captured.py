@@ -11,9 +11,10 @@ data-dependent Python: static inputs are token ids [B], positions [B], KV slots 
 - attention (`StaticDecodeAttention`): writes the new latent at the rows' slots, gathers each row's
   keys by its padded block table ([B, NB * block_size] keys) and attends absorbed over the latent,
   masking keys past the row's position (a padded block's keys sit past every real position);
-- routed experts (`RoutedExperts.forward_static`): top-k routing, then one grouped GEMM over the
-  rows sorted by expert with device-side offsets (no `.tolist()`), or a dense loop over the static
-  expert count where torch's grouped GEMM does not apply;
+- routed experts (`RoutedExperts.forward_static`): top-k routing, then on CPU at few (token, expert)
+  rows per-row GEMVs over the weights indexed by the ids (model/compiled_gemv.py), else one grouped
+  GEMM over the rows sorted by expert with device-side offsets (no `.tolist()`), or a dense loop over
+  the static expert count where torch's grouped GEMM does not apply;
 - the logits of all B rows; sampling stays outside (it is per-request Python: penalties, grammars,
   generators), on the first n rows.
 
@@ -22,7 +23,8 @@ block table = that scratch block; they write only there and attend only to it, a
 reads it, so they never change real rows' outputs.
 
 On CPU each bucket's forward is compiled by torch.compile (Inductor, `dynamic=False`, full graph) on
-first use, logged with its compile time; Inductor's FX-graph and AOT caches (TORCHINDUCTOR_CACHE_DIR,
+first use, logged with its compile time, with the small-batch kernels of model/compiled_gemv.py
+(prepacked bf16 linears, gathered expert GEMVs; `gemv`, on by default); Inductor's FX-graph and AOT caches (TORCHINDUCTOR_CACHE_DIR,
 by default ~/.cache/k2serve/inductor) make a restart's compiles faster. On CUDA the same static
 buffers are captured into a `torch.cuda.CUDAGraph` per bucket and replayed. All padding and
 static-buffer code is shared, so the CPU tests exercise everything but the capture call itself.
@@ -42,6 +44,8 @@ from typing import Any
 import torch
 
 from k2serve.kvcache.pool import KVCachePool
+from k2serve.model import compiled_gemv
+from k2serve.model.cpu_linear import PrepackedLinear, packed_layers
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
 from k2serve.model.moe import MoE, RoutedExperts
@@ -219,10 +223,13 @@ class CapturedDecode:
         max_num_seqs: int,
         max_blocks_per_seq: int,
         compile: bool = True,
+        gemv: bool | None = None,
     ) -> None:
         """`pad_slot`: the scratch slot padding rows write (its block is never a sequence's).
         `compile`: False runs the CPU buckets' static forward eagerly (the tests' way to check the
-        padding and static inputs without paying for Inductor); CUDA always captures."""
+        padding and static inputs without paying for Inductor); CUDA always captures.
+        `gemv`: the CPU step's small-batch kernels (model/compiled_gemv.py: prepacked bf16 linears and
+        gathered expert GEMVs) on or off; None: on unless K2SERVE_DECODE_GEMV=0."""
         self.model = model
         self.pool = pool
         self.pad_slot = pad_slot
@@ -231,6 +238,8 @@ class CapturedDecode:
         self.device = pool.kv.device
         self.buckets: dict[tuple[int, int], Bucket] = {}
         self.steps = 0  # steps served captured (tests and metrics read it)
+        self.gemv = (compiled_gemv.DEFAULT_ON if gemv is None else gemv) and self.device.type == "cpu"
+        self._packed: list[PrepackedLinear] = []  # the packed linears a compiled step reads
         if self.device.type == "cpu":
             use_inductor_cache()
             # one compiled graph per bucket: more than dynamo's default 8 recompiles of the same code
@@ -275,9 +284,16 @@ class CapturedDecode:
             run = self._capture_cuda(inputs)
         else:
             torch._dynamo.mark_dynamic(inputs.block_tables, 1)  # noqa: SLF001
+            if self.gemv:  # one eager step packs the linears it runs (packing is not traced)
+                with compiled_gemv.options(True):
+                    self._forward(inputs)
+                self._packed = packed_layers(self.model)
 
             def run() -> torch.Tensor:
-                return self._compiled(inputs)
+                for layer in self._packed:  # repacks a weight changed in place (a version check)
+                    layer.packed_weight()
+                with compiled_gemv.options(self.gemv):
+                    return self._compiled(inputs)
 
             # compiles this batch bucket's graph (on its first blocks bucket); without dynamo's
             # automatic dynamic shapes, which would make the batch dimension symbolic on the 2nd bucket

@@ -14,9 +14,10 @@ module, parameters and state dict; only `forward` differs). The packed copy is m
 weight directly, costs nothing) and remade whenever the weight changes in place. It is held beside
 the dense weight, which the state dict, weight absorption and tied embeddings keep reading: a packed
 layer holds its weight twice. fp32 models keep `F.linear` (MKL's sgemv is already the faster path
-there, and the parity tests run in fp32), as do inputs of another dtype or device, autograd, and
-torch.compile tracing (Inductor prepacks the plain weight itself under freezing), so the switch
-composes with a captured step.
+there, and the parity tests run in fp32), as do inputs of another dtype or device and autograd. Traced
+by torch.compile, a layer keeps F.linear unless the captured step asked for the packed kernel
+(model/compiled_gemv.py, on by default there), which it then calls as an opaque op on the copy packed
+beforehand by an eager call (`packed_layers`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from k2serve.model import compiled_gemv
 
 # K2SERVE_CPU_PREPACK=0, read at import, keeps every linear layer on F.linear (the path before this one).
 ENABLED = os.environ.get("K2SERVE_CPU_PREPACK", "1") != "0"
@@ -77,9 +80,9 @@ class PrepackedLinear(nn.Linear):
             self.packed_version = version
         return self.packed
 
-    def uses_packed(self, x: torch.Tensor) -> bool:
-        """Whether `forward(x)` takes the prepacked path: bf16 input and weight on the CPU, at most
-        PREPACK_MAX_ROWS rows, no autograd, not being traced by torch.compile."""
+    def packable(self, x: torch.Tensor) -> bool:
+        """Whether the packed kernel applies to `x`: bf16 input and weight on the CPU, at most
+        PREPACK_MAX_ROWS rows, no autograd."""
         w = self.weight
         return (
             x.dtype == torch.bfloat16
@@ -88,16 +91,36 @@ class PrepackedLinear(nn.Linear):
             and x.device.type == "cpu"
             and w.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not torch.compiler.is_compiling()
         )
+
+    def uses_packed(self, x: torch.Tensor) -> bool:
+        """Whether `forward(x)` takes the prepacked path: `packable(x)`, and either eager or traced by
+        torch.compile for a captured step that asked for it (`compiled_gemv.options`) with the weight
+        already packed (by an eager call: packing is not traced into the graph)."""
+        if not self.packable(x):
+            return False
+        if torch.compiler.is_compiling():
+            return compiled_gemv.packed_on() and self.packed is not None
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_packed(x):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
         bias = None if self.bias is None else self.bias.detach()
-        y = _MKLDNN._linear_pointwise(flat, self.packed_weight(), bias, "none", [None], "")  # noqa: SLF001
+        if torch.compiler.is_compiling():
+            assert self.packed is not None  # uses_packed checked it
+            y = compiled_gemv.packed_linear(flat, self.packed, bias, self.out_features)
+        else:
+            y = _MKLDNN._linear_pointwise(flat, self.packed_weight(), bias, "none", [None], "")  # noqa: SLF001
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def packed_layers(model: nn.Module) -> list[PrepackedLinear]:
+    """The `PrepackedLinear` layers of `model` that hold a packed copy (ran the packed path eagerly).
+    A compiled step reads those copies as they are: calling `packed_weight()` on each before a step
+    repacks the ones whose weight changed in place since."""
+    return [m for m in model.modules() if isinstance(m, PrepackedLinear) and m.packed is not None]
 
 
 def prepack_linears(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2serve.config import ModelConfig
+from k2serve.model import compiled_gemv
 from k2serve.model.layers import DenseMLP
 from k2serve.model.quant import (
     Int4CpuTiles,
@@ -340,6 +341,9 @@ class RoutedExperts(nn.Module):
     def forward_static(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """`forward` with every shape fixed by x's (the captured decode step, engine/captured.py): dense
         experts, all of them held here. Which way is fixed by the shapes too:
+        - on the CPU, at most `compiled_gemv.gather_rows(dtype)` (token, expert) rows, when the captured
+          step turned it on: per-row GEMVs as reductions over the weights indexed by the ids
+          (`compiled_gemv.gathered_experts`; compiled, one loop streams the k routed experts);
         - torch's `_grouped_mm` on the CPU (any dtype, through `grouped_mm_op`) or bf16 CUDA: the
           T * k (token, expert) rows sorted by expert, one grouped GEMM per weight, offsets computed
           on the device (no host sync);
@@ -350,6 +354,8 @@ class RoutedExperts(nn.Module):
         if self.int4_group_size is not None or self.num_local != self.n_global:
             raise ValueError("forward_static needs dense experts, all of them held by this process")
         t, k = ids.shape
+        if x.device.type == "cpu" and t * k <= compiled_gemv.gather_rows(x.dtype):
+            return compiled_gemv.gathered_experts(x, weights, ids, self.w13, self.w2)
         flat = ids.flatten()  # [T * k] global = local ids
         if _grouped_mm is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
             order = torch.argsort(flat, stable=True)

@@ -1,0 +1,102 @@
+"""Small-batch (GEMV-shaped) kernels for the compiled decode step on CPU (issue 16 item 2).
+
+Inside the captured decode step (engine/captured.py, `--compile decode`) Inductor lowers every linear
+layer to an extern `mm` on the plain weight and the routed experts to torch's CPU `_grouped_mm`, which
+at a batch of one runs one `mm` per expert group, empty groups included (128 calls per MoE layer on
+`small` for its 8 routed experts). Two replacements, both measured with paired rounds (BENCHMARKS.md,
+"GEMV kernels inside the captured step"):
+
+- **prepacked linears** (bf16): the eager step's `PrepackedLinear` layers (model/cpu_linear.py: oneDNN
+  on a weight reordered once, F.linear's outputs bit for bit up to its row and input limits) keep their
+  packed kernel inside the compiled graph, as the opaque op `k2serve::packed_linear` (Inductor's own
+  lowering of `mkldnn._linear_pointwise` accepts only weights frozen into constants);
+- **gathered expert GEMVs**: at T tokens with T * k <= `GATHER_MAX_ROWS[dtype]` (token, expert) rows,
+  `gathered_experts` computes each row's SwiGLU as a reduction `(w[ids] * x).sum(-1)` in fp32 that
+  Inductor turns into one vectorised loop reading the k routed experts' weights through the ids (no
+  gathered copy, no per-expert dispatch).
+
+Both are trace-time choices: `options(...)` sets them around a compiled call, and dynamo guards on the
+module globals read here, so two captured steps with different choices (the bench's A/B) keep
+separate graphs. `K2SERVE_DECODE_GEMV=0`, read at import, makes "off" the default (the step as before).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_ON = os.environ.get("K2SERVE_DECODE_GEMV", "1") != "0"
+
+# (token, expert) rows up to which `RoutedExperts.forward_static` on the CPU runs the gathered GEMVs
+# instead of the grouped GEMM, per compute dtype. `k2serve bench moe-grouped --static` (one `small` MoE
+# layer's experts, E=64, k=8, D=1024, I=256, compiled both ways, 1 thread, 20 paired rounds, loaded
+# host; BENCHMARKS.md): gathered / grouped time bf16 0.36 at B=1 (8 rows), 0.74 at 2, 0.81 at 4, 1.12
+# at 8 (64 rows: each row reads its expert, an expert two tokens share is read twice); fp32 0.33 at
+# B=1, 1.00-1.05 from B=2. So bf16 up to 32 rows, fp32 up to 8.
+GATHER_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 32, torch.float32: 8}
+
+_on = False  # a module global on purpose: dynamo guards on the value a traced forward read
+
+
+@contextmanager
+def options(on: bool) -> Iterator[None]:
+    """Turn both kernels on (or off) for the forward traced or run inside the block."""
+    global _on  # noqa: PLW0603 (see _on)
+    saved, _on = _on, on
+    try:
+        yield
+    finally:
+        _on = saved
+
+
+def packed_on() -> bool:
+    """Whether a traced `PrepackedLinear` keeps its packed kernel (read at trace time, guarded)."""
+    return _on
+
+
+def gather_rows(dtype: torch.dtype) -> int:
+    """The most (token, expert) rows the gathered expert GEMVs take in `dtype` (0: off)."""
+    return GATHER_MAX_ROWS.get(dtype, 0) if _on else 0
+
+
+@torch.library.custom_op("k2serve::packed_linear", mutates_args=())
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """x [N, in] @ W.T (+ bias) through oneDNN on W packed by `mkldnn._reorder_linear_weight`: the eager
+    `PrepackedLinear` kernel as an op Inductor calls as it is."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")  # noqa: SLF001
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def gathered_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """The routed experts' weighted SwiGLU sum for x [T, D] (routing weights fp32 / ids [T, k], local =
+    global), with w13 [E, 2I, D] and w2 [E, D, I], as per-(token, expert) GEMVs written as fp32
+    reductions over the indexed weights. Each GEMV's output is rounded to x's dtype as F.linear's would
+    be. Eager, `w13[ids]` is a gathered copy (slow; the tests run it so); compiled, Inductor reads the
+    weights through the ids inside one loop. -> [T, D]."""
+    t, k = ids.shape
+    inter = w2.shape[-1]
+    flat = ids.flatten()
+    rows = x.repeat_interleave(k, dim=0).float().unsqueeze(1)  # [T * k, 1, D]
+    h = (w13[flat].float() * rows).sum(-1).to(x.dtype)  # [T * k, 2I]
+    gate, up = h.split(inter, dim=-1)
+    act = (F.silu(gate) * up).float().unsqueeze(1)  # [T * k, 1, I]
+    y = (w2[flat].float() * act).sum(-1).to(x.dtype)  # [T * k, D]
+    return (y.view(t, k, -1) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
