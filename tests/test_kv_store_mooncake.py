@@ -289,6 +289,37 @@ def test_bad_store_entry_means_recompute(
 
 
 @needs_mooncake
+def test_store_puts_and_misses_are_published_for_the_router(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """What a worker tells the router's index of the store (SharedTiers.drain_store_events): A's
+    successful puts of a prompt's blocks (and its snapshot, stored_hashes); B's lookup of a block the
+    store lost is a miss, and the block B recomputes and puts again ends as a put; the id and capacity
+    every worker of the store shares."""
+    a = store_engine(tiny_ckpt, master)
+    b = store_engine(tiny_ckpt, master)
+    assert shared(a).store_id == shared(b).store_id == f"mooncake://{master.address}/{shared(a).prefix[5:-1]}"
+    assert shared(a).capacity_blocks == (32 << 20) // (a.pool.bytes_per_block + 32)  # 32-byte frame header
+    assert generate(a, "a", prompt(50)) == reference[50]
+    assert shared(a).flush()
+    hashes = chain_hashes(prompt(50), BS)[: PREFIX_TOKENS // BS]
+    puts, misses = shared(a).drain_store_events()
+    assert puts[: len(hashes)] == hashes and misses == []  # the prompt's full blocks, in order
+    assert shared(a).stored_hashes()[: len(hashes)] == hashes
+    assert shared(a).drain_store_events() == ([], [])  # drained
+    assert shared(a).store._store.remove(shared(a).key(hashes[2]), True) == 0  # the store lost block 2
+    assert generate(b, "b", prompt(50)) == reference[50]
+    assert shared(b).stats.hit_tokens[STORE_TIER] == 2 * BS
+    assert shared(b).flush()
+    puts, misses = shared(b).drain_store_events()
+    assert hashes[2] in puts and hashes[2] not in misses  # missed, then recomputed and put again
+    assert not set(hashes[:2]) & set(puts)  # fetched, not put again
+    b.blocks.check_invariants([])
+    for e in (a, b):
+        shared(e).close()
+
+
+@needs_mooncake
 def test_master_down_means_recompute_and_the_engine_stays_up(
     tiny_ckpt: Path, reference: dict[int, list[int]]
 ) -> None:
