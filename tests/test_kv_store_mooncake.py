@@ -494,7 +494,7 @@ def test_two_prefill_workers_share_blocks_through_the_store(
     from conftest import local_cluster_spec
     from test_kv_cluster import _metric
 
-    from k2serve.cluster.local import LocalCluster
+    from k2serve.cluster.local import LocalCluster, registered_workers
     from k2serve.engine.kv_tiers import store_namespace
     from k2serve.kvcache.shared_tier import KEY_PREFIX
 
@@ -518,6 +518,12 @@ def test_two_prefill_workers_share_blocks_through_the_store(
         m = cluster.mooncake
         store = MooncakeStore(MooncakeSettings(m.address, m.metadata_url, 16 << 20, 16 << 20))
 
+        def prefill_workers() -> list[dict[str, Any]]:
+            return [w for w in registered_workers(cluster.http_url, None) if w["role"] == "prefill"]
+
+        stores = {w["kv_store"] for w in prefill_workers()}
+        assert len(stores) == 1 and stores.pop().startswith(f"mooncake://{m.address}/")
+
         def prefill_metric(name: str) -> list[float]:
             urls = [w["metrics_url"] for w in cluster.workers() if w["role"] == "prefill"]
             return sorted(_metric(httpx.get(u, timeout=10).text, name, tier=STORE_TIER) for u in urls)
@@ -534,6 +540,12 @@ def test_two_prefill_workers_share_blocks_through_the_store(
                 while i == 0 and not store.exists(last_key):
                     assert time.monotonic() < deadline, (
                         "the first prefill worker's blocks are not in the store"
+                    )
+                    time.sleep(0.1)
+                # ... and the router's index of the store has them, for both workers of the store
+                while i == 0 and min(w["kv_store_index_blocks"] for w in prefill_workers()) < 4:
+                    assert time.monotonic() < deadline, (
+                        f"the router's index misses the puts: {prefill_workers()}"
                     )
                     time.sleep(0.1)
         store.close()
