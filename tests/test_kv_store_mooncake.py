@@ -288,6 +288,60 @@ def test_bad_store_entry_means_recompute(
         shared(e).close()
 
 
+class _DictStore:
+    """A BlockStore in a dict, puts done at once (no Mooncake): for SharedTiers' own bookkeeping."""
+
+    errors = 0
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def exists(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: bytes, done: Any = None) -> bool:
+        self.data[key] = value
+        if done is not None:
+            done(0.0)
+        return True
+
+    def remove(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_store_events_keep_each_hash_latest_event_and_stay_bounded() -> None:
+    """SharedTiers' events for the router without a real store: a put, a lookup that misses, a miss then
+    a put of the same hash (recomputed: ends as a put), a put then a miss (evicted: ends as a miss); the
+    snapshot forgets a missed hash; at most max_store_events are kept between drains."""
+    from k2serve.kvcache.pool import KVCachePool
+    from k2serve.kvcache.tiers import KVTiers
+
+    pool = KVCachePool(num_layers=2, num_blocks=6, block_size=4, kv_dim=5, dtype=torch.float32)
+    store = _DictStore()
+    tiers = SharedTiers(KVTiers(pool), store, "ns", miss_ttl_s=0.0, max_store_events=5)
+    assert tiers.store_id == "k2kv/ns/" and tiers.capacity_blocks == 0  # defaults
+    tiers.computed(1, 0)  # put on compute
+    assert not tiers.contains(2)  # a lookup that misses
+    assert not tiers.contains(3)
+    tiers.computed(3, 1)  # then computed and put
+    tiers.computed(4, 2)
+    store.remove(tiers.key(4))  # the store dropped it: the next lookup misses
+    assert not tiers.contains(4)
+    assert tiers.drain_store_events() == ([3], [2, 4])  # bounded: block 1's put, the oldest of 6 events, went
+    assert tiers.stored_hashes() == [1, 3]  # 4 went with its miss
+    assert tiers.drain_store_events() == ([], [])
+    assert tiers.contains(1) and tiers.drain_store_events() == ([], [])  # a hit publishes nothing
+
+
 @needs_mooncake
 def test_store_puts_and_misses_are_published_for_the_router(
     tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
