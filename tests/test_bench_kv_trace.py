@@ -7,7 +7,14 @@ import pytest
 
 from k2serve.bench.kv_history import report as history_report
 from k2serve.bench.kv_history import reuse
-from k2serve.bench.kv_trace import PolicyResult, prefill_decisions, summarize, windows
+from k2serve.bench.kv_trace import (
+    PolicyResult,
+    distinct_blocks,
+    prefill_decisions,
+    report,
+    summarize,
+    windows,
+)
 from k2serve.loadgen.dataset import BenchRequest
 from k2serve.loadgen.record import RequestRecord
 from k2serve.loadgen.stats import SLO
@@ -43,6 +50,35 @@ def test_summarize_compares_hits_with_the_ideal_caches_over_completed_requests()
     # per window (request index ranges): window 0 = request 0 (best 0: no figure), window 1 = 1 and 2
     windowed = PolicyResult("kv", records, capacity_blocks=1, wall_s=2.0, windows=[(0, 1), (1, 3)])
     assert summarize(windowed, blocks, 4, SLO(150.0, None))["of_best_lru_by_window"] == [2.0]
+
+
+def test_with_a_store_the_best_is_one_lru_of_the_pools_and_the_store() -> None:
+    """A cluster with a shared store: "best total" is one LRU of the pools' blocks plus the store's
+    (here 1 + 1 = 2 blocks: request 1 hits both of request 0's), the device-only best (the pools alone,
+    1 block) stays beside it; the hits by tier and the report's row carry through."""
+    blocks = [[(1, 4), (2, 4), (3, 1)]] * 2
+    records = [_record(0, 0, 0.1), _record(1, 8, 0.2)]
+    result = PolicyResult(
+        "kv",
+        records,
+        capacity_blocks=1,
+        wall_s=2.0,
+        kv_store="mooncake",
+        store_capacity_blocks=1,
+        tier_hits={"device": 4, "mooncake": 4},
+    )
+    out = summarize(result, blocks, 4, SLO(150.0, None))
+    assert (out["best_total_tokens"], out["best_lru_tokens"], out["best_unbounded_tokens"]) == (8, 4, 8)
+    assert out["of_best_total"] == 1.0 and out["of_best_lru"] == 2.0
+    assert out["tier_hit_tokens"] == {"device": 4, "mooncake": 4} and out["kv_store"] == "mooncake"
+    without = summarize(
+        PolicyResult("kv", records, capacity_blocks=1, wall_s=2.0), blocks, 4, SLO(150.0, None)
+    )
+    assert without["best_total_tokens"] == without["best_lru_tokens"] == 4  # no store: the same best
+    line = report([{"prefill": 2, **out}])[1]
+    assert line.split()[:8] == ["2", "kv", "mooncake", "8", "8", "(", "2)", "100.0%"]
+    assert "hits by tier {'device': 4, 'mooncake': 4}" in line
+    assert distinct_blocks(blocks, 4) == 2
 
 
 def test_history_reuse_counts_later_successful_turns() -> None:

@@ -383,6 +383,118 @@ def test_new_conversation_goes_where_it_evicts_the_coldest_blocks() -> None:
     assert (c.worker.worker_id, c.reason) == ("e", "cache_balance")
 
 
+# ---- the shared store in the index and the decision -----------------------------------------------
+def test_index_places_store_blocks_for_every_worker_of_the_store() -> None:
+    """A block put into a shared store (by any of its workers) counts, as tier "shared", for every worker
+    that reaches that store, after the tiers a worker holds it in itself; not for other stores' workers
+    or workers without one. Misses forget entries, the store's capacity bounds them (LRU of puts), and
+    they go with the store's last worker."""
+    idx = KVIndex(max_blocks=100)
+    h = [11, 12, 13, 14]
+    idx.join_store("a", "s", 2)
+    idx.join_store("b", "s", 3, [h[1]])  # b's snapshot: it put block 1 before
+    idx.join_store("c", "t", 5)
+    idx.join_store("d", "", 5)  # no store: nothing
+    assert (idx.store_of("a"), idx.store_of("c"), idx.store_of("d")) == ("s", "t", None)
+    assert idx.store_capacity("s") == 5 and idx.store_blocks("s") == 1
+    idx.apply("a", [h[0], h[3]], [False, False])  # a holds blocks 0 and 3 on its device
+    idx.store_put("s", [h[0], h[2]])  # puts of blocks 0 and 2 (whoever made them)
+    assert idx.cached_tiers(h, ["a", "b", "c", "d"]) == {
+        "a": ["device", "shared", "shared", "device"],  # its own tier first; the store fills the gaps
+        "b": ["shared", "shared", "shared"],  # block 3 is nowhere it can fetch
+        "c": [],  # another store
+        "d": [],
+    }
+    assert idx.cached_blocks(h, ["a", "b"]) == {"a": 4, "b": 3}
+    idx.store_missing("s", [h[1]])  # a lookup found block 1 gone from the store
+    assert idx.cached_tiers(h, ["a", "b"]) == {"a": ["device"], "b": ["shared"]}
+    idx.store_missing("t", [h[0]])  # another store's miss leaves this one alone
+    assert idx.in_store("s", h[0]) and not idx.in_store("t", h[0])
+    idx.store_put("s", [1, 2, 3, 4, 5, h[0]])  # capacity 5: the least recently put go
+    assert idx.store_blocks("s") == 5 and not idx.in_store("s", h[2]) and idx.in_store("s", h[0])
+    idx.drop("b")  # capacity 2 now
+    assert idx.store_capacity("s") == 2 and idx.store_blocks("s") == 2
+    assert idx.in_store("s", 5) and idx.in_store("s", h[0])
+    idx.drop("a")  # the store's last worker: its entries go, and puts to it are ignored
+    idx.store_put("s", [7])
+    assert idx.store_blocks("s") == 0 and not idx.in_store("s", 7)
+    idx.join_store("e", "u", 0)  # no capacity given: bounded by the index's max_blocks
+    assert idx.store_capacity("u") == 100
+
+
+def test_registry_feeds_the_store_index_and_a_restarted_router_relearns_it() -> None:
+    async def run() -> None:
+        ctx: Any = _Context()
+        table = WorkerTable(5.0, grpc.aio.insecure_channel)
+        reg = RegistryServicer(table)
+        p0, p1 = _info("p0", []), _info("p1", [])
+        for info in (p0, p1):
+            info.kv_store, info.kv_store_capacity_blocks = "mooncake://m/ns", 8
+        p0.kv_store_hashes.extend([21, 22])
+        await reg.Register(p0, ctx)
+        await reg.Register(p1, ctx)
+        idx = table.kv_index
+        assert idx.cached_blocks([21, 22, 23], ["p0", "p1"]) == {"p0": 2, "p1": 2}
+        beat = _beat("p1", [], [])
+        beat.kv_events.store_puts.extend([23])
+        beat.kv_events.store_misses.extend([21])
+        await reg.Heartbeat(beat, ctx)
+        assert idx.cached_blocks([22, 23], ["p0", "p1"]) == {"p0": 2, "p1": 2}
+        assert idx.cached_blocks([21, 22], ["p0", "p1"]) == {"p0": 0, "p1": 0}  # 21 is gone
+        assert idx.store_capacity("mooncake://m/ns") == 16
+
+        restarted = WorkerTable(5.0, grpc.aio.insecure_channel)
+        reg2 = RegistryServicer(restarted)
+        await reg2.Register(p0, ctx)  # its snapshot names what it put
+        await reg2.Register(_info("p2", []), ctx)  # no store
+        assert restarted.kv_index.cached_blocks([21, 22], ["p0", "p2"]) == {"p0": 2, "p2": 0}
+
+    asyncio.run(run())
+
+
+def _store_worker(worker_id: str, queued: int = 0, store: str = "s") -> Worker:
+    w = _full_worker(worker_id, 100, queued)
+    w.info.kv_store = store
+    return w
+
+
+def test_store_blocks_count_as_fetched_for_every_worker_of_the_store() -> None:
+    """KVAware: blocks in the shared store are cached for every worker of the store at the cost of a
+    fetch (the worker's measured store reload speed, else reload_cost["shared"] of recomputing); a busy
+    holder's conversation goes to an idle worker that fetches it; an idle holder keeps it; a prompt only
+    the store holds is balanced like a new conversation (no worker holds more of it itself)."""
+    prompt = list(range(100, 141))  # 41 tokens: 10 cacheable blocks
+    hashes = chain_hashes(prompt[:40], BS)
+    idx = KVIndex()
+    policy = KVAware(idx)
+    a, b, c = _store_worker("a", queued=60), _store_worker("b"), _store_worker("c", store="")
+    for w in (a, b):
+        idx.join_store(w.worker_id, "s", 100)
+    idx.apply("a", hashes, [False] * 10)  # a computed it (device) and put it
+    idx.store_put("s", hashes)
+    # a: (60 + 1) / 1000 = 61 ms; b: 1 ms + fetching 40 tokens at 0.3 of 1000 tokens/s = 13 ms; c: 41 ms
+    ch = policy.choose([a, b, c], "prefill", prompt=PromptBlocks(prompt))
+    assert (ch.worker.worker_id, ch.reason, ch.cached_tokens) == ("b", "prefix_hit", 40)
+    assert ch.predicted_ttft_s == pytest.approx(0.001 + 40 * 0.3 / 1000)
+    b.load.reload_tokens_per_s["shared"] = 4000.0  # its measured store reload speed: 10 ms for 40 tokens
+    assert policy.choose([a, b, c], "prefill", prompt=PromptBlocks(prompt)).predicted_ttft_s == pytest.approx(
+        0.011
+    )
+    a.load.queued_prefill_tokens = 0  # an idle holder: its device copy beats fetching (not balanced away)
+    ch = policy.choose([a, b, c], "prefill", prompt=PromptBlocks(prompt))
+    assert (ch.worker.worker_id, ch.reason, ch.predicted_ttft_s) == ("a", "prefix_hit", pytest.approx(0.001))
+    # without the store entries b would be a miss: (0 + 41) / 1000
+    idx.store_missing("s", hashes[:1])
+    ch = policy.choose([b, c], "prefill", prompt=PromptBlocks(prompt))
+    assert (ch.cached_tokens, ch.predicted_ttft_s) == (0, pytest.approx(0.041))
+    # a prompt only the store holds: no worker holds more of it itself, so it is balanced (to the
+    # emptier b, which fetches it), whatever the store holds
+    other = list(range(300, 341))
+    idx.store_put("s", chain_hashes(other[:40], BS))
+    ch = policy.choose([a, b], "prefill", prompt=PromptBlocks(other))
+    assert (ch.worker.worker_id, ch.reason, ch.cached_tokens) == ("b", "cache_balance", 40)
+
+
 def test_prompt_blocks_leave_the_last_token_to_compute() -> None:
     """A worker always computes the prompt's last token (BlockManager.allocate), so an 8-token prompt of
     4-token blocks can hit one block, not two: the router predicts exactly what the worker will find."""
@@ -437,9 +549,11 @@ def test_publisher_snapshot_and_events_of_a_real_engine(tiny_ckpt: Path) -> None
         await generate("before", first)  # computed before the publisher: must come with the snapshot
         pub = KVEventPublisher(engine)
         idx = KVIndex()
-        held = await pub.snapshot()
-        assert {t for _, t in held} == {"device"}
-        idx.replace("p", [h for h, _ in held], [t for _, t in held])
+        info = registry_pb2.WorkerInfo()
+        await pub.snapshot(info)
+        assert info.publishes_kv_events and not info.kv_store  # no shared store
+        assert set(info.kv_block_tiers) == {registry_pb2.KV_TIER_DEVICE}
+        idx.replace("p", info.kv_block_hashes, [tier_name(t) for t in info.kv_block_tiers])
         await generate("after", second)
         events = pub.events()
         assert events is not None

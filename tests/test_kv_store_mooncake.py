@@ -288,6 +288,91 @@ def test_bad_store_entry_means_recompute(
         shared(e).close()
 
 
+class _DictStore:
+    """A BlockStore in a dict, puts done at once (no Mooncake): for SharedTiers' own bookkeeping."""
+
+    errors = 0
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def exists(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: bytes, done: Any = None) -> bool:
+        self.data[key] = value
+        if done is not None:
+            done(0.0)
+        return True
+
+    def remove(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_store_events_keep_each_hash_latest_event_and_stay_bounded() -> None:
+    """SharedTiers' events for the router without a real store: a put, a lookup that misses, a miss then
+    a put of the same hash (recomputed: ends as a put), a put then a miss (evicted: ends as a miss); the
+    snapshot forgets a missed hash; at most max_store_events are kept between drains."""
+    from k2serve.kvcache.pool import KVCachePool
+    from k2serve.kvcache.tiers import KVTiers
+
+    pool = KVCachePool(num_layers=2, num_blocks=6, block_size=4, kv_dim=5, dtype=torch.float32)
+    store = _DictStore()
+    tiers = SharedTiers(KVTiers(pool), store, "ns", miss_ttl_s=0.0, max_store_events=5)
+    assert tiers.store_id == "k2kv/ns/" and tiers.capacity_blocks == 0  # defaults
+    tiers.computed(1, 0)  # put on compute
+    assert not tiers.contains(2)  # a lookup that misses
+    assert not tiers.contains(3)
+    tiers.computed(3, 1)  # then computed and put
+    tiers.computed(4, 2)
+    store.remove(tiers.key(4))  # the store dropped it: the next lookup misses
+    assert not tiers.contains(4)
+    assert tiers.drain_store_events() == ([3], [2, 4])  # bounded: block 1's put, the oldest of 6 events, went
+    assert tiers.stored_hashes() == [1, 3]  # 4 went with its miss
+    assert tiers.drain_store_events() == ([], [])
+    assert tiers.contains(1) and tiers.drain_store_events() == ([], [])  # a hit publishes nothing
+
+
+@needs_mooncake
+def test_store_puts_and_misses_are_published_for_the_router(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """What a worker tells the router's index of the store (SharedTiers.drain_store_events): A's
+    successful puts of a prompt's blocks (and its snapshot, stored_hashes); B's lookup of a block the
+    store lost is a miss, and the block B recomputes and puts again ends as a put; the id and capacity
+    every worker of the store shares."""
+    a = store_engine(tiny_ckpt, master)
+    b = store_engine(tiny_ckpt, master)
+    assert shared(a).store_id == shared(b).store_id == f"mooncake://{master.address}/{shared(a).prefix[5:-1]}"
+    assert shared(a).capacity_blocks == (32 << 20) // (a.pool.bytes_per_block + 32)  # 32-byte frame header
+    assert generate(a, "a", prompt(50)) == reference[50]
+    assert shared(a).flush()
+    hashes = chain_hashes(prompt(50), BS)[: PREFIX_TOKENS // BS]
+    puts, misses = shared(a).drain_store_events()
+    assert puts[: len(hashes)] == hashes and misses == []  # the prompt's full blocks, in order
+    assert shared(a).stored_hashes()[: len(hashes)] == hashes
+    assert shared(a).drain_store_events() == ([], [])  # drained
+    assert shared(a).store._store.remove(shared(a).key(hashes[2]), True) == 0  # the store lost block 2
+    assert generate(b, "b", prompt(50)) == reference[50]
+    assert shared(b).stats.hit_tokens[STORE_TIER] == 2 * BS
+    assert shared(b).flush()
+    puts, misses = shared(b).drain_store_events()
+    assert hashes[2] in puts and hashes[2] not in misses  # missed, then recomputed and put again
+    assert not set(hashes[:2]) & set(puts)  # fetched, not put again
+    b.blocks.check_invariants([])
+    for e in (a, b):
+        shared(e).close()
+
+
 @needs_mooncake
 def test_master_down_means_recompute_and_the_engine_stays_up(
     tiny_ckpt: Path, reference: dict[int, list[int]]
@@ -463,7 +548,7 @@ def test_two_prefill_workers_share_blocks_through_the_store(
     from conftest import local_cluster_spec
     from test_kv_cluster import _metric
 
-    from k2serve.cluster.local import LocalCluster
+    from k2serve.cluster.local import LocalCluster, registered_workers
     from k2serve.engine.kv_tiers import store_namespace
     from k2serve.kvcache.shared_tier import KEY_PREFIX
 
@@ -487,6 +572,12 @@ def test_two_prefill_workers_share_blocks_through_the_store(
         m = cluster.mooncake
         store = MooncakeStore(MooncakeSettings(m.address, m.metadata_url, 16 << 20, 16 << 20))
 
+        def prefill_workers() -> list[dict[str, Any]]:
+            return [w for w in registered_workers(cluster.http_url, None) if w["role"] == "prefill"]
+
+        stores = {w["kv_store"] for w in prefill_workers()}
+        assert len(stores) == 1 and stores.pop().startswith(f"mooncake://{m.address}/")
+
         def prefill_metric(name: str) -> list[float]:
             urls = [w["metrics_url"] for w in cluster.workers() if w["role"] == "prefill"]
             return sorted(_metric(httpx.get(u, timeout=10).text, name, tier=STORE_TIER) for u in urls)
@@ -503,6 +594,12 @@ def test_two_prefill_workers_share_blocks_through_the_store(
                 while i == 0 and not store.exists(last_key):
                     assert time.monotonic() < deadline, (
                         "the first prefill worker's blocks are not in the store"
+                    )
+                    time.sleep(0.1)
+                # ... and the router's index of the store has them, for both workers of the store
+                while i == 0 and min(w["kv_store_index_blocks"] for w in prefill_workers()) < 4:
+                    assert time.monotonic() < deadline, (
+                        f"the router's index misses the puts: {prefill_workers()}"
                     )
                     time.sleep(0.1)
         store.close()

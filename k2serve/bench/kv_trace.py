@@ -14,6 +14,16 @@ Reported per policy and prefill count: prefix-hit tokens (as the server reports 
 possible at the same total capacity (an ideal single LRU cache of all prefill workers' KV blocks
 together, `k2serve.loadgen.trace.ideal_cache_hits`) and against the unbounded cache; goodput (requests
 meeting `--slo-ttft-ms` and `--slo-tpot-ms`, per second and as a fraction); TTFT p50 / p99.
+
+`--kv-store none,mooncake` replays every policy also on a cluster whose prefill workers share a Mooncake
+Store (its own `mooncake_master`; each prefill worker gives it `--kv-store-segment-mb`, the decode worker
+none): hit tokens are then device + store hits, reported per tier from the prefill workers' metrics
+(`k2serve_kv_tier_hit_tokens_total`), and the best possible at the same total capacity is one LRU of
+the pools' blocks plus the store's (the framed blocks its segments hold by size, as the workers report
+them: `kv_store_capacity_blocks`), beside the device-only best (the pools alone) of the clusters without
+a store. The store's capacity by size is an upper bound of what it keeps: Mooncake allocates with
+overhead and refuses or evicts (not in LRU order) near full; the bench says how many blocks the trace
+sample has, which decides whether that matters.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from k2serve.loadgen.stats import SLO, percentiles
 from k2serve.loadgen.trace import (
     TraceEntry,
     TraceScaling,
+    cacheable_blocks,
     ideal_cache_hits,
     read_trace,
     sample_conversations,
@@ -56,9 +67,13 @@ from k2serve.router.policy import POLICIES as ROUTER_POLICIES
 POLICIES = ("kv", "least-loaded", "round-robin")  # compared by default (any of the router's may be named)
 
 
+STORES = ("none", "mooncake")  # --kv-store values: no shared tier, a Mooncake Store
+
+
 @dataclass(frozen=True)
 class PolicyResult:
-    """One policy's replay on one cluster: its records and the prefill workers' total KV blocks."""
+    """One policy's replay on one cluster: its records and the prefill workers' total KV blocks (and
+    their shared store's, 0 without one)."""
 
     policy: str
     records: list[RequestRecord]
@@ -66,6 +81,9 @@ class PolicyResult:
     wall_s: float
     decisions: dict[str, int] = field(default_factory=dict)  # the router's prefill decisions by reason
     windows: list[tuple[int, int]] = field(default_factory=list)  # request index ranges of the windows
+    kv_store: str = "none"
+    store_capacity_blocks: int = 0
+    tier_hits: dict[str, int] = field(default_factory=dict)  # prefill workers' hit tokens by tier
 
 
 @dataclass(frozen=True)
@@ -77,10 +95,26 @@ class _Spec(ClusterSpec):
 
     def worker_args(self, role: str, *args: Any, **kwargs: Any) -> list[str]:
         out = super().worker_args(role, *args, **kwargs)
-        return [*out, "--kv-cache-mb", str(self.decode_kv_cache_mb)] if role == "decode" else out
+        # the decode worker neither fetches prompts' blocks nor should fill the store with its own
+        return (
+            [*out, "--kv-cache-mb", str(self.decode_kv_cache_mb), "--kv-store", "none"]
+            if role == "decode"
+            else out
+        )
 
 
-def _spec(model: Path, args: argparse.Namespace, policy: str, prefill: int) -> ClusterSpec:
+def _spec(
+    model: Path, args: argparse.Namespace, policy: str, prefill: int, store: str = "none"
+) -> ClusterSpec:
+    engine_args: tuple[str, ...] = (
+        "--kv-cache-mb",
+        str(args.kv_cache_mb),
+        "--block-size",
+        str(args.block_size),
+    )
+    if store == "mooncake":
+        engine_args += ("--kv-store", "mooncake", "--kv-store-segment-mb", str(args.kv_store_segment_mb))
+        engine_args += ("--kv-store-local-hostname", "127.0.0.1")
     return _Spec(
         model_dir=str(model),
         port=0,
@@ -89,10 +123,11 @@ def _spec(model: Path, args: argparse.Namespace, policy: str, prefill: int) -> C
         num_decode=1,
         use_redis=False,
         dtype=args.dtype,
-        engine_args=("--kv-cache-mb", str(args.kv_cache_mb), "--block-size", str(args.block_size)),
+        engine_args=engine_args,
         router_args=("--routing-policy", policy),
-        workdir=tempfile.mkdtemp(prefix=f"k2serve-bench-kv-trace-{policy}-{prefill}-"),
+        workdir=tempfile.mkdtemp(prefix=f"k2serve-bench-kv-trace-{policy}-{store}-{prefill}-"),
         decode_kv_cache_mb=args.decode_kv_cache_mb,
+        mooncake_master=store == "mooncake",
     )
 
 
@@ -145,33 +180,72 @@ async def _replay(
 
 def prefill_capacity_blocks(cluster: LocalCluster) -> int:
     """The prefill workers' KV blocks together (as registered)."""
-    return sum(
-        int(w["total_blocks"]) for w in registered_workers(cluster.http_url, None) if w["role"] == "prefill"
+    return prefill_capacity(cluster)[0]
+
+
+def prefill_capacity(cluster: LocalCluster) -> tuple[int, int]:
+    """(the prefill workers' KV pool blocks together, the blocks their shared-store segments hold by
+    size together: 0 without a store), as registered."""
+    prefill = [w for w in registered_workers(cluster.http_url, None) if w["role"] == "prefill"]
+    return (
+        sum(int(w["total_blocks"]) for w in prefill),
+        sum(int(w.get("kv_store_capacity_blocks", 0)) for w in prefill),
     )
+
+
+def tier_hit_tokens(cluster: LocalCluster) -> dict[str, int]:
+    """The prefill workers' prefix-hit tokens by tier ("device", "mooncake", ...) together, from their
+    metrics (`k2serve_kv_tier_hit_tokens_total`; empty for workers without any tier)."""
+    out: Counter[str] = Counter()
+    for w in registered_workers(cluster.http_url, None):
+        if w["role"] != "prefill" or not w.get("metrics_url"):
+            continue
+        for family in text_string_to_metric_families(httpx.get(w["metrics_url"], timeout=10).text):
+            for sample in family.samples:
+                if sample.name == "k2serve_kv_tier_hit_tokens_total":
+                    out[sample.labels["tier"]] += int(sample.value)
+    return dict(out)
 
 
 def run(
     model: Path, args: argparse.Namespace, requests: list[BenchRequest], prefill: int
 ) -> list[PolicyResult]:
-    """Replay `requests` on one cluster per policy with `prefill` prefill workers (see the module doc)."""
+    """Replay `requests` on one cluster per policy and store with `prefill` prefill workers (see the
+    module doc)."""
     parts = windows(requests, args.rounds)
-    policies = args.policies
-    records: dict[str, list[RequestRecord]] = {p: [] for p in policies}
-    walls = dict.fromkeys(policies, 0.0)
+    configs = [(p, store) for store in args.kv_store for p in args.policies]
+    records: dict[tuple[str, str], list[RequestRecord]] = {c: [] for c in configs}
+    walls = dict.fromkeys(configs, 0.0)
     with contextlib.ExitStack() as stack:
-        clusters = {p: stack.enter_context(LocalCluster(_spec(model, args, p, prefill))) for p in policies}
-        capacity = {p: prefill_capacity_blocks(c) for p, c in clusters.items()}
-        for w, part in enumerate(parts):
-            for policy in policies[w % len(policies) :] + policies[: w % len(policies)]:
-                recs, wall = asyncio.run(_replay(clusters[policy].http_url, part, args.request_timeout))
-                records[policy] += recs
-                walls[policy] += wall
-        decisions = {
-            p: prefill_decisions(httpx.get(f"{c.http_url}/metrics", timeout=10).text)
-            for p, c in clusters.items()
+        clusters = {
+            c: stack.enter_context(LocalCluster(_spec(model, args, c[0], prefill, c[1]))) for c in configs
         }
+        capacity = {c: prefill_capacity(cl) for c, cl in clusters.items()}
+        for w, part in enumerate(parts):
+            for config in configs[w % len(configs) :] + configs[: w % len(configs)]:
+                recs, wall = asyncio.run(_replay(clusters[config].http_url, part, args.request_timeout))
+                records[config] += recs
+                walls[config] += wall
+        decisions = {
+            c: prefill_decisions(httpx.get(f"{cl.http_url}/metrics", timeout=10).text)
+            for c, cl in clusters.items()
+        }
+        tiers = {c: tier_hit_tokens(cl) for c, cl in clusters.items()}
     spans = [(part[0].index, part[-1].index + 1) for part in parts]
-    return [PolicyResult(p, records[p], capacity[p], walls[p], decisions[p], spans) for p in policies]
+    return [
+        PolicyResult(
+            c[0],
+            records[c],
+            capacity[c][0],
+            walls[c],
+            decisions[c],
+            spans,
+            kv_store=c[1],
+            store_capacity_blocks=capacity[c][1],
+            tier_hits=tiers[c],
+        )
+        for c in configs
+    ]
 
 
 def prefill_decisions(metrics: str) -> dict[str, int]:
@@ -204,13 +278,16 @@ def summarize(
     cached = sum(r.cached_tokens or 0 for r in ok)
     prompt = sum(r.prompt_len for r in ok)
     done = {r.index for r in ok}
-    lru = ideal_cache_hits(blocks, block_size, result.capacity_blocks)
+    lru = ideal_cache_hits(blocks, block_size, result.capacity_blocks)  # the pools alone
+    total = result.capacity_blocks + result.store_capacity_blocks
+    lru_total = ideal_cache_hits(blocks, block_size, total) if result.store_capacity_blocks else lru
     unbounded = ideal_cache_hits(blocks, block_size, None)
     best_lru = sum(h for i, h in enumerate(lru) if i in done)
+    best_total = sum(h for i, h in enumerate(lru_total) if i in done)
     best_inf = sum(h for i, h in enumerate(unbounded) if i in done)
     per_window = []
     for lo, hi in result.windows:
-        best_w = sum(lru[i] for i in range(lo, hi) if i in done)
+        best_w = sum(lru_total[i] for i in range(lo, hi) if i in done)
         if best_w:
             per_window.append(sum(r.cached_tokens or 0 for r in ok if lo <= r.index < hi) / best_w)
     ttfts = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
@@ -218,16 +295,22 @@ def summarize(
     p50, p99 = percentiles(ttfts, (50, 99)) if ttfts else (float("nan"), float("nan"))
     return {
         "policy": result.policy,
+        "kv_store": result.kv_store,
         "requests": len(result.records),
         "failed": len(result.records) - len(ok),
         "prompt_tokens": prompt,
         "cached_tokens": cached,
+        "tier_hit_tokens": result.tier_hits,
         "capacity_blocks": result.capacity_blocks,
-        "best_lru_tokens": best_lru,
+        "store_capacity_blocks": result.store_capacity_blocks,
+        "best_lru_tokens": best_lru,  # one LRU of the pools' blocks (the device-only best)
+        "best_total_tokens": best_total,  # one LRU of the pools' and the store's blocks
         "best_unbounded_tokens": best_inf,
         "of_best_lru": cached / best_lru if best_lru else None,
+        "of_best_total": cached / best_total if best_total else None,
         "of_unbounded": cached / best_inf if best_inf else None,
-        "of_best_lru_by_window": per_window,  # caches carry over, so windows are not independent
+        # of the best at the same total capacity, per window (caches carry over: not independent)
+        "of_best_lru_by_window": per_window,
         "goodput_fraction": good / len(result.records) if result.records else None,
         "goodput_per_s": good / result.wall_s if result.wall_s else None,
         "ttft_p50_ms": p50,
@@ -238,21 +321,32 @@ def summarize(
 
 
 def report(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per row: "best total" is the best at the row's total capacity (pools + store), "best
+    dev" the device-only best (the pools alone), the same for a row without a store."""
     lines = [
-        "prefill policy        hit tokens  best LRU (cap blocks)  of best  unbounded  of unb.  "
-        "goodput       TTFT p50 / p99 ms  failed"
+        "prefill policy        store     hit tokens  best total (cap blocks)  of best  best dev  of dev  "
+        "unbounded  of unb.  goodput       TTFT p50 / p99 ms  failed"
     ]
     for r in rows:
+        cap = r["capacity_blocks"] + r["store_capacity_blocks"]
         lines.append(
-            f"{r['prefill']:7d} {r['policy']:13s} {r['cached_tokens']:10d} {r['best_lru_tokens']:9d} "
-            f"({r['capacity_blocks']:5d})   {_pct(r['of_best_lru']):>7} {r['best_unbounded_tokens']:10d}  "
+            f"{r['prefill']:7d} {r['policy']:13s} {r['kv_store']:9s} {r['cached_tokens']:10d} "
+            f"{r['best_total_tokens']:10d} ({cap:6d})   {_pct(r['of_best_total']):>7} "
+            f"{r['best_lru_tokens']:9d} {_pct(r['of_best_lru']):>6} {r['best_unbounded_tokens']:10d}  "
             f"{_pct(r['of_unbounded']):>6}  {_pct(r['goodput_fraction']):>6} "
             f"{r['goodput_per_s']:.2f}/s  {r['ttft_p50_ms']:8.1f} / {r['ttft_p99_ms']:8.1f}  {r['failed']}"
             + (f" {r['errors']}" if r["errors"] else "")
+            + (f"  hits by tier {r['tier_hit_tokens']}" if r["tier_hit_tokens"] else "")
             + f"  decisions {r['prefill_decisions']}"
-            + f"  of best by window {[_pct(x) for x in r['of_best_lru_by_window']]}"
+            + f"  of best total by window {[_pct(x) for x in r['of_best_lru_by_window']]}"
         )
     return lines
+
+
+def distinct_blocks(blocks: Sequence[Sequence[tuple[int, int]]], block_size: int) -> int:
+    """How many distinct cacheable blocks the requests have (an ideal cache this large misses nothing
+    but first uses)."""
+    return len({h for b in blocks for h in cacheable_blocks(b, block_size)})
 
 
 def _pct(x: float | None) -> str:
@@ -284,6 +378,20 @@ def main(argv: list[str] | None = None) -> int:
         default=POLICIES,
         help=f"routing policies compared, comma-separated (default {','.join(POLICIES)})",
     )
+    ap.add_argument(
+        "--kv-store",
+        type=lambda x: tuple(x.split(",")),
+        default=("none",),
+        help="shared KV tier of the prefill workers, comma-separated to compare (each its own clusters, "
+        "paired): none, mooncake (a Mooncake Store on a local mooncake_master; needs "
+        "pip install 'k2serve[mooncake]')",
+    )
+    ap.add_argument(
+        "--kv-store-segment-mb",
+        type=int,
+        default=16,
+        help="memory each prefill worker gives the store, MiB (Mooncake's minimum segment is 16 MiB)",
+    )
     ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=200.0)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: write the preset)")
@@ -308,6 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rounds and every --prefill count must be >= 1")
     if not args.policies or not set(args.policies) <= set(ROUTER_POLICIES):
         ap.error(f"--policies must name some of {', '.join(ROUTER_POLICIES)}, got {','.join(args.policies)}")
+    if (
+        not args.kv_store
+        or not set(args.kv_store) <= set(STORES)
+        or len(set(args.kv_store)) < len(args.kv_store)
+    ):
+        ap.error(f"--kv-store must name some of {', '.join(STORES)} once each, got {','.join(args.kv_store)}")
+    if "mooncake" in args.kv_store and args.kv_store_segment_mb < 16:
+        ap.error(
+            f"--kv-store-segment-mb must be >= 16 (Mooncake's minimum segment), got {args.kv_store_segment_mb}"
+        )
     entries = load_entries(args, scaling)
     requests = list(trace_requests(entries, scaling, args.seed))
     blocks = [scaling.scaled_blocks(e) for e in entries]
@@ -316,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{model.name}: {len(requests)} requests of {args.conversations or 'all'} conversations from "
         f"{Path(args.trace).name}, {sum(len(r.prompt) for r in requests)} prompt tokens, replayed over "
-        f"{span:.0f} s in {args.rounds} windows; prefill workers {prefills}; load average before "
+        f"{span:.0f} s in {args.rounds} windows; {distinct_blocks(blocks, args.block_size)} distinct "
+        f"cacheable blocks; prefill workers {prefills}; shared store {','.join(args.kv_store)}; load average before "
         f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)",
         flush=True,
     )
@@ -325,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in prefills:
         for result in run(model, args, requests, n):
             rows.append({"prefill": n, **summarize(result, blocks, args.block_size, slo)})
-        print("\n".join(report(rows[-len(args.policies) :])), flush=True)
+        print("\n".join(report(rows[-len(args.policies) * len(args.kv_store) :])), flush=True)
     print("\n".join(report(rows)))
     print(f"load average after {os.getloadavg()[0]:.2f}")
     print("reproduce: k2serve bench kv-trace " + " ".join(argv if argv is not None else sys.argv[1:]))

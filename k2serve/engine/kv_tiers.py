@@ -25,7 +25,7 @@ from k2serve.kvcache.block_manager import Allocation, BlockManager, NoFreeBlocks
 from k2serve.kvcache.leases import SessionLeases
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.kvcache.shared_tier import MooncakeSettings, MooncakeStore, SharedTiers
-from k2serve.kvcache.tiers import TIERS, KVTiers, Loaded
+from k2serve.kvcache.tiers import TIERS, KVTiers, Loaded, framed_bytes
 
 __all__ = ["AsyncReloads", "EngineLeases", "attach_tiers", "store_namespace", "tier_stats"]
 
@@ -55,11 +55,14 @@ def attach_tiers(
     if config.kv_store == "mooncake":
         if model is None:
             raise ValueError("a shared KV store needs the model: its fingerprint namespaces the keys")
+        namespace = store_namespace(model, pool, config)
         shared = SharedTiers(
             tiers,
             MooncakeStore(mooncake_settings(config, pool)),
-            store_namespace(model, pool, config),
+            namespace,
             put_on_compute=config.kv_store_put_on_compute,
+            store_id=f"mooncake://{config.kv_store_master}/{namespace}",
+            capacity_blocks=config.kv_store_segment_bytes // framed_bytes(pool.bytes_per_block),
         )
         blocks.attach_tiers(shared)
         blocks.on_computed = shared.computed

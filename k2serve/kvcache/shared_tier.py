@@ -15,6 +15,9 @@ the block manager's `BlockTiers` interface:
   before this one evicts it: that is what makes cross-worker reuse work. A hash is put once per process
   (a bounded memory of what was put). Puts run on a background thread: the engine step pays the copy
   of the block's rows to host memory, not the network;
+- what the router learns (`drain_store_events`, `stored_hashes`): the hashes whose put succeeded and
+  the hashes a lookup found missing or bad in the store, drained on the worker's heartbeat into the
+  router's index of the store (router/kv_index.py), which places them for every worker of the store;
 - lookup: on a prefix miss after the local tiers (`contains`, then `load`). A missing, truncated,
   corrupt or wrong-sized entry, a timeout or a store that is down all end the cached prefix there: the
   rest is recomputed, never served from wrong KV;
@@ -344,10 +347,21 @@ class SharedTiers:
         exists_ttl_s: float = 2.0,
         miss_ttl_s: float = 0.25,
         max_remembered: int = 1 << 16,
+        store_id: str = "",
+        capacity_blocks: int = 0,
+        max_store_events: int = 1 << 16,
     ) -> None:
         self.local = local
         self.store = store
         self.prefix = f"{KEY_PREFIX}/{namespace}/"
+        # what the router's index calls this store (workers with the same id fetch each other's
+        # blocks): the store's address and this namespace; and the framed blocks this worker's
+        # contribution to it holds at most
+        self.store_id = store_id or self.prefix
+        self.capacity_blocks = capacity_blocks
+        self._max_store_events = max_store_events
+        self._store_events: list[tuple[int, bool]] = []  # (hash, put: True / found missing: False)
+        self._stored: OrderedDict[int, None] = OrderedDict()  # hashes whose put succeeded (bounded)
         self.put_on_compute = put_on_compute
         self.stats = local.stats
         for counts in (self.stats.hit_tokens, self.stats.offload_bytes, self.stats.reload_bytes):
@@ -467,6 +481,39 @@ class SharedTiers:
         self.local.close()
         self.store.close()
 
+    # ---- the router's index of the store -----------------------------------------------------------
+    def drain_store_events(self) -> tuple[list[int], list[int]]:
+        """(hashes put into the store, hashes a lookup found missing or bad there) since the last
+        drain, each hash in the list of its latest event (a miss, then the recomputed block's put: a
+        put), in order (the worker's heartbeat ships them to the router). At most `max_store_events`
+        are kept between drains (the oldest go first): a lost put only hides a block from the
+        router's prediction, a lost miss leaves a stale entry that one request pays for by
+        recomputing."""
+        with self.local.lock:
+            events, self._store_events = self._store_events, []
+        latest = dict(events)  # hash -> its last event, in the order of first appearance
+        return [h for h, put in latest.items() if put], [h for h, put in latest.items() if not put]
+
+    def stored_hashes(self) -> list[int]:
+        """The hashes this worker put into the store successfully, least recently first (at most
+        `max_remembered`; for the snapshot on a (re)registration: a restarted router relearns the
+        store from its workers). The store may have evicted some since."""
+        with self.local.lock:
+            return list(self._stored)
+
+    def _store_event(self, h: int, put: bool) -> None:
+        """Record a put (True) or a miss (False) for the router; callers hold `local.lock`."""
+        self._store_events.append((h, put))
+        if len(self._store_events) > self._max_store_events:
+            del self._store_events[: len(self._store_events) - self._max_store_events]
+        if put:
+            self._stored[h] = None
+            self._stored.move_to_end(h)
+            while len(self._stored) > self._max_remembered:
+                self._stored.popitem(last=False)
+        else:
+            self._stored.pop(h, None)
+
     # ---- internals -------------------------------------------------------------------------------
     def _from_store(self, h: int) -> Loaded | None:
         """`h`'s verified payload from the store, or None (a missing, corrupt or wrong-sized entry is
@@ -478,6 +525,7 @@ class SharedTiers:
             with self.local.lock:
                 self._known.pop(h, None)
                 self.stats.corrupt_blocks += 1
+                self._store_event(h, False)
             if data is not None:  # there but bad: no other worker should fetch it either
                 self.store.remove(self.key(h))
             return None
@@ -499,6 +547,9 @@ class SharedTiers:
             return known[0]
         found = self.store.exists(self.key(h))
         self._remember(h, found)
+        if not found:
+            with self.local.lock:
+                self._store_event(h, False)
         return found
 
     def _put_blocks(self, blocks: Sequence[tuple[int, int]]) -> None:
@@ -521,10 +572,11 @@ class SharedTiers:
             value = pack_block(payload.numpy().data)
             pack_s = copy_s + time.perf_counter() - t1
 
-            def done(seconds: float, pack_s: float = pack_s) -> None:  # on the put thread
+            def done(seconds: float, pack_s: float = pack_s, h: int = h) -> None:  # on the put thread
                 with lock:
                     stats.offload_bytes[STORE_TIER] += nbytes
                     stats.offload_seconds[STORE_TIER] += pack_s + seconds
+                    self._store_event(h, True)
 
             if self.store.put(self.key(h), value, done):
                 with lock:  # a miss remembered from before this put must not hide it

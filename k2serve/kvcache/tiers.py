@@ -44,7 +44,17 @@ import xxhash
 
 from k2serve.kvcache.pool import KVCachePool
 
-__all__ = ["TIERS", "DiskTier", "HostTier", "KVTiers", "Loaded", "TierStats", "pack_block", "unpack_block"]
+__all__ = [
+    "TIERS",
+    "DiskTier",
+    "HostTier",
+    "KVTiers",
+    "Loaded",
+    "TierStats",
+    "framed_bytes",
+    "pack_block",
+    "unpack_block",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +66,11 @@ _HEADER = struct.Struct("<8sQQQ")  # magic, payload length, xxh3-128 low, high
 def _digest(data: bytes | memoryview) -> tuple[int, int]:
     d = xxhash.xxh3_128_intdigest(data)
     return d & ((1 << 64) - 1), d >> 64
+
+
+def framed_bytes(payload_bytes: int) -> int:
+    """The size of a `pack_block` frame of a `payload_bytes`-byte payload."""
+    return _HEADER.size + payload_bytes
 
 
 def pack_block(payload: bytes | memoryview) -> bytes:

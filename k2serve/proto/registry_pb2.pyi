@@ -41,7 +41,7 @@ class WorkerCapacity(_message.Message):
     def __init__(self, free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "grpc_address", "kv_endpoints", "model", "num_layers", "kv_dim", "block_size", "kv_dtype", "capacity", "ep_size", "ready", "metrics_url", "publishes_kv_events", "kv_block_hashes", "kv_block_tiers")
+    __slots__ = ("worker_id", "role", "grpc_address", "kv_endpoints", "model", "num_layers", "kv_dim", "block_size", "kv_dtype", "capacity", "ep_size", "ready", "metrics_url", "publishes_kv_events", "kv_block_hashes", "kv_block_tiers", "kv_store", "kv_store_capacity_blocks", "kv_store_hashes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,9 @@ class WorkerInfo(_message.Message):
     PUBLISHES_KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_TIERS_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_HASHES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     grpc_address: str
@@ -74,7 +77,10 @@ class WorkerInfo(_message.Message):
     publishes_kv_events: bool
     kv_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     kv_block_tiers: _containers.RepeatedScalarFieldContainer[KVTier]
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_kv_transfer_pb2.KVEndpoint, _Mapping]]] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., ep_size: _Optional[int] = ..., ready: _Optional[bool] = ..., metrics_url: _Optional[str] = ..., publishes_kv_events: _Optional[bool] = ..., kv_block_hashes: _Optional[_Iterable[int]] = ..., kv_block_tiers: _Optional[_Iterable[_Union[KVTier, str]]] = ...) -> None: ...
+    kv_store: str
+    kv_store_capacity_blocks: int
+    kv_store_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_kv_transfer_pb2.KVEndpoint, _Mapping]]] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., ep_size: _Optional[int] = ..., ready: _Optional[bool] = ..., metrics_url: _Optional[str] = ..., publishes_kv_events: _Optional[bool] = ..., kv_block_hashes: _Optional[_Iterable[int]] = ..., kv_block_tiers: _Optional[_Iterable[_Union[KVTier, str]]] = ..., kv_store: _Optional[str] = ..., kv_store_capacity_blocks: _Optional[int] = ..., kv_store_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_ms", "lease_ms")
@@ -120,14 +126,18 @@ class WorkerLoad(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_ms: _Optional[float] = ..., decode_step_batch: _Optional[float] = ..., leased_blocks: _Optional[int] = ..., reload_tokens_per_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class KVEvents(_message.Message):
-    __slots__ = ("block_hashes", "removed", "tiers")
+    __slots__ = ("block_hashes", "removed", "tiers", "store_puts", "store_misses")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    STORE_PUTS_FIELD_NUMBER: _ClassVar[int]
+    STORE_MISSES_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     removed: _containers.RepeatedScalarFieldContainer[bool]
     tiers: _containers.RepeatedScalarFieldContainer[KVTier]
-    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[bool]] = ..., tiers: _Optional[_Iterable[_Union[KVTier, str]]] = ...) -> None: ...
+    store_puts: _containers.RepeatedScalarFieldContainer[int]
+    store_misses: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[bool]] = ..., tiers: _Optional[_Iterable[_Union[KVTier, str]]] = ..., store_puts: _Optional[_Iterable[int]] = ..., store_misses: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "load", "ready", "kv_events")

@@ -14,6 +14,19 @@ cache decides what is reused. A hash costs about 460 bytes with one holder and 1
 holder (measured with tracemalloc, CPython 3.11, before tiers were kept: each worker's hashes are kept
 in recency order with a store sequence number, for `eviction_cost`), so the default 2^19 hashes bound
 the index near 240 MiB (with one holder each).
+
+The shared store (a Mooncake Store every worker of it reaches, kvcache/shared_tier.py) is indexed apart
+from the workers: a block in it is fetchable by every worker of that store (WorkerInfo.kv_store: the
+store's address and the model namespace), whichever worker put it, so `cached_tiers` places it, as tier
+"shared", for each of them (after the tiers a worker holds it in itself, which it reads first). Workers
+publish their successful puts (KVEvents.store_puts; a registration's snapshot repeats the puts it
+remembers, so a restarted router relearns the store) and the blocks a lookup of theirs found missing or
+bad in the store (store_misses). The store evicts without telling anyone, so the index of a store is
+approximate and says so: it is an LRU of puts bounded by the store's capacity (the sum of its
+registered workers' kv_store_capacity_blocks; `max_blocks` when none says), a miss removes the entry at
+once, and the entries go when the last worker of the store leaves. A stale entry costs one prediction:
+the worker's own lookup misses, it recomputes from that block on (never wrong tokens) and publishes
+the miss.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from collections.abc import Iterable, Sequence
 
 DEFAULT_MAX_BLOCKS = 1 << 19
 DEVICE = "device"
+SHARED = "shared"  # the tier of a block fetched from the shared store (KVTier KV_TIER_SHARED)
 
 
 class KVIndex:
@@ -42,6 +56,10 @@ class KVIndex:
         self._on_device: dict[str, int] = {}  # worker -> how many of its hashes are in its device pool
         self._seq = 0  # device stores so far (a clock comparable across workers)
         self.forgotten = 0  # hashes dropped to stay within max_blocks
+        # the shared stores: store id -> the hashes put there, least recently put first; and worker ->
+        # (the store it reaches, the blocks its contribution holds)
+        self._stores: dict[str, OrderedDict[int, None]] = {}
+        self._store_of: dict[str, tuple[str, int]] = {}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -99,8 +117,14 @@ class KVIndex:
                 self._store(worker_id, h, tiers[i] if tiers else DEVICE)
 
     def drop(self, worker_id: str) -> None:
-        """Forget every block of `worker_id` (it left, died, or sends a new snapshot)."""
+        """Forget every block of `worker_id` (it left, died, or sends a new snapshot) and its place in a
+        shared store (the store's entries go with its last worker)."""
         self._on_device.pop(worker_id, None)
+        store, _ = self._store_of.pop(worker_id, ("", 0))
+        if store and not any(s == store for s, _ in self._store_of.values()):
+            self._stores.pop(store, None)
+        elif store:
+            self._trim_store(store)
         for h in self._of.pop(worker_id, {}):
             holders = self._where.get(h)
             if holders is not None:
@@ -115,17 +139,79 @@ class KVIndex:
 
     def cached_tiers(self, hashes: Sequence[int], workers: Iterable[str]) -> dict[str, list[str]]:
         """For each of `workers`, the tier of each leading block of a prompt (its chain `hashes`) that
-        it holds, in order (as `cached_blocks`: up to the first block it does not hold)."""
+        it holds, in order (as `cached_blocks`: up to the first block it does not hold); a block it does
+        not hold itself but its shared store does counts, as tier "shared"."""
         matched: dict[str, list[str]] = {w: [] for w in workers}
+        stored = {w: self._stores.get(self._store_of[w][0]) for w in matched if w in self._store_of}
         live = set(matched)
         for h in hashes:
             holders = self._where.get(h, {})
-            live = {w for w in live if w in holders}
+            for w in list(live):
+                tier = holders.get(w)
+                if tier is None and h in (stored.get(w) or ()):
+                    tier = SHARED
+                if tier is None:
+                    live.discard(w)
+                else:
+                    matched[w].append(tier)
             if not live:
                 break
-            for w in live:
-                matched[w].append(holders[w])
         return matched
+
+    # ---- the shared store ------------------------------------------------------------------------
+    def join_store(
+        self, worker_id: str, store: str, capacity_blocks: int, hashes: Iterable[int] = ()
+    ) -> None:
+        """`worker_id` fetches from and puts to the shared store `store` (its id; "" none), giving it
+        `capacity_blocks` blocks; `hashes`: the blocks it says it put there (its snapshot)."""
+        if not store:
+            return
+        self._store_of[worker_id] = (store, max(0, capacity_blocks))
+        self._stores.setdefault(store, OrderedDict())
+        self.store_put(store, hashes)
+
+    def store_of(self, worker_id: str) -> str | None:
+        """The shared store `worker_id` reaches, or None."""
+        return self._store_of.get(worker_id, ("", 0))[0] or None
+
+    def store_capacity(self, store: str) -> int:
+        """The blocks the index keeps for `store`: its workers' capacities together, capped by (and
+        `max_blocks` when none gave one)."""
+        total = sum(c for s, c in self._store_of.values() if s == store)
+        return min(total, self.max_blocks) if total else self.max_blocks
+
+    def store_blocks(self, store: str) -> int:
+        """How many blocks the index places in `store`."""
+        return len(self._stores.get(store, ()))
+
+    def in_store(self, store: str, block_hash: int) -> bool:
+        return block_hash in self._stores.get(store, ())
+
+    def store_put(self, store: str, hashes: Iterable[int]) -> None:
+        """Blocks put into `store` (by any of its workers), in order: each the most recently put; the
+        least recently put beyond `store_capacity` are forgotten. Ignored for a store no registered
+        worker reaches."""
+        entries = self._stores.get(store)
+        if entries is None:
+            return
+        for h in hashes:
+            entries[h] = None
+            entries.move_to_end(h)
+        self._trim_store(store)
+
+    def store_missing(self, store: str, hashes: Iterable[int]) -> None:
+        """Blocks a lookup found missing or bad in `store` (evicted there): forgotten."""
+        entries = self._stores.get(store)
+        if entries is None:
+            return
+        for h in hashes:
+            entries.pop(h, None)
+
+    def _trim_store(self, store: str) -> None:
+        entries = self._stores.get(store)
+        if entries is not None:
+            for _ in range(len(entries) - self.store_capacity(store)):
+                entries.popitem(last=False)
 
     @property
     def clock(self) -> int:

@@ -103,6 +103,9 @@ class Router:
                     "total_blocks": w.load.total_blocks,
                     "kv_index_blocks": self.table.kv_index.blocks_of(w.worker_id),
                     "kv_index_tiers": self.table.kv_index.tier_counts(w.worker_id),
+                    "kv_store": w.info.kv_store,  # the shared store it reaches ("" none)
+                    "kv_store_capacity_blocks": w.info.kv_store_capacity_blocks,
+                    "kv_store_index_blocks": self.table.kv_index.store_blocks(w.info.kv_store),
                     "queued_prefill_tokens": w.load.queued_prefill_tokens,
                     "prefill_tokens_per_s": w.load.prefill_tokens_per_s,
                     "decode_step_ms": w.load.decode_step_ms,

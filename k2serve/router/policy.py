@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from k2serve.kvcache.hashing import chain_hashes
-from k2serve.router.kv_index import KVIndex
+from k2serve.router.kv_index import SHARED, KVIndex
 from k2serve.router.registry import Worker
 
 POLICIES = ("kv", "kv-ttft", "least-loaded", "round-robin")
@@ -180,12 +180,15 @@ class KVAware(LeastLoaded):
     before it has one, the mean of the candidates' measured speeds (DEFAULT_PREFILL_TOKENS_PER_S when
     none has). Cached tokens and their tiers come from `index` (only for workers that publish KV
     events); a tier's reload speed is the worker's measured one, else `reload_cost` (a fraction of
-    recomputing, DEFAULT_RELOAD_COST). Ties go to more cached tokens, then `load_key`. Prefill without a
-    prompt is least loaded.
+    recomputing, DEFAULT_RELOAD_COST). Blocks in the shared store a worker reaches (KVIndex: whoever
+    put them) count as cached on every worker of that store, in tier "shared": fetched at the worker's
+    measured store reload speed, else at reload_cost["shared"]. Ties go to more cached tokens, then
+    `load_key`. Prefill without a prompt is least loaded.
 
     Cache balance (reason `cache_balance`): a prompt no worker holds more than one block more of than
-    another, nor more than `balance_max_share` of the prompt more (a new conversation; every prompt may
-    share a system prompt's block: `_new_conversation`) goes, among the workers
+    another in its own tiers (the shared store's blocks are every worker's alike), nor more than
+    `balance_max_share` of the prompt more (a new conversation, or one only the store still holds;
+    every prompt may share a system prompt's block: `_new_conversation`) goes, among the workers
     whose predicted TTFT is within `balance_slack` times its own uncached prefill time of the best, to
     the one whose prefix cache loses the least recently used blocks by taking it
     (`KVIndex.eviction_cost`), then the one holding fewest blocks, then as above. Measured on the
@@ -227,12 +230,14 @@ class KVAware(LeastLoaded):
         measured = [w.load.prefill_tokens_per_s for w in live if w.load.prefill_tokens_per_s > 0]
         fallback = sum(measured) / len(measured) if measured else DEFAULT_PREFILL_TOKENS_PER_S
         cached: dict[str, int] = {}
+        local: dict[str, int] = {}  # of those, what the worker holds itself (not in the shared store)
         scored = []
         for w in live:
             queued = max(w.load.queued_prefill_tokens, w.prefill_tokens)
             speed = w.load.prefill_tokens_per_s if w.load.prefill_tokens_per_s > 0 else fallback
             held = tiers[w.worker_id]
             cached[w.worker_id] = len(held) * w.info.block_size
+            local[w.worker_id] = sum(t != SHARED for t in held) * w.info.block_size
             reload_s = reload_seconds(
                 held, w.info.block_size, speed, dict(w.load.reload_tokens_per_s), self.reload_cost
             )
@@ -242,13 +247,13 @@ class KVAware(LeastLoaded):
         if (
             self.cache_balance
             and len(live) > 1
-            and self._new_conversation(cached, prompt, max(w.info.block_size for w in live))
+            and self._new_conversation(local, prompt, max(w.info.block_size for w in live))
         ):
             # a new conversation: among the workers whose predicted TTFT is within the slack of the best, the one where it evicts least
             slack = (prompt.num_tokens + minus_cached) / fallback * self.balance_slack
             near = [s for s in scored if s[0] <= ttft + slack]
             ttft, minus_cached, _, best = min(
-                near, key=lambda s: (self._eviction_cost(s[3], prompt, -s[1]), s[2])
+                near, key=lambda s: (self._eviction_cost(s[3], prompt, local[s[3].worker_id]), s[2])
             )
             return Choice(best, "cache_balance", -minus_cached, ttft)
         reason = "only_worker" if len(live) == 1 else "prefix_hit" if minus_cached < 0 else "load"

@@ -204,6 +204,9 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
                     f"kv_block_tiers: {len(tiers)} tiers but {len(request.kv_block_hashes)} kv_block_hashes",
                 )
             self.table.kv_index.replace(request.worker_id, request.kv_block_hashes, tiers)
+            self.table.kv_index.join_store(
+                request.worker_id, request.kv_store, request.kv_store_capacity_blocks, request.kv_store_hashes
+            )
         else:
             self.table.kv_index.drop(request.worker_id)
         return registry_pb2.RegisterResponse(
@@ -225,6 +228,10 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
                 )
             tiers = [tier_name(t) for t in ev.tiers]
             self.table.kv_index.apply(request.worker_id, ev.block_hashes, ev.removed, tiers)
+            store = self.table.kv_index.store_of(request.worker_id)
+            if store is not None:  # each hash is in one of the two lists (its latest event)
+                self.table.kv_index.store_missing(store, ev.store_misses)
+                self.table.kv_index.store_put(store, ev.store_puts)
         return registry_pb2.HeartbeatResponse(known=known)
 
     @override

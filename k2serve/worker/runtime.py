@@ -24,6 +24,7 @@ from k2serve.engine.sampling_params import SamplingParams
 from k2serve.experts import EPConfig, EPWorker
 from k2serve.experts.metrics import EPCollector
 from k2serve.kvcache.block_manager import KVEventLog, tier_code, tier_name
+from k2serve.kvcache.shared_tier import SharedTiers
 from k2serve.proto import kv_transfer_pb2, registry_pb2, registry_pb2_grpc
 from k2serve.proto.limits import CONTROL_MAX_MESSAGE_BYTES, grpc_options
 from k2serve.rpc.tls import add_port, aio_channel
@@ -162,26 +163,41 @@ class KVEventPublisher:
         self._engine = engine
         self.log = KVEventLog()
         engine.engine.blocks.events = self.log  # before any traffic; the snapshot covers any step before
+        tiers = engine.engine.tiers
+        self.shared = tiers if isinstance(tiers, SharedTiers) else None  # the shared store, if any
 
-    async def snapshot(self) -> list[tuple[int, str]]:
-        """The hashes stored now with their tiers, the log emptied at the same moment (on the engine
-        thread, between steps)."""
+    async def snapshot(self, msg: registry_pb2.WorkerInfo) -> None:
+        """Put into `msg` the hashes stored now with their tiers, and with a shared store its id,
+        capacity and the hashes this worker put into it, the logs emptied at the same moment (on the
+        engine thread, between steps)."""
 
         def take(llm: LLMEngine) -> list[tuple[int, str]]:
             self.log.reset()
+            if self.shared is not None:
+                self.shared.drain_store_events()
+                msg.kv_store = self.shared.store_id
+                msg.kv_store_capacity_blocks = self.shared.capacity_blocks
+                msg.kv_store_hashes.extend(self.shared.stored_hashes())
             return llm.blocks.stored_blocks()
 
-        return await self._engine.call(take)
+        held = await self._engine.call(take)
+        msg.publishes_kv_events = True
+        msg.kv_block_hashes.extend(h for h, _ in held)
+        msg.kv_block_tiers.extend(_WIRE_TIERS[tier_code(t)] for _, t in held)
 
     def events(self) -> registry_pb2.KVEvents | None:
-        """The events since the last call, or None when some were lost (the caller re-registers)."""
+        """The events since the last call, or None when some were lost (the caller re-registers). The
+        shared store's puts and misses go along (their loss only costs predictions: never a resync)."""
         events, overflowed = self.log.drain()
         if overflowed:
             return None
+        puts, misses = self.shared.drain_store_events() if self.shared is not None else ([], [])
         return registry_pb2.KVEvents(
             block_hashes=[h for h, _, _ in events],
             removed=[r for _, r, _ in events],
             tiers=[_WIRE_TIERS[tier_code(t)] for _, _, t in events],
+            store_puts=puts,
+            store_misses=misses,
         )
 
 
@@ -212,10 +228,7 @@ async def heartbeat_loop(
                 if not registered:
                     msg = info()
                     if kv is not None:
-                        msg.publishes_kv_events = True
-                        held = await kv.snapshot()
-                        msg.kv_block_hashes.extend(h for h, _ in held)
-                        msg.kv_block_tiers.extend(_WIRE_TIERS[tier_code(t)] for _, t in held)
+                        await kv.snapshot(msg)
                     resp = await stub.Register(msg, timeout=5)
                     interval = min(
                         settings.heartbeat_interval_s, resp.heartbeat_interval_ms / 1000 or interval
