@@ -222,11 +222,6 @@ def demo_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClus
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped demo model does not copy numbers into tool arguments yet (BENCHMARKS.md, Demo model: "
-    "0% of held-out tool questions right); strict, so this flags the day a retrained model does",
-)
 def test_cluster_answers_through_a_tool(demo_cluster: LocalCluster) -> None:
     """A fixed question: the model calls `add` with the numbers, reads the result, answers with it."""
     url = demo_cluster.http_url + "/v1/chat/completions"
@@ -251,11 +246,6 @@ def readme_agent_example() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped demo model does not copy numbers into tool arguments yet (BENCHMARKS.md, Demo model: "
-    "0% of held-out tool questions right); strict, so this flags the day a retrained model does",
-)
 def test_readme_agent_example_adds_through_its_tool(demo_cluster: LocalCluster) -> None:
     code = readme_agent_example().replace("http://127.0.0.1:8000", demo_cluster.http_url)
     scope: dict = {}

@@ -59,7 +59,7 @@ class TrainConfig:
     out_dir: str
     steps: int = 2000
     batch_size: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-3  # at 3e-3 this model size never learns to copy (BENCHMARKS.md, Demo model)
     warmup: int = 100
     weight_decay: float = 0.01
     num_samples: int = 40000
