@@ -432,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-speculative-tokens", type=int, default=8)
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--prompt-lookup-min", type=int, default=1)
+    ap.add_argument(
+        "--suffix-max-tree-depth",
+        type=int,
+        default=None,
+        help="suffix_decoding_max_tree_depth (default vLLM's 24; each token costs O(depth) Python trie steps)",
+    )
     ap.add_argument("--kv-blocks", type=int, default=1024, help="KV pool blocks (16 tokens each) per engine")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", action="store_true")
@@ -449,7 +455,12 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_lookup_max": args.prompt_lookup_max,
             "prompt_lookup_min": args.prompt_lookup_min,
         },
-        "suffix": {"method": "suffix", "num_speculative_tokens": k},
+        "suffix": {"method": "suffix", "num_speculative_tokens": k}
+        | (
+            {"suffix_decoding_max_tree_depth": args.suffix_max_tree_depth}
+            if args.suffix_max_tree_depth
+            else {}
+        ),
     }
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
