@@ -48,7 +48,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from k2serve.extras import MissingExtraError
-from k2serve.kvcache.tiers import KVTiers, Loaded, pack_block, unpack_block
+from k2serve.kvcache.tiers import CLOSE_TIMEOUT_S, KVTiers, Loaded, pack_block, run_bounded, unpack_block
 
 __all__ = ["STORE_TIER", "BlockStore", "MooncakeSettings", "MooncakeStore", "SharedTiers", "parse_host_port"]
 
@@ -84,7 +84,7 @@ class BlockStore(Protocol):
 
     def flush(self, timeout_s: float = 10.0) -> bool: ...
 
-    def close(self) -> None: ...
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -300,24 +300,29 @@ class MooncakeStore:
             f.set_exception(RuntimeError("the KV store client is closed"))
             return f
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the threads (queued puts are dropped; the calls running are waited for, at most
-        `timeout_s`) and close the client. The client is never closed under a running call (that
-        crashes it): when one outlives the wait, the client is left open. Idempotent."""
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Run the puts still queued, then stop the threads and close the client, waiting at most
+        `timeout_s` in all (at least 0.1 s for the threads once the puts had their time); returns
+        whether everything finished. Puts not run by then are dropped (logged). The client is never
+        closed under a running call (that crashes it): when one outlives the wait, the client is left
+        open. Idempotent."""
         if self._closed:
-            return
+            return True
+        deadline = time.monotonic() + timeout_s
+        finished = self.flush(timeout_s)  # before `_closed`: a put job skips itself once closed
+        if not finished:
+            logger.warning(
+                "KV store: %d queued puts not done after %.1f s at close; dropped", self._pending, timeout_s
+            )
         self._closed = True
-        drained = threading.Event()
 
         def drain() -> None:
             self._puts.shutdown(wait=True, cancel_futures=True)
             self._calls.shutdown(wait=True, cancel_futures=True)
-            drained.set()
 
-        threading.Thread(target=drain, name="k2kv-store-close", daemon=True).start()
-        if not drained.wait(timeout_s):
+        if not run_bounded(drain, max(0.1, deadline - time.monotonic()), "k2kv-store-close"):
             logger.warning("KV store: a call still runs after %.1f s; the client is left open", timeout_s)
-            return
+            return False
         with self._lock:
             store, self._store = self._store, None
         if store is not None:
@@ -325,6 +330,7 @@ class MooncakeStore:
                 store.close()
             except Exception as e:  # noqa: BLE001 - closing a client whose master is gone
                 logger.debug("KV store: close failed: %r", e)
+        return finished
 
 
 class SharedTiers:
@@ -462,10 +468,13 @@ class SharedTiers:
         self.local.flush()
         return self.store.flush(timeout_s)
 
-    def close(self) -> None:
-        """Stop the local tiers' threads and the store client."""
-        self.local.close()
-        self.store.close()
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Finish the local tiers' queued disk writes and the store's queued puts, then stop their
+        threads and the client, within `timeout_s` in all (see KVTiers.close, MooncakeStore.close);
+        returns whether everything finished."""
+        deadline = time.monotonic() + timeout_s
+        local = self.local.close(timeout_s)
+        return self.store.close(max(0.0, deadline - time.monotonic())) and local
 
     # ---- internals -------------------------------------------------------------------------------
     def _from_store(self, h: int) -> Loaded | None:
