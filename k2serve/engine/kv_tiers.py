@@ -65,11 +65,14 @@ def attach_tiers(
     tiers.on_moved = blocks.tier_moved
     if config.kv_store == "mooncake":
         assert namespace is not None
+        settings = mooncake_settings(config, pool)
         shared = SharedTiers(
             tiers,
-            MooncakeStore(mooncake_settings(config, pool)),
+            MooncakeStore(settings),
             namespace,
             put_on_compute=config.kv_store_put_on_compute,
+            # a batched get lands in the transfer buffer: at most half of it, at most 256 blocks a call
+            read_batch_blocks=max(1, min(256, settings.buffer_bytes // 2 // (pool.bytes_per_block + 64))),
         )
         blocks.attach_tiers(shared)
         blocks.on_computed = shared.computed
