@@ -98,7 +98,7 @@ def test_close_with_a_stuck_writer_returns_within_its_timeout(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pool = KVCachePool(2, 4, 4, 8, torch.float32)
-    tiers = KVTiers(pool, disk_dir=tmp_path, disk_bytes=BIG, async_io=True, write_queue_blocks=1)
+    tiers = KVTiers(pool, disk_dir=tmp_path, disk_bytes=BIG, async_io=True, write_queue_blocks=4)
     writing, release = _gate_writes(tiers)
     assert tiers.offload(11, 0) and writing.wait(30)  # the writer holds it (stuck)
     assert tiers.offload(12, 1) and tiers.write_queue_depth == 2  # and one queued behind it

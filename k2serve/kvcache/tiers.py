@@ -18,7 +18,9 @@ With `async_io` (the engine's default) the slow parts run on two background thre
 the engine's steps: an offload copies the evicted block's rows into a staging tensor on the engine
 thread (a memcpy that finishes before the block is reused) and, where it goes to the disk tier, queues
 the checksum and file write on a writer thread (a bounded queue: when it is full the offload is
-dropped and counted, the step never waits); `start_load` reads and verifies a list of blocks on a
+dropped and counted, the step never waits; the bound is checked once per batch of evictions, so one
+batch is queued whole even past it: its rows are already copied out of the pool, and a long context
+evicted at once, e.g. 2,000 blocks of a 32K-token prompt, must not lose all but the first few hundred); `start_load` reads and verifies a list of blocks on a
 reader thread into staging tensors (a future), and the engine copies them into the pool on its own
 thread (`write`; no other thread writes the pool). A block queued for the disk is served from its
 staging tensor until written. Drops found on a background thread reach `on_dropped` on the engine
@@ -35,7 +37,6 @@ deleted (their bytes may belong to another model: never read them).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -307,7 +308,8 @@ class KVTiers:
     `on_dropped(h)` is called when chain hash `h` leaves the last tier holding it; `on_moved(h, tier)`
     when a held block moves to another tier (host -> disk). Both only on the engine thread (the one
     calling `offload`, `load`, `write`, `poll`). With `async_io` disk writes and `start_load` reads run
-    on background threads (see the module docstring); `write_queue_blocks` bounds the writes queued.
+    on background threads (see the module docstring); `write_queue_blocks` bounds the writes queued
+    (checked once per batch of evictions).
     `read_hook(h)`, when set, runs on the reading thread before each block is read (tests inject a slow
     tier with it). `namespace`: the disk tier's (see DiskTier): blocks it holds survive this process."""
 
@@ -349,9 +351,10 @@ class KVTiers:
         self._no_reads = threading.Condition(self._lock)
         self._pending: dict[int, torch.Tensor] = {}  # queued for the disk, not written yet
         self._drops: list[int] = []  # left the last tier, not yet told to on_dropped
-        self._writes: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(
-            write_queue_blocks
-        )  # None: stop
+        self.write_queue_blocks = write_queue_blocks
+        self._admit = True  # whether the current batch of offloads may queue disk writes
+        # None: stop. Unbounded: `_admit` bounds it (per batch, see the module docstring).
+        self._writes: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None  # started by the first `start_load` (async_io)
         if async_io and self.disk is not None:
@@ -426,6 +429,7 @@ class KVTiers:
         returns (the blocks may be reused); disk writes may still be queued (async_io)."""
         held: list[bool] = []
         with self._lock:
+            self._admit = len(self._pending) < self.write_queue_blocks
             fresh = [(h, b) for h, b in evicted if not self.contains(h)]
             t0 = time.perf_counter()
             payloads = (
@@ -462,13 +466,12 @@ class KVTiers:
         if self._writer is not None:
             if h in self._pending or h in self.disk:
                 return True
-            try:
-                self._writes.put_nowait((h, payload))
-            except queue.Full:
+            if not self._admit:  # the queue was full when this batch began: drop, never wait
                 self.stats.dropped_offloads += 1
                 if report:
                     self._drops.append(h)
                 return False
+            self._writes.put_nowait((h, payload))
             self._pending[h] = payload
             return True
         t0 = time.perf_counter()
@@ -534,8 +537,7 @@ class KVTiers:
         finished = True
         writer, self._writer = self._writer, None
         if writer is not None:
-            with contextlib.suppress(queue.Full):  # a full queue behind a stuck write: the join times out
-                self._writes.put(None, timeout=max(0.0, deadline - time.monotonic()))
+            self._writes.put_nowait(None)
             writer.join(max(0.0, deadline - time.monotonic()))
             if writer.is_alive():
                 finished = False
