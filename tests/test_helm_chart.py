@@ -51,6 +51,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "kvOffloadDir": "/kv-tier",
             "kvOffloadDiskMb": 8192,
             "kvSessionLeaseS": 30,
+            "kvOffloadAsync": False,
+            "kvReloadTimeoutS": 3,
         },
         "router": {**_HPA, "replicas": 1},
         "prefill": {**_HPA, "transfer": {"backend": "torch"}},

@@ -230,6 +230,20 @@ def test_engine_flags_carry_values() -> None:
         8192,
         30.0,
     )
+    for role in ("prefill", "decode"):  # the async tier flags reach every worker's engine config
+        for owner, _, ns in _by_command(VALUE_SETS["gpu-hpa"])[role]:
+            cfg = engine_config(ns)
+            assert (cfg.kv_offload_async, cfg.kv_reload_timeout_s, cfg.kv_session_lease_s) == (
+                False,
+                3.0,
+                30.0,
+            ), owner
+        cfg = engine_config(_by_command(VALUE_SETS["defaults"])[role][0][2])
+        assert (cfg.kv_offload_async, cfg.kv_reload_timeout_s, cfg.kv_store_put_on_compute) == (
+            True,
+            10.0,
+            True,
+        )
     (_, _, ns) = _by_command(VALUE_SETS["defaults"])["decode"][0]
     assert (ns.max_model_len, ns.no_prefix_caching, ns.dtype) == (None, False, "float32")
     assert (ns.kv_offload_host_mb, ns.kv_offload_dir, ns.kv_offload_disk_mb, ns.kv_session_lease_s) == (

@@ -95,7 +95,7 @@ def reference(tiny_ckpt: Path) -> dict[int, list[int]]:
     """Greedy tokens of the prompts without any cache reuse."""
     cfg = EngineConfig(num_kv_blocks=64, block_size=BS, enable_prefix_caching=False)
     engine = LLMEngine.from_pretrained(tiny_ckpt, torch.float32, cfg)
-    return {s: generate(engine, f"ref{s}", prompt(s)) for s in (10, 20, 30, 40, 50, 60, 70, 80, 90)}
+    return {s: generate(engine, f"ref{s}", prompt(s)) for s in (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)}
 
 
 def test_config_names_what_is_wrong() -> None:
@@ -141,6 +141,33 @@ def test_evicted_blocks_reload_from_the_store(
     assert tiers.stats.reload_bytes[STORE_TIER] == 4 * bb
     assert engine.num_computed_tokens_total - before == 40 - PREFIX_TOKENS + GREEDY.max_tokens - 1
     assert tiers.store.errors == 0 and tiers.stats.corrupt_blocks == 0
+    engine.blocks.check_invariants([])
+    tiers.close()
+
+
+@needs_mooncake
+def test_long_prefix_is_looked_up_and_read_in_batches(
+    tiny_ckpt: Path, master: MooncakeMaster, reference: dict[int, list[int]]
+) -> None:
+    """A prefix of many store blocks costs a few store calls, not one or two per block (a 32K-token
+    context is ~2,000 blocks): the lookups go in one batch_is_exist, the reads in get_batch calls of at
+    most read_batch_blocks blocks; the tokens are the reference's."""
+    engine = store_engine(tiny_ckpt, master)
+    tiers = computed_then_evicted(engine, 100, reference)
+    tiers.read_batch_blocks = 3  # the 4 blocks of the prefix: two reads (3 + 1)
+    calls: dict[str, list[int]] = {"exists": [], "exists_many": [], "get": [], "get_many": []}
+    for name in calls:
+        fn = getattr(tiers.store, name)
+
+        def counted(keys: Any, *a: Any, fn: Any = fn, name: str = name) -> Any:
+            calls[name].append(len(keys) if isinstance(keys, list) else 1)
+            return fn(keys, *a)
+
+        setattr(tiers.store, name, counted)
+    assert generate(engine, "a2", prompt(100)) == reference[100]
+    assert tiers.stats.hit_tokens[STORE_TIER] == PREFIX_TOKENS
+    assert calls["exists"] == [] and calls["get"] == []
+    assert calls["exists_many"][0] == 4 and calls["get_many"] == [3, 1]
     engine.blocks.check_invariants([])
     tiers.close()
 

@@ -180,19 +180,35 @@ def test_full_write_queue_drops_the_offload_and_never_waits(tmp_path: Path) -> N
     h = [chain_hashes(t, 4)[0] for t in tokens]
     filler = bm.allocate(list(range(500, 524)))  # 6 blocks: all three cached ones evicted at once
     events, _ = bm.events.drain()
-    # the writer is busy, the queue takes the first block, the others find it full: dropped, removed
-    assert tiers.stats.dropped_offloads == 2
-    assert events == [(h[0], False, "disk"), (h[1], True, "device"), (h[2], True, "device")]
-    assert tiers.write_queue_depth == 2 and tiers.tier_of(h[0]) == "disk" and not tiers.contains(h[1])
+    # the writer is busy and the queue (1 block) is full when the batch begins: all three dropped, removed
+    assert tiers.stats.dropped_offloads == 3
+    assert events == [(x, True, "device") for x in h]
+    assert tiers.write_queue_depth == 1 and not any(tiers.contains(x) for x in h)
     bm.free(filler.block_table)
-    pool.kv.zero_()
     release.set()
     tiers.flush()
-    assert tiers.write_queue_depth == 0 and len(tiers.disk) == 2  # 12345 and h[0]
+    assert tiers.write_queue_depth == 0 and len(tiers.disk) == 1  # 12345
+    # a batch that begins below the bound is queued whole, past it: a long context evicted at once
+    tables = []
+    for t in tokens:
+        a = bm.allocate(t)
+        assert a.num_cached_tokens == 0  # dropped before: recomputed
+        pool.kv[:, a.block_table[0]] = float(t[0] + 1)
+        bm.mark_computed(a.block_table, t, 5)
+        tables.append(a.block_table)
+    for table in tables:
+        bm.free(table)
+    bm.events.drain()
+    filler = bm.allocate(list(range(500, 524)))
+    events, _ = bm.events.drain()
+    assert tiers.stats.dropped_offloads == 3 and events == [(x, False, "disk") for x in h]
+    bm.free(filler.block_table)
+    pool.kv.zero_()
+    tiers.flush()
+    assert len(tiers.disk) == 4
     again = bm.allocate(tokens[0] + [9, 9, 9, 9])
     assert again.num_cached_tokens == 4
     assert torch.equal(pool.kv[:, again.block_table[0]], torch.full((2, 4, 8), 1.0))
-    assert bm.allocate(tokens[1]).num_cached_tokens == 0  # dropped: recomputed
     tiers.close()
 
 

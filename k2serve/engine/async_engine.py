@@ -365,13 +365,16 @@ class AsyncEngine:
             await asyncio.to_thread(self.shutdown)
 
     def shutdown(self) -> None:
-        """Abort whatever is in flight (callers get a final "abort" event) and join the thread."""
+        """Abort whatever is in flight (callers get a final "abort" event), join the thread, then close
+        the engine: its KV tiers' queued disk writes and store puts are finished, within a bounded time
+        (LLMEngine.close), so that what was offloaded is not lost at exit."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        self._engine.close()
 
     # ---- caller side ---------------------------------------------------------------------------
     def _check_admission_locked(self) -> None:

@@ -25,9 +25,9 @@ from k2serve.kvcache.block_manager import Allocation, BlockManager, NoFreeBlocks
 from k2serve.kvcache.leases import SessionLeases
 from k2serve.kvcache.pool import KVCachePool
 from k2serve.kvcache.shared_tier import MooncakeSettings, MooncakeStore, SharedTiers
-from k2serve.kvcache.tiers import TIERS, KVTiers, Loaded, framed_bytes
+from k2serve.kvcache.tiers import CLOSE_TIMEOUT_S, TIERS, KVTiers, Loaded, framed_bytes
 
-__all__ = ["AsyncReloads", "EngineLeases", "attach_tiers", "store_namespace", "tier_stats"]
+__all__ = ["AsyncReloads", "EngineLeases", "attach_tiers", "close_tiers", "store_namespace", "tier_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,16 @@ def attach_tiers(
     below one block) or prefix caching is off (nothing would ever hit them)."""
     if not config.enable_prefix_caching:
         return None
+    if config.kv_store == "mooncake" and model is None:
+        raise ValueError("a shared KV store needs the model: its fingerprint namespaces the keys")
+    # The disk tier keeps its blocks for the next process with the same namespace (without a model
+    # there is none: its files are then this process's only).
+    wants_disk = config.kv_offload_dir is not None and config.kv_offload_disk_bytes > 0
+    namespace = (
+        store_namespace(model, pool, config)
+        if model is not None and (wants_disk or config.kv_store == "mooncake")
+        else None
+    )
     tiers = KVTiers(
         pool,
         host_bytes=config.kv_offload_host_bytes,
@@ -50,19 +60,21 @@ def attach_tiers(
         on_dropped=blocks.tier_dropped,
         async_io=config.kv_offload_async,
         write_queue_blocks=config.kv_offload_queue_blocks,
+        namespace=namespace,
     )
     tiers.on_moved = blocks.tier_moved
     if config.kv_store == "mooncake":
-        if model is None:
-            raise ValueError("a shared KV store needs the model: its fingerprint namespaces the keys")
-        namespace = store_namespace(model, pool, config)
+        assert namespace is not None
+        settings = mooncake_settings(config, pool)
         shared = SharedTiers(
             tiers,
-            MooncakeStore(mooncake_settings(config, pool)),
+            MooncakeStore(settings),
             namespace,
             put_on_compute=config.kv_store_put_on_compute,
             store_id=f"mooncake://{config.kv_store_master}/{namespace}",
             capacity_blocks=config.kv_store_segment_bytes // framed_bytes(pool.bytes_per_block),
+            # a batched get lands in the transfer buffer: at most half of it, at most 256 blocks a call
+            read_batch_blocks=max(1, min(256, settings.buffer_bytes // 2 // (pool.bytes_per_block + 64))),
         )
         blocks.attach_tiers(shared)
         blocks.on_computed = shared.computed
@@ -71,6 +83,21 @@ def attach_tiers(
         return None
     blocks.attach_tiers(tiers)
     return tiers
+
+
+def close_tiers(tiers: KVTiers | SharedTiers, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+    """Drain and close `tiers` at shutdown (the disk writes and store puts still queued are done, the
+    threads stopped) within `timeout_s`; returns whether everything finished (else a warning is
+    logged: a stuck disk or store never holds a worker's exit longer than that)."""
+    t0 = time.monotonic()
+    finished = tiers.close(timeout_s)
+    logger.log(
+        logging.INFO if finished else logging.WARNING,
+        "KV tiers closed in %.2f s%s",
+        time.monotonic() - t0,
+        "" if finished else f" (not all finished within {timeout_s:.1f} s)",
+    )
+    return finished
 
 
 def mooncake_settings(config: EngineConfig, pool: KVCachePool) -> MooncakeSettings:

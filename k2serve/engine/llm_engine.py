@@ -22,7 +22,7 @@ from k2serve.engine.captured import CapturedDecode, unsupported_reason
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.kv_reservation import KVGeometry, KVReservation
 from k2serve.engine.kv_sizing import pool_format, size_kv
-from k2serve.engine.kv_tiers import AsyncReloads, EngineLeases, attach_tiers
+from k2serve.engine.kv_tiers import AsyncReloads, EngineLeases, attach_tiers, close_tiers
 from k2serve.engine.model_runner import ModelRunner, RowSpec
 from k2serve.engine.protocol import InvalidRequestError
 from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_tokens
@@ -33,6 +33,7 @@ from k2serve.engine.spec_decode import Proposer
 from k2serve.engine.validation import validate_request
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
+from k2serve.kvcache.tiers import CLOSE_TIMEOUT_S
 from k2serve.model.loader import load_model
 from k2serve.model.model import K2Model
 from k2serve.model.moe import MoE
@@ -192,6 +193,7 @@ class LLMEngine:
         # time (ms) and batch (sequences) of the steps that computed no prompt token; 0.0 before one.
         self.decode_step_ms = 0.0
         self.decode_step_batch = 0.0
+        self._closed = False  # `close` ran
 
     def _captured_decode(self, pad_slot: int) -> CapturedDecode | None:
         """The captured decode step when EngineConfig.compile is "decode" and the model and pool allow
@@ -374,6 +376,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Release what outlives a step: drain and close the KV tiers (the disk writes and shared-store
+        puts still queued are done, their threads stopped; engine/kv_tiers.py `close_tiers`), waiting
+        at most `timeout_s`. Call it once stepping is over (AsyncEngine.shutdown does); returns whether
+        everything finished in time. Idempotent."""
+        if self.tiers is None or self._closed:
+            return True
+        self._closed = True
+        return close_tiers(self.tiers, timeout_s)
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -495,14 +495,26 @@ class BlockManager:
         hashes: list[int] = []
         if self.enable_prefix_caching:
             parent: int | None = None
-            for k in range((len(token_ids) - 1) // self.block_size):
+            prefetch = getattr(self.tiers, "prefetch", None)  # a tier that can look up many at once
+            n = (len(token_ids) - 1) // self.block_size
+            for k in range(n):
                 parent = block_hash(parent, token_ids[k * self.block_size : (k + 1) * self.block_size])
                 block = self._hash_to_block.get(parent)
+                if block is None and prefetch is not None:  # the first block not on the device
+                    prefetch(self._chain_from(parent, token_ids, k + 1, n))
+                    prefetch = None
                 if block is None and (self.tiers is None or not self.tiers.contains(parent)):
                     break
                 hits.append(block)
                 hashes.append(parent)
         return hits, hashes
+
+    def _chain_from(self, parent: int, token_ids: Sequence[int], start: int, end: int) -> list[int]:
+        """`parent` (the chain hash of block start - 1) and the chain hashes of blocks start..end-1."""
+        out = [parent]
+        for k in range(start, end):
+            out.append(block_hash(out[-1], token_ids[k * self.block_size : (k + 1) * self.block_size]))
+        return out
 
     def _budget(self, hits: Sequence[int | None], num_tokens: int) -> tuple[int, list[int]]:
         """(fresh blocks to reserve, device hits surely reused): every block after the first tier entry

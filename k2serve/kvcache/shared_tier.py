@@ -51,7 +51,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from k2serve.extras import MissingExtraError
-from k2serve.kvcache.tiers import KVTiers, Loaded, pack_block, unpack_block
+from k2serve.kvcache.tiers import CLOSE_TIMEOUT_S, KVTiers, Loaded, pack_block, run_bounded, unpack_block
 
 __all__ = ["STORE_TIER", "BlockStore", "MooncakeSettings", "MooncakeStore", "SharedTiers", "parse_host_port"]
 
@@ -81,13 +81,17 @@ class BlockStore(Protocol):
 
     def get(self, key: str) -> bytes | None: ...
 
+    def exists_many(self, keys: Sequence[str]) -> list[bool]: ...
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
     def put(self, key: str, value: bytes, done: Callable[[float], None] | None = None) -> bool: ...
 
     def remove(self, key: str) -> None: ...
 
     def flush(self, timeout_s: float = 10.0) -> bool: ...
 
-    def close(self) -> None: ...
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,28 @@ class MooncakeStore:
         data = self._call("get", lambda: bytes(self._store.get(key)))
         return data or None
 
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """Whether the store has each of `keys`, in one call (Mooncake's batch_is_exist); all False when
+        it is down or the call fails."""
+        if not keys or not self._ready():
+            return [False] * len(keys)
+        rcs = self._call("batch_is_exist", lambda: [int(r) for r in self._store.batch_is_exist(list(keys))])
+        if rcs is None or len(rcs) != len(keys):
+            return [False] * len(keys)
+        if any(r < 0 for r in rcs):
+            self._failed(f"batch_is_exist returned {min(rcs)}")
+        return [r == 1 for r in rcs]
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of `keys`, in one call (Mooncake's get_batch), each None when missing; all None
+        when the store cannot be asked. The values must fit the client's transfer buffer together."""
+        if not keys or not self._ready():
+            return [None] * len(keys)
+        got = self._call("get_batch", lambda: [bytes(v) for v in self._store.get_batch(list(keys))])
+        if got is None or len(got) != len(keys):
+            return [None] * len(keys)
+        return [v or None for v in got]
+
     def put(self, key: str, value: bytes, done: Callable[[float], None] | None = None) -> bool:
         """Queue a put of `value` under `key` (a no-op where the key exists: values are immutable);
         returns whether it was queued. `done(seconds)` is called on the put thread after a success."""
@@ -303,24 +329,29 @@ class MooncakeStore:
             f.set_exception(RuntimeError("the KV store client is closed"))
             return f
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the threads (queued puts are dropped; the calls running are waited for, at most
-        `timeout_s`) and close the client. The client is never closed under a running call (that
-        crashes it): when one outlives the wait, the client is left open. Idempotent."""
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Run the puts still queued, then stop the threads and close the client, waiting at most
+        `timeout_s` in all (at least 0.1 s for the threads once the puts had their time); returns
+        whether everything finished. Puts not run by then are dropped (logged). The client is never
+        closed under a running call (that crashes it): when one outlives the wait, the client is left
+        open. Idempotent."""
         if self._closed:
-            return
+            return True
+        deadline = time.monotonic() + timeout_s
+        finished = self.flush(timeout_s)  # before `_closed`: a put job skips itself once closed
+        if not finished:
+            logger.warning(
+                "KV store: %d queued puts not done after %.1f s at close; dropped", self._pending, timeout_s
+            )
         self._closed = True
-        drained = threading.Event()
 
         def drain() -> None:
             self._puts.shutdown(wait=True, cancel_futures=True)
             self._calls.shutdown(wait=True, cancel_futures=True)
-            drained.set()
 
-        threading.Thread(target=drain, name="k2kv-store-close", daemon=True).start()
-        if not drained.wait(timeout_s):
+        if not run_bounded(drain, max(0.1, deadline - time.monotonic()), "k2kv-store-close"):
             logger.warning("KV store: a call still runs after %.1f s; the client is left open", timeout_s)
-            return
+            return False
         with self._lock:
             store, self._store = self._store, None
         if store is not None:
@@ -328,6 +359,7 @@ class MooncakeStore:
                 store.close()
             except Exception as e:  # noqa: BLE001 - closing a client whose master is gone
                 logger.debug("KV store: close failed: %r", e)
+        return finished
 
 
 class SharedTiers:
@@ -336,7 +368,12 @@ class SharedTiers:
     added to every per-tier counter.
 
     Lookup results are remembered briefly (`exists_ttl_s` for a hit, `miss_ttl_s` for a miss), since the
-    block manager plans a waiting request again on every step."""
+    block manager plans a waiting request again on every step.
+
+    Long prefixes are looked up and read in batches, not one store call per block (a 32K-token context
+    is ~2,000 blocks, and each call is a round trip to the client's call thread): `prefetch` asks the
+    store about a prompt's chain hashes at once, `load_many` gets up to `read_batch_blocks` blocks a
+    call (their values must fit the client's transfer buffer together)."""
 
     def __init__(
         self,
@@ -350,7 +387,11 @@ class SharedTiers:
         store_id: str = "",
         capacity_blocks: int = 0,
         max_store_events: int = 1 << 16,
+        read_batch_blocks: int = 64,
     ) -> None:
+        if read_batch_blocks < 1:
+            raise ValueError(f"read_batch_blocks must be >= 1, got {read_batch_blocks}")
+        self.read_batch_blocks = read_batch_blocks
         self.local = local
         self.store = store
         self.prefix = f"{KEY_PREFIX}/{namespace}/"
@@ -447,12 +488,34 @@ class SharedTiers:
         to the first that none has a good copy of. Any thread (the reader's: `start_load`); the local
         tiers' drops reach the block manager with the next `poll`."""
         out: dict[int, Loaded] = {}
-        for h in hashes:
-            got = self.local.load_many([h]).get(h) or self._from_store(h)
-            if got is None:
-                break
-            out[h] = got
+        hashes = list(hashes)
+        for start in range(0, len(hashes), self.read_batch_blocks):
+            chunk = hashes[start : start + self.read_batch_blocks]
+            need = [h for h in chunk if not self.local.contains(h)]
+            fetched = dict(zip(need, self._from_store_many(need), strict=True))
+            for h in chunk:
+                got = fetched[h] if h in fetched else self.local.load_many([h]).get(h) or self._from_store(h)
+                if got is None:
+                    return out
+                out[h] = got
         return out
+
+    def prefetch(self, hashes: Sequence[int]) -> None:
+        """Ask the store about every hash of `hashes` that no local tier holds and whose answer is not
+        remembered, in one call per `read_batch_blocks` * 16 hashes, and remember the answers (the
+        block manager's `contains` lookups of a long prompt then find them). On the engine thread."""
+        now = time.monotonic()
+        unknown = [
+            h for h in hashes if not self.local.contains(h) and self._known.get(h, (False, 0.0))[1] <= now
+        ]
+        step = self.read_batch_blocks * 16
+        for start in range(0, len(unknown), step):
+            chunk = unknown[start : start + step]
+            for h, found in zip(chunk, self.store.exists_many([self.key(h) for h in chunk]), strict=True):
+                self._remember(h, found)
+                if not found:  # as `_in_store`: the router drops the hash from its store index
+                    with self.local.lock:
+                        self._store_event(h, False)
 
     def start_load(self, hashes: Sequence[int]) -> Future[dict[int, Loaded]]:
         """`load_many(hashes)` on the local tiers' reader thread (async_io), else at once."""
@@ -476,10 +539,13 @@ class SharedTiers:
         self.local.flush()
         return self.store.flush(timeout_s)
 
-    def close(self) -> None:
-        """Stop the local tiers' threads and the store client."""
-        self.local.close()
-        self.store.close()
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Finish the local tiers' queued disk writes and the store's queued puts, then stop their
+        threads and the client, within `timeout_s` in all (see KVTiers.close, MooncakeStore.close);
+        returns whether everything finished."""
+        deadline = time.monotonic() + timeout_s
+        local = self.local.close(timeout_s)
+        return self.store.close(max(0.0, deadline - time.monotonic())) and local
 
     # ---- the router's index of the store -----------------------------------------------------------
     def drain_store_events(self) -> tuple[list[int], list[int]]:
@@ -518,20 +584,32 @@ class SharedTiers:
     def _from_store(self, h: int) -> Loaded | None:
         """`h`'s verified payload from the store, or None (a missing, corrupt or wrong-sized entry is
         counted in corrupt_blocks; a bad one is removed from the store). Any thread."""
+        return self._from_store_many([h])[0]
+
+    def _from_store_many(self, hashes: Sequence[int]) -> list[Loaded | None]:
+        """Each of `hashes`' verified payload from the store, read in one call, up to the first that has
+        no good copy (as `_from_store`); None from there on (a prefix ends there: the rest is neither
+        used nor counted). Any thread."""
+        if not hashes:
+            return []
         t0 = time.perf_counter()
-        data = self.store.get(self.key(h))
-        payload = unpack_block(data) if data is not None else None
-        if payload is None or len(payload) != self.local.block_bytes:
+        values = self.store.get_many([self.key(h) for h in hashes])
+        seconds = (time.perf_counter() - t0) / len(hashes)
+        out: list[Loaded | None] = []
+        for h, data in zip(hashes, values, strict=True):
+            payload = unpack_block(data) if data is not None else None
+            if payload is None or len(payload) != self.local.block_bytes:
+                with self.local.lock:
+                    self._known.pop(h, None)
+                    self.stats.corrupt_blocks += 1
+                    self._store_event(h, False)
+                if data is not None:  # there but bad: no other worker should fetch it either
+                    self.store.remove(self.key(h))
+                return out + [None] * (len(hashes) - len(out))
             with self.local.lock:
-                self._known.pop(h, None)
-                self.stats.corrupt_blocks += 1
-                self._store_event(h, False)
-            if data is not None:  # there but bad: no other worker should fetch it either
-                self.store.remove(self.key(h))
-            return None
-        with self.local.lock:
-            self.stats.reload_seconds[STORE_TIER] += time.perf_counter() - t0
-        return torch.frombuffer(bytearray(payload), dtype=torch.uint8), STORE_TIER
+                self.stats.reload_seconds[STORE_TIER] += seconds
+            out.append((torch.frombuffer(bytearray(payload), dtype=torch.uint8), STORE_TIER))
+        return out
 
     def _remember(self, h: int, found: bool) -> None:
         ttl = self._exists_ttl_s if found else self._miss_ttl_s

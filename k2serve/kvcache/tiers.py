@@ -18,11 +18,21 @@ With `async_io` (the engine's default) the slow parts run on two background thre
 the engine's steps: an offload copies the evicted block's rows into a staging tensor on the engine
 thread (a memcpy that finishes before the block is reused) and, where it goes to the disk tier, queues
 the checksum and file write on a writer thread (a bounded queue: when it is full the offload is
-dropped and counted, the step never waits); `start_load` reads and verifies a list of blocks on a
+dropped and counted, the step never waits; the bound is checked once per batch of evictions, so one
+batch is queued whole even past it: its rows are already copied out of the pool, and a long context
+evicted at once, e.g. 2,000 blocks of a 32K-token prompt, must not lose all but the first few hundred); `start_load` reads and verifies a list of blocks on a
 reader thread into staging tensors (a future), and the engine copies them into the pool on its own
 thread (`write`; no other thread writes the pool). A block queued for the disk is served from its
 staging tensor until written. Drops found on a background thread reach `on_dropped` on the engine
 thread (`poll`), as do tier changes (`on_moved`, for the router's KV events).
+
+Shutdown (`close`, called by the engine's close: engine/llm_engine.py): the writes still queued are
+finished and the threads stopped, within a bounded time (a stuck disk must not hang a worker's exit: what
+is not written by then is logged and lost). With a `namespace` (the model / dtype / layout fingerprint,
+engine/kv_tiers.py `store_namespace`) the disk tier outlives its process: the directory keeps a marker
+file with the namespace, and the next engine on the same directory with the same namespace adopts the
+block files it finds (verified on load like any other); files of another namespace, or of none, are
+deleted (their bytes may belong to another model: never read them).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import xxhash
 from k2serve.kvcache.pool import KVCachePool
 
 __all__ = [
+    "CLOSE_TIMEOUT_S",
     "TIERS",
     "DiskTier",
     "HostTier",
@@ -53,6 +64,7 @@ __all__ = [
     "TierStats",
     "framed_bytes",
     "pack_block",
+    "run_bounded",
     "unpack_block",
 ]
 
@@ -61,6 +73,28 @@ logger = logging.getLogger(__name__)
 TIERS = ("host", "disk")
 _MAGIC = b"K2KVBLK1"
 _HEADER = struct.Struct("<8sQQQ")  # magic, payload length, xxh3-128 low, high
+_SUFFIX = ".kvblock"
+NAMESPACE_FILE = "k2kv-namespace"  # the disk tier's marker: whose blocks the directory holds
+CLOSE_TIMEOUT_S = 10.0  # the default bound of a tier's `close` (queued writes, running reads)
+
+
+def run_bounded(fn: Callable[[], object], timeout_s: float, name: str) -> bool:
+    """Run `fn()` on a daemon thread named `name` and wait for it at most `timeout_s` seconds; returns
+    whether it finished (else it is left running: a daemon thread does not hold up the process's exit).
+    An exception in `fn` is logged and counts as finished. What a shutdown uses for every wait that a
+    stuck disk or store could make endless."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - logged: a shutdown step must not kill the shutdown
+            logger.exception("%s failed", name)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done.wait(max(0.0, timeout_s))
 
 
 def _digest(data: bytes | memoryview) -> tuple[int, int]:
@@ -140,17 +174,66 @@ class HostTier:
 
 class DiskTier:
     """One file per block in `directory`, named by its chain hash (16 hex digits), at most
-    `capacity_blocks` files: header (magic, length, XXH3-128 of the payload) + payload."""
+    `capacity_blocks` files: header (magic, length, XXH3-128 of the payload) + payload.
 
-    def __init__(self, directory: str | os.PathLike[str], capacity_blocks: int) -> None:
+    `namespace`: whose blocks these are (see the module docstring). With one, the files a previous
+    process left under the same namespace are adopted (oldest first by modification time, the newest
+    `capacity_blocks` kept) and any other block files are deleted; without one, files found are ignored
+    (this process never reads a file it did not write)."""
+
+    def __init__(
+        self, directory: str | os.PathLike[str], capacity_blocks: int, namespace: str | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.capacity_blocks = capacity_blocks
-        self._files: OrderedDict[int, None] = OrderedDict()  # what this process wrote, LRU order
+        self._files: OrderedDict[int, None] = OrderedDict()  # files held, LRU order
+        self.adopted = 0  # block files taken over from a previous process (same namespace)
+        if namespace is not None:
+            self._adopt(namespace)
+
+    def _adopt(self, namespace: str) -> None:
+        """Take over the block files of `namespace` left in the directory; delete any other's (and
+        write the marker)."""
+        marker = self.directory / NAMESPACE_FILE
+        try:
+            found = marker.read_text().strip()
+        except OSError:
+            found = None
+        files: list[tuple[float, int, Path]] = []
+        for f in self.directory.glob(f"*{_SUFFIX}"):
+            try:
+                files.append((f.stat().st_mtime, int(f.name[: -len(_SUFFIX)], 16), f))
+            except (OSError, ValueError):  # vanished, or not a name this tier writes
+                continue
+        if found != namespace:
+            for _, _, f in files:
+                f.unlink(missing_ok=True)
+            for f in self.directory.glob(f".*{_SUFFIX}.tmp"):
+                f.unlink(missing_ok=True)
+            tmp = self.directory / f".{NAMESPACE_FILE}.{os.getpid()}.tmp"
+            tmp.write_text(namespace + "\n")
+            os.replace(tmp, marker)
+            if files:
+                logger.info(
+                    "KV disk tier: deleted %d block files of another model or format in %s",
+                    len(files),
+                    self.directory,
+                )
+            return
+        for _, h, _ in sorted(files):
+            self._files[h] = None
+        self.adopted = len(self._files)
+        while len(self._files) > self.capacity_blocks:
+            old, _ = self._files.popitem(last=False)
+            self.path(old).unlink(missing_ok=True)
+            self.adopted -= 1
+        if self.adopted:
+            logger.info("KV disk tier: adopted %d block files in %s", self.adopted, self.directory)
 
     def path(self, h: int) -> Path:
         """The file of chain hash `h`."""
-        return self.directory / f"{h:016x}.kvblock"
+        return self.directory / f"{h:016x}{_SUFFIX}"
 
     def __contains__(self, h: int) -> bool:
         return h in self._files
@@ -170,7 +253,7 @@ class DiskTier:
     def write_file(self, h: int, payload: bytes) -> None:
         """Checksum `payload` and write the file of `h` (temporary file + rename). I/O only: no
         bookkeeping, so that a background thread can run it outside the tiers' lock; `add` follows."""
-        tmp = self.directory / f".{h:016x}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp = self.directory / f".{h:016x}.{os.getpid()}.{threading.get_ident()}{_SUFFIX}.tmp"
         with open(tmp, "wb") as f:
             f.write(pack_block(payload))
         os.replace(tmp, self.path(h))
@@ -231,9 +314,10 @@ class KVTiers:
     `on_dropped(h)` is called when chain hash `h` leaves the last tier holding it; `on_moved(h, tier)`
     when a held block moves to another tier (host -> disk). Both only on the engine thread (the one
     calling `offload`, `load`, `write`, `poll`). With `async_io` disk writes and `start_load` reads run
-    on background threads (see the module docstring); `write_queue_blocks` bounds the writes queued.
+    on background threads (see the module docstring); `write_queue_blocks` bounds the writes queued
+    (checked once per batch of evictions).
     `read_hook(h)`, when set, runs on the reading thread before each block is read (tests inject a slow
-    tier with it)."""
+    tier with it). `namespace`: the disk tier's (see DiskTier): blocks it holds survive this process."""
 
     def __init__(
         self,
@@ -244,6 +328,7 @@ class KVTiers:
         on_dropped: Callable[[int], None] | None = None,
         async_io: bool = False,
         write_queue_blocks: int = 64,
+        namespace: str | None = None,
     ) -> None:
         if host_bytes < 0 or disk_bytes < 0:
             raise ValueError(f"tier sizes must be >= 0 bytes, got host {host_bytes}, disk {disk_bytes}")
@@ -255,7 +340,7 @@ class KVTiers:
         self.block_bytes = pool.bytes_per_block
         self.host = HostTier(host_bytes // self.block_bytes) if host_bytes >= self.block_bytes else None
         self.disk = (
-            DiskTier(disk_dir, disk_bytes // self.block_bytes)
+            DiskTier(disk_dir, disk_bytes // self.block_bytes, namespace)
             if disk_dir is not None and disk_bytes >= self.block_bytes
             else None
         )
@@ -272,9 +357,10 @@ class KVTiers:
         self._no_reads = threading.Condition(self._lock)
         self._pending: dict[int, torch.Tensor] = {}  # queued for the disk, not written yet
         self._drops: list[int] = []  # left the last tier, not yet told to on_dropped
-        self._writes: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(
-            write_queue_blocks
-        )  # None: stop
+        self.write_queue_blocks = write_queue_blocks
+        self._admit = True  # whether the current batch of offloads may queue disk writes
+        # None: stop. Unbounded: `_admit` bounds it (per batch, see the module docstring).
+        self._writes: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None  # started by the first `start_load` (async_io)
         if async_io and self.disk is not None:
@@ -349,6 +435,7 @@ class KVTiers:
         returns (the blocks may be reused); disk writes may still be queued (async_io)."""
         held: list[bool] = []
         with self._lock:
+            self._admit = len(self._pending) < self.write_queue_blocks
             fresh = [(h, b) for h, b in evicted if not self.contains(h)]
             t0 = time.perf_counter()
             payloads = (
@@ -385,13 +472,12 @@ class KVTiers:
         if self._writer is not None:
             if h in self._pending or h in self.disk:
                 return True
-            try:
-                self._writes.put_nowait((h, payload))
-            except queue.Full:
+            if not self._admit:  # the queue was full when this batch began: drop, never wait
                 self.stats.dropped_offloads += 1
                 if report:
                     self._drops.append(h)
                 return False
+            self._writes.put_nowait((h, payload))
             self._pending[h] = payload
             return True
         t0 = time.perf_counter()
@@ -447,15 +533,34 @@ class KVTiers:
         if self._writer is not None:
             self._writes.join()
 
-    def close(self) -> None:
-        """Finish the queued writes and stop the background threads (idempotent)."""
-        if self._writer is not None:
-            self._writes.put(None)
-            self._writer.join()
-            self._writer = None
-        if self._reader is not None:
-            self._reader.shutdown(wait=True, cancel_futures=True)
-            self._reader = None
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Finish the queued disk writes and stop the background threads, waiting at most `timeout_s`
+        in all; returns whether everything finished. What is still queued or running after that (a
+        stuck disk) is logged and left behind: the threads are daemons, the process can exit, and those
+        blocks are lost (never half-written: a file appears only by its final rename). Reads not
+        started are cancelled. Idempotent."""
+        deadline = time.monotonic() + timeout_s
+        finished = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._writes.put_nowait(None)
+            writer.join(max(0.0, deadline - time.monotonic()))
+            if writer.is_alive():
+                finished = False
+                logger.warning(
+                    "KV disk tier: %d queued block writes not done after %.1f s at close; they are lost",
+                    len(self._pending),
+                    timeout_s,
+                )
+        reader, self._reader = self._reader, None
+        if reader is not None and not run_bounded(
+            lambda: reader.shutdown(wait=True, cancel_futures=True),
+            deadline - time.monotonic(),
+            "kv-tier-close",
+        ):
+            finished = False
+            logger.warning("KV tiers: a block read still runs after %.1f s at close; left behind", timeout_s)
+        return finished
 
     def _read(self, h: int) -> Loaded | None:
         """`h`'s verified payload and tier, or None (a corrupt or missing disk entry is dropped and

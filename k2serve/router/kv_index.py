@@ -10,10 +10,11 @@ Memory is bounded: at most `max_blocks` distinct hashes are kept; when a new has
 the least recently stored hash is forgotten (for every worker holding it). A stored event for a held
 block only updates its tier (an offload, or a reload back to the device). Forgetting loses only a
 prediction (a request may miss a cache it could have hit), never correctness: the worker's own prefix
-cache decides what is reused. A hash costs about 460 bytes with one holder and 140 more per further
-holder (measured with tracemalloc, CPython 3.11, before tiers were kept: each worker's hashes are kept
-in recency order with a store sequence number, for `eviction_cost`), so the default 2^19 hashes bound
-the index near 240 MiB (with one holder each).
+cache decides what is reused. A hash costs about 430 bytes with one holder (395 when it is held only in
+a tier) and 140 more per further holder (tracemalloc, CPython 3.11, benchmarks/kv_index_memory.py: each
+worker's hashes are kept in recency order with a store sequence number, for `eviction_cost`, and each
+hash maps to {worker: tier}), so the default 2^19 hashes bound the index near 215 MiB (with one holder
+each).
 
 The shared store (a Mooncake Store every worker of it reaches, kvcache/shared_tier.py) is indexed apart
 from the workers: a block in it is fetchable by every worker of that store (WorkerInfo.kv_store: the

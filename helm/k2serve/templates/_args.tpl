@@ -40,6 +40,12 @@ Integers go through `int` (Helm reads numbers as floats, and 1000000 would print
 {{- if $e.kvOffloadDir -}}
 {{- $args = concat $args (list "--kv-offload-dir" $e.kvOffloadDir "--kv-offload-disk-mb" (printf "%d" (int $e.kvOffloadDiskMb))) -}}
 {{- end -}}
+{{- if not $e.kvOffloadAsync -}}
+{{- $args = append $args "--no-kv-offload-async" -}}
+{{- end -}}
+{{- if gt (int $e.kvReloadTimeoutS) 0 -}}
+{{- $args = concat $args (list "--kv-reload-timeout-s" (printf "%d" (int $e.kvReloadTimeoutS))) -}}
+{{- end -}}
 {{- if $e.kvSessionLeaseS -}}
 {{- $args = concat $args (list "--kv-session-lease-s" (toString $e.kvSessionLeaseS)) -}}
 {{- end -}}
