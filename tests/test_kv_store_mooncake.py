@@ -185,15 +185,15 @@ def test_store_reload_is_asynchronous_and_decode_runs_meanwhile(
     engine.add_request("d", prompt(70), GREEDY)
     engine.step()  # d's prefill and first token
     gate, reading = threading.Event(), threading.Event()
-    get = tiers.store.get
+    get_many = tiers.store.get_many  # a prefix's blocks are read in batches
 
-    def slow_get(key: str) -> bytes | None:
+    def slow_get_many(keys: list[str]) -> list[bytes | None]:
         assert threading.current_thread() is not threading.main_thread()  # never on the engine's
         reading.set()
         gate.wait(30)
-        return get(key)
+        return get_many(keys)
 
-    tiers.store.get = slow_get  # type: ignore[method-assign]
+    tiers.store.get_many = slow_get_many  # type: ignore[method-assign]
     engine.add_request("a2", prompt(60), GREEDY)
     got: dict[str, list[int]] = {}
     for _ in range(3):
