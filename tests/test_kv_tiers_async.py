@@ -48,6 +48,22 @@ def _tier_kw(tier: str, tmp_path: Path) -> dict[str, Any]:
     return {"kv_offload_dir": str(tmp_path), "kv_offload_disk_bytes": BIG}
 
 
+def gate_disk_writes(tiers: KVTiers) -> tuple[threading.Event, threading.Event]:
+    """Every disk write of `tiers` waits for the second event (at most 30 s); the first is set once one
+    waits (the writer thread is then busy)."""
+    assert tiers.disk is not None
+    writing, release = threading.Event(), threading.Event()
+    write_file = tiers.disk.write_file
+
+    def gated(h: int, payload: bytes) -> None:
+        writing.set()
+        release.wait(30)
+        write_file(h, payload)
+
+    tiers.disk.write_file = gated  # type: ignore[method-assign]
+    return writing, release
+
+
 def _gate(engine: LLMEngine) -> threading.Event:
     """A slow tier: every block read waits for the returned event (at most 30 s)."""
     assert engine.tiers is not None
@@ -155,28 +171,26 @@ def test_full_write_queue_drops_the_offload_and_never_waits(tmp_path: Path) -> N
     )
     tiers.on_moved = bm.tier_moved
     bm.attach_tiers(tiers)
-    assert tiers.disk is not None
-    writing, release = threading.Event(), threading.Event()
-    write_file = tiers.disk.write_file
-
-    def slow_write(h: int, payload: bytes) -> None:
-        writing.set()
-        release.wait(30)
-        write_file(h, payload)
-
-    tiers.disk.write_file = slow_write  # type: ignore[method-assign]
+    writing, release = gate_disk_writes(tiers)
     assert tiers.offload(12345, 6)  # another block: the writer takes it and stays busy
     assert writing.wait(30)
     tokens = [list(range(s, s + 5)) for s in (0, 100, 200)]  # one full block each
-    tables = []
-    for t in tokens:
-        a = bm.allocate(t)
-        pool.kv[:, a.block_table[0]] = float(t[0] + 1)
-        bm.mark_computed(a.block_table, t, 5)
-        tables.append(a.block_table)
-    for table in tables:
-        bm.free(table)
-    bm.events.drain()
+
+    def compute_and_free() -> list[int]:
+        """Each of `tokens` computed into a block then freed (cached, evictable); their cache hits."""
+        tables, hits = [], []
+        for t in tokens:
+            a = bm.allocate(t)
+            hits.append(a.num_cached_tokens)
+            pool.kv[:, a.block_table[0]] = float(t[0] + 1)
+            bm.mark_computed(a.block_table, t, 5)
+            tables.append(a.block_table)
+        for table in tables:
+            bm.free(table)
+        bm.events.drain()
+        return hits
+
+    compute_and_free()
     h = [chain_hashes(t, 4)[0] for t in tokens]
     filler = bm.allocate(list(range(500, 524)))  # 6 blocks: all three cached ones evicted at once
     events, _ = bm.events.drain()
@@ -189,16 +203,7 @@ def test_full_write_queue_drops_the_offload_and_never_waits(tmp_path: Path) -> N
     tiers.flush()
     assert tiers.write_queue_depth == 0 and len(tiers.disk) == 1  # 12345
     # a batch that begins below the bound is queued whole, past it: a long context evicted at once
-    tables = []
-    for t in tokens:
-        a = bm.allocate(t)
-        assert a.num_cached_tokens == 0  # dropped before: recomputed
-        pool.kv[:, a.block_table[0]] = float(t[0] + 1)
-        bm.mark_computed(a.block_table, t, 5)
-        tables.append(a.block_table)
-    for table in tables:
-        bm.free(table)
-    bm.events.drain()
+    assert compute_and_free() == [0, 0, 0]  # dropped before: recomputed
     filler = bm.allocate(list(range(500, 524)))
     events, _ = bm.events.drain()
     assert tiers.stats.dropped_offloads == 3 and events == [(x, False, "disk") for x in h]

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from test_kv_tiers import BS, generate, make_engine, prompt
+from test_kv_tiers_async import gate_disk_writes
 
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.kvcache.hashing import chain_hashes
@@ -32,27 +33,13 @@ def reference(tiny_ckpt: Path) -> list[int]:
     return generate(make_engine(tiny_ckpt, enable_prefix_caching=False, num_kv_blocks=64), "ref", prompt(1))
 
 
-def _gate_writes(tiers: Any) -> tuple[threading.Event, threading.Event]:
-    """Every disk write waits for the second event (at most 30 s); the first is set once one waits."""
-    writing, release = threading.Event(), threading.Event()
-    write_file = tiers.disk.write_file
-
-    def gated(h: int, payload: bytes) -> None:
-        writing.set()
-        release.wait(30)
-        write_file(h, payload)
-
-    tiers.disk.write_file = gated
-    return writing, release
-
-
 def test_queued_writes_reach_disk_at_shutdown_and_the_next_engine_reloads_them(
     tiny_ckpt: Path, tmp_path: Path, reference: list[int]
 ) -> None:
     kw: dict[str, Any] = {"kv_offload_dir": str(tmp_path), "kv_offload_disk_bytes": BIG}
     engine = make_engine(tiny_ckpt, **kw)
     assert engine.tiers is not None and engine.tiers.async_io and engine.tiers.host is None
-    _, release = _gate_writes(engine.tiers)
+    _, release = gate_disk_writes(engine.tiers)
     assert generate(engine, "a", prompt(1)) == reference
     for s in (2, 3, 4):  # push prompt 1's blocks out of the 12-block pool: queued for the disk
         generate(engine, f"x{s}", prompt(s))
@@ -99,7 +86,7 @@ def test_close_with_a_stuck_writer_returns_within_its_timeout(
 ) -> None:
     pool = KVCachePool(2, 4, 4, 8, torch.float32)
     tiers = KVTiers(pool, disk_dir=tmp_path, disk_bytes=BIG, async_io=True, write_queue_blocks=4)
-    writing, release = _gate_writes(tiers)
+    writing, release = gate_disk_writes(tiers)
     assert tiers.offload(11, 0) and writing.wait(30)  # the writer holds it (stuck)
     assert tiers.offload(12, 1) and tiers.write_queue_depth == 2  # and one queued behind it
     try:
