@@ -492,29 +492,29 @@ class BlockManager:
         if len(token_ids) == 0:
             raise BlockManagerError("cannot allocate blocks for an empty prompt")
         hits: list[int | None] = []
-        hashes: list[int] = []
+        chain: list[int] = []  # the chain hashes of the leading blocks, computed as far as needed
         if self.enable_prefix_caching:
-            parent: int | None = None
             prefetch = getattr(self.tiers, "prefetch", None)  # a tier that can look up many at once
             n = (len(token_ids) - 1) // self.block_size
             for k in range(n):
-                parent = block_hash(parent, token_ids[k * self.block_size : (k + 1) * self.block_size])
-                block = self._hash_to_block.get(parent)
+                self._extend_chain(chain, token_ids, k + 1)
+                h = chain[k]
+                block = self._hash_to_block.get(h)
                 if block is None and prefetch is not None:  # the first block not on the device
-                    prefetch(self._chain_from(parent, token_ids, k + 1, n))
+                    self._extend_chain(chain, token_ids, n)
+                    prefetch(chain[k:])
                     prefetch = None
-                if block is None and (self.tiers is None or not self.tiers.contains(parent)):
+                if block is None and (self.tiers is None or not self.tiers.contains(h)):
                     break
                 hits.append(block)
-                hashes.append(parent)
-        return hits, hashes
+        return hits, chain[: len(hits)]
 
-    def _chain_from(self, parent: int, token_ids: Sequence[int], start: int, end: int) -> list[int]:
-        """`parent` (the chain hash of block start - 1) and the chain hashes of blocks start..end-1."""
-        out = [parent]
-        for k in range(start, end):
-            out.append(block_hash(out[-1], token_ids[k * self.block_size : (k + 1) * self.block_size]))
-        return out
+    def _extend_chain(self, chain: list[int], token_ids: Sequence[int], end: int) -> None:
+        """Append to `chain` (the chain hashes of `token_ids`' first len(chain) blocks) those of the
+        blocks up to `end` - 1."""
+        bs = self.block_size
+        for k in range(len(chain), end):
+            chain.append(block_hash(chain[-1] if chain else None, token_ids[k * bs : (k + 1) * bs]))
 
     def _budget(self, hits: Sequence[int | None], num_tokens: int) -> tuple[int, list[int]]:
         """(fresh blocks to reserve, device hits surely reused): every block after the first tier entry
