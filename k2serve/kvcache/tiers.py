@@ -358,8 +358,7 @@ class KVTiers:
         self._pending: dict[int, torch.Tensor] = {}  # queued for the disk, not written yet
         self._drops: list[int] = []  # left the last tier, not yet told to on_dropped
         self.write_queue_blocks = write_queue_blocks
-        self._admit = True  # whether the current batch of offloads may queue disk writes
-        # None: stop. Unbounded: `_admit` bounds it (per batch, see the module docstring).
+        # None: stop. Unbounded: `offload_many` bounds it (per batch, see the module docstring).
         self._writes: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None  # started by the first `start_load` (async_io)
@@ -435,7 +434,7 @@ class KVTiers:
         returns (the blocks may be reused); disk writes may still be queued (async_io)."""
         held: list[bool] = []
         with self._lock:
-            self._admit = len(self._pending) < self.write_queue_blocks
+            admit = len(self._pending) < self.write_queue_blocks  # this batch may queue disk writes
             fresh = [(h, b) for h, b in evicted if not self.contains(h)]
             t0 = time.perf_counter()
             payloads = (
@@ -454,17 +453,18 @@ class KVTiers:
                 elif self.host is not None:
                     self.stats.offload_bytes["host"] += payload.numel()
                     for old, data in self.host.put(h, payload):
-                        if self._to_disk(old, data) and self.on_moved is not None:
+                        if self._to_disk(old, data, admit) and self.on_moved is not None:
                             self.on_moved(old, "disk")
                     held.append(True)
                 else:  # the caller publishes a block that found no tier
-                    held.append(self._to_disk(h, payload, report=False))
+                    held.append(self._to_disk(h, payload, admit, report=False))
         self.poll()
         return held
 
-    def _to_disk(self, h: int, payload: torch.Tensor, report: bool = True) -> bool:
-        """Send `payload` of `h` to the disk tier (queued with async_io); False when it is dropped (then
-        `on_dropped` hears of it when `report`: a block pushed out of the host tier)."""
+    def _to_disk(self, h: int, payload: torch.Tensor, admit: bool, report: bool = True) -> bool:
+        """Send `payload` of `h` to the disk tier (queued with async_io, if `admit`: the write queue was
+        below its bound when this batch of offloads began); False when it is dropped (then `on_dropped`
+        hears of it when `report`: a block pushed out of the host tier)."""
         if self.disk is None:
             if report:
                 self._drops.append(h)
@@ -472,7 +472,7 @@ class KVTiers:
         if self._writer is not None:
             if h in self._pending or h in self.disk:
                 return True
-            if not self._admit:  # the queue was full when this batch began: drop, never wait
+            if not admit:  # the queue was full when this batch began: drop, never wait
                 self.stats.dropped_offloads += 1
                 if report:
                     self._drops.append(h)
