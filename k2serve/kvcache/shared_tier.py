@@ -513,9 +513,6 @@ class SharedTiers:
             chunk = unknown[start : start + step]
             for h, found in zip(chunk, self.store.exists_many([self.key(h) for h in chunk]), strict=True):
                 self._remember(h, found)
-                if not found:  # as `_in_store`: the router drops the hash from its store index
-                    with self.local.lock:
-                        self._store_event(h, False)
 
     def start_load(self, hashes: Sequence[int]) -> Future[dict[int, Loaded]]:
         """`load_many(hashes)` on the local tiers' reader thread (async_io), else at once."""
@@ -612,12 +609,16 @@ class SharedTiers:
         return out
 
     def _remember(self, h: int, found: bool) -> None:
+        """A lookup's answer for `h`, kept for its TTL; a miss also goes to the router (its store index
+        drops the hash)."""
         ttl = self._exists_ttl_s if found else self._miss_ttl_s
         with self.local.lock:  # the reader thread forgets entries (`_from_store`)
             self._known[h] = (found, time.monotonic() + ttl)
             self._known.move_to_end(h)
             while len(self._known) > self._max_remembered:
                 self._known.popitem(last=False)
+            if not found:
+                self._store_event(h, False)
 
     def _in_store(self, h: int) -> bool:
         known = self._known.get(h)
@@ -625,9 +626,6 @@ class SharedTiers:
             return known[0]
         found = self.store.exists(self.key(h))
         self._remember(h, found)
-        if not found:
-            with self.local.lock:
-                self._store_event(h, False)
         return found
 
     def _put_blocks(self, blocks: Sequence[tuple[int, int]]) -> None:
