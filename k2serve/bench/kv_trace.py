@@ -178,11 +178,6 @@ async def _replay(
     return result.records, time.perf_counter() - t0
 
 
-def prefill_capacity_blocks(cluster: LocalCluster) -> int:
-    """The prefill workers' KV blocks together (as registered)."""
-    return prefill_capacity(cluster)[0]
-
-
 def prefill_capacity(cluster: LocalCluster) -> tuple[int, int]:
     """(the prefill workers' KV pool blocks together, the blocks their shared-store segments hold by
     size together: 0 without a store), as registered."""
