@@ -102,13 +102,13 @@ def bench_static(config: ModelConfig, dtype: torch.dtype, batches: Sequence[int]
     GATHER_MAX_ROWS) and with the grouped GEMM (off); same routing, paired rounds."""
     from k2serve.model import compiled_gemv
 
-    experts = random_moe(config, dtype).experts
-    step = torch.compile(experts.forward_static, dynamic=False, fullgraph=True)
+    moe = random_moe(config, dtype)
+    step = torch.compile(moe.experts.forward_static, dynamic=False, fullgraph=True)
     out = []
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, config.hidden_size).to(dtype)
-            weights, ids = random_moe(config, dtype).gate(x)
+            weights, ids = moe.gate(x)
 
             def run(
                 on: bool, x: torch.Tensor = x, w: torch.Tensor = weights, i: torch.Tensor = ids
