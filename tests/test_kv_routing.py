@@ -231,6 +231,38 @@ def test_argmin_trades_queue_against_cache() -> None:
     assert predicted_ttft_s(20, 41, 40, 1000.0) == pytest.approx(0.021)
 
 
+def test_answered_prefill_leaves_a_stale_reported_queue() -> None:
+    """A heartbeat taken while a's prefill ran reports it queued; once that prefill is answered the next
+    turn (which a holds a block of) must not see a's queue as still full and go to b (the CI flake of
+    test_kv_cluster). A heartbeat whose snapshot predates the answer keeps the correction; one that
+    counts the prompt drops it."""
+    prompt = list(range(100, 126))  # 26 tokens, a holds the first 2 blocks (8 tokens)
+    idx = KVIndex()
+    _cached_on(idx, "a", prompt, 2)
+    policy = KVAware(idx)
+    a, b = _worker("a", queued=9, rate=1000.0), _worker("b", queued=0, rate=1000.0)
+    table = WorkerTable(10.0, lambda address: None)  # type: ignore[arg-type,return-value]
+    table.workers = {"a": a, "b": b}
+    blocks = PromptBlocks(prompt)
+    # the stale report: a (9 + 26 - 8) = 27 ms, b 26 ms
+    assert policy.choose([a, b], "prefill", prompt=blocks).worker.worker_id == "b"
+    a.prefill_answered(1, 9)  # the answer: the worker had computed 1 prompt by then
+    assert a.queued_prefill_tokens() == 0
+    c = policy.choose([a, b], "prefill", prompt=blocks)
+    assert (c.worker.worker_id, c.reason, c.cached_tokens) == ("a", "prefix_hit", 8)
+    # a heartbeat built before the answer (its snapshot counted 0 prompts, 9 queued) arrives after it
+    assert table.heartbeat("a", registry_pb2.WorkerLoad(queued_prefill_tokens=9, prefill_tokens_per_s=1000.0))
+    assert a.queued_prefill_tokens() == 0 and a.unreported_prefills == [(1, 9)]
+    # the next one counts the prompt: the correction goes, and a's new queue is its own
+    load = registry_pb2.WorkerLoad(queued_prefill_tokens=5, prefill_tokens_per_s=1000.0, prompts_computed=1)
+    assert table.heartbeat("a", load)
+    assert a.unreported_prefills == [] and a.queued_prefill_tokens() == 5
+    a.prefill_answered(1, 7)  # an answer the last report already counted changes nothing
+    assert a.queued_prefill_tokens() == 5
+    a.prefill_tokens = 12  # the router's own in-flight tokens still count when above the report
+    assert a.queued_prefill_tokens() == 12
+
+
 def test_ties_unmeasured_rates_and_workers_without_events() -> None:
     prompt = list(range(9))
     idx = KVIndex()

@@ -127,9 +127,15 @@ def wait_free(engine: AsyncEngine, want: int) -> int:
 
 
 def disaggregated(
-    pair: Pair, rid: str, prompt: list[int], max_tokens: int, via_other_prefill: bool = False
+    pair: Pair,
+    rid: str,
+    prompt: list[int],
+    max_tokens: int,
+    via_other_prefill: bool = False,
+    answers: list[int] | None = None,
 ) -> list[int]:
-    """What the router does: Reserve on decode, Prefill (KV sent to the reservation), Decode."""
+    """What the router does: Reserve on decode, Prefill (KV sent to the reservation), Decode. `answers`
+    gets the Prefill response's prompts_computed."""
     sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     res = pair.decode_stub.Reserve(
         worker_pb2.ReserveRequest(request_id=rid, num_prompt_tokens=len(prompt), max_tokens=max_tokens),
@@ -144,6 +150,8 @@ def disaggregated(
         ),
         timeout=60,
     )
+    if answers is not None:
+        answers.append(pre.prompts_computed)
     request = worker_pb2.DecodeRequest(
         request_id=rid,
         transfer_id=res.transfer_id,
@@ -165,8 +173,11 @@ def test_torch_pair_gives_the_offline_engines_tokens(pair: Pair, tiny_ckpt: Path
     want = LLM(tiny_ckpt, engine_config=CFG).generate(
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     )
-    got = [disaggregated(pair, f"ok-{i}", p, 6) for i, p in enumerate(PROMPTS)]
+    answers: list[int] = []
+    got = [disaggregated(pair, f"ok-{i}", p, 6, answers=answers) for i, p in enumerate(PROMPTS)]
     assert got == [o.token_ids for o in want]
+    # each answer counts its own prompt among the prefill worker's computed ones (the router's stale-queue fix)
+    assert answers[0] >= 1 and answers == [answers[0] + i for i in range(len(PROMPTS))]
     assert pair.decode_servicer.bytes_received > 0
     assert wait_free(pair.decode, before) == before
 

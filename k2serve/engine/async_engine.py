@@ -166,6 +166,7 @@ class AsyncEngine:
         self._clients: dict[str, _Client] = {}
         self._num_pending_adds = 0
         self._stats = BackendStats(0, 0, 0, engine.blocks.num_blocks, 0.0, 0)
+        self._prompts_computed = 0  # BackendStats.prompts_computed (engine thread, under _cond)
         self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -558,6 +559,7 @@ class AsyncEngine:
         new = list(out.new_token_ids)
         if new and client.times.last_token is None:  # the prompt was computed here
             self._metrics(client).prompt_computed(len(out.prompt_token_ids))
+            self._prompts_computed += 1
         self._metrics(client).tokens(client.times, len(new))
         tail = out.logprobs[len(out.logprobs) - len(new) :] if out.logprobs else []
         logprobs = tail if tail and all(lp is not None for lp in tail) else None
@@ -613,6 +615,7 @@ class AsyncEngine:
             spec_num_accepted_tokens=self._engine.spec_stats.num_accepted_tokens,
             queued_prefill_tokens=self._engine.queued_prefill_tokens(),
             prefill_tokens_per_s=self._engine.prefill_tokens_per_s,
+            prompts_computed=self._prompts_computed,
             decode_step_ms=self._engine.decode_step_ms,
             decode_step_batch=self._engine.decode_step_batch,
             kv_tiers=tier_stats(self._engine.tiers, self._engine.leases, self._engine.reloads),

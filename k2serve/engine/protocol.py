@@ -134,6 +134,9 @@ class BackendStats:
     spec_num_accepted_tokens: int = 0  # draft tokens accepted
     queued_prefill_tokens: int = 0  # prompt tokens still to compute (LLMEngine.queued_prefill_tokens)
     prefill_tokens_per_s: float = 0.0  # measured prefill speed (EWMA); 0.0 before the first prefill step
+    prompts_computed: int = (
+        0  # requests whose prompt was computed here (since start; same snapshot as the queue)
+    )
     decode_step_ms: float = 0.0  # measured decode-only step time (EWMA, ms); 0.0 before the first one
     decode_step_batch: float = 0.0  # the sequences of those steps (EWMA)
     kv_tiers: KVTierStats | None = None  # None: no tiers and no leases configured

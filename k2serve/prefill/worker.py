@@ -215,6 +215,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 c.end()
         if last is None or not last.token_ids or last.finish_reason == "abort":
             await context.abort(grpc.StatusCode.CANCELLED, f"prefill of {request.request_id!r} was aborted")
+        # at least the count with this prompt: the engine publishes it under the lock its stats() takes,
+        # in the step that handed over the token received above
+        prompts_computed = self.engine.stats().prompts_computed
         if send_errors:
             self.transfer_metrics.failed(backend)
             with contextlib.suppress(TransferError):
@@ -237,6 +240,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             num_prompt_tokens=len(prompt),
             num_cached_tokens=last.num_cached_tokens,
             bytes_sent=nbytes,
+            prompts_computed=prompts_computed,
             timings=worker_pb2.PrefillTimings(
                 compute_ms=(t_compute_end - t0) * 1e3,
                 # exposed transfer time: what was still on the wire once compute had finished

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from k2serve.proto import kv_transfer_pb2 as k2serve_dot_proto_dot_kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ck2serve/proto/registry.proto\x12\x13k2serve.internal.v1\x1a\x1fk2serve/proto/kv_transfer.proto\"N\n\x0eWorkerCapacity\x12\x13\n\x0b\x66ree_blocks\x18\x01 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x02 \x01(\r\x12\x11\n\tmax_batch\x18\x03 \x01(\r\"\x98\x04\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12-\n\x04role\x18\x02 \x01(\x0e\x32\x1f.k2serve.internal.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x35\n\x0ckv_endpoints\x18\x04 \x03(\x0b\x32\x1f.k2serve.internal.v1.KVEndpoint\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x0e\n\x06kv_dim\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x10\n\x08kv_dtype\x18\t \x01(\t\x12\x35\n\x08\x63\x61pacity\x18\n \x01(\x0b\x32#.k2serve.internal.v1.WorkerCapacity\x12\x0f\n\x07\x65p_size\x18\x0b \x01(\r\x12\r\n\x05ready\x18\x14 \x01(\x08\x12\x13\n\x0bmetrics_url\x18\x1e \x01(\t\x12\x1b\n\x13publishes_kv_events\x18\x46 \x01(\x08\x12\x17\n\x0fkv_block_hashes\x18G \x03(\x06\x12\x33\n\x0ekv_block_tiers\x18\x64 \x03(\x0e\x32\x1b.k2serve.internal.v1.KVTier\x12\x10\n\x08kv_store\x18x \x01(\t\x12 \n\x18kv_store_capacity_blocks\x18y \x01(\x04\x12\x17\n\x0fkv_store_hashes\x18z \x03(\x06\"C\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"\xa5\x03\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x1b\n\x13prefix_query_tokens\x18\x05 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x06 \x01(\x04\x12\x1d\n\x15queued_prefill_tokens\x18\x46 \x01(\x04\x12\x1c\n\x14prefill_tokens_per_s\x18G \x01(\x02\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18n \x01(\x02\x12\x19\n\x11\x64\x65\x63ode_step_batch\x18o \x01(\x02\x12\x15\n\rleased_blocks\x18p \x01(\r\x12R\n\x13reload_tokens_per_s\x18\x64 \x03(\x0b\x32\x35.k2serve.internal.v1.WorkerLoad.ReloadTokensPerSEntry\x1a\x37\n\x15ReloadTokensPerSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x87\x01\n\x08KVEvents\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x0f\n\x07removed\x18\x02 \x03(\x08\x12*\n\x05tiers\x18\x64 \x03(\x0e\x32\x1b.k2serve.internal.v1.KVTier\x12\x12\n\nstore_puts\x18x \x03(\x06\x12\x14\n\x0cstore_misses\x18y \x03(\x06\"\x95\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12-\n\x04load\x18\x02 \x01(\x0b\x32\x1f.k2serve.internal.v1.WorkerLoad\x12\r\n\x05ready\x18\x15 \x01(\x08\x12\x30\n\tkv_events\x18\x46 \x01(\x0b\x32\x1d.k2serve.internal.v1.KVEvents\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03*T\n\x06KVTier\x12\x12\n\x0eKV_TIER_DEVICE\x10\x00\x12\x10\n\x0cKV_TIER_HOST\x10\x01\x12\x10\n\x0cKV_TIER_DISK\x10\x02\x12\x12\n\x0eKV_TIER_SHARED\x10\x03\x32\x9f\x02\n\x0eWorkerRegistry\x12R\n\x08Register\x12\x1f.k2serve.internal.v1.WorkerInfo\x1a%.k2serve.internal.v1.RegisterResponse\x12Z\n\tHeartbeat\x12%.k2serve.internal.v1.HeartbeatRequest\x1a&.k2serve.internal.v1.HeartbeatResponse\x12]\n\nDeregister\x12&.k2serve.internal.v1.DeregisterRequest\x1a\'.k2serve.internal.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ck2serve/proto/registry.proto\x12\x13k2serve.internal.v1\x1a\x1fk2serve/proto/kv_transfer.proto\"N\n\x0eWorkerCapacity\x12\x13\n\x0b\x66ree_blocks\x18\x01 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x02 \x01(\r\x12\x11\n\tmax_batch\x18\x03 \x01(\r\"\x98\x04\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12-\n\x04role\x18\x02 \x01(\x0e\x32\x1f.k2serve.internal.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x35\n\x0ckv_endpoints\x18\x04 \x03(\x0b\x32\x1f.k2serve.internal.v1.KVEndpoint\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x0e\n\x06kv_dim\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x10\n\x08kv_dtype\x18\t \x01(\t\x12\x35\n\x08\x63\x61pacity\x18\n \x01(\x0b\x32#.k2serve.internal.v1.WorkerCapacity\x12\x0f\n\x07\x65p_size\x18\x0b \x01(\r\x12\r\n\x05ready\x18\x14 \x01(\x08\x12\x13\n\x0bmetrics_url\x18\x1e \x01(\t\x12\x1b\n\x13publishes_kv_events\x18\x46 \x01(\x08\x12\x17\n\x0fkv_block_hashes\x18G \x03(\x06\x12\x33\n\x0ekv_block_tiers\x18\x64 \x03(\x0e\x32\x1b.k2serve.internal.v1.KVTier\x12\x10\n\x08kv_store\x18x \x01(\t\x12 \n\x18kv_store_capacity_blocks\x18y \x01(\x04\x12\x17\n\x0fkv_store_hashes\x18z \x03(\x06\"C\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"\xbf\x03\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x1b\n\x13prefix_query_tokens\x18\x05 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x06 \x01(\x04\x12\x1d\n\x15queued_prefill_tokens\x18\x46 \x01(\x04\x12\x1c\n\x14prefill_tokens_per_s\x18G \x01(\x02\x12\x18\n\x10prompts_computed\x18H \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18n \x01(\x02\x12\x19\n\x11\x64\x65\x63ode_step_batch\x18o \x01(\x02\x12\x15\n\rleased_blocks\x18p \x01(\r\x12R\n\x13reload_tokens_per_s\x18\x64 \x03(\x0b\x32\x35.k2serve.internal.v1.WorkerLoad.ReloadTokensPerSEntry\x1a\x37\n\x15ReloadTokensPerSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x87\x01\n\x08KVEvents\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x0f\n\x07removed\x18\x02 \x03(\x08\x12*\n\x05tiers\x18\x64 \x03(\x0e\x32\x1b.k2serve.internal.v1.KVTier\x12\x12\n\nstore_puts\x18x \x03(\x06\x12\x14\n\x0cstore_misses\x18y \x03(\x06\"\x95\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12-\n\x04load\x18\x02 \x01(\x0b\x32\x1f.k2serve.internal.v1.WorkerLoad\x12\r\n\x05ready\x18\x15 \x01(\x08\x12\x30\n\tkv_events\x18\x46 \x01(\x0b\x32\x1d.k2serve.internal.v1.KVEvents\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03*T\n\x06KVTier\x12\x12\n\x0eKV_TIER_DEVICE\x10\x00\x12\x10\n\x0cKV_TIER_HOST\x10\x01\x12\x10\n\x0cKV_TIER_DISK\x10\x02\x12\x12\n\x0eKV_TIER_SHARED\x10\x03\x32\x9f\x02\n\x0eWorkerRegistry\x12R\n\x08Register\x12\x1f.k2serve.internal.v1.WorkerInfo\x1a%.k2serve.internal.v1.RegisterResponse\x12Z\n\tHeartbeat\x12%.k2serve.internal.v1.HeartbeatRequest\x1a&.k2serve.internal.v1.HeartbeatResponse\x12]\n\nDeregister\x12&.k2serve.internal.v1.DeregisterRequest\x1a\'.k2serve.internal.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERLOAD_RELOADTOKENSPERSENTRY']._loaded_options = None
   _globals['_WORKERLOAD_RELOADTOKENSPERSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERROLE']._serialized_start=1586
-  _globals['_WORKERROLE']._serialized_end=1698
-  _globals['_KVTIER']._serialized_start=1700
-  _globals['_KVTIER']._serialized_end=1784
+  _globals['_WORKERROLE']._serialized_start=1612
+  _globals['_WORKERROLE']._serialized_end=1724
+  _globals['_KVTIER']._serialized_start=1726
+  _globals['_KVTIER']._serialized_end=1810
   _globals['_WORKERCAPACITY']._serialized_start=86
   _globals['_WORKERCAPACITY']._serialized_end=164
   _globals['_WORKERINFO']._serialized_start=167
@@ -45,19 +45,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERRESPONSE']._serialized_start=705
   _globals['_REGISTERRESPONSE']._serialized_end=772
   _globals['_WORKERLOAD']._serialized_start=775
-  _globals['_WORKERLOAD']._serialized_end=1196
-  _globals['_WORKERLOAD_RELOADTOKENSPERSENTRY']._serialized_start=1141
-  _globals['_WORKERLOAD_RELOADTOKENSPERSENTRY']._serialized_end=1196
-  _globals['_KVEVENTS']._serialized_start=1199
-  _globals['_KVEVENTS']._serialized_end=1334
-  _globals['_HEARTBEATREQUEST']._serialized_start=1337
-  _globals['_HEARTBEATREQUEST']._serialized_end=1486
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1488
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1522
-  _globals['_DEREGISTERREQUEST']._serialized_start=1524
-  _globals['_DEREGISTERREQUEST']._serialized_end=1562
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1564
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1584
-  _globals['_WORKERREGISTRY']._serialized_start=1787
-  _globals['_WORKERREGISTRY']._serialized_end=2074
+  _globals['_WORKERLOAD']._serialized_end=1222
+  _globals['_WORKERLOAD_RELOADTOKENSPERSENTRY']._serialized_start=1167
+  _globals['_WORKERLOAD_RELOADTOKENSPERSENTRY']._serialized_end=1222
+  _globals['_KVEVENTS']._serialized_start=1225
+  _globals['_KVEVENTS']._serialized_end=1360
+  _globals['_HEARTBEATREQUEST']._serialized_start=1363
+  _globals['_HEARTBEATREQUEST']._serialized_end=1512
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1514
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1548
+  _globals['_DEREGISTERREQUEST']._serialized_start=1550
+  _globals['_DEREGISTERREQUEST']._serialized_end=1588
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1590
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1610
+  _globals['_WORKERREGISTRY']._serialized_start=1813
+  _globals['_WORKERREGISTRY']._serialized_end=2100
 # @@protoc_insertion_point(module_scope)

@@ -91,7 +91,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "prefix_query_tokens", "prefix_hit_tokens", "queued_prefill_tokens", "prefill_tokens_per_s", "decode_step_ms", "decode_step_batch", "leased_blocks", "reload_tokens_per_s")
+    __slots__ = ("running", "waiting", "free_blocks", "total_blocks", "prefix_query_tokens", "prefix_hit_tokens", "queued_prefill_tokens", "prefill_tokens_per_s", "prompts_computed", "decode_step_ms", "decode_step_batch", "leased_blocks", "reload_tokens_per_s")
     class ReloadTokensPerSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class WorkerLoad(_message.Message):
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_BATCH_FIELD_NUMBER: _ClassVar[int]
     LEASED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -119,11 +120,12 @@ class WorkerLoad(_message.Message):
     prefix_hit_tokens: int
     queued_prefill_tokens: int
     prefill_tokens_per_s: float
+    prompts_computed: int
     decode_step_ms: float
     decode_step_batch: float
     leased_blocks: int
     reload_tokens_per_s: _containers.ScalarMap[str, float]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_ms: _Optional[float] = ..., decode_step_batch: _Optional[float] = ..., leased_blocks: _Optional[int] = ..., reload_tokens_per_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., prompts_computed: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., decode_step_batch: _Optional[float] = ..., leased_blocks: _Optional[int] = ..., reload_tokens_per_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class KVEvents(_message.Message):
     __slots__ = ("block_hashes", "removed", "tiers", "store_puts", "store_misses")

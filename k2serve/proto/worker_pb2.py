@@ -26,7 +26,7 @@ from k2serve.proto import common_pb2 as k2serve_dot_proto_dot_common__pb2
 from k2serve.proto import kv_transfer_pb2 as k2serve_dot_proto_dot_kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ak2serve/proto/worker.proto\x12\x13k2serve.internal.v1\x1a\x1ak2serve/proto/common.proto\x1a\x1fk2serve/proto/kv_transfer.proto\"\x90\x01\n\x0c\x44\x65\x63odeTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32\x1f.k2serve.internal.v1.KVEndpoint\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\xd3\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x38\n\rdecode_target\x18\x04 \x01(\x0b\x32!.k2serve.internal.v1.DecodeTarget\x12\x17\n\x0fstructured_json\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18n \x01(\t\"]\n\x0ePrefillTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x13\n\x0btransfer_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\"\xe1\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x36\n\x14\x66irst_token_logprobs\x18\x02 \x01(\x0b\x32\x18.k2serve.v1.TokenLogprob\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\x12\x34\n\x07timings\x18\x06 \x01(\x0b\x32#.k2serve.internal.v1.PrefillTimings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"S\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\"\x80\x01\n\x0fReserveResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x31\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x1f.k2serve.internal.v1.KVEndpoint\"\xc5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x17\n\x0fstructured_json\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18n \x01(\t\"\xc7\x01\n\x0b\x44\x65\x63odeChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.k2serve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.k2serve.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"%\n\x0eReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb5\x01\n\rPrefillWorker\x12T\n\x07Prefill\x12#.k2serve.internal.v1.PrefillRequest\x1a$.k2serve.internal.v1.PrefillResponse\x12N\n\x05\x41\x62ort\x12!.k2serve.internal.v1.AbortRequest\x1a\".k2serve.internal.v1.AbortResponse2\xdc\x02\n\x0c\x44\x65\x63odeWorker\x12T\n\x07Reserve\x12#.k2serve.internal.v1.ReserveRequest\x1a$.k2serve.internal.v1.ReserveResponse\x12P\n\x06\x44\x65\x63ode\x12\".k2serve.internal.v1.DecodeRequest\x1a .k2serve.internal.v1.DecodeChunk0\x01\x12N\n\x05\x41\x62ort\x12!.k2serve.internal.v1.AbortRequest\x1a\".k2serve.internal.v1.AbortResponse\x12T\n\x07Release\x12#.k2serve.internal.v1.ReleaseRequest\x1a$.k2serve.internal.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ak2serve/proto/worker.proto\x12\x13k2serve.internal.v1\x1a\x1ak2serve/proto/common.proto\x1a\x1fk2serve/proto/kv_transfer.proto\"\x90\x01\n\x0c\x44\x65\x63odeTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32\x1f.k2serve.internal.v1.KVEndpoint\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\xd3\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x38\n\rdecode_target\x18\x04 \x01(\x0b\x32!.k2serve.internal.v1.DecodeTarget\x12\x17\n\x0fstructured_json\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18n \x01(\t\"]\n\x0ePrefillTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x13\n\x0btransfer_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\"\xfb\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x36\n\x14\x66irst_token_logprobs\x18\x02 \x01(\x0b\x32\x18.k2serve.v1.TokenLogprob\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\x12\x34\n\x07timings\x18\x06 \x01(\x0b\x32#.k2serve.internal.v1.PrefillTimings\x12\x18\n\x10prompts_computed\x18\x07 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"S\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\"\x80\x01\n\x0fReserveResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x31\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x1f.k2serve.internal.v1.KVEndpoint\"\xc5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x17\n\x0fstructured_json\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18n \x01(\t\"\xc7\x01\n\x0b\x44\x65\x63odeChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.k2serve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.k2serve.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"%\n\x0eReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb5\x01\n\rPrefillWorker\x12T\n\x07Prefill\x12#.k2serve.internal.v1.PrefillRequest\x1a$.k2serve.internal.v1.PrefillResponse\x12N\n\x05\x41\x62ort\x12!.k2serve.internal.v1.AbortRequest\x1a\".k2serve.internal.v1.AbortResponse2\xdc\x02\n\x0c\x44\x65\x63odeWorker\x12T\n\x07Reserve\x12#.k2serve.internal.v1.ReserveRequest\x1a$.k2serve.internal.v1.ReserveResponse\x12P\n\x06\x44\x65\x63ode\x12\".k2serve.internal.v1.DecodeRequest\x1a .k2serve.internal.v1.DecodeChunk0\x01\x12N\n\x05\x41\x62ort\x12!.k2serve.internal.v1.AbortRequest\x1a\".k2serve.internal.v1.AbortResponse\x12T\n\x07Release\x12#.k2serve.internal.v1.ReleaseRequest\x1a$.k2serve.internal.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLTIMINGS']._serialized_start=473
   _globals['_PREFILLTIMINGS']._serialized_end=566
   _globals['_PREFILLRESPONSE']._serialized_start=569
-  _globals['_PREFILLRESPONSE']._serialized_end=794
-  _globals['_ABORTREQUEST']._serialized_start=796
-  _globals['_ABORTREQUEST']._serialized_end=830
-  _globals['_ABORTRESPONSE']._serialized_start=832
-  _globals['_ABORTRESPONSE']._serialized_end=862
-  _globals['_RESERVEREQUEST']._serialized_start=864
-  _globals['_RESERVEREQUEST']._serialized_end=947
-  _globals['_RESERVERESPONSE']._serialized_start=950
-  _globals['_RESERVERESPONSE']._serialized_end=1078
-  _globals['_DECODEREQUEST']._serialized_start=1081
-  _globals['_DECODEREQUEST']._serialized_end=1278
-  _globals['_DECODECHUNK']._serialized_start=1281
-  _globals['_DECODECHUNK']._serialized_end=1480
-  _globals['_RELEASEREQUEST']._serialized_start=1482
-  _globals['_RELEASEREQUEST']._serialized_end=1519
-  _globals['_RELEASERESPONSE']._serialized_start=1521
-  _globals['_RELEASERESPONSE']._serialized_end=1556
-  _globals['_PREFILLWORKER']._serialized_start=1559
-  _globals['_PREFILLWORKER']._serialized_end=1740
-  _globals['_DECODEWORKER']._serialized_start=1743
-  _globals['_DECODEWORKER']._serialized_end=2091
+  _globals['_PREFILLRESPONSE']._serialized_end=820
+  _globals['_ABORTREQUEST']._serialized_start=822
+  _globals['_ABORTREQUEST']._serialized_end=856
+  _globals['_ABORTRESPONSE']._serialized_start=858
+  _globals['_ABORTRESPONSE']._serialized_end=888
+  _globals['_RESERVEREQUEST']._serialized_start=890
+  _globals['_RESERVEREQUEST']._serialized_end=973
+  _globals['_RESERVERESPONSE']._serialized_start=976
+  _globals['_RESERVERESPONSE']._serialized_end=1104
+  _globals['_DECODEREQUEST']._serialized_start=1107
+  _globals['_DECODEREQUEST']._serialized_end=1304
+  _globals['_DECODECHUNK']._serialized_start=1307
+  _globals['_DECODECHUNK']._serialized_end=1506
+  _globals['_RELEASEREQUEST']._serialized_start=1508
+  _globals['_RELEASEREQUEST']._serialized_end=1545
+  _globals['_RELEASERESPONSE']._serialized_start=1547
+  _globals['_RELEASERESPONSE']._serialized_end=1582
+  _globals['_PREFILLWORKER']._serialized_start=1585
+  _globals['_PREFILLWORKER']._serialized_end=1766
+  _globals['_DECODEWORKER']._serialized_start=1769
+  _globals['_DECODEWORKER']._serialized_end=2117
 # @@protoc_insertion_point(module_scope)

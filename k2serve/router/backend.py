@@ -429,6 +429,7 @@ class ClusterBackend:
             )
         finally:
             pre.prefill_tokens -= uncached
+        pre.prefill_answered(first.prompts_computed, first.num_prompt_tokens - first.num_cached_tokens)
         return pre, dec, res, first
 
     async def _reserve_and_prefill(

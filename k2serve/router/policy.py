@@ -175,8 +175,9 @@ class KVAware(LeastLoaded):
         (queued prefill tokens + prompt tokens - tokens of the prompt's prefix cached there) / its speed
         + the time to reload the cached blocks that are in a tier below its pool (`reload_seconds`)
 
-    queued: the larger of what the worker last reported and the uncached tokens the router has sent it
-    and not seen answered (fresher between heartbeats). speed: the worker's measured prefill tokens/s;
+    queued: `Worker.queued_prefill_tokens`: what the worker last reported less the prefills answered
+    since that report, and at least the uncached tokens the router has sent it and not seen answered
+    (fresher between heartbeats). speed: the worker's measured prefill tokens/s;
     before it has one, the mean of the candidates' measured speeds (DEFAULT_PREFILL_TOKENS_PER_S when
     none has). Cached tokens and their tiers come from `index` (only for workers that publish KV
     events); a tier's reload speed is the worker's measured one, else `reload_cost` (a fraction of
@@ -233,7 +234,7 @@ class KVAware(LeastLoaded):
         local: dict[str, int] = {}  # of those, what the worker holds itself (not in the shared store)
         scored = []
         for w in live:
-            queued = max(w.load.queued_prefill_tokens, w.prefill_tokens)
+            queued = w.queued_prefill_tokens()
             speed = w.load.prefill_tokens_per_s if w.load.prefill_tokens_per_s > 0 else fallback
             held = tiers[w.worker_id]
             cached[w.worker_id] = len(held) * w.info.block_size

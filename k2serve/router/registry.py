@@ -44,6 +44,22 @@ class Worker:
     failures: int = 0
     draining_since: float | None = None  # deregistered: no new requests; removed once idle
     ready: bool = False  # reported by the worker (static ones: assumed); no requests before
+    # Prefills answered that the last reported load may still count as queued: (the worker's
+    # prompts_computed once each was computed, its uncached tokens); dropped once a heartbeat counts them.
+    unreported_prefills: list[tuple[int, int]] = field(default_factory=list)
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens waiting for this prefill worker: its last report, less the prefills answered since
+        that report's snapshot (a heartbeat taken mid-prefill is stale once the answer is back), and at
+        least the uncached tokens of the calls the router has under way there (fresher between heartbeats)."""
+        reported = self.load.queued_prefill_tokens - sum(t for _, t in self.unreported_prefills)
+        return max(reported, self.prefill_tokens, 0)
+
+    def prefill_answered(self, prompts_computed: int, uncached_tokens: int) -> None:
+        """A Prefill call came back: its prompt leaves the queue the worker last reported, unless that
+        report already counted it."""
+        if prompts_computed > self.load.prompts_computed:
+            self.unreported_prefills.append((prompts_computed, uncached_tokens))
 
     @property
     def prefill_stub(self) -> worker_pb2_grpc.PrefillWorkerStub:
@@ -127,6 +143,7 @@ class WorkerTable:
             return False
         w.last_seen = time.monotonic()
         w.load = load
+        w.unreported_prefills = [p for p in w.unreported_prefills if p[0] > load.prompts_computed]
         if ready and not w.ready:
             logger.info("worker %s is ready", worker_id)
         w.ready = w.static or ready

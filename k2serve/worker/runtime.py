@@ -136,6 +136,7 @@ def worker_load(engine: AsyncEngine) -> registry_pb2.WorkerLoad:
         prefix_hit_tokens=s.prefix_hit_tokens,
         queued_prefill_tokens=s.queued_prefill_tokens,
         prefill_tokens_per_s=s.prefill_tokens_per_s,
+        prompts_computed=s.prompts_computed,
         decode_step_ms=s.decode_step_ms,
         decode_step_batch=s.decode_step_batch,
         leased_blocks=s.kv_tiers.leased_blocks if s.kv_tiers is not None else 0,
