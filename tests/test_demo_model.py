@@ -23,9 +23,15 @@ from k2serve.config import ModelConfig
 from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.demo_data import (
     ARITH_PHRASES,
+    CHATS,
+    CONVERT_PHRASES,
     COPY_DRILL_WEIGHTS,
     KIND_WEIGHTS,
     KINDS,
+    TABLE_PHRASES,
+    TWO_STEP_PHRASES,
+    Sample,
+    execute_tool,
     heldout_samples,
     render_sample,
     tool_spec,
@@ -96,6 +102,39 @@ def test_heldout_phrasings_never_occur_in_training() -> None:
     }
     # The same question text can only come from a chat line shared by chance; none is.
     assert not held_questions & train_questions
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    """A held-out template as a pattern: its words literal, each {placeholder} any text."""
+    parts = re.split(r"\{\w+\}", template)
+    return re.compile("(.+?)".join(re.escape(p) for p in parts), re.IGNORECASE)
+
+
+def test_varied_phrasings_are_new_shapes_never_a_heldout_template() -> None:
+    """`train-demo --phrasings varied`: composed questions in many more shapes than the templates, the
+    operands where the answer's calls say, and no held-out template inside any of them (searched, any
+    case, with words before and after)."""
+    varied = training_samples(3000, seed=1, varied=True)
+    assert [s.messages for s in varied[:50]] == [
+        s.messages for s in training_samples(50, seed=1, varied=True)
+    ]
+    questions = {m["content"] for s in varied for m in s.messages if m["role"] == "user"}
+
+    def arith_shapes(samples: list[Sample]) -> set[str]:
+        return {re.sub(r"\d+", "N", s.messages[-4]["content"]) for s in samples if s.kind == "arith"}
+
+    assert len(arith_shapes(varied)) > 10 * len(arith_shapes(training_samples(3000, seed=1)))
+    held = [t for _, ho in ARITH_PHRASES.values() for t in ho]
+    held += CONVERT_PHRASES[1] + TABLE_PHRASES[1] + TWO_STEP_PHRASES[1]
+    patterns = [_template_regex(t) for t in held]
+    assert not [(q, p.pattern) for q in questions for p in patterns if p.search(q)]
+    assert not {q for q, _ in CHATS[1]} & questions
+    for s in varied:  # every operand of the first call is in the question, and the result is the tool's
+        if s.kind in ("arith", "two_step"):
+            question = s.messages[-len(s.messages) + (s.messages[0]["role"] == "system")]["content"]
+            name, args = s.calls[0]
+            assert {str(args["a"]), str(args["b"])} <= set(re.findall(r"\d+", question))
+            assert s.expected == execute_tool(*s.calls[-1])
 
 
 def test_assistant_turns_parse_back_with_the_tool_call_parser() -> None:

@@ -74,6 +74,7 @@ def train_demo(args: argparse.Namespace) -> int:
         kind_weights=args.kind_weights
         or (COPY_DRILL_WEIGHTS if args.copy_drill else COPY_HEAVY_WEIGHTS if args.copy_heavy else None),
         weight_decay=args.weight_decay,
+        varied_phrasings=args.phrasings == "varied",
     )
     train(cfg, log=lambda line: print(line, flush=True))
     return 0

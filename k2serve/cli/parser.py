@@ -489,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the corpus mix as comma-separated weights per kind (arith,convert,table,two_step,refuse,chat,"
         "copy); overrides --copy-heavy/--copy-drill",
     )
+    s.add_argument(
+        "--phrasings",
+        choices=("templates", "varied"),
+        default="templates",
+        help="training questions from the fixed templates, or composed from parts (operand expressions, "
+        "wrappers, words before and after: numbers and units move about)",
+    )
     s.set_defaults(handler=commands.train_demo)
 
     s = sub.add_parser("generate", help="offline generation with the single-node engine")

@@ -333,6 +333,299 @@ _FINAL = {
 }
 
 
+# ----- varied training phrasings (`train-demo --phrasings varied`) ----------------------------------
+# The fixed TRAIN templates above are few, and a model this small learns where in each template the
+# numbers sit instead of reading them: on the held-out phrasings it picks the wrong number. The varied
+# mode composes training questions from parts (an operand expression, a wrapper around it, optional
+# words before and after), tens of thousands of shapes, so that the numbers, units and names move about
+# and only reading them works. No composed question matches a held-out template (tested), and the
+# held-out set is unchanged.
+_EXPR: dict[str, tuple[str, ...]] = {
+    "add": (
+        "{a} + {b}",
+        "{a}+{b}",
+        "{a} plus {b}",
+        "the sum of {a} and {b}",
+        "{a} and {b} added together",
+        "{a} added to {b}",
+        "{a} + {b} together",
+        "the sum {a} + {b}",
+    ),
+    "subtract": (
+        "{a} - {b}",
+        "{a}-{b}",
+        "{a} minus {b}",
+        "{b} subtracted from {a}",
+        "the difference of {a} and {b}",
+        "{a} less {b}",
+        "{a} reduced by {b}",
+        "the difference {a} - {b}",
+    ),
+    "multiply": (
+        "{a} * {b}",
+        "{a}*{b}",
+        "{a} x {b}",
+        "{a} times {b}",
+        "the product of {a} and {b}",
+        "{a} multiplied by {b}",
+        "{a} x{b}",
+        "the product {a} * {b}",
+    ),
+    "divide": (
+        "{a} / {b}",
+        "{a}/{b}",
+        "{a} divided by {b}",
+        "the quotient of {a} and {b}",
+        "{a} over {b}",
+        "{a} divided into {b} parts",
+        "the ratio of {a} to {b}",
+        "the quotient {a} / {b}",
+    ),
+}
+_WRAP = (
+    "What is {e}?",
+    "What's {e}?",
+    "what is {e}",
+    "{e}",
+    "{e}?",
+    "{e} = ?",
+    "{e}=?",
+    "Compute {e}.",
+    "compute {e}",
+    "Evaluate {e}.",
+    "evaluate {e}",
+    "Find {e}.",
+    "Please find {e}.",
+    "Can you compute {e}?",
+    "Could you find {e}?",
+    "Tell me {e}.",
+    "I want to know {e}.",
+    "Quick question: what is {e}?",
+    "Solve {e}",
+    "Help me find {e}.",
+    "Figure out {e}.",
+    "Determine {e}, please.",
+    "What does {e} come to?",
+    "Result of {e}?",
+    "{e}, please.",
+    "Give me {e}.",
+    "I need {e}.",
+    "Do {e} for me.",
+    "So what is {e}?",
+    "Work {e}",
+    "What would {e} be?",
+    "Please tell me what {e} is.",
+    "Answer this: {e}",
+)
+# whole sentences per op (the verb carries the operation), on top of the fixed TRAIN templates
+_VERB: dict[str, tuple[str, ...]] = {
+    "add": ("Add {a} to {b}.", "add {a} and {b}", "Please add {a} and {b} together.", "Add up {a} and {b}."),
+    "subtract": (
+        "Subtract {b} from {a}.",
+        "subtract {b} from {a}",
+        "From {a}, subtract {b}.",
+        "Deduct {b} from {a}.",
+    ),
+    "multiply": (
+        "Multiply {a} by {b}.",
+        "multiply {a} and {b}",
+        "Multiply {a} with {b}, please.",
+        "Multiply together {a} and {b}.",
+    ),
+    "divide": (
+        "Divide {a} by {b}.",
+        "divide {a} by {b}",
+        "Please divide {a} by {b}.",
+        "Divide {a} into {b} equal parts.",
+    ),
+}
+_BEFORE = (
+    "",
+    "",
+    "",
+    "",
+    "Hi! ",
+    "Hey, ",
+    "Hello. ",
+    "OK, ",
+    "One more: ",
+    "Next one. ",
+    "Quick one: ",
+    "Please, ",
+)
+_AFTER = (
+    "",
+    "",
+    "",
+    "",
+    " Thanks!",
+    " Thank you.",
+    " Please.",
+    " Use the tool.",
+    " Thanks in advance.",
+    " :)",
+)
+_CONVERT_EXPR = (
+    "{v} {src} in {dst}",
+    "{v} {src} to {dst}",
+    "{v} {src} as {dst}",
+    "{v} {src} expressed in {dst}",
+    "{v} {src} converted to {dst}",
+    "{v} {src} into {dst}",
+)
+_CONVERT_WRAP = (
+    "What is {e}?",
+    "Convert {e}.",
+    "convert {e}",
+    "{e}",
+    "{e}?",
+    "Please convert {e}.",
+    "Express {e}.",
+    "Can you convert {e}?",
+    "Give me {e}.",
+    "I need {e}.",
+    "Quick question: what is {e}?",
+    "Tell me {e}.",
+)
+_CONVERT_WHOLE = (
+    "How many {dst} are in {v} {src}?",
+    "How many {dst} is {v} {src}?",
+    "how many {dst} in {v} {src}",
+    "What is {v} {src} when converted to {dst}?",
+    "I have {v} {src}. How many {dst} is that?",
+    "{v} {src} equals how many {dst}?",
+    "Convert from {src} to {dst}: {v}",
+    "In {dst}, what is {v} {src}?",
+)
+_TABLE_WHOLE = (
+    "What is the {col} of {name}?",
+    "What's the {col} of {name}?",
+    "{col} of {name}?",
+    "Find the {col} of {name}.",
+    "Look up {name}: what is the {col}?",
+    "Which {col} does the {noun} {name} have?",
+    "Give me the {col} of {name}.",
+    "What {col} is listed for {name}?",
+    "The {col} of {name}, please.",
+    "Search the {topic} table for {name}'s {col}.",
+    "Tell me {name}'s {col}.",
+    "How about the {col} of {name}?",
+    "Get the {col} of the {noun} {name}.",
+    "I need the {col} of {name} from the {topic} table.",
+    "{name}'s {col}?",
+    "Please look up the {col} of {name}.",
+)
+_TWO_STEP_VARIED: tuple[tuple[str, ...], ...] = (  # per _TWO_STEP_OPS
+    (
+        "({a} + {b}) * {c}",
+        "({a}+{b})*{c}",
+        "Compute ({a} + {b}) x {c}.",
+        "Take the sum of {a} and {b}, then multiply it by {c}.",
+        "Multiply the sum of {a} and {b} by {c}.",
+        "Add {a} plus {b} and then times {c}.",
+        "What do you get if you add {a} and {b} and multiply by {c}?",
+        "First the sum of {a} and {b}, then that times {c}.",
+    ),
+    (
+        "{a} * {b} - {c}",
+        "{a}*{b}-{c}",
+        "Compute {a} x {b} minus {c}.",
+        "Take the product of {a} and {b}, then subtract {c}.",
+        "Subtract {c} from the product of {a} and {b}.",
+        "Multiply {a} and {b}, then minus {c}.",
+        "What do you get if you multiply {a} by {b} and subtract {c}?",
+        "First {a} times {b}, then less {c}.",
+    ),
+    (
+        "({a} - {b}) + {c}",
+        "({a}-{b})+{c}",
+        "Compute {a} minus {b} plus {c}.",
+        "Take the difference of {a} and {b}, then add {c}.",
+        "Add {c} to the difference of {a} and {b}.",
+        "Subtract {b} from {a} and then plus {c}.",
+        "What do you get if you subtract {b} from {a} and add {c}?",
+        "First {a} minus {b}, then add {c} to it.",
+    ),
+    (
+        "({a} + {b}) / {c}",
+        "({a}+{b})/{c}",
+        "Compute ({a} + {b}) divided by {c}.",
+        "Take the sum of {a} and {b}, then divide it by {c}.",
+        "Divide the sum of {a} and {b} by {c}.",
+        "Add {a} plus {b} and then split by {c}.",
+        "What do you get if you add {a} and {b} and divide by {c}?",
+        "First the sum of {a} and {b}, then that over {c}.",
+    ),
+)
+_CHATS_VARIED = (
+    ("Hi", "Hello! How can I help you today?"),
+    ("Hi there!", "Hello! How can I help you today?"),
+    ("Hey", "Hello! How can I help you today?"),
+    ("Hey!", "Hello! How can I help you today?"),
+    ("hello there", "Hello! How can I help you today?"),
+    ("Good evening", "Good evening! How can I help you today?"),
+    ("Good afternoon!", "Good afternoon! How can I help you today?"),
+    ("Thanks", "You're welcome!"),
+    ("thank you so much", "You're welcome!"),
+    ("Many thanks!", "You're welcome!"),
+    ("great, thanks", "You're welcome!"),
+    ("What are you?", "I am a small demo model served by k2serve. I can do arithmetic with tools."),
+    ("Who made you?", "I am a small demo model served by k2serve. I can do arithmetic with tools."),
+    (
+        "How can you help me?",
+        "I can add, subtract, multiply and divide numbers, convert units and look up facts, using the tools you give me.",
+    ),
+    (
+        "What are you good at?",
+        "I can add, subtract, multiply and divide numbers, convert units and look up facts, using the tools you give me.",
+    ),
+    ("Goodbye", "Goodbye!"),
+    ("See you", "Goodbye!"),
+    ("how's it going?", "I'm fine, thank you. How can I help you today?"),
+)
+
+
+def _varied(rng: random.Random, sentence: str) -> str:
+    """Optional words before and after a composed question (a capital after a greeting stays)."""
+    before, after = rng.choice(_BEFORE), rng.choice(_AFTER)
+    if before and sentence[:1].isupper() and before.endswith(", "):
+        sentence = sentence[0].lower() + sentence[1:]
+    return before + sentence + after
+
+
+def varied_arith_phrase(rng: random.Random, op: str) -> str:
+    """A composed training question for `op` with {a} and {b}: a fixed TRAIN template, a verb sentence,
+    or an operand expression in a wrapper."""
+    r = rng.random()
+    if r < 0.15:
+        core = rng.choice(ARITH_PHRASES[op][0])
+    elif r < 0.3:
+        core = rng.choice(_VERB[op])
+    else:
+        core = rng.choice(_WRAP).replace("{e}", rng.choice(_EXPR[op]))
+    return _varied(rng, core)
+
+
+def varied_convert_phrase(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.15:
+        core = rng.choice(CONVERT_PHRASES[0])
+    elif r < 0.45:
+        core = rng.choice(_CONVERT_WHOLE)
+    else:
+        core = rng.choice(_CONVERT_WRAP).replace("{e}", rng.choice(_CONVERT_EXPR))
+    return _varied(rng, core)
+
+
+def varied_table_phrase(rng: random.Random) -> str:
+    return _varied(rng, rng.choice(TABLE_PHRASES[0] + list(_TABLE_WHOLE)))
+
+
+def varied_two_step_phrase(rng: random.Random, which: int) -> str:
+    fixed = TWO_STEP_PHRASES[0][2 * which : 2 * which + 2]
+    return _varied(rng, rng.choice(list(fixed) + list(_TWO_STEP_VARIED[which])))
+
+
 @dataclass
 class Sample:
     """A conversation to learn (or to evaluate: `messages[:1 + system]` is the question).
@@ -349,11 +642,13 @@ class Sample:
 
 
 class _Gen:
-    """One sample generator: `split` 0 = training phrasings, 1 = held-out phrasings."""
+    """One sample generator: `split` 0 = training phrasings, 1 = held-out phrasings; `varied` (training
+    only): composed phrasings (`varied_arith_phrase` etc.) instead of the fixed TRAIN templates."""
 
-    def __init__(self, rng: random.Random, split: int) -> None:
+    def __init__(self, rng: random.Random, split: int, varied: bool = False) -> None:
         self.rng = rng
         self.split = split
+        self.varied = varied and split == 0
 
     def number(self) -> int:
         """Operands: mostly 1-3 digits (one token each), some 4-5 digits."""
@@ -406,10 +701,13 @@ class _Gen:
             b = self.rng.randint(1, 99)
             if self.rng.random() < 0.6:
                 a = b * self.rng.randint(1, 999)
-        question = self.pick(ARITH_PHRASES[op]).format(a=a, b=b)
+        question = self.arith_phrase(op).format(a=a, b=b)
         s = Sample("arith", self.conversation(question, []), self.tools_with([op]))
         self.call_chain(s, [(op, {"a": a, "b": b})], final=self.rng.choice(_FINAL[op]))
         return s
+
+    def arith_phrase(self, op: str) -> str:
+        return varied_arith_phrase(self.rng, op) if self.varied else self.pick(ARITH_PHRASES[op])
 
     def call_chain(self, s: Sample, calls: list[tuple[str, dict[str, Any]]], final: str) -> None:
         """Append to `s` one assistant tool call + tool result per call, then the final answer.
@@ -457,9 +755,9 @@ class _Gen:
             if dim == "temperature"
             else self.rng.choice([self.rng.randint(1, 999), self.number()])
         )
-        question = self.pick(CONVERT_PHRASES).format(
-            v=v, src=self.rng.choice(UNIT_WORDS[src]), dst=UNIT_WORDS[dst][0]
-        )
+        phrase = varied_convert_phrase(self.rng) if self.varied else self.pick(CONVERT_PHRASES)
+        dst_word = self.rng.choice(UNIT_WORDS[dst]) if self.varied else UNIT_WORDS[dst][0]
+        question = phrase.format(v=v, src=self.rng.choice(UNIT_WORDS[src]), dst=dst_word)
         s = Sample("convert", self.conversation(question, []), self.tools_with(["convert_units"]))
         final = self.rng.choice(["{v} {s} is {r} {d}.", "That is {r} {d}."])
         args = {"value": v, "from_unit": src, "to_unit": dst}
@@ -479,7 +777,8 @@ class _Gen:
         values = [self.rng.randint(1, 9999) if col != "moons" else self.rng.randint(0, 99) for _ in names]
         rows = "\n".join(f"{n} | {v}" for n, v in zip(names, values, strict=True))
         target = self.rng.randrange(len(names))
-        question = self.pick(TABLE_PHRASES).format(col=col, name=names[target], noun=noun, topic=topic)
+        phrase = varied_table_phrase(self.rng) if self.varied else self.pick(TABLE_PHRASES)
+        question = phrase.format(col=col, name=names[target], noun=noun, topic=topic)
         s = Sample("table", self.conversation(question, []), self.tools_with(["get_table"]))
         s.tables = {topic: f"{noun} | {col}\n{rows}"}
         self.call_chain(s, [("get_table", {"topic": topic})], final="")
@@ -499,7 +798,10 @@ class _Gen:
         c = self.rng.randint(2, 20) if second in ("multiply", "divide") else self.rng.randint(1, 999)
         phrases = TWO_STEP_PHRASES[self.split]
         # phrases come in pairs per op chain: index 2 * which (+ 1 in training)
-        question = phrases[2 * which + self.rng.randrange(2)] if self.split == 0 else phrases[which]
+        if self.varied:
+            question = varied_two_step_phrase(self.rng, which)
+        else:
+            question = phrases[2 * which + self.rng.randrange(2)] if self.split == 0 else phrases[which]
         question = question.format(a=a, b=b, c=c)
         s = Sample("two_step", self.conversation(question, []), self.tools_with([first, second]))
         self.call_chain(
@@ -511,7 +813,7 @@ class _Gen:
         kind = self.rng.choice(["arith", "arith", "convert", "table"])
         if kind == "arith":
             op = self.rng.choice(ARITH_TOOLS)
-            question = self.pick(ARITH_PHRASES[op]).format(a=self.number(), b=self.rng.randint(1, 999))
+            question = self.arith_phrase(op).format(a=self.number(), b=self.rng.randint(1, 999))
             needed = op
         elif kind == "convert":
             question = self.pick(CONVERT_PHRASES).format(v=self.rng.randint(1, 999), src="km", dst="miles")
@@ -534,7 +836,7 @@ class _Gen:
         return s
 
     def chat(self) -> Sample:
-        q, a = self.rng.choice(CHATS[self.split])
+        q, a = self.rng.choice(CHATS[0] + list(_CHATS_VARIED) if self.varied else CHATS[self.split])
         tools = self.tools_with([]) if self.rng.random() < 0.6 else []
         s = Sample("chat", self.conversation(q, []), tools)
         s.messages.append(
@@ -572,10 +874,15 @@ class _Gen:
 
 
 def _samples(
-    n: int, seed: int, split: int, kinds: Sequence[str] | None, kind_weights: Sequence[float] | None = None
+    n: int,
+    seed: int,
+    split: int,
+    kinds: Sequence[str] | None,
+    kind_weights: Sequence[float] | None = None,
+    varied: bool = False,
 ) -> list[Sample]:
     rng = random.Random(seed)  # noqa: S311 - a reproducible corpus, not a secret
-    gen = _Gen(rng, split)
+    gen = _Gen(rng, split, varied)
     pool = list(kinds) if kinds else list(KINDS)
     table = tuple(kind_weights or KIND_WEIGHTS)
     if len(table) > len(KINDS) or any(w < 0 for w in table) or not any(table):
@@ -587,10 +894,12 @@ def _samples(
     return [gen.sample(rng.choices(pool, weights)[0]) for _ in range(n)]
 
 
-def training_samples(n: int, seed: int = 0, kind_weights: Sequence[float] | None = None) -> list[Sample]:
+def training_samples(
+    n: int, seed: int = 0, kind_weights: Sequence[float] | None = None, varied: bool = False
+) -> list[Sample]:
     """`n` training conversations from the training phrasings (deterministic in `seed`); `kind_weights`
-    (per KINDS) changes the mix, default KIND_WEIGHTS."""
-    return _samples(n, seed, 0, None, kind_weights)
+    (per KINDS) changes the mix, default KIND_WEIGHTS; `varied`: composed phrasings (see `_EXPR`)."""
+    return _samples(n, seed, 0, None, kind_weights, varied)
 
 
 HELDOUT_SEED = 20261207

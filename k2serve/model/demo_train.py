@@ -75,6 +75,7 @@ class TrainConfig:
     # Continue from an earlier run's directory (its train_state_fp32.pt and its tokenizer, reused as is).
     init_from: str | None = None
     kind_weights: tuple[float, ...] | None = None  # per demo_data.KINDS; None: demo_data.KIND_WEIGHTS
+    varied_phrasings: bool = False  # composed training questions (demo_data `varied`), not the fixed templates
 
 
 def _init_weights(model: K2Model, seed: int) -> None:
@@ -231,7 +232,7 @@ def train_demo(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     hf = demo_config(arch=cfg.arch)
     t0 = time.perf_counter()
-    samples = training_samples(cfg.num_samples, cfg.seed, cfg.kind_weights)
+    samples = training_samples(cfg.num_samples, cfg.seed, cfg.kind_weights, cfg.varied_phrasings)
     if cfg.init_from is None:
         tok = write_demo_tokenizer(out, samples[: min(len(samples), 4000)], hf["vocab_size"] - 256)
     else:
