@@ -335,6 +335,9 @@ class _DictStore:
             done(0.0)
         return True
 
+    def put_many(self, items: Any) -> bool:
+        return all([self.put(*item) for item in items])
+
     def remove(self, key: str) -> None:
         self.data.pop(key, None)
 
