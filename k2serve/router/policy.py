@@ -453,14 +453,14 @@ def choose_decode(live: Sequence[Worker], tokens: int) -> Choice:
     return Choice(best, "tpot" if len(fit) == len(live) else "kv_pressure", predicted_tpot_ms=tpot)
 
 
-def make_policy(name: str, index: KVIndex) -> RoutingPolicy:
-    """The policy `--routing-policy name` selects (POLICIES)."""
+def make_policy(name: str, index: KVIndex, clock: Callable[[], float] = time.monotonic) -> RoutingPolicy:
+    """The policy `--routing-policy name` selects (POLICIES); `clock`: KVAware's (a simulation's time)."""
     if name == "kv":
-        return KVAware(index)
+        return KVAware(index, clock=clock)
     if name == "kv-ttft":
-        return KVAware(index, cache_balance=False)
+        return KVAware(index, cache_balance=False, clock=clock)
     if name == "kv-settled":
-        return KVAware(index, count_in_flight=False)
+        return KVAware(index, count_in_flight=False, clock=clock)
     if name == "least-loaded":
         return LeastLoaded()
     if name == "round-robin":
