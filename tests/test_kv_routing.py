@@ -560,6 +560,8 @@ def test_a_turn_waits_for_its_previous_turn_in_flight() -> None:
         ("a", 0, 0, 40, 41),
         ("b", 0, 0, 0, 0),
     ]
+    first = ch.candidates[0]
+    assert (first.reported_queue, first.router_queue, first.tokens_per_s) == (0, 41, 1000.0)
     clock.t += 0.010  # 10 ms later a has done 10 of the 41 tokens: (31 + 21) = 52 ms against 61 ms
     ch = policy.choose([a, b], "prefill", prompt=PromptBlocks(turn2))
     assert (ch.worker.worker_id, ch.reason, ch.cached_tokens) == ("a", "prefix_in_flight", 40)

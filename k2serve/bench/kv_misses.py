@@ -69,8 +69,15 @@ def match_routing(requests: Sequence[BenchRequest], lines: Sequence[dict[str, An
 
 
 def _fmt(c: dict[str, Any]) -> str:
+    """A candidate of a routing line, in short (the queue as counted, then as the worker reported it
+    and as the router's own calls make it, when the line has them)."""
+    queue = f"queued {c['queued_tokens']}"
+    if "reported_queue" in c:
+        queue += (
+            f" (reported {c['reported_queue']}, router {c['router_queue']}) at {c['tokens_per_s']:.0f} tok/s"
+        )
     return (
-        f"{c['worker_id']} ttft {c['predicted_ttft_s'] * 1e3:.0f} ms queued {c['queued_tokens']} "
+        f"{c['worker_id']} ttft {c['predicted_ttft_s'] * 1e3:.0f} ms {queue} "
         f"own {c['local']} store {c['shared']} in-flight {c['in_flight']}"
     )
 

@@ -69,10 +69,12 @@ class Choice:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One prefill worker as `KVAware` scored a prompt: its predicted TTFT, its queued prefill tokens, and
-    the prompt's leading tokens cached there by where they are: its own tiers (`local`: device, host,
-    disk), the shared store (`shared`), and computed by a prefill in flight there (`in_flight`: counted
-    in `predicted_ttft_s` only by a policy that counts them)."""
+    """One prefill worker as `KVAware` scored a prompt: its predicted TTFT, its queued prefill tokens (as
+    counted; `reported_queue`: the worker's last heartbeat's, `router_queue`: the uncached tokens of the
+    router's calls under way there), its prefill speed (tokens/s, as used), and the prompt's leading
+    tokens cached there by where they are: its own tiers (`local`: device, host, disk), the shared store
+    (`shared`), and computed by a prefill in flight there (`in_flight`: counted in `predicted_ttft_s`
+    only by a policy that counts them)."""
 
     worker_id: str
     predicted_ttft_s: float
@@ -80,6 +82,9 @@ class Candidate:
     local: int
     shared: int
     in_flight: int
+    reported_queue: int = 0
+    router_queue: int = 0
+    tokens_per_s: float = 0.0
 
 
 class PromptBlocks:
@@ -303,7 +308,12 @@ class KVAware(LeastLoaded):
             scored.append((ttft, -cached[w.worker_id], load_key(w), w))
             n_shared, n_flight = held.count(SHARED) * size, held.count(IN_FLIGHT) * size
             own = len(held) * size - n_shared - n_flight
-            seen.append(Candidate(w.worker_id, ttft, queued, own, n_shared, n_flight))
+            reported = w.load.queued_prefill_tokens
+            seen.append(
+                Candidate(
+                    w.worker_id, ttft, queued, own, n_shared, n_flight, reported, w.prefill_tokens, speed
+                )
+            )
         candidates = tuple(seen)
         ttft, minus_cached, _, best = min(scored, key=lambda s: s[:3])
         if (
