@@ -686,8 +686,9 @@ def test_prompt_blocks_leave_the_last_token_to_compute() -> None:
 
 # ---- what the heartbeat reports ------------------------------------------------------------------------
 def test_engine_reports_queued_prefill_tokens_and_prefill_speed(tiny_ckpt: Path) -> None:
-    """Chunked prefill (8 tokens a step): the queue counts the prompt tokens not computed yet, and the
-    speed is measured from the steps that computed prompt tokens only (decode steps leave it alone)."""
+    """Chunked prefill (8 tokens a step): the queue counts the prompt tokens not computed yet (a waiting
+    prompt less the prefix the pool holds for it), and the speed is measured from the steps that
+    computed prompt tokens only (decode steps leave it alone)."""
     llm = LLMEngine.from_pretrained(
         tiny_ckpt, torch.float32, EngineConfig(num_kv_blocks=64, block_size=BS, max_num_batched_tokens=8)
     )
@@ -704,6 +705,13 @@ def test_engine_reports_queued_prefill_tokens_and_prefill_speed(tiny_ckpt: Path)
     while llm.has_unfinished_requests():  # decode steps only
         llm.step()
     assert llm.prefill_tokens_per_s == rate
+    # a waiting prompt whose prefix the pool holds (a's 5 full prompt blocks) counts only the rest: a
+    # conversation's next turn queued on its holder is not a full recompute
+    llm.add_request("c", list(range(1, 21)) + [7, 8, 9], params)
+    llm.add_request("d", [500] * 23, params)
+    assert llm.queued_prefill_tokens() == 3 + 23
+    chain = llm.scheduler.waiting[0].prefix_chain
+    assert len(chain) == 5 and llm.queued_prefill_tokens() == 26 and len(chain) == 5  # memoised
 
 
 # ---- a real engine's publisher ------------------------------------------------------------------------
