@@ -3,6 +3,8 @@ behave as the ideal LRU, and the loss causes add up per request."""
 
 from __future__ import annotations
 
+import pytest
+
 from k2serve.bench.kv_route_sim import SimRecord, losses, simulate
 from k2serve.loadgen.trace import ideal_cache_hits
 from k2serve.router.policy import PromptBlocks
@@ -50,3 +52,26 @@ def test_losses_by_cause() -> None:
         SimRecord(2, "b", predicted=8, actual=8, holder_tokens=8, ideal=0, ttft_s=0.0),  # gained
     ]
     assert losses(recs) == {"moved": 16, "raced": 16, "evicted": 16, "gained": 8}
+
+
+def test_a_shared_store_serves_every_worker_and_the_best_counts_it() -> None:
+    """With a store (`store_blocks`), a turn that lands on another worker than its history's fetches the
+    history from the store: round-robin, which alternates the turns of a conversation between two
+    workers, then hits every turn's whole history (without the store, only the turns back on their
+    first worker hit); the best counts the store's blocks with the pools'; a store too small to hold a
+    history past the pools serves only what it keeps (its LRU)."""
+    prompts = _conversation(100, 4, 0.0)
+    alone = simulate("round-robin", prompts, 2, 20, BS, 1e6)
+    assert [r.actual for r in alone] == [0, 0, 40, 48]  # turns 2 and 4 on prefill-1, 1 and 3 on prefill-0
+    assert [r.worker for r in alone] == ["prefill-0", "prefill-1", "prefill-0", "prefill-1"]
+    stored = simulate("round-robin", prompts, 2, 20, BS, 1e6, store_blocks=64)
+    assert [r.actual for r in stored] == [r.ideal for r in stored] == [0, 40, 48, 56]
+    # turn 2 (49 tokens): 9 computed, 40 fetched at 0.3 of computing them
+    assert stored[1].ttft_s == pytest.approx((9 + 40 * 0.3) / 1e6)
+    # kv counts the store's blocks for every worker: the same reuse, from the device where it can
+    kv = simulate("kv", prompts, 2, 20, BS, 1e6, store_blocks=64)
+    assert [r.actual for r in kv] == [0, 40, 48, 56]
+    # a 4-block store keeps the last 4 blocks put (turn 1's blocks 6-9), not the head of the history:
+    # turn 2 on the empty prefill-1 finds nothing
+    small = simulate("round-robin", prompts, 2, 20, BS, 1e6, store_blocks=4)
+    assert small[1].actual == 0 and small[1].ideal == 40

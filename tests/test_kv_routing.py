@@ -24,6 +24,7 @@ from k2serve.proto import registry_pb2
 from k2serve.router.kv_index import KVIndex
 from k2serve.router.policy import (
     DEFAULT_PREFILL_TOKENS_PER_S,
+    IN_FLIGHT,
     KVAware,
     LeastLoaded,
     NoWorkerError,
@@ -31,6 +32,7 @@ from k2serve.router.policy import (
     RoundRobin,
     make_policy,
     predicted_ttft_s,
+    reload_seconds,
 )
 from k2serve.router.registry import RegistryServicer, Worker, WorkerTable
 from k2serve.worker.runtime import KVEventPublisher
@@ -322,7 +324,7 @@ def test_no_worker_and_other_policies() -> None:
     assert isinstance(make_policy("least-loaded", idx), LeastLoaded)
     kv_ttft = make_policy("kv-ttft", idx)
     assert isinstance(kv_ttft, KVAware) and not kv_ttft.cache_balance
-    with pytest.raises(ValueError, match="kv, kv-ttft, least-loaded, round-robin"):
+    with pytest.raises(ValueError, match="kv, kv-ttft, kv-settled, least-loaded, round-robin"):
         make_policy("random", idx)
 
 
@@ -527,6 +529,148 @@ def test_store_blocks_count_as_fetched_for_every_worker_of_the_store() -> None:
     assert (ch.worker.worker_id, ch.reason, ch.cached_tokens) == ("b", "cache_balance", 40)
 
 
+class _Clock:
+    """A settable clock for KVAware (seconds)."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_turn_waits_for_its_previous_turn_in_flight() -> None:
+    """The next turn of a conversation arrives while its previous turn's prefill is still running on a:
+    nothing is indexed yet, but the previous prompt's blocks are IN_FLIGHT there (cached once that
+    prefill is done, which a's queue already holds). a's queue counts that prefill as progressing since
+    it was sent, so the turn goes to a once waiting there beats recomputing the prefix elsewhere; the
+    settled-only policy (`kv-settled`) sees a new conversation and balances it away."""
+    turn1 = list(range(100, 141))  # 41 tokens: 10 cacheable blocks
+    turn2 = turn1 + list(range(500, 520))  # 61 tokens, its first 10 blocks are turn1's
+    clock = _Clock()
+    idx = KVIndex()
+    policy = KVAware(idx, clock=clock)
+    a, b = _full_worker("a", 67), _full_worker("b", 67)
+    policy.dispatched(a, PromptBlocks(turn1))
+    a.prefill_tokens, a.in_flight = 41, 1  # the backend counts the call (and its uncached tokens) at once
+    # just sent: a (41 + 61 - 40) = 62 ms, b 61 ms: recomputing on the idle b is as fast
+    ch = policy.choose([a, b], "prefill", prompt=PromptBlocks(turn2))
+    assert ch.worker.worker_id == "b"
+    assert [(c.worker_id, c.local, c.shared, c.in_flight, c.queued_tokens) for c in ch.candidates] == [
+        ("a", 0, 0, 40, 41),
+        ("b", 0, 0, 0, 0),
+    ]
+    first = ch.candidates[0]
+    assert (first.reported_queue, first.router_queue, first.tokens_per_s) == (0, 41, 1000.0)
+    clock.t += 0.010  # 10 ms later a has done 10 of the 41 tokens: (31 + 21) = 52 ms against 61 ms
+    ch = policy.choose([a, b], "prefill", prompt=PromptBlocks(turn2))
+    assert (ch.worker.worker_id, ch.reason, ch.cached_tokens) == ("a", "prefix_in_flight", 40)
+    assert ch.predicted_ttft_s == pytest.approx(0.052)
+    assert ch.candidates[0].queued_tokens == 31
+    clock.t += 1.0  # the progress is capped at the in-flight tokens of the prompt (40): 1 + 21 ms
+    assert policy.choose([a, b], "prefill", prompt=PromptBlocks(turn2)).predicted_ttft_s == pytest.approx(
+        0.022
+    )
+    # kv-settled does not count it: no worker holds the prefix, so a new conversation (cache balance)
+    settled = KVAware(idx, count_in_flight=False, clock=clock)
+    settled.dispatched(a, PromptBlocks(turn1))
+    ch = settled.choose([a, b], "prefill", prompt=PromptBlocks(turn2))
+    assert (ch.worker.worker_id, ch.reason, ch.cached_tokens) == ("b", "cache_balance", 0)
+    assert ch.candidates[0].in_flight == 40  # seen (for the routing log), not counted
+    # a busy b: waiting on a wins even before any progress (62 ms against 30 + 61 ms)
+    clock.t -= 1.010
+    b.load.queued_prefill_tokens = 30
+    assert policy.choose([a, b], "prefill", prompt=PromptBlocks(turn2)).worker.worker_id == "a"
+    # answered: the index has the blocks (device), nothing is in flight any more
+    policy.prefilled(a, PromptBlocks(turn1))
+    policy.settled(a, PromptBlocks(turn1))
+    a.prefill_tokens = a.in_flight = 0
+    b.load.queued_prefill_tokens = 0
+    ch = policy.choose([a, b], "prefill", prompt=PromptBlocks(turn2))
+    assert (ch.worker.worker_id, ch.reason, ch.cached_tokens) == ("a", "prefix_hit", 40)
+    assert ch.candidates[0].local == 40 and ch.candidates[0].in_flight == 0
+    assert policy._in_flight == {}
+
+
+def test_in_flight_blocks_count_per_prefill_and_extend_the_indexed_prefix() -> None:
+    """Two prefills in flight of the same prompt keep its blocks IN_FLIGHT until both settle; in-flight
+    blocks count only after the blocks the index places (a prefix has no gap) and cost no reload; a
+    worker without KV events is not tracked; a failed prefill (settled, never prefilled) leaves nothing."""
+    prompt = list(range(100, 141))
+    hashes = chain_hashes(prompt[:40], BS)
+    idx = KVIndex()
+    policy = KVAware(idx, clock=_Clock())
+    a, b = _full_worker("a", 67), _full_worker("b", 67)
+    idx.apply("a", hashes[:4], [False] * 4)  # a holds 4 blocks on the device
+    idx.apply("a", hashes[2:4], [False] * 2, ["host", "host"])  # ... 2 of them offloaded to its host tier
+    policy.dispatched(a, PromptBlocks(prompt))
+    policy.dispatched(a, PromptBlocks(prompt))
+    tiers = policy._cached_tiers([a, b], PromptBlocks(prompt))
+    assert tiers == {"a": ["device"] * 2 + ["host"] * 2 + [IN_FLIGHT] * 6, "b": []}
+    assert reload_seconds(tiers["a"], BS, 1000.0) == pytest.approx(2 * BS * 0.05 / 1000.0)
+    policy.settled(a, PromptBlocks(prompt))
+    assert policy._cached_tiers([a], PromptBlocks(prompt))["a"].count(IN_FLIGHT) == 6  # one still runs
+    policy.settled(a, PromptBlocks(prompt))
+    assert policy._cached_tiers([a], PromptBlocks(prompt))["a"] == ["device"] * 2 + ["host"] * 2
+    # a block in flight after a gap in the index does not count
+    policy.dispatched(b, PromptBlocks(prompt[:21]))  # blocks 0-4 in flight on b
+    idx.apply("b", hashes[5:8], [False] * 3)
+    assert policy._cached_tiers([b], PromptBlocks(prompt))["b"] == [IN_FLIGHT] * 5
+    quiet = _worker("c", events=False)
+    policy.dispatched(quiet, PromptBlocks(prompt))
+    policy.settled(quiet, PromptBlocks(prompt))
+    assert "c" not in policy._in_flight
+    LeastLoaded().dispatched(a, PromptBlocks(prompt))  # other policies track nothing
+    LeastLoaded().settled(a, PromptBlocks(prompt))
+
+
+def test_miss_causes_from_the_routing_log() -> None:
+    """`bench kv-trace --trace-misses`: a request short of its best is charged to moved (another worker
+    held more, settled), moved_from_in_flight, in_flight_not_reused, store_miss, raced or evicted, from
+    its routing line; lines match requests by prompt, in order."""
+    from k2serve.bench.kv_misses import lost_by_cause, match_routing, miss_cause, trace_misses
+    from k2serve.loadgen.dataset import BenchRequest
+    from k2serve.loadgen.record import RequestRecord
+    from k2serve.router.backend import prompt_key
+
+    def cand(w: str, local: int = 0, shared: int = 0, flight: int = 0) -> dict[str, Any]:
+        return {
+            "worker_id": w,
+            "predicted_ttft_s": 0.01,
+            "queued_tokens": 0,
+            "local": local,
+            "shared": shared,
+            "in_flight": flight,
+        }
+
+    def line(worker: str, *cands: dict[str, Any], prompt: str = "") -> dict[str, Any]:
+        return {"prompt": prompt, "worker": worker, "reason": "prefix_hit", "candidates": list(cands)}
+
+    assert miss_cause(line("a", cand("a", 16), cand("b", 64)), 16)[0] == "moved"
+    assert miss_cause(line("a", cand("a", 16), cand("b", 16, flight=48)), 16)[0] == "moved_from_in_flight"
+    assert miss_cause(line("a", cand("a", 16, flight=48), cand("b")), 16)[0] == "in_flight_not_reused"
+    assert miss_cause(line("a", cand("a", 16, shared=48), cand("b", shared=48)), 32)[0] == "store_miss"
+    assert miss_cause(line("a", cand("a", 64), cand("b")), 32)[0] == "raced"
+    assert miss_cause(line("a", cand("a", 16), cand("b", 16)), 16)[0] == "evicted"
+    assert miss_cause(None, 0)[0] == "unrouted"
+    # found more than the index placed anywhere (a late index) but less than the best: not moved
+    assert miss_cause(line("a", cand("a", 16), cand("b", 32)), 48)[0] == "evicted"
+    reqs = [BenchRequest(0, (1, 2, 3), 4), BenchRequest(1, (5, 6), 4), BenchRequest(2, (1, 2, 3), 4)]
+    k0, k1 = prompt_key([1, 2, 3]), prompt_key([5, 6])
+    assert k0 != k1 and k0.startswith("3:")
+    lines = [
+        line("a", cand("a"), prompt=k0),
+        line("b", cand("b"), prompt=k1),
+        line("c", cand("c"), prompt=k0),
+    ]
+    assert {i: x["worker"] for i, x in match_routing(reqs, lines).items()} == {0: "a", 1: "b", 2: "c"}
+    lines[2]["candidates"] = [cand("c", 0), cand("a", 3)]
+    recs = [RequestRecord(i, 0.0, 3, 4, cached_tokens=c, finish_s=1.0) for i, c in ((0, 0), (1, 0), (2, 0))]
+    misses = trace_misses(reqs, recs, [0, 0, 3], lines)  # only request 2 fell short of its best
+    assert [(m.index, m.lost, m.cause) for m in misses] == [(2, 3, "moved")]
+    assert lost_by_cause(misses) == {"moved": 3}
+
+
 def test_prompt_blocks_leave_the_last_token_to_compute() -> None:
     """A worker always computes the prompt's last token (BlockManager.allocate), so an 8-token prompt of
     4-token blocks can hit one block, not two: the router predicts exactly what the worker will find."""
@@ -542,8 +686,9 @@ def test_prompt_blocks_leave_the_last_token_to_compute() -> None:
 
 # ---- what the heartbeat reports ------------------------------------------------------------------------
 def test_engine_reports_queued_prefill_tokens_and_prefill_speed(tiny_ckpt: Path) -> None:
-    """Chunked prefill (8 tokens a step): the queue counts the prompt tokens not computed yet, and the
-    speed is measured from the steps that computed prompt tokens only (decode steps leave it alone)."""
+    """Chunked prefill (8 tokens a step): the queue counts the prompt tokens not computed yet (a waiting
+    prompt less the prefix the pool holds for it), and the speed is measured from the steps that
+    computed prompt tokens only (decode steps leave it alone)."""
     llm = LLMEngine.from_pretrained(
         tiny_ckpt, torch.float32, EngineConfig(num_kv_blocks=64, block_size=BS, max_num_batched_tokens=8)
     )
@@ -560,6 +705,13 @@ def test_engine_reports_queued_prefill_tokens_and_prefill_speed(tiny_ckpt: Path)
     while llm.has_unfinished_requests():  # decode steps only
         llm.step()
     assert llm.prefill_tokens_per_s == rate
+    # a waiting prompt whose prefix the pool holds (a's 5 full prompt blocks) counts only the rest: a
+    # conversation's next turn queued on its holder is not a full recompute
+    llm.add_request("c", list(range(1, 21)) + [7, 8, 9], params)
+    llm.add_request("d", [500] * 23, params)
+    assert llm.queued_prefill_tokens() == 3 + 23
+    chain = llm.scheduler.waiting[0].prefix_chain
+    assert len(chain) == 5 and llm.queued_prefill_tokens() == 26 and len(chain) == 5  # memoised
 
 
 # ---- a real engine's publisher ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ or mooncake_master is not on PATH (CI installs both)."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import re
 import sys
@@ -26,6 +27,8 @@ from k2serve.extras import MissingExtraError
 from k2serve.kvcache.hashing import chain_hashes
 from k2serve.kvcache.shared_tier import STORE_TIER, MooncakeSettings, MooncakeStore, SharedTiers
 from k2serve.kvcache.tiers import pack_block, unpack_block
+from k2serve.proto import registry_pb2
+from k2serve.router.registry import RegistryServicer, WorkerTable
 
 PREFIX_TOKENS = 32  # (40 - 1) // 8 = 4 full blocks of a 40-token prompt can come from a cache
 
@@ -335,6 +338,9 @@ class _DictStore:
             done(0.0)
         return True
 
+    def put_many(self, items: Any) -> bool:
+        return all([self.put(*item) for item in items])
+
     def remove(self, key: str) -> None:
         self.data.pop(key, None)
 
@@ -635,3 +641,93 @@ def test_two_prefill_workers_share_blocks_through_the_store(
     assert outs == [reference[10], reference[10]]
     assert hits == [0.0, PREFIX_TOKENS]
     assert not master.running  # stopped with the cluster
+
+
+def _router_with_store(store_id: str, capacity_blocks: int) -> RegistryServicer:
+    """A router's registry with prefill workers "a" and "b" registered on the shared store `store_id`."""
+    reg = RegistryServicer(WorkerTable(5.0, lambda address: None))  # type: ignore[arg-type,return-value]
+    for i, wid in enumerate(("a", "b")):
+        info = registry_pb2.WorkerInfo(
+            worker_id=wid,
+            role=registry_pb2.WORKER_ROLE_PREFILL,
+            grpc_address=f"127.0.0.1:{10 + i}",
+            block_size=BS,
+            ready=True,
+            publishes_kv_events=True,
+            kv_store=store_id,
+            kv_store_capacity_blocks=capacity_blocks,
+        )
+        asyncio.run(reg.Register(info, None))  # type: ignore[arg-type]
+    return reg
+
+
+def _store_beat(reg: RegistryServicer, worker_id: str, puts: list[int], misses: list[int]) -> None:
+    """A heartbeat of `worker_id` carrying its store events (as KVEventPublisher sends them)."""
+    events = registry_pb2.KVEvents(store_puts=puts, store_misses=misses)
+    beat = registry_pb2.HeartbeatRequest(worker_id=worker_id, ready=True, kv_events=events)
+    assert asyncio.run(reg.Heartbeat(beat, None)).known  # type: ignore[arg-type]
+
+
+@needs_mooncake
+@pytest.mark.slow  # waits out the store's 5 s lease and its background eviction; 2 min on a loaded box
+def test_a_full_store_evicts_silently_and_the_router_forgets_on_the_miss(
+    tiny_ckpt: Path, reference: dict[int, list[int]]
+) -> None:
+    """A store that is really full: its own master, one 16 MiB segment (Mooncake's smallest). A puts
+    the blocks of four prompts (the router's index learns them from A's heartbeat), then fills the store
+    with other values until the store has evicted some of those blocks, without telling anyone. B (no
+    put on compute, so its events end with the misses) prefills a prompt whose blocks were evicted: its
+    lookup finds them missing, it recomputes them and gives the reference's tokens, and its heartbeat's
+    miss events make the router's index drop them, while the blocks no lookup missed stay indexed."""
+    seeds = (10, 20, 30, 40)
+    with MooncakeMaster() as m:
+        a = store_engine(tiny_ckpt, m, kv_store_segment_bytes=16 << 20)
+        for s in seeds:
+            assert generate(a, f"a{s}", prompt(s)) == reference[s]
+        assert shared(a).flush()
+        hashes = {s: chain_hashes(prompt(s), BS)[: PREFIX_TOKENS // BS] for s in seeds}
+        tracked = [h for s in seeds for h in hashes[s]]
+        puts, _ = shared(a).drain_store_events()
+        assert set(tracked) <= set(puts)
+        store_id = shared(a).store_id
+        reg = _router_with_store(store_id, shared(a).capacity_blocks)
+        _store_beat(reg, "a", puts, [])
+        index = reg.table.kv_index
+        assert all(index.in_store(store_id, h) for h in tracked)
+        # fill it with 16 MiB of other values, once the blocks' leases ran out (Mooncake's default lease
+        # is 5 s; it evicts no entry under lease, and the least recently used first), not looking at
+        # the blocks meanwhile (a lookup uses them); once full it evicts some entries and refuses puts
+        time.sleep(6.0)
+        for i in range(64):
+            shared(a).store.put(f"filler/{i}", bytes(256 << 10))
+            if i % 8 == 7:
+                assert shared(a).store.flush(30)
+        # the master evicts in a background thread: a few more puts over 4 s give it the time, still
+        # without looking at the blocks (a lookup of them would make them the last to go)
+        for i in range(64, 72):
+            time.sleep(0.5)
+            shared(a).store.put(f"filler/{i}", bytes(256 << 10))
+            assert shared(a).store.flush(30)
+        client = shared(a).store._store  # the raw Mooncake client
+        evicted = [h for h in tracked if client.is_exist(shared(a).key(h)) != 1]
+        fill = [client.is_exist(f"filler/{i}") for i in range(72)]
+        assert evicted, (
+            f"the store evicted none of the blocks; fillers kept {fill}, {shared(a).store.errors} errors"
+        )
+        assert all(index.in_store(store_id, h) for h in tracked)  # nobody told the router
+        seed = next(s for s in seeds if set(hashes[s]) & set(evicted))
+        b = store_engine(tiny_ckpt, m, kv_store_segment_bytes=16 << 20, kv_store_put_on_compute=False)
+        assert generate(b, "b", prompt(seed)) == reference[seed]
+        first_gone = next(i for i, h in enumerate(hashes[seed]) if h in evicted)
+        assert shared(b).stats.hit_tokens[STORE_TIER] <= first_gone * BS  # nothing past the hole
+        _, misses = shared(b).drain_store_events()
+        assert hashes[seed][first_gone] in misses and set(misses) <= set(evicted)
+        _store_beat(reg, "b", [], misses)
+        assert not any(index.in_store(store_id, h) for h in misses)
+        # the other prompts' blocks, kept or evicted, are no lookup's miss: the index keeps them (an
+        # evicted one is a stale entry until a lookup misses it, which costs one recompute)
+        others = [h for h in tracked if h not in misses]
+        assert len(others) >= 12 and all(index.in_store(store_id, h) for h in others)
+        b.blocks.check_invariants([])
+        for e in (a, b):
+            shared(e).close()

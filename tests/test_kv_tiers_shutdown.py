@@ -21,8 +21,8 @@ from test_kv_tiers_async import gate_disk_writes
 from k2serve.engine.async_engine import AsyncEngine
 from k2serve.kvcache.hashing import chain_hashes
 from k2serve.kvcache.pool import KVCachePool
-from k2serve.kvcache.shared_tier import MooncakeSettings, MooncakeStore
-from k2serve.kvcache.tiers import NAMESPACE_FILE, DiskTier, KVTiers
+from k2serve.kvcache.shared_tier import MooncakeSettings, MooncakeStore, SharedTiers
+from k2serve.kvcache.tiers import NAMESPACE_FILE, DiskTier, KVTiers, pack_block
 
 BIG = 1 << 30
 
@@ -118,7 +118,7 @@ class _FakeClient:
         self.closed = True
 
 
-def _store_with(client: _FakeClient) -> MooncakeStore:
+def _store_with(client: _FakeClient, max_pending_bytes: int = 256 << 20) -> MooncakeStore:
     """A MooncakeStore (the `mooncake` extra's client class is only imported) whose client is `client`:
     its master address is a closed port, so the background connect fails and never replaces it."""
     pytest.importorskip("mooncake.store", reason="the mooncake extra is not installed")
@@ -126,7 +126,12 @@ def _store_with(client: _FakeClient) -> MooncakeStore:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = MooncakeSettings(
-        f"127.0.0.1:{port}", "http://127.0.0.1:1/metadata", 1 << 20, 1 << 20, retry_s=0
+        f"127.0.0.1:{port}",
+        "http://127.0.0.1:1/metadata",
+        1 << 20,
+        1 << 20,
+        retry_s=0,
+        max_pending_bytes=max_pending_bytes,
     )
     store = MooncakeStore(settings, connect_wait_s=5.0)
     assert not store.connected
@@ -155,3 +160,37 @@ def test_store_close_with_a_stuck_put_returns_within_its_timeout(caplog: pytest.
         assert "queued puts not done" in caplog.text and not client.closed  # never closed under a call
     finally:
         hang.set()
+
+
+def test_an_eviction_burst_reaches_the_store_whole() -> None:
+    """The put queue is bounded in bytes and takes one call's blocks as one batch: a burst of 2,048
+    evicted blocks (a 32K-token context of 16-token blocks; the old 256-put queue kept 256 of them)
+    queued while the store's put thread is stuck all reach the store once it goes on, in order, and are
+    published for the router. A batch arriving while the queue is over its bound is dropped whole and
+    counted; once the queue drains the next is admitted."""
+    hang = threading.Event()
+    client = _FakeClient(hang=hang)
+    block_bytes = 2 * 4 * 8 * 4  # 2 layers x 4 tokens x 8 dims x fp32
+    frame = len(pack_block(bytes(block_bytes)))
+    store = _store_with(client, max_pending_bytes=1000 * frame)  # less than the burst: admitted whole
+    pool = KVCachePool(2, 2048, 4, 8, torch.float32)
+    tiers = SharedTiers(KVTiers(pool), store, "ns")
+    try:
+        tiers.offload_many([(10_000 + b, b) for b in range(2048)])  # one step's evictions
+        assert store._pending == 2048 and store._pending_bytes == 2048 * frame and store.dropped_puts == 0
+        tiers.offload_many([(50_000, 0), (50_001, 1)])  # the queue is over its bound: dropped whole
+        tiers.computed(60_000, 2)
+        assert store.dropped_puts == 3
+        hang.set()
+        assert tiers.flush(30.0)
+        assert client.puts == [tiers.key(10_000 + b) for b in range(2048)]
+        assert store._pending == store._pending_bytes == 0
+        puts, misses = tiers.drain_store_events()
+        assert puts == [10_000 + b for b in range(2048)] and misses == []
+        tiers.offload_many([(50_000, 0), (50_001, 1)])  # dropped ones were not remembered as put
+        assert tiers.flush(30.0) and client.puts[-2:] == [tiers.key(50_000), tiers.key(50_001)]
+        with pytest.raises(ValueError, match="max_pending_bytes >= 1"):
+            MooncakeSettings("127.0.0.1:1", "http://127.0.0.1:1/metadata", 1, 1, max_pending_bytes=0)
+    finally:
+        hang.set()
+        tiers.close(5.0)

@@ -24,6 +24,11 @@ them: `kv_store_capacity_blocks`), beside the device-only best (the pools alone)
 a store. The store's capacity by size is an upper bound of what it keeps: Mooncake allocates with
 overhead and refuses or evicts (not in LRU order) near full; the bench says how many blocks the trace
 sample has, which decides whether that matters.
+
+`--trace-misses` has each router log its routing decisions (`--routing-log`) and charges every request's
+shortfall against the best at the same total capacity to a cause (k2serve.bench.kv_misses: moved
+away from its holder, its previous turn still in flight, a store miss, evicted, ...), printed per
+request and summed per policy.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -46,6 +52,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from k2serve.bench import bench_model
+from k2serve.bench.kv_misses import Miss, lost_by_cause, miss_lines, trace_misses
 from k2serve.cluster.local import ClusterSpec, LocalCluster, registered_workers
 from k2serve.loadgen.dataset import BenchRequest
 from k2serve.loadgen.http_client import HTTPClient
@@ -68,6 +75,7 @@ POLICIES = ("kv", "least-loaded", "round-robin")  # compared by default (any of 
 
 
 STORES = ("none", "mooncake")  # --kv-store values: no shared tier, a Mooncake Store
+ROUTING_LOG = "routing.jsonl"  # the router's --routing-log in its cluster's workdir (--trace-misses)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class PolicyResult:
     kv_store: str = "none"
     store_capacity_blocks: int = 0
     tier_hits: dict[str, int] = field(default_factory=dict)  # prefill workers' hit tokens by tier
+    routing: list[dict[str, Any]] = field(default_factory=list)  # the router's --routing-log lines
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,10 @@ def _spec(
     if store == "mooncake":
         engine_args += ("--kv-store", "mooncake", "--kv-store-segment-mb", str(args.kv_store_segment_mb))
         engine_args += ("--kv-store-local-hostname", "127.0.0.1")
+    workdir = tempfile.mkdtemp(prefix=f"k2serve-bench-kv-trace-{policy}-{store}-{prefill}-")
+    router_args: tuple[str, ...] = ("--routing-policy", policy)
+    if args.trace_misses:
+        router_args += ("--routing-log", str(Path(workdir) / ROUTING_LOG))
     return _Spec(
         model_dir=str(model),
         port=0,
@@ -124,8 +137,8 @@ def _spec(
         use_redis=False,
         dtype=args.dtype,
         engine_args=engine_args,
-        router_args=("--routing-policy", policy),
-        workdir=tempfile.mkdtemp(prefix=f"k2serve-bench-kv-trace-{policy}-{store}-{prefill}-"),
+        router_args=router_args,
+        workdir=workdir,
         decode_kv_cache_mb=args.decode_kv_cache_mb,
         mooncake_master=store == "mooncake",
     )
@@ -226,6 +239,7 @@ def run(
             for c, cl in clusters.items()
         }
         tiers = {c: tier_hit_tokens(cl) for c, cl in clusters.items()}
+    routing = {c: read_routing_log(cl.dir / ROUTING_LOG) for c, cl in clusters.items()}
     spans = [(part[0].index, part[-1].index + 1) for part in parts]
     return [
         PolicyResult(
@@ -238,9 +252,17 @@ def run(
             kv_store=c[1],
             store_capacity_blocks=capacity[c][1],
             tier_hits=tiers[c],
+            routing=routing[c],
         )
         for c in configs
     ]
+
+
+def read_routing_log(path: Path) -> list[dict[str, Any]]:
+    """The lines of a router's --routing-log ([] when it wrote none)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def prefill_decisions(metrics: str) -> dict[str, int]:
@@ -266,9 +288,14 @@ def prefill_decisions(metrics: str) -> dict[str, int]:
 
 
 def summarize(
-    result: PolicyResult, blocks: Sequence[Sequence[tuple[int, int]]], block_size: int, slo: SLO
+    result: PolicyResult,
+    blocks: Sequence[Sequence[tuple[int, int]]],
+    block_size: int,
+    slo: SLO,
+    requests: Sequence[BenchRequest] = (),
 ) -> dict[str, Any]:
-    """The figures of one policy's replay (see the module doc); `blocks`: the requests' scaled blocks."""
+    """The figures of one policy's replay (see the module doc); `blocks`: the requests' scaled blocks;
+    `requests` (with the result's routing log): each shortfall against the best and its cause."""
     ok = [r for r in result.records if r.ok]
     cached = sum(r.cached_tokens or 0 for r in ok)
     prompt = sum(r.prompt_len for r in ok)
@@ -288,6 +315,7 @@ def summarize(
     ttfts = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
     good = sum(slo.met(r) for r in ok)
     p50, p99 = percentiles(ttfts, (50, 99)) if ttfts else (float("nan"), float("nan"))
+    misses = trace_misses(requests, result.records, lru_total, result.routing) if result.routing else []
     return {
         "policy": result.policy,
         "kv_store": result.kv_store,
@@ -312,6 +340,8 @@ def summarize(
         "ttft_p99_ms": p99,
         "errors": dict(Counter(r.error or "unfinished" for r in result.records if not r.ok)),
         "prefill_decisions": result.decisions,
+        "lost_by_cause": lost_by_cause(misses),
+        "misses": [dataclasses.asdict(m) for m in misses],
     }
 
 
@@ -334,7 +364,18 @@ def report(rows: Sequence[dict[str, Any]]) -> list[str]:
             + (f"  hits by tier {r['tier_hit_tokens']}" if r["tier_hit_tokens"] else "")
             + f"  decisions {r['prefill_decisions']}"
             + f"  of best total by window {[_pct(x) for x in r['of_best_lru_by_window']]}"
+            + (f"  lost by cause {r['lost_by_cause']}" if r.get("lost_by_cause") else "")
         )
+    return lines
+
+
+def miss_report(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per row with traced misses: its requests that fell short of the best, and why (`kv_misses`)."""
+    lines = []
+    for r in rows:
+        if r.get("misses"):
+            lines.append(f"misses of {r['policy']} / {r['kv_store']} with {r['prefill']} prefill workers:")
+            lines += miss_lines([Miss(**m) for m in r["misses"]])
     return lines
 
 
@@ -387,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="memory each prefill worker gives the store, MiB (Mooncake's minimum segment is 16 MiB)",
     )
+    ap.add_argument(
+        "--trace-misses",
+        action="store_true",
+        help="log the routers' decisions (--routing-log) and print, per request short of the best, why "
+        "(moved from its holder, previous turn in flight, store miss, evicted, ...)",
+    )
     ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=200.0)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: write the preset)")
@@ -438,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in prefills:
         for result in run(model, args, requests, n):
-            rows.append({"prefill": n, **summarize(result, blocks, args.block_size, slo)})
-        print("\n".join(report(rows[-len(args.policies) * len(args.kv_store) :])), flush=True)
+            rows.append({"prefill": n, **summarize(result, blocks, args.block_size, slo, requests)})
+        latest = rows[-len(args.policies) * len(args.kv_store) :]
+        print("\n".join(report(latest) + miss_report(latest)), flush=True)
     print("\n".join(report(rows)))
     print(f"load average after {os.getloadavg()[0]:.2f}")
     print("reproduce: k2serve bench kv-trace " + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -373,14 +373,15 @@ def add_redis_args(s: argparse.ArgumentParser, help_url: str) -> None:
 
 def add_routing_args(p: argparse.ArgumentParser, index: bool = False) -> None:
     """--routing-policy (router, up): how the router picks workers (k2serve.router.policy); with
-    `index` (router) also the KV index's bound."""
+    `index` (router) also the KV index's bound and the routing log."""
     p.add_argument(
         "--routing-policy",
         choices=POLICIES,
         default="kv",
         help="kv: the prefill worker with the least predicted TTFT, counting the prompt's prefix its cache "
         "holds (KV events), a new conversation where it evicts the coldest cached blocks; kv-ttft: kv "
-        "without that cache balance (by predicted TTFT alone); least-loaded: fewest outstanding requests; "
+        "without that cache balance (by predicted TTFT alone); kv-settled: kv counting only cached blocks, "
+        "not those a prefill in flight is computing; least-loaded: fewest outstanding requests; "
         "round-robin: in turn",
     )
     if index:
@@ -390,6 +391,14 @@ def add_routing_args(p: argparse.ArgumentParser, index: bool = False) -> None:
             default=DEFAULT_MAX_BLOCKS,
             help="block hashes the KV index keeps (about 460 bytes each); past it the least recently "
             "stored is forgotten",
+        )
+        p.add_argument(
+            "--routing-log",
+            default=None,
+            metavar="PATH",
+            help="append one JSON line per answered prefill to PATH: the prefill worker chosen and why, "
+            "each candidate's predicted TTFT, queue and cached / in-flight prefix tokens, the cached "
+            "tokens predicted and found (diagnosis; bench kv-trace --trace-misses reads it)",
         )
 
 

@@ -224,6 +224,7 @@ def router_settings(args: argparse.Namespace) -> RouterSettings:
         internal=internal_auth(args, tls),
         routing_policy=args.routing_policy,
         kv_index_max_blocks=args.kv_index_max_blocks,
+        routing_log=args.routing_log,
     )
 
 

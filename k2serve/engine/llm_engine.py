@@ -471,11 +471,23 @@ class LLMEngine:
             self.decode_step_batch = 0.8 * self.decode_step_batch + 0.2 * batch
 
     def queued_prefill_tokens(self) -> int:
-        """Prompt tokens not computed yet: whole waiting sequences (a preempted one recomputes its output
-        too) and the rest of running sequences' prompts (chunked prefill). Prefix hits not yet allocated
-        are counted: the router subtracts the cached part of its own prompts."""
-        sched = self.scheduler
-        waiting = sum(s.num_uncomputed for s in sched.waiting)
+        """Prompt tokens still to compute: waiting sequences (a preempted one recomputes its output too)
+        less the prefix the device pool holds for them now (`BlockManager.device_prefix_tokens`), and
+        the rest of running sequences' prompts (chunked prefill). Without that discount a waiting turn
+        of a conversation whose history this worker holds counted whole, so the router saw its holder
+        as busy recomputing it and sent the next turn elsewhere (BENCHMARKS.md, route5); the router
+        subtracts the uncached tokens of the prefills answered since a report."""
+        sched, blocks = self.scheduler, self.blocks
+        waiting = sum(
+            max(
+                0,
+                s.num_uncomputed
+                - blocks.device_prefix_tokens(
+                    s.token_ids if s.output_token_ids else s.prompt_token_ids, s.prefix_chain
+                ),
+            )
+            for s in sched.waiting
+        )
         return waiting + sum(max(0, len(s.prompt_token_ids) - s.num_computed_tokens) for s in sched.running)
 
     def _kv_sink_hook(self, finishing: list[Sequence]) -> Callable[[int], None] | None:

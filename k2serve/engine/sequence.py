@@ -55,6 +55,9 @@ class Sequence:
     constraint: Any = None  # a chat.structured.GrammarConstraint: allowed_mask / accept / is_terminated
     kv_sink: KVSink | None = None
     stop_checked_chars: int = 0  # output text already searched for stop strings
+    # chain hashes of the leading blocks of token_ids, computed as far as needed (a memo for the
+    # queued-prefill count: BlockManager.device_prefix_tokens); token_ids only grow, so it stays valid
+    prefix_chain: list[int] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def token_ids(self) -> list[int]:

@@ -509,6 +509,22 @@ class BlockManager:
                 hits.append(block)
         return hits, chain[: len(hits)]
 
+    def device_prefix_tokens(self, token_ids: Sequence[int], chain: list[int]) -> int:
+        """Tokens of `token_ids`' leading blocks that the device pool holds computed now (at most
+        (len - 1) // block_size blocks, as `allocate` serves; no tier is asked, nothing changes):
+        what a waiting prompt will not compute when admitted now. `chain`: the caller's memo of the
+        prompt's chain hashes (extended here only as far as the hits go), so that asking again each
+        step costs dict lookups, not hashing."""
+        if not self.enable_prefix_caching:
+            return 0
+        k, n = 0, (len(token_ids) - 1) // self.block_size
+        while k < n:
+            self._extend_chain(chain, token_ids, k + 1)
+            if chain[k] not in self._hash_to_block:
+                break
+            k += 1
+        return k * self.block_size
+
     def _extend_chain(self, chain: list[int], token_ids: Sequence[int], end: int) -> None:
         """Append to `chain` (the chain hashes of `token_ids`' first len(chain) blocks) those of the
         blocks up to `end` - 1."""

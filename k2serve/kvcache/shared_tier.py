@@ -14,7 +14,10 @@ the block manager's `BlockTiers` interface:
   `put_on_compute`, as soon as a block's tokens are computed (`computed`), so another worker can hit it
   before this one evicts it: that is what makes cross-worker reuse work. A hash is put once per process
   (a bounded memory of what was put). Puts run on a background thread: the engine step pays the copy
-  of the block's rows to host memory, not the network;
+  of the block's rows to host memory, not the network. The put queue is bounded in bytes, and the
+  blocks of one call (an eviction burst: every block a step evicts) are queued as one batch, admitted
+  whole while the queue is under its bound: a 32K-token context evicted at once reaches the store
+  entirely instead of its first few hundred blocks;
 - what the router learns (`drain_store_events`, `stored_hashes`): the hashes whose put succeeded and
   the hashes a lookup found missing or bad in the store, drained on the worker's heartbeat into the
   router's index of the store (router/kv_index.py), which places them for every worker of the store;
@@ -61,6 +64,8 @@ STORE_TIER = "mooncake"  # the `tier` label of the shared tier's metrics
 KEY_PREFIX = "k2kv"
 _RPC_FAIL = -900  # Mooncake's RPC_FAIL: the master did not answer
 _T = TypeVar("_T")
+# One put: (key, value, called with the put's seconds on the put thread after a success, or None)
+PutItem = tuple[str, bytes, "Callable[[float], None] | None"]
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
@@ -87,6 +92,8 @@ class BlockStore(Protocol):
 
     def put(self, key: str, value: bytes, done: Callable[[float], None] | None = None) -> bool: ...
 
+    def put_many(self, items: Sequence[PutItem]) -> bool: ...
+
     def remove(self, key: str) -> None: ...
 
     def flush(self, timeout_s: float = 10.0) -> bool: ...
@@ -103,8 +110,11 @@ class MooncakeSettings:
     it). segment_bytes: the memory this worker contributes to the store's global pool. buffer_bytes: its
     local transfer buffer (must hold the largest value put or got). local_hostname: the address other
     clients reach this worker's segment at. timeout_s: the longest any store call may stall the caller.
-    retry_s: how long the store is left alone after a failure. max_pending_puts: puts queued on the
-    background thread at most (more are dropped: the store is a cache)."""
+    retry_s: how long the store is left alone after a failure. max_pending_bytes: the values queued
+    for the background put thread at most: a batch of puts (`put_many`: an eviction burst) is admitted
+    whole while fewer bytes are queued, else dropped whole (the store is a cache), so the queue holds at
+    most this plus one batch (default 256 MiB: a 32K-token context of K2-width latent blocks, 2,048 x
+    73,760 bytes, is 151 MB)."""
 
     master: str
     metadata: str
@@ -113,7 +123,7 @@ class MooncakeSettings:
     local_hostname: str = "127.0.0.1"
     timeout_s: float = 1.0
     retry_s: float = 5.0
-    max_pending_puts: int = 256
+    max_pending_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         parse_host_port(self.master, "the Mooncake master address")
@@ -121,10 +131,10 @@ class MooncakeSettings:
             raise ValueError(
                 f"segment and buffer sizes must be >= 1 byte, got {self.segment_bytes}, {self.buffer_bytes}"
             )
-        if self.timeout_s <= 0 or self.retry_s < 0 or self.max_pending_puts < 1:
+        if self.timeout_s <= 0 or self.retry_s < 0 or self.max_pending_bytes < 1:
             raise ValueError(
-                f"timeout_s must be > 0, retry_s >= 0, max_pending_puts >= 1; got {self.timeout_s}, "
-                f"{self.retry_s}, {self.max_pending_puts}"
+                f"timeout_s must be > 0, retry_s >= 0, max_pending_bytes >= 1; got {self.timeout_s}, "
+                f"{self.retry_s}, {self.max_pending_bytes}"
             )
 
 
@@ -143,12 +153,13 @@ class MooncakeStore:
         self._factory: Callable[[], Any] = MooncakeDistributedStore
         self.settings = settings
         self.errors = 0  # failed connects, calls that failed, timed out or raised
-        self.dropped_puts = 0  # puts not made: store down, or the queue full
+        self.dropped_puts = 0  # puts not made: store down, or the queue full (counted per value)
         self._lock = threading.Lock()
         self._store: Any = None
         self._connecting: threading.Thread | None = None
         self._down_until = 0.0
-        self._pending = 0
+        self._pending = 0  # values queued for the put thread
+        self._pending_bytes = 0  # their bytes
         self._closed = False
         self._calls = ThreadPoolExecutor(1, thread_name_prefix="k2kv-store-get")
         self._puts = ThreadPoolExecutor(1, thread_name_prefix="k2kv-store-put")
@@ -275,38 +286,54 @@ class MooncakeStore:
     def put(self, key: str, value: bytes, done: Callable[[float], None] | None = None) -> bool:
         """Queue a put of `value` under `key` (a no-op where the key exists: values are immutable);
         returns whether it was queued. `done(seconds)` is called on the put thread after a success."""
+        return self.put_many([(key, value, done)])
+
+    def put_many(self, items: Sequence[PutItem]) -> bool:
+        """Queue the puts of `items` (key, value, done) as one batch, run in order on the put thread:
+        admitted whole while the queue holds fewer than max_pending_bytes (it may end above that by
+        this batch), else dropped whole; returns whether it was queued."""
+        if not items:
+            return True
         if not self._ready():
-            self.dropped_puts += 1
+            self.dropped_puts += len(items)
             return False
+        nbytes = sum(len(value) for _, value, _ in items)
         with self._lock:
-            if self._pending >= self.settings.max_pending_puts:
-                self.dropped_puts += 1
+            if self._pending_bytes >= self.settings.max_pending_bytes:
+                self.dropped_puts += len(items)
                 return False
-            self._pending += 1
+            self._pending += len(items)
+            self._pending_bytes += nbytes
 
         def job() -> None:
-            t0 = time.perf_counter()
-            try:
-                if not self._ready():
-                    self.dropped_puts += 1
-                    return
-                rc = int(self._store.put(key, value))
-                if rc == _RPC_FAIL:
-                    self._failed(f"put returned {rc} (master unreachable)")
-                elif rc < 0:
-                    with self._lock:
-                        self.errors += 1
-                    logger.debug("KV store: put of %s returned %d", key, rc)
-                elif done is not None:
-                    done(time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 - a background put must never kill its thread
-                self._failed(f"put failed: {e!r}")
-            finally:
+            for key, value, done in items:
+                self._put_one(key, value, done)
                 with self._lock:
                     self._pending -= 1
+                    self._pending_bytes -= len(value)
 
         self._submit(self._puts, job)
         return True
+
+    def _put_one(self, key: str, value: bytes, done: Callable[[float], None] | None) -> None:
+        """One put on the put thread (never raises: a failure is counted, and opens the breaker when
+        the master is unreachable)."""
+        t0 = time.perf_counter()
+        try:
+            if not self._ready():
+                self.dropped_puts += 1
+                return
+            rc = int(self._store.put(key, value))
+            if rc == _RPC_FAIL:
+                self._failed(f"put returned {rc} (master unreachable)")
+            elif rc < 0:
+                with self._lock:
+                    self.errors += 1
+                logger.debug("KV store: put of %s returned %d", key, rc)
+            elif done is not None:
+                done(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a background put must never kill its thread
+            self._failed(f"put failed: {e!r}")
 
     def remove(self, key: str) -> None:
         """Delete `key` in the background (a corrupt entry, so other workers do not fetch it too)."""
@@ -643,6 +670,7 @@ class SharedTiers:
         payloads = self.local.block_payloads(list(fresh.values()))
         copy_s = (time.perf_counter() - t0) / len(fresh)
         stats, nbytes, lock = self.stats, self.local.block_bytes, self.local.lock
+        items: list[PutItem] = []
         for h, payload in zip(fresh, payloads, strict=True):
             t1 = time.perf_counter()
             value = pack_block(payload.numpy().data)
@@ -654,9 +682,12 @@ class SharedTiers:
                     stats.offload_seconds[STORE_TIER] += pack_s + seconds
                     self._store_event(h, True)
 
-            if self.store.put(self.key(h), value, done):
-                with lock:  # a miss remembered from before this put must not hide it
+            items.append((self.key(h), value, done))
+        if self.store.put_many(items):  # one batch: a burst is queued whole or not at all
+            with lock:  # a miss remembered from before these puts must not hide them
+                for h in fresh:
                     self._known.pop(h, None)
+            for h in fresh:
                 self._put[h] = None
-                while len(self._put) > self._max_remembered:
-                    self._put.popitem(last=False)
+            while len(self._put) > self._max_remembered:
+                self._put.popitem(last=False)

@@ -8,12 +8,17 @@ worker failure ends the stream with BackendFailure. Every path that reserved blo
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+import time
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 
@@ -87,6 +92,8 @@ class ClusterBackend:
         self.prefill_cached_tokens = 0
         # Session leases on the workers (their --kv-session-lease-s): the key each request carries.
         self.lease_keys = LeaseKeys()
+        # --routing-log: one JSON line per answered prefill (`routing_record`), for diagnosis
+        self.routing_log: TextIO | None = None
 
     # ---- GenerationBackend ---------------------------------------------------------------------
     @property
@@ -423,13 +430,18 @@ class ClusterBackend:
         self.in_flight[rid] = (pre, dec)
         pre.prefill_tokens += uncached  # its queue as the router knows it, at once (a burst sees it)
         lease = _session_id(req) or self._lease_key(pre, blocks)
+        self.policy.dispatched(pre, blocks)  # a next turn arriving meanwhile may wait for these blocks
         try:
             res, first = await self._reserve_and_prefill(
                 req, sampling, structured, parent, blocks, pre, dec, lease
             )
         finally:
             pre.prefill_tokens -= uncached
+            self.policy.settled(pre, blocks)
         pre.prefill_answered(first.prompts_computed, first.num_prompt_tokens - first.num_cached_tokens)
+        if self.routing_log is not None:
+            self.routing_log.write(json.dumps(routing_record(req.prompt_token_ids, to_pre, first)) + "\n")
+            self.routing_log.flush()
         return pre, dec, res, first
 
     async def _reserve_and_prefill(
@@ -540,6 +552,30 @@ class ClusterBackend:
         self.routing_decisions[key] = self.routing_decisions.get(key, 0) + 1
         if role == "prefill":
             self.predicted_hit_tokens += choice.cached_tokens
+
+
+def prompt_key(token_ids: Sequence[int]) -> str:
+    """A short fingerprint of a prompt (its length and the CRC-32 of its token ids): how a client that
+    kept its prompts finds a request's line in the --routing-log."""
+    return f"{len(token_ids)}:{zlib.crc32(array.array('I', token_ids).tobytes()):08x}"
+
+
+def routing_record(
+    token_ids: Sequence[int], choice: Choice, first: worker_pb2.PrefillResponse
+) -> dict[str, object]:
+    """A --routing-log line: the prompt (`prompt_key`), the prefill worker chosen and why, the cached
+    tokens predicted there and found, and every candidate as the policy scored it (`Candidate`: predicted
+    TTFT, queued tokens, the prompt's tokens cached in its own tiers, in the shared store, and being
+    computed by a prefill in flight there); `t`: wall-clock seconds when the answer came."""
+    return {
+        "t": time.time(),
+        "prompt": prompt_key(token_ids),
+        "worker": choice.worker.worker_id,
+        "reason": choice.reason,
+        "predicted_cached": choice.cached_tokens,
+        "found_cached": first.num_cached_tokens,
+        "candidates": [dataclasses.asdict(c) for c in choice.candidates],
+    }
 
 
 def _session_id(req: GenerateRequest) -> str:

@@ -249,7 +249,10 @@ def main(settings: RouterSettings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, router.stop.set)
-        await router.run()
+        with contextlib.ExitStack() as stack:
+            if settings.routing_log:  # appended to: a restarted router keeps the earlier lines
+                router.backend.routing_log = stack.enter_context(open(settings.routing_log, "a"))
+            await router.run()
 
     asyncio.run(run())
     return 0

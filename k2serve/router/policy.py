@@ -6,19 +6,22 @@ the least predicted time to first token, counting the prefix its cache already h
 the decode worker with the least predicted time per output token among those whose free KV can hold
 its context; `least-loaded` (LeastLoaded) to the worker with the fewest outstanding requests;
 `round-robin` (RoundRobin) in turn; `kv-ttft` is `kv` without its cache balance (new conversations by
-predicted TTFT alone, as `kv` was before it: kept to compare). A session's holder is kept by the backend."""
+predicted TTFT alone, as `kv` was before it: kept to compare); `kv-settled` is `kv` counting only the
+blocks the index places, not those a prefill in flight is computing (as `kv` was before it: kept to
+compare). A session's holder is kept by the backend."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from k2serve.kvcache.hashing import chain_hashes
-from k2serve.router.kv_index import SHARED, KVIndex
+from k2serve.router.kv_index import DEVICE, SHARED, KVIndex
 from k2serve.router.registry import Worker
 
-POLICIES = ("kv", "kv-ttft", "least-loaded", "round-robin")
+POLICIES = ("kv", "kv-ttft", "kv-settled", "least-loaded", "round-robin")
 # Prefill speed assumed for a worker that has not measured one yet (and no other worker has either):
 # any positive value gives the same choice when no worker has a measurement (it scales every score).
 DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
@@ -29,6 +32,9 @@ DEFAULT_DECODE_STEP_MS = 10.0
 # the worker reports a measured reload speed for that tier (WorkerLoad.reload_tokens_per_s): cheaper than
 # recomputing, not free. A tier not named here counts as "shared".
 DEFAULT_RELOAD_COST = {"host": 0.05, "disk": 0.2, "shared": 0.3}
+# The "tier" of a prompt block that a prefill in flight on the worker is computing: cached once that
+# prefill is done, which the worker's queue already counts (so it costs nothing more here).
+IN_FLIGHT = "in_flight"
 
 
 class NoWorkerError(LookupError):
@@ -44,16 +50,41 @@ class Choice:
     """A routing decision. reason (the label of k2serve_router_routing_decisions_total): prefix_hit
     (chosen for, or with, cached blocks of the prompt), load (by load or predicted TTFT, no cached
     block), cache_balance (a new conversation, where it evicts the coldest blocks), round_robin,
-    only_worker (one candidate), session (the session's holder, kept); decode workers by `kv`: tpot (least predicted TPOT, every candidate's free KV could hold the request),
+    only_worker (one candidate), session (the session's holder, kept), prefix_in_flight (chosen for
+    a prefix a prefill in flight there is computing: the previous turn of a conversation, still
+    running); decode workers by `kv`: tpot (least predicted TPOT, every candidate's free KV could hold the request),
     kv_pressure (least predicted TPOT among those that can, some could not), no_kv_fit (none could
     by its last report: the one with the most free blocks, whose reservation decides).
-    cached_tokens: the prompt tokens the index predicts the worker's cache holds."""
+    cached_tokens: the prompt tokens the index predicts the worker's cache holds (with those prefills in
+    flight there compute, when the policy counts them). candidates: what `KVAware` saw of each
+    prefill candidate (for the router's --routing-log; empty for other policies and roles)."""
 
     worker: Worker
     reason: str
     cached_tokens: int = 0
     predicted_ttft_s: float | None = None
     predicted_tpot_ms: float | None = None
+    candidates: tuple[Candidate, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One prefill worker as `KVAware` scored a prompt: its predicted TTFT, its queued prefill tokens (as
+    counted; `reported_queue`: the worker's last heartbeat's, `router_queue`: the uncached tokens of the
+    router's calls under way there), its prefill speed (tokens/s, as used), and the prompt's leading
+    tokens cached there by where they are: its own tiers (`local`: device, host, disk), the shared store
+    (`shared`), and computed by a prefill in flight there (`in_flight`: counted in `predicted_ttft_s`
+    only by a policy that counts them)."""
+
+    worker_id: str
+    predicted_ttft_s: float
+    queued_tokens: int
+    local: int
+    shared: int
+    in_flight: int
+    reported_queue: int = 0
+    router_queue: int = 0
+    tokens_per_s: float = 0.0
 
 
 class PromptBlocks:
@@ -114,6 +145,12 @@ class RoutingPolicy:
     def prefilled(self, worker: Worker, prompt: PromptBlocks) -> None:
         """`worker` (still registered) has just prefilled `prompt`: a policy may learn from it."""
 
+    def dispatched(self, worker: Worker, prompt: PromptBlocks) -> None:
+        """A prefill of `prompt` is sent to `worker`; `settled` follows once it is answered or failed."""
+
+    def settled(self, worker: Worker, prompt: PromptBlocks) -> None:
+        """The prefill `dispatched` announced is over (answered, failed or cancelled)."""
+
 
 class LeastLoaded(RoutingPolicy):
     """The least loaded worker (`load_key`)."""
@@ -153,13 +190,14 @@ def reload_seconds(
     measured: dict[str, float] | None = None,
     cost: dict[str, float] | None = None,
 ) -> float:
-    """Seconds to reload the cached blocks in `tiers` (one tier name per block; "device" is free): a
+    """Seconds to reload the cached blocks in `tiers` (one tier name per block; "device" and IN_FLIGHT
+    are free): a
     tier's measured reload speed (tokens/s, `measured`) where the worker reported one, else its `cost`
     (DEFAULT_RELOAD_COST: a fraction of recomputing at `prefill_tokens_per_s`)."""
     cost = DEFAULT_RELOAD_COST if cost is None else cost
     total = 0.0
     for tier in tiers:
-        if tier == "device":
+        if tier in (DEVICE, IN_FLIGHT):  # in its pool, or will be once the queued prefill is done
             continue
         rate = (measured or {}).get(tier, 0.0)
         if rate > 0:
@@ -197,6 +235,18 @@ class KVAware(LeastLoaded):
     a worker whose cache holds live conversations and evict their prefixes while another worker's cache
     holds cold blocks; that, not turns moved away from their holder, was most of the lost reuse.
 
+    Prefills in flight (`count_in_flight`, reason `prefix_in_flight`): the blocks of a prompt whose
+    prefill the router has sent to a worker and not seen answered count as cached there after the ones
+    the index places (tier IN_FLIGHT, free: the worker's queue already holds that prefill, and the
+    worker computes the next prompt after it, finding its blocks), and that worker's queue counts the
+    in-flight prefill as progressing since it was sent: less min(its in-flight tokens of this prompt,
+    seconds since it was sent x the worker's speed) (without that, waiting for a prefill of the same
+    prefix would always predict slower than recomputing it on an idle worker: the queue would count the
+    whole prefill as still to do). A conversation that resends its history while its previous turn is
+    still being computed then goes to (waits behind) that turn's worker when that is still the least
+    predicted TTFT, instead of recomputing its prefix elsewhere (or missing it in the shared store,
+    where the previous turn's blocks are not yet put).
+
     Decode worker (with a prompt) = `choose_decode`: argmin of predicted TPOT over the workers whose
     free KV can hold the request's context (prompt + max_tokens)."""
 
@@ -207,12 +257,19 @@ class KVAware(LeastLoaded):
         balance_slack: float = 1.0,
         cache_balance: bool = True,
         balance_max_share: float = 0.1,
+        count_in_flight: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.index = index
         self.reload_cost = DEFAULT_RELOAD_COST if reload_cost is None else reload_cost
         self.balance_slack = balance_slack
         self.balance_max_share = balance_max_share
         self.cache_balance = cache_balance
+        self.count_in_flight = count_in_flight
+        # worker id -> chain hash -> [how many prefills in flight there compute that block, when the
+        # first of them was sent (`clock`)]
+        self._in_flight: dict[str, dict[int, list[float]]] = {}
+        self._clock = clock
 
     def choose(
         self,
@@ -233,17 +290,31 @@ class KVAware(LeastLoaded):
         cached: dict[str, int] = {}
         local: dict[str, int] = {}  # of those, what the worker holds itself (not in the shared store)
         scored = []
+        seen = []
         for w in live:
             queued = w.queued_prefill_tokens()
             speed = w.load.prefill_tokens_per_s if w.load.prefill_tokens_per_s > 0 else fallback
             held = tiers[w.worker_id]
-            cached[w.worker_id] = len(held) * w.info.block_size
-            local[w.worker_id] = sum(t != SHARED for t in held) * w.info.block_size
+            size = w.info.block_size
+            counted = held if self.count_in_flight else [t for t in held if t != IN_FLIGHT]
+            if len(counted) > len(held) - held.count(IN_FLIGHT):  # it waits for an in-flight prefill
+                queued = max(0, queued - self._progress(w, prompt, held, speed))
+            cached[w.worker_id] = len(counted) * size
+            local[w.worker_id] = sum(t != SHARED for t in counted) * size
             reload_s = reload_seconds(
-                held, w.info.block_size, speed, dict(w.load.reload_tokens_per_s), self.reload_cost
+                counted, size, speed, dict(w.load.reload_tokens_per_s), self.reload_cost
             )
             ttft = predicted_ttft_s(queued, prompt.num_tokens, cached[w.worker_id], speed, reload_s)
             scored.append((ttft, -cached[w.worker_id], load_key(w), w))
+            n_shared, n_flight = held.count(SHARED) * size, held.count(IN_FLIGHT) * size
+            own = len(held) * size - n_shared - n_flight
+            reported = w.load.queued_prefill_tokens
+            seen.append(
+                Candidate(
+                    w.worker_id, ttft, queued, own, n_shared, n_flight, reported, w.prefill_tokens, speed
+                )
+            )
+        candidates = tuple(seen)
         ttft, minus_cached, _, best = min(scored, key=lambda s: s[:3])
         if (
             self.cache_balance
@@ -256,9 +327,11 @@ class KVAware(LeastLoaded):
             ttft, minus_cached, _, best = min(
                 near, key=lambda s: (self._eviction_cost(s[3], prompt, local[s[3].worker_id]), s[2])
             )
-            return Choice(best, "cache_balance", -minus_cached, ttft)
+            return Choice(best, "cache_balance", -minus_cached, ttft, candidates=candidates)
         reason = "only_worker" if len(live) == 1 else "prefix_hit" if minus_cached < 0 else "load"
-        return Choice(best, reason, -minus_cached, ttft)
+        if reason == "prefix_hit" and self.count_in_flight and IN_FLIGHT in tiers[best.worker_id]:
+            reason = "prefix_in_flight"
+        return Choice(best, reason, -minus_cached, ttft, candidates=candidates)
 
     def _new_conversation(self, cached: dict[str, int], prompt: PromptBlocks, block_size: int) -> bool:
         """Whether no worker holds more of `prompt` than another beyond one block (`block_size` tokens) and
@@ -283,21 +356,64 @@ class KVAware(LeastLoaded):
         heartbeat later, so the next turn of a fast agent loop finds them. Its KV events still follow
         (and remove what it evicts); a block evicted before this runs misleads at most one request,
         whose prefill computes and caches it again."""
-        if worker.info.publishes_kv_events and worker.info.block_size > 0:
+        if _indexed(worker):
             hashes = prompt.hashes(worker.info.block_size)
             self.index.apply(worker.worker_id, hashes, [False] * len(hashes))
 
+    def dispatched(self, worker: Worker, prompt: PromptBlocks) -> None:
+        """Its prompt's blocks are being computed on `worker`: IN_FLIGHT there until `settled`."""
+        if _indexed(worker):
+            mine = self._in_flight.setdefault(worker.worker_id, {})
+            now = self._clock()
+            for h in prompt.hashes(worker.info.block_size):
+                mine.setdefault(h, [0, now])[0] += 1
+
+    def _progress(self, w: Worker, prompt: PromptBlocks, held: Sequence[str], speed: float) -> int:
+        """Tokens of `w`'s queue done since the in-flight prefill computing the prompt's leading blocks
+        (`held`: their tiers there, the last IN_FLIGHT) was sent: elapsed seconds x `speed`, at most the
+        prompt's in-flight tokens there."""
+        sent = self._in_flight[w.worker_id][prompt.hashes(w.info.block_size)[len(held) - 1]][1]
+        flight = held.count(IN_FLIGHT) * w.info.block_size
+        return min(flight, int((self._clock() - sent) * speed))
+
+    def settled(self, worker: Worker, prompt: PromptBlocks) -> None:
+        """The prefill is over: its blocks are no longer IN_FLIGHT (the index has them if it succeeded)."""
+        mine = self._in_flight.get(worker.worker_id)
+        if mine is None or not _indexed(worker):
+            return
+        for h in prompt.hashes(worker.info.block_size):
+            entry = mine.get(h)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] <= 0:
+                    del mine[h]
+        if not mine:
+            del self._in_flight[worker.worker_id]
+
     def _cached_tiers(self, workers: Sequence[Worker], prompt: PromptBlocks) -> dict[str, list[str]]:
         """worker id -> the tier of each leading prompt block the index places in its cache (none for
-        workers without KV events)."""
+        workers without KV events), then IN_FLIGHT for each further one a prefill in flight there
+        computes."""
         out: dict[str, list[str]] = {w.worker_id: [] for w in workers}
         by_size: dict[int, list[str]] = {}
         for w in workers:
-            if w.info.publishes_kv_events and w.info.block_size > 0:
+            if _indexed(w):
                 by_size.setdefault(w.info.block_size, []).append(w.worker_id)
         for size, ids in by_size.items():
             out |= self.index.cached_tiers(prompt.hashes(size), ids)
+            for wid in ids:
+                pending = self._in_flight.get(wid, {})
+                held = out[wid]
+                for h in prompt.hashes(size)[len(held) :]:
+                    if h not in pending:
+                        break
+                    held.append(IN_FLIGHT)
         return out
+
+
+def _indexed(w: Worker) -> bool:
+    """Whether the KV index (and so KVAware) knows `w`'s cache: it publishes KV events and a block size."""
+    return w.info.publishes_kv_events and w.info.block_size > 0
 
 
 def kv_fits(w: Worker, tokens: int) -> bool:
@@ -347,12 +463,14 @@ def choose_decode(live: Sequence[Worker], tokens: int) -> Choice:
     return Choice(best, "tpot" if len(fit) == len(live) else "kv_pressure", predicted_tpot_ms=tpot)
 
 
-def make_policy(name: str, index: KVIndex) -> RoutingPolicy:
-    """The policy `--routing-policy name` selects (POLICIES)."""
+def make_policy(name: str, index: KVIndex, clock: Callable[[], float] = time.monotonic) -> RoutingPolicy:
+    """The policy `--routing-policy name` selects (POLICIES); `clock`: KVAware's (a simulation's time)."""
     if name == "kv":
-        return KVAware(index)
+        return KVAware(index, clock=clock)
     if name == "kv-ttft":
-        return KVAware(index, cache_balance=False)
+        return KVAware(index, cache_balance=False, clock=clock)
+    if name == "kv-settled":
+        return KVAware(index, count_in_flight=False, clock=clock)
     if name == "least-loaded":
         return LeastLoaded()
     if name == "round-robin":

@@ -27,7 +27,9 @@ class RouterSettings:
     redis: the session store (None: sessions off); checked at startup (bad password or TLS: exit).
     tracing: where the router's spans go (OTLP); a caller's `traceparent` is continued.
     routing_policy: how workers are chosen (k2serve.router.policy.POLICIES; "kv": by predicted TTFT with
-    the prefill workers' cached prefixes); kv_index_max_blocks bounds the KV index (hashes kept)."""
+    the prefill workers' cached prefixes); kv_index_max_blocks bounds the KV index (hashes kept).
+    routing_log: a file the router appends one JSON line per answered prefill to (the routing decision,
+    its candidates as scored, the cached tokens predicted and found: backend.routing_record); None: off."""
 
     model_dir: str
     model_name: str | None = None
@@ -47,6 +49,7 @@ class RouterSettings:
     internal: InternalAuth = field(default_factory=InternalAuth)
     routing_policy: str = "kv"
     kv_index_max_blocks: int = DEFAULT_MAX_BLOCKS
+    routing_log: str | None = None
 
     def __post_init__(self) -> None:
         if self.routing_policy not in POLICIES:
