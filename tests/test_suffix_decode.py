@@ -315,6 +315,22 @@ def test_backoff_schedule() -> None:
     assert not p._skip and not p._misses
 
 
+def test_suffix_backoff_starts_after_three_misses_and_stops_at_four_steps() -> None:
+    p = Proposer(SpeculativeConfig("suffix", 4))
+    prompt = [1, 2, 1, 2, 1, 2]  # its own tree always drafts
+
+    def skipped_after_miss() -> int:
+        p.record("r", 0)
+        n = 0
+        while not p.propose("r", prompt, [1], 4):
+            n += 1
+        return n
+
+    assert [skipped_after_miss() for _ in range(7)] == [0, 0, 1, 2, 4, 4, 4]
+    p.record("r", 1)
+    assert skipped_after_miss() == 0 and p.num_skipped == 1 + 2 + 4 + 4 + 4
+
+
 def test_ngram_drafts_again_only_from_a_longer_match_after_a_full_rejection() -> None:
     """ngram: drafts that followed an n-gram match and were all rejected raise the bar to n + 1 (at most
     prompt_lookup_max) for that sequence until a draft is accepted; the backoff still applies."""

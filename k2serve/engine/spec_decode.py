@@ -400,7 +400,12 @@ class Proposer:
     Backoff (the standard remedy for drafts that cost time when they fail): after `BACKOFF_AFTER`
     verifications in a row of one sequence that accepted no draft, that sequence skips drafting for
     1, 2, 4, .. (at most `BACKOFF_MAX`) decode steps, doubling with each further failure; one accepted
-    draft resets it. Method "ngram" also raises the bar after a failure: a sequence whose drafts,
+    draft resets it. Method "suffix" backs off later and less (`SUFFIX_BACKOFF_AFTER`,
+    `SUFFIX_BACKOFF_MAX`): its drafts already pass a probability floor, a verifying row costs ~1.07x
+    a plain step per draft token on CPU (not the 1.4x the first schedule assumed), and in an agent
+    loop the steps the first schedule skipped were where copying resumed (demo model, agent loop,
+    depth 24: 78 skipped steps, 1.43x modelled; after 3 misses, at most 4: 14 skipped, 1.53x;
+    BENCHMARKS.md). Method "ngram" also raises the bar after a failure: a sequence whose drafts,
     following an n-gram match, were all rejected drafts again only from a match longer than n (at
     most prompt_lookup_max), until one of its drafts is accepted (then prompt_lookup_min again); so
     text without repetition stops paying for the 1-gram matches it keeps having. Both only decide
@@ -409,10 +414,15 @@ class Proposer:
 
     BACKOFF_AFTER = 1
     BACKOFF_MAX = 16
+    SUFFIX_BACKOFF_AFTER = 3
+    SUFFIX_BACKOFF_MAX = 4
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self.suffix = SuffixCache(config) if config.method == "suffix" else None
+        suffix = self.suffix is not None
+        self.backoff_after = self.SUFFIX_BACKOFF_AFTER if suffix else self.BACKOFF_AFTER
+        self.backoff_max = self.SUFFIX_BACKOFF_MAX if suffix else self.BACKOFF_MAX
         self._misses: dict[str, int] = {}
         self._skip: dict[str, int] = {}
         self._match_len: dict[str, int] = {}  # ngram: the n-gram length of the last drafts
@@ -447,8 +457,8 @@ class Proposer:
             self._min_len.pop(request_id, None)
             return
         misses = self._misses[request_id] = self._misses.get(request_id, 0) + 1
-        if misses >= self.BACKOFF_AFTER:
-            self._skip[request_id] = min(2 ** (misses - self.BACKOFF_AFTER), self.BACKOFF_MAX)
+        if misses >= self.backoff_after:
+            self._skip[request_id] = min(2 ** (misses - self.backoff_after), self.backoff_max)
         if self.suffix is None:
             failed = self._match_len.get(request_id, 0)
             self._min_len[request_id] = min(failed + 1, self.config.prompt_lookup_max)
