@@ -315,6 +315,20 @@ def test_backoff_schedule() -> None:
     assert not p._skip and not p._misses
 
 
+def test_ngram_drafts_at_most_two_per_matched_token() -> None:
+    """A 1-gram match drafts at most 2 tokens, a 2-gram at most 4 (a short match's long draft mostly
+    fails, and each rejected draft token costs a verifying row ~7% of a step on CPU)."""
+    p = Proposer(SpeculativeConfig("ngram", 8, 4, 1))
+    one = [5, 1, 2, 3, 4, 6, 7, 8, 5]  # "5": a 1-gram match
+    assert ngram_propose(one, 8, 4, 1) == [1, 2, 3, 4, 6, 7, 8, 5]
+    assert p.propose("a", one, [], 8) == [1, 2]
+    two = [9, 5, 1, 2, 3, 4, 6, 7, 8, 9, 5]  # "9 5": a 2-gram match
+    assert p.propose("b", two, [], 8) == [1, 2, 3, 4]
+    three = [0, 9, 5, 1, 2, 3, 4, 6, 7, 8, 0, 9, 5]  # "0 9 5": a 3-gram match, at most 6
+    assert ngram_propose(three, 8, 4, 1) == [1, 2, 3, 4, 6, 7, 8, 0]
+    assert p.propose("c", three, [], 8) == [1, 2, 3, 4, 6, 7]
+
+
 def test_suffix_backoff_starts_after_three_misses_and_stops_at_four_steps() -> None:
     p = Proposer(SpeculativeConfig("suffix", 4))
     prompt = [1, 2, 1, 2, 1, 2]  # its own tree always drafts
@@ -341,10 +355,10 @@ def test_ngram_drafts_again_only_from_a_longer_match_after_a_full_rejection() ->
     assert p.propose("r", prompt, [2], 4) == [] and p.num_skipped == 1  # the backoff's one step
     assert ngram_propose([*prompt, 2], 4, 4, 1) == [3, 7, 3, 2]  # "2": a 1-gram match again ...
     assert p.propose("r", prompt, [2], 4) == [] and p.num_raised == 1  # ... not longer: dropped
-    assert p.propose("other", prompt, [2], 4) == [3, 7, 3, 2]  # only that sequence's bar is raised
+    assert p.propose("other", prompt, [2], 4) == [3, 7]  # only that sequence's bar is raised
     assert p.propose("r", prompt, [7], 4) == [3, 7]  # "3 7": a 2-gram match drafts
     p.record("r", 1)  # accepted: back to prompt_lookup_min
-    assert p.propose("r", prompt, [2], 4) == [3, 7, 3, 2] and p.num_raised == 1
+    assert p.propose("r", prompt, [2], 4) == [3, 7] and p.num_raised == 1
     p.finish("r", [2])
     assert not p._min_len.get("r") and "r" not in p._match_len
     capped = Proposer(SpeculativeConfig("ngram", 4, 2, 1))
