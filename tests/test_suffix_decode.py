@@ -14,7 +14,7 @@ import pytest
 from test_spec_decode import generate, greedy, make_engine, run_all, workload
 
 from k2serve.engine.config import EngineConfigError, SpeculativeConfig
-from k2serve.engine.spec_decode import Proposer, SuffixTree
+from k2serve.engine.spec_decode import Proposer, SuffixTree, ngram_propose
 
 SUFFIX = {
     "method": "suffix",
@@ -71,11 +71,11 @@ def brute_speculate(
 def tree_strings(tree: SuffixTree) -> dict[tuple[int, ...], int]:
     """Every node's string and count."""
     out: dict[tuple[int, ...], int] = {}
-    stack: list[tuple[tuple[int, ...], Any]] = [((), tree.root)]
+    stack: list[tuple[tuple[int, ...], int]] = [((), tree.ROOT)]
     while stack:
         path, node = stack.pop()
-        for tok, child in node.children.items():
-            out[path + (tok,)] = child.count
+        for tok, child in tree.kids[node].items():
+            out[path + (tok,)] = tree.counts[child]
             stack.append((path + (tok,), child))
     return out
 
@@ -100,19 +100,27 @@ def test_tree_counts_are_occurrences_and_truncation_and_removal_free_nodes() -> 
         seqs = {k: [rng.randrange(3) for _ in range(rng.randrange(0, 20))] for k in range(5)}
         for k, s in seqs.items():
             tree.extend(k, s)
+        most = tree.num_nodes  # removals and truncations only free nodes
         live = dict(seqs)
         for k in rng.sample(sorted(seqs), 5):
             expected = brute_strings(list(live.values()), depth)
             assert tree_strings(tree) == expected
             assert tree.num_nodes == len(expected)
-            assert tree.root.count == sum(len(s) for s in live.values())
+            assert tree.counts[tree.ROOT] == sum(len(s) for s in live.values())
             cut = rng.randrange(len(live[k]) + 1)
             tree.truncate(k, cut)
             live[k] = live[k][:cut]
             assert tree_strings(tree) == brute_strings(list(live.values()), depth)
             tree.remove(k)
             del live[k]
-        assert tree.num_nodes == 0 and not tree.root.children and tree.root.count == 0 and len(tree) == 0
+        assert (
+            tree.num_nodes == 0
+            and not tree.kids[tree.ROOT]
+            and tree.counts[tree.ROOT] == 0
+            and len(tree) == 0
+        )
+        # freed ids are reused, so the arrays hold no more nodes than the most alive at once
+        assert len(tree.counts) == len(tree.kids) == 1 + len(tree._free) <= 1 + most
 
 
 def test_common_prefix_len() -> None:
@@ -131,8 +139,8 @@ def test_common_prefix_len() -> None:
 def test_tree_tail_is_the_suffix_nodes() -> None:
     tree = SuffixTree(3)
     tree.extend("s", [4, 5, 4, 5])
-    assert [n.count for n in tree.tail("s")] == [2, 2, 1]  # "5", "4 5", "5 4 5"
-    assert tree.find([4, 5]) is tree.tail("s")[1] and tree.find([5, 5]) is None
+    assert [tree.counts[n] for n in tree.tail("s")] == [2, 2, 1]  # "5", "4 5", "5 4 5"
+    assert tree.find([4, 5]) == tree.tail("s")[1] and tree.find([5, 5]) is None
     assert tree.find([4, 5, 4, 5]) is None  # deeper than max_depth
 
 
@@ -305,6 +313,59 @@ def test_backoff_schedule() -> None:
     assert p.num_skipped == 1 + 2 + 4 + 8 + 16 + 16 + 1 + 2
     p.finish("r", [1])
     assert not p._skip and not p._misses
+
+
+def test_ngram_drafts_at_most_two_per_matched_token() -> None:
+    """A 1-gram match drafts at most 2 tokens, a 2-gram at most 4 (a short match's long draft mostly
+    fails, and each rejected draft token costs a verifying row ~7% of a step on CPU)."""
+    p = Proposer(SpeculativeConfig("ngram", 8, 4, 1))
+    one = [5, 1, 2, 3, 4, 6, 7, 8, 5]  # "5": a 1-gram match
+    assert ngram_propose(one, 8, 4, 1) == [1, 2, 3, 4, 6, 7, 8, 5]
+    assert p.propose("a", one, [], 8) == [1, 2]
+    two = [9, 5, 1, 2, 3, 4, 6, 7, 8, 9, 5]  # "9 5": a 2-gram match
+    assert p.propose("b", two, [], 8) == [1, 2, 3, 4]
+    three = [0, 9, 5, 1, 2, 3, 4, 6, 7, 8, 0, 9, 5]  # "0 9 5": a 3-gram match, at most 6
+    assert ngram_propose(three, 8, 4, 1) == [1, 2, 3, 4, 6, 7, 8, 0]
+    assert p.propose("c", three, [], 8) == [1, 2, 3, 4, 6, 7]
+
+
+def test_suffix_backoff_starts_after_three_misses_and_stops_at_four_steps() -> None:
+    p = Proposer(SpeculativeConfig("suffix", 4))
+    prompt = [1, 2, 1, 2, 1, 2]  # its own tree always drafts
+
+    def skipped_after_miss() -> int:
+        p.record("r", 0)
+        n = 0
+        while not p.propose("r", prompt, [1], 4):
+            n += 1
+        return n
+
+    assert [skipped_after_miss() for _ in range(7)] == [0, 0, 1, 2, 4, 4, 4]
+    p.record("r", 1)
+    assert skipped_after_miss() == 0 and p.num_skipped == 1 + 2 + 4 + 4 + 4
+
+
+def test_ngram_drafts_again_only_from_a_longer_match_after_a_full_rejection() -> None:
+    """ngram: drafts that followed an n-gram match and were all rejected raise the bar to n + 1 (at most
+    prompt_lookup_max) for that sequence until a draft is accepted; the backoff still applies."""
+    p = Proposer(SpeculativeConfig("ngram", 4, 4, 1))
+    prompt = [1, 2, 3, 7, 3]
+    assert p.propose("r", prompt, [], 4) == [7, 3]  # "3": a 1-gram match
+    p.record("r", 0)
+    assert p.propose("r", prompt, [2], 4) == [] and p.num_skipped == 1  # the backoff's one step
+    assert ngram_propose([*prompt, 2], 4, 4, 1) == [3, 7, 3, 2]  # "2": a 1-gram match again ...
+    assert p.propose("r", prompt, [2], 4) == [] and p.num_raised == 1  # ... not longer: dropped
+    assert p.propose("other", prompt, [2], 4) == [3, 7]  # only that sequence's bar is raised
+    assert p.propose("r", prompt, [7], 4) == [3, 7]  # "3 7": a 2-gram match drafts
+    p.record("r", 1)  # accepted: back to prompt_lookup_min
+    assert p.propose("r", prompt, [2], 4) == [3, 7] and p.num_raised == 1
+    p.finish("r", [2])
+    assert not p._min_len.get("r") and "r" not in p._match_len
+    capped = Proposer(SpeculativeConfig("ngram", 4, 2, 1))
+    assert capped.propose("r", prompt, [7], 4) == [3, 7]  # a 2-gram (prompt_lookup_max) fails ...
+    capped.record("r", 0)
+    capped.propose("r", prompt, [7], 4)  # the backoff's step
+    assert capped.propose("r", prompt, [7], 4) == [3, 7]  # ... 2-grams still draft: the bar is capped
 
 
 # ---- the engine: greedy exactness -----------------------------------------------------------------

@@ -24,13 +24,19 @@ def longest_match(
     haystack: Sequence[int], tokens: Sequence[int], max_n: int, last_end: int
 ) -> tuple[int, int]:
     """(n, end): the longest n <= max_n such that haystack[end - n + 1 .. end] equals the last n of
-    `tokens`, over ends 0..last_end; the earliest end among equally long matches; (0, -1) if none."""
+    `tokens`, over ends 0..last_end; the earliest end among equally long matches; (0, -1) if none.
+    The candidate ends (where `tokens`' last token occurs) are found with list.index, a C-speed scan:
+    only they cost Python steps (a 1,500-token agent prompt has a few dozen of any one token)."""
     total = len(tokens)
     last = tokens[-1]
+    find = haystack.index if isinstance(haystack, list) else list(haystack).index
     best_len, best_end = 0, -1
-    for end in range(last_end + 1):
-        if haystack[end] != last:
-            continue
+    end = -1
+    while True:
+        try:
+            end = find(last, end + 1, last_end + 1)
+        except ValueError:
+            break
         n = 1
         while n < max_n and n <= end and n < total and haystack[end - n] == tokens[total - 1 - n]:
             n += 1
@@ -41,6 +47,15 @@ def longest_match(
     return best_len, best_end
 
 
+def ngram_match(tokens: Sequence[int], k: int, max_n: int, min_n: int) -> tuple[int, list[int]]:
+    """(n, drafts): `ngram_propose`'s drafts and the length n of the n-gram they follow ((0, []) when
+    nothing matches)."""
+    if k < 1 or len(tokens) < min_n or len(tokens) < 2:
+        return 0, []
+    n, end = longest_match(tokens, tokens, max_n, len(tokens) - 2)
+    return (n, list(tokens[end + 1 : end + 1 + k])) if n >= min_n else (0, [])
+
+
 def ngram_propose(tokens: Sequence[int], k: int, max_n: int, min_n: int) -> list[int]:
     """Up to `k` draft tokens for the sequence `tokens` (prompt + output so far).
 
@@ -49,10 +64,7 @@ def ngram_propose(tokens: Sequence[int], k: int, max_n: int, min_n: int) -> list
     earliest occurrence wins (vLLM's KMP search picks the same one). The drafts are the tokens right
     after that occurrence, at most k and no further than the sequence goes. [] when nothing matches.
     """
-    if k < 1 or len(tokens) < min_n or len(tokens) < 2:
-        return []
-    n, end = longest_match(tokens, tokens, max_n, len(tokens) - 2)
-    return list(tokens[end + 1 : end + 1 + k]) if n >= min_n else []
+    return ngram_match(tokens, k, max_n, min_n)[1]
 
 
 class SuffixTree:
@@ -67,15 +79,26 @@ class SuffixTree:
 
     This is Arctic Inference's suffix tree (vLLM's method "suffix") without path compression: the
     counts at the node boundaries a compressed tree has are the same, so the drafts are the same.
+
+    Layout: a node is an int id (`ROOT` is 0); `counts[id]` is its count and `kids[id]` its children
+    as a dict {token: child id}. Only ints are stored, so a node costs no Python object of its own and
+    nothing here is tracked by the cyclic garbage collector (a dict of ints is not): an object per
+    node (the first layout) made a prompt's ~250 x depth new nodes trigger collections that walked
+    every node of every tree, most of the bookkeeping's time in a serving process. Deleted ids are
+    reused (`_free`), so a long-lived tree's arrays stay as large as its most nodes at once.
     """
+
+    ROOT = 0
 
     def __init__(self, max_depth: int) -> None:
         self.max_depth = max_depth
-        self.root = _Node()
+        self.counts: list[int] = [0]
+        self.kids: list[dict[int, int]] = [{}]
+        self._free: list[int] = []
         self.num_nodes = 0  # nodes besides the root (memory accounting, tests)
         self._seqs: dict[Hashable, list[int]] = {}
         # per sequence: the nodes of its suffixes ending at its last token, by length (index L - 1)
-        self._tails: dict[Hashable, list[_Node]] = {}
+        self._tails: dict[Hashable, list[int]] = {}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._seqs
@@ -93,7 +116,7 @@ class SuffixTree:
         """The tokens stored for sequence `key` ([] if absent; do not modify)."""
         return self._seqs.get(key, [])
 
-    def tail(self, key: Hashable) -> list[_Node]:
+    def tail(self, key: Hashable) -> list[int]:
         """The nodes of sequence `key`'s suffixes of lengths 1..min(len, max_depth), shortest first."""
         return self._tails.get(key, [])
 
@@ -102,21 +125,28 @@ class SuffixTree:
         suffixes of lengths 1..max_depth that end at it by one node, O(max_depth) node visits."""
         seq = self._seqs.setdefault(key, [])
         tail = self._tails.get(key, [])
-        root, keep = self.root, self.max_depth - 1
+        counts, kids, free = self.counts, self.kids, self._free
+        keep = self.max_depth - 1
         created = 0
-        for token in tokens:  # the hot loop of the trees: plain locals, no calls
+        for token in tokens:  # the hot loop of the trees: plain locals, no calls but list ops
             seq.append(token)
             new = []
-            for node in [root, *tail[:keep]]:
-                children = node.children
+            for node in (0, *tail[:keep]):
+                children = kids[node]
                 child = children.get(token)
                 if child is None:
-                    child = children[token] = _Node()
+                    if free:
+                        child = free.pop()
+                    else:
+                        child = len(counts)
+                        counts.append(0)
+                        kids.append({})
+                    children[token] = child
                     created += 1
-                child.count += 1
+                counts[child] += 1
                 new.append(child)
             tail = new
-            root.count += 1
+            counts[0] += 1
         self._tails[key] = tail
         self.num_nodes += created
 
@@ -130,17 +160,29 @@ class SuffixTree:
         self._tails.pop(key, None)
         if seq is None:
             return
-        self.root.count -= len(seq)
+        counts, kids = self.counts, self.kids
+        counts[0] -= len(seq)
         for start in range(len(seq)):
-            node = self.root
+            node = 0
             for tok in seq[start : start + self.max_depth]:
-                child = node.children[tok]
-                child.count -= 1
-                if child.count == 0:  # its descendants on this path held only this occurrence too
-                    del node.children[tok]
-                    self.num_nodes -= child.size()
+                child = kids[node][tok]
+                counts[child] -= 1
+                if counts[child] == 0:  # its descendants on this path held only this occurrence too
+                    del kids[node][tok]
+                    self._release(child)
                     break
                 node = child
+
+    def _release(self, node: int) -> None:
+        """Free the subtree rooted at `node` (its ids go to the free list, its counts to 0)."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            stack.extend(self.kids[n].values())
+            self.kids[n].clear()
+            self.counts[n] = 0
+            self._free.append(n)
+            self.num_nodes -= 1
 
     def truncate(self, key: Hashable, n: int) -> None:
         """Keep only the first `n` tokens of sequence `key`: each dropped token takes its occurrence
@@ -149,32 +191,34 @@ class SuffixTree:
         if seq is None or n >= len(seq):
             return
         tail = self._tails[key]
+        counts, kids = self.counts, self.kids
         while len(seq) > max(n, 0):
             token = seq.pop()
             new_tail = [
                 self.find(seq[len(seq) - size :]) for size in range(1, min(len(seq), self.max_depth) + 1)
             ]
-            for parent, node in zip([self.root, *new_tail], tail, strict=False):
-                node.count -= 1
-                if node.count == 0:  # its only occurrence ended at the dropped token: a leaf
-                    del parent.children[token]  # type: ignore[union-attr]
-                    self.num_nodes -= 1
-            self.root.count -= 1
+            for parent, node in zip([0, *new_tail], tail, strict=False):
+                counts[node] -= 1
+                if counts[node] == 0:  # its only occurrence ended at the dropped token: a leaf
+                    del kids[parent][token]  # type: ignore[index]
+                    self._release(node)
+            counts[0] -= 1
             tail = [node for node in new_tail if node is not None]  # all exist: seq holds them
         self._tails[key] = tail
 
-    def find(self, pattern: Sequence[int]) -> _Node | None:
+    def find(self, pattern: Sequence[int]) -> int | None:
         """The node of `pattern` (None if it does not occur or is longer than max_depth)."""
         if len(pattern) > self.max_depth:
             return None
-        node: _Node | None = self.root
+        node: int | None = 0
+        kids = self.kids
         for tok in pattern:
-            node = node.children.get(tok)  # type: ignore[union-attr]
+            node = kids[node].get(tok)  # type: ignore[index]
             if node is None:
                 return None
         return node
 
-    def matches(self, context: Sequence[int]) -> Iterator[tuple[int, _Node]]:
+    def matches(self, context: Sequence[int]) -> Iterator[tuple[int, int]]:
         """(L, node of context[-L:]) for L = 1, 2, ... while that suffix of `context` occurs."""
         for length in range(1, min(len(context), self.max_depth) + 1):
             node = self.find(context[len(context) - length :])
@@ -182,19 +226,29 @@ class SuffixTree:
                 return
             yield length, node
 
-
-class _Node:
-    """A trie node: occurrences of its string and its children by next token."""
-
-    __slots__ = ("children", "count")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.children: dict[int, _Node] = {}
-
-    def size(self) -> int:
-        """Nodes in the subtree rooted here, itself included."""
-        return 1 + sum(c.size() for c in self.children.values())
+    def draft_from(self, node: int, max_tokens: int, min_token_prob: float) -> tuple[list[int], float]:
+        """Greedy path from `node`: the most frequent child each step (ties: the smaller token id), its
+        estimated probability the product of child count / parent count along the path; stops before
+        a token whose probability falls below `min_token_prob`, at a leaf, or at `max_tokens` tokens.
+        Returns (tokens, sum of their probabilities)."""
+        counts, kids = self.counts, self.kids
+        tokens: list[int] = []
+        prob, score = 1.0, 0.0
+        while len(tokens) < max_tokens:
+            children = kids[node]
+            if not children:
+                break
+            if len(children) == 1:
+                ((tok, child),) = children.items()
+            else:  # most frequent, then the smaller token id
+                tok, child = min(children.items(), key=lambda item: (-counts[item[1]], item[0]))
+            prob *= counts[child] / counts[node]
+            if prob < min_token_prob:
+                break
+            tokens.append(tok)
+            score += prob
+            node = child
+        return tokens, score
 
 
 @dataclass(frozen=True)
@@ -207,38 +261,20 @@ class Draft:
     match_len: int = 0
 
 
-def draft_from(node: _Node, max_tokens: int, min_token_prob: float) -> tuple[list[int], float]:
-    """Greedy path from `node`: the most frequent child each step (ties: the smaller token id), its
-    estimated probability the product of child.count / parent.count along the path; stops before a
-    token whose probability falls below `min_token_prob`, at a leaf, or at `max_tokens` tokens.
-    Returns (tokens, sum of their probabilities)."""
-    tokens: list[int] = []
-    prob, score = 1.0, 0.0
-    while len(tokens) < max_tokens and node.children:
-        tok, child = min(node.children.items(), key=_most_frequent)
-        prob *= child.count / node.count
-        if prob < min_token_prob:
-            break
-        tokens.append(tok)
-        score += prob
-        node = child
-    return tokens, score
-
-
-def _most_frequent(item: tuple[int, _Node]) -> tuple[int, int]:
-    return -item[1].count, item[0]
-
-
 def speculate(
-    matches: Iterable[tuple[int, _Node]], limit: int, max_spec_factor: float, min_token_prob: float
+    tree: SuffixTree,
+    matches: Iterable[tuple[int, int]],
+    limit: int,
+    max_spec_factor: float,
+    min_token_prob: float,
 ) -> Draft:
-    """The best draft over the suffix matches (L, node): from each, `draft_from` with at most
+    """The best draft over the suffix matches (L, node) of `tree`: from each, `draft_from` with at most
     min(limit, floor(max_spec_factor x L)) tokens (a longer match earns a longer draft); the highest
     score wins, the longer match on a tie (Arctic's rule)."""
     best = Draft()
     for length, node in matches:
         cap = min(limit, int(max_spec_factor * length + 1e-6))
-        tokens, score = draft_from(node, cap, min_token_prob)
+        tokens, score = tree.draft_from(node, cap, min_token_prob)
         if score >= best.score:
             best = Draft(tuple(tokens), score, length)
     return best
@@ -321,11 +357,12 @@ class SuffixCache:
         local = self._sync(request_id, prompt, output)
         factor, min_prob = c.suffix_decoding_max_spec_factor, c.suffix_decoding_min_token_prob
         # a suffix seen once is only the current occurrence (no continuation), nor is any longer one
-        own = takewhile(lambda match: match[1].count > 1, enumerate(local.tail(0), 1))
-        best = speculate(own, limit, factor, min_prob)
+        counts = local.counts
+        own = takewhile(lambda match: counts[match[1]] > 1, enumerate(local.tail(0), 1))
+        best = speculate(local, own, limit, factor, min_prob)
         if len(self.global_tree):
             context = (list(prompt[-self.depth :]) + list(output))[-self.depth :]
-            other = speculate(self.global_tree.matches(context), limit, factor, min_prob)
+            other = speculate(self.global_tree, self.global_tree.matches(context), limit, factor, min_prob)
             if other.score > best.score:
                 best = other
         return list(best.tokens)
@@ -363,18 +400,38 @@ class Proposer:
     Backoff (the standard remedy for drafts that cost time when they fail): after `BACKOFF_AFTER`
     verifications in a row of one sequence that accepted no draft, that sequence skips drafting for
     1, 2, 4, .. (at most `BACKOFF_MAX`) decode steps, doubling with each further failure; one accepted
-    draft resets it. It only decides whether to draft, never what the model outputs: the tokens are
-    the same with or without it (tests)."""
+    draft resets it. Method "suffix" backs off later and less (`SUFFIX_BACKOFF_AFTER`,
+    `SUFFIX_BACKOFF_MAX`): its drafts already pass a probability floor, a verifying row costs ~1.07x
+    a plain step per draft token on CPU (not the 1.4x the first schedule assumed), and in an agent
+    loop the steps the first schedule skipped were where copying resumed (demo model, agent loop,
+    depth 24: 78 skipped steps, 1.43x modelled; after 3 misses, at most 4: 14 skipped, 1.53x;
+    BENCHMARKS.md). Method "ngram" also raises the bar after a failure: a sequence whose drafts,
+    following an n-gram match, were all rejected drafts again only from a match longer than n (at
+    most prompt_lookup_max), until one of its drafts is accepted (then prompt_lookup_min again); so
+    text without repetition stops paying for the 1-gram matches it keeps having; and an n-gram match
+    drafts at most `NGRAM_DRAFTS_PER_MATCH_TOKEN` x n tokens (a short match's long draft mostly
+    fails, each rejected token costing its verifying row ~7% of a plain step on CPU). These only decide
+    whether to draft, never what the model outputs: the tokens are the same with or without them
+    (tests)."""
 
     BACKOFF_AFTER = 1
     BACKOFF_MAX = 16
+    NGRAM_DRAFTS_PER_MATCH_TOKEN = 2
+    SUFFIX_BACKOFF_AFTER = 3
+    SUFFIX_BACKOFF_MAX = 4
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self.suffix = SuffixCache(config) if config.method == "suffix" else None
+        suffix = self.suffix is not None
+        self.backoff_after = self.SUFFIX_BACKOFF_AFTER if suffix else self.BACKOFF_AFTER
+        self.backoff_max = self.SUFFIX_BACKOFF_MAX if suffix else self.BACKOFF_MAX
         self._misses: dict[str, int] = {}
         self._skip: dict[str, int] = {}
+        self._match_len: dict[str, int] = {}  # ngram: the n-gram length of the last drafts
+        self._min_len: dict[str, int] = {}  # ngram: the raised prompt_lookup_min after a failure
         self.num_skipped = 0  # decode steps the backoff left without drafts (tests, bench)
+        self.num_raised = 0  # ngram proposals dropped because the match was not longer (tests, bench)
 
     def propose(self, request_id: str, prompt: Sequence[int], output: Sequence[int], limit: int) -> list[int]:
         """At most `limit` (and num_speculative_tokens) drafts after prompt + output."""
@@ -389,21 +446,30 @@ class Proposer:
             return []
         if self.suffix is not None:
             return self.suffix.propose(request_id, prompt, output, k)
-        return ngram_propose([*prompt, *output], k, c.prompt_lookup_max, c.prompt_lookup_min)
+        n, drafts = ngram_match([*prompt, *output], k, c.prompt_lookup_max, c.prompt_lookup_min)
+        if drafts and n < self._min_len.get(request_id, 0):
+            self.num_raised += 1
+            return []
+        self._match_len[request_id] = n
+        return drafts[: self.NGRAM_DRAFTS_PER_MATCH_TOKEN * n]
 
     def record(self, request_id: str, accepted: int) -> None:
         """A verification of `request_id`'s drafts accepted `accepted` of them (drives the backoff)."""
         if accepted:
             self._misses.pop(request_id, None)
+            self._min_len.pop(request_id, None)
             return
         misses = self._misses[request_id] = self._misses.get(request_id, 0) + 1
-        if misses >= self.BACKOFF_AFTER:
-            self._skip[request_id] = min(2 ** (misses - self.BACKOFF_AFTER), self.BACKOFF_MAX)
+        if misses >= self.backoff_after:
+            self._skip[request_id] = min(2 ** (misses - self.backoff_after), self.backoff_max)
+        if self.suffix is None:
+            failed = self._match_len.get(request_id, 0)
+            self._min_len[request_id] = min(failed + 1, self.config.prompt_lookup_max)
 
     def finish(self, request_id: str, output: Sequence[int]) -> None:
         """`request_id` finished or was aborted with `output`: drop its state (suffix: its output stays
         in the global tree)."""
-        self._misses.pop(request_id, None)
-        self._skip.pop(request_id, None)
+        for state in (self._misses, self._skip, self._match_len, self._min_len):
+            state.pop(request_id, None)
         if self.suffix is not None:
             self.suffix.finish(request_id, output)
