@@ -75,7 +75,9 @@ class TrainConfig:
     # Continue from an earlier run's directory (its train_state_fp32.pt and its tokenizer, reused as is).
     init_from: str | None = None
     kind_weights: tuple[float, ...] | None = None  # per demo_data.KINDS; None: demo_data.KIND_WEIGHTS
-    varied_phrasings: bool = False  # composed training questions (demo_data `varied`), not the fixed templates
+    varied_phrasings: bool = (
+        False  # composed training questions (demo_data `varied`), not the fixed templates
+    )
 
 
 def _init_weights(model: K2Model, seed: int) -> None:
