@@ -294,22 +294,24 @@ def test_suffix_config_round_trip_and_unknown_key() -> None:
 # ---- the backoff ----------------------------------------------------------------------------------
 
 
+def _skipped_after_miss(p: Proposer) -> int:
+    """Record a verification of request "r" that accepted nothing, then count the steps the proposer
+    skips before it drafts again (the prompt always drafts: with ngram and in its own suffix tree)."""
+    p.record("r", 0)
+    n = 0
+    while not p.propose("r", [1, 2, 1, 2, 1, 2], [1], 4):
+        n += 1
+    return n
+
+
 def test_backoff_schedule() -> None:
     """No draft accepted: skip 1 step, then 2, 4, 8, 16, 16 after further misses; an accepted draft
     resets it."""
     p = Proposer(SpeculativeConfig("ngram", 4))
-    prompt = [1, 2, 1, 2, 1, 2]  # always drafts
 
-    def skipped_after_miss() -> int:
-        p.record("r", 0)
-        n = 0
-        while not p.propose("r", prompt, [1], 4):
-            n += 1
-        return n
-
-    assert [skipped_after_miss() for _ in range(6)] == [1, 2, 4, 8, 16, 16]
+    assert [_skipped_after_miss(p) for _ in range(6)] == [1, 2, 4, 8, 16, 16]
     p.record("r", 2)
-    assert skipped_after_miss() == 1 and skipped_after_miss() == 2
+    assert _skipped_after_miss(p) == 1 and _skipped_after_miss(p) == 2
     assert p.num_skipped == 1 + 2 + 4 + 8 + 16 + 16 + 1 + 2
     p.finish("r", [1])
     assert not p._skip and not p._misses
@@ -331,18 +333,10 @@ def test_ngram_drafts_at_most_two_per_matched_token() -> None:
 
 def test_suffix_backoff_starts_after_three_misses_and_stops_at_four_steps() -> None:
     p = Proposer(SpeculativeConfig("suffix", 4))
-    prompt = [1, 2, 1, 2, 1, 2]  # its own tree always drafts
 
-    def skipped_after_miss() -> int:
-        p.record("r", 0)
-        n = 0
-        while not p.propose("r", prompt, [1], 4):
-            n += 1
-        return n
-
-    assert [skipped_after_miss() for _ in range(7)] == [0, 0, 1, 2, 4, 4, 4]
+    assert [_skipped_after_miss(p) for _ in range(7)] == [0, 0, 1, 2, 4, 4, 4]
     p.record("r", 1)
-    assert skipped_after_miss() == 0 and p.num_skipped == 1 + 2 + 4 + 4 + 4
+    assert _skipped_after_miss(p) == 0 and p.num_skipped == 1 + 2 + 4 + 4 + 4
 
 
 def test_ngram_drafts_again_only_from_a_longer_match_after_a_full_rejection() -> None:
