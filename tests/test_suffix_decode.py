@@ -471,8 +471,23 @@ def test_bench_runs_at_toy_size(tiny_ckpt: Path, capsys: pytest.CaptureFixture[s
     from k2serve.bench.spec_decode import main
 
     argv = ["--model", str(tiny_ckpt), "--rounds", "1", "--output-len", "8", "--turns", "2", "--json"]
-    assert main([*argv, "--conversations", "1"]) == 0
+    suffix = [
+        "--suffix-max-tree-depth",
+        "12",
+        "--suffix-min-token-prob",
+        "0.3",
+        "--suffix-max-spec-factor",
+        "2",
+    ]
+    assert main([*argv, "--conversations", "1", *suffix]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["speculative_config"]["suffix"] == {
+        "method": "suffix",
+        "num_speculative_tokens": 8,
+        "suffix_decoding_max_tree_depth": 12,
+        "suffix_decoding_min_token_prob": 0.3,
+        "suffix_decoding_max_spec_factor": 2.0,
+    }
     assert set(report["workloads"]) == {"agent", "tools", "repeat", "random"}
     for name, w in report["workloads"].items():
         assert w["tokens_per_round"] > 0, name

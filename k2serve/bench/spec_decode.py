@@ -438,6 +438,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="suffix_decoding_max_tree_depth (default vLLM's 24; each token costs O(depth) Python trie steps)",
     )
+    ap.add_argument(
+        "--suffix-min-token-prob",
+        type=float,
+        default=None,
+        help="suffix_decoding_min_token_prob (default vLLM's 0.1): a draft stops at a less likely token",
+    )
+    ap.add_argument(
+        "--suffix-max-spec-factor",
+        type=float,
+        default=None,
+        help="suffix_decoding_max_spec_factor (default vLLM's 1.0): a draft is at most this x the match length",
+    )
     ap.add_argument("--kv-blocks", type=int, default=1024, help="KV pool blocks (16 tokens each) per engine")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", action="store_true")
@@ -456,11 +468,15 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_lookup_min": args.prompt_lookup_min,
         },
         "suffix": {"method": "suffix", "num_speculative_tokens": k}
-        | (
-            {"suffix_decoding_max_tree_depth": args.suffix_max_tree_depth}
-            if args.suffix_max_tree_depth
-            else {}
-        ),
+        | {
+            key: value
+            for key, value in (
+                ("suffix_decoding_max_tree_depth", args.suffix_max_tree_depth),
+                ("suffix_decoding_min_token_prob", args.suffix_min_token_prob),
+                ("suffix_decoding_max_spec_factor", args.suffix_max_spec_factor),
+            )
+            if value is not None
+        },
     }
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
