@@ -522,15 +522,28 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
 class K2Round:
     """k2serve's side: one engine per checkpoint, built once and warmed up, timed per round."""
 
-    def __init__(self, checkpoint: Path, max_batch: int, max_prompt: int) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        max_batch: int,
+        max_prompt: int,
+        compile: str = "none",
+        warm: Sequence[tuple[int, int, int]] = (),
+    ) -> None:
+        """`compile` "decode": the captured decode step, its buckets compiled before any timing by
+        generating each of `warm` (batch, prompt tokens, new tokens) once."""
         import torch
 
         from k2serve.bench.engine import make_llm
         from k2serve.engine.sampling_params import SamplingParams
 
         self.params = SamplingParams
-        self.llm = make_llm(checkpoint, max_batch, max_prompt, torch.bfloat16)
+        self.llm = make_llm(checkpoint, max_batch, max_prompt, torch.bfloat16, compile)
         self._timed([[1] * 16] * 2, 4)  # warm-up
+        for batch, prompt, new in warm:
+            t = time.perf_counter()
+            self._timed([[1] * prompt] * batch, new)
+            print(f"[k2serve] warm-up batch {batch}: {time.perf_counter() - t:.1f} s", flush=True)
 
     def _timed(self, prompts: list[list[int]], max_tokens: int) -> float:
         p = self.params(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -607,6 +620,7 @@ def run(
     threads: int,
     q4: bool,
     skip_bf16: bool = False,
+    compile: str = "none",
 ) -> list[dict[str, Any]]:
     """Alternating rounds of k2serve and llama.cpp; returns one row per (weights, measurement)."""
     import torch
@@ -621,7 +635,8 @@ def run(
         pairs.append(("INT4 experts", paths.checkpoint_int4, list(QUANTIZE_ARGS)))
     rows: list[dict[str, Any]] = []
     for label, ckpt, kinds in pairs:
-        ours_engine = K2Round(ckpt, max(batches), max(prompt, prefill))
+        warm = [(b, prompt, n + 1) for b in batches] if compile != "none" else []
+        ours_engine = K2Round(ckpt, max(batches), max(prompt, prefill), compile, warm)
         ours: dict[str, list[float]] = {}
         theirs: dict[tuple[str, str], list[float]] = {}
         for r in range(rounds):
@@ -726,6 +741,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also k2serve INT4 experts against llama.cpp Q4_0 (all, and experts only)",
     )
     r.add_argument("--skip-bf16", action="store_true", help="only the INT4 / Q4_0 comparison (with --q4)")
+    r.add_argument(
+        "--compile",
+        choices=("none", "decode"),
+        default="none",
+        help="k2serve's --compile: decode = the captured decode step (compiled before timing)",
+    )
     r.add_argument("--json", type=Path, default=None, help="write the rows here")
     cv = sub.add_parser("_convert", help=argparse.SUPPRESS)
     cv.add_argument("--src", type=Path, required=True)
@@ -761,7 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     load = os.getloadavg()
     print(
-        f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads={args.threads}"
+        f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads={args.threads}; "
+        f"k2serve --compile {args.compile}"
     )
     rows = run(
         paths,
@@ -773,11 +795,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.threads,
         args.q4,
         args.skip_bf16,
+        args.compile,
     )
     print()
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"load_average": load, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"load_average": load, "compile": args.compile, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -121,6 +121,7 @@ def test_argument_parsing(bench: ModuleType, tmp_path: Path, capsys: pytest.Capt
         tmp_path,
     )
     assert bench.parse_args(["convert", "--kinds", "bf16,q4_0-experts"]).kinds == ["bf16", "q4_0-experts"]
+    assert args.compile == "none" and bench.parse_args(["run", "--compile", "decode"]).compile == "decode"
     for bad, message in [
         (["run", "--batch-sizes", "1,x"], "comma-separated integers"),
         (["run", "--batch-sizes", "0"], "must be >= 1"),
@@ -128,6 +129,7 @@ def test_argument_parsing(bench: ModuleType, tmp_path: Path, capsys: pytest.Capt
         (["--threads", "0", "run"], "--threads must be >= 1"),
         (["run", "--rounds", "0"], "--rounds"),
         (["run", "--skip-bf16"], "nothing to run without --q4"),
+        (["run", "--compile", "all"], "invalid choice: 'all'"),
     ]:
         with pytest.raises(SystemExit):
             bench.parse_args(bad)

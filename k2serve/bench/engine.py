@@ -56,10 +56,13 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def make_llm(model_dir: Path, max_num_seqs: int, max_prompt_len: int, dtype: torch.dtype) -> LLM:
+def make_llm(
+    model_dir: Path, max_num_seqs: int, max_prompt_len: int, dtype: torch.dtype, compile: str = "none"
+) -> LLM:
     """The engine as the benchmarks run it: up to `max_num_seqs` sequences per step, a whole prompt of
     `max_prompt_len` tokens in one prefill chunk, and no prefix caching (a repeated prompt is recomputed,
-    so rounds over the same prompts time the same work)."""
+    so rounds over the same prompts time the same work). `compile`: EngineConfig.compile ("decode": the
+    captured decode step)."""
     from k2serve.engine.config import EngineConfig
     from k2serve.engine.llm import LLM
 
@@ -69,6 +72,7 @@ def make_llm(model_dir: Path, max_num_seqs: int, max_prompt_len: int, dtype: tor
         max_num_seqs=max(max_num_seqs, 1),
         max_num_batched_tokens=max(2048, max_prompt_len + 1),
         enable_prefix_caching=False,
+        compile=compile,
     )
     return LLM(model_dir, dtype=dtype, engine_config=cfg)
 
