@@ -182,7 +182,13 @@ class StaticDecodeAttention:
         each row over keys [0, position] read through its padded block table."""
         layer, inp = mla.layer_idx, self.inputs
         kv = self.pool.kv[layer]  # [num_blocks, block_size, C + dr]
-        self.pool.layer_rows(layer).index_copy_(0, inp.slots, latent.to(kv.dtype))
+        # written into the pool tensor itself by (layer, block, offset), not through a view of it:
+        # Inductor keeps an index_put_ on a graph input in place, while a write through the layer's view
+        # (`layer_rows(layer).index_copy_`) compiled to a copy of the layer and of the whole pool back on
+        # every step (O(pool bytes) per step: 2 GiB of a default-sized pool, ~4 s a token here)
+        bs = self.pool.block_size
+        where = (torch.full_like(inp.slots, layer), inp.slots // bs, inp.slots % bs)
+        self.pool.kv.index_put_(where, latent.to(kv.dtype))
         b, c = q_nope.shape[0], mla.kv_rank
         keys = kv[inp.block_tables].flatten(1, 2).to(q_nope.dtype)  # [B, K, C + dr]
         w_uk, w_uv = mla.absorb_weights()
