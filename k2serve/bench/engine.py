@@ -5,12 +5,18 @@ the same prompts (random token ids, `--input-len` each) go through k2serve's eng
 `transformers.DeepseekV3ForCausalLM.generate` on the same weights, in the same process and run. The
 roofline is the bytes of weights one batch-1 decode step must read, divided by the memory bandwidth
 measured in this run (a streaming fp32 read), i.e. the fastest a step could possibly be.
+
+Each engine is built once per batch size and warmed up on the timed shape (k2serve on the timed prompts
+themselves, so `--compile decode` has compiled every bucket before timing); then `--rounds` timed runs
+of each alternate (k2serve first in even rounds). Figures are medians with (min-max); the speedup is the
+median of the per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -77,63 +83,118 @@ def make_llm(
     return LLM(model_dir, dtype=dtype, engine_config=cfg)
 
 
-def run_engine(
-    model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
-) -> dict[str, Any]:
-    from k2serve.engine.sampling_params import SamplingParams
+class EngineRun:
+    """k2serve's side: one engine built once for the batch, warmed up on the timed prompts themselves
+    (so a `--compile decode` engine has compiled every bucket the timed run uses), then timed per round."""
 
-    llm = make_llm(model_dir, len(prompts), len(prompts[0]), dtype)
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    wall = time.perf_counter() - t
-    total = sum(len(o.token_ids) for o in outs)
-    return {
-        "output_tok_s": total / wall,
-        "wall_s": wall,
-        "ttft_p50_ms": pct([o.metrics.ttft * 1e3 for o in outs], 50),
-        "ttft_p99_ms": pct([o.metrics.ttft * 1e3 for o in outs], 99),
-        "tpot_p50_ms": pct([o.metrics.tpot * 1e3 for o in outs], 50),
-        "tpot_p99_ms": pct([o.metrics.tpot * 1e3 for o in outs], 99),
-        "tokens": [o.token_ids for o in outs],
-    }
+    def __init__(
+        self, model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype, compile: str
+    ) -> None:
+        from k2serve.engine.sampling_params import SamplingParams
+
+        self.llm = make_llm(model_dir, len(prompts), len(prompts[0]), dtype, compile)
+        self.prompts = prompts
+        self.params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        t = time.perf_counter()
+        self.run()
+        self.warmup_s = time.perf_counter() - t
+
+    def run(self) -> dict[str, Any]:
+        t = time.perf_counter()
+        outs = self.llm.generate(self.prompts, self.params)
+        wall = time.perf_counter() - t
+        total = sum(len(o.token_ids) for o in outs)
+        return {
+            "output_tok_s": total / wall,
+            "wall_s": wall,
+            "ttft_p50_ms": pct([o.metrics.ttft * 1e3 for o in outs], 50),
+            "ttft_p99_ms": pct([o.metrics.ttft * 1e3 for o in outs], 99),
+            "tpot_p50_ms": pct([o.metrics.tpot * 1e3 for o in outs], 50),
+            "tpot_p99_ms": pct([o.metrics.tpot * 1e3 for o in outs], 99),
+            "tokens": [o.token_ids for o in outs],
+        }
+
+
+def run_engine(
+    model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype, compile: str = "none"
+) -> dict[str, Any]:
+    """One timed run of k2serve's engine after a warm-up on the same prompts."""
+    return EngineRun(model_dir, prompts, output_len, dtype, compile).run()
+
+
+class TransformersRun:
+    """The baseline: `DeepseekV3ForCausalLM.generate` on the same weights, loaded once, warmed up on
+    the timed shape, timed per round (time to the first token, then the whole generation)."""
+
+    def __init__(
+        self, model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
+    ) -> None:
+        try:
+            import transformers
+        except ImportError as e:
+            raise MissingExtraError("transformers", "hf", "the transformers baseline") from e
+
+        cfg = ModelConfig.from_file(model_dir)
+        hf_cfg = transformers.DeepseekV3Config(
+            **{k: v for k, v in cfg.to_hf_dict().items() if k != "quantization_config"}
+        )
+        self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+            model_dir, config=hf_cfg, dtype=dtype
+        ).eval()
+        self.model.generation_config.eos_token_id = None
+        self.model.generation_config.max_length = None
+        self.ids = torch.tensor(prompts)
+        self.output_len = output_len
+        self.kw = {
+            "attention_mask": torch.ones_like(self.ids),
+            "do_sample": False,
+            "pad_token_id": cfg.pad_token_id,
+        }
+        with torch.inference_mode():  # warm-up: oneDNN builds its kernels for these row counts
+            self.model.generate(self.ids, max_new_tokens=min(output_len, 4), **self.kw)
+
+    def run(self) -> dict[str, Any]:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            self.model.generate(self.ids, max_new_tokens=1, **self.kw)
+            ttft = time.perf_counter() - t
+            t = time.perf_counter()
+            out = self.model.generate(self.ids, max_new_tokens=self.output_len, **self.kw)
+            wall = time.perf_counter() - t
+        new = out[:, self.ids.shape[1] :]
+        return {
+            "output_tok_s": new.numel() / wall,
+            "wall_s": wall,
+            "ttft_ms": ttft * 1e3,
+            "tpot_ms": (wall - ttft) / max(1, self.output_len - 1) * 1e3,
+            "tokens": new.tolist(),
+        }
 
 
 def run_transformers(
     model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
 ) -> dict[str, Any]:
-    try:
-        import transformers
-    except ImportError as e:
-        raise MissingExtraError("transformers", "hf", "the transformers baseline") from e
+    """One timed `generate` after a warm-up on the same shape."""
+    return TransformersRun(model_dir, prompts, output_len, dtype).run()
 
-    cfg = ModelConfig.from_file(model_dir)
-    hf_cfg = transformers.DeepseekV3Config(
-        **{k: v for k, v in cfg.to_hf_dict().items() if k != "quantization_config"}
-    )
-    model = transformers.DeepseekV3ForCausalLM.from_pretrained(model_dir, config=hf_cfg, dtype=dtype).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.max_length = None
-    ids = torch.tensor(prompts)
-    kw = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": cfg.pad_token_id}
-    with torch.inference_mode():
-        model.generate(
-            ids[:1, :16], max_new_tokens=4, **kw | {"attention_mask": torch.ones_like(ids[:1, :16])}
-        )
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, **kw)
-        ttft = time.perf_counter() - t
-        t = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=output_len, **kw)
-        wall = time.perf_counter() - t
-    return {
-        "output_tok_s": out[:, ids.shape[1] :].numel() / wall,
-        "wall_s": wall,
-        "ttft_ms": ttft * 1e3,
-        "tpot_ms": (wall - ttft) / max(1, output_len - 1) * 1e3,
-        "tokens": out[:, ids.shape[1] :].tolist(),
-    }
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, min and max."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def paired_rounds(
+    ours: Any, theirs: Any | None, rounds: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`rounds` timed runs of each, alternating which goes first (k2serve first in even rounds)."""
+    a: list[dict[str, Any]] = []
+    b: list[dict[str, Any]] = []
+    for r in range(rounds):
+        order = [(ours, a), (theirs, b)] if r % 2 == 0 else [(theirs, b), (ours, a)]
+        for runner, out in order:
+            if runner is not None:
+                out.append(runner.run())
+    return a, b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs of each engine, alternating (medians)")
+    ap.add_argument(
+        "--compile",
+        choices=("none", "decode"),
+        default="none",
+        help="k2serve's --compile (decode: the captured decode step, compiled in the warm-up)",
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     dtype = getattr(torch, args.dtype)
     models = [Path(m) for m in args.model or []]
     if not models:
@@ -178,34 +248,67 @@ def main(argv: list[str] | None = None) -> int:
         )
         for bs in (int(x) for x in args.batch_sizes.split(",")):
             prompts = torch.randint(0, cfg.vocab_size - 256, (bs, args.input_len)).tolist()
-            ours = run_engine(model_dir, prompts, args.output_len, dtype)
+            engine = EngineRun(model_dir, prompts, args.output_len, dtype, args.compile)
+            hf = (
+                None
+                if args.skip_transformers or int4
+                else TransformersRun(model_dir, prompts, args.output_len, dtype)
+            )
+            ours_runs, hf_runs = paired_rounds(engine, hf, args.rounds)
+            ours = ours_runs[0] | {
+                k: statistics.median(r[k] for r in ours_runs)
+                for k in (
+                    "output_tok_s",
+                    "wall_s",
+                    "ttft_p50_ms",
+                    "ttft_p99_ms",
+                    "tpot_p50_ms",
+                    "tpot_p99_ms",
+                )
+            }
             row: dict[str, Any] = {
                 "model": model_dir.name,
                 "int4": int4,
                 "batch": bs,
+                "compile": args.compile,
+                "rounds": args.rounds,
                 "roofline_ms": roof_ms,
+                "warmup_s": engine.warmup_s,
                 "k2serve": {k: v for k, v in ours.items() if k != "tokens"},
+                "k2serve_tok_s": spread([r["output_tok_s"] for r in ours_runs]),
             }
+            tok = row["k2serve_tok_s"]
             line = (
-                f"batch {bs:3d}  k2serve: {ours['output_tok_s']:8.1f} tok/s  TTFT p50/p99 "
+                f"batch {bs:3d}  k2serve: {tok['median']:8.1f} tok/s ({tok['min']:.1f}-{tok['max']:.1f})  TTFT p50/p99 "
                 f"{ours['ttft_p50_ms']:.0f}/{ours['ttft_p99_ms']:.0f} ms  TPOT p50/p99 "
-                f"{ours['tpot_p50_ms']:.1f}/{ours['tpot_p99_ms']:.1f} ms"
+                f"{ours['tpot_p50_ms']:.1f}/{ours['tpot_p99_ms']:.1f} ms  (warm-up {engine.warmup_s:.1f} s)"
             )
             if bs == 1:
                 row["roofline_fraction"] = roof_ms / ours["tpot_p50_ms"]
                 line += f"  = {row['roofline_fraction']:.0%} of roofline"
             print(line, flush=True)
-            if not args.skip_transformers and not int4:
-                hf = run_transformers(model_dir, prompts, args.output_len, dtype)
-                same = sum(a == b for a, b in zip(ours["tokens"], hf["tokens"], strict=True))
-                row["transformers"] = {k: v for k, v in hf.items() if k != "tokens"}
-                row["speedup"] = ours["output_tok_s"] / hf["output_tok_s"]
+            if hf is not None:
+                same = sum(a == b for a, b in zip(ours_runs[0]["tokens"], hf_runs[0]["tokens"], strict=True))
+                ratios = [
+                    o["output_tok_s"] / h["output_tok_s"] for o, h in zip(ours_runs, hf_runs, strict=True)
+                ]
+                theirs = spread([h["output_tok_s"] for h in hf_runs])
+                row["transformers"] = {
+                    k: statistics.median(h[k] for h in hf_runs)
+                    for k in ("output_tok_s", "wall_s", "ttft_ms", "tpot_ms")
+                }
+                row["transformers_tok_s"] = theirs
+                row["speedup"] = statistics.median(ratios)
+                row["speedup_range"] = [min(ratios), max(ratios)]
+                row["identical_greedy"] = same
                 print(
-                    f"           transformers: {hf['output_tok_s']:8.1f} tok/s  TTFT {hf['ttft_ms']:.0f} ms  "
-                    f"TPOT {hf['tpot_ms']:.1f} ms  -> k2serve/transformers = {row['speedup']:.2f}x  "
+                    f"           transformers: {theirs['median']:8.1f} tok/s ({theirs['min']:.1f}-{theirs['max']:.1f})  "
+                    f"TTFT {row['transformers']['ttft_ms']:.0f} ms  TPOT {row['transformers']['tpot_ms']:.1f} ms  -> "
+                    f"k2serve/transformers = {row['speedup']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, paired by round)  "
                     f"(identical greedy outputs: {same}/{bs})",
                     flush=True,
                 )
+            del engine, hf
             results.append(row)
     print("\nreproduce: k2serve bench engine " + " ".join(argv if argv is not None else sys.argv[3:]))
     if args.json:
