@@ -137,6 +137,25 @@ def test_varied_phrasings_are_new_shapes_never_a_heldout_template() -> None:
             assert s.expected == execute_tool(*s.calls[-1])
 
 
+def test_table_rows_spell_names_as_the_reply_does() -> None:
+    """A table row starts "| Name |", so the name is the same tokens as in the question and in the
+    reasoning ("The row of Name says ..."): at a line start "Name" is often other tokens (" M" vs "M"),
+    and the model found another row's value (12 of 25 held-out lookups right against 24 of 25)."""
+    tok = load_tokenizer(demo_model_dir())
+    samples = [s for s in heldout_samples(200) + training_samples(300, seed=4) if s.kind == "table"]
+    assert len(samples) > 20
+    for s in samples:
+        (table,) = s.tables.values()
+        header, *rows = table.splitlines()
+        assert header.startswith("| ") and header.endswith(" |") and rows
+        name = s.messages[-1]["reasoning_content"].removeprefix("The row of ").split(" says ")[0]
+        row = next(r for r in rows if r.startswith(f"| {name} |"))
+        assert row == f"| {name} | {s.expected} |"
+        in_row = tok.encode(f"| {name} |")[1:-1]  # the name's tokens between "|" and " |"
+        said = tok.encode(s.messages[-1]["reasoning_content"])
+        assert any(said[i : i + len(in_row)] == in_row for i in range(len(said))), (name, in_row, said)
+
+
 def test_assistant_turns_parse_back_with_the_tool_call_parser() -> None:
     """What the model learns to emit is what the server's parser reads: the calls with their
     arguments, the reasoning and the answer."""

@@ -775,12 +775,12 @@ class _Gen:
         noun, col, unit = TABLE_TOPICS[topic]
         names = list(dict.fromkeys(self.name() for _ in range(self.rng.randint(3, 6))))
         values = [self.rng.randint(1, 9999) if col != "moons" else self.rng.randint(0, 99) for _ in names]
-        rows = "\n".join(f"{n} | {v}" for n, v in zip(names, values, strict=True))
+        rows = "\n".join(f"| {n} | {v} |" for n, v in zip(names, values, strict=True))
         target = self.rng.randrange(len(names))
         phrase = varied_table_phrase(self.rng) if self.varied else self.pick(TABLE_PHRASES)
         question = phrase.format(col=col, name=names[target], noun=noun, topic=topic)
         s = Sample("table", self.conversation(question, []), self.tools_with(["get_table"]))
-        s.tables = {topic: f"{noun} | {col}\n{rows}"}
+        s.tables = {topic: f"| {noun} | {col} |\n{rows}"}
         self.call_chain(s, [("get_table", {"topic": topic})], final="")
         value = str(values[target])
         s.expected = value
