@@ -27,7 +27,6 @@ import argparse
 import base64
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from k2serve.bench.engine import spread
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = Path(os.environ.get("K2SERVE_BENCH_CACHE", Path.home() / ".cache" / "k2serve-bench"))
@@ -599,11 +600,6 @@ def llama_prefill(bindir: Path, gguf: Path, prompt: int, threads: int, no_repack
         capture=True,
     )
     return float(json.loads(out)[0]["avg_ts"])
-
-
-def spread(xs: Sequence[float]) -> dict[str, float]:
-    """Median, min and max of a list of rates."""
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 def fmt(s: dict[str, float]) -> str:

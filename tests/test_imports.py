@@ -188,11 +188,11 @@ sys.meta_path.insert(0, Block())
 from k2serve.extras import MissingExtraError
 from k2serve.agent.http_transport import HTTPTransport
 from k2serve.planner.kube import KubernetesConnector
-from k2serve.bench.engine import run_transformers
+from k2serve.bench.engine import TransformersRun
 calls = [
     lambda: HTTPTransport.connect("http://127.0.0.1:1"),
     lambda: KubernetesConnector.from_environment("ns", {}),
-    lambda: run_transformers(None, [[1]], 1, None),
+    lambda: TransformersRun(None, [[1]], 1, None),
 ]
 for call in calls:
     try:

@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,13 +116,6 @@ class EngineRun:
         }
 
 
-def run_engine(
-    model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype, compile: str = "none"
-) -> dict[str, Any]:
-    """One timed run of k2serve's engine after a warm-up on the same prompts."""
-    return EngineRun(model_dir, prompts, output_len, dtype, compile).run()
-
-
 class TransformersRun:
     """The baseline: `DeepseekV3ForCausalLM.generate` on the same weights, loaded once, warmed up on
     the timed shape, timed per round (time to the first token, then the whole generation)."""
@@ -171,15 +165,8 @@ class TransformersRun:
         }
 
 
-def run_transformers(
-    model_dir: Path, prompts: list[list[int]], output_len: int, dtype: torch.dtype
-) -> dict[str, Any]:
-    """One timed `generate` after a warm-up on the same shape."""
-    return TransformersRun(model_dir, prompts, output_len, dtype).run()
-
-
-def spread(xs: list[float]) -> dict[str, float]:
-    """Median, min and max."""
+def spread(xs: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of a list of rates."""
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
