@@ -3,7 +3,7 @@
 Inside the captured decode step (engine/captured.py, `--compile decode`) Inductor lowers every linear
 layer to an extern `mm` on the plain weight and the routed experts to torch's CPU `_grouped_mm`, which
 at a batch of one runs one `mm` per expert group, empty groups included (128 calls per MoE layer on
-`small` for its 8 routed experts). Two replacements, both measured with paired rounds (BENCHMARKS.md,
+`small` for its 8 routed experts). Three replacements, all measured with paired rounds (BENCHMARKS.md,
 "GEMV kernels inside the captured step"):
 
 - **prepacked linears** (bf16): the eager step's `PrepackedLinear` layers (model/cpu_linear.py: oneDNN
@@ -13,11 +13,15 @@ at a batch of one runs one `mm` per expert group, empty groups included (128 cal
 - **gathered expert GEMVs**: at T tokens with T * k <= `GATHER_MAX_ROWS[dtype]` (token, expert) rows,
   `gathered_experts` computes each row's SwiGLU as a reduction `(w[ids] * x).sum(-1)` in fp32 that
   Inductor turns into one vectorised loop reading the k routed experts' weights through the ids (no
-  gathered copy, no per-expert dispatch).
+  gathered copy, no per-expert dispatch);
+- **native kernels** (bf16, where `cpu_kernels.available()`: AVX512-BF16 and a C compiler): the
+  gathered expert GEMVs of up to `GATHER_MAX_ROWS` rows as one `cpu_kernels.moe_bf16` call per layer,
+  and one-row linears as `cpu_kernels.linear_bf16` on the dense weight (`NATIVE_LINEAR_MAX_ROWS`).
 
-Both are trace-time choices: `options(...)` sets them around a compiled call, and dynamo guards on the
+All are trace-time choices: `options(...)` sets them around a compiled call, and dynamo guards on the
 module globals read here, so two captured steps with different choices (the bench's A/B) keep
-separate graphs. `K2SERVE_DECODE_GEMV=0`, read at import, makes "off" the default (the step as before).
+separate graphs. `K2SERVE_DECODE_GEMV=0`, read at import, makes "off" the default (the step as before);
+`K2SERVE_CPU_KERNELS=0` keeps the first two without the native kernels.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from k2serve.model import cpu_kernels
+
 DEFAULT_ON = os.environ.get("K2SERVE_DECODE_GEMV", "1") != "0"
 
 # (token, expert) rows up to which `RoutedExperts.forward_static` on the CPU runs the gathered GEMVs
@@ -39,23 +45,38 @@ DEFAULT_ON = os.environ.get("K2SERVE_DECODE_GEMV", "1") != "0"
 # B=1, 1.00-1.05 from B=2. So bf16 up to 32 rows, fp32 up to 8.
 GATHER_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 32, torch.float32: 8}
 
-_on = False  # a module global on purpose: dynamo guards on the value a traced forward read
+# Rows up to which a traced bf16 linear layer runs `cpu_kernels.linear_bf16` (with the native kernels on)
+# instead of oneDNN's packed kernel: one. Per call it costs ~14 us against the packed op's ~22 us, and
+# reads `small`'s layers 0.9-1.45x as fast as oneDNN at one row; with two or more rows it read them at
+# 0.5-0.8x (BENCHMARKS.md, "Native GEMV kernels").
+NATIVE_LINEAR_MAX_ROWS = 1
+
+_on = False  # module globals on purpose: dynamo guards on the values a traced forward read
+_native = False
 
 
 @contextmanager
-def options(on: bool) -> Iterator[None]:
-    """Turn both kernels on (or off) for the forward traced or run inside the block."""
-    global _on  # noqa: PLW0603 (see _on)
-    saved, _on = _on, on
+def options(on: bool, native: bool = True) -> Iterator[None]:
+    """Turn both kernels on (or off) for the forward traced or run inside the block; with `native`,
+    the bf16 expert GEMVs run as model/cpu_kernels.py's kernel where it is available (decided here,
+    outside any trace: building it on first use is no part of a graph)."""
+    global _on, _native  # noqa: PLW0603 (see _on)
+    saved = _on, _native
+    _on, _native = on, on and native and cpu_kernels.available()
     try:
         yield
     finally:
-        _on = saved
+        _on, _native = saved
 
 
 def packed_on() -> bool:
     """Whether a traced `PrepackedLinear` keeps its packed kernel (read at trace time, guarded)."""
     return _on
+
+
+def native_linear(rows: int) -> bool:
+    """Whether a traced bf16 linear layer of `rows` rows runs `cpu_kernels.linear_bf16`."""
+    return _native and rows <= NATIVE_LINEAR_MAX_ROWS
 
 
 def gather_rows(dtype: torch.dtype) -> int:
@@ -80,6 +101,23 @@ def _packed_linear_shape(
 
 
 def gathered_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """`gathered_experts_torch`'s result; in bf16 with the native kernels on (`options`) and contiguous
+    weights, computed by `cpu_kernels.moe_bf16` in one call (the same roundings, summed in another
+    order)."""
+    if _native and x.dtype == torch.bfloat16 and w13.is_contiguous() and w2.is_contiguous():
+        return cpu_kernels.moe_bf16(
+            x.contiguous(), weights.to(torch.float32).contiguous(), ids.to(torch.int64).contiguous(), w13, w2
+        )
+    return gathered_experts_torch(x, weights, ids, w13, w2)
+
+
+def gathered_experts_torch(
     x: torch.Tensor,
     weights: torch.Tensor,
     ids: torch.Tensor,

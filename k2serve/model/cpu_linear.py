@@ -17,7 +17,8 @@ layer holds its weight twice. fp32 models keep `F.linear` (MKL's sgemv is alread
 there, and the parity tests run in fp32), as do inputs of another dtype or device and autograd. Traced
 by torch.compile, a layer keeps F.linear unless the captured step asked for the packed kernel
 (model/compiled_gemv.py, on by default there), which it then calls as an opaque op on the copy packed
-beforehand by an eager call (`packed_layers`).
+beforehand by an eager call (`packed_layers`); a traced one-row call there runs the native bf16 GEMV
+(model/cpu_kernels.py) on the dense weight instead, where that kernel is available.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from k2serve.model import compiled_gemv
+from k2serve.model import compiled_gemv, cpu_kernels
 
 # K2SERVE_CPU_PREPACK=0, read at import, keeps every linear layer on F.linear (the path before this one).
 ENABLED = os.environ.get("K2SERVE_CPU_PREPACK", "1") != "0"
@@ -108,7 +109,15 @@ class PrepackedLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
         bias = None if self.bias is None else self.bias.detach()
-        if torch.compiler.is_compiling():
+        if (
+            torch.compiler.is_compiling()
+            and compiled_gemv.native_linear(flat.shape[0])
+            and self.weight.is_contiguous()
+        ):
+            y = cpu_kernels.linear_bf16(flat.contiguous(), self.weight.detach())
+            if bias is not None:
+                y = y + bias
+        elif torch.compiler.is_compiling():
             assert self.packed is not None  # uses_packed checked it
             y = compiled_gemv.packed_linear(flat, self.packed, bias, self.out_features)
         else:

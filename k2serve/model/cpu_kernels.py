@@ -1,0 +1,194 @@
+"""Native bf16 GEMV kernels for the captured decode step on CPU (csrc/cpu_gemv.c; issue 16 item 2).
+
+Inside the compiled step Inductor's gathered-expert reductions read the routed experts' weights at
+~13 GB/s on two threads and oneDNN's prepacked linears at ~20 GB/s, against ~30 GB/s of streaming read
+on this host (BENCHMARKS.md, "Native GEMV kernels"). These kernels multiply bf16 pairs with AVX512-BF16
+(VDPBF16PS, exact products summed in fp32) and round each output to bf16 where the torch code they
+replace rounds: `moe_bf16` computes `compiled_gemv.gathered_experts_torch` (both GEMVs, SwiGLU and the
+weighted sum of the k experts in one call, reading only the routed experts), `linear_bf16` an
+`F.linear` without bias. They sum in another order than torch, so an output may differ from torch's by
+a bf16 rounding step (tests/test_cpu_kernels.py bounds it); the fp32 step never uses them.
+
+The C source ships with the package and is compiled at first use with the C compiler (`$CC`, else
+`cc`; torch.compile's CPU backend needs one already) into `~/.cache/k2serve/cpu-kernels/<hash>/`,
+keyed by the source, the compiler's version and the flags, so it is built once per machine. The
+library is loaded with ctypes and runs on torch's own OpenMP runtime (the same libgomp.so.1, already
+loaded), so `torch.set_num_threads` sets its threads too. Nothing here runs where the CPU lacks
+AVX512-BF16, the build fails, or `K2SERVE_CPU_KERNELS=0` (read at import): `available()` is then False
+with a reason (`unavailable_reason()`), and the step keeps the Inductor / oneDNN paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENABLED = os.environ.get("K2SERVE_CPU_KERNELS", "1") != "0"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.c"
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+ABI = 1  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (per user)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "k2serve" / "cpu-kernels"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else `cc`, if on PATH."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _build(cc: str) -> Path:
+    """Compile SOURCE (once per source, compiler version and flags) and return the library's path."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout  # noqa: S603
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / key / "cpu_gemv.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / "cpu_gemv.so"
+        proc = subprocess.run(  # noqa: S603 - the package's own source, a compiler found on PATH
+            [cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=False, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent builder's copy is the same bytes
+    return target
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not)."""
+    if not ENABLED:
+        return None, "K2SERVE_CPU_KERNELS=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
+    cc = compiler()
+    if cc is None:
+        return None, f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("native CPU kernels not built: %s", e)
+        return None, f"build failed: {e}"
+    if lib.k2_cpu_gemv_abi() != ABI:
+        return None, f"library ABI {lib.k2_cpu_gemv_abi()} is not {ABI}"
+    if not lib.k2_cpu_gemv_supported():
+        return None, "this CPU has no AVX512-BF16"
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.k2_linear_bf16.argtypes = [p, p, p, i, i, i]
+    lib.k2_linear_bf16.restype = None
+    lib.k2_moe_bf16.argtypes = [p, p, p, p, p, p, p, p, i, i, i, i, i]
+    lib.k2_moe_bf16.restype = i
+    return lib, ""
+
+
+def available() -> bool:
+    """Whether the kernels run here (built and loaded on the first call)."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ("" when it is True)."""
+    return _load()[1]
+
+
+def _lib() -> ctypes.CDLL:
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {why}")
+    return lib
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int) -> None:
+    if t.dtype != dtype or t.dim() != dims or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous {dims}-d {dtype} CPU tensor, got {tuple(t.shape)} {t.dtype} "
+            f"on {t.device}{'' if t.is_contiguous() else ', not contiguous'}"
+        )
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+@torch.library.custom_op("k2serve::linear_bf16", mutates_args=())
+def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, D] @ w [N, D].T -> [T, N], bf16 (no bias)."""
+    _check("x", x, torch.bfloat16, 2)
+    _check("w", w, torch.bfloat16, 2)
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features, w {w.shape[1]}")
+    y = x.new_empty(x.shape[0], w.shape[0])
+    _lib().k2_linear_bf16(_ptr(x), _ptr(w), _ptr(y), x.shape[0], w.shape[0], x.shape[1])
+    return y
+
+
+@linear_bf16.register_fake
+def _linear_bf16_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("k2serve::moe_bf16", mutates_args=())
+def moe_bf16(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """`compiled_gemv.gathered_experts` in one call: x [T, D] bf16, routing weights fp32 / ids int64
+    [T, k], w13 [E, 2I, D] and w2 [E, D, I] bf16 -> [T, D]."""
+    _check("x", x, torch.bfloat16, 2)
+    _check("weights", weights, torch.float32, 2)
+    _check("ids", ids, torch.int64, 2)
+    _check("w13", w13, torch.bfloat16, 3)
+    _check("w2", w2, torch.bfloat16, 3)
+    t, k = ids.shape
+    e, d, inter = w2.shape
+    if x.shape != (t, d) or weights.shape != (t, k) or w13.shape != (e, 2 * inter, d):
+        raise ValueError(
+            f"shapes do not fit: x {tuple(x.shape)}, weights {tuple(weights.shape)}, ids {(t, k)}, "
+            f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
+        )
+    act = x.new_empty(t * k, inter)
+    acc = torch.empty(t, d, dtype=torch.float32)
+    out = torch.empty_like(x)
+    bad = _lib().k2_moe_bf16(
+        _ptr(x),
+        _ptr(ids),
+        _ptr(weights),
+        _ptr(w13),
+        _ptr(w2),
+        _ptr(act),
+        _ptr(acc),
+        _ptr(out),
+        t,
+        k,
+        d,
+        inter,
+        e,
+    )
+    if bad:
+        raise ValueError(
+            f"expert id {int(ids.flatten()[bad - 1])} at (token, slot) {divmod(bad - 1, k)} is "
+            f"outside [0, {e})"
+        )
+    return out
+
+
+@moe_bf16.register_fake
+def _moe_bf16_shape(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(x)

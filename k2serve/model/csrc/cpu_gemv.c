@@ -1,0 +1,202 @@
+/* bf16 GEMV kernels for the captured decode step on x86-64 CPUs with AVX512-BF16 (k2serve issue 16).
+ *
+ * Built at first use by k2serve/model/cpu_kernels.py with the C compiler torch.compile already needs,
+ * loaded with ctypes, and run on the OpenMP runtime torch itself runs on (libgomp.so.1, already loaded
+ * in the process), so torch.set_num_threads sets these kernels' threads too.
+ *
+ * Every dot product multiplies bf16 pairs exactly and sums in fp32 (VDPBF16PS); each output is rounded
+ * to bf16 where the torch code it replaces rounds (compiled_gemv.gathered_experts_torch, F.linear). No
+ * allocation, no state: the caller passes every buffer. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Software prefetch distance in bf16 elements (1 KB) along each weight row; past a row's end it runs
+ * into the next rows, the ones read next. Measured against none, 512 B and 2 KB on `small`'s shapes:
+ * 1 KB read the weights 10-25% faster than none (BENCHMARKS.md, "Native GEMV kernels"). A prefetch
+ * of an address past the weights is harmless (no fault). */
+#define AHEAD 512
+
+#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+static inline float bf2f(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 conversion (NaN stays a quiet NaN). */
+static inline uint16_t f2bf(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+int k2_cpu_gemv_abi(void) { return 1; }
+
+int k2_cpu_gemv_supported(void) {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+/* The sums of four fp32 vectors into out[0..3]. */
+TGT static inline void hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float *out) {
+  __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  float t[16];
+  _mm512_storeu_ps(t, s);
+  out[0] = t[0];
+  out[1] = t[4];
+  out[2] = t[8];
+  out[3] = t[12];
+}
+
+TGT static inline __m512bh load_bh(const uint16_t *p, int n_left) {
+  if (n_left >= 32) return (__m512bh)_mm512_loadu_si512(p);
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n_left) - 1), p);
+}
+
+/* out[j] = sum_i w[j * ld + i] * x[i] for j < 4, i < n. */
+TGT static inline void dot4(const uint16_t *w, long ld, const uint16_t *x, int n, float *out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 32) {
+    int left = n - i;
+    _mm_prefetch((const char *)(w + i + AHEAD), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + ld + i + AHEAD), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + 2 * ld + i + AHEAD), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + 3 * ld + i + AHEAD), _MM_HINT_T0);
+    __m512bh xv = load_bh(x + i, left);
+    a0 = _mm512_dpbf16_ps(a0, load_bh(w + i, left), xv);
+    a1 = _mm512_dpbf16_ps(a1, load_bh(w + ld + i, left), xv);
+    a2 = _mm512_dpbf16_ps(a2, load_bh(w + 2 * ld + i, left), xv);
+    a3 = _mm512_dpbf16_ps(a3, load_bh(w + 3 * ld + i, left), xv);
+  }
+  hsum4(a0, a1, a2, a3, out);
+}
+
+/* out[t * 4 + j] = sum_i w[j * ld + i] * x[t * D + i] for t < 2, j < 4: two tokens share the loads. */
+TGT static inline void dot4x2(const uint16_t *w, long ld, const uint16_t *x, long D, int n, float *out) {
+  __m512 a[8];
+  for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 32) {
+    int left = n - i;
+    __m512bh x0 = load_bh(x + i, left), x1 = load_bh(x + D + i, left);
+    for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(w + j * ld + i + AHEAD), _MM_HINT_T0);
+    for (int j = 0; j < 4; j++) {
+      __m512bh wv = load_bh(w + j * ld + i, left);
+      a[j] = _mm512_dpbf16_ps(a[j], wv, x0);
+      a[4 + j] = _mm512_dpbf16_ps(a[4 + j], wv, x1);
+    }
+  }
+  hsum4(a[0], a[1], a[2], a[3], out);
+  hsum4(a[4], a[5], a[6], a[7], out + 4);
+}
+
+TGT static inline float dot1(const uint16_t *w, const uint16_t *x, int n) {
+  __m512 a = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 32) a = _mm512_dpbf16_ps(a, load_bh(w + i, n - i), load_bh(x + i, n - i));
+  return _mm512_reduce_add_ps(a);
+}
+
+/* y[t, n] = bf16(sum_d w[n, d] * x[t, d]) for t < T, n < N: x [T, D], w [N, D], y [T, N], contiguous.
+ * Threads split the rows of w; each block of four rows is read once for all T tokens (two at a time
+ * from L1). */
+TGT void k2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int T, int N, int D) {
+  int nb = N / 4;
+#pragma omp parallel for schedule(static)
+  for (int b = 0; b < nb; b++) {
+    const uint16_t *wb = w + (long)4 * b * D;
+    float o[8];
+    int t = 0;
+    for (; t + 2 <= T; t += 2) {
+      dot4x2(wb, D, x + (long)t * D, D, D, o);
+      for (int j = 0; j < 4; j++) {
+        y[(long)t * N + 4 * b + j] = f2bf(o[j]);
+        y[(long)(t + 1) * N + 4 * b + j] = f2bf(o[4 + j]);
+      }
+    }
+    if (t < T) {
+      dot4(wb, D, x + (long)t * D, D, o);
+      for (int j = 0; j < 4; j++) y[(long)t * N + 4 * b + j] = f2bf(o[j]);
+    }
+  }
+  for (int n = nb * 4; n < N; n++)
+    for (int t = 0; t < T; t++) y[(long)t * N + n] = f2bf(dot1(w + (long)n * D, x + (long)t * D, D));
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static inline uint16_t swiglu(float gate, float up) {
+  return f2bf(round_bf(silu(round_bf(gate))) * round_bf(up));
+}
+
+/* The routed experts of T tokens, K each, as compiled_gemv.gathered_experts computes them:
+ *   [gate; up] = bf16(w13[e] @ x[t]),  act = bf16(bf16(silu(gate)) * up),  y = bf16(w2[e] @ act),
+ *   out[t] = bf16(sum_j bf16(y_j * bf16(wts[t, j]))).
+ * x [T, D] bf16, ids [T, K] int64 (expert of each (token, slot)), wts [T, K] fp32, w13 [E, 2I, D],
+ * w2 [E, D, I], act: scratch [T * K, I] bf16, acc: scratch [T, D] fp32, out [T, D] bf16. One parallel
+ * region, two phases: the threads split (row, 4 intermediate features), then 4 output features each
+ * over every row; only the routed experts' weights are read. Returns 0, or 1 + the first flat
+ * (token, slot) position whose id is outside [0, E) (nothing computed). */
+TGT int k2_moe_bf16(const uint16_t *x, const int64_t *ids, const float *wts, const uint16_t *w13,
+                    const uint16_t *w2, uint16_t *act, float *acc, uint16_t *out, int T, int K, int D,
+                    int I, int E) {
+  int R = T * K, ib = I / 4, db = D / 4;
+  for (int r = 0; r < R; r++)
+    if (ids[r] < 0 || ids[r] >= E) return r + 1;
+  long e13 = (long)2 * I * D, e2 = (long)D * I;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (long item = 0; item < (long)R * ib; item++) {
+      int r = (int)(item / ib), i = (int)(item % ib) * 4;
+      const uint16_t *we = w13 + ids[r] * e13, *xr = x + (long)(r / K) * D;
+      float g[4], u[4];
+      dot4(we + (long)i * D, D, xr, D, g);
+      dot4(we + (long)(I + i) * D, D, xr, D, u);
+      for (int j = 0; j < 4; j++) act[(long)r * I + i + j] = swiglu(g[j], u[j]);
+    }
+#pragma omp for schedule(static)
+    for (int r = 0; r < R; r++) {
+      const uint16_t *we = w13 + ids[r] * e13, *xr = x + (long)(r / K) * D;
+      for (int i = ib * 4; i < I; i++)
+        act[(long)r * I + i] = swiglu(dot1(we + (long)i * D, xr, D), dot1(we + (long)(I + i) * D, xr, D));
+    }
+#pragma omp for schedule(static)
+    for (int b = 0; b < db; b++) {
+      for (int t = 0; t < T; t++)
+        for (int j = 0; j < 4; j++) acc[(long)t * D + 4 * b + j] = 0.0f;
+      for (int r = 0; r < R; r++) {
+        float o[4], wr = round_bf(wts[r]);
+        dot4(w2 + ids[r] * e2 + (long)4 * b * I, I, act + (long)r * I, I, o);
+        for (int j = 0; j < 4; j++) acc[(long)(r / K) * D + 4 * b + j] += round_bf(round_bf(o[j]) * wr);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int d = db * 4; d < D; d++)
+      for (int t = 0; t < T; t++) {
+        float s = 0.0f;
+        for (int j = 0; j < K; j++) {
+          int r = t * K + j;
+          s += round_bf(round_bf(dot1(w2 + ids[r] * e2 + (long)d * I, act + (long)r * I, I)) * round_bf(wts[r]));
+        }
+        acc[(long)t * D + d] = s;
+      }
+#pragma omp for schedule(static)
+    for (long i = 0; i < (long)T * D; i++) out[i] = f2bf(acc[i]);
+  }
+  return 0;
+}

@@ -1,0 +1,175 @@
+"""The native bf16 GEMV kernels of the captured CPU step (model/cpu_kernels.py, csrc/cpu_gemv.c): the
+routed experts against the torch computation they replace and the linear layer against an exact sum,
+on `small`'s and K2's expert shapes and on shapes with every kind of tail; bad input refused; the ops'
+registrations (torch.library.opcheck); the build cached and a failed build reported; and a compiled
+bf16 decode step that calls them. Skipped where the kernels cannot run (no AVX512-BF16 or no C
+compiler), with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+from k2serve.engine.config import EngineConfig
+from k2serve.engine.llm_engine import LLMEngine
+from k2serve.engine.sampling_params import SamplingParams
+from k2serve.model import compiled_gemv, cpu_kernels
+
+needs_kernels = pytest.mark.skipif(
+    not cpu_kernels.available(), reason=f"native CPU kernels unavailable: {cpu_kernels.unavailable_reason()}"
+)
+
+# (tokens, k, hidden, expert intermediate, experts): `small` (batch 1 and 4), K2's expert shapes
+# (7168 / 2048) at a batch of one, and tails: hidden not a multiple of 32 (masked loads) or 4 (the
+# per-feature tail), intermediate not a multiple of 4.
+MOE_SHAPES = [
+    (1, 8, 1024, 256, 64),
+    (4, 8, 1024, 256, 64),
+    (1, 8, 7168, 2048, 10),
+    (3, 2, 78, 70, 5),
+    (2, 3, 33, 5, 4),
+]
+
+
+def moe_inputs(t: int, k: int, d: int, inter: int, e: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=g).bfloat16()
+    w13 = (torch.randn(e, 2 * inter, d, generator=g) * d**-0.5).bfloat16()
+    w2 = (torch.randn(e, d, inter, generator=g) * inter**-0.5).bfloat16()
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g)
+    return x, weights, ids, w13, w2
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", MOE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_moe_matches_the_torch_gathered_experts(shape: tuple[int, int, int, int, int]) -> None:
+    """The same roundings as `gathered_experts_torch`, summed in another order: each output within one
+    bf16 step (2^-8) of its token's largest, and nearly all of them equal bit for bit."""
+    args = moe_inputs(*shape)
+    want = compiled_gemv.gathered_experts_torch(*args).float()
+    got = cpu_kernels.moe_bf16(*args).float()
+    assert got.shape == want.shape
+    scale = want.abs().amax(-1, keepdim=True)
+    assert bool(((got - want).abs() <= scale * 2**-8).all()), ((got - want).abs() / scale).max()
+    assert (got == want).float().mean().item() > 0.99
+
+
+@needs_kernels
+@pytest.mark.parametrize(("rows", "n", "d"), [(1, 1024, 2816), (1, 384, 1024), (2, 100, 1024), (3, 7, 78)])
+def test_linear_is_the_exact_sum_rounded(rows: int, n: int, d: int) -> None:
+    """Exact bf16 products summed in fp32, rounded once: within 2^-8 of the exact (float64) result,
+    relative, where F.linear's own bf16 result is as close."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(rows, d, generator=g).bfloat16(), torch.randn(n, d, generator=g).bfloat16()
+    exact = x.double() @ w.double().T
+    got = cpu_kernels.linear_bf16(x, w).double()
+    bound = exact.abs() * 2**-8 + exact.abs().max() * 2**-20
+    assert bool(((got - exact).abs() <= bound).all())
+    assert (got == F.linear(x, w).double()).float().mean().item() > 0.95
+
+
+@needs_kernels
+def test_bad_input_is_refused_with_what_is_wrong() -> None:
+    x, weights, ids, w13, w2 = moe_inputs(2, 3, 33, 5, 4)
+    with pytest.raises(ValueError, match=r"expert id 4 at \(token, slot\) \(1, 2\) is outside \[0, 4\)"):
+        cpu_kernels.moe_bf16(x, weights, torch.tensor([[0, 1, 2], [3, 0, 4]]), w13, w2)
+    with pytest.raises(ValueError, match="x must be a contiguous 2-d torch.bfloat16"):
+        cpu_kernels.moe_bf16(x.float(), weights, ids, w13, w2)
+    with pytest.raises(ValueError, match="not contiguous"):
+        cpu_kernels.linear_bf16(x, w13[0].t())
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        cpu_kernels.moe_bf16(x, weights, ids, w13[:, :8].contiguous(), w2)
+    with pytest.raises(ValueError, match="x has 33 features, w 5"):
+        cpu_kernels.linear_bf16(x, w2[0])
+
+
+@needs_kernels
+def test_ops_pass_torch_library_opcheck() -> None:
+    """Schemas, fake (shape) kernels and torch.compile tracing of both ops, as torch checks them."""
+    x, weights, ids, w13, w2 = moe_inputs(1, 8, 64, 32, 16)
+    torch.library.opcheck(cpu_kernels.moe_bf16, (x, weights, ids, w13, w2))
+    torch.library.opcheck(cpu_kernels.linear_bf16, (x, w13[0]))
+
+
+def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The library lands in the per-user cache under a key of source, compiler and flags, and a second
+    load reuses it; a compiler that fails, a missing one and K2SERVE_CPU_KERNELS=0 each leave the
+    kernels unavailable with a reason (and the step on the torch paths)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cc = cpu_kernels.compiler()
+    try:
+        if cc is not None:
+            cpu_kernels._load.cache_clear()
+            built = cpu_kernels._build(cc)
+            assert built.is_relative_to(tmp_path / "k2serve" / "cpu-kernels") and built.exists()
+            stamp = built.stat().st_mtime_ns
+            assert cpu_kernels._build(cc) == built and built.stat().st_mtime_ns == stamp
+        cpu_kernels._load.cache_clear()
+        monkeypatch.setenv("CC", "false")  # a "compiler" that exits 1
+        if cpu_kernels.compiler() is not None:
+            assert not cpu_kernels.available()
+            assert cpu_kernels.unavailable_reason().startswith("build failed: ")
+        cpu_kernels._load.cache_clear()
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        assert not cpu_kernels.available() and "no C compiler" in cpu_kernels.unavailable_reason()
+        cpu_kernels._load.cache_clear()
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+        assert cpu_kernels.unavailable_reason() == "K2SERVE_CPU_KERNELS=0"
+        with compiled_gemv.options(True):
+            assert not compiled_gemv.native_linear(1)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._load.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_compiled_bf16_step_calls_the_kernels(tiny_ckpt: Path) -> None:
+    """A bf16 engine with `--compile decode` at batch 1: Inductor's graph calls both native ops, and
+    every captured step's logits stay within bf16 noise of the eager engine's (the first step's argmax
+    is the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        logits: dict[str, list[torch.Tensor]] = {}
+        code: list[str] = []
+        for mode in ("none", "decode"):
+            cfg = EngineConfig(num_kv_blocks=64, block_size=8, max_num_seqs=1, compile=mode)
+            engine = LLMEngine.from_pretrained(tiny_ckpt, torch.bfloat16, cfg)
+            seen: list[torch.Tensor] = []
+            run = engine.runner.run
+
+            def wrapped(rows: Any, on_layer: Any = None, run: Any = run, seen: Any = seen) -> torch.Tensor:
+                out = run(rows, on_layer)
+                seen.append(out.clone())
+                return out
+
+            engine.runner.run = wrapped  # type: ignore[method-assign]
+
+            def generate(engine: LLMEngine = engine) -> None:
+                engine.add_request("a", list(range(5, 20)), SamplingParams(temperature=0.0, max_tokens=6))
+                while engine.has_unfinished_requests():
+                    engine.step()
+
+            if mode == "decode":
+                _, code = run_and_get_code(generate)
+                assert engine.runner.captured is not None and engine.runner.captured.steps > 0
+            else:
+                generate()
+            logits[mode] = seen
+    finally:
+        torch.set_num_threads(threads)
+    text = "\n".join(code)
+    assert "k2serve.moe_bf16" in text and "k2serve.linear_bf16" in text
+    want, got = logits["none"], logits["decode"]
+    assert len(got) == len(want) > 1
+    assert torch.equal(got[0], want[0])  # the prefill step is eager in both
+    assert got[1].argmax(-1).tolist() == want[1].argmax(-1).tolist()
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05 * w.abs().max().item())
