@@ -19,6 +19,7 @@ from k2serve.engine.config import EngineConfig
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.model import compiled_gemv, cpu_kernels
+from k2serve.model.quant import quantize_int4
 
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"native CPU kernels unavailable: {cpu_kernels.unavailable_reason()}"
@@ -89,12 +90,93 @@ def test_bad_input_is_refused_with_what_is_wrong() -> None:
         cpu_kernels.linear_bf16(x, w2[0])
 
 
+def int4_experts(
+    e: int, d: int, inter: int, group: int, zero: bool, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Experts quantised as k2serve's INT4 checkpoints are (symmetric, per group), in torch's CPU tiles
+    as `RoutedExperts.set_int4_expert` lays them out; `zero`: random zero points too (the kernel reads
+    them as torch's fused kernel does, though k2serve's own weights leave them 0)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = quantize_int4(torch.randn(n, k, generator=g) * k**-0.5, group)
+        tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 2)
+        sz = torch.zeros(k // group, n, 2, dtype=torch.bfloat16)
+        sz[..., 0] = scale.t()
+        if zero:
+            sz[..., 1] = torch.randn(k // group, n, generator=g) * 0.01
+        return tiles, sz
+
+    w13 = [one(2 * inter, d) for _ in range(e)]
+    w2 = [one(d, inter) for _ in range(e)]
+    return tuple(torch.stack([w[i] for w in ws]) for ws in (w13, w2) for i in (0, 1))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("t", "k", "d", "inter", "e", "group", "zero"),
+    [(1, 8, 1024, 256, 16, 32, False), (3, 2, 128, 64, 4, 32, True), (2, 4, 256, 128, 8, 64, False)],
+)
+def test_int4_moe_matches_the_dequantised_torch_experts(
+    t: int, k: int, d: int, inter: int, e: int, group: int, zero: bool
+) -> None:
+    """INT4 experts in torch's CPU tiles against `gathered_experts_int4_torch` (each expert dequantised
+    to fp32, the same roundings): within one bf16 step of each token's largest output, nearly all equal."""
+    if not cpu_kernels.int4_shapes_supported(d, inter, group):
+        pytest.skip("torch packs INT4 in other tiles on this CPU (not AVX512's)")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(t, d, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g)
+    w = int4_experts(e, d, inter, group, zero)
+    want = compiled_gemv.gathered_experts_int4_torch(x, weights, ids, *w).float()
+    got = cpu_kernels.moe_int4(x, weights, ids, *w, group).float()
+    scale = want.abs().amax(-1, keepdim=True)
+    assert bool(((got - want).abs() <= scale * 2**-8).all()), ((got - want).abs() / scale).max()
+    assert (got == want).float().mean().item() > 0.99
+    with pytest.raises(ValueError, match=r"expert id -1 at \(token, slot\) \(0, 0\)"):
+        cpu_kernels.moe_int4(x, weights, torch.full_like(ids, -1), *w, group)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        cpu_kernels.moe_int4(x, weights, ids, *w, group * 2)
+
+
+@needs_kernels
+def test_int4_experts_take_the_static_path_only_through_the_kernel() -> None:
+    """`RoutedExperts.forward_static` runs INT4 experts (bf16, torch's CPU tiles) only with the native
+    kernels on; off, it refuses (the captured step never traces a path it cannot run)."""
+    from k2serve.config import ModelConfig
+    from k2serve.model.moe import MoE
+    from k2serve.model.presets import PRESETS
+
+    config = ModelConfig.from_dict(dict(PRESETS["tiny"]))
+    moe = MoE(config, int4_group_size=32, dtype=torch.bfloat16, int4_layout="cpu")
+    w = int4_experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, 32, False)
+    for name, value in zip(("w13_i4", "w13_sz", "w2_i4", "w2_sz"), w, strict=True):
+        getattr(moe.experts, name).copy_(value)
+    x = torch.randn(2, config.hidden_size).bfloat16()
+    weights, ids = torch.rand(2, 6), torch.stack([torch.randperm(16)[:6] for _ in range(2)])
+    assert moe.experts.int4_native_capturable()
+    with compiled_gemv.options(True):
+        got = moe.experts.forward_static(x, weights, ids)
+    torch.testing.assert_close(got, cpu_kernels.moe_int4(x, weights, ids, *w, 32), rtol=0, atol=0)
+    with (
+        compiled_gemv.options(False),
+        pytest.raises(ValueError, match="INT4 experts only through the native"),
+    ):
+        moe.experts.forward_static(x, weights, ids)
+
+
 @needs_kernels
 def test_ops_pass_torch_library_opcheck() -> None:
     """Schemas, fake (shape) kernels and torch.compile tracing of both ops, as torch checks them."""
     x, weights, ids, w13, w2 = moe_inputs(1, 8, 64, 32, 16)
     torch.library.opcheck(cpu_kernels.moe_bf16, (x, weights, ids, w13, w2))
     torch.library.opcheck(cpu_kernels.linear_bf16, (x, w13[0]))
+    if cpu_kernels.int4_shapes_supported(64, 64, 32):
+        x, weights, ids = x[:, :64].contiguous(), weights[:, :4].contiguous(), ids[:, :4] % 4
+        torch.library.opcheck(
+            cpu_kernels.moe_int4, (x, weights, ids, *int4_experts(4, 64, 64, 32, False), 32)
+        )
 
 
 def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -130,10 +212,18 @@ def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPat
 
 @needs_kernels
 @pytest.mark.slow
-def test_compiled_bf16_step_calls_the_kernels(tiny_ckpt: Path) -> None:
-    """A bf16 engine with `--compile decode` at batch 1: Inductor's graph calls both native ops, and
-    every captured step's logits stay within bf16 noise of the eager engine's (the first step's argmax
-    is the same)."""
+@pytest.mark.parametrize(
+    ("ckpt", "ops"),
+    [("tiny_ckpt", ("k2serve.moe_bf16", "k2serve.linear_bf16")), ("tiny_int4_ckpt", ("k2serve.moe_int4",))],
+)
+def test_compiled_bf16_step_calls_the_kernels(
+    ckpt: str, ops: tuple[str, ...], request: pytest.FixtureRequest
+) -> None:
+    """A bf16 engine with `--compile decode` at batch 1 (dense experts, and INT4 experts in torch's CPU
+    tiles, which only the native kernel captures on CPU): Inductor's graph calls the native ops, and
+    every captured step's logits stay within bf16 noise of the eager engine's (the first decode step's
+    argmax is the same)."""
+    path: Path = request.getfixturevalue(ckpt)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -141,7 +231,7 @@ def test_compiled_bf16_step_calls_the_kernels(tiny_ckpt: Path) -> None:
         code: list[str] = []
         for mode in ("none", "decode"):
             cfg = EngineConfig(num_kv_blocks=64, block_size=8, max_num_seqs=1, compile=mode)
-            engine = LLMEngine.from_pretrained(tiny_ckpt, torch.bfloat16, cfg)
+            engine = LLMEngine.from_pretrained(path, torch.bfloat16, cfg)
             seen: list[torch.Tensor] = []
             run = engine.runner.run
 
@@ -166,7 +256,7 @@ def test_compiled_bf16_step_calls_the_kernels(tiny_ckpt: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     text = "\n".join(code)
-    assert "k2serve.moe_bf16" in text and "k2serve.linear_bf16" in text
+    assert all(op in text for op in ops), [op for op in ops if op not in text]
     want, got = logits["none"], logits["decode"]
     assert len(got) == len(want) > 1
     assert torch.equal(got[0], want[0])  # the prefill step is eager in both

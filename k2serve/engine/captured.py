@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from k2serve.kvcache.pool import KVCachePool
-from k2serve.model import compiled_gemv
+from k2serve.model import compiled_gemv, cpu_kernels
 from k2serve.model.cpu_linear import PrepackedLinear, packed_layers
 from k2serve.model.mla import MLA
 from k2serve.model.model import K2Model
@@ -97,6 +97,26 @@ def fused_in_capture(experts: RoutedExperts, pool: KVCachePool) -> bool:
     return experts.moe_backend == "triton" and pool.kv.device.type == "cuda"
 
 
+def int4_native_in_capture(experts: RoutedExperts, pool: KVCachePool) -> bool:
+    """Whether a layer's INT4 experts run the native CPU kernel inside the captured step
+    (`RoutedExperts.int4_native_capturable`, with the small-batch kernels on): then only the batch
+    buckets whose (token, expert) rows fit `compiled_gemv.gather_rows` are captured (`int4_max_rows`)."""
+    return pool.kv.device.type == "cpu" and compiled_gemv.DEFAULT_ON and experts.int4_native_capturable()
+
+
+def int4_max_rows(model: K2Model) -> int | None:
+    """The most rows a captured step takes when INT4 experts run the native kernel in it (the bf16
+    gathered-row limit over the model's top-k), else None (no limit)."""
+    if not any(
+        isinstance(layer.mlp, MoE)
+        and layer.mlp.experts.int4_group_size is not None
+        and layer.mlp.experts.moe_backend != "triton"
+        for layer in model.layers
+    ):
+        return None
+    return max(1, compiled_gemv.GATHER_MAX_ROWS[torch.bfloat16] // model.config.num_experts_per_tok)
+
+
 def unsupported_reason(model: K2Model, pool: KVCachePool) -> str | None:
     """Why the captured step cannot serve this model and pool (None: it can)."""
     for layer in model.layers:
@@ -104,10 +124,15 @@ def unsupported_reason(model: K2Model, pool: KVCachePool) -> str | None:
         if isinstance(mlp, MoE):
             if mlp.dispatch is not None:
                 return "expert-parallel dispatch (collectives per step) is not captured"
-            if mlp.experts.int4_group_size is not None and not fused_in_capture(mlp.experts, pool):
+            experts = mlp.experts
+            if experts.int4_group_size is not None and not (
+                fused_in_capture(experts, pool) or int4_native_in_capture(experts, pool)
+            ):
                 return (
-                    "INT4 experts are captured only on CUDA with --moe-backend triton (the fused kernels, "
-                    "no host sync); here they have no static-shape path"
+                    "INT4 experts are captured on CUDA with --moe-backend triton (the fused kernels, no "
+                    "host sync) or on a CPU with the native kernels (bf16, torch's CPU int4 tiles, "
+                    f"AVX512-BF16; here: {cpu_kernels.unavailable_reason() or 'not these weights'}); "
+                    "here they have no static-shape path"
                 )
             if mlp.experts.num_local != mlp.experts.n_global:
                 return "a subset of the routed experts (expert parallelism) is not captured"
@@ -245,6 +270,11 @@ class CapturedDecode:
         self.buckets: dict[tuple[int, int], Bucket] = {}
         self.steps = 0  # steps served captured (tests and metrics read it)
         self.gemv = (compiled_gemv.DEFAULT_ON if gemv is None else gemv) and self.device.type == "cpu"
+        limit = int4_max_rows(model) if self.device.type == "cpu" else None
+        if limit is not None:  # INT4 experts through the native kernel: its row limit bounds the buckets
+            if not self.gemv:
+                raise ValueError("INT4 experts are captured on CPU only with the small-batch kernels on")
+            self.sizes = [s for s in self.sizes if s <= limit]
         self._packed: list[PrepackedLinear] = []  # the packed linears a compiled step reads
         if self.device.type == "cpu":
             use_inductor_cache()

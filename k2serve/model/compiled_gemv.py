@@ -74,6 +74,11 @@ def packed_on() -> bool:
     return _on
 
 
+def native_on() -> bool:
+    """Whether the native kernels are on for the forward traced or run now (`options`)."""
+    return _native
+
+
 def native_linear(rows: int) -> bool:
     """Whether a traced bf16 linear layer of `rows` rows runs `cpu_kernels.linear_bf16`."""
     return _native and rows <= NATIVE_LINEAR_MAX_ROWS
@@ -138,3 +143,41 @@ def gathered_experts_torch(
     act = (F.silu(gate) * up).float().unsqueeze(1)  # [T * k, 1, I]
     y = (w2[flat].float() * act).sum(-1).to(x.dtype)  # [T * k, D]
     return (y.view(t, k, -1) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+
+
+def gathered_experts_int4_torch(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13_i4: torch.Tensor,
+    w13_sz: torch.Tensor,
+    w2_i4: torch.Tensor,
+    w2_sz: torch.Tensor,
+) -> torch.Tensor:
+    """`gathered_experts_torch` for INT4 experts in torch's CPU tiles (the "cpu" layout: w13_i4 uint8
+    [E, 2I, D/2], w13_sz [E, D/g, 2I, 2], w2_i4 [E, D, I/2], w2_sz [E, I/g, D, 2]): each routed expert
+    dequantised to fp32, W = (q - 8) * scale + zero as torch's fused INT4 kernel forms it, and the
+    same roundings (what `cpu_kernels.moe_int4` computes; the tests' reference, slow)."""
+    from k2serve.model.quant import dequantize_int4pack_cpu, int4pack_cpu_tiles
+
+    t, k = ids.shape
+    d = x.shape[1]
+    inter = w2_i4.shape[-1] * 2
+    t13, t2 = int4pack_cpu_tiles(2 * inter, d), int4pack_cpu_tiles(d, inter)
+    assert t13 is not None and t2 is not None
+    out = []
+    for row in range(t):
+        acc = torch.zeros(d)
+        for j in range(k):
+            e = int(ids[row, j])
+            w13 = dequantize_int4pack_cpu(w13_i4[e], w13_sz[e, ..., 0].float(), t13, torch.float32)
+            w13 = w13 + w13_sz[e, ..., 1].float().repeat_interleave(d // w13_sz.shape[1], 0)
+            w2 = dequantize_int4pack_cpu(w2_i4[e], w2_sz[e, ..., 0].float(), t2, torch.float32)
+            w2 = w2 + w2_sz[e, ..., 1].float().repeat_interleave(inter // w2_sz.shape[1], 0)
+            h = (x[row].float() @ w13).to(x.dtype)  # [2I]
+            gate, up = h.split(inter)
+            act = F.silu(gate) * up
+            y = (act.float() @ w2).to(x.dtype)
+            acc += (y * weights[row, j].to(x.dtype)).float()
+        out.append(acc.to(x.dtype))
+    return torch.stack(out)

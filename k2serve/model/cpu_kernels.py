@@ -94,6 +94,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.k2_linear_bf16.restype = None
     lib.k2_moe_bf16.argtypes = [p, p, p, p, p, p, p, p, i, i, i, i, i]
     lib.k2_moe_bf16.restype = i
+    lib.k2_moe_int4.argtypes = [p] * 11 + [i] * 6
+    lib.k2_moe_int4.restype = i
     return lib, ""
 
 
@@ -190,5 +192,91 @@ def moe_bf16(
 @moe_bf16.register_fake
 def _moe_bf16_shape(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def int4_tiles_supported(out_f: int, in_f: int) -> bool:
+    """Whether `moe_int4` reads an [out_f, in_f] INT4 weight as this torch packs it: AVX512's tiles
+    (blocks of 64 rows, byte j = rows j and j + 32; probed by `quant.int4pack_cpu_tiles`)."""
+    from k2serve.model.quant import int4pack_cpu_tiles
+
+    tiles = int4pack_cpu_tiles(out_f, in_f)
+    return tiles is not None and tiles.block == 64 and tiles.rows is None
+
+
+def int4_shapes_supported(hidden: int, inter: int, group: int) -> bool:
+    """Whether `moe_int4` takes experts of these sizes: both multiples of 64 and of the group size, and
+    torch's tiles of the AVX512 form for w13 and w2."""
+    return (
+        all(n % 64 == 0 and n % group == 0 for n in (hidden, inter))
+        and int4_tiles_supported(2 * inter, hidden)
+        and int4_tiles_supported(hidden, inter)
+    )
+
+
+@torch.library.custom_op("k2serve::moe_int4", mutates_args=())
+def moe_int4(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w13_sz: torch.Tensor,
+    w2: torch.Tensor,
+    w2_sz: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    """`compiled_gemv.gathered_experts_int4_torch` in one call: x [T, D] bf16, routing weights fp32 /
+    ids int64 [T, k], INT4 experts in torch's CPU tiles (`RoutedExperts` "cpu" layout): w13 uint8
+    [E, 2I, D/2] with w13_sz bf16 [E, D/group, 2I, 2], w2 [E, D, I/2] with w2_sz [E, I/group, D, 2]."""
+    _check("x", x, torch.bfloat16, 2)
+    _check("weights", weights, torch.float32, 2)
+    _check("ids", ids, torch.int64, 2)
+    _check("w13", w13, torch.uint8, 3)
+    _check("w2", w2, torch.uint8, 3)
+    _check("w13_sz", w13_sz, torch.bfloat16, 4)
+    _check("w2_sz", w2_sz, torch.bfloat16, 4)
+    t, k = ids.shape
+    e, d, half_i = w2.shape
+    inter = 2 * half_i
+    if (
+        x.shape != (t, d)
+        or weights.shape != (t, k)
+        or w13.shape != (e, 2 * inter, d // 2)
+        or w13_sz.shape != (e, d // group, 2 * inter, 2)
+        or w2_sz.shape != (e, inter // group, d, 2)
+    ):
+        raise ValueError(
+            f"shapes do not fit: x {tuple(x.shape)}, weights {tuple(weights.shape)}, ids {(t, k)}, "
+            f"w13 {tuple(w13.shape)}, w13_sz {tuple(w13_sz.shape)}, w2 {tuple(w2.shape)}, "
+            f"w2_sz {tuple(w2_sz.shape)}, group {group}"
+        )
+    if not int4_shapes_supported(d, inter, group):
+        raise ValueError(
+            f"INT4 experts of hidden {d}, intermediate {inter}, group {group}: not this kernel's tiles"
+        )
+    xf, acc = torch.empty(t, d), torch.empty(t, d)
+    act = torch.empty(t * k, inter)
+    out = torch.empty_like(x)
+    tensors = (x, ids, weights, w13, w13_sz, w2, w2_sz, xf, act, acc, out)
+    bad = _lib().k2_moe_int4(*map(_ptr, tensors), t, k, d, inter, e, group)
+    if bad:
+        raise ValueError(
+            f"expert id {int(ids.flatten()[bad - 1])} at (token, slot) {divmod(bad - 1, k)} is "
+            f"outside [0, {e})"
+        )
+    return out
+
+
+@moe_int4.register_fake
+def _moe_int4_shape(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w13_sz: torch.Tensor,
+    w2: torch.Tensor,
+    w2_sz: torch.Tensor,
+    group: int,
 ) -> torch.Tensor:
     return torch.empty_like(x)

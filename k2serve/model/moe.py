@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2serve.config import ModelConfig
-from k2serve.model import compiled_gemv
+from k2serve.model import compiled_gemv, cpu_kernels
 from k2serve.model.layers import DenseMLP
 from k2serve.model.quant import (
     Int4CpuTiles,
@@ -159,6 +159,7 @@ class RoutedExperts(nn.Module):
             self.register_buffer("w2_i4", torch.empty(e, d, i // 2, dtype=torch.uint8))
             self.register_buffer("w2_sz", torch.empty(e, i // g, d, 2, dtype=dtype))
         self.compute_dtype = dtype
+        self._int4_capturable: bool | None = None  # int4_native_capturable(), once asked
         self.moe_backend = "torch"  # "triton": `forward` and `run_sorted` go through the Triton kernels
 
     def set_moe_backend(self, backend: str) -> None:
@@ -338,9 +339,35 @@ class RoutedExperts(nn.Module):
         y = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
+    def int4_native_capturable(self) -> bool:
+        """Whether a captured CPU step can run these INT4 experts: bf16, torch's CPU tiles ("cpu"
+        layout) of the form `cpu_kernels.moe_int4` reads, and the native kernels available. Found on
+        the first (eager) call and kept: a traced forward reads the stored answer."""
+        if self._int4_capturable is None:
+            self._int4_capturable = (
+                self.int4_group_size is not None
+                and self.int4_layout == "cpu"
+                and self.compute_dtype == torch.bfloat16
+                and self.w13_i4.device.type == "cpu"
+                and cpu_kernels.available()
+                and cpu_kernels.int4_shapes_supported(self.hidden, self.inter, self.int4_group_size)
+            )
+        return self._int4_capturable
+
+    def int4_native_applies(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether `forward_static` runs these INT4 experts on `rows` (token, expert) rows through the
+        native kernel now: capturable, and the captured step's native kernels on for that many rows."""
+        return (
+            compiled_gemv.native_on()
+            and x.dtype == torch.bfloat16
+            and rows <= compiled_gemv.gather_rows(x.dtype)
+            and self.int4_native_capturable()
+        )
+
     def forward_static(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """`forward` with every shape fixed by x's (the captured decode step, engine/captured.py): dense
-        experts, all of them held here. Which way is fixed by the shapes too:
+        """`forward` with every shape fixed by x's (the captured decode step, engine/captured.py): all
+        the experts held here; INT4 ones only through `cpu_kernels.moe_int4` (`int4_native_applies`),
+        dense ones any of these ways, fixed by the shapes too:
         - on the CPU, at most `compiled_gemv.gather_rows(dtype)` (token, expert) rows, when the captured
           step turned it on: per-row GEMVs as reductions over the weights indexed by the ids
           (`compiled_gemv.gathered_experts`; compiled, one loop streams the k routed experts);
@@ -351,9 +378,26 @@ class RoutedExperts(nn.Module):
           as batched GEMVs (reads the routed experts only, as the eager loop does);
         - else a loop over the static expert count, each expert on every token, weighted by that
           token's routing weight (0 where not routed)."""
-        if self.int4_group_size is not None or self.num_local != self.n_global:
-            raise ValueError("forward_static needs dense experts, all of them held by this process")
         t, k = ids.shape
+        if self.num_local != self.n_global:
+            raise ValueError("forward_static needs all the routed experts held by this process")
+        if self.int4_group_size is not None:
+            if not self.int4_native_applies(x, t * k):
+                raise ValueError(
+                    "forward_static takes INT4 experts only through the native CPU kernel (bf16, torch's "
+                    "CPU tiles, at most compiled_gemv.gather_rows rows, kernels on)"
+                )
+            assert self.int4_group_size is not None
+            return cpu_kernels.moe_int4(
+                x.contiguous(),
+                weights.to(torch.float32).contiguous(),
+                ids.to(torch.int64).contiguous(),
+                self.w13_i4,
+                self.w13_sz,
+                self.w2_i4,
+                self.w2_sz,
+                self.int4_group_size,
+            )
         if x.device.type == "cpu" and t * k <= compiled_gemv.gather_rows(x.dtype):
             return compiled_gemv.gathered_experts(x, weights, ids, self.w13, self.w2)
         flat = ids.flatten()  # [T * k] global = local ids

@@ -200,3 +200,98 @@ TGT int k2_moe_bf16(const uint16_t *x, const int64_t *ids, const float *wts, con
   }
   return 0;
 }
+
+/* ---- INT4 experts in torch's CPU tile layout ------------------------------------------------------
+ * `aten._convert_weight_to_int4pack_for_cpu` on AVX512 lays an [N, K] weight out in blocks of 64 rows:
+ * for each block and input column k, 32 bytes whose byte j holds row j (low nibble) and row 32 + j
+ * (high nibble). Scales and zeros: [K / group, N, 2] in bf16. W = (q - 8) * scale + zero, in fp32 as
+ * torch's `_weight_int4pack_mm_for_cpu` forms it (cpu_kernels.py checks the layout on the machine at
+ * hand: quant.int4pack_cpu_tiles). */
+
+/* acc[0..3] (64 rows, 16 a vector) += W[n0 .. n0 + 63, :] @ x, for the block whose tile bytes start at
+ * `tile`. Per group: sum q * x in fp32, then scale * that + (zero - 8 scale) * sum(x). */
+TGT static inline void tile64(const uint8_t *tile, const uint16_t *sz, long N, long n0, const float *x,
+                              int K, int group, __m512 acc[4]) {
+  const __m512i m4 = _mm512_set1_epi32(15), hi16 = _mm512_set1_epi32((int)0xffff0000u);
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  for (int g0 = 0; g0 < K; g0 += group) {
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+    __m512 p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
+    float xs = 0.0f;
+    for (int k = g0; k < g0 + group; k++) {
+      const uint8_t *p = tile + (long)k * 32;
+      _mm_prefetch((const char *)(p + 2 * AHEAD), _MM_HINT_T0);
+      __m512 xv = _mm512_set1_ps(x[k]);
+      xs += x[k];
+      __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+      __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)));
+      p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v0, m4)), xv, p0);
+      p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v1, m4)), xv, p1);
+      p2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)), xv, p2);
+      p3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4)), xv, p3);
+    }
+    const uint16_t *s = sz + ((long)(g0 / group) * N + n0) * 2;
+    __m512 xsv = _mm512_set1_ps(xs), ps[4] = {p0, p1, p2, p3};
+    for (int q = 0; q < 4; q++) {
+      __m512i v = _mm512_loadu_si512(s + 32 * q); /* 16 (scale, zero) pairs */
+      __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+      acc[q] = _mm512_fmadd_ps(sc, ps[q], acc[q]);
+      acc[q] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, sc, ze), xsv, acc[q]);
+    }
+  }
+}
+
+/* `k2_moe_bf16` with INT4 experts in the tile layout: w13 [E, 2I, D / 2] bytes with scales and zeros
+ * w13_sz [E, D / group, 2I, 2], w2 [E, D, I / 2] with w2_sz [E, I / group, D, 2]. The same roundings:
+ * [gate; up] = bf16(W13 @ x), act = bf16(bf16(silu(gate)) * up), y = bf16(W2 @ act), out[t] =
+ * bf16(sum_j bf16(y_j * bf16(wts[t, j]))). Needs I and D multiples of 64 and of `group`. Scratch: xf
+ * [T, D] fp32, act [T * K, I] fp32, acc [T, D] fp32. Returns 0, or 1 + the first bad (token, slot). */
+TGT int k2_moe_int4(const uint16_t *x, const int64_t *ids, const float *wts, const uint8_t *w13,
+                    const uint16_t *w13_sz, const uint8_t *w2, const uint16_t *w2_sz, float *xf, float *act,
+                    float *acc, uint16_t *out, int T, int K, int D, int I, int E, int group) {
+  int R = T * K, ib = I / 64, db = D / 64;
+  long e13 = (long)I * D, e2 = (long)D * I / 2; /* bytes per expert: 2I * D / 2 and D * I / 2 */
+  long s13 = (long)(D / group) * 2 * I * 2, s2 = (long)(I / group) * D * 2; /* bf16s per expert */
+  for (int r = 0; r < R; r++)
+    if (ids[r] < 0 || ids[r] >= E) return r + 1;
+  for (long i = 0; i < (long)T * D; i++) xf[i] = bf2f(x[i]);
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int item = 0; item < R * ib; item++) {
+      int r = item / ib, b = item % ib;
+      const uint8_t *we = w13 + ids[r] * e13;
+      const uint16_t *se = w13_sz + ids[r] * s13;
+      const float *xr = xf + (long)(r / K) * D;
+      __m512 g[4], u[4];
+      for (int q = 0; q < 4; q++) g[q] = u[q] = _mm512_setzero_ps();
+      tile64(we + (long)b * D * 32, se, 2L * I, 64L * b, xr, D, group, g);
+      tile64(we + (long)(ib + b) * D * 32, se, 2L * I, (long)I + 64L * b, xr, D, group, u);
+      float gf[64], uf[64];
+      for (int q = 0; q < 4; q++) {
+        _mm512_storeu_ps(gf + 16 * q, g[q]);
+        _mm512_storeu_ps(uf + 16 * q, u[q]);
+      }
+      /* tile rows: q = 0, 1 are block rows 0..31 (low nibbles), q = 2, 3 rows 32..63 */
+      for (int j = 0; j < 64; j++) act[(long)r * I + 64L * b + j] = bf2f(swiglu(gf[j], uf[j]));
+    }
+#pragma omp for schedule(static)
+    for (int b = 0; b < db; b++) {
+      for (int t = 0; t < T; t++)
+        for (int j = 0; j < 64; j++) acc[(long)t * D + 64L * b + j] = 0.0f;
+      for (int r = 0; r < R; r++) {
+        __m512 y[4];
+        for (int q = 0; q < 4; q++) y[q] = _mm512_setzero_ps();
+        tile64(w2 + ids[r] * e2 + (long)b * I * 32, w2_sz + ids[r] * s2, D, 64L * b, act + (long)r * I, I,
+               group, y);
+        float yf[64], wr = round_bf(wts[r]);
+        for (int q = 0; q < 4; q++) _mm512_storeu_ps(yf + 16 * q, y[q]);
+        for (int j = 0; j < 64; j++) acc[(long)(r / K) * D + 64L * b + j] += round_bf(round_bf(yf[j]) * wr);
+      }
+    }
+#pragma omp for schedule(static)
+    for (long i = 0; i < (long)T * D; i++) out[i] = f2bf(acc[i]);
+  }
+  return 0;
+}
