@@ -204,7 +204,7 @@ def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(cpu_kernels, "ENABLED", False)
         assert cpu_kernels.unavailable_reason() == "K2SERVE_CPU_KERNELS=0"
         with compiled_gemv.options(True):
-            assert not compiled_gemv.native_linear(1)
+            assert not compiled_gemv.native_linear(1, 1024)
     finally:
         monkeypatch.undo()
         cpu_kernels._load.cache_clear()

@@ -14,7 +14,7 @@ from torch import nn
 
 from k2serve.bench.cpu_gemv import K2_SHAPES, layer_shapes, path_calls, weight_bytes
 from k2serve.config import ModelConfig
-from k2serve.model import cpu_linear
+from k2serve.model import cpu_kernels, cpu_linear
 from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.cpu_linear import PrepackedLinear, prepack_linears, prepack_supported
 from k2serve.model.loader import load_model
@@ -158,6 +158,7 @@ def test_bench_paths_compute_their_stated_weights(batch: int) -> None:
     w = (torch.randn(256, 512, generator=g) * 0.02).to(torch.bfloat16)
     x = torch.randn(batch, 512, generator=g).to(torch.bfloat16)
     paths = ("bf16", "fp32", "int8", "int4") + (("mkldnn",) if prepack_supported() else ())
+    paths += ("native",) if cpu_kernels.available() else ()
     calls = path_calls(w, x, paths)
     assert set(calls) == set(paths)
     for path, (call, dense) in calls.items():

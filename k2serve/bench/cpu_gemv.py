@@ -12,7 +12,9 @@ alternating rounds (every round runs every path once, order reversed every other
 - `int8`: weight-only int8 with per-channel scales (`aten._weight_int8pack_mm`, bf16 activations);
   lossy, an option only;
 - `int4`: group-32 weight-only int4 in torch's CPU tiles (`aten._weight_int4pack_mm_for_cpu`): the
-  kernel the INT4 routed experts run at small batch (`RoutedExperts.swiglu_int4_fused`).
+  kernel the INT4 routed experts run at small batch (`RoutedExperts.swiglu_int4_fused`);
+- `native`: k2serve's own AVX512-BF16 GEMV (`cpu_kernels.linear_bf16`, on the dense weight): what the
+  captured step's one-row linears run where it is available (timed only there).
 
 GB/s counts the weight bytes each path reads (bf16 2 per weight, fp32 4, int8 1 plus a scale per
 row, int4 a half plus a scale and zero point per 32) over the median time; activations are noise.
@@ -38,11 +40,12 @@ import torch.nn.functional as F
 from k2serve.bench.engine import make_llm
 from k2serve.bench.int4_experts import time_paired
 from k2serve.config import ModelConfig
+from k2serve.model import cpu_kernels
 from k2serve.model.checkpoint import write_checkpoint
 from k2serve.model.presets import PRESETS
 
 GROUP = 32
-PATHS = ("bf16", "fp32", "mkldnn", "int8", "int4")
+PATHS = ("bf16", "fp32", "mkldnn", "int8", "int4", "native")
 
 
 def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -87,6 +90,7 @@ def weight_bytes(path: str, out_f: int, in_f: int) -> int:
         "bf16": 2 * n,
         "fp32": 4 * n,
         "mkldnn": 2 * n,
+        "native": 2 * n,
         "int8": n + 2 * out_f,
         "int4": n // 2 + 2 * 2 * out_f * (in_f // GROUP),
     }[path]
@@ -111,6 +115,8 @@ def path_calls(
             lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], ""),  # noqa: SLF001
             w.float(),
         )
+    if "native" in paths and cpu_kernels.available():
+        calls["native"] = (lambda: cpu_kernels.linear_bf16(x, w), w.float())
     if "int8" in paths:
         scale = (w.float().abs().amax(1) / 127).clamp_min(1e-12)
         q = torch.round(w.float() / scale[:, None]).to(torch.int8)

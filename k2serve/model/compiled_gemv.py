@@ -45,11 +45,14 @@ DEFAULT_ON = os.environ.get("K2SERVE_DECODE_GEMV", "1") != "0"
 # B=1, 1.00-1.05 from B=2. So bf16 up to 32 rows, fp32 up to 8.
 GATHER_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 32, torch.float32: 8}
 
-# Rows up to which a traced bf16 linear layer runs `cpu_kernels.linear_bf16` (with the native kernels on)
-# instead of oneDNN's packed kernel: one. Per call it costs ~14 us against the packed op's ~22 us, and
-# reads `small`'s layers 0.9-1.45x as fast as oneDNN at one row; with two or more rows it read them at
-# 0.5-0.8x (BENCHMARKS.md, "Native GEMV kernels").
+# A traced bf16 linear layer runs `cpu_kernels.linear_bf16` (with the native kernels on) instead of
+# oneDNN's packed kernel at up to NATIVE_LINEAR_MAX_ROWS rows and NATIVE_LINEAR_MAX_WEIGHTS weights.
+# Per call it costs ~14 us against the packed op's ~22 us; with the weights out of cache
+# (benchmarks/native_gemv_probe.py, BENCHMARKS.md "Native GEMV kernels") it read `small`'s attention
+# and dense-down layers 1.0-1.13x as fast as oneDNN at one row but lm_head (33M weights) and the dense
+# gate_up (5.8M) at 0.90 / 0.93x, and at two or more rows 0.6-1.0x.
 NATIVE_LINEAR_MAX_ROWS = 1
+NATIVE_LINEAR_MAX_WEIGHTS = 4 * 2**20
 
 _on = False  # module globals on purpose: dynamo guards on the values a traced forward read
 _native = False
@@ -79,9 +82,10 @@ def native_on() -> bool:
     return _native
 
 
-def native_linear(rows: int) -> bool:
-    """Whether a traced bf16 linear layer of `rows` rows runs `cpu_kernels.linear_bf16`."""
-    return _native and rows <= NATIVE_LINEAR_MAX_ROWS
+def native_linear(rows: int, weights: int) -> bool:
+    """Whether a traced bf16 linear layer of `rows` rows and `weights` weights runs
+    `cpu_kernels.linear_bf16`."""
+    return _native and rows <= NATIVE_LINEAR_MAX_ROWS and weights <= NATIVE_LINEAR_MAX_WEIGHTS
 
 
 def gather_rows(dtype: torch.dtype) -> int:

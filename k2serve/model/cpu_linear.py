@@ -17,8 +17,9 @@ layer holds its weight twice. fp32 models keep `F.linear` (MKL's sgemv is alread
 there, and the parity tests run in fp32), as do inputs of another dtype or device and autograd. Traced
 by torch.compile, a layer keeps F.linear unless the captured step asked for the packed kernel
 (model/compiled_gemv.py, on by default there), which it then calls as an opaque op on the copy packed
-beforehand by an eager call (`packed_layers`); a traced one-row call there runs the native bf16 GEMV
-(model/cpu_kernels.py) on the dense weight instead, where that kernel is available.
+beforehand by an eager call (`packed_layers`); a traced one-row call of a layer of at most
+`compiled_gemv.NATIVE_LINEAR_MAX_WEIGHTS` weights runs the native bf16 GEMV (model/cpu_kernels.py) on
+the dense weight instead, where that kernel is available.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class PrepackedLinear(nn.Linear):
         bias = None if self.bias is None else self.bias.detach()
         if (
             torch.compiler.is_compiling()
-            and compiled_gemv.native_linear(flat.shape[0])
+            and compiled_gemv.native_linear(flat.shape[0], self.weight.numel())
             and self.weight.is_contiguous()
         ):
             y = cpu_kernels.linear_bf16(flat.contiguous(), self.weight.detach())
