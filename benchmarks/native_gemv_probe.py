@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from k2serve.bench.int4_experts import time_paired
 from k2serve.model import compiled_gemv, cpu_kernels
 from k2serve.model.quant import quantize_int4
 
@@ -31,14 +31,8 @@ BYTES = 400e6
 
 
 def paired(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for k in names if r % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
-            fns[k]()
-            out[k].append(time.perf_counter() - t)
-    return out
+    """`time_paired` over named calls."""
+    return dict(zip(fns, time_paired(list(fns.values()), rounds), strict=True))
 
 
 def report(label: str, nbytes: float, times: dict[str, list[float]]) -> None:

@@ -120,9 +120,7 @@ def gathered_experts(
     weights, computed by `cpu_kernels.moe_bf16` in one call (the same roundings, summed in another
     order)."""
     if _native and x.dtype == torch.bfloat16 and w13.is_contiguous() and w2.is_contiguous():
-        return cpu_kernels.moe_bf16(
-            x.contiguous(), weights.to(torch.float32).contiguous(), ids.to(torch.int64).contiguous(), w13, w2
-        )
+        return cpu_kernels.moe_bf16(*cpu_kernels.routing_args(x, weights, ids), w13, w2)
     return gathered_experts_torch(x, weights, ids, w13, w2)
 
 

@@ -128,6 +128,29 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def routing_args(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, routing weights and ids as the routed-expert kernels take them: contiguous, fp32 weights,
+    int64 ids (the model's router gives them so already; then nothing is copied)."""
+    return x.contiguous(), weights.to(torch.float32).contiguous(), ids.to(torch.int64).contiguous()
+
+
+def _check_routing(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> None:
+    _check("x", x, torch.bfloat16, 2)
+    _check("weights", weights, torch.float32, 2)
+    _check("ids", ids, torch.int64, 2)
+
+
+def _refuse_bad_id(bad: int, ids: torch.Tensor, experts: int) -> None:
+    """Raise for a kernel's bad-id return (1 + the flat (token, slot) position; 0: all ids fit)."""
+    if bad:
+        raise ValueError(
+            f"expert id {int(ids.flatten()[bad - 1])} at (token, slot) {divmod(bad - 1, ids.shape[1])} is "
+            f"outside [0, {experts})"
+        )
+
+
 @torch.library.custom_op("k2serve::linear_bf16", mutates_args=())
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, D] @ w [N, D].T -> [T, N], bf16 (no bias)."""
@@ -151,9 +174,7 @@ def moe_bf16(
 ) -> torch.Tensor:
     """`compiled_gemv.gathered_experts` in one call: x [T, D] bf16, routing weights fp32 / ids int64
     [T, k], w13 [E, 2I, D] and w2 [E, D, I] bf16 -> [T, D]."""
-    _check("x", x, torch.bfloat16, 2)
-    _check("weights", weights, torch.float32, 2)
-    _check("ids", ids, torch.int64, 2)
+    _check_routing(x, weights, ids)
     _check("w13", w13, torch.bfloat16, 3)
     _check("w2", w2, torch.bfloat16, 3)
     t, k = ids.shape
@@ -166,26 +187,8 @@ def moe_bf16(
     act = x.new_empty(t * k, inter)
     acc = torch.empty(t, d, dtype=torch.float32)
     out = torch.empty_like(x)
-    bad = _lib().k2_moe_bf16(
-        _ptr(x),
-        _ptr(ids),
-        _ptr(weights),
-        _ptr(w13),
-        _ptr(w2),
-        _ptr(act),
-        _ptr(acc),
-        _ptr(out),
-        t,
-        k,
-        d,
-        inter,
-        e,
-    )
-    if bad:
-        raise ValueError(
-            f"expert id {int(ids.flatten()[bad - 1])} at (token, slot) {divmod(bad - 1, k)} is "
-            f"outside [0, {e})"
-        )
+    tensors = (x, ids, weights, w13, w2, act, acc, out)
+    _refuse_bad_id(_lib().k2_moe_bf16(*map(_ptr, tensors), t, k, d, inter, e), ids, e)
     return out
 
 
@@ -229,9 +232,7 @@ def moe_int4(
     """`compiled_gemv.gathered_experts_int4_torch` in one call: x [T, D] bf16, routing weights fp32 /
     ids int64 [T, k], INT4 experts in torch's CPU tiles (`RoutedExperts` "cpu" layout): w13 uint8
     [E, 2I, D/2] with w13_sz bf16 [E, D/group, 2I, 2], w2 [E, D, I/2] with w2_sz [E, I/group, D, 2]."""
-    _check("x", x, torch.bfloat16, 2)
-    _check("weights", weights, torch.float32, 2)
-    _check("ids", ids, torch.int64, 2)
+    _check_routing(x, weights, ids)
     _check("w13", w13, torch.uint8, 3)
     _check("w2", w2, torch.uint8, 3)
     _check("w13_sz", w13_sz, torch.bfloat16, 4)
@@ -259,12 +260,7 @@ def moe_int4(
     act = torch.empty(t * k, inter)
     out = torch.empty_like(x)
     tensors = (x, ids, weights, w13, w13_sz, w2, w2_sz, xf, act, acc, out)
-    bad = _lib().k2_moe_int4(*map(_ptr, tensors), t, k, d, inter, e, group)
-    if bad:
-        raise ValueError(
-            f"expert id {int(ids.flatten()[bad - 1])} at (token, slot) {divmod(bad - 1, k)} is "
-            f"outside [0, {e})"
-        )
+    _refuse_bad_id(_lib().k2_moe_int4(*map(_ptr, tensors), t, k, d, inter, e, group), ids, e)
     return out
 
 

@@ -387,11 +387,8 @@ class RoutedExperts(nn.Module):
                     "forward_static takes INT4 experts only through the native CPU kernel (bf16, torch's "
                     "CPU tiles, at most compiled_gemv.gather_rows rows, kernels on)"
                 )
-            assert self.int4_group_size is not None
             return cpu_kernels.moe_int4(
-                x.contiguous(),
-                weights.to(torch.float32).contiguous(),
-                ids.to(torch.int64).contiguous(),
+                *cpu_kernels.routing_args(x, weights, ids),
                 self.w13_i4,
                 self.w13_sz,
                 self.w2_i4,
