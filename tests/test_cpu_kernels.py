@@ -62,6 +62,42 @@ def test_moe_matches_the_torch_gathered_experts(shape: tuple[int, int, int, int,
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    "shape",
+    [*MOE_SHAPES, (32, 8, 1024, 256, 64), (64, 6, 768, 128, 64), (9, 4, 64, 32, 3), (7, 2, 78, 70, 1)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_grouped_moe_is_moe_bf16_bit_for_bit(shape: tuple[int, int, int, int, int]) -> None:
+    """Grouping the rows by expert (each expert's weights read once for all its rows, up to four rows
+    a load) changes no output: every dot product, rounding and sum is `moe_bf16`'s, in its order. The
+    shapes include experts shared by many tokens (3 experts for 9 tokens x 4, a single expert), experts
+    no token chose, and every tail."""
+    args = moe_inputs(*shape)
+    t, k, _, _, e = shape
+    if k > e:  # more slots than experts: ids repeat across a token's slots
+        args = (*args[:2], torch.randint(0, e, (t, k), generator=torch.Generator().manual_seed(3)), *args[3:])
+    assert torch.equal(cpu_kernels.moe_bf16_grouped(*args), cpu_kernels.moe_bf16(*args))
+
+
+@needs_kernels
+def test_grouped_moe_runs_in_the_captured_bf16_step_up_to_its_row_limit() -> None:
+    """With the native kernels on (a captured step's `compiled_gemv.options`), bf16 routed experts of
+    two or more tokens and at most NATIVE_MOE_MAX_ROWS_PER_EXPERT rows an expert take the grouped kernel;
+    beyond, the grouped GEMM; off, neither kernel."""
+    with compiled_gemv.options(True):
+        most = compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT * 64
+        assert compiled_gemv.native_moe(torch.bfloat16, most, 64)
+        assert not compiled_gemv.native_moe(torch.bfloat16, most + 1, 64)
+        assert not compiled_gemv.native_moe(torch.float32, 8, 64)
+        x, weights, ids, w13, w2 = moe_inputs(5, 3, 64, 32, 6)
+        assert torch.equal(
+            compiled_gemv.gathered_experts(x, weights, ids, w13, w2),
+            cpu_kernels.moe_bf16(x, weights, ids, w13, w2),
+        )
+    assert not compiled_gemv.native_moe(torch.bfloat16, 8, 64)
+
+
+@needs_kernels
 @pytest.mark.parametrize(("rows", "n", "d"), [(1, 1024, 2816), (1, 384, 1024), (2, 100, 1024), (3, 7, 78)])
 def test_linear_is_the_exact_sum_rounded(rows: int, n: int, d: int) -> None:
     """Exact bf16 products summed in fp32, rounded once: within 2^-8 of the exact (float64) result,
@@ -86,6 +122,10 @@ def test_bad_input_is_refused_with_what_is_wrong() -> None:
         cpu_kernels.linear_bf16(x, w13[0].t())
     with pytest.raises(ValueError, match="shapes do not fit"):
         cpu_kernels.moe_bf16(x, weights, ids, w13[:, :8].contiguous(), w2)
+    with pytest.raises(ValueError, match=r"expert id -1 at \(token, slot\) \(0, 1\) is outside \[0, 4\)"):
+        cpu_kernels.moe_bf16_grouped(x, weights, torch.tensor([[0, -1, 2], [3, 0, 1]]), w13, w2)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        cpu_kernels.moe_bf16_grouped(x, weights, ids, w13, w2[:, :8].contiguous())
     with pytest.raises(ValueError, match="x has 33 features, w 5"):
         cpu_kernels.linear_bf16(x, w2[0])
 
@@ -171,6 +211,8 @@ def test_ops_pass_torch_library_opcheck() -> None:
     """Schemas, fake (shape) kernels and torch.compile tracing of both ops, as torch checks them."""
     x, weights, ids, w13, w2 = moe_inputs(1, 8, 64, 32, 16)
     torch.library.opcheck(cpu_kernels.moe_bf16, (x, weights, ids, w13, w2))
+    x2, weights2, ids2, _, _ = moe_inputs(3, 8, 64, 32, 16)
+    torch.library.opcheck(cpu_kernels.moe_bf16_grouped, (x2, weights2, ids2, w13, w2))
     torch.library.opcheck(cpu_kernels.linear_bf16, (x, w13[0]))
     if cpu_kernels.int4_shapes_supported(64, 64, 32):
         x, weights, ids = x[:, :64].contiguous(), weights[:, :4].contiguous(), ids[:, :4] % 4
@@ -213,16 +255,20 @@ def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPat
 @needs_kernels
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("ckpt", "ops"),
-    [("tiny_ckpt", ("k2serve.moe_bf16", "k2serve.linear_bf16")), ("tiny_int4_ckpt", ("k2serve.moe_int4",))],
+    ("ckpt", "batch", "ops"),
+    [
+        ("tiny_ckpt", 1, ("k2serve.moe_bf16", "k2serve.linear_bf16")),
+        ("tiny_ckpt", 2, ("k2serve.moe_bf16_grouped",)),
+        ("tiny_int4_ckpt", 1, ("k2serve.moe_int4",)),
+    ],
 )
 def test_compiled_bf16_step_calls_the_kernels(
-    ckpt: str, ops: tuple[str, ...], request: pytest.FixtureRequest
+    ckpt: str, batch: int, ops: tuple[str, ...], request: pytest.FixtureRequest
 ) -> None:
     """A bf16 engine with `--compile decode` at batch 1 (dense experts, and INT4 experts in torch's CPU
-    tiles, which only the native kernel captures on CPU): Inductor's graph calls the native ops, and
-    every captured step's logits stay within bf16 noise of the eager engine's (the first decode step's
-    argmax is the same)."""
+    tiles, which only the native kernel captures on CPU) and at batch 2 (the experts grouped):
+    Inductor's graph calls the native ops, and every captured step's logits stay within bf16 noise of
+    the eager engine's (the first decode step's argmax is the same)."""
     path: Path = request.getfixturevalue(ckpt)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -230,7 +276,7 @@ def test_compiled_bf16_step_calls_the_kernels(
         logits: dict[str, list[torch.Tensor]] = {}
         code: list[str] = []
         for mode in ("none", "decode"):
-            cfg = EngineConfig(num_kv_blocks=64, block_size=8, max_num_seqs=1, compile=mode)
+            cfg = EngineConfig(num_kv_blocks=64, block_size=8, max_num_seqs=batch, compile=mode)
             engine = LLMEngine.from_pretrained(path, torch.bfloat16, cfg)
             seen: list[torch.Tensor] = []
             run = engine.runner.run
@@ -243,7 +289,9 @@ def test_compiled_bf16_step_calls_the_kernels(
             engine.runner.run = wrapped  # type: ignore[method-assign]
 
             def generate(engine: LLMEngine = engine) -> None:
-                engine.add_request("a", list(range(5, 20)), SamplingParams(temperature=0.0, max_tokens=6))
+                for b in range(batch):
+                    prompt = list(range(5 + b, 20 + 2 * b))
+                    engine.add_request(f"r{b}", prompt, SamplingParams(temperature=0.0, max_tokens=6))
                 while engine.has_unfinished_requests():
                     engine.step()
 

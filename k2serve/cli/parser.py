@@ -15,7 +15,7 @@ from k2serve.router.policy import POLICIES
 
 DTYPES = ("bfloat16", "float32", "float16")
 # k2serve.model.presets.PRESETS' names (importing k2serve.model loads torch; `plan` must not)
-PRESET_NAMES = ("demo", "long", "small", "tiny")
+PRESET_NAMES = ("demo", "long", "moe200m", "small", "tiny")
 KV_CACHE_DTYPES = (
     "auto",
     "bf16",

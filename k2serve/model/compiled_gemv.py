@@ -52,6 +52,16 @@ GATHER_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 32, torch.float32: 8}
 # and dense-down layers 1.0-1.13x as fast as oneDNN at one row but lm_head (33M weights) and the dense
 # gate_up (5.8M) at 0.90 / 0.93x, and at two or more rows 0.6-1.0x.
 NATIVE_LINEAR_MAX_ROWS = 1
+
+# bf16 (token, expert) rows per routed expert (on average: rows / experts) up to which a captured step on
+# the CPU with the native kernels on runs its routed experts through them (`cpu_kernels.moe_bf16_grouped`
+# from two tokens on: each routed expert's weights read once for all its rows, VDPBF16PS) instead of
+# torch's grouped GEMM (oneDNN, AMX: the faster from ~12 rows an expert on). One MoE layer's experts,
+# 2 threads, medians of 7 alternating pairs, quiet host (grouped GEMM time / native grouped time):
+# `small` (E=64, k=8, D=1024, I=256) 3.3 at 1 token, 2.8 at 8, 1.8 at 32, 1.27 at 64 (8 rows an
+# expert), 1.00 at 96, 0.88 at 128; `moe200m` (k=6, D=768, I=128) 5.5 at 1, 4.1 at 8, 2.0 at 64, 1.30
+# at 128 (12 rows an expert).
+NATIVE_MOE_MAX_ROWS_PER_EXPERT = 8
 NATIVE_LINEAR_MAX_WEIGHTS = 4 * 2**20
 
 _on = False  # module globals on purpose: dynamo guards on the values a traced forward read
@@ -88,6 +98,12 @@ def native_linear(rows: int, weights: int) -> bool:
     return _native and rows <= NATIVE_LINEAR_MAX_ROWS and weights <= NATIVE_LINEAR_MAX_WEIGHTS
 
 
+def native_moe(dtype: torch.dtype, rows: int, experts: int) -> bool:
+    """Whether a traced forward's bf16 routed experts (`experts` of them) on `rows` (token, expert) rows
+    run the native expert kernels (`gathered_experts`)."""
+    return _native and dtype == torch.bfloat16 and rows <= NATIVE_MOE_MAX_ROWS_PER_EXPERT * experts
+
+
 def gather_rows(dtype: torch.dtype) -> int:
     """The most (token, expert) rows the gathered expert GEMVs take in `dtype` (0: off)."""
     return GATHER_MAX_ROWS.get(dtype, 0) if _on else 0
@@ -118,9 +134,10 @@ def gathered_experts(
 ) -> torch.Tensor:
     """`gathered_experts_torch`'s result; in bf16 with the native kernels on (`options`) and contiguous
     weights, computed by `cpu_kernels.moe_bf16` in one call (the same roundings, summed in another
-    order)."""
+    order; from two tokens on by `moe_bf16_grouped`, the same outputs bit for bit)."""
     if _native and x.dtype == torch.bfloat16 and w13.is_contiguous() and w2.is_contiguous():
-        return cpu_kernels.moe_bf16(*cpu_kernels.routing_args(x, weights, ids), w13, w2)
+        kernel = cpu_kernels.moe_bf16_grouped if ids.shape[0] > 1 else cpu_kernels.moe_bf16
+        return kernel(*cpu_kernels.routing_args(x, weights, ids), w13, w2)
     return gathered_experts_torch(x, weights, ids, w13, w2)
 
 

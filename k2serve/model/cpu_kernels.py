@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("K2SERVE_CPU_KERNELS", "1") != "0"
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.c"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-ABI = 1  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
+ABI = 2  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
 
 
 def cache_dir() -> Path:
@@ -94,6 +94,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.k2_linear_bf16.restype = None
     lib.k2_moe_bf16.argtypes = [p, p, p, p, p, p, p, p, i, i, i, i, i]
     lib.k2_moe_bf16.restype = i
+    lib.k2_moe_bf16_grouped.argtypes = [p] * 12 + [i] * 5
+    lib.k2_moe_bf16_grouped.restype = i
     lib.k2_moe_int4.argtypes = [p] * 11 + [i] * 6
     lib.k2_moe_int4.restype = i
     return lib, ""
@@ -194,6 +196,43 @@ def moe_bf16(
 
 @moe_bf16.register_fake
 def _moe_bf16_shape(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("k2serve::moe_bf16_grouped", mutates_args=())
+def moe_bf16_grouped(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """`moe_bf16`'s result bit for bit, with the work grouped by expert: each routed expert's weights
+    are read once for all the (token, slot) rows routed to it, up to four rows per load, where
+    `moe_bf16` reads them once per row. For batches whose tokens share experts."""
+    _check_routing(x, weights, ids)
+    _check("w13", w13, torch.bfloat16, 3)
+    _check("w2", w2, torch.bfloat16, 3)
+    t, k = ids.shape
+    e, d, inter = w2.shape
+    if x.shape != (t, d) or weights.shape != (t, k) or w13.shape != (e, 2 * inter, d):
+        raise ValueError(
+            f"shapes do not fit: x {tuple(x.shape)}, weights {tuple(weights.shape)}, ids {(t, k)}, "
+            f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
+        )
+    rows = t * k
+    act = x.new_empty(rows, inter)
+    yw = torch.empty(rows, d, dtype=torch.float32)
+    order = torch.empty(rows, dtype=torch.int32)
+    start = torch.empty(e + 1, dtype=torch.int32)
+    xs = torch.empty(rows, dtype=torch.int64)  # row pointers
+    used = torch.empty(e, dtype=torch.int32)
+    out = torch.empty_like(x)
+    tensors = (x, ids, weights, w13, w2, act, yw, order, start, xs, used, out)
+    _refuse_bad_id(_lib().k2_moe_bf16_grouped(*map(_ptr, tensors), t, k, d, inter, e), ids, e)
+    return out
+
+
+@moe_bf16_grouped.register_fake
+def _moe_bf16_grouped_shape(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
     return torch.empty_like(x)

@@ -370,7 +370,9 @@ class RoutedExperts(nn.Module):
         dense ones any of these ways, fixed by the shapes too:
         - on the CPU, at most `compiled_gemv.gather_rows(dtype)` (token, expert) rows, when the captured
           step turned it on: per-row GEMVs as reductions over the weights indexed by the ids
-          (`compiled_gemv.gathered_experts`; compiled, one loop streams the k routed experts);
+          (`compiled_gemv.gathered_experts`; compiled, one loop streams the k routed experts), or the
+          native kernels there, in bf16 up to `compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT` rows an
+          expert;
         - torch's `_grouped_mm` on the CPU (any dtype, through `grouped_mm_op`) or bf16 CUDA: the
           T * k (token, expert) rows sorted by expert, one grouped GEMM per weight, offsets computed
           on the device (no host sync);
@@ -395,7 +397,14 @@ class RoutedExperts(nn.Module):
                 self.w2_sz,
                 self.int4_group_size,
             )
-        if x.device.type == "cpu" and t * k <= compiled_gemv.gather_rows(x.dtype):
+        if x.device.type == "cpu" and (
+            t * k <= compiled_gemv.gather_rows(x.dtype)
+            or (
+                compiled_gemv.native_moe(x.dtype, t * k, self.num_local)
+                and self.w13.is_contiguous()
+                and self.w2.is_contiguous()
+            )
+        ):
             return compiled_gemv.gathered_experts(x, weights, ids, self.w13, self.w2)
         flat = ids.flatten()  # [T * k] global = local ids
         if _grouped_mm is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):

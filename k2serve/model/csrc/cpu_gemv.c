@@ -38,7 +38,7 @@ static inline uint16_t f2bf(float f) {
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
-int k2_cpu_gemv_abi(void) { return 1; }
+int k2_cpu_gemv_abi(void) { return 2; }
 
 int k2_cpu_gemv_supported(void) {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -197,6 +197,117 @@ TGT int k2_moe_bf16(const uint16_t *x, const int64_t *ids, const float *wts, con
       }
 #pragma omp for schedule(static)
     for (long i = 0; i < (long)T * D; i++) out[i] = f2bf(acc[i]);
+  }
+  return 0;
+}
+
+/* out[t * 4 + j] = sum_i w[j * ld + i] * xs[t][i] for t < M, j < 4: M (<= 4) tokens share each load of
+ * four weight rows. Every (row, token) sum runs in the order `dot4` uses, so each equals dot4's bitwise. */
+TGT static inline __attribute__((always_inline)) void dot4xm(const uint16_t *w, long ld,
+                                                               const uint16_t *const *xs, int M, int n,
+                                                               float *out) {
+  __m512 a[16];
+  for (int j = 0; j < 4 * M; j++) a[j] = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 32) {
+    int left = n - i;
+    for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(w + j * ld + i + AHEAD), _MM_HINT_T0);
+    __m512bh xv[4];
+    for (int t = 0; t < M; t++) xv[t] = load_bh(xs[t] + i, left);
+    for (int j = 0; j < 4; j++) {
+      __m512bh wv = load_bh(w + j * ld + i, left);
+      for (int t = 0; t < M; t++) a[4 * t + j] = _mm512_dpbf16_ps(a[4 * t + j], wv, xv[t]);
+    }
+  }
+  for (int t = 0; t < M; t++) hsum4(a[4 * t], a[4 * t + 1], a[4 * t + 2], a[4 * t + 3], out + 4 * t);
+}
+
+/* dot4xm for any m: chunks of 4, 3, 2, 1 tokens with the count fixed at compile time. */
+TGT static void dot4xn(const uint16_t *w, long ld, const uint16_t *const *xs, int m, int n, float *out) {
+  for (; m >= 4; m -= 4, xs += 4, out += 16) dot4xm(w, ld, xs, 4, n, out);
+  if (m == 3) dot4xm(w, ld, xs, 3, n, out);
+  if (m == 2) dot4xm(w, ld, xs, 2, n, out);
+  if (m == 1) dot4xm(w, ld, xs, 1, n, out);
+}
+
+/* `k2_moe_bf16` with the work grouped by expert: each routed expert's weights are read once for all
+ * the rows routed to it (at batch > 1 tokens share experts), up to four rows per load. The same
+ * outputs bit for bit: every dot product, rounding and sum runs as k2_moe_bf16 runs it. Scratch: act
+ * [T * K, I] bf16, yw [T * K, D] fp32 (each row's weighted expert output), order [T * K] and start
+ * [E + 1] int32, xs [T * K] pointers, used [E] int32. Threads take (expert with rows, 4 features) items
+ * of each phase. Returns 0
+ * or 1 + the first bad (token, slot), as k2_moe_bf16. */
+TGT int k2_moe_bf16_grouped(const uint16_t *x, const int64_t *ids, const float *wts, const uint16_t *w13,
+                            const uint16_t *w2, uint16_t *act, float *yw, int32_t *order, int32_t *start,
+                            const uint16_t **xs, int32_t *used, uint16_t *out, int T, int K, int D, int I,
+                            int E) {
+  int R = T * K, ib = I / 4, db = D / 4, ni = ib + (I % 4 != 0), nd = db + (D % 4 != 0), U = 0;
+  for (int r = 0; r < R; r++)
+    if (ids[r] < 0 || ids[r] >= E) return r + 1;
+  for (int e = 0; e <= E; e++) start[e] = 0;
+  for (int r = 0; r < R; r++) start[ids[r] + 1]++;
+  for (int e = 0; e < E; e++) start[e + 1] += start[e];
+  for (int r = 0; r < R; r++) order[start[ids[r]]++] = r; /* start[e] is now the end of expert e */
+  for (int e = E; e > 0; e--) start[e] = start[e - 1];
+  start[0] = 0;
+  for (int q = 0; q < R; q++) xs[q] = x + (long)(order[q] / K) * D;
+  for (int e = 0; e < E; e++)
+    if (start[e + 1] > start[e]) used[U++] = e; /* the experts with rows: the only ones read */
+  long e13 = (long)2 * I * D, e2 = (long)D * I;
+#pragma omp parallel
+  {
+    float o[16], g[16];
+#pragma omp for schedule(dynamic, 16)
+    for (long item = 0; item < (long)U * ni; item++) {
+      int e = used[item / ni], b = (int)(item % ni), q0 = start[e], m = start[e + 1] - q0;
+      const uint16_t *we = w13 + e * e13;
+      if (b < ib) { /* four gate rows and the four up rows of features 4b .. 4b + 3 */
+        int i = 4 * b;
+        for (int c = 0; c < m; c += 4) {
+          int mc = m - c < 4 ? m - c : 4;
+          dot4xn(we + (long)i * D, D, xs + q0 + c, mc, D, g);
+          dot4xn(we + (long)(I + i) * D, D, xs + q0 + c, mc, D, o);
+          for (int t = 0; t < mc; t++)
+            for (int j = 0; j < 4; j++) act[(long)order[q0 + c + t] * I + i + j] = swiglu(g[4 * t + j], o[4 * t + j]);
+        }
+      } else { /* the features past the last multiple of four */
+        for (int q = q0; q < q0 + m; q++)
+          for (int i = ib * 4; i < I; i++)
+            act[(long)order[q] * I + i] =
+                swiglu(dot1(we + (long)i * D, xs[q], D), dot1(we + (long)(I + i) * D, xs[q], D));
+      }
+    }
+#pragma omp for schedule(dynamic, 16)
+    for (long item = 0; item < (long)U * nd; item++) {
+      int e = used[item / nd], b = (int)(item % nd), q0 = start[e], m = start[e + 1] - q0;
+      const uint16_t *we = w2 + e * e2;
+      const uint16_t *as[4];
+      if (b < db) {
+        for (int c = 0; c < m; c += 4) {
+          int mc = m - c < 4 ? m - c : 4;
+          for (int t = 0; t < mc; t++) as[t] = act + (long)order[q0 + c + t] * I;
+          dot4xn(we + (long)4 * b * I, I, as, mc, I, o);
+          for (int t = 0; t < mc; t++) {
+            int r = order[q0 + c + t];
+            float wr = round_bf(wts[r]);
+            for (int j = 0; j < 4; j++) yw[(long)r * D + 4 * b + j] = round_bf(round_bf(o[4 * t + j]) * wr);
+          }
+        }
+      } else {
+        for (int q = q0; q < q0 + m; q++) {
+          int r = order[q];
+          float wr = round_bf(wts[r]);
+          for (int d = db * 4; d < D; d++)
+            yw[(long)r * D + d] = round_bf(round_bf(dot1(we + (long)d * I, act + (long)r * I, I)) * wr);
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (long i = 0; i < (long)T * D; i++) {
+      long t = i / D, d = i % D;
+      float s = 0.0f;
+      for (int j = 0; j < K; j++) s += yw[(t * K + j) * D + d];
+      out[i] = f2bf(s);
+    }
   }
   return 0;
 }
