@@ -181,6 +181,30 @@ def test_int4_moe_matches_the_dequantised_torch_experts(
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    ("t", "k", "d", "inter", "e", "group", "zero"),
+    [(1, 8, 1024, 256, 16, 32, False), (9, 4, 128, 64, 3, 32, True), (32, 6, 768, 128, 64, 32, False)],
+)
+def test_grouped_int4_moe_is_moe_int4_bit_for_bit(
+    t: int, k: int, d: int, inter: int, e: int, group: int, zero: bool
+) -> None:
+    """INT4 experts grouped by expert (each expert's tiles read once for all its rows, up to four a read)
+    give `moe_int4`'s outputs bit for bit, with experts shared by many tokens and zero points."""
+    if not cpu_kernels.int4_shapes_supported(d, inter, group):
+        pytest.skip("torch packs INT4 in other tiles on this CPU (not AVX512's)")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(t, d, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if k <= e else None
+    ids = torch.randint(0, e, (t, k), generator=g) if ids is None else ids
+    weights = torch.rand(t, k, generator=g)
+    w = int4_experts(e, d, inter, group, zero)
+    want = cpu_kernels.moe_int4(x, weights, ids, *w, group)
+    assert torch.equal(cpu_kernels.moe_int4_grouped(x, weights, ids, *w, group), want)
+    with pytest.raises(ValueError, match=r"expert id -1 at \(token, slot\) \(0, 0\)"):
+        cpu_kernels.moe_int4_grouped(x, weights, torch.full_like(ids, -1), *w, group)
+
+
+@needs_kernels
 def test_int4_experts_take_the_static_path_only_through_the_kernel() -> None:
     """`RoutedExperts.forward_static` runs INT4 experts (bf16, torch's CPU tiles) only with the native
     kernels on; off, it refuses (the captured step never traces a path it cannot run)."""
@@ -213,6 +237,11 @@ def test_ops_pass_torch_library_opcheck() -> None:
     torch.library.opcheck(cpu_kernels.moe_bf16, (x, weights, ids, w13, w2))
     x2, weights2, ids2, _, _ = moe_inputs(3, 8, 64, 32, 16)
     torch.library.opcheck(cpu_kernels.moe_bf16_grouped, (x2, weights2, ids2, w13, w2))
+    if cpu_kernels.int4_shapes_supported(64, 64, 32):
+        x2, weights2, ids2 = x2[:, :64].contiguous(), weights2[:, :4].contiguous(), ids2[:, :4] % 4
+        torch.library.opcheck(
+            cpu_kernels.moe_int4_grouped, (x2, weights2, ids2, *int4_experts(4, 64, 64, 32, False), 32)
+        )
     torch.library.opcheck(cpu_kernels.linear_bf16, (x, w13[0]))
     if cpu_kernels.int4_shapes_supported(64, 64, 32):
         x, weights, ids = x[:, :64].contiguous(), weights[:, :4].contiguous(), ids[:, :4] % 4
@@ -260,13 +289,14 @@ def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPat
         ("tiny_ckpt", 1, ("k2serve.moe_bf16", "k2serve.linear_bf16")),
         ("tiny_ckpt", 2, ("k2serve.moe_bf16_grouped",)),
         ("tiny_int4_ckpt", 1, ("k2serve.moe_int4",)),
+        ("tiny_int4_ckpt", 2, ("k2serve.moe_int4_grouped",)),
     ],
 )
 def test_compiled_bf16_step_calls_the_kernels(
     ckpt: str, batch: int, ops: tuple[str, ...], request: pytest.FixtureRequest
 ) -> None:
     """A bf16 engine with `--compile decode` at batch 1 (dense experts, and INT4 experts in torch's CPU
-    tiles, which only the native kernel captures on CPU) and at batch 2 (the experts grouped):
+    tiles, which only the native kernels capture on CPU) and at batch 2 (the experts grouped):
     Inductor's graph calls the native ops, and every captured step's logits stay within bf16 noise of
     the eager engine's (the first decode step's argmax is the same)."""
     path: Path = request.getfixturevalue(ckpt)

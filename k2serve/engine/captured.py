@@ -100,13 +100,13 @@ def fused_in_capture(experts: RoutedExperts, pool: KVCachePool) -> bool:
 def int4_native_in_capture(experts: RoutedExperts, pool: KVCachePool) -> bool:
     """Whether a layer's INT4 experts run the native CPU kernel inside the captured step
     (`RoutedExperts.int4_native_capturable`, with the small-batch kernels on): then only the batch
-    buckets whose (token, expert) rows fit `compiled_gemv.gather_rows` are captured (`int4_max_rows`)."""
+    buckets whose (token, expert) rows fit `compiled_gemv.native_int4_rows` are captured (`int4_max_rows`)."""
     return pool.kv.device.type == "cpu" and compiled_gemv.DEFAULT_ON and experts.int4_native_capturable()
 
 
 def int4_max_rows(model: K2Model) -> int | None:
-    """The most rows a captured step takes when INT4 experts run the native kernel in it (the bf16
-    gathered-row limit over the model's top-k), else None (no limit)."""
+    """The most rows a captured step takes when INT4 experts run the native kernels in it (their
+    (token, expert) row limit over the model's top-k), else None (no limit)."""
     if not any(
         isinstance(layer.mlp, MoE)
         and layer.mlp.experts.int4_group_size is not None
@@ -114,7 +114,8 @@ def int4_max_rows(model: K2Model) -> int | None:
         for layer in model.layers
     ):
         return None
-    return max(1, compiled_gemv.GATHER_MAX_ROWS[torch.bfloat16] // model.config.num_experts_per_tok)
+    rows = compiled_gemv.NATIVE_INT4_MAX_ROWS_PER_EXPERT * model.config.n_routed_experts
+    return max(1, rows // model.config.num_experts_per_tok)
 
 
 def unsupported_reason(model: K2Model, pool: KVCachePool) -> str | None:

@@ -62,6 +62,13 @@ NATIVE_LINEAR_MAX_ROWS = 1
 # expert), 1.00 at 96, 0.88 at 128; `moe200m` (k=6, D=768, I=128) 5.5 at 1, 4.1 at 8, 2.0 at 64, 1.30
 # at 128 (12 rows an expert).
 NATIVE_MOE_MAX_ROWS_PER_EXPERT = 8
+
+# INT4 experts (torch's CPU tiles) of a captured step run only through the native kernels (Inductor does
+# not trace torch's fused INT4 kernel), so a bucket of more rows runs eager. Up to this many rows an
+# expert (on average) the native kernels are the faster (eager / native grouped time, one MoE layer,
+# 2 threads, medians of 5 alternating pairs: `small` 2.5 at 1 token, 2.3 at 8, 1.9 at 32, 1.6 at 64,
+# 1.36 at 128 (16 rows an expert); `moe200m` 3.2, 3.6, 2.7, 2.2, 1.7).
+NATIVE_INT4_MAX_ROWS_PER_EXPERT = 16
 NATIVE_LINEAR_MAX_WEIGHTS = 4 * 2**20
 
 _on = False  # module globals on purpose: dynamo guards on the values a traced forward read
@@ -102,6 +109,12 @@ def native_moe(dtype: torch.dtype, rows: int, experts: int) -> bool:
     """Whether a traced forward's bf16 routed experts (`experts` of them) on `rows` (token, expert) rows
     run the native expert kernels (`gathered_experts`)."""
     return _native and dtype == torch.bfloat16 and rows <= NATIVE_MOE_MAX_ROWS_PER_EXPERT * experts
+
+
+def native_int4_rows(experts: int) -> int:
+    """The most (token, expert) rows over `experts` INT4 experts a traced forward runs through the native
+    kernels (0: off)."""
+    return NATIVE_INT4_MAX_ROWS_PER_EXPERT * experts if _native else 0
 
 
 def gather_rows(dtype: torch.dtype) -> int:

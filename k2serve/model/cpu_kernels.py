@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("K2SERVE_CPU_KERNELS", "1") != "0"
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.c"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-ABI = 2  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
+ABI = 3  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
 
 
 def cache_dir() -> Path:
@@ -98,6 +98,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.k2_moe_bf16_grouped.restype = i
     lib.k2_moe_int4.argtypes = [p] * 11 + [i] * 6
     lib.k2_moe_int4.restype = i
+    lib.k2_moe_int4_grouped.argtypes = [p] * 15 + [i] * 6
+    lib.k2_moe_int4_grouped.restype = i
     return lib, ""
 
 
@@ -257,8 +259,7 @@ def int4_shapes_supported(hidden: int, inter: int, group: int) -> bool:
     )
 
 
-@torch.library.custom_op("k2serve::moe_int4", mutates_args=())
-def moe_int4(
+def _int4_sizes(
     x: torch.Tensor,
     weights: torch.Tensor,
     ids: torch.Tensor,
@@ -267,10 +268,8 @@ def moe_int4(
     w2: torch.Tensor,
     w2_sz: torch.Tensor,
     group: int,
-) -> torch.Tensor:
-    """`compiled_gemv.gathered_experts_int4_torch` in one call: x [T, D] bf16, routing weights fp32 /
-    ids int64 [T, k], INT4 experts in torch's CPU tiles (`RoutedExperts` "cpu" layout): w13 uint8
-    [E, 2I, D/2] with w13_sz bf16 [E, D/group, 2I, 2], w2 [E, D, I/2] with w2_sz [E, I/group, D, 2]."""
+) -> tuple[int, int, int, int, int]:
+    """The INT4 expert ops' inputs checked: (tokens, k, experts, hidden, intermediate)."""
     _check_routing(x, weights, ids)
     _check("w13", w13, torch.uint8, 3)
     _check("w2", w2, torch.uint8, 3)
@@ -295,12 +294,68 @@ def moe_int4(
         raise ValueError(
             f"INT4 experts of hidden {d}, intermediate {inter}, group {group}: not this kernel's tiles"
         )
+    return t, k, e, d, inter
+
+
+@torch.library.custom_op("k2serve::moe_int4", mutates_args=())
+def moe_int4(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w13_sz: torch.Tensor,
+    w2: torch.Tensor,
+    w2_sz: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    """`compiled_gemv.gathered_experts_int4_torch` in one call: x [T, D] bf16, routing weights fp32 /
+    ids int64 [T, k], INT4 experts in torch's CPU tiles (`RoutedExperts` "cpu" layout): w13 uint8
+    [E, 2I, D/2] with w13_sz bf16 [E, D/group, 2I, 2], w2 [E, D, I/2] with w2_sz [E, I/group, D, 2]."""
+    t, k, e, d, inter = _int4_sizes(x, weights, ids, w13, w13_sz, w2, w2_sz, group)
     xf, acc = torch.empty(t, d), torch.empty(t, d)
     act = torch.empty(t * k, inter)
     out = torch.empty_like(x)
     tensors = (x, ids, weights, w13, w13_sz, w2, w2_sz, xf, act, acc, out)
     _refuse_bad_id(_lib().k2_moe_int4(*map(_ptr, tensors), t, k, d, inter, e, group), ids, e)
     return out
+
+
+@torch.library.custom_op("k2serve::moe_int4_grouped", mutates_args=())
+def moe_int4_grouped(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w13_sz: torch.Tensor,
+    w2: torch.Tensor,
+    w2_sz: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    """`moe_int4`'s result bit for bit, with the work grouped by expert: each routed expert's tiles are
+    read and unpacked once for all the rows routed to it, up to four rows per read."""
+    t, k, e, d, inter = _int4_sizes(x, weights, ids, w13, w13_sz, w2, w2_sz, group)
+    rows = t * k
+    xf, act, yw = torch.empty(t, d), torch.empty(rows, inter), torch.empty(rows, d)
+    order, start = torch.empty(rows, dtype=torch.int32), torch.empty(e + 1, dtype=torch.int32)
+    xs, used = torch.empty(rows, dtype=torch.int64), torch.empty(e, dtype=torch.int32)
+    out = torch.empty_like(x)
+    tensors = (x, ids, weights, w13, w13_sz, w2, w2_sz, xf, act, yw, order, start, xs, used, out)
+    _refuse_bad_id(_lib().k2_moe_int4_grouped(*map(_ptr, tensors), t, k, d, inter, e, group), ids, e)
+    return out
+
+
+@moe_int4_grouped.register_fake
+def _moe_int4_grouped_shape(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w13_sz: torch.Tensor,
+    w2: torch.Tensor,
+    w2_sz: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 @moe_int4.register_fake

@@ -360,13 +360,14 @@ class RoutedExperts(nn.Module):
         return (
             compiled_gemv.native_on()
             and x.dtype == torch.bfloat16
-            and rows <= compiled_gemv.gather_rows(x.dtype)
+            and rows <= compiled_gemv.native_int4_rows(self.num_local)
             and self.int4_native_capturable()
         )
 
     def forward_static(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """`forward` with every shape fixed by x's (the captured decode step, engine/captured.py): all
-        the experts held here; INT4 ones only through `cpu_kernels.moe_int4` (`int4_native_applies`),
+        the experts held here; INT4 ones only through `cpu_kernels.moe_int4` or, from two tokens on,
+        `moe_int4_grouped` (`int4_native_applies`),
         dense ones any of these ways, fixed by the shapes too:
         - on the CPU, at most `compiled_gemv.gather_rows(dtype)` (token, expert) rows, when the captured
           step turned it on: per-row GEMVs as reductions over the weights indexed by the ids
@@ -387,9 +388,10 @@ class RoutedExperts(nn.Module):
             if not self.int4_native_applies(x, t * k):
                 raise ValueError(
                     "forward_static takes INT4 experts only through the native CPU kernel (bf16, torch's "
-                    "CPU tiles, at most compiled_gemv.gather_rows rows, kernels on)"
+                    "CPU tiles, at most compiled_gemv.native_int4_rows rows, kernels on)"
                 )
-            return cpu_kernels.moe_int4(
+            kernel = cpu_kernels.moe_int4_grouped if t > 1 else cpu_kernels.moe_int4
+            return kernel(
                 *cpu_kernels.routing_args(x, weights, ids),
                 self.w13_i4,
                 self.w13_sz,

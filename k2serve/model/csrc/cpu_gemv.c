@@ -38,7 +38,7 @@ static inline uint16_t f2bf(float f) {
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
-int k2_cpu_gemv_abi(void) { return 2; }
+int k2_cpu_gemv_abi(void) { return 3; }
 
 int k2_cpu_gemv_supported(void) {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -403,6 +403,125 @@ TGT int k2_moe_int4(const uint16_t *x, const int64_t *ids, const float *wts, con
     }
 #pragma omp for schedule(static)
     for (long i = 0; i < (long)T * D; i++) out[i] = f2bf(acc[i]);
+  }
+  return 0;
+}
+
+/* `tile64` for M (<= 4) tokens at once: each byte of the tile is read and unpacked once for all M,
+ * and every token's sums run in tile64's order (so each result equals tile64's bitwise). acc: M
+ * blocks of 64 floats in memory (rows as tile64's four vectors), added to. */
+TGT static inline __attribute__((always_inline)) void tile64xm(const uint8_t *tile, const uint16_t *sz, long N,
+                                                                 long n0, const float *const *xs, int M, int K,
+                                                                 int group, float *acc) {
+  const __m512i m4 = _mm512_set1_epi32(15), hi16 = _mm512_set1_epi32((int)0xffff0000u);
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  for (int g0 = 0; g0 < K; g0 += group) {
+    __m512 p[4][4];
+    float xs_sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t = 0; t < M; t++)
+      for (int q = 0; q < 4; q++) p[t][q] = _mm512_setzero_ps();
+    for (int k = g0; k < g0 + group; k++) {
+      const uint8_t *b = tile + (long)k * 32;
+      _mm_prefetch((const char *)(b + 2 * AHEAD), _MM_HINT_T0);
+      __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+      __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 16)));
+      __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(v0, m4)), w1 = _mm512_cvtepi32_ps(_mm512_and_si512(v1, m4));
+      __m512 w2 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)), w3 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4));
+      for (int t = 0; t < M; t++) {
+        __m512 xv = _mm512_set1_ps(xs[t][k]);
+        xs_sum[t] += xs[t][k];
+        p[t][0] = _mm512_fmadd_ps(w0, xv, p[t][0]);
+        p[t][1] = _mm512_fmadd_ps(w1, xv, p[t][1]);
+        p[t][2] = _mm512_fmadd_ps(w2, xv, p[t][2]);
+        p[t][3] = _mm512_fmadd_ps(w3, xv, p[t][3]);
+      }
+    }
+    const uint16_t *s = sz + ((long)(g0 / group) * N + n0) * 2;
+    for (int q = 0; q < 4; q++) {
+      __m512i v = _mm512_loadu_si512(s + 32 * q);
+      __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      __m512 ze8 = _mm512_fnmadd_ps(eight, sc, _mm512_castsi512_ps(_mm512_and_si512(v, hi16)));
+      for (int t = 0; t < M; t++) {
+        __m512 a = _mm512_loadu_ps(acc + 64 * t + 16 * q);
+        a = _mm512_fmadd_ps(sc, p[t][q], a);
+        a = _mm512_fmadd_ps(ze8, _mm512_set1_ps(xs_sum[t]), a);
+        _mm512_storeu_ps(acc + 64 * t + 16 * q, a);
+      }
+    }
+  }
+}
+
+TGT static void tile64xn(const uint8_t *tile, const uint16_t *sz, long N, long n0, const float *const *xs, int m,
+                         int K, int group, float *acc) {
+  for (int t = 0; t < 64 * m; t++) acc[t] = 0.0f;
+  if (m == 4) tile64xm(tile, sz, N, n0, xs, 4, K, group, acc);
+  if (m == 3) tile64xm(tile, sz, N, n0, xs, 3, K, group, acc);
+  if (m == 2) tile64xm(tile, sz, N, n0, xs, 2, K, group, acc);
+  if (m == 1) tile64xm(tile, sz, N, n0, xs, 1, K, group, acc);
+}
+
+/* `k2_moe_int4` with the work grouped by expert, as k2_moe_bf16_grouped is for bf16: each routed
+ * expert's tiles are read once for all its rows (up to four rows per read), the same outputs bit for
+ * bit. Scratch: xf [T, D] fp32, act [T * K, I] fp32, yw [T * K, D] fp32, order [T * K] and start
+ * [E + 1] int32, xs [T * K] pointers, used [E] int32. Returns 0 or 1 + the first bad (token, slot). */
+TGT int k2_moe_int4_grouped(const uint16_t *x, const int64_t *ids, const float *wts, const uint8_t *w13,
+                            const uint16_t *w13_sz, const uint8_t *w2, const uint16_t *w2_sz, float *xf,
+                            float *act, float *yw, int32_t *order, int32_t *start, const float **xs,
+                            int32_t *used, uint16_t *out, int T, int K, int D, int I, int E, int group) {
+  int R = T * K, ib = I / 64, db = D / 64, U = 0;
+  long e13 = (long)I * D, e2 = (long)D * I / 2;
+  long s13 = (long)(D / group) * 2 * I * 2, s2 = (long)(I / group) * D * 2;
+  for (int r = 0; r < R; r++)
+    if (ids[r] < 0 || ids[r] >= E) return r + 1;
+  for (long i = 0; i < (long)T * D; i++) xf[i] = bf2f(x[i]);
+  for (int e = 0; e <= E; e++) start[e] = 0;
+  for (int r = 0; r < R; r++) start[ids[r] + 1]++;
+  for (int e = 0; e < E; e++) start[e + 1] += start[e];
+  for (int r = 0; r < R; r++) order[start[ids[r]]++] = r;
+  for (int e = E; e > 0; e--) start[e] = start[e - 1];
+  start[0] = 0;
+  for (int q = 0; q < R; q++) xs[q] = xf + (long)(order[q] / K) * D;
+  for (int e = 0; e < E; e++)
+    if (start[e + 1] > start[e]) used[U++] = e;
+#pragma omp parallel
+  {
+    float g[256], u[256];
+    const float *as[4];
+#pragma omp for schedule(dynamic, 4)
+    for (long item = 0; item < (long)U * ib; item++) {
+      int e = used[item / ib], b = (int)(item % ib), q0 = start[e], m = start[e + 1] - q0;
+      const uint8_t *we = w13 + (long)e * e13;
+      const uint16_t *se = w13_sz + (long)e * s13;
+      for (int c = 0; c < m; c += 4) {
+        int mc = m - c < 4 ? m - c : 4;
+        tile64xn(we + (long)b * D * 32, se, 2L * I, 64L * b, xs + q0 + c, mc, D, group, g);
+        tile64xn(we + (long)(ib + b) * D * 32, se, 2L * I, (long)I + 64L * b, xs + q0 + c, mc, D, group, u);
+        for (int t = 0; t < mc; t++)
+          for (int j = 0; j < 64; j++)
+            act[(long)order[q0 + c + t] * I + 64L * b + j] = bf2f(swiglu(g[64 * t + j], u[64 * t + j]));
+      }
+    }
+#pragma omp for schedule(dynamic, 4)
+    for (long item = 0; item < (long)U * db; item++) {
+      int e = used[item / db], b = (int)(item % db), q0 = start[e], m = start[e + 1] - q0;
+      for (int c = 0; c < m; c += 4) {
+        int mc = m - c < 4 ? m - c : 4;
+        for (int t = 0; t < mc; t++) as[t] = act + (long)order[q0 + c + t] * I;
+        tile64xn(w2 + (long)e * e2 + (long)b * I * 32, w2_sz + (long)e * s2, D, 64L * b, as, mc, I, group, g);
+        for (int t = 0; t < mc; t++) {
+          int r = order[q0 + c + t];
+          float wr = round_bf(wts[r]);
+          for (int j = 0; j < 64; j++) yw[(long)r * D + 64L * b + j] = round_bf(round_bf(g[64 * t + j]) * wr);
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (long i = 0; i < (long)T * D; i++) {
+      long t = i / D, d = i % D;
+      float s = 0.0f;
+      for (int j = 0; j < K; j++) s += yw[(t * K + j) * D + d];
+      out[i] = f2bf(s);
+    }
   }
   return 0;
 }
