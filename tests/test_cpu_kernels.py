@@ -205,6 +205,62 @@ def test_grouped_int4_moe_is_moe_int4_bit_for_bit(
 
 
 @needs_kernels
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_eager_bf16_experts_run_the_native_kernels_in_any_local_order(tokens: int) -> None:
+    """Eager bf16 routed experts on the CPU (`RoutedExperts.forward`) with every expert held run the
+    native kernels: the result is `moe_bf16`'s bit for bit, also when the experts are held in another
+    local order (EPLB's permutation: ids go through `global_to_local`); an expert-parallel rank's
+    subset, fp32 and autograd keep the torch paths (`forward_native` None)."""
+    from k2serve.config import ModelConfig
+    from k2serve.model.moe import RoutedExperts
+    from k2serve.model.presets import PRESETS
+
+    config = ModelConfig.from_dict(dict(PRESETS["tiny"]))
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    x, weights, ids, w13, w2 = moe_inputs(tokens, k, config.hidden_size, config.moe_intermediate_size, e)
+    plain = RoutedExperts(config, dtype=torch.bfloat16)
+    order = torch.randperm(e, generator=torch.Generator().manual_seed(5)).tolist()
+    permuted = RoutedExperts(config, expert_ids=order, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plain.w13.copy_(w13)
+        plain.w2.copy_(w2)
+        permuted.w13.copy_(w13[order])
+        permuted.w2.copy_(w2[order])
+    want = cpu_kernels.moe_bf16(x, weights, ids, w13, w2)
+    with torch.inference_mode():
+        assert torch.equal(plain(x, weights, ids), want)
+        assert torch.equal(permuted(x, weights, ids), want)
+        subset = RoutedExperts(config, expert_ids=order[: e // 2], dtype=torch.bfloat16)
+        assert subset.forward_native(x, weights, ids) is None
+        assert RoutedExperts(config).forward_native(x.float(), weights, ids) is None
+
+
+@needs_kernels
+def test_eager_int4_experts_run_the_native_kernels() -> None:
+    """Eager INT4 experts in torch's CPU tiles (bf16) run `moe_int4` (one token) and
+    `moe_int4_grouped` (more) in one call a layer, where they ran torch's fused kernel per expert."""
+    from k2serve.config import ModelConfig
+    from k2serve.model.moe import MoE
+    from k2serve.model.presets import PRESETS
+
+    config = ModelConfig.from_dict(dict(PRESETS["tiny"]))
+    moe = MoE(config, int4_group_size=32, dtype=torch.bfloat16, int4_layout="cpu")
+    w = int4_experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, 32, False)
+    for name, value in zip(("w13_i4", "w13_sz", "w2_i4", "w2_sz"), w, strict=True):
+        getattr(moe.experts, name).copy_(value)
+    if not moe.experts.int4_native_capturable():
+        pytest.skip("torch packs INT4 in other tiles on this CPU (not AVX512's)")
+    g = torch.Generator().manual_seed(6)
+    for tokens in (1, 7):
+        x = torch.randn(tokens, config.hidden_size, generator=g).bfloat16()
+        weights = torch.rand(tokens, 6, generator=g)
+        ids = torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(tokens)])
+        with torch.inference_mode():
+            got = moe.experts(x, weights, ids)
+        assert torch.equal(got, cpu_kernels.moe_int4(x, weights, ids, *w, 32))
+
+
+@needs_kernels
 def test_int4_experts_take_the_static_path_only_through_the_kernel() -> None:
     """`RoutedExperts.forward_static` runs INT4 experts (bf16, torch's CPU tiles) only with the native
     kernels on; off, it refuses (the captured step never traces a path it cannot run)."""

@@ -319,14 +319,19 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, D], routing weights/ids [T, k] (global ids; ids this process does not hold are skipped).
         Under torch.compile or a CUDA graph capture: `forward_static` (no host sync, static shapes), but
-        a CUDA graph records the fused Triton kernels as they are (INT4 too). Else under moe_backend "triton" the gather of rows per expert and the weighted sum back run inside
-        the kernels (`fused_moe`), without a host sync; otherwise in torch around `run_sorted`."""
+        a CUDA graph records the fused Triton kernels as they are (INT4 too). Else under moe_backend
+        "triton" the gather of rows per expert and the weighted sum back run inside the kernels
+        (`fused_moe`), without a host sync; in bf16 on the CPU the native kernels where they apply
+        (`forward_native`); otherwise in torch around `run_sorted`."""
         if _capturing(x) and not (self.moe_backend == "triton" and x.is_cuda):
             return self.forward_static(x, weights, ids)
         if self.moe_backend == "triton":
             w13, w2 = self.triton_weights()
             local = self.global_to_local[ids]
             return fused_moe(x, weights, local, w13, w2, self.inter, skipped=self.num_local < self.n_global)
+        native = self.forward_native(x, weights, ids)
+        if native is not None:
+            return native
         k = ids.shape[1]
         local = self.global_to_local[ids.flatten()]  # [T*k]
         held = (local >= 0).nonzero().squeeze(1)
@@ -338,6 +343,48 @@ class RoutedExperts(nn.Module):
         y = self.run_sorted(x[tokens], counts)  # [N, D]
         y = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, y)
+
+    def forward_native(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Eager `forward` through the native CPU kernels (model/cpu_kernels.py) where they apply: bf16
+        on the CPU without autograd, every routed expert held here once, the kernels available, and at most
+        `compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT` (dense) or `NATIVE_INT4_MAX_ROWS_PER_EXPERT`
+        (INT4 in torch's CPU tiles) rows an expert; one call per layer, the outputs the captured step's
+        kernels give. None where they do not apply (the torch paths then)."""
+        if (
+            x.dtype != torch.bfloat16
+            or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or len(set(self.expert_ids)) != self.n_global  # an EP rank's subset (or duplicates)
+        ):
+            return None
+        t, k = ids.shape
+        if self.int4_group_size is None:
+            if (
+                t * k > compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT * self.num_local
+                or self.w13.dtype != torch.bfloat16
+                or not (self.w13.is_contiguous() and self.w2.is_contiguous())
+                or not cpu_kernels.available()
+            ):
+                return None
+            kernel = cpu_kernels.moe_bf16_grouped if t > 1 else cpu_kernels.moe_bf16
+            local = self.global_to_local[ids]  # EPLB may hold the experts in another order
+            return kernel(*cpu_kernels.routing_args(x, weights, local), self.w13, self.w2)
+        if (
+            t * k > compiled_gemv.NATIVE_INT4_MAX_ROWS_PER_EXPERT * self.num_local
+            or not self.int4_native_capturable()
+        ):
+            return None
+        int4 = cpu_kernels.moe_int4_grouped if t > 1 else cpu_kernels.moe_int4
+        return int4(
+            *cpu_kernels.routing_args(x, weights, self.global_to_local[ids]),
+            self.w13_i4,
+            self.w13_sz,
+            self.w2_i4,
+            self.w2_sz,
+            self.int4_group_size,
+        )
 
     def int4_native_capturable(self) -> bool:
         """Whether a captured CPU step can run these INT4 experts: bf16, torch's CPU tiles ("cpu"
