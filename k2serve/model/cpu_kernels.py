@@ -123,15 +123,16 @@ def _lib() -> ctypes.CDLL:
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int) -> None:
-    if t.dtype != dtype or t.dim() != dims or t.device.type != "cpu" or not t.is_contiguous():
+    if t.dtype != dtype or t.dim() != dims or not t.is_cpu or not t.is_contiguous():
         raise ValueError(
             f"{name} must be a contiguous {dims}-d {dtype} CPU tensor, got {tuple(t.shape)} {t.dtype} "
             f"on {t.device}{'' if t.is_contiguous() else ', not contiguous'}"
         )
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def _ptr(t: torch.Tensor) -> int:
+    """The tensor's data address, as the library's pointer arguments take it (ctypes converts an int)."""
+    return t.data_ptr()
 
 
 def routing_args(
