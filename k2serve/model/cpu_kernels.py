@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("K2SERVE_CPU_KERNELS", "1") != "0"
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.c"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-ABI = 3  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
+ABI = 4  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
 
 
 def cache_dir() -> Path:
@@ -196,12 +196,10 @@ def _linear_bf16_shape(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-@_native_op("moe_bf16(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w2) -> Tensor")
-def moe_bf16(
+def _bf16_sizes(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-) -> torch.Tensor:
-    """`compiled_gemv.gathered_experts` in one call: x [T, D] bf16, routing weights fp32 / ids int64
-    [T, k], w13 [E, 2I, D] and w2 [E, D, I] bf16 -> [T, D]."""
+) -> tuple[int, int, int, int, int]:
+    """The bf16 expert ops' inputs checked: (tokens, k, experts, hidden, intermediate)."""
     _check_routing(x, weights, ids)
     _check("w13", w13, torch.bfloat16, 3)
     _check("w2", w2, torch.bfloat16, 3)
@@ -212,6 +210,16 @@ def moe_bf16(
             f"shapes do not fit: x {tuple(x.shape)}, weights {tuple(weights.shape)}, ids {(t, k)}, "
             f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
         )
+    return t, k, e, d, inter
+
+
+@_native_op("moe_bf16(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w2) -> Tensor")
+def moe_bf16(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """`compiled_gemv.gathered_experts` in one call: x [T, D] bf16, routing weights fp32 / ids int64
+    [T, k], w13 [E, 2I, D] and w2 [E, D, I] bf16 -> [T, D]."""
+    t, k, e, d, inter = _bf16_sizes(x, weights, ids, w13, w2)
     act = x.new_empty(t * k, inter)
     acc = torch.empty(t, d, dtype=torch.float32)
     out = torch.empty_like(x)
@@ -234,16 +242,7 @@ def moe_bf16_grouped(
     """`moe_bf16`'s result bit for bit, with the work grouped by expert: each routed expert's weights
     are read once for all the (token, slot) rows routed to it, up to four rows per load, where
     `moe_bf16` reads them once per row. For batches whose tokens share experts."""
-    _check_routing(x, weights, ids)
-    _check("w13", w13, torch.bfloat16, 3)
-    _check("w2", w2, torch.bfloat16, 3)
-    t, k = ids.shape
-    e, d, inter = w2.shape
-    if x.shape != (t, d) or weights.shape != (t, k) or w13.shape != (e, 2 * inter, d):
-        raise ValueError(
-            f"shapes do not fit: x {tuple(x.shape)}, weights {tuple(weights.shape)}, ids {(t, k)}, "
-            f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
-        )
+    t, k, e, d, inter = _bf16_sizes(x, weights, ids, w13, w2)
     rows = t * k
     act = x.new_empty(rows, inter)
     yw = torch.empty(rows, d, dtype=torch.float32)

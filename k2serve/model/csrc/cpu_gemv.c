@@ -38,7 +38,7 @@ static inline uint16_t f2bf(float f) {
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
-int k2_cpu_gemv_abi(void) { return 3; }
+int k2_cpu_gemv_abi(void) { return 4; }
 
 int k2_cpu_gemv_supported(void) {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -201,6 +201,33 @@ TGT int k2_moe_bf16(const uint16_t *x, const int64_t *ids, const float *wts, con
   return 0;
 }
 
+/* The rows r < R sorted by expert (counting sort, stable): order[start[e] .. start[e + 1]) are expert e's
+ * rows; used[0 .. U) the experts with rows, in order. Returns U. ids must be in [0, E). */
+static int group_rows(const int64_t *ids, int R, int E, int32_t *order, int32_t *start, int32_t *used) {
+  int U = 0;
+  for (int e = 0; e <= E; e++) start[e] = 0;
+  for (int r = 0; r < R; r++) start[ids[r] + 1]++;
+  for (int e = 0; e < E; e++) start[e + 1] += start[e];
+  for (int r = 0; r < R; r++) order[start[ids[r]]++] = r; /* start[e] is now the end of expert e */
+  for (int e = E; e > 0; e--) start[e] = start[e - 1];
+  start[0] = 0;
+  for (int e = 0; e < E; e++)
+    if (start[e + 1] > start[e]) used[U++] = e; /* the experts with rows: the only ones read */
+  return U;
+}
+
+/* out[t] = bf16(sum over j < K of yw[t * K + j]), summed in j order from 0 as the per-row kernels sum;
+ * a work-shared loop of the enclosing parallel region. */
+static inline void sum_rows(const float *yw, uint16_t *out, int T, int K, int D) {
+#pragma omp for schedule(static)
+  for (long i = 0; i < (long)T * D; i++) {
+    long t = i / D, d = i % D;
+    float s = 0.0f;
+    for (int j = 0; j < K; j++) s += yw[(t * K + j) * D + d];
+    out[i] = f2bf(s);
+  }
+}
+
 /* out[t * 4 + j] = sum_i w[j * ld + i] * xs[t][i] for t < M, j < 4: M (<= 4) tokens share each load of
  * four weight rows. Every (row, token) sum runs in the order `dot4` uses, so each equals dot4's bitwise. */
 TGT static inline __attribute__((always_inline)) void dot4xm(const uint16_t *w, long ld,
@@ -234,24 +261,16 @@ TGT static void dot4xn(const uint16_t *w, long ld, const uint16_t *const *xs, in
  * outputs bit for bit: every dot product, rounding and sum runs as k2_moe_bf16 runs it. Scratch: act
  * [T * K, I] bf16, yw [T * K, D] fp32 (each row's weighted expert output), order [T * K] and start
  * [E + 1] int32, xs [T * K] pointers, used [E] int32. Threads take (expert with rows, 4 features) items
- * of each phase. Returns 0
- * or 1 + the first bad (token, slot), as k2_moe_bf16. */
+ * of each phase. Returns 0 or 1 + the first bad (token, slot), as k2_moe_bf16. */
 TGT int k2_moe_bf16_grouped(const uint16_t *x, const int64_t *ids, const float *wts, const uint16_t *w13,
                             const uint16_t *w2, uint16_t *act, float *yw, int32_t *order, int32_t *start,
                             const uint16_t **xs, int32_t *used, uint16_t *out, int T, int K, int D, int I,
                             int E) {
-  int R = T * K, ib = I / 4, db = D / 4, ni = ib + (I % 4 != 0), nd = db + (D % 4 != 0), U = 0;
+  int R = T * K, ib = I / 4, db = D / 4, ni = ib + (I % 4 != 0), nd = db + (D % 4 != 0);
   for (int r = 0; r < R; r++)
     if (ids[r] < 0 || ids[r] >= E) return r + 1;
-  for (int e = 0; e <= E; e++) start[e] = 0;
-  for (int r = 0; r < R; r++) start[ids[r] + 1]++;
-  for (int e = 0; e < E; e++) start[e + 1] += start[e];
-  for (int r = 0; r < R; r++) order[start[ids[r]]++] = r; /* start[e] is now the end of expert e */
-  for (int e = E; e > 0; e--) start[e] = start[e - 1];
-  start[0] = 0;
+  int U = group_rows(ids, R, E, order, start, used);
   for (int q = 0; q < R; q++) xs[q] = x + (long)(order[q] / K) * D;
-  for (int e = 0; e < E; e++)
-    if (start[e + 1] > start[e]) used[U++] = e; /* the experts with rows: the only ones read */
   long e13 = (long)2 * I * D, e2 = (long)D * I;
 #pragma omp parallel
   {
@@ -301,13 +320,7 @@ TGT int k2_moe_bf16_grouped(const uint16_t *x, const int64_t *ids, const float *
         }
       }
     }
-#pragma omp for schedule(static)
-    for (long i = 0; i < (long)T * D; i++) {
-      long t = i / D, d = i % D;
-      float s = 0.0f;
-      for (int j = 0; j < K; j++) s += yw[(t * K + j) * D + d];
-      out[i] = f2bf(s);
-    }
+    sum_rows(yw, out, T, K, D);
   }
   return 0;
 }
@@ -468,21 +481,14 @@ TGT int k2_moe_int4_grouped(const uint16_t *x, const int64_t *ids, const float *
                             const uint16_t *w13_sz, const uint8_t *w2, const uint16_t *w2_sz, float *xf,
                             float *act, float *yw, int32_t *order, int32_t *start, const float **xs,
                             int32_t *used, uint16_t *out, int T, int K, int D, int I, int E, int group) {
-  int R = T * K, ib = I / 64, db = D / 64, U = 0;
+  int R = T * K, ib = I / 64, db = D / 64;
   long e13 = (long)I * D, e2 = (long)D * I / 2;
   long s13 = (long)(D / group) * 2 * I * 2, s2 = (long)(I / group) * D * 2;
   for (int r = 0; r < R; r++)
     if (ids[r] < 0 || ids[r] >= E) return r + 1;
   for (long i = 0; i < (long)T * D; i++) xf[i] = bf2f(x[i]);
-  for (int e = 0; e <= E; e++) start[e] = 0;
-  for (int r = 0; r < R; r++) start[ids[r] + 1]++;
-  for (int e = 0; e < E; e++) start[e + 1] += start[e];
-  for (int r = 0; r < R; r++) order[start[ids[r]]++] = r;
-  for (int e = E; e > 0; e--) start[e] = start[e - 1];
-  start[0] = 0;
+  int U = group_rows(ids, R, E, order, start, used);
   for (int q = 0; q < R; q++) xs[q] = xf + (long)(order[q] / K) * D;
-  for (int e = 0; e < E; e++)
-    if (start[e + 1] > start[e]) used[U++] = e;
 #pragma omp parallel
   {
     float g[256], u[256];
@@ -515,13 +521,7 @@ TGT int k2_moe_int4_grouped(const uint16_t *x, const int64_t *ids, const float *
         }
       }
     }
-#pragma omp for schedule(static)
-    for (long i = 0; i < (long)T * D; i++) {
-      long t = i / D, d = i % D;
-      float s = 0.0f;
-      for (int j = 0; j < K; j++) s += yw[(t * K + j) * D + d];
-      out[i] = f2bf(s);
-    }
+    sum_rows(yw, out, T, K, D);
   }
   return 0;
 }
