@@ -163,6 +163,11 @@ def _refuse_bad_id(bad: int, ids: torch.Tensor, experts: int) -> None:
 # a call costs ~3 us of dispatch instead of ~9 (a captured `small` step makes 64 of them).
 _LIB = torch.library.Library("k2serve", "FRAGMENT")
 
+_BF16_ARGS = "(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w2) -> Tensor"
+_INT4_ARGS = (
+    "(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w13_sz, Tensor w2, Tensor w2_sz, int group)"
+    " -> Tensor"
+)
 _OpImpl = TypeVar("_OpImpl", bound=Callable[..., torch.Tensor])
 
 
@@ -213,7 +218,7 @@ def _bf16_sizes(
     return t, k, e, d, inter
 
 
-@_native_op("moe_bf16(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w2) -> Tensor")
+@_native_op("moe_bf16" + _BF16_ARGS)
 def moe_bf16(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
@@ -228,14 +233,7 @@ def moe_bf16(
     return out
 
 
-@torch.library.register_fake("k2serve::moe_bf16", lib=_LIB)
-def _moe_bf16_shape(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@_native_op("moe_bf16_grouped(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w2) -> Tensor")
+@_native_op("moe_bf16_grouped" + _BF16_ARGS)
 def moe_bf16_grouped(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
@@ -254,13 +252,6 @@ def moe_bf16_grouped(
     tensors = (x, ids, weights, w13, w2, act, yw, order, start, xs, used, out)
     _refuse_bad_id(_lib().k2_moe_bf16_grouped(*map(_ptr, tensors), t, k, d, inter, e), ids, e)
     return out
-
-
-@torch.library.register_fake("k2serve::moe_bf16_grouped", lib=_LIB)
-def _moe_bf16_grouped_shape(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 def int4_tiles_supported(out_f: int, in_f: int) -> bool:
@@ -320,9 +311,7 @@ def _int4_sizes(
     return t, k, e, d, inter
 
 
-@_native_op(
-    "moe_int4(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w13_sz, Tensor w2, Tensor w2_sz, int group) -> Tensor"
-)
+@_native_op("moe_int4" + _INT4_ARGS)
 def moe_int4(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -345,9 +334,7 @@ def moe_int4(
     return out
 
 
-@_native_op(
-    "moe_int4_grouped(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w13_sz, Tensor w2, Tensor w2_sz, int group) -> Tensor"
-)
+@_native_op("moe_int4_grouped" + _INT4_ARGS)
 def moe_int4_grouped(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -371,29 +358,10 @@ def moe_int4_grouped(
     return out
 
 
-@torch.library.register_fake("k2serve::moe_int4_grouped", lib=_LIB)
-def _moe_int4_grouped_shape(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    w13: torch.Tensor,
-    w13_sz: torch.Tensor,
-    w2: torch.Tensor,
-    w2_sz: torch.Tensor,
-    group: int,
-) -> torch.Tensor:
+def _shaped_as_x(x: torch.Tensor, *rest: object) -> torch.Tensor:
+    """The routed-expert ops' fake (shape) kernel: the output is shaped as the input rows x."""
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("k2serve::moe_int4", lib=_LIB)
-def _moe_int4_shape(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    w13: torch.Tensor,
-    w13_sz: torch.Tensor,
-    w2: torch.Tensor,
-    w2_sz: torch.Tensor,
-    group: int,
-) -> torch.Tensor:
-    return torch.empty_like(x)
+for _name in ("moe_bf16", "moe_bf16_grouped", "moe_int4", "moe_int4_grouped"):
+    torch.library.register_fake(f"k2serve::{_name}", _shaped_as_x, lib=_LIB)
