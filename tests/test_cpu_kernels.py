@@ -232,6 +232,8 @@ def test_eager_bf16_experts_run_the_native_kernels_in_any_local_order(tokens: in
         assert torch.equal(permuted(x, weights, ids), want)
         subset = RoutedExperts(config, expert_ids=order[: e // 2], dtype=torch.bfloat16)
         assert subset.forward_native(x, weights, ids) is None
+        permuted.expert_ids = order[: e // 2]  # as a reshard installs a subset: the flag follows
+        assert not permuted.holds_every_expert and permuted.forward_native(x, weights, ids) is None
         assert RoutedExperts(config).forward_native(x.float(), weights, ids) is None
 
 

@@ -149,8 +149,7 @@ def gathered_experts(
     weights, computed by `cpu_kernels.moe_bf16` in one call (the same roundings, summed in another
     order; from two tokens on by `moe_bf16_grouped`, the same outputs bit for bit)."""
     if _native and x.dtype == torch.bfloat16 and w13.is_contiguous() and w2.is_contiguous():
-        kernel = cpu_kernels.moe_bf16_grouped if ids.shape[0] > 1 else cpu_kernels.moe_bf16
-        return kernel(*cpu_kernels.routing_args(x, weights, ids), w13, w2)
+        return cpu_kernels.routed_bf16(x, weights, ids, w13, w2)
     return gathered_experts_torch(x, weights, ids, w13, w2)
 
 

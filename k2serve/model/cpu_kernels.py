@@ -365,3 +365,29 @@ def _shaped_as_x(x: torch.Tensor, *rest: object) -> torch.Tensor:
 
 for _name in ("moe_bf16", "moe_bf16_grouped", "moe_int4", "moe_int4_grouped"):
     torch.library.register_fake(f"k2serve::{_name}", _shaped_as_x, lib=_LIB)
+
+
+def routed_bf16(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """A layer's bf16 routed experts through the native kernels: `moe_bf16` for one token,
+    `moe_bf16_grouped` (the same outputs, each expert read once for all its rows) from two on; the
+    routing arguments converted by `routing_args`."""
+    kernel = moe_bf16_grouped if ids.shape[0] > 1 else moe_bf16
+    return kernel(*routing_args(x, weights, ids), w13, w2)
+
+
+def routed_int4(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w13_sz: torch.Tensor,
+    w2: torch.Tensor,
+    w2_sz: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    """`routed_bf16` for INT4 experts in torch's CPU tiles: `moe_int4` for one token, `moe_int4_grouped`
+    from two on."""
+    kernel = moe_int4_grouped if ids.shape[0] > 1 else moe_int4
+    return kernel(*routing_args(x, weights, ids), w13, w13_sz, w2, w2_sz, group)

@@ -136,7 +136,7 @@ class RoutedExperts(nn.Module):
         self.int4_layout = int4_layout
         self.n_global = config.n_routed_experts
         ids = list(range(self.n_global)) if expert_ids is None else list(expert_ids)
-        self.expert_ids = ids
+        self.expert_ids = ids  # sets holds_every_expert too
         e, d, i = len(ids), config.hidden_size, config.moe_intermediate_size
         self.hidden, self.inter = d, i
         self.int4_group_size = int4_group_size
@@ -161,6 +161,18 @@ class RoutedExperts(nn.Module):
         self.compute_dtype = dtype
         self._int4_capturable: bool | None = None  # int4_native_capturable(), once asked
         self.moe_backend = "torch"  # "triton": `forward` and `run_sorted` go through the Triton kernels
+
+    @property
+    def expert_ids(self) -> list[int]:
+        """The global ids of the experts held here, in local order."""
+        return self._expert_ids
+
+    @expert_ids.setter
+    def expert_ids(self, ids: Sequence[int]) -> None:
+        # set at construction and by a reshard (experts/reshard.py `install`): `holds_every_expert`
+        # follows, so the eager step reads a flag instead of building a set every layer
+        self._expert_ids = list(ids)
+        self.holds_every_expert = len(set(self._expert_ids)) == self.n_global
 
     def set_moe_backend(self, backend: str) -> None:
         """Route `forward` and `run_sorted` through backend "torch" (the loops and grouped GEMMs here) or "triton"
@@ -348,15 +360,15 @@ class RoutedExperts(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor | None:
         """Eager `forward` through the native CPU kernels (model/cpu_kernels.py) where they apply: bf16
-        on the CPU without autograd, every routed expert held here once, the kernels available, and at most
-        `compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT` (dense) or `NATIVE_INT4_MAX_ROWS_PER_EXPERT`
-        (INT4 in torch's CPU tiles) rows an expert; one call per layer, the outputs the captured step's
-        kernels give. None where they do not apply (the torch paths then)."""
+        on the CPU without autograd, every routed expert held here (`holds_every_expert`), the kernels
+        available, and at most `compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT` (dense) or
+        `NATIVE_INT4_MAX_ROWS_PER_EXPERT` (INT4 in torch's CPU tiles) rows an expert; one call per layer,
+        the outputs the captured step's kernels give. None where they do not apply (the torch paths)."""
         if (
             x.dtype != torch.bfloat16
             or x.device.type != "cpu"
             or (torch.is_grad_enabled() and x.requires_grad)
-            or len(set(self.expert_ids)) != self.n_global  # an EP rank's subset (or duplicates)
+            or not self.holds_every_expert  # an EP rank's subset
         ):
             return None
         t, k = ids.shape
@@ -368,22 +380,21 @@ class RoutedExperts(nn.Module):
                 or not cpu_kernels.available()
             ):
                 return None
-            kernel = cpu_kernels.moe_bf16_grouped if t > 1 else cpu_kernels.moe_bf16
             local = self.global_to_local[ids]  # EPLB may hold the experts in another order
-            return kernel(*cpu_kernels.routing_args(x, weights, local), self.w13, self.w2)
+            return cpu_kernels.routed_bf16(x, weights, local, self.w13, self.w2)
         if (
             t * k > compiled_gemv.NATIVE_INT4_MAX_ROWS_PER_EXPERT * self.num_local
             or not self.int4_native_capturable()
         ):
             return None
-        int4 = cpu_kernels.moe_int4_grouped if t > 1 else cpu_kernels.moe_int4
-        return int4(
-            *cpu_kernels.routing_args(x, weights, self.global_to_local[ids]),
-            self.w13_i4,
-            self.w13_sz,
-            self.w2_i4,
-            self.w2_sz,
-            self.int4_group_size,
+        return self.routed_int4(x, weights, self.global_to_local[ids])
+
+    def routed_int4(self, x: torch.Tensor, weights: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """These INT4 experts (torch's CPU tiles) on x through the native kernels, `local` the ids in
+        this module's expert order."""
+        assert self.int4_group_size is not None
+        return cpu_kernels.routed_int4(
+            x, weights, local, self.w13_i4, self.w13_sz, self.w2_i4, self.w2_sz, self.int4_group_size
         )
 
     def int4_native_capturable(self) -> bool:
@@ -437,15 +448,7 @@ class RoutedExperts(nn.Module):
                     "forward_static takes INT4 experts only through the native CPU kernel (bf16, torch's "
                     "CPU tiles, at most compiled_gemv.native_int4_rows rows, kernels on)"
                 )
-            kernel = cpu_kernels.moe_int4_grouped if t > 1 else cpu_kernels.moe_int4
-            return kernel(
-                *cpu_kernels.routing_args(x, weights, ids),
-                self.w13_i4,
-                self.w13_sz,
-                self.w2_i4,
-                self.w2_sz,
-                self.int4_group_size,
-            )
+            return self.routed_int4(x, weights, ids)
         if x.device.type == "cpu" and (
             t * k <= compiled_gemv.gather_rows(x.dtype)
             or (
