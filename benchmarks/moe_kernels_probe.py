@@ -2,12 +2,13 @@
 they replace (where the grouped expert kernels' row limits in model/compiled_gemv.py come from).
 
 bf16 experts: `cpu_kernels.moe_bf16` (per (token, expert) row), `moe_bf16_grouped` (each routed expert
-read once for all its rows) and torch's grouped GEMM (`aten._grouped_mm` over the rows sorted by expert,
+read once for all its rows), `moe_bf16_amx` (the same on AMX tiles, where the CPU has them) and torch's
+grouped GEMM (`aten._grouped_mm` over the rows sorted by expert,
 as the captured step ran them before). INT4 experts in torch's CPU tiles: `moe_int4`, `moe_int4_grouped`
 and the eager `RoutedExperts.forward` without the native kernels (torch's fused INT4 kernel per
 expert, or a dequantised expert from its row threshold). Random weights of the preset's expert shape,
 random distinct experts per token; each timed call is run twice, medians of `--rounds` alternating
-rounds, milliseconds.
+rounds, milliseconds. Past 128 tokens (prefill chunks) the per-row kernels are left out.
 
     python benchmarks/moe_kernels_probe.py --presets small,moe200m --threads 2
 """
@@ -91,27 +92,32 @@ def measure(
         y = y * weights.flatten()[order].unsqueeze(1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
+    bf16_fns: dict[str, Callable[[], object]] = {
+        "moe_bf16": lambda: cpu_kernels.moe_bf16(x, weights, ids, w13, w2),
+        "moe_bf16_grouped": lambda: cpu_kernels.moe_bf16_grouped(x, weights, ids, w13, w2),
+        "torch grouped GEMM": torch_grouped,
+    }
+    if cpu_kernels.amx_available():
+        bf16_fns["moe_bf16_amx"] = lambda: cpu_kernels.moe_bf16_amx(x, weights, ids, w13, w2)
+    q4_fns: dict[str, Callable[[], object]] = {
+        "moe_int4": lambda: cpu_kernels.moe_int4(x, weights, ids, *int4, 32),
+        "moe_int4_grouped": lambda: cpu_kernels.moe_int4_grouped(x, weights, ids, *int4, 32),
+        "torch INT4 per expert": torch_int4,
+    }
+    if t > 128:
+        del bf16_fns["moe_bf16"], q4_fns["moe_int4"]
     with torch.inference_mode():
-        bf16 = timed(
-            {
-                "moe_bf16": lambda: cpu_kernels.moe_bf16(x, weights, ids, w13, w2),
-                "moe_bf16_grouped": lambda: cpu_kernels.moe_bf16_grouped(x, weights, ids, w13, w2),
-                "torch grouped GEMM": torch_grouped,
-            },
-            rounds,
-        )
-        q4 = timed(
-            {
-                "moe_int4": lambda: cpu_kernels.moe_int4(x, weights, ids, *int4, 32),
-                "moe_int4_grouped": lambda: cpu_kernels.moe_int4_grouped(x, weights, ids, *int4, 32),
-                "torch INT4 per expert": torch_int4,
-            },
-            rounds,
-        )
+        bf16, q4 = timed(bf16_fns, rounds), timed(q4_fns, rounds)
     cells = " ".join(f"{n} {v:.2f}" for n, v in (bf16 | q4).items())
+    amx = (
+        f", grouped bf16 / AMX {bf16['moe_bf16_grouped'] / bf16['moe_bf16_amx']:.2f}, grouped GEMM / AMX "
+        f"{bf16['torch grouped GEMM'] / bf16['moe_bf16_amx']:.2f}"
+        if "moe_bf16_amx" in bf16
+        else ""
+    )
     return (
         f"tokens {t} rows {t * k} ({t * k / e:.1f} an expert): {cells}; grouped GEMM / grouped bf16 "
-        f"{bf16['torch grouped GEMM'] / bf16['moe_bf16_grouped']:.2f}, torch INT4 / grouped INT4 "
+        f"{bf16['torch grouped GEMM'] / bf16['moe_bf16_grouped']:.2f}{amx}, torch INT4 / grouped INT4 "
         f"{q4['torch INT4 per expert'] / q4['moe_int4_grouped']:.2f}"
     )
 

@@ -24,6 +24,12 @@ from k2serve.model.quant import quantize_int4
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"native CPU kernels unavailable: {cpu_kernels.unavailable_reason()}"
 )
+needs_amx = pytest.mark.skipif(
+    not cpu_kernels.amx_available(),
+    reason="no AMX-BF16 here (CPU, kernel permission or K2SERVE_AMX=0)"
+    if cpu_kernels.available()
+    else f"native CPU kernels unavailable: {cpu_kernels.unavailable_reason()}",
+)
 
 # (tokens, k, hidden, expert intermediate, experts): `small` (batch 1 and 4), K2's expert shapes
 # (7168 / 2048) at a batch of one, and tails: hidden not a multiple of 32 (masked loads) or 4 (the
@@ -82,19 +88,76 @@ def test_grouped_moe_is_moe_bf16_bit_for_bit(shape: tuple[int, int, int, int, in
 @needs_kernels
 def test_grouped_moe_runs_in_the_captured_bf16_step_up_to_its_row_limit() -> None:
     """With the native kernels on (a captured step's `compiled_gemv.options`), bf16 routed experts of
-    two or more tokens and at most NATIVE_MOE_MAX_ROWS_PER_EXPERT rows an expert take the grouped kernel;
-    beyond, the grouped GEMM; off, neither kernel."""
+    two or more tokens and at most `native_moe_max_rows` (8 rows an expert, 32 with AMX) take the native
+    kernels (`routed_bf16`'s choice); beyond, the grouped GEMM; off, neither kernel."""
     with compiled_gemv.options(True):
-        most = compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT * 64
+        most = compiled_gemv.native_moe_max_rows(64)
+        per_expert = 32 if cpu_kernels.amx_available() else compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT
+        assert most == per_expert * 64
         assert compiled_gemv.native_moe(torch.bfloat16, most, 64)
         assert not compiled_gemv.native_moe(torch.bfloat16, most + 1, 64)
         assert not compiled_gemv.native_moe(torch.float32, 8, 64)
         x, weights, ids, w13, w2 = moe_inputs(5, 3, 64, 32, 6)
         assert torch.equal(
             compiled_gemv.gathered_experts(x, weights, ids, w13, w2),
-            cpu_kernels.moe_bf16(x, weights, ids, w13, w2),
+            cpu_kernels.routed_bf16(x, weights, ids, w13, w2),
         )
     assert not compiled_gemv.native_moe(torch.bfloat16, 8, 64)
+
+
+# (tokens, k, hidden, intermediate, experts) for the AMX kernel: `small` at batch 8, 64 (8 rows an
+# expert) and 256 (32: three chunks of 16 rows for many experts), `moe200m` at 64, K2's experts, a single
+# expert with 40 rows (chunks of 16, 16 and 8), experts no token chose.
+AMX_SHAPES = [
+    (8, 8, 1024, 256, 64),
+    (64, 8, 1024, 256, 64),
+    (256, 8, 1024, 256, 64),
+    (64, 6, 768, 128, 64),
+    (4, 8, 7168, 2048, 10),
+    (40, 1, 64, 32, 1),
+    (5, 3, 128, 64, 16),
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_amx_moe_matches_the_torch_gathered_experts(shape: tuple[int, int, int, int, int]) -> None:
+    """On AMX tiles: the same roundings as `gathered_experts_torch`, the fp32 sums in AMX's order: each
+    output within two bf16 steps (2^-7) of its token's largest (a rounding of the SwiGLU output that
+    differs carries into the sum: the grouped VDPBF16PS kernel is 0.0059 off at 256 tokens too), nearly
+    all equal bit for bit, and equal to the grouped kernel's nearly everywhere."""
+    args = moe_inputs(*shape)
+    want = compiled_gemv.gathered_experts_torch(*args).float()
+    got = cpu_kernels.moe_bf16_amx(*args).float()
+    assert got.shape == want.shape
+    scale = want.abs().amax(-1, keepdim=True)
+    assert bool(((got - want).abs() <= scale * 2**-7).all()), ((got - want).abs() / scale).max()
+    assert (got == want).float().mean().item() > 0.99
+    assert (got == cpu_kernels.moe_bf16_grouped(*args).float()).float().mean().item() > 0.99
+
+
+@needs_amx
+def test_amx_is_chosen_from_its_row_threshold_and_refuses_what_it_cannot_take() -> None:
+    """`routed_bf16` runs the AMX kernel from AMX_MIN_ROWS_PER_EXPERT rows an expert (its result is
+    `moe_bf16_amx`'s), the grouped one below (`moe_bf16`'s bit for bit); shapes off AMX's blocks and bad
+    ids are refused with what is wrong."""
+    e, k = 64, 8  # `small`'s experts: 15 and 16 tokens
+    below = moe_inputs(cpu_kernels.AMX_MIN_ROWS_PER_EXPERT * e // k - 1, k, 1024, 256, e, seed=2)
+    at = moe_inputs(cpu_kernels.AMX_MIN_ROWS_PER_EXPERT * e // k, k, 1024, 256, e, seed=2)
+    assert torch.equal(cpu_kernels.routed_bf16(*below), cpu_kernels.moe_bf16(*below))
+    assert torch.equal(cpu_kernels.routed_bf16(*at), cpu_kernels.moe_bf16_amx(*at))
+    assert not torch.equal(cpu_kernels.moe_bf16_amx(*at), cpu_kernels.moe_bf16(*at))  # another sum order
+    x, weights, ids, w13, w2 = moe_inputs(3, 2, 96, 32, 4)
+    with pytest.raises(ValueError, match="hidden 96, intermediate 32: AMX needs multiples of 64 and 32"):
+        cpu_kernels.moe_bf16_amx(x, weights, ids, w13, w2)
+    assert torch.equal(
+        cpu_kernels.routed_bf16(x, weights, ids, w13, w2), cpu_kernels.moe_bf16(x, weights, ids, w13, w2)
+    )
+    x, weights, ids, w13, w2 = at
+    with pytest.raises(ValueError, match=r"expert id 64 at \(token, slot\) \(0, 1\) is outside \[0, 64\)"):
+        bad = ids.clone()
+        bad[0, 1] = 64
+        cpu_kernels.moe_bf16_amx(x, weights, bad, w13, w2)
 
 
 @needs_kernels
@@ -205,10 +268,11 @@ def test_grouped_int4_moe_is_moe_int4_bit_for_bit(
 
 
 @needs_kernels
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 5, 8])
 def test_eager_bf16_experts_run_the_native_kernels_in_any_local_order(tokens: int) -> None:
     """Eager bf16 routed experts on the CPU (`RoutedExperts.forward`) with every expert held run the
-    native kernels: the result is `moe_bf16`'s bit for bit, also when the experts are held in another
+    native kernels: the result is `routed_bf16`'s bit for bit (`moe_bf16`'s, or from 2 rows an expert
+    `moe_bf16_amx`'s where AMX runs: 8 tokens x 6 of 16 experts), also when the experts are held in another
     local order (EPLB's permutation: ids go through `global_to_local`); an expert-parallel rank's
     subset, fp32 and autograd keep the torch paths (`forward_native` None)."""
     from k2serve.config import ModelConfig
@@ -226,7 +290,9 @@ def test_eager_bf16_experts_run_the_native_kernels_in_any_local_order(tokens: in
         plain.w2.copy_(w2)
         permuted.w13.copy_(w13[order])
         permuted.w2.copy_(w2[order])
-    want = cpu_kernels.moe_bf16(x, weights, ids, w13, w2)
+    want = cpu_kernels.routed_bf16(x, weights, ids, w13, w2)
+    if tokens < 8 or not cpu_kernels.amx_available():
+        assert torch.equal(want, cpu_kernels.moe_bf16(x, weights, ids, w13, w2))
     with torch.inference_mode():
         assert torch.equal(plain(x, weights, ids), want)
         assert torch.equal(permuted(x, weights, ids), want)
@@ -295,6 +361,8 @@ def test_ops_pass_torch_library_opcheck() -> None:
     torch.library.opcheck(cpu_kernels.moe_bf16, (x, weights, ids, w13, w2))
     x2, weights2, ids2, _, _ = moe_inputs(3, 8, 64, 32, 16)
     torch.library.opcheck(cpu_kernels.moe_bf16_grouped, (x2, weights2, ids2, w13, w2))
+    if cpu_kernels.amx_available():
+        torch.library.opcheck(cpu_kernels.moe_bf16_amx, (x2, weights2, ids2, w13, w2))
     if cpu_kernels.int4_shapes_supported(64, 64, 32):
         x2, weights2, ids2 = x2[:, :64].contiguous(), weights2[:, :4].contiguous(), ids2[:, :4] % 4
         torch.library.opcheck(
@@ -346,6 +414,7 @@ def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPat
     [
         ("tiny_ckpt", 1, ("k2serve.moe_bf16", "k2serve.linear_bf16")),
         ("tiny_ckpt", 2, ("k2serve.moe_bf16_grouped",)),
+        pytest.param("tiny_ckpt", 6, ("k2serve.moe_bf16_amx",), marks=needs_amx),
         ("tiny_int4_ckpt", 1, ("k2serve.moe_int4",)),
         ("tiny_int4_ckpt", 2, ("k2serve.moe_int4_grouped",)),
     ],
@@ -354,9 +423,11 @@ def test_compiled_bf16_step_calls_the_kernels(
     ckpt: str, batch: int, ops: tuple[str, ...], request: pytest.FixtureRequest
 ) -> None:
     """A bf16 engine with `--compile decode` at batch 1 (dense experts, and INT4 experts in torch's CPU
-    tiles, which only the native kernels capture on CPU) and at batch 2 (the experts grouped):
+    tiles, which only the native kernels capture on CPU), at batch 2 (the experts grouped) and at batch
+    6 (36 rows over 16 experts: AMX tiles where the CPU has them):
     Inductor's graph calls the native ops, and every captured step's logits stay within bf16 noise of
-    the eager engine's (the first decode step's argmax is the same)."""
+    the eager engine's (the first decode step's argmax is the same), up to a step where a near tie
+    picks another token (at batch 6 one row does at the fifth step, AMX or not)."""
     path: Path = request.getfixturevalue(ckpt)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -399,3 +470,5 @@ def test_compiled_bf16_step_calls_the_kernels(
     assert got[1].argmax(-1).tolist() == want[1].argmax(-1).tolist()
     for g, w in zip(got[1:], want[1:], strict=True):
         torch.testing.assert_close(g, w, rtol=0.05, atol=0.05 * w.abs().max().item())
+        if g.argmax(-1).tolist() != w.argmax(-1).tolist():
+            break  # a near tie picked another token: from here the two runs decode different inputs

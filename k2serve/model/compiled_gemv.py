@@ -62,6 +62,10 @@ NATIVE_LINEAR_MAX_ROWS = 1
 # expert), 1.00 at 96, 0.88 at 128; `moe200m` (k=6, D=768, I=128) 5.5 at 1, 4.1 at 8, 2.0 at 64, 1.30
 # at 128 (12 rows an expert).
 NATIVE_MOE_MAX_ROWS_PER_EXPERT = 8
+# The same limit where the CPU runs `cpu_kernels.moe_bf16_amx` (AMX tiles): one `small` MoE layer, 2
+# threads, medians of 3 alternating rounds, torch grouped GEMM / AMX time 2.19 at 8 rows an expert, 1.67
+# at 16, 1.26 at 32, 0.99 at 64, 0.82 at 256 (benchmarks/moe_kernels_probe.py).
+AMX_MOE_MAX_ROWS_PER_EXPERT = 32
 
 # INT4 experts (torch's CPU tiles) of a captured step run only through the native kernels (Inductor does
 # not trace torch's fused INT4 kernel), so a bucket of more rows runs eager. Up to this many rows an
@@ -105,10 +109,19 @@ def native_linear(rows: int, weights: int) -> bool:
     return _native and rows <= NATIVE_LINEAR_MAX_ROWS and weights <= NATIVE_LINEAR_MAX_WEIGHTS
 
 
+def native_moe_max_rows(experts: int) -> int:
+    """The most (token, expert) rows over `experts` bf16 experts the native expert kernels take in place
+    of torch's grouped GEMM: `AMX_MOE_MAX_ROWS_PER_EXPERT` an expert where AMX runs, else
+    `NATIVE_MOE_MAX_ROWS_PER_EXPERT` (read once the kernels have loaded, as `options` and the eager
+    path's `cpu_kernels.available()` check load them)."""
+    per_expert = AMX_MOE_MAX_ROWS_PER_EXPERT if cpu_kernels.amx_on() else NATIVE_MOE_MAX_ROWS_PER_EXPERT
+    return per_expert * experts
+
+
 def native_moe(dtype: torch.dtype, rows: int, experts: int) -> bool:
     """Whether a traced forward's bf16 routed experts (`experts` of them) on `rows` (token, expert) rows
     run the native expert kernels (`gathered_experts`)."""
-    return _native and dtype == torch.bfloat16 and rows <= NATIVE_MOE_MAX_ROWS_PER_EXPERT * experts
+    return _native and dtype == torch.bfloat16 and rows <= native_moe_max_rows(experts)
 
 
 def native_int4_rows(experts: int) -> int:

@@ -40,7 +40,13 @@ logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("K2SERVE_CPU_KERNELS", "1") != "0"
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.c"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-ABI = 4  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
+AMX_ENABLED = os.environ.get("K2SERVE_AMX", "1") != "0"
+# bf16 (token, expert) rows an expert (on average: rows / experts) from which `routed_bf16` runs the AMX
+# kernel instead of the VDPBF16PS grouped one. One `small` MoE layer's experts, 2 threads, medians of 3
+# alternating rounds (benchmarks/moe_kernels_probe.py; BENCHMARKS.md "AMX expert kernel"): grouped / AMX
+# time 0.94 at 1 row an expert, 1.32 at 4, 1.74 at 8, 2.03 at 16, 2.41 at 32.
+AMX_MIN_ROWS_PER_EXPERT = 2
+ABI = 5  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
 
 
 def cache_dir() -> Path:
@@ -102,6 +108,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.k2_moe_int4.restype = i
     lib.k2_moe_int4_grouped.argtypes = [p] * 15 + [i] * 6
     lib.k2_moe_int4_grouped.restype = i
+    lib.k2_moe_bf16_amx.argtypes = [p] * 13 + [i] * 5
+    lib.k2_moe_bf16_amx.restype = i
+    lib.k2_amx_chunks.argtypes = [i, i]
+    lib.k2_amx_chunks.restype = i
+    global _amx  # noqa: PLW0603 - found once with the library; read by routed_bf16, also under trace
+    _amx = AMX_ENABLED and bool(lib.k2_amx_init())
     return lib, ""
 
 
@@ -113,6 +125,26 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why `available()` is False ("" when it is True)."""
     return _load()[1]
+
+
+_amx = False  # set by _load: a module global, so a traced forward reads (and guards on) a plain value
+
+
+def amx_available() -> bool:
+    """Whether `moe_bf16_amx` runs here: the kernels load, the CPU has AMX-BF16 and Linux lets this
+    process use the tile state (asked once, when the library loads; `K2SERVE_AMX=0`, read at import,
+    turns it off)."""
+    return _load()[0] is not None and _amx
+
+
+def amx_on() -> bool:
+    """`amx_available()` once the library has loaded (False before): a plain read, for traced code."""
+    return _amx
+
+
+def amx_shapes_supported(hidden: int, inter: int) -> bool:
+    """Whether `moe_bf16_amx` takes experts of these sizes (whole 64-feature output blocks, 32-input steps)."""
+    return hidden % 64 == 0 and inter % 32 == 0
 
 
 def _lib() -> ctypes.CDLL:
@@ -254,6 +286,33 @@ def moe_bf16_grouped(
     return out
 
 
+@_native_op("moe_bf16_amx" + _BF16_ARGS)
+def moe_bf16_amx(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """`moe_bf16_grouped`'s computation on AMX tiles (TDPBF16PS): the same roundings, AMX's order of the
+    fp32 sums, so an output may differ from `moe_bf16`'s by a bf16 rounding step. Each routed expert's
+    weights are read once per 16 of its rows. Needs `amx_available()` and `amx_shapes_supported`."""
+    t, k, e, d, inter = _bf16_sizes(x, weights, ids, w13, w2)
+    if not amx_shapes_supported(d, inter):
+        raise ValueError(f"experts of hidden {d}, intermediate {inter}: AMX needs multiples of 64 and 32")
+    if not amx_available():
+        raise RuntimeError("AMX-BF16 is not available on this CPU / process")
+    rows = t * k
+    lib = _lib()
+    chunks = lib.k2_amx_chunks(rows, e)
+    bx = x.new_empty(chunks, d, 16)
+    ba = x.new_empty(chunks, inter, 16)
+    yw = torch.empty(rows, d, dtype=torch.float32)
+    order = torch.empty(rows, dtype=torch.int32)
+    start, cstart = torch.empty(e + 1, dtype=torch.int32), torch.empty(e + 1, dtype=torch.int32)
+    used = torch.empty(e, dtype=torch.int32)
+    out = torch.empty_like(x)
+    tensors = (x, ids, weights, w13, w2, bx, ba, yw, order, start, cstart, used, out)
+    _refuse_bad_id(lib.k2_moe_bf16_amx(*map(_ptr, tensors), t, k, d, inter, e), ids, e)
+    return out
+
+
 def int4_tiles_supported(out_f: int, in_f: int) -> bool:
     """Whether `moe_int4` reads an [out_f, in_f] INT4 weight as this torch packs it: AVX512's tiles
     (blocks of 64 rows, byte j = rows j and j + 32; probed by `quant.int4pack_cpu_tiles`)."""
@@ -363,7 +422,7 @@ def _shaped_as_x(x: torch.Tensor, *rest: object) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-for _name in ("moe_bf16", "moe_bf16_grouped", "moe_int4", "moe_int4_grouped"):
+for _name in ("moe_bf16", "moe_bf16_grouped", "moe_bf16_amx", "moe_int4", "moe_int4_grouped"):
     torch.library.register_fake(f"k2serve::{_name}", _shaped_as_x, lib=_LIB)
 
 
@@ -371,9 +430,19 @@ def routed_bf16(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
     """A layer's bf16 routed experts through the native kernels: `moe_bf16` for one token,
-    `moe_bf16_grouped` (the same outputs, each expert read once for all its rows) from two on; the
-    routing arguments converted by `routing_args`."""
-    kernel = moe_bf16_grouped if ids.shape[0] > 1 else moe_bf16
+    `moe_bf16_grouped` (the same outputs, each expert read once for all its rows) from two on, and
+    `moe_bf16_amx` from `AMX_MIN_ROWS_PER_EXPERT` rows an expert where AMX runs (`amx_available()`,
+    read from the state the library's load set, so a traced call reads a constant); the routing
+    arguments converted by `routing_args`."""
+    t, k = ids.shape
+    if (
+        _amx
+        and t * k >= AMX_MIN_ROWS_PER_EXPERT * w13.shape[0]
+        and amx_shapes_supported(w2.shape[1], w2.shape[2])
+    ):
+        kernel = moe_bf16_amx
+    else:
+        kernel = moe_bf16_grouped if t > 1 else moe_bf16
     return kernel(*routing_args(x, weights, ids), w13, w2)
 
 

@@ -7,10 +7,14 @@
  * Every dot product multiplies bf16 pairs exactly and sums in fp32 (VDPBF16PS); each output is rounded
  * to bf16 where the torch code it replaces rounds (compiled_gemv.gathered_experts_torch, F.linear). No
  * allocation, no state: the caller passes every buffer. */
+#define _GNU_SOURCE /* syscall() for AMX's permission request */
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 /* Software prefetch distance in bf16 elements (1 KB) along each weight row; past a row's end it runs
  * into the next rows, the ones read next. Measured against none, 512 B and 2 KB on `small`'s shapes:
@@ -38,7 +42,7 @@ static inline uint16_t f2bf(float f) {
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
-int k2_cpu_gemv_abi(void) { return 4; }
+int k2_cpu_gemv_abi(void) { return 5; }
 
 int k2_cpu_gemv_supported(void) {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -525,3 +529,152 @@ TGT int k2_moe_int4_grouped(const uint16_t *x, const int64_t *ids, const float *
   }
   return 0;
 }
+
+/* ---- bf16 experts on AMX tiles (TDPBF16PS) ----------------------------------------------------------
+ * From a few rows an expert on, VDPBF16PS is compute-bound (~100 GFLOP/s on two cores against the ~30
+ * GB/s the weights stream at); AMX multiplies a 16 x 32 bf16 tile by a 32 x 16 one per instruction.
+ * The weights are the A operand as they lie ([out, in] rows: a tile is 16 output features x 32 inputs,
+ * no repacking, no second copy), the tokens the B operand, repacked per step into AMX's pair-interleaved
+ * form: for a chunk of up to 16 of an expert's rows, bx[p][t][0..1] = x[t][2p .. 2p + 1] (a 64-byte
+ * tile row per input pair), zero past the chunk's rows. C tiles are 16 features x 16 rows in fp32.
+ * Products of bf16 pairs are exact and summed in fp32, in AMX's order: an output can differ from
+ * `k2_moe_bf16`'s by a bf16 rounding step (the rounding points are the same as there). */
+
+#define AMX_TGT __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+struct amx_cfg {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+/* Whether this CPU has AMX-BF16 and the kernel let this process use its tile state (Linux asks for
+ * that once per process: arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; torch's oneDNN asks as well). */
+int k2_amx_init(void) {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+  if (!(d & (1u << 22)) || !(d & (1u << 24))) return 0; /* AMX-BF16, AMX-TILE */
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+/* Every tile 16 rows x 64 bytes: A (16 features x 32 bf16 inputs), B (16 input pairs x 16 rows), C (16
+ * features x 16 fp32 rows). tmm0-3: C, tmm4: B, tmm5-6: A. */
+AMX_TGT static void amx_config(void) {
+  struct amx_cfg cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 7; t++) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+/* tmm0..3 = the four 16-feature blocks whose first rows are a0..a3 (each `lda` elements apart) times the
+ * chunk's B (n_in inputs: n_in / 2 tile rows of bt, 16 rows each). */
+AMX_TGT static inline __attribute__((always_inline)) void amx_4x(const uint16_t *a0, const uint16_t *a1,
+                                                                   const uint16_t *a2, const uint16_t *a3,
+                                                                   long lda, const uint16_t *bt, int n_in) {
+  long stride = lda * 2;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int k = 0; k < n_in; k += 32) {
+    _tile_loadd(4, bt + (long)k * 16, 64);
+    _tile_loadd(5, a0 + k, stride);
+    _tile_dpbf16ps(0, 5, 4);
+    _tile_loadd(6, a1 + k, stride);
+    _tile_dpbf16ps(1, 6, 4);
+    _tile_loadd(5, a2 + k, stride);
+    _tile_dpbf16ps(2, 5, 4);
+    _tile_loadd(6, a3 + k, stride);
+    _tile_dpbf16ps(3, 6, 4);
+  }
+}
+
+/* The four C tiles to cbuf (tile numbers are immediates: no loop). */
+AMX_TGT static inline __attribute__((always_inline)) void amx_store4(float cbuf[4][16][16]) {
+  _tile_stored(0, cbuf[0], 64);
+  _tile_stored(1, cbuf[1], 64);
+  _tile_stored(2, cbuf[2], 64);
+  _tile_stored(3, cbuf[3], 64);
+}
+
+/* `k2_moe_bf16_grouped`'s computation on AMX tiles (same roundings, AMX's summation order). Needs D a
+ * multiple of 64 and I of 32. Scratch: bx [C, D, 16] and ba [C, I, 16] bf16 (one B operand per chunk
+ * of <= 16 rows of an expert; C = the chunk count bound the caller sizes, `k2_amx_chunks`), yw [T * K,
+ * D] fp32, order [T * K], start [E + 1], cstart [E + 1], used [E] int32. Items: (expert with rows, 32
+ * intermediate features: gate and up), then (expert, 64 output features); each runs every chunk of its
+ * expert while the expert's weights for it are in cache. Returns 0 or 1 + the first bad (token, slot). */
+AMX_TGT int k2_moe_bf16_amx(const uint16_t *x, const int64_t *ids, const float *wts, const uint16_t *w13,
+                            const uint16_t *w2, uint16_t *bx, uint16_t *ba, float *yw, int32_t *order,
+                            int32_t *start, int32_t *cstart, int32_t *used, uint16_t *out, int T, int K, int D,
+                            int I, int E) {
+  int R = T * K, ni = I / 32, nd = D / 64;
+  for (int r = 0; r < R; r++)
+    if (ids[r] < 0 || ids[r] >= E) return r + 1;
+  int U = group_rows(ids, R, E, order, start, used);
+  cstart[0] = 0; /* chunks of expert used[u]: cstart[u] .. cstart[u + 1] */
+  for (int u = 0; u < U; u++) cstart[u + 1] = cstart[u] + (start[used[u] + 1] - start[used[u]] + 15) / 16;
+  int NC = cstart[U];
+  long e13 = (long)2 * I * D, e2 = (long)D * I;
+#pragma omp parallel
+  {
+    float cbuf[4][16][16];
+    /* B operands of the chunks: token rows to input-pair-interleaved tiles */
+#pragma omp for schedule(static)
+    for (int c = 0; c < NC; c++) {
+      int u = 0;
+      while (cstart[u + 1] <= c) u++;
+      int q0 = start[used[u]] + 16 * (c - cstart[u]), n = start[used[u] + 1] - q0;
+      if (n > 16) n = 16;
+      uint32_t *dst = (uint32_t *)(bx + (long)c * D * 16);
+      for (int t = 0; t < 16; t++) {
+        const uint32_t *src = t < n ? (const uint32_t *)(x + (long)(order[q0 + t] / K) * D) : NULL;
+        for (int p = 0; p < D / 2; p++) dst[(long)p * 16 + t] = src ? src[p] : 0u;
+      }
+    }
+    amx_config();
+#pragma omp for schedule(dynamic, 4)
+    for (long item = 0; item < (long)U * ni; item++) {
+      int u = (int)(item / ni), i0 = 32 * (int)(item % ni), e = used[u];
+      const uint16_t *we = w13 + e * e13;
+      for (int c = cstart[u]; c < cstart[u + 1]; c++) {
+        int n = start[e + 1] - (start[e] + 16 * (c - cstart[u]));
+        if (n > 16) n = 16;
+        amx_4x(we + (long)i0 * D, we + (long)(i0 + 16) * D, we + (long)(I + i0) * D, we + (long)(I + i0 + 16) * D,
+               D, bx + (long)c * D * 16, D);
+        amx_store4(cbuf);
+        uint16_t *bt = ba + (long)c * I * 16;
+        for (int j = 0; j < 32; j++) {
+          int i = i0 + j;
+          const float *g = cbuf[j / 16][j % 16], *up = cbuf[2 + j / 16][j % 16];
+          for (int t = 0; t < 16; t++) bt[((long)(i >> 1) * 16 + t) * 2 + (i & 1)] = t < n ? swiglu(g[t], up[t]) : 0;
+        }
+      }
+    }
+#pragma omp for schedule(dynamic, 4)
+    for (long item = 0; item < (long)U * nd; item++) {
+      int u = (int)(item / nd), d0 = 64 * (int)(item % nd), e = used[u];
+      const uint16_t *we = w2 + e * e2 + (long)d0 * I;
+      for (int c = cstart[u]; c < cstart[u + 1]; c++) {
+        int q0 = start[e] + 16 * (c - cstart[u]), n = start[e + 1] - q0;
+        if (n > 16) n = 16;
+        amx_4x(we, we + 16L * I, we + 32L * I, we + 48L * I, I, ba + (long)c * I * 16, I);
+        amx_store4(cbuf);
+        for (int t = 0; t < n; t++) {
+          int r = order[q0 + t];
+          float wr = round_bf(wts[r]);
+          for (int j = 0; j < 64; j++) yw[(long)r * D + d0 + j] = round_bf(round_bf(cbuf[j / 16][j % 16][t]) * wr);
+        }
+      }
+    }
+    _tile_release();
+    sum_rows(yw, out, T, K, D);
+  }
+  return 0;
+}
+
+/* The most chunks of <= 16 rows that T * K rows over E experts can form (the scratch bound). */
+int k2_amx_chunks(int R, int E) { return (R < E ? R : E) + R / 16; }
