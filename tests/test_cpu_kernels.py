@@ -88,11 +88,15 @@ def test_grouped_moe_is_moe_bf16_bit_for_bit(shape: tuple[int, int, int, int, in
 @needs_kernels
 def test_grouped_moe_runs_in_the_captured_bf16_step_up_to_its_row_limit() -> None:
     """With the native kernels on (a captured step's `compiled_gemv.options`), bf16 routed experts of
-    two or more tokens and at most `native_moe_max_rows` (8 rows an expert, 32 with AMX) take the native
+    two or more tokens and at most `native_moe_max_rows` (8 rows an expert, 256 with AMX) take the native
     kernels (`routed_bf16`'s choice); beyond, the grouped GEMM; off, neither kernel."""
     with compiled_gemv.options(True):
         most = compiled_gemv.native_moe_max_rows(64)
-        per_expert = 32 if cpu_kernels.amx_available() else compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT
+        per_expert = (
+            compiled_gemv.AMX_MOE_MAX_ROWS_PER_EXPERT
+            if cpu_kernels.amx_available()
+            else compiled_gemv.NATIVE_MOE_MAX_ROWS_PER_EXPERT
+        )
         assert most == per_expert * 64
         assert compiled_gemv.native_moe(torch.bfloat16, most, 64)
         assert not compiled_gemv.native_moe(torch.bfloat16, most + 1, 64)

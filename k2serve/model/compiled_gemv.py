@@ -62,10 +62,12 @@ NATIVE_LINEAR_MAX_ROWS = 1
 # expert), 1.00 at 96, 0.88 at 128; `moe200m` (k=6, D=768, I=128) 5.5 at 1, 4.1 at 8, 2.0 at 64, 1.30
 # at 128 (12 rows an expert).
 NATIVE_MOE_MAX_ROWS_PER_EXPERT = 8
-# The same limit where the CPU runs `cpu_kernels.moe_bf16_amx` (AMX tiles): one `small` MoE layer, 2
-# threads, medians of 3 alternating rounds, torch grouped GEMM / AMX time 2.19 at 8 rows an expert, 1.67
-# at 16, 1.26 at 32, 0.99 at 64, 0.82 at 256 (benchmarks/moe_kernels_probe.py).
-AMX_MOE_MAX_ROWS_PER_EXPERT = 32
+# The same limit where the CPU runs `cpu_kernels.moe_bf16_amx` (AMX tiles), for the eager prefill too:
+# one `small` MoE layer, 2 threads, medians of 3 alternating rounds, torch grouped GEMM / AMX time 2.72 at
+# 8 rows an expert (64 tokens), 1.99 at 64 (512), 1.48 at 256 (2,048 tokens, a whole prefill chunk)
+# (benchmarks/moe_kernels_probe.py). Past it the grouped GEMM, whose scratch grows more slowly (the AMX
+# kernel keeps an fp32 row per (token, expert)).
+AMX_MOE_MAX_ROWS_PER_EXPERT = 256
 
 # INT4 experts (torch's CPU tiles) of a captured step run only through the native kernels (Inductor does
 # not trace torch's fused INT4 kernel), so a bucket of more rows runs eager. Up to this many rows an

@@ -44,7 +44,7 @@ AMX_ENABLED = os.environ.get("K2SERVE_AMX", "1") != "0"
 # bf16 (token, expert) rows an expert (on average: rows / experts) from which `routed_bf16` runs the AMX
 # kernel instead of the VDPBF16PS grouped one. One `small` MoE layer's experts, 2 threads, medians of 3
 # alternating rounds (benchmarks/moe_kernels_probe.py; BENCHMARKS.md "AMX expert kernel"): grouped / AMX
-# time 0.94 at 1 row an expert, 1.32 at 4, 1.74 at 8, 2.03 at 16, 2.41 at 32.
+# time 0.94 at 1 row an expert, 1.32 at 4, 2.14 at 8, 5.1 at 64.
 AMX_MIN_ROWS_PER_EXPERT = 2
 ABI = 5  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
 

@@ -361,7 +361,7 @@ class RoutedExperts(nn.Module):
     ) -> torch.Tensor | None:
         """Eager `forward` through the native CPU kernels (model/cpu_kernels.py) where they apply: bf16
         on the CPU without autograd, every routed expert held here (`holds_every_expert`), the kernels
-        available, and at most `compiled_gemv.native_moe_max_rows` (dense: 8 rows an expert, 32 on AMX) or
+        available, and at most `compiled_gemv.native_moe_max_rows` (dense: 8 rows an expert, 256 on AMX) or
         `NATIVE_INT4_MAX_ROWS_PER_EXPERT` (INT4 in torch's CPU tiles) rows an expert; one call per layer,
         the outputs the captured step's kernels give. None where they do not apply (the torch paths)."""
         if (
@@ -430,7 +430,7 @@ class RoutedExperts(nn.Module):
         - on the CPU, at most `compiled_gemv.gather_rows(dtype)` (token, expert) rows, when the captured
           step turned it on: per-row GEMVs as reductions over the weights indexed by the ids
           (`compiled_gemv.gathered_experts`; compiled, one loop streams the k routed experts), or the
-          native kernels there, in bf16 up to `compiled_gemv.native_moe_max_rows` (8 rows an expert, 32
+          native kernels there, in bf16 up to `compiled_gemv.native_moe_max_rows` (8 rows an expert, 256
           where AMX runs);
         - torch's `_grouped_mm` on the CPU (any dtype, through `grouped_mm_op`) or bf16 CUDA: the
           T * k (token, expert) rows sorted by expert, one grouped GEMM per weight, offsets computed

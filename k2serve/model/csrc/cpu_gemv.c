@@ -220,15 +220,36 @@ static int group_rows(const int64_t *ids, int R, int E, int32_t *order, int32_t 
   return U;
 }
 
-/* out[t] = bf16(sum over j < K of yw[t * K + j]), summed in j order from 0 as the per-row kernels sum;
- * a work-shared loop of the enclosing parallel region. */
-static inline void sum_rows(const float *yw, uint16_t *out, int T, int K, int D) {
+/* f2bf on 16 lanes, bit for bit (NaN, denormals and all): the bf16 bits in each 32-bit lane's low half. */
+TGT static inline __m512i vf2bf(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                          _mm512_set1_epi32(0x7f800000));
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+}
+
+/* round_bf on 16 lanes, bit for bit. */
+TGT static inline __m512 vround_bf(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(vf2bf(v), 16)); }
+
+/* out[t] = bf16(sum over j < K of yw[t * K + j]), summed in j order from 0 as the per-row kernels sum
+ * (16 features a vector: each lane's adds and rounding are the scalar ones); a work-shared loop of the
+ * enclosing parallel region. */
+TGT static inline void sum_rows(const float *yw, uint16_t *out, int T, int K, int D) {
+  int D16 = D / 16 * 16;
 #pragma omp for schedule(static)
-  for (long i = 0; i < (long)T * D; i++) {
-    long t = i / D, d = i % D;
-    float s = 0.0f;
-    for (int j = 0; j < K; j++) s += yw[(t * K + j) * D + d];
-    out[i] = f2bf(s);
+  for (int t = 0; t < T; t++) {
+    for (int d = 0; d < D16; d += 16) {
+      __m512 s = _mm512_setzero_ps();
+      for (int j = 0; j < K; j++) s = _mm512_add_ps(s, _mm512_loadu_ps(yw + ((long)t * K + j) * D + d));
+      _mm256_storeu_si256((__m256i *)(out + (long)t * D + d), _mm512_cvtepi32_epi16(vf2bf(s)));
+    }
+    for (int d = D16; d < D; d++) {
+      float s = 0.0f;
+      for (int j = 0; j < K; j++) s += yw[((long)t * K + j) * D + d];
+      out[(long)t * D + d] = f2bf(s);
+    }
   }
 }
 
@@ -570,6 +591,33 @@ AMX_TGT static void amx_config(void) {
   _tile_loadconfig(&cfg);
 }
 
+/* exp on 16 lanes: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p the degree-7 Taylor polynomial (within
+ * ~1 ulp of expf; 0 below -104, inf above 89, NaN stays NaN). */
+TGT static inline __m512 vexp(__m512 x) {
+  __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 e = _mm512_scalef_ps(p, n);
+  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+/* swiglu on 16 lanes (bf16 bits in each 32-bit lane's low half): the scalar one's roundings, exp from
+ * vexp (an output can differ from the scalar one's where expf and vexp round apart across a bf16 step). */
+TGT static inline __m512i vswiglu(__m512 gate, __m512 up) {
+  __m512 g = vround_bf(gate);
+  __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), vexp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  return vf2bf(_mm512_mul_ps(vround_bf(s), vround_bf(up)));
+}
+
 /* tmm0..3 = the four 16-feature blocks whose first rows are a0..a3 (each `lda` elements apart) times the
  * chunk's B (n_in inputs: n_in / 2 tile rows of bt, 16 rows each). */
 AMX_TGT static inline __attribute__((always_inline)) void amx_4x(const uint16_t *a0, const uint16_t *a1,
@@ -630,10 +678,12 @@ AMX_TGT int k2_moe_bf16_amx(const uint16_t *x, const int64_t *ids, const float *
       int q0 = start[used[u]] + 16 * (c - cstart[u]), n = start[used[u] + 1] - q0;
       if (n > 16) n = 16;
       uint32_t *dst = (uint32_t *)(bx + (long)c * D * 16);
-      for (int t = 0; t < 16; t++) {
-        const uint32_t *src = t < n ? (const uint32_t *)(x + (long)(order[q0 + t] / K) * D) : NULL;
-        for (int p = 0; p < D / 2; p++) dst[(long)p * 16 + t] = src ? src[p] : 0u;
+      for (int t = 0; t < n; t++) {
+        const uint32_t *src = (const uint32_t *)(x + (long)(order[q0 + t] / K) * D);
+        for (int p = 0; p < D / 2; p++) dst[(long)p * 16 + t] = src[p];
       }
+      for (int t = n; t < 16; t++)
+        for (int p = 0; p < D / 2; p++) dst[(long)p * 16 + t] = 0u;
     }
     amx_config();
 #pragma omp for schedule(dynamic, 4)
@@ -646,11 +696,12 @@ AMX_TGT int k2_moe_bf16_amx(const uint16_t *x, const int64_t *ids, const float *
         amx_4x(we + (long)i0 * D, we + (long)(i0 + 16) * D, we + (long)(I + i0) * D, we + (long)(I + i0 + 16) * D,
                D, bx + (long)c * D * 16, D);
         amx_store4(cbuf);
-        uint16_t *bt = ba + (long)c * I * 16;
-        for (int j = 0; j < 32; j++) {
-          int i = i0 + j;
-          const float *g = cbuf[j / 16][j % 16], *up = cbuf[2 + j / 16][j % 16];
-          for (int t = 0; t < 16; t++) bt[((long)(i >> 1) * 16 + t) * 2 + (i & 1)] = t < n ? swiglu(g[t], up[t]) : 0;
+        uint16_t *bt = ba + (long)c * I * 16 + (long)i0 * 16; /* tile rows (i0 + j) / 2: 16 (even, odd) pairs */
+        __mmask16 live = (__mmask16)((1u << n) - 1);
+        for (int j = 0; j < 32; j += 2) {
+          __m512i lo = vswiglu(_mm512_loadu_ps(cbuf[j / 16][j % 16]), _mm512_loadu_ps(cbuf[2 + j / 16][j % 16]));
+          __m512i hi = vswiglu(_mm512_loadu_ps(cbuf[j / 16][j % 16 + 1]), _mm512_loadu_ps(cbuf[2 + j / 16][j % 16 + 1]));
+          _mm512_storeu_si512(bt + (long)j * 16, _mm512_maskz_mov_epi32(live, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16))));
         }
       }
     }
@@ -663,10 +714,15 @@ AMX_TGT int k2_moe_bf16_amx(const uint16_t *x, const int64_t *ids, const float *
         if (n > 16) n = 16;
         amx_4x(we, we + 16L * I, we + 32L * I, we + 48L * I, I, ba + (long)c * I * 16, I);
         amx_store4(cbuf);
+        const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(16));
         for (int t = 0; t < n; t++) {
           int r = order[q0 + t];
-          float wr = round_bf(wts[r]);
-          for (int j = 0; j < 64; j++) yw[(long)r * D + d0 + j] = round_bf(round_bf(cbuf[j / 16][j % 16][t]) * wr);
+          __m512 wr = _mm512_set1_ps(round_bf(wts[r]));
+          for (int q = 0; q < 4; q++) { /* token t's 16 features of tile q: column t of cbuf[q] */
+            __m512 v = vround_bf(_mm512_i32gather_ps(col, &cbuf[q][0][t], 4));
+            _mm512_storeu_ps(yw + (long)r * D + d0 + 16 * q, vround_bf(_mm512_mul_ps(v, wr)));
+          }
         }
       }
     }
