@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar, cast
@@ -286,6 +287,30 @@ def moe_bf16_grouped(
     return out
 
 
+# Scratch of the AMX expert op, kept per thread between calls (grown, never shrunk, up to
+# SCRATCH_KEEP_BYTES): a fresh 100 MB of scratch per prefill layer (2,048 tokens of `small`) is mapped
+# anew by the allocator and faulted in page by page, ~40% of the call's time under perf.
+SCRATCH_KEEP_BYTES = 512 << 20
+_scratch_local = threading.local()
+
+
+def _scratch(*parts: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
+    """Tensors of these (shape, dtype)s, uninitialised, carved at 64-byte boundaries out of this
+    thread's kept buffer (a new buffer past SCRATCH_KEEP_BYTES, not kept)."""
+    sizes = [-(-torch.Size(shape).numel() * dtype.itemsize // 64) * 64 for shape, dtype in parts]
+    total = sum(sizes)
+    buf: torch.Tensor | None = getattr(_scratch_local, "buf", None)
+    if buf is None or buf.numel() < total:
+        buf = torch.empty(total, dtype=torch.uint8)
+        if total <= SCRATCH_KEEP_BYTES:
+            _scratch_local.buf = buf
+    out, offset = [], 0
+    for (shape, dtype), size in zip(parts, sizes, strict=True):
+        out.append(buf[offset : offset + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape))
+        offset += size
+    return out
+
+
 @_native_op("moe_bf16_amx" + _BF16_ARGS)
 def moe_bf16_amx(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
@@ -301,12 +326,15 @@ def moe_bf16_amx(
     rows = t * k
     lib = _lib()
     chunks = lib.k2_amx_chunks(rows, e)
-    bx = x.new_empty(chunks, d, 16)
-    ba = x.new_empty(chunks, inter, 16)
-    yw = torch.empty(rows, d, dtype=torch.float32)
-    order = torch.empty(rows, dtype=torch.int32)
-    start, cstart = torch.empty(e + 1, dtype=torch.int32), torch.empty(e + 1, dtype=torch.int32)
-    used = torch.empty(e, dtype=torch.int32)
+    bx, ba, yw, order, start, cstart, used = _scratch(
+        ((chunks, d, 16), torch.bfloat16),
+        ((chunks, inter, 16), torch.bfloat16),
+        ((rows, d), torch.float32),
+        ((rows,), torch.int32),
+        ((e + 1,), torch.int32),
+        ((e + 1,), torch.int32),
+        ((e,), torch.int32),
+    )
     out = torch.empty_like(x)
     tensors = (x, ids, weights, w13, w2, bx, ba, yw, order, start, cstart, used, out)
     _refuse_bad_id(lib.k2_moe_bf16_amx(*map(_ptr, tensors), t, k, d, inter, e), ids, e)
