@@ -555,7 +555,7 @@ TGT int k2_moe_int4_grouped(const uint16_t *x, const int64_t *ids, const float *
  * From a few rows an expert on, VDPBF16PS is compute-bound (~100 GFLOP/s on two cores against the ~30
  * GB/s the weights stream at); AMX multiplies a 16 x 32 bf16 tile by a 32 x 16 one per instruction.
  * The weights are the A operand as they lie ([out, in] rows: a tile is 16 output features x 32 inputs,
- * no repacking, no second copy), the tokens the B operand, repacked per step into AMX's pair-interleaved
+ * no repacking, no second copy), the tokens the B operand, repacked per call into AMX's pair-interleaved
  * form: for a chunk of up to 16 of an expert's rows, bx[p][t][0..1] = x[t][2p .. 2p + 1] (a 64-byte
  * tile row per input pair), zero past the chunk's rows. C tiles are 16 features x 16 rows in fp32.
  * Products of bf16 pairs are exact and summed in fp32, in AMX's order: an output can differ from
