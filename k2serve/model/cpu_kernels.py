@@ -7,7 +7,9 @@ on this host (BENCHMARKS.md, "Native GEMV kernels"). These kernels multiply bf16
 replace rounds: `moe_bf16` computes `compiled_gemv.gathered_experts_torch` (both GEMVs, SwiGLU and the
 weighted sum of the k experts in one call, reading only the routed experts), `linear_bf16` an
 `F.linear` without bias. They sum in another order than torch, so an output may differ from torch's by
-a bf16 rounding step (tests/test_cpu_kernels.py bounds it); the fp32 step never uses them.
+a bf16 rounding step (tests/test_cpu_kernels.py bounds it); the fp32 step never uses them. Where the CPU
+has AMX-BF16, `moe_bf16_amx` runs the bf16 routed experts of 2 to 256 rows an expert on AMX tiles
+(TDPBF16PS): memory-bound from ~4 rows an expert, where the VDPBF16PS kernels are compute-bound.
 
 The C source ships with the package and is compiled at first use with the C compiler (`$CC`, else
 `cc`; torch.compile's CPU backend needs one already) into `~/.cache/k2serve/cpu-kernels/<hash>/`,
