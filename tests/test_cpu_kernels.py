@@ -53,18 +53,25 @@ def moe_inputs(t: int, k: int, d: int, inter: int, e: int, seed: int = 0) -> tup
     return x, weights, ids, w13, w2
 
 
+def assert_near_the_torch_experts(kernel: Any, args: tuple[torch.Tensor, ...], bound: float) -> torch.Tensor:
+    """kernel(*args) against `gathered_experts_torch(*args)`: the same shape, each output within `bound`
+    of its token's largest output, and nearly all (> 99%) equal bit for bit. Returns the kernel's
+    output (fp32)."""
+    want = compiled_gemv.gathered_experts_torch(*args).float()
+    got = kernel(*args).float()
+    assert got.shape == want.shape
+    scale = want.abs().amax(-1, keepdim=True)
+    assert bool(((got - want).abs() <= scale * bound).all()), ((got - want).abs() / scale).max()
+    assert (got == want).float().mean().item() > 0.99
+    return got
+
+
 @needs_kernels
 @pytest.mark.parametrize("shape", MOE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_moe_matches_the_torch_gathered_experts(shape: tuple[int, int, int, int, int]) -> None:
     """The same roundings as `gathered_experts_torch`, summed in another order: each output within one
     bf16 step (2^-8) of its token's largest, and nearly all of them equal bit for bit."""
-    args = moe_inputs(*shape)
-    want = compiled_gemv.gathered_experts_torch(*args).float()
-    got = cpu_kernels.moe_bf16(*args).float()
-    assert got.shape == want.shape
-    scale = want.abs().amax(-1, keepdim=True)
-    assert bool(((got - want).abs() <= scale * 2**-8).all()), ((got - want).abs() / scale).max()
-    assert (got == want).float().mean().item() > 0.99
+    assert_near_the_torch_experts(cpu_kernels.moe_bf16, moe_inputs(*shape), 2**-8)
 
 
 @needs_kernels
@@ -131,12 +138,7 @@ def test_amx_moe_matches_the_torch_gathered_experts(shape: tuple[int, int, int, 
     differs carries into the sum: the grouped VDPBF16PS kernel is 0.0059 off at 256 tokens too), nearly
     all equal bit for bit, and equal to the grouped kernel's nearly everywhere."""
     args = moe_inputs(*shape)
-    want = compiled_gemv.gathered_experts_torch(*args).float()
-    got = cpu_kernels.moe_bf16_amx(*args).float()
-    assert got.shape == want.shape
-    scale = want.abs().amax(-1, keepdim=True)
-    assert bool(((got - want).abs() <= scale * 2**-7).all()), ((got - want).abs() / scale).max()
-    assert (got == want).float().mean().item() > 0.99
+    got = assert_near_the_torch_experts(cpu_kernels.moe_bf16_amx, args, 2**-7)
     assert (got == cpu_kernels.moe_bf16_grouped(*args).float()).float().mean().item() > 0.99
 
 

@@ -649,6 +649,14 @@ AMX_TGT static inline __attribute__((always_inline)) void amx_store4(float cbuf[
   _tile_stored(3, cbuf[3], 64);
 }
 
+/* The rows of chunk c (the (c - cstart[u])-th chunk of 16 of expert e = used[u]): their count (<= 16),
+ * and in *q0 the first one's position in `order`. */
+static inline int chunk_rows(const int32_t *start, const int32_t *cstart, int e, int u, int c, int *q0) {
+  *q0 = start[e] + 16 * (c - cstart[u]);
+  int n = start[e + 1] - *q0;
+  return n < 16 ? n : 16;
+}
+
 /* `k2_moe_bf16_grouped`'s computation on AMX tiles (same roundings, AMX's summation order). Needs D a
  * multiple of 64 and I of 32. Scratch: bx [C, D, 16] and ba [C, I, 16] bf16 (one B operand per chunk
  * of <= 16 rows of an expert; C = the chunk count bound the caller sizes, `k2_amx_chunks`), yw [T * K,
@@ -670,13 +678,14 @@ AMX_TGT int k2_moe_bf16_amx(const uint16_t *x, const int64_t *ids, const float *
 #pragma omp parallel
   {
     float cbuf[4][16][16];
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16)); /* cbuf[q][j][t] for j < 16: a column */
     /* B operands of the chunks: token rows to input-pair-interleaved tiles */
 #pragma omp for schedule(static)
     for (int c = 0; c < NC; c++) {
       int u = 0;
       while (cstart[u + 1] <= c) u++;
-      int q0 = start[used[u]] + 16 * (c - cstart[u]), n = start[used[u] + 1] - q0;
-      if (n > 16) n = 16;
+      int q0, n = chunk_rows(start, cstart, used[u], u, c, &q0);
       uint32_t *dst = (uint32_t *)(bx + (long)c * D * 16);
       for (int t = 0; t < n; t++) {
         const uint32_t *src = (const uint32_t *)(x + (long)(order[q0 + t] / K) * D);
@@ -691,8 +700,7 @@ AMX_TGT int k2_moe_bf16_amx(const uint16_t *x, const int64_t *ids, const float *
       int u = (int)(item / ni), i0 = 32 * (int)(item % ni), e = used[u];
       const uint16_t *we = w13 + e * e13;
       for (int c = cstart[u]; c < cstart[u + 1]; c++) {
-        int n = start[e + 1] - (start[e] + 16 * (c - cstart[u]));
-        if (n > 16) n = 16;
+        int q0, n = chunk_rows(start, cstart, e, u, c, &q0);
         amx_4x(we + (long)i0 * D, we + (long)(i0 + 16) * D, we + (long)(I + i0) * D, we + (long)(I + i0 + 16) * D,
                D, bx + (long)c * D * 16, D);
         amx_store4(cbuf);
@@ -710,12 +718,9 @@ AMX_TGT int k2_moe_bf16_amx(const uint16_t *x, const int64_t *ids, const float *
       int u = (int)(item / nd), d0 = 64 * (int)(item % nd), e = used[u];
       const uint16_t *we = w2 + e * e2 + (long)d0 * I;
       for (int c = cstart[u]; c < cstart[u + 1]; c++) {
-        int q0 = start[e] + 16 * (c - cstart[u]), n = start[e + 1] - q0;
-        if (n > 16) n = 16;
+        int q0, n = chunk_rows(start, cstart, e, u, c, &q0);
         amx_4x(we, we + 16L * I, we + 32L * I, we + 48L * I, I, ba + (long)c * I * 16, I);
         amx_store4(cbuf);
-        const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               _mm512_set1_epi32(16));
         for (int t = 0; t < n; t++) {
           int r = order[q0 + t];
           __m512 wr = _mm512_set1_ps(round_bf(wts[r]));
