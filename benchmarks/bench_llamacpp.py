@@ -297,6 +297,10 @@ class Paths:
         return self.cache / "models" / f"{self.preset}-int4"
 
     @property
+    def checkpoint_int4_all(self) -> Path:
+        return self.cache / "models" / f"{self.preset}-int4-all"
+
+    @property
     def hf_dir(self) -> Path:
         return self.cache / "models" / f"{self.preset}-hf-for-gguf"
 
@@ -325,6 +329,13 @@ QUANTIZE_ARGS: dict[str, list[str]] = {
     ],
 }
 GGUF_KINDS = ("bf16", "f32", *QUANTIZE_ARGS)
+# k2serve's checkpoint for each quantised kind: INT4 (compressed-tensors, symmetric groups of 32) on every
+# linear layer but the router for Q4_0 (lm_head too, where llama.cpp keeps its output head at Q6_K), on
+# the routed experts only for Q4_0-experts (K2's own split).
+INT4_CHECKPOINTS: dict[str, Callable[[Paths], Path]] = {
+    "q4_0": lambda p: p.checkpoint_int4_all,
+    "q4_0-experts": lambda p: p.checkpoint_int4,
+}
 # GGUF kinds timed without llama.cpp's CPU weight repacking: with it, plain Q4_0 of `small` (every matrix,
 # the token embedding too) aborts in the backend scheduler (ggml-backend.cpp: GGML_ASSERT(*cur_backend_id
 # != -1), llama-cpp-python 0.3.36's llama.cpp); Q4_0 on the experts only runs with it.
@@ -332,7 +343,7 @@ NO_REPACK = {"q4_0"}
 
 
 def convert(paths: Paths, kinds: Sequence[str]) -> None:
-    """Write the checkpoints (bf16, and INT4 experts when a Q4_0 kind is asked for) and the GGUF `kinds`
+    """Write the checkpoints (bf16, and the INT4 one of each Q4_0 kind asked for) and the GGUF `kinds`
     (bf16, f32: converted; q4_0, q4_0-experts: llama-quantize of the bf16 GGUF)."""
     from k2serve.model.checkpoint import write_checkpoint
 
@@ -349,9 +360,11 @@ def convert(paths: Paths, kinds: Sequence[str]) -> None:
                 + [sys.executable, __file__, "_convert", "--src", str(src), "--"]
                 + [str(paths.hf_dir), "--outtype", kind, "--outfile", str(paths.gguf(kind))]
             )
-    if quantised and not (paths.checkpoint_int4 / "config.json").exists():
-        print(f"writing the {paths.preset} checkpoint (INT4 experts) to {paths.checkpoint_int4}", flush=True)
-        write_checkpoint(paths.checkpoint_int4, paths.preset, seed=0, quant="int4")
+    for kind in quantised:  # k2serve's side of each: the same random weights, quantised as llama.cpp's kind
+        ckpt, quant = INT4_CHECKPOINTS[kind](paths), "int4-all" if kind == "q4_0" else "int4"
+        if not (ckpt / "config.json").exists():
+            print(f"writing the {paths.preset} checkpoint ({quant}) to {ckpt}", flush=True)
+            write_checkpoint(ckpt, paths.preset, seed=0, quant=quant)
     for kind in quantised:
         if not paths.gguf(kind).exists():
             quantize = [str(paths.bindir / "llama-quantize"), *QUANTIZE_ARGS[kind][:-1]]
@@ -628,7 +641,8 @@ def run(
     # (k2serve's checkpoint, the GGUFs of llama.cpp it is compared with)
     pairs: list[tuple[str, Path, list[str]]] = [] if skip_bf16 else [("bf16", paths.checkpoint, ["bf16"])]
     if q4:
-        pairs.append(("INT4 experts", paths.checkpoint_int4, list(QUANTIZE_ARGS)))
+        pairs.append(("INT4 experts", paths.checkpoint_int4, ["q4_0-experts"]))
+        pairs.append(("INT4 all", paths.checkpoint_int4_all, ["q4_0"]))
     rows: list[dict[str, Any]] = []
     for label, ckpt, kinds in pairs:
         warm = [(b, prompt, n + 1) for b in batches] if compile != "none" else []
@@ -734,7 +748,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r.add_argument(
         "--q4",
         action="store_true",
-        help="also k2serve INT4 experts against llama.cpp Q4_0 (all, and experts only)",
+        help="also k2serve INT4 against llama.cpp Q4_0: every linear INT4 against Q4_0, INT4 experts "
+        "against Q4_0 experts",
     )
     r.add_argument("--skip-bf16", action="store_true", help="only the INT4 / Q4_0 comparison (with --q4)")
     r.add_argument(

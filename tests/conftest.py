@@ -102,6 +102,14 @@ def tiny_int4_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_int4_all_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny` with every linear layer but the router INT4 (lm_head too; bf16 elsewhere)."""
+    from k2serve.model.checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_int4_all"), "tiny", seed=0, quant="int4-all")
+
+
 def dequantized_copy(src: Path, dst: Path) -> Path:
     """The checkpoint `src` written to `dst` with every INT4 or FP8 weight replaced by its dense
     dequantised form (fp32), and no quantization_config."""

@@ -453,7 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quant", choices=("none", "int4", "fp8"), default="none")
+    s.add_argument(
+        "--quant",
+        choices=("none", "int4", "int4-all", "fp8"),
+        default="none",
+        help="int4: routed experts INT4 (as K2's checkpoints); int4-all: every linear but the router",
+    )
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the unquantised weights")
     s.set_defaults(handler=commands.init_model)
 

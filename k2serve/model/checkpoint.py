@@ -4,8 +4,10 @@
 `generation_config.json`, and a tokenizer of K2's kind. Weights are scaled so activations stay O(1)
 through the stack and logits are peaked enough for greedy decoding to be well defined; norms and
 routing correction biases are random, not trivial. Quantisation: "int4" stores the routed experts
-pack-quantized (compressed-tensors, group 32, as Kimi-K2-Thinking); "fp8" stores every linear except
-the router as e4m3 with 128x128 `weight_scale_inv` blocks (as DeepSeek-V3).
+pack-quantized (compressed-tensors, group 32, as Kimi-K2-Thinking); "int4-all" every linear layer but
+the router (attention, dense MLP, shared experts, lm_head too: what llama.cpp's Q4_0 does to a model);
+"fp8" stores every linear except the router as e4m3 with 128x128 `weight_scale_inv` blocks (as
+DeepSeek-V3).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ INT4_QUANT_CONFIG: dict[str, Any] = {
         "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
     ],
 }
+INT4_ALL_QUANT_CONFIG: dict[str, Any] = {**INT4_QUANT_CONFIG, "ignore": []}
+QUANTS = ("none", "int4", "int4-all", "fp8")
 FP8_QUANT_CONFIG: dict[str, Any] = {
     "quant_method": "fp8",
     "activation_scheme": "dynamic",
@@ -137,7 +141,7 @@ def random_tensors(config: ModelConfig, seed: int, quant: str = "none") -> Itera
     for name, out_f, in_f, kind in _linears(config):
         gain = 4.0 if kind == "head" else 1.0
         w = torch.randn(out_f, in_f, generator=g) * (gain * in_f**-0.5)
-        if quant == "int4" and kind == "expert":
+        if (quant == "int4" and kind == "expert") or quant == "int4-all":
             q, scale = quantize_int4(w, group_size=32)
             yield f"{name}.weight_packed", pack_int4(q)
             yield f"{name}.weight_scale", scale.to(torch.bfloat16)
@@ -161,8 +165,8 @@ def write_checkpoint(
 ) -> Path:
     """Write a random checkpoint; returns the directory. `preset` is a preset name or an HF config dict.
     The `demo` preset is the trained checkpoint the package ships: it is copied, not drawn."""
-    if quant not in ("none", "int4", "fp8"):
-        raise ValueError(f"quant must be one of none|int4|fp8, got {quant!r}")
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {'|'.join(QUANTS)}, got {quant!r}")
     if preset == DEMO_PRESET:
         if quant != "none":
             raise ValueError(f"the demo preset ships unquantised (bf16); quant {quant!r} is not available")
@@ -170,6 +174,8 @@ def write_checkpoint(
     cfg_dict = dict(PRESETS[preset]) if isinstance(preset, str) else dict(preset)
     if quant == "int4":
         cfg_dict["quantization_config"] = INT4_QUANT_CONFIG
+    elif quant == "int4-all":
+        cfg_dict["quantization_config"] = INT4_ALL_QUANT_CONFIG
     elif quant == "fp8":
         cfg_dict["quantization_config"] = FP8_QUANT_CONFIG
     cfg_dict["torch_dtype"] = str(dtype).removeprefix("torch.")

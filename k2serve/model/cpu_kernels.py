@@ -49,7 +49,7 @@ AMX_ENABLED = os.environ.get("K2SERVE_AMX", "1") != "0"
 # alternating rounds (benchmarks/moe_kernels_probe.py; BENCHMARKS.md "AMX expert kernel"): grouped / AMX
 # time 0.94 at 1 row an expert, 1.32 at 4, 2.14 at 8, 5.1 at 64.
 AMX_MIN_ROWS_PER_EXPERT = 2
-ABI = 5  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
+ABI = 6  # k2_cpu_gemv_abi() of the source this module calls; a cached build of another source is not it
 
 
 def cache_dir() -> Path:
@@ -113,6 +113,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.k2_moe_int4_grouped.restype = i
     lib.k2_moe_bf16_amx.argtypes = [p] * 13 + [i] * 5
     lib.k2_moe_bf16_amx.restype = i
+    lib.k2_linear_int4.argtypes = [p] * 5 + [i] * 4
+    lib.k2_linear_int4.restype = None
+    lib.k2_dequant_int4.argtypes = [p] * 3 + [i] * 3
+    lib.k2_dequant_int4.restype = None
     lib.k2_amx_chunks.argtypes = [i, i]
     lib.k2_amx_chunks.restype = i
     global _amx  # noqa: PLW0603 - found once with the library; read by routed_bf16, also under trace
@@ -344,11 +348,14 @@ def moe_bf16_amx(
 
 
 def int4_tiles_supported(out_f: int, in_f: int) -> bool:
-    """Whether `moe_int4` reads an [out_f, in_f] INT4 weight as this torch packs it: AVX512's tiles
-    (blocks of 64 rows, byte j = rows j and j + 32; probed by `quant.int4pack_cpu_tiles`)."""
+    """Whether the INT4 kernels here read an [out_f, in_f] INT4 weight as this torch packs it: AVX512's
+    tiles (blocks of 64 rows, byte j = rows j and j + 32; probed by `quant.int4pack_cpu_tiles` on one
+    block of 64 rows, since the layout repeats per block: a probe of a whole lm_head would take GBs)."""
     from k2serve.model.quant import int4pack_cpu_tiles
 
-    tiles = int4pack_cpu_tiles(out_f, in_f)
+    if out_f % 64 or in_f % 2:
+        return False
+    tiles = int4pack_cpu_tiles(64, in_f)
     return tiles is not None and tiles.block == 64 and tiles.rows is None
 
 
@@ -445,6 +452,55 @@ def moe_int4_grouped(
     tensors = (x, ids, weights, w13, w13_sz, w2, w2_sz, xf, act, yw, order, start, xs, used, out)
     _refuse_bad_id(_lib().k2_moe_int4_grouped(*map(_ptr, tensors), t, k, d, inter, e, group), ids, e)
     return out
+
+
+@_native_op("linear_int4(Tensor x, Tensor w, Tensor sz, int group) -> Tensor")
+def linear_int4(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """x [T, K] bf16 @ W.T -> [T, N] bf16 for an INT4 weight W [N, K] in torch's CPU tiles (w uint8
+    [N, K/2], sz bf16 [K/group, N, 2]: what `aten._weight_int4pack_mm_for_cpu(x, w, group, sz)` takes),
+    each output the fp32 sum rounded once (`int4_tiles_supported(N, K)`, K a multiple of `group`)."""
+    _check("x", x, torch.bfloat16, 2)
+    _check("w", w, torch.uint8, 2)
+    _check("sz", sz, torch.bfloat16, 3)
+    t, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] * 2 != k or group <= 0 or k % group or sz.shape != (k // group, n, 2):
+        raise ValueError(
+            f"shapes do not fit: x {tuple(x.shape)}, w {tuple(w.shape)}, sz {tuple(sz.shape)}, group {group}"
+        )
+    if not int4_tiles_supported(n, k):
+        raise ValueError(f"an INT4 weight of {n} x {k}: not this kernel's tiles (blocks of 64 rows)")
+    xf = torch.empty(t, k)
+    y = x.new_empty(t, n)
+    _lib().k2_linear_int4(_ptr(x), _ptr(w), _ptr(sz), _ptr(xf), _ptr(y), t, n, k, group)
+    return y
+
+
+@torch.library.register_fake("k2serve::linear_int4", lib=_LIB)
+def _linear_int4_shape(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@_native_op("dequant_int4(Tensor w, Tensor sz, int group) -> Tensor")
+def dequant_int4(w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """The dense bf16 weight of an INT4 one W [N, K] in torch's CPU tiles (w uint8 [N, K/2], sz bf16
+    [K/group, N, 2]), transposed: [K, N] (`F.linear(x, out.t())`), W = (q - 8) * scale + zero in fp32
+    rounded to bf16 (`int4_tiles_supported`)."""
+    _check("w", w, torch.uint8, 2)
+    _check("sz", sz, torch.bfloat16, 3)
+    n, k = w.shape[0], w.shape[1] * 2
+    if group <= 0 or k % group or sz.shape != (k // group, n, 2):
+        raise ValueError(f"shapes do not fit: w {tuple(w.shape)}, sz {tuple(sz.shape)}, group {group}")
+    if not int4_tiles_supported(n, k):
+        raise ValueError(f"an INT4 weight of {n} x {k}: not this kernel's tiles (blocks of 64 rows)")
+    out = torch.empty(k, n, dtype=torch.bfloat16)
+    _lib().k2_dequant_int4(_ptr(w), _ptr(sz), _ptr(out), n, k, group)
+    return out
+
+
+@torch.library.register_fake("k2serve::dequant_int4", lib=_LIB)
+def _dequant_int4_shape(w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    return sz.new_empty(w.shape[1] * 2, w.shape[0])
 
 
 def _shaped_as_x(x: torch.Tensor, *rest: object) -> torch.Tensor:

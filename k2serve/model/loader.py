@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from k2serve.config import ModelConfig
 from k2serve.model.cpu_linear import prepack_linears
+from k2serve.model.int4_linear import Int4Linear, int4_linear_names, int4_linear_supported, replace_linear
 from k2serve.model.layers import rope_inv_freq
 from k2serve.model.model import K2Model
 from k2serve.model.moe import MoE
@@ -207,10 +209,14 @@ def load_model(
     layout = int4_layout or default_int4_layout(device)
     model = build_empty_model(config, dtype, expert_ids, group, device, layout)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
+    int4_linears = int4_linear_names(model) if layout == "cpu" else set()
     for name, target in params.items():
         if name.startswith("rotary.") or ".experts." in name or name.endswith("global_to_local"):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        module_name = name.removesuffix(".weight")
+        if module_name in int4_linears and _load_int4_linear(reader, model, module_name, config, dtype):
             continue
         is_linear = target.dim() == 2 and name.endswith(".weight") and name != "embed_tokens.weight"
         plain = reader.has(name) and reader.meta(name)[0] in _FLOAT
@@ -258,6 +264,29 @@ def load_model(
     model.eval()
     prepack_linears(model)
     return model
+
+
+def _load_int4_linear(r: _Reader, model: K2Model, name: str, config: ModelConfig, dtype: torch.dtype) -> bool:
+    """Where linear layer `name` is stored pack-quantized and fits `Int4Linear`, put one holding it in
+    place of the dense layer (model/int4_linear.py) and return True; else False (the caller loads or
+    dequantises it into the dense weight)."""
+    if not r.has(name + ".weight_packed"):
+        return False
+    dense = model.get_submodule(name)
+    if not isinstance(dense, nn.Linear):
+        return False
+    out_f, in_f = dense.weight.shape
+    group = config.quant.group_size if config.quant else 32
+    if not int4_linear_supported(out_f, in_f, group):
+        return False
+    _check_shape_tensor(r, name, (out_f, in_f))
+    packed, scale = r.get(name + ".weight_packed"), r.get(name + ".weight_scale")
+    _check(name + ".weight_packed", packed, (out_f, in_f // 8), (torch.int32,))
+    _check(name + ".weight_scale", scale, (out_f, in_f // group), _FLOAT)
+    layer = Int4Linear(in_f, out_f, group, dtype).to(dense.weight.device)
+    layer.set_packed(packed, scale)
+    replace_linear(model, name, layer)
+    return True
 
 
 def _check_shape_tensor(r: _Reader, prefix: str, shape: tuple[int, int]) -> None:

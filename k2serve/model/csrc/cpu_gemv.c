@@ -42,7 +42,7 @@ static inline uint16_t f2bf(float f) {
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
-int k2_cpu_gemv_abi(void) { return 5; }
+int k2_cpu_gemv_abi(void) { return 6; }
 
 int k2_cpu_gemv_supported(void) {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -549,6 +549,66 @@ TGT int k2_moe_int4_grouped(const uint16_t *x, const int64_t *ids, const float *
     sum_rows(yw, out, T, K, D);
   }
   return 0;
+}
+
+/* y[t, n] = bf16(sum_k W[n, k] * x[t, k]) for an INT4 weight W [N, K] in the tile layout above (tiles
+ * [N, K / 2] bytes, scales and zeros sz [K / group, N, 2] bf16): an INT4 linear layer without bias, the
+ * sums in tile64's order. x [T, K] bf16, y [T, N] bf16; N a multiple of 64, K of `group`. Threads split
+ * the 64-row blocks; each block's tiles are read and unpacked once for up to four tokens. Scratch: xf
+ * [T, K] fp32. */
+TGT void k2_linear_int4(const uint16_t *x, const uint8_t *w, const uint16_t *sz, float *xf, uint16_t *y, int T,
+                        int N, int K, int group) {
+  int nb = N / 64;
+  for (long i = 0; i < (long)T * K; i++) xf[i] = bf2f(x[i]);
+#pragma omp parallel
+  {
+    float acc[256];
+    const float *xs[4];
+#pragma omp for schedule(static)
+    for (int b = 0; b < nb; b++) {
+      for (int t0 = 0; t0 < T; t0 += 4) {
+        int m = T - t0 < 4 ? T - t0 : 4;
+        for (int t = 0; t < m; t++) xs[t] = xf + (long)(t0 + t) * K;
+        tile64xn(w + (long)b * K * 32, sz, N, 64L * b, xs, m, K, group, acc);
+        for (int t = 0; t < m; t++)
+          for (int j = 0; j < 64; j++) y[(long)(t0 + t) * N + 64L * b + j] = f2bf(acc[64 * t + j]);
+      }
+    }
+  }
+}
+
+/* The dense bf16 weight of an INT4 linear layer in the tile layout above, transposed: out[k, n] =
+ * bf16((q - 8) * scale + zero) for W [N, K] ((q - 8) * scale is exact in fp32), rounded to nearest even
+ * (`F.linear(x, out.t())` reads it; per input k a block's 64 outputs are contiguous, so the loop is a
+ * vector unpack and store). N a multiple of 64, K of `group`; out [K, N]. */
+TGT void k2_dequant_int4(const uint8_t *w, const uint16_t *sz, uint16_t *out, int N, int K, int group) {
+  int nb = N / 64;
+  const __m512i m4 = _mm512_set1_epi32(15), hi16 = _mm512_set1_epi32((int)0xffff0000u);
+  const __m512 eight = _mm512_set1_ps(8.0f);
+#pragma omp parallel for schedule(static)
+  for (int b = 0; b < nb; b++) {
+    for (int g0 = 0; g0 < K; g0 += group) {
+      const uint16_t *s = sz + ((long)(g0 / group) * N + 64L * b) * 2;
+      __m512 sc[4], ze[4];
+      for (int q = 0; q < 4; q++) {
+        __m512i v = _mm512_loadu_si512(s + 32 * q); /* 16 (scale, zero) pairs */
+        sc[q] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        ze[q] = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+      }
+      for (int k = g0; k < g0 + group; k++) {
+        const uint8_t *p = w + ((long)b * K + k) * 32;
+        __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+        __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)));
+        __m512i qs[4] = {_mm512_and_si512(v0, m4), _mm512_and_si512(v1, m4), _mm512_srli_epi32(v0, 4),
+                         _mm512_srli_epi32(v1, 4)};
+        uint16_t *o = out + (long)k * N + 64L * b;
+        for (int q = 0; q < 4; q++) {
+          __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(qs[q]), eight), sc[q], ze[q]);
+          _mm256_storeu_si256((__m256i *)(o + 16 * q), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+    }
+  }
 }
 
 /* ---- bf16 experts on AMX tiles (TDPBF16PS) ----------------------------------------------------------
