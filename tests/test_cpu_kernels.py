@@ -418,7 +418,7 @@ def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize(
     ("ckpt", "batch", "ops"),
     [
-        ("tiny_ckpt", 1, ("k2serve.moe_bf16", "k2serve.linear_bf16")),
+        ("tiny_ckpt", 1, ("k2serve.moe_bf16", "k2serve.linear_bf16", "k2serve.mla_decode")),
         ("tiny_ckpt", 2, ("k2serve.moe_bf16_grouped",)),
         pytest.param("tiny_ckpt", 6, ("k2serve.moe_bf16_amx",), marks=needs_amx),
         ("tiny_int4_ckpt", 1, ("k2serve.moe_int4",)),
@@ -486,3 +486,65 @@ def test_compiled_bf16_step_calls_the_kernels(
         torch.testing.assert_close(g, w, rtol=0.05, atol=0.05 * w.abs().max().item())
         if g.argmax(-1).tolist() != w.argmax(-1).tolist():
             break  # a near tie picked another token: from here the two runs decode different inputs
+
+
+# (preset, rows, context): `small` and `moe200m` at one row, `small` at 8 rows, and K2's attention
+# (64 heads, latent 512 + 64, dn 128, dv 128) at 2 rows; contexts of whole and partial blocks
+ATTENTION_CASES = [("small", 1, 150), ("moe200m", 1, 64), ("small", 8, 300), ("k2", 2, 40)]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("preset", "rows", "context"), ATTENTION_CASES)
+def test_mla_decode_matches_the_captured_steps_torch_attention(preset: str, rows: int, context: int) -> None:
+    """`k2serve::mla_decode` against `captured.absorbed_attention` (the bf16 torch computation it
+    replaces) on a pool whose blocks are shuffled among the rows, one row a padding row (position 0 on a
+    block of its own): each output within a bf16 step of its row's largest, > 97% bit for bit equal."""
+    from k2serve.config import ModelConfig
+    from k2serve.engine.captured import absorbed_attention
+    from k2serve.model.mla import MLA
+    from k2serve.model.presets import PRESETS
+
+    if preset == "k2":  # K2's bundled config (k2serve/capacity), its attention only
+        from k2serve.capacity.memory import BUNDLED
+
+        config = ModelConfig.from_file(BUNDLED["kimi-k2-thinking"])
+    else:
+        config = ModelConfig.from_dict(PRESETS[preset])
+    g = torch.Generator().manual_seed(rows + context)
+    mla = MLA(config, 0).to(torch.bfloat16)
+    with torch.no_grad():
+        mla.kv_b_proj.weight.copy_(torch.randn(mla.kv_b_proj.weight.shape, generator=g) * mla.kv_rank**-0.5)
+    heads, bs = mla.n_heads, 16
+    per_row = -(-context // bs)
+    blocks = rows * per_row + 1
+    kv = torch.randn(2, blocks, bs, mla.kv_rank + mla.rope_dim, generator=g).bfloat16()
+    tables = torch.randperm(blocks - 1, generator=g)[: rows * per_row].view(rows, per_row)
+    positions = torch.randint(context // 2, context, (rows,), generator=g)
+    positions[0] = context - 1
+    if rows > 1:  # a padding row: position 0 on the spare block
+        positions[-1] = 0
+        tables[-1] = blocks - 1
+    q_nope = torch.randn(rows, heads, mla.nope_dim, generator=g).bfloat16()
+    q_pe = torch.randn(rows, heads, mla.rope_dim, generator=g).bfloat16()
+    want = absorbed_attention(mla, q_nope, q_pe, kv[1], tables, positions).float()
+    got = cpu_kernels.mla_decode(q_nope, q_pe, kv, 1, tables, positions, mla.kv_b_proj.weight, mla.softmax_scale)
+    assert got.shape == (rows, heads, mla.v_dim) and got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs() <= want.abs().amax(-1, keepdim=True) * 2**-7).all()
+    assert (got.float() == want).float().mean() > 0.97
+
+
+@needs_kernels
+def test_mla_decode_refuses_reads_outside_the_pool() -> None:
+    q_nope, q_pe = torch.zeros(1, 2, 16).bfloat16(), torch.zeros(1, 2, 8).bfloat16()
+    kv = torch.zeros(1, 4, 8, 32 + 8).bfloat16()
+    w = torch.zeros(2 * (16 + 16), 32).bfloat16()
+    args = (q_nope, q_pe, kv, 0)
+    with pytest.raises(ValueError, match="row 0: position 9 or its block table entries fall outside"):
+        cpu_kernels.mla_decode(*args, torch.tensor([[0, 7]]), torch.tensor([9]), w, 1.0)  # block 7 of 4
+    with pytest.raises(ValueError, match="row 0: position 16"):
+        cpu_kernels.mla_decode(*args, torch.tensor([[0, 1]]), torch.tensor([16]), w, 1.0)  # past the table
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        cpu_kernels.mla_decode(*args, torch.tensor([[0, 1]]), torch.tensor([3]), w[:10], 1.0)
+    torch.library.opcheck(
+        torch.ops.k2serve.mla_decode.default, (*args, torch.tensor([[0, 1]]), torch.tensor([9]), w, 0.5)
+    )

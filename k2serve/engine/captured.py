@@ -215,20 +215,40 @@ class StaticDecodeAttention:
         bs = self.pool.block_size
         where = (torch.full_like(inp.slots, layer), inp.slots // bs, inp.slots % bs)
         self.pool.kv.index_put_(where, latent.to(kv.dtype))
-        b, c = q_nope.shape[0], mla.kv_rank
-        keys = kv[inp.block_tables].flatten(1, 2).to(q_nope.dtype)  # [B, K, C + dr]
-        w_uk, w_uv = mla.absorb_weights()
-        q_lat = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)
-        query = torch.cat((q_lat, q_pe), dim=-1)  # [B, H, C + dr]
-        scores = torch.bmm(query, keys.transpose(1, 2)).float() * mla.softmax_scale  # [B, H, K]
-        key_pos = torch.arange(keys.shape[1], device=keys.device)
-        future = key_pos[None, :] > inp.positions[:, None]  # [B, K]
-        p = torch.softmax(scores.masked_fill(future[:, None, :], float("-inf")), dim=-1)
-        # over the whole latent rows, then the first C columns: a bmm on `keys[..., :c]` made Inductor
-        # copy the strided slice first ([B, K, C]: 0.6 ms a layer at batch 64 of `small`; the step's
-        # median 114.5 -> 105.8 ms in 3 alternating runs, the rope columns' 12% more products included)
-        o_lat = torch.bmm(p.to(keys.dtype), keys)[..., :c]  # [B, H, C]
-        return torch.einsum("bhc,hdc->bhd", o_lat, w_uv).view(b, mla.n_heads, mla.v_dim)
+        if compiled_gemv.native_attention(q_nope.dtype, kv.dtype, q_nope.shape[0], mla.kv_rank):
+            wkv = mla.kv_b_proj.weight
+            q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()  # splits of one projection's output
+            return cpu_kernels.mla_decode(
+                q_nope, q_pe, self.pool.kv, layer, inp.block_tables, inp.positions, wkv, mla.softmax_scale
+            )
+        return absorbed_attention(mla, q_nope, q_pe, kv, inp.block_tables, inp.positions)
+
+
+def absorbed_attention(
+    mla: MLA,
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv: torch.Tensor,
+    block_tables: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """q_nope [B, H, dn], q_pe [B, H, dr] -> [B, H, dv]: absorbed attention of each row over the keys
+    [0, position] of one layer's latent pool kv [blocks, bs, C + dr], gathered through its padded block
+    table [B, NB] (`cpu_kernels.mla_decode` computes the same with the same roundings)."""
+    b, c = q_nope.shape[0], mla.kv_rank
+    keys = kv[block_tables].flatten(1, 2).to(q_nope.dtype)  # [B, K, C + dr]
+    w_uk, w_uv = mla.absorb_weights()
+    q_lat = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)
+    query = torch.cat((q_lat, q_pe), dim=-1)  # [B, H, C + dr]
+    scores = torch.bmm(query, keys.transpose(1, 2)).float() * mla.softmax_scale  # [B, H, K]
+    key_pos = torch.arange(keys.shape[1], device=keys.device)
+    future = key_pos[None, :] > positions[:, None]  # [B, K]
+    p = torch.softmax(scores.masked_fill(future[:, None, :], float("-inf")), dim=-1)
+    # over the whole latent rows, then the first C columns: a bmm on `keys[..., :c]` made Inductor
+    # copy the strided slice first ([B, K, C]: 0.6 ms a layer at batch 64 of `small`; the step's
+    # median 114.5 -> 105.8 ms in 3 alternating runs, the rope columns' 12% more products included)
+    o_lat = torch.bmm(p.to(keys.dtype), keys)[..., :c]  # [B, H, C]
+    return torch.einsum("bhc,hdc->bhd", o_lat, w_uv).view(b, mla.n_heads, mla.v_dim)
 
 
 StepFn = Callable[[], torch.Tensor]

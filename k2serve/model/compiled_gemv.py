@@ -76,6 +76,8 @@ AMX_MOE_MAX_ROWS_PER_EXPERT = 256
 # 1.36 at 128 (16 rows an expert); `moe200m` 3.2, 3.6, 2.7, 2.2, 1.7).
 NATIVE_INT4_MAX_ROWS_PER_EXPERT = 16
 NATIVE_LINEAR_MAX_WEIGHTS = 4 * 2**20
+# Decode rows up to which the captured step's bf16 attention runs `cpu_kernels.mla_decode`.
+NATIVE_ATTENTION_MAX_ROWS = 64
 
 _on = False  # module globals on purpose: dynamo guards on the values a traced forward read
 _native = False
@@ -109,6 +111,17 @@ def native_linear(rows: int, weights: int) -> bool:
     """Whether a traced bf16 linear layer of `rows` rows and `weights` weights runs
     `cpu_kernels.linear_bf16`."""
     return _native and rows <= NATIVE_LINEAR_MAX_ROWS and weights <= NATIVE_LINEAR_MAX_WEIGHTS
+
+
+def native_attention(dtype: torch.dtype, cache_dtype: torch.dtype, rows: int, kv_rank: int) -> bool:
+    """Whether a traced captured step's absorbed attention of `rows` bf16 decode rows runs
+    `cpu_kernels.mla_decode` (one call a layer) instead of torch's gather, bmm and einsum calls."""
+    return (
+        _native
+        and dtype == cache_dtype == torch.bfloat16
+        and rows <= NATIVE_ATTENTION_MAX_ROWS
+        and kv_rank % 16 == 0
+    )
 
 
 def native_moe_max_rows(experts: int) -> int:

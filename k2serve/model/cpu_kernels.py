@@ -117,6 +117,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.k2_linear_int4.restype = None
     lib.k2_dequant_int4.argtypes = [p] * 3 + [i] * 3
     lib.k2_dequant_int4.restype = None
+    lib.k2_mla_decode.argtypes = [p] * 6 + [ctypes.c_float] + [p] * 2 + [i] * 9
+    lib.k2_mla_decode.restype = i
     lib.k2_amx_chunks.argtypes = [i, i]
     lib.k2_amx_chunks.restype = i
     global _amx  # noqa: PLW0603 - found once with the library; read by routed_bf16, also under trace
@@ -501,6 +503,82 @@ def dequant_int4(w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
 @torch.library.register_fake("k2serve::dequant_int4", lib=_LIB)
 def _dequant_int4_shape(w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
     return sz.new_empty(w.shape[1] * 2, w.shape[0])
+
+
+@_native_op(
+    "mla_decode(Tensor q_nope, Tensor q_pe, Tensor kv, int layer, Tensor block_tables, Tensor positions, "
+    "Tensor wkv, float scale) -> Tensor"
+)
+def mla_decode(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    positions: torch.Tensor,
+    wkv: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The captured decode step's absorbed MLA attention for one layer (`captured.StaticDecodeAttention`
+    in bf16): q_nope [B, H, dn] and q_pe [B, H, dr] bf16, the latent pool kv [layers, blocks, bs, C + dr]
+    bf16 read at `layer` through block_tables [B, NB] int64 up to positions [B] int64 (each row's keys
+    0..position), wkv = kv_b_proj's weight [H * (dn + dv), C] bf16 (W_UK and W_UV per head) -> [B, H, dv]
+    bf16, with the torch code's roundings."""
+    _check("q_nope", q_nope, torch.bfloat16, 3)
+    _check("q_pe", q_pe, torch.bfloat16, 3)
+    _check("kv", kv, torch.bfloat16, 4)
+    _check("block_tables", block_tables, torch.int64, 2)
+    _check("positions", positions, torch.int64, 1)
+    _check("wkv", wkv, torch.bfloat16, 2)
+    b, h, dn = q_nope.shape
+    dr = q_pe.shape[2]
+    layers, blocks, bs, width = kv.shape
+    c = width - dr
+    nb = block_tables.shape[1]
+    dv = wkv.shape[0] // h - dn
+    if (
+        q_pe.shape[:2] != (b, h)
+        or positions.shape != (b,)
+        or block_tables.shape[0] != b
+        or wkv.shape != (h * (dn + dv), c)
+        or dv <= 0
+        or c % 16
+        or not 0 <= layer < layers
+    ):
+        raise ValueError(
+            f"shapes do not fit: q_nope {tuple(q_nope.shape)}, q_pe {tuple(q_pe.shape)}, kv {tuple(kv.shape)} "
+            f"(layer {layer}), block_tables {tuple(block_tables.shape)}, positions {tuple(positions.shape)}, "
+            f"wkv {tuple(wkv.shape)}"
+        )
+    scratch = torch.empty(b * h, nb * bs)
+    out = q_nope.new_empty(b, h, dv)
+    at_layer = kv.data_ptr() + layer * blocks * bs * width * kv.element_size()
+    tensors = (q_nope, q_pe)
+    bad = _lib().k2_mla_decode(
+        *map(_ptr, tensors), at_layer, *map(_ptr, (block_tables, positions, wkv)), scale, _ptr(scratch),
+        _ptr(out), b, h, dn, dr, c, dv, nb, bs, blocks
+    )  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"row {bad - 1}: position {int(positions[bad - 1])} or its block table entries fall outside "
+            f"the {nb} x {bs} table / the pool's {blocks} blocks"
+        )
+    return out
+
+
+@torch.library.register_fake("k2serve::mla_decode", lib=_LIB)
+def _mla_decode_shape(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    positions: torch.Tensor,
+    wkv: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    dv = wkv.shape[0] // q_nope.shape[1] - q_nope.shape[2]
+    return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], dv)
 
 
 def _shaped_as_x(x: torch.Tensor, *rest: object) -> torch.Tensor:

@@ -611,6 +611,77 @@ TGT void k2_dequant_int4(const uint8_t *w, const uint16_t *sz, uint16_t *out, in
   }
 }
 
+/* ---- absorbed MLA attention of decode rows over the latent cache ----------------------------------
+ * `captured.StaticDecodeAttention`'s bf16 computation for one layer in one call (on two threads the
+ * torch version's eight small bmm / einsum calls cost ~100 us a layer at batch 1, nearly all overhead):
+ * per (row b, head h), with W = C + dr latent columns and the keys of positions 0..pos[b] read in place
+ * through the row's block table (no gathered copy):
+ *   q_lat = bf16(q_nope @ W_UK[h])             [C]   (W_UK[h] = kv_b weight rows h (dn + dv) .. + dn)
+ *   s[t]  = bf16(cat(q_lat, q_pe) . key[t]) * scale      (bmm's bf16 output, then fp32)
+ *   p     = bf16(softmax(s))                   (fp32 exp / sum, then rounded as `p.to(bf16)`)
+ *   o     = bf16(sum_t p[t] key[t][:C])        [C]
+ *   out   = bf16(o @ W_UV[h].T)                [dv]  (W_UV[h] = the next dv rows)
+ * The same rounding points as the torch code, fp32 sums in another order. C a multiple of 16.
+ * kv: the pool [layers, blocks, bs, W] at this layer; tables [B, NB]; scratch [B * H, NB * bs] fp32.
+ * Returns 0, or 1 + the first row whose position or block table entries fall outside the pool. */
+TGT int k2_mla_decode(const uint16_t *qn, const uint16_t *qpe, const uint16_t *kv, const int64_t *tables,
+                      const int64_t *pos, const uint16_t *wkv, float scale, float *scratch, uint16_t *out, int B,
+                      int H, int dn, int dr, int C, int dv, int NB, int bs, int blocks) {
+  int W = C + dr;
+  for (int b = 0; b < B; b++) { /* every read in range: 1 + the first bad row, else 0 */
+    if (pos[b] < 0 || pos[b] >= (long)NB * bs) return b + 1;
+    for (int j = 0; j <= pos[b] / bs; j++)
+      if (tables[(long)b * NB + j] < 0 || tables[(long)b * NB + j] >= blocks) return b + 1;
+  }
+#pragma omp parallel
+  {
+    float acc[C];
+    uint16_t query[W], ob[C];
+#pragma omp for schedule(static)
+    for (int item = 0; item < B * H; item++) {
+      int b = item / H, h = item % H, P = (int)pos[b];
+      const uint16_t *wk = wkv + (long)h * (dn + dv) * C, *wv = wk + (long)dn * C;
+      const int64_t *tb = tables + (long)b * NB;
+      float *s = scratch + (long)item * NB * bs;
+      for (int c = 0; c < C; c += 16) _mm512_storeu_ps(acc + c, _mm512_setzero_ps());
+      for (int d = 0; d < dn; d++) {
+        __m512 qd = _mm512_set1_ps(bf2f(qn[(long)item * dn + d]));
+        const uint16_t *row = wk + (long)d * C;
+        for (int c = 0; c < C; c += 16) {
+          __m512 w = _mm512_castsi512_ps(
+              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + c))), 16));
+          _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(qd, w, _mm512_loadu_ps(acc + c)));
+        }
+      }
+      for (int c = 0; c < C; c++) query[c] = f2bf(acc[c]);
+      for (int j = 0; j < dr; j++) query[C + j] = qpe[(long)item * dr + j];
+      float mx = -INFINITY, sum = 0.0f;
+      for (int t = 0; t <= P; t++) {
+        const uint16_t *key = kv + (tb[t / bs] * bs + t % bs) * (long)W;
+        s[t] = round_bf(dot1(query, key, W)) * scale;
+        if (s[t] > mx) mx = s[t];
+      }
+      for (int t = 0; t <= P; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+      }
+      for (int c = 0; c < C; c += 16) _mm512_storeu_ps(acc + c, _mm512_setzero_ps());
+      for (int t = 0; t <= P; t++) {
+        __m512 pt = _mm512_set1_ps(round_bf(s[t] / sum));
+        const uint16_t *key = kv + (tb[t / bs] * bs + t % bs) * (long)W;
+        for (int c = 0; c < C; c += 16) {
+          __m512 k = _mm512_castsi512_ps(
+              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(key + c))), 16));
+          _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(pt, k, _mm512_loadu_ps(acc + c)));
+        }
+      }
+      for (int c = 0; c < C; c++) ob[c] = f2bf(acc[c]);
+      for (int d = 0; d < dv; d++) out[(long)item * dv + d] = f2bf(dot1(ob, wv + (long)d * C, C));
+    }
+  }
+  return 0;
+}
+
 /* ---- bf16 experts on AMX tiles (TDPBF16PS) ----------------------------------------------------------
  * From a few rows an expert on, VDPBF16PS is compute-bound (~100 GFLOP/s on two cores against the ~30
  * GB/s the weights stream at); AMX multiplies a 16 x 32 bf16 tile by a 32 x 16 one per instruction.
