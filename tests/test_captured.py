@@ -16,7 +16,13 @@ import torch
 from torch._inductor.utils import fresh_cache, run_and_get_code
 
 from k2serve.config import ModelConfig
-from k2serve.engine.captured import CapturedDecode, blocks_bucket, capture_sizes, unsupported_reason
+from k2serve.engine.captured import (
+    CapturedDecode,
+    DecodeRow,
+    blocks_bucket,
+    capture_sizes,
+    unsupported_reason,
+)
 from k2serve.engine.config import EngineConfig, EngineConfigError
 from k2serve.engine.llm_engine import LLMEngine
 from k2serve.engine.model_runner import RowSpec, captured_rows
@@ -173,12 +179,19 @@ def test_padding_rows_write_only_the_scratch_block(tiny_ckpt: Path) -> None:
     assert not (changed & ~allowed).any()
 
 
-def test_mixed_steps_and_draft_rows_run_eager() -> None:
+def test_mixed_steps_run_eager_and_draft_rows_become_a_row_per_position() -> None:
     decode = RowSpec([3], 10, [0, 1], True)
     assert captured_rows([decode, decode]) is not None
     assert captured_rows([decode, RowSpec([3, 4], 10, [0, 1], True)]) is None  # a prefill chunk
-    assert captured_rows([RowSpec([3, 4, 5], 10, [0, 1], True, num_logits=3)]) is None  # drafts
     assert captured_rows([RowSpec([3], 10, [0, 1], False)]) is None
+    drafts = RowSpec([3, 4, 5], 10, [0, 1], True, num_logits=3)  # verifying 2 drafts at positions 11, 12
+    assert captured_rows([decode, drafts]) == [
+        DecodeRow(3, 10, [0, 1]),
+        DecodeRow(3, 10, [0, 1]),
+        DecodeRow(4, 11, [0, 1]),
+        DecodeRow(5, 12, [0, 1]),
+    ]
+    assert captured_rows([RowSpec([3, 4, 5], 10, [0, 1], True, num_logits=2)]) is None
 
 
 def test_long_batches_run_eager(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:

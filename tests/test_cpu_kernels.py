@@ -527,7 +527,9 @@ def test_mla_decode_matches_the_captured_steps_torch_attention(preset: str, rows
     q_nope = torch.randn(rows, heads, mla.nope_dim, generator=g).bfloat16()
     q_pe = torch.randn(rows, heads, mla.rope_dim, generator=g).bfloat16()
     want = absorbed_attention(mla, q_nope, q_pe, kv[1], tables, positions).float()
-    got = cpu_kernels.mla_decode(q_nope, q_pe, kv, 1, tables, positions, mla.kv_b_proj.weight, mla.softmax_scale)
+    got = cpu_kernels.mla_decode(
+        q_nope, q_pe, kv, 1, tables, positions, mla.kv_b_proj.weight, mla.softmax_scale
+    )
     assert got.shape == (rows, heads, mla.v_dim) and got.dtype == torch.bfloat16
     assert ((got.float() - want).abs() <= want.abs().amax(-1, keepdim=True) * 2**-7).all()
     assert (got.float() == want).float().mean() > 0.97

@@ -176,6 +176,36 @@ def test_greedy_equal_with_and_without_speculation(tiny_ckpt: Path) -> None:
     assert spec.num_computed_tokens_total > sum(len(p) for p in ps)
 
 
+def test_verifying_rows_run_in_the_captured_step_greedy_equal(tiny_ckpt: Path) -> None:
+    """With the captured decode step (its static forward run eagerly here, as test_captured's padding
+    tests do; Inductor's compile of it is the same code), a step of speculative rows runs as one decode
+    row per verified position (their latents written before any row attends, so each position sees the
+    drafts before it): buckets sized for max_num_seqs x (1 + num_speculative_tokens) rows, the verifying
+    steps served captured, and the greedy tokens those of the engine without drafts."""
+    from k2serve.engine.captured import CapturedDecode
+
+    ps = workload()
+    params = [greedy(24 + 3 * i) for i in range(len(ps))]
+    expected = generate(make_engine(tiny_ckpt, None), ps, params)
+    spec = make_engine(tiny_ckpt, SPEC, max_num_seqs=4)
+    rows = spec.config.max_num_seqs * (1 + SPEC["num_speculative_tokens"])
+    captured = CapturedDecode(spec.model, spec.pool, spec.runner.pad_slot, rows, 16, compile=False)
+    assert captured.sizes[-1] >= rows == 20
+    spec.runner.captured = captured
+    served: list[int] = []
+    run = captured.run
+
+    def counted(decode_rows: Any, run: Any = run) -> torch.Tensor:
+        served.append(len(decode_rows))
+        return run(decode_rows)
+
+    captured.run = counted  # type: ignore[method-assign]
+    got = generate(spec, ps, params)
+    assert got == expected
+    assert spec.spec_stats.num_accepted_tokens > 0
+    assert max(served) > spec.config.max_num_seqs  # steps with drafts ran captured, a row per position
+
+
 @pytest.mark.slow
 def test_greedy_equal_one_at_a_time_and_mixed_with_plain_rows(tiny_ckpt: Path) -> None:
     """Speculative rows batched with prefill chunks, sampled rows and a request too near max_tokens to

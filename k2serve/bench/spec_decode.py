@@ -379,6 +379,8 @@ def bench(model: Path, args: argparse.Namespace, spec: dict[str, dict[str, Any]]
             block_size=16,
             enable_prefix_caching=True,
             speculative_config=spec.get(m),  # type: ignore[arg-type]
+            compile=args.compile,
+            max_num_seqs=max(args.batch, 1),
         )
         runners[m] = Runner(LLMEngine.from_pretrained(model, dtype, cfg), args.output_len)
     tokenizer = runners["none"].engine.tokenizer
@@ -386,8 +388,9 @@ def bench(model: Path, args: argparse.Namespace, spec: dict[str, dict[str, Any]]
     if {"agent", "tools"} & set(workloads) and tokenizer is None:
         raise SystemExit(f"{model}: the agent and tools workloads need the model's tokenizer; it has none")
     encoder = PromptEncoder(tokenizer) if tokenizer is not None else None
-    for r in runners.values():  # warm-up
-        r.run([[1, 2, 3, 1, 2, 3]])
+    for r in runners.values():  # warm-up (with --compile decode: the buckets a few drafts' rows need)
+        for prompt in ([1, 2, 3, 1, 2, 3], [5, 6, 7, 8] * 6, [9] * 12):
+            r.run([prompt])
     results: dict[str, Any] = {}
     for name in workloads:
         rates: dict[str, dict[str, list[float]]] = {
@@ -423,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--seed", type=int, default=0, help="seed of the preset weights and the workloads")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument(
+        "--compile",
+        default="none",
+        choices=["none", "decode"],
+        help="decode: the captured decode step, verifying steps included (one row per verified position)",
+    )
     ap.add_argument("--workload", default="all", choices=[*WORKLOADS, "all"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--output-len", type=int, default=64, help="max tokens per reply (EOS ends one earlier)")

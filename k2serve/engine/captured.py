@@ -75,10 +75,10 @@ def use_inductor_cache() -> None:
         os.environ[INDUCTOR_CACHE_ENV] = str(default_inductor_cache())
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    """The batch buckets: powers of two from 1 up to the first that holds max_num_seqs rows."""
+def capture_sizes(max_rows: int) -> list[int]:
+    """The batch buckets: powers of two from 1 up to the first that holds max_rows rows."""
     sizes = [1]
-    while sizes[-1] < max_num_seqs:
+    while sizes[-1] < max_rows:
         sizes.append(sizes[-1] * 2)
     return sizes
 
@@ -275,12 +275,14 @@ class CapturedDecode:
         model: K2Model,
         pool: KVCachePool,
         pad_slot: int,
-        max_num_seqs: int,
+        max_rows: int,
         max_blocks_per_seq: int,
         compile: bool = True,
         gemv: bool | None = None,
     ) -> None:
         """`pad_slot`: the scratch slot padding rows write (its block is never a sequence's).
+        `max_rows`: the most decode rows of a step (the engine's max_num_seqs, times 1 + the speculative
+        tokens where drafts are verified: each verified position is a row).
         `compile`: False runs the CPU buckets' static forward eagerly (the tests' way to check the
         padding and static inputs without paying for Inductor); CUDA always captures.
         `gemv`: the CPU step's small-batch kernels (model/compiled_gemv.py: prepacked bf16 linears and
@@ -288,7 +290,7 @@ class CapturedDecode:
         self.model = model
         self.pool = pool
         self.pad_slot = pad_slot
-        self.sizes = capture_sizes(max_num_seqs)
+        self.sizes = capture_sizes(max_rows)
         self.max_blocks = blocks_bucket(max(1, max_blocks_per_seq))
         self.device = pool.kv.device
         self.buckets: dict[tuple[int, int], Bucket] = {}

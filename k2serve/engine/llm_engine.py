@@ -221,7 +221,9 @@ class LLMEngine:
             logger.warning("--compile decode: %s; decode steps run eager", reason)
             return None
         blocks = -(-self.max_model_len // self.config.block_size)
-        return CapturedDecode(self.model, self.pool, pad_slot, self.config.max_num_seqs, blocks)
+        spec = self.config.speculative_config
+        rows = self.config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+        return CapturedDecode(self.model, self.pool, pad_slot, rows, blocks)
 
     @classmethod
     def from_pretrained(

@@ -400,11 +400,15 @@ def build_step_inputs(
 
 
 def captured_rows(rows: Seq[RowSpec]) -> list[DecodeRow] | None:
-    """The rows as captured-step rows when every one is a sampling 1-token decode row (no drafts),
-    else None (the step runs eager)."""
-    if not all(len(r.token_ids) == 1 and r.sample and r.num_logits == 1 for r in rows):
+    """The rows as captured-step rows when every one is a sampling row that wants the logits of each of
+    its tokens: a 1-token decode row, or a speculative row verifying its drafts, which becomes one decode
+    row per position (token j at start + j over the row's block table: the captured attention writes
+    every row's latent before any row reads its keys, so position start + j sees the drafts before it
+    as the eager step's causal mask lets it); else None (the step runs eager). The logits come back in
+    row order, `num_logits` per row, as `ModelRunner.run` returns them."""
+    if not all(r.sample and r.num_logits == len(r.token_ids) for r in rows):
         return None
-    return [DecodeRow(r.token_ids[0], r.start, r.block_table) for r in rows]
+    return [DecodeRow(t, r.start + j, r.block_table) for r in rows for j, t in enumerate(r.token_ids)]
 
 
 class ModelRunner:
