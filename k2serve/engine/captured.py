@@ -10,11 +10,15 @@ data-dependent Python: static inputs are token ids [B], positions [B], KV slots 
 
 - attention (`StaticDecodeAttention`): writes the new latent at the rows' slots, gathers each row's
   keys by its padded block table ([B, NB * block_size] keys) and attends absorbed over the latent,
-  masking keys past the row's position (a padded block's keys sit past every real position);
+  masking keys past the row's position (a padded block's keys sit past every real position); in bf16
+  on a CPU with k2serve's native kernels, up to `compiled_gemv.NATIVE_ATTENTION_MAX_ROWS` rows, one
+  `cpu_kernels.mla_decode` call a layer that reads the keys in place instead;
 - routed experts (`RoutedExperts.forward_static`): top-k routing, then on CPU at few (token, expert)
   rows per-row GEMVs over the weights indexed by the ids (model/compiled_gemv.py), else one grouped
   GEMM over the rows sorted by expert with device-side offsets (no `.tolist()`), or a dense loop over
   the static expert count where torch's grouped GEMM does not apply;
+- a speculative row verifying d drafts: 1 + d decode rows (positions start .. start + d over the same
+  block table; the latents are all written before any row attends, which is the causal mask);
 - the logits of all B rows; sampling stays outside (it is per-request Python: penalties, grammars,
   generators), on the first n rows.
 

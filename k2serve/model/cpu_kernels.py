@@ -10,6 +10,8 @@ weighted sum of the k experts in one call, reading only the routed experts), `li
 a bf16 rounding step (tests/test_cpu_kernels.py bounds it); the fp32 step never uses them. Where the CPU
 has AMX-BF16, `moe_bf16_amx` runs the bf16 routed experts of 2 to 256 rows an expert on AMX tiles
 (TDPBF16PS): memory-bound from ~4 rows an expert, where the VDPBF16PS kernels are compute-bound.
+`linear_int4` and `dequant_int4` serve INT4 linear layers (model/int4_linear.py) in torch's CPU int4
+tiles, and `mla_decode` the captured step's absorbed MLA attention of a layer (engine/captured.py).
 
 The C source ships with the package and is compiled at first use with the C compiler (`$CC`, else
 `cc`; torch.compile's CPU backend needs one already) into `~/.cache/k2serve/cpu-kernels/<hash>/`,
@@ -113,8 +115,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.k2_moe_int4_grouped.restype = i
     lib.k2_moe_bf16_amx.argtypes = [p] * 13 + [i] * 5
     lib.k2_moe_bf16_amx.restype = i
-    lib.k2_linear_int4.argtypes = [p] * 5 + [i] * 4
-    lib.k2_linear_int4.restype = None
+    lib.k2_linear_int4.argtypes = [p] * 4 + [i] * 4
+    lib.k2_linear_int4.restype = i
     lib.k2_dequant_int4.argtypes = [p] * 3 + [i] * 3
     lib.k2_dequant_int4.restype = None
     lib.k2_mla_decode.argtypes = [p] * 6 + [ctypes.c_float] + [p] * 2 + [i] * 9
@@ -466,16 +468,21 @@ def linear_int4(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) 
     _check("sz", sz, torch.bfloat16, 3)
     t, k = x.shape
     n = w.shape[0]
-    if w.shape[1] * 2 != k or group <= 0 or k % group or sz.shape != (k // group, n, 2):
-        raise ValueError(
-            f"shapes do not fit: x {tuple(x.shape)}, w {tuple(w.shape)}, sz {tuple(sz.shape)}, group {group}"
-        )
-    if not int4_tiles_supported(n, k):
-        raise ValueError(f"an INT4 weight of {n} x {k}: not this kernel's tiles (blocks of 64 rows)")
-    xf = torch.empty(t, k)
+    if (n, k, group, sz.shape) not in _int4_linear_shapes:  # checked once per shape (called ~50 times a step)
+        if w.shape[1] * 2 != k or group <= 0 or k % group or sz.shape != (k // group, n, 2):
+            raise ValueError(
+                f"shapes do not fit: x {tuple(x.shape)}, w {tuple(w.shape)}, sz {tuple(sz.shape)}, group {group}"
+            )
+        if not int4_tiles_supported(n, k):
+            raise ValueError(f"an INT4 weight of {n} x {k}: not this kernel's tiles (blocks of 64 rows)")
+        _int4_linear_shapes.add((n, k, group, sz.shape))
     y = x.new_empty(t, n)
-    _lib().k2_linear_int4(_ptr(x), _ptr(w), _ptr(sz), _ptr(xf), _ptr(y), t, n, k, group)
+    if _lib().k2_linear_int4(_ptr(x), _ptr(w), _ptr(sz), _ptr(y), t, n, k, group):
+        raise MemoryError(f"linear_int4: no memory for {t} x {k} fp32 inputs")
     return y
+
+
+_int4_linear_shapes: set[tuple[int, int, int, torch.Size]] = set()
 
 
 @torch.library.register_fake("k2serve::linear_int4", lib=_LIB)

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -551,16 +552,29 @@ TGT int k2_moe_int4_grouped(const uint16_t *x, const int64_t *ids, const float *
   return 0;
 }
 
+#define INT4_PARALLEL_MIN (256L * 1024)
+
 /* y[t, n] = bf16(sum_k W[n, k] * x[t, k]) for an INT4 weight W [N, K] in the tile layout above (tiles
  * [N, K / 2] bytes, scales and zeros sz [K / group, N, 2] bf16): an INT4 linear layer without bias, the
  * sums in tile64's order. x [T, K] bf16, y [T, N] bf16; N a multiple of 64, K of `group`. Threads split
- * the 64-row blocks; each block's tiles are read and unpacked once for up to four tokens. Scratch: xf
- * [T, K] fp32. */
-TGT void k2_linear_int4(const uint16_t *x, const uint8_t *w, const uint16_t *sz, float *xf, uint16_t *y, int T,
-                        int N, int K, int group) {
+ * the 64-row blocks; each block's tiles are read and unpacked once for up to four tokens. x is widened to
+ * fp32 once into a buffer the calling thread keeps. Returns 0, or 1 when that buffer cannot grow. */
+TGT int k2_linear_int4(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int T, int N, int K,
+                       int group) {
+  static __thread float *xf = NULL; /* x in fp32: the calling thread's buffer, kept and grown */
+  static __thread long xf_len = 0;
   int nb = N / 64;
-  for (long i = 0; i < (long)T * K; i++) xf[i] = bf2f(x[i]);
-#pragma omp parallel
+  if ((long)T * K > xf_len) {
+    float *grown = realloc(xf, sizeof(float) * (size_t)T * (size_t)K);
+    if (grown == NULL) return 1;
+    xf = grown;
+    xf_len = (long)T * K;
+  }
+  float *xin = xf; /* the pointer, not the thread-local variable, inside the parallel region */
+  for (long i = 0; i < (long)T * K; i++) xin[i] = bf2f(x[i]);
+  /* a layer of under INT4_PARALLEL_MIN weight-rows (T x N x K) runs on the calling thread: for a `moe200m`
+   * shared expert (128 x 768, one row) the parallel region's start and join cost more than the split saves */
+#pragma omp parallel if ((long)T * N * K >= INT4_PARALLEL_MIN)
   {
     float acc[256];
     const float *xs[4];
@@ -568,13 +582,14 @@ TGT void k2_linear_int4(const uint16_t *x, const uint8_t *w, const uint16_t *sz,
     for (int b = 0; b < nb; b++) {
       for (int t0 = 0; t0 < T; t0 += 4) {
         int m = T - t0 < 4 ? T - t0 : 4;
-        for (int t = 0; t < m; t++) xs[t] = xf + (long)(t0 + t) * K;
+        for (int t = 0; t < m; t++) xs[t] = xin + (long)(t0 + t) * K;
         tile64xn(w + (long)b * K * 32, sz, N, 64L * b, xs, m, K, group, acc);
         for (int t = 0; t < m; t++)
           for (int j = 0; j < 64; j++) y[(long)(t0 + t) * N + 64L * b + j] = f2bf(acc[64 * t + j]);
       }
     }
   }
+  return 0;
 }
 
 /* The dense bf16 weight of an INT4 linear layer in the tile layout above, transposed: out[k, n] =
