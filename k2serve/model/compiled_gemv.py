@@ -76,7 +76,13 @@ AMX_MOE_MAX_ROWS_PER_EXPERT = 256
 # 1.36 at 128 (16 rows an expert); `moe200m` 3.2, 3.6, 2.7, 2.2, 1.7).
 NATIVE_INT4_MAX_ROWS_PER_EXPERT = 16
 NATIVE_LINEAR_MAX_WEIGHTS = 4 * 2**20
-# Decode rows up to which the captured step's bf16 attention runs `cpu_kernels.mla_decode`.
+# Decode rows up to which the captured step's bf16 attention runs `cpu_kernels.mla_decode` (one call a
+# layer, keys read in place) instead of torch's gather and bmm / einsum calls. One `small` layer, 2
+# threads, medians of 100 calls, eager torch / kernel: 282 / 39 us at 1 row, 647 / 269 at 8, 2,522 /
+# 2,295 at 64; in whole captured steps of `small` (benchmarks/decode_step_timing.py, alternating pairs)
+# the same within noise at 4 to 64 rows, and against llama.cpp at batch 1 INT4-all `moe200m` went from
+# 154 to 191 tok/s (BENCHMARKS.md, "INT4 on every linear layer"). Past 64 rows the gathered copy of the
+# keys stays bounded by MAX_GATHER_BYTES and torch's bmm path keeps them.
 NATIVE_ATTENTION_MAX_ROWS = 64
 
 _on = False  # module globals on purpose: dynamo guards on the values a traced forward read
