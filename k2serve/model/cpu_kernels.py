@@ -468,21 +468,21 @@ def linear_int4(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) 
     _check("sz", sz, torch.bfloat16, 3)
     t, k = x.shape
     n = w.shape[0]
-    if (n, k, group, sz.shape) not in _int4_linear_shapes:  # checked once per shape (called ~50 times a step)
+    if (n, k, group, *sz.shape) not in _int4_linear_shapes:  # checked once per shape (~50 calls a step)
         if w.shape[1] * 2 != k or group <= 0 or k % group or sz.shape != (k // group, n, 2):
             raise ValueError(
                 f"shapes do not fit: x {tuple(x.shape)}, w {tuple(w.shape)}, sz {tuple(sz.shape)}, group {group}"
             )
         if not int4_tiles_supported(n, k):
             raise ValueError(f"an INT4 weight of {n} x {k}: not this kernel's tiles (blocks of 64 rows)")
-        _int4_linear_shapes.add((n, k, group, sz.shape))
+        _int4_linear_shapes.add((n, k, group, *sz.shape))
     y = x.new_empty(t, n)
     if _lib().k2_linear_int4(_ptr(x), _ptr(w), _ptr(sz), _ptr(y), t, n, k, group):
         raise MemoryError(f"linear_int4: no memory for {t} x {k} fp32 inputs")
     return y
 
 
-_int4_linear_shapes: set[tuple[int, int, int, torch.Size]] = set()
+_int4_linear_shapes: set[tuple[int, ...]] = set()
 
 
 @torch.library.register_fake("k2serve::linear_int4", lib=_LIB)
