@@ -332,9 +332,11 @@ GGUF_KINDS = ("bf16", "f32", *QUANTIZE_ARGS)
 # k2serve's checkpoint for each quantised kind: INT4 (compressed-tensors, symmetric groups of 32) on every
 # linear layer but the router for Q4_0 (lm_head too, where llama.cpp keeps its output head at Q6_K), on
 # the routed experts only for Q4_0-experts (K2's own split).
-INT4_CHECKPOINTS: dict[str, Callable[[Paths], Path]] = {
-    "q4_0": lambda p: p.checkpoint_int4_all,
-    "q4_0-experts": lambda p: p.checkpoint_int4,
+INT4_CHECKPOINTS: dict[
+    str, tuple[Callable[[Paths], Path], str]
+] = {  # kind -> (its path, write_checkpoint quant)
+    "q4_0": (lambda p: p.checkpoint_int4_all, "int4-all"),
+    "q4_0-experts": (lambda p: p.checkpoint_int4, "int4"),
 }
 # GGUF kinds timed without llama.cpp's CPU weight repacking: with it, plain Q4_0 of `small` (every matrix,
 # the token embedding too) aborts in the backend scheduler (ggml-backend.cpp: GGML_ASSERT(*cur_backend_id
@@ -361,7 +363,8 @@ def convert(paths: Paths, kinds: Sequence[str]) -> None:
                 + [str(paths.hf_dir), "--outtype", kind, "--outfile", str(paths.gguf(kind))]
             )
     for kind in quantised:  # k2serve's side of each: the same random weights, quantised as llama.cpp's kind
-        ckpt, quant = INT4_CHECKPOINTS[kind](paths), "int4-all" if kind == "q4_0" else "int4"
+        path, quant = INT4_CHECKPOINTS[kind]
+        ckpt = path(paths)
         if not (ckpt / "config.json").exists():
             print(f"writing the {paths.preset} checkpoint ({quant}) to {ckpt}", flush=True)
             write_checkpoint(ckpt, paths.preset, seed=0, quant=quant)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2serve.model import compiled_gemv, cpu_kernels
-from k2serve.model.quant import dequantize_int4pack_cpu, int4pack_cpu_tiles, unpack_int4
+from k2serve.model.quant import dequantize_int4pack_cpu, int4pack_cpu_tiles, pack_int4_cpu_into
 
 # bf16 rows up to which a call runs the fused INT4 GEMV instead of dequantising the weight for one
 # F.linear: the two cross at ~20 rows on `small`'s layers (1024 x 1024: 184 / 257 us at 16 rows, 272 /
@@ -69,13 +69,9 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}"
 
-    @torch.no_grad()
     def set_packed(self, packed: torch.Tensor, scale: torch.Tensor) -> None:
         """Fill from the compressed-tensors form: packed int32 [out, in/8], scale [out, in/group]."""
-        u = (unpack_int4(packed).to(torch.int32) + 8).contiguous()  # [out, in] in [0, 16)
-        self.w_i4.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 2))
-        self.w_sz[..., 0] = scale.t()
-        self.w_sz[..., 1] = 0
+        pack_int4_cpu_into(packed, scale, self.w_i4, self.w_sz)
 
     def dequantized(self) -> torch.Tensor:
         """The dense weight [out, in] in the model's dtype, W = (q - 8) * scale (a fresh tensor)."""

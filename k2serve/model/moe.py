@@ -22,7 +22,7 @@ from k2serve.model.quant import (
     dequantize_int4,
     dequantize_int4pack_cpu,
     int4pack_cpu_tiles,
-    unpack_int4,
+    pack_int4_cpu_into,
 )
 from k2serve.model.shapes import bucket
 from k2serve.model.triton_moe import ExpertWeight, fused_moe, sorted_expert_ids
@@ -212,12 +212,8 @@ class RoutedExperts(nn.Module):
             self.w2_packed[local] = w2_packed
             self.w2_scale[local] = w2_scale
             return
-        for name, packed, scale in (("w13", w13_packed, w13_scale), ("w2", w2_packed, w2_scale)):
-            u = (unpack_int4(packed).to(torch.int32) + 8).contiguous()  # [N, K] in [0, 16)
-            getattr(self, name + "_i4")[local] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 2)
-            sz = getattr(self, name + "_sz")[local]  # [K/g, N, 2]
-            sz[..., 0] = scale.t()
-            sz[..., 1] = 0
+        pack_int4_cpu_into(w13_packed, w13_scale, self.w13_i4[local], self.w13_sz[local])
+        pack_int4_cpu_into(w2_packed, w2_scale, self.w2_i4[local], self.w2_sz[local])
 
     @property
     def num_local(self) -> int:

@@ -120,6 +120,18 @@ def int4pack_cpu_tiles(out_f: int, in_f: int) -> Int4CpuTiles | None:
     return Int4CpuTiles(block, torch.argsort(order))
 
 
+@torch.no_grad()
+def pack_int4_cpu_into(
+    packed: torch.Tensor, scale: torch.Tensor, tiles: torch.Tensor, sz: torch.Tensor
+) -> None:
+    """Write the compressed-tensors form (packed int32 [out, in/8], scale [out, in/group]) into torch's
+    CPU int4 tiles: tiles uint8 [out, in/2] and sz [in/group, out, 2] (scale, zero = 0), in place."""
+    u = (unpack_int4(packed).to(torch.int32) + 8).contiguous()  # [out, in] in [0, 16)
+    tiles.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 2))
+    sz[..., 0] = scale.t()
+    sz[..., 1] = 0
+
+
 def dequantize_int4pack_cpu(
     packed: torch.Tensor, scale: torch.Tensor, tiles: Int4CpuTiles, dtype: torch.dtype
 ) -> torch.Tensor:
