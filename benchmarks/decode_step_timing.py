@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", default="decode", choices=["none", "decode"])
+    ap.add_argument("--profile", type=int, default=0, help="then profile this many steps: a table of ops")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     llm = make_llm(args.model, args.batch, args.prompt, torch.bfloat16, args.compile)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt)] for _ in range(args.batch)]
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))  # compile buckets
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps + args.profile + 8, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     while not (
@@ -50,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"batch {args.batch}, prompt {args.prompt}: {(time.perf_counter() - t) / args.steps * 1e3:.1f} ms a decode step"
     )
+    if args.profile:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+        ) as prof:
+            for _ in range(args.profile):
+                engine.step()
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25))
     while engine.has_unfinished_requests():
         engine.step()
     return 0

@@ -1,5 +1,5 @@
 """Per-call cost of a native CPU op (model/cpu_kernels.py) on a tiny weight, where the kernel's own work is
-~2 us: eager, inside a torch.compile'd function (as the captured step calls it), and the bare ctypes call.
+~2 us: eager, inside a torch.compile'd function (as the captured step calls it), and the bare C call through ctypes.
 
     python benchmarks/native_op_overhead.py [--threads 2]
 """
@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 import time
 
@@ -48,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         f"linear_bf16 [1, 64] x [64, 64]: compiled {per_call_us(compiled, x, args.repeats, chain):.1f} us a call"
     )
     lib, y = cpu_kernels._lib(), torch.empty(1, 64, dtype=torch.bfloat16)  # noqa: SLF001 - the bare kernel
+    lib.k2_linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
     t = time.perf_counter()
     for _ in range(args.repeats * chain):
         lib.k2_linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), 1, 64, 64)
-    print(f"the bare ctypes call: {(time.perf_counter() - t) / (args.repeats * chain) * 1e6:.1f} us")
+    print(
+        f"the bare C call through ctypes: {(time.perf_counter() - t) / (args.repeats * chain) * 1e6:.1f} us"
+    )
     return 0
 
 

@@ -43,7 +43,16 @@ static inline uint16_t f2bf(float f) {
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
-int k2_cpu_gemv_abi(void) { return 6; }
+int k2_cpu_gemv_abi(void) { return 7; }
+
+/* Facts the Python side finds once when the library loads and the ops (cpu_ops.cpp) check: whether AMX
+ * runs in this process (the CPU, the kernel's permission, K2SERVE_AMX), and whether this torch packs INT4
+ * weights in the AVX512 tiles the INT4 kernels read. */
+static int amx_enabled = 0, int4_tiles_ok = 0;
+void k2_set_amx(int on) { amx_enabled = on; }
+int k2_amx_enabled(void) { return amx_enabled; }
+void k2_set_int4_tiles(int ok) { int4_tiles_ok = ok; }
+int k2_int4_tiles_ok(void) { return int4_tiles_ok; }
 
 int k2_cpu_gemv_supported(void) {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -626,76 +635,6 @@ TGT void k2_dequant_int4(const uint8_t *w, const uint16_t *sz, uint16_t *out, in
   }
 }
 
-/* ---- absorbed MLA attention of decode rows over the latent cache ----------------------------------
- * `captured.StaticDecodeAttention`'s bf16 computation for one layer in one call (on two threads the
- * torch version's eight small bmm / einsum calls cost ~100 us a layer at batch 1, nearly all overhead):
- * per (row b, head h), with W = C + dr latent columns and the keys of positions 0..pos[b] read in place
- * through the row's block table (no gathered copy):
- *   q_lat = bf16(q_nope @ W_UK[h])             [C]   (W_UK[h] = kv_b weight rows h (dn + dv) .. + dn)
- *   s[t]  = bf16(cat(q_lat, q_pe) . key[t]) * scale      (bmm's bf16 output, then fp32)
- *   p     = bf16(softmax(s))                   (fp32 exp / sum, then rounded as `p.to(bf16)`)
- *   o     = bf16(sum_t p[t] key[t][:C])        [C]
- *   out   = bf16(o @ W_UV[h].T)                [dv]  (W_UV[h] = the next dv rows)
- * The same rounding points as the torch code, fp32 sums in another order. C a multiple of 16.
- * kv: the pool [layers, blocks, bs, W] at this layer; tables [B, NB]; scratch [B * H, NB * bs] fp32.
- * Returns 0, or 1 + the first row whose position or block table entries fall outside the pool. */
-TGT int k2_mla_decode(const uint16_t *qn, const uint16_t *qpe, const uint16_t *kv, const int64_t *tables,
-                      const int64_t *pos, const uint16_t *wkv, float scale, float *scratch, uint16_t *out, int B,
-                      int H, int dn, int dr, int C, int dv, int NB, int bs, int blocks) {
-  int W = C + dr;
-  for (int b = 0; b < B; b++) { /* every read in range: 1 + the first bad row, else 0 */
-    if (pos[b] < 0 || pos[b] >= (long)NB * bs) return b + 1;
-    for (int j = 0; j <= pos[b] / bs; j++)
-      if (tables[(long)b * NB + j] < 0 || tables[(long)b * NB + j] >= blocks) return b + 1;
-  }
-#pragma omp parallel
-  {
-    float acc[C];
-    uint16_t query[W], ob[C];
-#pragma omp for schedule(static)
-    for (int item = 0; item < B * H; item++) {
-      int b = item / H, h = item % H, P = (int)pos[b];
-      const uint16_t *wk = wkv + (long)h * (dn + dv) * C, *wv = wk + (long)dn * C;
-      const int64_t *tb = tables + (long)b * NB;
-      float *s = scratch + (long)item * NB * bs;
-      for (int c = 0; c < C; c += 16) _mm512_storeu_ps(acc + c, _mm512_setzero_ps());
-      for (int d = 0; d < dn; d++) {
-        __m512 qd = _mm512_set1_ps(bf2f(qn[(long)item * dn + d]));
-        const uint16_t *row = wk + (long)d * C;
-        for (int c = 0; c < C; c += 16) {
-          __m512 w = _mm512_castsi512_ps(
-              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + c))), 16));
-          _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(qd, w, _mm512_loadu_ps(acc + c)));
-        }
-      }
-      for (int c = 0; c < C; c++) query[c] = f2bf(acc[c]);
-      for (int j = 0; j < dr; j++) query[C + j] = qpe[(long)item * dr + j];
-      float mx = -INFINITY, sum = 0.0f;
-      for (int t = 0; t <= P; t++) {
-        const uint16_t *key = kv + (tb[t / bs] * bs + t % bs) * (long)W;
-        s[t] = round_bf(dot1(query, key, W)) * scale;
-        if (s[t] > mx) mx = s[t];
-      }
-      for (int t = 0; t <= P; t++) {
-        s[t] = expf(s[t] - mx);
-        sum += s[t];
-      }
-      for (int c = 0; c < C; c += 16) _mm512_storeu_ps(acc + c, _mm512_setzero_ps());
-      for (int t = 0; t <= P; t++) {
-        __m512 pt = _mm512_set1_ps(round_bf(s[t] / sum));
-        const uint16_t *key = kv + (tb[t / bs] * bs + t % bs) * (long)W;
-        for (int c = 0; c < C; c += 16) {
-          __m512 k = _mm512_castsi512_ps(
-              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(key + c))), 16));
-          _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(pt, k, _mm512_loadu_ps(acc + c)));
-        }
-      }
-      for (int c = 0; c < C; c++) ob[c] = f2bf(acc[c]);
-      for (int d = 0; d < dv; d++) out[(long)item * dv + d] = f2bf(dot1(ob, wv + (long)d * C, C));
-    }
-  }
-  return 0;
-}
 
 /* ---- bf16 experts on AMX tiles (TDPBF16PS) ----------------------------------------------------------
  * From a few rows an expert on, VDPBF16PS is compute-bound (~100 GFLOP/s on two cores against the ~30
@@ -885,3 +824,166 @@ AMX_TGT int k2_moe_bf16_amx(const uint16_t *x, const int64_t *ids, const float *
 
 /* The most chunks of <= 16 rows that T * K rows over E experts can form (the scratch bound). */
 int k2_amx_chunks(int R, int E) { return (R < E ? R : E) + R / 16; }
+
+/* `captured.StaticDecodeAttention`'s bf16 computation for one layer in one call (on two threads the
+ * torch version's eight small bmm / einsum calls cost ~100 us a layer at batch 1, nearly all overhead):
+ * per (row b, head h), with W = C + dr latent columns and the keys of positions 0..pos[b] read in place
+ * through the row's block table (no gathered copy):
+ *   q_lat = bf16(q_nope @ W_UK[h])             [C]   (W_UK[h] = kv_b weight rows h (dn + dv) .. + dn)
+ *   s[t]  = bf16(cat(q_lat, q_pe) . key[t]) * scale      (bmm's bf16 output, then fp32)
+ *   p     = bf16(softmax(s))                   (fp32 exp / sum, then rounded as `p.to(bf16)`)
+ *   o     = bf16(sum_t p[t] key[t][:C])        [C]
+ *   out   = bf16(o @ W_UV[h].T)                [dv]  (W_UV[h] = the next dv rows)
+ * The same rounding points as the torch code, fp32 sums in another order. Every head of a row reads the
+ * same latent keys (MLA is multi-query in the latent space), so the scores and the values run a row's
+ * heads together, up to 8 at once: each key is read once per 8 heads, not once per head. Five phases,
+ * each split over the threads: absorbed queries per (row, head); scores per (row, key block); softmax per
+ * (row, head); values per (row, 32 latent columns, 8 heads), keys summed in position order; outputs per
+ * (row, head). C a multiple of 16.
+ * kv: the pool [layers, blocks, bs, W] at this layer; tables [B, NB]; scratch [B * H, NB * bs] fp32; lat
+ * [B * H, W + C] bf16 (the absorbed queries, then the attended latents). Returns 0, or 1 + the first row
+ * whose position or block table entries fall outside the pool. */
+
+#define MLA_HG 8 /* heads whose scores or values run together */
+
+/* s[h * ld] = bf16(query[h] . key) * scale for h < hg: one key row, 32 columns a VDPBF16PS (dot1's
+ * order per head), the key's columns loaded once for the hg heads. */
+TGT static inline __attribute__((always_inline)) void mla_scores(const uint16_t *query, const uint16_t *key,
+                                                                   int W, int hg, float scale, float *s, long ld) {
+  __m512 a[MLA_HG];
+  for (int h = 0; h < hg; h++) a[h] = _mm512_setzero_ps();
+  for (int i = 0; i < W; i += 32) {
+    __m512bh k = load_bh(key + i, W - i);
+    for (int h = 0; h < hg; h++) a[h] = _mm512_dpbf16_ps(a[h], load_bh(query + (long)h * W + i, W - i), k);
+  }
+  for (int h = 0; h < hg; h++) s[h * ld] = round_bf(_mm512_reduce_add_ps(a[h])) * scale;
+}
+
+/* acc[h][v] += p[h * ld + t] * key[t][16 v ..] for v < nv (1 or 2 vectors of 16 latent columns), h < hg,
+ * over the row's keys 0..P in position order (the block table walked block by block). */
+TGT static inline __attribute__((always_inline)) void mla_values(const uint16_t *kv, const int64_t *tb, int bs,
+                                                                   int W, int P, int c0, int nv, int hg,
+                                                                   const float *p, long ld, __m512 acc[][2]) {
+  for (int h = 0; h < hg; h++) acc[h][0] = acc[h][1] = _mm512_setzero_ps();
+  for (int j = 0, t = 0; t <= P; j++) {
+    const uint16_t *key = kv + tb[j] * bs * (long)W + c0;
+    int n = P + 1 - t < bs ? P + 1 - t : bs;
+    for (int i = 0; i < n; i++, t++, key += W) {
+      __m512 k[2];
+      for (int v = 0; v < nv; v++)
+        k[v] = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(key + 16 * v))), 16));
+      for (int h = 0; h < hg; h++) {
+        __m512 pt = _mm512_set1_ps(p[h * ld + t]);
+        for (int v = 0; v < nv; v++) acc[h][v] = _mm512_fmadd_ps(pt, k[v], acc[h][v]);
+      }
+    }
+  }
+}
+
+TGT int k2_mla_decode(const uint16_t *qn, const uint16_t *qpe, const uint16_t *kv, const int64_t *tables,
+                      const int64_t *pos, const uint16_t *wkv, float scale, float *scratch, uint16_t *lat,
+                      uint16_t *out, int B, int H, int dn, int dr, int C, int dv, int NB, int bs, int blocks) {
+  int W = C + dr, ncb = (C + 31) / 32, nhg = (H + MLA_HG - 1) / MLA_HG;
+  long T = (long)NB * bs;
+  uint16_t *queries = lat, *obs = lat + (long)B * H * W;
+  for (int b = 0; b < B; b++) { /* every read in range: 1 + the first bad row, else 0 */
+    if (pos[b] < 0 || pos[b] >= T) return b + 1;
+    for (int j = 0; j <= pos[b] / bs; j++)
+      if (tables[(long)b * NB + j] < 0 || tables[(long)b * NB + j] >= blocks) return b + 1;
+  }
+#pragma omp parallel
+  {
+    float acc[C];
+    /* absorbed queries: cat(bf16(q_nope @ W_UK[h]), q_pe) */
+#pragma omp for schedule(static)
+    for (int item = 0; item < B * H; item++) {
+      const uint16_t *wk = wkv + (long)(item % H) * (dn + dv) * C;
+      uint16_t *query = queries + (long)item * W;
+      for (int c = 0; c < C; c += 16) _mm512_storeu_ps(acc + c, _mm512_setzero_ps());
+      for (int d = 0; d < dn; d++) {
+        __m512 qd = _mm512_set1_ps(bf2f(qn[(long)item * dn + d]));
+        const uint16_t *row = wk + (long)d * C;
+        for (int c = 0; c < C; c += 16) {
+          __m512 w = _mm512_castsi512_ps(
+              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + c))), 16));
+          _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(qd, w, _mm512_loadu_ps(acc + c)));
+        }
+      }
+      for (int c = 0; c < C; c++) query[c] = f2bf(acc[c]);
+      for (int j = 0; j < dr; j++) query[C + j] = qpe[(long)item * dr + j];
+    }
+    /* scores, per (row, key block): every head of the row for each key */
+#pragma omp for schedule(static)
+    for (long item = 0; item < (long)B * NB; item++) {
+      int b = (int)(item / NB), j = (int)(item % NB), P = (int)pos[b];
+      if ((long)j * bs > P) continue;
+      const uint16_t *key = kv + tables[item] * bs * (long)W;
+      int n = P + 1 - j * bs < bs ? P + 1 - j * bs : bs;
+      for (int h0 = 0; h0 < H; h0 += MLA_HG) {
+        int hg = H - h0 < MLA_HG ? H - h0 : MLA_HG;
+        const uint16_t *query = queries + ((long)b * H + h0) * W;
+        float *s = scratch + ((long)b * H + h0) * T + (long)j * bs;
+        for (int i = 0; i < n; i++) {
+          if (hg == MLA_HG)
+            mla_scores(query, key + (long)i * W, W, MLA_HG, scale, s + i, T);
+          else
+            mla_scores(query, key + (long)i * W, W, hg, scale, s + i, T);
+        }
+      }
+    }
+    /* p = bf16(softmax(s)) per (row, head), 16 positions a vector */
+#pragma omp for schedule(static)
+    for (int item = 0; item < B * H; item++) {
+      int n = (int)pos[item / H] + 1;
+      float *s = scratch + (long)item * T;
+      __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+      for (int t = 0; t < n; t += 16) {
+        __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, s + t));
+      }
+      __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      for (int t = 0; t < n; t += 16) {
+        __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+        __m512 e = vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
+        _mm512_mask_storeu_ps(s + t, m, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+      }
+      __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+      for (int t = 0; t < n; t += 16) {
+        __mmask16 m = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+        _mm512_mask_storeu_ps(s + t, m, vround_bf(_mm512_div_ps(_mm512_maskz_loadu_ps(m, s + t), total)));
+      }
+    }
+    /* values per (row, 32 latent columns, 8 heads): o = bf16(sum_t p[t] key[t][:C]) */
+#pragma omp for schedule(static)
+    for (long item = 0; item < (long)B * ncb * nhg; item++) {
+      int b = (int)(item / (ncb * nhg)), cb = (int)(item / nhg % ncb), h0 = (int)(item % nhg) * MLA_HG;
+      int hg = H - h0 < MLA_HG ? H - h0 : MLA_HG, c0 = 32 * cb, nv = C - c0 >= 32 ? 2 : 1;
+      const float *p = scratch + ((long)b * H + h0) * T;
+      const int64_t *tb = tables + (long)b * NB;
+      __m512 o[MLA_HG][2];
+      if (hg == MLA_HG && nv == 2)
+        mla_values(kv, tb, bs, W, (int)pos[b], c0, 2, MLA_HG, p, T, o);
+      else
+        mla_values(kv, tb, bs, W, (int)pos[b], c0, nv, hg, p, T, o);
+      for (int h = 0; h < hg; h++)
+        for (int v = 0; v < nv; v++)
+          _mm256_storeu_si256((__m256i *)(obs + ((long)b * H + h0 + h) * C + c0 + 16 * v),
+                              _mm512_cvtepi32_epi16(vf2bf(o[h][v])));
+    }
+    /* out = bf16(o @ W_UV[h].T) per (row, head) */
+#pragma omp for schedule(static)
+    for (int item = 0; item < B * H; item++) {
+      const uint16_t *wv = wkv + ((long)(item % H) * (dn + dv) + dn) * C, *ob = obs + (long)item * C;
+      float o4[4];
+      int d = 0;
+      for (; d + 4 <= dv; d += 4) {
+        dot4(wv + (long)d * C, C, ob, C, o4);
+        for (int j = 0; j < 4; j++) out[(long)item * dv + d + j] = f2bf(o4[j]);
+      }
+      for (; d < dv; d++) out[(long)item * dv + d] = f2bf(dot1(ob, wv + (long)d * C, C));
+    }
+  }
+  return 0;
+}
