@@ -7,6 +7,9 @@ compiler), with the reason."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -403,9 +406,22 @@ def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPat
         cpu_kernels._load.cache_clear()
         monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
         assert not cpu_kernels.available() and "no C compiler" in cpu_kernels.unavailable_reason()
+        if cc is not None:
+            cpu_kernels._load.cache_clear()
+            monkeypatch.setenv("CC", cc)
+            monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+            assert not cpu_kernels.available() and "no C++ compiler" in cpu_kernels.unavailable_reason()
         cpu_kernels._load.cache_clear()
         monkeypatch.setattr(cpu_kernels, "ENABLED", False)
         assert cpu_kernels.unavailable_reason() == "K2SERVE_CPU_KERNELS=0"
+        # an op called where the library is not loaded says why (a fresh process: this one has it loaded)
+        code = (
+            "import torch; from k2serve.model import cpu_kernels as k; x = torch.zeros(1, 64).bfloat16()\n"
+            "try: k.linear_bf16(x, x)\nexcept RuntimeError as e: print(e)"
+        )
+        env = {**os.environ, "K2SERVE_CPU_KERNELS": "0"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "native CPU kernels unavailable: K2SERVE_CPU_KERNELS=0"
         with compiled_gemv.options(True):
             assert not compiled_gemv.native_linear(1, 1024)
     finally:

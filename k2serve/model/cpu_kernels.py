@@ -13,13 +13,17 @@ has AMX-BF16, `moe_bf16_amx` runs the bf16 routed experts of 2 to 256 rows an ex
 `linear_int4` and `dequant_int4` serve INT4 linear layers (model/int4_linear.py) in torch's CPU int4
 tiles, and `mla_decode` the captured step's absorbed MLA attention of a layer (engine/captured.py).
 
-The C source ships with the package and is compiled at first use with the C compiler (`$CC`, else
-`cc`; torch.compile's CPU backend needs one already) into `~/.cache/k2serve/cpu-kernels/<hash>/`,
-keyed by the source, the compiler's version and the flags, so it is built once per machine. The
-library is loaded with ctypes and runs on torch's own OpenMP runtime (the same libgomp.so.1, already
-loaded), so `torch.set_num_threads` sets its threads too. Nothing here runs where the CPU lacks
-AVX512-BF16, the build fails, or `K2SERVE_CPU_KERNELS=0` (read at import): `available()` is then False
-with a reason (`unavailable_reason()`), and the step keeps the Inductor / oneDNN paths.
+The C source ships with the package with the ops' C++ glue (csrc/cpu_ops.cpp: each op's checks,
+allocations and C call, registered with torch's dispatcher, so a call from a captured step runs no
+Python). Both are compiled at first use (`$CC`, else `cc`, and `$CXX`, else `c++`, against this torch's
+headers and libraries; torch.compile's CPU backend needs a compiler already; ~10 s) into one library in
+`~/.cache/k2serve/cpu-kernels/<hash>/`, keyed by the sources, the compilers' versions, the flags and the
+torch version, so it is built once per machine and torch. It is loaded with `torch.ops.load_library`
+(the ops' CPU kernels register) and ctypes (a few setup calls), and runs on torch's own OpenMP runtime
+(the same libgomp.so.1, already loaded), so `torch.set_num_threads` sets its threads too. Nothing here
+runs where the CPU lacks AVX512-BF16, the build fails, or `K2SERVE_CPU_KERNELS=0` (read at import):
+`available()` is then False with a reason (`unavailable_reason()`), an op called anyway raises it, and
+the step keeps the Inductor / oneDNN paths.
 """
 
 from __future__ import annotations
