@@ -420,7 +420,9 @@ def test_built_once_and_a_failed_build_is_a_reason(monkeypatch: pytest.MonkeyPat
             "try: k.linear_bf16(x, x)\nexcept RuntimeError as e: print(e)"
         )
         env = {**os.environ, "K2SERVE_CPU_KERNELS": "0"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         assert out.stdout.strip() == "native CPU kernels unavailable: K2SERVE_CPU_KERNELS=0"
         with compiled_gemv.options(True):
             assert not compiled_gemv.native_linear(1, 1024)

@@ -17,7 +17,7 @@ from k2serve.engine.llm import LLM
 from k2serve.engine.llm_engine import LLMEngine, RequestOutput
 from k2serve.engine.sampler import Sampler
 from k2serve.engine.sampling_params import SamplingParams
-from k2serve.engine.spec_decode import Proposer, ngram_propose
+from k2serve.engine.spec_decode import DraftBudget, Proposer, ngram_propose
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
 
@@ -121,9 +121,14 @@ def test_speculative_config_parse_round_trip() -> None:
 # ---- the engine: greedy exactness -----------------------------------------------------------------
 
 
-def make_engine(ckpt: Path, spec: dict[str, Any] | None, **kw: Any) -> LLMEngine:
+def make_engine(ckpt: Path, spec: dict[str, Any] | None, budget: bool = False, **kw: Any) -> LLMEngine:
+    """A tiny fp32 engine; without `budget` every proposed draft is verified (the engine's DraftBudget,
+    which trims drafts by measured step times, off: the tests' draft counts do not depend on timing)."""
     base = {"num_kv_blocks": 512, "block_size": 8, "max_num_batched_tokens": 96, "speculative_config": spec}
-    return LLMEngine.from_pretrained(ckpt, torch.float32, EngineConfig(**(base | kw)))
+    engine = LLMEngine.from_pretrained(ckpt, torch.float32, EngineConfig(**(base | kw)))
+    if not budget:
+        engine.draft_budget = None
+    return engine
 
 
 def run_all(engine: LLMEngine, check_blocks: bool = False) -> dict[str, RequestOutput]:
@@ -174,6 +179,46 @@ def test_greedy_equal_with_and_without_speculation(tiny_ckpt: Path) -> None:
     assert spec.proposer is not None and spec.proposer.num_raised > 0
     # fewer forward steps than tokens: accepted drafts emitted several tokens per step
     assert spec.num_computed_tokens_total > sum(len(p) for p in ps)
+
+
+def test_draft_budget_keeps_the_drafts_worth_their_time() -> None:
+    """DraftBudget verifies every draft until the step of that many rows is timed, then the count with
+    the most expected tokens per second (beyond a 5% margin), and all of them every 32nd call."""
+    b = DraftBudget(4)
+    assert b.budget(1, 0) == 0 and b.budget(1, 3) == 3  # 4 rows not timed yet
+    b.observe_step(1, 1.0e-3)
+    b.observe_step(4, 1.2e-3)  # 3 drafts cost 20% more than none; acceptance unknown: 1/2 a position
+    assert b.budget(1, 3) == 3  # E = 0.875: 1.875 / 1.2 beats 1 / 1.0
+    b.observe_step(2, 1.05e-3)
+    for _ in range(40):
+        b.observe_verify(3, 0)  # every first draft rejected: rate 1/42 at position 0
+    assert b.budget(1, 3) == 0 and b.num_trimmed == 3  # 1.02 / 1.2 and 1.02 / 1.05 lose to 1 / 1.0
+    for _ in range(400):
+        b.observe_verify(3, 3)  # then all accepted
+    assert b.budget(1, 3) == 3  # 3.7 / 1.2
+    for _ in range(20):
+        b.observe_step(4, 5.0e-3)  # the 4-row step got slow (a larger bucket): one draft is the best
+    assert b.budget(1, 3) == 1 and b.budget(1, 4) == 4  # 5 rows not timed: all 4
+    while b.calls % DraftBudget.EXPLORE_EVERY != DraftBudget.EXPLORE_EVERY - 1:
+        b.budget(1, 3)
+    assert b.budget(1, 3) == 3  # the exploring call keeps them all
+
+
+def test_draft_budget_trims_in_the_engine_greedy_equal(tiny_ckpt: Path) -> None:
+    """With step times that make verifying rows dear (a 2+ row step 20x a plain one), the engine's budget
+    verifies almost none of the proposed drafts, and the tokens are those of the engine without drafts."""
+    ps = workload()
+    params = [greedy(20) for _ in ps]
+    expected = generate(make_engine(tiny_ckpt, None), ps, params)
+    engine = make_engine(tiny_ckpt, SPEC, budget=True, max_num_seqs=1)
+    budget = engine.draft_budget
+    assert budget is not None
+    budget.step_s = {1: 1.0, **{r: 20.0 for r in range(2, 10)}}
+    budget.observe_step = lambda rows, seconds: None  # type: ignore[method-assign]  # keep them
+    assert generate(engine, ps, params) == expected
+    assert budget.num_trimmed > 0 and budget.calls > 0
+    # only the exploring calls (every 32nd) verified drafts
+    assert engine.spec_stats.num_drafts <= budget.calls // DraftBudget.EXPLORE_EVERY
 
 
 def test_verifying_rows_run_in_the_captured_step_greedy_equal(tiny_ckpt: Path) -> None:

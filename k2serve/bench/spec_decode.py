@@ -382,7 +382,10 @@ def bench(model: Path, args: argparse.Namespace, spec: dict[str, dict[str, Any]]
             compile=args.compile,
             max_num_seqs=max(args.batch, 1),
         )
-        runners[m] = Runner(LLMEngine.from_pretrained(model, dtype, cfg), args.output_len)
+        engine = LLMEngine.from_pretrained(model, dtype, cfg)
+        if args.no_draft_budget:
+            engine.draft_budget = None  # verify every proposed draft
+        runners[m] = Runner(engine, args.output_len)
     tokenizer = runners["none"].engine.tokenizer
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     if {"agent", "tools"} & set(workloads) and tokenizer is None:
@@ -461,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--kv-blocks", type=int, default=1024, help="KV pool blocks (16 tokens each) per engine")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--no-draft-budget",
+        action="store_true",
+        help="verify every proposed draft (the engine's DraftBudget, which trims drafts whose verifying "
+        "rows cost more time than they are expected to save, off)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     for name in ("rounds", "output_len", "batch", "conversations", "turns"):

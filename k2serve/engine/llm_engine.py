@@ -29,7 +29,7 @@ from k2serve.engine.sampler import Sampler, make_generator, skip_draw, suppress_
 from k2serve.engine.sampling_params import SamplingParams
 from k2serve.engine.scheduler import ScheduledChunk, Scheduler
 from k2serve.engine.sequence import KVSink, RequestError, Sequence, SequenceStatus
-from k2serve.engine.spec_decode import Proposer
+from k2serve.engine.spec_decode import DraftBudget, Proposer
 from k2serve.engine.validation import validate_request
 from k2serve.kvcache.block_manager import BlockManager
 from k2serve.kvcache.pool import KVCachePool
@@ -181,6 +181,7 @@ class LLMEngine:
         self.leases = EngineLeases.build(self.blocks, self.config)  # None without kv_session_lease_s
         spec = self.config.speculative_config
         self.proposer = None if spec is None else Proposer(spec)
+        self.draft_budget = None if spec is None else DraftBudget(spec.num_speculative_tokens)
         self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
         # Asynchronous tier reloads (None: reloads run inside the step, or no tiers).
         self.reloads = (
@@ -466,6 +467,8 @@ class LLMEngine:
         else:
             results = self._postprocess(plain, logits[plain_rows])
             results.extend(self._verify(c, logits[row : row + 1 + len(c.drafts)]) for c, row in speculative)
+        if self.draft_budget is not None and prompt_tokens == 0:
+            self.draft_budget.observe_step(sched.num_tokens, time.perf_counter() - t0)
         if self.leases is not None:
             self.leases.after_step(results)
         return results
@@ -594,14 +597,18 @@ class LLMEngine:
     # ---- speculative decoding ------------------------------------------------------------------
     def _propose(self, seq: Sequence, limit: int) -> list[int]:
         """Drafts for `seq` (the scheduler's proposer): none for grammar-constrained requests; never
-        past max_model_len, nor more than max_tokens leaves room for (the step adds one token more)."""
+        past max_model_len, nor more than max_tokens leaves room for (the step adds one token more); of
+        the proposed ones, as many as `DraftBudget` finds worth their verifying rows' time."""
         if self.proposer is None or seq.constraint is not None:
             return []
         room = min(self.max_model_len - seq.num_tokens, seq.params.max_tokens - len(seq.output_token_ids)) - 1
         limit = min(limit, room)
         if limit < 1:
             return []
-        return self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
+        drafts = self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
+        if drafts and self.draft_budget is not None:
+            drafts = drafts[: self.draft_budget.budget(len(self.scheduler.running), len(drafts))]
+        return drafts
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
         """Verify a speculative row: logits [1 + d, V] at its last token and its d drafts. Drafts are
@@ -644,6 +651,10 @@ class LLMEngine:
         self.spec_stats.num_accepted_tokens += accepted
         if self.proposer is not None:
             self.proposer.record(seq.request_id, accepted)
+        if (
+            self.draft_budget is not None and not seq.is_finished
+        ):  # a stop ends a row's drafts, not a rejection
+            self.draft_budget.observe_verify(len(drafts), accepted)
         if not seq.is_finished:
             seq.num_computed_tokens += accepted  # the accepted drafts' KV is the real tokens'
             self.blocks.mark_computed(seq.block_table, seq.token_ids, seq.num_computed_tokens)
