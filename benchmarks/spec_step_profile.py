@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conversations", type=int, default=6)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--compile", default="none", choices=["none", "decode"], help="the engine's --compile")
+    ap.add_argument("--no-draft-budget", action="store_true", help="verify every proposed draft")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     k = args.num_speculative_tokens
@@ -76,8 +78,16 @@ def main(argv: list[str] | None = None) -> int:
             "suffix_decoding_max_tree_depth": args.depth,
         },
     }[args.method]
-    cfg = EngineConfig(num_kv_blocks=1024, block_size=16, enable_prefix_caching=True, speculative_config=spec)  # type: ignore[arg-type]
+    cfg = EngineConfig(
+        num_kv_blocks=1024,
+        block_size=16,
+        enable_prefix_caching=True,
+        speculative_config=spec,  # type: ignore[arg-type]
+        compile=args.compile,
+    )
     engine = LLMEngine.from_pretrained(Path(args.model), torch.float32, cfg)
+    if args.no_draft_budget:
+        engine.draft_budget = None
     for owner, name, key in (
         (spec_decode.Proposer, "propose", "propose"),
         (spec_decode.SuffixCache, "_sync", "propose: suffix trees catch up"),
@@ -121,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gc.callbacks.append(on_gc)
     runner = bench.Runner(engine, args.output_len)
-    runner.run([[1, 2, 3, 1, 2, 3]])  # warm-up
+    for prompt in ([1, 2, 3, 1, 2, 3], [5, 6, 7, 8] * 6, [9] * 12):  # warm-up (--compile: the buckets)
+        runner.run([prompt])
     SECONDS.clear()
     CALLS.clear()
     forward.clear()

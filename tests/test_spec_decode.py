@@ -182,26 +182,30 @@ def test_greedy_equal_with_and_without_speculation(tiny_ckpt: Path) -> None:
 
 
 def test_draft_budget_keeps_the_drafts_worth_their_time() -> None:
-    """DraftBudget verifies every draft until the step of that many rows is timed, then the count with
-    the most expected tokens per second (beyond a 5% margin), and all of them every 32nd call."""
+    """DraftBudget times each row count once (the smallest untimed first), then keeps the draft count
+    with the most expected tokens per second, and one draft more every 32nd call."""
     b = DraftBudget(4)
-    assert b.budget(1, 0) == 0 and b.budget(1, 3) == 3  # 4 rows not timed yet
-    b.observe_step(1, 1.0e-3)
-    b.observe_step(4, 1.2e-3)  # 3 drafts cost 20% more than none; acceptance unknown: 1/2 a position
-    assert b.budget(1, 3) == 3  # E = 0.875: 1.875 / 1.2 beats 1 / 1.0
-    b.observe_step(2, 1.05e-3)
+    assert b.budget(1, 0) == 0
+    for rows, seconds in ((1, 1.0e-3), (2, 1.05e-3), (3, 1.1e-3), (4, 1.2e-3)):
+        assert b.budget(1, 3) == rows - 1  # rows not timed yet: that many drafts, to time them
+        b.observe_step(rows, seconds)
+    assert b.budget(1, 3) == 2  # acceptance unknown (1/2 a position): 1.75 / 1.1 beats 1.875 / 1.2
     for _ in range(40):
-        b.observe_verify(3, 0)  # every first draft rejected: rate 1/42 at position 0
-    assert b.budget(1, 3) == 0 and b.num_trimmed == 3  # 1.02 / 1.2 and 1.02 / 1.05 lose to 1 / 1.0
+        b.observe_verify(3, 0)  # every first draft rejected: 1/42 at position 0
+    trimmed = b.num_trimmed
+    assert b.budget(1, 3) == 0 and b.num_trimmed == trimmed + 3  # 1 / 1.0 beats 1.02 / 1.05
     for _ in range(400):
-        b.observe_verify(3, 3)  # then all accepted
+        b.observe_verify(3, 3)  # then every draft accepted
     assert b.budget(1, 3) == 3  # 3.7 / 1.2
-    for _ in range(20):
-        b.observe_step(4, 5.0e-3)  # the 4-row step got slow (a larger bucket): one draft is the best
-    assert b.budget(1, 3) == 1 and b.budget(1, 4) == 4  # 5 rows not timed: all 4
+    for _ in range(4):
+        b.observe_step(4, 5.0e-3)  # the 4-row step got slow (a larger bucket): 4 of its last 5 times
+    assert b.budget(1, 3) == 2  # 2.8 / 1.1 beats 3.7 / 5.0
+    assert b.budget(1, 4) == 4  # 5 rows not timed yet
     while b.calls % DraftBudget.EXPLORE_EVERY != DraftBudget.EXPLORE_EVERY - 1:
         b.budget(1, 3)
-    assert b.budget(1, 3) == 3  # the exploring call keeps them all
+    assert b.budget(1, 3) == 3  # the exploring call: one more than the estimate's 2
+    b.observe_step(2, 1.5)  # a step that compiled a bucket: its time is not the row count's
+    assert b.step_time(2) == 1.05e-3 and b.budget(1, 1) == 1
 
 
 def test_draft_budget_trims_in_the_engine_greedy_equal(tiny_ckpt: Path) -> None:
@@ -213,12 +217,14 @@ def test_draft_budget_trims_in_the_engine_greedy_equal(tiny_ckpt: Path) -> None:
     engine = make_engine(tiny_ckpt, SPEC, budget=True, max_num_seqs=1)
     budget = engine.draft_budget
     assert budget is not None
-    budget.step_s = {1: 1.0, **{r: 20.0 for r in range(2, 10)}}
-    budget.observe_step = lambda rows, seconds: None  # type: ignore[method-assign]  # keep them
+    for rows in range(1, 10):
+        budget.observe_step(rows, 1.0 if rows == 1 else 20.0)
+    budget.observe_step = lambda rows, seconds: None  # type: ignore[method-assign]  # keep these
     assert generate(engine, ps, params) == expected
     assert budget.num_trimmed > 0 and budget.calls > 0
-    # only the exploring calls (every 32nd) verified drafts
-    assert engine.spec_stats.num_drafts <= budget.calls // DraftBudget.EXPLORE_EVERY
+    # only the exploring calls (every 32nd) verified drafts, one each
+    s = engine.spec_stats
+    assert s.num_drafts == s.num_draft_tokens <= budget.calls // DraftBudget.EXPLORE_EVERY
 
 
 def test_verifying_rows_run_in_the_captured_step_greedy_equal(tiny_ckpt: Path) -> None:

@@ -597,18 +597,19 @@ class LLMEngine:
     # ---- speculative decoding ------------------------------------------------------------------
     def _propose(self, seq: Sequence, limit: int) -> list[int]:
         """Drafts for `seq` (the scheduler's proposer): none for grammar-constrained requests; never
-        past max_model_len, nor more than max_tokens leaves room for (the step adds one token more); of
-        the proposed ones, as many as `DraftBudget` finds worth their verifying rows' time."""
+        past max_model_len, nor more than max_tokens leaves room for (the step adds one token more), nor
+        more than `DraftBudget` finds worth their verifying rows' time (none: the proposer is not asked)."""
         if self.proposer is None or seq.constraint is not None:
             return []
         room = min(self.max_model_len - seq.num_tokens, seq.params.max_tokens - len(seq.output_token_ids)) - 1
         limit = min(limit, room)
         if limit < 1:
             return []
-        drafts = self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
-        if drafts and self.draft_budget is not None:
-            drafts = drafts[: self.draft_budget.budget(len(self.scheduler.running), len(drafts))]
-        return drafts
+        if self.draft_budget is not None:  # asked first: no proposing (suffix trees, n-gram search) for none
+            limit = self.draft_budget.budget(len(self.scheduler.running), limit)
+            if limit < 1:
+                return []
+        return self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
         """Verify a speculative row: logits [1 + d, V] at its last token and its d drafts. Drafts are
