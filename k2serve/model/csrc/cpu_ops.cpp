@@ -29,6 +29,7 @@ int k2_mla_decode(const void *qn, const void *qpe, const void *kv, const void *t
                   const void *wkv, float scale, void *scratch, void *lat, void *out, int B, int H, int dn, int dr,
                   int C, int dv, int NB, int bs, int blocks);
 int k2_amx_chunks(int R, int E);
+int k2_cpu_gemv_supported(void);
 int k2_amx_enabled(void);
 int k2_int4_tiles_ok(void);
 }
@@ -69,6 +70,13 @@ void check(const char *name, const Tensor &t, at::ScalarType dtype, int64_t dims
 
 int i32(int64_t v) { return static_cast<int>(v); }
 
+// The kernels run AVX512-BF16 instructions: loading the library registers these ops on any x86-64 CPU
+// (cpu_kernels.available() is False where it lacks them), so each op checks before its first kernel call.
+void require_cpu() {
+  static const bool ok = k2_cpu_gemv_supported() != 0;
+  TORCH_CHECK(ok, "native CPU kernels unavailable: this CPU has no AVX512-BF16");
+}
+
 Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) { return at::empty(sizes, at::TensorOptions().dtype(dtype)); }
 
 // A kernel's bad-id return (1 + the flat (token, slot) position; 0: every id fits) as a ValueError.
@@ -102,6 +110,7 @@ Sizes bf16_sizes(const Tensor &x, const Tensor &weights, const Tensor &ids, cons
 }
 
 Tensor linear_bf16(const Tensor &x, const Tensor &w) {
+  require_cpu();
   check("x", x, at::kBFloat16, 2);
   check("w", w, at::kBFloat16, 2);
   TORCH_CHECK_VALUE(x.size(1) == w.size(1), "x has ", x.size(1), " features, w ", w.size(1));
@@ -112,6 +121,7 @@ Tensor linear_bf16(const Tensor &x, const Tensor &w) {
 }
 
 Tensor moe_bf16(const Tensor &x, const Tensor &weights, const Tensor &ids, const Tensor &w13, const Tensor &w2) {
+  require_cpu();
   Sizes s = bf16_sizes(x, weights, ids, w13, w2);
   Tensor act = empty({s.t * s.k, s.inter}, at::kBFloat16), acc = empty({s.t, s.d}, at::kFloat);
   Tensor out = empty({s.t, s.d}, at::kBFloat16);
@@ -124,6 +134,7 @@ Tensor moe_bf16(const Tensor &x, const Tensor &weights, const Tensor &ids, const
 
 Tensor moe_bf16_grouped(const Tensor &x, const Tensor &weights, const Tensor &ids, const Tensor &w13,
                         const Tensor &w2) {
+  require_cpu();
   Sizes s = bf16_sizes(x, weights, ids, w13, w2);
   int64_t rows = s.t * s.k;
   Tensor act = empty({rows, s.inter}, at::kBFloat16), yw = empty({rows, s.d}, at::kFloat);
@@ -154,6 +165,7 @@ uint8_t *amx_scratch(int64_t bytes, Tensor &fresh) {
 int64_t round64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 Tensor moe_bf16_amx(const Tensor &x, const Tensor &weights, const Tensor &ids, const Tensor &w13, const Tensor &w2) {
+  require_cpu();
   Sizes s = bf16_sizes(x, weights, ids, w13, w2);
   TORCH_CHECK_VALUE(s.d % 64 == 0 && s.inter % 32 == 0, "experts of hidden ", s.d, ", intermediate ", s.inter,
                     ": AMX needs multiples of 64 and 32");
@@ -198,6 +210,7 @@ Sizes int4_sizes(const Tensor &x, const Tensor &weights, const Tensor &ids, cons
 
 Tensor moe_int4(const Tensor &x, const Tensor &weights, const Tensor &ids, const Tensor &w13, const Tensor &w13_sz,
                 const Tensor &w2, const Tensor &w2_sz, int64_t group) {
+  require_cpu();
   Sizes s = int4_sizes(x, weights, ids, w13, w13_sz, w2, w2_sz, group);
   Tensor xf = empty({s.t, s.d}, at::kFloat), acc = empty({s.t, s.d}, at::kFloat);
   Tensor act = empty({s.t * s.k, s.inter}, at::kFloat), out = empty({s.t, s.d}, at::kBFloat16);
@@ -210,6 +223,7 @@ Tensor moe_int4(const Tensor &x, const Tensor &weights, const Tensor &ids, const
 
 Tensor moe_int4_grouped(const Tensor &x, const Tensor &weights, const Tensor &ids, const Tensor &w13,
                         const Tensor &w13_sz, const Tensor &w2, const Tensor &w2_sz, int64_t group) {
+  require_cpu();
   Sizes s = int4_sizes(x, weights, ids, w13, w13_sz, w2, w2_sz, group);
   int64_t rows = s.t * s.k;
   Tensor xf = empty({s.t, s.d}, at::kFloat), act = empty({rows, s.inter}, at::kFloat);
@@ -238,6 +252,7 @@ std::pair<int64_t, int64_t> int4_weight(const Tensor &w, const Tensor &sz, int64
 }
 
 Tensor linear_int4(const Tensor &x, const Tensor &w, const Tensor &sz, int64_t group) {
+  require_cpu();
   check("x", x, at::kBFloat16, 2);
   std::string xs = "x " + shape(x.sizes()) + ", ";
   auto [n, k] = int4_weight(w, sz, group, xs.c_str());
@@ -251,6 +266,7 @@ Tensor linear_int4(const Tensor &x, const Tensor &w, const Tensor &sz, int64_t g
 }
 
 Tensor dequant_int4(const Tensor &w, const Tensor &sz, int64_t group) {
+  require_cpu();
   auto [n, k] = int4_weight(w, sz, group, "");
   Tensor out = empty({k, n}, at::kBFloat16);
   k2_dequant_int4(w.data_ptr(), sz.data_ptr(), out.data_ptr(), i32(n), i32(k), i32(group));
@@ -259,6 +275,7 @@ Tensor dequant_int4(const Tensor &w, const Tensor &sz, int64_t group) {
 
 Tensor mla_decode(const Tensor &q_nope, const Tensor &q_pe, const Tensor &kv, int64_t layer,
                   const Tensor &block_tables, const Tensor &positions, const Tensor &wkv, double scale) {
+  require_cpu();
   check("q_nope", q_nope, at::kBFloat16, 3);
   check("q_pe", q_pe, at::kBFloat16, 3);
   check("kv", kv, at::kBFloat16, 4);
