@@ -364,6 +364,21 @@ def test_int4_experts_take_the_static_path_only_through_the_kernel() -> None:
 
 
 @needs_kernels
+def test_ops_run_in_cpp_and_load_the_library_on_first_call() -> None:
+    """The ops' CPU kernels are the library's C++ ones (registered with the dispatcher once it loads),
+    and in a fresh process an op called before anything asked for the library loads it and runs."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("k2serve::linear_int4", "CPU")
+    code = (
+        "import torch; from k2serve.model import cpu_kernels as k\n"
+        "x, w = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()\n"
+        "print(int(torch.equal(k.linear_bf16(x, w), k.linear_bf16(x, w))), "
+        "(k.linear_bf16(x, w).float() - x.float() @ w.float().t()).abs().max().item() < 0.5)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "True"]
+
+
+@needs_kernels
 def test_ops_pass_torch_library_opcheck() -> None:
     """Schemas, fake (shape) kernels and torch.compile tracing of both ops, as torch checks them."""
     x, weights, ids, w13, w2 = moe_inputs(1, 8, 64, 32, 16)
