@@ -182,14 +182,22 @@ def test_greedy_equal_with_and_without_speculation(tiny_ckpt: Path) -> None:
 
 
 def test_draft_budget_keeps_the_drafts_worth_their_time() -> None:
-    """DraftBudget times each row count once (the smallest untimed first), then keeps the draft count
-    with the most expected tokens per second, and one draft more every 32nd call."""
+    """DraftBudget times the plain step first, tries one draft every 4th call until a draft count is
+    timed (then one more than its estimate every 32nd call), prices counts past the largest timed one at
+    its cost a draft, and keeps the count with the most expected tokens per second (10% over none), the
+    proposer's cost per token included."""
     b = DraftBudget(4)
-    assert b.budget(1, 0) == 0
-    for rows, seconds in ((1, 1.0e-3), (2, 1.05e-3), (3, 1.1e-3), (4, 1.2e-3)):
-        assert b.budget(1, 3) == rows - 1  # rows not timed yet: that many drafts, to time them
-        b.observe_step(rows, seconds)
-    assert b.budget(1, 3) == 2  # acceptance unknown (1/2 a position): 1.75 / 1.1 beats 1.875 / 1.2
+    assert b.budget(1, 0) == 0 and b.budget(1, 3) == 0  # the plain step is not timed yet
+    b.observe_step(1, 1.0e-3)
+    kept = [b.budget(1, 3)]
+    while kept[-1] != 1 and len(kept) < 8:
+        kept.append(b.budget(1, 3))
+    assert len(kept) <= DraftBudget.EXPLORE_UNTIMED and set(kept[:-1]) == {0}, kept
+    b.observe_step(2, 1.05e-3)  # 1 draft: +5%; 2 and 3 priced at +5% a draft
+    assert b.budget(1, 3) == 3  # acceptance unknown (1/2 a position): 1.875 / 1.15 the best
+    b.observe_step(3, 1.1e-3)
+    b.observe_step(4, 1.2e-3)
+    assert b.budget(1, 3) == 3  # 1.875 / 1.2 within 5% of the best, 1.75 / 1.1: the most drafts
     for _ in range(40):
         b.observe_verify(3, 0)  # every first draft rejected: 1/42 at position 0
     trimmed = b.num_trimmed
@@ -199,13 +207,17 @@ def test_draft_budget_keeps_the_drafts_worth_their_time() -> None:
     assert b.budget(1, 3) == 3  # 3.7 / 1.2
     for _ in range(4):
         b.observe_step(4, 5.0e-3)  # the 4-row step got slow (a larger bucket): 4 of its last 5 times
-    assert b.budget(1, 3) == 2  # 2.8 / 1.1 beats 3.7 / 5.0
-    assert b.budget(1, 4) == 4  # 5 rows not timed yet
+    assert b.budget(1, 3) == 2 and b.budget(1, 4) == 2  # 2.8 / 1.1 beats 3.7 / 5.0, and 4.6 / 6.3 (priced)
     while b.calls % DraftBudget.EXPLORE_EVERY != DraftBudget.EXPLORE_EVERY - 1:
         b.budget(1, 3)
     assert b.budget(1, 3) == 3  # the exploring call: one more than the estimate's 2
     b.observe_step(2, 1.5)  # a step that compiled a bucket: its time is not the row count's
     assert b.step_time(2) == 1.05e-3 and b.budget(1, 1) == 1
+    b.observe_propose(1.0e-3)  # proposing costs as much as a step: one draft (1.9 / 2.05) no longer pays
+    assert b.budget(1, 1) == 0
+    for _ in range(8):
+        b.observe_propose(0.032, tokens=320)  # catching up on 320 tokens: 0.1 ms a token
+    assert b.budget(1, 1) == 1
 
 
 def test_draft_budget_trims_in_the_engine_greedy_equal(tiny_ckpt: Path) -> None:

@@ -182,6 +182,7 @@ class LLMEngine:
         spec = self.config.speculative_config
         self.proposer = None if spec is None else Proposer(spec)
         self.draft_budget = None if spec is None else DraftBudget(spec.num_speculative_tokens)
+        self._proposed_at: dict[str, int] = {}  # a row's token count when it last asked the proposer
         self.scheduler = Scheduler(self.config, self.blocks, None if spec is None else self._propose)
         # Asynchronous tier reloads (None: reloads run inside the step, or no tiers).
         self.reloads = (
@@ -388,6 +389,7 @@ class LLMEngine:
             self.leases.dropped(request_id)
         if seq is not None and self.proposer is not None:
             self.proposer.finish(request_id, seq.output_token_ids)
+            self._proposed_at.pop(request_id, None)
         if seq is None or seq.is_finished:
             return False
         self.scheduler.finish(seq, "abort")
@@ -590,6 +592,7 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             if self.proposer is not None:
                 self.proposer.finish(seq.request_id, seq.output_token_ids)
+                self._proposed_at.pop(seq.request_id, None)
             self.seqs.pop(seq.request_id, None)
             new_text += self._finish_text(seq, reason)
         return new_text
@@ -605,11 +608,18 @@ class LLMEngine:
         limit = min(limit, room)
         if limit < 1:
             return []
-        if self.draft_budget is not None:  # asked first: no proposing (suffix trees, n-gram search) for none
-            limit = self.draft_budget.budget(len(self.scheduler.running), limit)
-            if limit < 1:
-                return []
-        return self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
+        if self.draft_budget is None:
+            return self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
+        limit = self.draft_budget.budget(len(self.scheduler.running), limit)
+        if limit < 1:  # asked first: no proposing (suffix trees, n-gram search) for no drafts
+            return []
+        t0 = time.perf_counter()
+        drafts = self.proposer.propose(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, limit)
+        # the proposer caught up on every token since this row last asked (all of them the first time)
+        tokens = seq.num_tokens - self._proposed_at.get(seq.request_id, 0)
+        self._proposed_at[seq.request_id] = seq.num_tokens
+        self.draft_budget.observe_propose(time.perf_counter() - t0, tokens)
+        return drafts
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
         """Verify a speculative row: logits [1 + d, V] at its last token and its d drafts. Drafts are
