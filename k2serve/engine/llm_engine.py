@@ -662,10 +662,8 @@ class LLMEngine:
         self.spec_stats.num_accepted_tokens += accepted
         if self.proposer is not None:
             self.proposer.record(seq.request_id, accepted)
-        if (
-            self.draft_budget is not None and not seq.is_finished
-        ):  # a stop ends a row's drafts, not a rejection
-            self.draft_budget.observe_verify(len(drafts), accepted)
+        if self.draft_budget is not None and not seq.is_finished:
+            self.draft_budget.observe_verify(len(drafts), accepted)  # (a stop ends drafts, not a rejection)
         if not seq.is_finished:
             seq.num_computed_tokens += accepted  # the accepted drafts' KV is the real tokens'
             self.blocks.mark_computed(seq.block_table, seq.token_ids, seq.num_computed_tokens)
