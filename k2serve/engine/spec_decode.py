@@ -17,7 +17,6 @@ from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import takewhile
 from statistics import median_low
-from typing import cast
 
 from k2serve.engine.config import SpeculativeConfig
 
@@ -562,15 +561,14 @@ class DraftBudget:
         else:
             rates = {0: rows / plain * (1 + self.MARGIN)}  # drafts must beat no drafts by MARGIN
             propose = median_low(self._propose_s) if self._propose_s else 0.0
-            expected, p, timed = 0.0, 1.0, 0
+            expected, p, timed, last = 0.0, 1.0, 0, plain
             for j in range(1, drafts + 1):
                 p *= self.accept_rate(j - 1)
                 expected += p
                 seconds = self.step_time(rows + j)
                 if seconds is not None:
-                    timed = j
+                    timed, last = j, seconds
                 elif timed:  # past the counts timed: the last one's cost a draft, extrapolated
-                    last = cast(float, self.step_time(rows + timed))
                     seconds = last + (j - timed) * max(last - plain, 0.0) / timed
                 else:
                     break  # no draft count timed yet (an exploring call times one)

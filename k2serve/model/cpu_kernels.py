@@ -158,13 +158,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 def _int4_tiles_are_avx512() -> bool:
     """Whether this torch packs INT4 weights in AVX512's tiles (blocks of 64 rows, byte j = rows j and
-    j + 32), the form the INT4 kernels read: probed once on a 64 x 64 weight."""
-    from k2serve.model.quant import int4pack_cpu_tiles
-
-    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-        return False
-    tiles = int4pack_cpu_tiles(64, 64)
-    return tiles is not None and tiles.block == 64 and tiles.rows is None
+    j + 32), the form the INT4 kernels read: `int4_tiles_supported` once on a 64 x 64 weight."""
+    return hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and int4_tiles_supported(64, 64)
 
 
 def available() -> bool:

@@ -238,14 +238,16 @@ Tensor moe_int4_grouped(const Tensor &x, const Tensor &weights, const Tensor &id
   return out;
 }
 
-// An INT4 weight w uint8 [N, K / 2] with sz bf16 [K / group, N, 2] checked: (N, K).
-std::pair<int64_t, int64_t> int4_weight(const Tensor &w, const Tensor &sz, int64_t group, const char *x_shape) {
+// An INT4 weight w uint8 [N, K / 2] with sz bf16 [K / group, N, 2] checked, with the input x [T, K] it
+// multiplies if there is one (nullptr: none): (N, K). The error message is formatted only on failure.
+std::pair<int64_t, int64_t> int4_weight(const Tensor &w, const Tensor &sz, int64_t group, const Tensor *x) {
   check("w", w, at::kByte, 2);
   check("sz", sz, at::kBFloat16, 3);
   int64_t n = w.size(0), k = w.size(1) * 2;
-  bool fit = group > 0 && k % group == 0 && sz.sizes() == at::IntArrayRef({k / group, n, 2});
-  TORCH_CHECK_VALUE(fit, "shapes do not fit: ", x_shape, "w ", shape(w.sizes()), ", sz ", shape(sz.sizes()),
-                    ", group ", group);
+  bool fit = group > 0 && k % group == 0 && sz.sizes() == at::IntArrayRef({k / group, n, 2}) &&
+             (x == nullptr || x->size(1) == k);
+  TORCH_CHECK_VALUE(fit, "shapes do not fit: ", x ? "x " + shape(x->sizes()) + ", " : std::string(), "w ",
+                    shape(w.sizes()), ", sz ", shape(sz.sizes()), ", group ", group);
   TORCH_CHECK_VALUE(k2_int4_tiles_ok() && n % 64 == 0, "an INT4 weight of ", n, " x ", k,
                     ": not this kernel's tiles (blocks of 64 rows)");
   return {n, k};
@@ -254,10 +256,7 @@ std::pair<int64_t, int64_t> int4_weight(const Tensor &w, const Tensor &sz, int64
 Tensor linear_int4(const Tensor &x, const Tensor &w, const Tensor &sz, int64_t group) {
   require_cpu();
   check("x", x, at::kBFloat16, 2);
-  std::string xs = "x " + shape(x.sizes()) + ", ";
-  auto [n, k] = int4_weight(w, sz, group, xs.c_str());
-  TORCH_CHECK_VALUE(x.size(1) == k, "shapes do not fit: x ", shape(x.sizes()), ", w ", shape(w.sizes()), ", sz ",
-                    shape(sz.sizes()), ", group ", group);
+  auto [n, k] = int4_weight(w, sz, group, &x);
   Tensor y = empty({x.size(0), n}, at::kBFloat16);
   TORCH_CHECK(!k2_linear_int4(x.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), i32(x.size(0)), i32(n), i32(k),
                               i32(group)),
@@ -267,7 +266,7 @@ Tensor linear_int4(const Tensor &x, const Tensor &w, const Tensor &sz, int64_t g
 
 Tensor dequant_int4(const Tensor &w, const Tensor &sz, int64_t group) {
   require_cpu();
-  auto [n, k] = int4_weight(w, sz, group, "");
+  auto [n, k] = int4_weight(w, sz, group, nullptr);
   Tensor out = empty({k, n}, at::kBFloat16);
   k2_dequant_int4(w.data_ptr(), sz.data_ptr(), out.data_ptr(), i32(n), i32(k), i32(group));
   return out;
